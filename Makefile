@@ -1,0 +1,43 @@
+# imgsearch: the two README commands first, then every other entry point.
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+DEMO_DATA := var/demo-data
+DEMO_ARTIFACTS := var/artifacts
+PROTO_FILES := $(shell find protos -name '*.proto')
+
+.PHONY: run test protos lint format bench eval demo clean
+
+run: $(STAMP)
+	$(VENV)/bin/imgsearch demo --data $(DEMO_DATA) --artifacts $(DEMO_ARTIFACTS)
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+$(STAMP): pyproject.toml
+	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "error: $(PYTHON) not found; install Python 3.11 or run 'make PYTHON=/path/to/python3.11'"; exit 1; }
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade --quiet pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+protos: $(STAMP)
+	$(PY) -m grpc_tools.protoc -I protos --python_out=. --grpc_python_out=. --pyi_out=. $(PROTO_FILES)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: $(STAMP)
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+eval: $(STAMP)
+	$(VENV)/bin/imgsearch eval --data $(DEMO_DATA) --json var/eval/report.json --markdown var/eval/report.md --plot var/eval/report.png
+
+bench: $(STAMP)
+	$(VENV)/bin/imgsearch bench-suite --data $(DEMO_DATA) --artifacts $(DEMO_ARTIFACTS) --out var/bench
+
+clean:
+	rm -rf var

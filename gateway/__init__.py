@@ -1,0 +1,1 @@
+"""Gateway: the SearchService that fans out to retrieval and ranking."""

@@ -1,0 +1,1 @@
+"""imgsearch shared core: catalogue, artifacts, config, evaluation and the command line."""

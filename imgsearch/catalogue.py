@@ -1,0 +1,124 @@
+"""The normalised catalogue: photos, keywords, users and conversions as columnar tables."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+# Column contracts of the normalised tables (what every stage may rely on).
+PHOTO_COLUMNS = {
+    "photo_idx": "int32",  # 0..N-1, stable for one catalogue (photos sorted by photo_id)
+    "photo_id": "object",
+    "photo_image_url": "object",
+    "photo_description": "object",  # "" when missing
+    "ai_description": "object",  # "" when missing
+    "photographer_username": "object",  # "" when missing
+    "stats_views": "int64",  # 0 when missing
+    "stats_downloads": "int64",  # 0 when missing
+    "has_image": "bool",  # images/<photo_id>.jpg exists beside the tables
+}
+KEYWORD_COLUMNS = {
+    "photo_idx": "int32",
+    "keyword": "object",  # normalised: lower case, trimmed, inner whitespace collapsed
+    "confidence": "float32",  # max of the AI services' confidences, scaled to [0, 1]
+}
+USER_COLUMNS = {
+    "user_idx": "int32",  # 0..U-1 (users sorted by anonymous_user_id)
+    "anonymous_user_id": "object",
+}
+CONVERSION_COLUMNS = {
+    "converted_at": "datetime64[ns]",  # naive UTC
+    "conversion_type": "object",
+    "keyword": "object",  # normalised like KEYWORD_COLUMNS.keyword
+    "photo_idx": "int32",
+    "user_idx": "int32",
+    "conversion_country": "object",  # "" when missing
+}
+TABLES = {
+    "photos": PHOTO_COLUMNS,
+    "keywords": KEYWORD_COLUMNS,
+    "users": USER_COLUMNS,
+    "conversions": CONVERSION_COLUMNS,
+}
+
+
+def normalise_keyword(text: str) -> str:
+    """Return the canonical form of a keyword or query: lower case, single spaces, trimmed."""
+    return " ".join(str(text).lower().split())
+
+
+@dataclass
+class Catalogue:
+    """The four normalised tables of one catalogue, with id lookups.
+
+    Conversions are sorted by ``converted_at`` (stable), so a temporal split is a slice.
+    """
+
+    photos: pd.DataFrame
+    keywords: pd.DataFrame
+    users: pd.DataFrame
+    conversions: pd.DataFrame
+    data_dir: str = ""
+    _photo_index: dict[str, int] = field(default_factory=dict, repr=False)
+    _user_index: dict[str, int] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        self._photo_index = {pid: i for i, pid in enumerate(self.photos["photo_id"].tolist())}
+        self._user_index = {
+            uid: i for i, uid in enumerate(self.users["anonymous_user_id"].tolist())
+        }
+
+    @property
+    def n_photos(self) -> int:
+        return len(self.photos)
+
+    @property
+    def n_users(self) -> int:
+        return len(self.users)
+
+    def photo_idx(self, photo_id: str) -> int | None:
+        """Return the integer index of ``photo_id``, or None when it is not in the catalogue."""
+        return self._photo_index.get(photo_id)
+
+    def user_idx(self, anonymous_user_id: str) -> int | None:
+        """Return the integer index of a user, or None for a user with no conversions."""
+        return self._user_index.get(anonymous_user_id)
+
+    def photo_ids(self, photo_idx: np.ndarray) -> list[str]:
+        """Map integer indexes back to photo ids."""
+        ids = self.photos["photo_id"].to_numpy()
+        return ids[np.asarray(photo_idx, dtype=np.int64)].tolist()
+
+    def image_path(self, photo_id: str) -> Path:
+        """Where the image of ``photo_id`` lives in the source data folder."""
+        return Path(self.data_dir) / "images" / f"{photo_id}.jpg"
+
+    def with_conversions(self, conversions: pd.DataFrame) -> Catalogue:
+        """Return the same catalogue with another conversions table (e.g. a training split)."""
+        return Catalogue(
+            photos=self.photos,
+            keywords=self.keywords,
+            users=self.users,
+            conversions=conversions.reset_index(drop=True),
+            data_dir=self.data_dir,
+        )
+
+    def save(self, directory: str | Path) -> None:
+        """Write the tables as parquet files into ``directory``."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        for name in TABLES:
+            getattr(self, name).to_parquet(directory / f"{name}.parquet", index=False)
+        (directory / "data_dir.txt").write_text(str(self.data_dir))
+
+    @classmethod
+    def load(cls, directory: str | Path) -> Catalogue:
+        """Read a catalogue written by :meth:`save`."""
+        directory = Path(directory)
+        tables = {name: pd.read_parquet(directory / f"{name}.parquet") for name in TABLES}
+        data_dir_file = directory / "data_dir.txt"
+        data_dir = data_dir_file.read_text() if data_dir_file.exists() else ""
+        return cls(**tables, data_dir=data_dir)

@@ -1,0 +1,40 @@
+"""The `imgsearch` command line: one entry point, subcommands contributed by each module."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# Each module exposes ``add_commands(subparsers)``; keep heavy imports (torch, faiss) inside
+# the handlers so `imgsearch --help` and light commands start fast.
+COMMAND_MODULES = [
+    "imgsearch.commands",
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Return the argument parser with every module's subcommands registered."""
+    parser = argparse.ArgumentParser(
+        prog="imgsearch", description="Personalized image search over gRPC."
+    )
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for module_name in COMMAND_MODULES:
+        importlib.import_module(module_name).add_commands(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line; returns the process exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        status = args.handler(args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return int(status or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,93 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class Ranker(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    RANKER_UNSPECIFIED: _ClassVar[Ranker]
+    RANKER_NONE: _ClassVar[Ranker]
+    RANKER_POPULARITY: _ClassVar[Ranker]
+    RANKER_ALS: _ClassVar[Ranker]
+    RANKER_FM: _ClassVar[Ranker]
+    RANKER_DEEPFM: _ClassVar[Ranker]
+    RANKER_TWO_STEP: _ClassVar[Ranker]
+RANKER_UNSPECIFIED: Ranker
+RANKER_NONE: Ranker
+RANKER_POPULARITY: Ranker
+RANKER_ALS: Ranker
+RANKER_FM: Ranker
+RANKER_DEEPFM: Ranker
+RANKER_TWO_STEP: Ranker
+
+class RankCandidate(_message.Message):
+    __slots__ = ("photo_id", "retrieval_score")
+    PHOTO_ID_FIELD_NUMBER: _ClassVar[int]
+    RETRIEVAL_SCORE_FIELD_NUMBER: _ClassVar[int]
+    photo_id: str
+    retrieval_score: float
+    def __init__(self, photo_id: _Optional[str] = ..., retrieval_score: _Optional[float] = ...) -> None: ...
+
+class RankRequest(_message.Message):
+    __slots__ = ("user_id", "query", "keyword", "candidates", "k", "ranker", "recent_photo_ids")
+    USER_ID_FIELD_NUMBER: _ClassVar[int]
+    QUERY_FIELD_NUMBER: _ClassVar[int]
+    KEYWORD_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATES_FIELD_NUMBER: _ClassVar[int]
+    K_FIELD_NUMBER: _ClassVar[int]
+    RANKER_FIELD_NUMBER: _ClassVar[int]
+    RECENT_PHOTO_IDS_FIELD_NUMBER: _ClassVar[int]
+    user_id: str
+    query: str
+    keyword: str
+    candidates: _containers.RepeatedCompositeFieldContainer[RankCandidate]
+    k: int
+    ranker: Ranker
+    recent_photo_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, user_id: _Optional[str] = ..., query: _Optional[str] = ..., keyword: _Optional[str] = ..., candidates: _Optional[_Iterable[_Union[RankCandidate, _Mapping]]] = ..., k: _Optional[int] = ..., ranker: _Optional[_Union[Ranker, str]] = ..., recent_photo_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class RankedPhoto(_message.Message):
+    __slots__ = ("photo_id", "score")
+    PHOTO_ID_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    photo_id: str
+    score: float
+    def __init__(self, photo_id: _Optional[str] = ..., score: _Optional[float] = ...) -> None: ...
+
+class RankResponse(_message.Message):
+    __slots__ = ("results", "ranker", "fallback_reason", "ranking_ms", "artifact_version")
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    RANKER_FIELD_NUMBER: _ClassVar[int]
+    FALLBACK_REASON_FIELD_NUMBER: _ClassVar[int]
+    RANKING_MS_FIELD_NUMBER: _ClassVar[int]
+    ARTIFACT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedCompositeFieldContainer[RankedPhoto]
+    ranker: Ranker
+    fallback_reason: str
+    ranking_ms: float
+    artifact_version: str
+    def __init__(self, results: _Optional[_Iterable[_Union[RankedPhoto, _Mapping]]] = ..., ranker: _Optional[_Union[Ranker, str]] = ..., fallback_reason: _Optional[str] = ..., ranking_ms: _Optional[float] = ..., artifact_version: _Optional[str] = ...) -> None: ...
+
+class RecommendRequest(_message.Message):
+    __slots__ = ("user_id", "k", "recent_photo_ids")
+    USER_ID_FIELD_NUMBER: _ClassVar[int]
+    K_FIELD_NUMBER: _ClassVar[int]
+    RECENT_PHOTO_IDS_FIELD_NUMBER: _ClassVar[int]
+    user_id: str
+    k: int
+    recent_photo_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, user_id: _Optional[str] = ..., k: _Optional[int] = ..., recent_photo_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class RecommendResponse(_message.Message):
+    __slots__ = ("results", "fallback_reason", "artifact_version")
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    FALLBACK_REASON_FIELD_NUMBER: _ClassVar[int]
+    ARTIFACT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedCompositeFieldContainer[RankedPhoto]
+    fallback_reason: str
+    artifact_version: str
+    def __init__(self, results: _Optional[_Iterable[_Union[RankedPhoto, _Mapping]]] = ..., fallback_reason: _Optional[str] = ..., artifact_version: _Optional[str] = ...) -> None: ...

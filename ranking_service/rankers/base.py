@@ -1,0 +1,87 @@
+"""The ranker interface every personalization model implements, and the factory by name."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from imgsearch.catalogue import Catalogue
+
+
+@dataclass
+class RankQuery:
+    """One ranking request in integer ids.
+
+    Attributes
+    ----------
+    user_idx:
+        The user's index in the catalogue, or None for a user the catalogue has not seen.
+    keyword:
+        The normalised query keyword (``normalise_keyword``); may be unknown to the model.
+    candidates:
+        Candidate photo indexes (int64), in retrieval order.
+    retrieval_scores:
+        The retrieval score of each candidate (float32), same length as ``candidates``.
+    recent_photos:
+        Photo indexes the user recently converted (may be empty); used to fold in unseen users.
+    country:
+        The user's conversion country if known, else "".
+    """
+
+    user_idx: int | None
+    keyword: str
+    candidates: np.ndarray
+    retrieval_scores: np.ndarray
+    recent_photos: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    country: str = ""
+
+
+@dataclass
+class RankScores:
+    """Scores for each candidate (same order as the query's candidates), higher is better.
+
+    ``fallback_reason`` is empty when the model scored the request itself, else it says why
+    it fell back (e.g. "unknown user: popularity order").
+    """
+
+    scores: np.ndarray
+    fallback_reason: str = ""
+
+
+class Ranker(ABC):
+    """A personalization model: fit on conversions, score candidates, save and load.
+
+    Rankers never fail a request for an unknown user, photo or keyword: they fall back
+    (popularity or retrieval order) and say so in ``RankScores.fallback_reason``.
+    """
+
+    name: str = ""
+
+    @abstractmethod
+    def fit(self, catalogue: Catalogue, show_progress: bool = True) -> Ranker:
+        """Train on ``catalogue.conversions`` (already restricted to the training split)."""
+
+    @abstractmethod
+    def score(self, query: RankQuery) -> RankScores:
+        """Score ``query.candidates`` for ``query.user_idx``."""
+
+    @abstractmethod
+    def save(self, directory: Path) -> None:
+        """Write the model into ``directory`` (no pickles: .npz, .json, torch state_dict)."""
+
+    @classmethod
+    @abstractmethod
+    def load(cls, directory: Path, catalogue: Catalogue) -> Ranker:
+        """Read a model written by :meth:`save`."""
+
+    def recommend(
+        self, user_idx: int | None, n: int, recent_photos: np.ndarray | None = None
+    ) -> RankScores:
+        """Score the whole catalogue for a user (no query); returns one score per photo.
+
+        The default scores every photo with an empty keyword; models may do better.
+        """
+        raise NotImplementedError(f"{self.name} does not support whole-catalogue recommendation")
