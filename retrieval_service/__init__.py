@@ -1,1 +1,1 @@
-"""Retrieval service: keyword index, CLIP encoder, FAISS vector index and the RetrievalService server."""
+"""Retrieval service: keyword index, CLIP encoder, FAISS index and the RetrievalService."""

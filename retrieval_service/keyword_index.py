@@ -1,0 +1,125 @@
+"""Inverted keyword index: keyword -> photos by confidence, with token-matching fallback."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from imgsearch.catalogue import normalise_keyword
+from retrieval_service.retrievers import RetrievalResult, Retriever
+
+
+class KeywordIndex(Retriever):
+    """Keyword retrieval over the catalogue's (photo, keyword, confidence) table.
+
+    An exact keyword match returns its photos ordered by confidence. A multi-word or unseen
+    query falls back to token matching: each photo scores the mean, over the query's tokens,
+    of its best confidence for a keyword containing that token, so a photo must match every
+    token to reach the top and scores stay in [0, 1] and comparable across queries.
+    """
+
+    name = "keyword"
+
+    def __init__(
+        self, vocabulary: np.ndarray, offsets: np.ndarray, photo_idx: np.ndarray, conf: np.ndarray
+    ):
+        self.vocabulary = vocabulary  # sorted keyword strings
+        self.offsets = offsets  # CSR row offsets into photo_idx/conf, len(vocabulary)+1
+        self.photo_idx = photo_idx  # per keyword, sorted by descending confidence
+        self.conf = conf
+        self._keyword_row = {k: i for i, k in enumerate(vocabulary.tolist())}
+        token_rows: dict[str, list[int]] = {}
+        for row, keyword in enumerate(vocabulary.tolist()):
+            for token in set(keyword.split()):
+                token_rows.setdefault(token, []).append(row)
+        self._token_rows = {t: np.asarray(r, np.int64) for t, r in token_rows.items()}
+
+    @classmethod
+    def from_keywords(cls, keywords: pd.DataFrame) -> KeywordIndex:
+        """Build from a normalised keywords table (photo_idx, keyword, confidence)."""
+        table = keywords.sort_values(
+            ["keyword", "confidence", "photo_idx"], ascending=[True, False, True], kind="stable"
+        )
+        vocabulary, starts = np.unique(table["keyword"].to_numpy().astype(str), return_index=True)
+        offsets = np.append(starts, len(table)).astype(np.int64)
+        return cls(
+            vocabulary.astype(object),
+            offsets,
+            table["photo_idx"].to_numpy(np.int64),
+            table["confidence"].to_numpy(np.float32),
+        )
+
+    def save(self, path: Path) -> None:
+        """Write the index as an .npz (no pickles)."""
+        np.savez(
+            path,
+            vocabulary=self.vocabulary.astype(str),
+            offsets=self.offsets,
+            photo_idx=self.photo_idx,
+            conf=self.conf,
+        )
+
+    @classmethod
+    def load(cls, path: Path) -> KeywordIndex:
+        """Read an index written by :meth:`save`."""
+        with np.load(path, allow_pickle=False) as data:
+            return cls(
+                data["vocabulary"].astype(object),
+                data["offsets"],
+                data["photo_idx"],
+                data["conf"],
+            )
+
+    def __contains__(self, keyword: str) -> bool:
+        return keyword in self._keyword_row
+
+    def keyword_photos(self, keyword: str) -> tuple[np.ndarray, np.ndarray]:
+        """Photos and confidences of one exact keyword (empty arrays when unknown)."""
+        row = self._keyword_row.get(keyword)
+        if row is None:
+            return np.zeros(0, np.int64), np.zeros(0, np.float32)
+        lo, hi = self.offsets[row], self.offsets[row + 1]
+        return self.photo_idx[lo:hi], self.conf[lo:hi]
+
+    def retrieve(self, query: str, candidates_k: int) -> RetrievalResult:
+        """Return up to ``candidates_k`` photos for ``query``, best first."""
+        query = normalise_keyword(query)
+        photos, conf = self.keyword_photos(query)
+        if len(photos):
+            top = slice(0, candidates_k)
+            return RetrievalResult(photos[top], conf[top], {"keyword": conf[top]}, keyword=query)
+        tokens = list(dict.fromkeys(query.split()))
+        if not tokens:
+            return RetrievalResult.empty(note="empty query")
+        # Token fallback: per token, a photo's best confidence over keywords holding the token.
+        per_token = []
+        matched = []
+        for token in tokens:
+            rows = self._token_rows.get(token)
+            if rows is None:
+                continue
+            matched.append(token)
+            idx = np.concatenate(
+                [self.photo_idx[self.offsets[r] : self.offsets[r + 1]] for r in rows]
+            )
+            cf = np.concatenate([self.conf[self.offsets[r] : self.offsets[r + 1]] for r in rows])
+            order = np.lexsort((-cf, idx))
+            idx, cf = idx[order], cf[order]
+            first = np.r_[True, idx[1:] != idx[:-1]]
+            per_token.append((idx[first], cf[first]))
+        if not per_token:
+            return RetrievalResult.empty(note=f"no keyword matches any of: {', '.join(tokens)}")
+        all_idx = np.concatenate([p for p, _ in per_token])
+        all_conf = np.concatenate([c for _, c in per_token])
+        unique, inverse = np.unique(all_idx, return_inverse=True)
+        total = np.zeros(len(unique), np.float64)
+        np.add.at(total, inverse, all_conf)
+        score = (total / len(tokens)).astype(np.float32)
+        order = np.lexsort((unique, -score))[:candidates_k]
+        note = f"no exact keyword '{query}': token match on {', '.join(matched)}"
+        if len(matched) < len(tokens):
+            unknown = [t for t in tokens if t not in matched]
+            note += f" (unknown: {', '.join(unknown)})"
+        return RetrievalResult(unique[order], score[order], {"keyword": score[order]}, note=note)
