@@ -1,0 +1,264 @@
+"""The RankingService gRPC server: per-request choice of ranker over one artifact set."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from imgsearch import artifacts
+from imgsearch.catalogue import Catalogue, normalise_keyword
+from imgsearch.config import MAX_CANDIDATES_K, MAX_K, MAX_RECENT_PHOTOS, RankingConfig
+from imgsearch.ranking.v1 import ranking_service_pb2 as pb
+from imgsearch.ranking.v1 import ranking_service_pb2_grpc as pb_grpc
+from imgsearch.serving import (
+    LATENCY,
+    InflightLimiter,
+    InvalidArgument,
+    Reloadable,
+    Service,
+    add_admin,
+    enable_reflection,
+    instrumented,
+    new_server,
+)
+from ranking_service.rankers.base import Ranker, RankQuery
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["RankingService"].full_name
+RANKER_BY_ENUM = {
+    pb.RANKER_NONE: "none",
+    pb.RANKER_POPULARITY: "popularity",
+    pb.RANKER_ALS: "als",
+    pb.RANKER_FM: "fm",
+    pb.RANKER_DEEPFM: "deepfm",
+}
+ENUM_BY_RANKER = {name: value for value, name in RANKER_BY_ENUM.items()}
+# Rankers whose scoring runs torch: run them off the event loop.
+OFFLOADED = {"fm", "deepfm"}
+# Preferred default when the artifact set has it (best measured first).
+DEFAULT_ORDER = ("als", "deepfm", "fm", "popularity", "none")
+MAX_RECOMMEND = 10_000
+logger = logging.getLogger("imgsearch.ranking")
+
+
+@dataclass
+class RankingState:
+    """Everything one artifact set gives ranking; swapped whole on reload."""
+
+    version: str
+    path: Path
+    catalogue: Catalogue
+    rankers: dict[str, Ranker]
+    default_ranker: str
+    user_country: dict[int, str] = field(default_factory=dict)
+    models: list[str] = field(default_factory=list)
+
+
+def load_ranking_state(artifacts_path: str, default_ranker: str = "") -> RankingState:
+    """Load every ranker the artifact set holds."""
+    from ranking_service.rankers import load_ranker
+
+    artifact_set = artifacts.resolve(artifacts_path)
+    catalogue = Catalogue.load(artifact_set.file(artifacts.CATALOGUE_DIR))
+    rankers: dict[str, Ranker] = {}
+    for name in artifact_set.rankers:
+        rankers[name] = load_ranker(
+            name, artifact_set.file(artifacts.RANKERS_DIR) / name, catalogue
+        )
+    for name in ("none", "popularity"):
+        if name not in rankers:
+            # The baselines need no training artifacts beyond the catalogue itself.
+            from ranking_service.rankers import create_ranker
+
+            rankers[name] = create_ranker(name).fit(catalogue, show_progress=False)
+    if default_ranker and default_ranker not in rankers:
+        raise ValueError(
+            f"default ranker {default_ranker!r} is not in the artifact set "
+            f"(available: {', '.join(rankers)})"
+        )
+    recorded = artifact_set.manifest.get("default_ranker", "")
+    default = default_ranker or (
+        recorded if recorded in rankers else next(n for n in DEFAULT_ORDER if n in rankers)
+    )
+    conversions = catalogue.conversions
+    user_country: dict[int, str] = {}
+    if len(conversions):
+        # Most recent country per user: a side feature for FM/DeepFM at request time.
+        last = conversions.drop_duplicates("user_idx", keep="last")
+        user_country = dict(zip(last["user_idx"].tolist(), last["conversion_country"].tolist()))
+    return RankingState(
+        version=artifact_set.version,
+        path=artifact_set.path,
+        catalogue=catalogue,
+        rankers=rankers,
+        default_ranker=default,
+        user_country=user_country,
+        models=list(rankers),
+    )
+
+
+def top_k(scores: np.ndarray, k: int) -> np.ndarray:
+    """Indexes of the k best scores, ties kept in retrieval (input) order."""
+    order = np.lexsort((np.arange(len(scores)), -scores))
+    return order[:k]
+
+
+class RankingServicer(pb_grpc.RankingServiceServicer):
+    """Serves ``Rank`` and ``Recommend`` from the state held by ``holder``."""
+
+    def __init__(self, holder: Reloadable[RankingState], limiter: InflightLimiter):
+        self.holder = holder
+        self.limiter = limiter
+        self.executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="rank")
+        self.stage_latency = LATENCY.labels("ranking", "rank")
+
+    def _ranker(self, state: RankingState, value: int) -> str:
+        if value == pb.RANKER_UNSPECIFIED:
+            return state.default_ranker
+        if value == pb.RANKER_TWO_STEP:
+            raise InvalidArgument(
+                "ranker", "RANKER_TWO_STEP is composed by the gateway; call SearchService.Search"
+            )
+        name = RANKER_BY_ENUM.get(value)
+        if name is None:
+            raise InvalidArgument("ranker", f"unknown value {value}")
+        if name not in state.rankers:
+            raise InvalidArgument(
+                "ranker",
+                f"{name!r} is not trained in artifact set {state.version} "
+                f"(available: {', '.join(state.rankers)})",
+            )
+        return name
+
+    @staticmethod
+    def _recent(state: RankingState, photo_ids) -> np.ndarray:
+        if len(photo_ids) > MAX_RECENT_PHOTOS:
+            raise InvalidArgument(
+                "recent_photo_ids", f"at most {MAX_RECENT_PHOTOS} ids, got {len(photo_ids)}"
+            )
+        idx = [state.catalogue.photo_idx(pid) for pid in photo_ids]
+        return np.asarray([i for i in idx if i is not None], dtype=np.int64)
+
+    @instrumented("ranking", "Rank")
+    async def Rank(self, request: pb.RankRequest, context) -> pb.RankResponse:
+        state = self.holder.state  # one snapshot per request: never mixes two versions
+        name = self._ranker(state, request.ranker)
+        if not 1 <= request.k <= MAX_K:
+            raise InvalidArgument("k", f"must be between 1 and {MAX_K}, got {request.k}")
+        if len(request.candidates) > MAX_CANDIDATES_K:
+            raise InvalidArgument(
+                "candidates",
+                f"at most {MAX_CANDIDATES_K} candidates, got {len(request.candidates)}",
+            )
+        start = time.perf_counter()
+        catalogue = state.catalogue
+        photo_ids = [c.photo_id for c in request.candidates]
+        known = []
+        candidate_idx = []
+        for position, pid in enumerate(photo_ids):
+            idx = catalogue.photo_idx(pid)
+            if idx is not None:
+                known.append(position)
+                candidate_idx.append(idx)
+        retrieval_scores = np.fromiter(
+            (c.retrieval_score for c in request.candidates), np.float32, len(photo_ids)
+        )
+        user_idx = catalogue.user_idx(request.user_id) if request.user_id else None
+        known_pos = np.asarray(known, dtype=np.int64)
+        query = RankQuery(
+            user_idx=user_idx,
+            keyword=normalise_keyword(request.keyword or request.query),
+            candidates=np.asarray(candidate_idx, dtype=np.int64),
+            retrieval_scores=retrieval_scores[known_pos],
+            recent_photos=self._recent(state, request.recent_photo_ids),
+            country=state.user_country.get(user_idx, "") if user_idx is not None else "",
+        )
+        ranker = state.rankers[name]
+        if len(query.candidates) == 0:
+            scores, reason = np.zeros(0, np.float32), ""
+        elif name in OFFLOADED:
+            loop = asyncio.get_running_loop()
+            ranked = await loop.run_in_executor(self.executor, ranker.score, query)
+            scores, reason = ranked.scores, ranked.fallback_reason
+        else:
+            ranked = ranker.score(query)
+            scores, reason = ranked.scores, ranked.fallback_reason
+        # Photos the catalogue does not know go last, in retrieval order.
+        all_scores = np.full(len(photo_ids), -np.inf, dtype=np.float64)
+        all_scores[known_pos] = scores
+        if len(known) < len(photo_ids):
+            missing = len(photo_ids) - len(known)
+            reason = "; ".join(
+                r for r in (reason, f"{missing} unknown photo id(s) ranked last") if r
+            )
+        order = top_k(all_scores, request.k)
+        finite_min = float(np.min(scores)) if len(scores) else 0.0
+        results = [
+            pb.RankedPhoto(
+                photo_id=photo_ids[i],
+                score=float(all_scores[i]) if np.isfinite(all_scores[i]) else finite_min - 1.0,
+            )
+            for i in order.tolist()
+        ]
+        elapsed = time.perf_counter() - start
+        self.stage_latency.observe(elapsed)
+        return pb.RankResponse(
+            results=results,
+            ranker=ENUM_BY_RANKER[name],
+            fallback_reason=reason,
+            ranking_ms=elapsed * 1000,
+            artifact_version=state.version,
+        )
+
+    @instrumented("ranking", "Recommend")
+    async def Recommend(self, request: pb.RecommendRequest, context) -> pb.RecommendResponse:
+        state = self.holder.state
+        if not 1 <= request.k <= MAX_RECOMMEND:
+            raise InvalidArgument("k", f"must be between 1 and {MAX_RECOMMEND}, got {request.k}")
+        ranker = state.rankers.get("als")
+        if ranker is None:
+            raise InvalidArgument(
+                "ranker", f"Recommend needs an ALS model; artifact set {state.version} has none"
+            )
+        user_idx = state.catalogue.user_idx(request.user_id) if request.user_id else None
+        recent = self._recent(state, request.recent_photo_ids)
+        ranked = ranker.recommend(user_idx, request.k, recent)
+        order = top_k(np.asarray(ranked.scores, dtype=np.float64), request.k)
+        ids = state.catalogue.photo_ids(order)
+        return pb.RecommendResponse(
+            results=[
+                pb.RankedPhoto(photo_id=pid, score=float(ranked.scores[i]))
+                for pid, i in zip(ids, order.tolist())
+            ],
+            fallback_reason=ranked.fallback_reason,
+            artifact_version=state.version,
+        )
+
+
+async def create_ranking_server(config: RankingConfig) -> Service:
+    """Create, load and start a ranking server; returns it once it is SERVING."""
+    server, port, health = new_server("ranking", config.host, config.port)
+    paths = {"artifacts": config.artifacts}
+    holder: Reloadable[RankingState] = Reloadable(
+        lambda: load_ranking_state(paths["artifacts"], config.default_ranker)
+    )
+    limiter = InflightLimiter(config.max_inflight)
+    pb_grpc.add_RankingServiceServicer_to_server(RankingServicer(holder, limiter), server)
+    admin_name = add_admin(server, "ranking", holder, lambda p: paths.update(artifacts=p))
+    enable_reflection(server, [SERVICE_NAME, admin_name])
+    service = Service("ranking", server, port, health)
+    await service.set_serving([SERVICE_NAME], False)
+    await server.start()
+    state = await holder.load()
+    service.reload_hooks.append(holder.load)
+    await service.set_serving([SERVICE_NAME], True)
+    logger.info(
+        "ranking serving",
+        extra={"port": port, "version": state.version, "rankers": list(state.rankers)},
+    )
+    return service

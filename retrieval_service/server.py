@@ -1,0 +1,200 @@
+"""The RetrievalService gRPC server: keyword, CLIP and hybrid retrieval over one artifact set."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from imgsearch import artifacts
+from imgsearch.catalogue import normalise_keyword
+from imgsearch.config import (
+    DEFAULT_CANDIDATES_K,
+    MAX_CANDIDATES_K,
+    MAX_QUERY_CHARS,
+    RetrievalConfig,
+)
+from imgsearch.retrieval.v1 import retrieval_service_pb2 as pb
+from imgsearch.retrieval.v1 import retrieval_service_pb2_grpc as pb_grpc
+from imgsearch.serving import (
+    LATENCY,
+    InflightLimiter,
+    InvalidArgument,
+    Reloadable,
+    Service,
+    add_admin,
+    enable_reflection,
+    instrumented,
+    new_server,
+)
+from retrieval_service.keyword_index import KeywordIndex
+from retrieval_service.retrievers import RetrievalResult, Retriever
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["RetrievalService"].full_name
+RETRIEVER_BY_ENUM = {
+    pb.RETRIEVER_KEYWORD: "keyword",
+    pb.RETRIEVER_CLIP: "clip",
+    pb.RETRIEVER_HYBRID: "hybrid",
+}
+ENUM_BY_RETRIEVER = {name: value for value, name in RETRIEVER_BY_ENUM.items()}
+# Retrievers whose work is heavy enough (torch) to run off the event loop.
+OFFLOADED = {"clip", "hybrid"}
+logger = logging.getLogger("imgsearch.retrieval")
+
+
+@dataclass
+class RetrievalState:
+    """Everything one artifact set gives retrieval; swapped whole on reload."""
+
+    version: str
+    path: Path
+    photo_ids: np.ndarray
+    retrievers: dict[str, Retriever]
+    default_retriever: str
+    models: list[str] = field(default_factory=list)
+
+
+def load_retrieval_state(artifacts_path: str, default_retriever: str = "") -> RetrievalState:
+    """Load the retrievers of the artifact set at ``artifacts_path``."""
+    import pandas as pd
+
+    artifact_set = artifacts.resolve(artifacts_path)
+    photos = pd.read_parquet(
+        artifact_set.file(artifacts.CATALOGUE_DIR) / "photos.parquet", columns=["photo_id"]
+    )
+    keyword_index = KeywordIndex.load(artifact_set.file(artifacts.KEYWORD_INDEX))
+    retrievers: dict[str, Retriever] = {"keyword": keyword_index}
+    if artifact_set.has(artifacts.VECTOR_INDEX):
+        from retrieval_service.clip_training import load_clip_retrievers
+
+        retrievers.update(load_clip_retrievers(artifact_set.path, keyword_index))
+    if default_retriever and default_retriever not in retrievers:
+        raise ValueError(
+            f"default retriever {default_retriever!r} is not in the artifact set "
+            f"(available: {', '.join(retrievers)})"
+        )
+    default = default_retriever or ("hybrid" if "hybrid" in retrievers else "keyword")
+    return RetrievalState(
+        version=artifact_set.version,
+        path=artifact_set.path,
+        photo_ids=photos["photo_id"].to_numpy(dtype=object),
+        retrievers=retrievers,
+        default_retriever=default,
+        models=list(retrievers),
+    )
+
+
+def validate_query(query: str, field_name: str = "query") -> str:
+    """Return the normalised query or raise InvalidArgument naming the field."""
+    if len(query) > MAX_QUERY_CHARS * 4:
+        raise InvalidArgument(field_name, f"must be at most {MAX_QUERY_CHARS} characters")
+    normalised = normalise_keyword(query)
+    if not normalised:
+        raise InvalidArgument(field_name, "must not be empty")
+    if len(normalised) > MAX_QUERY_CHARS:
+        raise InvalidArgument(
+            field_name, f"must be at most {MAX_QUERY_CHARS} characters, got {len(normalised)}"
+        )
+    return normalised
+
+
+def to_candidates(result: RetrievalResult, photo_ids: np.ndarray) -> list[pb.Candidate]:
+    """Turn a RetrievalResult into protobuf candidates with per-source scores."""
+    ids = photo_ids[result.photo_idx].tolist()
+    scores = result.scores.tolist()
+    sources = list(result.source_scores.items())
+    if len(sources) == 1:
+        name, values = sources[0]
+        return [
+            pb.Candidate(photo_id=pid, score=s, source=name, source_scores={name: v})
+            for pid, s, v in zip(ids, scores, values.tolist())
+        ]
+    columns = [(name, values.tolist()) for name, values in sources]
+    candidates = []
+    for i, (pid, s) in enumerate(zip(ids, scores)):
+        found = {name: values[i] for name, values in columns if values[i] == values[i]}
+        candidates.append(
+            pb.Candidate(photo_id=pid, score=s, source="+".join(found), source_scores=found)
+        )
+    return candidates
+
+
+class RetrievalServicer(pb_grpc.RetrievalServiceServicer):
+    """Serves ``Retrieve`` from the state held by ``holder``."""
+
+    def __init__(self, holder: Reloadable[RetrievalState], limiter: InflightLimiter):
+        self.holder = holder
+        self.limiter = limiter
+        self.executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="retrieve")
+        self.stage_latency = LATENCY.labels("retrieval", "retrieve")
+
+    @instrumented("retrieval", "Retrieve")
+    async def Retrieve(self, request: pb.RetrieveRequest, context) -> pb.RetrieveResponse:
+        state = self.holder.state  # one snapshot per request: never mixes two versions
+        query = validate_query(request.query)
+        candidates_k = request.candidates_k or DEFAULT_CANDIDATES_K
+        if not 1 <= candidates_k <= MAX_CANDIDATES_K:
+            raise InvalidArgument(
+                "candidates_k", f"must be between 1 and {MAX_CANDIDATES_K}, got {candidates_k}"
+            )
+        if request.retriever == pb.RETRIEVER_UNSPECIFIED:
+            name = state.default_retriever
+        elif request.retriever in RETRIEVER_BY_ENUM:
+            name = RETRIEVER_BY_ENUM[request.retriever]
+        else:
+            raise InvalidArgument("retriever", f"unknown value {request.retriever}")
+        retriever = state.retrievers.get(name)
+        if retriever is None:
+            raise InvalidArgument(
+                "retriever",
+                f"{name!r} is not available in artifact set {state.version} "
+                f"(available: {', '.join(state.retrievers)})",
+            )
+        start = time.perf_counter()
+        if name in OFFLOADED:
+            loop = asyncio.get_running_loop()
+            result = await loop.run_in_executor(
+                self.executor, retriever.retrieve, query, candidates_k
+            )
+        else:
+            result = retriever.retrieve(query, candidates_k)
+        candidates = to_candidates(result, state.photo_ids)
+        elapsed = time.perf_counter() - start
+        self.stage_latency.observe(elapsed)
+        return pb.RetrieveResponse(
+            candidates=candidates,
+            retriever=ENUM_BY_RETRIEVER[name],
+            keyword=result.keyword,
+            note=result.note,
+            retrieval_ms=elapsed * 1000,
+            artifact_version=state.version,
+        )
+
+
+async def create_retrieval_server(config: RetrievalConfig) -> Service:
+    """Create, load and start a retrieval server; returns it once it is SERVING."""
+    server, port, health = new_server("retrieval", config.host, config.port)
+    paths = {"artifacts": config.artifacts}
+    holder: Reloadable[RetrievalState] = Reloadable(
+        lambda: load_retrieval_state(paths["artifacts"], config.default_retriever)
+    )
+    limiter = InflightLimiter(config.max_inflight)
+    pb_grpc.add_RetrievalServiceServicer_to_server(RetrievalServicer(holder, limiter), server)
+    admin_name = add_admin(server, "retrieval", holder, lambda p: paths.update(artifacts=p))
+    enable_reflection(server, [SERVICE_NAME, admin_name])
+    service = Service("retrieval", server, port, health)
+    await service.set_serving([SERVICE_NAME], False)
+    await server.start()
+    state = await holder.load()
+    service.reload_hooks.append(holder.load)
+    await service.set_serving([SERVICE_NAME], True)
+    logger.info(
+        "retrieval serving",
+        extra={"port": port, "version": state.version, "retrievers": list(state.retrievers)},
+    )
+    return service
