@@ -10,6 +10,7 @@ import sys
 # the handlers so `imgsearch --help` and light commands start fast.
 COMMAND_MODULES = [
     "imgsearch.commands",
+    "imgsearch.demo_data",
 ]
 
 

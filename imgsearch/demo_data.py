@@ -1,0 +1,862 @@
+"""Seeded synthetic catalogue in the Unsplash Lite layout, with drawn images and planted tastes."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from PIL import Image, ImageDraw, ImageFilter
+
+# The visible vocabulary: every photo shows exactly one shape, in one colour, on one scene.
+COLOURS = ("red", "orange", "yellow", "green", "blue", "purple", "pink", "white")
+SHAPES = ("circle", "square", "triangle", "star", "cross", "ring", "diamond", "stripes")
+SCENES = ("night", "beach", "forest", "snow", "desert")
+
+# Fill colour of each shape before per-photo jitter; chosen to stay apart from every scene.
+COLOUR_RGB = {
+    "red": (220, 30, 30),
+    "orange": (255, 140, 0),
+    "yellow": (255, 225, 0),
+    "green": (40, 190, 60),
+    "blue": (30, 80, 240),
+    "purple": (140, 50, 200),
+    "pink": (255, 120, 190),
+    "white": (250, 250, 250),
+}
+# The flat colours a scene is painted with (before texture noise), main colour first.
+SCENE_RGB = {
+    "night": ((16, 22, 58), (28, 34, 84), (205, 205, 185)),
+    "beach": ((222, 198, 150), (30, 120, 150), (150, 200, 235)),
+    "forest": ((22, 64, 34), (82, 58, 36), (14, 44, 24)),
+    "snow": ((205, 212, 224), (176, 190, 210), (132, 146, 172)),
+    "desert": ((206, 150, 92), (240, 214, 168), (184, 128, 76)),
+}
+# What Unsplash's colors table would call the main colour of each scene.
+SCENE_COLOUR_NAMES = {
+    "night": "navy",
+    "beach": "beige",
+    "forest": "dark green",
+    "snow": "gray",
+    "desert": "tan",
+}
+
+PHOTO_COLUMNS = (
+    "photo_id",
+    "photo_url",
+    "photo_image_url",
+    "photo_submitted_at",
+    "photo_featured",
+    "photo_width",
+    "photo_height",
+    "photographer_username",
+    "photo_description",
+    "ai_description",
+    "stats_views",
+    "stats_downloads",
+)
+KEYWORD_COLUMNS = (
+    "photo_id",
+    "keyword",
+    "ai_service_1_confidence",
+    "ai_service_2_confidence",
+    "suggested_by_user",
+)
+CONVERSION_COLUMNS = (
+    "converted_at",
+    "conversion_type",
+    "keyword",
+    "photo_id",
+    "anonymous_user_id",
+    "conversion_country",
+)
+COLOR_COLUMNS = ("photo_id", "hex", "red", "green", "blue", "keyword", "ai_coverage", "ai_score")
+TABLE_NAMES = ("photos", "keywords", "conversions", "colors")
+
+PHOTO_SHARD_ROWS = 2_500
+SHARD_ROWS = 100_000
+JPEG_QUALITY = 90
+
+# Strength of the planted signals: P(photo | user, query) ∝ popularity**POPULARITY_EXPONENT
+# × exp(TASTE_WEIGHT × (favourite colour match + favourite shape match)).
+POPULARITY_EXPONENT = 1.0
+TASTE_WEIGHT = 2.0
+# How often a single-word colour/shape query names one of the user's favourites.
+FAVOURITE_QUERY_RATE = 0.6
+QUERY_TYPES = ("colour", "shape", "scene", "colour shape", "colour scene")
+QUERY_TYPE_PRIOR = np.array([0.3, 0.25, 0.2, 0.15, 0.1])
+
+_ID_ALPHABET = np.array(list("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"))
+_COUNTRIES = np.array(
+    ["US", "GB", "DE", "FR", "IN", "BR", "CA", "JP", "ES", "IT"]
+    + ["AU", "NL", "PL", "MX", "KR", "SE", "TR", "ID", "RU", "ZA"]
+)
+_COUNTRY_WEIGHTS = np.array([30, 9, 8, 7, 7, 6, 5, 5, 4, 4, 3, 3, 2, 2, 2, 1, 1, 1, 1, 1], float)
+_FIRST_NAMES = (
+    "anna alex ben carla dan elif farah gus hana ivan jules kai lena marco nina omar "
+    "paula quinn rosa sami tara umar vera will xena yuki zoe leo mia noah"
+).split()
+_LAST_NAMES = (
+    "adams berg costa dubois evans fischer garcia hale ito jensen kowalski lopez moreau "
+    "nakamura olsen petrov quint rossi silva tanaka ueda vogel walsh xu young zeller "
+    "brandt novak sato"
+).split()
+_SCENE_PHRASES = {
+    "night": ("under a starry night sky", "at night", "against the night sky"),
+    "beach": ("on a beach", "by the sea", "on the sand at the beach"),
+    "forest": ("in a forest", "among the trees", "in the woods"),
+    "snow": ("in the snow", "on a snowy field", "in a winter landscape"),
+    "desert": ("in the desert", "among sand dunes", "on desert dunes"),
+}
+_SCENE_SYNONYMS = {
+    "night": ("sky", "stars", "dark"),
+    "beach": ("sea", "sand", "ocean"),
+    "forest": ("trees", "woods", "nature"),
+    "snow": ("winter", "mountain", "cold"),
+    "desert": ("sand", "dune", "dry"),
+}
+_GENERIC_TAGS = ("abstract", "geometric", "pattern", "background", "art", "outdoors")
+_USER_TAGS = ("colorful", "minimal", "vibrant", "wallpaper", "graphic")
+# A plausible wrong tag for each concept, given low confidence (what a real tagger confuses).
+_CONFUSABLE = {
+    "red": "orange", "orange": "yellow", "yellow": "orange", "green": "yellow",
+    "blue": "purple", "purple": "blue", "pink": "red", "white": "yellow",
+    "circle": "ring", "ring": "circle", "square": "diamond", "diamond": "square",
+    "triangle": "star", "star": "cross", "cross": "star", "stripes": "square",
+    "night": "snow", "beach": "desert", "forest": "night", "snow": "beach", "desert": "beach",
+}  # fmt: skip
+
+
+def generate(
+    out_dir: str | Path,
+    n_photos: int = 5000,
+    n_users: int = 2000,
+    n_conversions: int = 150_000,
+    seed: int = 0,
+    image_size: int = 64,
+    show_progress: bool = True,
+    with_images: bool = True,
+    *,
+    photo_shard_rows: int = PHOTO_SHARD_ROWS,
+    shard_rows: int = SHARD_ROWS,
+) -> dict:
+    """Write a synthetic catalogue in the Unsplash Lite layout into ``out_dir``.
+
+    Each photo shows one shape from :data:`SHAPES` filled with one colour from :data:`COLOURS`
+    on one scene from :data:`SCENES`; its keywords name the three (high confidence) plus
+    synonyms, generic tags and low-confidence distractors. Conversions are drawn from planted
+    per-user tastes (favourite colours and shapes) mixed with a latent photo popularity.
+    Generated tables, shards and images already in ``out_dir`` are replaced.
+
+    Parameters
+    ----------
+    out_dir : str or Path
+        Folder to write (created if missing).
+    n_photos, n_users, n_conversions : int
+        Catalogue size. Every user has at least one conversion when
+        ``n_conversions >= n_users``.
+    seed : int
+        Same seed, same sizes: byte-identical tables and images.
+    image_size : int
+        Side of the square JPEG images in pixels.
+    show_progress : bool
+        Draw a tqdm progress bar on stderr while drawing images and conversions.
+    with_images : bool
+        Write ``images/<photo_id>.jpg``; when False no images folder is written.
+    photo_shard_rows, shard_rows : int
+        Rows per shard file for photos and for the other tables (``.tsv000``, ``.tsv001``…).
+
+    Returns
+    -------
+    dict
+        Counts, files written and the vocabulary.
+    """
+    if n_photos < 1 or n_users < 1 or n_conversions < 0 or image_size < 8:
+        raise ValueError("need n_photos >= 1, n_users >= 1, n_conversions >= 0, image_size >= 8")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    streams = [np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(6)]
+
+    photos = _make_photos(n_photos, streams[0])
+    photo_table = _photo_table(photos, streams[1])
+    keyword_table = _keyword_table(photos, streams[2])
+    color_table = _color_table(photos)
+    conversion_table, n_active_users = _conversion_table(
+        photos, n_users, n_conversions, streams[3], show_progress
+    )
+
+    _remove_generated(out_dir)
+    files = []
+    files += _write_table(photo_table, out_dir, "photos", photo_shard_rows)
+    files += _write_table(keyword_table, out_dir, "keywords", shard_rows)
+    files += _write_table(conversion_table, out_dir, "conversions", shard_rows)
+    files += _write_table(color_table, out_dir, "colors", shard_rows)
+    if with_images:
+        _write_images(photos, out_dir / "images", seed, image_size, show_progress)
+
+    return {
+        "out_dir": str(out_dir),
+        "seed": seed,
+        "n_photos": n_photos,
+        "n_users": n_active_users,
+        "n_conversions": len(conversion_table),
+        "n_keyword_rows": len(keyword_table),
+        "n_photographers": int(photos["n_photographers"]),
+        "with_images": with_images,
+        "image_size": image_size if with_images else None,
+        "files": files,
+        "colours": list(COLOURS),
+        "shapes": list(SHAPES),
+        "scenes": list(SCENES),
+    }
+
+
+# --------------------------------------------------------------------------- photos
+
+
+def _categorical(rng: np.random.Generator, probabilities: np.ndarray) -> np.ndarray:
+    """Draw one index per row of a (rows, k) probability matrix."""
+    cumulative = np.cumsum(probabilities, axis=1)
+    draws = rng.random(len(probabilities)) * cumulative[:, -1]
+    picks = (cumulative <= draws[:, None]).sum(axis=1)
+    return np.minimum(picks, probabilities.shape[1] - 1)
+
+
+def _random_ids(rng: np.random.Generator, n: int, length: int = 11) -> np.ndarray:
+    """Return ``n`` distinct URL-safe ids of ``length`` characters, like Unsplash's."""
+    ids: list[str] = []
+    seen: set[str] = set()
+    while len(ids) < n:
+        codes = rng.integers(0, len(_ID_ALPHABET), size=(n - len(ids), length))
+        for row in _ID_ALPHABET[codes]:
+            photo_id = "".join(row)
+            if photo_id not in seen:
+                seen.add(photo_id)
+                ids.append(photo_id)
+    return np.array(ids, dtype=object)
+
+
+def _photographer_names(rng: np.random.Generator, n: int) -> np.ndarray:
+    pairs = rng.permutation(len(_FIRST_NAMES) * len(_LAST_NAMES))
+    styles = rng.integers(0, 3, size=n)
+    names = []
+    for i in range(n):
+        first = _FIRST_NAMES[pairs[i % len(pairs)] // len(_LAST_NAMES)]
+        last = _LAST_NAMES[pairs[i % len(pairs)] % len(_LAST_NAMES)]
+        name = (f"{first}{last}", f"{first}_{last}", f"{first}{last[0]}")[styles[i]]
+        names.append(name if i < len(pairs) else f"{name}{i // len(pairs)}")
+    # Two styles can collide ("anna_berg" vs another pair); suffix to keep names unique.
+    unique, counts = [], {}
+    for name in names:
+        counts[name] = counts.get(name, 0) + 1
+        unique.append(name if counts[name] == 1 else f"{name}{counts[name]}")
+    return np.array(unique, dtype=object)
+
+
+def _make_photos(n_photos: int, rng: np.random.Generator) -> dict:
+    """Draw the latent facts of every photo: concepts, photographer, popularity, geometry."""
+    n_photographers = max(1, min(200, round(n_photos / 25)))
+    photographer_weight = rng.lognormal(0.0, 1.0, n_photographers)
+    photographer = rng.choice(
+        n_photographers, size=n_photos, p=photographer_weight / photographer_weight.sum()
+    )
+    # Style bias: each photographer prefers some scenes and colours.
+    scene_style = rng.dirichlet(np.full(len(SCENES), 0.6), n_photographers)
+    colour_style = rng.dirichlet(np.full(len(COLOURS), 0.6), n_photographers)
+    scene = _categorical(rng, 0.5 * scene_style[photographer] + 0.5 / len(SCENES))
+    colour = _categorical(rng, 0.5 * colour_style[photographer] + 0.5 / len(COLOURS))
+    shape = rng.integers(0, len(SHAPES), n_photos)
+    # Latent popularity: standard normal, partly shared by a photographer's photos.
+    photographer_z = rng.normal(0.0, 1.0, n_photographers)
+    popularity_z = 0.6 * photographer_z[photographer] + 0.8 * rng.normal(0.0, 1.0, n_photos)
+    return {
+        "n_photographers": n_photographers,
+        "photo_id": _random_ids(rng, n_photos),
+        "photographer": photographer,
+        "photographer_names": _photographer_names(rng, n_photographers),
+        "colour": colour,
+        "shape": shape,
+        "scene": scene,
+        "popularity_z": popularity_z,
+        # Geometry in units of the image side: centre, radius, rotation (degrees).
+        "centre_x": rng.uniform(0.34, 0.66, n_photos),
+        "centre_y": rng.uniform(0.34, 0.66, n_photos),
+        "radius": rng.uniform(0.2, 0.3, n_photos),
+        "angle": rng.uniform(-1.0, 1.0, n_photos),  # scaled per shape when drawing
+        "colour_jitter": rng.integers(-12, 13, size=(n_photos, 3)),
+    }
+
+
+def _shape_phrase(colour: str, shape: str) -> str:
+    if shape == "stripes":
+        return f"{colour} stripes"
+    article = "an" if colour[0] in "aeiou" else "a"
+    return f"{article} {colour} {shape}"
+
+
+def _photo_table(photos: dict, rng: np.random.Generator) -> pd.DataFrame:
+    n = len(photos["photo_id"])
+    z = photos["popularity_z"]
+    views = np.rint(np.exp(9.0 + 1.3 * z + rng.normal(0.0, 0.35, n))).astype(np.int64)
+    download_rate = np.exp(-4.2 + 0.25 * z + rng.normal(0.0, 0.3, n))
+    downloads = np.rint(views * download_rate).astype(np.int64)
+    featured = rng.random(n) < 1.0 / (1.0 + np.exp(-(z - 1.5) * 2.0))
+
+    start = np.datetime64("2015-01-01T00:00:00.000")
+    span_ms = int(np.timedelta64(5 * 365, "D") / np.timedelta64(1, "ms"))
+    submitted = start + rng.integers(0, span_ms, n).astype("timedelta64[ms]")
+    epoch_ms = submitted.astype("datetime64[ms]").astype(np.int64)
+    url_hex = rng.integers(0, 16**6, size=(n, 2))
+    image_urls = [
+        f"https://images.unsplash.com/photo-{ms}-{a:06x}{b:06x}"
+        for ms, (a, b) in zip(epoch_ms, url_hex)
+    ]
+    long_side = rng.choice([3000, 4000, 4500, 5000, 6000], n)
+    ratio = rng.choice([1.0, 1.333, 1.5, 1.5, 1.778], n)
+    portrait = rng.random(n) < 0.4
+    short_side = np.rint(long_side / ratio).astype(np.int64)
+    width = np.where(portrait, short_side, long_side)
+    height = np.where(portrait, long_side, short_side)
+
+    template = rng.integers(0, 4, n)
+    phrase_pick = rng.integers(0, 3, n)
+    no_description = rng.random(n) < 0.15
+    no_ai_description = rng.random(n) < 0.05
+    descriptions, ai_descriptions = [], []
+    for i in range(n):
+        colour = COLOURS[photos["colour"][i]]
+        shape = SHAPES[photos["shape"][i]]
+        scene = SCENES[photos["scene"][i]]
+        subject = _shape_phrase(colour, shape)
+        place = _SCENE_PHRASES[scene][phrase_pick[i]]
+        if no_description[i]:
+            descriptions.append("")
+        elif template[i] == 0:
+            descriptions.append(f"{subject[0].upper()}{subject[1:]} {place}")
+        elif template[i] == 1:
+            descriptions.append(f"Close-up of {subject} {place}")
+        elif template[i] == 2:
+            descriptions.append(f"{subject[0].upper()}{subject[1:]} {place}.")
+        else:
+            descriptions.append(f"Minimal shot: {subject} {place}")
+        ai_descriptions.append("" if no_ai_description[i] else f"{subject} {place}")
+
+    submitted_text = np.char.replace(np.datetime_as_string(submitted, unit="ms"), "T", " ")
+    return pd.DataFrame(
+        {
+            "photo_id": photos["photo_id"],
+            "photo_url": [f"https://unsplash.com/photos/{pid}" for pid in photos["photo_id"]],
+            "photo_image_url": image_urls,
+            "photo_submitted_at": submitted_text,
+            "photo_featured": np.where(featured, "t", "f"),
+            "photo_width": width,
+            "photo_height": height,
+            "photographer_username": photos["photographer_names"][photos["photographer"]],
+            "photo_description": descriptions,
+            "ai_description": ai_descriptions,
+            "stats_views": views,
+            "stats_downloads": downloads,
+        },
+        columns=list(PHOTO_COLUMNS),
+    )
+
+
+def _keyword_table(photos: dict, rng: np.random.Generator) -> pd.DataFrame:
+    """Tags per photo: true concepts (high), synonyms and generic tags, distractors (low)."""
+    n = len(photos["photo_id"])
+    rows: list[tuple[int, int, str, float, float, str]] = []  # (photo, order, keyword, c1, c2, u)
+    # Draw every random number up front, in a fixed order, so the table is seed-stable.
+    true_c1 = rng.uniform(75.0, 100.0, (n, 3))
+    true_c2 = np.where(rng.random((n, 3)) < 0.6, rng.uniform(70.0, 100.0, (n, 3)), np.nan)
+    synonym_keep = rng.random((n, 3)) < 0.5
+    synonym_c1 = rng.uniform(45.0, 80.0, (n, 3))
+    generic_keep = rng.random((n, len(_GENERIC_TAGS))) < 0.25
+    generic_c1 = rng.uniform(30.0, 70.0, (n, len(_GENERIC_TAGS)))
+    distractor_keep = rng.random((n, 3)) < 0.3
+    distractor_c1 = rng.uniform(5.0, 35.0, (n, 3))
+    distractor_c2 = np.where(rng.random((n, 3)) < 0.2, rng.uniform(3.0, 30.0, (n, 3)), np.nan)
+    user_tag = np.where(rng.random(n) < 0.1, rng.integers(0, len(_USER_TAGS), n), -1)
+    for i in range(n):
+        concepts = (
+            COLOURS[photos["colour"][i]],
+            SHAPES[photos["shape"][i]],
+            SCENES[photos["scene"][i]],
+        )
+        tagged = set(concepts)
+        for j, keyword in enumerate(concepts):
+            rows.append((i, len(rows), keyword, true_c1[i, j], true_c2[i, j], "f"))
+        for j, keyword in enumerate(_SCENE_SYNONYMS[concepts[2]]):
+            if synonym_keep[i, j] and keyword not in tagged:
+                tagged.add(keyword)
+                rows.append((i, len(rows), keyword, synonym_c1[i, j], np.nan, "f"))
+        for j, keyword in enumerate(_GENERIC_TAGS):
+            if generic_keep[i, j] and keyword not in tagged:
+                tagged.add(keyword)
+                rows.append((i, len(rows), keyword, generic_c1[i, j], np.nan, "f"))
+        for j, concept in enumerate(concepts):
+            keyword = _CONFUSABLE[concept]
+            if distractor_keep[i, j] and keyword not in tagged:
+                tagged.add(keyword)
+                rows.append((i, len(rows), keyword, distractor_c1[i, j], distractor_c2[i, j], "f"))
+        if user_tag[i] >= 0:
+            rows.append((i, len(rows), _USER_TAGS[user_tag[i]], np.nan, np.nan, "t"))
+    photo_index = np.array([r[0] for r in rows])
+    return pd.DataFrame(
+        {
+            "photo_id": photos["photo_id"][photo_index],
+            "keyword": [r[2] for r in rows],
+            "ai_service_1_confidence": np.array([r[3] for r in rows], dtype=float),
+            "ai_service_2_confidence": np.array([r[4] for r in rows], dtype=float),
+            "suggested_by_user": [r[5] for r in rows],
+        },
+        columns=list(KEYWORD_COLUMNS),
+    )
+
+
+# Area of each shape in units of radius², matching the drawing code below.
+_SHAPE_AREA = {
+    "circle": math.pi,
+    "square": (2 * 0.85) ** 2,
+    "triangle": 3 * math.sqrt(3) / 4 * 1.1**2,
+    "star": 5 * 1.1**2 * 0.42 * math.sin(math.pi / 5),
+    "cross": 2 * (2 * 1.05 * 0.6) - 0.6**2,
+    "ring": math.pi * (1 - 0.55**2),
+    "diamond": 2 * 1.05 * 0.62,
+    "stripes": 3 * (2 * 0.95) * (2 * 0.95 / 5),
+}
+
+
+def _color_table(photos: dict) -> pd.DataFrame:
+    """Unsplash's optional colors table: the shape's colour and the scene's main colour."""
+    n = len(photos["photo_id"])
+    shape_rgb = _fill_rgb(photos)
+    area = np.array([_SHAPE_AREA[s] for s in SHAPES])[photos["shape"]] * photos["radius"] ** 2
+    scene_rgb = np.array([SCENE_RGB[s][0] for s in SCENES])[photos["scene"]]
+    rgb = np.concatenate([shape_rgb, scene_rgb])
+    table = pd.DataFrame(
+        {
+            "photo_id": np.concatenate([photos["photo_id"], photos["photo_id"]]),
+            "hex": [f"#{r:02X}{g:02X}{b:02X}" for r, g, b in rgb],
+            "red": rgb[:, 0],
+            "green": rgb[:, 1],
+            "blue": rgb[:, 2],
+            "keyword": np.concatenate(
+                [
+                    np.array(COLOURS, dtype=object)[photos["colour"]],
+                    np.array([SCENE_COLOUR_NAMES[s] for s in SCENES], dtype=object)[
+                        photos["scene"]
+                    ],
+                ]
+            ),
+            "ai_coverage": np.concatenate([area, 1.0 - area]),
+            "ai_score": np.concatenate([np.full(n, 0.9), np.full(n, 0.6)]),
+        },
+        columns=list(COLOR_COLUMNS),
+    )
+    # Two rows per photo, in photo order like the other tables.
+    return table.iloc[np.argsort(np.tile(np.arange(n), 2), kind="stable")]
+
+
+# --------------------------------------------------------------------------- conversions
+
+
+def _uuid_strings(rng: np.random.Generator, n: int) -> np.ndarray:
+    """Deterministic version-4-looking UUID strings."""
+    raw = rng.integers(0, 256, size=(n, 16), dtype=np.uint8)
+    raw[:, 6] = (raw[:, 6] & 0x0F) | 0x40
+    raw[:, 8] = (raw[:, 8] & 0x3F) | 0x80
+    out = []
+    for row in raw:
+        h = row.tobytes().hex()
+        out.append(f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}")
+    return np.array(out, dtype=object)
+
+
+def _top_k_mask(rng: np.random.Generator, probabilities: np.ndarray, k: np.ndarray) -> np.ndarray:
+    """Pick ``k[i]`` distinct columns per row with probability ∝ row weights (Gumbel top-k)."""
+    keys = np.log(probabilities) + rng.gumbel(size=probabilities.shape)
+    ranks = np.argsort(np.argsort(-keys, axis=1), axis=1)
+    return ranks < k[:, None]
+
+
+def _conversion_table(
+    photos: dict,
+    n_users: int,
+    n_conversions: int,
+    rng: np.random.Generator,
+    show_progress: bool,
+) -> tuple[pd.DataFrame, int]:
+    """Draw conversions from planted user tastes; returns the table and the active user count."""
+    n_colours, n_shapes, n_scenes = len(COLOURS), len(SHAPES), len(SCENES)
+    # --- users: country, tastes, query habit, activity
+    user_ids = _uuid_strings(rng, n_users)
+    country = rng.choice(len(_COUNTRIES), n_users, p=_COUNTRY_WEIGHTS / _COUNTRY_WEIGHTS.sum())
+    country_colour_prior = rng.dirichlet(np.full(n_colours, 3.0), len(_COUNTRIES))
+    fav_colour = _top_k_mask(rng, country_colour_prior[country], rng.integers(1, 3, n_users))
+    fav_shape = _top_k_mask(
+        rng, np.full((n_users, n_shapes), 1.0 / n_shapes), rng.integers(1, 3, n_users)
+    )
+    fav_scene = rng.integers(0, n_scenes, n_users)
+    habit = rng.dirichlet(QUERY_TYPE_PRIOR * 6.0, n_users)
+    activity = rng.lognormal(0.0, 1.3, n_users)
+
+    # --- which user converts: everyone once, the rest by heavy-tailed activity
+    first = np.arange(min(n_users, n_conversions))
+    rest = rng.choice(n_users, n_conversions - len(first), p=activity / activity.sum())
+    user = rng.permutation(np.concatenate([first, rest]))
+
+    # --- the query: a type from the user's habit, words leaning to the user's favourites
+    query_type = _categorical(rng, habit[user])
+
+    def favourite_or_any(favourites: np.ndarray, k: int) -> np.ndarray:
+        fav_pick = _categorical(rng, favourites[user].astype(float))
+        any_pick = rng.integers(0, k, len(user))
+        return np.where(rng.random(len(user)) < FAVOURITE_QUERY_RATE, fav_pick, any_pick)
+
+    query_colour = favourite_or_any(fav_colour, n_colours)
+    query_shape = favourite_or_any(fav_shape, n_shapes)
+    any_scene = rng.integers(0, n_scenes, len(user))
+    query_scene = np.where(rng.random(len(user)) < 0.5, fav_scene[user], any_scene)
+    uses_colour = np.isin(query_type, [0, 3, 4])
+    uses_shape = np.isin(query_type, [1, 3])
+    uses_scene = np.isin(query_type, [2, 4])
+    want_colour = np.where(uses_colour, query_colour, n_colours)  # index n_* = "any"
+    want_shape = np.where(uses_shape, query_shape, n_shapes)
+    want_scene = np.where(uses_scene, query_scene, n_scenes)
+
+    # Cells (colour, shape, scene) carry the taste; popularity picks a photo inside a cell.
+    cell = (photos["colour"] * n_shapes + photos["shape"]) * n_scenes + photos["scene"]
+    n_cells = n_colours * n_shapes * n_scenes
+    photo_weight = np.exp(POPULARITY_EXPONENT * photos["popularity_z"])
+    cell_weight = np.bincount(cell, weights=photo_weight, minlength=n_cells)
+    cell_count = np.bincount(cell, minlength=n_cells).reshape(n_colours, n_shapes, n_scenes)
+    # counts with an extra "any" slot per axis, to test whether a query has candidates
+    padded = np.zeros((n_colours + 1, n_shapes + 1, n_scenes + 1))
+    padded[:-1, :-1, :-1] = cell_count
+    padded[-1, :, :] = padded[:-1].sum(axis=0)
+    padded[:, -1, :] = padded[:, :-1].sum(axis=1)
+    padded[:, :, -1] = padded[:, :, :-1].sum(axis=2)
+    # A query with no matching photo (tiny catalogues) becomes the colour of a popular photo.
+    empty = padded[want_colour, want_shape, want_scene] == 0
+    fallback_photo = rng.choice(len(cell), len(user), p=photo_weight / photo_weight.sum())
+    want_colour = np.where(empty, photos["colour"][fallback_photo], want_colour)
+    want_shape = np.where(empty, n_shapes, want_shape)
+    want_scene = np.where(empty, n_scenes, want_scene)
+
+    cell_colour = np.arange(n_cells) // (n_shapes * n_scenes)
+    cell_shape = np.arange(n_cells) // n_scenes % n_shapes
+    cell_scene = np.arange(n_cells) % n_scenes
+    taste_gain = np.exp(TASTE_WEIGHT * np.arange(3))  # 0, 1 or 2 favourite matches
+    chosen_cell = np.empty(len(user), dtype=np.int64)
+    chunk = 16_384
+    starts = range(0, len(user), chunk)
+    if show_progress and len(user) > 4 * chunk:
+        from tqdm import tqdm
+
+        starts = tqdm(starts, desc="conversions", unit="chunk", file=sys.stderr)
+    cell_draw = rng.random(len(user))
+    for start in starts:
+        part = slice(start, start + chunk)
+        u = user[part]
+        matches = fav_colour[u][:, cell_colour].astype(np.int8) + fav_shape[u][:, cell_shape]
+        allowed = (
+            ((want_colour[part, None] == n_colours) | (cell_colour == want_colour[part, None]))
+            & ((want_shape[part, None] == n_shapes) | (cell_shape == want_shape[part, None]))
+            & ((want_scene[part, None] == n_scenes) | (cell_scene == want_scene[part, None]))
+        )
+        weight = np.where(allowed, cell_weight * taste_gain[matches], 0.0)
+        cumulative = np.cumsum(weight, axis=1)
+        target = cell_draw[part] * cumulative[:, -1]
+        chosen_cell[part] = (cumulative <= target[:, None]).sum(axis=1)
+
+    order = np.argsort(cell, kind="stable")
+    cumulative = np.cumsum(photo_weight[order])
+    cell_end = np.cumsum(np.bincount(cell, minlength=n_cells))
+    cell_begin = cell_end - np.bincount(cell, minlength=n_cells)
+    before = np.concatenate([[0.0], cumulative])[cell_begin[chosen_cell]]
+    target = before + rng.random(len(user)) * cell_weight[chosen_cell]
+    position = np.searchsorted(cumulative, target, side="right")
+    position = np.clip(position, cell_begin[chosen_cell], cell_end[chosen_cell] - 1)
+    photo = order[position]
+
+    colour_names = np.array(COLOURS + ("",), dtype=object)
+    shape_names = np.array(SHAPES + ("",), dtype=object)
+    scene_names = np.array(SCENES + ("",), dtype=object)
+    keyword = (
+        colour_names[want_colour]
+        + np.where((want_colour < n_colours) & (want_shape < n_shapes), " ", "")
+        + shape_names[want_shape]
+        + np.where((want_colour < n_colours) & (want_scene < n_scenes), " ", "")
+        + scene_names[want_scene]
+    )
+
+    # Times: uniform over one year, written in time order; tastes do not drift.
+    year_ms = int(np.timedelta64(365, "D") / np.timedelta64(1, "ms"))
+    offset = np.sort(rng.integers(0, year_ms, len(user)))
+    converted_at = np.datetime64("2020-01-01T00:00:00.000") + offset.astype("timedelta64[ms]")
+    travelling = rng.random(len(user)) < 0.05
+    conversion_country = np.where(
+        travelling,
+        _COUNTRIES[rng.integers(0, len(_COUNTRIES), len(user))],
+        _COUNTRIES[country[user]],
+    )
+    table = pd.DataFrame(
+        {
+            "converted_at": np.char.replace(np.datetime_as_string(converted_at, "ms"), "T", " "),
+            "conversion_type": "download",
+            "keyword": keyword,
+            "photo_id": photos["photo_id"][photo],
+            "anonymous_user_id": user_ids[user],
+            "conversion_country": conversion_country,
+        },
+        columns=list(CONVERSION_COLUMNS),
+    )
+    return table, int(len(np.unique(user)))
+
+
+# --------------------------------------------------------------------------- images
+
+
+def _fill_rgb(photos: dict) -> np.ndarray:
+    base = np.array([COLOUR_RGB[c] for c in COLOURS])[photos["colour"]]
+    return np.clip(base + photos["colour_jitter"], 0, 255).astype(np.int64)
+
+
+def _vertical_gradient(size: int, top: tuple, bottom: tuple) -> np.ndarray:
+    t = np.linspace(0.0, 1.0, size)[:, None, None]
+    column = (1 - t) * np.array(top, float) + t * np.array(bottom, float)
+    return np.broadcast_to(column, (size, size, 3)).copy()
+
+
+def _draw_scene(scene: str, size: int, rng: np.random.Generator) -> Image.Image:
+    """Paint one of the five backgrounds with random layout details."""
+    palette = SCENE_RGB[scene]
+    if scene == "night":
+        canvas = Image.fromarray(
+            _vertical_gradient(size, palette[0], palette[1]).astype(np.uint8), "RGB"
+        )
+        draw = ImageDraw.Draw(canvas)
+        for x, y in rng.integers(0, size, size=(int(rng.integers(12, 30)), 2)):
+            radius = size / 128 * rng.uniform(0.6, 1.4)
+            draw.ellipse((x - radius, y - radius, x + radius, y + radius), fill=palette[2])
+        return canvas
+    if scene == "beach":
+        canvas = Image.new("RGB", (size, size), palette[2])
+        draw = ImageDraw.Draw(canvas)
+        horizon = size * rng.uniform(0.28, 0.42)
+        shore = size * rng.uniform(0.58, 0.72)
+        tilt = size * rng.uniform(-0.06, 0.06)
+        draw.rectangle((0, horizon, size, size), fill=palette[1])
+        draw.polygon([(0, shore - tilt), (size, shore + tilt), (size, size), (0, size)], palette[0])
+        return canvas
+    if scene == "forest":
+        canvas = Image.new("RGB", (size, size), palette[0])
+        draw = ImageDraw.Draw(canvas)
+        for _ in range(int(rng.integers(4, 8))):
+            x = rng.uniform(0, size)
+            half = size * rng.uniform(0.015, 0.035)
+            draw.rectangle((x - half, size * rng.uniform(0.2, 0.5), x + half, size), palette[1])
+        for _ in range(int(rng.integers(3, 6))):
+            x, y = rng.uniform(0, size), rng.uniform(0, size * 0.3)
+            r = size * rng.uniform(0.1, 0.2)
+            draw.ellipse((x - r, y - r, x + r, y + r), fill=palette[2])
+        return canvas
+    if scene == "snow":
+        canvas = Image.new("RGB", (size, size), palette[1])
+        draw = ImageDraw.Draw(canvas)
+        horizon = size * rng.uniform(0.38, 0.5)
+        # distant mountains: alternating peaks and valleys above the snowfield
+        xs = np.linspace(0, size, 8) + rng.uniform(-0.04, 0.04, 8) * size
+        rise = np.where(np.arange(8) % 2 == 1, rng.uniform(0.12, 0.24, 8), rng.uniform(0, 0.05, 8))
+        peaks = list(zip(xs, horizon - rise * size)) + [(size, size), (0, size)]
+        draw.polygon(peaks, fill=palette[2])
+        draw.rectangle((0, horizon, size, size), fill=palette[0])
+        return canvas
+    # desert: pale sky, two sine-shaped dunes
+    canvas = Image.new("RGB", (size, size), palette[1])
+    draw = ImageDraw.Draw(canvas)
+    xs = np.linspace(0, size, 17)
+    for level, shade in ((0.45, palette[2]), (0.65, palette[0])):
+        phase, amplitude = rng.uniform(0, 2 * np.pi), size * rng.uniform(0.03, 0.08)
+        ys = size * (level + rng.uniform(-0.05, 0.05)) + amplitude * np.sin(
+            xs / size * 2 * np.pi + phase
+        )
+        draw.polygon(list(zip(xs, ys)) + [(size, size), (0, size)], fill=shade)
+    return canvas
+
+
+def _rotated(points: np.ndarray, degrees: float, cx: float, cy: float) -> list[tuple]:
+    theta = np.deg2rad(degrees)
+    rotation = np.array([[np.cos(theta), -np.sin(theta)], [np.sin(theta), np.cos(theta)]])
+    moved = points @ rotation.T + np.array([cx, cy])
+    return [tuple(p) for p in moved]
+
+
+def _rectangle(half_w: float, half_h: float, dx: float = 0.0, dy: float = 0.0) -> np.ndarray:
+    corners = [(-half_w, -half_h), (half_w, -half_h), (half_w, half_h), (-half_w, half_h)]
+    return np.array(corners) + (dx, dy)
+
+
+def _shape_mask(shape: str, size: int, cx: float, cy: float, r: float, jitter: float):
+    """Draw the shape as an 'L' mask; ``jitter`` in [-1, 1] sets the rotation."""
+    mask = Image.new("L", (size, size), 0)
+    draw = ImageDraw.Draw(mask)
+    if shape == "circle":
+        draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=255)
+    elif shape == "ring":
+        draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=255)
+        inner = 0.55 * r
+        draw.ellipse((cx - inner, cy - inner, cx + inner, cy + inner), fill=0)
+    elif shape == "square":
+        draw.polygon(_rotated(_rectangle(0.85 * r, 0.85 * r), 20 * jitter, cx, cy), fill=255)
+    elif shape == "diamond":
+        points = np.array([(0, -1.05 * r), (0.62 * r, 0), (0, 1.05 * r), (-0.62 * r, 0)])
+        draw.polygon(_rotated(points, 15 * jitter, cx, cy), fill=255)
+    elif shape == "triangle":
+        angles = np.deg2rad([-90, 30, 150])
+        points = 1.1 * r * np.stack([np.cos(angles), np.sin(angles)], axis=1)
+        draw.polygon(_rotated(points, 30 * jitter, cx, cy), fill=255)
+    elif shape == "star":
+        angles = np.deg2rad(-90 + 36 * np.arange(10))
+        radii = np.where(np.arange(10) % 2 == 0, 1.1 * r, 0.42 * 1.1 * r)
+        points = np.stack([radii * np.cos(angles), radii * np.sin(angles)], axis=1)
+        draw.polygon(_rotated(points, 36 * jitter, cx, cy), fill=255)
+    elif shape == "cross":
+        for points in (_rectangle(1.05 * r, 0.3 * r), _rectangle(0.3 * r, 1.05 * r)):
+            draw.polygon(_rotated(points, 20 * jitter, cx, cy), fill=255)
+    elif shape == "stripes":
+        bar = 0.95 * r / 5
+        for dy in (-4 * bar, 0.0, 4 * bar):
+            points = _rectangle(0.95 * r, bar, 0.0, dy)
+            draw.polygon(_rotated(points, 90 * jitter, cx, cy), fill=255)
+    else:
+        raise ValueError(f"unknown shape {shape!r}")
+    return mask
+
+
+def _draw_image(photos: dict, i: int, image_size: int, rng: np.random.Generator) -> Image.Image:
+    """Draw photo ``i`` at twice the size, then downsample for smooth edges, then add noise."""
+    size = 2 * image_size
+    canvas = _draw_scene(SCENES[photos["scene"][i]], size, rng)
+    mask = _shape_mask(
+        SHAPES[photos["shape"][i]],
+        size,
+        photos["centre_x"][i] * size,
+        photos["centre_y"][i] * size,
+        photos["radius"][i] * size,
+        photos["angle"][i],
+    )
+    base = np.array(COLOUR_RGB[COLOURS[photos["colour"][i]]]) + photos["colour_jitter"][i]
+    fill = tuple(int(v) for v in np.clip(base, 0, 255))
+    outline = tuple(int(v * 0.45) for v in fill)
+    # A thin dark outline keeps light shapes readable on light scenes (white on snow).
+    canvas.paste(outline, (0, 0), mask.filter(ImageFilter.MaxFilter(5)))
+    canvas.paste(fill, (0, 0), mask)
+    canvas = canvas.resize((image_size, image_size), Image.Resampling.BOX)
+    pixels = np.asarray(canvas, dtype=np.float32)
+    pixels = pixels * rng.uniform(0.92, 1.04) + rng.normal(0.0, 5.0, pixels.shape)
+    return Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8), "RGB")
+
+
+def _write_images(
+    photos: dict, images_dir: Path, seed: int, image_size: int, show_progress: bool
+) -> None:
+    from tqdm import tqdm
+
+    images_dir.mkdir(parents=True, exist_ok=True)
+    for i in tqdm(
+        range(len(photos["photo_id"])),
+        desc="images",
+        unit="img",
+        file=sys.stderr,
+        disable=not show_progress,
+    ):
+        # One stream per photo: an image does not depend on how many photos precede it.
+        rng = np.random.default_rng([seed, 7, i])
+        image = _draw_image(photos, i, image_size, rng)
+        image.save(images_dir / f"{photos['photo_id'][i]}.jpg", "JPEG", quality=JPEG_QUALITY)
+
+
+# --------------------------------------------------------------------------- files
+
+
+def _remove_generated(out_dir: Path) -> None:
+    """Delete tables, shards and images of an earlier run so no stale shard is read back."""
+    for name in TABLE_NAMES:
+        for path in out_dir.glob(f"{name}.tsv*"):
+            path.unlink()
+    images_dir = out_dir / "images"
+    if images_dir.is_dir():
+        for path in images_dir.glob("*.jpg"):
+            path.unlink()
+        if not any(images_dir.iterdir()):
+            images_dir.rmdir()
+
+
+def _write_table(table: pd.DataFrame, out_dir: Path, name: str, rows_per_shard: int) -> list[str]:
+    """Write ``name.tsv000``, ``name.tsv001``… with a header row each; returns the file names."""
+    files = []
+    n_shards = max(1, math.ceil(len(table) / rows_per_shard))
+    for shard in range(n_shards):
+        part = table.iloc[shard * rows_per_shard : (shard + 1) * rows_per_shard]
+        file_name = f"{name}.tsv{shard:03d}"
+        part.to_csv(
+            out_dir / file_name,
+            sep="\t",
+            index=False,
+            na_rep="",
+            float_format="%.4f",
+            lineterminator="\n",
+        )
+        files.append(file_name)
+    return files
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def add_commands(subparsers: argparse._SubParsersAction) -> None:
+    """Register ``imgsearch demo-data``.
+
+    Parameters
+    ----------
+    subparsers : argparse._SubParsersAction
+        The object returned by ``ArgumentParser.add_subparsers``.
+    """
+    parser = subparsers.add_parser(
+        "demo-data",
+        help="write a seeded synthetic catalogue in the Unsplash Lite layout",
+        description="Write a seeded synthetic catalogue (tables and drawn images) into OUT.",
+    )
+    parser.add_argument("out", metavar="OUT", help="folder to write")
+    parser.add_argument("--photos", type=int, default=5000, help="number of photos")
+    parser.add_argument("--users", type=int, default=2000, help="number of users")
+    parser.add_argument("--conversions", type=int, default=150_000, help="number of conversions")
+    parser.add_argument("--seed", type=int, default=0, help="random seed")
+    parser.add_argument("--image-size", type=int, default=64, help="image side in pixels")
+    parser.add_argument("--no-images", action="store_true", help="write the tables only")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.set_defaults(handler=_run_demo_data)
+
+
+def _run_demo_data(args: argparse.Namespace) -> int:
+    try:
+        summary = generate(
+            args.out,
+            n_photos=args.photos,
+            n_users=args.users,
+            n_conversions=args.conversions,
+            seed=args.seed,
+            image_size=args.image_size,
+            show_progress=not args.quiet,
+            with_images=not args.no_images,
+        )
+    except ValueError as error:
+        print(f"demo-data: {error}", file=sys.stderr)
+        return 2
+    print(json.dumps({k: v for k, v in summary.items() if k != "files"}))
+    return 0
