@@ -11,6 +11,7 @@ import sys
 COMMAND_MODULES = [
     "imgsearch.commands",
     "imgsearch.demo_data",
+    "imgsearch.eval_commands",
 ]
 
 

@@ -1,0 +1,1022 @@
+"""Offline evaluation of every retriever x ranker on a temporal split of the conversions.
+
+The protocol (what the README's Performance section reports):
+
+1. **Split.** Conversions sorted by ``converted_at`` (the catalogue keeps them so); the first
+   ``1 - test_fraction`` of the rows *by position* train, the rest test. Splitting by position
+   (not by a timestamp threshold) keeps the sizes exact; the test checks that the latest
+   training time is not after the earliest test time, so nothing from the future trains.
+2. **Test queries.** A (user, keyword) pair with at least ``min_pair`` test conversions whose
+   user has at least one training conversion. The query text is the pair's keyword.
+3. **Candidates.** The retriever under test returns ``candidates_k`` photos for the keyword.
+   With ``filter_train`` (default) photos the user converted in training are removed, as a
+   search engine would not re-recommend them; they stay relevant if converted again, so every
+   system loses them alike.
+4. **Relevant.** The distinct photos the user converted with that keyword in the test part.
+5. **Models.** Rankers are fitted on the training conversions only. CLIP learns from images
+   and keywords, never conversions, so it is trained on all photos (or loaded from
+   ``clip_artifacts``).
+6. **Ordering.** The final list sorts candidates by the ranker's score, ties broken by
+   retrieval order (:func:`imgsearch.metrics.rank_by_scores`).
+
+Metrics per retriever x ranker (mean over test queries, 95% bootstrap CI over queries):
+NDCG@k (binary gains), P@k (denominator k), Recall@k, and ``seed_ndcg``: the seed study's
+NDCG of the ranker's scores over the pair's own converted photos with conversion counts as
+gains (see :func:`imgsearch.metrics.seed_ndcg`; the photos are passed in retrieval order,
+photos the retriever missed after those it found, so a ranker that cannot tell them apart
+scores as retrieval order does). Per retriever, independent of the ranker:
+
+* ``tag_p@k``: over the test queries whose keyword is a catalogue keyword, the share of the
+  top k *retrieved* photos (before filtering and ranking) tagged with that keyword.
+* ``pair_tag_p@k``: over two-keyword queries, the share of the top k retrieved photos tagged
+  with *both* words. The queries are the distinct two-word keywords of the test conversions
+  whose words are both catalogue keywords (in the demo: "red circle", "blue night"…); when
+  there are none, pairs of the test queries' most frequent keywords. Only pairs that at least
+  k photos carry are used, so a perfect score is possible.
+
+Latency is measured in-process with ``time.perf_counter`` on the same queries: retrieval
+(one ``retrieve`` call), ranking (one ``score`` call plus the final sort) and their sum per
+query, reported as p50 and p99 in milliseconds.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import math
+import os
+import platform
+import shlex
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from imgsearch.catalogue import Catalogue, normalise_keyword
+from imgsearch.metrics import (
+    bootstrap_ci,
+    metrics_from_hits,
+    paired_bootstrap_ci,
+    percentiles_ms,
+    rank_by_scores,
+    seed_ndcg,
+)
+
+RETRIEVER_NAMES = ("keyword", "clip", "hybrid")
+CLIP_RETRIEVERS = frozenset({"clip", "hybrid"})
+STAGES = ("retrieval", "ranking", "total")
+
+
+class EvaluationError(ValueError):
+    """The evaluation cannot run as asked (unknown name, no test query, bad fraction)."""
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """What to evaluate and how; the defaults are the README's protocol.
+
+    Attributes
+    ----------
+    retrievers, rankers:
+        Names to evaluate; None for all of them.
+    candidates_k:
+        Candidates the retriever returns per query.
+    min_pair:
+        Test conversions a (user, keyword) pair needs to become a test query.
+    test_fraction:
+        Share of the most recent conversions held out for testing.
+    filter_train:
+        Remove photos the user converted in training from the candidates.
+    tune:
+        Let the ranker trainer choose hyper-parameters on a validation slice of the training
+        part (never the test part).
+    clip_artifacts:
+        An artifact set (or its ``clip`` folder's parent) to load CLIP from instead of training.
+    clip_steps:
+        Training steps when CLIP is trained here.
+    max_queries:
+        Evaluate at most this many test queries (a seeded draw); None for all.
+    seed:
+        Seed of the query draw and of the bootstrap.
+    k:
+        Cut-off of the metrics.
+    bootstrap:
+        Bootstrap resamples for the confidence intervals.
+    show_progress:
+        Draw progress bars on stderr.
+    """
+
+    retrievers: tuple[str, ...] | None = None
+    rankers: tuple[str, ...] | None = None
+    candidates_k: int = 100
+    min_pair: int = 3
+    test_fraction: float = 0.2
+    filter_train: bool = True
+    tune: bool = False
+    clip_artifacts: str | None = None
+    clip_steps: int = 400
+    max_queries: int | None = None
+    seed: int = 0
+    k: int = 10
+    bootstrap: int = 1000
+    show_progress: bool = True
+
+
+# --------------------------------------------------------------------------- split and queries
+
+
+@dataclass
+class Split:
+    """A temporal split of the conversions table."""
+
+    train: pd.DataFrame
+    test: pd.DataFrame
+    test_fraction: float
+
+    def summary(self) -> dict:
+        """Sizes and boundary times, for the report header."""
+
+        def when(frame: pd.DataFrame, fn: str) -> str | None:
+            if len(frame) == 0:
+                return None
+            return str(getattr(frame["converted_at"], fn)())
+
+        return {
+            "test_fraction": self.test_fraction,
+            "train_conversions": len(self.train),
+            "test_conversions": len(self.test),
+            "train_start": when(self.train, "min"),
+            "train_end": when(self.train, "max"),
+            "test_start": when(self.test, "min"),
+            "test_end": when(self.test, "max"),
+            "train_users": int(self.train["user_idx"].nunique()),
+        }
+
+
+def temporal_split(conversions: pd.DataFrame, test_fraction: float = 0.2) -> Split:
+    """Split conversions by time: the first ``1 - test_fraction`` rows train, the rest test.
+
+    Parameters
+    ----------
+    conversions:
+        The conversions table; sorted here by ``converted_at`` (stable) if it is not already.
+    test_fraction:
+        Share of rows, the most recent, that go to the test part; in (0, 1).
+
+    Returns
+    -------
+    Split
+        Train and test tables with fresh indexes; ``max(train time) <= min(test time)``.
+        Conversions sharing the boundary timestamp are split by their position, which is
+        harmless: none of the test rows is earlier than a training row.
+    """
+    if not 0.0 < test_fraction < 1.0:
+        raise EvaluationError(f"test_fraction must be in (0, 1), got {test_fraction}")
+    times = conversions["converted_at"]
+    if not times.is_monotonic_increasing:
+        conversions = conversions.sort_values("converted_at", kind="stable")
+    cut = int(round(len(conversions) * (1.0 - test_fraction)))
+    return Split(
+        train=conversions.iloc[:cut].reset_index(drop=True),
+        test=conversions.iloc[cut:].reset_index(drop=True),
+        test_fraction=test_fraction,
+    )
+
+
+@dataclass
+class TestQueries:
+    """The test queries of a split, one entry per (user, keyword) pair.
+
+    Attributes
+    ----------
+    user_idx, keyword:
+        The pair (keyword normalised).
+    relevant:
+        Per query, the distinct photos converted by the user with the keyword in the test part.
+    counts:
+        Per query, how many test conversions each relevant photo had (the seed-NDCG gains).
+    country:
+        The country of the user's latest training conversion ("" when unknown).
+    n_pairs_total:
+        Pairs that qualified before ``max_queries`` cut them down.
+    """
+
+    user_idx: np.ndarray
+    keyword: np.ndarray
+    relevant: list[np.ndarray]
+    counts: list[np.ndarray]
+    country: np.ndarray
+    n_pairs_total: int
+
+    def __len__(self) -> int:
+        return len(self.user_idx)
+
+
+def build_test_queries(
+    split: Split, min_pair: int = 3, max_queries: int | None = None, seed: int = 0
+) -> TestQueries:
+    """Find the test queries of a split.
+
+    Parameters
+    ----------
+    split:
+        The temporal split.
+    min_pair:
+        Test conversions (rows, repeats included) a (user, keyword) pair needs.
+    max_queries:
+        Keep at most this many pairs, drawn uniformly with ``seed``; None keeps all.
+    seed:
+        Seed of that draw.
+
+    Returns
+    -------
+    TestQueries
+        Sorted by (user, keyword), so the order is deterministic.
+    """
+    test = split.test
+    train_users = np.unique(split.train["user_idx"].to_numpy(np.int64))
+    frame = pd.DataFrame(
+        {
+            "user_idx": test["user_idx"].to_numpy(np.int64),
+            "keyword": [normalise_keyword(k) for k in test["keyword"].tolist()],
+            "photo_idx": test["photo_idx"].to_numpy(np.int64),
+        }
+    )
+    frame = frame[np.isin(frame["user_idx"].to_numpy(), train_users) & (frame["keyword"] != "")]
+    sizes = frame.groupby(["user_idx", "keyword"], sort=True).size()
+    pairs = sizes[sizes >= min_pair].index
+    n_total = len(pairs)
+    if max_queries is not None and n_total > max_queries:
+        keep = np.sort(np.random.default_rng(seed).choice(n_total, max_queries, replace=False))
+        pairs = pairs[keep]
+    per_photo = (
+        frame.merge(pairs.to_frame(index=False), on=["user_idx", "keyword"])
+        .groupby(["user_idx", "keyword", "photo_idx"], sort=True)
+        .size()
+        .reset_index(name="n")
+    )
+    pair_id = per_photo.groupby(["user_idx", "keyword"], sort=True).ngroup().to_numpy()
+    starts = np.flatnonzero(np.r_[True, np.diff(pair_id) != 0])
+    photos = np.split(per_photo["photo_idx"].to_numpy(np.int64), starts[1:])
+    counts = np.split(per_photo["n"].to_numpy(np.int64), starts[1:])
+    users = per_photo["user_idx"].to_numpy(np.int64)[starts]
+    keywords = per_photo["keyword"].to_numpy(object)[starts]
+    last_country = (
+        split.train.groupby("user_idx", sort=False)["conversion_country"].last().astype(str)
+    )
+    country = last_country.reindex(users).fillna("").to_numpy(object)
+    if len(starts) == 0:
+        photos, counts = [], []
+    return TestQueries(users, keywords, photos, counts, country, n_total)
+
+
+def user_photos(conversions: pd.DataFrame) -> dict[int, np.ndarray]:
+    """Map each user to the sorted distinct photos they converted in ``conversions``."""
+    if len(conversions) == 0:
+        return {}
+    users = conversions["user_idx"].to_numpy(np.int64)
+    photos = conversions["photo_idx"].to_numpy(np.int64)
+    pairs = np.unique(np.stack([users, photos]), axis=1)
+    starts = np.flatnonzero(np.r_[True, np.diff(pairs[0]) != 0])
+    return dict(zip(pairs[0][starts].tolist(), np.split(pairs[1], starts[1:])))
+
+
+# --------------------------------------------------------------------------- tags
+
+
+class KeywordTags:
+    """Which photos carry which keyword, for the tag precision figures."""
+
+    def __init__(self, keywords: pd.DataFrame, n_photos: int) -> None:
+        table = keywords[["keyword", "photo_idx"]]
+        self.n_photos = n_photos
+        self._photos = {
+            k: np.unique(g.to_numpy(np.int64))
+            for k, g in table.groupby("keyword", sort=False)["photo_idx"]
+        }
+        self._masks: dict[str, np.ndarray] = {}
+
+    def __contains__(self, keyword: str) -> bool:
+        return keyword in self._photos
+
+    def photos(self, keyword: str) -> np.ndarray:
+        """Photos tagged with ``keyword`` (sorted; empty when unknown)."""
+        return self._photos.get(keyword, np.zeros(0, np.int64))
+
+    def mask(self, keyword: str) -> np.ndarray:
+        """Boolean mask over all photos, True where tagged with ``keyword``."""
+        if keyword not in self._masks:
+            mask = np.zeros(self.n_photos, dtype=bool)
+            mask[self.photos(keyword)] = True
+            self._masks[keyword] = mask
+        return self._masks[keyword]
+
+    def precision(self, retrieved: np.ndarray, words: Iterable[str], k: int) -> float:
+        """Share of the top ``k`` of ``retrieved`` tagged with every one of ``words`` (over k)."""
+        top = np.asarray(retrieved, dtype=np.int64)[:k]
+        ok = np.ones(len(top), dtype=bool)
+        for word in words:
+            ok &= self.mask(word)[top]
+        return float(ok.sum()) / k
+
+
+def pair_queries(
+    tags: KeywordTags,
+    test: pd.DataFrame,
+    single_keywords: Iterable[str],
+    k: int = 10,
+    max_pairs: int = 200,
+) -> tuple[list[tuple[str, str, str]], str]:
+    """The two-keyword queries of ``pair_tag_p@k``.
+
+    Parameters
+    ----------
+    tags:
+        Keyword tags of the catalogue.
+    test:
+        Test conversions; their two-word keywords whose words are both catalogue keywords are
+        the queries.
+    single_keywords:
+        The test queries' keywords, most frequent first; pairs of them are the fallback when
+        the conversions have no two-word keyword.
+    k:
+        Only pairs that at least ``k`` photos carry are kept.
+    max_pairs:
+        At most this many queries.
+
+    Returns
+    -------
+    queries : list of (query, word_1, word_2)
+        Sorted, deterministic.
+    source : str
+        How they were built, for the report.
+    """
+    found = []
+    for keyword in sorted(set(normalise_keyword(x) for x in test["keyword"].tolist())):
+        words = keyword.split()
+        if len(words) == 2 and words[0] != words[1] and all(w in tags for w in words):
+            if len(np.intersect1d(tags.photos(words[0]), tags.photos(words[1]))) >= k:
+                found.append((keyword, words[0], words[1]))
+    if found:
+        return found[:max_pairs], "two-word keywords of the test conversions"
+    frequent = [w for w in dict.fromkeys(single_keywords) if w in tags and " " not in w][:20]
+    built = []
+    for i, first in enumerate(frequent):
+        for second in frequent[i + 1 :]:
+            if len(np.intersect1d(tags.photos(first), tags.photos(second))) >= k:
+                built.append((f"{first} {second}", first, second))
+    return built[:max_pairs], "pairs of the test queries' most frequent keywords"
+
+
+# --------------------------------------------------------------------------- models
+
+
+def valid_ranker_names() -> tuple[str, ...]:
+    """The ranker names the ranking service knows."""
+    from ranking_service.rankers import RANKER_NAMES
+
+    return tuple(RANKER_NAMES)
+
+
+def resolve_names(requested: Iterable[str] | None, valid: Iterable[str], kind: str) -> list[str]:
+    """Check names against the valid ones; None means all of them.
+
+    Raises
+    ------
+    EvaluationError
+        Naming the unknown names and listing the valid ones.
+    """
+    valid = list(valid)
+    if requested is None:
+        return valid
+    names = [n.strip().lower() for n in requested if n.strip()]
+    unknown = [n for n in names if n not in valid]
+    if unknown:
+        raise EvaluationError(
+            f"unknown {kind} {', '.join(repr(n) for n in unknown)}; valid: {', '.join(valid)}"
+        )
+    if not names:
+        raise EvaluationError(f"no {kind} given; valid: {', '.join(valid)}")
+    return list(dict.fromkeys(names))
+
+
+def fit_rankers(
+    names: list[str], train_catalogue: Catalogue, tune: bool, show_progress: bool
+) -> tuple[dict, dict]:
+    """Fit each ranker on the training catalogue (optionally tuned on a slice of it).
+
+    Returns
+    -------
+    rankers : dict
+        Name to fitted :class:`~ranking_service.rankers.base.Ranker`.
+    info : dict
+        Name to ``{"params": ..., "fit_s": ...}`` for the report.
+    """
+    rankers, info = {}, {}
+    if not names:
+        return rankers, info
+    from ranking_service.rankers import create_ranker
+
+    for name in names:
+        start = time.perf_counter()
+        params: dict = {}
+        if tune:
+            from ranking_service.training import tune_ranker
+
+            params = dict(tune_ranker(name, train_catalogue) or {})
+        ranker = create_ranker(name, **params)
+        ranker.fit(train_catalogue, show_progress=show_progress)
+        rankers[name] = ranker
+        info[name] = {"params": _jsonable(params), "fit_s": round(time.perf_counter() - start, 2)}
+    return rankers, info
+
+
+def clip_retrievers(
+    catalogue: Catalogue,
+    keyword_index,
+    config: EvalConfig,
+    workdir: Path,
+) -> tuple[dict, str, dict]:
+    """Build or load the CLIP and hybrid retrievers when the catalogue supports them.
+
+    Returns
+    -------
+    retrievers : dict
+        ``{"clip": ..., "hybrid": ...}``, empty when unavailable.
+    reason : str
+        Why they are unavailable ("" when available).
+    info : dict
+        Where CLIP came from and what building it reported.
+    """
+    n_images = int(catalogue.photos["has_image"].sum()) if "has_image" in catalogue.photos else 0
+    if n_images == 0 and not config.clip_artifacts:
+        return {}, "catalogue has no images (images/<photo_id>.jpg): CLIP needs them", {}
+    try:
+        from retrieval_service.clip_training import build_clip_artifacts, load_clip_retrievers
+    except ImportError as exc:
+        return {}, f"CLIP retrieval is not available: {exc}", {}
+    if config.clip_artifacts:
+        set_dir = Path(config.clip_artifacts)
+        info = {"source": f"loaded from {set_dir}"}
+    else:
+        set_dir = workdir / "clip_set"
+        set_dir.mkdir(parents=True, exist_ok=True)
+        start = time.perf_counter()
+        built = build_clip_artifacts(
+            catalogue,
+            set_dir,
+            None,
+            train_steps=config.clip_steps,
+            show_progress=config.show_progress,
+        )
+        info = {
+            "source": f"trained here on all photos' images and keywords, {config.clip_steps} steps",
+            "build_s": round(time.perf_counter() - start, 1),
+            "build": _jsonable(built),
+        }
+    loaded = load_clip_retrievers(set_dir, keyword_index)
+    return {n: loaded[n] for n in CLIP_RETRIEVERS if n in loaded}, "", info
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+@dataclass
+class _Collected:
+    """Per-query outcomes of one retriever x ranker."""
+
+    top: list[np.ndarray] = field(default_factory=list)
+    seed: list[float] = field(default_factory=list)
+    ranking_s: list[float] = field(default_factory=list)
+    fallbacks: Counter = field(default_factory=Counter)
+
+
+def _retrieved_order_scores(
+    relevant: np.ndarray, retrieved: np.ndarray, scores: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Relevant photos in retrieval order (missed ones last) with retrieval-like scores."""
+    position = {p: i for i, p in enumerate(retrieved.tolist())}
+    floor = (float(np.min(scores)) - 1.0) if len(scores) else 0.0
+    keyed = sorted(relevant.tolist(), key=lambda p: (position.get(p, len(position)), p))
+    photos = np.asarray(keyed, dtype=np.int64)
+    rscores = np.asarray(
+        [float(scores[position[p]]) if p in position else floor for p in keyed], dtype=np.float32
+    )
+    return photos, rscores
+
+
+def evaluate(
+    catalogue: Catalogue,
+    config: EvalConfig = EvalConfig(),
+    *,
+    retrievers: dict | None = None,
+    rankers: dict | None = None,
+    command: str | None = None,
+) -> dict:
+    """Run the offline evaluation and return the report.
+
+    Parameters
+    ----------
+    catalogue:
+        The whole catalogue (all conversions); it is split here.
+    config:
+        What to evaluate.
+    retrievers:
+        Prepared retrievers by name, used instead of building them (e.g. by tests or a caller
+        that loaded an artifact set built on the same split).
+    rankers:
+        Rankers by name already fitted on this split's training part, used instead of fitting.
+    command:
+        The command line to record; ``sys.argv`` by default.
+
+    Returns
+    -------
+    dict
+        ``{"header": {...}, "results": [row, ...]}`` with one row per retriever x ranker;
+        rows a catalogue cannot support carry ``skipped`` with the reason.
+
+    Raises
+    ------
+    EvaluationError
+        Unknown names (the message lists the valid ones), a bad fraction, or no test query.
+    """
+    started = time.perf_counter()
+    k = config.k
+    retriever_names = resolve_names(config.retrievers, RETRIEVER_NAMES, "retriever")
+    ranker_names = resolve_names(config.rankers, valid_ranker_names(), "ranker")
+
+    split = temporal_split(catalogue.conversions, config.test_fraction)
+    queries = build_test_queries(split, config.min_pair, config.max_queries, config.seed)
+    if len(queries) == 0:
+        raise EvaluationError(
+            f"no test query: no (user, keyword) pair has {config.min_pair} or more of the "
+            f"{len(split.test)} test conversions with a user seen in training; "
+            "lower --min-pair or raise --test-fraction"
+        )
+    train_catalogue = catalogue.with_conversions(split.train)
+    seen = user_photos(split.train) if config.filter_train else {}
+    no_photos = np.zeros(0, np.int64)
+
+    skipped: dict[str, str] = {}
+    models: dict = {}
+    with tempfile.TemporaryDirectory(prefix="imgsearch-eval-") as tmp:
+        active = dict(retrievers or {})
+        if "keyword" in retriever_names and "keyword" not in active:
+            from retrieval_service.keyword_index import KeywordIndex
+
+            active["keyword"] = KeywordIndex.from_keywords(catalogue.keywords)
+        wanted_clip = [n for n in retriever_names if n in CLIP_RETRIEVERS and n not in active]
+        if wanted_clip:
+            keyword_index = active.get("keyword")
+            if keyword_index is None:
+                from retrieval_service.keyword_index import KeywordIndex
+
+                keyword_index = KeywordIndex.from_keywords(catalogue.keywords)
+            built, reason, models["clip"] = clip_retrievers(
+                train_catalogue, keyword_index, config, Path(tmp)
+            )
+            for name in wanted_clip:
+                if name in built:
+                    active[name] = built[name]
+                else:
+                    skipped[name] = reason or f"{name} retriever was not built"
+
+        fitted = dict(rankers or {})
+        to_fit = [n for n in ranker_names if n not in fitted]
+        fitted_now, models["rankers"] = fit_rankers(
+            to_fit, train_catalogue, config.tune, config.show_progress
+        )
+        fitted.update(fitted_now)
+
+        tags = KeywordTags(catalogue.keywords, catalogue.n_photos)
+        keyword_counts = Counter(queries.keyword.tolist())
+        pairs, pair_source = pair_queries(
+            tags, split.test, [w for w, _ in keyword_counts.most_common()], k
+        )
+
+        rows = []
+        for retriever_name in retriever_names:
+            if retriever_name in skipped:
+                rows += [
+                    {"retriever": retriever_name, "ranker": r, "skipped": skipped[retriever_name]}
+                    for r in ranker_names
+                ]
+                continue
+            rows += _evaluate_retriever(
+                retriever_name,
+                active[retriever_name],
+                {n: fitted[n] for n in ranker_names},
+                queries,
+                seen,
+                no_photos,
+                tags,
+                pairs,
+                config,
+            )
+
+    _add_deltas(rows, "popularity", k, config)
+    header = {
+        "dataset": dataset_summary(catalogue),
+        "split": split.summary(),
+        "protocol": {
+            "k": k,
+            "candidates_k": config.candidates_k,
+            "min_pair": config.min_pair,
+            "filter_train": config.filter_train,
+            "tune": config.tune,
+            "max_queries": config.max_queries,
+            "seed": config.seed,
+            "bootstrap_resamples": config.bootstrap,
+            "queries": len(queries),
+            "qualifying_pairs": queries.n_pairs_total,
+            "distinct_query_keywords": len(keyword_counts),
+            "relevant_seen_in_train": _seen_share(queries, seen),
+            "pair_queries": len(pairs),
+            "pair_query_source": pair_source,
+        },
+        "models": models,
+        "machine": machine_summary(),
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "command": command if command is not None else shlex.join(["imgsearch", *sys.argv[1:]]),
+        "duration_s": round(time.perf_counter() - started, 1),
+        "config": _jsonable(asdict(config)),
+    }
+    return {"header": header, "results": rows}
+
+
+def _evaluate_retriever(
+    retriever_name: str,
+    retriever,
+    rankers: dict,
+    queries: TestQueries,
+    seen: dict[int, np.ndarray],
+    no_photos: np.ndarray,
+    tags: KeywordTags,
+    pairs: list[tuple[str, str, str]],
+    config: EvalConfig,
+) -> list[dict]:
+    """All rows of one retriever: every ranker over the same retrieved candidates."""
+    from tqdm import tqdm
+
+    from ranking_service.rankers.base import RankQuery
+
+    k = config.k
+    collected = {name: _Collected() for name in rankers}
+    retrieval_s = np.zeros(len(queries))
+    tag_precisions = []
+    if len(queries):
+        # One untimed warm-up per stage: first calls pay for lazy loading and allocation.
+        _warm = retriever.retrieve(str(queries.keyword[0]), config.candidates_k)
+        for ranker in rankers.values():
+            ranker.score(
+                RankQuery(
+                    int(queries.user_idx[0]),
+                    str(queries.keyword[0]),
+                    _warm.photo_idx.astype(np.int64),
+                    _warm.scores.astype(np.float32),
+                )
+            )
+    progress = tqdm(
+        range(len(queries)),
+        desc=f"evaluating {retriever_name}",
+        unit="query",
+        file=sys.stderr,
+        disable=not config.show_progress,
+    )
+    for q in progress:
+        user, keyword = int(queries.user_idx[q]), str(queries.keyword[q])
+        start = time.perf_counter()
+        result = retriever.retrieve(keyword, config.candidates_k)
+        retrieval_s[q] = time.perf_counter() - start
+        retrieved = np.asarray(result.photo_idx, dtype=np.int64)
+        scores = np.asarray(result.scores, dtype=np.float32)
+        if keyword in tags:
+            tag_precisions.append(tags.precision(retrieved, [keyword], k))
+        candidates, cand_scores = retrieved, scores
+        if config.filter_train:
+            keep = ~np.isin(retrieved, seen.get(user, no_photos), assume_unique=True)
+            candidates, cand_scores = retrieved[keep], scores[keep]
+        relevant_photos, relevant_scores = _retrieved_order_scores(
+            queries.relevant[q], retrieved, scores
+        )
+        gains = queries.counts[q][np.searchsorted(queries.relevant[q], relevant_photos)]
+        for name, ranker in rankers.items():
+            out = collected[name]
+            request = RankQuery(
+                user_idx=user,
+                keyword=keyword,
+                candidates=candidates,
+                retrieval_scores=cand_scores,
+                country=str(queries.country[q]),
+            )
+            start = time.perf_counter()
+            ranked = ranker.score(request)
+            top = rank_by_scores(candidates, ranked.scores)[:k]
+            out.ranking_s.append(time.perf_counter() - start)
+            out.top.append(top)
+            if ranked.fallback_reason:
+                out.fallbacks[ranked.fallback_reason] += 1
+            own = ranker.score(
+                RankQuery(
+                    user_idx=user,
+                    keyword=keyword,
+                    candidates=relevant_photos,
+                    retrieval_scores=relevant_scores,
+                    country=str(queries.country[q]),
+                )
+            )
+            out.seed.append(seed_ndcg(own.scores, gains))
+
+    pair_precisions = []
+    for query, first, second in pairs:
+        result = retriever.retrieve(query, config.candidates_k)
+        pair_precisions.append(tags.precision(result.photo_idx, [first, second], k))
+    tag_p = float(np.mean(tag_precisions)) if tag_precisions else float("nan")
+    pair_p = float(np.mean(pair_precisions)) if pair_precisions else float("nan")
+
+    rows = []
+    for name, out in collected.items():
+        hits = np.zeros((len(queries), k), dtype=bool)
+        for q, top in enumerate(out.top):
+            hits[q, : len(top)] = np.isin(top, queries.relevant[q])
+        n_relevant = np.asarray([len(r) for r in queries.relevant], dtype=np.int64)
+        per_query = metrics_from_hits(hits, n_relevant)
+        per_query["seed"] = np.asarray(out.seed)
+        ranking_s = np.asarray(out.ranking_s)
+        row = {"retriever": retriever_name, "ranker": name, "queries": len(queries)}
+        for key, values in (
+            (f"ndcg@{k}", per_query["ndcg"]),
+            (f"p@{k}", per_query["precision"]),
+            (f"recall@{k}", per_query["recall"]),
+            ("seed_ndcg", per_query["seed"]),
+        ):
+            mean, lo, hi = bootstrap_ci(values, n=config.bootstrap, seed=config.seed)
+            row[key] = mean
+            row[f"{key}_ci"] = [lo, hi]
+        row[f"tag_p@{k}"] = tag_p
+        row["tag_queries"] = len(tag_precisions)
+        row[f"pair_tag_p@{k}"] = pair_p
+        row["pair_queries"] = len(pair_precisions)
+        row["latency_ms"] = {
+            "retrieval": percentiles_ms(retrieval_s),
+            "ranking": percentiles_ms(ranking_s),
+            "total": percentiles_ms(retrieval_s + ranking_s),
+        }
+        row["fallbacks"] = int(sum(out.fallbacks.values()))
+        row["fallback_reasons"] = dict(out.fallbacks.most_common(3))
+        row["_per_query_ndcg"] = per_query["ndcg"]
+        rows.append(row)
+    return rows
+
+
+def _add_deltas(rows: list[dict], baseline: str, k: int, config: EvalConfig) -> None:
+    """Add each row's paired NDCG difference to ``baseline`` on the same retriever."""
+    key = f"ndcg@{k}"
+    base = {
+        r["retriever"]: r["_per_query_ndcg"]
+        for r in rows
+        if r["ranker"] == baseline and "_per_query_ndcg" in r
+    }
+    for row in rows:
+        values = row.pop("_per_query_ndcg", None)
+        if values is None or row["retriever"] not in base or row["ranker"] == baseline:
+            continue
+        diff, lo, hi = paired_bootstrap_ci(
+            values, base[row["retriever"]], n=config.bootstrap, seed=config.seed
+        )
+        row[f"{key}_vs_{baseline}"] = {"diff": diff, "ci": [lo, hi]}
+
+
+def _seen_share(queries: TestQueries, seen: dict[int, np.ndarray]) -> float | None:
+    """Share of relevant (user, photo) items the user had already converted in training."""
+    if not seen:
+        return None
+    total = sum(len(r) for r in queries.relevant)
+    hit = sum(
+        int(np.isin(r, seen.get(int(u), np.zeros(0, np.int64))).sum())
+        for u, r in zip(queries.user_idx, queries.relevant)
+    )
+    return round(hit / total, 4) if total else None
+
+
+# --------------------------------------------------------------------------- header
+
+
+def dataset_summary(catalogue: Catalogue) -> dict:
+    """Sizes and a content fingerprint of the catalogue (same tables, same fingerprint)."""
+    digest = hashlib.sha256()
+    for name in ("photos", "keywords", "conversions"):
+        table = getattr(catalogue, name)
+        columns = [c for c in table.columns if c != "has_image"]
+        digest.update(name.encode())
+        digest.update(pd.util.hash_pandas_object(table[columns], index=False).to_numpy().tobytes())
+    photos = catalogue.photos
+    return {
+        "data_dir": catalogue.data_dir,
+        "fingerprint": digest.hexdigest()[:16],
+        "photos": len(photos),
+        "photos_with_images": int(photos["has_image"].sum()) if "has_image" in photos else 0,
+        "keyword_rows": len(catalogue.keywords),
+        "distinct_keywords": int(catalogue.keywords["keyword"].nunique()),
+        "users": catalogue.n_users,
+        "conversions": len(catalogue.conversions),
+    }
+
+
+def machine_summary() -> dict:
+    """Where the figures were measured."""
+    info = {
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "processor": platform.processor() or "",
+        "python": platform.python_version(),
+        "cpu_count": os.cpu_count(),
+    }
+    if "torch" in sys.modules:
+        info["torch_threads"] = sys.modules["torch"].get_num_threads()
+    return info
+
+
+def _jsonable(value):
+    """Convert numpy scalars, paths and tuples into JSON types (recursively)."""
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist() if value.size <= 64 else f"<array {value.shape}>"
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, str | int | float | bool) or value is None:
+        return value
+    return str(value)
+
+
+# --------------------------------------------------------------------------- writers
+
+
+def write_json(report: dict, path: str | Path) -> None:
+    """Write the report as JSON (NaN written as null)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(_jsonable(report), indent=2) + "\n")
+
+
+def _fmt(value, digits: int = 3) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "–"
+    return f"{value:.{digits}f}"
+
+
+def _fmt_ci(row: dict, key: str) -> str:
+    lo, hi = row.get(f"{key}_ci", (None, None))
+    if lo is None or hi is None:
+        return _fmt(row.get(key))
+    return f"{_fmt(row.get(key))} ({_fmt(lo)}–{_fmt(hi)})"
+
+
+def markdown_table(report: dict) -> str:
+    """The results as a Markdown table, with a line on data, split, machine and command."""
+    header = report["header"]
+    k = header["protocol"]["k"]
+    columns = [
+        "retriever",
+        "ranker",
+        "queries",
+        f"NDCG@{k} (95% CI)",
+        f"P@{k}",
+        f"Recall@{k}",
+        "seed NDCG",
+        f"tag P@{k}",
+        f"pair tag P@{k}",
+        "retrieval p50/p99 ms",
+        "ranking p50/p99 ms",
+        "total p50/p99 ms",
+    ]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+    for row in report["results"]:
+        if row.get("skipped"):
+            cells = [row["retriever"], row["ranker"], f"skipped: {row['skipped']}"]
+            cells += [""] * (len(columns) - len(cells))
+        else:
+            lat = row["latency_ms"]
+            cells = [
+                row["retriever"],
+                row["ranker"],
+                str(row["queries"]),
+                _fmt_ci(row, f"ndcg@{k}"),
+                _fmt_ci(row, f"p@{k}"),
+                _fmt_ci(row, f"recall@{k}"),
+                _fmt(row["seed_ndcg"]),
+                _fmt(row[f"tag_p@{k}"]),
+                _fmt(row[f"pair_tag_p@{k}"]),
+            ] + [f"{_fmt(lat[s]['p50'])} / {_fmt(lat[s]['p99'])}" for s in STAGES]
+        lines.append("| " + " | ".join(cells) + " |")
+    data, split, protocol, machine = (
+        header["dataset"],
+        header["split"],
+        header["protocol"],
+        header["machine"],
+    )
+    notes = [
+        "",
+        f"Data: {data['photos']:,} photos ({data['photos_with_images']:,} with images), "
+        f"{data['users']:,} users, {data['conversions']:,} conversions "
+        f"(fingerprint `{data['fingerprint']}`). "
+        f"Split: first {1 - split['test_fraction']:.0%} of conversions by time train "
+        f"({split['train_conversions']:,}), last {split['test_fraction']:.0%} test "
+        f"({split['test_conversions']:,}); {protocol['queries']:,} test queries "
+        f"(user, keyword pairs with ≥ {protocol['min_pair']} test conversions), "
+        f"{protocol['candidates_k']} candidates each, training photos "
+        f"{'filtered' if protocol['filter_train'] else 'kept'}; "
+        f"{protocol['pair_queries']} two-keyword queries for pair tag P@{k}.",
+        f"Machine: {machine['platform']}, {machine['cpu_count']} CPUs, Python "
+        f"{machine['python']}; {header['date']}; {header['duration_s']} s.",
+        f"Command: `{header['command']}`",
+    ]
+    return "\n".join(lines + notes) + "\n"
+
+
+def write_markdown(report: dict, path: str | Path) -> None:
+    """Write :func:`markdown_table` to ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(markdown_table(report))
+
+
+def write_plot(report: dict, path: str | Path) -> None:
+    """Draw NDCG@k with CI whiskers per retriever x ranker, and a latency panel, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    k = report["header"]["protocol"]["k"]
+    rows = [r for r in report["results"] if not r.get("skipped")]
+    retrievers = list(dict.fromkeys(r["retriever"] for r in report["results"]))
+    rankers = list(dict.fromkeys(r["ranker"] for r in report["results"]))
+    by = {(r["retriever"], r["ranker"]): r for r in rows}
+    fig, (ax_q, ax_t) = plt.subplots(1, 2, figsize=(13, 4.8), gridspec_kw={"width_ratios": [3, 2]})
+    width = 0.8 / max(1, len(rankers))
+    x = np.arange(len(retrievers))
+    colours = plt.get_cmap("tab10")
+    for j, ranker in enumerate(rankers):
+        mean, err_lo, err_hi = [], [], []
+        for retriever in retrievers:
+            row = by.get((retriever, ranker))
+            if row is None:
+                mean.append(np.nan)
+                err_lo.append(0.0)
+                err_hi.append(0.0)
+                continue
+            value = row[f"ndcg@{k}"]
+            lo, hi = row[f"ndcg@{k}_ci"]
+            mean.append(value)
+            err_lo.append(max(0.0, value - lo))
+            err_hi.append(max(0.0, hi - value))
+        ax_q.bar(
+            x + (j - (len(rankers) - 1) / 2) * width,
+            mean,
+            width,
+            yerr=[err_lo, err_hi],
+            capsize=3,
+            label=ranker,
+            color=colours(j),
+        )
+    for i, retriever in enumerate(retrievers):
+        if not any((retriever, r) in by for r in rankers):
+            ax_q.text(i, 0.0, "skipped", ha="center", va="bottom", fontsize=9, color="grey")
+    ax_q.set_xticks(x, retrievers)
+    ax_q.set_ylabel(f"NDCG@{k} (95% bootstrap CI)")
+    ax_q.set_title(f"Ranking quality, {report['header']['protocol']['queries']} test queries")
+    ax_q.legend(title="ranker", fontsize=8)
+    ax_q.grid(axis="y", alpha=0.3)
+
+    labels = [f"{r['retriever']} + {r['ranker']}" for r in rows]
+    y = np.arange(len(rows))
+    retrieval = [r["latency_ms"]["retrieval"]["p50"] for r in rows]
+    ranking = [r["latency_ms"]["ranking"]["p50"] for r in rows]
+    p99 = [r["latency_ms"]["total"]["p99"] for r in rows]
+    ax_t.barh(y, retrieval, color="tab:blue", label="retrieval p50")
+    ax_t.barh(y, ranking, left=retrieval, color="tab:orange", label="ranking p50")
+    ax_t.scatter(p99, y, marker="|", s=120, color="black", label="total p99", zorder=3)
+    ax_t.set_yticks(y, labels, fontsize=8)
+    ax_t.invert_yaxis()
+    ax_t.set_xlabel("ms per query, in-process")
+    ax_t.set_title("Latency per stage")
+    ax_t.legend(fontsize=8, loc="lower right")
+    ax_t.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
