@@ -118,7 +118,10 @@ class Catalogue:
     def load(cls, directory: str | Path) -> Catalogue:
         """Read a catalogue written by :meth:`save`."""
         directory = Path(directory)
-        tables = {name: pd.read_parquet(directory / f"{name}.parquet") for name in TABLES}
+        tables = {
+            name: pd.read_parquet(directory / f"{name}.parquet").astype(columns)
+            for name, columns in TABLES.items()
+        }
         data_dir_file = directory / "data_dir.txt"
         data_dir = data_dir_file.read_text() if data_dir_file.exists() else ""
         return cls(**tables, data_dir=data_dir)

@@ -441,11 +441,6 @@ def test_save_load_round_trip_keeps_values(valid_dir: Path, tmp_path_factory) ->
     assert loaded.user_idx("u2") == 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Catalogue.load (catalogue.py) reads text columns back as pandas 3 'str' dtype, "
-    "not the contract's 'object'; remove this mark once load() applies the contract dtypes",
-)
 def test_save_load_round_trip_keeps_contract_dtypes(valid_dir: Path, tmp_path_factory) -> None:
     catalogue, _ = read(valid_dir)
     saved = tmp_path_factory.mktemp("catalogue")
