@@ -356,7 +356,7 @@ async def create_gateway_server(config: GatewayConfig) -> Service:
     limiter = InflightLimiter(config.max_inflight)
     servicer = SearchServicer(config, holder, limiter)
     pb_grpc.add_SearchServiceServicer_to_server(servicer, server)
-    admin_name = add_admin(server, "gateway", holder, lambda p: paths.update(artifacts=p))
+    admin_name = add_admin(server, "gateway", holder, paths)
     enable_reflection(server, [SERVICE_NAME, admin_name])
     service = Service("gateway", server, port, health)
     await service.set_serving([SERVICE_NAME], False)

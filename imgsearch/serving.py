@@ -353,21 +353,23 @@ async def run_until_signalled(services: list[Service], grace: float) -> None:
 class AdminServicer:
     """``imgsearch.admin.v1.AdminService``: reload and status for one server's state holder."""
 
-    def __init__(self, service: str, holder: Reloadable, set_path: Callable[[str], None]):
+    def __init__(self, service: str, holder: Reloadable, paths: dict):
         self.service = service
         self.holder = holder
-        self.set_path = set_path
+        self.paths = paths  # {"artifacts": path the loader reads}
 
     async def Reload(self, request, context):
         from imgsearch.admin.v1 import admin_service_pb2
 
         previous = self.holder.state.version if self.holder.state else ""
+        previous_path = self.paths["artifacts"]
         if request.artifacts:
-            self.set_path(request.artifacts)
+            self.paths["artifacts"] = request.artifacts
         start = time.perf_counter()
         try:
             state = await self.holder.load()
         except Exception as exc:  # noqa: BLE001 - keep serving the previous set
+            self.paths["artifacts"] = previous_path
             logger.exception("reload failed", extra={"service": self.service})
             await context.abort(
                 grpc.StatusCode.FAILED_PRECONDITION,
@@ -394,13 +396,11 @@ class AdminServicer:
         )
 
 
-def add_admin(
-    server: grpc.aio.Server, service: str, holder: Reloadable, set_path: Callable[[str], None]
-) -> str:
+def add_admin(server: grpc.aio.Server, service: str, holder: Reloadable, paths: dict) -> str:
     """Register the AdminService on ``server``; returns its full service name."""
     from imgsearch.admin.v1 import admin_service_pb2, admin_service_pb2_grpc
 
     admin_service_pb2_grpc.add_AdminServiceServicer_to_server(
-        AdminServicer(service, holder, set_path), server
+        AdminServicer(service, holder, paths), server
     )
     return admin_service_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name

@@ -249,7 +249,7 @@ async def create_ranking_server(config: RankingConfig) -> Service:
     )
     limiter = InflightLimiter(config.max_inflight)
     pb_grpc.add_RankingServiceServicer_to_server(RankingServicer(holder, limiter), server)
-    admin_name = add_admin(server, "ranking", holder, lambda p: paths.update(artifacts=p))
+    admin_name = add_admin(server, "ranking", holder, paths)
     enable_reflection(server, [SERVICE_NAME, admin_name])
     service = Service("ranking", server, port, health)
     await service.set_serving([SERVICE_NAME], False)

@@ -185,7 +185,7 @@ async def create_retrieval_server(config: RetrievalConfig) -> Service:
     )
     limiter = InflightLimiter(config.max_inflight)
     pb_grpc.add_RetrievalServiceServicer_to_server(RetrievalServicer(holder, limiter), server)
-    admin_name = add_admin(server, "retrieval", holder, lambda p: paths.update(artifacts=p))
+    admin_name = add_admin(server, "retrieval", holder, paths)
     enable_reflection(server, [SERVICE_NAME, admin_name])
     service = Service("retrieval", server, port, health)
     await service.set_serving([SERVICE_NAME], False)
