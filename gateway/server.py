@@ -147,6 +147,16 @@ def borda_merge(first: list[str], second: list[str]) -> list[tuple[str, float]]:
     return sorted(points.items(), key=lambda item: -item[1])
 
 
+async def pass_through(context, exc: grpc.aio.AioRpcError) -> None:
+    """Abort with a downstream refusal of the request itself, keeping its BadRequest detail."""
+    details = [
+        (key, value)
+        for key, value in (exc.trailing_metadata() or ())
+        if key == "grpc-status-details-bin"
+    ]
+    await context.abort(exc.code(), exc.details() or "", trailing_metadata=tuple(details))
+
+
 class SearchServicer(pb_grpc.SearchServiceServicer):
     """Serves ``Search`` by calling retrieval then ranking."""
 
@@ -181,7 +191,8 @@ class SearchServicer(pb_grpc.SearchServiceServicer):
         remaining = context.time_remaining()
         if remaining is not None:
             budget = min(budget, remaining)
-        deadline = start + budget
+        # Keep a margin to merge and send the response before the client's deadline passes.
+        deadline = start + budget - min(0.02, budget * 0.1)
         ranking_reserve = min(self.config.ranking_budget_ms / 1000, budget / 2)
         two_step = request.ranker == rank_pb.RANKER_TWO_STEP
 
@@ -228,9 +239,9 @@ class SearchServicer(pb_grpc.SearchServiceServicer):
             if recommend_task is not None:
                 recommend_task.cancel()
         elif two_step:
-            order = await self._two_step(recommend_task, candidates, k, response)
+            order = await self._two_step(context, recommend_task, candidates, k, response)
         else:
-            order = await self._rank(request, retrieved, k, deadline, metadata, response)
+            order = await self._rank(context, request, retrieved, k, deadline, metadata, response)
 
         for photo_id, final, ranker_score in order:
             candidate = by_id[photo_id]
@@ -259,8 +270,7 @@ class SearchServicer(pb_grpc.SearchServiceServicer):
     async def _retrieval_failed(self, context, exc: grpc.aio.AioRpcError) -> None:
         code = exc.code()
         if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION):
-            # The request itself was refused downstream: pass the field-naming error on.
-            await context.abort(code, exc.details() or "")
+            await pass_through(context, exc)
         if code == grpc.StatusCode.DEADLINE_EXCEEDED:
             await context.abort(code, "retrieval did not answer within the search's deadline")
         await context.abort(
@@ -269,7 +279,7 @@ class SearchServicer(pb_grpc.SearchServiceServicer):
             f"({code.name}: {exc.details()})",
         )
 
-    async def _rank(self, request, retrieved, k, deadline, metadata, response):
+    async def _rank(self, context, request, retrieved, k, deadline, metadata, response):
         """Rank the candidates; on failure or timeout fall back to retrieval order."""
         candidates = retrieved.candidates
         ranking_start = time.perf_counter()
@@ -295,7 +305,7 @@ class SearchServicer(pb_grpc.SearchServiceServicer):
             )
         except grpc.aio.AioRpcError as exc:
             if exc.code() not in DEGRADABLE:
-                raise
+                await pass_through(context, exc)
             reason = (
                 f"ranking timed out after {(time.perf_counter() - ranking_start) * 1000:.0f} ms"
                 if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED
@@ -319,13 +329,13 @@ class SearchServicer(pb_grpc.SearchServiceServicer):
         response.ranker = rank_pb.RANKER_NONE
         return [(c.photo_id, c.score, c.score) for c in candidates[:k]]
 
-    async def _two_step(self, recommend_task, candidates, k, response):
+    async def _two_step(self, context, recommend_task, candidates, k, response):
         """The seed study's two-step ranking: ALS recommendations voted with retrieval order."""
         try:
             recommended = await recommend_task
         except grpc.aio.AioRpcError as exc:
-            if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
-                raise
+            if exc.code() not in DEGRADABLE:
+                await pass_through(context, exc)
             return self._degrade(
                 response, candidates, k, f"ranking unavailable: {exc.code().name}: {exc.details()}"
             )

@@ -1,0 +1,130 @@
+"""The real command line: build errors name file and line; `serve all` starts, serves, stops."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from gateway.client import search, wait_for_serving
+
+
+def imgsearch(*args, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "imgsearch.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        **kwargs,
+    )
+
+
+def free_ports(n: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(n)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def copy_data(demo_data, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(demo_data, data)
+    return data
+
+
+def test_build_rejects_a_missing_required_column_with_file_and_line(demo_data, tmp_path):
+    data = copy_data(demo_data, tmp_path)
+    shard = data / "photos.tsv000"
+    lines = shard.read_text().splitlines()
+    header = lines[0].split("\t")
+    col = header.index("photo_image_url")
+    rows = ["\t".join(f for i, f in enumerate(line.split("\t")) if i != col) for line in lines]
+    shard.write_text("\n".join(rows) + "\n")
+    result = imgsearch("build", "--data", str(data), "--out", str(tmp_path / "a"), "--quiet")
+    assert result.returncode != 0
+    assert "photos.tsv000:1" in result.stderr
+    assert "photo_image_url" in result.stderr
+    assert not (tmp_path / "a" / "current").exists()
+
+
+def test_build_rejects_a_broken_field_with_file_and_line(demo_data, tmp_path):
+    data = copy_data(demo_data, tmp_path)
+    shard = data / "photos.tsv000"
+    lines = shard.read_text().splitlines()
+    col = lines[0].split("\t").index("stats_views")
+    fields = lines[5].split("\t")
+    fields[col] = "lots"
+    lines[5] = "\t".join(fields)
+    shard.write_text("\n".join(lines) + "\n")
+    result = imgsearch("build", "--data", str(data), "--out", str(tmp_path / "a"), "--quiet")
+    assert result.returncode != 0
+    assert "photos.tsv000:6" in result.stderr
+    assert "stats_views" in result.stderr
+
+
+def test_serve_all_reaches_serving_searches_and_exits_cleanly_on_sigterm(artifact_root):
+    gateway, retrieval, ranking = free_ports(3)
+    env = {**os.environ, "IMGSEARCH_LOG_FORMAT": "json"}
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "imgsearch.cli",
+            "serve",
+            "all",
+            "--artifacts",
+            str(artifact_root),
+            "--gateway-port",
+            str(gateway),
+            "--retrieval-port",
+            str(retrieval),
+            "--ranking-port",
+            str(ranking),
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        for port in (retrieval, ranking, gateway):
+            wait_for_serving(f"127.0.0.1:{port}", timeout=120)
+        response = search(f"127.0.0.1:{gateway}", "blue", "someone", k=4)
+        assert len(response.results) == 4
+        assert all(r.photo.url for r in response.results)
+        out = imgsearch("search", "blue", "--target", f"127.0.0.1:{gateway}", "-k", "3")
+        assert out.returncode == 0, out.stderr
+        assert "timings: retrieval" in out.stdout
+        process.send_signal(signal.SIGTERM)
+        stdout, stderr = process.communicate(timeout=60)
+        assert process.returncode == 0, stderr[-2000:]
+        assert "shutting down" in stderr
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    # Nothing is left listening.
+    time.sleep(0.2)
+    for port in (gateway, retrieval, ranking):
+        with socket.socket() as s:
+            assert s.connect_ex(("127.0.0.1", port)) != 0
+
+
+def test_serve_refuses_a_missing_artifact_set(tmp_path):
+    result = imgsearch("serve", "retrieval", "--artifacts", str(tmp_path / "none"), "--port", "0")
+    assert result.returncode == 1
+    assert "imgsearch build" in result.stderr
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["search", "--help"], ["build", "--help"]])
+def test_help_works(argv):
+    assert imgsearch(*argv).returncode == 0

@@ -1,0 +1,152 @@
+"""End to end through real servers: search, validation errors, health and reflection."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+from google.rpc import error_details_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from grpc_status import rpc_status
+
+from imgsearch.ranking.v1 import ranking_service_pb2 as rank_pb
+from imgsearch.search.v1 import search_service_pb2 as pb
+from imgsearch.search.v1 import search_service_pb2_grpc as pb_grpc
+
+
+@pytest.fixture(scope="module")
+def stub(stack):
+    channel = grpc.insecure_channel(stack.target)
+    yield pb_grpc.SearchServiceStub(channel)
+    channel.close()
+
+
+def active_user(catalogue) -> str:
+    top = int(catalogue.conversions["user_idx"].value_counts().idxmax())
+    return catalogue.users["anonymous_user_id"].iloc[top]
+
+
+def test_search_returns_k_results_with_metadata_and_timings(stub, catalogue):
+    user = active_user(catalogue)
+    response = stub.Search(pb.SearchRequest(user_id=user, query="red", k=7), timeout=10)
+    assert len(response.results) == 7
+    assert not response.degraded
+    for result in response.results:
+        assert result.photo.photo_id == result.photo_id
+        assert result.photo.url.startswith("https://")
+        assert "red" in result.photo.keywords
+        assert result.retrieval_source == "keyword"
+        assert result.retrieval_source_scores["keyword"] == pytest.approx(result.retrieval_score)
+    scores = [r.score for r in response.results]
+    assert scores == sorted(scores, reverse=True)
+    assert response.timings.retrieval_ms > 0
+    assert response.timings.ranking_ms > 0
+    assert response.timings.total_ms >= response.timings.retrieval_ms
+    assert response.ranker == rank_pb.RANKER_ALS
+    assert set(response.artifact_versions) == {"gateway", "retrieval", "ranking"}
+
+
+def test_rankers_reorder_the_same_candidates(stub, catalogue):
+    user = active_user(catalogue)
+    orders = {}
+    for ranker in (1, 2, 3):  # none, popularity, als
+        response = stub.Search(
+            pb.SearchRequest(user_id=user, query="blue", k=20, candidates_k=20, ranker=ranker),
+            timeout=10,
+        )
+        orders[ranker] = [r.photo_id for r in response.results]
+    assert set(orders[1]) == set(orders[2]) == set(orders[3])
+    assert orders[1] != orders[3]
+
+
+def test_unknown_user_falls_back_and_says_so(stub):
+    response = stub.Search(pb.SearchRequest(user_id="nobody", query="green", k=5), timeout=10)
+    assert len(response.results) == 5
+    assert not response.degraded
+    assert any("unknown user" in note for note in response.notes)
+
+
+def test_multi_word_query_uses_token_matching(stub):
+    response = stub.Search(pb.SearchRequest(query="red circle", k=5, ranker=1), timeout=10)
+    assert len(response.results) == 5
+    assert any("token match" in note for note in response.notes)
+    top = response.results[0].photo.keywords
+    assert "red" in top and "circle" in top
+
+
+def bad_request_field(exc: grpc.RpcError) -> str:
+    status = rpc_status.from_call(exc)
+    for detail in status.details:
+        bad = error_details_pb2.BadRequest()
+        if detail.Unpack(bad):
+            return bad.field_violations[0].field
+    return ""
+
+
+@pytest.mark.parametrize(
+    "request_fields, field",
+    [
+        ({"query": ""}, "query"),
+        ({"query": "   "}, "query"),
+        ({"query": "x" * 300}, "query"),
+        ({"query": "red", "k": -1}, "k"),
+        ({"query": "red", "k": 10**6}, "k"),
+        ({"query": "red", "k": 20, "candidates_k": 10}, "candidates_k"),
+        ({"query": "red", "candidates_k": 5000}, "candidates_k"),
+        ({"query": "red", "ranker": 99}, "ranker"),
+        ({"query": "red", "retriever": 42}, "retriever"),
+        ({"query": "red", "user_id": "u" * 1000}, "user_id"),
+        ({"query": "red", "retriever": 2}, "retriever"),  # CLIP not in this artifact set
+        ({"query": "red", "ranker": 5}, "ranker"),  # DeepFM not trained in this set
+    ],
+)
+def test_bad_requests_get_invalid_argument_naming_the_field(stub, request_fields, field):
+    with pytest.raises(grpc.RpcError) as info:
+        stub.Search(pb.SearchRequest(**request_fields), timeout=10)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert field in info.value.details()
+    assert bad_request_field(info.value) == field
+    # ...and the server keeps serving.
+    assert len(stub.Search(pb.SearchRequest(query="red", k=3), timeout=10).results) == 3
+
+
+def test_k_zero_means_default_of_ten(stub):
+    assert len(stub.Search(pb.SearchRequest(query="red", k=0), timeout=10).results) == 10
+
+
+def test_health_reports_serving_for_every_service(stack):
+    for port, name in [
+        (stack.gateway.port, "imgsearch.search.v1.SearchService"),
+        (stack.retrieval.port, "imgsearch.retrieval.v1.RetrievalService"),
+        (stack.ranking.port, "imgsearch.ranking.v1.RankingService"),
+    ]:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            for service in ("", name):
+                reply = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+                assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_reflection_resolves_method_symbols(stack):
+    """ghz without --proto asks for the method's full name; it must resolve."""
+    with grpc.insecure_channel(stack.target) as channel:
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+        requests = [
+            reflection_pb2.ServerReflectionRequest(list_services=""),
+            reflection_pb2.ServerReflectionRequest(
+                file_containing_symbol="imgsearch.search.v1.SearchService.Search"
+            ),
+            reflection_pb2.ServerReflectionRequest(
+                file_containing_symbol="imgsearch.search.v1.SearchService.NoSuchMethod"
+            ),
+        ]
+        replies = list(stub.ServerReflectionInfo(iter(requests), timeout=5))
+    services = {s.name for s in replies[0].list_services_response.service}
+    assert "imgsearch.search.v1.SearchService" in services
+    files = replies[1].file_descriptor_response.file_descriptor_proto
+    assert files, replies[1]
+    from google.protobuf import descriptor_pb2
+
+    names = {descriptor_pb2.FileDescriptorProto.FromString(f).name for f in files}
+    assert "imgsearch/search/v1/search_service.proto" in names
+    assert replies[2].error_response.error_code == grpc.StatusCode.NOT_FOUND.value[0]

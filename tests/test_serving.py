@@ -1,0 +1,227 @@
+"""Serving under failure: ranking fallback, deadline propagation, load shedding, hot reload."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import pytest
+
+from imgsearch import artifacts
+from imgsearch.admin.v1 import admin_service_pb2 as admin_pb
+from imgsearch.admin.v1 import admin_service_pb2_grpc as admin_grpc
+from imgsearch.ranking.v1 import ranking_service_pb2 as rank_pb
+from imgsearch.ranking.v1 import ranking_service_pb2_grpc as rank_grpc
+from imgsearch.search.v1 import search_service_pb2 as pb
+from imgsearch.search.v1 import search_service_pb2_grpc as pb_grpc
+from tests.conftest import Stack
+
+
+def search(target: str, timeout: float = 5.0, **fields) -> pb.SearchResponse:
+    with grpc.insecure_channel(target) as channel:
+        return pb_grpc.SearchServiceStub(channel).Search(
+            pb.SearchRequest(**{"query": "red", "k": 5, **fields}), timeout=timeout
+        )
+
+
+def test_ranking_down_degrades_to_retrieval_order_then_recovers(loop_thread, artifact_root):
+    stack = Stack(loop_thread, artifact_root)
+    try:
+        healthy = search(stack.target)
+        assert not healthy.degraded
+        loop_thread.run(stack.ranking.stop(0))
+        degraded = search(stack.target)
+        assert degraded.degraded
+        assert "ranking unavailable" in degraded.degraded_reason
+        assert degraded.ranker == rank_pb.RANKER_NONE
+        retrieval_order = search(stack.target, ranker=rank_pb.RANKER_NONE)
+        # Retrieval order, k results, metadata intact.
+        assert [r.photo_id for r in degraded.results] == [
+            r.photo_id for r in retrieval_order.results
+        ]
+        assert all(r.photo.url for r in degraded.results)
+        # Restart ranking on the same port: the gateway's channel reconnects by itself.
+        stack.restart_ranking()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            recovered = search(stack.target)
+            if not recovered.degraded:
+                break
+            time.sleep(0.2)
+        assert not recovered.degraded
+        assert recovered.ranker == rank_pb.RANKER_ALS
+    finally:
+        stack.stop()
+
+
+class SlowRanking(rank_grpc.RankingServiceServicer):
+    """A ranking server that records the deadline it was given and never answers in time."""
+
+    def __init__(self):
+        self.time_remaining: list[float] = []
+
+    async def Rank(self, request, context):
+        self.time_remaining.append(context.time_remaining())
+        await asyncio.sleep(5)
+        return rank_pb.RankResponse()
+
+
+def test_client_deadline_propagates_and_slow_ranking_degrades_within_it(loop_thread, artifact_root):
+    stack = Stack(loop_thread, artifact_root)
+    slow = SlowRanking()
+
+    async def start_slow():
+        server = grpc.aio.server()
+        rank_grpc.add_RankingServiceServicer_to_server(slow, server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        return server, port
+
+    slow_server, slow_port = loop_thread.run(start_slow())
+    from gateway.server import create_gateway_server
+    from imgsearch.config import with_overrides
+
+    config = with_overrides(
+        stack.gateway_config, ranking_addr=f"127.0.0.1:{slow_port}", port=0, timeout_ms=5000
+    )
+    gateway = loop_thread.run(create_gateway_server(config))
+    try:
+        started = time.perf_counter()
+        response = search(f"127.0.0.1:{gateway.port}", timeout=0.4)
+        elapsed = time.perf_counter() - started
+        assert response.degraded
+        assert "timed out" in response.degraded_reason
+        assert len(response.results) == 5
+        assert elapsed < 0.4
+        # The ranking call carried a deadline inside the client's, not the 5 s default.
+        assert slow.time_remaining and 0 < slow.time_remaining[0] < 0.4
+    finally:
+        loop_thread.run(gateway.stop(0))
+        loop_thread.run(slow_server.stop(0))
+        stack.stop()
+
+
+def test_saturated_gateway_sheds_load_with_resource_exhausted(loop_thread, artifact_root):
+    stack = Stack(loop_thread, artifact_root)
+    slow = SlowRanking()
+
+    async def start_slow():
+        server = grpc.aio.server()
+        rank_grpc.add_RankingServiceServicer_to_server(slow, server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        return server, port
+
+    slow_server, slow_port = loop_thread.run(start_slow())
+    from gateway.server import create_gateway_server
+    from imgsearch.config import with_overrides
+
+    config = with_overrides(
+        stack.gateway_config,
+        ranking_addr=f"127.0.0.1:{slow_port}",
+        port=0,
+        max_inflight=2,
+        ranking_budget_ms=1000,
+    )
+    gateway = loop_thread.run(create_gateway_server(config))
+    target = f"127.0.0.1:{gateway.port}"
+
+    def one(_):
+        started = time.perf_counter()
+        try:
+            search(target, timeout=1.0)
+            return "OK", time.perf_counter() - started
+        except grpc.RpcError as exc:
+            return exc.code().name, time.perf_counter() - started
+
+    try:
+        with ThreadPoolExecutor(12) as pool:
+            outcomes = list(pool.map(one, range(12)))
+        codes = [code for code, _ in outcomes]
+        assert codes.count("RESOURCE_EXHAUSTED") >= 6, codes
+        assert codes.count("OK") >= 1, codes
+        # Shed requests are refused at once, not after queueing for the deadline.
+        shed = [t for code, t in outcomes if code == "RESOURCE_EXHAUSTED"]
+        assert max(shed) < 0.5
+    finally:
+        loop_thread.run(gateway.stop(0))
+        loop_thread.run(slow_server.stop(0))
+        stack.stop()
+
+
+def test_hot_reload_under_load_fails_no_request_and_switches_version(
+    loop_thread, artifact_root, demo_data, tmp_path
+):
+    # A private copy of the root so the shared fixture keeps its version.
+    root = tmp_path / "root"
+    shutil.copytree(artifact_root, root, symlinks=True)
+    old_version = artifacts.resolve(root).version
+    stack = Stack(loop_thread, root)
+    from imgsearch.commands import build_artifacts
+
+    build_artifacts(str(demo_data), str(root), ["none", "popularity", "als"], show_progress=False)
+    new_version = artifacts.resolve(root).version
+    assert new_version != old_version
+
+    stop = {"flag": False}
+    failures: list[str] = []
+    versions: set[tuple] = set()
+
+    def load():
+        count = 0
+        with grpc.insecure_channel(stack.target) as channel:
+            stub = pb_grpc.SearchServiceStub(channel)
+            while not stop["flag"]:
+                try:
+                    r = stub.Search(pb.SearchRequest(query="red", k=5, user_id="x"), timeout=5)
+                    versions.add(tuple(sorted(r.artifact_versions.items())))
+                    if r.degraded or len(r.results) != 5:
+                        failures.append(f"degraded or short: {r.degraded_reason}")
+                except grpc.RpcError as exc:
+                    failures.append(exc.code().name)
+                count += 1
+        return count
+
+    try:
+        with ThreadPoolExecutor(4) as pool:
+            futures = [pool.submit(load) for _ in range(4)]
+            time.sleep(0.5)
+            for port in (stack.retrieval.port, stack.ranking.port, stack.gateway.port):
+                with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+                    reply = admin_grpc.AdminServiceStub(channel).Reload(
+                        admin_pb.ReloadRequest(), timeout=60
+                    )
+                    assert reply.previous_version == old_version
+                    assert reply.version == new_version
+            time.sleep(0.5)
+            stop["flag"] = True
+            total = sum(f.result() for f in futures)
+        assert total > 20
+        assert failures == []
+        seen = {v for pair in versions for _, v in pair}
+        assert seen == {old_version, new_version}
+        after = search(stack.target)
+        assert set(after.artifact_versions.values()) == {new_version}
+    finally:
+        stop["flag"] = True
+        stack.stop()
+
+
+def test_reload_to_a_broken_set_keeps_serving_the_old_one(loop_thread, artifact_root, tmp_path):
+    stack = Stack(loop_thread, artifact_root)
+    try:
+        broken = tmp_path / "broken"
+        broken.mkdir()
+        with grpc.insecure_channel(f"127.0.0.1:{stack.retrieval.port}") as channel:
+            with pytest.raises(grpc.RpcError) as info:
+                admin_grpc.AdminServiceStub(channel).Reload(
+                    admin_pb.ReloadRequest(artifacts=str(broken)), timeout=30
+                )
+        assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "still serving" in info.value.details()
+        assert len(search(stack.target).results) == 5
+    finally:
+        stack.stop()
