@@ -70,7 +70,7 @@ def load_retrieval_state(artifacts_path: str, default_retriever: str = "") -> Re
     keyword_index = KeywordIndex.load(artifact_set.file(artifacts.KEYWORD_INDEX))
     retrievers: dict[str, Retriever] = {"keyword": keyword_index}
     if artifact_set.has(artifacts.VECTOR_INDEX):
-        from retrieval_service.clip_training import load_clip_retrievers
+        from retrieval_service.semantic import load_clip_retrievers
 
         retrievers.update(load_clip_retrievers(artifact_set.path, keyword_index))
     if default_retriever and default_retriever not in retrievers:
