@@ -1,0 +1,390 @@
+"""CLI commands for CLIP: train-clip, embed, index-stats, fetch-images, bench-clip."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def add_commands(subparsers: argparse._SubParsersAction) -> None:
+    """Register the CLIP commands on the ``imgsearch`` parser."""
+    p = subparsers.add_parser(
+        "train-clip",
+        help="train the tiny CLIP on a catalogue (or fine-tune a pretrained one)",
+        description="Contrastive training on image <-> caption pairs; prints held-out tag P@10.",
+    )
+    p.add_argument("--data", required=True, help="Unsplash Lite folder with images/")
+    p.add_argument("--out", required=True, help="CLIP folder to write")
+    p.add_argument("--model", default="imgsearch-tiny-clip", help="open_clip model name")
+    p.add_argument(
+        "--pretrained", default=None, help="open_clip tag, checkpoint file or CLIP folder"
+    )
+    p.add_argument("--steps", type=int, default=400)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=None, help="default 1e-3, 1e-5 when fine-tuning")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(handler=_train_clip)
+
+    p = subparsers.add_parser(
+        "embed",
+        help="embed every image of a catalogue (resumable)",
+        description="L2-normalised image embeddings; rerun after an interruption to resume.",
+    )
+    p.add_argument("--data", required=True, help="Unsplash Lite folder with images/")
+    p.add_argument("--clip", default=None, help="CLIP folder (from train-clip) or checkpoint")
+    p.add_argument("--model", default=None, help="open_clip model name (with --pretrained)")
+    p.add_argument("--pretrained", default=None, help="open_clip tag or checkpoint file")
+    p.add_argument("--out", required=True, help="embeddings .npz to write")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(handler=_embed)
+
+    p = subparsers.add_parser(
+        "index-stats",
+        help="recall@10 and latency of a FAISS index against exact search",
+    )
+    p.add_argument("--embeddings", required=True, help="embeddings .npz (from embed)")
+    p.add_argument("--factory", default=None, help="FAISS factory string (default by size)")
+    p.add_argument("--queries", type=int, default=200, help="sampled embeddings used as queries")
+    p.add_argument("--ef-search", type=int, default=128)
+    p.add_argument("--nprobe", type=int, default=16)
+    p.add_argument("--json", action="store_true", help="print figures as JSON")
+    p.set_defaults(handler=_index_stats)
+
+    p = subparsers.add_parser(
+        "fetch-images",
+        help="download thumbnails of an Unsplash Lite folder into images/",
+        description="Concurrent, resumable (existing files skipped), retried, verified.",
+    )
+    p.add_argument("--data", required=True, help="Unsplash Lite folder with photos.tsv*")
+    p.add_argument("--width", type=int, default=400, help="thumbnail width (?w=)")
+    p.add_argument("--workers", type=int, default=16)
+    p.add_argument("--retries", type=int, default=3)
+    p.add_argument("--timeout", type=float, default=20.0, help="seconds per request")
+    p.add_argument("--limit", type=int, default=None, help="only the first N photos")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(handler=_fetch_images)
+
+    p = subparsers.add_parser(
+        "bench-clip",
+        help="text-encode, vector-search and embedding-throughput benchmark",
+    )
+    p.add_argument("--clip", default=None, help="CLIP folder (default: untrained tiny CLIP)")
+    p.add_argument("--embeddings", default=None, help="embeddings .npz for the demo-size rows")
+    p.add_argument("--demo-n", type=int, default=5000, help="synthetic rows without --embeddings")
+    p.add_argument("--synthetic-n", type=int, default=1_000_000, help="large synthetic size")
+    p.add_argument("--synthetic-dim", type=int, default=128)
+    p.add_argument("--factory", default="HNSW32", help="ANN factory string")
+    p.add_argument("--queries", type=int, default=200)
+    p.add_argument("--k", type=int, default=100, help="neighbours per search")
+    p.add_argument("--threads", type=int, default=1, help="torch and FAISS threads")
+    p.add_argument("--json", action="store_true", help="print figures as JSON")
+    p.set_defaults(handler=_bench_clip)
+
+
+def _read_catalogue(data_dir: str):
+    from imgsearch.unsplash import read_unsplash
+
+    catalogue, _ = read_unsplash(data_dir, show_progress=False)
+    return catalogue
+
+
+def _train_clip(args: argparse.Namespace) -> int:
+    from retrieval_service.clip_training import train_clip
+
+    catalogue = _read_catalogue(args.data)
+    result = train_clip(
+        catalogue,
+        args.out,
+        model_name=args.model,
+        pretrained=args.pretrained,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        seed=args.seed,
+        show_progress=not args.quiet,
+        threads=args.threads,
+    )
+    print(f"wrote {result['path']}")
+    return 0
+
+
+def _embed(args: argparse.Namespace) -> int:
+    from retrieval_service.clip_model import ClipSpec, load_clip
+    from retrieval_service.embedding import embed_catalogue
+
+    if args.clip:
+        spec = ClipSpec(args.model or "imgsearch-tiny-clip", args.clip)
+    elif args.pretrained:
+        spec = ClipSpec(args.model or "ViT-B-32", args.pretrained)
+    else:
+        print("embed: give --clip DIR or --model NAME --pretrained TAG", file=sys.stderr)
+        return 2
+    catalogue = _read_catalogue(args.data)
+    bundle = load_clip(spec)
+    result = embed_catalogue(
+        bundle, catalogue, args.out, batch_size=args.batch_size, show_progress=not args.quiet
+    )
+    print(
+        f"embedded {result['embedded']:,} images ({result['missing']:,} missing, "
+        f"{result['corrupt']:,} corrupt, {result['resumed_from']:,} resumed) at "
+        f"{result['images_per_s']} images/s -> {result['path']}"
+    )
+    return 0
+
+
+def _index_stats(args: argparse.Namespace) -> int:
+    from retrieval_service.embedding import load_embeddings
+
+    photo_idx, embeddings = load_embeddings(args.embeddings)
+    figures = index_figures(
+        embeddings,
+        args.factory,
+        n_queries=args.queries,
+        k=10,
+        ef_search=args.ef_search,
+        nprobe=args.nprobe,
+    )
+    if args.json:
+        print(json.dumps(figures, indent=2))
+    else:
+        print(
+            f"{figures['factory']} over {figures['ntotal']:,} x {figures['dim']}: "
+            f"build {figures['build_s']:.2f} s, recall@10 vs exact {figures['recall@10']:.4f}\n"
+            f"  exact  p50 {figures['exact']['p50_ms']:.3f} ms  p99 "
+            f"{figures['exact']['p99_ms']:.3f} ms\n"
+            f"  index  p50 {figures['index']['p50_ms']:.3f} ms  p99 "
+            f"{figures['index']['p99_ms']:.3f} ms  ({figures['queries']} queries, 1 thread)"
+        )
+    return 0
+
+
+def index_figures(
+    embeddings: np.ndarray,
+    factory: str | None,
+    n_queries: int = 200,
+    k: int = 10,
+    ef_search: int = 128,
+    nprobe: int = 16,
+    search_k: int = 100,
+    seed: int = 0,
+) -> dict:
+    """Build an index, and measure its recall@k against exact search and both latencies.
+
+    Queries are embeddings sampled from the set, searched one per call on one thread.
+    """
+    from retrieval_service.vector_index import (
+        VectorIndex,
+        exact_index,
+        recall_at_k,
+        set_search_threads,
+        time_search,
+    )
+
+    rng = np.random.default_rng(seed)
+    started = time.perf_counter()
+    vector_index = VectorIndex.build(
+        embeddings, factory=factory, ef_search=ef_search, nprobe=nprobe
+    )
+    build_s = time.perf_counter() - started
+    exact = exact_index(embeddings)
+    queries = embeddings[rng.choice(len(embeddings), min(n_queries, len(embeddings)), False)]
+    set_search_threads(1)
+    recall = recall_at_k(vector_index, exact, queries, k=k)
+    return {
+        "factory": vector_index.factory,
+        "ntotal": vector_index.ntotal,
+        "dim": vector_index.dim,
+        "params": vector_index.params,
+        "build_s": round(build_s, 3),
+        f"recall@{k}": round(recall, 4),
+        "queries": len(queries),
+        "exact": time_search(exact, queries, search_k),
+        "index": time_search(vector_index, queries, search_k),
+    }
+
+
+def _fetch_images(args: argparse.Namespace) -> int:
+    from imgsearch.fetch_images import fetch_images
+
+    result = fetch_images(
+        args.data,
+        width=args.width,
+        workers=args.workers,
+        retries=args.retries,
+        timeout=args.timeout,
+        show_progress=not args.quiet,
+        limit=args.limit,
+    )
+    print(
+        f"{result['total']:,} photos: {result['downloaded']:,} downloaded, "
+        f"{result['skipped']:,} already there, {result['failed']:,} failed "
+        f"in {result['seconds']:.1f} s"
+    )
+    for reason, count in sorted(result["failures"].items(), key=lambda item: -item[1]):
+        print(f"  {count:,} x {reason}")
+    return 0 if result["failed"] == 0 else 1
+
+
+def _percentiles(times_ms: list[float]) -> dict:
+    values = np.asarray(times_ms)
+    return {
+        "p50_ms": round(float(np.percentile(values, 50)), 3),
+        "p99_ms": round(float(np.percentile(values, 99)), 3),
+    }
+
+
+def _synthetic_clustered(n: int, dim: int, seed: int, clusters: int = 1000) -> np.ndarray:
+    """L2-normalised vectors around random centres: closer to real embeddings than uniform."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((clusters, dim), dtype=np.float32)
+    out = np.empty((n, dim), np.float32)
+    for start in range(0, n, 100_000):
+        stop = min(n, start + 100_000)
+        labels = rng.integers(0, clusters, stop - start)
+        noise = rng.standard_normal((stop - start, dim), dtype=np.float32)
+        out[start:stop] = centres[labels] + 0.6 * noise
+    out /= np.linalg.norm(out, axis=1, keepdims=True)
+    return out
+
+
+def bench_clip(
+    clip_dir: str | None = None,
+    embeddings_path: str | None = None,
+    demo_n: int = 5000,
+    synthetic_n: int = 1_000_000,
+    synthetic_dim: int = 128,
+    factory: str = "HNSW32",
+    n_queries: int = 200,
+    k: int = 100,
+    threads: int = 1,
+) -> dict:
+    """Measure text encoding (FP32 vs INT8), vector search (exact vs ANN) and image embedding.
+
+    Returns
+    -------
+    dict
+        ``text_encode`` (fp32/int8 p50/p99), ``search`` (per size: exact and ANN p50/p99,
+        recall@10, build seconds), ``embedding`` (images/s at batch 64).
+    """
+    import torch
+    from PIL import Image
+
+    from retrieval_service.clip_model import ClipSpec, load_clip
+    from retrieval_service.quantization import quantize_text_encoder
+    from retrieval_service.semantic import set_serving_threads
+
+    set_serving_threads(threads)
+    spec = ClipSpec(pretrained=clip_dir) if clip_dir else ClipSpec()
+    bundle = load_clip(spec)
+    int8 = bundle.with_model(quantize_text_encoder(bundle.model))
+    words = ["red", "circle", "night", "blue square", "a green star in the snow", "beach"]
+    texts = [f"{a} {b}" for a in words for b in words][:n_queries]
+    times: dict[str, list[float]] = {"fp32": [], "int8": []}
+    for b in (bundle, int8):
+        b.encode_text(texts[:4])
+    for text in texts:
+        for name, b in (("fp32", bundle), ("int8", int8)):
+            start = time.perf_counter()
+            b.encode_text([text])
+            times[name].append((time.perf_counter() - start) * 1000)
+    figures: dict = {
+        "model": bundle.spec.describe(),
+        "threads": threads,
+        "k": k,
+        "text_encode": {name: _percentiles(t) for name, t in times.items()},
+    }
+
+    if embeddings_path:
+        from retrieval_service.embedding import load_embeddings
+
+        _, demo = load_embeddings(embeddings_path)
+        demo_label = f"demo ({len(demo):,} x {demo.shape[1]}, from {Path(embeddings_path).name})"
+    else:
+        demo = _synthetic_clustered(demo_n, bundle.embed_dim, seed=1)
+        demo_label = f"demo-size synthetic ({demo_n:,} x {bundle.embed_dim})"
+    sizes = [(demo_label, demo)]
+    if synthetic_n > 0:
+        sizes.append(
+            (
+                f"synthetic ({synthetic_n:,} x {synthetic_dim})",
+                _synthetic_clustered(synthetic_n, synthetic_dim, seed=2),
+            )
+        )
+    figures["search"] = []
+    for label, vectors in sizes:
+        row = index_figures(vectors, factory, n_queries=n_queries, k=10, search_k=k)
+        figures["search"].append({"label": label, **row})
+        del vectors
+
+    # Embedding is an offline batch job: it gets every core, unlike the serving path above.
+    torch.set_num_threads(os.cpu_count() or 1)
+    size = bundle.image_size
+    rng = np.random.default_rng(0)
+    images = [
+        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)) for _ in range(256)
+    ]
+    bundle.encode_images(images[:64])
+    start = time.perf_counter()
+    bundle.encode_images(images, batch_size=64)
+    seconds = time.perf_counter() - start
+    figures["embedding"] = {
+        "images_per_s": round(len(images) / seconds, 1),
+        "batch_size": 64,
+        "image_size": size,
+        "torch_threads": torch.get_num_threads(),
+    }
+    return figures
+
+
+def format_bench(figures: dict) -> str:
+    """The benchmark as a plain-text table."""
+    lines = [
+        f"model {figures['model']}, {figures['threads']} thread(s)",
+        f"{'what':<52} {'p50 ms':>9} {'p99 ms':>9}  notes",
+    ]
+    for name, row in figures["text_encode"].items():
+        lines.append(
+            f"{'text encode, one query, ' + name.upper():<52} {row['p50_ms']:>9.3f} "
+            f"{row['p99_ms']:>9.3f}"
+        )
+    for row in figures["search"]:
+        lines.append(
+            f"{'search exact, ' + row['label']:<52} {row['exact']['p50_ms']:>9.3f} "
+            f"{row['exact']['p99_ms']:>9.3f}  k={figures['k']}"
+        )
+        lines.append(
+            f"{'search ' + row['factory'] + ', ' + row['label']:<52} "
+            f"{row['index']['p50_ms']:>9.3f} {row['index']['p99_ms']:>9.3f}  "
+            f"recall@10 {row['recall@10']:.3f}, build {row['build_s']:.1f} s, {row['params']}"
+        )
+    emb = figures["embedding"]
+    lines.append(
+        f"{'image embedding, batch ' + str(emb['batch_size']):<52} "
+        f"{emb['images_per_s']:>9.1f} images/s at {emb['image_size']} px"
+    )
+    return "\n".join(lines)
+
+
+def _bench_clip(args: argparse.Namespace) -> int:
+    figures = bench_clip(
+        clip_dir=args.clip,
+        embeddings_path=args.embeddings,
+        demo_n=args.demo_n,
+        synthetic_n=args.synthetic_n,
+        synthetic_dim=args.synthetic_dim,
+        factory=args.factory,
+        n_queries=args.queries,
+        k=args.k,
+        threads=args.threads,
+    )
+    print(json.dumps(figures, indent=2) if args.json else format_bench(figures))
+    return 0

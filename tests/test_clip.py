@@ -1,0 +1,331 @@
+"""CLIP: project config, checkpoints through open_clip, INT8 gate, resumable embedding, build."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image, ImageDraw
+
+torch = pytest.importorskip("torch")
+open_clip = pytest.importorskip("open_clip")
+
+from imgsearch.artifacts import CLIP_DIR, EMBEDDINGS, VECTOR_INDEX  # noqa: E402
+from imgsearch.catalogue import Catalogue  # noqa: E402
+from retrieval_service.clip_model import (  # noqa: E402
+    TINY_CLIP_NAME,
+    ClipSpec,
+    load_clip,
+    read_clip_json,
+    register_configs,
+    save_clip,
+)
+from retrieval_service.embedding import embed_catalogue, load_embeddings, partial_path  # noqa: E402
+from retrieval_service.quantization import (  # noqa: E402
+    count_quantized_linears,
+    int8_gate,
+    quantize_text_encoder,
+)
+
+COLOURS = {"red": (220, 30, 30), "blue": (30, 80, 240), "yellow": (255, 225, 0)}
+SCENES = {"night": (16, 22, 58), "snow": (205, 212, 224)}
+SHAPES = ("circle", "square")
+
+
+def draw(colour: str, shape: str, scene: str, jitter: int) -> Image.Image:
+    image = Image.new("RGB", (64, 64), SCENES[scene])
+    pen = ImageDraw.Draw(image)
+    box = (14 + jitter, 14, 50 + jitter, 50)
+    if shape == "circle":
+        pen.ellipse(box, fill=COLOURS[colour])
+    else:
+        pen.rectangle(box, fill=COLOURS[colour])
+    return image
+
+
+@pytest.fixture(scope="module")
+def catalogue(tmp_path_factory) -> Catalogue:
+    """48 drawn photos (colour x shape x scene x 4), one image missing, one corrupt."""
+    data_dir = tmp_path_factory.mktemp("clipdata")
+    (data_dir / "images").mkdir()
+    photos, keywords = [], []
+    i = 0
+    for colour in COLOURS:
+        for shape in SHAPES:
+            for scene in SCENES:
+                for jitter in range(4):
+                    photo_id = f"p{i:03d}"
+                    photos.append(
+                        {
+                            "photo_idx": i,
+                            "photo_id": photo_id,
+                            "photo_image_url": f"https://example.invalid/{photo_id}",
+                            "photo_description": f"a {colour} {shape} at {scene}",
+                            "ai_description": "" if jitter else f"{colour} {shape} {scene}",
+                            "photographer_username": "ann",
+                            "stats_views": 10,
+                            "stats_downloads": 1,
+                            "has_image": True,
+                        }
+                    )
+                    for keyword, confidence in ((colour, 0.9), (shape, 0.8), (scene, 0.95)):
+                        keywords.append((i, keyword, confidence))
+                    keywords.append((i, "abstract", 0.1))
+                    if photo_id == "p005":
+                        (data_dir / "images" / f"{photo_id}.jpg").write_bytes(b"not a jpeg")
+                    elif photo_id != "p007":  # p007's image is missing
+                        draw(colour, shape, scene, jitter - 2).save(
+                            data_dir / "images" / f"{photo_id}.jpg"
+                        )
+                    i += 1
+    photos.append({**photos[0], "photo_idx": i, "photo_id": "zz-noimage", "has_image": False})
+    keyword_frame = pd.DataFrame(keywords, columns=["photo_idx", "keyword", "confidence"])
+    return Catalogue(
+        photos=pd.DataFrame(photos),
+        keywords=keyword_frame.astype({"photo_idx": "int32", "confidence": "float32"}),
+        users=pd.DataFrame({"user_idx": [], "anonymous_user_id": []}),
+        conversions=pd.DataFrame(),
+        data_dir=str(data_dir),
+    )
+
+
+@pytest.fixture(scope="module")
+def bundle():
+    torch.manual_seed(0)
+    return load_clip(ClipSpec())
+
+
+def test_register_configs_is_idempotent():
+    register_configs()
+    register_configs()
+    assert open_clip.list_models().count(TINY_CLIP_NAME) == 1
+    config = open_clip.get_model_config(TINY_CLIP_NAME)
+    assert config["embed_dim"] == 128 and config["text_cfg"]["context_length"] == 16
+
+
+def test_encoders_return_normalised_float32(bundle):
+    text = bundle.encode_text(["red circle", "a much longer caption " * 10])
+    assert text.shape == (2, 128) and text.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(text, axis=1), 1, atol=1e-5)
+    images = bundle.encode_images([draw("red", "circle", "night", 0), Image.new("L", (90, 70))])
+    assert images.shape == (2, 128)
+    np.testing.assert_allclose(np.linalg.norm(images, axis=1), 1, atol=1e-5)
+    assert bundle.encode_text([]).shape == (0, 128)
+
+
+def test_checkpoint_round_trip_through_open_clip(tmp_path, bundle):
+    checkpoint = save_clip(bundle, tmp_path / "clip", note="test")
+    meta = read_clip_json(tmp_path / "clip")
+    assert meta["model_name"] == TINY_CLIP_NAME and meta["note"] == "test"
+    texts = ["red circle", "snow"]
+    images = [draw("blue", "square", "snow", 1)]
+
+    # The same path users take: a registered name plus pretrained=PATH.
+    model, _, preprocess = open_clip.create_model_and_transforms(
+        TINY_CLIP_NAME, pretrained=str(checkpoint)
+    )
+    model.eval()
+    tokenizer = open_clip.get_tokenizer(TINY_CLIP_NAME)
+    with torch.inference_mode():
+        text = model.encode_text(tokenizer(texts), normalize=True).numpy()
+        image = model.encode_image(preprocess(images[0])[None], normalize=True).numpy()
+    np.testing.assert_array_equal(text, bundle.encode_text(texts))
+    np.testing.assert_array_equal(image, bundle.encode_images(images))
+
+    # load_clip accepts the folder, and the folder also works as open_clip's local-dir:.
+    reloaded = load_clip(ClipSpec(pretrained=str(tmp_path / "clip")))
+    np.testing.assert_array_equal(reloaded.encode_text(texts), text)
+    local, _, _ = open_clip.create_model_and_transforms(f"local-dir:{tmp_path / 'clip'}")
+    local.eval()
+    with torch.inference_mode():
+        np.testing.assert_array_equal(
+            local.encode_text(tokenizer(texts), normalize=True).numpy(), text
+        )
+
+
+def test_int8_text_encoder_works_and_gate_decides(bundle):
+    int8_model = quantize_text_encoder(bundle.model)
+    assert count_quantized_linears(int8_model) == 4  # c_fc and c_proj of the 2 text blocks
+    assert count_quantized_linears(bundle.model) == 0  # the FP32 model is untouched
+    assert count_quantized_linears(int8_model.visual) == 0
+    int8 = bundle.with_model(int8_model)
+    vocabulary = ["red", "blue", "yellow", "circle", "square", "night", "snow", "red circle"]
+    embedded = int8.encode_text(vocabulary)  # raised AttributeError before the workaround
+    assert embedded.shape == (8, 128)
+    images = np.random.default_rng(0).standard_normal((40, 128)).astype(np.float32)
+    images /= np.linalg.norm(images, axis=1, keepdims=True)
+
+    lax = int8_gate(
+        bundle, vocabulary, images, int8, min_cosine=0.9, min_overlap=0.5, min_speedup=0.0,
+        timing_queries=4, timing_rounds=1,
+    )  # fmt: skip
+    assert lax.accepted and lax.reason == "accurate and faster"
+    assert lax.mean_cosine > 0.99 and lax.top10_overlap >= 0.5 and lax.queries == 8
+    assert lax.fp32_ms > 0 and lax.int8_ms > 0
+    assert "INT8 accepted" in lax.summary()
+
+    strict = int8_gate(
+        bundle, vocabulary, images, int8, min_cosine=1.01, min_overlap=0.5, min_speedup=0.0,
+        timing_queries=4, timing_rounds=1,
+    )  # fmt: skip
+    assert not strict.accepted and "cosine" in strict.reason
+    slow = int8_gate(
+        bundle, vocabulary, images, int8, min_cosine=0.9, min_overlap=0.5, min_speedup=100.0,
+        timing_queries=4, timing_rounds=1,
+    )  # fmt: skip
+    assert not slow.accepted and "speed-up" in slow.reason
+    assert "serving FP32" in slow.summary()
+
+
+def test_embedding_skips_missing_and_corrupt_images(tmp_path, bundle, catalogue):
+    result = embed_catalogue(
+        bundle, catalogue, tmp_path / "e.npz", batch_size=8, show_progress=False
+    )
+    assert result["complete"] and result["embedded"] == 46
+    assert result["missing"] == 1 and result["corrupt"] == 1
+    photo_idx, embeddings = load_embeddings(tmp_path / "e.npz")
+    assert photo_idx.dtype == np.int64 and embeddings.dtype == np.float32
+    assert 5 not in photo_idx and 7 not in photo_idx and 48 not in photo_idx
+    np.testing.assert_allclose(np.linalg.norm(embeddings, axis=1), 1, atol=1e-5)
+    with Image.open(catalogue.image_path("p000")) as image:
+        expected = bundle.encode_images([image.convert("RGB")])
+    np.testing.assert_allclose(embeddings[0], expected[0], atol=1e-5)
+
+
+def test_embedding_resumes_after_interruption(tmp_path, bundle, catalogue):
+    whole = embed_catalogue(
+        bundle, catalogue, tmp_path / "whole.npz", batch_size=8, show_progress=False
+    )
+    out = tmp_path / "resumed.npz"
+    first = embed_catalogue(
+        bundle, catalogue, out, batch_size=8, show_progress=False, checkpoint_every=1,
+        max_batches=2,
+    )  # fmt: skip
+    assert not first["complete"] and not out.exists() and partial_path(out).exists()
+
+    def crash(batches):
+        if batches == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        embed_catalogue(
+            bundle, catalogue, out, batch_size=8, show_progress=False, checkpoint_every=100,
+            on_batch=crash,
+        )  # fmt: skip
+    last = embed_catalogue(bundle, catalogue, out, batch_size=8, show_progress=False)
+    assert last["complete"] and last["resumed_from"] == 32  # 2 batches, then 2 more
+    assert not partial_path(out).exists()
+    assert (last["embedded"], last["missing"], last["corrupt"]) == (
+        whole["embedded"],
+        whole["missing"],
+        whole["corrupt"],
+    )
+    for a, b in zip(load_embeddings(out), load_embeddings(tmp_path / "whole.npz")):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_embedding_ignores_progress_of_another_model(tmp_path, bundle, catalogue):
+    out = tmp_path / "e.npz"
+    embed_catalogue(bundle, catalogue, out, batch_size=8, show_progress=False, max_batches=1)
+    other = bundle.with_model(bundle.model)
+    other.spec = ClipSpec(TINY_CLIP_NAME, "some-other-weights")
+    result = embed_catalogue(other, catalogue, out, batch_size=8, show_progress=False)
+    assert result["resumed_from"] == 0 and result["complete"]
+
+
+def test_training_is_deterministic_and_saves_a_loadable_clip(tmp_path, catalogue):
+    from retrieval_service.clip_training import train_clip
+
+    runs = [
+        train_clip(catalogue, tmp_path / name, steps=3, batch_size=16, seed=1, show_progress=False)
+        for name in ("a", "b")
+    ]
+    assert runs[0]["train_photos"] == 41 and runs[0]["heldout_photos"] == 5
+    assert runs[0]["skipped_images"] == 2
+    assert runs[0]["final_loss"] == runs[1]["final_loss"]
+    a = load_clip(ClipSpec(pretrained=str(tmp_path / "a")))
+    b = load_clip(ClipSpec(pretrained=str(tmp_path / "b")))
+    np.testing.assert_array_equal(a.encode_text(["red"]), b.encode_text(["red"]))
+    assert read_clip_json(tmp_path / "a")["training"]["steps"] == 3
+    assert isinstance(runs[0]["heldout"], dict)
+
+
+def test_positives_match_keyword_subsets():
+    from retrieval_service.clip_training import _positives
+
+    captions = [("red", frozenset({"red"})), ("red circle", frozenset({"red", "circle"})),
+                ("a blue square", None), ("a blue square", None)]  # fmt: skip
+    tags = [frozenset({"red", "circle"}), frozenset({"red", "square"}),
+            frozenset({"blue", "square"}), frozenset({"blue", "square"})]  # fmt: skip
+    positive = _positives(captions, tags)
+    expected = np.array(
+        [[1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 1, 1], [0, 0, 1, 1]], dtype=bool
+    )  # [i, j]: caption j describes image i; the diagonal pairs are positive by construction
+    np.testing.assert_array_equal(positive, expected)
+
+
+def test_heldout_figures_on_perfect_embeddings():
+    from retrieval_service.clip_training import heldout_figures
+
+    class OneHot:
+        words = ["red", "blue", "circle", "square"]
+
+        def encode_text(self, texts):
+            out = np.zeros((len(texts), 4), np.float32)
+            for i, text in enumerate(texts):
+                for word in text.split():
+                    out[i, self.words.index(word)] = 1
+            return out / np.linalg.norm(out, axis=1, keepdims=True)
+
+    tags = [{"red", "circle"}, {"red", "square"}, {"blue", "circle"}, {"blue", "square"}] * 5
+    images = OneHot().encode_text([" ".join(sorted(t)) for t in tags])
+    figures = heldout_figures(
+        OneHot(), images, tags, {"colour": ["red", "blue"], "shape": ["circle", "square"]},
+        ("colour", "shape"),
+    )  # fmt: skip
+    assert figures["colour"]["p@10"] == 1.0 and figures["colour"]["ceiling"] == 1.0
+    assert figures["colour+shape"]["p@10"] == pytest.approx(0.5)  # only 5 relevant of 20
+    assert figures["colour+shape"]["ceiling"] == pytest.approx(0.5)
+
+
+def test_build_clip_artifacts_and_load_retrievers(tmp_path, catalogue):
+    from retrieval_service.clip_training import build_clip_artifacts, load_clip_retrievers
+    from retrieval_service.keyword_index import KeywordIndex
+
+    figures = build_clip_artifacts(catalogue, tmp_path, None, train_steps=2, show_progress=False)
+    for path in (CLIP_DIR + "/clip.json", EMBEDDINGS, VECTOR_INDEX, "vector.json"):
+        assert (tmp_path / path).exists(), path
+    assert figures["embedding"]["embedded"] == 46
+    assert figures["vector_index"]["factory"] == "Flat"
+    assert figures["vector_index"]["recall@10_vs_exact"] == 1.0
+    assert set(figures["int8_gate"]) >= {"accepted", "mean_cosine", "top10_overlap", "speedup"}
+    meta = json.loads((tmp_path / CLIP_DIR / "clip.json").read_text())
+    assert meta["text_encoder"] in ("int8", "fp32")
+    vector_meta = json.loads((tmp_path / "vector.json").read_text())
+    assert vector_meta["row_map"] == "image_embeddings.npz:photo_idx"
+
+    keyword = KeywordIndex.from_keywords(catalogue.keywords)
+    retrievers = load_clip_retrievers(tmp_path, keyword, threads=None)
+    assert set(retrievers) == {"clip", "hybrid"}
+    clip = retrievers["clip"].retrieve("red circle", 10)
+    assert len(clip.photo_idx) == 10 and set(clip.source_scores) == {"clip"}
+    assert not set(clip.photo_idx.tolist()) & {5, 7, 48}
+    hybrid = retrievers["hybrid"].retrieve("red", 10)
+    assert hybrid.keyword == "red" and set(hybrid.source_scores) == {"keyword", "clip"}
+    assert load_clip_retrievers(tmp_path / "nothing", keyword) == {}
+
+
+def test_build_skips_a_catalogue_without_images(tmp_path, catalogue):
+    from retrieval_service.clip_training import build_clip_artifacts
+
+    no_images = Catalogue(
+        photos=catalogue.photos.assign(has_image=False),
+        keywords=catalogue.keywords,
+        users=catalogue.users,
+        conversions=catalogue.conversions,
+        data_dir=catalogue.data_dir,
+    )
+    assert "skipped" in build_clip_artifacts(no_images, tmp_path, None, show_progress=False)
+    assert not any(tmp_path.iterdir())
