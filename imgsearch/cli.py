@@ -12,6 +12,7 @@ COMMAND_MODULES = [
     "imgsearch.commands",
     "imgsearch.demo_data",
     "imgsearch.eval_commands",
+    "imgsearch.bench_commands",
     "retrieval_service.clip_commands",
 ]
 

@@ -1,0 +1,695 @@
+"""Load benchmark of SearchService: open/closed-loop gRPC load, in-process baseline, reflection.
+
+The load generator is a ``grpc.aio`` client that sends realistic (user, query) pairs sampled
+from the served catalogue's conversions. Open-loop mode sends on a fixed clock and never waits
+for replies (late sends are counted, and latency is also reported from the scheduled send time,
+so a slow server cannot hide behind a slow sender); closed-loop mode runs N workers that each
+wait for their reply before sending the next request.
+
+The in-process baseline calls the same retrievers and rankers directly (no gRPC, no protobuf)
+for the same requests, so ``e2e p50 / in-process p50`` is the cost of the three RPC hops.
+
+Heavy imports (grpc, numpy, pandas, the generated code, the models) stay inside functions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import platform
+import re
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+SEARCH_SERVICE = "imgsearch.search.v1.SearchService"
+SEARCH_METHOD_SYMBOL = f"{SEARCH_SERVICE}.Search"
+SEARCH_METHOD_PATH = f"/{SEARCH_SERVICE}/Search"
+# An open-loop send more than this behind its slot on the clock counts as late.
+LATE_SEND_MS = 2.0
+RETRIEVERS = ("default", "keyword", "clip", "hybrid")
+RANKERS = ("default", "none", "popularity", "als", "fm", "deepfm", "two_step")
+
+
+@dataclass(frozen=True)
+class BenchQuery:
+    """One realistic request: an anonymous user and the keyword they searched."""
+
+    user_id: str
+    query: str
+
+
+@dataclass(frozen=True)
+class LoadSpec:
+    """What to send, where, and how.
+
+    Exactly one of ``qps`` (open loop) and ``concurrency`` (closed loop) is set.
+    """
+
+    target: str
+    qps: float | None = None
+    concurrency: int | None = None
+    duration_s: float = 10.0
+    warmup_s: float = 1.0
+    retriever: str = "keyword"
+    ranker: str = "als"
+    k: int = 10
+    candidates_k: int = 100
+    channels: int = 2
+    timeout_s: float = 2.0
+
+    def __post_init__(self) -> None:
+        if (self.qps is None) == (self.concurrency is None):
+            raise ValueError("set exactly one of qps (open loop) and concurrency (closed loop)")
+        if self.qps is not None and self.qps <= 0:
+            raise ValueError(f"qps must be positive, got {self.qps}")
+        if self.concurrency is not None and self.concurrency < 1:
+            raise ValueError(f"concurrency must be at least 1, got {self.concurrency}")
+        if self.duration_s <= 0:
+            raise ValueError(f"duration must be positive, got {self.duration_s}")
+        if self.retriever not in RETRIEVERS:
+            raise ValueError(f"unknown retriever {self.retriever!r}; valid: {RETRIEVERS}")
+        if self.ranker not in RANKERS:
+            raise ValueError(f"unknown ranker {self.ranker!r}; valid: {RANKERS}")
+
+    @property
+    def mode(self) -> str:
+        return "open" if self.qps is not None else "closed"
+
+    def describe(self) -> str:
+        """``open 400 qps`` or ``closed c=10``."""
+        return f"open {self.qps:g} qps" if self.qps is not None else f"closed c={self.concurrency}"
+
+
+# ------------------------------------------------------------------------------ requests
+def sample_queries(artifacts_path: str | Path, n: int = 2000, seed: int = 0) -> list[BenchQuery]:
+    """Sample ``n`` (user, keyword) pairs from the artifact set's conversions.
+
+    Sampling conversions uniformly reproduces the real mix: popular keywords and active users
+    come up as often as they do in the traffic the catalogue recorded.
+
+    Parameters
+    ----------
+    artifacts_path:
+        An artifact root (with ``current``) or one set folder.
+    n:
+        How many requests to draw (with replacement).
+    seed:
+        Seed of the draw; the same seed gives the same requests.
+
+    Returns
+    -------
+    list of BenchQuery
+
+    Raises
+    ------
+    ValueError
+        When the catalogue has no conversion with a keyword.
+    """
+    import numpy as np
+    import pandas as pd
+
+    from imgsearch import artifacts
+
+    artifact_set = artifacts.resolve(artifacts_path)
+    catalogue_dir = artifact_set.file(artifacts.CATALOGUE_DIR)
+    conversions = pd.read_parquet(
+        catalogue_dir / "conversions.parquet", columns=["keyword", "user_idx"]
+    )
+    conversions = conversions[conversions["keyword"].astype(str).str.strip() != ""]
+    if conversions.empty:
+        raise ValueError(f"{catalogue_dir}: no conversion has a keyword to search for")
+    users = pd.read_parquet(catalogue_dir / "users.parquet")
+    user_ids = users.set_index("user_idx")["anonymous_user_id"]
+    rows = np.random.default_rng(seed).integers(0, len(conversions), n)
+    picked = conversions.iloc[rows]
+    ids = user_ids.reindex(picked["user_idx"].to_numpy()).fillna("").astype(str).tolist()
+    return [BenchQuery(user, str(query)) for user, query in zip(ids, picked["keyword"].tolist())]
+
+
+def request_fields(query: BenchQuery, spec: LoadSpec) -> dict:
+    """The SearchRequest of ``query`` as proto3 JSON (enum names), as ghz and grpcurl take it."""
+    fields: dict = {"user_id": query.user_id, "query": query.query, "k": spec.k}
+    if spec.candidates_k:
+        fields["candidates_k"] = spec.candidates_k
+    if spec.retriever != "default":
+        fields["retriever"] = f"RETRIEVER_{spec.retriever.upper()}"
+    if spec.ranker != "default":
+        fields["ranker"] = f"RANKER_{spec.ranker.upper()}"
+    return fields
+
+
+def _search_requests(queries: list[BenchQuery], spec: LoadSpec) -> list:
+    from gateway.client import RANKERS as RANKER_ENUM
+    from gateway.client import RETRIEVERS as RETRIEVER_ENUM
+    from imgsearch.search.v1 import search_service_pb2 as pb
+
+    return [
+        pb.SearchRequest(
+            user_id=q.user_id,
+            query=q.query,
+            k=spec.k,
+            candidates_k=spec.candidates_k,
+            retriever=RETRIEVER_ENUM[spec.retriever],
+            ranker=RANKER_ENUM[spec.ranker],
+        )
+        for q in queries
+    ]
+
+
+# ---------------------------------------------------------------------------- statistics
+def percentiles_ms(seconds: list[float]) -> dict:
+    """p50/p90/p99/max/mean of durations given in seconds, in milliseconds (None when empty)."""
+    import numpy as np
+
+    if not seconds:
+        return {"p50": None, "p90": None, "p99": None, "max": None, "mean": None}
+    values = np.asarray(seconds, dtype=np.float64) * 1000.0
+    p50, p90, p99 = np.percentile(values, [50, 90, 99])
+    return {
+        "p50": round(float(p50), 3),
+        "p90": round(float(p90), 3),
+        "p99": round(float(p99), 3),
+        "max": round(float(values.max()), 3),
+        "mean": round(float(values.mean()), 3),
+    }
+
+
+def _reason_bucket(reason: str) -> str:
+    # "ranking timed out after 312 ms" and "... 298 ms" are one reason; so are two
+    # connection failures that differ only in the address after the ';'.
+    return re.sub(r"\d+(\.\d+)?", "N", reason.split(";")[0].split(" (")[0])[:100]
+
+
+class LoadRecorder:
+    """Collects what one measured phase saw; :meth:`summary` turns it into the report."""
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+        self.last_done = self.start
+        self.sent = 0
+        self.late = 0
+        self.lags: list[float] = []
+        self.latencies: list[float] = []  # OK responses, from the actual send
+        self.from_schedule: list[float] = []  # OK responses, from the slot on the clock
+        self.codes: Counter = Counter()
+        self.degraded = 0
+        self.last_degraded_s: float | None = None  # offset of the last degraded reply
+        self.degraded_reasons: Counter = Counter()
+        self.versions: Counter = Counter()
+        self.result_counts: Counter = Counter()
+        self.timeline: dict[int, list[int]] = {}  # second -> [full, degraded, errors]
+
+    def on_send(self, lag_s: float = 0.0) -> None:
+        self.sent += 1
+        self.lags.append(lag_s)
+        if lag_s * 1000.0 > LATE_SEND_MS:
+            self.late += 1
+
+    def on_done(self, sent_at: float, scheduled: float, code: str, response=None) -> None:
+        done = time.perf_counter()
+        self.last_done = max(self.last_done, done)
+        self.codes[code] += 1
+        bucket = self.timeline.setdefault(int(done - self.start), [0, 0, 0])
+        if response is None:
+            bucket[2] += 1
+            return
+        self.latencies.append(done - sent_at)
+        self.from_schedule.append(done - scheduled)
+        self.result_counts[len(response.results)] += 1
+        versions = response.artifact_versions
+        self.versions[",".join(f"{k}={versions[k]}" for k in sorted(versions))] += 1
+        if response.degraded:
+            self.degraded += 1
+            self.last_degraded_s = done - self.start
+            self.degraded_reasons[_reason_bucket(response.degraded_reason)] += 1
+            bucket[1] += 1
+        else:
+            bucket[0] += 1
+
+    def summary(self, spec: LoadSpec, loadgen_cpu_s: float | None = None) -> dict:
+        """The phase as a JSON-ready dict (latencies in ms)."""
+        ok = self.codes.get("OK", 0)
+        completed = sum(self.codes.values())
+        window = max(spec.duration_s, self.last_done - self.start)
+        errors = {code: n for code, n in sorted(self.codes.items()) if code != "OK"}
+        result = {
+            "target": spec.target,
+            "mode": spec.mode,
+            "load": spec.describe(),
+            "target_qps": spec.qps,
+            "concurrency": spec.concurrency,
+            "duration_s": spec.duration_s,
+            "warmup_s": spec.warmup_s,
+            "retriever": spec.retriever,
+            "ranker": spec.ranker,
+            "k": spec.k,
+            "candidates_k": spec.candidates_k,
+            "channels": spec.channels,
+            "timeout_s": spec.timeout_s,
+            "sent": self.sent,
+            "completed": completed,
+            "ok": ok,
+            "full": ok - self.degraded,
+            "degraded": self.degraded,
+            "errors": errors,
+            "error_count": completed - ok,
+            "codes": dict(sorted(self.codes.items())),
+            "achieved_qps": round(ok / window, 1),
+            "send_qps": round(self.sent / spec.duration_s, 1),
+            "late_sends": self.late,
+            "send_lag_ms": percentiles_ms(self.lags),
+            "latency_ms": percentiles_ms(self.latencies),
+            "last_degraded_s": (
+                None if self.last_degraded_s is None else round(self.last_degraded_s, 3)
+            ),
+            "degraded_reasons": dict(self.degraded_reasons.most_common()),
+            "artifact_versions": dict(self.versions.most_common()),
+            "results_per_response": {str(n): c for n, c in sorted(self.result_counts.items())},
+            "timeline": [
+                {"second": s, "full": v[0], "degraded": v[1], "errors": v[2]}
+                for s, v in sorted(self.timeline.items())
+            ],
+        }
+        if spec.mode == "open":
+            result["latency_from_schedule_ms"] = percentiles_ms(self.from_schedule)
+        if loadgen_cpu_s is not None:
+            result["loadgen_cpu_percent"] = round(100.0 * loadgen_cpu_s / window, 1)
+        return result
+
+
+# ------------------------------------------------------------------------- load generator
+class _Driver:
+    """Sends requests round-robin over several channels and records every outcome."""
+
+    def __init__(self, spec: LoadSpec, calls: list, requests: list):
+        self.spec = spec
+        self.calls = calls  # one bound Search multicallable per channel
+        self.requests = requests
+        self.next = 0
+
+    async def _one(self, recorder: LoadRecorder, scheduled: float) -> None:
+        import grpc
+
+        i = self.next
+        self.next += 1
+        call = self.calls[i % len(self.calls)]
+        request = self.requests[i % len(self.requests)]
+        sent_at = time.perf_counter()
+        try:
+            response = await call(request, timeout=self.spec.timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            recorder.on_done(sent_at, scheduled, exc.code().name)
+            return
+        except Exception as exc:  # noqa: BLE001 - a client-side failure is a counted outcome
+            recorder.on_done(sent_at, scheduled, f"CLIENT_{type(exc).__name__}")
+            return
+        recorder.on_done(sent_at, scheduled, "OK", response)
+
+    async def open_loop(self, recorder: LoadRecorder, duration_s: float) -> None:
+        """Send on a fixed clock without waiting for replies, then wait for the stragglers."""
+        loop = asyncio.get_running_loop()
+        interval = 1.0 / self.spec.qps
+        start = time.perf_counter()
+        pending: set[asyncio.Task] = set()
+        n_sends = max(1, int(round(duration_s * self.spec.qps)))
+        for i in range(n_sends):
+            scheduled = start + i * interval
+            delay = scheduled - time.perf_counter()
+            # Yield even when behind, so replies are processed while catching up.
+            await asyncio.sleep(delay if delay > 0 else 0)
+            recorder.on_send(max(0.0, time.perf_counter() - scheduled))
+            task = loop.create_task(self._one(recorder, scheduled))
+            pending.add(task)
+            task.add_done_callback(pending.discard)
+        if pending:
+            await asyncio.wait(pending)
+
+    async def closed_loop(self, recorder: LoadRecorder, duration_s: float) -> None:
+        """N workers, each sending its next request when its previous reply arrives."""
+        end = time.perf_counter() + duration_s
+
+        async def worker() -> None:
+            while time.perf_counter() < end:
+                recorder.on_send()
+                await self._one(recorder, time.perf_counter())
+
+        await asyncio.gather(*(worker() for _ in range(self.spec.concurrency)))
+
+    async def run(self, recorder: LoadRecorder, duration_s: float) -> None:
+        if self.spec.mode == "open":
+            await self.open_loop(recorder, duration_s)
+        else:
+            await self.closed_loop(recorder, duration_s)
+
+
+async def run_load(
+    spec: LoadSpec,
+    queries: list[BenchQuery],
+    on_measure_start: Callable[[], None] | None = None,
+) -> dict:
+    """Drive ``spec`` against its target: a warm-up phase, then the measured phase.
+
+    Parameters
+    ----------
+    spec:
+        Target, mode, rate or concurrency, duration and request shape.
+    queries:
+        The requests to cycle through (see :func:`sample_queries`).
+    on_measure_start:
+        Called once, right before the measured phase starts (fault-injection scenarios
+        time their events from it).
+
+    Returns
+    -------
+    dict
+        The measured phase: counts by status code, degraded count, achieved QPS, latency
+        percentiles (ms), late sends, a per-second timeline, the load generator's CPU share.
+    """
+    import grpc
+
+    from imgsearch.search.v1 import search_service_pb2_grpc as pb_grpc
+
+    if not queries:
+        raise ValueError("no queries to send")
+    requests = _search_requests(queries, spec)
+    # A local subchannel pool gives each channel its own connection (else they share one).
+    options = [("grpc.use_local_subchannel_pool", 1)]
+    channels = [
+        grpc.aio.insecure_channel(spec.target, options=options)
+        for _ in range(max(1, spec.channels))
+    ]
+    try:
+        driver = _Driver(spec, [pb_grpc.SearchServiceStub(c).Search for c in channels], requests)
+        if spec.warmup_s > 0:
+            await driver.run(LoadRecorder(), spec.warmup_s)
+        if on_measure_start is not None:
+            on_measure_start()
+        recorder = LoadRecorder()
+        cpu_start = time.process_time()
+        await driver.run(recorder, spec.duration_s)
+        cpu = time.process_time() - cpu_start
+    finally:
+        for channel in channels:
+            await channel.close()
+    return recorder.summary(spec, loadgen_cpu_s=cpu)
+
+
+# ------------------------------------------------------------------------- in-process
+class InProcessPipeline:
+    """The served retrievers and rankers called directly: no gRPC, no protobuf, no network.
+
+    Parameters
+    ----------
+    artifacts_path:
+        The artifact root or set the servers serve.
+    """
+
+    def __init__(self, artifacts_path: str | Path):
+        from ranking_service.server import load_ranking_state
+        from retrieval_service.server import load_retrieval_state
+
+        self.retrieval = load_retrieval_state(str(artifacts_path))
+        self.ranking = load_ranking_state(str(artifacts_path))
+        self.version = self.retrieval.version
+
+    def _names(self, retriever: str, ranker: str) -> tuple[str, str]:
+        retriever_name = self.retrieval.default_retriever if retriever == "default" else retriever
+        ranker_name = self.ranking.default_ranker if ranker == "default" else ranker
+        if retriever_name not in self.retrieval.retrievers:
+            raise ValueError(
+                f"retriever {retriever_name!r} is not in artifact set {self.version} "
+                f"(available: {', '.join(self.retrieval.retrievers)})"
+            )
+        if ranker_name not in self.ranking.rankers:
+            raise ValueError(
+                f"ranker {ranker_name!r} has no in-process equivalent in artifact set "
+                f"{self.version} (available: {', '.join(self.ranking.rankers)})"
+            )
+        return retriever_name, ranker_name
+
+    def search(
+        self, query: BenchQuery, retriever: str, ranker: str, k: int, candidates_k: int
+    ) -> tuple[list[str], float, float]:
+        """One search the way the servers do it; returns (photo ids, retrieve s, rank s)."""
+        import numpy as np
+
+        from imgsearch.catalogue import normalise_keyword
+        from ranking_service.rankers.base import RankQuery
+        from ranking_service.server import top_k
+
+        retriever_name, ranker_name = self._names(retriever, ranker)
+        start = time.perf_counter()
+        text = normalise_keyword(query.query)
+        result = self.retrieval.retrievers[retriever_name].retrieve(text, candidates_k)
+        retrieved = time.perf_counter()
+        photo_idx = np.asarray(result.photo_idx, dtype=np.int64)
+        if len(photo_idx):
+            catalogue = self.ranking.catalogue
+            user_idx = catalogue.user_idx(query.user_id) if query.user_id else None
+            rank_query = RankQuery(
+                user_idx=user_idx,
+                keyword=normalise_keyword(result.keyword or text),
+                candidates=photo_idx,
+                retrieval_scores=np.asarray(result.scores, dtype=np.float32),
+                country=self.ranking.user_country.get(user_idx, "") if user_idx is not None else "",
+            )
+            scores = self.ranking.rankers[ranker_name].score(rank_query).scores
+            order = top_k(np.asarray(scores, dtype=np.float64), k)
+            photo_idx = photo_idx[order]
+        ids = self.retrieval.photo_ids[photo_idx].tolist()
+        return ids, retrieved - start, time.perf_counter() - retrieved
+
+    def measure(
+        self,
+        queries: list[BenchQuery],
+        retriever: str,
+        ranker: str,
+        k: int = 10,
+        candidates_k: int = 100,
+        warmup: int = 20,
+    ) -> dict:
+        """Latency of :meth:`search` over ``queries``, one at a time, in milliseconds."""
+        self._names(retriever, ranker)
+        for query in queries[:warmup]:
+            self.search(query, retriever, ranker, k, candidates_k)
+        totals, retrieve, rank = [], [], []
+        for query in queries:
+            _, retrieve_s, rank_s = self.search(query, retriever, ranker, k, candidates_k)
+            retrieve.append(retrieve_s)
+            rank.append(rank_s)
+            totals.append(retrieve_s + rank_s)
+        return {
+            "requests": len(queries),
+            "latency_ms": percentiles_ms(totals),
+            "retrieve_ms": percentiles_ms(retrieve),
+            "rank_ms": percentiles_ms(rank),
+        }
+
+
+def network_ratio(result: dict, in_process: dict | None) -> float | None:
+    """End-to-end p50 over in-process p50: what the RPC hops multiply a search by."""
+    if not in_process or "latency_ms" not in in_process:
+        return None
+    e2e = result["latency_ms"]["p50"]
+    local = in_process["latency_ms"]["p50"]
+    if e2e is None or not local:
+        return None
+    return round(e2e / local, 1)
+
+
+# ------------------------------------------------------------------------- reflection
+def resolve_method(channel, symbol: str = SEARCH_METHOD_SYMBOL) -> tuple[str, type, type]:
+    """Resolve a method through server reflection alone, the way ghz does without ``--proto``.
+
+    Asks ``file_containing_symbol`` for the method's full name, fetches any missing
+    dependency by file name, builds a private descriptor pool (never the generated code) and
+    makes the request and response classes with ``message_factory``.
+
+    Parameters
+    ----------
+    channel:
+        A synchronous ``grpc.Channel`` to the server.
+    symbol:
+        The method's full name, ``package.Service.Method``.
+
+    Returns
+    -------
+    tuple
+        (the method's path ``/package.Service/Method``, request class, response class).
+
+    Raises
+    ------
+    LookupError
+        When reflection does not know the symbol (what ghz reports as "Symbol not found").
+    """
+    from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+    files: dict[str, descriptor_pb2.FileDescriptorProto] = {}
+
+    def ask(request) -> None:
+        for reply in stub.ServerReflectionInfo(iter([request]), timeout=10):
+            if reply.HasField("error_response"):
+                raise LookupError(
+                    f"reflection: {reply.error_response.error_message or 'not found'} "
+                    f"(code {reply.error_response.error_code}) for {symbol}"
+                )
+            for raw in reply.file_descriptor_response.file_descriptor_proto:
+                proto = descriptor_pb2.FileDescriptorProto.FromString(raw)
+                files.setdefault(proto.name, proto)
+
+    ask(reflection_pb2.ServerReflectionRequest(file_containing_symbol=symbol))
+    while missing := sorted({d for f in files.values() for d in f.dependency} - files.keys()):
+        ask(reflection_pb2.ServerReflectionRequest(file_by_filename=missing[0]))
+    pool = descriptor_pool.DescriptorPool()
+    added: set[str] = set()
+    while len(added) < len(files):
+        ready = [
+            name
+            for name, proto in files.items()
+            if name not in added and set(proto.dependency) <= added
+        ]
+        for name in ready:
+            pool.Add(files[name])
+            added.add(name)
+    service_name, _, method_name = symbol.rpartition(".")
+    method = pool.FindServiceByName(service_name).methods_by_name[method_name]
+    return (
+        f"/{service_name}/{method_name}",
+        message_factory.GetMessageClass(method.input_type),
+        message_factory.GetMessageClass(method.output_type),
+    )
+
+
+def reflection_client_check(
+    target: str, requests: list[dict], symbol: str = SEARCH_METHOD_SYMBOL, timeout: float = 5.0
+) -> dict:
+    """Call ``symbol`` once per request (proto3 JSON dicts) with a reflection-only client.
+
+    Returns
+    -------
+    dict
+        ``calls``, ``ok``, ``errors`` by status code, ``empty_responses`` (OK but no results)
+        and the latency percentiles (ms) of the OK calls.
+    """
+    import grpc
+    from google.protobuf import json_format
+
+    codes: Counter = Counter()
+    empty = 0
+    latencies = []
+    with grpc.insecure_channel(target) as channel:
+        path, request_class, response_class = resolve_method(channel, symbol)
+        call = channel.unary_unary(
+            path,
+            request_serializer=request_class.SerializeToString,
+            response_deserializer=response_class.FromString,
+        )
+        for fields in requests:
+            message = json_format.ParseDict(fields, request_class())
+            start = time.perf_counter()
+            try:
+                response = call(message, timeout=timeout)
+            except grpc.RpcError as exc:
+                codes[exc.code().name] += 1
+                continue
+            latencies.append(time.perf_counter() - start)
+            codes["OK"] += 1
+            if "results" in response.DESCRIPTOR.fields_by_name and not len(response.results):
+                empty += 1
+    return {
+        "symbol": symbol,
+        "method_path": path,
+        "calls": len(requests),
+        "ok": codes.get("OK", 0),
+        "errors": {c: n for c, n in sorted(codes.items()) if c != "OK"},
+        "empty_responses": empty,
+        "latency_ms": percentiles_ms(latencies),
+    }
+
+
+# -------------------------------------------------------------------------- reporting
+def machine_info(command: str = "") -> dict:
+    """Where the figures were measured: platform, CPUs, CPU model, memory, load, date."""
+    import grpc
+
+    cpu_model = ""
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    cpu_model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    memory_gib = None
+    try:
+        with open("/proc/meminfo") as handle:
+            for line in handle:
+                if line.startswith("MemTotal:"):
+                    memory_gib = round(int(line.split()[1]) / 1024**2, 1)
+                    break
+    except OSError:
+        pass
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:
+        usable = os.cpu_count()
+    return {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "grpcio": grpc.__version__,
+        "cpu_count": os.cpu_count(),
+        "usable_cpus": usable,
+        "cpu_model": cpu_model or platform.processor() or "unknown",
+        "memory_gib": memory_gib,
+        "loadavg_at_start": [round(x, 2) for x in os.getloadavg()],
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "command": command,
+    }
+
+
+def format_result(result: dict, in_process: dict | None = None) -> str:
+    """A few readable lines for one load phase."""
+    lat = result["latency_ms"]
+
+    def ms(value) -> str:
+        return "-" if value is None else f"{value:.2f}"
+
+    lines = [
+        f"{result['retriever']}+{result['ranker']} k={result['k']} of {result['candidates_k']}, "
+        f"{result['load']} for {result['duration_s']:g}s -> {result['target']}",
+        f"  achieved {result['achieved_qps']:.1f} qps (sent {result['sent']}, ok {result['ok']}, "
+        f"degraded {result['degraded']}, errors {result['error_count']}"
+        + (f": {result['errors']}" if result["errors"] else "")
+        + ")",
+        f"  latency ms  p50 {ms(lat['p50'])}  p90 {ms(lat['p90'])}  p99 {ms(lat['p99'])}  "
+        f"max {ms(lat['max'])}",
+    ]
+    if result["mode"] == "open":
+        sched = result["latency_from_schedule_ms"]
+        lines.append(
+            f"  from the scheduled send: p50 {ms(sched['p50'])}  p99 {ms(sched['p99'])}; "
+            f"late sends {result['late_sends']} (> {LATE_SEND_MS:g} ms behind the clock)"
+        )
+    if "loadgen_cpu_percent" in result:
+        lines.append(f"  load generator CPU {result['loadgen_cpu_percent']:.0f}% of one core")
+    if in_process and "latency_ms" in in_process:
+        ratio = network_ratio(result, in_process)
+        local = in_process["latency_ms"]
+        lines.append(
+            f"  in-process pipeline p50 {ms(local['p50'])} ms, p99 {ms(local['p99'])} ms "
+            f"(retrieve p50 {ms(in_process['retrieve_ms']['p50'])}, rank p50 "
+            f"{ms(in_process['rank_ms']['p50'])}); e2e p50 / in-process p50 = "
+            + ("-" if ratio is None else f"{ratio:.1f}x")
+        )
+    return "\n".join(lines)
+
+
+def as_dict(spec: LoadSpec) -> dict:
+    """A LoadSpec as a plain dict (for the JSON report)."""
+    return asdict(spec)

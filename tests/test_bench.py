@@ -1,0 +1,235 @@
+"""The load benchmark against real servers, and a reflection-only client the way ghz calls."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import grpc
+import pytest
+
+from imgsearch import bench
+from imgsearch.bench_commands import free_port
+from imgsearch.cli import main
+
+
+@pytest.fixture(scope="module")
+def queries(artifact_root):
+    return bench.sample_queries(artifact_root, n=60, seed=3)
+
+
+def assert_consistent(result: dict) -> None:
+    """Counts add up and percentiles are ordered."""
+    assert result["sent"] == result["completed"]
+    assert result["completed"] == result["ok"] + result["error_count"]
+    assert sum(result["codes"].values()) == result["completed"]
+    assert result["error_count"] == sum(result["errors"].values())
+    assert result["full"] + result["degraded"] == result["ok"]
+    timeline = result["timeline"]
+    assert sum(r["full"] + r["degraded"] + r["errors"] for r in timeline) == result["completed"]
+    latency = result["latency_ms"]
+    if result["ok"]:
+        assert 0 < latency["p50"] <= latency["p90"] <= latency["p99"] <= latency["max"]
+    else:
+        assert set(latency.values()) == {None}
+
+
+def test_sampled_queries_are_real_users_and_keywords(queries, catalogue):
+    users = set(catalogue.users["anonymous_user_id"])
+    keywords = set(catalogue.conversions["keyword"])
+    assert len(queries) == 60
+    assert all(q.user_id in users and q.query in keywords for q in queries)
+
+
+def test_sampling_is_deterministic_for_a_seed(artifact_root, queries):
+    assert bench.sample_queries(artifact_root, n=60, seed=3) == queries
+    assert bench.sample_queries(artifact_root, n=60, seed=4) != queries
+
+
+def test_open_loop_sends_on_the_clock_and_counts_every_reply(stack, queries):
+    spec = bench.LoadSpec(
+        stack.target, qps=40, duration_s=1.0, warmup_s=0.2, k=5, candidates_k=50, channels=2
+    )
+    result = stack.lt.run(bench.run_load(spec, queries))
+    assert_consistent(result)
+    assert result["mode"] == "open"
+    assert result["sent"] == 40
+    assert result["error_count"] == 0
+    assert result["degraded"] == 0
+    assert result["results_per_response"] == {"5": result["ok"]}
+    sched = result["latency_from_schedule_ms"]
+    assert sched["p50"] >= result["latency_ms"]["p50"] - 1e-6
+    assert 0 <= result["late_sends"] <= result["sent"]
+    versions = list(result["artifact_versions"])
+    assert len(versions) == 1 and "ranking=" in versions[0]
+
+
+def test_closed_loop_workers_wait_for_their_replies(stack, queries):
+    spec = bench.LoadSpec(
+        stack.target, concurrency=3, duration_s=0.8, warmup_s=0.1, ranker="none", channels=1
+    )
+    result = stack.lt.run(bench.run_load(spec, queries))
+    assert_consistent(result)
+    assert result["mode"] == "closed"
+    assert result["ok"] >= 3
+    assert result["error_count"] == 0
+    assert "latency_from_schedule_ms" not in result
+
+
+def test_nothing_listening_counts_unavailable_without_crashing(loop_thread, queries):
+    target = f"127.0.0.1:{free_port()}"
+    open_spec = bench.LoadSpec(target, qps=20, duration_s=0.5, warmup_s=0)
+    result = loop_thread.run(bench.run_load(open_spec, queries))
+    assert_consistent(result)
+    assert result["codes"] == {"UNAVAILABLE": 10}
+    assert result["ok"] == 0 and result["achieved_qps"] == 0
+    closed_spec = bench.LoadSpec(target, concurrency=2, duration_s=0.3, warmup_s=0)
+    result = loop_thread.run(bench.run_load(closed_spec, queries))
+    assert_consistent(result)
+    assert set(result["codes"]) == {"UNAVAILABLE"}
+
+
+def test_in_process_pipeline_returns_what_the_servers_return(stack, artifact_root, queries):
+    from gateway.client import search
+
+    pipeline = bench.InProcessPipeline(artifact_root)
+    for query in queries[:5]:
+        ids, _, _ = pipeline.search(query, "keyword", "als", 5, 50)
+        served = search(
+            stack.target, query.query, query.user_id, k=5, candidates_k=50, ranker="als"
+        )
+        assert ids == [r.photo_id for r in served.results]
+    measured = pipeline.measure(queries[:20], "keyword", "als", 5, 50, warmup=2)
+    latency = measured["latency_ms"]
+    assert measured["requests"] == 20
+    assert 0 < latency["p50"] <= latency["p90"] <= latency["p99"] <= latency["max"]
+    with pytest.raises(ValueError, match="two_step"):
+        pipeline.measure(queries[:2], "keyword", "two_step")
+
+
+def test_reflection_only_client_calls_search_without_generated_code(stack, queries):
+    """What ghz does without --proto: method symbol -> descriptors -> dynamic messages."""
+    spec = bench.LoadSpec(stack.target, concurrency=1, k=5, candidates_k=50)
+    requests = [bench.request_fields(q, spec) for q in queries[:8]]
+    script = f"""
+import json, sys
+import grpc
+from google.protobuf import json_format
+from imgsearch.bench import resolve_method, reflection_client_check
+with grpc.insecure_channel({stack.target!r}) as channel:
+    path, request_class, response_class = resolve_method(channel)
+    call = channel.unary_unary(
+        path,
+        request_serializer=request_class.SerializeToString,
+        response_deserializer=response_class.FromString,
+    )
+    request = json_format.ParseDict({requests[0]!r}, request_class())
+    reply = call(request, timeout=10)
+response = json_format.MessageToDict(reply, preserving_proto_field_name=True)
+check = reflection_client_check({stack.target!r}, {requests!r})
+generated = sorted(m for m in sys.modules if m.startswith("imgsearch.search"))
+print(json.dumps({{"path": path, "response": response, "check": check, "generated": generated}}))
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    assert out["generated"] == []
+    assert out["path"] == "/imgsearch.search.v1.SearchService/Search"
+    assert len(out["response"]["results"]) == 5
+    assert out["response"]["ranker"] == "RANKER_ALS"
+    check = out["check"]
+    assert check["calls"] == check["ok"] == 8
+    assert check["errors"] == {} and check["empty_responses"] == 0
+
+
+def test_reflection_reports_an_unknown_method(stack):
+    with grpc.insecure_channel(stack.target) as channel:
+        with pytest.raises(LookupError, match="NoSuchMethod"):
+            bench.resolve_method(channel, "imgsearch.search.v1.SearchService.NoSuchMethod")
+
+
+def test_bench_command_writes_json_and_fails_when_nothing_answers(artifact_root, tmp_path):
+    report = tmp_path / "bench.json"
+    status = main(
+        [
+            "bench",
+            "--target",
+            f"127.0.0.1:{free_port()}",
+            "--qps",
+            "20",
+            "--duration",
+            "0.3",
+            "--warmup",
+            "0",
+            "--artifacts",
+            str(artifact_root),
+            "--no-in-process",
+            "--json",
+            str(report),
+        ]
+    )
+    assert status == 1
+    written = json.loads(report.read_text())
+    assert written["result"]["errors"] == {"UNAVAILABLE": 6}
+    assert written["machine"]["cpu_count"] >= 1
+    assert written["e2e_over_in_process_p50"] is None
+
+
+def test_bench_suite_runs_services_scenarios_and_a_hot_reload(artifact_root, tmp_path, capsys):
+    out = tmp_path / "bench"
+    status = main(
+        [
+            "bench-suite",
+            "--artifacts",
+            str(artifact_root),
+            "--out",
+            str(out),
+            "--no-build",
+            "--only",
+            "keyword+als closed c=1,reflection,reload",
+            "--duration",
+            "0.5",
+            "--warmup",
+            "0.1",
+            "--fault-qps",
+            "30",
+            "--reload-duration",
+            "3",
+            "--queries",
+            "100",
+            "--in-process-requests",
+            "20",
+        ]
+    )
+    assert status == 0
+    report = json.loads((out / "bench.json").read_text())
+    (run,) = report["scenarios"]
+    assert run["name"] == "keyword+als closed c=1"
+    assert_consistent(run)
+    assert run["error_count"] == 0 and run["ok"] > 0
+    assert run["e2e_over_in_process_p50"] > 0
+    assert set(run["cpu_percent"]) >= {"gateway", "retrieval", "ranking"}
+    assert report["reflection_client"]["ok"] == report["reflection_client"]["calls"] > 0
+    reload = report["hot_reload"]
+    assert_consistent(reload)
+    assert reload["failed_requests"] == 0
+    assert reload["responses_on_new_version"] > 0
+    assert set(report["exit_codes"].values()) == {0}
+    markdown = (out / "bench.md").read_text()
+    assert "| keyword+als closed c=1 |" in markdown
+    assert "Failed requests: 0" in markdown
+    assert report["machine"]["cpu_model"] in markdown
+    ghz_data = json.loads((out / "ghz-data.json").read_text())
+    assert ghz_data[0]["ranker"] == "RANKER_ALS" and ghz_data[0]["query"]
+
+
+def test_the_shipped_ghz_config_resolves_and_calls_with_zero_errors(stack):
+    """bench/ghz.json's call and data, sent the way ghz sends them with reflection only."""
+    from pathlib import Path
+
+    config = json.loads((Path(__file__).parents[1] / "bench" / "ghz.json").read_text())
+    check = bench.reflection_client_check(stack.target, config["data"], symbol=config["call"])
+    assert check["ok"] == len(config["data"]) and check["errors"] == {}
