@@ -13,6 +13,8 @@ The protocol (what the README's Performance section reports):
    search engine would not re-recommend them; they stay relevant if converted again, so every
    system loses them alike.
 4. **Relevant.** The distinct photos the user converted with that keyword in the test part.
+   The ranking request carries the user's last 20 training photos as ``recent_photos`` and
+   the country of their latest training conversion, as a client with that history would.
 5. **Models.** Rankers are fitted on the training conversions only. CLIP learns from images
    and keywords, never conversions, so it is trained on all photos (or loaded from
    ``clip_artifacts``).
@@ -208,6 +210,9 @@ class TestQueries:
         Per query, how many test conversions each relevant photo had (the seed-NDCG gains).
     country:
         The country of the user's latest training conversion ("" when unknown).
+    recent:
+        Per query, the user's last ``recent_k`` training photos (oldest first), sent as the
+        request's ``recent_photos`` as a client with the user's history would.
     n_pairs_total:
         Pairs that qualified before ``max_queries`` cut them down.
     """
@@ -217,6 +222,7 @@ class TestQueries:
     relevant: list[np.ndarray]
     counts: list[np.ndarray]
     country: np.ndarray
+    recent: list[np.ndarray]
     n_pairs_total: int
 
     def __len__(self) -> int:
@@ -224,7 +230,11 @@ class TestQueries:
 
 
 def build_test_queries(
-    split: Split, min_pair: int = 3, max_queries: int | None = None, seed: int = 0
+    split: Split,
+    min_pair: int = 3,
+    max_queries: int | None = None,
+    seed: int = 0,
+    recent_k: int = 20,
 ) -> TestQueries:
     """Find the test queries of a split.
 
@@ -238,6 +248,8 @@ def build_test_queries(
         Keep at most this many pairs, drawn uniformly with ``seed``; None keeps all.
     seed:
         Seed of that draw.
+    recent_k:
+        Training photos per query sent as the user's recent history.
 
     Returns
     -------
@@ -278,16 +290,32 @@ def build_test_queries(
     country = last_country.reindex(users).fillna("").to_numpy(object)
     if len(starts) == 0:
         photos, counts = [], []
-    return TestQueries(users, keywords, photos, counts, country, n_total)
+    history = split.train[["user_idx", "photo_idx"]].groupby("user_idx", sort=False).tail(recent_k)
+    by_user = user_photos(history, keep_order=True)
+    none = np.zeros(0, np.int64)
+    recent = [by_user.get(int(u), none) for u in users]
+    return TestQueries(users, keywords, photos, counts, country, recent, n_total)
 
 
-def user_photos(conversions: pd.DataFrame) -> dict[int, np.ndarray]:
-    """Map each user to the sorted distinct photos they converted in ``conversions``."""
+def user_photos(conversions: pd.DataFrame, keep_order: bool = False) -> dict[int, np.ndarray]:
+    """Map each user to the photos they converted in ``conversions``.
+
+    Parameters
+    ----------
+    conversions:
+        Rows with ``user_idx`` and ``photo_idx``.
+    keep_order:
+        Keep every row in table order (repeats included) instead of sorted distinct photos.
+    """
     if len(conversions) == 0:
         return {}
     users = conversions["user_idx"].to_numpy(np.int64)
     photos = conversions["photo_idx"].to_numpy(np.int64)
-    pairs = np.unique(np.stack([users, photos]), axis=1)
+    if keep_order:
+        order = np.argsort(users, kind="stable")
+        pairs = np.stack([users[order], photos[order]])
+    else:
+        pairs = np.unique(np.stack([users, photos]), axis=1)
     starts = np.flatnonzero(np.r_[True, np.diff(pairs[0]) != 0])
     return dict(zip(pairs[0][starts].tolist(), np.split(pairs[1], starts[1:])))
 
@@ -752,6 +780,7 @@ def _evaluate_retriever(
                 keyword=keyword,
                 candidates=candidates,
                 retrieval_scores=cand_scores,
+                recent_photos=queries.recent[q],
                 country=str(queries.country[q]),
             )
             start = time.perf_counter()
@@ -767,6 +796,7 @@ def _evaluate_retriever(
                     keyword=keyword,
                     candidates=relevant_photos,
                     retrieval_scores=relevant_scores,
+                    recent_photos=queries.recent[q],
                     country=str(queries.country[q]),
                 )
             )
