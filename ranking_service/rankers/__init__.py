@@ -1,0 +1,73 @@
+"""Personalization rankers by name: ``none``, ``popularity``, ``als``, ``fm``, ``deepfm``."""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+from imgsearch.catalogue import Catalogue
+from ranking_service.rankers.base import Ranker, RankQuery, RankScores
+
+RANKER_NAMES = ("none", "popularity", "als", "fm", "deepfm")
+
+# name -> (module, class); modules are imported on first use so that serving ALS or
+# popularity never pays for importing torch.
+_REGISTRY = {
+    "none": ("ranking_service.rankers.none", "NoneRanker"),
+    "popularity": ("ranking_service.rankers.popularity", "PopularityRanker"),
+    "als": ("ranking_service.rankers.als", "ALSRanker"),
+    "fm": ("ranking_service.rankers.fm", "FMRanker"),
+    "deepfm": ("ranking_service.rankers.deepfm", "DeepFMRanker"),
+}
+
+__all__ = [
+    "RANKER_NAMES",
+    "RankQuery",
+    "RankScores",
+    "Ranker",
+    "create_ranker",
+    "load_ranker",
+    "ranker_class",
+]
+
+
+def ranker_class(name: str) -> type[Ranker]:
+    """Return the ranker class registered as ``name``.
+
+    Raises
+    ------
+    ValueError
+        For a name that is not one of :data:`RANKER_NAMES`.
+    """
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown ranker {name!r}; valid names: {', '.join(RANKER_NAMES)}")
+    module, attribute = _REGISTRY[name]
+    return getattr(importlib.import_module(module), attribute)
+
+
+def create_ranker(name: str, **params) -> Ranker:
+    """Return an unfitted ranker by name, with its constructor parameters.
+
+    Parameters
+    ----------
+    name:
+        One of :data:`RANKER_NAMES`.
+    **params:
+        Parameters of that ranker's constructor.
+    """
+    return ranker_class(name)(**params)
+
+
+def load_ranker(name: str, directory: str | Path, catalogue: Catalogue) -> Ranker:
+    """Load a ranker saved with ``Ranker.save`` into ``directory``.
+
+    Parameters
+    ----------
+    name:
+        The ranker's name (checked against the saved ``config.json``).
+    directory:
+        Where it was saved.
+    catalogue:
+        The catalogue it serves.
+    """
+    return ranker_class(name).load(Path(directory), catalogue)

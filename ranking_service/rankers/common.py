@@ -1,0 +1,105 @@
+"""Helpers shared by the rankers: candidate checks, tie-safe ordinal scores, config files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+CONFIG_FILE = "config.json"
+FORMAT_VERSION = 1
+
+
+def as_candidates(candidates: np.ndarray | list[int]) -> np.ndarray:
+    """Return ``candidates`` as a flat int64 array (a copy only when needed)."""
+    return np.asarray(candidates, dtype=np.int64).reshape(-1)
+
+
+def known_photo_mask(candidates: np.ndarray, n_photos: int) -> np.ndarray:
+    """Return which candidates are valid photo indexes of a catalogue of ``n_photos``."""
+    return (candidates >= 0) & (candidates < n_photos)
+
+
+def retrieval_order_scores(candidates: np.ndarray, retrieval_scores: np.ndarray) -> np.ndarray:
+    """Return the retrieval scores as float64, or descending rank scores when they carry no order.
+
+    Missing, mis-sized or constant retrieval scores mean "the candidates are in retrieval
+    order": the first gets ``n``, the last ``1``. Non-finite scores count as the lowest.
+    """
+    n = len(candidates)
+    scores = np.asarray(retrieval_scores, dtype=np.float64).reshape(-1)
+    if len(scores) != n or n == 0:
+        return np.arange(n, 0, -1, dtype=np.float64)
+    finite = np.isfinite(scores)
+    if not finite.any() or np.ptp(scores[finite]) == 0.0:
+        return np.arange(n, 0, -1, dtype=np.float64)
+    return np.where(finite, scores, scores[finite].min() - 1.0)
+
+
+def ordinal_scores(primary: np.ndarray, secondary: np.ndarray) -> np.ndarray:
+    """Return scores in (0, 1] that order by ``primary``, then by ``secondary``.
+
+    Used where a ranker's own scores tie often (popularity counts): the order is exactly the
+    lexicographic one, with no epsilon that could swamp small differences. Candidates equal on
+    both keys (a duplicated photo) get equal scores, so a stable sort keeps their input order.
+    """
+    n = len(primary)
+    if n == 0:
+        return np.zeros(0, dtype=np.float64)
+    # lexsort: the last key is the primary one; ascending, so the best come last.
+    order = np.lexsort((secondary, primary))
+    step = np.r_[True, (np.diff(primary[order]) != 0) | (np.diff(secondary[order]) != 0)]
+    scores = np.empty(n, dtype=np.float64)
+    scores[order] = np.cumsum(step) / n
+    return scores
+
+
+def finalize_scores(scores: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """Return float32 scores where invalid candidates score strictly below every valid one.
+
+    Out-of-range photo indexes get ``min(valid scores) - 1`` (or ``-1`` when none is valid), so
+    every score stays finite and an unknown photo never outranks a known one.
+    """
+    scores = np.asarray(scores, dtype=np.float64).copy()
+    scores[~np.isfinite(scores)] = np.nan
+    ok = valid & ~np.isnan(scores)
+    floor = (scores[ok].min() - 1.0) if ok.any() else -1.0
+    scores[~ok] = floor
+    return scores.astype(np.float32)
+
+
+def write_config(directory: Path, name: str, config: dict[str, Any]) -> None:
+    """Write ``config`` with the ranker's name and format version as ``config.json``."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    payload = {"ranker": name, "format_version": FORMAT_VERSION, **config}
+    (directory / CONFIG_FILE).write_text(json.dumps(payload, indent=2, sort_keys=True))
+
+
+def read_config(directory: Path, name: str) -> dict[str, Any]:
+    """Read ``config.json`` written by :func:`write_config`, checking it belongs to ``name``."""
+    path = Path(directory) / CONFIG_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"no {CONFIG_FILE} in {directory}: not a saved ranker")
+    config = json.loads(path.read_text())
+    if config.get("ranker") != name:
+        raise ValueError(f"{path} holds a {config.get('ranker')!r} ranker, not {name!r}")
+    if config.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{path}: unsupported format version {config.get('format_version')}")
+    return config
+
+
+def save_arrays(path: Path, **arrays: np.ndarray) -> None:
+    """Write plain numeric arrays as an ``.npz`` (no object arrays, so no pickles)."""
+    for key, value in arrays.items():
+        if np.asarray(value).dtype == object:
+            raise TypeError(f"array {key!r} has dtype object; refusing to pickle it")
+    np.savez(path, **arrays)
+
+
+def load_arrays(path: Path) -> dict[str, np.ndarray]:
+    """Read an ``.npz`` written by :func:`save_arrays` with ``allow_pickle=False``."""
+    with np.load(path, allow_pickle=False) as data:
+        return {key: data[key] for key in data.files}

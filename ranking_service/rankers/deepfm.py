@@ -1,0 +1,125 @@
+"""The ``deepfm`` ranker: the FM part plus an MLP over the concatenated field embeddings."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from imgsearch.catalogue import Catalogue
+from ranking_service.rankers.features import FieldEncoder
+from ranking_service.rankers.fm import FactorizationMachine, FMRanker
+from ranking_service.rankers.validation import ValidationSet
+
+
+class DeepFM(FactorizationMachine):
+    """DeepFM (Guo et al. 2017): FM and an MLP sharing the same field embeddings.
+
+    Parameters
+    ----------
+    encoder:
+        Gives the number of ids and the photo-side lookup tables.
+    factors:
+        Embedding size.
+    hidden:
+        Widths of the MLP's hidden layers (ReLU); the MLP ends in one output.
+    init_std:
+        Standard deviation of the initial embeddings.
+    """
+
+    def __init__(
+        self,
+        encoder: FieldEncoder,
+        factors: int,
+        hidden: tuple[int, ...],
+        init_std: float = 0.05,
+    ) -> None:
+        super().__init__(encoder, factors, init_std)
+        layers: list[nn.Module] = []
+        width = self.n_fields * factors
+        for size in hidden:
+            layers += [nn.Linear(width, size), nn.ReLU()]
+            width = size
+        layers.append(nn.Linear(width, 1))
+        self.mlp = nn.Sequential(*layers)
+
+    def score_with_embeddings(
+        self, context: torch.Tensor, photo_rows: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Return ``(FM + MLP scores (B, C), context embeddings, photo embeddings)``."""
+        context_emb = self.embedding(context)
+        photo_emb, photo_linear = self.photo_side(photo_rows)
+        fm = self.fm_scores(context, context_emb, photo_emb, photo_linear)
+        batch, n_candidates = photo_rows.shape
+        shared = context_emb.unsqueeze(1).expand(batch, n_candidates, -1, -1)
+        deep = torch.cat([shared, photo_emb], dim=2).flatten(2)
+        return fm + self.mlp(deep).squeeze(-1), context_emb, photo_emb
+
+
+class DeepFMRanker(FMRanker):
+    """DeepFM ranker: :class:`FMRanker`'s fields, BPR training and fallbacks, plus an MLP.
+
+    Parameters
+    ----------
+    hidden:
+        Widths of the MLP's hidden layers.
+    int8:
+        Serve with the MLP's ``nn.Linear`` layers dynamically quantized to INT8 (see
+        :mod:`ranking_service.rankers.int8`; the gate there decides whether to).
+    **params:
+        :class:`FMRanker`'s parameters.
+    """
+
+    name = "deepfm"
+
+    def __init__(
+        self, hidden: tuple[int, ...] | list[int] = (128, 64), int8: bool = False, **params
+    ):
+        super().__init__(**params)
+        self.hidden = tuple(int(size) for size in hidden)
+        self.int8 = False
+        self._int8_model: nn.Module | None = None
+        self._want_int8 = bool(int8)
+
+    @property
+    def params(self) -> dict:
+        """The constructor parameters (``int8`` is saved apart, as the gate's outcome)."""
+        return {**super().params, "hidden": list(self.hidden)}
+
+    def build_model(self, encoder: FieldEncoder) -> DeepFM:
+        """Return a freshly initialised DeepFM for ``encoder``'s fields."""
+        return DeepFM(encoder, self.factors, self.hidden, self.init_std)
+
+    def fit(
+        self,
+        catalogue: Catalogue,
+        show_progress: bool = True,
+        validation: ValidationSet | None = None,
+    ) -> DeepFMRanker:
+        """Train as :meth:`FMRanker.fit`; quantize afterwards when built with ``int8=True``."""
+        self.set_int8(False)
+        self._int8_model = None
+        super().fit(catalogue, show_progress, validation)
+        self.set_int8(self._want_int8)
+        return self
+
+    def set_int8(self, enabled: bool) -> None:
+        """Serve with the INT8 MLP or with FP32 (the INT8 copy is made once per trained model)."""
+        from ranking_service.rankers.int8 import quantize_int8  # int8 imports this module
+
+        self.int8 = bool(enabled) and self.model is not None
+        if self.int8 and self._int8_model is None:
+            self._int8_model = quantize_int8(self.model)
+
+    def scoring_model(self) -> nn.Module:
+        """Return the INT8 network when enabled, else the FP32 one."""
+        if self.int8 and self._int8_model is not None:
+            return self._int8_model
+        return super().scoring_model()
+
+    def extra_config(self) -> dict:
+        """Record whether the saved model serves as INT8 (the weights are saved as FP32)."""
+        return {"int8": self.int8}
+
+    def apply_extra_config(self, config: dict) -> None:
+        """Re-quantize on load when the saved ranker served as INT8."""
+        self.set_int8(bool(config.get("int8", False)))

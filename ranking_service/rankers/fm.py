@@ -1,0 +1,542 @@
+"""The ``fm`` ranker: a Factorization Machine over query and photo fields, trained with BPR.
+
+Also holds what FM and DeepFM share: the BPR training loop (vectorised negative sampling from
+the query's keyword candidates and uniformly), early stopping on validation NDCG@10, scoring
+and saving. :mod:`ranking_service.rankers.deepfm` adds the MLP.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from imgsearch.catalogue import Catalogue
+from ranking_service.rankers.base import Ranker, RankQuery, RankScores
+from ranking_service.rankers.candidates import KeywordCandidates
+from ranking_service.rankers.common import (
+    as_candidates,
+    finalize_scores,
+    known_photo_mask,
+    load_arrays,
+    read_config,
+    save_arrays,
+    write_config,
+)
+from ranking_service.rankers.features import FieldEncoder
+from ranking_service.rankers.validation import ValidationSet, split_by_time
+
+MODEL_FILE = "model.pt"
+ENCODER_FILE = "encoder.npz"
+
+
+class FactorizationMachine(nn.Module):
+    """Bias + linear terms + pairwise interactions of all field embeddings (Rendle 2010).
+
+    The query's context fields are shared by its candidates, so inputs are ``context`` ``(B, 3)``
+    global ids and ``photo_rows`` ``(B, C)`` (photo index + 1, 0 for unknown), and the output is
+    ``(B, C)`` scores. The photo side (fields, tag bags) is looked up in buffers built from the
+    :class:`FieldEncoder`; the tag field's vector is the confidence-weighted mean of the photo's
+    tag embeddings.
+
+    Parameters
+    ----------
+    encoder:
+        Gives the number of ids and the photo-side lookup tables.
+    factors:
+        Embedding size.
+    init_std:
+        Standard deviation of the initial embeddings.
+    """
+
+    def __init__(self, encoder: FieldEncoder, factors: int, init_std: float = 0.05) -> None:
+        super().__init__()
+        self.n_fields = encoder.n_fields
+        self.embedding = nn.Embedding(encoder.n_features, factors)
+        self.linear = nn.Embedding(encoder.n_features, 1)
+        self.bias = nn.Parameter(torch.zeros(1))
+        nn.init.normal_(self.embedding.weight, std=init_std)
+        nn.init.zeros_(self.linear.weight)
+        # Catalogue lookups, rebuilt from the encoder on load: not part of the state_dict.
+        self.register_buffer("photo_fields", torch.from_numpy(encoder.photo_fields), False)
+        weights = encoder.photo_tag_weights
+        share = weights / np.maximum(weights.sum(axis=1, keepdims=True), 1e-6)
+        self.register_buffer("tag_ids", torch.from_numpy(encoder.photo_tag_ids), False)
+        self.register_buffer("tag_share", torch.from_numpy(share.astype(np.float32)), False)
+        self.has_tags = encoder.has_tags
+
+    def photo_side(self, photo_rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return the candidates' field embeddings ``(B, C, F, k)`` and linear terms ``(B, C)``."""
+        fields = self.photo_fields[photo_rows]
+        embedded = self.embedding(fields)
+        linear = self.linear(fields).sum((2, 3))
+        if self.has_tags:
+            tags, share = self.tag_ids[photo_rows], self.tag_share[photo_rows].unsqueeze(-1)
+            bag = (self.embedding(tags) * share).sum(2, keepdim=True)
+            embedded = torch.cat([embedded, bag], dim=2)
+            linear = linear + (self.linear(tags) * share).sum((2, 3))
+        return embedded, linear
+
+    def fm_scores(
+        self,
+        context: torch.Tensor,
+        context_emb: torch.Tensor,
+        photo_emb: torch.Tensor,
+        photo_linear: torch.Tensor,
+    ) -> torch.Tensor:
+        """Return the FM part: ``bias + Σ w_i + ½ Σ_f [(Σ_i v_if)² − Σ_i v_if²]`` (O(kn))."""
+        total = context_emb.sum(1, keepdim=True) + photo_emb.sum(2)
+        squares = context_emb.pow(2).sum(1, keepdim=True) + photo_emb.pow(2).sum(2)
+        pairwise = 0.5 * (total.pow(2) - squares).sum(-1)
+        linear = self.linear(context).sum((1, 2)).unsqueeze(1) + photo_linear
+        return self.bias + linear + pairwise
+
+    def score_with_embeddings(
+        self, context: torch.Tensor, photo_rows: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Return ``(scores (B, C), context embeddings, photo embeddings)``."""
+        context_emb = self.embedding(context)
+        photo_emb, photo_linear = self.photo_side(photo_rows)
+        scores = self.fm_scores(context, context_emb, photo_emb, photo_linear)
+        return scores, context_emb, photo_emb
+
+    def forward(self, context: torch.Tensor, photo_rows: torch.Tensor) -> torch.Tensor:
+        """Return ``(B, C)`` scores."""
+        return self.score_with_embeddings(context, photo_rows)[0]
+
+
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Run with ``n`` torch intra-op threads, then restore the process's setting (0: keep it)."""
+    if n <= 0:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+class _TrainingData:
+    """Integer tensors of one training set, built once (no per-row pandas access)."""
+
+    def __init__(
+        self, encoder: FieldEncoder, catalogue: Catalogue, candidates: KeywordCandidates, pool: int
+    ) -> None:
+        context, photo_rows = encoder.encode_conversions(catalogue.conversions)
+        keep = photo_rows > 0
+        self.context = torch.from_numpy(np.ascontiguousarray(context[keep]))
+        self.photo_rows = torch.from_numpy(photo_rows[keep])
+        self.keyword_local = context[keep, 1] - encoder.offsets[1]
+        self.n_photos = encoder.n_photos
+        # Row 0 (the unknown keyword) has no pool: its negatives are drawn uniformly.
+        ptr, photos = candidates.pools(["", *encoder.keyword_names], pool)
+        self.pool_ptr = ptr
+        self.pool_rows = encoder.photo_rows(photos)
+
+    def __len__(self) -> int:
+        return len(self.photo_rows)
+
+
+class FMRanker(Ranker):
+    """Factorization Machine ranker over user, keyword, country, photo and photo side fields.
+
+    Fields: user, query keyword, conversion country; photo, photographer, log-bucketed views and
+    downloads, and (``photo_tags > 0``) a bag of the photo's tags, which lets a taste learned on
+    some photos carry over to others with the same tags.
+
+    Trained with BPR: each training conversion's photo should outscore negatives drawn from
+    the same keyword's candidates (``keyword_negatives``) and from all photos
+    (``uniform_negatives``); loss ``−log σ(s_pos − s_neg)`` plus L2 on the embeddings used.
+    The last ``validation_fraction`` of the conversions (by time) is held out to pick the
+    epoch count (early stopping on NDCG@10); with ``refit`` the model is then retrained on all
+    conversions for that many epochs.
+
+    Parameters
+    ----------
+    factors:
+        Embedding size.
+    epochs:
+        Most training epochs.
+    batch_size:
+        Conversions per step.
+    learning_rate:
+        Adam's step size.
+    l2:
+        Weight of the L2 penalty on the embeddings of each batch (per conversion).
+    keyword_negatives, uniform_negatives:
+        Negatives per conversion from its keyword's candidates and from all photos.
+    negative_pool:
+        How many of a keyword's top candidates hard negatives come from.
+    patience:
+        Epochs without improvement before stopping.
+    validation_fraction:
+        Share of the (time-sorted) conversions held out for early stopping; 0 disables it.
+    max_validation_queries:
+        Validation (user, keyword) pairs scored per epoch.
+    validation_candidates_k:
+        Candidates per validation query.
+    refit:
+        Retrain on all conversions for the best epoch count after early stopping.
+    seed:
+        Seed of initialisation, shuffling and negative sampling.
+    min_user_conversions, min_keyword_conversions:
+        Rarer users / keywords share the unknown id.
+    init_std:
+        Standard deviation of the initial embeddings.
+    optimizer:
+        ``"adam"`` or ``"adagrad"``.
+    num_threads:
+        Torch threads while training (restored afterwards); 0 keeps the process's setting.
+        On a busy machine one thread can be many times faster than several.
+    photo_tags:
+        Size of the tag field's bag: each photo's most confident keywords (0 turns it off).
+    """
+
+    name = "fm"
+
+    def __init__(
+        self,
+        factors: int = 32,
+        epochs: int = 10,
+        batch_size: int = 4096,
+        learning_rate: float = 0.01,
+        l2: float = 0.01,
+        keyword_negatives: int = 1,
+        uniform_negatives: int = 1,
+        negative_pool: int = 100,
+        patience: int = 2,
+        validation_fraction: float = 0.1,
+        max_validation_queries: int = 2000,
+        validation_candidates_k: int = 100,
+        refit: bool = True,
+        seed: int = 0,
+        min_user_conversions: int = 1,
+        min_keyword_conversions: int = 1,
+        init_std: float = 0.05,
+        optimizer: str = "adam",
+        num_threads: int = 0,
+        photo_tags: int = 10,
+    ) -> None:
+        self.factors = int(factors)
+        self.epochs = int(epochs)
+        self.batch_size = int(batch_size)
+        self.learning_rate = float(learning_rate)
+        self.l2 = float(l2)
+        self.keyword_negatives = int(keyword_negatives)
+        self.uniform_negatives = int(uniform_negatives)
+        self.negative_pool = int(negative_pool)
+        self.patience = int(patience)
+        self.validation_fraction = float(validation_fraction)
+        self.max_validation_queries = int(max_validation_queries)
+        self.validation_candidates_k = int(validation_candidates_k)
+        self.refit = bool(refit)
+        self.seed = int(seed)
+        self.min_user_conversions = int(min_user_conversions)
+        self.min_keyword_conversions = int(min_keyword_conversions)
+        self.init_std = float(init_std)
+        if optimizer not in ("adam", "adagrad"):
+            raise ValueError(f"optimizer must be 'adam' or 'adagrad', got {optimizer!r}")
+        self.optimizer = optimizer
+        self.num_threads = int(num_threads)
+        self.photo_tags = int(photo_tags)
+        if self.keyword_negatives + self.uniform_negatives < 1:
+            raise ValueError("need at least one negative per conversion")
+        self.encoder: FieldEncoder | None = None
+        self.model: FactorizationMachine | None = None
+        self.best_epoch = 0
+        self.history: list[dict] = []
+
+    @property
+    def params(self) -> dict:
+        """The constructor parameters."""
+        return {
+            "factors": self.factors,
+            "epochs": self.epochs,
+            "batch_size": self.batch_size,
+            "learning_rate": self.learning_rate,
+            "l2": self.l2,
+            "keyword_negatives": self.keyword_negatives,
+            "uniform_negatives": self.uniform_negatives,
+            "negative_pool": self.negative_pool,
+            "patience": self.patience,
+            "validation_fraction": self.validation_fraction,
+            "max_validation_queries": self.max_validation_queries,
+            "validation_candidates_k": self.validation_candidates_k,
+            "refit": self.refit,
+            "seed": self.seed,
+            "min_user_conversions": self.min_user_conversions,
+            "min_keyword_conversions": self.min_keyword_conversions,
+            "init_std": self.init_std,
+            "optimizer": self.optimizer,
+            "num_threads": self.num_threads,
+            "photo_tags": self.photo_tags,
+        }
+
+    def build_model(self, encoder: FieldEncoder) -> FactorizationMachine:
+        """Return a freshly initialised network for ``encoder``'s fields."""
+        return FactorizationMachine(encoder, self.factors, self.init_std)
+
+    def scoring_model(self) -> nn.Module:
+        """Return the network that serves requests."""
+        assert self.model is not None, "the ranker is not fitted"
+        return self.model
+
+    def _start(self, catalogue: Catalogue) -> None:
+        """Build vocabularies and a fresh network for ``catalogue`` (seeded)."""
+        torch.manual_seed(self.seed)
+        self.encoder = FieldEncoder.fit(
+            catalogue, self.min_user_conversions, self.min_keyword_conversions, self.photo_tags
+        )
+        self.model = self.build_model(self.encoder)
+
+    def fit(
+        self,
+        catalogue: Catalogue,
+        show_progress: bool = True,
+        validation: ValidationSet | None = None,
+    ) -> FMRanker:
+        """Train with BPR on ``catalogue.conversions`` (see the class docstring).
+
+        Parameters
+        ----------
+        catalogue:
+            The catalogue; ``conversions`` are the training ones.
+        show_progress:
+            Show a tqdm bar per epoch and a line of figures after it.
+        validation:
+            Queries to early-stop on instead of cutting the last ``validation_fraction`` of the
+            conversions (tuning passes its own); the best epoch's weights are kept, no refit.
+        """
+        with torch_threads(self.num_threads):
+            return self._fit(catalogue, show_progress, validation)
+
+    def _fit(
+        self, catalogue: Catalogue, show_progress: bool, validation: ValidationSet | None
+    ) -> FMRanker:
+        candidates = KeywordCandidates(catalogue.keywords)
+        self.history = []
+        train_catalogue = catalogue
+        own_validation = validation is None and self.validation_fraction > 0
+        if own_validation:
+            train, held_out = split_by_time(catalogue.conversions, self.validation_fraction)
+            train_catalogue = catalogue.with_conversions(train)
+            validation = ValidationSet.build(
+                train_catalogue,
+                held_out,
+                candidates_k=self.validation_candidates_k,
+                max_queries=self.max_validation_queries,
+                seed=self.seed,
+                keyword_candidates=candidates,
+            )
+        if validation is not None and len(validation) == 0:
+            validation, train_catalogue = None, catalogue
+        self._start(train_catalogue)
+        data = _TrainingData(self.encoder, train_catalogue, candidates, self.negative_pool)
+        rng = np.random.default_rng(self.seed)
+        optimizer = self._optimizer()
+        best_ndcg, best_state, stale = -1.0, None, 0
+        for epoch in range(1, self.epochs + 1):
+            loss = self._train_epoch(data, optimizer, rng, epoch, show_progress)
+            entry = {"epoch": epoch, "loss": loss}
+            if validation is not None:
+                entry["validation_ndcg"] = validation.ndcg(self)
+                if entry["validation_ndcg"] > best_ndcg:
+                    best_ndcg, stale = entry["validation_ndcg"], 0
+                    best_state = copy.deepcopy(self.model.state_dict())
+                    self.best_epoch = epoch
+                else:
+                    stale += 1
+            else:
+                self.best_epoch = epoch
+            self.history.append(entry)
+            if show_progress:
+                tqdm.write(f"{self.name} epoch {epoch}: " + _format_entry(entry))
+            if validation is not None and stale >= self.patience:
+                break
+        if validation is None:
+            return self
+        if not (own_validation and self.refit):
+            self.model.load_state_dict(best_state)
+            return self
+        self._start(catalogue)
+        data = _TrainingData(self.encoder, catalogue, candidates, self.negative_pool)
+        rng = np.random.default_rng(self.seed)
+        optimizer = self._optimizer()
+        for epoch in range(1, self.best_epoch + 1):
+            self._train_epoch(data, optimizer, rng, epoch, show_progress, label="refit epoch")
+        return self
+
+    def _optimizer(self) -> torch.optim.Optimizer:
+        """Return the optimizer named by ``optimizer`` over the network's parameters."""
+        if self.optimizer == "adagrad":
+            return torch.optim.Adagrad(self.model.parameters(), lr=self.learning_rate)
+        return torch.optim.Adam(self.model.parameters(), lr=self.learning_rate)
+
+    def _sample_negatives(self, data: _TrainingData, order: np.ndarray, rng) -> np.ndarray:
+        """Return ``(n, negatives)`` photo rows: keyword-candidate ones, then uniform ones."""
+        n = len(order)
+        keyword = data.keyword_local[order]
+        start = data.pool_ptr[keyword]
+        length = data.pool_ptr[keyword + 1] - start
+        columns = []
+        for _ in range(self.keyword_negatives):
+            uniform = rng.integers(1, data.n_photos + 1, n)
+            if len(data.pool_rows) == 0:
+                columns.append(uniform)
+                continue
+            pick = np.minimum(
+                start + (rng.random(n) * length).astype(np.int64), len(data.pool_rows) - 1
+            )
+            columns.append(np.where(length > 0, data.pool_rows[pick], uniform))
+        for _ in range(self.uniform_negatives):
+            columns.append(rng.integers(1, data.n_photos + 1, n))
+        return np.stack(columns, axis=1).astype(np.int64)
+
+    def _train_epoch(
+        self,
+        data: _TrainingData,
+        optimizer: torch.optim.Optimizer,
+        rng: np.random.Generator,
+        epoch: int,
+        show_progress: bool,
+        label: str = "epoch",
+    ) -> float:
+        """Run one BPR epoch; return the mean loss."""
+        self.model.train()
+        order = rng.permutation(len(data))
+        negatives = torch.from_numpy(self._sample_negatives(data, order, rng))
+        order = torch.from_numpy(order)
+        total, steps = 0.0, 0
+        batches = range(0, len(data), self.batch_size)
+        bar = tqdm(
+            batches, desc=f"{self.name} {label} {epoch}", disable=not show_progress, leave=False
+        )
+        for start in bar:
+            rows = order[start : start + self.batch_size]
+            photos = torch.cat([data.photo_rows[rows].unsqueeze(1), negatives[rows]], dim=1)
+            scores, context_emb, photo_emb = self.model.score_with_embeddings(
+                data.context[rows], photos
+            )
+            margin = scores[:, :1] - scores[:, 1:]
+            real = (photos[:, 1:] != photos[:, :1]).float()  # a negative equal to the positive
+            loss = (F.softplus(-margin) * real).sum() / real.sum().clamp(min=1.0)
+            penalty = (context_emb.pow(2).sum() + photo_emb.pow(2).sum()) / len(rows)
+            optimizer.zero_grad(set_to_none=True)
+            (loss + self.l2 * penalty).backward()
+            optimizer.step()
+            total += float(loss.detach())
+            steps += 1
+            if show_progress and steps % 20 == 0:
+                bar.set_postfix(loss=f"{total / steps:.4f}")
+        self.model.eval()
+        return total / max(steps, 1)
+
+    def score(self, query: RankQuery) -> RankScores:
+        """Score ``query.candidates``; unknown user / keyword use the unknown id and say so."""
+        assert self.encoder is not None, "the ranker is not fitted"
+        candidates = as_candidates(query.candidates)
+        valid = known_photo_mask(candidates, self.encoder.n_photos)
+        context, unknown = self.encoder.encode_context(query.user_idx, query.keyword, query.country)
+        reason = _unknown_reason(unknown)
+        if len(candidates) == 0:
+            return RankScores(np.zeros(0, dtype=np.float32), fallback_reason=reason)
+        rows = torch.from_numpy(self.encoder.photo_rows(candidates))
+        with torch.inference_mode():
+            scores = self.scoring_model()(
+                torch.from_numpy(context).unsqueeze(0), rows.unsqueeze(0)
+            )[0].numpy()
+        return RankScores(finalize_scores(scores, valid), fallback_reason=reason)
+
+    def score_batch(self, queries: list[RankQuery], chunk: int = 256) -> list[RankScores]:
+        """Score many queries with one forward pass per ``chunk`` (validation, evaluation).
+
+        Gives the same scores as :meth:`score` one query at a time, up to float rounding.
+        """
+        assert self.encoder is not None, "the ranker is not fitted"
+        results: list[RankScores] = []
+        for start in range(0, len(queries), chunk):
+            part = queries[start : start + chunk]
+            candidates = [as_candidates(q.candidates) for q in part]
+            width = max(1, max(len(c) for c in candidates))
+            rows = np.zeros((len(part), width), dtype=np.int64)
+            context = np.empty((len(part), 3), dtype=np.int64)
+            reasons = []
+            for i, (q, c) in enumerate(zip(part, candidates)):
+                context[i], unknown = self.encoder.encode_context(q.user_idx, q.keyword, q.country)
+                rows[i, : len(c)] = self.encoder.photo_rows(c)
+                reasons.append(_unknown_reason(unknown))
+            with torch.inference_mode():
+                scores = self.scoring_model()(
+                    torch.from_numpy(context), torch.from_numpy(rows)
+                ).numpy()
+            for i, c in enumerate(candidates):
+                valid = known_photo_mask(c, self.encoder.n_photos)
+                results.append(RankScores(finalize_scores(scores[i, : len(c)], valid), reasons[i]))
+        return results
+
+    def extra_config(self) -> dict:
+        """Model-specific entries of ``config.json`` (none for FM)."""
+        return {}
+
+    def save(self, directory: Path) -> None:
+        """Write ``config.json``, ``encoder.npz`` and the FP32 ``state_dict`` as ``model.pt``."""
+        assert self.model is not None and self.encoder is not None, "the ranker is not fitted"
+        directory = Path(directory)
+        write_config(
+            directory,
+            self.name,
+            {
+                "params": self.params,
+                "encoder": self.encoder.to_config(),
+                "best_epoch": self.best_epoch,
+                "history": self.history,
+                **self.extra_config(),
+            },
+        )
+        save_arrays(directory / ENCODER_FILE, **self.encoder.to_arrays())
+        torch.save(self.model.state_dict(), directory / MODEL_FILE)
+
+    @classmethod
+    def load(cls, directory: Path, catalogue: Catalogue) -> FMRanker:
+        """Read a ranker written by :meth:`save` (``torch.load(..., weights_only=True)``)."""
+        directory = Path(directory)
+        config = read_config(directory, cls.name)
+        ranker = cls(**config["params"])
+        ranker.encoder = FieldEncoder.from_saved(
+            load_arrays(directory / ENCODER_FILE), config["encoder"]
+        )
+        ranker.model = ranker.build_model(ranker.encoder)
+        state = torch.load(directory / MODEL_FILE, map_location="cpu", weights_only=True)
+        ranker.model.load_state_dict(state)
+        ranker.model.eval()
+        ranker.best_epoch = int(config.get("best_epoch", 0))
+        ranker.history = list(config.get("history", []))
+        ranker.apply_extra_config(config)
+        return ranker
+
+    def apply_extra_config(self, config: dict) -> None:
+        """Apply model-specific entries of a loaded ``config.json`` (none for FM)."""
+
+
+def _unknown_reason(unknown_fields: list[str]) -> str:
+    """The fallback reason for unknown context fields ("" when all are known)."""
+    if not unknown_fields:
+        return ""
+    return f"unknown {' and '.join(unknown_fields)}: scored with the other fields"
+
+
+def _format_entry(entry: dict) -> str:
+    parts = [f"loss {entry['loss']:.4f}"]
+    if "validation_ndcg" in entry:
+        parts.append(f"validation NDCG@10 {entry['validation_ndcg']:.4f}")
+    return ", ".join(parts)

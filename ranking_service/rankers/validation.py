@@ -1,0 +1,216 @@
+"""Validation NDCG@10 of a ranker on held-out (user, keyword) queries, for tuning and stopping."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from imgsearch.catalogue import Catalogue
+from ranking_service.rankers.base import Ranker, RankQuery
+from ranking_service.rankers.candidates import KeywordCandidates
+
+
+def split_by_time(conversions: pd.DataFrame, fraction: float) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Split time-sorted conversions into (first ``1 - fraction``, last ``fraction``).
+
+    Parameters
+    ----------
+    conversions:
+        A conversions table sorted by ``converted_at`` (as :class:`Catalogue` keeps it).
+    fraction:
+        The share of the most recent conversions to hold out, in [0, 1).
+
+    Returns
+    -------
+    tuple of pandas.DataFrame
+        ``(earlier, later)``, each with a fresh index.
+    """
+    cut = int(round(len(conversions) * (1.0 - fraction)))
+    return (
+        conversions.iloc[:cut].reset_index(drop=True),
+        conversions.iloc[cut:].reset_index(drop=True),
+    )
+
+
+class ValidationSet:
+    """Held-out ranking queries with their relevant photos, prepared once and scored many times.
+
+    Build it with :meth:`build`; :meth:`ndcg` scores any fitted ranker on it.
+
+    Attributes
+    ----------
+    queries:
+        One :class:`RankQuery` per evaluated (user, keyword) pair; candidates are the keyword's
+        top ``candidates_k`` photos by keyword confidence, retrieval scores their confidences.
+    relevant:
+        For each query, the converted photos that are among its candidates.
+    n_skipped:
+        Pairs left out because none of their converted photos was a candidate (a retrieval
+        miss: no ranker can place them, so they would only dilute the comparison).
+    """
+
+    def __init__(self, queries: list[RankQuery], relevant: list[np.ndarray], n_skipped: int):
+        self.queries = queries
+        self.relevant = relevant
+        self.n_skipped = n_skipped
+
+    def __len__(self) -> int:
+        return len(self.queries)
+
+    @classmethod
+    def build(
+        cls,
+        catalogue: Catalogue,
+        val_conversions: pd.DataFrame,
+        candidates_k: int = 100,
+        max_queries: int | None = None,
+        seed: int = 0,
+        recent_k: int = 20,
+        keyword_candidates: KeywordCandidates | None = None,
+    ) -> ValidationSet:
+        """Prepare the validation queries of ``val_conversions``.
+
+        Parameters
+        ----------
+        catalogue:
+            The catalogue the ranker was trained on; its ``conversions`` are the training ones
+            and give each user's ``recent_photos`` (their last ``recent_k`` training photos).
+        val_conversions:
+            Held-out conversions, later in time than the training ones.
+        candidates_k:
+            Candidates per query.
+        max_queries:
+            Evaluate at most this many (user, keyword) pairs, drawn with ``seed``; None for all.
+        seed:
+            Seed of that draw.
+        recent_k:
+            How many recent training photos each query carries.
+        keyword_candidates:
+            A prepared :class:`KeywordCandidates` of the catalogue, to skip rebuilding it.
+
+        Returns
+        -------
+        ValidationSet
+        """
+        index = keyword_candidates or KeywordCandidates(catalogue.keywords)
+        if len(val_conversions) == 0:
+            return cls([], [], 0)
+        pair = val_conversions.groupby(["user_idx", "keyword"], sort=False).ngroup().to_numpy()
+        order = np.argsort(pair, kind="stable")
+        starts = np.flatnonzero(np.r_[True, np.diff(pair[order]) != 0])
+        n_pairs = len(starts)
+        chosen = np.arange(n_pairs)
+        if max_queries is not None and n_pairs > max_queries:
+            chosen = np.sort(np.random.default_rng(seed).choice(n_pairs, max_queries, False))
+        bounds = np.r_[starts, len(order)]
+        users = val_conversions["user_idx"].to_numpy(dtype=np.int64)
+        keywords = val_conversions["keyword"].to_numpy()
+        photos = val_conversions["photo_idx"].to_numpy(dtype=np.int64)
+        countries = val_conversions["conversion_country"].to_numpy()
+        recent = _recent_photos(catalogue.conversions, recent_k)
+        no_recent = np.zeros(0, dtype=np.int64)
+        cache: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        queries, relevant, n_skipped = [], [], 0
+        for g in chosen:
+            rows = order[bounds[g] : bounds[g + 1]]
+            first = rows[0]
+            keyword = str(keywords[first])
+            if keyword not in cache:
+                cache[keyword] = index.candidates(keyword, candidates_k)
+            candidates, confidence = cache[keyword]
+            hits = np.intersect1d(photos[rows], candidates)
+            if len(hits) == 0:
+                n_skipped += 1
+                continue
+            user = int(users[first])
+            queries.append(
+                RankQuery(
+                    user_idx=user,
+                    keyword=keyword,
+                    candidates=candidates,
+                    retrieval_scores=confidence,
+                    recent_photos=recent.get(user, no_recent),
+                    country=str(countries[first]),
+                )
+            )
+            relevant.append(hits)
+        return cls(queries, relevant, n_skipped)
+
+    def ndcg(self, ranker: Ranker, k: int = 10) -> float:
+        """Return the mean NDCG@``k`` of ``ranker`` over the queries (0.0 when there are none).
+
+        Ties keep the candidates' retrieval order (a stable sort), so a ranker that cannot tell
+        candidates apart scores as retrieval order does. A ranker with a ``score_batch(queries)``
+        method is scored through it.
+        """
+        if not self.queries:
+            return 0.0
+        discounts = 1.0 / np.log2(np.arange(2, k + 2))
+        ideal = np.cumsum(discounts)
+        total = 0.0
+        # Rankers with a batched path (FM, DeepFM) score all queries in a few forward passes.
+        score_batch = getattr(ranker, "score_batch", None)
+        if score_batch is not None:
+            results = score_batch(self.queries)
+        else:
+            results = [ranker.score(query) for query in self.queries]
+        for query, relevant, result in zip(self.queries, self.relevant, results):
+            scores = result.scores
+            top = np.argsort(-scores, kind="stable")[:k]
+            gains = np.isin(query.candidates[top], relevant)
+            total += float(discounts[: len(top)][gains].sum()) / ideal[min(len(relevant), k) - 1]
+        return total / len(self.queries)
+
+
+def _recent_photos(conversions: pd.DataFrame, recent_k: int) -> dict[int, np.ndarray]:
+    """Map each user to their last ``recent_k`` converted photos (oldest first)."""
+    if len(conversions) == 0 or recent_k <= 0:
+        return {}
+    tail = conversions[["user_idx", "photo_idx"]].groupby("user_idx", sort=False).tail(recent_k)
+    users = tail["user_idx"].to_numpy(dtype=np.int64)
+    photos = tail["photo_idx"].to_numpy(dtype=np.int64)
+    order = np.argsort(users, kind="stable")
+    users, photos = users[order], photos[order]
+    starts = np.flatnonzero(np.r_[True, np.diff(users) != 0])
+    return dict(zip(users[starts].tolist(), np.split(photos, starts[1:])))
+
+
+def validation_ndcg(
+    ranker: Ranker,
+    catalogue: Catalogue,
+    val_conversions: pd.DataFrame,
+    candidates_k: int = 100,
+    max_queries: int | None = None,
+    seed: int = 0,
+) -> float:
+    """Return NDCG@10 of ``ranker`` on held-out conversions.
+
+    Each (user, keyword) pair of ``val_conversions`` is one query: the keyword's top
+    ``candidates_k`` photos by keyword confidence are ranked, and the pair's converted photos
+    among them are the relevant ones. Pairs whose conversions all fall outside the candidates
+    are skipped (see :class:`ValidationSet`).
+
+    Parameters
+    ----------
+    ranker:
+        A fitted ranker.
+    catalogue:
+        The catalogue it was trained on (``conversions`` = the training conversions).
+    val_conversions:
+        Held-out conversions, later in time than the training ones.
+    candidates_k:
+        Candidates per query.
+    max_queries:
+        Evaluate at most this many pairs (a seeded draw); None for all of them.
+    seed:
+        Seed of that draw.
+
+    Returns
+    -------
+    float
+        Mean NDCG@10 over the evaluated pairs.
+    """
+    validation = ValidationSet.build(
+        catalogue, val_conversions, candidates_k=candidates_k, max_queries=max_queries, seed=seed
+    )
+    return validation.ndcg(ranker)

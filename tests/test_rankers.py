@@ -1,0 +1,365 @@
+"""Contract tests run against every ranker, on a small catalogue with planted user tastes."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from imgsearch.catalogue import Catalogue
+from ranking_service.rankers import RANKER_NAMES, create_ranker, load_ranker
+from ranking_service.rankers.base import RankQuery
+from ranking_service.rankers.candidates import KeywordCandidates
+from ranking_service.rankers.validation import ValidationSet, split_by_time
+
+SHAPES = ("circle", "square", "triangle", "star", "heart")
+COLOURS = ("red", "green", "blue", "yellow", "purple", "orange")
+N_PHOTOS = 300
+N_USERS = 100
+N_CONVERSIONS = 4000
+UNSEEN_USER = N_USERS  # in the users table, with no conversion at all
+
+# Small, fast settings: the contract is about behaviour, not about the defaults' figures.
+TEST_PARAMS = {
+    "none": {},
+    "popularity": {},
+    "als": {"factors": 8, "regularization": 1.0, "iterations": 10, "num_threads": 1},
+    "fm": {  # no early stopping here: a 10% slice of this data is too small to stop on
+        "factors": 8,
+        "epochs": 10,
+        "validation_fraction": 0.0,
+        "batch_size": 256,
+        "learning_rate": 0.02,
+        "patience": 3,
+        "num_threads": 1,
+    },
+    "deepfm": {
+        "factors": 8,
+        "hidden": (16,),
+        "epochs": 10,
+        "batch_size": 256,
+        "learning_rate": 0.02,
+        "patience": 3,
+        "num_threads": 1,
+    },
+}
+
+
+def photo_colour(photo_idx: np.ndarray) -> np.ndarray:
+    """The planted colour index of each photo (shape is ``photo_idx % 5``)."""
+    return (np.asarray(photo_idx) // len(SHAPES)) % len(COLOURS)
+
+
+def make_catalogue(seed: int = 0) -> Catalogue:
+    """Photos = shape × colour; each user converts photos of their 1–2 favourite colours.
+
+    A query is a shape; its candidates are that shape's 60 photos in every colour, so only a
+    ranker that learned the user's colours can put the right ones first. Within a colour, a
+    latent photo popularity gives the popularity baseline something to find too.
+    """
+    rng = np.random.default_rng(seed)
+    photo_idx = np.arange(N_PHOTOS)
+    shapes, colours = photo_idx % len(SHAPES), photo_colour(photo_idx)
+    photos = pd.DataFrame(
+        {
+            "photo_idx": photo_idx.astype(np.int32),
+            "photo_id": [f"p{i:04d}" for i in photo_idx],
+            "photo_image_url": "",
+            "photo_description": "",
+            "ai_description": "",
+            "photographer_username": [f"artist{i % 17}" if i % 11 else "" for i in photo_idx],
+            "stats_views": rng.integers(0, 100_000, N_PHOTOS),
+            "stats_downloads": rng.integers(0, 1_000, N_PHOTOS),
+            "has_image": False,
+        }
+    )
+    keywords = pd.concat(
+        [
+            pd.DataFrame(
+                {
+                    "photo_idx": photo_idx.astype(np.int32),
+                    "keyword": np.array(names)[values],
+                    "confidence": rng.uniform(0.5, 1.0, N_PHOTOS).astype(np.float32),
+                }
+            )
+            for names, values in ((SHAPES, shapes), (COLOURS, colours))
+        ],
+        ignore_index=True,
+    )
+    users = pd.DataFrame(
+        {
+            "user_idx": np.arange(N_USERS + 1, dtype=np.int32),
+            "anonymous_user_id": [f"u{i:03d}" for i in range(N_USERS + 1)],
+        }
+    )
+    tastes = [
+        rng.choice(len(COLOURS), size=rng.integers(1, 3), replace=False) for _ in range(N_USERS)
+    ]
+    appeal = rng.pareto(1.5, N_PHOTOS) + 0.1
+    user = rng.integers(0, N_USERS, N_CONVERSIONS)
+    shape = rng.integers(0, len(SHAPES), N_CONVERSIONS)
+    chosen = np.empty(N_CONVERSIONS, dtype=np.int64)
+    for i in range(N_CONVERSIONS):
+        pool = photo_idx[shapes == shape[i]]
+        liked = pool[np.isin(colours[pool], tastes[user[i]])]
+        pool = liked if rng.random() < 0.9 else pool
+        chosen[i] = rng.choice(pool, p=appeal[pool] / appeal[pool].sum())
+    conversions = pd.DataFrame(
+        {
+            "converted_at": pd.Timestamp("2024-01-01")
+            + pd.to_timedelta(np.arange(N_CONVERSIONS), "min"),
+            "conversion_type": "download",
+            "keyword": np.array(SHAPES)[shape],
+            "photo_idx": chosen.astype(np.int32),
+            "user_idx": user.astype(np.int32),
+            "conversion_country": np.array(["", "DE", "US", "FR"])[
+                rng.integers(0, 4, N_CONVERSIONS)
+            ],
+        }
+    )
+    return Catalogue(photos, keywords, users, conversions)
+
+
+@pytest.fixture(scope="module")
+def catalogue() -> Catalogue:
+    return make_catalogue()
+
+
+@pytest.fixture(scope="module")
+def split(catalogue):
+    """(training catalogue, held-out conversions): a temporal 80/20 split."""
+    train, test = split_by_time(catalogue.conversions, 0.2)
+    return catalogue.with_conversions(train), test
+
+
+@pytest.fixture(scope="module")
+def held_out(split) -> ValidationSet:
+    train_catalogue, test = split
+    return ValidationSet.build(train_catalogue, test, candidates_k=100)
+
+
+_fitted: dict[str, object] = {}
+
+
+def fitted(name: str, train_catalogue: Catalogue):
+    """Fit each ranker once per test session (the mixin's tests share it)."""
+    if name not in _fitted:
+        ranker = create_ranker(name, **TEST_PARAMS[name])
+        _fitted[name] = ranker.fit(train_catalogue, show_progress=False)
+    return _fitted[name]
+
+
+def query(user_idx, keyword="circle", candidates=None, **extra) -> RankQuery:
+    candidates = np.arange(0, N_PHOTOS, len(SHAPES)) if candidates is None else candidates
+    candidates = np.asarray(candidates, dtype=np.int64)
+    retrieval = np.linspace(1.0, 0.5, len(candidates)).astype(np.float32)
+    return RankQuery(user_idx, keyword, candidates, retrieval, **extra)
+
+
+class RankerContract:
+    """What every ranker guarantees; subclasses set ``name``."""
+
+    name = ""
+
+    @pytest.fixture
+    def ranker(self, split):
+        return fitted(self.name, split[0])
+
+    def test_one_finite_score_per_candidate_in_order(self, ranker):
+        q = query(3)
+        result = ranker.score(q)
+        assert result.scores.shape == q.candidates.shape
+        assert np.isfinite(result.scores).all()
+        flipped = RankQuery(3, q.keyword, q.candidates[::-1], q.retrieval_scores[::-1])
+        reversed_scores = ranker.score(flipped).scores
+        np.testing.assert_allclose(reversed_scores, result.scores[::-1], rtol=1e-5, atol=1e-6)
+
+    def test_scores_exactly_the_candidates_given(self, ranker):
+        single = ranker.score(query(3, candidates=[10]))
+        assert single.scores.shape == (1,) and np.isfinite(single.scores).all()
+        assert ranker.score(query(3, candidates=[])).scores.shape == (0,)
+        retrieval = np.array([0.9, 0.8, 0.9], dtype=np.float32)
+        duplicated = ranker.score(RankQuery(3, "circle", np.array([10, 20, 10]), retrieval))
+        assert duplicated.scores.shape == (3,)
+        assert duplicated.scores[0] == duplicated.scores[2]
+
+    def test_out_of_range_photos_score_lowest(self, ranker):
+        candidates = [5, -1, 10, N_PHOTOS + 7, 15]
+        scores = ranker.score(query(3, candidates=candidates)).scores
+        assert np.isfinite(scores).all()
+        assert max(scores[1], scores[3]) < min(scores[0], scores[2], scores[4])
+
+    def test_save_load_round_trip_gives_identical_scores(self, ranker, catalogue, tmp_path):
+        ranker.save(tmp_path)
+        loaded = load_ranker(self.name, tmp_path, catalogue)
+        for q in (query(3), query(None, keyword="nothing like it"), query(7, keyword="star")):
+            np.testing.assert_array_equal(loaded.score(q).scores, ranker.score(q).scores)
+        assert not list(tmp_path.rglob("*.pkl"))
+        for npz in tmp_path.rglob("*.npz"):
+            np.load(npz, allow_pickle=False)  # raises if anything needed pickling
+        json.loads((tmp_path / "config.json").read_text())
+
+    def test_unknown_user_and_keyword_do_not_raise(self, ranker):
+        for q in (
+            query(None),
+            query(UNSEEN_USER),
+            query(10_000),
+            query(3, keyword="never searched"),
+            query(None, keyword=""),
+        ):
+            result = ranker.score(q)
+            assert np.isfinite(result.scores).all()
+            assert isinstance(result.fallback_reason, str)
+        if self.name in ("als", "fm", "deepfm"):
+            assert "unknown user" in ranker.score(query(None)).fallback_reason
+            assert "unknown user" in ranker.score(query(UNSEEN_USER)).fallback_reason
+            assert ranker.score(query(3)).fallback_reason == ""
+        if self.name in ("fm", "deepfm", "popularity"):
+            assert "unknown keyword" in ranker.score(query(3, keyword="zzz")).fallback_reason
+
+
+class TestNone(RankerContract):
+    name = "none"
+
+    def test_keeps_retrieval_order(self, ranker):
+        q = query(3)
+        assert np.all(np.diff(ranker.score(q).scores) < 0)
+        flat = RankQuery(3, "circle", q.candidates, np.ones(len(q.candidates), np.float32))
+        assert np.all(np.diff(ranker.score(flat).scores) < 0)
+
+
+class TestPopularity(RankerContract):
+    name = "popularity"
+
+    def test_orders_by_training_counts_then_retrieval(self, ranker, split):
+        train = split[0].conversions
+        candidates = np.arange(0, N_PHOTOS, len(SHAPES))
+        counts = train[train.keyword == "circle"].photo_idx.value_counts()
+        scores = ranker.score(query(None, candidates=candidates)).scores
+        best = candidates[np.argmax(scores)]
+        assert best == counts.index[0]
+        never = candidates[~np.isin(candidates, train.photo_idx)]
+        if len(never) >= 2:  # unconverted photos tie on popularity: retrieval order decides
+            positions = np.flatnonzero(np.isin(candidates, never))
+            assert np.all(np.diff(scores[positions]) < 0)
+
+
+class TestALS(RankerContract):
+    name = "als"
+
+    def test_fold_in_ranks_the_recent_taste_first(self, ranker):
+        red = np.flatnonzero(photo_colour(np.arange(N_PHOTOS)) == COLOURS.index("red"))
+        recent = red[red % len(SHAPES) != 0][:8]  # red photos, none of them circles
+        result = ranker.score(query(UNSEEN_USER, recent_photos=recent))
+        assert result.fallback_reason == ""
+        candidates = query(UNSEEN_USER).candidates
+        top = candidates[np.argsort(-result.scores, kind="stable")[:10]]
+        red_share = np.mean(photo_colour(top) == COLOURS.index("red"))
+        assert red_share >= 0.7  # 10 of the 60 candidates are red: 1/6 by chance
+        fallback = ranker.score(query(UNSEEN_USER))
+        assert fallback.fallback_reason == "unknown user: popularity order"
+        top = candidates[np.argsort(-fallback.scores, kind="stable")[:10]]
+        assert np.mean(photo_colour(top) == COLOURS.index("red")) < red_share
+
+    def test_fold_in_matches_training_for_a_known_user(self, ranker, split):
+        train = split[0].conversions
+        user = int(train.user_idx.iloc[0])
+        folded = ranker.fold_in(train.photo_idx[train.user_idx == user].to_numpy())
+        trained = ranker.user_factors[user]
+        cosine = folded @ trained / np.linalg.norm(folded) / np.linalg.norm(trained)
+        assert cosine > 0.9
+
+    def test_recommend_scores_the_whole_catalogue(self, ranker):
+        assert ranker.recommend(3, 10).scores.shape == (N_PHOTOS,)
+        assert "unknown user" in ranker.recommend(None, 10).fallback_reason
+
+
+class TestFM(RankerContract):
+    name = "fm"
+
+    def test_trains_deterministically(self, split):
+        params = {**TEST_PARAMS["fm"], "epochs": 2, "validation_fraction": 0.0}
+        first = create_ranker("fm", **params).fit(split[0], show_progress=False)
+        second = create_ranker("fm", **params).fit(split[0], show_progress=False)
+        np.testing.assert_array_equal(first.score(query(3)).scores, second.score(query(3)).scores)
+
+    def test_early_stopping_keeps_the_best_epoch_and_refits(self, split):
+        params = {**TEST_PARAMS["fm"], "epochs": 3, "validation_fraction": 0.1, "patience": 1}
+        ranker = create_ranker("fm", **params).fit(split[0], show_progress=False)
+        scored = [entry["validation_ndcg"] for entry in ranker.history]
+        assert 1 <= len(scored) <= 3 and all(0.0 <= ndcg <= 1.0 for ndcg in scored)
+        assert ranker.best_epoch == 1 + int(np.argmax(scored))
+        # The refit saw every training conversion: its vocabulary has every training user.
+        assert ranker.encoder.field_sizes[0] == split[0].conversions.user_idx.nunique() + 1
+
+
+class TestDeepFM(RankerContract):
+    name = "deepfm"
+
+    def test_int8_gate_reports_and_keeps_fp32_when_it_fails(self, ranker, held_out):
+        from ranking_service.rankers.int8 import format_int8_gate, int8_gate
+
+        figures = int8_gate(ranker, held_out, timing_queries=20, rounds=1)
+        for key in ("fp32_ndcg", "int8_ndcg", "fp32_ms_per_request", "int8_ms_per_request"):
+            assert np.isfinite(figures[key])
+        assert figures["accepted"] == ranker.int8
+        assert "NDCG@10" in format_int8_gate(figures)
+        fp32 = (ranker.set_int8(False), ranker.score(query(3)).scores)[1]
+        forced = int8_gate(ranker, held_out, max_relative_drop=-1.0, timing_queries=5, rounds=1)
+        assert not forced["accepted"] and not ranker.int8
+        np.testing.assert_array_equal(ranker.score(query(3)).scores, fp32)
+
+    def test_int8_state_survives_save_and_load(self, ranker, catalogue, tmp_path):
+        ranker.set_int8(True)
+        try:
+            ranker.save(tmp_path)
+            loaded = load_ranker("deepfm", tmp_path, catalogue)
+            assert loaded.int8
+            np.testing.assert_allclose(
+                loaded.score(query(3)).scores, ranker.score(query(3)).scores, rtol=1e-5
+            )
+        finally:
+            ranker.set_int8(False)
+
+
+@pytest.mark.parametrize("name", ["als", "fm", "deepfm"])
+def test_personalized_rankers_beat_popularity_on_held_out_tastes(name, split, held_out):
+    popularity = held_out.ndcg(fitted("popularity", split[0]))
+    personalized = held_out.ndcg(fitted(name, split[0]))
+    assert len(held_out) > 100
+    assert personalized > popularity + 0.05, (name, personalized, popularity)
+
+
+def test_factory_names_and_errors():
+    assert RANKER_NAMES == ("none", "popularity", "als", "fm", "deepfm")
+    for name in RANKER_NAMES:
+        assert create_ranker(name).name == name
+    with pytest.raises(ValueError, match="valid names: none, popularity, als, fm, deepfm"):
+        create_ranker("svd")
+    with pytest.raises(ValueError, match="valid names"):
+        load_ranker("svd", "/nonexistent", None)
+
+
+def test_keyword_candidates_multi_word(catalogue):
+    candidates = KeywordCandidates(catalogue.keywords)
+    both, _ = candidates.candidates("red circle", 100)
+    assert len(both) and np.all(both % len(SHAPES) == 0)
+    assert np.all(photo_colour(both) == COLOURS.index("red"))
+    either, _ = candidates.candidates("circle unicorn", 100)
+    assert len(either) == N_PHOTOS // len(SHAPES)
+    assert len(candidates.candidates("unicorn", 100)[0]) == 0
+
+
+def test_training_and_tuning_write_a_loadable_artifact(split, catalogue, tmp_path):
+    from ranking_service.training import train_rankers, tune_ranker, validation_ndcg
+
+    train_catalogue, test = split
+    params = tune_ranker("als", train_catalogue, grid=[{"factors": 4, "regularization": 1.0}])
+    assert params["factors"] == 4 and params["iterations"] in (5, 10, 15, 25)
+    summary = train_rankers(train_catalogue, ["popularity", "als"], tmp_path, show_progress=False)
+    assert set(summary) == {"popularity", "als"}
+    json.dumps(summary)
+    als = load_ranker("als", tmp_path / "als", catalogue)
+    assert 0.0 < validation_ndcg(als, train_catalogue, test) <= 1.0
