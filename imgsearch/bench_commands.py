@@ -14,6 +14,7 @@ from pathlib import Path
 
 SERVICES = ("retrieval", "ranking", "gateway")
 RETRIEVER_CHOICES = ("default", "keyword", "clip", "hybrid")
+LOADGEN = "bench (load generator)"
 RANKER_CHOICES = ("default", "none", "popularity", "als", "fm", "deepfm", "two_step")
 # Request shape of every standard scenario: k=10 of 100 candidates.
 K = 10
@@ -341,18 +342,29 @@ class CpuMeter:
         self.cpu0 = self.services.cpu_seconds()
         self.self0 = time.process_time()
 
-    def percent(self) -> dict[str, float]:
+    def used(self) -> tuple[dict[str, float], float]:
+        """CPU seconds per process since :meth:`start`, and the wall seconds elapsed."""
         wall = max(1e-9, time.perf_counter() - self.t0)
         now = self.services.cpu_seconds()
-        shares = {
-            name: round(100.0 * (now[name] - self.cpu0[name]) / wall, 1)
-            for name in now
-            if name in self.cpu0
-        }
-        shares["bench (load generator)"] = round(
-            100.0 * (time.process_time() - self.self0) / wall, 1
-        )
-        return shares
+        used = {name: now[name] - self.cpu0[name] for name in now if name in self.cpu0}
+        used[LOADGEN] = time.process_time() - self.self0
+        return used, wall
+
+    def record(self, result: dict) -> None:
+        """Add CPU % per process, CPU ms per search and the CPU-bound ceiling to ``result``.
+
+        CPU time per search hardly moves when other work shares the machine, unlike
+        latency; the ceiling is what the measured cost per search allows on this machine's
+        CPUs if the four processes had them to themselves.
+        """
+        used, wall = self.used()
+        completed = max(1, result["completed"])
+        per_search = {name: round(1000.0 * sec / completed, 3) for name, sec in used.items()}
+        total = sum(per_search.values())
+        result["cpu_percent"] = {name: round(100.0 * sec / wall, 1) for name, sec in used.items()}
+        result["cpu_ms_per_search"] = {**per_search, "total": round(total, 3)}
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        result["cpu_bound_ceiling_qps"] = round(cpus * 1000.0 / total) if total else None
 
 
 # ----------------------------------------------------------------------------- the suite
@@ -472,7 +484,11 @@ async def run_suite(args, artifact_set, out: Path) -> int:
             )
             result = await _measured(services, spec, queries)
             report["scenarios"].append({"name": scenario.name, **result})
-            _say(f"{scenario.name}\n{bench.format_result(result)}\n  CPU % {result['cpu_percent']}")
+            _say(
+                f"{scenario.name}\n{bench.format_result(result)}\n"
+                f"  CPU % {result['cpu_percent']}\n"
+                f"  CPU ms per search {result['cpu_ms_per_search']}"
+            )
         if _selected(args, "reflection"):
             report["reflection_client"] = await _reflection(target, queries)
         if not args.skip_faults and _selected(args, "kill"):
@@ -501,7 +517,7 @@ async def _measured(services: ServiceProcesses, spec, queries) -> dict:
     meter = CpuMeter(services)
     loadavg = os.getloadavg()[0]
     result = await bench.run_load(spec, queries, on_measure_start=meter.start)
-    result["cpu_percent"] = meter.percent()
+    meter.record(result)
     result["loadavg_1m_before"] = round(loadavg, 2)
     return result
 
@@ -564,10 +580,9 @@ async def kill_ranking_scenario(args, services: ServiceProcesses, target: str, q
         events.append({"t": _offset(mark), "event": "ranking SERVING"})
 
     _say(f"kill ranking mid-load: {spec.describe()} for {spec.duration_s:g} s")
-    meter = CpuMeter(services)
+    # No CPU accounting here: the ranking process is replaced mid-run.
     control = asyncio.ensure_future(controller())
     result = await bench.run_load(spec, queries, on_measure_start=on_start)
-    result["cpu_percent"] = meter.percent()
     try:
         await asyncio.wait_for(control, timeout=1.0)
     except (asyncio.TimeoutError, RuntimeError) as exc:
@@ -659,8 +674,11 @@ async def hot_reload_scenario(
     ready = asyncio.Event()
     events: list[dict] = []
 
+    meter = CpuMeter(services)
+
     def on_start() -> None:
         mark["start"] = time.perf_counter()
+        meter.start()
         ready.set()
 
     async def controller() -> None:
@@ -686,10 +704,9 @@ async def hot_reload_scenario(
                     )
 
     _say(f"hot reload mid-load: {spec.describe()} for {spec.duration_s:g} s -> {reload_set}")
-    meter = CpuMeter(services)
     control = asyncio.ensure_future(controller())
     result = await bench.run_load(spec, queries, on_measure_start=on_start)
-    result["cpu_percent"] = meter.percent()
+    meter.record(result)
     await control
     result["events"] = events
     result["reload_set"] = str(reload_set)
@@ -763,13 +780,13 @@ def render_markdown(report: dict) -> str:
         "same retriever and ranker called directly (no gRPC, no protobuf).",
         "",
         "| scenario | achieved QPS | p50 ms | p90 ms | p99 ms | max ms | errors | degraded "
-        "| in-process p50 ms | e2e / in-process p50 | CPU % gateway · retrieval · ranking · "
-        "load gen |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| in-process p50 ms | e2e / in-process p50 | CPU ms per search: gateway · retrieval · "
+        "ranking · load gen = total | CPU-bound ceiling QPS | CPU used (cores) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|",
     ]
     for run in report["scenarios"]:
         if "skipped" in run:
-            lines.append(f"| {run['name']} | skipped: {run['skipped']} ||||||||||")
+            lines.append(f"| {run['name']} | skipped: {run['skipped']} ||||||||||||")
             continue
         lines.append(_row(run["name"], run))
     lines.append("")
@@ -858,11 +875,14 @@ def render_markdown(report: dict) -> str:
 
 def _row(name: str, run: dict) -> str:
     lat = run["latency_ms"]
-    cpu = run.get("cpu_percent", {})
+    cost = run.get("cpu_ms_per_search", {})
     shares = " · ".join(
-        f"{cpu[k]:.0f}" if k in cpu else "–"
-        for k in ("gateway", "retrieval", "ranking", "bench (load generator)")
+        f"{cost[k]:.2f}" if k in cost else "–" for k in ("gateway", "retrieval", "ranking", LOADGEN)
     )
+    if "total" in cost:
+        shares += f" = **{cost['total']:.2f}**"
+    cores = sum(run.get("cpu_percent", {}).values()) / 100.0
+    ceiling = run.get("cpu_bound_ceiling_qps")
     ratio = run.get("e2e_over_in_process_p50")
     local = run.get("in_process", {}).get("latency_ms", {}).get("p50")
     errors = run["error_count"]
@@ -872,5 +892,6 @@ def _row(name: str, run: dict) -> str:
         f"| {name} | {run['achieved_qps']:.0f} | {_ms(lat['p50'])} | {_ms(lat['p90'])} | "
         f"{_ms(lat['p99'])} | {_ms(lat['max'])} | {errors} | {run['degraded']} | "
         f"{'–' if local is None else f'{local:.2f}'} | "
-        f"{'–' if ratio is None else f'{ratio:.1f}×'} | {shares} |"
+        f"{'–' if ratio is None else f'{ratio:.1f}×'} | {shares} | "
+        f"{'–' if ceiling is None else ceiling} | {cores:.2f} |"
     )
