@@ -520,6 +520,9 @@ def clip_retrievers(
         if (set_dir / "current").exists():  # an artifact root: use its current set
             set_dir = (set_dir / "current").resolve()
         info = {"source": f"loaded from {set_dir}"}
+        mismatch = _clip_set_mismatch(set_dir, catalogue)
+        if mismatch:
+            raise EvaluationError(f"--clip-artifacts {set_dir}: {mismatch}")
     else:
         set_dir = workdir / "clip_set"
         set_dir.mkdir(parents=True, exist_ok=True)
@@ -544,6 +547,29 @@ def clip_retrievers(
     if not loaded:
         return {}, f"no CLIP artifacts (clip/, embeddings, vector index) in {set_dir}", info
     return {n: loaded[n] for n in CLIP_RETRIEVERS if n in loaded}, "", info
+
+
+def _clip_set_mismatch(set_dir: Path, catalogue: Catalogue) -> str:
+    """Why a CLIP artifact set cannot belong to this catalogue ("" when it may)."""
+    from imgsearch.artifacts import CATALOGUE_DIR, EMBEDDINGS
+
+    photos_table = set_dir / CATALOGUE_DIR / "photos.parquet"
+    if photos_table.exists():  # a full artifact set: compare the photo ids themselves
+        ids = pd.read_parquet(photos_table, columns=["photo_id"])["photo_id"].astype(str)
+        if ids.tolist() != catalogue.photos["photo_id"].astype(str).tolist():
+            return "its catalogue's photo ids differ from this catalogue's"
+        return ""
+    path = set_dir / EMBEDDINGS
+    if not path.exists():
+        return ""  # reported as "no CLIP artifacts" after loading
+    with np.load(path, allow_pickle=False) as data:
+        photo_idx = data["photo_idx"]
+    if len(photo_idx) and int(photo_idx.max()) >= catalogue.n_photos:
+        return (
+            f"its embeddings index photos up to {int(photo_idx.max())}, but the catalogue has "
+            f"{catalogue.n_photos} photos: it was built for another catalogue"
+        )
+    return ""
 
 
 # --------------------------------------------------------------------------- evaluation
