@@ -1,0 +1,220 @@
+"""The offline evaluation protocol on a tiny synthetic catalogue (no images, so no CLIP)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from imgsearch import evaluation
+from imgsearch.cli import main as cli_main
+from imgsearch.demo_data import generate
+from imgsearch.evaluation import (
+    EvalConfig,
+    EvaluationError,
+    build_test_queries,
+    evaluate,
+    markdown_table,
+    temporal_split,
+    user_photos,
+)
+from imgsearch.unsplash import read_unsplash
+
+RANKERS = ("none", "popularity")
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    generate(
+        out,
+        n_photos=800,
+        n_users=200,
+        n_conversions=20_000,
+        seed=3,
+        with_images=False,
+        show_progress=False,
+    )
+    return out
+
+
+@pytest.fixture(scope="module")
+def catalogue(data_dir):
+    return read_unsplash(data_dir, show_progress=False)[0]
+
+
+@pytest.fixture(scope="module")
+def report(catalogue):
+    config = EvalConfig(rankers=RANKERS, show_progress=False, bootstrap=300)
+    return evaluate(catalogue, config, command="pytest")
+
+
+def test_split_is_temporal_and_by_position(catalogue):
+    split = temporal_split(catalogue.conversions, 0.2)
+    n = len(catalogue.conversions)
+    assert len(split.train) == round(n * 0.8) and len(split.train) + len(split.test) == n
+    assert split.train["converted_at"].max() <= split.test["converted_at"].min()
+    # Together they are the time-sorted table, each row exactly once.
+    both = pd.concat([split.train, split.test], ignore_index=True)
+    pd.testing.assert_frame_equal(both, catalogue.conversions.reset_index(drop=True))
+
+
+def test_split_with_ties_at_the_boundary_does_not_leak():
+    times = pd.to_datetime(["2020-01-01"] * 3 + ["2020-01-02"] * 4 + ["2020-01-03"] * 3)
+    conversions = pd.DataFrame(
+        {
+            "converted_at": times[::-1],  # unsorted on purpose
+            "keyword": ["a"] * 10,
+            "photo_idx": np.arange(10, dtype=np.int32),
+            "user_idx": np.zeros(10, dtype=np.int32),
+            "conversion_country": [""] * 10,
+        }
+    )
+    split = temporal_split(conversions, 0.5)
+    assert len(split.train) == 5 and len(split.test) == 5
+    assert split.train["converted_at"].max() <= split.test["converted_at"].min()
+    assert set(split.train["photo_idx"]).isdisjoint(split.test["photo_idx"])
+    for fraction in (0.0, 1.0, -0.1):
+        with pytest.raises(EvaluationError):
+            temporal_split(conversions, fraction)
+
+
+def test_test_queries_follow_the_protocol(catalogue):
+    split = temporal_split(catalogue.conversions, 0.2)
+    queries = build_test_queries(split, min_pair=3)
+    assert len(queries) > 50
+    train_users = set(split.train["user_idx"].tolist())
+    test = split.test
+    for q in range(0, len(queries), 7):
+        user, keyword = int(queries.user_idx[q]), queries.keyword[q]
+        assert user in train_users
+        rows = test[(test["user_idx"] == user) & (test["keyword"] == keyword)]
+        assert len(rows) >= 3 and len(rows) == queries.counts[q].sum()
+        assert sorted(set(rows["photo_idx"].tolist())) == queries.relevant[q].tolist()
+        history = split.train.loc[split.train["user_idx"] == user, "photo_idx"].tail(20)
+        assert queries.recent[q].tolist() == history.tolist()  # training only, oldest first
+    capped = build_test_queries(split, min_pair=3, max_queries=20, seed=1)
+    assert len(capped) == 20 and capped.n_pairs_total == len(queries)
+
+
+def test_models_are_fitted_on_the_training_part_only(catalogue, monkeypatch):
+    split = temporal_split(catalogue.conversions, 0.2)
+    seen = {}
+    fit_rankers = evaluation.fit_rankers
+
+    def recording_fit(names, train_catalogue, tune, show_progress, workdir=None):
+        seen["conversions"] = train_catalogue.conversions
+        rankers, info = fit_rankers(names, train_catalogue, tune, show_progress, workdir)
+        seen["rankers"] = rankers
+        return rankers, info
+
+    monkeypatch.setattr(evaluation, "fit_rankers", recording_fit)
+    config = EvalConfig(retrievers=("keyword",), rankers=RANKERS, show_progress=False)
+    evaluate(catalogue, config, command="pytest")
+    used = seen["conversions"]
+    assert len(used) == len(split.train)
+    assert used["converted_at"].max() <= split.test["converted_at"].min()
+    train_counts = np.bincount(split.train["photo_idx"], minlength=catalogue.n_photos)
+    np.testing.assert_array_equal(seen["rankers"]["popularity"].photo_counts, train_counts)
+
+
+def test_report_rows_and_clip_skipped_without_images(report):
+    rows = {(r["retriever"], r["ranker"]): r for r in report["results"]}
+    assert set(rows) == {(ret, rk) for ret in ("keyword", "clip", "hybrid") for rk in RANKERS}
+    for retriever in ("clip", "hybrid"):
+        for ranker in RANKERS:
+            assert "no images" in rows[(retriever, ranker)]["skipped"]
+    row = rows[("keyword", "none")]
+    for key in ("queries", "ndcg@10", "p@10", "recall@10", "seed_ndcg", "tag_p@10"):
+        assert key in row
+    assert row["queries"] == report["header"]["protocol"]["queries"] > 0
+    assert 0.0 <= row["ndcg@10_ci"][0] <= row["ndcg@10"] <= row["ndcg@10_ci"][1] <= 1.0
+    assert row["tag_p@10"] == pytest.approx(1.0)  # keyword retrieval returns tagged photos
+    assert row["pair_queries"] > 0 and 0.0 < row["pair_tag_p@10"] <= 1.0
+    for stage in ("retrieval", "ranking", "total"):
+        assert 0.0 <= row["latency_ms"][stage]["p50"] <= row["latency_ms"][stage]["p99"]
+    header = report["header"]
+    assert header["split"]["train_end"] <= header["split"]["test_start"]
+    assert header["machine"]["cpu_count"] and header["command"] == "pytest"
+
+
+def test_popularity_beats_none(report):
+    rows = {(r["retriever"], r["ranker"]): r for r in report["results"]}
+    none, popularity = rows[("keyword", "none")], rows[("keyword", "popularity")]
+    assert popularity["ndcg@10"] > none["ndcg@10"]
+    # Also on a paired bootstrap over the same queries (none - popularity < 0), not just means.
+    assert none["ndcg@10_vs_popularity"]["ci"][1] < 0
+
+
+def test_filter_removes_training_photos(catalogue):
+    split = temporal_split(catalogue.conversions, 0.2)
+    seen = user_photos(split.train)
+    user = int(split.train["user_idx"].iloc[0])
+    expected = np.unique(split.train.loc[split.train["user_idx"] == user, "photo_idx"])
+    np.testing.assert_array_equal(seen[user], expected)
+
+
+def test_unknown_names_list_the_valid_ones(catalogue):
+    with pytest.raises(EvaluationError, match="valid: keyword, clip, hybrid"):
+        evaluate(catalogue, EvalConfig(retrievers=("keyword", "bm25"), show_progress=False))
+    with pytest.raises(EvaluationError, match=r"unknown ranker 'xgboost'.*popularity"):
+        evaluate(catalogue, EvalConfig(rankers=("xgboost",), show_progress=False))
+
+
+def test_cli_writes_json_markdown_and_png(data_dir, tmp_path, capsys):
+    paths = {ext: tmp_path / f"eval.{ext}" for ext in ("json", "md", "png")}
+    status = cli_main(
+        [
+            "eval",
+            "--data",
+            str(data_dir),
+            "--rankers",
+            ",".join(RANKERS),
+            "--max-queries",
+            "80",
+            "--quiet",
+            "--json",
+            str(paths["json"]),
+            "--markdown",
+            str(paths["md"]),
+            "--plot",
+            str(paths["png"]),
+        ]
+    )
+    assert status == 0
+    written = json.loads(paths["json"].read_text())
+    assert written["header"]["protocol"]["queries"] == 80
+    assert len(written["results"]) == 6
+    table = paths["md"].read_text()
+    assert "| keyword | popularity |" in table and "skipped: catalogue has no images" in table
+    assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| keyword | none |" in capsys.readouterr().out
+
+
+def test_cli_rejects_unknown_ranker(data_dir, tmp_path, capsys):
+    status = cli_main(
+        ["eval", "--data", str(data_dir), "--rankers", "nope", "--json", str(tmp_path / "x.json")]
+    )
+    assert status == 2
+    assert "valid:" in capsys.readouterr().err
+
+
+def test_markdown_table_marks_skipped_rows(report):
+    table = markdown_table(report)
+    assert table.count("skipped:") == 4
+    assert "Command: `pytest`" in table
+
+
+def test_clip_artifacts_of_another_catalogue_are_refused(catalogue, tmp_path):
+    np.savez(
+        tmp_path / "image_embeddings.npz",
+        photo_idx=np.arange(catalogue.n_photos + 5, dtype=np.int64),
+        embeddings=np.zeros((catalogue.n_photos + 5, 4), np.float32),
+    )
+    config = EvalConfig(
+        retrievers=("clip",), rankers=("none",), clip_artifacts=str(tmp_path), show_progress=False
+    )
+    with pytest.raises(EvaluationError, match="another catalogue"):
+        evaluate(catalogue, config)
