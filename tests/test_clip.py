@@ -329,3 +329,14 @@ def test_build_skips_a_catalogue_without_images(tmp_path, catalogue):
     )
     assert "skipped" in build_clip_artifacts(no_images, tmp_path, None, show_progress=False)
     assert not any(tmp_path.iterdir())
+
+
+def test_bench_clip_small(tmp_path):
+    from retrieval_service.clip_commands import bench_clip, format_bench
+
+    figures = bench_clip(demo_n=300, synthetic_n=400, synthetic_dim=16, n_queries=5, k=10)
+    assert set(figures["text_encode"]) == {"fp32", "int8"}
+    assert [row["ntotal"] for row in figures["search"]] == [300, 400]
+    assert figures["embedding"]["images_per_s"] > 0
+    table = format_bench(figures)
+    assert "INT8" in table and "HNSW32" in table and "images/s" in table

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -111,3 +113,15 @@ def test_time_search_reports_percentiles(vectors, queries):
     figures = time_search(exact_index(vectors), queries[:20], k=10)
     assert figures["queries"] == 20
     assert 0 < figures["p50_ms"] <= figures["p99_ms"]
+
+
+def test_index_stats_command(tmp_path, vectors, capsys):
+    from imgsearch.cli import main
+
+    np.savez(tmp_path / "e.npz", photo_idx=np.arange(1000), embeddings=vectors[:1000])
+    status = main(["index-stats", "--embeddings", str(tmp_path / "e.npz"), "--factory",
+                   "HNSW32", "--queries", "20", "--json"])  # fmt: skip
+    assert status == 0
+    figures = json.loads(capsys.readouterr().out)
+    assert figures["factory"] == "HNSW32" and figures["ntotal"] == 1000
+    assert figures["recall@10"] >= 0.9 and figures["index"]["queries"] == 20
