@@ -200,7 +200,8 @@ class LoadRecorder:
         self.degraded_reasons: Counter = Counter()
         self.versions: Counter = Counter()
         self.result_counts: Counter = Counter()
-        self.timeline: dict[int, list[int]] = {}  # second -> [full, degraded, errors]
+        # second -> [full, degraded, errors, latencies of the OK replies that second]
+        self.timeline: dict[int, list] = {}
 
     def on_send(self, lag_s: float = 0.0) -> None:
         self.sent += 1
@@ -212,12 +213,13 @@ class LoadRecorder:
         done = time.perf_counter()
         self.last_done = max(self.last_done, done)
         self.codes[code] += 1
-        bucket = self.timeline.setdefault(int(done - self.start), [0, 0, 0])
+        bucket = self.timeline.setdefault(int(done - self.start), [0, 0, 0, []])
         if response is None:
             bucket[2] += 1
             return
         self.latencies.append(done - sent_at)
         self.from_schedule.append(done - scheduled)
+        bucket[3].append(done - sent_at)
         self.result_counts[len(response.results)] += 1
         versions = response.artifact_versions
         self.versions[",".join(f"{k}={versions[k]}" for k in sorted(versions))] += 1
@@ -269,7 +271,14 @@ class LoadRecorder:
             "artifact_versions": dict(self.versions.most_common()),
             "results_per_response": {str(n): c for n, c in sorted(self.result_counts.items())},
             "timeline": [
-                {"second": s, "full": v[0], "degraded": v[1], "errors": v[2]}
+                {
+                    "second": s,
+                    "full": v[0],
+                    "degraded": v[1],
+                    "errors": v[2],
+                    "p50_ms": percentiles_ms(v[3])["p50"],
+                    "p99_ms": percentiles_ms(v[3])["p99"],
+                }
                 for s, v in sorted(self.timeline.items())
             ],
         }

@@ -330,6 +330,18 @@ class ServiceProcesses:
         return used
 
 
+def machine_busy_seconds() -> float | None:
+    """CPU seconds every CPU of the machine has spent busy since boot (/proc/stat)."""
+    try:
+        with open("/proc/stat") as handle:
+            fields = [int(x) for x in handle.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    busy = sum(fields[:8]) - idle  # user..steal; guest time is already inside user
+    return busy / os.sysconf("SC_CLK_TCK")
+
+
 class CpuMeter:
     """CPU share of each service (and of this process, the load generator) over a window."""
 
@@ -341,6 +353,7 @@ class CpuMeter:
         self.t0 = time.perf_counter()
         self.cpu0 = self.services.cpu_seconds()
         self.self0 = time.process_time()
+        self.machine0 = machine_busy_seconds()
 
     def used(self) -> tuple[dict[str, float], float]:
         """CPU seconds per process since :meth:`start`, and the wall seconds elapsed."""
@@ -365,6 +378,11 @@ class CpuMeter:
         result["cpu_ms_per_search"] = {**per_search, "total": round(total, 3)}
         cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
         result["cpu_bound_ceiling_qps"] = round(cpus * 1000.0 / total) if total else None
+        busy = machine_busy_seconds()
+        if busy is not None and self.machine0 is not None:
+            # Cores kept busy by everything else on the machine while this scenario ran.
+            others = (busy - self.machine0 - sum(used.values())) / wall
+            result["other_processes_cores"] = round(max(0.0, others), 2)
 
 
 # ----------------------------------------------------------------------------- the suite
@@ -781,12 +799,13 @@ def render_markdown(report: dict) -> str:
         "",
         "| scenario | achieved QPS | p50 ms | p90 ms | p99 ms | max ms | errors | degraded "
         "| in-process p50 ms | e2e / in-process p50 | CPU ms per search: gateway · retrieval · "
-        "ranking · load gen = total | CPU-bound ceiling QPS | CPU used (cores) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|",
+        "ranking · load gen = total | CPU-bound ceiling QPS | CPU used (cores) "
+        "| other processes (cores) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|",
     ]
     for run in report["scenarios"]:
         if "skipped" in run:
-            lines.append(f"| {run['name']} | skipped: {run['skipped']} ||||||||||||")
+            lines.append(f"| {run['name']} | skipped: {run['skipped']} |||||||||||||")
             continue
         lines.append(_row(run["name"], run))
     lines.append("")
@@ -800,6 +819,7 @@ def render_markdown(report: dict) -> str:
     )
     if headline is not None:
         p99 = headline["latency_ms"]["p99"]
+        cost = headline.get("cpu_ms_per_search", {}).get("total")
         met = (
             headline["achieved_qps"] >= 0.98 * (headline["target_qps"] or 0)
             and p99 is not None
@@ -811,7 +831,12 @@ def render_markdown(report: dict) -> str:
             f"**{'met' if met else 'not met'}** — achieved {headline['achieved_qps']:.0f} QPS, "
             f"p99 {_ms(p99)} ms, {headline['error_count']} errors, "
             f"{headline['late_sends']} late sends; p99 from the scheduled send "
-            f"{_ms(headline['latency_from_schedule_ms']['p99'])} ms.",
+            f"{_ms(headline['latency_from_schedule_ms']['p99'])} ms; "
+            f"{_slow_seconds(headline)} of {len(headline['timeline'])} seconds had a p99 over "
+            f"30 ms. The four processes needed {_ms(cost)} ms of CPU per search (a CPU-bound "
+            f"ceiling of "
+            f"{headline.get('cpu_bound_ceiling_qps', '–')} QPS on this machine's CPUs) while "
+            f"other processes kept {_ms(headline.get('other_processes_cores'))} cores busy.",
             "",
         ]
     kill = report.get("kill_ranking")
@@ -873,6 +898,11 @@ def render_markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _slow_seconds(run: dict, limit_ms: float = 30.0) -> int:
+    """Seconds of the run whose replies had a p99 latency over ``limit_ms``."""
+    return sum(1 for row in run["timeline"] if (row.get("p99_ms") or 0.0) > limit_ms)
+
+
 def _row(name: str, run: dict) -> str:
     lat = run["latency_ms"]
     cost = run.get("cpu_ms_per_search", {})
@@ -893,5 +923,6 @@ def _row(name: str, run: dict) -> str:
         f"{_ms(lat['p99'])} | {_ms(lat['max'])} | {errors} | {run['degraded']} | "
         f"{'–' if local is None else f'{local:.2f}'} | "
         f"{'–' if ratio is None else f'{ratio:.1f}×'} | {shares} | "
-        f"{'–' if ceiling is None else ceiling} | {cores:.2f} |"
+        f"{'–' if ceiling is None else ceiling} | {cores:.2f} | "
+        f"{_ms(run.get('other_processes_cores'))} |"
     )

@@ -212,6 +212,8 @@ def test_bench_suite_runs_services_scenarios_and_a_hot_reload(artifact_root, tmp
     assert run["error_count"] == 0 and run["ok"] > 0
     assert run["e2e_over_in_process_p50"] > 0
     assert set(run["cpu_percent"]) >= {"gateway", "retrieval", "ranking"}
+    assert run["other_processes_cores"] >= 0
+    assert all(r["p50_ms"] <= r["p99_ms"] for r in run["timeline"] if r["full"] + r["degraded"])
     cost = run["cpu_ms_per_search"]
     assert cost["total"] == pytest.approx(sum(v for k, v in cost.items() if k != "total"), abs=0.01)
     assert report["reflection_client"]["ok"] == report["reflection_client"]["calls"] > 0
