@@ -1102,7 +1102,10 @@ def write_plot(report: dict, path: str | Path) -> None:
     ax_q.set_xticks(x, retrievers)
     ax_q.set_ylabel(f"NDCG@{k} (95% bootstrap CI)")
     ax_q.set_title(f"Ranking quality, {report['header']['protocol']['queries']} test queries")
-    ax_q.legend(title="ranker", fontsize=8)
+    tops = [r[f"ndcg@{k}_ci"][1] for r in rows if r[f"ndcg@{k}_ci"][1] is not None]
+    if tops:  # head room for the legend above the bars
+        ax_q.set_ylim(0, max(tops) * 1.3 or 1.0)
+    ax_q.legend(title="ranker", fontsize=8, ncol=min(len(rankers), 5), loc="upper left")
     ax_q.grid(axis="y", alpha=0.3)
 
     labels = [f"{r['retriever']} + {r['ranker']}" for r in rows]
