@@ -747,7 +747,14 @@ def _add_in_process(report: dict, artifacts_path, queries) -> None:
     runs += [report[key] for key in ("kill_ranking", "hot_reload") if key in report]
     if not runs:
         return
-    pipeline = bench.InProcessPipeline(artifacts_path)
+    try:
+        pipeline = bench.InProcessPipeline(artifacts_path)
+    except Exception as exc:  # noqa: BLE001 - keep the measured load figures regardless
+        _say(f"in-process baseline skipped: cannot load {artifacts_path}: {exc!r}")
+        for run in runs:
+            run["in_process"] = {"skipped": f"cannot load the artifact set: {exc!r}"}
+            run["e2e_over_in_process_p50"] = None
+        return
     cache: dict[tuple, dict] = {}
     for run in runs:
         key = (run["retriever"], run["ranker"], run["k"], run["candidates_k"])

@@ -237,3 +237,14 @@ def test_the_shipped_ghz_config_resolves_and_calls_with_zero_errors(stack):
     config = json.loads((Path(__file__).parents[1] / "bench" / "ghz.json").read_text())
     check = bench.reflection_client_check(stack.target, config["data"], symbol=config["call"])
     assert check["ok"] == len(config["data"]) and check["errors"] == {}
+
+
+def test_an_unloadable_set_skips_the_in_process_baseline_but_keeps_the_figures(tmp_path):
+    from imgsearch.bench_commands import _add_in_process
+
+    run = {"retriever": "keyword", "ranker": "als", "k": 10, "candidates_k": 100}
+    report = {"scenarios": [{**run, "latency_ms": {"p50": 5.0}}]}
+    _add_in_process(report, tmp_path / "missing", [bench.BenchQuery("u", "red")])
+    (measured,) = report["scenarios"]
+    assert "cannot load" in measured["in_process"]["skipped"]
+    assert measured["e2e_over_in_process_p50"] is None
