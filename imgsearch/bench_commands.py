@@ -863,9 +863,12 @@ def render_markdown(report: dict) -> str:
             f"{_ms(kill['latency_ms']['max'])} | {kill['after_restart']['degraded']} | "
             f"{kill['after_restart']['full']} |",
             "",
-            f"Degraded reasons: {kill['degraded_reasons'] or 'none'}. Last degraded response "
-            f"{_ms(kill['recovered_after_serving_s'])} s after ranking was SERVING again "
-            "(the gateway was not restarted).",
+            "Degraded reasons: "
+            + (", ".join(f"{r} × {n}" for r, n in kill["degraded_reasons"].items()) or "none")
+            + f". Last degraded response at {_ms(kill['last_degraded_s'])} s, ranking SERVING "
+            f"again at {_ms(kill['serving_again_at_s'])} s; full results came back without "
+            f"restarting the gateway. Slowest answer {_ms(kill['latency_ms']['max'])} ms against "
+            f"a client deadline of {kill['timeout_s'] * 1000:.0f} ms.",
             "",
         ]
     reload = report.get("hot_reload")
