@@ -30,15 +30,12 @@ from imgsearch.serving import (
     DEGRADED,
     LATENCY,
     REQUEST_ID_KEY,
-    InflightLimiter,
     InvalidArgument,
     Reloadable,
     Service,
-    add_admin,
-    enable_reflection,
     instrumented,
-    new_server,
     request_id,
+    start_service,
 )
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["SearchService"].full_name
@@ -360,27 +357,14 @@ class SearchServicer(pb_grpc.SearchServiceServicer):
 
 async def create_gateway_server(config: GatewayConfig) -> Service:
     """Create, load and start the gateway; returns it once it is SERVING."""
-    server, port, health = new_server("gateway", config.host, config.port)
-    paths = {"artifacts": config.artifacts}
-    holder: Reloadable[GatewayState] = Reloadable(lambda: load_gateway_state(paths["artifacts"]))
-    limiter = InflightLimiter(config.max_inflight)
-    servicer = SearchServicer(config, holder, limiter)
-    pb_grpc.add_SearchServiceServicer_to_server(servicer, server)
-    admin_name = add_admin(server, "gateway", holder, paths)
-    enable_reflection(server, [SERVICE_NAME, admin_name])
-    service = Service("gateway", server, port, health)
-    await service.set_serving([SERVICE_NAME], False)
-    await server.start()
-    state = await holder.load()
-    service.reload_hooks.append(holder.load)
-    await service.set_serving([SERVICE_NAME], True)
+
+    def add(server, holder, limiter):
+        servicer = SearchServicer(config, holder, limiter)
+        pb_grpc.add_SearchServiceServicer_to_server(servicer, server)
+        return servicer
+
     logger.info(
-        "gateway serving",
-        extra={
-            "port": port,
-            "version": state.version,
-            "retrieval": config.retrieval_addr,
-            "ranking": config.ranking_addr,
-        },
+        "gateway downstreams",
+        extra={"retrieval": config.retrieval_addr, "ranking": config.ranking_addr},
     )
-    return service
+    return await start_service("gateway", config, SERVICE_NAME, load_gateway_state, add)

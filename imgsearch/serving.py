@@ -281,6 +281,7 @@ class Service:
         self.port = port
         self.health = health
         self.reload_hooks: list[Callable[[], Awaitable[Any]]] = []
+        self.stop_hooks: list[Callable[[], Awaitable[Any]]] = []
 
     async def set_serving(self, service_names: list[str], serving: bool) -> None:
         status = (
@@ -298,6 +299,8 @@ class Service:
     async def stop(self, grace: float) -> None:
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace)
+        for hook in self.stop_hooks:
+            await hook()
 
 
 def new_server(name: str, host: str, port: int) -> tuple[grpc.aio.Server, int, HealthServicer]:
@@ -404,3 +407,38 @@ def add_admin(server: grpc.aio.Server, service: str, holder: Reloadable, paths: 
         AdminServicer(service, holder, paths), server
     )
     return admin_service_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name
+
+
+async def start_service(
+    name: str,
+    config,
+    service_name: str,
+    loader: Callable[[str], Any],
+    add_servicer: Callable[[grpc.aio.Server, Reloadable, InflightLimiter], Any],
+) -> Service:
+    """Create a server, register its servicer, admin and reflection, load its state, serve.
+
+    Health says NOT_SERVING from the moment the port is open until the artifact set is
+    loaded; then SERVING. ``loader(path)`` builds the state (it must have ``version``,
+    ``path`` and ``models``); ``add_servicer`` registers the main service and returns the
+    servicer (an object with an async ``close()`` is closed when the service stops).
+    """
+    server, port, health = new_server(name, config.host, config.port)
+    paths = {"artifacts": config.artifacts}
+    holder: Reloadable = Reloadable(lambda: loader(paths["artifacts"]))
+    servicer = add_servicer(server, holder, InflightLimiter(config.max_inflight))
+    admin_name = add_admin(server, name, holder, paths)
+    enable_reflection(server, [service_name, admin_name])
+    service = Service(name, server, port, health)
+    if hasattr(servicer, "close"):
+        service.stop_hooks.append(servicer.close)
+    await service.set_serving([service_name], False)
+    await server.start()
+    state = await holder.load()
+    service.reload_hooks.append(holder.load)
+    await service.set_serving([service_name], True)
+    logger.info(
+        f"{name} serving",
+        extra={"port": port, "version": state.version, "models": list(state.models)},
+    )
+    return service

@@ -22,10 +22,8 @@ from imgsearch.serving import (
     InvalidArgument,
     Reloadable,
     Service,
-    add_admin,
-    enable_reflection,
     instrumented,
-    new_server,
+    start_service,
 )
 from ranking_service.rankers.base import Ranker, RankQuery
 
@@ -242,23 +240,16 @@ class RankingServicer(pb_grpc.RankingServiceServicer):
 
 async def create_ranking_server(config: RankingConfig) -> Service:
     """Create, load and start a ranking server; returns it once it is SERVING."""
-    server, port, health = new_server("ranking", config.host, config.port)
-    paths = {"artifacts": config.artifacts}
-    holder: Reloadable[RankingState] = Reloadable(
-        lambda: load_ranking_state(paths["artifacts"], config.default_ranker)
+
+    def add(server, holder, limiter):
+        servicer = RankingServicer(holder, limiter)
+        pb_grpc.add_RankingServiceServicer_to_server(servicer, server)
+        return servicer
+
+    return await start_service(
+        "ranking",
+        config,
+        SERVICE_NAME,
+        lambda path: load_ranking_state(path, config.default_ranker),
+        add,
     )
-    limiter = InflightLimiter(config.max_inflight)
-    pb_grpc.add_RankingServiceServicer_to_server(RankingServicer(holder, limiter), server)
-    admin_name = add_admin(server, "ranking", holder, paths)
-    enable_reflection(server, [SERVICE_NAME, admin_name])
-    service = Service("ranking", server, port, health)
-    await service.set_serving([SERVICE_NAME], False)
-    await server.start()
-    state = await holder.load()
-    service.reload_hooks.append(holder.load)
-    await service.set_serving([SERVICE_NAME], True)
-    logger.info(
-        "ranking serving",
-        extra={"port": port, "version": state.version, "rankers": list(state.rankers)},
-    )
-    return service

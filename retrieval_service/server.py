@@ -27,10 +27,8 @@ from imgsearch.serving import (
     InvalidArgument,
     Reloadable,
     Service,
-    add_admin,
-    enable_reflection,
     instrumented,
-    new_server,
+    start_service,
 )
 from retrieval_service.keyword_index import KeywordIndex
 from retrieval_service.retrievers import RetrievalResult, Retriever
@@ -178,23 +176,16 @@ class RetrievalServicer(pb_grpc.RetrievalServiceServicer):
 
 async def create_retrieval_server(config: RetrievalConfig) -> Service:
     """Create, load and start a retrieval server; returns it once it is SERVING."""
-    server, port, health = new_server("retrieval", config.host, config.port)
-    paths = {"artifacts": config.artifacts}
-    holder: Reloadable[RetrievalState] = Reloadable(
-        lambda: load_retrieval_state(paths["artifacts"], config.default_retriever)
+
+    def add(server, holder, limiter):
+        servicer = RetrievalServicer(holder, limiter)
+        pb_grpc.add_RetrievalServiceServicer_to_server(servicer, server)
+        return servicer
+
+    return await start_service(
+        "retrieval",
+        config,
+        SERVICE_NAME,
+        lambda path: load_retrieval_state(path, config.default_retriever),
+        add,
     )
-    limiter = InflightLimiter(config.max_inflight)
-    pb_grpc.add_RetrievalServiceServicer_to_server(RetrievalServicer(holder, limiter), server)
-    admin_name = add_admin(server, "retrieval", holder, paths)
-    enable_reflection(server, [SERVICE_NAME, admin_name])
-    service = Service("retrieval", server, port, health)
-    await service.set_serving([SERVICE_NAME], False)
-    await server.start()
-    state = await holder.load()
-    service.reload_hooks.append(holder.load)
-    await service.set_serving([SERVICE_NAME], True)
-    logger.info(
-        "retrieval serving",
-        extra={"port": port, "version": state.version, "retrievers": list(state.retrievers)},
-    )
-    return service
