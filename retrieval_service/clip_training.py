@@ -324,6 +324,9 @@ def train_clip(
     cosine decay keeps runs deterministic for a seed. About 10% of photos are held out and
     the held-out retrieval figure is printed at the end.
 
+    Images are decoded once into memory at the model's input size: 5,000 demo photos at 64 px
+    take 61 MB; fine-tuning a 224 px model on 25k photos takes 3.8 GB.
+
     Parameters
     ----------
     catalogue:
