@@ -12,7 +12,10 @@ import numpy as np
 
 MIN_COSINE = 0.99
 MIN_TOP10_OVERLAP = 0.9
-MIN_SPEEDUP = 1.05  # INT8 must be at least 5% faster per query to be worth its accuracy cost
+# INT8 must be clearly faster to be worth its accuracy cost, and a margin keeps timing noise from
+# flipping the verdict between builds: the tiny CLIP sits near parity (0.57-0.94 ms INT8 vs
+# 0.61-0.86 ms FP32 across runs here), ViT-B-32 gains x1.7 on one thread.
+MIN_SPEEDUP = 1.2
 
 
 def quantize_text_encoder(model: Any) -> Any:
