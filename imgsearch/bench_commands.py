@@ -416,7 +416,12 @@ def cmd_bench_suite(args) -> int:
         artifact_set = artifacts.resolve(args.artifacts)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    return asyncio.run(run_suite(args, artifact_set, out))
+    try:
+        return asyncio.run(run_suite(args, artifact_set, out))
+    except (RuntimeError, TimeoutError) as exc:
+        # A service that cannot load the set (e.g. models from an older build) ends here.
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
 
 
 def _say(message: str) -> None:

@@ -248,3 +248,19 @@ def test_an_unloadable_set_skips_the_in_process_baseline_but_keeps_the_figures(t
     (measured,) = report["scenarios"]
     assert "cannot load" in measured["in_process"]["skipped"]
     assert measured["e2e_over_in_process_p50"] is None
+
+
+def test_bench_suite_says_which_service_could_not_load_the_set(artifact_root, tmp_path, capsys):
+    import shutil
+
+    from imgsearch import artifacts
+
+    broken = tmp_path / "broken-root"
+    shutil.copytree(artifacts.resolve(artifact_root).path, broken / "sets" / "v1")
+    shutil.rmtree(broken / "sets" / "v1" / artifacts.RANKERS_DIR / "als")
+    artifacts.publish(broken, broken / "sets" / "v1")
+    status = main(
+        ["bench-suite", "--artifacts", str(broken), "--out", str(tmp_path / "out"), "--no-build"]
+    )
+    assert status == 1
+    assert "ranking exited with code" in capsys.readouterr().err
