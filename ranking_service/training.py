@@ -37,8 +37,8 @@ TUNING_GRIDS: dict[str, list[dict]] = {
     "popularity": [{"per_keyword": False}]
     + _product(per_keyword=[True], keyword_prior=[5.0, 20.0, 100.0]),
     "als": _product(factors=[8, 16, 32, 64], regularization=[1.0, 10.0, 100.0]),
-    "fm": _product(factors=[16, 32], l2=[1e-5, 1e-4]),
-    "deepfm": _product(factors=[16, 32], l2=[1e-5]),
+    "fm": _product(factors=[16, 32], l2=[0.01, 0.03]),
+    "deepfm": _product(factors=[16, 32], mlp_weight_decay=[1e-3]),
 }
 ALS_ITERATION_CHECKPOINTS = (5, 10, 15, 25)
 

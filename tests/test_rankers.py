@@ -301,7 +301,7 @@ class TestDeepFM(RankerContract):
     def test_int8_gate_reports_and_keeps_fp32_when_it_fails(self, ranker, held_out):
         from ranking_service.rankers.int8 import format_int8_gate, int8_gate
 
-        figures = int8_gate(ranker, held_out, timing_queries=20, rounds=1)
+        figures = int8_gate(ranker, held_out, timing_queries=20, rounds=1, require_speedup=False)
         for key in ("fp32_ndcg", "int8_ndcg", "fp32_ms_per_request", "int8_ms_per_request"):
             assert np.isfinite(figures[key])
         assert figures["accepted"] == ranker.int8
@@ -309,6 +309,7 @@ class TestDeepFM(RankerContract):
         fp32 = (ranker.set_int8(False), ranker.score(query(3)).scores)[1]
         forced = int8_gate(ranker, held_out, max_relative_drop=-1.0, timing_queries=5, rounds=1)
         assert not forced["accepted"] and not ranker.int8
+        assert "NDCG@10 dropped" in forced["reason"]
         np.testing.assert_array_equal(ranker.score(query(3)).scores, fp32)
 
     def test_int8_state_survives_save_and_load(self, ranker, catalogue, tmp_path):
@@ -350,6 +351,10 @@ def test_keyword_candidates_multi_word(catalogue):
     either, _ = candidates.candidates("circle unicorn", 100)
     assert len(either) == N_PHOTOS // len(SHAPES)
     assert len(candidates.candidates("unicorn", 100)[0]) == 0
+    start, length, photos = candidates.pools(["", "circle", "red circle"], cap=3)
+    assert list(length) == [0, N_PHOTOS // len(SHAPES), 3]  # a tagged keyword is never capped
+    assert np.all(photos[start[1] : start[1] + length[1]] % len(SHAPES) == 0)
+    np.testing.assert_array_equal(photos[start[2] : start[2] + 3], both[:3])
 
 
 def test_training_and_tuning_write_a_loadable_artifact(split, catalogue, tmp_path):
@@ -358,6 +363,9 @@ def test_training_and_tuning_write_a_loadable_artifact(split, catalogue, tmp_pat
     train_catalogue, test = split
     params = tune_ranker("als", train_catalogue, grid=[{"factors": 4, "regularization": 1.0}])
     assert params["factors"] == 4 and params["iterations"] in (5, 10, 15, 25)
+    grid = [{**TEST_PARAMS["fm"], "epochs": 2}]
+    params = tune_ranker("fm", train_catalogue, grid=grid)
+    assert params["epochs"] in (1, 2) and params["validation_fraction"] == 0.0
     summary = train_rankers(train_catalogue, ["popularity", "als"], tmp_path, show_progress=False)
     assert set(summary) == {"popularity", "als"}
     json.dumps(summary)

@@ -78,14 +78,30 @@ class KeywordCandidates:
         order = np.lexsort((unique, -total))[:k]
         return unique[order], total[order].astype(np.float32)
 
-    def pools(self, keywords: list[str], k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Return the candidates of many keywords as one CSR: ``(ptr, photo_idx)``.
+    def pools(self, keywords: list[str], cap: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Return every keyword's tagged photos, to sample negatives from, without copying.
 
-        Row ``i`` (``photo_idx[ptr[i]:ptr[i + 1]]``) holds the top-``k`` candidates of
-        ``keywords[i]``; it is empty for a keyword with none.
+        A keyword found in the table as a whole uses all its photos (no cap: a cap by
+        confidence would make the pool narrower than where conversions land). Other keywords
+        get their top-``cap`` :meth:`candidates`, appended after the table's own photos.
+
+        Returns
+        -------
+        tuple of numpy.ndarray
+            ``(start, length, photo_idx)``: keyword ``i``'s pool is
+            ``photo_idx[start[i] : start[i] + length[i]]`` (empty for a keyword with none).
         """
-        rows = [self.candidates(keyword, k)[0] for keyword in keywords]
-        lengths = np.array([len(r) for r in rows], dtype=np.int64)
-        ptr = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-        photos = np.concatenate(rows) if rows else np.zeros(0, dtype=np.int64)
-        return ptr, photos.astype(np.int64)
+        start = np.zeros(len(keywords), dtype=np.int64)
+        length = np.zeros(len(keywords), dtype=np.int64)
+        extra, offset = [], len(self._photo_idx)
+        for i, keyword in enumerate(keywords):
+            keyword_id = self._lookup.get(normalise_keyword(keyword))
+            if keyword_id is not None:
+                start[i] = self._ptr[keyword_id]
+                length[i] = self._ptr[keyword_id + 1] - self._ptr[keyword_id]
+                continue
+            photos = self.candidates(keyword, cap)[0]
+            start[i], length[i] = offset, len(photos)
+            extra.append(photos)
+            offset += len(photos)
+        return start, length, np.concatenate([self._photo_idx, *extra]).astype(np.int64)

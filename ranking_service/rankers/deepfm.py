@@ -24,6 +24,8 @@ class DeepFM(FactorizationMachine):
         Widths of the MLP's hidden layers (ReLU); the MLP ends in one output.
     init_std:
         Standard deviation of the initial embeddings.
+    dropout:
+        Dropout after each hidden layer while training.
     """
 
     def __init__(
@@ -32,12 +34,15 @@ class DeepFM(FactorizationMachine):
         factors: int,
         hidden: tuple[int, ...],
         init_std: float = 0.05,
+        dropout: float = 0.0,
     ) -> None:
         super().__init__(encoder, factors, init_std)
         layers: list[nn.Module] = []
         width = self.n_fields * factors
         for size in hidden:
             layers += [nn.Linear(width, size), nn.ReLU()]
+            if dropout > 0:
+                layers.append(nn.Dropout(dropout))
             width = size
         layers.append(nn.Linear(width, 1))
         self.mlp = nn.Sequential(*layers)
@@ -62,6 +67,10 @@ class DeepFMRanker(FMRanker):
     ----------
     hidden:
         Widths of the MLP's hidden layers.
+    dropout:
+        Dropout after each hidden layer while training.
+    mlp_weight_decay:
+        L2 weight decay of the MLP's weights (the embeddings get FM's ``l2``).
     int8:
         Serve with the MLP's ``nn.Linear`` layers dynamically quantized to INT8 (see
         :mod:`ranking_service.rankers.int8`; the gate there decides whether to).
@@ -72,10 +81,17 @@ class DeepFMRanker(FMRanker):
     name = "deepfm"
 
     def __init__(
-        self, hidden: tuple[int, ...] | list[int] = (128, 64), int8: bool = False, **params
+        self,
+        hidden: tuple[int, ...] | list[int] = (32,),
+        dropout: float = 0.5,
+        mlp_weight_decay: float = 1e-3,
+        int8: bool = False,
+        **params,
     ):
         super().__init__(**params)
         self.hidden = tuple(int(size) for size in hidden)
+        self.dropout = float(dropout)
+        self.mlp_weight_decay = float(mlp_weight_decay)
         self.int8 = False
         self._int8_model: nn.Module | None = None
         self._want_int8 = bool(int8)
@@ -83,11 +99,23 @@ class DeepFMRanker(FMRanker):
     @property
     def params(self) -> dict:
         """The constructor parameters (``int8`` is saved apart, as the gate's outcome)."""
-        return {**super().params, "hidden": list(self.hidden)}
+        return {
+            **super().params,
+            "hidden": list(self.hidden),
+            "dropout": self.dropout,
+            "mlp_weight_decay": self.mlp_weight_decay,
+        }
 
     def build_model(self, encoder: FieldEncoder) -> DeepFM:
         """Return a freshly initialised DeepFM for ``encoder``'s fields."""
-        return DeepFM(encoder, self.factors, self.hidden, self.init_std)
+        return DeepFM(encoder, self.factors, self.hidden, self.init_std, self.dropout)
+
+    def parameter_groups(self) -> list[dict]:
+        """Embeddings as in FM; the MLP with weight decay (it overfits ID embeddings fast)."""
+        mlp = list(self.model.mlp.parameters())
+        mlp_ids = {id(p) for p in mlp}
+        rest = [p for p in self.model.parameters() if id(p) not in mlp_ids]
+        return [{"params": rest}, {"params": mlp, "weight_decay": self.mlp_weight_decay}]
 
     def fit(
         self,

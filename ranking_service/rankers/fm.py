@@ -139,8 +139,8 @@ class _TrainingData:
         self.keyword_local = context[keep, 1] - encoder.offsets[1]
         self.n_photos = encoder.n_photos
         # Row 0 (the unknown keyword) has no pool: its negatives are drawn uniformly.
-        ptr, photos = candidates.pools(["", *encoder.keyword_names], pool)
-        self.pool_ptr = ptr
+        start, length, photos = candidates.pools(["", *encoder.keyword_names], pool)
+        self.pool_start, self.pool_length = start, length
         self.pool_rows = encoder.photo_rows(photos)
 
     def __len__(self) -> int:
@@ -155,8 +155,9 @@ class FMRanker(Ranker):
     some photos carry over to others with the same tags.
 
     Trained with BPR: each training conversion's photo should outscore negatives drawn from
-    the same keyword's candidates (``keyword_negatives``) and from all photos
-    (``uniform_negatives``); loss ``−log σ(s_pos − s_neg)`` plus L2 on the embeddings used.
+    the photos tagged with the same keyword (``keyword_negatives``: the query's would-be
+    candidates) and from all photos (``uniform_negatives``); loss ``−log σ(s_pos − s_neg)``
+    plus L2 on the embeddings used.
     The last ``validation_fraction`` of the conversions (by time) is held out to pick the
     epoch count (early stopping on NDCG@10); with ``refit`` the model is then retrained on all
     conversions for that many epochs.
@@ -176,7 +177,11 @@ class FMRanker(Ranker):
     keyword_negatives, uniform_negatives:
         Negatives per conversion from its keyword's candidates and from all photos.
     negative_pool:
-        How many of a keyword's top candidates hard negatives come from.
+        Hard negatives come from all photos tagged with the query keyword; for a multi-word
+        keyword not in the keywords table, from its top ``negative_pool`` candidates. Not from
+        the top ``candidates_k`` only: conversions land on any photo tagged with the keyword,
+        and negatives drawn from a narrower set than the positives teach the model to spot
+        that set (e.g. high tag confidence) instead of the user's taste.
     patience:
         Epochs without improvement before stopping.
     validation_fraction:
@@ -209,11 +214,11 @@ class FMRanker(Ranker):
         factors: int = 32,
         epochs: int = 10,
         batch_size: int = 4096,
-        learning_rate: float = 0.01,
+        learning_rate: float = 0.003,
         l2: float = 0.01,
         keyword_negatives: int = 1,
         uniform_negatives: int = 1,
-        negative_pool: int = 100,
+        negative_pool: int = 2000,
         patience: int = 2,
         validation_fraction: float = 0.1,
         max_validation_queries: int = 2000,
@@ -376,18 +381,21 @@ class FMRanker(Ranker):
             self._train_epoch(data, optimizer, rng, epoch, show_progress, label="refit epoch")
         return self
 
+    def parameter_groups(self) -> list[dict]:
+        """The optimizer's parameter groups (one for FM; DeepFM decays its MLP)."""
+        return [{"params": list(self.model.parameters())}]
+
     def _optimizer(self) -> torch.optim.Optimizer:
-        """Return the optimizer named by ``optimizer`` over the network's parameters."""
+        """Return the optimizer named by ``optimizer`` over :meth:`parameter_groups`."""
         if self.optimizer == "adagrad":
-            return torch.optim.Adagrad(self.model.parameters(), lr=self.learning_rate)
-        return torch.optim.Adam(self.model.parameters(), lr=self.learning_rate)
+            return torch.optim.Adagrad(self.parameter_groups(), lr=self.learning_rate)
+        return torch.optim.Adam(self.parameter_groups(), lr=self.learning_rate)
 
     def _sample_negatives(self, data: _TrainingData, order: np.ndarray, rng) -> np.ndarray:
         """Return ``(n, negatives)`` photo rows: keyword-candidate ones, then uniform ones."""
         n = len(order)
         keyword = data.keyword_local[order]
-        start = data.pool_ptr[keyword]
-        length = data.pool_ptr[keyword + 1] - start
+        start, length = data.pool_start[keyword], data.pool_length[keyword]
         columns = []
         for _ in range(self.keyword_negatives):
             uniform = rng.integers(1, data.n_photos + 1, n)

@@ -46,7 +46,8 @@ class ValidationSet:
         For each query, the converted photos that are among its candidates.
     n_skipped:
         Pairs left out because none of their converted photos was a candidate (a retrieval
-        miss: no ranker can place them, so they would only dilute the comparison).
+        miss: no ranker can place them, so they would only dilute the comparison). Counted
+        over all pairs; ``max_queries`` then draws among the usable ones.
     """
 
     def __init__(self, queries: list[RankQuery], relevant: list[np.ndarray], n_skipped: int):
@@ -95,45 +96,45 @@ class ValidationSet:
         index = keyword_candidates or KeywordCandidates(catalogue.keywords)
         if len(val_conversions) == 0:
             return cls([], [], 0)
-        pair = val_conversions.groupby(["user_idx", "keyword"], sort=False).ngroup().to_numpy()
-        order = np.argsort(pair, kind="stable")
-        starts = np.flatnonzero(np.r_[True, np.diff(pair[order]) != 0])
-        n_pairs = len(starts)
-        chosen = np.arange(n_pairs)
-        if max_queries is not None and n_pairs > max_queries:
-            chosen = np.sort(np.random.default_rng(seed).choice(n_pairs, max_queries, False))
-        bounds = np.r_[starts, len(order)]
         users = val_conversions["user_idx"].to_numpy(dtype=np.int64)
-        keywords = val_conversions["keyword"].to_numpy()
+        keyword_code, keyword_names = pd.factorize(val_conversions["keyword"].astype(str))
         photos = val_conversions["photo_idx"].to_numpy(dtype=np.int64)
         countries = val_conversions["conversion_country"].to_numpy()
+        candidates_of = [index.candidates(name, candidates_k) for name in keyword_names]
+        # Which conversions land among their keyword's candidates, for all rows at once.
+        width = max(int(photos.max(initial=0)), 0) + 1
+        width = max(width, 1 + max((int(c.max(initial=0)) for c, _ in candidates_of), default=0))
+        candidate_keys = np.concatenate(
+            [code * width + c for code, (c, _) in enumerate(candidates_of)] or [np.zeros(0)]
+        )
+        hit = np.isin(keyword_code * width + photos, candidate_keys)
+        pair = val_conversions.groupby(["user_idx", "keyword"], sort=False).ngroup().to_numpy()
+        order = np.argsort(pair, kind="stable")
+        bounds = np.r_[np.flatnonzero(np.r_[True, np.diff(pair[order]) != 0]), len(order)]
+        pair_hits = np.add.reduceat(hit[order], bounds[:-1]) > 0
+        usable = np.flatnonzero(pair_hits)
+        n_skipped = int(len(pair_hits) - len(usable))
+        if max_queries is not None and len(usable) > max_queries:
+            usable = np.sort(np.random.default_rng(seed).choice(usable, max_queries, False))
         recent = _recent_photos(catalogue.conversions, recent_k)
         no_recent = np.zeros(0, dtype=np.int64)
-        cache: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-        queries, relevant, n_skipped = [], [], 0
-        for g in chosen:
+        queries, relevant = [], []
+        for g in usable:
             rows = order[bounds[g] : bounds[g + 1]]
             first = rows[0]
-            keyword = str(keywords[first])
-            if keyword not in cache:
-                cache[keyword] = index.candidates(keyword, candidates_k)
-            candidates, confidence = cache[keyword]
-            hits = np.intersect1d(photos[rows], candidates)
-            if len(hits) == 0:
-                n_skipped += 1
-                continue
+            candidates, confidence = candidates_of[keyword_code[first]]
             user = int(users[first])
             queries.append(
                 RankQuery(
                     user_idx=user,
-                    keyword=keyword,
+                    keyword=str(keyword_names[keyword_code[first]]),
                     candidates=candidates,
                     retrieval_scores=confidence,
                     recent_photos=recent.get(user, no_recent),
                     country=str(countries[first]),
                 )
             )
-            relevant.append(hits)
+            relevant.append(np.unique(photos[rows][hit[rows]]))
         return cls(queries, relevant, n_skipped)
 
     def ndcg(self, ranker: Ranker, k: int = 10) -> float:
