@@ -144,6 +144,31 @@ def borda_merge(first: list[str], second: list[str]) -> list[tuple[str, float]]:
     return sorted(points.items(), key=lambda item: -item[1])
 
 
+class CircuitBreaker:
+    """Skips a failing downstream for a while so searches degrade at once instead of waiting.
+
+    After ``threshold`` consecutive failures the breaker opens for ``cooldown_s``; after that,
+    calls go through again and one more failure reopens it, one success closes it.
+    """
+
+    def __init__(self, threshold: int = 3, cooldown_s: float = 1.0):
+        self.threshold = threshold
+        self.cooldown_s = cooldown_s
+        self.failures = 0
+        self.open_until = 0.0
+
+    def allow(self) -> bool:
+        return time.monotonic() >= self.open_until
+
+    def success(self) -> None:
+        self.failures = 0
+
+    def failure(self) -> None:
+        self.failures += 1
+        if self.failures >= self.threshold:
+            self.open_until = time.monotonic() + self.cooldown_s
+
+
 async def pass_through(context, exc: grpc.aio.AioRpcError) -> None:
     """Abort with a downstream refusal of the request itself, keeping its BadRequest detail."""
     details = [
@@ -169,6 +194,7 @@ class SearchServicer(pb_grpc.SearchServiceServicer):
         )
         self.retrieval = retr_grpc.RetrievalServiceStub(self.retrieval_channel)
         self.ranking = rank_grpc.RankingServiceStub(self.ranking_channel)
+        self.ranking_breaker = CircuitBreaker()
         self.retrieval_latency = LATENCY.labels("gateway", "retrieval")
         self.ranking_latency = LATENCY.labels("gateway", "ranking")
 
@@ -281,6 +307,14 @@ class SearchServicer(pb_grpc.SearchServiceServicer):
         candidates = retrieved.candidates
         ranking_start = time.perf_counter()
         timeout = deadline - ranking_start - 0.001
+        if not self.ranking_breaker.allow():
+            return self._degrade(
+                response,
+                candidates,
+                k,
+                "ranking unavailable: skipped after repeated failures "
+                f"(retrying within {self.ranking_breaker.cooldown_s:.0f} s)",
+            )
         try:
             if timeout <= 0:
                 raise TimeoutError("no time left for ranking")
@@ -303,6 +337,7 @@ class SearchServicer(pb_grpc.SearchServiceServicer):
         except grpc.aio.AioRpcError as exc:
             if exc.code() not in DEGRADABLE:
                 await pass_through(context, exc)
+            self.ranking_breaker.failure()
             reason = (
                 f"ranking timed out after {(time.perf_counter() - ranking_start) * 1000:.0f} ms"
                 if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED
@@ -311,6 +346,7 @@ class SearchServicer(pb_grpc.SearchServiceServicer):
             return self._degrade(response, candidates, k, reason)
         except TimeoutError as exc:
             return self._degrade(response, candidates, k, f"ranking skipped: {exc}")
+        self.ranking_breaker.success()
         self.ranking_latency.observe(time.perf_counter() - ranking_start)
         response.ranker = ranked.ranker
         response.timings.ranking_ms = ranked.ranking_ms

@@ -13,7 +13,7 @@ on one machine with no flags at all.
 | IMGSEARCH_RETRIEVAL_ADDR | where the gateway finds retrieval | 127.0.0.1:<retrieval port> |
 | IMGSEARCH_RANKING_ADDR | where the gateway finds ranking | 127.0.0.1:<ranking port> |
 | IMGSEARCH_METRICS_PORT | Prometheus port base (gateway +0, retrieval +1, ranking +2) | 0 = off |
-| IMGSEARCH_MAX_INFLIGHT | requests a server handles at once before RESOURCE_EXHAUSTED | 256 |
+| IMGSEARCH_MAX_INFLIGHT | requests a server handles at once before RESOURCE_EXHAUSTED | 64 |
 | IMGSEARCH_DEFAULT_RETRIEVER | retriever for unspecified requests | hybrid if CLIP, else keyword |
 | IMGSEARCH_DEFAULT_RANKER | ranker for unspecified requests | best trained, else popularity |
 | IMGSEARCH_TIMEOUT_MS | gateway budget for a search when the client sets no deadline | 1000 |
@@ -62,7 +62,8 @@ class ServerConfig:
     host: str = field(default_factory=lambda: env("HOST", "127.0.0.1"))
     port: int = 0
     metrics_port: int = 0
-    max_inflight: int = field(default_factory=lambda: env_int("MAX_INFLIGHT", 256))
+    # Small enough that an overloaded server refuses at once instead of queueing ~1 s of work.
+    max_inflight: int = field(default_factory=lambda: env_int("MAX_INFLIGHT", 64))
     grace_s: float = field(default_factory=lambda: float(env_int("GRACE_S", 5)))
 
 

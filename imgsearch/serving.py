@@ -135,6 +135,13 @@ def instrumented(service: str, method: str, limiter: InflightLimiter | None = No
 
         @functools.wraps(handler)
         async def wrapper(self, request, context):
+            holder = getattr(self, "holder", None)
+            if holder is not None and holder.state is None:
+                # The port opens before the artifact set is loaded (health says NOT_SERVING).
+                count("UNAVAILABLE")
+                await context.abort(
+                    grpc.StatusCode.UNAVAILABLE, f"{service} is loading its artifact set"
+                )
             lim = limiter or getattr(self, "limiter", None)
             if lim is not None and not lim.try_acquire():
                 count("RESOURCE_EXHAUSTED")

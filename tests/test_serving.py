@@ -37,6 +37,11 @@ def test_ranking_down_degrades_to_retrieval_order_then_recovers(loop_thread, art
         assert degraded.degraded
         assert "ranking unavailable" in degraded.degraded_reason
         assert degraded.ranker == rank_pb.RANKER_NONE
+        # After repeated failures the gateway stops waiting on ranking for a moment.
+        for _ in range(3):
+            search(stack.target)
+        skipped = search(stack.target)
+        assert skipped.degraded and "skipped after repeated failures" in skipped.degraded_reason
         retrieval_order = search(stack.target, ranker=rank_pb.RANKER_NONE)
         # Retrieval order, k results, metadata intact.
         assert [r.photo_id for r in degraded.results] == [
@@ -225,3 +230,30 @@ def test_reload_to_a_broken_set_keeps_serving_the_old_one(loop_thread, artifact_
         assert len(search(stack.target).results) == 5
     finally:
         stack.stop()
+
+
+def test_a_server_still_loading_answers_unavailable_not_internal(loop_thread):
+    from imgsearch.serving import InflightLimiter, Reloadable
+    from ranking_service.server import RankingServicer
+
+    async def start():
+        server = grpc.aio.server()
+        holder = Reloadable(lambda: None)  # never loaded: state stays None
+        rank_grpc.add_RankingServiceServicer_to_server(
+            RankingServicer(holder, InflightLimiter(8)), server
+        )
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        return server, port
+
+    server, port = loop_thread.run(start())
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            with pytest.raises(grpc.RpcError) as info:
+                rank_grpc.RankingServiceStub(channel).Rank(
+                    rank_pb.RankRequest(user_id="u", query="red", k=3), timeout=5
+                )
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "loading" in info.value.details()
+    finally:
+        loop_thread.run(server.stop(0))
