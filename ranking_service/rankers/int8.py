@@ -120,7 +120,7 @@ def int8_gate(
 
 def format_int8_gate(figures: dict) -> str:
     """Return the gate's figures as one printable line."""
-    verdict = "accepted" if figures["accepted"] else f"rejected ({figures['reason']}): FP32"
+    verdict = "accepted" if figures["accepted"] else f"rejected ({figures['reason']}, serving FP32)"
     return (
         f"DeepFM INT8 {verdict}: NDCG@10 FP32 {figures['fp32_ndcg']:.4f} vs INT8 "
         f"{figures['int8_ndcg']:.4f} (gate: within {figures['max_relative_drop']:.0%}); "
