@@ -179,6 +179,19 @@ async def pass_through(context, exc: grpc.aio.AioRpcError) -> None:
     await context.abort(exc.code(), exc.details() or "", trailing_metadata=tuple(details))
 
 
+class Candidates:
+    """A RetrieveResponse's parallel arrays as plain lists (read once per search)."""
+
+    def __init__(self, retrieved: retr_pb.RetrieveResponse):
+        self.ids = list(retrieved.photo_ids)
+        self.scores = list(retrieved.scores)
+        self.sources = [(s.source, list(s.scores)) for s in retrieved.source_scores]
+
+    def found_by(self, i: int) -> dict[str, float]:
+        """The sources that found candidate ``i`` with their scores (NaN = not found)."""
+        return {name: values[i] for name, values in self.sources if values[i] == values[i]}
+
+
 class SearchServicer(pb_grpc.SearchServiceServicer):
     """Serves ``Search`` by calling retrieval then ranking."""
 
@@ -253,29 +266,32 @@ class SearchServicer(pb_grpc.SearchServiceServicer):
         response.timings.retrieval_ms = retrieved.retrieval_ms
         if retrieved.note:
             response.notes.append(retrieved.note)
-        candidates = retrieved.candidates
-        by_id = {c.photo_id: c for c in candidates}
+        candidates = Candidates(retrieved)
         order: list[tuple[str, float, float]] = []  # (photo_id, final score, ranker score)
 
-        if not candidates:
+        if not candidates.ids:
             response.ranker = request.ranker or rank_pb.RANKER_NONE
             if recommend_task is not None:
                 recommend_task.cancel()
         elif two_step:
             order = await self._two_step(context, recommend_task, candidates, k, response)
         else:
-            order = await self._rank(context, request, retrieved, k, deadline, metadata, response)
+            order = await self._rank(
+                context, request, retrieved.keyword, candidates, k, deadline, metadata, response
+            )
 
+        position = {pid: i for i, pid in enumerate(candidates.ids)}
         for photo_id, final, ranker_score in order:
-            candidate = by_id[photo_id]
+            i = position[photo_id]
+            found = candidates.found_by(i)
             result = response.results.add(
                 photo_id=photo_id,
                 score=final,
-                retrieval_score=candidate.score,
-                retrieval_source=candidate.source,
+                retrieval_score=candidates.scores[i],
+                retrieval_source="+".join(found),
                 ranker_score=ranker_score,
             )
-            result.retrieval_source_scores.update(candidate.source_scores)
+            result.retrieval_source_scores.update(found)
             photo = state.photos.get(photo_id)
             if photo is not None:
                 result.photo.CopyFrom(photo)
@@ -302,9 +318,8 @@ class SearchServicer(pb_grpc.SearchServiceServicer):
             f"({code.name}: {exc.details()})",
         )
 
-    async def _rank(self, context, request, retrieved, k, deadline, metadata, response):
+    async def _rank(self, context, request, keyword, candidates, k, deadline, metadata, response):
         """Rank the candidates; on failure or timeout fall back to retrieval order."""
-        candidates = retrieved.candidates
         ranking_start = time.perf_counter()
         timeout = deadline - ranking_start - 0.001
         if not self.ranking_breaker.allow():
@@ -322,11 +337,9 @@ class SearchServicer(pb_grpc.SearchServiceServicer):
                 rank_pb.RankRequest(
                     user_id=request.user_id,
                     query=request.query,
-                    keyword=retrieved.keyword,
-                    candidates=[
-                        rank_pb.RankCandidate(photo_id=c.photo_id, retrieval_score=c.score)
-                        for c in candidates
-                    ],
+                    keyword=keyword,
+                    candidate_photo_ids=candidates.ids,
+                    retrieval_scores=candidates.scores,
                     k=k,
                     ranker=request.ranker,
                     recent_photo_ids=request.recent_photo_ids,
@@ -360,7 +373,7 @@ class SearchServicer(pb_grpc.SearchServiceServicer):
         response.degraded = True
         response.degraded_reason = reason
         response.ranker = rank_pb.RANKER_NONE
-        return [(c.photo_id, c.score, c.score) for c in candidates[:k]]
+        return [(pid, s, s) for pid, s in zip(candidates.ids[:k], candidates.scores[:k])]
 
     async def _two_step(self, context, recommend_task, candidates, k, response):
         """The seed study's two-step ranking: ALS recommendations voted with retrieval order."""
@@ -376,14 +389,13 @@ class SearchServicer(pb_grpc.SearchServiceServicer):
         response.artifact_versions["ranking"] = recommended.artifact_version
         if recommended.fallback_reason:
             response.notes.append(recommended.fallback_reason)
-        retrieved_ids = [c.photo_id for c in candidates]
-        voted = borda_merge([r.photo_id for r in recommended.results], retrieved_ids)
+        voted = borda_merge([r.photo_id for r in recommended.results], candidates.ids)
         chosen = [(pid, score, score) for pid, score in voted[:k]]
         if len(chosen) < k:
             # Too few shared items: fill with retrieval order so the user still gets k results.
             seen = {pid for pid, _, _ in chosen}
-            rest = [c for c in candidates if c.photo_id not in seen][: k - len(chosen)]
-            chosen += [(c.photo_id, 0.0, 0.0) for c in rest]
+            rest = [pid for pid in candidates.ids if pid not in seen][: k - len(chosen)]
+            chosen += [(pid, 0.0, 0.0) for pid in rest]
             response.notes.append(
                 f"two-step: {len(voted)} photos shared by ALS and retrieval; "
                 "the rest in retrieval order"

@@ -148,14 +148,20 @@ class RankingServicer(pb_grpc.RankingServiceServicer):
         name = self._ranker(state, request.ranker)
         if not 1 <= request.k <= MAX_K:
             raise InvalidArgument("k", f"must be between 1 and {MAX_K}, got {request.k}")
-        if len(request.candidates) > MAX_CANDIDATES_K:
+        photo_ids = list(request.candidate_photo_ids)
+        if len(photo_ids) > MAX_CANDIDATES_K:
             raise InvalidArgument(
-                "candidates",
-                f"at most {MAX_CANDIDATES_K} candidates, got {len(request.candidates)}",
+                "candidate_photo_ids",
+                f"at most {MAX_CANDIDATES_K} candidates, got {len(photo_ids)}",
+            )
+        if request.retrieval_scores and len(request.retrieval_scores) != len(photo_ids):
+            raise InvalidArgument(
+                "retrieval_scores",
+                f"must be empty or one per candidate ({len(photo_ids)}), "
+                f"got {len(request.retrieval_scores)}",
             )
         start = time.perf_counter()
         catalogue = state.catalogue
-        photo_ids = [c.photo_id for c in request.candidates]
         known = []
         candidate_idx = []
         for position, pid in enumerate(photo_ids):
@@ -163,9 +169,11 @@ class RankingServicer(pb_grpc.RankingServiceServicer):
             if idx is not None:
                 known.append(position)
                 candidate_idx.append(idx)
-        retrieval_scores = np.fromiter(
-            (c.retrieval_score for c in request.candidates), np.float32, len(photo_ids)
-        )
+        if request.retrieval_scores:
+            retrieval_scores = np.asarray(request.retrieval_scores, dtype=np.float32)
+        else:
+            # No scores given: retrieval order itself, best first.
+            retrieval_scores = -np.arange(len(photo_ids), dtype=np.float32)
         user_idx = catalogue.user_idx(request.user_id) if request.user_id else None
         known_pos = np.asarray(known, dtype=np.int64)
         query = RankQuery(

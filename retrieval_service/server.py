@@ -101,25 +101,18 @@ def validate_query(query: str, field_name: str = "query") -> str:
     return normalised
 
 
-def to_candidates(result: RetrievalResult, photo_ids: np.ndarray) -> list[pb.Candidate]:
-    """Turn a RetrievalResult into protobuf candidates with per-source scores."""
-    ids = photo_ids[result.photo_idx].tolist()
-    scores = result.scores.tolist()
-    sources = list(result.source_scores.items())
-    if len(sources) == 1:
-        name, values = sources[0]
-        return [
-            pb.Candidate(photo_id=pid, score=s, source=name, source_scores={name: v})
-            for pid, s, v in zip(ids, scores, values.tolist())
-        ]
-    columns = [(name, values.tolist()) for name, values in sources]
-    candidates = []
-    for i, (pid, s) in enumerate(zip(ids, scores)):
-        found = {name: values[i] for name, values in columns if values[i] == values[i]}
-        candidates.append(
-            pb.Candidate(photo_id=pid, score=s, source="+".join(found), source_scores=found)
-        )
-    return candidates
+def to_response(result: RetrievalResult, photo_ids: np.ndarray) -> pb.RetrieveResponse:
+    """Turn a RetrievalResult into the response's parallel arrays (ids, scores, per source)."""
+    return pb.RetrieveResponse(
+        photo_ids=photo_ids[result.photo_idx].tolist(),
+        scores=result.scores.tolist(),
+        source_scores=[
+            pb.SourceScores(source=name, scores=values.tolist())
+            for name, values in result.source_scores.items()
+        ],
+        keyword=result.keyword,
+        note=result.note,
+    )
 
 
 class RetrievalServicer(pb_grpc.RetrievalServiceServicer):
@@ -161,17 +154,13 @@ class RetrievalServicer(pb_grpc.RetrievalServiceServicer):
             )
         else:
             result = retriever.retrieve(query, candidates_k)
-        candidates = to_candidates(result, state.photo_ids)
+        response = to_response(result, state.photo_ids)
         elapsed = time.perf_counter() - start
         self.stage_latency.observe(elapsed)
-        return pb.RetrieveResponse(
-            candidates=candidates,
-            retriever=ENUM_BY_RETRIEVER[name],
-            keyword=result.keyword,
-            note=result.note,
-            retrieval_ms=elapsed * 1000,
-            artifact_version=state.version,
-        )
+        response.retriever = ENUM_BY_RETRIEVER[name]
+        response.retrieval_ms = elapsed * 1000
+        response.artifact_version = state.version
+        return response
 
 
 async def create_retrieval_server(config: RetrievalConfig) -> Service:

@@ -24,31 +24,25 @@ RANKER_FM: Ranker
 RANKER_DEEPFM: Ranker
 RANKER_TWO_STEP: Ranker
 
-class RankCandidate(_message.Message):
-    __slots__ = ("photo_id", "retrieval_score")
-    PHOTO_ID_FIELD_NUMBER: _ClassVar[int]
-    RETRIEVAL_SCORE_FIELD_NUMBER: _ClassVar[int]
-    photo_id: str
-    retrieval_score: float
-    def __init__(self, photo_id: _Optional[str] = ..., retrieval_score: _Optional[float] = ...) -> None: ...
-
 class RankRequest(_message.Message):
-    __slots__ = ("user_id", "query", "keyword", "candidates", "k", "ranker", "recent_photo_ids")
+    __slots__ = ("user_id", "query", "keyword", "candidate_photo_ids", "retrieval_scores", "k", "ranker", "recent_photo_ids")
     USER_ID_FIELD_NUMBER: _ClassVar[int]
     QUERY_FIELD_NUMBER: _ClassVar[int]
     KEYWORD_FIELD_NUMBER: _ClassVar[int]
-    CANDIDATES_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATE_PHOTO_IDS_FIELD_NUMBER: _ClassVar[int]
+    RETRIEVAL_SCORES_FIELD_NUMBER: _ClassVar[int]
     K_FIELD_NUMBER: _ClassVar[int]
     RANKER_FIELD_NUMBER: _ClassVar[int]
     RECENT_PHOTO_IDS_FIELD_NUMBER: _ClassVar[int]
     user_id: str
     query: str
     keyword: str
-    candidates: _containers.RepeatedCompositeFieldContainer[RankCandidate]
+    candidate_photo_ids: _containers.RepeatedScalarFieldContainer[str]
+    retrieval_scores: _containers.RepeatedScalarFieldContainer[float]
     k: int
     ranker: Ranker
     recent_photo_ids: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, user_id: _Optional[str] = ..., query: _Optional[str] = ..., keyword: _Optional[str] = ..., candidates: _Optional[_Iterable[_Union[RankCandidate, _Mapping]]] = ..., k: _Optional[int] = ..., ranker: _Optional[_Union[Ranker, str]] = ..., recent_photo_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+    def __init__(self, user_id: _Optional[str] = ..., query: _Optional[str] = ..., keyword: _Optional[str] = ..., candidate_photo_ids: _Optional[_Iterable[str]] = ..., retrieval_scores: _Optional[_Iterable[float]] = ..., k: _Optional[int] = ..., ranker: _Optional[_Union[Ranker, str]] = ..., recent_photo_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class RankedPhoto(_message.Message):
     __slots__ = ("photo_id", "score")

@@ -24,25 +24,21 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n.imgsearch/retrieval/v1/retrieval_service.proto\x12\x16imgsearch.retrieval.v1\"l\n\x0fRetrieveRequest\x12\r\n\x05query\x18\x01 \x01(\t\x12\x14\n\x0c\x63\x61ndidates_k\x18\x02 \x01(\x05\x12\x34\n\tretriever\x18\x03 \x01(\x0e\x32!.imgsearch.retrieval.v1.Retriever\"\xbd\x01\n\tCandidate\x12\x10\n\x08photo_id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\x12\x0e\n\x06source\x18\x03 \x01(\t\x12J\n\rsource_scores\x18\x04 \x03(\x0b\x32\x33.imgsearch.retrieval.v1.Candidate.SourceScoresEntry\x1a\x33\n\x11SourceScoresEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\"\xce\x01\n\x10RetrieveResponse\x12\x35\n\ncandidates\x18\x01 \x03(\x0b\x32!.imgsearch.retrieval.v1.Candidate\x12\x34\n\tretriever\x18\x02 \x01(\x0e\x32!.imgsearch.retrieval.v1.Retriever\x12\x0f\n\x07keyword\x18\x03 \x01(\t\x12\x0c\n\x04note\x18\x04 \x01(\t\x12\x14\n\x0cretrieval_ms\x18\x05 \x01(\x01\x12\x18\n\x10\x61rtifact_version\x18\x06 \x01(\t*g\n\tRetriever\x12\x19\n\x15RETRIEVER_UNSPECIFIED\x10\x00\x12\x15\n\x11RETRIEVER_KEYWORD\x10\x01\x12\x12\n\x0eRETRIEVER_CLIP\x10\x02\x12\x14\n\x10RETRIEVER_HYBRID\x10\x03\x32q\n\x10RetrievalService\x12]\n\x08Retrieve\x12\'.imgsearch.retrieval.v1.RetrieveRequest\x1a(.imgsearch.retrieval.v1.RetrieveResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n.imgsearch/retrieval/v1/retrieval_service.proto\x12\x16imgsearch.retrieval.v1\"l\n\x0fRetrieveRequest\x12\r\n\x05query\x18\x01 \x01(\t\x12\x14\n\x0c\x63\x61ndidates_k\x18\x02 \x01(\x05\x12\x34\n\tretriever\x18\x03 \x01(\x0e\x32!.imgsearch.retrieval.v1.Retriever\".\n\x0cSourceScores\x12\x0e\n\x06source\x18\x01 \x01(\t\x12\x0e\n\x06scores\x18\x02 \x03(\x02\"\xfd\x01\n\x10RetrieveResponse\x12\x11\n\tphoto_ids\x18\x07 \x03(\t\x12\x0e\n\x06scores\x18\x08 \x03(\x02\x12;\n\rsource_scores\x18\t \x03(\x0b\x32$.imgsearch.retrieval.v1.SourceScores\x12\x34\n\tretriever\x18\x02 \x01(\x0e\x32!.imgsearch.retrieval.v1.Retriever\x12\x0f\n\x07keyword\x18\x03 \x01(\t\x12\x0c\n\x04note\x18\x04 \x01(\t\x12\x14\n\x0cretrieval_ms\x18\x05 \x01(\x01\x12\x18\n\x10\x61rtifact_version\x18\x06 \x01(\tJ\x04\x08\x01\x10\x02*g\n\tRetriever\x12\x19\n\x15RETRIEVER_UNSPECIFIED\x10\x00\x12\x15\n\x11RETRIEVER_KEYWORD\x10\x01\x12\x12\n\x0eRETRIEVER_CLIP\x10\x02\x12\x14\n\x10RETRIEVER_HYBRID\x10\x03\x32q\n\x10RetrievalService\x12]\n\x08Retrieve\x12\'.imgsearch.retrieval.v1.RetrieveRequest\x1a(.imgsearch.retrieval.v1.RetrieveResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'imgsearch.retrieval.v1.retrieval_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_CANDIDATE_SOURCESCORESENTRY']._loaded_options = None
-  _globals['_CANDIDATE_SOURCESCORESENTRY']._serialized_options = b'8\001'
-  _globals['_RETRIEVER']._serialized_start=585
-  _globals['_RETRIEVER']._serialized_end=688
+  _globals['_RETRIEVER']._serialized_start=488
+  _globals['_RETRIEVER']._serialized_end=591
   _globals['_RETRIEVEREQUEST']._serialized_start=74
   _globals['_RETRIEVEREQUEST']._serialized_end=182
-  _globals['_CANDIDATE']._serialized_start=185
-  _globals['_CANDIDATE']._serialized_end=374
-  _globals['_CANDIDATE_SOURCESCORESENTRY']._serialized_start=323
-  _globals['_CANDIDATE_SOURCESCORESENTRY']._serialized_end=374
-  _globals['_RETRIEVERESPONSE']._serialized_start=377
-  _globals['_RETRIEVERESPONSE']._serialized_end=583
-  _globals['_RETRIEVALSERVICE']._serialized_start=690
-  _globals['_RETRIEVALSERVICE']._serialized_end=803
+  _globals['_SOURCESCORES']._serialized_start=184
+  _globals['_SOURCESCORES']._serialized_end=230
+  _globals['_RETRIEVERESPONSE']._serialized_start=233
+  _globals['_RETRIEVERESPONSE']._serialized_end=486
+  _globals['_RETRIEVALSERVICE']._serialized_start=593
+  _globals['_RETRIEVALSERVICE']._serialized_end=706
 # @@protoc_insertion_point(module_scope)

@@ -28,37 +28,30 @@ class RetrieveRequest(_message.Message):
     retriever: Retriever
     def __init__(self, query: _Optional[str] = ..., candidates_k: _Optional[int] = ..., retriever: _Optional[_Union[Retriever, str]] = ...) -> None: ...
 
-class Candidate(_message.Message):
-    __slots__ = ("photo_id", "score", "source", "source_scores")
-    class SourceScoresEntry(_message.Message):
-        __slots__ = ("key", "value")
-        KEY_FIELD_NUMBER: _ClassVar[int]
-        VALUE_FIELD_NUMBER: _ClassVar[int]
-        key: str
-        value: float
-        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
-    PHOTO_ID_FIELD_NUMBER: _ClassVar[int]
-    SCORE_FIELD_NUMBER: _ClassVar[int]
+class SourceScores(_message.Message):
+    __slots__ = ("source", "scores")
     SOURCE_FIELD_NUMBER: _ClassVar[int]
-    SOURCE_SCORES_FIELD_NUMBER: _ClassVar[int]
-    photo_id: str
-    score: float
+    SCORES_FIELD_NUMBER: _ClassVar[int]
     source: str
-    source_scores: _containers.ScalarMap[str, float]
-    def __init__(self, photo_id: _Optional[str] = ..., score: _Optional[float] = ..., source: _Optional[str] = ..., source_scores: _Optional[_Mapping[str, float]] = ...) -> None: ...
+    scores: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, source: _Optional[str] = ..., scores: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class RetrieveResponse(_message.Message):
-    __slots__ = ("candidates", "retriever", "keyword", "note", "retrieval_ms", "artifact_version")
-    CANDIDATES_FIELD_NUMBER: _ClassVar[int]
+    __slots__ = ("photo_ids", "scores", "source_scores", "retriever", "keyword", "note", "retrieval_ms", "artifact_version")
+    PHOTO_IDS_FIELD_NUMBER: _ClassVar[int]
+    SCORES_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_SCORES_FIELD_NUMBER: _ClassVar[int]
     RETRIEVER_FIELD_NUMBER: _ClassVar[int]
     KEYWORD_FIELD_NUMBER: _ClassVar[int]
     NOTE_FIELD_NUMBER: _ClassVar[int]
     RETRIEVAL_MS_FIELD_NUMBER: _ClassVar[int]
     ARTIFACT_VERSION_FIELD_NUMBER: _ClassVar[int]
-    candidates: _containers.RepeatedCompositeFieldContainer[Candidate]
+    photo_ids: _containers.RepeatedScalarFieldContainer[str]
+    scores: _containers.RepeatedScalarFieldContainer[float]
+    source_scores: _containers.RepeatedCompositeFieldContainer[SourceScores]
     retriever: Retriever
     keyword: str
     note: str
     retrieval_ms: float
     artifact_version: str
-    def __init__(self, candidates: _Optional[_Iterable[_Union[Candidate, _Mapping]]] = ..., retriever: _Optional[_Union[Retriever, str]] = ..., keyword: _Optional[str] = ..., note: _Optional[str] = ..., retrieval_ms: _Optional[float] = ..., artifact_version: _Optional[str] = ...) -> None: ...
+    def __init__(self, photo_ids: _Optional[_Iterable[str]] = ..., scores: _Optional[_Iterable[float]] = ..., source_scores: _Optional[_Iterable[_Union[SourceScores, _Mapping]]] = ..., retriever: _Optional[_Union[Retriever, str]] = ..., keyword: _Optional[str] = ..., note: _Optional[str] = ..., retrieval_ms: _Optional[float] = ..., artifact_version: _Optional[str] = ...) -> None: ...

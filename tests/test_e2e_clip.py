@@ -1,0 +1,87 @@
+"""End to end with CLIP: hybrid retrieval through real servers on a set with a trained CLIP."""
+
+from __future__ import annotations
+
+import math
+
+import grpc
+import pytest
+
+from imgsearch.ranking.v1 import ranking_service_pb2 as rank_pb
+from imgsearch.ranking.v1 import ranking_service_pb2_grpc as rank_grpc
+from imgsearch.retrieval.v1 import retrieval_service_pb2 as retr_pb
+from imgsearch.retrieval.v1 import retrieval_service_pb2_grpc as retr_grpc
+from imgsearch.search.v1 import search_service_pb2 as pb
+from imgsearch.search.v1 import search_service_pb2_grpc as pb_grpc
+from tests.conftest import Stack
+
+
+@pytest.fixture(scope="module")
+def clip_stack(loop_thread, tmp_path_factory):
+    from imgsearch.commands import build_artifacts
+    from imgsearch.demo_data import generate
+
+    data = tmp_path_factory.mktemp("clip-data")
+    generate(data, n_photos=300, n_users=40, n_conversions=2000, seed=3, show_progress=False)
+    root = tmp_path_factory.mktemp("clip-artifacts")
+    build_artifacts(
+        str(data), str(root), ["none", "popularity"], clip_steps=20, show_progress=False
+    )
+    stack = Stack(loop_thread, root)
+    yield stack
+    stack.stop()
+
+
+def test_hybrid_is_the_default_and_results_carry_both_sources(clip_stack):
+    with grpc.insecure_channel(clip_stack.target) as channel:
+        response = pb_grpc.SearchServiceStub(channel).Search(
+            pb.SearchRequest(query="red", k=10, candidates_k=50), timeout=30
+        )
+    assert response.retriever == retr_pb.RETRIEVER_HYBRID
+    assert len(response.results) == 10
+    sources = {r.retrieval_source for r in response.results}
+    assert sources <= {"keyword", "clip", "keyword+clip"}
+    for result in response.results:
+        names = result.retrieval_source.split("+")
+        assert sorted(result.retrieval_source_scores) == sorted(names)
+        assert all(not math.isnan(v) for v in result.retrieval_source_scores.values())
+
+
+def test_clip_answers_queries_that_are_no_catalogue_keyword(clip_stack):
+    with grpc.insecure_channel(clip_stack.target) as channel:
+        response = pb_grpc.SearchServiceStub(channel).Search(
+            pb.SearchRequest(query="a red circle at night", k=5, retriever=retr_pb.RETRIEVER_CLIP),
+            timeout=30,
+        )
+    assert len(response.results) == 5
+    assert {r.retrieval_source for r in response.results} == {"clip"}
+
+
+def test_retrieve_returns_aligned_parallel_arrays(clip_stack):
+    with grpc.insecure_channel(f"127.0.0.1:{clip_stack.retrieval.port}") as channel:
+        reply = retr_grpc.RetrievalServiceStub(channel).Retrieve(
+            retr_pb.RetrieveRequest(query="blue", candidates_k=30, retriever=3), timeout=30
+        )
+    assert len(reply.photo_ids) == len(reply.scores) == 30
+    assert {s.source for s in reply.source_scores} == {"keyword", "clip"}
+    assert all(len(s.scores) == 30 for s in reply.source_scores)
+    assert list(reply.scores) == sorted(reply.scores, reverse=True)
+
+
+def test_rank_rejects_misaligned_scores(clip_stack):
+    with grpc.insecure_channel(f"127.0.0.1:{clip_stack.ranking.port}") as channel:
+        stub = rank_grpc.RankingServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as info:
+            stub.Rank(
+                rank_pb.RankRequest(
+                    query="red", k=2, candidate_photo_ids=["a", "b"], retrieval_scores=[1.0]
+                ),
+                timeout=10,
+            )
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "retrieval_scores" in info.value.details()
+        # Unknown ids without scores are kept, last, in retrieval order.
+        reply = stub.Rank(
+            rank_pb.RankRequest(query="red", k=2, candidate_photo_ids=["a", "b"]), timeout=10
+        )
+        assert [r.photo_id for r in reply.results] == ["a", "b"]
