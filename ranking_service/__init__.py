@@ -1,1 +1,1 @@
-"""Ranking service: rankers (none, popularity, ALS, FM, DeepFM), their training and the RankingService server."""
+"""Ranking service: rankers (none, popularity, ALS, FM, DeepFM), training and RankingService."""
