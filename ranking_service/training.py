@@ -159,11 +159,13 @@ def train_rankers(
     out_dir: str | Path,
     tune: bool = False,
     show_progress: bool = True,
+    int8: bool = True,
 ) -> dict:
     """Train each named ranker on ``catalogue.conversions`` and save it to ``out_dir/<name>/``.
 
-    DeepFM also goes through the INT8 gate (on the last :data:`VALIDATION_FRACTION` of the
-    conversions) and is saved serving INT8 only when the gate accepts it.
+    With ``int8`` (default) DeepFM also goes through the INT8 gate (on the last
+    :data:`VALIDATION_FRACTION` of the conversions) and is saved serving INT8 only when the
+    gate accepts it; without, it serves FP32 and no gate runs.
 
     Parameters
     ----------
@@ -210,7 +212,11 @@ def train_rankers(
             entry["best_epoch"] = ranker.best_epoch
             entry["history"] = ranker.history
         if name == "deepfm":
-            entry["int8"] = _int8_gate(ranker, catalogue)
+            entry["int8"] = (
+                _int8_gate(ranker, catalogue)
+                if int8
+                else {"accepted": False, "skipped": "--no-int8"}
+            )
         ranker.save(out_dir / name)
         entry["seconds"] = round(time.perf_counter() - start, 2)
         summary[name] = entry

@@ -150,3 +150,32 @@ def test_reflection_resolves_method_symbols(stack):
     names = {descriptor_pb2.FileDescriptorProto.FromString(f).name for f in files}
     assert "imgsearch/search/v1/search_service.proto" in names
     assert replies[2].error_response.error_code == grpc.StatusCode.NOT_FOUND.value[0]
+
+
+def test_two_step_ranking_votes_als_recommendations_with_retrieval(stub, catalogue):
+    user = active_user(catalogue)
+    response = stub.Search(
+        pb.SearchRequest(user_id=user, query="red", k=8, ranker=rank_pb.RANKER_TWO_STEP),
+        timeout=10,
+    )
+    assert response.ranker == rank_pb.RANKER_TWO_STEP
+    assert len(response.results) == 8
+    assert len({r.photo_id for r in response.results}) == 8
+    retrieved = stub.Search(
+        pb.SearchRequest(query="red", k=100, candidates_k=100, ranker=rank_pb.RANKER_NONE),
+        timeout=10,
+    )
+    assert {r.photo_id for r in response.results} <= {r.photo_id for r in retrieved.results}
+
+
+def test_recent_photos_personalize_a_user_the_model_has_not_seen(stub, catalogue):
+    user_idx = int(catalogue.conversions["user_idx"].value_counts().idxmax())
+    history = catalogue.conversions.loc[catalogue.conversions["user_idx"] == user_idx]
+    recent = catalogue.photo_ids(history["photo_idx"].to_numpy()[-20:])
+    request = pb.SearchRequest(user_id="brand-new-user", query="blue", k=10, ranker=3)
+    cold = stub.Search(request, timeout=10)
+    assert any("unknown user" in note for note in cold.notes)
+    request.recent_photo_ids.extend(recent)
+    warm = stub.Search(request, timeout=10)
+    assert not any("unknown user" in note for note in warm.notes)
+    assert [r.photo_id for r in warm.results] != [r.photo_id for r in cold.results]
