@@ -74,18 +74,24 @@ class SlowRanking(rank_grpc.RankingServiceServicer):
         return rank_pb.RankResponse()
 
 
-def test_client_deadline_propagates_and_slow_ranking_degrades_within_it(loop_thread, artifact_root):
-    stack = Stack(loop_thread, artifact_root)
+def start_slow_ranking(loop_thread):
+    """A real gRPC server running :class:`SlowRanking` on an ephemeral port."""
     slow = SlowRanking()
 
-    async def start_slow():
+    async def start():
         server = grpc.aio.server()
         rank_grpc.add_RankingServiceServicer_to_server(slow, server)
         port = server.add_insecure_port("127.0.0.1:0")
         await server.start()
         return server, port
 
-    slow_server, slow_port = loop_thread.run(start_slow())
+    server, port = loop_thread.run(start())
+    return slow, server, port
+
+
+def test_client_deadline_propagates_and_slow_ranking_degrades_within_it(loop_thread, artifact_root):
+    stack = Stack(loop_thread, artifact_root)
+    slow, slow_server, slow_port = start_slow_ranking(loop_thread)
     from gateway.server import create_gateway_server
     from imgsearch.config import with_overrides
 
@@ -111,16 +117,7 @@ def test_client_deadline_propagates_and_slow_ranking_degrades_within_it(loop_thr
 
 def test_saturated_gateway_sheds_load_with_resource_exhausted(loop_thread, artifact_root):
     stack = Stack(loop_thread, artifact_root)
-    slow = SlowRanking()
-
-    async def start_slow():
-        server = grpc.aio.server()
-        rank_grpc.add_RankingServiceServicer_to_server(slow, server)
-        port = server.add_insecure_port("127.0.0.1:0")
-        await server.start()
-        return server, port
-
-    slow_server, slow_port = loop_thread.run(start_slow())
+    slow, slow_server, slow_port = start_slow_ranking(loop_thread)
     from gateway.server import create_gateway_server
     from imgsearch.config import with_overrides
 
