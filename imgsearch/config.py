@@ -20,6 +20,7 @@ on one machine with no flags at all.
 | IMGSEARCH_RANKING_BUDGET_MS | the part of a search's budget kept for ranking | 300 |
 | IMGSEARCH_GRACE_S | graceful-shutdown grace period | 5 |
 | IMGSEARCH_LOG_FORMAT | `json` or `text` | json |
+| IMGSEARCH_ACCESS_LOG | `1`: one log line per RPC with its request id | off |
 """
 
 from __future__ import annotations

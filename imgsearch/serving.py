@@ -27,6 +27,9 @@ from grpc_status import rpc_status
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
 REQUEST_ID_KEY = "x-request-id"
+# One JSON line per RPC (service, method, code, ms, request id) when IMGSEARCH_ACCESS_LOG=1;
+# off by default because at hundreds of searches per second it costs more than it tells.
+ACCESS_LOG = os.environ.get("IMGSEARCH_ACCESS_LOG", "") not in ("", "0", "false")
 logger = logging.getLogger("imgsearch")
 
 REQUESTS = Counter(
@@ -151,34 +154,48 @@ def instrumented(service: str, method: str, limiter: InflightLimiter | None = No
                 )
             inflight.inc()
             start = time.perf_counter()
+            status = "UNKNOWN"
             try:
                 response = await handler(self, request, context)
-                count("OK")
+                status = "OK"
                 return response
             except InvalidArgument as exc:
-                count("INVALID_ARGUMENT")
+                status = "INVALID_ARGUMENT"
                 await context.abort_with_status(bad_request_status(exc.field, exc.description))
             except asyncio.CancelledError:
-                count("CANCELLED")
+                status = "CANCELLED"
                 raise
             except Exception as exc:  # noqa: BLE001 - nothing a client sends may crash a server
                 code = context.code() if hasattr(context, "code") else None
                 if isinstance(exc, grpc.aio.AbortError) or (
                     code is not None and code != grpc.StatusCode.OK
                 ):
-                    count(str(code.name) if code is not None else "ABORTED")
+                    status = code.name if code is not None else "ABORTED"
                     raise
                 rid = request_id(context)
                 logger.exception("unhandled error", extra={"service": service, "request_id": rid})
-                count("INTERNAL")
+                status = "INTERNAL"
                 await context.abort(
                     grpc.StatusCode.INTERNAL, f"internal error (request id {rid}): {exc}"
                 )
             finally:
+                elapsed = time.perf_counter() - start
                 inflight.dec()
-                latency.observe(time.perf_counter() - start)
+                latency.observe(elapsed)
+                count(status)
                 if lim is not None:
                     lim.release()
+                if ACCESS_LOG:
+                    logger.info(
+                        "rpc",
+                        extra={
+                            "service": service,
+                            "method": method,
+                            "code": status,
+                            "ms": round(elapsed * 1000, 3),
+                            "request_id": request_id(context),
+                        },
+                    )
 
         return wrapper
 

@@ -179,3 +179,25 @@ def test_recent_photos_personalize_a_user_the_model_has_not_seen(stub, catalogue
     warm = stub.Search(request, timeout=10)
     assert not any("unknown user" in note for note in warm.notes)
     assert [r.photo_id for r in warm.results] != [r.photo_id for r in cold.results]
+
+
+def test_request_id_crosses_all_three_services_in_the_access_log(stub, monkeypatch, caplog):
+    import logging
+
+    from imgsearch import serving
+
+    monkeypatch.setattr(serving, "ACCESS_LOG", True)
+    with caplog.at_level(logging.INFO, logger="imgsearch"):
+        stub.Search(
+            pb.SearchRequest(query="red", k=3), timeout=10, metadata=(("x-request-id", "rq-42"),)
+        )
+    seen = {
+        (r.service, r.method, r.code)
+        for r in caplog.records
+        if r.getMessage() == "rpc" and getattr(r, "request_id", "") == "rq-42"
+    }
+    assert seen == {
+        ("gateway", "Search", "OK"),
+        ("retrieval", "Retrieve", "OK"),
+        ("ranking", "Rank", "OK"),
+    }
