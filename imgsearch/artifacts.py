@@ -130,3 +130,25 @@ def prune(root: str | Path, keep: int = 3) -> list[Path]:
         shutil.rmtree(old, ignore_errors=True)
         removed.append(old)
     return removed
+
+
+def link_tree(source: Path, target: Path, skip: tuple[str, ...] = ()) -> None:
+    """Copy a set's files into ``target`` as hard links (a copy where links are impossible).
+
+    Sets are immutable once published, so sharing files between versions is safe; ``skip``
+    names top-level entries to leave out (they are rewritten by the caller).
+    """
+
+    def link_or_copy(src, dst):
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copy2(src, dst)
+
+    shutil.copytree(
+        source,
+        target,
+        copy_function=link_or_copy,
+        dirs_exist_ok=True,
+        ignore=lambda folder, names: [n for n in names if Path(folder) == source and n in skip],
+    )

@@ -656,15 +656,7 @@ def make_reload_set(artifact_set, folder: Path) -> Path:
         shutil.rmtree(target)
     folder.mkdir(parents=True, exist_ok=True)
 
-    def link_or_copy(src, dst):
-        try:
-            os.link(src, dst)
-        except OSError:
-            shutil.copy2(src, dst)
-
-    shutil.copytree(artifact_set.path, target, copy_function=link_or_copy)
-    # The manifest is a hard link to the original's: replace the link, never write through it.
-    (target / artifacts.MANIFEST).unlink()
+    artifacts.link_tree(artifact_set.path, target, skip=(artifacts.MANIFEST,))
     artifacts.write_manifest(target, {**artifact_set.manifest, "version": version})
     return target
 

@@ -1,4 +1,4 @@
-"""Core subcommands: build, serve, search, reload, status and demo (what `make run` runs)."""
+"""Core subcommands: build, train, serve, search, reload and demo (what `make run` runs)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ DEFAULT_RANKERS = ("none", "popularity", "als", "fm", "deepfm")
 
 
 def add_commands(subparsers) -> None:
-    """Register build, serve, search, reload, status and demo."""
+    """Register build, train, serve, search, reload and demo."""
     p = subparsers.add_parser(
         "build",
         help="validate an Unsplash Lite folder and build a versioned artifact set",
@@ -76,6 +76,31 @@ def add_commands(subparsers) -> None:
     p.add_argument("--keep", type=int, default=3, help="artifact sets to keep (default: 3)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(handler=cmd_build)
+
+    p = subparsers.add_parser(
+        "train",
+        help="retrain the rankers of the current artifact set into a new set version",
+        description="Train rankers on the catalogue of ARTIFACTS/current and publish a new set "
+        "that shares every other artifact (hard links) with it; running servers pick it up on "
+        "`imgsearch reload`. --tune picks hyper-parameters on a validation slice cut from the "
+        "end of the conversions and records the choice in the manifest.",
+    )
+    p.add_argument("--artifacts", default="var/artifacts", help="artifact root (with current)")
+    p.add_argument(
+        "--rankers",
+        default=",".join(DEFAULT_RANKERS[2:]),
+        help="comma-separated rankers to train (default: %(default)s)",
+    )
+    p.add_argument("--tune", action="store_true", help="tune on a validation slice first")
+    p.add_argument(
+        "--int8",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="gate INT8 for the DeepFM MLP (default: on)",
+    )
+    p.add_argument("--keep", type=int, default=3, help="artifact sets to keep (default: 3)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(handler=cmd_train)
 
     p = subparsers.add_parser("serve", help="serve retrieval, ranking, the gateway, or all three")
     p.add_argument("service", choices=(*SERVICES, "all"))
@@ -279,6 +304,86 @@ def cmd_build(args) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except FileNotFoundError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def retrain_rankers(
+    root: str,
+    rankers: list[str],
+    tune: bool = False,
+    int8: bool = True,
+    keep: int = 3,
+    show_progress: bool = True,
+) -> Path:
+    """Train ``rankers`` on the current set's catalogue and publish them as a new set version.
+
+    Rankers of the current set that are not retrained are kept as they are.
+    """
+    from imgsearch import artifacts
+    from imgsearch.catalogue import Catalogue
+    from ranking_service.training import train_rankers
+
+    if not (Path(root) / artifacts.CURRENT).exists():
+        raise artifacts.ArtifactError(
+            f"{root} is not an artifact root (no {artifacts.CURRENT} link); "
+            "build one with `imgsearch build --data DIR --out ROOT`"
+        )
+    current = artifacts.resolve(root)
+    catalogue = Catalogue.load(current.file(artifacts.CATALOGUE_DIR))
+    set_dir, version = artifacts.new_set_dir(root, current.manifest.get("data_fingerprint", ""))
+    try:
+        artifacts.link_tree(current.path, set_dir, skip=(artifacts.MANIFEST,))
+        for name in rankers:
+            shutil.rmtree(set_dir / artifacts.RANKERS_DIR / name, ignore_errors=True)
+        trained = train_rankers(
+            catalogue,
+            rankers,
+            set_dir / artifacts.RANKERS_DIR,
+            tune=tune,
+            show_progress=show_progress,
+            int8=int8,
+        )
+        manifest = {
+            **current.manifest,
+            "version": version,
+            "parent_version": current.version,
+            "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "rankers": {**current.manifest.get("rankers", {}), **trained},
+        }
+        artifacts.write_manifest(set_dir, manifest)
+    except BaseException:
+        shutil.rmtree(set_dir, ignore_errors=True)
+        raise
+    artifacts.publish(root, set_dir)
+    artifacts.prune(root, keep=keep)
+    _stage_printer(show_progress)(f"artifact set {version} (rankers retrained) ready: {set_dir}")
+    return set_dir
+
+
+def cmd_train(args) -> int:
+    from imgsearch import artifacts
+
+    rankers = [r.strip() for r in args.rankers.split(",") if r.strip()]
+    unknown = sorted(set(rankers) - set(DEFAULT_RANKERS))
+    if unknown or not rankers:
+        print(
+            f"error: unknown ranker(s) {', '.join(unknown) or '(none given)'}; valid: "
+            f"{', '.join(DEFAULT_RANKERS)}",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        retrain_rankers(
+            args.artifacts,
+            rankers,
+            tune=args.tune,
+            int8=args.int8,
+            keep=args.keep,
+            show_progress=not args.quiet,
+        )
+    except artifacts.ArtifactError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     return 0

@@ -128,3 +128,38 @@ def test_serve_refuses_a_missing_artifact_set(tmp_path):
 @pytest.mark.parametrize("argv", [["--help"], ["search", "--help"], ["build", "--help"]])
 def test_help_works(argv):
     assert imgsearch(*argv).returncode == 0
+
+
+def test_train_publishes_tuned_rankers_as_a_new_version_sharing_the_rest(artifact_root, tmp_path):
+    from imgsearch import artifacts
+    from imgsearch.commands import retrain_rankers
+    from ranking_service.server import load_ranking_state
+
+    root = tmp_path / "root"
+    shutil.copytree(artifact_root, root, symlinks=True)
+    before = artifacts.resolve(root)
+    als_dir = before.file(artifacts.RANKERS_DIR) / "als"
+    old_bytes = {p: p.read_bytes() for p in als_dir.rglob("*") if p.is_file()}
+
+    retrain_rankers(str(root), ["als"], tune=True, show_progress=False)
+    after = artifacts.resolve(root)
+    assert after.version != before.version
+    assert after.manifest["parent_version"] == before.version
+    assert "tuning" in after.manifest["rankers"]["als"]
+    assert set(after.rankers) == set(before.rankers)
+    # The keyword index is shared (same inode), the old set's ALS is untouched.
+    assert (
+        after.file(artifacts.KEYWORD_INDEX).stat().st_ino
+        == before.file(artifacts.KEYWORD_INDEX).stat().st_ino
+    )
+    assert old_bytes
+    for path, data in old_bytes.items():
+        assert path.read_bytes() == data
+    state = load_ranking_state(str(root))
+    assert state.version == after.version and "als" in state.rankers
+
+
+def test_train_refuses_a_folder_that_is_not_an_artifact_root(tmp_path):
+    result = imgsearch("train", "--artifacts", str(tmp_path), "--quiet")
+    assert result.returncode == 1
+    assert "not an artifact root" in result.stderr
