@@ -397,6 +397,7 @@ def _configs(args):
         "artifacts": args.artifacts,
         "host": args.host,
         "max_inflight": args.max_inflight,
+        "metrics_port": args.metrics_port,
     }
     retrieval = with_overrides(
         RetrievalConfig(),
@@ -453,9 +454,7 @@ def cmd_serve(args) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     if args.service != "all":
-        config = configs[args.service]
-        metrics = args.metrics_port
-        config = with_overrides(config, port=args.port, metrics_port=metrics)
+        config = with_overrides(configs[args.service], port=args.port)
         asyncio.run(serve_one(args.service, config))
         return 0
     return serve_all(args, configs)
@@ -483,8 +482,8 @@ def serve_all(args, configs) -> int:
             "--max-inflight",
             str(config.max_inflight),
         ]
-        if args.metrics_port:
-            cmd += ["--metrics-port", str(args.metrics_port + offset)]
+        if config.metrics_port:
+            cmd += ["--metrics-port", str(config.metrics_port + offset)]
         if name == "gateway":
             cmd += [
                 "--retrieval-addr",

@@ -62,7 +62,7 @@ class ServerConfig:
     artifacts: str = field(default_factory=lambda: env("ARTIFACTS", "var/artifacts"))
     host: str = field(default_factory=lambda: env("HOST", "127.0.0.1"))
     port: int = 0
-    metrics_port: int = 0
+    metrics_port: int = field(default_factory=lambda: env_int("METRICS_PORT", 0))
     # Small enough that an overloaded server refuses at once instead of queueing ~1 s of work.
     max_inflight: int = field(default_factory=lambda: env_int("MAX_INFLIGHT", 64))
     grace_s: float = field(default_factory=lambda: float(env_int("GRACE_S", 5)))

@@ -201,3 +201,23 @@ def test_request_id_crosses_all_three_services_in_the_access_log(stub, monkeypat
         ("retrieval", "Retrieve", "OK"),
         ("ranking", "Rank", "OK"),
     }
+
+
+def test_prometheus_metrics_count_requests_by_code_per_service(stub):
+    from prometheus_client import REGISTRY
+
+    def value(service, method, code):
+        labels = {"service": service, "method": method, "code": code}
+        return REGISTRY.get_sample_value("imgsearch_requests_total", labels) or 0.0
+
+    before = (value("gateway", "Search", "OK"), value("ranking", "Rank", "OK"))
+    bad_before = value("gateway", "Search", "INVALID_ARGUMENT")
+    stub.Search(pb.SearchRequest(query="red", k=3), timeout=10)
+    with pytest.raises(grpc.RpcError):
+        stub.Search(pb.SearchRequest(query=""), timeout=10)
+    assert value("gateway", "Search", "OK") == before[0] + 1
+    assert value("ranking", "Rank", "OK") == before[1] + 1
+    assert value("gateway", "Search", "INVALID_ARGUMENT") == bad_before + 1
+    assert REGISTRY.get_sample_value(
+        "imgsearch_latency_seconds_count", {"service": "retrieval", "stage": "retrieve"}
+    )
