@@ -111,3 +111,52 @@ def format_table(response: pb.SearchResponse, query: str, user_id: str) -> str:
     for note in response.notes:
         lines.append(f"note: {note}")
     return "\n".join(lines)
+
+
+def to_html(
+    response: pb.SearchResponse, query: str, user_id: str, images_dir: str | None = None
+) -> str:
+    """A self-contained HTML page of the results: image, scores, keywords and description.
+
+    With ``images_dir`` (a catalogue's ``images/`` folder) the pictures are embedded from disk,
+    so the page works offline; otherwise they are linked by their ``photo.url``.
+    """
+    import base64
+    import html
+    from pathlib import Path
+
+    def image_src(result) -> str:
+        if images_dir:
+            path = Path(images_dir) / f"{result.photo_id}.jpg"
+            if path.exists():
+                return "data:image/jpeg;base64," + base64.b64encode(path.read_bytes()).decode()
+        return result.photo.url
+
+    cards = []
+    for rank, result in enumerate(response.results, 1):
+        sources = ", ".join(
+            f"{name} {score:.3f}" for name, score in sorted(result.retrieval_source_scores.items())
+        )
+        photo_id = html.escape(result.photo_id)
+        cards.append(
+            f"""<figure><img src="{html.escape(image_src(result))}" alt="{photo_id}">
+<figcaption><b>#{rank} {photo_id}</b> score {result.score:.4f}<br>
+retrieval {result.retrieval_score:.4f} ({html.escape(sources)})<br>
+<i>{html.escape(", ".join(result.photo.keywords[:6]))}</i><br>
+{html.escape(result.photo.description or result.photo.ai_description)}</figcaption></figure>"""
+        )
+    t = response.timings
+    notes = [html.escape(n) for n in response.notes]
+    if response.degraded:
+        notes.insert(0, f"<b>degraded</b>: {html.escape(response.degraded_reason)}")
+    return f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>imgsearch: {html.escape(query)}</title>
+<style>body{{font-family:sans-serif;margin:1.5em}} .grid{{display:flex;flex-wrap:wrap;gap:1em}}
+figure{{width:220px;margin:0}} img{{width:220px;height:220px;object-fit:cover;
+image-rendering:pixelated;border-radius:4px}} figcaption{{font-size:12px}}</style></head>
+<body><h2>&ldquo;{html.escape(query)}&rdquo; for {html.escape(user_id or "an anonymous user")}</h2>
+<p>retriever {retriever_name(response.retriever)}, ranker {ranker_name(response.ranker)};
+retrieval {t.retrieval_ms:.1f} ms, ranking {t.ranking_ms:.1f} ms, total {t.total_ms:.1f} ms</p>
+<p>{"<br>".join(notes)}</p>
+<div class="grid">{"".join(cards)}</div></body></html>
+"""

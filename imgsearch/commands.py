@@ -142,6 +142,19 @@ def add_commands(subparsers) -> None:
     p.add_argument("--target", default=None, help="gateway HOST:PORT (default 127.0.0.1:50051)")
     p.add_argument("--timeout", type=float, default=10.0, help="deadline in seconds")
     p.add_argument("--json", action="store_true", help="print the response as JSON")
+    p.add_argument(
+        "--html",
+        default=None,
+        metavar="FILE",
+        help="also write the results as an HTML page with the images",
+    )
+    p.add_argument(
+        "--images",
+        default=None,
+        metavar="DIR",
+        help="with --html: embed images from this folder (e.g. DATA/images) "
+        "instead of linking their URLs",
+    )
     p.set_defaults(handler=cmd_search)
 
     p = subparsers.add_parser("reload", help="switch running servers to the newest artifact set")
@@ -562,6 +575,11 @@ def cmd_search(args) -> int:
         print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
         return 1
     print(to_json(response) if args.json else format_table(response, args.query, args.user))
+    if args.html:
+        from gateway.client import to_html
+
+        Path(args.html).write_text(to_html(response, args.query, args.user, args.images))
+        print(f"wrote {args.html}", file=sys.stderr)
     return 0
 
 

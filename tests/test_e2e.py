@@ -228,3 +228,19 @@ def test_prometheus_metrics_count_requests_by_code_per_service(stub):
     assert REGISTRY.get_sample_value(
         "imgsearch_latency_seconds_count", {"service": "retrieval", "stage": "retrieve"}
     )
+
+
+def test_search_results_as_an_html_page(stack, tmp_path):
+    from gateway.client import search, to_html
+
+    images = tmp_path / "images"
+    images.mkdir()
+    response = search(stack.target, "red <b>", "someone", k=4)
+    (images / f"{response.results[0].photo_id}.jpg").write_bytes(b"\xff\xd8\xff\xe0fake")
+    page = to_html(response, "red <b>", "someone", str(images))
+    assert page.count("<figure>") == 4
+    assert "red &lt;b&gt;" in page and "red <b>" not in page
+    assert "data:image/jpeg;base64," in page  # embedded from disk
+    assert response.results[1].photo.url in page  # linked when not on disk
+    for result in response.results:
+        assert result.photo_id in page
