@@ -169,6 +169,11 @@ class CircuitBreaker:
             self.open_until = time.monotonic() + self.cooldown_s
 
 
+def unavailable(exc: grpc.aio.AioRpcError) -> str:
+    """The degraded reason for a ranking call that failed with ``exc``."""
+    return f"ranking unavailable: {exc.code().name}: {exc.details()}"
+
+
 async def pass_through(context, exc: grpc.aio.AioRpcError) -> None:
     """Abort with a downstream refusal of the request itself, keeping its BadRequest detail."""
     details = [
@@ -299,7 +304,6 @@ class SearchServicer(pb_grpc.SearchServiceServicer):
                 result.photo.photo_id = photo_id
         response.timings.total_ms = (time.perf_counter() - start) * 1000
         if response.degraded:
-            DEGRADED.labels(response.degraded_reason.split(":")[0]).inc()
             logger.warning(
                 "degraded search",
                 extra={"request_id": rid, "reason": response.degraded_reason},
@@ -327,6 +331,7 @@ class SearchServicer(pb_grpc.SearchServiceServicer):
                 response,
                 candidates,
                 k,
+                "circuit_open",
                 "ranking unavailable: skipped after repeated failures "
                 f"(retrying within {self.ranking_breaker.cooldown_s:.0f} s)",
             )
@@ -351,14 +356,13 @@ class SearchServicer(pb_grpc.SearchServiceServicer):
             if exc.code() not in DEGRADABLE:
                 await pass_through(context, exc)
             self.ranking_breaker.failure()
-            reason = (
-                f"ranking timed out after {(time.perf_counter() - ranking_start) * 1000:.0f} ms"
-                if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-                else f"ranking unavailable: {exc.code().name}: {exc.details()}"
-            )
-            return self._degrade(response, candidates, k, reason)
+            if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                elapsed_ms = (time.perf_counter() - ranking_start) * 1000
+                reason = f"ranking timed out after {elapsed_ms:.0f} ms"
+                return self._degrade(response, candidates, k, "timeout", reason)
+            return self._degrade(response, candidates, k, "unavailable", unavailable(exc))
         except TimeoutError as exc:
-            return self._degrade(response, candidates, k, f"ranking skipped: {exc}")
+            return self._degrade(response, candidates, k, "no_budget", f"ranking skipped: {exc}")
         self.ranking_breaker.success()
         self.ranking_latency.observe(time.perf_counter() - ranking_start)
         response.ranker = ranked.ranker
@@ -369,7 +373,9 @@ class SearchServicer(pb_grpc.SearchServiceServicer):
         return [(r.photo_id, r.score, r.score) for r in ranked.results]
 
     @staticmethod
-    def _degrade(response, candidates, k, reason: str):
+    def _degrade(response, candidates, k, kind: str, reason: str):
+        """Answer in retrieval order; ``kind`` is the metric label (a small fixed set)."""
+        DEGRADED.labels(kind).inc()
         response.degraded = True
         response.degraded_reason = reason
         response.ranker = rank_pb.RANKER_NONE
@@ -382,9 +388,7 @@ class SearchServicer(pb_grpc.SearchServiceServicer):
         except grpc.aio.AioRpcError as exc:
             if exc.code() not in DEGRADABLE:
                 await pass_through(context, exc)
-            return self._degrade(
-                response, candidates, k, f"ranking unavailable: {exc.code().name}: {exc.details()}"
-            )
+            return self._degrade(response, candidates, k, "unavailable", unavailable(exc))
         response.ranker = rank_pb.RANKER_TWO_STEP
         response.artifact_versions["ranking"] = recommended.artifact_version
         if recommended.fallback_reason:

@@ -565,16 +565,14 @@ def _offset(mark: dict) -> float:
     return round(time.perf_counter() - mark["start"], 2)
 
 
-async def kill_ranking_scenario(args, services: ServiceProcesses, target: str, queries) -> dict:
-    """SIGTERM the ranking server mid-load, restart it, and watch the gateway recover."""
-    import asyncio
-
+def fault_load_spec(args, target: str, duration_s: float):
+    """The keyword + ALS open-loop load that the kill and reload scenarios run under."""
     from imgsearch import bench
 
-    spec = bench.LoadSpec(
+    return bench.LoadSpec(
         target=target,
         qps=args.fault_qps,
-        duration_s=args.kill_duration,
+        duration_s=duration_s,
         warmup_s=1.0,
         retriever="keyword",
         ranker="als",
@@ -582,6 +580,15 @@ async def kill_ranking_scenario(args, services: ServiceProcesses, target: str, q
         candidates_k=CANDIDATES_K,
         channels=args.channels,
     )
+
+
+async def kill_ranking_scenario(args, services: ServiceProcesses, target: str, queries) -> dict:
+    """SIGTERM the ranking server mid-load, restart it, and watch the gateway recover."""
+    import asyncio
+
+    from imgsearch import bench
+
+    spec = fault_load_spec(args, target, args.kill_duration)
     mark: dict = {}
     ready = asyncio.Event()
     events: list[dict] = []
@@ -674,17 +681,7 @@ async def hot_reload_scenario(
     from imgsearch.admin.v1 import admin_service_pb2_grpc as admin_grpc
 
     reload_set = make_reload_set(artifact_set, out / "reload-set")
-    spec = bench.LoadSpec(
-        target=target,
-        qps=args.fault_qps,
-        duration_s=args.reload_duration,
-        warmup_s=1.0,
-        retriever="keyword",
-        ranker="als",
-        k=K,
-        candidates_k=CANDIDATES_K,
-        channels=args.channels,
-    )
+    spec = fault_load_spec(args, target, args.reload_duration)
     mark: dict = {}
     ready = asyncio.Event()
     events: list[dict] = []

@@ -42,7 +42,11 @@ LATENCY = Histogram(
     buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0),
 )
 INFLIGHT = Gauge("imgsearch_inflight_requests", "RPCs being handled now.", ["service"])
-DEGRADED = Counter("imgsearch_degraded_total", "Searches answered degraded, by reason.", ["reason"])
+DEGRADED = Counter(
+    "imgsearch_degraded_total",
+    "Searches answered degraded, by reason (unavailable, timeout, no_budget, circuit_open).",
+    ["reason"],
+)
 ARTIFACT_INFO = Gauge(
     "imgsearch_artifact_loaded_timestamp_seconds",
     "When the serving artifact set was loaded, by version.",

@@ -59,7 +59,7 @@ class RankingState:
 
 def load_ranking_state(artifacts_path: str, default_ranker: str = "") -> RankingState:
     """Load every ranker the artifact set holds."""
-    from ranking_service.rankers import load_ranker
+    from ranking_service.rankers import create_ranker, load_ranker
 
     artifact_set = artifacts.resolve(artifacts_path)
     catalogue = Catalogue.load(artifact_set.file(artifacts.CATALOGUE_DIR))
@@ -71,8 +71,6 @@ def load_ranking_state(artifacts_path: str, default_ranker: str = "") -> Ranking
     for name in ("none", "popularity"):
         if name not in rankers:
             # The baselines need no training artifacts beyond the catalogue itself.
-            from ranking_service.rankers import create_ranker
-
             rankers[name] = create_ranker(name).fit(catalogue, show_progress=False)
     if default_ranker and default_ranker not in rankers:
         raise ValueError(
