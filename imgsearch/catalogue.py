@@ -37,6 +37,11 @@ CONVERSION_COLUMNS = {
     "user_idx": "int32",
     "conversion_country": "object",  # "" when missing
 }
+# Optional: what photos really show (judged labels; the demo's drawn content). Evaluation only.
+LABEL_COLUMNS = {
+    "photo_idx": "int32",
+    "label": "object",  # normalised like KEYWORD_COLUMNS.keyword
+}
 TABLES = {
     "photos": PHOTO_COLUMNS,
     "keywords": KEYWORD_COLUMNS,
@@ -55,6 +60,7 @@ class Catalogue:
     """The four normalised tables of one catalogue, with id lookups.
 
     Conversions are sorted by ``converted_at`` (stable), so a temporal split is a slice.
+    ``labels`` (:data:`LABEL_COLUMNS`) is None unless the data folder has a labels table.
     """
 
     photos: pd.DataFrame
@@ -62,6 +68,7 @@ class Catalogue:
     users: pd.DataFrame
     conversions: pd.DataFrame
     data_dir: str = ""
+    labels: pd.DataFrame | None = None
     _photo_index: dict[str, int] = field(default_factory=dict, repr=False)
     _user_index: dict[str, int] = field(default_factory=dict, repr=False)
 
@@ -104,6 +111,7 @@ class Catalogue:
             users=self.users,
             conversions=conversions.reset_index(drop=True),
             data_dir=self.data_dir,
+            labels=self.labels,
         )
 
     def save(self, directory: str | Path) -> None:
@@ -112,6 +120,8 @@ class Catalogue:
         directory.mkdir(parents=True, exist_ok=True)
         for name in TABLES:
             getattr(self, name).to_parquet(directory / f"{name}.parquet", index=False)
+        if self.labels is not None:
+            self.labels.to_parquet(directory / "labels.parquet", index=False)
         (directory / "data_dir.txt").write_text(str(self.data_dir))
 
     @classmethod
@@ -124,4 +134,8 @@ class Catalogue:
         }
         data_dir_file = directory / "data_dir.txt"
         data_dir = data_dir_file.read_text() if data_dir_file.exists() else ""
-        return cls(**tables, data_dir=data_dir)
+        labels_file = directory / "labels.parquet"
+        labels = (
+            pd.read_parquet(labels_file).astype(LABEL_COLUMNS) if labels_file.exists() else None
+        )
+        return cls(**tables, data_dir=data_dir, labels=labels)

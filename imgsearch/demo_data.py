@@ -75,7 +75,14 @@ CONVERSION_COLUMNS = (
     "conversion_country",
 )
 COLOR_COLUMNS = ("photo_id", "hex", "red", "green", "blue", "keyword", "ai_coverage", "ai_score")
-TABLE_NAMES = ("photos", "keywords", "conversions", "colors")
+# What each photo shows (its colour, shape and scene): the ground truth of the demo, which
+# Unsplash Lite does not have. ``imgsearch eval`` measures tag precision against it.
+LABEL_COLUMNS = ("photo_id", "label")
+TABLE_NAMES = ("photos", "keywords", "conversions", "colors", "labels")
+
+# Bumped whenever the same seed and sizes give other tables, so `imgsearch demo` regenerates.
+# 2: keywords carry an AI tagger's misses and confusions; labels.tsv holds the truth.
+GENERATOR_VERSION = 2
 
 PHOTO_SHARD_ROWS = 2_500
 SHARD_ROWS = 100_000
@@ -121,7 +128,15 @@ _SCENE_SYNONYMS = {
 }
 _GENERIC_TAGS = ("abstract", "geometric", "pattern", "background", "art", "outdoors")
 _USER_TAGS = ("colorful", "minimal", "vibrant", "wallpaper", "graphic")
-# A plausible wrong tag for each concept, given low confidence (what a real tagger confuses).
+# The AI tagger of keywords.tsv, per concept (colour, shape, scene): how often it misses the
+# concept, and how often it names the look-alike from _CONFUSABLE instead, at the confidence it
+# would have given the right tag. General-purpose taggers name colours and scenes reliably and
+# simple shapes less so; real Unsplash keywords are such machine tags. Photo descriptions and
+# labels.tsv stay right, so only the keyword index inherits the tagger's mistakes.
+TAG_MISS_RATE = (0.05, 0.25, 0.05)
+TAG_CONFUSION_RATE = (0.10, 0.10, 0.05)
+# A plausible wrong tag for each concept (what a real tagger confuses): named instead of the
+# concept at TAG_CONFUSION_RATE, and beside it as a low-confidence distractor.
 _CONFUSABLE = {
     "red": "orange", "orange": "yellow", "yellow": "orange", "green": "yellow",
     "blue": "purple", "purple": "blue", "pink": "red", "white": "yellow",
@@ -148,7 +163,9 @@ def generate(
 
     Each photo shows one shape from :data:`SHAPES` filled with one colour from :data:`COLOURS`
     on one scene from :data:`SCENES`; its keywords name the three (high confidence) plus
-    synonyms, generic tags and low-confidence distractors. Conversions are drawn from planted
+    synonyms, generic tags and low-confidence distractors, with the mistakes of an AI tagger
+    (:data:`TAG_MISS_RATE`, :data:`TAG_CONFUSION_RATE`); ``labels.tsv000`` holds what each
+    photo really shows. Conversions are drawn from planted
     per-user tastes (favourite colours and shapes) mixed with a latent photo popularity.
     Generated tables, shards and images already in ``out_dir`` are replaced.
 
@@ -185,6 +202,7 @@ def generate(
     photo_table = _photo_table(photos, streams[1])
     keyword_table = _keyword_table(photos, streams[2])
     color_table = _color_table(photos)
+    label_table = _label_table(photos)
     conversion_table, n_active_users = _conversion_table(
         photos, n_users, n_conversions, streams[3], show_progress
     )
@@ -195,6 +213,7 @@ def generate(
     files += _write_table(keyword_table, out_dir, "keywords", shard_rows)
     files += _write_table(conversion_table, out_dir, "conversions", shard_rows)
     files += _write_table(color_table, out_dir, "colors", shard_rows)
+    files += _write_table(label_table, out_dir, "labels", shard_rows)
     if with_images:
         _write_images(photos, out_dir / "images", seed, image_size, show_progress)
 
@@ -366,7 +385,8 @@ def _photo_table(photos: dict, rng: np.random.Generator) -> pd.DataFrame:
 
 
 def _keyword_table(photos: dict, rng: np.random.Generator) -> pd.DataFrame:
-    """Tags per photo: true concepts (high), synonyms and generic tags, distractors (low)."""
+    """Tags per photo: concepts as the tagger saw them (high confidence, some missed or
+    confused), synonyms and generic tags, distractors (low)."""
     n = len(photos["photo_id"])
     rows: list[tuple[int, int, str, float, float, str]] = []  # (photo, order, keyword, c1, c2, u)
     # Draw every random number up front, in a fixed order, so the table is seed-stable.
@@ -380,15 +400,24 @@ def _keyword_table(photos: dict, rng: np.random.Generator) -> pd.DataFrame:
     distractor_c1 = rng.uniform(5.0, 35.0, (n, 3))
     distractor_c2 = np.where(rng.random((n, 3)) < 0.2, rng.uniform(3.0, 30.0, (n, 3)), np.nan)
     user_tag = np.where(rng.random(n) < 0.1, rng.integers(0, len(_USER_TAGS), n), -1)
+    tagger_draw = rng.random((n, 3))
+    confused = tagger_draw < np.array(TAG_CONFUSION_RATE)
+    missed = ~confused & (tagger_draw < np.array(TAG_CONFUSION_RATE) + np.array(TAG_MISS_RATE))
     for i in range(n):
         concepts = (
             COLOURS[photos["colour"][i]],
             SHAPES[photos["shape"][i]],
             SCENES[photos["scene"][i]],
         )
-        tagged = set(concepts)
-        for j, keyword in enumerate(concepts):
-            rows.append((i, len(rows), keyword, true_c1[i, j], true_c2[i, j], "f"))
+        tagged = set()
+        for j, concept in enumerate(concepts):
+            if missed[i, j]:
+                continue
+            keyword = _CONFUSABLE[concept] if confused[i, j] else concept
+            if keyword not in tagged:
+                tagged.add(keyword)
+                rows.append((i, len(rows), keyword, true_c1[i, j], true_c2[i, j], "f"))
+        tagged |= set(concepts)  # no synonym, generic or distractor row repeats a concept
         for j, keyword in enumerate(_SCENE_SYNONYMS[concepts[2]]):
             if synonym_keep[i, j] and keyword not in tagged:
                 tagged.add(keyword)
@@ -428,6 +457,23 @@ _SHAPE_AREA = {
     "diamond": 2 * 1.05 * 0.62,
     "stripes": 3 * (2 * 0.95) * (2 * 0.95 / 5),
 }
+
+
+def _label_table(photos: dict) -> pd.DataFrame:
+    """What each photo shows: its colour, shape and scene, one row each."""
+    n = len(photos["photo_id"])
+    concepts = np.stack(
+        [
+            np.asarray(COLOURS, dtype=object)[photos["colour"]],
+            np.asarray(SHAPES, dtype=object)[photos["shape"]],
+            np.asarray(SCENES, dtype=object)[photos["scene"]],
+        ],
+        axis=1,
+    )
+    return pd.DataFrame(
+        {"photo_id": np.repeat(photos["photo_id"], 3), "label": concepts.reshape(3 * n)},
+        columns=list(LABEL_COLUMNS),
+    )
 
 
 def _color_table(photos: dict) -> pd.DataFrame:

@@ -28,13 +28,19 @@ gains (see :func:`imgsearch.metrics.seed_ndcg`; the photos are passed in retriev
 photos the retriever missed after those it found, so a ranker that cannot tell them apart
 scores as retrieval order does). Per retriever, independent of the ranker:
 
-* ``tag_p@k``: over the test queries whose keyword is a catalogue keyword, the share of the
+* ``tag_p@k``: over the test queries whose keyword is a catalogue tag, the share of the
   top k *retrieved* photos (before filtering and ranking) tagged with that keyword.
 * ``pair_tag_p@k``: over two-keyword queries, the share of the top k retrieved photos tagged
   with *both* words. The queries are the distinct two-word keywords of the test conversions
-  whose words are both catalogue keywords (in the demo: "red circle", "blue night"…); when
+  whose words are both catalogue tags (in the demo: "red circle", "blue night"…); when
   there are none, pairs of the test queries' most frequent keywords. Only pairs that at least
   k photos carry are used, so a perfect score is possible.
+
+  The tags are the catalogue's labels (``labels.tsv``: what each photo shows) when it has
+  them, else its keywords (``protocol.tag_truth`` says which). Against the keywords, keyword
+  retrieval scores 1 by construction: it returns exactly the photos tagged with the query's
+  words, right or wrong. With labels the JSON also carries ``tag_p@k_keywords`` and
+  ``pair_tag_p@k_keywords``, the same figures against the keywords.
 
 * ``candidate_recall``: the share of relevant photos among the (filtered) candidates, the
   ceiling of Recall@``candidates_k`` that no ranker can pass; ``reachable_queries`` and
@@ -684,7 +690,11 @@ def evaluate(
                 else:
                     skipped[name] = reason or f"{name} retriever was not built"
 
-        tags = KeywordTags(catalogue.keywords, catalogue.n_photos)
+        tags = keyword_tags = KeywordTags(catalogue.keywords, catalogue.n_photos)
+        tag_truth = "keywords"
+        if catalogue.labels is not None and len(catalogue.labels):
+            labels = catalogue.labels.rename(columns={"label": "keyword"})
+            tags, tag_truth = KeywordTags(labels, catalogue.n_photos), "labels"
         keyword_counts = Counter(queries.keyword.tolist())
         pairs, pair_source = pair_queries(
             tags, split.test, [w for w, _ in keyword_counts.most_common()], k
@@ -708,6 +718,7 @@ def evaluate(
                 tags,
                 pairs,
                 config,
+                keyword_tags if tags is not keyword_tags else None,
             )
 
     _add_deltas(rows, "popularity", k, config)
@@ -729,6 +740,7 @@ def evaluate(
             "relevant_seen_in_train": _seen_share(queries, seen),
             "pair_queries": len(pairs),
             "pair_query_source": pair_source,
+            "tag_truth": tag_truth,
         },
         "models": models,
         "machine": machine_summary(),
@@ -750,8 +762,13 @@ def _evaluate_retriever(
     tags: KeywordTags,
     pairs: list[tuple[str, str, str]],
     config: EvalConfig,
+    keyword_tags: KeywordTags | None = None,
 ) -> list[dict]:
-    """All rows of one retriever: every ranker over the same retrieved candidates."""
+    """All rows of one retriever: every ranker over the same retrieved candidates.
+
+    ``tags`` is the truth of the tag figures; ``keyword_tags``, when given, the catalogue's
+    keywords for the same figures against them (``*_keywords``).
+    """
     from tqdm import tqdm
 
     from ranking_service.rankers.base import RankQuery
@@ -760,7 +777,7 @@ def _evaluate_retriever(
     collected = {name: _Collected() for name in rankers}
     retrieval_s = np.zeros(len(queries))
     candidate_recall = np.zeros(len(queries))
-    tag_precisions = []
+    tag_precisions, keyword_tag_precisions = [], []
     if len(queries):
         # One untimed warm-up per stage: first calls pay for lazy loading and allocation.
         _warm = retriever.retrieve(str(queries.keyword[0]), config.candidates_k)
@@ -789,6 +806,8 @@ def _evaluate_retriever(
         scores = np.asarray(result.scores, dtype=np.float32)
         if keyword in tags:
             tag_precisions.append(tags.precision(retrieved, [keyword], k))
+            if keyword_tags is not None:
+                keyword_tag_precisions.append(keyword_tags.precision(retrieved, [keyword], k))
         candidates, cand_scores = retrieved, scores
         if config.filter_train:
             keep = ~np.isin(retrieved, seen.get(user, no_photos), assume_unique=True)
@@ -828,12 +847,19 @@ def _evaluate_retriever(
             )
             out.seed.append(seed_ndcg(own.scores, gains))
 
-    pair_precisions = []
+    pair_precisions, keyword_pair_precisions = [], []
     for query, first, second in pairs:
         result = retriever.retrieve(query, config.candidates_k)
         pair_precisions.append(tags.precision(result.photo_idx, [first, second], k))
-    tag_p = float(np.mean(tag_precisions)) if tag_precisions else float("nan")
-    pair_p = float(np.mean(pair_precisions)) if pair_precisions else float("nan")
+        if keyword_tags is not None:
+            keyword_pair_precisions.append(
+                keyword_tags.precision(result.photo_idx, [first, second], k)
+            )
+
+    def mean_of(values: list[float]) -> float:
+        return float(np.mean(values)) if values else float("nan")
+
+    tag_p, pair_p = mean_of(tag_precisions), mean_of(pair_precisions)
 
     rows = []
     for name, out in collected.items():
@@ -866,6 +892,9 @@ def _evaluate_retriever(
         row["tag_queries"] = len(tag_precisions)
         row[f"pair_tag_p@{k}"] = pair_p
         row["pair_queries"] = len(pair_precisions)
+        if keyword_tags is not None:
+            row[f"tag_p@{k}_keywords"] = mean_of(keyword_tag_precisions)
+            row[f"pair_tag_p@{k}_keywords"] = mean_of(keyword_pair_precisions)
         row["latency_ms"] = {
             "retrieval": percentiles_ms(retrieval_s),
             "ranking": percentiles_ms(ranking_s),
@@ -1042,7 +1071,12 @@ def markdown_table(report: dict) -> str:
         f"(user, keyword pairs with ≥ {protocol['min_pair']} test conversions), "
         f"{protocol['candidates_k']} candidates each, training photos "
         f"{'filtered' if protocol['filter_train'] else 'kept'}; "
-        f"{protocol['pair_queries']} two-keyword queries for pair tag P@{k}.",
+        f"{protocol['pair_queries']} two-keyword queries for pair tag P@{k}; tag P@{k} "
+        + (
+            "counts a photo by its labels (labels.tsv: what it shows), not its keywords."
+            if protocol.get("tag_truth") == "labels"
+            else "counts a photo by its keywords."
+        ),
         f"Machine: {machine['platform']}, {machine['cpu_count']} CPUs, Python "
         f"{machine['python']}; {header['date']}; {header['duration_s']} s.",
         f"Command: `{header['command']}`",

@@ -19,6 +19,7 @@ from tqdm import tqdm
 from imgsearch.catalogue import (
     CONVERSION_COLUMNS,
     KEYWORD_COLUMNS,
+    LABEL_COLUMNS,
     PHOTO_COLUMNS,
     USER_COLUMNS,
     Catalogue,
@@ -27,6 +28,9 @@ from imgsearch.catalogue import (
 
 # The tables read, in reading order (photos first: the others refer to its ids).
 TABLES = ("photos", "keywords", "conversions")
+# Read when present: ``labels`` (photo_id, label) says what photos really show, e.g. a judged
+# sample, or the demo's drawn content. Not part of Unsplash Lite; evaluation only.
+OPTIONAL_TABLES = ("labels",)
 # Tables of Unsplash Lite that the catalogue does not use; noted in the report when present.
 UNUSED_TABLES = ("collections", "colors")
 CONFIDENCE_COLUMNS = ("ai_service_1_confidence", "ai_service_2_confidence")
@@ -34,6 +38,7 @@ REQUIRED_COLUMNS = {
     "photos": ("photo_id", "photo_image_url"),
     "keywords": ("photo_id", "keyword"),
     "conversions": ("converted_at", "keyword", "photo_id", "anonymous_user_id"),
+    "labels": ("photo_id", "label"),
 }
 OPTIONAL_COLUMNS = {
     "photos": (
@@ -45,6 +50,7 @@ OPTIONAL_COLUMNS = {
     ),
     "keywords": CONFIDENCE_COLUMNS,
     "conversions": ("conversion_type", "conversion_country"),
+    "labels": (),
 }
 INTEGER_COLUMNS = ("stats_views", "stats_downloads")
 # Columns that identify something: an empty value makes the row meaningless.
@@ -52,6 +58,7 @@ ID_COLUMNS = {
     "photos": ("photo_id",),
     "keywords": ("photo_id",),
     "conversions": ("photo_id", "anonymous_user_id"),
+    "labels": ("photo_id",),
 }
 _INTEGER_PATTERN = r"\s*[+-]?\d+\s*"
 # Bookkeeping columns carried with every row until the tables are normalised.
@@ -103,16 +110,17 @@ class DataReport:
     rows_read
         Data rows in the files (header rows and blank lines excluded), per table.
     rows_kept
-        Rows in the catalogue, per table (``photos``, ``keywords``, ``users``, ``conversions``).
+        Rows in the catalogue, per table (``photos``, ``keywords``, ``users``, ``conversions``,
+        and ``labels`` when the folder has them).
     malformed_rows
         Rows skipped as malformed (only with ``strict=False``), per table.
     duplicate_rows
         Duplicate rows dropped, per table: repeated ``photo_id`` (first kept), repeated
         (photo, keyword) (highest confidence kept), exact duplicate conversions.
-    unknown_photo_keywords, unknown_photo_conversions
+    unknown_photo_keywords, unknown_photo_conversions, unknown_photo_labels
         Rows dropped because their ``photo_id`` is not in the photos table.
     empty_keywords
-        Keyword rows dropped because the keyword is empty once normalised.
+        Keyword (or label) rows dropped because the text is empty once normalised.
     user_suggested_keywords
         Keyword rows kept with no AI confidence (given confidence 0.0).
     photos_with_images
@@ -135,6 +143,7 @@ class DataReport:
     duplicate_rows: dict[str, int] = field(default_factory=dict)
     unknown_photo_keywords: int = 0
     unknown_photo_conversions: int = 0
+    unknown_photo_labels: int = 0
     empty_keywords: int = 0
     user_suggested_keywords: int = 0
     photos_with_images: int = 0
@@ -156,6 +165,7 @@ class DataReport:
             + sum(self.duplicate_rows.values())
             + self.unknown_photo_keywords
             + self.unknown_photo_conversions
+            + self.unknown_photo_labels
             + self.empty_keywords
         )
 
@@ -173,9 +183,10 @@ class DataReport:
                 ("empty keyword", self.empty_keywords),
             ],
             "conversions": [("unknown photo", self.unknown_photo_conversions)],
+            "labels": [("unknown photo", self.unknown_photo_labels)],
         }
         lines = [f"Unsplash Lite data in {self.data_dir}:"]
-        for table in TABLES:
+        for table in TABLES + tuple(t for t in OPTIONAL_TABLES if t in self.files):
             drops = [
                 ("malformed", self.malformed_rows.get(table, 0)),
                 ("duplicate", self.duplicate_rows.get(table, 0)),
@@ -275,6 +286,10 @@ def read_unsplash(
                 f"{table}.tsv001, ...",
             )
         report.files[table] = [path.name for path in shards[table]]
+    for table in OPTIONAL_TABLES:
+        if found := find_shards(data_dir, table):
+            shards[table] = found
+            report.files[table] = [path.name for path in found]
     for table in UNUSED_TABLES:
         report.unused_files.extend(path.name for path in find_shards(data_dir, table))
 
@@ -288,7 +303,7 @@ def read_unsplash(
         file=sys.stderr,
         disable=not show_progress,
     ) as progress:
-        for table in TABLES:
+        for table in shards:
             parts = []
             for file_number, path in enumerate(shards[table]):
                 progress.set_postfix_str(path.name)
@@ -301,18 +316,24 @@ def read_unsplash(
     users, conversions = _normalise_conversions(
         frames["conversions"], photos, shards["conversions"], report
     )
+    labels = None
+    if "labels" in frames:
+        labels = _normalise_labels(frames["labels"], photos, shards["labels"], report)
     report.rows_kept = {
         "photos": len(photos),
         "keywords": len(keywords),
         "users": len(users),
         "conversions": len(conversions),
     }
+    if labels is not None:
+        report.rows_kept["labels"] = len(labels)
     catalogue = Catalogue(
         photos=photos,
         keywords=keywords,
         users=users,
         conversions=conversions,
         data_dir=str(data_dir.resolve()),
+        labels=labels,
     )
     return catalogue, report
 
@@ -662,6 +683,31 @@ def _normalise_keywords(
         keyword=vocabulary[keyword_code[kept][best_rows]],
         confidence=best[best_rows],
     )
+
+
+def _normalise_labels(
+    frame: pd.DataFrame, photos: pd.DataFrame, shards: list[Path], report: DataReport
+) -> pd.DataFrame:
+    """Map photo ids, normalise labels like keywords, drop unknown photos, empties, repeats."""
+    photo_idx = _photo_index(photos).get_indexer(frame["photo_id"].to_numpy())
+    unknown = photo_idx < 0
+    _warn_rows(
+        report,
+        shards,
+        frame,
+        np.flatnonzero(unknown),
+        lambda row: f"unknown photo_id {frame['photo_id'].iat[row]!r}; label dropped",
+    )
+    report.unknown_photo_labels = int(unknown.sum())
+    label = _map_distinct(frame["label"], normalise_keyword).to_numpy()
+    empty = (label == "") & ~unknown
+    _warn_rows(report, shards, frame, np.flatnonzero(empty), lambda row: "empty label; row dropped")
+    report.empty_keywords += int(empty.sum())
+    table = pd.DataFrame({"photo_idx": photo_idx, "label": label})[~unknown & ~empty]
+    duplicate = table.duplicated().to_numpy()
+    report.duplicate_rows["labels"] = int(duplicate.sum())
+    table = table[~duplicate].sort_values(["photo_idx", "label"], kind="stable")
+    return _conform(LABEL_COLUMNS, photo_idx=table["photo_idx"], label=table["label"])
 
 
 def _normalise_conversions(

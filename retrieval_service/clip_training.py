@@ -233,8 +233,9 @@ def heldout_figures(
 ) -> dict:
     """Tag precision@k of text-to-image retrieval among held-out photos, per query family.
 
-    A retrieved photo counts when it is tagged with every keyword of the query (any confidence,
-    as ``imgsearch eval``'s ``tag_p@10``). ``ceiling`` is the best reachable figure: a query
+    A retrieved photo counts when it is tagged with every keyword of the query (its labels when
+    the catalogue has them, else its keywords at any confidence, as ``imgsearch eval``'s
+    ``tag_p@10``). ``ceiling`` is the best reachable figure: a query
     with fewer than ``k`` relevant held-out photos cannot reach 1.
 
     Returns
@@ -506,11 +507,15 @@ def _train_clip(
 
 
 def _all_tags(catalogue: Any, photo_idx: np.ndarray) -> list[set[str]]:
-    """Every keyword of each photo, at any confidence (what evaluation counts as tagged)."""
+    """What evaluation counts as each photo's tags: its labels when the catalogue has them
+    (what it shows), else every keyword at any confidence."""
+    labels = getattr(catalogue, "labels", None)
+    if labels is not None and len(labels):
+        table = labels.rename(columns={"label": "keyword"})
+    else:
+        table = catalogue.keywords
     tags: dict[int, set[str]] = {}
-    for idx, keyword in zip(
-        catalogue.keywords["photo_idx"].to_numpy(), catalogue.keywords["keyword"].astype(str)
-    ):
+    for idx, keyword in zip(table["photo_idx"].to_numpy(), table["keyword"].astype(str)):
         tags.setdefault(int(idx), set()).add(keyword)
     return [tags.get(int(i), set()) for i in photo_idx.tolist()]
 

@@ -41,14 +41,13 @@ def tables(catalogue_dir) -> dict[str, pd.DataFrame]:
 
 @pytest.fixture(scope="module")
 def true_tags(tables) -> pd.DataFrame:
-    """One row per photo: the colour, shape and scene its confident AI tags name."""
-    keywords = tables["keywords"]
-    confidence = pd.to_numeric(keywords["ai_service_1_confidence"], errors="coerce")
-    confident = keywords[confidence >= 70]
+    """One row per photo: the colour, shape and scene it shows (labels.tsv)."""
+    labels = tables["labels"]
     columns = {}
     for name, vocabulary in (("colour", COLOURS), ("shape", SHAPES), ("scene", SCENES)):
-        rows = confident[confident["keyword"].isin(vocabulary)]
-        columns[name] = rows.set_index("photo_id")["keyword"]
+        rows = labels[labels["label"].isin(vocabulary)]
+        assert rows["photo_id"].is_unique, name
+        columns[name] = rows.set_index("photo_id")["label"]
     return pd.DataFrame(columns).reindex(tables["photos"]["photo_id"])
 
 
@@ -69,6 +68,7 @@ def test_layout_headers_and_shards(catalogue_dir, tables):
         "conversions.tsv002",
         "keywords.tsv000",
         "keywords.tsv001",
+        "labels.tsv000",
         "photos.tsv000",
         "photos.tsv001",
     ]
@@ -77,6 +77,7 @@ def test_layout_headers_and_shards(catalogue_dir, tables):
         "keywords": demo_data.KEYWORD_COLUMNS,
         "conversions": demo_data.CONVERSION_COLUMNS,
         "colors": demo_data.COLOR_COLUMNS,
+        "labels": demo_data.LABEL_COLUMNS,
     }
     for path in catalogue_dir.glob("*.tsv*"):
         header = path.read_text().split("\n", 1)[0].split("\t")
@@ -129,6 +130,7 @@ def test_rerun_replaces_stale_shards_and_images(tmp_path):
         "colors.tsv000",
         "conversions.tsv000",
         "keywords.tsv000",
+        "labels.tsv000",
         "photos.tsv000",
     ]
 
@@ -141,8 +143,9 @@ def test_every_photo_has_an_image_of_the_right_size(catalogue_dir, tables):
     assert len(list((catalogue_dir / "images").iterdir())) == len(tables["photos"])
 
 
-def test_keywords_tag_each_photo_with_one_colour_shape_and_scene(tables, true_tags):
+def test_labels_name_one_colour_shape_and_scene_and_keywords_are_machine_tags(tables, true_tags):
     assert true_tags.notna().all().all()
+    assert len(tables["labels"]) == 3 * len(tables["photos"])
     keywords = tables["keywords"]
     assert not keywords.duplicated(["photo_id", "keyword"]).any()
     by_user = keywords[keywords["suggested_by_user"] == "t"]
@@ -150,7 +153,17 @@ def test_keywords_tag_each_photo_with_one_colour_shape_and_scene(tables, true_ta
     assert (by_user["ai_service_1_confidence"] == "").all()
     confidence = pd.to_numeric(keywords["ai_service_1_confidence"], errors="coerce")
     assert confidence.dropna().between(0, 100).all()
-    # Distractors exist: vocabulary words on a photo that does not show them, low confidence.
+    # The tagger: most concepts tagged confidently; some missed; some named as their look-alike
+    # with the same high confidence; low-confidence distractors besides.
+    confident = keywords[confidence >= 70]
+    for name, vocabulary in (("colour", COLOURS), ("shape", SHAPES), ("scene", SCENES)):
+        tagged = confident[confident["keyword"].isin(vocabulary)].set_index("photo_id")["keyword"]
+        truth = true_tags[name]
+        right = (tagged.reindex(truth.index) == truth).mean()
+        missed = ~truth.index.isin(tagged.index)
+        assert 0.5 < right < 1.0, name
+        assert 0 < missed.sum() < len(truth) / 2, name
+        assert ((tagged != truth.reindex(tagged.index)).sum() > 0) or name == "scene", name
     vocabulary = set(COLOURS + SHAPES + SCENES)
     merged = keywords.join(true_tags, on="photo_id")
     wrong = merged["keyword"].isin(vocabulary) & ~(
@@ -158,8 +171,7 @@ def test_keywords_tag_each_photo_with_one_colour_shape_and_scene(tables, true_ta
         | (merged["keyword"] == merged["shape"])
         | (merged["keyword"] == merged["scene"])
     )
-    assert wrong.sum() > 20
-    assert (confidence[wrong] < 40).all()
+    assert (confidence[wrong] < 40).sum() > 20 and (confidence[wrong] >= 70).sum() > 5
 
 
 def test_drawn_colour_and_scene_match_the_keywords(catalogue_dir, true_tags):
@@ -189,7 +201,7 @@ def test_drawn_colour_and_scene_match_the_keywords(catalogue_dir, true_tags):
     assert scene_hits / len(true_tags) >= 0.9
 
 
-def test_conversions_reference_tagged_photos(tables, true_tags):
+def test_conversions_reference_photos_that_show_the_keyword(tables, true_tags):
     conversions = tables["conversions"]
     assert conversions["photo_id"].isin(set(tables["photos"]["photo_id"])).all()
     assert (conversions["conversion_type"] == "download").all()
@@ -299,4 +311,5 @@ def test_reads_back_cleanly_with_the_unsplash_reader(catalogue_dir, tables):
     assert len(catalogue.conversions) == 2000
     assert report.photos_with_images == 200
     assert len(catalogue.keywords) == len(tables["keywords"])
+    assert len(catalogue.labels) == len(tables["labels"]) == 600
     assert re.fullmatch(r"[a-z ]+", " ".join(catalogue.conversions["keyword"].unique()))

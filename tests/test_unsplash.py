@@ -11,6 +11,7 @@ import pytest
 from imgsearch.catalogue import (
     CONVERSION_COLUMNS,
     KEYWORD_COLUMNS,
+    LABEL_COLUMNS,
     PHOTO_COLUMNS,
     TABLES,
     USER_COLUMNS,
@@ -456,3 +457,36 @@ def test_contract_columns_are_the_catalogue_ones() -> None:
         "users": USER_COLUMNS,
         "conversions": CONVERSION_COLUMNS,
     }
+
+
+def test_labels_are_optional_normalised_and_checked(valid_dir: Path, tmp_path: Path) -> None:
+    catalogue, report = read(valid_dir)
+    assert catalogue.labels is None and "labels" not in report.rows_kept
+    write_tsv(
+        valid_dir / "labels.tsv000",
+        ["photo_id", "label"],
+        [
+            ["p2", " Blue  Sky "],
+            ["p1", "lake"],
+            ["p1", "LAKE"],  # the same label once normalised: dropped
+            ["zz", "lake"],  # unknown photo: dropped, named
+            ["p3", "  "],  # empty: dropped
+        ],
+    )
+    catalogue, report = read(valid_dir)
+    assert {column: str(dtype) for column, dtype in catalogue.labels.dtypes.items()} == (
+        LABEL_COLUMNS
+    )
+    assert catalogue.labels.to_dict("list") == {"photo_idx": [0, 1], "label": ["lake", "blue sky"]}
+    assert report.rows_kept["labels"] == 2 and report.unknown_photo_labels == 1
+    assert report.duplicate_rows["labels"] == 1
+    assert "labels.tsv000:5: unknown photo_id 'zz'; label dropped" in report.warnings
+    assert "labels" in report.summary()
+    saved = tmp_path / "catalogue"
+    catalogue.save(saved)
+    pd.testing.assert_frame_equal(Catalogue.load(saved).labels, catalogue.labels)
+    assert Catalogue.load(saved).with_conversions(catalogue.conversions).labels is not None
+
+    write_tsv(valid_dir / "labels.tsv000", ["photo_id", "name"], [["p1", "lake"]])
+    with pytest.raises(DataError, match=r"labels\.tsv000:1: column 'label'"):
+        read(valid_dir)
