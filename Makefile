@@ -33,10 +33,13 @@ format: $(STAMP)
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
-eval: $(STAMP)
+demo: $(STAMP)
+	$(VENV)/bin/imgsearch demo --no-serve --data $(DEMO_DATA) --artifacts $(DEMO_ARTIFACTS)
+
+eval: demo
 	$(VENV)/bin/imgsearch eval --data $(DEMO_DATA) --json var/eval/report.json --markdown var/eval/report.md --plot var/eval/report.png
 
-bench: $(STAMP)
+bench: demo
 	$(VENV)/bin/imgsearch bench-suite --data $(DEMO_DATA) --artifacts $(DEMO_ARTIFACTS) --out var/bench
 
 clean:

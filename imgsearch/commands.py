@@ -607,14 +607,20 @@ def cmd_reload(args) -> int:
 
 # ------------------------------------------------------------------------------------- demo
 def ensure_demo(args) -> None:
-    """Generate the demo catalogue and build its artifacts when they are missing."""
+    """Generate the demo data and build its set when missing or made by an older generator."""
     from imgsearch import artifacts
+    from imgsearch.demo_data import GENERATOR_VERSION, generate
 
     data = Path(args.data)
-    if not (data / ".complete").exists():
-        from imgsearch.demo_data import generate
-
-        print(f"[imgsearch] generating the demo catalogue into {data}", file=sys.stderr)
+    marker = data / ".complete"
+    try:
+        generated_by = json.loads(marker.read_text()).get("generator")
+    except (OSError, ValueError, AttributeError):
+        generated_by = None
+    regenerated = generated_by != GENERATOR_VERSION
+    if regenerated:
+        why = "generating" if generated_by is None else "regenerating (the generator changed)"
+        print(f"[imgsearch] {why} the demo catalogue into {data}", file=sys.stderr)
         if data.exists():
             shutil.rmtree(data)
         generate(
@@ -624,10 +630,12 @@ def ensure_demo(args) -> None:
             n_conversions=args.conversions,
             seed=args.seed,
         )
-        (data / ".complete").write_text(json.dumps(vars(args), default=str))
+        marker.write_text(json.dumps({**vars(args), "generator": GENERATOR_VERSION}, default=str))
     try:
         artifacts.resolve(args.artifacts)
     except artifacts.ArtifactError:
+        regenerated = True
+    if regenerated:
         build_artifacts(str(data), args.artifacts, list(DEFAULT_RANKERS))
 
 

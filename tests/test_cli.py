@@ -163,3 +163,36 @@ def test_train_refuses_a_folder_that_is_not_an_artifact_root(tmp_path):
     result = imgsearch("train", "--artifacts", str(tmp_path), "--quiet")
     assert result.returncode == 1
     assert "not an artifact root" in result.stderr
+
+
+def test_demo_regenerates_data_made_by_an_older_generator(tmp_path, monkeypatch):
+    import argparse
+    import json
+
+    from imgsearch import commands
+    from imgsearch.demo_data import GENERATOR_VERSION
+
+    builds = []
+    monkeypatch.setattr(commands, "build_artifacts", lambda data, root, rankers: builds.append(1))
+    args = argparse.Namespace(
+        data=str(tmp_path / "data"),
+        artifacts=str(tmp_path / "artifacts"),
+        photos=30,
+        users=5,
+        conversions=40,
+        seed=0,
+    )
+    commands.ensure_demo(args)
+    marker = tmp_path / "data" / ".complete"
+    assert json.loads(marker.read_text())["generator"] == GENERATOR_VERSION
+    assert (tmp_path / "data" / "labels.tsv000").exists() and len(builds) == 1
+
+    from imgsearch import artifacts
+
+    monkeypatch.setattr(artifacts, "resolve", lambda root: root)  # a set is published now
+    commands.ensure_demo(args)  # up to date: nothing to do
+    assert len(builds) == 1
+    (tmp_path / "data" / "labels.tsv000").unlink()
+    marker.write_text(json.dumps({**vars(args), "generator": GENERATOR_VERSION - 1}))
+    commands.ensure_demo(args)  # stale generator: new data, and a new set built from it
+    assert (tmp_path / "data" / "labels.tsv000").exists() and len(builds) == 2
