@@ -40,7 +40,9 @@ scores as retrieval order does). Per retriever, independent of the ranker:
   them, else its keywords (``protocol.tag_truth`` says which). Against the keywords, keyword
   retrieval scores 1 by construction: it returns exactly the photos tagged with the query's
   words, right or wrong. With labels the JSON also carries ``tag_p@k_keywords`` and
-  ``pair_tag_p@k_keywords``, the same figures against the keywords.
+  ``pair_tag_p@k_keywords``, the same figures against the keywords. ``tag_p@k_vs_keyword``
+  and ``pair_tag_p@k_vs_keyword`` (JSON) are the paired differences to keyword retrieval over
+  the same queries, with a bootstrap interval.
 
 * ``candidate_recall``: the share of relevant photos among the (filtered) candidates, the
   ceiling of Recall@``candidates_k`` that no ranker can pass; ``reachable_queries`` and
@@ -722,6 +724,7 @@ def evaluate(
             )
 
     _add_deltas(rows, "popularity", k, config)
+    _add_tag_deltas(rows, "keyword", k, config)
     header = {
         "dataset": dataset_summary(catalogue),
         "split": split.summary(),
@@ -903,6 +906,7 @@ def _evaluate_retriever(
         row["fallbacks"] = int(sum(out.fallbacks.values()))
         row["fallback_reasons"] = dict(out.fallbacks.most_common(3))
         row["_per_query_ndcg"] = per_query["ndcg"]
+        row["_per_query_tags"] = (np.asarray(tag_precisions), np.asarray(pair_precisions))
         rows.append(row)
     return rows
 
@@ -923,6 +927,27 @@ def _add_deltas(rows: list[dict], baseline: str, k: int, config: EvalConfig) -> 
             values, base[row["retriever"]], n=config.bootstrap, seed=config.seed
         )
         row[f"{key}_vs_{baseline}"] = {"diff": diff, "ci": [lo, hi]}
+
+
+def _add_tag_deltas(rows: list[dict], baseline: str, k: int, config: EvalConfig) -> None:
+    """Add the paired difference of each retriever's tag figures to ``baseline`` retriever's.
+
+    Every retriever answers the same tag and pair queries, so the per-query precisions pair up.
+    """
+    base = next((r["_per_query_tags"] for r in rows if r["retriever"] == baseline), None)
+    for row in rows:
+        values = row.pop("_per_query_tags", None)
+        if values is None or base is None or row["retriever"] == baseline:
+            continue
+        for key, mine, theirs in (
+            (f"tag_p@{k}", values[0], base[0]),
+            (f"pair_tag_p@{k}", values[1], base[1]),
+        ):
+            if len(mine) and len(mine) == len(theirs):
+                diff, lo, hi = paired_bootstrap_ci(
+                    mine, theirs, n=config.bootstrap, seed=config.seed
+                )
+                row[f"{key}_vs_{baseline}"] = {"diff": diff, "ci": [lo, hi]}
 
 
 def _seen_share(queries: TestQueries, seen: dict[int, np.ndarray]) -> float | None:

@@ -232,3 +232,20 @@ def test_clip_artifacts_of_another_catalogue_are_refused(catalogue, tmp_path):
     )
     with pytest.raises(EvaluationError, match="another catalogue"):
         evaluate(catalogue, config)
+
+
+def test_tag_figures_are_compared_to_keyword_retrieval_query_by_query():
+    rows = [
+        {"retriever": "keyword", "ranker": "none", "_per_query_tags": ([1.0, 0.5], [0.2, 0.4])},
+        {"retriever": "clip", "ranker": "none", "_per_query_tags": ([0.5, 0.5], [0.6, 0.6])},
+        {"retriever": "hybrid", "ranker": "none", "skipped": "no images"},
+    ]
+    evaluation._add_tag_deltas(rows, "keyword", 10, EvalConfig(bootstrap=200))
+    assert all("_per_query_tags" not in row for row in rows)
+    assert "tag_p@10_vs_keyword" not in rows[0] and "tag_p@10_vs_keyword" not in rows[2]
+    assert rows[1]["tag_p@10_vs_keyword"]["diff"] == pytest.approx(-0.25)
+    pair = rows[1]["pair_tag_p@10_vs_keyword"]
+    assert (
+        pair["diff"] == pytest.approx(0.3)
+        and 0.2 - 1e-9 <= pair["ci"][0] <= pair["ci"][1] <= 0.4 + 1e-9
+    )
