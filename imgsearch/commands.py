@@ -12,6 +12,8 @@ import sys
 import time
 from pathlib import Path
 
+from retrieval_service.clip_model import TRAIN_STEPS
+
 SERVICES = ("retrieval", "ranking", "gateway")
 DEFAULT_RANKERS = ("none", "popularity", "als", "fm", "deepfm")
 
@@ -59,7 +61,7 @@ def add_commands(subparsers) -> None:
     p.add_argument(
         "--clip-steps",
         type=int,
-        default=400,
+        default=TRAIN_STEPS,
         help="CLIP training steps when training (default: %(default)s)",
     )
     p.add_argument(
@@ -186,7 +188,7 @@ def build_artifacts(
     clip: bool = True,
     clip_model: str | None = None,
     clip_pretrained: str | None = None,
-    clip_steps: int = 400,
+    clip_steps: int = TRAIN_STEPS,
     index_factory: str | None = None,
     strict: bool = True,
     keep: int = 3,

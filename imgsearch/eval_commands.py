@@ -6,6 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from retrieval_service.clip_model import TRAIN_STEPS
+
 DEFAULT_RETRIEVERS = "keyword,clip,hybrid"
 DEFAULT_RANKERS_HELP = "none,popularity,als,fm,deepfm"
 
@@ -74,7 +76,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         help="load CLIP from this artifact set instead of training it",
     )
     parser.add_argument(
-        "--clip-steps", type=int, default=400, help="CLIP training steps when trained here"
+        "--clip-steps", type=int, default=TRAIN_STEPS, help="CLIP training steps when trained here"
     )
     parser.add_argument(
         "--max-queries", type=int, default=None, metavar="N", help="evaluate at most N queries"

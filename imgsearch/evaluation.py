@@ -82,6 +82,7 @@ from imgsearch.metrics import (
     rank_by_scores,
     seed_ndcg,
 )
+from retrieval_service.clip_model import TRAIN_STEPS
 
 RETRIEVER_NAMES = ("keyword", "clip", "hybrid")
 CLIP_RETRIEVERS = frozenset({"clip", "hybrid"})
@@ -135,7 +136,7 @@ class EvalConfig:
     filter_train: bool = True
     tune: bool = False
     clip_artifacts: str | None = None
-    clip_steps: int = 400
+    clip_steps: int = TRAIN_STEPS
     max_queries: int | None = None
     seed: int = 0
     k: int = 10

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
+from retrieval_service.clip_model import TRAIN_STEPS
+
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
     """Register the CLIP commands on the ``imgsearch`` parser."""
@@ -24,7 +26,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--pretrained", default=None, help="open_clip tag, checkpoint file or CLIP folder"
     )
-    p.add_argument("--steps", type=int, default=400)
+    p.add_argument("--steps", type=int, default=TRAIN_STEPS)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=None, help="default 1e-3, 1e-5 when fine-tuning")
     p.add_argument("--seed", type=int, default=0)

@@ -12,13 +12,14 @@ from typing import Any
 import numpy as np
 
 from imgsearch.catalogue import normalise_keyword
+from retrieval_service.clip_model import TRAIN_STEPS
 from retrieval_service.semantic import load_clip_retrievers
 
 # ``imgsearch build`` calls build_clip_artifacts from here and the servers call
 # load_clip_retrievers (defined with the retrievers it loads) from here too.
 __all__ = ["build_clip_artifacts", "load_clip_retrievers", "train_clip"]
 
-DEFAULT_LR = 1e-3  # from scratch (issue 4: 400 AdamW steps at 1e-3, batch 128)
+DEFAULT_LR = 1e-3  # from scratch (AdamW, batch 128)
 FINETUNE_LR = 1e-5  # pretrained weights: small steps keep what pre-training learnt
 MIN_CAPTION_CONFIDENCE = 0.4  # keywords below this are mostly a tagger's confusions
 SENTENCE_SHARE = 0.3  # share of captions that are a full description rather than keywords
@@ -305,7 +306,7 @@ def train_clip(
     out_dir: str | Path,
     model_name: str = "imgsearch-tiny-clip",
     pretrained: str | None = None,
-    steps: int = 400,
+    steps: int = TRAIN_STEPS,
     batch_size: int = 128,
     lr: float | None = None,
     seed: int = 0,
@@ -533,7 +534,7 @@ def build_clip_artifacts(
     set_dir: str | Path,
     clip_spec: Any | None = None,
     factory: str | None = None,
-    train_steps: int = 400,
+    train_steps: int = TRAIN_STEPS,
     show_progress: bool = True,
     seed: int = 0,
 ) -> dict:
