@@ -12,6 +12,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from imgsearch.cpu import machine_busy_seconds
+
 SERVICES = ("retrieval", "ranking", "gateway")
 RETRIEVER_CHOICES = ("default", "keyword", "clip", "hybrid")
 LOADGEN = "bench (load generator)"
@@ -328,18 +330,6 @@ class ServiceProcesses:
             fields = stat[stat.rfind(")") + 2 :].split()
             used[name] = (int(fields[11]) + int(fields[12])) / ticks
         return used
-
-
-def machine_busy_seconds() -> float | None:
-    """CPU seconds every CPU of the machine has spent busy since boot (/proc/stat)."""
-    try:
-        with open("/proc/stat") as handle:
-            fields = [int(x) for x in handle.readline().split()[1:]]
-    except (OSError, ValueError):
-        return None
-    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
-    busy = sum(fields[:8]) - idle  # user..steal; guest time is already inside user
-    return busy / os.sysconf("SC_CLK_TCK")
 
 
 class CpuMeter:

@@ -324,14 +324,14 @@ def auto_threads() -> int:
 
     On a shared machine, intra-op threads beyond the idle cores spin-wait on each other: a
     tiny-CLIP training step measured 4-10x slower with 2 threads than with 1 while two other
-    jobs ran on the 2 cores. Uses the 1-minute load average; at least 1.
+    jobs ran on the 2 cores. Other processes' use is measured over half a second, leaving this
+    process out: a 1-minute load average would count the work it has just done itself (eval
+    trains the rankers right before CLIP) and halve CLIP's threads for nothing. At least 1.
     """
+    from imgsearch.cpu import cores_busy_elsewhere
+
     cores = os.cpu_count() or 1
-    try:
-        busy = os.getloadavg()[0]
-    except OSError:  # not available on this platform
-        return cores
-    return int(min(cores, max(1, round(cores - busy + 0.25))))
+    return int(min(cores, max(1, round(cores - cores_busy_elsewhere() + 0.25))))
 
 
 @contextmanager

@@ -159,3 +159,26 @@ def test_percentiles_ms():
     assert out["p50"] == pytest.approx(50.5)
     assert out["p99"] == pytest.approx(99.01)
     assert math.isnan(percentiles_ms(np.array([]))["p50"])
+
+
+def test_cores_busy_elsewhere_leaves_this_process_out():
+    import threading
+    import time
+
+    from imgsearch.cpu import cores_busy_elsewhere, machine_busy_seconds
+
+    if machine_busy_seconds() is None:
+        pytest.skip("no /proc/stat here")
+    others = cores_busy_elsewhere(0.5)
+    stop = time.perf_counter() + 1.0
+
+    def spin():  # this process keeps one core busy for the whole window
+        while time.perf_counter() < stop:
+            pass
+
+    thread = threading.Thread(target=spin)
+    thread.start()
+    busy = cores_busy_elsewhere(0.5)
+    thread.join()
+    # Counting this process would add a whole core to what other processes use.
+    assert 0.0 <= busy < others + 0.6
