@@ -629,10 +629,11 @@ def _normalise_photos(
     )
 
 
-def _normalise_keywords(
-    frame: pd.DataFrame, photos: pd.DataFrame, shards: list[Path], report: DataReport
-) -> pd.DataFrame:
-    """Map photo ids, normalise keywords, scale confidences, keep the best per (photo, keyword)."""
+def _map_photo_ids(
+    frame: pd.DataFrame, photos: pd.DataFrame, shards: list[Path], report: DataReport, row: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """Photo index per row (-1 when unknown) and the unknown mask; each unknown one is warned
+    about as ``unknown photo_id '<id>'; <row> dropped``."""
     photo_idx = _photo_index(photos).get_indexer(frame["photo_id"].to_numpy())
     unknown = photo_idx < 0
     _warn_rows(
@@ -640,8 +641,16 @@ def _normalise_keywords(
         shards,
         frame,
         np.flatnonzero(unknown),
-        lambda row: f"unknown photo_id {frame['photo_id'].iat[row]!r}; keyword dropped",
+        lambda i: f"unknown photo_id {frame['photo_id'].iat[i]!r}; {row} dropped",
     )
+    return photo_idx, unknown
+
+
+def _normalise_keywords(
+    frame: pd.DataFrame, photos: pd.DataFrame, shards: list[Path], report: DataReport
+) -> pd.DataFrame:
+    """Map photo ids, normalise keywords, scale confidences, keep the best per (photo, keyword)."""
+    photo_idx, unknown = _map_photo_ids(frame, photos, shards, report, "keyword")
     report.unknown_photo_keywords = int(unknown.sum())
     keyword_code, vocabulary = _keyword_codes(frame["keyword"])
     empty = (vocabulary == "")[keyword_code] & ~unknown
@@ -689,15 +698,7 @@ def _normalise_labels(
     frame: pd.DataFrame, photos: pd.DataFrame, shards: list[Path], report: DataReport
 ) -> pd.DataFrame:
     """Map photo ids, normalise labels like keywords, drop unknown photos, empties, repeats."""
-    photo_idx = _photo_index(photos).get_indexer(frame["photo_id"].to_numpy())
-    unknown = photo_idx < 0
-    _warn_rows(
-        report,
-        shards,
-        frame,
-        np.flatnonzero(unknown),
-        lambda row: f"unknown photo_id {frame['photo_id'].iat[row]!r}; label dropped",
-    )
+    photo_idx, unknown = _map_photo_ids(frame, photos, shards, report, "label")
     report.unknown_photo_labels = int(unknown.sum())
     label = _map_distinct(frame["label"], normalise_keyword).to_numpy()
     empty = (label == "") & ~unknown
@@ -714,15 +715,7 @@ def _normalise_conversions(
     frame: pd.DataFrame, photos: pd.DataFrame, shards: list[Path], report: DataReport
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Map ids, drop unknown photos and exact duplicates, derive users, sort by time."""
-    photo_idx = _photo_index(photos).get_indexer(frame["photo_id"].to_numpy())
-    unknown = photo_idx < 0
-    _warn_rows(
-        report,
-        shards,
-        frame,
-        np.flatnonzero(unknown),
-        lambda row: f"unknown photo_id {frame['photo_id'].iat[row]!r}; conversion dropped",
-    )
+    photo_idx, unknown = _map_photo_ids(frame, photos, shards, report, "conversion")
     report.unknown_photo_conversions = int(unknown.sum())
 
     kept = np.flatnonzero(~unknown)
