@@ -271,6 +271,29 @@ class TestALS(RankerContract):
         cosine = folded @ trained / np.linalg.norm(folded) / np.linalg.norm(trained)
         assert cosine > 0.9
 
+    def test_query_prior_keeps_photos_of_the_query_above_partial_matches(self, ranker):
+        import copy
+
+        # Circles and squares in every colour for the query "circle": taste alone (the dot
+        # product) cannot tell them apart, the query's popularity prior can.
+        candidates = np.flatnonzero(np.isin(np.arange(N_PHOTOS) % len(SHAPES), [0, 1]))
+        plain = copy.copy(ranker)
+        plain.popularity_weight = 0.0
+        shares = {}
+        for name, model in (("with prior", ranker), ("plain", plain)):
+            scores = model.score(query(3, candidates=candidates)).scores
+            top = candidates[np.argsort(-scores, kind="stable")[:20]]
+            shares[name] = np.mean(top % len(SHAPES) == 0)
+        assert ranker.popularity_weight > 0
+        assert shares["with prior"] >= shares["plain"] + 0.2, shares
+
+    def test_sets_saved_before_the_query_prior_load_without_it(self, ranker, catalogue, tmp_path):
+        ranker.save(tmp_path)
+        config = json.loads((tmp_path / "config.json").read_text())
+        del config["params"]["popularity_weight"]
+        (tmp_path / "config.json").write_text(json.dumps(config))
+        assert load_ranker("als", tmp_path, catalogue).popularity_weight == 0.0
+
     def test_recommend_scores_the_whole_catalogue(self, ranker):
         assert ranker.recommend(3, 10).scores.shape == (N_PHOTOS,)
         assert "unknown user" in ranker.recommend(None, 10).fallback_reason

@@ -4,6 +4,14 @@ Known users score candidates by user · item factor dot products. An unseen user
 photos is folded in with the closed-form least-squares step ALS itself uses (Hu, Koren and
 Volinsky 2008, eq. 4): ``x_u = (YᵀY + λI + Yᵀ(Cᵘ − I)Y)⁻¹ YᵀCᵘp(u)``. Anyone else falls back to
 popularity order.
+
+The dot product knows the user but not the query, so on its own it lifts whatever the user
+likes among the candidates, including photos that match only part of a query ("yellow
+triangle": the yellow squares of a user who likes squares). The score therefore adds the
+query's own popularity prior: ``z(user · item) + popularity_weight · z(log p(photo | keyword))``
+over the candidates (z: standardised), with ``p`` the per-keyword popularity of the fallback.
+On the demo's validation slice the weight 2 raised NDCG@10 from 0.0447 to 0.0493 (keyword
+retrieval) and from 0.0519 to 0.0547 (hybrid); 0 is the plain dot product.
 """
 
 from __future__ import annotations
@@ -58,7 +66,10 @@ class ALSRanker(Ranker):
     random_state:
         Seed of the factor initialisation.
     popularity:
-        Parameters of the :class:`PopularityRanker` used as the fallback.
+        Parameters of the :class:`PopularityRanker` used as the fallback and query prior.
+    popularity_weight:
+        Weight of the query's popularity prior next to the user's affinity (module docstring);
+        0 scores by the dot product alone.
     """
 
     name = "als"
@@ -75,6 +86,7 @@ class ALSRanker(Ranker):
         num_threads: int = 0,
         random_state: int = 0,
         popularity: dict | None = None,
+        popularity_weight: float = 2.0,
     ) -> None:
         self.factors = int(factors)
         self.regularization = float(regularization)
@@ -86,6 +98,7 @@ class ALSRanker(Ranker):
         self.num_threads = int(num_threads)
         self.random_state = int(random_state)
         self.popularity = PopularityRanker(**(popularity or {}))
+        self.popularity_weight = float(popularity_weight)
         self.user_factors = np.zeros((0, self.factors), dtype=np.float32)
         self.item_factors = np.zeros((0, self.factors), dtype=np.float32)
         self.known_users = np.zeros(0, dtype=bool)
@@ -106,6 +119,7 @@ class ALSRanker(Ranker):
             "num_threads": self.num_threads,
             "random_state": self.random_state,
             "popularity": self.popularity.params,
+            "popularity_weight": self.popularity_weight,
         }
 
     def fit(
@@ -224,7 +238,15 @@ class ALSRanker(Ranker):
             retrieval = retrieval_order_scores(candidates, query.retrieval_scores)
             scores = ordinal_scores(popularity, retrieval)
             return RankScores(finalize_scores(scores, valid), fallback_reason=UNKNOWN_USER)
-        scores = self.item_factors[np.where(valid, candidates, 0)] @ user_vector
+        scores = (self.item_factors[np.where(valid, candidates, 0)] @ user_vector).astype(
+            np.float64
+        )
+        if self.popularity_weight and valid.sum() > 1:
+            prior, _ = self.popularity.popularity(candidates, query.keyword)
+            prior = np.log(np.maximum(prior, 1e-12))
+            scores[valid] = _standardised(scores[valid]) + self.popularity_weight * _standardised(
+                prior[valid]
+            )
         return RankScores(finalize_scores(scores, valid))
 
     def recommend(
@@ -260,10 +282,17 @@ class ALSRanker(Ranker):
         """Read a ranker written by :meth:`save`."""
         directory = Path(directory)
         config = read_config(directory, cls.name)
-        ranker = cls(**config["params"])
+        # Sets saved before the query prior existed were validated without it.
+        ranker = cls(**{"popularity_weight": 0.0, **config["params"]})
         arrays = load_arrays(directory / "factors.npz")
         ranker._set_factors(arrays["user_factors"], arrays["item_factors"])
         ranker.known_users = arrays["known_users"]
         ranker.item_length_norm = arrays["item_length_norm"]
         ranker.popularity = PopularityRanker.load(directory / "popularity", catalogue)
         return ranker
+
+
+def _standardised(values: np.ndarray) -> np.ndarray:
+    """``values`` minus their mean, over their standard deviation (zeros when constant)."""
+    spread = values.std()
+    return (values - values.mean()) / spread if spread > 0 else np.zeros_like(values)
