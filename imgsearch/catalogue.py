@@ -99,6 +99,17 @@ class Catalogue:
         ids = self.photos["photo_id"].to_numpy()
         return ids[np.asarray(photo_idx, dtype=np.int64)].tolist()
 
+    def truth_tags(self) -> tuple[pd.DataFrame, str]:
+        """What tag precision counts against: ``(table, source)``.
+
+        The labels (what each photo shows) when the catalogue has them, else the keywords at
+        any confidence; the table has ``photo_idx`` and ``keyword`` columns, ``source`` is
+        ``"labels"`` or ``"keywords"``.
+        """
+        if self.labels is not None and len(self.labels):
+            return self.labels.rename(columns={"label": "keyword"}), "labels"
+        return self.keywords, "keywords"
+
     def image_path(self, photo_id: str) -> Path:
         """Where the image of ``photo_id`` lives in the source data folder."""
         return Path(self.data_dir) / "images" / f"{photo_id}.jpg"

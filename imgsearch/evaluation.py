@@ -693,11 +693,9 @@ def evaluate(
                 else:
                     skipped[name] = reason or f"{name} retriever was not built"
 
-        tags = keyword_tags = KeywordTags(catalogue.keywords, catalogue.n_photos)
-        tag_truth = "keywords"
-        if catalogue.labels is not None and len(catalogue.labels):
-            labels = catalogue.labels.rename(columns={"label": "keyword"})
-            tags, tag_truth = KeywordTags(labels, catalogue.n_photos), "labels"
+        keyword_tags = KeywordTags(catalogue.keywords, catalogue.n_photos)
+        truth, tag_truth = catalogue.truth_tags()
+        tags = keyword_tags if tag_truth == "keywords" else KeywordTags(truth, catalogue.n_photos)
         keyword_counts = Counter(queries.keyword.tolist())
         pairs, pair_source = pair_queries(
             tags, split.test, [w for w, _ in keyword_counts.most_common()], k

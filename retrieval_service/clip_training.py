@@ -510,11 +510,7 @@ def _train_clip(
 def _all_tags(catalogue: Any, photo_idx: np.ndarray) -> list[set[str]]:
     """What evaluation counts as each photo's tags: its labels when the catalogue has them
     (what it shows), else every keyword at any confidence."""
-    labels = getattr(catalogue, "labels", None)
-    if labels is not None and len(labels):
-        table = labels.rename(columns={"label": "keyword"})
-    else:
-        table = catalogue.keywords
+    table, _ = catalogue.truth_tags()
     tags: dict[int, set[str]] = {}
     for idx, keyword in zip(table["photo_idx"].to_numpy(), table["keyword"].astype(str)):
         tags.setdefault(int(idx), set()).add(keyword)
