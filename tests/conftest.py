@@ -55,9 +55,19 @@ def loop_thread():
 
 
 class Stack:
-    """Three real servers on ephemeral ports, started in-process."""
+    """Three real servers on ephemeral ports (service and admin), started in-process.
 
-    def __init__(self, loop_thread: LoopThread, artifacts: Path, **gateway_overrides):
+    ``stage_overrides`` go to the retrieval and ranking configs (TLS settings, say),
+    ``gateway_overrides`` to the gateway's.
+    """
+
+    def __init__(
+        self,
+        loop_thread: LoopThread,
+        artifacts: Path,
+        stage_overrides: dict | None = None,
+        **gateway_overrides,
+    ):
         from gateway.server import create_gateway_server
         from imgsearch.config import GatewayConfig, RankingConfig, RetrievalConfig
         from ranking_service.server import create_ranking_server
@@ -65,18 +75,23 @@ class Stack:
 
         self.lt = loop_thread
         self.artifacts = str(artifacts)
+        self.stage_overrides = {"admin_port": 0, **(stage_overrides or {})}
         self.retrieval = self.lt.run(
-            create_retrieval_server(RetrievalConfig(artifacts=self.artifacts, port=0))
+            create_retrieval_server(
+                RetrievalConfig(artifacts=self.artifacts, port=0, **self.stage_overrides)
+            )
         )
         self.ranking = self.lt.run(
-            create_ranking_server(RankingConfig(artifacts=self.artifacts, port=0))
+            create_ranking_server(
+                RankingConfig(artifacts=self.artifacts, port=0, **self.stage_overrides)
+            )
         )
         self.gateway_config = GatewayConfig(
             artifacts=self.artifacts,
             port=0,
             retrieval_addr=f"127.0.0.1:{self.retrieval.port}",
             ranking_addr=f"127.0.0.1:{self.ranking.port}",
-            **gateway_overrides,
+            **{"admin_port": 0, **gateway_overrides},
         )
         self.gateway = self.lt.run(create_gateway_server(self.gateway_config))
         self.target = f"127.0.0.1:{self.gateway.port}"
@@ -86,7 +101,11 @@ class Stack:
         from ranking_service.server import create_ranking_server
 
         self.ranking = self.lt.run(
-            create_ranking_server(RankingConfig(artifacts=self.artifacts, port=self.ranking.port))
+            create_ranking_server(
+                RankingConfig(
+                    artifacts=self.artifacts, port=self.ranking.port, **self.stage_overrides
+                )
+            )
         )
 
     def stop(self):
