@@ -175,3 +175,20 @@ def test_an_admin_port_off_loopback_without_tokens_refuses_to_start(loop_thread,
     config = RankingConfig(artifacts=str(artifact_root), port=0, admin_port=0, admin_host="0.0.0.0")
     with pytest.raises(SecurityConfigError, match="not loopback"):
         loop_thread.run(create_ranking_server(config))
+
+
+def test_cli_reload_asks_each_admin_port_for_a_version(versioned_stack, capsys):
+    from imgsearch_tools.cli import main
+
+    current = artifacts.resolve(versioned_stack.artifacts).version
+    targets = ",".join(
+        f"127.0.0.1:{s.admin_port}"
+        for s in (versioned_stack.retrieval, versioned_stack.ranking, versioned_stack.gateway)
+    )
+    assert main(["reload", "--targets", targets, "--version", f"{current}-b"]) == 0
+    out = capsys.readouterr().out
+    assert out.count(f"-> {current}-b") == 3
+    assert main(["reload", "--targets", targets, "--version", "../elsewhere"]) == 1
+    assert "INVALID_ARGUMENT" in capsys.readouterr().err
+    assert main(["reload", "--targets", targets]) == 0
+    assert capsys.readouterr().out.count(f"-> {current} (") == 3
