@@ -9,17 +9,16 @@ import grpc
 from prometheus_client import Counter
 
 from imgsearch.catalogue import normalise_keyword
-from imgsearch.config import MAX_QUERY_CHARS
+from imgsearch.config import MAX_QUERY_CHARS, MAX_USER_ID_CHARS
 from imgsearch.conversion_store import DEFAULT_CONVERSION_TYPE, ConversionEvent, Outcome, StoreError
 from imgsearch.conversion_store.background import BackgroundStore
 from imgsearch.feedback.v1 import feedback_service_pb2 as pb
 from imgsearch.feedback.v1 import feedback_service_pb2_grpc as pb_grpc
-from imgsearch.serving import InvalidArgument, instrumented
+from imgsearch.serving import InvalidArgument
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["FeedbackService"].full_name
 MAX_EVENTS_PER_BATCH = 1000
 MAX_EVENT_ID_CHARS = 128
-MAX_USER_ID_CHARS = 256
 MAX_PHOTO_ID_CHARS = 128
 MAX_COUNTRY_CHARS = 64
 # Clocks of clients and servers disagree a little; a conversion further ahead is a bug.
@@ -128,10 +127,9 @@ class FeedbackServicer(pb_grpc.FeedbackServiceServicer):
     outside it are rejected, since no model could use them.
     """
 
-    def __init__(self, store: BackgroundStore, holder, limiter=None):
+    def __init__(self, store: BackgroundStore, holder):
         self.store = store
         self.holder = holder
-        self.limiter = limiter
         self.stored = EVENTS.labels("stored")
         self.duplicate = EVENTS.labels("duplicate")
         self.rejected = EVENTS.labels("rejected")
@@ -139,7 +137,6 @@ class FeedbackServicer(pb_grpc.FeedbackServiceServicer):
     async def close(self) -> None:
         await self.store.close()
 
-    @instrumented("gateway", "LogConversions")
     async def LogConversions(
         self, request: pb.LogConversionsRequest, context
     ) -> pb.LogConversionsResponse:
@@ -192,7 +189,6 @@ class FeedbackServicer(pb_grpc.FeedbackServiceServicer):
         self.rejected.inc(response.rejected_count)
         return response
 
-    @instrumented("gateway", "DeleteUserEvents")
     async def DeleteUserEvents(
         self, request: pb.DeleteUserEventsRequest, context
     ) -> pb.DeleteUserEventsResponse:

@@ -55,9 +55,19 @@ def loop_thread():
 
 
 class Stack:
-    """Three real servers on ephemeral ports, started in-process."""
+    """Three real servers on ephemeral ports, started in-process.
 
-    def __init__(self, loop_thread: LoopThread, artifacts: Path, **gateway_overrides):
+    ``store`` sets where gateway and ranking keep logged conversions (``conversions_db`` or
+    ``conversions_dsn``); by default the file beside the artifact root.
+    """
+
+    def __init__(
+        self,
+        loop_thread: LoopThread,
+        artifacts: Path,
+        store: dict | None = None,
+        **gateway_overrides,
+    ):
         from gateway.server import create_gateway_server
         from imgsearch.config import GatewayConfig, RankingConfig, RetrievalConfig
         from ranking_service.server import create_ranking_server
@@ -65,17 +75,19 @@ class Stack:
 
         self.lt = loop_thread
         self.artifacts = str(artifacts)
+        self.store = store or {}
         self.retrieval = self.lt.run(
             create_retrieval_server(RetrievalConfig(artifacts=self.artifacts, port=0))
         )
         self.ranking = self.lt.run(
-            create_ranking_server(RankingConfig(artifacts=self.artifacts, port=0))
+            create_ranking_server(RankingConfig(artifacts=self.artifacts, port=0, **self.store))
         )
         self.gateway_config = GatewayConfig(
             artifacts=self.artifacts,
             port=0,
             retrieval_addr=f"127.0.0.1:{self.retrieval.port}",
             ranking_addr=f"127.0.0.1:{self.ranking.port}",
+            **self.store,
             **gateway_overrides,
         )
         self.gateway = self.lt.run(create_gateway_server(self.gateway_config))
@@ -86,7 +98,9 @@ class Stack:
         from ranking_service.server import create_ranking_server
 
         self.ranking = self.lt.run(
-            create_ranking_server(RankingConfig(artifacts=self.artifacts, port=self.ranking.port))
+            create_ranking_server(
+                RankingConfig(artifacts=self.artifacts, port=self.ranking.port, **self.store)
+            )
         )
 
     def stop(self):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from types import SimpleNamespace
 
 import grpc
 import pytest
@@ -35,31 +34,26 @@ def conversion(i: int, photo_id: str, **fields) -> pb.ConversionEvent:
     return pb.ConversionEvent(**values)
 
 
-class FeedbackServer:
-    """FeedbackService on a real grpc.aio server on an ephemeral port, over a real store."""
+class Gateway:
+    """The real gateway on an ephemeral port; FeedbackService needs no downstream."""
 
-    def __init__(self, loop_thread, photos, location: dict):
-        from gateway.feedback import FeedbackServicer
-        from imgsearch.conversion_store.background import BackgroundStore
-        from imgsearch.serving import new_server
+    def __init__(self, loop_thread, artifacts, **store):
+        from gateway.server import create_gateway_server
+        from imgsearch.config import GatewayConfig
 
         self.lt = loop_thread
-
-        async def start():
-            server, port, _ = new_server("gateway", "127.0.0.1", 0)
-            holder = SimpleNamespace(state=SimpleNamespace(photos=photos))
-            store = BackgroundStore(lambda: open_store(**location))
-            self.servicer = FeedbackServicer(store, holder)
-            pb_grpc.add_FeedbackServiceServicer_to_server(self.servicer, server)
-            await server.start()
-            return server, port
-
-        self.server, self.port = self.lt.run(start())
-        self.target = f"127.0.0.1:{self.port}"
+        config = GatewayConfig(
+            artifacts=str(artifacts),
+            port=0,
+            retrieval_addr="127.0.0.1:1",
+            ranking_addr="127.0.0.1:1",
+            **store,
+        )
+        self.service = self.lt.run(create_gateway_server(config))
+        self.target = f"127.0.0.1:{self.service.port}"
 
     def stop(self):
-        self.lt.run(self.server.stop(0))
-        self.lt.run(self.servicer.close())
+        self.lt.run(self.service.stop(0))
 
 
 @pytest.fixture
@@ -68,13 +62,12 @@ def location(tmp_path) -> dict:
 
 
 @pytest.fixture
-def feedback(loop_thread, catalogue, location):
-    photos = set(catalogue.photos["photo_id"])
-    server = FeedbackServer(loop_thread, photos, location)
-    channel = grpc.insecure_channel(server.target)
+def feedback(loop_thread, artifact_root, location):
+    gateway = Gateway(loop_thread, artifact_root, conversions_db=str(location["db"]))
+    channel = grpc.insecure_channel(gateway.target)
     yield pb_grpc.FeedbackServiceStub(channel)
     channel.close()
-    server.stop()
+    gateway.stop()
 
 
 @pytest.fixture
@@ -193,11 +186,12 @@ def test_delete_user_events_removes_that_users_events(feedback, photo_ids, locat
     assert bad_request_field(info.value) == "user_id"
 
 
-def test_a_store_that_is_down_gives_unavailable_not_a_crash(loop_thread, catalogue, photo_ids):
-    down = {"dsn": "postgresql://nobody@127.0.0.1:1/none"}
-    server = FeedbackServer(loop_thread, set(photo_ids), down)
+def test_a_store_that_is_down_gives_unavailable_not_a_crash(loop_thread, artifact_root, photo_ids):
+    gateway = Gateway(
+        loop_thread, artifact_root, conversions_dsn="postgresql://nobody@127.0.0.1:1/x"
+    )
     try:
-        with grpc.insecure_channel(server.target) as channel:
+        with grpc.insecure_channel(gateway.target) as channel:
             stub = pb_grpc.FeedbackServiceStub(channel)
             request = pb.LogConversionsRequest(events=[conversion(0, photo_ids[0])])
             for _ in range(2):
@@ -211,4 +205,27 @@ def test_a_store_that_is_down_gives_unavailable_not_a_crash(loop_thread, catalog
             )
             assert rejected.results[0].status == pb.EVENT_STATUS_REJECTED
     finally:
-        server.stop()
+        gateway.stop()
+
+
+def test_the_gateway_reports_feedback_health_and_reflection(loop_thread, artifact_root, location):
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    gateway = Gateway(loop_thread, artifact_root, conversions_db=str(location["db"]))
+    try:
+        with grpc.insecure_channel(gateway.target) as channel:
+            health = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service="imgsearch.feedback.v1.FeedbackService"),
+                timeout=5,
+            )
+            assert health.status == health_pb2.HealthCheckResponse.SERVING
+            reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
+            symbol = "imgsearch.feedback.v1.FeedbackService.LogConversions"
+            (answer,) = reflection.ServerReflectionInfo(
+                iter([reflection_pb2.ServerReflectionRequest(file_containing_symbol=symbol)]),
+                timeout=5,
+            )
+            assert answer.HasField("file_descriptor_response")
+    finally:
+        gateway.stop()

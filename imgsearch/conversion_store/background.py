@@ -46,6 +46,11 @@ class BackgroundStore:
         self._last_error = ""
         self.pending = 0
 
+    @property
+    def location(self) -> str:
+        """Where the open store is ("" before it is open)."""
+        return self._store.location if self._store is not None else ""
+
     def _store_now(self) -> ConversionStore:
         """The open store (in the store's thread), opening it when needed and allowed."""
         if self._store is not None and not self._store.usable:
@@ -99,6 +104,17 @@ class BackgroundStore:
     async def open(self) -> None:
         """Open the store now (e.g. at server start), so that errors show early."""
         await self.call("count")
+
+    async def try_open(self, timeout_s: float) -> str:
+        """Open the store now if it answers within ``timeout_s``; returns the problem, or ""
+        (a server starts either way: the store is opened again at a later call)."""
+        try:
+            await asyncio.wait_for(self.open(), timeout_s)
+        except TimeoutError:
+            return f"the conversion store did not open within {timeout_s:.0f} s"
+        except StoreError as exc:
+            return str(exc)
+        return ""
 
     async def append(self, events: Sequence[ConversionEvent]) -> list[Outcome]:
         """:meth:`ConversionStore.append` off the event loop."""

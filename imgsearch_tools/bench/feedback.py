@@ -12,9 +12,9 @@ from dataclasses import asdict, dataclass
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from imgsearch.bench import percentiles_ms
 from imgsearch.feedback.v1 import feedback_service_pb2 as pb
 from imgsearch.feedback.v1 import feedback_service_pb2_grpc as pb_grpc
+from imgsearch.metrics import percentiles_ms
 
 
 @dataclass(frozen=True)
