@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import random
+import sqlite3
 import time
 import uuid
 from collections import Counter
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -132,3 +134,142 @@ async def run_feedback_load(
         "errors": dict(errors),
         "measured_s": measured,
     }
+
+
+# ------------------------------------------------------------------------ the benchmark
+def _filesystem(path: Path) -> str:
+    """The type of the filesystem holding ``path`` (what an fsync costs depends on it)."""
+    best, kind = "", "unknown"
+    try:
+        mounts = Path("/proc/mounts").read_text().splitlines()
+    except OSError:
+        return kind
+    target = str(path.resolve())
+    for line in mounts:
+        parts = line.split()
+        if len(parts) > 2 and target.startswith(parts[1]) and len(parts[1]) > len(best):
+            best, kind = parts[1], f"{parts[2]} on {parts[1]}"
+    return kind
+
+
+def _postgres_schema(dsn: str, schema: str, create: bool) -> tuple[str, str]:
+    """Create (or drop) a scratch schema; returns a DSN whose tables live in it."""
+    import psycopg
+    from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        if create:
+            conn.execute(f"CREATE SCHEMA {schema}")
+            version = conn.execute("SHOW server_version").fetchone()[0]
+        else:
+            conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+            return "", ""
+    params = conninfo_to_dict(dsn)
+    params["options"] = f"-c search_path={schema}"
+    return make_conninfo(**params), version
+
+
+async def bench_backend(
+    backend: str,
+    artifacts: str,
+    work_dir: Path,
+    specs: list[dict],
+    photo_ids: list[str],
+    keywords: list[str],
+    postgres_dsn: str = "",
+) -> dict:
+    """Serve the gateway on a fresh store of ``backend``, run each load, measure, clean up.
+
+    Returns the backend's description and one result per spec, each with the gateway's and
+    the load generator's CPU time per 1,000 events and the cores other processes kept busy.
+    """
+    from imgsearch.conversion_store import open_store
+    from imgsearch.cpu import machine_busy_seconds
+    from imgsearch_tools.bench.processes import ServiceProcesses
+
+    run_id = uuid.uuid4().hex[:8]
+    info: dict = {"backend": backend}
+    if backend == "sqlite":
+        db = work_dir / f"bench-{run_id}.sqlite3"
+        store = {"conversions_db": str(db)}
+        location = {"db": db}
+        info["where"] = (
+            f"SQLite {sqlite3.sqlite_version}, WAL, synchronous=FULL, {_filesystem(work_dir)}"
+        )
+    else:
+        schema = f"bench_{run_id}"
+        dsn, version = _postgres_schema(postgres_dsn, schema, create=True)
+        store = {"conversions_dsn": dsn}
+        location = {"dsn": dsn}
+        info["where"] = f"PostgreSQL {version}, synchronous_commit=on, same machine"
+    services = ServiceProcesses(artifacts, work_dir / "logs", store=store)
+    services.start("gateway")
+    results = []
+    try:
+        services.wait_serving("gateway", timeout=120)
+        for n, fields in enumerate(specs):
+            spec = FeedbackLoadSpec(target=services.address("gateway"), **fields)
+            cpu0, self0 = services.cpu_seconds()["gateway"], time.process_time()
+            busy0, wall0 = machine_busy_seconds(), time.perf_counter()
+            result = await run_feedback_load(spec, photo_ids, keywords, f"{run_id}-{n}")
+            wall = time.perf_counter() - wall0
+            gateway_cpu = services.cpu_seconds()["gateway"] - cpu0
+            loadgen_cpu = time.process_time() - self0
+            sent = max(1, result["events_acknowledged"]) * (wall / result["measured_s"])
+            result["cpu_ms_per_1000_events"] = {
+                "gateway": round(1e6 * gateway_cpu / sent, 1),
+                "load generator": round(1e6 * loadgen_cpu / sent, 1),
+            }
+            busy = machine_busy_seconds()
+            if busy is not None and busy0 is not None:
+                others = (busy - busy0 - gateway_cpu - loadgen_cpu) / wall
+                result["other_processes_cores"] = round(max(0.0, others), 2)
+            results.append(result)
+        with open_store(**location) as opened:
+            info["events_stored"] = opened.count()
+    finally:
+        services.stop_all()
+        if backend == "sqlite":
+            for suffix in ("", "-wal", "-shm"):
+                Path(f"{db}{suffix}").unlink(missing_ok=True)
+        else:
+            _postgres_schema(postgres_dsn, schema, create=False)
+    info["runs"] = results
+    return info
+
+
+def render_feedback_markdown(report: dict) -> str:
+    """The benchmark as a Markdown table with the machine it ran on."""
+    machine = report["machine"]
+    lines = [
+        f"Measured {machine['date']} on {machine['cpu_model']}, {machine['usable_cpus']} usable "
+        f"CPUs, {machine['memory_gib']} GiB, `{machine['platform']}`, Python "
+        f"{machine['python']}, grpcio {machine['grpcio']}; load average "
+        f"{machine['loadavg_at_start']} at start. Command: `{machine['command']}`.",
+        "",
+        "One `imgsearch serve gateway` process (FeedbackService) and the load generator (closed "
+        "loop, grpc.aio, one channel; a fresh event id per event) on the same CPUs; with "
+        "PostgreSQL, the database server's own CPU counts under other processes.",
+        "",
+        "| backend | batch | concurrency | events/s | calls/s | p50 ms | p99 ms | max ms | "
+        "errors | CPU ms per 1,000 events: gateway · load gen | other processes (cores) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|",
+    ]
+    for backend in report["backends"]:
+        for run in backend["runs"]:
+            spec, latency, cpu = run["spec"], run["latency_ms"], run["cpu_ms_per_1000_events"]
+            errors = sum(run["errors"].values())
+            lines.append(
+                f"| {backend['backend']} | {spec['batch_size']} | {spec['concurrency']} | "
+                f"{run['events_per_s']:,.0f} | {run['calls_per_s']:,.0f} | {latency['p50']:.1f} | "
+                f"{latency['p99']:.1f} | {latency['max']:.1f} | {errors} | "
+                f"{cpu['gateway']} · {cpu['load generator']} | "
+                f"{run.get('other_processes_cores', '')} |"
+            )
+    lines.append("")
+    for backend in report["backends"]:
+        lines.append(
+            f"- {backend['backend']}: {backend['where']}; {backend['events_stored']:,} events "
+            "stored in all."
+        )
+    return "\n".join(lines) + "\n"
