@@ -7,12 +7,11 @@ import time
 import grpc
 import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 
 from imgsearch.conversion_store import open_store
 from imgsearch.feedback.v1 import feedback_service_pb2 as pb
 from imgsearch.feedback.v1 import feedback_service_pb2_grpc as pb_grpc
+from tests.test_e2e import bad_request_field
 
 
 def timestamp(seconds_from_now: float = 0.0) -> Timestamp:
@@ -142,14 +141,6 @@ def test_bad_events_are_rejected_one_by_one_and_never_stored(feedback, photo_ids
     # Only the first ev-0 and the two good events: nothing rejected went in.
     assert set(stored) == {"ev-0", "ev-9", "ev-10"}
     assert stored["ev-0"].photo_id == photo_ids[0]
-
-
-def bad_request_field(exc: grpc.RpcError) -> str:
-    for detail in rpc_status.from_call(exc).details:
-        bad = error_details_pb2.BadRequest()
-        if detail.Unpack(bad):
-            return bad.field_violations[0].field
-    return ""
 
 
 @pytest.mark.parametrize(

@@ -12,17 +12,10 @@ import pandas as pd
 
 from imgsearch.catalogue import CONVERSION_COLUMNS, USER_COLUMNS, Catalogue
 from imgsearch.conversion_store import ConversionEvent
+from imgsearch.unsplash import CONVERSIONS_LAYOUT
 
-# The Unsplash Lite conversions columns, in the dataset's order, then the idempotency key.
-UNSPLASH_COLUMNS = (
-    "converted_at",
-    "conversion_type",
-    "keyword",
-    "photo_id",
-    "anonymous_user_id",
-    "conversion_country",
-)
-EXPORT_COLUMNS = (*UNSPLASH_COLUMNS, "event_id")
+# The Unsplash Lite conversions columns, then the idempotency key.
+EXPORT_COLUMNS = (*CONVERSIONS_LAYOUT, "event_id")
 
 
 def format_time(converted_at_us: int) -> str:
