@@ -660,10 +660,10 @@ async def start_service(
     Health says NOT_SERVING from the moment the ports are open until the artifact set is
     loaded; then SERVING. ``loader(path)`` builds the state (it must have ``version``,
     ``path`` and ``models``); ``add_servicer`` registers the services named in
-    ``service_names`` and returns the servicer (an object with an async ``close()`` is closed
-    when the service stops). Every RPC on the service port goes through one
-    :class:`ServiceInterceptor` (bearer tokens when ``config.auth_tokens_file`` is set), and
-    the port serves TLS when ``config.tls_cert`` is set (mutual TLS with
+    ``service_names`` and returns the servicer, or a list of them (one with an async
+    ``close()`` is closed when the service stops). Every RPC on the service port goes through
+    one :class:`ServiceInterceptor` (bearer tokens when ``config.auth_tokens_file`` is set),
+    and the port serves TLS when ``config.tls_cert`` is set (mutual TLS with
     ``config.tls_client_ca``); the admin port is :func:`start_admin`'s.
 
     Raises
@@ -689,12 +689,13 @@ async def start_service(
     reflection = reflection_wanted(config.reflection, config.host, tls)
     admin_server, admin_port, admin_health, admin_interceptor = start_admin(name, config, holder)
     server, port, health = new_server(name, config.host, config.port, [interceptor], credentials)
-    servicer = add_servicer(server, holder)
+    servicers = add_servicer(server, holder)
     if reflection:
         enable_reflection(server, service_names)
     service = Service(name, server, port, health, admin_server, admin_port, admin_health)
-    if hasattr(servicer, "close"):
-        service.stop_hooks.append(servicer.close)
+    for servicer in servicers if isinstance(servicers, list) else [servicers]:
+        if hasattr(servicer, "close"):
+            service.stop_hooks.append(servicer.close)
     await service.set_serving(service_names, False)
     await admin_server.start()
     await server.start()

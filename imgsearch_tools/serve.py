@@ -42,6 +42,31 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--default-retriever", default=None)
     p.add_argument("--default-ranker", default=None)
     p.add_argument("--timeout-ms", type=int, default=None, help="gateway search budget")
+    p.add_argument(
+        "--conversions-db",
+        default=None,
+        help="SQLite file of logged conversions (IMGSEARCH_CONVERSIONS_DB; default: beside the "
+        "artifact root, ROOT-conversions.sqlite3)",
+    )
+    p.add_argument(
+        "--conversions-dsn",
+        default=None,
+        help="PostgreSQL DSN of the conversion store, instead of the SQLite file "
+        "(IMGSEARCH_CONVERSIONS_DSN)",
+    )
+    p.add_argument(
+        "--foldin-conversions",
+        type=int,
+        default=None,
+        help="ranking: latest logged conversions folded in for a user the model has not seen "
+        "(default 50; 0 = off)",
+    )
+    p.add_argument(
+        "--foldin-timeout-ms",
+        type=int,
+        default=None,
+        help="ranking: how long a request waits for them (default 20)",
+    )
     admin = p.add_argument_group(
         "admin ports", "AdminService (Reload, GetStatus) and plaintext health, one port each"
     )
@@ -111,16 +136,21 @@ def resolve_configs(args) -> dict:
         admin_port=flag("retrieval_admin_port"),
         default_retriever=args.default_retriever,
     )
+    conversions = {"conversions_db": args.conversions_db, "conversions_dsn": args.conversions_dsn}
     ranking = with_overrides(
         RankingConfig(),
         **common,
+        **conversions,
         port=args.ranking_port,
         admin_port=flag("ranking_admin_port"),
         default_ranker=args.default_ranker,
+        foldin_conversions=args.foldin_conversions,
+        foldin_timeout_ms=args.foldin_timeout_ms,
     )
     gateway = with_overrides(
         GatewayConfig(),
         **common,
+        **conversions,
         port=args.gateway_port,
         admin_port=flag("gateway_admin_port"),
         auth_tokens_file=flag("auth_tokens_file"),

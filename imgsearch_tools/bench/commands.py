@@ -117,6 +117,33 @@ def add_commands(subparsers) -> None:
     p.add_argument("--in-process-requests", type=int, default=500)
     p.set_defaults(handler=cmd_bench_suite)
 
+    p = subparsers.add_parser(
+        "bench-feedback",
+        help="measure LogConversions throughput (events/s, latency) on SQLite and PostgreSQL",
+        description="For each backend, start `imgsearch serve gateway` on a fresh conversion "
+        "store (a scratch SQLite file in OUT, or a scratch schema on the PostgreSQL server, "
+        "dropped afterwards), send batches of new events closed-loop at each concurrency, and "
+        "report acknowledged events per second, call latency, errors and CPU per 1,000 events; "
+        "write OUT/feedback.json and OUT/feedback.md.",
+    )
+    p.add_argument("--artifacts", default="var/artifacts", help="artifact root to serve")
+    p.add_argument(
+        "--backends", default="sqlite,postgres", help="comma-separated: sqlite, postgres"
+    )
+    p.add_argument(
+        "--postgres-dsn",
+        default=None,
+        help="PostgreSQL server for the postgres backend (default: IMGSEARCH_CONVERSIONS_DSN)",
+    )
+    p.add_argument("--batch", type=int, default=100, help="events per call (default 100)")
+    p.add_argument(
+        "--concurrency", default="1,4,16", help="calls in flight, comma-separated (default 1,4,16)"
+    )
+    p.add_argument("--duration", type=float, default=10.0, help="measured seconds per run")
+    p.add_argument("--warmup", type=float, default=2.0, help="unmeasured seconds per run")
+    p.add_argument("--out", default="var/bench", help="report folder")
+    p.set_defaults(handler=cmd_bench_feedback)
+
 
 # ------------------------------------------------------------------------------ bench
 def _served_artifacts(admin_target: str) -> str:
@@ -366,3 +393,75 @@ async def run_suite(args, artifact_set, out: Path) -> int:
     say(f"wrote {out / 'bench.json'} and {out / 'bench.md'}")
     print(render_markdown(report))
     return 0
+
+
+# ---------------------------------------------------------------------------- bench-feedback
+def cmd_bench_feedback(args) -> int:
+    import asyncio
+
+    import pandas as pd
+
+    from imgsearch import artifacts
+    from imgsearch.config import env
+    from imgsearch_tools.bench.feedback import bench_backend, render_feedback_markdown
+    from imgsearch_tools.bench.load import machine_info
+
+    backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+    unknown = sorted(set(backends) - {"sqlite", "postgres"})
+    if unknown or not backends:
+        print(
+            f"error: unknown backend(s) {unknown or '(none)'}; valid: sqlite, postgres",
+            file=sys.stderr,
+        )
+        return 2
+    postgres_dsn = args.postgres_dsn or env("CONVERSIONS_DSN", "")
+    if "postgres" in backends and not postgres_dsn:
+        print(
+            "error: the postgres backend needs --postgres-dsn or IMGSEARCH_CONVERSIONS_DSN",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        concurrencies = [int(c) for c in args.concurrency.split(",") if c.strip()]
+        artifact_set = artifacts.resolve(args.artifacts)
+    except (ValueError, artifacts.ArtifactError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    catalogue_dir = artifact_set.file(artifacts.CATALOGUE_DIR)
+    photo_ids = pd.read_parquet(catalogue_dir / "photos.parquet", columns=["photo_id"])
+    keywords = pd.read_parquet(catalogue_dir / "keywords.parquet", columns=["keyword"])
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    specs = [
+        {
+            "batch_size": args.batch,
+            "concurrency": c,
+            "duration_s": args.duration,
+            "warmup_s": args.warmup,
+        }
+        for c in concurrencies
+    ]
+    report = {"machine": machine_info(" ".join(["imgsearch", *sys.argv[1:]])), "backends": []}
+    for backend in backends:
+        say(f"bench-feedback: {backend}")
+        report["backends"].append(
+            asyncio.run(
+                bench_backend(
+                    backend,
+                    str(artifact_set.path),
+                    out,
+                    specs,
+                    photo_ids["photo_id"].tolist(),
+                    keywords["keyword"].drop_duplicates().tolist()[:500],
+                    postgres_dsn,
+                )
+            )
+        )
+    report["machine"]["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    markdown = render_feedback_markdown(report)
+    (out / "feedback.json").write_text(json.dumps(report, indent=2))
+    (out / "feedback.md").write_text(markdown)
+    print(markdown)
+    print(f"wrote {out / 'feedback.json'} and {out / 'feedback.md'}", file=sys.stderr)
+    errors = sum(sum(run["errors"].values()) for b in report["backends"] for run in b["runs"])
+    return 1 if errors else 0
