@@ -163,6 +163,12 @@ def test_admin_tokens_guard_reload_but_not_health(loop_thread, artifact_root, tm
                 health_pb2.HealthCheckRequest(), timeout=5
             )
         assert health.status == health_pb2.HealthCheckResponse.SERVING
+        # A rotated token file is picked up by a reload (what SIGHUP runs).
+        tokens.write_text("third-admin-token\n")
+        loop_thread.run(stack.ranking.reload())
+        old = refused(port, metadata=(("authorization", "Bearer second-admin-token"),))
+        assert old.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert reload(port, metadata=(("authorization", "Bearer third-admin-token"),)).version
     finally:
         stack.stop()
 
