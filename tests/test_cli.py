@@ -169,11 +169,13 @@ def test_demo_regenerates_data_made_by_an_older_generator(tmp_path, monkeypatch)
     import argparse
     import json
 
-    from imgsearch_tools import commands
+    from imgsearch_tools import commands, outputs
     from imgsearch_tools.demo_data import GENERATOR_VERSION
 
     builds = []
-    monkeypatch.setattr(commands, "build_artifacts", lambda data, root, rankers: builds.append(1))
+    monkeypatch.setattr(
+        commands, "build_artifacts", lambda data, root, rankers, **kw: builds.append(1)
+    )
     args = argparse.Namespace(
         data=str(tmp_path / "data"),
         artifacts=str(tmp_path / "artifacts"),
@@ -183,7 +185,7 @@ def test_demo_regenerates_data_made_by_an_older_generator(tmp_path, monkeypatch)
         seed=0,
     )
     commands.ensure_demo(args)
-    marker = tmp_path / "data" / ".complete"
+    marker = tmp_path / "data" / outputs.MARKER
     assert json.loads(marker.read_text())["generator"] == GENERATOR_VERSION
     assert (tmp_path / "data" / "labels.tsv000").exists() and len(builds) == 1
 
@@ -193,6 +195,39 @@ def test_demo_regenerates_data_made_by_an_older_generator(tmp_path, monkeypatch)
     commands.ensure_demo(args)  # up to date: nothing to do
     assert len(builds) == 1
     (tmp_path / "data" / "labels.tsv000").unlink()
-    marker.write_text(json.dumps({**vars(args), "generator": GENERATOR_VERSION - 1}))
+    record = json.loads(marker.read_text())
+    marker.write_text(json.dumps({**record, "generator": GENERATOR_VERSION - 1}))
     commands.ensure_demo(args)  # stale generator: new data, and a new set built from it
     assert (tmp_path / "data" / "labels.tsv000").exists() and len(builds) == 2
+
+
+def test_demo_keeps_and_can_replace_a_folder_marked_by_the_old_demo(tmp_path, monkeypatch):
+    import argparse
+    import json
+
+    from imgsearch import artifacts
+    from imgsearch_tools import commands, outputs
+    from imgsearch_tools.demo_data import GENERATOR_VERSION, generate
+
+    data = tmp_path / "data"
+    generate(data, n_photos=30, n_users=5, n_conversions=40, show_progress=False)
+    (data / outputs.MARKER).unlink()  # as `imgsearch demo` left it before output markers
+    (data / ".complete").write_text(json.dumps({"generator": GENERATOR_VERSION}))
+    before = {p: p.read_bytes() for p in data.rglob("*") if p.is_file()}
+    builds = []
+    monkeypatch.setattr(
+        commands, "build_artifacts", lambda data, root, rankers, **kw: builds.append(1)
+    )
+    monkeypatch.setattr(artifacts, "resolve", lambda root: root)
+    args = argparse.Namespace(
+        data=str(data), artifacts=str(tmp_path / "a"), photos=30, users=5, conversions=40, seed=0
+    )
+    commands.ensure_demo(args)  # up to date: reused as it is
+    assert not builds
+    assert all(path.read_bytes() == content for path, content in before.items())
+    (data / ".complete").write_text(json.dumps({"generator": GENERATOR_VERSION - 1}))
+    (data / outputs.MARKER).unlink()
+    commands.ensure_demo(args)  # stale: its own files are replaced, without --force
+    assert len(builds) == 1
+    assert not (data / ".complete").exists()
+    assert outputs.read_marker(data, "demo-data")["generator"] == GENERATOR_VERSION

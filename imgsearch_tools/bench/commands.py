@@ -76,8 +76,18 @@ def add_commands(subparsers) -> None:
     )
     p.add_argument("--data", default="var/demo-data", help="demo data folder (built if missing)")
     p.add_argument("--artifacts", default="var/artifacts", help="artifact root to serve")
-    p.add_argument("--out", default="var/bench", help="report folder")
+    p.add_argument(
+        "--out",
+        default="var/bench",
+        help="report folder: new, empty, or one bench-suite wrote before",
+    )
     p.add_argument("--no-build", action="store_true", help="fail instead of building the demo")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="write into folders bench-suite (or the demo, for --data/--artifacts) did not "
+        "make, beside their files; none of them is deleted or overwritten",
+    )
     p.add_argument("--qps", type=float, default=400.0, help="open-loop rate (default 400)")
     p.add_argument("--duration", type=float, default=10.0, help="measured seconds per scenario")
     p.add_argument("--warmup", type=float, default=2.0, help="unmeasured seconds per scenario")
@@ -100,6 +110,10 @@ def add_commands(subparsers) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--in-process-requests", type=int, default=500)
     p.set_defaults(handler=cmd_bench_suite)
+
+
+# What bench-suite writes into --out ("name/" folders whole); nothing else there is touched.
+REPORT_ENTRIES = ("bench.json", "bench.md", "ghz-data.json", "logs/", "reload-set/")
 
 
 # ------------------------------------------------------------------------------ bench
@@ -191,7 +205,16 @@ def cmd_bench_suite(args) -> int:
     import asyncio
 
     from imgsearch import artifacts
+    from imgsearch_tools.outputs import RefusedFolder, claim_in_place
 
+    out = Path(args.out)
+    _adopt_earlier_report(out)
+    try:
+        # Checked before building anything: the report folder takes only these names.
+        claim_in_place(out, "bench-suite", REPORT_ENTRIES, force=args.force, record=False)
+    except RefusedFolder as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     try:
         artifact_set = artifacts.resolve(args.artifacts)
     except artifacts.ArtifactError as exc:
@@ -204,25 +227,50 @@ def cmd_bench_suite(args) -> int:
             return 1
         from imgsearch_tools.commands import ensure_demo
 
-        ensure_demo(
-            argparse.Namespace(
-                data=args.data,
-                artifacts=args.artifacts,
-                photos=5000,
-                users=2000,
-                conversions=150_000,
-                seed=0,
+        try:
+            ensure_demo(
+                argparse.Namespace(
+                    data=args.data,
+                    artifacts=args.artifacts,
+                    photos=5000,
+                    users=2000,
+                    conversions=150_000,
+                    seed=0,
+                    force=args.force,
+                )
             )
-        )
+        except RefusedFolder as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
         artifact_set = artifacts.resolve(args.artifacts)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    claim_in_place(out, "bench-suite", REPORT_ENTRIES, force=args.force)
     try:
         return asyncio.run(run_suite(args, artifact_set, out))
     except (RuntimeError, TimeoutError) as exc:
         # A service that cannot load the set (e.g. models from an older build) ends here.
         print(f"error: {exc}", file=sys.stderr)
         return 1
+
+
+def _adopt_earlier_report(out: Path) -> None:
+    """Mark a report folder written before output markers existed as bench-suite's own.
+
+    Recognised by holding nothing but bench-suite's entries, with a ``bench.json`` that is a
+    suite report.
+    """
+    from imgsearch_tools.outputs import MARKER, write_marker
+
+    if not (out / "bench.json").is_file() or (out / MARKER).exists():
+        return
+    names = {entry.rstrip("/") for entry in REPORT_ENTRIES}
+    if any(entry.name not in names for entry in out.iterdir()):
+        return
+    try:
+        report = json.loads((out / "bench.json").read_text())
+    except (OSError, ValueError):
+        return
+    if isinstance(report, dict) and {"machine", "scenarios"} <= set(report):
+        write_marker(out, "bench-suite", REPORT_ENTRIES)
 
 
 def _git_commit() -> str:

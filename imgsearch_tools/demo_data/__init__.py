@@ -1,7 +1,12 @@
 """Seeded synthetic catalogue in the Unsplash Lite layout, with drawn images and planted tastes."""
 
 from imgsearch_tools.demo_data.drawing import COLOUR_RGB, COLOURS, SCENE_RGB, SCENES, SHAPES
-from imgsearch_tools.demo_data.tables import GENERATOR_VERSION, add_commands, generate
+from imgsearch_tools.demo_data.tables import (
+    GENERATOR_VERSION,
+    add_commands,
+    generate,
+    generated_by,
+)
 
 
 def query_families(catalogue) -> tuple[dict[str, list[str]], tuple[str, str] | None] | None:
@@ -26,5 +31,6 @@ __all__ = [
     "SHAPES",
     "add_commands",
     "generate",
+    "generated_by",
     "query_families",
 ]
