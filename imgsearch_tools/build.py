@@ -111,7 +111,12 @@ def add_commands(subparsers) -> None:
         default=True,
         help="gate INT8 for the DeepFM MLP (default: on)",
     )
-    p.add_argument("--keep", type=int, default=3, help="artifact sets to keep (default: 3)")
+    p.add_argument(
+        "--keep",
+        type=int,
+        default=3,
+        help="complete sets to keep, as for build (default: 3)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(handler=cmd_train)
 
