@@ -201,7 +201,9 @@ def staged_folder(
     those) are deleted. A name that already exists and is not the maker's is never
     overwritten. On error the temporary folder is removed and the target left as it was.
     """
-    folder = Path(folder)
+    # Absolute, so that the folder's parent (where the temporary folder goes) is outside it
+    # even for "." or "..".
+    folder = Path(os.path.abspath(folder))
     claim(folder, maker, force, conflicts)
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = _sibling(folder, "partial")

@@ -272,3 +272,31 @@ def test_fetch_images_writes_nothing_for_a_photo_id_that_is_a_path(tmp_path):
     assert "not a file name" in json.dumps(result["failures"])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]
     assert (data / "images" / "ok.jpg").read_bytes() == b"already here"
+
+
+def test_generating_into_the_current_folder_works_when_it_is_empty(tmp_path, monkeypatch):
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    generate(".", n_photos=20, n_users=4, n_conversions=50, show_progress=False)
+    assert (here / "photos.tsv000").exists() and outputs.read_marker(here, "demo-data")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["here"]
+
+
+def test_a_report_folder_from_before_markers_is_bench_suites_own(tmp_path):
+    from imgsearch_tools.bench.commands import REPORT_ENTRIES, _adopt_earlier_report
+
+    report = tmp_path / "bench"
+    (report / "logs").mkdir(parents=True)
+    (report / "logs" / "gateway.log").write_text("...")
+    (report / "bench.json").write_text(json.dumps({"machine": {}, "scenarios": []}))
+    _adopt_earlier_report(report)
+    outputs.claim_in_place(report, "bench-suite", REPORT_ENTRIES)  # not refused
+    # A folder with anything else in it stays someone else's.
+    other = tmp_path / "other"
+    shutil.copytree(report, other)
+    (other / outputs.MARKER).unlink()
+    (other / "results.csv").write_text("a,b\n")
+    _adopt_earlier_report(other)
+    with pytest.raises(outputs.RefusedFolder, match="results.csv"):
+        outputs.claim_in_place(other, "bench-suite", REPORT_ENTRIES)

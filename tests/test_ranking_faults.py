@@ -18,6 +18,7 @@ from imgsearch.retrieval.v1 import retrieval_service_pb2 as retr_pb
 from imgsearch.retrieval.v1 import retrieval_service_pb2_grpc as retr_grpc
 from imgsearch.search.v1 import search_service_pb2 as pb
 from imgsearch.search.v1 import search_service_pb2_grpc as pb_grpc
+from tests.conftest import start_ranking_server
 
 SKIPPED = "skipped after repeated failures"
 TWO_STEP = rank_pb.RANKER_TWO_STEP
@@ -74,7 +75,7 @@ class FakeRanking(rank_grpc.RankingServiceServicer):
         self.mode = "answer"
         self.calls = {"Rank": 0, "Recommend": 0}
         self.arrived = threading.Event()
-        self.gate: asyncio.Event | None = None
+        self.gate = asyncio.Event()  # bound to the servers' loop when first awaited there
         self.time_remaining: list[float] = []
         self.cancelled_with: list[float] = []
 
@@ -122,16 +123,7 @@ def fake_gateway(loop_thread, stack, monkeypatch):
         # Long by default, so a test sees the breaker open however slowly the machine runs.
         monkeypatch.setattr(gateway_server, "BREAKER_COOLDOWN_S", cooldown_s)
         fake = FakeRanking()
-
-        async def start():
-            fake.gate = asyncio.Event()
-            server = grpc.aio.server()
-            rank_grpc.add_RankingServiceServicer_to_server(fake, server)
-            port = server.add_insecure_port("127.0.0.1:0")
-            await server.start()
-            return server, port
-
-        server, port = loop_thread.run(start())
+        server, port = start_ranking_server(loop_thread, fake)
         config = with_overrides(
             stack.gateway_config, ranking_addr=f"127.0.0.1:{port}", port=0, **overrides
         )
