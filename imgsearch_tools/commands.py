@@ -133,7 +133,12 @@ def ensure_demo(args) -> None:
         ``args.force`` is off): nothing is written.
     """
     from imgsearch import artifacts
-    from imgsearch_tools.demo_data import GENERATOR_VERSION, generate, generated_by
+    from imgsearch_tools.demo_data import (
+        GENERATOR_VERSION,
+        check_folder,
+        generate,
+        generated_by,
+    )
 
     force = getattr(args, "force", False)
     data = Path(args.data)
@@ -147,6 +152,14 @@ def ensure_demo(args) -> None:
         check_artifact_root(args.artifacts, force)
         regenerated = True
     if version != GENERATOR_VERSION:
+        try:
+            check_folder(data, force)
+        except RefusedFolder as exc:
+            raise RefusedFolder(
+                f"{exc}\n(a demo catalogue written by `imgsearch demo-data` before it marked its "
+                f"folders has no marker either: if {data} is one, delete it and run again; "
+                "`make clean` deletes var/)"
+            ) from None
         why = "generating" if version is None else "regenerating (the generator changed)"
         print(f"[imgsearch] {why} the demo catalogue into {data}", file=sys.stderr)
         generate(

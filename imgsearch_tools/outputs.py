@@ -172,13 +172,18 @@ def claim(
         return found
     if not Path(folder).is_dir():
         raise RefusedFolder(f"{folder} exists and is not a folder")
+    problems = conflicts(found) if conflicts else []
     if not force:
+        alternative = (
+            f" (--force would not do either: {'; '.join(problems)})"
+            if problems
+            else f", or pass --force to add the {maker} files beside them (nothing already "
+            "there is deleted or overwritten)"
+        )
         raise RefusedFolder(
             f"{folder} is not empty and holds files `imgsearch {maker}` did not make "
-            f"({_examples(found.foreign)}); give a new or empty folder, or pass --force to add "
-            f"the {maker} files beside them (nothing already there is deleted or overwritten)"
+            f"({_examples(found.foreign)}); give a new or empty folder{alternative}"
         )
-    problems = conflicts(found) if conflicts else []
     if problems:
         raise RefusedFolder(f"{folder}: refused even with --force: {'; '.join(problems)}")
     return found

@@ -4,6 +4,7 @@ from imgsearch_tools.demo_data.drawing import COLOUR_RGB, COLOURS, SCENE_RGB, SC
 from imgsearch_tools.demo_data.tables import (
     GENERATOR_VERSION,
     add_commands,
+    check_folder,
     generate,
     generated_by,
 )
@@ -30,6 +31,7 @@ __all__ = [
     "SCENE_RGB",
     "SHAPES",
     "add_commands",
+    "check_folder",
     "generate",
     "generated_by",
     "query_families",

@@ -684,6 +684,13 @@ def _table_conflicts(found: outputs.FolderContents) -> list[str]:
     return []
 
 
+def check_folder(out_dir: str | Path, force: bool = False) -> None:
+    """Raise :class:`~imgsearch_tools.outputs.RefusedFolder` if :func:`generate` would refuse
+    ``out_dir`` (someone else's files, or with ``force`` tables of its own)."""
+    adopt_legacy_folder(Path(out_dir))
+    outputs.claim(out_dir, MAKER, force, _table_conflicts)
+
+
 def generated_by(folder: str | Path) -> dict | None:
     """The generator's record of a folder it wrote (version, seed, sizes), or None."""
     adopt_legacy_folder(Path(folder))
