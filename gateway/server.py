@@ -10,6 +10,8 @@ from pathlib import Path
 
 import grpc
 
+from gateway.feedback import SERVICE_NAME as FEEDBACK_SERVICE_NAME
+from gateway.feedback import FeedbackServicer
 from imgsearch import artifacts
 from imgsearch.config import (
     DEFAULT_CANDIDATES_K,
@@ -18,8 +20,12 @@ from imgsearch.config import (
     MAX_K,
     MAX_QUERY_CHARS,
     MAX_RECENT_PHOTOS,
+    MAX_USER_ID_CHARS,
     GatewayConfig,
 )
+from imgsearch.conversion_store import open_store
+from imgsearch.conversion_store.background import BackgroundStore
+from imgsearch.feedback.v1 import feedback_service_pb2_grpc as feedback_grpc
 from imgsearch.ranking.v1 import ranking_service_pb2 as rank_pb
 from imgsearch.ranking.v1 import ranking_service_pb2_grpc as rank_grpc
 from imgsearch.retrieval.v1 import retrieval_service_pb2 as retr_pb
@@ -38,7 +44,6 @@ from imgsearch.serving import (
 )
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["SearchService"].full_name
-MAX_USER_ID_CHARS = 256
 KEYWORDS_PER_PHOTO = 8
 # Downstream failures that degrade a search to retrieval order instead of failing it.
 DEGRADABLE = {
@@ -57,6 +62,8 @@ CHANNEL_OPTIONS = [
     ("grpc.keepalive_time_ms", 30_000),
     ("grpc.enable_retries", 0),
 ]
+# At start the gateway waits this long for the conversion store, then serves searches anyway.
+STORE_OPEN_TIMEOUT_S = 5.0
 TWO_STEP_RECOMMEND = 1000  # ALS recommendations voted against the retrieval candidates
 # Consecutive ranking failures that open the breaker, and how long it stays open before a probe.
 BREAKER_THRESHOLD = 3
@@ -552,13 +559,26 @@ class SearchServicer(pb_grpc.SearchServiceServicer):
 async def create_gateway_server(config: GatewayConfig) -> Service:
     """Create, load and start the gateway; returns it once it is SERVING."""
 
+    location = config.conversion_store()
+    store = BackgroundStore(lambda: open_store(**location), name="conversions-writer")
+
     def add(server, holder):
-        servicer = SearchServicer(config, holder)
-        pb_grpc.add_SearchServiceServicer_to_server(servicer, server)
-        return servicer
+        search = SearchServicer(config, holder)
+        pb_grpc.add_SearchServiceServicer_to_server(search, server)
+        feedback = FeedbackServicer(store, holder)
+        feedback_grpc.add_FeedbackServiceServicer_to_server(feedback, server)
+        return [search, feedback]
 
     logger.info(
         "gateway downstreams",
         extra={"retrieval": config.retrieval_addr, "ranking": config.ranking_addr},
     )
-    return await start_service("gateway", config, [SERVICE_NAME], load_gateway_state, add)
+    problem = await store.try_open(STORE_OPEN_TIMEOUT_S)
+    if problem:
+        # Searches do not need the store: serve them, and let LogConversions say UNAVAILABLE.
+        logger.warning("conversion store not open yet", extra={"problem": problem})
+    else:
+        logger.info("conversion store open", extra={"store": store.location})
+    return await start_service(
+        "gateway", config, [SERVICE_NAME, FEEDBACK_SERVICE_NAME], load_gateway_state, add
+    )

@@ -16,6 +16,9 @@ from pathlib import Path
 # Layout of one artifact set (paths relative to the set's folder).
 MANIFEST = "manifest.json"
 CATALOGUE_DIR = "catalogue"  # photos/keywords/users/conversions .parquet
+# In a set retrained with logged conversions: the catalogue before they were merged, so that
+# the next retraining merges the store's events again into it instead of on top of them.
+BASE_CATALOGUE_DIR = "catalogue_base"
 KEYWORD_INDEX = "keyword_index.npz"
 CLIP_DIR = (
     "clip"  # open_clip_config.json + open_clip_model.safetensors, or clip.json for a hub model

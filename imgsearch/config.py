@@ -1,7 +1,9 @@
 """Every service's settings in one place: frozen dataclasses filled from flags and IMGSEARCH_* env.
 
 Precedence: command-line flag > ``IMGSEARCH_*`` environment variable > default. Defaults work
-on one machine with no flags at all.
+on one machine with no flags at all. The gateway writes logged conversions and ranking reads
+them; the SQLite file sits beside the artifact root (``var/artifacts`` ->
+``var/artifacts-conversions.sqlite3``), never inside a set.
 
 | variable | meaning | default |
 |---|---|---|
@@ -21,6 +23,10 @@ on one machine with no flags at all.
 | IMGSEARCH_RANKING_BUDGET_MS | the part of a search's budget kept for ranking | 300 |
 | IMGSEARCH_GRACE_S | graceful-shutdown grace period | 5 |
 | IMGSEARCH_LOG_FORMAT | `json` or `text` | json |
+| IMGSEARCH_CONVERSIONS_DB | SQLite file of logged conversions | `<root>-conversions.sqlite3` |
+| IMGSEARCH_CONVERSIONS_DSN | PostgreSQL DSN of the conversion store (wins over the file) | unset |
+| IMGSEARCH_FOLDIN_CONVERSIONS | logged conversions ranking reads per unseen user (0 = off) | 50 |
+| IMGSEARCH_FOLDIN_TIMEOUT_MS | how long ranking waits for them before going on without | 20 |
 | IMGSEARCH_ACCESS_LOG | `1`: one log line per RPC with its request id | off |
 """
 
@@ -28,6 +34,8 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field, fields
+
+from imgsearch.conversion_store import default_db_path
 
 ENV_PREFIX = "IMGSEARCH_"
 
@@ -38,6 +46,7 @@ MAX_CANDIDATES_K = 1000
 DEFAULT_K = 10
 DEFAULT_CANDIDATES_K = 100
 MAX_RECENT_PHOTOS = 200
+MAX_USER_ID_CHARS = 256
 
 
 def env(name: str, default: str) -> str:
@@ -88,6 +97,21 @@ class ServerConfig:
 
 
 @dataclass(frozen=True)
+class ConversionStoreConfig(ServerConfig):
+    """Where the services that share logged conversions (gateway, ranking) find them."""
+
+    conversions_db: str = field(default_factory=lambda: env("CONVERSIONS_DB", ""))
+    conversions_dsn: str = field(default_factory=lambda: env("CONVERSIONS_DSN", ""))
+
+    def conversion_store(self) -> dict:
+        """``open_store`` arguments: the DSN when set, else the SQLite file (by default
+        beside the artifact root)."""
+        if self.conversions_dsn:
+            return {"dsn": self.conversions_dsn}
+        return {"db": self.conversions_db or str(default_db_path(self.artifacts))}
+
+
+@dataclass(frozen=True)
 class RetrievalConfig(ServerConfig):
     """Retrieval server settings."""
 
@@ -97,16 +121,18 @@ class RetrievalConfig(ServerConfig):
 
 
 @dataclass(frozen=True)
-class RankingConfig(ServerConfig):
+class RankingConfig(ConversionStoreConfig):
     """Ranking server settings."""
 
     port: int = field(default_factory=lambda: env_int("RANKING_PORT", 50053))
     metrics_port: int = field(default_factory=lambda: metrics_port("ranking"))
     default_ranker: str = field(default_factory=lambda: env("DEFAULT_RANKER", ""))
+    foldin_conversions: int = field(default_factory=lambda: env_int("FOLDIN_CONVERSIONS", 50))
+    foldin_timeout_ms: int = field(default_factory=lambda: env_int("FOLDIN_TIMEOUT_MS", 20))
 
 
 @dataclass(frozen=True)
-class GatewayConfig(ServerConfig):
+class GatewayConfig(ConversionStoreConfig):
     """Gateway settings."""
 
     port: int = field(default_factory=lambda: env_int("GATEWAY_PORT", 50051))

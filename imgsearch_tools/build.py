@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from imgsearch.names import RANKER_NAMES
+from imgsearch_tools.conversions import add_store_arguments, open_existing_store, store_location
 from retrieval_service.clip_model import TRAIN_STEPS
 
 # Candidates asked of the retriever per conversion keyword for ranker training: validation
@@ -111,6 +112,14 @@ def add_commands(subparsers) -> None:
         default=True,
         help="gate INT8 for the DeepFM MLP (default: on)",
     )
+    p.add_argument(
+        "--with-logged-events",
+        action="store_true",
+        help="learn from the catalogue's conversions plus those logged through "
+        "FeedbackService (the store found as the servers find it); every ranker of the set "
+        "is retrained, since new users are added",
+    )
+    add_store_arguments(p, artifacts=False)
     p.add_argument(
         "--keep",
         type=int,
@@ -321,13 +330,19 @@ def retrain_rankers(
     int8: bool = True,
     keep: int = 3,
     show_progress: bool = True,
+    logged=None,
 ) -> Path:
     """Train ``rankers`` on the current set's catalogue and publish them as a new set version.
 
-    Rankers of the current set that are not retrained are kept as they are.
+    Rankers of the current set that are not retrained are kept as they are. ``logged`` (an
+    ``events_frame`` of the conversion store) is merged into the catalogue first: into the
+    catalogue as built (kept as ``catalogue_base`` in the new set), so that events merged by
+    an earlier retraining are not counted twice and events deleted since are gone. Logged
+    events add users, which renumbers them, so then every ranker of the set is retrained.
     """
     from imgsearch import artifacts
     from imgsearch.catalogue import Catalogue
+    from imgsearch.conversion_store.tables import merge_logged
     from ranking_service.training import train_rankers
     from retrieval_service.keyword_index import KeywordIndex
 
@@ -338,10 +353,31 @@ def retrain_rankers(
         )
     artifacts.check_root(root)
     current = artifacts.resolve(root)
-    catalogue = Catalogue.load(current.file(artifacts.CATALOGUE_DIR))
+    log = _stage_printer(show_progress)
+    merged = None
+    skip: tuple[str, ...] = (artifacts.MANIFEST,)
+    if logged is None:
+        catalogue = Catalogue.load(current.file(artifacts.CATALOGUE_DIR))
+    else:
+        base_name = (
+            artifacts.BASE_CATALOGUE_DIR
+            if current.has(artifacts.BASE_CATALOGUE_DIR)
+            else artifacts.CATALOGUE_DIR
+        )
+        catalogue, merged = merge_logged(Catalogue.load(current.file(base_name)), logged)
+        log(
+            f"logged conversions: {merged['merged']:,} of {merged['events']:,} merged "
+            f"({merged['unknown_photo']:,} of photos outside the catalogue dropped), "
+            f"{merged['users']:,} users, {merged['new_users']:,} new"
+        )
+        rankers = list(dict.fromkeys([*rankers, *current.rankers]))
+        skip += (artifacts.CATALOGUE_DIR, artifacts.BASE_CATALOGUE_DIR)
     fingerprint = current.manifest.get("data_fingerprint", "")
     with artifacts.writing_set(root, fingerprint) as (set_dir, version):
-        artifacts.link_tree(current.path, set_dir, skip=(artifacts.MANIFEST,))
+        artifacts.link_tree(current.path, set_dir, skip=skip)
+        if merged is not None:
+            artifacts.link_tree(current.file(base_name), set_dir / artifacts.BASE_CATALOGUE_DIR)
+            catalogue.save(set_dir / artifacts.CATALOGUE_DIR)
         for name in rankers:
             shutil.rmtree(set_dir / artifacts.RANKERS_DIR / name, ignore_errors=True)
         keyword_index = KeywordIndex.load(current.file(artifacts.KEYWORD_INDEX))
@@ -363,15 +399,18 @@ def retrain_rankers(
             "rankers": {**current.manifest.get("rankers", {}), **trained},
             "ranker_candidates": candidates_summary(candidates),
         }
+        if merged is not None:
+            manifest["logged_conversions"] = merged
         artifacts.write_manifest(set_dir, manifest)
         artifacts.publish(root, set_dir)
     artifacts.prune(root, keep=keep)
-    _stage_printer(show_progress)(f"artifact set {version} (rankers retrained) ready: {set_dir}")
+    log(f"artifact set {version} (rankers retrained) ready: {set_dir}")
     return set_dir
 
 
 def cmd_train(args) -> int:
     from imgsearch import artifacts
+    from imgsearch.conversion_store import StoreError
 
     rankers = [r.strip() for r in args.rankers.split(",") if r.strip()]
     unknown = sorted(set(rankers) - set(RANKER_NAMES))
@@ -383,6 +422,7 @@ def cmd_train(args) -> int:
         )
         return 2
     try:
+        logged = read_logged_events(args) if args.with_logged_events else None
         retrain_rankers(
             args.artifacts,
             rankers,
@@ -390,11 +430,24 @@ def cmd_train(args) -> int:
             int8=args.int8,
             keep=args.keep,
             show_progress=not args.quiet,
+            logged=logged,
         )
-    except artifacts.ArtifactError as exc:
+    except (artifacts.ArtifactError, StoreError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def read_logged_events(args):
+    """Every logged conversion, as an ``events_frame``, from the store the servers use."""
+    from imgsearch.conversion_store.tables import events_frame
+
+    with open_existing_store(store_location(args)) as store:
+        frame = events_frame(store.scan())
+        _stage_printer(not args.quiet)(
+            f"read {len(frame):,} logged conversions from {store.location}"
+        )
+    return frame
 
 
 def served_candidates(catalogue, retriever, show_progress: bool = False):

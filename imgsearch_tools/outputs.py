@@ -1,11 +1,13 @@
 """Output folders: a command writes only into folders that are new, empty, or its own.
 
 A command that writes a folder (``demo-data OUT``, ``demo --data``, ``train-clip --out``,
-``bench-suite --out``) leaves a marker file in it listing what it wrote. Run again, it may
-replace those files; a folder holding anything else is someone else's, and the command refuses
-it unless given ``--force``, which adds the command's files beside the others without deleting
-or overwriting any of them. Generators build the whole folder in a temporary folder beside the
-target and move it into place at the end, so an interrupted run leaves no half-written folder.
+``bench-suite --out``, ``bench-feedback --out``) leaves a marker file in it listing, per
+command, what it wrote. Run again, a command may replace its own files; files another command
+listed are left alone; a folder holding anything no command listed is someone else's, and the
+command refuses it unless given ``--force``, which adds the command's files beside the others
+without deleting or overwriting any of them. Generators build the whole folder in a temporary
+folder beside the target and move it into place at the end, so an interrupted run leaves no
+half-written folder.
 """
 
 from __future__ import annotations
@@ -34,9 +36,10 @@ class FolderContents:
 
     folder: Path
     maker: str
-    ours: list[str] = field(default_factory=list)  # marker entries of this maker
-    foreign: list[str] = field(default_factory=list)  # everything else present
-    marker: dict | None = None
+    ours: list[str] = field(default_factory=list)  # this maker's marker entries
+    others: list[str] = field(default_factory=list)  # present, listed by another command
+    foreign: list[str] = field(default_factory=list)  # present, listed by no command
+    marker: dict | None = None  # this maker's record
 
     @property
     def made_by_us(self) -> bool:
@@ -57,19 +60,25 @@ def tree_entries(folder: Path) -> list[str]:
     return sorted(entries)
 
 
-def read_marker(folder: str | Path, maker: str) -> dict | None:
-    """The marker ``maker`` left in ``folder``, or None (absent, unreadable, another maker)."""
+def _read_all(folder: str | Path) -> dict[str, dict]:
+    """Every command's record in ``folder``'s marker (empty when absent or unreadable)."""
     try:
         marker = json.loads((Path(folder) / MARKER).read_text())
     except (OSError, ValueError):
-        return None
-    if (
-        not isinstance(marker, dict)
-        or marker.get("made_by") != maker
-        or not isinstance(marker.get("files"), list)
-    ):
-        return None
-    return marker
+        return {}
+    makers = marker.get("makers") if isinstance(marker, dict) else None
+    if not isinstance(makers, dict):
+        return {}
+    return {
+        name: record
+        for name, record in makers.items()
+        if isinstance(record, dict) and isinstance(record.get("files"), list)
+    }
+
+
+def read_marker(folder: str | Path, maker: str) -> dict | None:
+    """What ``maker`` recorded in ``folder``'s marker (its files, folders, info), or None."""
+    return _read_all(folder).get(maker)
 
 
 def write_marker(
@@ -82,16 +91,17 @@ def write_marker(
     """Record that ``maker`` wrote ``files`` and made ``folders`` (relative paths).
 
     A file entry ending in "/" owns that folder's whole subtree; ``folders`` are folders the
-    maker created to hold its files, removed with them when they are left empty.
+    maker created to hold its files, removed with them when they are left empty. Other
+    commands' records in the marker are kept.
     """
-    marker = {
+    makers = _read_all(folder)
+    makers[maker] = {
         **(info or {}),
-        "made_by": maker,
         "files": sorted(set(files)),
         "folders": sorted(set(folders)),
     }
     tmp = folder / (MARKER + ".tmp")
-    tmp.write_text(json.dumps(marker, indent=1, default=str))
+    tmp.write_text(json.dumps({"makers": makers}, indent=1, default=str))
     os.replace(tmp, folder / MARKER)
 
 
@@ -103,7 +113,7 @@ def _owned(entry: str, ours: Iterable[str]) -> bool:
 
 
 def contents(folder: str | Path, maker: str) -> FolderContents:
-    """Split what ``folder`` holds into ``maker``'s files (by its marker) and the rest."""
+    """Split what ``folder`` holds into ``maker``'s files, other commands' and the rest."""
     folder = Path(folder)
     found = FolderContents(folder, maker)
     if not folder.exists() and not folder.is_symlink():
@@ -111,17 +121,26 @@ def contents(folder: str | Path, maker: str) -> FolderContents:
     if not folder.is_dir():
         found.foreign = [folder.name]
         return found
-    found.marker = read_marker(folder, maker)
-    made_folders: set[str] = set()
-    if found.marker is not None:
-        found.ours = [str(f) for f in found.marker["files"]]
-        made_folders = {str(f) + SUBTREE for f in found.marker.get("folders", [])}
+    makers = _read_all(folder)
+    found.marker = makers.get(maker)
+
+    def owned(record: dict) -> tuple[list[str], set[str]]:
+        made = {str(f) + SUBTREE for f in record.get("folders", [])}
+        return [str(f) for f in record["files"]], made
+
+    ours, our_folders = owned(found.marker) if found.marker else ([], set())
+    found.ours = ours
+    theirs = [owned(r) for name, r in makers.items() if name != maker]
     for entry in tree_entries(folder):
         if entry in (MARKER, MARKER + ".tmp"):
-            if found.marker is None and entry == MARKER:
-                found.foreign.append(entry)  # another command's marker
+            if entry == MARKER and not makers:
+                found.foreign.append(entry)  # a file of that name, not a marker
             continue
-        if entry not in made_folders and not _owned(entry, found.ours):
+        if entry in our_folders or _owned(entry, ours):
+            continue
+        if any(entry in made or _owned(entry, files) for files, made in theirs):
+            found.others.append(entry)
+        else:
             found.foreign.append(entry)
     return found
 
@@ -238,7 +257,7 @@ def _install(staging, folder, maker, force, conflicts, new_files) -> None:
     if not folder.exists() and not folder.is_symlink():
         os.rename(staging, folder)
         return
-    if found.made_by_us and not found.foreign and not folder.is_symlink():
+    if found.made_by_us and not found.foreign and not found.others and not folder.is_symlink():
         aside = _sibling(folder, "old")
         os.rename(folder, aside / folder.name)
         os.rename(staging, folder)
@@ -252,7 +271,8 @@ def _install(staging, folder, maker, force, conflicts, new_files) -> None:
     ]
     if clashes:
         raise RefusedFolder(
-            f"{folder}: --force never overwrites, and {_examples(clashes)} already exist(s)"
+            f"{folder}: {_examples(clashes)} already exist(s), not made by `imgsearch {maker}`; "
+            "nothing is overwritten"
         )
     _remove_owned(folder, found)
     made = []
@@ -290,21 +310,21 @@ def claim_in_place(
 
     For commands whose output grows while they run (logs, reports). ``names`` ending in "/"
     are folders the command owns whole. Raises :class:`RefusedFolder` as :func:`claim` does,
-    and with ``force`` when one of ``names`` exists and is not the maker's; then, with
-    ``record``, creates the folder and records ``names`` in its marker (keeping what it
-    recorded before).
+    and whenever one of ``names`` exists and is not the maker's; then, with ``record``,
+    creates the folder and records ``names`` in its marker (keeping what it recorded before).
     """
     names = list(names)
-
-    def clash(found: FolderContents) -> list[str]:
-        taken = [
-            n
-            for n in names
-            if (found.folder / n.rstrip(SUBTREE)).exists() and not _owned(n, found.ours)
-        ]
-        return [f"{_examples(taken)} already exist(s) and would be overwritten"] if taken else []
-
-    found = claim(folder, maker, force, clash)
+    found = claim(folder, maker, force)
+    taken = [
+        n
+        for n in names
+        if (found.folder / n.rstrip(SUBTREE)).exists() and not _owned(n, found.ours)
+    ]
+    if taken:
+        raise RefusedFolder(
+            f"{folder}: {_examples(taken)} already exist(s), not made by `imgsearch {maker}`; "
+            "nothing is overwritten"
+        )
     if record:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)

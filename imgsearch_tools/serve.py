@@ -41,6 +41,31 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--default-retriever", default=None)
     p.add_argument("--default-ranker", default=None)
     p.add_argument("--timeout-ms", type=int, default=None, help="gateway search budget")
+    p.add_argument(
+        "--conversions-db",
+        default=None,
+        help="SQLite file of logged conversions (IMGSEARCH_CONVERSIONS_DB; default: beside the "
+        "artifact root, ROOT-conversions.sqlite3)",
+    )
+    p.add_argument(
+        "--conversions-dsn",
+        default=None,
+        help="PostgreSQL DSN of the conversion store, instead of the SQLite file "
+        "(IMGSEARCH_CONVERSIONS_DSN)",
+    )
+    p.add_argument(
+        "--foldin-conversions",
+        type=int,
+        default=None,
+        help="ranking: latest logged conversions folded in for a user the model has not seen "
+        "(default 50; 0 = off)",
+    )
+    p.add_argument(
+        "--foldin-timeout-ms",
+        type=int,
+        default=None,
+        help="ranking: how long a request waits for them (default 20)",
+    )
     p.add_argument("--log-level", default="INFO")
 
 
@@ -66,16 +91,21 @@ def resolve_configs(args) -> dict:
         port=args.retrieval_port,
         default_retriever=args.default_retriever,
     )
+    conversions = {"conversions_db": args.conversions_db, "conversions_dsn": args.conversions_dsn}
     ranking = with_overrides(
         RankingConfig(),
         **common,
+        **conversions,
         metrics_port=metrics["ranking"],
         port=args.ranking_port,
         default_ranker=args.default_ranker,
+        foldin_conversions=args.foldin_conversions,
+        foldin_timeout_ms=args.foldin_timeout_ms,
     )
     gateway = with_overrides(
         GatewayConfig(),
         **common,
+        **conversions,
         metrics_port=metrics["gateway"],
         port=args.gateway_port,
         timeout_ms=args.timeout_ms,

@@ -258,7 +258,6 @@ def test_train_refuses_a_folder_that_is_not_an_artifact_root(tmp_path):
 
 def test_demo_regenerates_data_made_by_an_older_generator(tmp_path, monkeypatch):
     import argparse
-    import json
 
     from imgsearch_tools import commands, outputs
     from imgsearch_tools.demo_data import GENERATOR_VERSION
@@ -276,8 +275,8 @@ def test_demo_regenerates_data_made_by_an_older_generator(tmp_path, monkeypatch)
         seed=0,
     )
     commands.ensure_demo(args)
-    marker = tmp_path / "data" / outputs.MARKER
-    assert json.loads(marker.read_text())["generator"] == GENERATOR_VERSION
+    data = tmp_path / "data"
+    assert outputs.read_marker(data, "demo-data")["generator"] == GENERATOR_VERSION
     assert (tmp_path / "data" / "labels.tsv000").exists() and len(builds) == 1
 
     from imgsearch import artifacts
@@ -286,8 +285,9 @@ def test_demo_regenerates_data_made_by_an_older_generator(tmp_path, monkeypatch)
     commands.ensure_demo(args)  # up to date: nothing to do
     assert len(builds) == 1
     (tmp_path / "data" / "labels.tsv000").unlink()
-    record = json.loads(marker.read_text())
-    marker.write_text(json.dumps({**record, "generator": GENERATOR_VERSION - 1}))
+    record = outputs.read_marker(data, "demo-data")
+    stale = {**record, "generator": GENERATOR_VERSION - 1}
+    outputs.write_marker(data, "demo-data", record["files"], stale, record["folders"])
     commands.ensure_demo(args)  # stale generator: new data, and a new set built from it
     assert (tmp_path / "data" / "labels.tsv000").exists() and len(builds) == 2
 

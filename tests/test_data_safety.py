@@ -73,6 +73,8 @@ REFUSALS = {
     "bench-suite --data": lambda f, t: ["bench-suite", "--data", f, "--artifacts", t / "a",
                                         "--out", t / "b"],
     "bench-suite --out": lambda f, t: ["bench-suite", "--artifacts", t / "a", "--out", f],
+    "bench-feedback --out": lambda f, t: ["bench-feedback", "--artifacts", t / "a",
+                                          "--backends", "sqlite", "--out", f],
     "build --out": lambda f, t: ["build", "--data", f, "--out", f, "--no-clip", "--quiet"],
     "train": lambda f, t: ["train", "--artifacts", f, "--quiet"],
     "train-clip --out": lambda f, t: ["train-clip", "--data", f, "--out", f, "--steps", "2",
@@ -283,20 +285,30 @@ def test_generating_into_the_current_folder_works_when_it_is_empty(tmp_path, mon
     assert sorted(p.name for p in tmp_path.iterdir()) == ["here"]
 
 
-def test_a_report_folder_from_before_markers_is_bench_suites_own(tmp_path):
-    from imgsearch_tools.bench.commands import REPORT_ENTRIES, _adopt_earlier_report
+def test_a_report_folder_from_before_markers_is_the_benchmarks_own(tmp_path):
+    from imgsearch_tools.bench.commands import (
+        FEEDBACK_ENTRIES,
+        REPORT_ENTRIES,
+        _adopt_earlier_report,
+    )
 
     report = tmp_path / "bench"
     (report / "logs").mkdir(parents=True)
     (report / "logs" / "gateway.log").write_text("...")
     (report / "bench.json").write_text(json.dumps({"machine": {}, "scenarios": []}))
+    (report / "feedback.json").write_text(json.dumps({"machine": {}, "backends": []}))
     _adopt_earlier_report(report)
-    outputs.claim_in_place(report, "bench-suite", REPORT_ENTRIES)  # not refused
+    # Each benchmark accepts the folder, and neither takes the other's files for its own.
+    outputs.claim_in_place(report, "bench-suite", REPORT_ENTRIES)
+    outputs.claim_in_place(report, "bench-feedback", FEEDBACK_ENTRIES)
+    suite = outputs.contents(report, "bench-suite")
+    assert suite.others == ["feedback.json"] and not suite.foreign
     # A folder with anything else in it stays someone else's.
     other = tmp_path / "other"
     shutil.copytree(report, other)
     (other / outputs.MARKER).unlink()
     (other / "results.csv").write_text("a,b\n")
     _adopt_earlier_report(other)
-    with pytest.raises(outputs.RefusedFolder, match="results.csv"):
+    with pytest.raises(outputs.RefusedFolder, match="not empty"):
         outputs.claim_in_place(other, "bench-suite", REPORT_ENTRIES)
+    assert "results.csv" in outputs.contents(other, "bench-suite").foreign

@@ -111,9 +111,48 @@ def add_commands(subparsers) -> None:
     p.add_argument("--in-process-requests", type=int, default=500)
     p.set_defaults(handler=cmd_bench_suite)
 
+    p = subparsers.add_parser(
+        "bench-feedback",
+        help="measure LogConversions throughput (events/s, latency) on SQLite and PostgreSQL",
+        description="For each backend, start `imgsearch serve gateway` on a fresh conversion "
+        "store (a scratch SQLite file in OUT, or a scratch schema on the PostgreSQL server, "
+        "dropped afterwards), send batches of new events closed-loop at each concurrency, and "
+        "report acknowledged events per second, call latency, errors and CPU per 1,000 events; "
+        "write OUT/feedback.json and OUT/feedback.md.",
+    )
+    p.add_argument("--artifacts", default="var/artifacts", help="artifact root to serve")
+    p.add_argument(
+        "--backends", default="sqlite,postgres", help="comma-separated: sqlite, postgres"
+    )
+    p.add_argument(
+        "--postgres-dsn",
+        default=None,
+        help="PostgreSQL server for the postgres backend (default: IMGSEARCH_CONVERSIONS_DSN)",
+    )
+    p.add_argument("--batch", type=int, default=100, help="events per call (default 100)")
+    p.add_argument(
+        "--concurrency", default="1,4,16", help="calls in flight, comma-separated (default 1,4,16)"
+    )
+    p.add_argument("--duration", type=float, default=10.0, help="measured seconds per run")
+    p.add_argument("--warmup", type=float, default=2.0, help="unmeasured seconds per run")
+    p.add_argument(
+        "--out",
+        default="var/bench",
+        help="report folder: new, empty, or one imgsearch's benchmarks wrote before",
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="write into a folder holding other files, beside them (none is deleted or "
+        "overwritten)",
+    )
+    p.set_defaults(handler=cmd_bench_feedback)
 
-# What bench-suite writes into --out ("name/" folders whole); nothing else there is touched.
+
+# What bench-suite and bench-feedback write into --out ("name/": a folder whole); nothing
+# else there is touched. bench-feedback's SQLite store lives there only while it runs.
 REPORT_ENTRIES = ("bench.json", "bench.md", "ghz-data.json", "logs/", "reload-set/")
+FEEDBACK_ENTRIES = ("feedback.json", "feedback.md")
 
 
 # ------------------------------------------------------------------------------ bench
@@ -253,24 +292,33 @@ def cmd_bench_suite(args) -> int:
 
 
 def _adopt_earlier_report(out: Path) -> None:
-    """Mark a report folder written before output markers existed as bench-suite's own.
+    """Mark a report folder written before output markers existed as the benchmarks' own.
 
-    Recognised by holding nothing but bench-suite's entries, with a ``bench.json`` that is a
-    suite report.
+    Recognised by holding nothing but the entries of bench-suite and bench-feedback, with a
+    ``bench.json`` that is a suite report or a ``feedback.json`` that is a feedback report.
     """
     from imgsearch_tools.outputs import MARKER, write_marker
 
-    if not (out / "bench.json").is_file() or (out / MARKER).exists():
+    if not out.is_dir() or (out / MARKER).exists():
         return
-    names = {entry.rstrip("/") for entry in REPORT_ENTRIES}
+    makers = {"bench-suite": ("bench.json", REPORT_ENTRIES, "scenarios")}
+    makers["bench-feedback"] = ("feedback.json", FEEDBACK_ENTRIES, "backends")
+    names = {entry.rstrip("/") for _, entries, _ in makers.values() for entry in entries}
     if any(entry.name not in names for entry in out.iterdir()):
         return
-    try:
-        report = json.loads((out / "bench.json").read_text())
-    except (OSError, ValueError):
-        return
-    if isinstance(report, dict) and {"machine", "scenarios"} <= set(report):
-        write_marker(out, "bench-suite", REPORT_ENTRIES)
+    adopted = []
+    for maker, (report_name, entries, key) in makers.items():
+        try:
+            report = json.loads((out / report_name).read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(report, dict) and {"machine", key} <= set(report):
+            adopted.append((maker, entries))
+    present = {entry.name for entry in out.iterdir()}
+    claimed = {e.rstrip("/") for _, entries in adopted for e in entries}
+    if adopted and present <= claimed:
+        for maker, entries in adopted:
+            write_marker(out, maker, entries)
 
 
 def _git_commit() -> str:
@@ -377,3 +425,78 @@ async def run_suite(args, artifact_set, out: Path) -> int:
     say(f"wrote {out / 'bench.json'} and {out / 'bench.md'}")
     print(render_markdown(report))
     return 0
+
+
+# ---------------------------------------------------------------------------- bench-feedback
+def cmd_bench_feedback(args) -> int:
+    import asyncio
+
+    import pandas as pd
+
+    from imgsearch import artifacts
+    from imgsearch.config import env
+    from imgsearch_tools.bench.feedback import bench_backend, render_feedback_markdown
+    from imgsearch_tools.bench.load import machine_info
+    from imgsearch_tools.outputs import RefusedFolder, claim_in_place
+
+    backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+    unknown = sorted(set(backends) - {"sqlite", "postgres"})
+    if unknown or not backends:
+        print(
+            f"error: unknown backend(s) {unknown or '(none)'}; valid: sqlite, postgres",
+            file=sys.stderr,
+        )
+        return 2
+    postgres_dsn = args.postgres_dsn or env("CONVERSIONS_DSN", "")
+    if "postgres" in backends and not postgres_dsn:
+        print(
+            "error: the postgres backend needs --postgres-dsn or IMGSEARCH_CONVERSIONS_DSN",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        concurrencies = [int(c) for c in args.concurrency.split(",") if c.strip()]
+        out = Path(args.out)
+        _adopt_earlier_report(out)
+        claim_in_place(out, "bench-feedback", FEEDBACK_ENTRIES, force=args.force, record=False)
+        artifact_set = artifacts.resolve(args.artifacts)
+        claim_in_place(out, "bench-feedback", FEEDBACK_ENTRIES, force=args.force)
+    except (ValueError, artifacts.ArtifactError, RefusedFolder) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    catalogue_dir = artifact_set.file(artifacts.CATALOGUE_DIR)
+    photo_ids = pd.read_parquet(catalogue_dir / "photos.parquet", columns=["photo_id"])
+    keywords = pd.read_parquet(catalogue_dir / "keywords.parquet", columns=["keyword"])
+    specs = [
+        {
+            "batch_size": args.batch,
+            "concurrency": c,
+            "duration_s": args.duration,
+            "warmup_s": args.warmup,
+        }
+        for c in concurrencies
+    ]
+    report = {"machine": machine_info(" ".join(["imgsearch", *sys.argv[1:]])), "backends": []}
+    for backend in backends:
+        say(f"bench-feedback: {backend}")
+        report["backends"].append(
+            asyncio.run(
+                bench_backend(
+                    backend,
+                    str(artifact_set.path),
+                    out,
+                    specs,
+                    photo_ids["photo_id"].tolist(),
+                    keywords["keyword"].drop_duplicates().tolist()[:500],
+                    postgres_dsn,
+                )
+            )
+        )
+    report["machine"]["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    markdown = render_feedback_markdown(report)
+    (out / "feedback.json").write_text(json.dumps(report, indent=2))
+    (out / "feedback.md").write_text(markdown)
+    print(markdown)
+    print(f"wrote {out / 'feedback.json'} and {out / 'feedback.md'}", file=sys.stderr)
+    errors = sum(sum(run["errors"].values()) for b in report["backends"] for run in b["runs"])
+    return 1 if errors else 0

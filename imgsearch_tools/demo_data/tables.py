@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from imgsearch.unsplash import CONVERSIONS_LAYOUT
 from imgsearch_tools import outputs
 from imgsearch_tools.demo_data.drawing import (
     COLOURS,
@@ -52,14 +53,7 @@ KEYWORD_COLUMNS = (
     "ai_service_2_confidence",
     "suggested_by_user",
 )
-CONVERSION_COLUMNS = (
-    "converted_at",
-    "conversion_type",
-    "keyword",
-    "photo_id",
-    "anonymous_user_id",
-    "conversion_country",
-)
+CONVERSION_COLUMNS = CONVERSIONS_LAYOUT
 COLOR_COLUMNS = ("photo_id", "hex", "red", "green", "blue", "keyword", "ai_coverage", "ai_score")
 # What each photo shows (its colour, shape and scene): the ground truth of the demo, which
 # Unsplash Lite does not have. ``imgsearch eval`` measures tag precision against it.
