@@ -14,7 +14,8 @@ them; the SQLite file sits beside the artifact root (``var/artifacts`` ->
 | IMGSEARCH_RANKING_PORT | RankingService port | 50053 |
 | IMGSEARCH_RETRIEVAL_ADDR | where the gateway finds retrieval | 127.0.0.1:<retrieval port> |
 | IMGSEARCH_RANKING_ADDR | where the gateway finds ranking | 127.0.0.1:<ranking port> |
-| IMGSEARCH_METRICS_PORT | Prometheus port base (gateway +0, retrieval +1, ranking +2) | 0 = off |
+| IMGSEARCH_METRICS_PORT | Prometheus port base: gateway +0, retrieval +1, ranking +2 | 0 = off |
+| IMGSEARCH_<SERVICE>_METRICS_PORT | one service's port (GATEWAY/RETRIEVAL/RANKING) | base+offset |
 | IMGSEARCH_MAX_INFLIGHT | requests a server handles at once before RESOURCE_EXHAUSTED | 64 |
 | IMGSEARCH_DEFAULT_RETRIEVER | retriever for unspecified requests | hybrid if CLIP, else keyword |
 | IMGSEARCH_DEFAULT_RANKER | ranker for unspecified requests | best trained, else popularity |
@@ -94,6 +95,24 @@ def env_int(name: str, default: int) -> int:
         raise SystemExit(f"error: {ENV_PREFIX}{name}={raw!r} is not an integer") from None
 
 
+# Added to IMGSEARCH_METRICS_PORT per service, so services started one by one with the same
+# environment never try to bind the same port.
+METRICS_PORT_OFFSETS = {"gateway": 0, "retrieval": 1, "ranking": 2}
+
+
+def metrics_port(service: str) -> int:
+    """``service``'s Prometheus port from the environment (0: metrics off).
+
+    ``IMGSEARCH_<SERVICE>_METRICS_PORT`` when set, else ``IMGSEARCH_METRICS_PORT`` plus the
+    service's offset in :data:`METRICS_PORT_OFFSETS`.
+    """
+    own = env_int(f"{service.upper()}_METRICS_PORT", 0)
+    if own:
+        return own
+    base = env_int("METRICS_PORT", 0)
+    return base + METRICS_PORT_OFFSETS[service] if base else 0
+
+
 @dataclass(frozen=True)
 class ServerConfig:
     """Settings every server shares."""
@@ -136,6 +155,7 @@ class RetrievalConfig(ServerConfig):
     """Retrieval server settings."""
 
     port: int = field(default_factory=lambda: env_int("RETRIEVAL_PORT", 50052))
+    metrics_port: int = field(default_factory=lambda: metrics_port("retrieval"))
     admin_port: int = field(default_factory=lambda: env_int("RETRIEVAL_ADMIN_PORT", 50062))
     default_retriever: str = field(default_factory=lambda: env("DEFAULT_RETRIEVER", ""))
 
@@ -145,6 +165,7 @@ class RankingConfig(ConversionStoreConfig):
     """Ranking server settings."""
 
     port: int = field(default_factory=lambda: env_int("RANKING_PORT", 50053))
+    metrics_port: int = field(default_factory=lambda: metrics_port("ranking"))
     admin_port: int = field(default_factory=lambda: env_int("RANKING_ADMIN_PORT", 50063))
     default_ranker: str = field(default_factory=lambda: env("DEFAULT_RANKER", ""))
     foldin_conversions: int = field(default_factory=lambda: env_int("FOLDIN_CONVERSIONS", 50))
@@ -156,6 +177,7 @@ class GatewayConfig(ConversionStoreConfig):
     """Gateway settings."""
 
     port: int = field(default_factory=lambda: env_int("GATEWAY_PORT", 50051))
+    metrics_port: int = field(default_factory=lambda: metrics_port("gateway"))
     admin_port: int = field(default_factory=lambda: env_int("GATEWAY_ADMIN_PORT", 50061))
     auth_tokens_file: str = field(default_factory=lambda: env("AUTH_TOKENS_FILE", ""))
     retrieval_addr: str = field(

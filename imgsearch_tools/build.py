@@ -76,7 +76,18 @@ def add_commands(subparsers) -> None:
         default=True,
         help="fail on the first malformed row (default) or skip and count them",
     )
-    p.add_argument("--keep", type=int, default=3, help="artifact sets to keep (default: 3)")
+    p.add_argument(
+        "--keep",
+        type=int,
+        default=3,
+        help="complete sets to keep; older ones built here are deleted, never the current one, "
+        "one being written, or a folder that is not a set (default: 3)",
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="accept an OUT that holds other files than an artifact root's (left as they are)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(handler=cmd_build)
 
@@ -109,7 +120,12 @@ def add_commands(subparsers) -> None:
         "is retrained, since new users are added",
     )
     add_store_arguments(p, artifacts=False)
-    p.add_argument("--keep", type=int, default=3, help="artifact sets to keep (default: 3)")
+    p.add_argument(
+        "--keep",
+        type=int,
+        default=3,
+        help="complete sets to keep, as for build (default: 3)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(handler=cmd_train)
 
@@ -128,20 +144,25 @@ def build_artifacts(
     keep: int = 3,
     show_progress: bool = True,
     int8: bool = True,
+    force: bool = False,
 ) -> Path:
-    """Build one artifact set from ``data`` under ``out`` and publish it; returns its folder."""
+    """Build one artifact set from ``data`` under ``out`` and publish it; returns its folder.
+
+    ``out`` must be new, empty or an artifact root (only ``sets/`` and ``current`` in it);
+    ``force`` accepts a folder holding other files too, which are left as they are.
+    """
     from imgsearch import artifacts
     from imgsearch.unsplash import read_unsplash
     from retrieval_service.keyword_index import KeywordIndex
 
     started = time.time()
+    check_artifact_root(out, force)
     log = _stage_printer(show_progress)
     log(f"reading {data}")
     catalogue, report = read_unsplash(data, show_progress=show_progress, strict=strict)
     log(report.summary())
     fingerprint = artifacts.data_fingerprint(data)
-    set_dir, version = artifacts.new_set_dir(out, fingerprint)
-    try:
+    with artifacts.writing_set(out, fingerprint) as (set_dir, version):
         manifest: dict = {
             "version": version,
             "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -199,13 +220,48 @@ def build_artifacts(
             manifest["rankers"] = {}
         manifest["build_seconds"] = round(time.time() - started, 1)
         artifacts.write_manifest(set_dir, manifest)
-    except BaseException:
-        shutil.rmtree(set_dir, ignore_errors=True)
-        raise
-    artifacts.publish(out, set_dir)
+        artifacts.publish(out, set_dir)
     artifacts.prune(out, keep=keep)
     log(f"artifact set {version} ready in {manifest['build_seconds']}s: {set_dir}")
     return set_dir
+
+
+# What an artifact root holds (imgsearch.artifacts): anything else there is not the store's.
+ROOT_ENTRIES = ("sets", "current", "current.tmp")
+
+
+def check_artifact_root(out: str | Path, force: bool = False) -> None:
+    """Refuse an ``--out`` folder that holds files other than an artifact store's.
+
+    Raises
+    ------
+    imgsearch_tools.outputs.RefusedFolder
+        ``out`` is a file, or holds other entries than ``sets/`` and ``current`` and
+        ``force`` is off; or ``current`` there is not the store's link.
+    """
+    from imgsearch import artifacts
+    from imgsearch_tools.outputs import RefusedFolder
+
+    out = Path(out)
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise RefusedFolder(f"{out} exists and is not a folder")
+    try:
+        artifacts.check_root(out)
+    except artifacts.ArtifactError as exc:
+        raise RefusedFolder(str(exc)) from None
+    sets = out / artifacts.SETS_DIR
+    if sets.exists() and not sets.is_dir():
+        raise RefusedFolder(f"{sets} exists and is not a folder of artifact sets")
+    others = sorted(e.name for e in out.iterdir() if e.name not in ROOT_ENTRIES)
+    if others and not force:
+        raise RefusedFolder(
+            f"{out} is not empty and is not an artifact root (it holds "
+            f"{', '.join(others[:3])}{' and more' if len(others) > 3 else ''}); give a new or "
+            "empty folder, or pass --force to add sets/ and current beside them (nothing "
+            "already there is deleted or overwritten)"
+        )
 
 
 def _library_versions() -> dict:
@@ -229,7 +285,9 @@ def _stage_printer(enabled: bool):
 
 
 def cmd_build(args) -> int:
+    from imgsearch.artifacts import ArtifactError
     from imgsearch.unsplash import DataError
+    from imgsearch_tools.outputs import RefusedFolder
 
     rankers = [r.strip() for r in args.rankers.split(",") if r.strip()]
     unknown = sorted(set(rankers) - set(RANKER_NAMES))
@@ -254,13 +312,14 @@ def cmd_build(args) -> int:
             keep=args.keep,
             show_progress=not args.quiet,
             int8=args.int8,
+            force=args.force,
         )
-    except DataError as exc:
+    except (DataError, FileNotFoundError, ArtifactError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    except FileNotFoundError as exc:
+    except RefusedFolder as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 1
+        return 2
     return 0
 
 
@@ -292,6 +351,7 @@ def retrain_rankers(
             f"{root} is not an artifact root (no {artifacts.CURRENT} link); "
             "build one with `imgsearch build --data DIR --out ROOT`"
         )
+    artifacts.check_root(root)
     current = artifacts.resolve(root)
     log = _stage_printer(show_progress)
     merged = None
@@ -312,8 +372,8 @@ def retrain_rankers(
         )
         rankers = list(dict.fromkeys([*rankers, *current.rankers]))
         skip += (artifacts.CATALOGUE_DIR, artifacts.BASE_CATALOGUE_DIR)
-    set_dir, version = artifacts.new_set_dir(root, current.manifest.get("data_fingerprint", ""))
-    try:
+    fingerprint = current.manifest.get("data_fingerprint", "")
+    with artifacts.writing_set(root, fingerprint) as (set_dir, version):
         artifacts.link_tree(current.path, set_dir, skip=skip)
         if merged is not None:
             artifacts.link_tree(current.file(base_name), set_dir / artifacts.BASE_CATALOGUE_DIR)
@@ -342,10 +402,7 @@ def retrain_rankers(
         if merged is not None:
             manifest["logged_conversions"] = merged
         artifacts.write_manifest(set_dir, manifest)
-    except BaseException:
-        shutil.rmtree(set_dir, ignore_errors=True)
-        raise
-    artifacts.publish(root, set_dir)
+        artifacts.publish(root, set_dir)
     artifacts.prune(root, keep=keep)
     log(f"artifact set {version} (rankers retrained) ready: {set_dir}")
     return set_dir

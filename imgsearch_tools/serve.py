@@ -9,8 +9,6 @@ import sys
 import time
 from dataclasses import fields
 
-from imgsearch.config import with_overrides
-
 SERVICES = ("retrieval", "ranking", "gateway")
 
 
@@ -36,7 +34,8 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         "--metrics-port",
         type=int,
         default=None,
-        help="Prometheus port (with `all`: base, +0 gateway, +1 retrieval, +2 ranking)",
+        help="Prometheus port of the service (with `all`: a base, gateway +0, retrieval +1, "
+        "ranking +2; default from IMGSEARCH_METRICS_PORT, the same offsets)",
     )
     p.add_argument("--max-inflight", type=int, default=None, help="load-shedding limit")
     p.add_argument("--default-retriever", default=None)
@@ -107,31 +106,39 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
 
 def resolve_configs(args) -> dict:
     """The three services' configs from `serve` flags, then the environment, then defaults."""
-    from imgsearch.config import GatewayConfig, RankingConfig, RetrievalConfig, with_overrides
+    from imgsearch.config import (
+        METRICS_PORT_OFFSETS,
+        GatewayConfig,
+        RankingConfig,
+        RetrievalConfig,
+        with_overrides,
+    )
 
     def flag(name: str):
         return getattr(args, name, None)
 
+    security = (
+        "admin_host",
+        "admin_tokens_file",
+        "tls_cert",
+        "tls_key",
+        "tls_client_ca",
+        "reflection",
+    )
     common = {
         "artifacts": args.artifacts,
         "host": args.host,
         "max_inflight": args.max_inflight,
-        "metrics_port": args.metrics_port,
-        **{
-            name: flag(name)
-            for name in (
-                "admin_host",
-                "admin_tokens_file",
-                "tls_cert",
-                "tls_key",
-                "tls_client_ca",
-                "reflection",
-            )
-        },
+        **{name: flag(name) for name in security},
     }
+    base = args.metrics_port
+    # --metrics-port is the port of `serve NAME`, and the base of `serve all`.
+    spread = bool(base) and getattr(args, "service", "all") == "all"
+    metrics = {n: base + METRICS_PORT_OFFSETS[n] if spread else base for n in SERVICES}
     retrieval = with_overrides(
         RetrievalConfig(),
         **common,
+        metrics_port=metrics["retrieval"],
         port=args.retrieval_port,
         admin_port=flag("retrieval_admin_port"),
         default_retriever=args.default_retriever,
@@ -141,6 +148,7 @@ def resolve_configs(args) -> dict:
         RankingConfig(),
         **common,
         **conversions,
+        metrics_port=metrics["ranking"],
         port=args.ranking_port,
         admin_port=flag("ranking_admin_port"),
         default_ranker=args.default_ranker,
@@ -151,6 +159,7 @@ def resolve_configs(args) -> dict:
         GatewayConfig(),
         **common,
         **conversions,
+        metrics_port=metrics["gateway"],
         port=args.gateway_port,
         admin_port=flag("gateway_admin_port"),
         auth_tokens_file=flag("auth_tokens_file"),
@@ -216,12 +225,9 @@ def cmd_serve(args) -> int:
 def serve_all(args, configs) -> int:
     """Run the three services as child processes (one GIL each); forward signals; wait."""
     children: dict[str, subprocess.Popen] = {}
-    for offset, name in enumerate(("gateway", "retrieval", "ranking")):
-        config = configs[name]
-        if config.metrics_port:
-            config = with_overrides(config, metrics_port=config.metrics_port + offset)
+    for name in ("gateway", "retrieval", "ranking"):
         children[name] = subprocess.Popen(
-            serve_command(name, config, args.log_level), start_new_session=True
+            serve_command(name, configs[name], args.log_level), start_new_session=True
         )
     return supervise(children)
 

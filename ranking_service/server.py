@@ -105,6 +105,25 @@ def top_k(scores: np.ndarray, k: int) -> np.ndarray:
     return order[:k]
 
 
+def recommend(
+    state: RankingState, ranker, user_idx: int | None, k: int, recent: np.ndarray, note: str = ""
+) -> pb.RecommendResponse:
+    """The ``k`` photos of the whole catalogue ``ranker`` scores best for a user (``note``:
+    what the user's history lookup had to say, added to the fallback reason)."""
+    ranked = ranker.recommend(user_idx, k, recent)
+    scores = np.asarray(ranked.scores, dtype=np.float64)
+    order = top_k(scores, k)
+    ids = state.catalogue.photo_ids(order)
+    return pb.RecommendResponse(
+        results=[
+            pb.RankedPhoto(photo_id=pid, score=float(scores[i]))
+            for pid, i in zip(ids, order.tolist())
+        ],
+        fallback_reason="; ".join(r for r in (ranked.fallback_reason, note) if r),
+        artifact_version=state.version,
+    )
+
+
 class RankingServicer(pb_grpc.RankingServiceServicer):
     """Serves ``Rank`` and ``Recommend`` from the state held by ``holder``.
 
@@ -257,16 +276,11 @@ class RankingServicer(pb_grpc.RankingServiceServicer):
         user_idx = state.catalogue.user_idx(request.user_id) if request.user_id else None
         recent = self._recent(state, request.recent_photo_ids)
         recent, _, note = await self._history(state, request.user_id, user_idx, recent)
-        ranked = ranker.recommend(user_idx, request.k, recent)
-        order = top_k(np.asarray(ranked.scores, dtype=np.float64), request.k)
-        ids = state.catalogue.photo_ids(order)
-        return pb.RecommendResponse(
-            results=[
-                pb.RankedPhoto(photo_id=pid, score=float(ranked.scores[i]))
-                for pid, i in zip(ids, order.tolist())
-            ],
-            fallback_reason="; ".join(r for r in (ranked.fallback_reason, note) if r),
-            artifact_version=state.version,
+        # Scoring and sorting the whole catalogue takes milliseconds per 100k photos: off the
+        # event loop, so other RPCs keep being served meanwhile.
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(
+            self.executor, recommend, state, ranker, user_idx, request.k, recent, note
         )
 
 

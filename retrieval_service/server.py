@@ -33,8 +33,6 @@ from retrieval_service.keyword_index import KeywordIndex
 from retrieval_service.retrievers import RetrievalResult, Retriever
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["RetrievalService"].full_name
-# Retrievers whose work is heavy enough (torch) to run off the event loop.
-OFFLOADED = {"clip", "hybrid"}
 logger = logging.getLogger("imgsearch.retrieval")
 
 
@@ -137,13 +135,14 @@ class RetrievalServicer(pb_grpc.RetrievalServiceServicer):
                 f"(available: {', '.join(state.retrievers)})",
             )
         start = time.perf_counter()
-        if name in OFFLOADED:
+        if retriever.cheap(query):
+            result = retriever.retrieve(query, candidates_k)
+        else:
+            # CLIP inference, or the keyword index's token fallback: off the event loop.
             loop = asyncio.get_running_loop()
             result = await loop.run_in_executor(
                 self.executor, retriever.retrieve, query, candidates_k
             )
-        else:
-            result = retriever.retrieve(query, candidates_k)
         response = to_response(result, state.photo_ids)
         elapsed = time.perf_counter() - start
         self.stage_latency.observe(elapsed)

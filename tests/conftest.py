@@ -130,6 +130,22 @@ def stack(loop_thread, artifact_root):
     s.stop()
 
 
+def start_ranking_server(loop_thread: LoopThread, servicer) -> tuple:
+    """A real gRPC server running a RankingService ``servicer`` on an ephemeral port."""
+    import grpc
+
+    from imgsearch.ranking.v1 import ranking_service_pb2_grpc as rank_grpc
+
+    async def start():
+        server = grpc.aio.server()
+        rank_grpc.add_RankingServiceServicer_to_server(servicer, server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        return server, port
+
+    return loop_thread.run(start())
+
+
 @pytest.fixture(scope="session")
 def catalogue(artifact_root):
     from imgsearch import artifacts
