@@ -3,16 +3,15 @@
 Everything is made with the ``cryptography`` package (a dev dependency): ECDSA P-256 keys, a
 self-signed CA, a server certificate for the local names and the service names (usable as a
 client certificate too), a client certificate for the CLI, bench and the gateway's downstream
-calls, and a random bearer token. The folder keeps a record of what it made (file and SHA-256)
-and a later run never overwrites a file that is not in that record or has changed since.
+calls, and a random bearer token. The output folder follows the rules of every command's
+output (:mod:`imgsearch_tools.outputs`): a file this command did not make is never deleted or
+overwritten.
 """
 
 from __future__ import annotations
 
 import datetime
-import hashlib
 import ipaddress
-import json
 import os
 import secrets
 import sys
@@ -27,13 +26,13 @@ CLIENT_KEY = "client-key.pem"
 TOKEN = "token"
 FILES = (CA_CERT, CA_KEY, SERVER_CERT, SERVER_KEY, CLIENT_CERT, CLIENT_KEY, TOKEN)
 SECRETS = (CA_KEY, SERVER_KEY, CLIENT_KEY, TOKEN)
-RECORD = ".made-by-imgsearch-certs.json"
+MAKER = "certs"  # the command's name in the output folder's marker
 # The names a local or in-cluster client dials: loopback, and the services' own names.
 DEFAULT_HOSTS = ("localhost", "127.0.0.1", "::1", "gateway", "retrieval", "ranking")
 
 
 class CertsError(RuntimeError):
-    """The output folder holds files this command did not make."""
+    """A certificates folder lacks some of the files `imgsearch certs` makes."""
 
 
 def add_commands(subparsers) -> None:
@@ -43,9 +42,9 @@ def add_commands(subparsers) -> None:
         help="make a development CA, server/client certificates and a token (make certs)",
         description="Write ca.pem, ca-key.pem, server.pem, server-key.pem, client.pem, "
         "client-key.pem and token into OUT. A folder that already holds a complete set made "
-        "by this command is left as it is (--renew remakes it); a file this command did not "
-        "make is never overwritten. For development only: production certificates come from "
-        "your own CA.",
+        "by this command is left as it is (--renew remakes it); a folder holding other files "
+        "is refused unless --force, and a file this command did not make is never deleted or "
+        "overwritten. For development only: production certificates come from your own CA.",
     )
     p.add_argument("--out", default="var/certs", help="output folder (default var/certs)")
     p.add_argument(
@@ -57,13 +56,22 @@ def add_commands(subparsers) -> None:
     )
     p.add_argument("--days", type=int, default=365, help="validity in days (default 365)")
     p.add_argument("--renew", action="store_true", help="remake a set this command made")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="write into a folder holding other files, beside them (none is deleted or "
+        "overwritten)",
+    )
     p.set_defaults(handler=cmd_certs)
 
 
 def cmd_certs(args) -> int:
+    from imgsearch_tools.outputs import RefusedFolder
+
+    hosts = [*DEFAULT_HOSTS, *args.host]
     try:
-        written = write_dev_certs(args.out, [*DEFAULT_HOSTS, *args.host], args.days, args.renew)
-    except CertsError as exc:
+        written = write_dev_certs(args.out, hosts, args.days, args.renew, args.force)
+    except RefusedFolder as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     if written:
@@ -236,41 +244,29 @@ def dev_tls_settings(folder: str | Path):
 
 
 # ----------------------------------------------------------------------------- writing
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def write_dev_certs(
-    out: str | Path, hosts=DEFAULT_HOSTS, days: int = 365, renew: bool = False
+    out: str | Path, hosts=DEFAULT_HOSTS, days: int = 365, renew: bool = False, force: bool = False
 ) -> list[Path]:
     """Write a development CA, certificates and token into ``out``; returns what it wrote.
 
+    A folder already holding the complete set this command made is left as it is unless
+    ``renew``. The files are written into a temporary folder and moved into place
+    (:func:`imgsearch_tools.outputs.staged_folder`): a folder with files of others is refused
+    unless ``force``, which adds the certificates beside them and still overwrites none.
+
     Raises
     ------
-    CertsError
-        When one of the files it would write exists and is not one it made (or has changed
-        since): nothing is written then.
+    imgsearch_tools.outputs.RefusedFolder
+        When ``out`` holds files this command did not make (without ``force``), or a file
+        of one of its names that it did not make.
     """
+    from imgsearch_tools import outputs
+
     out = Path(out)
-    record_path = out / RECORD
-    try:
-        made = json.loads(record_path.read_text()) if record_path.exists() else {}
-    except (OSError, ValueError):
-        made = {}
-    present = [name for name in FILES if (out / name).exists() or (out / name).is_symlink()]
-    foreign = [
-        name
-        for name in present
-        if (out / name).is_symlink() or _sha256(out / name) not in made.get(name, [])
-    ]
-    if foreign:
-        raise CertsError(
-            f"{out} holds {', '.join(foreign)}, not made by `imgsearch certs` (or changed "
-            "since); it never overwrites them: move them away or choose another --out"
-        )
-    if len(present) == len(FILES) and not renew:
-        return []
-    out.mkdir(parents=True, exist_ok=True)
+    found = outputs.contents(out, MAKER)
+    if found.made_by_us and set(FILES) <= set(found.ours) and not renew:
+        if all((out / name).is_file() for name in FILES):
+            return []
     ca_key, ca_cert = make_ca(days=days)
     server_key, server_cert = issue(ca_key, ca_cert, "imgsearch server", hosts, days=days)
     client_key, client_cert = issue(
@@ -285,25 +281,10 @@ def write_dev_certs(
         CLIENT_KEY: key_pem(client_key),
         TOKEN: (secrets.token_urlsafe(32) + "\n").encode(),
     }
-    new = {name: hashlib.sha256(data).hexdigest() for name, data in contents.items()}
-    # Recorded before the files change (old and new digests), so a run cut short midway
-    # still recognises every file as its own.
-    _write_record(out, {name: [*made.get(name, []), new[name]] for name in FILES})
-    written = []
-    for name, data in contents.items():
-        path = out / name
-        tmp = out / f".{name}.tmp-{os.getpid()}"
-        mode = 0o600 if name in SECRETS else 0o644
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.replace(tmp, path)
-        written.append(path)
-    _write_record(out, {name: [new[name]] for name in FILES})
-    return written
-
-
-def _write_record(out: Path, made: dict[str, list[str]]) -> None:
-    tmp = out / f".{RECORD}.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps(made, indent=1, sort_keys=True))
-    os.replace(tmp, out / RECORD)
+    with outputs.staged_folder(out, MAKER, force=force) as staging:
+        for name, data in contents.items():
+            mode = 0o600 if name in SECRETS else 0o644
+            fd = os.open(staging / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+    return [out / name for name in FILES]

@@ -218,14 +218,21 @@ def test_token_sets_match_whole_tokens_only(tmp_path):
 
 
 def test_make_certs_never_overwrites_files_it_did_not_make(tmp_path):
+    from imgsearch_tools.outputs import RefusedFolder
+
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / certs.SERVER_CERT).write_bytes(b"someone else's certificate")
     (foreign / "notes.txt").write_bytes(b"keep me")
-    with pytest.raises(certs.CertsError, match="server.pem"):
+    with pytest.raises(RefusedFolder, match="--force"):
         certs.write_dev_certs(foreign)
+    with pytest.raises(RefusedFolder, match="server.pem"):
+        certs.write_dev_certs(foreign, force=True)
     assert (foreign / certs.SERVER_CERT).read_bytes() == b"someone else's certificate"
     assert sorted(p.name for p in foreign.iterdir()) == ["notes.txt", "server.pem"]
+    (foreign / certs.SERVER_CERT).unlink()
+    assert len(certs.write_dev_certs(foreign, force=True)) == len(certs.FILES)  # beside them
+    assert (foreign / "notes.txt").read_bytes() == b"keep me"
 
     own = tmp_path / "own"
     certs.write_dev_certs(own)
@@ -235,6 +242,4 @@ def test_make_certs_never_overwrites_files_it_did_not_make(tmp_path):
     assert len(certs.write_dev_certs(own, renew=True)) == len(certs.FILES)
     assert (own / certs.CA_CERT).read_bytes() != before[certs.CA_CERT]
     assert (own / certs.CA_KEY).stat().st_mode & 0o077 == 0  # keys readable by the owner only
-    (own / certs.TOKEN).write_text("edited by hand\n")
-    with pytest.raises(certs.CertsError, match="token"):
-        certs.write_dev_certs(own, renew=True)
+    assert (own / certs.TOKEN).stat().st_mode & 0o077 == 0
