@@ -8,23 +8,9 @@ import grpc
 from google.protobuf import json_format
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from imgsearch.ranking.v1 import ranking_service_pb2 as rank_pb
-from imgsearch.retrieval.v1 import retrieval_service_pb2 as retr_pb
+from imgsearch.names import ranker_name, ranker_value, retriever_name, retriever_value
 from imgsearch.search.v1 import search_service_pb2 as pb
 from imgsearch.search.v1 import search_service_pb2_grpc as pb_grpc
-
-RETRIEVERS = {"default": 0, "keyword": 1, "clip": 2, "hybrid": 3}
-RANKERS = {"default": 0, "none": 1, "popularity": 2, "als": 3, "fm": 4, "deepfm": 5, "two_step": 6}
-
-
-def retriever_name(value: int) -> str:
-    """'keyword' for RETRIEVER_KEYWORD, etc."""
-    return retr_pb.Retriever.Name(value).removeprefix("RETRIEVER_").lower()
-
-
-def ranker_name(value: int) -> str:
-    """'als' for RANKER_ALS, etc."""
-    return rank_pb.Ranker.Name(value).removeprefix("RANKER_").lower()
 
 
 def wait_for_serving(target: str, timeout: float = 60.0, service: str = "") -> None:
@@ -71,8 +57,8 @@ def search(
                 query=query,
                 k=k,
                 candidates_k=candidates_k,
-                retriever=RETRIEVERS[retriever],
-                ranker=RANKERS[ranker],
+                retriever=retriever_value(retriever),
+                ranker=ranker_value(ranker),
                 recent_photo_ids=recent_photo_ids or [],
             ),
             timeout=timeout,

@@ -33,8 +33,7 @@ from imgsearch.serving import (
     InvalidArgument,
     Reloadable,
     Service,
-    instrumented,
-    request_id,
+    current_request_id,
     start_service,
 )
 
@@ -200,10 +199,9 @@ class Candidates:
 class SearchServicer(pb_grpc.SearchServiceServicer):
     """Serves ``Search`` by calling retrieval then ranking."""
 
-    def __init__(self, config: GatewayConfig, holder: Reloadable[GatewayState], limiter):
+    def __init__(self, config: GatewayConfig, holder: Reloadable[GatewayState]):
         self.config = config
         self.holder = holder
-        self.limiter = limiter
         self.retrieval_channel = grpc.aio.insecure_channel(
             config.retrieval_addr, options=CHANNEL_OPTIONS
         )
@@ -220,12 +218,11 @@ class SearchServicer(pb_grpc.SearchServiceServicer):
         await self.retrieval_channel.close()
         await self.ranking_channel.close()
 
-    @instrumented("gateway", "Search")
     async def Search(self, request: pb.SearchRequest, context) -> pb.SearchResponse:
         start = time.perf_counter()
         state = self.holder.state
         k, candidates_k = validate(request)
-        rid = request_id(context)
+        rid = current_request_id()
         metadata = ((REQUEST_ID_KEY, rid),)
         # The search's budget: the client's deadline when it set one, else the configured one.
         budget = self.config.timeout_ms / 1000
@@ -306,7 +303,7 @@ class SearchServicer(pb_grpc.SearchServiceServicer):
         if response.degraded:
             logger.warning(
                 "degraded search",
-                extra={"request_id": rid, "reason": response.degraded_reason},
+                extra={"reason": response.degraded_reason},
             )
         return response
 
@@ -410,8 +407,8 @@ class SearchServicer(pb_grpc.SearchServiceServicer):
 async def create_gateway_server(config: GatewayConfig) -> Service:
     """Create, load and start the gateway; returns it once it is SERVING."""
 
-    def add(server, holder, limiter):
-        servicer = SearchServicer(config, holder, limiter)
+    def add(server, holder):
+        servicer = SearchServicer(config, holder)
         pb_grpc.add_SearchServiceServicer_to_server(servicer, server)
         return servicer
 
@@ -419,4 +416,4 @@ async def create_gateway_server(config: GatewayConfig) -> Service:
         "gateway downstreams",
         extra={"retrieval": config.retrieval_addr, "ranking": config.ranking_addr},
     )
-    return await start_service("gateway", config, SERVICE_NAME, load_gateway_state, add)
+    return await start_service("gateway", config, [SERVICE_NAME], load_gateway_state, add)

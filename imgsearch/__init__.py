@@ -1,1 +1,1 @@
-"""imgsearch shared core: catalogue, artifacts, config, evaluation and the command line."""
+"""imgsearch foundation: catalogue, artifacts, config, serving runtime, protocol and API."""

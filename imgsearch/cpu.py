@@ -1,9 +1,11 @@
-"""How busy the machine's CPUs are, for sizing thread pools and for benchmark reports."""
+"""How busy the machine's CPUs are, and torch thread sizing for offline jobs from it."""
 
 from __future__ import annotations
 
 import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 
 def machine_busy_seconds() -> float | None:
@@ -40,3 +42,44 @@ def cores_busy_elsewhere(window_s: float = 0.5) -> float:
     machine = machine_busy_seconds() - start_machine
     own = time.process_time() - start_self
     return max(0.0, (machine - own) / wall)
+
+
+def auto_threads() -> int:
+    """Torch intra-op threads for an offline job: the cores other processes leave idle.
+
+    On a shared machine, intra-op threads beyond the idle cores spin-wait on each other: a
+    tiny-CLIP training step measured 4-10x slower with 2 threads than with 1 while two other
+    jobs ran on the 2 cores. Other processes' use is measured over half a second, leaving this
+    process out: a 1-minute load average would count the work it has just done itself (eval
+    trains the rankers right before CLIP) and halve CLIP's threads for nothing. At least 1.
+    """
+    cores = os.cpu_count() or 1
+    return int(min(cores, max(1, round(cores - cores_busy_elsewhere() + 0.25))))
+
+
+@contextmanager
+def torch_threads(threads: int | None) -> Iterator[int]:
+    """Run a block with ``threads`` torch intra-op threads, then restore the process's setting.
+
+    Parameters
+    ----------
+    threads:
+        Threads to use; None takes the idle cores (:func:`auto_threads`); 0 or less keeps the
+        process's setting.
+
+    Yields
+    ------
+    int
+        The threads in use inside the block.
+    """
+    import torch
+
+    previous = torch.get_num_threads()
+    if threads is None:
+        threads = auto_threads()
+    if threads > 0:
+        torch.set_num_threads(threads)
+    try:
+        yield torch.get_num_threads()
+    finally:
+        torch.set_num_threads(previous)

@@ -290,10 +290,19 @@ def paired_bootstrap_ci(
     return bootstrap_ci(a - b, n=n, seed=seed, level=level)
 
 
-def percentiles_ms(seconds: np.ndarray) -> dict[str, float]:
-    """p50 and p99 of durations given in seconds, in milliseconds (NaN when empty)."""
-    seconds = np.asarray(seconds, dtype=np.float64)
-    if len(seconds) == 0:
-        return {"p50": float("nan"), "p99": float("nan")}
-    p50, p99 = np.percentile(seconds * 1000.0, [50, 99])
-    return {"p50": float(p50), "p99": float(p99)}
+def percentiles_ms(seconds) -> dict[str, float | None]:
+    """p50/p90/p99/max/mean of durations given in seconds, in milliseconds (3 decimals).
+
+    Every value is None when there are no durations.
+    """
+    values = np.asarray(seconds, dtype=np.float64) * 1000.0
+    if len(values) == 0:
+        return {"p50": None, "p90": None, "p99": None, "max": None, "mean": None}
+    p50, p90, p99 = np.percentile(values, [50, 90, 99])
+    return {
+        "p50": round(float(p50), 3),
+        "p90": round(float(p90), 3),
+        "p99": round(float(p99), 3),
+        "max": round(float(values.max()), 3),
+        "mean": round(float(values.mean()), 3),
+    }

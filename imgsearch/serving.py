@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import functools
+import contextvars
 import json
 import logging
 import os
@@ -86,11 +86,34 @@ def setup_logging(level: str = "INFO", fmt: str | None = None) -> None:
     root.setLevel(level)
 
 
-def request_id(context: grpc.aio.ServicerContext) -> str:
+# The request id of the RPC being handled: set by the interceptor for the RPC's task, read by
+# every log line (see JsonFormatter) and forwarded downstream by the gateway.
+_request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="")
+
+
+def _record_with_request_id(*args, **kwargs) -> logging.LogRecord:
+    record = _base_record_factory(*args, **kwargs)
+    rid = _request_id.get()
+    if rid:
+        record.request_id = rid
+    return record
+
+
+# Every log record made while an RPC is handled carries its request id, whoever logs it.
+_base_record_factory = logging.getLogRecordFactory()
+logging.setLogRecordFactory(_record_with_request_id)
+
+
+def current_request_id() -> str:
+    """The id of the request this task is handling ("" outside an RPC)."""
+    return _request_id.get()
+
+
+def _incoming_request_id(metadata) -> str:
     """The caller's ``x-request-id`` metadata, or a new id when it sent none."""
-    for key, value in context.invocation_metadata() or ():
-        if key == REQUEST_ID_KEY:
-            return value
+    for key, value in metadata or ():
+        if key == REQUEST_ID_KEY and value:
+            return value[:128]
     return uuid.uuid4().hex[:16]
 
 
@@ -121,46 +144,94 @@ def bad_request_status(field: str, description: str) -> grpc.Status:
     )
 
 
-def instrumented(service: str, method: str, limiter: InflightLimiter | None = None):
-    """Wrap a servicer coroutine: load shedding, metrics, request id, no crash on any input.
+class ServiceInterceptor(grpc.aio.ServerInterceptor):
+    """What every RPC of a service's own API goes through, in one place.
 
-    Bad input raised as :class:`InvalidArgument` becomes INVALID_ARGUMENT naming the field; an
-    unexpected exception becomes INTERNAL with the request id so logs can be found. A request
-    over the in-flight limit is refused at once with RESOURCE_EXHAUSTED instead of queueing.
+    For the methods of ``services`` (health, reflection and admin pass untouched, so they are
+    never shed): a request id (the caller's ``x-request-id`` or a new one, kept for the RPC's
+    task so every log line carries it); UNAVAILABLE while the artifact set is loading;
+    load shedding with RESOURCE_EXHAUSTED past the in-flight limit; bad input raised as
+    :class:`InvalidArgument` turned into INVALID_ARGUMENT with a BadRequest naming the field;
+    any other exception into INTERNAL with the request id (nothing a client sends crashes a
+    server); requests, latency and in-flight metrics; and, with ``IMGSEARCH_ACCESS_LOG``,
+    one log line per RPC.
+
+    Parameters
+    ----------
+    service:
+        The service's short name in metrics and logs ("gateway", "retrieval", "ranking").
+    services:
+        Full names of the gRPC services whose methods are handled here.
+    holder:
+        The serving state; a request before it is loaded gets UNAVAILABLE.
+    limiter:
+        The in-flight limit; None for no load shedding.
     """
 
-    def decorate(handler: Callable[..., Awaitable[Any]]):
-        inflight = INFLIGHT.labels(service)
-        latency = LATENCY.labels(service, "total")
-        counters: dict[str, Any] = {}
+    def __init__(
+        self,
+        service: str,
+        services: set[str],
+        holder: Reloadable | None = None,
+        limiter: InflightLimiter | None = None,
+    ):
+        self.service = service
+        self.services = set(services)
+        self.holder = holder
+        self.limiter = limiter
+        self._handlers: dict[str, grpc.RpcMethodHandler] = {}
+        self._inflight = INFLIGHT.labels(service)
+        self._latency = LATENCY.labels(service, "total")
+        self._counters: dict[tuple[str, str], Any] = {}
 
-        def count(code: str) -> None:
-            counter = counters.get(code)
-            if counter is None:
-                counter = counters[code] = REQUESTS.labels(service, method, code)
-            counter.inc()
+    async def intercept_service(self, continuation, handler_call_details):
+        method = handler_call_details.method
+        wrapped = self._handlers.get(method)
+        if wrapped is not None:
+            return wrapped
+        handler = await continuation(handler_call_details)
+        service_name, _, method_name = method.lstrip("/").rpartition("/")
+        if handler is None or handler.unary_unary is None or service_name not in self.services:
+            return handler
+        wrapped = grpc.unary_unary_rpc_method_handler(
+            self._wrap(method_name, handler.unary_unary),
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+        self._handlers[method] = wrapped
+        return wrapped
 
-        @functools.wraps(handler)
-        async def wrapper(self, request, context):
-            holder = getattr(self, "holder", None)
-            if holder is not None and holder.state is None:
+    def _count(self, method: str, code: str) -> None:
+        counter = self._counters.get((method, code))
+        if counter is None:
+            counter = self._counters[(method, code)] = REQUESTS.labels(self.service, method, code)
+        counter.inc()
+
+    def _wrap(self, method: str, behavior: Callable[..., Awaitable[Any]]):
+        service = self.service
+
+        async def handle(request, context):
+            rid = _incoming_request_id(context.invocation_metadata())
+            _request_id.set(rid)
+            if self.holder is not None and self.holder.state is None:
                 # The port opens before the artifact set is loaded (health says NOT_SERVING).
-                count("UNAVAILABLE")
+                self._count(method, "UNAVAILABLE")
                 await context.abort(
                     grpc.StatusCode.UNAVAILABLE, f"{service} is loading its artifact set"
                 )
-            lim = limiter or getattr(self, "limiter", None)
-            if lim is not None and not lim.try_acquire():
-                count("RESOURCE_EXHAUSTED")
+            limiter = self.limiter
+            if limiter is not None and not limiter.try_acquire():
+                self._count(method, "RESOURCE_EXHAUSTED")
                 await context.abort(
                     grpc.StatusCode.RESOURCE_EXHAUSTED,
-                    f"{service} is saturated ({lim.limit} requests in flight); retry with backoff",
+                    f"{service} is saturated ({limiter.limit} requests in flight); "
+                    "retry with backoff",
                 )
-            inflight.inc()
+            self._inflight.inc()
             start = time.perf_counter()
             status = "UNKNOWN"
             try:
-                response = await handler(self, request, context)
+                response = await behavior(request, context)
                 status = "OK"
                 return response
             except InvalidArgument as exc:
@@ -170,25 +241,24 @@ def instrumented(service: str, method: str, limiter: InflightLimiter | None = No
                 status = "CANCELLED"
                 raise
             except Exception as exc:  # noqa: BLE001 - nothing a client sends may crash a server
-                code = context.code() if hasattr(context, "code") else None
+                code = context.code()
                 if isinstance(exc, grpc.aio.AbortError) or (
                     code is not None and code != grpc.StatusCode.OK
                 ):
                     status = code.name if code is not None else "ABORTED"
                     raise
-                rid = request_id(context)
-                logger.exception("unhandled error", extra={"service": service, "request_id": rid})
+                logger.exception("unhandled error", extra={"service": service})
                 status = "INTERNAL"
                 await context.abort(
                     grpc.StatusCode.INTERNAL, f"internal error (request id {rid}): {exc}"
                 )
             finally:
                 elapsed = time.perf_counter() - start
-                inflight.dec()
-                latency.observe(elapsed)
-                count(status)
-                if lim is not None:
-                    lim.release()
+                self._inflight.dec()
+                self._latency.observe(elapsed)
+                self._count(method, status)
+                if limiter is not None:
+                    limiter.release()
                 if ACCESS_LOG:
                     logger.info(
                         "rpc",
@@ -197,13 +267,10 @@ def instrumented(service: str, method: str, limiter: InflightLimiter | None = No
                             "method": method,
                             "code": status,
                             "ms": round(elapsed * 1000, 3),
-                            "request_id": request_id(context),
                         },
                     )
 
-        return wrapper
-
-    return decorate
+        return handle
 
 
 class InflightLimiter:
@@ -331,14 +398,17 @@ class Service:
             await hook()
 
 
-def new_server(name: str, host: str, port: int) -> tuple[grpc.aio.Server, int, HealthServicer]:
+def new_server(
+    name: str, host: str, port: int, interceptors: list[grpc.aio.ServerInterceptor] | None = None
+) -> tuple[grpc.aio.Server, int, HealthServicer]:
     """An aio server bound to ``host:port`` (0 = ephemeral) with health registered."""
     server = grpc.aio.server(
+        interceptors=interceptors or (),
         options=[
             ("grpc.so_reuseport", 0),
             ("grpc.max_receive_message_length", 4 * 1024 * 1024),
             ("grpc.keepalive_permit_without_calls", 1),
-        ]
+        ],
     )
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
@@ -440,31 +510,35 @@ def add_admin(server: grpc.aio.Server, service: str, holder: Reloadable, paths: 
 async def start_service(
     name: str,
     config,
-    service_name: str,
+    service_names: list[str],
     loader: Callable[[str], Any],
-    add_servicer: Callable[[grpc.aio.Server, Reloadable, InflightLimiter], Any],
+    add_servicer: Callable[[grpc.aio.Server, Reloadable], Any],
 ) -> Service:
-    """Create a server, register its servicer, admin and reflection, load its state, serve.
+    """Create a server, register its servicers, admin and reflection, load its state, serve.
 
     Health says NOT_SERVING from the moment the port is open until the artifact set is
     loaded; then SERVING. ``loader(path)`` builds the state (it must have ``version``,
-    ``path`` and ``models``); ``add_servicer`` registers the main service and returns the
-    servicer (an object with an async ``close()`` is closed when the service stops).
+    ``path`` and ``models``); ``add_servicer`` registers the services named in
+    ``service_names`` and returns the servicer (an object with an async ``close()`` is closed
+    when the service stops). Their RPCs go through one :class:`ServiceInterceptor`.
     """
-    server, port, health = new_server(name, config.host, config.port)
     paths = {"artifacts": config.artifacts}
     holder: Reloadable = Reloadable(lambda: loader(paths["artifacts"]))
-    servicer = add_servicer(server, holder, InflightLimiter(config.max_inflight))
+    interceptor = ServiceInterceptor(
+        name, set(service_names), holder, InflightLimiter(config.max_inflight)
+    )
+    server, port, health = new_server(name, config.host, config.port, [interceptor])
+    servicer = add_servicer(server, holder)
     admin_name = add_admin(server, name, holder, paths)
-    enable_reflection(server, [service_name, admin_name])
+    enable_reflection(server, [*service_names, admin_name])
     service = Service(name, server, port, health)
     if hasattr(servicer, "close"):
         service.stop_hooks.append(servicer.close)
-    await service.set_serving([service_name], False)
+    await service.set_serving(service_names, False)
     await server.start()
     state = await holder.load()
     service.reload_hooks.append(holder.load)
-    await service.set_serving([service_name], True)
+    await service.set_serving(service_names, True)
     logger.info(
         f"{name} serving",
         extra={"port": port, "version": state.version, "models": list(state.models)},

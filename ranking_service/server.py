@@ -14,28 +14,19 @@ import numpy as np
 from imgsearch import artifacts
 from imgsearch.catalogue import Catalogue, normalise_keyword
 from imgsearch.config import MAX_CANDIDATES_K, MAX_K, MAX_RECENT_PHOTOS, RankingConfig
+from imgsearch.names import ranker_name, ranker_value
 from imgsearch.ranking.v1 import ranking_service_pb2 as pb
 from imgsearch.ranking.v1 import ranking_service_pb2_grpc as pb_grpc
 from imgsearch.serving import (
     LATENCY,
-    InflightLimiter,
     InvalidArgument,
     Reloadable,
     Service,
-    instrumented,
     start_service,
 )
 from ranking_service.rankers.base import Ranker, RankQuery
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["RankingService"].full_name
-RANKER_BY_ENUM = {
-    pb.RANKER_NONE: "none",
-    pb.RANKER_POPULARITY: "popularity",
-    pb.RANKER_ALS: "als",
-    pb.RANKER_FM: "fm",
-    pb.RANKER_DEEPFM: "deepfm",
-}
-ENUM_BY_RANKER = {name: value for value, name in RANKER_BY_ENUM.items()}
 # Rankers whose scoring runs torch: run them off the event loop.
 OFFLOADED = {"fm", "deepfm"}
 # Preferred default when the artifact set has it (best measured first).
@@ -107,9 +98,8 @@ def top_k(scores: np.ndarray, k: int) -> np.ndarray:
 class RankingServicer(pb_grpc.RankingServiceServicer):
     """Serves ``Rank`` and ``Recommend`` from the state held by ``holder``."""
 
-    def __init__(self, holder: Reloadable[RankingState], limiter: InflightLimiter):
+    def __init__(self, holder: Reloadable[RankingState]):
         self.holder = holder
-        self.limiter = limiter
         self.executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="rank")
         self.stage_latency = LATENCY.labels("ranking", "rank")
 
@@ -120,7 +110,7 @@ class RankingServicer(pb_grpc.RankingServiceServicer):
             raise InvalidArgument(
                 "ranker", "RANKER_TWO_STEP is composed by the gateway; call SearchService.Search"
             )
-        name = RANKER_BY_ENUM.get(value)
+        name = ranker_name(value)
         if name is None:
             raise InvalidArgument("ranker", f"unknown value {value}")
         if name not in state.rankers:
@@ -140,7 +130,6 @@ class RankingServicer(pb_grpc.RankingServiceServicer):
         idx = [state.catalogue.photo_idx(pid) for pid in photo_ids]
         return np.asarray([i for i in idx if i is not None], dtype=np.int64)
 
-    @instrumented("ranking", "Rank")
     async def Rank(self, request: pb.RankRequest, context) -> pb.RankResponse:
         state = self.holder.state  # one snapshot per request: never mixes two versions
         name = self._ranker(state, request.ranker)
@@ -213,13 +202,12 @@ class RankingServicer(pb_grpc.RankingServiceServicer):
         self.stage_latency.observe(elapsed)
         return pb.RankResponse(
             results=results,
-            ranker=ENUM_BY_RANKER[name],
+            ranker=ranker_value(name),
             fallback_reason=reason,
             ranking_ms=elapsed * 1000,
             artifact_version=state.version,
         )
 
-    @instrumented("ranking", "Recommend")
     async def Recommend(self, request: pb.RecommendRequest, context) -> pb.RecommendResponse:
         state = self.holder.state
         if not 1 <= request.k <= MAX_RECOMMEND:
@@ -247,15 +235,15 @@ class RankingServicer(pb_grpc.RankingServiceServicer):
 async def create_ranking_server(config: RankingConfig) -> Service:
     """Create, load and start a ranking server; returns it once it is SERVING."""
 
-    def add(server, holder, limiter):
-        servicer = RankingServicer(holder, limiter)
+    def add(server, holder):
+        servicer = RankingServicer(holder)
         pb_grpc.add_RankingServiceServicer_to_server(servicer, server)
         return servicer
 
     return await start_service(
         "ranking",
         config,
-        SERVICE_NAME,
+        [SERVICE_NAME],
         lambda path: load_ranking_state(path, config.default_ranker),
         add,
     )

@@ -6,9 +6,11 @@ import itertools
 import time
 from pathlib import Path
 
+from imgsearch.candidates import CandidateLists
 from imgsearch.catalogue import Catalogue
+from imgsearch.protocol import temporal_split
 from ranking_service.rankers import RANKER_NAMES, create_ranker
-from ranking_service.rankers.validation import ValidationSet, split_by_time, validation_ndcg
+from ranking_service.rankers.validation import ValidationSet
 
 __all__ = [
     "TUNING_GRIDS",
@@ -16,7 +18,6 @@ __all__ = [
     "train_rankers",
     "tune_ranker",
     "tune_ranker_report",
-    "validation_ndcg",
 ]
 
 # The tuning slice: the most recent 10% of the training conversions (never test data).
@@ -46,6 +47,7 @@ ALS_ITERATION_CHECKPOINTS = (5, 10, 15, 25)
 def tune_ranker_report(
     name: str,
     catalogue: Catalogue,
+    candidates: CandidateLists,
     grid: list[dict] | None = None,
     validation_fraction: float = VALIDATION_FRACTION,
     candidates_k: int = 100,
@@ -67,6 +69,8 @@ def tune_ranker_report(
         A ranker name.
     catalogue:
         The catalogue with the training conversions only.
+    candidates:
+        The served retriever's candidates for the conversions' keywords.
     grid:
         Parameter sets to try; defaults to :data:`TUNING_GRIDS` ``[name]``.
     validation_fraction:
@@ -87,10 +91,10 @@ def tune_ranker_report(
     if name not in RANKER_NAMES:
         raise ValueError(f"unknown ranker {name!r}; valid names: {', '.join(RANKER_NAMES)}")
     grid = TUNING_GRIDS[name] if grid is None else grid
-    train, held_out = split_by_time(catalogue.conversions, validation_fraction)
-    train_catalogue = catalogue.with_conversions(train)
+    split = temporal_split(catalogue.conversions, validation_fraction)
+    train_catalogue = catalogue.with_conversions(split.earlier)
     validation = ValidationSet.build(
-        train_catalogue, held_out, candidates_k=candidates_k, max_queries=max_queries
+        train_catalogue, split.later, candidates, candidates_k=candidates_k, max_queries=max_queries
     )
     tried: list[dict] = []
     for params in grid:
@@ -99,7 +103,12 @@ def tune_ranker_report(
             tried += _tune_als_point(params, train_catalogue, validation, show_progress)
         elif name in ("fm", "deepfm"):
             ranker = create_ranker(name, **params)
-            ranker.fit(train_catalogue, show_progress=show_progress, validation=validation)
+            ranker.fit(
+                train_catalogue,
+                show_progress=show_progress,
+                candidates=candidates,
+                validation=validation,
+            )
             best = max(ranker.history, key=lambda entry: entry.get("validation_ndcg", -1.0))
             chosen = {**params, "epochs": ranker.best_epoch, "validation_fraction": 0.0}
             tried.append({"params": chosen, "validation_ndcg": best.get("validation_ndcg", 0.0)})
@@ -133,7 +142,7 @@ def _tune_als_point(
     return scored
 
 
-def tune_ranker(name: str, catalogue: Catalogue, **options) -> dict:
+def tune_ranker(name: str, catalogue: Catalogue, candidates: CandidateLists, **options) -> dict:
     """Return the best constructor parameters of ranker ``name`` (see :func:`tune_ranker_report`).
 
     Parameters
@@ -142,6 +151,8 @@ def tune_ranker(name: str, catalogue: Catalogue, **options) -> dict:
         A ranker name.
     catalogue:
         The catalogue with the training conversions only.
+    candidates:
+        The served retriever's candidates for the conversions' keywords.
     **options:
         Passed to :func:`tune_ranker_report`.
 
@@ -150,13 +161,14 @@ def tune_ranker(name: str, catalogue: Catalogue, **options) -> dict:
     dict
         Keyword arguments for ``create_ranker(name, **params)``.
     """
-    return tune_ranker_report(name, catalogue, **options)["params"]
+    return tune_ranker_report(name, catalogue, candidates, **options)["params"]
 
 
 def train_rankers(
     catalogue: Catalogue,
     names: list[str] | tuple[str, ...],
     out_dir: str | Path,
+    candidates: CandidateLists,
     tune: bool = False,
     show_progress: bool = True,
     int8: bool = True,
@@ -175,6 +187,9 @@ def train_rankers(
         Ranker names (see :data:`~ranking_service.rankers.RANKER_NAMES`).
     out_dir:
         The artifact set's rankers folder.
+    candidates:
+        The served retriever's candidates for the conversions' keywords (validation queries
+        and hard negatives come from them).
     tune:
         Pick parameters with :func:`tune_ranker_report` first (slower).
     show_progress:
@@ -197,7 +212,7 @@ def train_rankers(
         start = time.perf_counter()
         params: dict = {}
         if tune:
-            report = tune_ranker_report(name, catalogue, show_progress=show_progress)
+            report = tune_ranker_report(name, catalogue, candidates, show_progress=show_progress)
             params = report["params"]
             entry["tuning"] = {
                 "validation_ndcg": round(report["validation_ndcg"], 5),
@@ -205,7 +220,9 @@ def train_rankers(
                 "grid": report["grid"],
             }
         fit_start = time.perf_counter()
-        ranker = create_ranker(name, **params).fit(catalogue, show_progress=show_progress)
+        ranker = create_ranker(name, **params).fit(
+            catalogue, show_progress=show_progress, candidates=candidates
+        )
         entry["fit_seconds"] = round(time.perf_counter() - fit_start, 2)
         entry["params"] = getattr(ranker, "params", params)
         if hasattr(ranker, "history"):
@@ -213,7 +230,7 @@ def train_rankers(
             entry["history"] = ranker.history
         if name == "deepfm":
             entry["int8"] = (
-                _int8_gate(ranker, catalogue)
+                _int8_gate(ranker, catalogue, candidates)
                 if int8
                 else {"accepted": False, "skipped": "--no-int8"}
             )
@@ -223,13 +240,16 @@ def train_rankers(
     return summary
 
 
-def _int8_gate(ranker, catalogue: Catalogue) -> dict:
+def _int8_gate(ranker, catalogue: Catalogue, candidates: CandidateLists) -> dict:
     """Run the INT8 gate on the last slice of the training conversions."""
     from ranking_service.rankers.int8 import format_int8_gate, int8_gate
 
-    train, held_out = split_by_time(catalogue.conversions, VALIDATION_FRACTION)
+    split = temporal_split(catalogue.conversions, VALIDATION_FRACTION)
     validation = ValidationSet.build(
-        catalogue.with_conversions(train), held_out, max_queries=MAX_VALIDATION_QUERIES
+        catalogue.with_conversions(split.earlier),
+        split.later,
+        candidates,
+        max_queries=MAX_VALIDATION_QUERIES,
     )
     if len(validation) == 0:
         return {"accepted": False, "skipped": "no validation queries"}

@@ -6,7 +6,6 @@ import json
 import os
 import tempfile
 import threading
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -318,31 +317,3 @@ def update_clip_json(directory: str | Path, **fields: Any) -> dict:
     tmp.write_text(json.dumps(meta, indent=2, default=str))
     os.replace(tmp, path)
     return meta
-
-
-def auto_threads() -> int:
-    """Torch intra-op threads for an offline job: the cores other processes leave idle.
-
-    On a shared machine, intra-op threads beyond the idle cores spin-wait on each other: a
-    tiny-CLIP training step measured 4-10x slower with 2 threads than with 1 while two other
-    jobs ran on the 2 cores. Other processes' use is measured over half a second, leaving this
-    process out: a 1-minute load average would count the work it has just done itself (eval
-    trains the rankers right before CLIP) and halve CLIP's threads for nothing. At least 1.
-    """
-    from imgsearch.cpu import cores_busy_elsewhere
-
-    cores = os.cpu_count() or 1
-    return int(min(cores, max(1, round(cores - cores_busy_elsewhere() + 0.25))))
-
-
-@contextmanager
-def torch_threads(threads: int | None):
-    """Run a block with ``threads`` torch intra-op threads (None: :func:`auto_threads`)."""
-    import torch
-
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads or auto_threads())
-    try:
-        yield torch.get_num_threads()
-    finally:
-        torch.set_num_threads(previous)

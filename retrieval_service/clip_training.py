@@ -30,6 +30,8 @@ RECALL_QUERIES = 2000  # keyword queries that measure the vector index's recall
 SENTENCE_SHARE = 0.3  # share of captions that are a full description rather than keywords
 KEYWORDS_PER_CAPTION = (1, 2, 3)
 KEYWORDS_PER_CAPTION_P = (0.4, 0.4, 0.2)
+# Held-out query families: {family: words} and the two families whose words pair up.
+QueryFamilies = tuple[dict[str, list[str]], tuple[str, str] | None]
 
 
 @dataclass
@@ -213,22 +215,6 @@ def _param_groups(model: Any, weight_decay: float) -> list[dict]:
     ]
 
 
-def default_families(vocabulary: set[str]) -> tuple[dict[str, list[str]], tuple[str, str] | None]:
-    """Query families for the held-out figure.
-
-    On the demo catalogue: colour, shape and scene, and colour+shape pairs. Elsewhere: the 50
-    most frequent keywords as one family, and the most frequent co-occurring pairs.
-    """
-    try:
-        from imgsearch.demo_data import COLOURS, SCENES, SHAPES
-    except ImportError:  # the generator is optional for the training code
-        return {}, None
-    families = {"colour": list(COLOURS), "shape": list(SHAPES), "scene": list(SCENES)}
-    if all(k in vocabulary for words in families.values() for k in words):
-        return families, ("colour", "shape")
-    return {}, None
-
-
 def heldout_figures(
     bundle: Any,
     image_emb: np.ndarray,
@@ -321,6 +307,7 @@ def train_clip(
     warmup_share: float = 0.1,
     min_confidence: float = MIN_CAPTION_CONFIDENCE,
     threads: int | None = None,
+    query_families: QueryFamilies | None = None,
 ) -> dict:
     """Train (or fine-tune) a CLIP on the catalogue's images and captions, and save it.
 
@@ -362,7 +349,10 @@ def train_clip(
         Keywords below this confidence are not used in captions.
     threads:
         Torch intra-op threads while training; None takes the idle cores
-        (:func:`~retrieval_service.clip_model.auto_threads`). Restored afterwards.
+        (:func:`~imgsearch.cpu.auto_threads`). Restored afterwards.
+    query_families:
+        ``(families, pair_of)`` for the held-out figure (see :func:`heldout_figures`), e.g. the
+        demo's colour, shape and scene words; None uses the most frequent keywords and pairs.
 
     Returns
     -------
@@ -372,12 +362,13 @@ def train_clip(
         ``heldout`` (per-family figures, see :func:`heldout_figures`), ``path`` and
         ``threads``.
     """
-    from retrieval_service.clip_model import torch_threads
+    from imgsearch.cpu import torch_threads
 
     with torch_threads(threads) as used_threads:
         result = _train_clip(
             catalogue, out_dir, model_name, pretrained, steps, batch_size, lr, seed,
             show_progress, heldout_share, weight_decay, warmup_share, min_confidence,
+            query_families,
         )  # fmt: skip
     result["threads"] = used_threads
     return result
@@ -397,6 +388,7 @@ def _train_clip(
     weight_decay: float,
     warmup_share: float,
     min_confidence: float,
+    query_families: QueryFamilies | None,
 ) -> dict:
     import torch
     from tqdm.auto import tqdm
@@ -479,8 +471,7 @@ def _train_clip(
                 for s in range(0, len(heldout), 256)
             ]
         )
-        vocabulary = set(catalogue.keywords["keyword"].astype(str).tolist())
-        families, pair_of = default_families(vocabulary)
+        families, pair_of = query_families or ({}, None)
         figures = heldout_figures(
             bundle, heldout_emb, [all_tags[r] for r in heldout], families, pair_of
         )
@@ -626,6 +617,7 @@ def build_clip_artifacts(
     train_steps: int = TRAIN_STEPS,
     show_progress: bool = True,
     seed: int = 0,
+    query_families: QueryFamilies | None = None,
 ) -> dict:
     """Write the CLIP part of an artifact set: model, embeddings, index, text runtime, keywords.
 
@@ -648,6 +640,8 @@ def build_clip_artifacts(
         Progress bars and printed figures.
     seed:
         Training seed.
+    query_families:
+        Query families of the held-out figure when CLIP is trained (see :func:`train_clip`).
 
     Returns
     -------
@@ -679,7 +673,12 @@ def build_clip_artifacts(
     figures: dict = {}
     if clip_spec is None:
         training = train_clip(
-            catalogue, clip_dir, steps=train_steps, seed=seed, show_progress=show_progress
+            catalogue,
+            clip_dir,
+            steps=train_steps,
+            seed=seed,
+            show_progress=show_progress,
+            query_families=query_families,
         )
         bundle = load_clip(ClipSpec.from_dir(clip_dir))
         figures["clip"] = {"model_name": training["model_name"], "trained": training}

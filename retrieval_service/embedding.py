@@ -99,7 +99,7 @@ def embed_catalogue(
         already done by an earlier run), ``seconds``, ``images_per_s``, ``dim``, ``path`` and
         ``threads``.
     """
-    from retrieval_service.clip_model import torch_threads
+    from imgsearch.cpu import torch_threads
 
     with torch_threads(threads) as used_threads:
         result = _embed(

@@ -21,15 +21,14 @@ from imgsearch.config import (
     MAX_QUERY_CHARS,
     RetrievalConfig,
 )
+from imgsearch.names import DEFAULT, retriever_name, retriever_value
 from imgsearch.retrieval.v1 import retrieval_service_pb2 as pb
 from imgsearch.retrieval.v1 import retrieval_service_pb2_grpc as pb_grpc
 from imgsearch.serving import (
     LATENCY,
-    InflightLimiter,
     InvalidArgument,
     Reloadable,
     Service,
-    instrumented,
     start_service,
 )
 from retrieval_service.batching import DEFAULT_MAX_BATCH, DEFAULT_MAX_WAIT_MS, DeadlineExpired
@@ -38,12 +37,6 @@ from retrieval_service.retrievers import RetrievalResult, Retriever
 from retrieval_service.semantic import clip_source
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["RetrievalService"].full_name
-RETRIEVER_BY_ENUM = {
-    pb.RETRIEVER_KEYWORD: "keyword",
-    pb.RETRIEVER_CLIP: "clip",
-    pb.RETRIEVER_HYBRID: "hybrid",
-}
-ENUM_BY_RETRIEVER = {name: value for value, name in RETRIEVER_BY_ENUM.items()}
 # Retrievers whose work is heavy enough (torch) to run off the event loop.
 OFFLOADED = {"clip", "hybrid"}
 logger = logging.getLogger("imgsearch.retrieval")
@@ -140,13 +133,11 @@ def to_response(result: RetrievalResult, photo_ids: np.ndarray) -> pb.RetrieveRe
 class RetrievalServicer(pb_grpc.RetrievalServiceServicer):
     """Serves ``Retrieve`` from the state held by ``holder``."""
 
-    def __init__(self, holder: Reloadable[RetrievalState], limiter: InflightLimiter):
+    def __init__(self, holder: Reloadable[RetrievalState]):
         self.holder = holder
-        self.limiter = limiter
         self.executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="retrieve")
         self.stage_latency = LATENCY.labels("retrieval", "retrieve")
 
-    @instrumented("retrieval", "Retrieve")
     async def Retrieve(self, request: pb.RetrieveRequest, context) -> pb.RetrieveResponse:
         state = self.holder.state  # one snapshot per request: never mixes two versions
         query = validate_query(request.query)
@@ -155,12 +146,11 @@ class RetrievalServicer(pb_grpc.RetrievalServiceServicer):
             raise InvalidArgument(
                 "candidates_k", f"must be between 1 and {MAX_CANDIDATES_K}, got {candidates_k}"
             )
-        if request.retriever == pb.RETRIEVER_UNSPECIFIED:
-            name = state.default_retriever
-        elif request.retriever in RETRIEVER_BY_ENUM:
-            name = RETRIEVER_BY_ENUM[request.retriever]
-        else:
+        name = retriever_name(request.retriever)
+        if name is None:
             raise InvalidArgument("retriever", f"unknown value {request.retriever}")
+        if name == DEFAULT:
+            name = state.default_retriever
         retriever = state.retrievers.get(name)
         if retriever is None:
             raise InvalidArgument(
@@ -191,7 +181,7 @@ class RetrievalServicer(pb_grpc.RetrievalServiceServicer):
         response = to_response(result, state.photo_ids)
         elapsed = time.perf_counter() - start
         self.stage_latency.observe(elapsed)
-        response.retriever = ENUM_BY_RETRIEVER[name]
+        response.retriever = retriever_value(name)
         response.retrieval_ms = elapsed * 1000
         response.artifact_version = state.version
         return response
@@ -200,15 +190,15 @@ class RetrievalServicer(pb_grpc.RetrievalServiceServicer):
 async def create_retrieval_server(config: RetrievalConfig) -> Service:
     """Create, load and start a retrieval server; returns it once it is SERVING."""
 
-    def add(server, holder, limiter):
-        servicer = RetrievalServicer(holder, limiter)
+    def add(server, holder):
+        servicer = RetrievalServicer(holder)
         pb_grpc.add_RetrievalServiceServicer_to_server(servicer, server)
         return servicer
 
     return await start_service(
         "retrieval",
         config,
-        SERVICE_NAME,
+        [SERVICE_NAME],
         lambda path: load_retrieval_state(path, config.default_retriever),
         add,
     )

@@ -30,7 +30,7 @@ class LoopThread:
 @pytest.fixture(scope="session")
 def demo_data(tmp_path_factory) -> Path:
     """A small synthetic catalogue in the Unsplash Lite layout, without images (fast)."""
-    from imgsearch.demo_data import generate
+    from imgsearch_tools.demo_data import generate
 
     out = tmp_path_factory.mktemp("demo-data")
     generate(out, with_images=False, show_progress=False, **SMALL)
@@ -40,7 +40,7 @@ def demo_data(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def artifact_root(demo_data, tmp_path_factory) -> Path:
     """An artifact root with one published set: keyword index and none/popularity/ALS."""
-    from imgsearch.commands import build_artifacts
+    from imgsearch_tools.build import build_artifacts
 
     root = tmp_path_factory.mktemp("artifacts")
     build_artifacts(str(demo_data), str(root), ["none", "popularity", "als"], show_progress=False)

@@ -9,9 +9,9 @@ import sys
 import grpc
 import pytest
 
-from imgsearch import bench
-from imgsearch.bench_commands import free_port
-from imgsearch.cli import main
+from imgsearch_tools.bench import load as bench
+from imgsearch_tools.bench.processes import free_port
+from imgsearch_tools.cli import main
 
 
 @pytest.fixture(scope="module")
@@ -116,7 +116,7 @@ def test_reflection_only_client_calls_search_without_generated_code(stack, queri
 import json, sys
 import grpc
 from google.protobuf import json_format
-from imgsearch.bench import resolve_method, reflection_client_check
+from imgsearch_tools.bench.load import resolve_method, reflection_client_check
 with grpc.insecure_channel({stack.target!r}) as channel:
     path, request_class, response_class = resolve_method(channel)
     call = channel.unary_unary(
@@ -240,11 +240,11 @@ def test_the_shipped_ghz_config_resolves_and_calls_with_zero_errors(stack):
 
 
 def test_an_unloadable_set_skips_the_in_process_baseline_but_keeps_the_figures(tmp_path):
-    from imgsearch.bench_commands import _add_in_process
+    from imgsearch_tools.bench.scenarios import add_in_process
 
     run = {"retriever": "keyword", "ranker": "als", "k": 10, "candidates_k": 100}
     report = {"scenarios": [{**run, "latency_ms": {"p50": 5.0}}]}
-    _add_in_process(report, tmp_path / "missing", [bench.BenchQuery("u", "red")])
+    add_in_process(report, tmp_path / "missing", [bench.BenchQuery("u", "red")])
     (measured,) = report["scenarios"]
     assert "cannot load" in measured["in_process"]["skipped"]
     assert measured["e2e_over_in_process_p50"] is None

@@ -17,7 +17,7 @@ from gateway.client import search, wait_for_serving
 
 def imgsearch(*args, **kwargs) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "imgsearch.cli", *args],
+        [sys.executable, "-m", "imgsearch_tools.cli", *args],
         capture_output=True,
         text=True,
         timeout=300,
@@ -78,7 +78,7 @@ def test_serve_all_reaches_serving_searches_and_exits_cleanly_on_sigterm(artifac
         [
             sys.executable,
             "-m",
-            "imgsearch.cli",
+            "imgsearch_tools.cli",
             "serve",
             "all",
             "--artifacts",
@@ -132,7 +132,7 @@ def test_help_works(argv):
 
 def test_train_publishes_tuned_rankers_as_a_new_version_sharing_the_rest(artifact_root, tmp_path):
     from imgsearch import artifacts
-    from imgsearch.commands import retrain_rankers
+    from imgsearch_tools.build import retrain_rankers
     from ranking_service.server import load_ranking_state
 
     root = tmp_path / "root"
@@ -169,8 +169,8 @@ def test_demo_regenerates_data_made_by_an_older_generator(tmp_path, monkeypatch)
     import argparse
     import json
 
-    from imgsearch import commands
-    from imgsearch.demo_data import GENERATOR_VERSION
+    from imgsearch_tools import commands
+    from imgsearch_tools.demo_data import GENERATOR_VERSION
 
     builds = []
     monkeypatch.setattr(commands, "build_artifacts", lambda data, root, rankers: builds.append(1))

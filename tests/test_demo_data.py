@@ -11,8 +11,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from imgsearch import demo_data
-from imgsearch.demo_data import COLOUR_RGB, COLOURS, SCENE_RGB, SCENES, SHAPES
+from imgsearch_tools.demo_data import COLOUR_RGB, COLOURS, SCENE_RGB, SCENES, SHAPES
+from imgsearch_tools.demo_data import tables as demo_data
 
 SMALL = dict(n_photos=200, n_users=50, n_conversions=2000, show_progress=False)
 # Small shards so that the tiny catalogue is still split like a large one.

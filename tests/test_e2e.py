@@ -205,6 +205,24 @@ def test_request_id_crosses_all_three_services_in_the_access_log(stub, monkeypat
     }
 
 
+def test_a_search_without_a_request_id_gets_one_id_in_every_service(stub, monkeypatch, caplog):
+    import logging
+
+    from imgsearch import serving
+
+    monkeypatch.setattr(serving, "ACCESS_LOG", True)
+    with caplog.at_level(logging.INFO, logger="imgsearch"):
+        stub.Search(pb.SearchRequest(query="red", k=3), timeout=10)
+    lines = [r for r in caplog.records if r.getMessage() == "rpc"]
+    assert {(r.service, r.method) for r in lines} == {
+        ("gateway", "Search"),
+        ("retrieval", "Retrieve"),
+        ("ranking", "Rank"),
+    }
+    ids = {getattr(r, "request_id", "") for r in lines}
+    assert len(ids) == 1 and "" not in ids, ids
+
+
 def test_prometheus_metrics_count_requests_by_code_per_service(stub):
     from prometheus_client import REGISTRY
 

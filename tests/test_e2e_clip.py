@@ -18,8 +18,8 @@ from tests.conftest import Stack
 
 @pytest.fixture(scope="module")
 def clip_stack(loop_thread, tmp_path_factory):
-    from imgsearch.commands import build_artifacts
-    from imgsearch.demo_data import generate
+    from imgsearch_tools.build import build_artifacts
+    from imgsearch_tools.demo_data import generate
 
     data = tmp_path_factory.mktemp("clip-data")
     generate(data, n_photos=300, n_users=40, n_conversions=2000, seed=3, show_progress=False)

@@ -9,19 +9,14 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from imgsearch import evaluation
-from imgsearch.cli import main as cli_main
-from imgsearch.demo_data import generate
-from imgsearch.evaluation import (
-    EvalConfig,
-    EvaluationError,
-    build_test_queries,
-    evaluate,
-    markdown_table,
-    temporal_split,
-    user_photos,
-)
+from imgsearch.protocol import temporal_split
 from imgsearch.unsplash import read_unsplash
+from imgsearch_tools.cli import main as cli_main
+from imgsearch_tools.demo_data import generate
+from imgsearch_tools.evaluation import runner as evaluation
+from imgsearch_tools.evaluation.queries import build_test_queries, user_photos
+from imgsearch_tools.evaluation.report import markdown_table
+from imgsearch_tools.evaluation.runner import EvalConfig, EvaluationError, evaluate
 
 RANKERS = ("none", "popularity")
 
@@ -55,10 +50,10 @@ def report(catalogue):
 def test_split_is_temporal_and_by_position(catalogue):
     split = temporal_split(catalogue.conversions, 0.2)
     n = len(catalogue.conversions)
-    assert len(split.train) == round(n * 0.8) and len(split.train) + len(split.test) == n
-    assert split.train["converted_at"].max() <= split.test["converted_at"].min()
+    assert len(split.earlier) == round(n * 0.8) and len(split.earlier) + len(split.later) == n
+    assert split.earlier["converted_at"].max() <= split.later["converted_at"].min()
     # Together they are the time-sorted table, each row exactly once.
-    both = pd.concat([split.train, split.test], ignore_index=True)
+    both = pd.concat([split.earlier, split.later], ignore_index=True)
     pd.testing.assert_frame_equal(both, catalogue.conversions.reset_index(drop=True))
 
 
@@ -74,11 +69,11 @@ def test_split_with_ties_at_the_boundary_does_not_leak():
         }
     )
     split = temporal_split(conversions, 0.5)
-    assert len(split.train) == 5 and len(split.test) == 5
-    assert split.train["converted_at"].max() <= split.test["converted_at"].min()
-    assert set(split.train["photo_idx"]).isdisjoint(split.test["photo_idx"])
-    for fraction in (0.0, 1.0, -0.1):
-        with pytest.raises(EvaluationError):
+    assert len(split.earlier) == 5 and len(split.later) == 5
+    assert split.earlier["converted_at"].max() <= split.later["converted_at"].min()
+    assert set(split.earlier["photo_idx"]).isdisjoint(split.later["photo_idx"])
+    for fraction in (1.0, -0.1):
+        with pytest.raises(ValueError, match="fraction"):
             temporal_split(conversions, fraction)
 
 
@@ -86,15 +81,15 @@ def test_test_queries_follow_the_protocol(catalogue):
     split = temporal_split(catalogue.conversions, 0.2)
     queries = build_test_queries(split, min_pair=3)
     assert len(queries) > 50
-    train_users = set(split.train["user_idx"].tolist())
-    test = split.test
+    train_users = set(split.earlier["user_idx"].tolist())
+    test = split.later
     for q in range(0, len(queries), 7):
         user, keyword = int(queries.user_idx[q]), queries.keyword[q]
         assert user in train_users
         rows = test[(test["user_idx"] == user) & (test["keyword"] == keyword)]
         assert len(rows) >= 3 and len(rows) == queries.counts[q].sum()
         assert sorted(set(rows["photo_idx"].tolist())) == queries.relevant[q].tolist()
-        history = split.train.loc[split.train["user_idx"] == user, "photo_idx"].tail(20)
+        history = split.earlier.loc[split.earlier["user_idx"] == user, "photo_idx"].tail(20)
         assert queries.recent[q].tolist() == history.tolist()  # training only, oldest first
     capped = build_test_queries(split, min_pair=3, max_queries=20, seed=1)
     assert len(capped) == 20 and capped.n_pairs_total == len(queries)
@@ -115,9 +110,9 @@ def test_models_are_fitted_on_the_training_part_only(catalogue, monkeypatch):
     config = EvalConfig(retrievers=("keyword",), rankers=RANKERS, show_progress=False)
     evaluate(catalogue, config, command="pytest")
     used = seen["conversions"]
-    assert len(used) == len(split.train)
-    assert used["converted_at"].max() <= split.test["converted_at"].min()
-    train_counts = np.bincount(split.train["photo_idx"], minlength=catalogue.n_photos)
+    assert len(used) == len(split.earlier)
+    assert used["converted_at"].max() <= split.later["converted_at"].min()
+    train_counts = np.bincount(split.earlier["photo_idx"], minlength=catalogue.n_photos)
     np.testing.assert_array_equal(seen["rankers"]["popularity"].photo_counts, train_counts)
 
 
@@ -164,9 +159,9 @@ def test_popularity_beats_none(report):
 
 def test_filter_removes_training_photos(catalogue):
     split = temporal_split(catalogue.conversions, 0.2)
-    seen = user_photos(split.train)
-    user = int(split.train["user_idx"].iloc[0])
-    expected = np.unique(split.train.loc[split.train["user_idx"] == user, "photo_idx"])
+    seen = user_photos(split.earlier)
+    user = int(split.earlier["user_idx"].iloc[0])
+    expected = np.unique(split.earlier.loc[split.earlier["user_idx"] == user, "photo_idx"])
     np.testing.assert_array_equal(seen[user], expected)
 
 
@@ -175,6 +170,9 @@ def test_unknown_names_list_the_valid_ones(catalogue):
         evaluate(catalogue, EvalConfig(retrievers=("keyword", "bm25"), show_progress=False))
     with pytest.raises(EvaluationError, match=r"unknown ranker 'xgboost'.*popularity"):
         evaluate(catalogue, EvalConfig(rankers=("xgboost",), show_progress=False))
+    for fraction in (0.0, 1.0):
+        with pytest.raises(EvaluationError, match="test_fraction"):
+            evaluate(catalogue, EvalConfig(test_fraction=fraction, show_progress=False))
 
 
 def test_cli_writes_json_markdown_and_png(data_dir, tmp_path, capsys):

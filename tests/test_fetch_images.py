@@ -10,8 +10,8 @@ from urllib.parse import parse_qs, urlparse
 import pytest
 from PIL import Image
 
-from imgsearch import fetch_images as fetch_module
-from imgsearch.fetch_images import fetch_images, read_photo_urls, sized_url
+from imgsearch_tools import fetch_images as fetch_module
+from imgsearch_tools.fetch_images import fetch_images, read_photo_urls, sized_url
 
 
 def jpeg_bytes(colour: tuple[int, int, int]) -> bytes:

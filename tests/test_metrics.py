@@ -158,7 +158,8 @@ def test_percentiles_ms():
     out = percentiles_ms(np.arange(1, 101) / 1000.0)
     assert out["p50"] == pytest.approx(50.5)
     assert out["p99"] == pytest.approx(99.01)
-    assert math.isnan(percentiles_ms(np.array([]))["p50"])
+    assert out["max"] == pytest.approx(100.0) and out["mean"] == pytest.approx(50.5)
+    assert percentiles_ms(np.array([]))["p50"] is None
 
 
 def test_cores_busy_elsewhere_leaves_this_process_out():

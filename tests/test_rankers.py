@@ -8,11 +8,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from imgsearch.candidates import CandidateLists
 from imgsearch.catalogue import Catalogue
+from imgsearch.protocol import temporal_split
 from ranking_service.rankers import RANKER_NAMES, create_ranker, load_ranker
 from ranking_service.rankers.base import RankQuery
-from ranking_service.rankers.candidates import KeywordCandidates
-from ranking_service.rankers.validation import ValidationSet, split_by_time
+from ranking_service.rankers.validation import ValidationSet
+from retrieval_service.keyword_index import KeywordIndex
 
 SHAPES = ("circle", "square", "triangle", "star", "heart")
 COLOURS = ("red", "green", "blue", "yellow", "purple", "orange")
@@ -130,14 +132,26 @@ def catalogue() -> Catalogue:
 @pytest.fixture(scope="module")
 def split(catalogue):
     """(training catalogue, held-out conversions): a temporal 80/20 split."""
-    train, test = split_by_time(catalogue.conversions, 0.2)
-    return catalogue.with_conversions(train), test
+    parts = temporal_split(catalogue.conversions, 0.2)
+    return catalogue.with_conversions(parts.earlier), parts.later
+
+
+_candidates: dict[int, CandidateLists] = {}
+
+
+def served(catalogue: Catalogue) -> CandidateLists:
+    """The keyword retriever's candidates for every keyword (what the build hands rankers)."""
+    if id(catalogue) not in _candidates:
+        index = KeywordIndex.from_keywords(catalogue.keywords)
+        keywords = catalogue.keywords["keyword"].unique()
+        _candidates[id(catalogue)] = CandidateLists.collect(keywords, index.retrieve, 2000)
+    return _candidates[id(catalogue)]
 
 
 @pytest.fixture(scope="module")
 def held_out(split) -> ValidationSet:
     train_catalogue, test = split
-    return ValidationSet.build(train_catalogue, test, candidates_k=100)
+    return ValidationSet.build(train_catalogue, test, served(train_catalogue), candidates_k=100)
 
 
 _fitted: dict[str, object] = {}
@@ -147,7 +161,8 @@ def fitted(name: str, train_catalogue: Catalogue):
     """Fit each ranker once per test session (the mixin's tests share it)."""
     if name not in _fitted:
         ranker = create_ranker(name, **TEST_PARAMS[name])
-        _fitted[name] = ranker.fit(train_catalogue, show_progress=False)
+        candidates = served(train_catalogue)
+        _fitted[name] = ranker.fit(train_catalogue, show_progress=False, candidates=candidates)
     return _fitted[name]
 
 
@@ -304,13 +319,14 @@ class TestFM(RankerContract):
 
     def test_trains_deterministically(self, split):
         params = {**TEST_PARAMS["fm"], "epochs": 2, "validation_fraction": 0.0}
-        first = create_ranker("fm", **params).fit(split[0], show_progress=False)
-        second = create_ranker("fm", **params).fit(split[0], show_progress=False)
+        candidates = served(split[0])
+        first = create_ranker("fm", **params).fit(split[0], False, candidates)
+        second = create_ranker("fm", **params).fit(split[0], False, candidates)
         np.testing.assert_array_equal(first.score(query(3)).scores, second.score(query(3)).scores)
 
     def test_early_stopping_keeps_the_best_epoch_and_refits(self, split):
         params = {**TEST_PARAMS["fm"], "epochs": 3, "validation_fraction": 0.1, "patience": 1}
-        ranker = create_ranker("fm", **params).fit(split[0], show_progress=False)
+        ranker = create_ranker("fm", **params).fit(split[0], False, served(split[0]))
         scored = [entry["validation_ndcg"] for entry in ranker.history]
         assert 1 <= len(scored) <= 3 and all(0.0 <= ndcg <= 1.0 for ndcg in scored)
         assert ranker.best_epoch == 1 + int(np.argmax(scored))
@@ -357,7 +373,10 @@ def test_personalized_rankers_beat_popularity_on_held_out_tastes(name, split, he
 
 
 def test_factory_names_and_errors():
-    assert RANKER_NAMES == ("none", "popularity", "als", "fm", "deepfm")
+    from imgsearch import names
+
+    # The ranking service implements exactly the rankers the API names (RANKER_* enum values).
+    assert RANKER_NAMES == names.RANKER_NAMES == ("none", "popularity", "als", "fm", "deepfm")
     for name in RANKER_NAMES:
         assert create_ranker(name).name == name
     with pytest.raises(ValueError, match="valid names: none, popularity, als, fm, deepfm"):
@@ -366,31 +385,47 @@ def test_factory_names_and_errors():
         load_ranker("svd", "/nonexistent", None)
 
 
-def test_keyword_candidates_multi_word(catalogue):
-    candidates = KeywordCandidates(catalogue.keywords)
-    both, _ = candidates.candidates("red circle", 100)
-    assert len(both) and np.all(both % len(SHAPES) == 0)
+def test_candidate_lists_are_what_the_keyword_retriever_returns(catalogue):
+    index = KeywordIndex.from_keywords(catalogue.keywords)
+    lists = CandidateLists.collect(
+        ["Circle", "red circle", "unicorn", "circle"], index.retrieve, 50, retriever="keyword"
+    )
+    assert lists.keywords == ["circle", "red circle", "unicorn"] and lists.depth == 50
+    for keyword in ("circle", "red circle"):
+        expected = index.retrieve(keyword, 50)
+        photos, scores = lists.top(keyword)
+        np.testing.assert_array_equal(photos, expected.photo_idx)
+        np.testing.assert_allclose(scores, expected.scores)
+    both, _ = lists.top("red circle", 10)  # token match: photos with both words come first
+    assert len(both) == 10 and np.all(both % len(SHAPES) == 0)
     assert np.all(photo_colour(both) == COLOURS.index("red"))
-    either, _ = candidates.candidates("circle unicorn", 100)
-    assert len(either) == N_PHOTOS // len(SHAPES)
-    assert len(candidates.candidates("unicorn", 100)[0]) == 0
-    start, length, photos = candidates.pools(["", "circle", "red circle"], cap=3)
-    assert list(length) == [0, N_PHOTOS // len(SHAPES), 3]  # a tagged keyword is never capped
-    assert np.all(photos[start[1] : start[1] + length[1]] % len(SHAPES) == 0)
-    np.testing.assert_array_equal(photos[start[2] : start[2] + 3], both[:3])
+    assert len(lists.top("unicorn")[0]) == 0 and len(lists.top("never asked")[0]) == 0
+    start, length, photos = lists.pools(["", "circle", "red circle"], 3)
+    assert list(length) == [0, 3, 3]
+    np.testing.assert_array_equal(photos[start[2] : start[2] + 3], lists.top("red circle", 3)[0])
+
+
+def test_fm_needs_candidate_lists_for_its_keyword_negatives(split):
+    with pytest.raises(ValueError, match="candidate lists"):
+        create_ranker("fm", **TEST_PARAMS["fm"]).fit(split[0], show_progress=False)
 
 
 def test_training_and_tuning_write_a_loadable_artifact(split, catalogue, tmp_path):
-    from ranking_service.training import train_rankers, tune_ranker, validation_ndcg
+    from ranking_service.training import train_rankers, tune_ranker
 
     train_catalogue, test = split
-    params = tune_ranker("als", train_catalogue, grid=[{"factors": 4, "regularization": 1.0}])
+    candidates = served(train_catalogue)
+    grid = [{"factors": 4, "regularization": 1.0}]
+    params = tune_ranker("als", train_catalogue, candidates, grid=grid)
     assert params["factors"] == 4 and params["iterations"] in (5, 10, 15, 25)
     grid = [{**TEST_PARAMS["fm"], "epochs": 2}]
-    params = tune_ranker("fm", train_catalogue, grid=grid)
+    params = tune_ranker("fm", train_catalogue, candidates, grid=grid)
     assert params["epochs"] in (1, 2) and params["validation_fraction"] == 0.0
-    summary = train_rankers(train_catalogue, ["popularity", "als"], tmp_path, show_progress=False)
+    summary = train_rankers(
+        train_catalogue, ["popularity", "als"], tmp_path, candidates, show_progress=False
+    )
     assert set(summary) == {"popularity", "als"}
     json.dumps(summary)
     als = load_ranker("als", tmp_path / "als", catalogue)
-    assert 0.0 < validation_ndcg(als, train_catalogue, test) <= 1.0
+    validation = ValidationSet.build(train_catalogue, test, candidates)
+    assert 0.0 < validation.ndcg(als) <= 1.0

@@ -162,7 +162,7 @@ def test_hot_reload_under_load_fails_no_request_and_switches_version(
     shutil.copytree(artifact_root, root, symlinks=True)
     old_version = artifacts.resolve(root).version
     stack = Stack(loop_thread, root)
-    from imgsearch.commands import build_artifacts
+    from imgsearch_tools.build import build_artifacts
 
     build_artifacts(str(demo_data), str(root), ["none", "popularity", "als"], show_progress=False)
     new_version = artifacts.resolve(root).version
@@ -230,15 +230,14 @@ def test_reload_to_a_broken_set_keeps_serving_the_old_one(loop_thread, artifact_
 
 
 def test_a_server_still_loading_answers_unavailable_not_internal(loop_thread):
-    from imgsearch.serving import InflightLimiter, Reloadable
-    from ranking_service.server import RankingServicer
+    from imgsearch.serving import InflightLimiter, Reloadable, ServiceInterceptor
+    from ranking_service.server import SERVICE_NAME, RankingServicer
 
     async def start():
-        server = grpc.aio.server()
         holder = Reloadable(lambda: None)  # never loaded: state stays None
-        rank_grpc.add_RankingServiceServicer_to_server(
-            RankingServicer(holder, InflightLimiter(8)), server
-        )
+        interceptor = ServiceInterceptor("ranking", {SERVICE_NAME}, holder, InflightLimiter(8))
+        server = grpc.aio.server(interceptors=[interceptor])
+        rank_grpc.add_RankingServiceServicer_to_server(RankingServicer(holder), server)
         port = server.add_insecure_port("127.0.0.1:0")
         await server.start()
         return server, port

@@ -116,7 +116,7 @@ def test_time_search_reports_percentiles(vectors, queries):
 
 
 def test_index_stats_command(tmp_path, vectors, capsys):
-    from imgsearch.cli import main
+    from imgsearch_tools.cli import main
 
     np.savez(tmp_path / "e.npz", photo_idx=np.arange(1000), embeddings=vectors[:1000])
     status = main(["index-stats", "--embeddings", str(tmp_path / "e.npz"), "--factory",

@@ -8,7 +8,7 @@ from pathlib import Path
 from imgsearch.catalogue import Catalogue
 from ranking_service.rankers.base import Ranker, RankQuery, RankScores
 
-RANKER_NAMES = ("none", "popularity", "als", "fm", "deepfm")
+RANKER_NAMES = ("none", "popularity", "als", "fm", "deepfm")  # the API names (imgsearch.names)
 
 # name -> (module, class); modules are imported on first use so that serving ALS or
 # popularity never pays for importing torch.

@@ -25,6 +25,7 @@ from implicit.cpu.als import AlternatingLeastSquares
 from implicit.nearest_neighbours import bm25_weight
 from threadpoolctl import threadpool_limits
 
+from imgsearch.candidates import CandidateLists
 from imgsearch.catalogue import Catalogue
 from ranking_service.rankers.base import Ranker, RankQuery, RankScores
 from ranking_service.rankers.common import (
@@ -126,6 +127,7 @@ class ALSRanker(Ranker):
         self,
         catalogue: Catalogue,
         show_progress: bool = True,
+        candidates: CandidateLists | None = None,
         iteration_callback: Callable[[int], None] | None = None,
     ) -> ALSRanker:
         """Fit ALS on the training conversions (and the popularity fallback).
@@ -136,6 +138,8 @@ class ALSRanker(Ranker):
             The catalogue; ``conversions`` are the training ones.
         show_progress:
             Show implicit's progress bar.
+        candidates:
+            Not used: ALS learns from the conversions alone.
         iteration_callback:
             Called with the number of sweeps done after each one, with the ranker ready to
             score (used by tuning to pick ``iterations`` from a single fit).

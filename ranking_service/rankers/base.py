@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from imgsearch.candidates import CandidateLists
 from imgsearch.catalogue import Catalogue
 
 
@@ -61,8 +62,17 @@ class Ranker(ABC):
     name: str = ""
 
     @abstractmethod
-    def fit(self, catalogue: Catalogue, show_progress: bool = True) -> Ranker:
-        """Train on ``catalogue.conversions`` (already restricted to the training split)."""
+    def fit(
+        self,
+        catalogue: Catalogue,
+        show_progress: bool = True,
+        candidates: CandidateLists | None = None,
+    ) -> Ranker:
+        """Train on ``catalogue.conversions`` (already restricted to the training split).
+
+        ``candidates`` are the served retriever's candidates for the conversions' keywords,
+        for rankers that sample negatives from them or validate on them while training.
+        """
 
     @abstractmethod
     def score(self, query: RankQuery) -> RankScores:

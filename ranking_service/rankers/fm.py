@@ -7,9 +7,7 @@ and saving. :mod:`ranking_service.rankers.deepfm` adds the MLP.
 
 from __future__ import annotations
 
-import contextlib
 import copy
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -18,9 +16,11 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from imgsearch.candidates import CandidateLists
 from imgsearch.catalogue import Catalogue
+from imgsearch.cpu import torch_threads
+from imgsearch.protocol import temporal_split
 from ranking_service.rankers.base import Ranker, RankQuery, RankScores
-from ranking_service.rankers.candidates import KeywordCandidates
 from ranking_service.rankers.common import (
     as_candidates,
     finalize_scores,
@@ -31,7 +31,7 @@ from ranking_service.rankers.common import (
     write_config,
 )
 from ranking_service.rankers.features import FieldEncoder
-from ranking_service.rankers.validation import ValidationSet, split_by_time
+from ranking_service.rankers.validation import ValidationSet
 
 MODEL_FILE = "model.pt"
 ENCODER_FILE = "encoder.npz"
@@ -112,25 +112,11 @@ class FactorizationMachine(nn.Module):
         return self.score_with_embeddings(context, photo_rows)[0]
 
 
-@contextlib.contextmanager
-def torch_threads(n: int) -> Iterator[None]:
-    """Run with ``n`` torch intra-op threads, then restore the process's setting (0: keep it)."""
-    if n <= 0:
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 class _TrainingData:
     """Integer tensors of one training set, built once (no per-row pandas access)."""
 
     def __init__(
-        self, encoder: FieldEncoder, catalogue: Catalogue, candidates: KeywordCandidates, pool: int
+        self, encoder: FieldEncoder, catalogue: Catalogue, candidates: CandidateLists, pool: int
     ) -> None:
         context, photo_rows = encoder.encode_conversions(catalogue.conversions)
         keep = photo_rows > 0
@@ -155,9 +141,9 @@ class FMRanker(Ranker):
     some photos carry over to others with the same tags.
 
     Trained with BPR: each training conversion's photo should outscore negatives drawn from
-    the photos tagged with the same keyword (``keyword_negatives``: the query's would-be
-    candidates) and from all photos (``uniform_negatives``); loss ``−log σ(s_pos − s_neg)``
-    plus L2 on the embeddings used.
+    the served retriever's candidates for the same keyword (``keyword_negatives``: what the
+    query would retrieve) and from all photos (``uniform_negatives``); loss
+    ``−log σ(s_pos − s_neg)`` plus L2 on the embeddings used.
     The last ``validation_fraction`` of the conversions (by time) is held out to pick the
     epoch count (early stopping on NDCG@10); with ``refit`` the model is then retrained on all
     conversions for that many epochs.
@@ -177,11 +163,10 @@ class FMRanker(Ranker):
     keyword_negatives, uniform_negatives:
         Negatives per conversion from its keyword's candidates and from all photos.
     negative_pool:
-        Hard negatives come from all photos tagged with the query keyword; for a multi-word
-        keyword not in the keywords table, from its top ``negative_pool`` candidates. Not from
-        the top ``candidates_k`` only: conversions land on any photo tagged with the keyword,
-        and negatives drawn from a narrower set than the positives teach the model to spot
-        that set (e.g. high tag confidence) instead of the user's taste.
+        Hard negatives come from the keyword's top ``negative_pool`` candidates. Not from the
+        top ``candidates_k`` only: conversions land on any photo matching the keyword, and
+        negatives drawn from a narrower set than the positives teach the model to spot that
+        set (e.g. high tag confidence) instead of the user's taste.
     patience:
         Epochs without improvement before stopping.
     validation_fraction:
@@ -310,6 +295,7 @@ class FMRanker(Ranker):
         self,
         catalogue: Catalogue,
         show_progress: bool = True,
+        candidates: CandidateLists | None = None,
         validation: ValidationSet | None = None,
     ) -> FMRanker:
         """Train with BPR on ``catalogue.conversions`` (see the class docstring).
@@ -320,30 +306,46 @@ class FMRanker(Ranker):
             The catalogue; ``conversions`` are the training ones.
         show_progress:
             Show a tqdm bar per epoch and a line of figures after it.
+        candidates:
+            The served retriever's candidates for the conversions' keywords: hard negatives
+            and the early-stopping queries come from them. Required unless
+            ``keyword_negatives`` is 0 and there is no validation.
         validation:
             Queries to early-stop on instead of cutting the last ``validation_fraction`` of the
             conversions (tuning passes its own); the best epoch's weights are kept, no refit.
         """
+        needs_validation = validation is None and self.validation_fraction > 0
+        if candidates is None:
+            if self.keyword_negatives > 0 or needs_validation:
+                raise ValueError(
+                    f"{self.name} needs the retriever's candidate lists for its keyword "
+                    "negatives and early stopping (set keyword_negatives=0 and "
+                    "validation_fraction=0 to train without)"
+                )
+            candidates = CandidateLists([], np.zeros(1, np.int64), [], [])
         with torch_threads(self.num_threads):
-            return self._fit(catalogue, show_progress, validation)
+            return self._fit(catalogue, show_progress, candidates, validation)
 
     def _fit(
-        self, catalogue: Catalogue, show_progress: bool, validation: ValidationSet | None
+        self,
+        catalogue: Catalogue,
+        show_progress: bool,
+        candidates: CandidateLists,
+        validation: ValidationSet | None,
     ) -> FMRanker:
-        candidates = KeywordCandidates(catalogue.keywords)
         self.history = []
         train_catalogue = catalogue
         own_validation = validation is None and self.validation_fraction > 0
         if own_validation:
-            train, held_out = split_by_time(catalogue.conversions, self.validation_fraction)
-            train_catalogue = catalogue.with_conversions(train)
+            split = temporal_split(catalogue.conversions, self.validation_fraction)
+            train_catalogue = catalogue.with_conversions(split.earlier)
             validation = ValidationSet.build(
                 train_catalogue,
-                held_out,
+                split.later,
+                candidates,
                 candidates_k=self.validation_candidates_k,
                 max_queries=self.max_validation_queries,
                 seed=self.seed,
-                keyword_candidates=candidates,
             )
         if validation is not None and len(validation) == 0:
             validation, train_catalogue = None, catalogue

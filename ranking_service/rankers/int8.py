@@ -1,44 +1,13 @@
-"""INT8 dynamic quantization of DeepFM's MLP, accepted only behind a measured accuracy gate."""
+"""The INT8 gate: DeepFM serves its quantized MLP only when measured as accurate and faster."""
 
 from __future__ import annotations
 
-import copy
 import time
-import warnings
 
 import numpy as np
-import torch
-from torch import nn
 
-from ranking_service.rankers.deepfm import DeepFM, DeepFMRanker
+from ranking_service.rankers.deepfm import DeepFMRanker
 from ranking_service.rankers.validation import ValidationSet
-
-
-def quantize_int8(model: DeepFM) -> DeepFM:
-    """Return a copy of ``model`` whose MLP ``nn.Linear`` layers are dynamically INT8.
-
-    Embeddings and the FM part stay FP32: only the MLP's matrix products are quantized.
-
-    Parameters
-    ----------
-    model:
-        A trained DeepFM (left unchanged).
-
-    Returns
-    -------
-    DeepFM
-        The quantized copy, in eval mode.
-    """
-    names = {
-        f"mlp.{name}" for name, module in model.mlp.named_modules() if isinstance(module, nn.Linear)
-    }
-    with warnings.catch_warnings():
-        # torch.ao.quantization is deprecated in favour of torchao, still present and, for
-        # dynamic Linear on this CPU, several times faster (see FIGURES.md).
-        warnings.simplefilter("ignore")
-        return torch.ao.quantization.quantize_dynamic(
-            copy.deepcopy(model).eval(), names, dtype=torch.qint8
-        )
 
 
 def _ms_per_request(ranker: DeepFMRanker, validation: ValidationSet, n: int) -> float:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from imgsearch.candidates import CandidateLists
 from imgsearch.catalogue import Catalogue
 from ranking_service.rankers.base import Ranker, RankQuery, RankScores
 from ranking_service.rankers.common import (
@@ -27,7 +28,12 @@ class NoneRanker(Ranker):
     def __init__(self) -> None:
         self.n_photos = 0
 
-    def fit(self, catalogue: Catalogue, show_progress: bool = True) -> NoneRanker:
+    def fit(
+        self,
+        catalogue: Catalogue,
+        show_progress: bool = True,
+        candidates: CandidateLists | None = None,
+    ) -> NoneRanker:
         """Remember the catalogue size; there is nothing to learn."""
         self.n_photos = catalogue.n_photos
         return self

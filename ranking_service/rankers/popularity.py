@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from imgsearch.candidates import CandidateLists
 from imgsearch.catalogue import Catalogue, normalise_keyword
 from ranking_service.rankers.base import Ranker, RankQuery, RankScores
 from ranking_service.rankers.common import (
@@ -69,7 +70,12 @@ class PopularityRanker(Ranker):
             "min_keyword_conversions": self.min_keyword_conversions,
         }
 
-    def fit(self, catalogue: Catalogue, show_progress: bool = True) -> PopularityRanker:
+    def fit(
+        self,
+        catalogue: Catalogue,
+        show_progress: bool = True,
+        candidates: CandidateLists | None = None,
+    ) -> PopularityRanker:
         """Count training conversions per photo and per (keyword, photo)."""
         conversions = catalogue.conversions
         photos = conversions["photo_idx"].to_numpy(dtype=np.int64)

@@ -5,31 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from imgsearch.candidates import CandidateLists
 from imgsearch.catalogue import Catalogue
+from imgsearch.metrics import metrics_from_hits, rank_by_scores
+from imgsearch.protocol import recent_photos
 from ranking_service.rankers.base import Ranker, RankQuery
-from ranking_service.rankers.candidates import KeywordCandidates
-
-
-def split_by_time(conversions: pd.DataFrame, fraction: float) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Split time-sorted conversions into (first ``1 - fraction``, last ``fraction``).
-
-    Parameters
-    ----------
-    conversions:
-        A conversions table sorted by ``converted_at`` (as :class:`Catalogue` keeps it).
-    fraction:
-        The share of the most recent conversions to hold out, in [0, 1).
-
-    Returns
-    -------
-    tuple of pandas.DataFrame
-        ``(earlier, later)``, each with a fresh index.
-    """
-    cut = int(round(len(conversions) * (1.0 - fraction)))
-    return (
-        conversions.iloc[:cut].reset_index(drop=True),
-        conversions.iloc[cut:].reset_index(drop=True),
-    )
 
 
 class ValidationSet:
@@ -41,7 +21,8 @@ class ValidationSet:
     ----------
     queries:
         One :class:`RankQuery` per evaluated (user, keyword) pair; candidates are the keyword's
-        top ``candidates_k`` photos by keyword confidence, retrieval scores their confidences.
+        top ``candidates_k`` candidates from the served retriever's
+        :class:`~imgsearch.candidates.CandidateLists`, with the retriever's scores.
     relevant:
         For each query, the converted photos that are among its candidates.
     n_skipped:
@@ -63,11 +44,11 @@ class ValidationSet:
         cls,
         catalogue: Catalogue,
         val_conversions: pd.DataFrame,
+        candidates: CandidateLists,
         candidates_k: int = 100,
         max_queries: int | None = None,
         seed: int = 0,
         recent_k: int = 20,
-        keyword_candidates: KeywordCandidates | None = None,
     ) -> ValidationSet:
         """Prepare the validation queries of ``val_conversions``.
 
@@ -78,6 +59,8 @@ class ValidationSet:
             and give each user's ``recent_photos`` (their last ``recent_k`` training photos).
         val_conversions:
             Held-out conversions, later in time than the training ones.
+        candidates:
+            The served retriever's candidates for the keywords of ``val_conversions``.
         candidates_k:
             Candidates per query.
         max_queries:
@@ -86,21 +69,18 @@ class ValidationSet:
             Seed of that draw.
         recent_k:
             How many recent training photos each query carries.
-        keyword_candidates:
-            A prepared :class:`KeywordCandidates` of the catalogue, to skip rebuilding it.
 
         Returns
         -------
         ValidationSet
         """
-        index = keyword_candidates or KeywordCandidates(catalogue.keywords)
         if len(val_conversions) == 0:
             return cls([], [], 0)
         users = val_conversions["user_idx"].to_numpy(dtype=np.int64)
         keyword_code, keyword_names = pd.factorize(val_conversions["keyword"].astype(str))
         photos = val_conversions["photo_idx"].to_numpy(dtype=np.int64)
         countries = val_conversions["conversion_country"].to_numpy()
-        candidates_of = [index.candidates(name, candidates_k) for name in keyword_names]
+        candidates_of = [candidates.top(name, candidates_k) for name in keyword_names]
         # Which conversions land among their keyword's candidates, for all rows at once.
         width = max(int(photos.max(initial=0)), 0) + 1
         width = max(width, 1 + max((int(c.max(initial=0)) for c, _ in candidates_of), default=0))
@@ -116,7 +96,7 @@ class ValidationSet:
         n_skipped = int(len(pair_hits) - len(usable))
         if max_queries is not None and len(usable) > max_queries:
             usable = np.sort(np.random.default_rng(seed).choice(usable, max_queries, False))
-        recent = _recent_photos(catalogue.conversions, recent_k)
+        recent = recent_photos(catalogue.conversions, recent_k)
         no_recent = np.zeros(0, dtype=np.int64)
         queries, relevant = [], []
         for g in usable:
@@ -140,40 +120,25 @@ class ValidationSet:
     def ndcg(self, ranker: Ranker, k: int = 10) -> float:
         """Return the mean NDCG@``k`` of ``ranker`` over the queries (0.0 when there are none).
 
-        Ties keep the candidates' retrieval order (a stable sort), so a ranker that cannot tell
-        candidates apart scores as retrieval order does. A ranker with a ``score_batch(queries)``
-        method is scored through it.
+        Candidates are ordered as the evaluation orders them
+        (:func:`~imgsearch.metrics.rank_by_scores`: ties keep retrieval order), so a ranker that
+        cannot tell candidates apart scores as retrieval order does. A ranker with a
+        ``score_batch(queries)`` method is scored through it.
         """
         if not self.queries:
             return 0.0
-        discounts = 1.0 / np.log2(np.arange(2, k + 2))
-        ideal = np.cumsum(discounts)
-        total = 0.0
         # Rankers with a batched path (FM, DeepFM) score all queries in a few forward passes.
         score_batch = getattr(ranker, "score_batch", None)
         if score_batch is not None:
             results = score_batch(self.queries)
         else:
             results = [ranker.score(query) for query in self.queries]
-        for query, relevant, result in zip(self.queries, self.relevant, results):
-            scores = result.scores
-            top = np.argsort(-scores, kind="stable")[:k]
-            gains = np.isin(query.candidates[top], relevant)
-            total += float(discounts[: len(top)][gains].sum()) / ideal[min(len(relevant), k) - 1]
-        return total / len(self.queries)
-
-
-def _recent_photos(conversions: pd.DataFrame, recent_k: int) -> dict[int, np.ndarray]:
-    """Map each user to their last ``recent_k`` converted photos (oldest first)."""
-    if len(conversions) == 0 or recent_k <= 0:
-        return {}
-    tail = conversions[["user_idx", "photo_idx"]].groupby("user_idx", sort=False).tail(recent_k)
-    users = tail["user_idx"].to_numpy(dtype=np.int64)
-    photos = tail["photo_idx"].to_numpy(dtype=np.int64)
-    order = np.argsort(users, kind="stable")
-    users, photos = users[order], photos[order]
-    starts = np.flatnonzero(np.r_[True, np.diff(users) != 0])
-    return dict(zip(users[starts].tolist(), np.split(photos, starts[1:])))
+        hits = np.zeros((len(self.queries), k), dtype=bool)
+        for q, (query, result) in enumerate(zip(self.queries, results)):
+            top = rank_by_scores(query.candidates, result.scores)[:k]
+            hits[q, : len(top)] = np.isin(top, self.relevant[q])
+        n_relevant = np.asarray([len(r) for r in self.relevant], dtype=np.int64)
+        return float(metrics_from_hits(hits, n_relevant)["ndcg"].mean())
 
 
 def validation_ndcg(

@@ -9,7 +9,7 @@ wait for their reply before sending the next request.
 The in-process baseline calls the same retrievers and rankers directly (no gRPC, no protobuf)
 for the same requests, so ``e2e p50 / in-process p50`` is the cost of the three RPC hops.
 
-Heavy imports (grpc, numpy, pandas, the generated code, the models) stay inside functions.
+Heavy imports (grpc, numpy, pandas, the models) stay inside functions.
 """
 
 from __future__ import annotations
@@ -24,13 +24,14 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from imgsearch.metrics import percentiles_ms
+from imgsearch.names import RANKER_CHOICES, RETRIEVER_CHOICES, ranker_value, retriever_value
+
 SEARCH_SERVICE = "imgsearch.search.v1.SearchService"
 SEARCH_METHOD_SYMBOL = f"{SEARCH_SERVICE}.Search"
 SEARCH_METHOD_PATH = f"/{SEARCH_SERVICE}/Search"
 # An open-loop send more than this behind its slot on the clock counts as late.
 LATE_SEND_MS = 2.0
-RETRIEVERS = ("default", "keyword", "clip", "hybrid")
-RANKERS = ("default", "none", "popularity", "als", "fm", "deepfm", "two_step")
 
 
 @dataclass(frozen=True)
@@ -69,10 +70,10 @@ class LoadSpec:
             raise ValueError(f"concurrency must be at least 1, got {self.concurrency}")
         if self.duration_s <= 0:
             raise ValueError(f"duration must be positive, got {self.duration_s}")
-        if self.retriever not in RETRIEVERS:
-            raise ValueError(f"unknown retriever {self.retriever!r}; valid: {RETRIEVERS}")
-        if self.ranker not in RANKERS:
-            raise ValueError(f"unknown ranker {self.ranker!r}; valid: {RANKERS}")
+        if self.retriever not in RETRIEVER_CHOICES:
+            raise ValueError(f"unknown retriever {self.retriever!r}; valid: {RETRIEVER_CHOICES}")
+        if self.ranker not in RANKER_CHOICES:
+            raise ValueError(f"unknown ranker {self.ranker!r}; valid: {RANKER_CHOICES}")
 
     @property
     def mode(self) -> str:
@@ -142,8 +143,6 @@ def request_fields(query: BenchQuery, spec: LoadSpec) -> dict:
 
 
 def _search_requests(queries: list[BenchQuery], spec: LoadSpec) -> list:
-    from gateway.client import RANKERS as RANKER_ENUM
-    from gateway.client import RETRIEVERS as RETRIEVER_ENUM
     from imgsearch.search.v1 import search_service_pb2 as pb
 
     return [
@@ -152,31 +151,14 @@ def _search_requests(queries: list[BenchQuery], spec: LoadSpec) -> list:
             query=q.query,
             k=spec.k,
             candidates_k=spec.candidates_k,
-            retriever=RETRIEVER_ENUM[spec.retriever],
-            ranker=RANKER_ENUM[spec.ranker],
+            retriever=retriever_value(spec.retriever),
+            ranker=ranker_value(spec.ranker),
         )
         for q in queries
     ]
 
 
 # ---------------------------------------------------------------------------- statistics
-def percentiles_ms(seconds: list[float]) -> dict:
-    """p50/p90/p99/max/mean of durations given in seconds, in milliseconds (None when empty)."""
-    import numpy as np
-
-    if not seconds:
-        return {"p50": None, "p90": None, "p99": None, "max": None, "mean": None}
-    values = np.asarray(seconds, dtype=np.float64) * 1000.0
-    p50, p90, p99 = np.percentile(values, [50, 90, 99])
-    return {
-        "p50": round(float(p50), 3),
-        "p90": round(float(p90), 3),
-        "p99": round(float(p99), 3),
-        "max": round(float(values.max()), 3),
-        "mean": round(float(values.mean()), 3),
-    }
-
-
 def _reason_bucket(reason: str) -> str:
     # "ranking timed out after 312 ms" and "... 298 ms" are one reason; so are two
     # connection failures that differ only in the address after the ';'.

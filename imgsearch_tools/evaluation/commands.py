@@ -6,10 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from imgsearch.names import RANKER_NAMES, RETRIEVER_NAMES
 from retrieval_service.clip_model import TRAIN_STEPS
-
-DEFAULT_RETRIEVERS = "keyword,clip,hybrid"
-DEFAULT_RANKERS_HELP = "none,popularity,als,fm,deepfm"
 
 
 def _names(text: str) -> tuple[str, ...]:
@@ -41,12 +39,12 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--retrievers",
         default=None,
-        help=f"comma-separated retrievers (default: all, {DEFAULT_RETRIEVERS})",
+        help=f"comma-separated retrievers (default: all, {','.join(RETRIEVER_NAMES)})",
     )
     parser.add_argument(
         "--rankers",
         default=None,
-        help=f"comma-separated rankers (default: all, {DEFAULT_RANKERS_HELP})",
+        help=f"comma-separated rankers (default: all, {','.join(RANKER_NAMES)})",
     )
     parser.add_argument("--candidates-k", type=int, default=100, help="candidates per query")
     parser.add_argument(
@@ -114,15 +112,14 @@ def load_catalogue(data: str | Path, show_progress: bool = True):
 
 def run_eval(args: argparse.Namespace) -> int:
     """Handle ``imgsearch eval``; returns the exit status (2 for bad input)."""
-    from imgsearch.evaluation import (
-        EvalConfig,
-        EvaluationError,
+    from imgsearch.unsplash import DataError
+    from imgsearch_tools.evaluation.report import (
         markdown_table,
         write_json,
         write_markdown,
         write_plot,
     )
-    from imgsearch.unsplash import DataError
+    from imgsearch_tools.evaluation.runner import EvalConfig, EvaluationError
 
     config = EvalConfig(
         retrievers=_names(args.retrievers) if args.retrievers else None,
@@ -143,12 +140,12 @@ def run_eval(args: argparse.Namespace) -> int:
         return 2
     try:
         # Validate names before reading data or training anything.
-        from imgsearch.evaluation import RETRIEVER_NAMES, resolve_names, valid_ranker_names
+        from imgsearch_tools.evaluation.runner import resolve_names
 
         resolve_names(config.retrievers, RETRIEVER_NAMES, "retriever")
-        resolve_names(config.rankers, valid_ranker_names(), "ranker")
+        resolve_names(config.rankers, RANKER_NAMES, "ranker")
         catalogue = load_catalogue(args.data, show_progress=config.show_progress)
-        from imgsearch.evaluation import evaluate
+        from imgsearch_tools.evaluation.runner import evaluate
 
         report = evaluate(catalogue, config)
     except (EvaluationError, DataError, FileNotFoundError) as exc:

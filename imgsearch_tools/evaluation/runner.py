@@ -56,11 +56,6 @@ query, reported as p50 and p99 in milliseconds.
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
-import json
-import math
-import os
-import platform
 import shlex
 import sys
 import tempfile
@@ -73,7 +68,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from imgsearch.catalogue import Catalogue, normalise_keyword
+from imgsearch.catalogue import Catalogue
 from imgsearch.metrics import (
     bootstrap_ci,
     metrics_from_hits,
@@ -82,11 +77,19 @@ from imgsearch.metrics import (
     rank_by_scores,
     seed_ndcg,
 )
+from imgsearch.names import RANKER_NAMES, RETRIEVER_NAMES
+from imgsearch.protocol import temporal_split
+from imgsearch_tools.evaluation.queries import (
+    KeywordTags,
+    TestQueries,
+    build_test_queries,
+    pair_queries,
+    user_photos,
+)
+from imgsearch_tools.evaluation.report import dataset_summary, jsonable, machine_summary
 from retrieval_service.clip_model import TRAIN_STEPS
 
-RETRIEVER_NAMES = ("keyword", "clip", "hybrid")
 CLIP_RETRIEVERS = frozenset({"clip", "hybrid"})
-STAGES = ("retrieval", "ranking", "total")
 
 
 class EvaluationError(ValueError):
@@ -144,286 +147,7 @@ class EvalConfig:
     show_progress: bool = True
 
 
-# --------------------------------------------------------------------------- split and queries
-
-
-@dataclass
-class Split:
-    """A temporal split of the conversions table."""
-
-    train: pd.DataFrame
-    test: pd.DataFrame
-    test_fraction: float
-
-    def summary(self) -> dict:
-        """Sizes and boundary times, for the report header."""
-
-        def when(frame: pd.DataFrame, fn: str) -> str | None:
-            if len(frame) == 0:
-                return None
-            return str(getattr(frame["converted_at"], fn)())
-
-        return {
-            "test_fraction": self.test_fraction,
-            "train_conversions": len(self.train),
-            "test_conversions": len(self.test),
-            "train_start": when(self.train, "min"),
-            "train_end": when(self.train, "max"),
-            "test_start": when(self.test, "min"),
-            "test_end": when(self.test, "max"),
-            "train_users": int(self.train["user_idx"].nunique()),
-        }
-
-
-def temporal_split(conversions: pd.DataFrame, test_fraction: float = 0.2) -> Split:
-    """Split conversions by time: the first ``1 - test_fraction`` rows train, the rest test.
-
-    Parameters
-    ----------
-    conversions:
-        The conversions table; sorted here by ``converted_at`` (stable) if it is not already.
-    test_fraction:
-        Share of rows, the most recent, that go to the test part; in (0, 1).
-
-    Returns
-    -------
-    Split
-        Train and test tables with fresh indexes; ``max(train time) <= min(test time)``.
-        Conversions sharing the boundary timestamp are split by their position, which is
-        harmless: none of the test rows is earlier than a training row.
-    """
-    if not 0.0 < test_fraction < 1.0:
-        raise EvaluationError(f"test_fraction must be in (0, 1), got {test_fraction}")
-    times = conversions["converted_at"]
-    if not times.is_monotonic_increasing:
-        conversions = conversions.sort_values("converted_at", kind="stable")
-    cut = int(round(len(conversions) * (1.0 - test_fraction)))
-    return Split(
-        train=conversions.iloc[:cut].reset_index(drop=True),
-        test=conversions.iloc[cut:].reset_index(drop=True),
-        test_fraction=test_fraction,
-    )
-
-
-@dataclass
-class TestQueries:
-    """The test queries of a split, one entry per (user, keyword) pair.
-
-    Attributes
-    ----------
-    user_idx, keyword:
-        The pair (keyword normalised).
-    relevant:
-        Per query, the distinct photos converted by the user with the keyword in the test part.
-    counts:
-        Per query, how many test conversions each relevant photo had (the seed-NDCG gains).
-    country:
-        The country of the user's latest training conversion ("" when unknown).
-    recent:
-        Per query, the user's last ``recent_k`` training photos (oldest first), sent as the
-        request's ``recent_photos`` as a client with the user's history would.
-    n_pairs_total:
-        Pairs that qualified before ``max_queries`` cut them down.
-    """
-
-    user_idx: np.ndarray
-    keyword: np.ndarray
-    relevant: list[np.ndarray]
-    counts: list[np.ndarray]
-    country: np.ndarray
-    recent: list[np.ndarray]
-    n_pairs_total: int
-
-    def __len__(self) -> int:
-        return len(self.user_idx)
-
-
-def build_test_queries(
-    split: Split,
-    min_pair: int = 3,
-    max_queries: int | None = None,
-    seed: int = 0,
-    recent_k: int = 20,
-) -> TestQueries:
-    """Find the test queries of a split.
-
-    Parameters
-    ----------
-    split:
-        The temporal split.
-    min_pair:
-        Test conversions (rows, repeats included) a (user, keyword) pair needs.
-    max_queries:
-        Keep at most this many pairs, drawn uniformly with ``seed``; None keeps all.
-    seed:
-        Seed of that draw.
-    recent_k:
-        Training photos per query sent as the user's recent history.
-
-    Returns
-    -------
-    TestQueries
-        Sorted by (user, keyword), so the order is deterministic.
-    """
-    test = split.test
-    train_users = np.unique(split.train["user_idx"].to_numpy(np.int64))
-    frame = pd.DataFrame(
-        {
-            "user_idx": test["user_idx"].to_numpy(np.int64),
-            "keyword": [normalise_keyword(k) for k in test["keyword"].tolist()],
-            "photo_idx": test["photo_idx"].to_numpy(np.int64),
-        }
-    )
-    frame = frame[np.isin(frame["user_idx"].to_numpy(), train_users) & (frame["keyword"] != "")]
-    sizes = frame.groupby(["user_idx", "keyword"], sort=True).size()
-    pairs = sizes[sizes >= min_pair].index
-    n_total = len(pairs)
-    if max_queries is not None and n_total > max_queries:
-        keep = np.sort(np.random.default_rng(seed).choice(n_total, max_queries, replace=False))
-        pairs = pairs[keep]
-    per_photo = (
-        frame.merge(pairs.to_frame(index=False), on=["user_idx", "keyword"])
-        .groupby(["user_idx", "keyword", "photo_idx"], sort=True)
-        .size()
-        .reset_index(name="n")
-    )
-    pair_id = per_photo.groupby(["user_idx", "keyword"], sort=True).ngroup().to_numpy()
-    starts = np.flatnonzero(np.r_[True, np.diff(pair_id) != 0])
-    photos = np.split(per_photo["photo_idx"].to_numpy(np.int64), starts[1:])
-    counts = np.split(per_photo["n"].to_numpy(np.int64), starts[1:])
-    users = per_photo["user_idx"].to_numpy(np.int64)[starts]
-    keywords = per_photo["keyword"].to_numpy(object)[starts]
-    last_country = (
-        split.train.groupby("user_idx", sort=False)["conversion_country"].last().astype(str)
-    )
-    country = last_country.reindex(users).fillna("").to_numpy(object)
-    if len(starts) == 0:
-        photos, counts = [], []
-    history = split.train[["user_idx", "photo_idx"]].groupby("user_idx", sort=False).tail(recent_k)
-    by_user = user_photos(history, keep_order=True)
-    none = np.zeros(0, np.int64)
-    recent = [by_user.get(int(u), none) for u in users]
-    return TestQueries(users, keywords, photos, counts, country, recent, n_total)
-
-
-def user_photos(conversions: pd.DataFrame, keep_order: bool = False) -> dict[int, np.ndarray]:
-    """Map each user to the photos they converted in ``conversions``.
-
-    Parameters
-    ----------
-    conversions:
-        Rows with ``user_idx`` and ``photo_idx``.
-    keep_order:
-        Keep every row in table order (repeats included) instead of sorted distinct photos.
-    """
-    if len(conversions) == 0:
-        return {}
-    users = conversions["user_idx"].to_numpy(np.int64)
-    photos = conversions["photo_idx"].to_numpy(np.int64)
-    if keep_order:
-        order = np.argsort(users, kind="stable")
-        pairs = np.stack([users[order], photos[order]])
-    else:
-        pairs = np.unique(np.stack([users, photos]), axis=1)
-    starts = np.flatnonzero(np.r_[True, np.diff(pairs[0]) != 0])
-    return dict(zip(pairs[0][starts].tolist(), np.split(pairs[1], starts[1:])))
-
-
-# --------------------------------------------------------------------------- tags
-
-
-class KeywordTags:
-    """Which photos carry which keyword, for the tag precision figures."""
-
-    def __init__(self, keywords: pd.DataFrame, n_photos: int) -> None:
-        table = keywords[["keyword", "photo_idx"]]
-        self.n_photos = n_photos
-        self._photos = {
-            k: np.unique(g.to_numpy(np.int64))
-            for k, g in table.groupby("keyword", sort=False)["photo_idx"]
-        }
-        self._masks: dict[str, np.ndarray] = {}
-
-    def __contains__(self, keyword: str) -> bool:
-        return keyword in self._photos
-
-    def photos(self, keyword: str) -> np.ndarray:
-        """Photos tagged with ``keyword`` (sorted; empty when unknown)."""
-        return self._photos.get(keyword, np.zeros(0, np.int64))
-
-    def mask(self, keyword: str) -> np.ndarray:
-        """Boolean mask over all photos, True where tagged with ``keyword``."""
-        if keyword not in self._masks:
-            mask = np.zeros(self.n_photos, dtype=bool)
-            mask[self.photos(keyword)] = True
-            self._masks[keyword] = mask
-        return self._masks[keyword]
-
-    def precision(self, retrieved: np.ndarray, words: Iterable[str], k: int) -> float:
-        """Share of the top ``k`` of ``retrieved`` tagged with every one of ``words`` (over k)."""
-        top = np.asarray(retrieved, dtype=np.int64)[:k]
-        ok = np.ones(len(top), dtype=bool)
-        for word in words:
-            ok &= self.mask(word)[top]
-        return float(ok.sum()) / k
-
-
-def pair_queries(
-    tags: KeywordTags,
-    test: pd.DataFrame,
-    single_keywords: Iterable[str],
-    k: int = 10,
-    max_pairs: int = 200,
-) -> tuple[list[tuple[str, str, str]], str]:
-    """The two-keyword queries of ``pair_tag_p@k``.
-
-    Parameters
-    ----------
-    tags:
-        Keyword tags of the catalogue.
-    test:
-        Test conversions; their two-word keywords whose words are both catalogue keywords are
-        the queries.
-    single_keywords:
-        The test queries' keywords, most frequent first; pairs of them are the fallback when
-        the conversions have no two-word keyword.
-    k:
-        Only pairs that at least ``k`` photos carry are kept.
-    max_pairs:
-        At most this many queries.
-
-    Returns
-    -------
-    queries : list of (query, word_1, word_2)
-        Sorted, deterministic.
-    source : str
-        How they were built, for the report.
-    """
-    found = []
-    for keyword in sorted(set(normalise_keyword(x) for x in test["keyword"].tolist())):
-        words = keyword.split()
-        if len(words) == 2 and words[0] != words[1] and all(w in tags for w in words):
-            if len(np.intersect1d(tags.photos(words[0]), tags.photos(words[1]))) >= k:
-                found.append((keyword, words[0], words[1]))
-    if found:
-        return found[:max_pairs], "two-word keywords of the test conversions"
-    frequent = [w for w in dict.fromkeys(single_keywords) if w in tags and " " not in w][:20]
-    built = []
-    for i, first in enumerate(frequent):
-        for second in frequent[i + 1 :]:
-            if len(np.intersect1d(tags.photos(first), tags.photos(second))) >= k:
-                built.append((f"{first} {second}", first, second))
-    return built[:max_pairs], "pairs of the test queries' most frequent keywords"
-
-
 # --------------------------------------------------------------------------- models
-
-
-def valid_ranker_names() -> tuple[str, ...]:
-    """The ranker names the ranking service knows."""
-    from ranking_service.rankers import RANKER_NAMES
-
-    return tuple(RANKER_NAMES)
 
 
 def resolve_names(requested: Iterable[str] | None, valid: Iterable[str], kind: str) -> list[str]:
@@ -458,7 +182,8 @@ def fit_rankers(
     """Train each ranker on the training catalogue the way ``imgsearch build`` does, and load it.
 
     Training goes through ``ranking_service.training.train_rankers`` (tuning on a validation
-    slice cut from the training part when ``tune``; DeepFM's INT8 gate) and each model is
+    slice cut from the training part when ``tune``; DeepFM's INT8 gate) with the keyword
+    retriever's candidates for the training keywords, as ``build`` hands them, and each model is
     saved and loaded back, so the evaluation measures exactly what the ranking service serves.
 
     Parameters
@@ -483,20 +208,29 @@ def fit_rankers(
     """
     if not names:
         return {}, {}
+    from imgsearch_tools.build import served_candidates
     from ranking_service.rankers import load_ranker
     from ranking_service.training import train_rankers
+    from retrieval_service.keyword_index import KeywordIndex
 
+    keyword_index = KeywordIndex.from_keywords(train_catalogue.keywords)
+    candidates = served_candidates(train_catalogue, keyword_index, show_progress)
     with tempfile.TemporaryDirectory(prefix="imgsearch-rankers-") as tmp:
         out_dir = Path(workdir) if workdir is not None else Path(tmp)
         summary = train_rankers(
-            train_catalogue, list(names), out_dir, tune=tune, show_progress=show_progress
+            train_catalogue,
+            list(names),
+            out_dir,
+            candidates,
+            tune=tune,
+            show_progress=show_progress,
         )
         rankers = {name: load_ranker(name, out_dir / name, train_catalogue) for name in names}
     info = {}
     for name in names:
         entry = dict(summary.get(name, {}))
         entry.pop("history", None)  # per-epoch figures: in the artifact manifest, not here
-        info[name] = _jsonable(entry)
+        info[name] = jsonable(entry)
     return rankers, info
 
 
@@ -521,6 +255,7 @@ def clip_retrievers(
     if n_images == 0 and not config.clip_artifacts:
         return {}, "catalogue has no images (images/<photo_id>.jpg): CLIP needs them", {}
     try:
+        from imgsearch_tools.demo_data import query_families
         from retrieval_service.clip_training import build_clip_artifacts, load_clip_retrievers
     except ImportError as exc:
         return {}, f"CLIP retrieval is not available: {exc}", {}
@@ -542,13 +277,14 @@ def clip_retrievers(
             None,
             train_steps=config.clip_steps,
             show_progress=config.show_progress,
+            query_families=query_families(catalogue),
         )
         if "skipped" in built:
             return {}, str(built["skipped"]), {}
         info = {
             "source": f"trained here on all photos' images and keywords, {config.clip_steps} steps",
             "build_s": round(time.perf_counter() - start, 1),
-            "build": _jsonable(built),
+            "build": jsonable(built),
         }
     # No query-embedding cache: every query pays for its text encoding, so the latency figures
     # are the uncached worst case rather than a cache-hit rate of this query mix.
@@ -646,18 +382,20 @@ def evaluate(
     started = time.perf_counter()
     k = config.k
     retriever_names = resolve_names(config.retrievers, RETRIEVER_NAMES, "retriever")
-    ranker_names = resolve_names(config.rankers, valid_ranker_names(), "ranker")
+    ranker_names = resolve_names(config.rankers, RANKER_NAMES, "ranker")
 
+    if not 0.0 < config.test_fraction < 1.0:
+        raise EvaluationError(f"test_fraction must be in (0, 1), got {config.test_fraction}")
     split = temporal_split(catalogue.conversions, config.test_fraction)
     queries = build_test_queries(split, config.min_pair, config.max_queries, config.seed)
     if len(queries) == 0:
         raise EvaluationError(
             f"no test query: no (user, keyword) pair has {config.min_pair} or more of the "
-            f"{len(split.test)} test conversions with a user seen in training; "
+            f"{len(split.later)} test conversions with a user seen in training; "
             "lower --min-pair or raise --test-fraction"
         )
-    train_catalogue = catalogue.with_conversions(split.train)
-    seen = user_photos(split.train) if config.filter_train else {}
+    train_catalogue = catalogue.with_conversions(split.earlier)
+    seen = user_photos(split.earlier) if config.filter_train else {}
     no_photos = np.zeros(0, np.int64)
 
     skipped: dict[str, str] = {}
@@ -698,7 +436,7 @@ def evaluate(
         tags = keyword_tags if tag_truth == "keywords" else KeywordTags(truth, catalogue.n_photos)
         keyword_counts = Counter(queries.keyword.tolist())
         pairs, pair_source = pair_queries(
-            tags, split.test, [w for w, _ in keyword_counts.most_common()], k
+            tags, split.later, [w for w, _ in keyword_counts.most_common()], k
         )
 
         rows = []
@@ -749,7 +487,7 @@ def evaluate(
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "command": command if command is not None else shlex.join(["imgsearch", *sys.argv[1:]]),
         "duration_s": round(time.perf_counter() - started, 1),
-        "config": _jsonable(asdict(config)),
+        "config": jsonable(asdict(config)),
     }
     return {"header": header, "results": rows}
 
@@ -959,229 +697,3 @@ def _seen_share(queries: TestQueries, seen: dict[int, np.ndarray]) -> float | No
         for u, r in zip(queries.user_idx, queries.relevant)
     )
     return round(hit / total, 4) if total else None
-
-
-# --------------------------------------------------------------------------- header
-
-
-def dataset_summary(catalogue: Catalogue) -> dict:
-    """Sizes and a content fingerprint of the catalogue (same tables, same fingerprint)."""
-    digest = hashlib.sha256()
-    for name in ("photos", "keywords", "conversions"):
-        table = getattr(catalogue, name)
-        columns = [c for c in table.columns if c != "has_image"]
-        digest.update(name.encode())
-        digest.update(pd.util.hash_pandas_object(table[columns], index=False).to_numpy().tobytes())
-    photos = catalogue.photos
-    return {
-        "data_dir": catalogue.data_dir,
-        "fingerprint": digest.hexdigest()[:16],
-        "photos": len(photos),
-        "photos_with_images": int(photos["has_image"].sum()) if "has_image" in photos else 0,
-        "keyword_rows": len(catalogue.keywords),
-        "distinct_keywords": int(catalogue.keywords["keyword"].nunique()),
-        "users": catalogue.n_users,
-        "conversions": len(catalogue.conversions),
-    }
-
-
-def machine_summary() -> dict:
-    """Where the figures were measured."""
-    info = {
-        "platform": platform.platform(),
-        "machine": platform.machine(),
-        "processor": platform.processor() or "",
-        "python": platform.python_version(),
-        "cpu_count": os.cpu_count(),
-    }
-    if "torch" in sys.modules:
-        info["torch_threads"] = sys.modules["torch"].get_num_threads()
-    return info
-
-
-def _jsonable(value):
-    """Convert numpy scalars, paths and tuples into JSON types (recursively)."""
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist() if value.size <= 64 else f"<array {value.shape}>"
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, str | int | float | bool) or value is None:
-        return value
-    return str(value)
-
-
-# --------------------------------------------------------------------------- writers
-
-
-def write_json(report: dict, path: str | Path) -> None:
-    """Write the report as JSON (NaN written as null)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(_jsonable(report), indent=2) + "\n")
-
-
-def _fmt(value, digits: int = 3) -> str:
-    if value is None or (isinstance(value, float) and not math.isfinite(value)):
-        return "–"
-    return f"{value:.{digits}f}"
-
-
-def _fmt_ci(row: dict, key: str) -> str:
-    lo, hi = row.get(f"{key}_ci", (None, None))
-    if lo is None or hi is None:
-        return _fmt(row.get(key))
-    return f"{_fmt(row.get(key))} ({_fmt(lo)}–{_fmt(hi)})"
-
-
-def markdown_table(report: dict) -> str:
-    """The results as a Markdown table, with a line on data, split, machine and command."""
-    header = report["header"]
-    k = header["protocol"]["k"]
-    columns = [
-        "retriever",
-        "ranker",
-        "queries",
-        f"NDCG@{k} (95% CI)",
-        f"P@{k}",
-        f"Recall@{k}",
-        "seed NDCG",
-        "cand. recall",
-        f"tag P@{k}",
-        f"pair tag P@{k}",
-        "retrieval p50/p99 ms",
-        "ranking p50/p99 ms",
-        "total p50/p99 ms",
-    ]
-    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
-    for row in report["results"]:
-        if row.get("skipped"):
-            cells = [row["retriever"], row["ranker"], f"skipped: {row['skipped']}"]
-            cells += [""] * (len(columns) - len(cells))
-        else:
-            lat = row["latency_ms"]
-            cells = [
-                row["retriever"],
-                row["ranker"],
-                str(row["queries"]),
-                _fmt_ci(row, f"ndcg@{k}"),
-                _fmt_ci(row, f"p@{k}"),
-                _fmt_ci(row, f"recall@{k}"),
-                _fmt(row["seed_ndcg"]),
-                _fmt(row.get("candidate_recall")),
-                _fmt(row[f"tag_p@{k}"]),
-                _fmt(row[f"pair_tag_p@{k}"]),
-            ] + [f"{_fmt(lat[s]['p50'])} / {_fmt(lat[s]['p99'])}" for s in STAGES]
-        lines.append("| " + " | ".join(cells) + " |")
-    data, split, protocol, machine = (
-        header["dataset"],
-        header["split"],
-        header["protocol"],
-        header["machine"],
-    )
-    notes = [
-        "",
-        f"Data: {data['photos']:,} photos ({data['photos_with_images']:,} with images), "
-        f"{data['users']:,} users, {data['conversions']:,} conversions "
-        f"(fingerprint `{data['fingerprint']}`). "
-        f"Split: first {1 - split['test_fraction']:.0%} of conversions by time train "
-        f"({split['train_conversions']:,}), last {split['test_fraction']:.0%} test "
-        f"({split['test_conversions']:,}); {protocol['queries']:,} test queries "
-        f"(user, keyword pairs with ≥ {protocol['min_pair']} test conversions), "
-        f"{protocol['candidates_k']} candidates each, training photos "
-        f"{'filtered' if protocol['filter_train'] else 'kept'}; "
-        f"{protocol['pair_queries']} two-keyword queries for pair tag P@{k}; tag P@{k} "
-        + (
-            "counts a photo by its labels (labels.tsv: what it shows), not its keywords."
-            if protocol.get("tag_truth") == "labels"
-            else "counts a photo by its keywords."
-        ),
-        f"Machine: {machine['platform']}, {machine['cpu_count']} CPUs, Python "
-        f"{machine['python']}; {header['date']}; {header['duration_s']} s.",
-        f"Command: `{header['command']}`",
-    ]
-    return "\n".join(lines + notes) + "\n"
-
-
-def write_markdown(report: dict, path: str | Path) -> None:
-    """Write :func:`markdown_table` to ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(markdown_table(report))
-
-
-def write_plot(report: dict, path: str | Path) -> None:
-    """Draw NDCG@k with CI whiskers per retriever x ranker, and a latency panel, as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    k = report["header"]["protocol"]["k"]
-    rows = [r for r in report["results"] if not r.get("skipped")]
-    retrievers = list(dict.fromkeys(r["retriever"] for r in report["results"]))
-    rankers = list(dict.fromkeys(r["ranker"] for r in report["results"]))
-    by = {(r["retriever"], r["ranker"]): r for r in rows}
-    fig, (ax_q, ax_t) = plt.subplots(1, 2, figsize=(13, 4.8), gridspec_kw={"width_ratios": [3, 2]})
-    width = 0.8 / max(1, len(rankers))
-    x = np.arange(len(retrievers))
-    colours = plt.get_cmap("tab10")
-    for j, ranker in enumerate(rankers):
-        mean, err_lo, err_hi = [], [], []
-        for retriever in retrievers:
-            row = by.get((retriever, ranker))
-            if row is None:
-                mean.append(np.nan)
-                err_lo.append(0.0)
-                err_hi.append(0.0)
-                continue
-            value = row[f"ndcg@{k}"]
-            lo, hi = row[f"ndcg@{k}_ci"]
-            mean.append(value)
-            err_lo.append(max(0.0, value - lo))
-            err_hi.append(max(0.0, hi - value))
-        ax_q.bar(
-            x + (j - (len(rankers) - 1) / 2) * width,
-            mean,
-            width,
-            yerr=[err_lo, err_hi],
-            capsize=3,
-            label=ranker,
-            color=colours(j),
-        )
-    for i, retriever in enumerate(retrievers):
-        if not any((retriever, r) in by for r in rankers):
-            ax_q.text(i, 0.0, "skipped", ha="center", va="bottom", fontsize=9, color="grey")
-    ax_q.set_xticks(x, retrievers)
-    ax_q.set_ylabel(f"NDCG@{k} (95% bootstrap CI)")
-    ax_q.set_title(f"Ranking quality, {report['header']['protocol']['queries']} test queries")
-    tops = [r[f"ndcg@{k}_ci"][1] for r in rows if r[f"ndcg@{k}_ci"][1] is not None]
-    if tops:  # head room for the legend above the bars
-        ax_q.set_ylim(0, max(tops) * 1.3 or 1.0)
-    ax_q.legend(title="ranker", fontsize=8, ncol=min(len(rankers), 5), loc="upper left")
-    ax_q.grid(axis="y", alpha=0.3)
-
-    labels = [f"{r['retriever']} + {r['ranker']}" for r in rows]
-    y = np.arange(len(rows))
-    retrieval = [r["latency_ms"]["retrieval"]["p50"] for r in rows]
-    ranking = [r["latency_ms"]["ranking"]["p50"] for r in rows]
-    p99 = [r["latency_ms"]["total"]["p99"] for r in rows]
-    ax_t.barh(y, retrieval, color="tab:blue", label="retrieval p50")
-    ax_t.barh(y, ranking, left=retrieval, color="tab:orange", label="ranking p50")
-    ax_t.scatter(p99, y, marker="|", s=120, color="black", label="total p99", zorder=3)
-    ax_t.set_yticks(y, labels, fontsize=8)
-    ax_t.invert_yaxis()
-    ax_t.set_xlabel("ms per query, in-process")
-    ax_t.set_title("Latency per stage")
-    ax_t.legend(fontsize=8, loc="lower right")
-    ax_t.grid(axis="x", alpha=0.3)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)

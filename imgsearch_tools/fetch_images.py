@@ -16,6 +16,8 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
+from imgsearch.unsplash import find_shards
+
 USER_AGENT = "imgsearch-fetch-images/0.1"
 RETRY_STATUSES = {408, 425, 429, 500, 502, 503, 504}
 BACKOFF_BASE_S = 0.5
@@ -36,7 +38,7 @@ def read_photo_urls(data_dir: str | Path) -> list[tuple[str, str]]:
         A shard lacks the ``photo_id`` or ``photo_image_url`` column.
     """
     data_dir = Path(data_dir)
-    shards = sorted(p for p in data_dir.glob("photos.tsv*") if p.is_file())
+    shards = find_shards(data_dir, "photos")
     if not shards:
         raise FileNotFoundError(f"{data_dir}: no photos.tsv or photos.tsv000 shards")
     csv.field_size_limit(sys.maxsize)

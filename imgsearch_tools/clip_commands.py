@@ -99,6 +99,7 @@ def _read_catalogue(data_dir: str):
 
 
 def _train_clip(args: argparse.Namespace) -> int:
+    from imgsearch_tools.demo_data import query_families
     from retrieval_service.clip_training import train_clip
 
     catalogue = _read_catalogue(args.data)
@@ -113,6 +114,7 @@ def _train_clip(args: argparse.Namespace) -> int:
         seed=args.seed,
         show_progress=not args.quiet,
         threads=args.threads,
+        query_families=query_families(catalogue),
     )
     print(f"wrote {result['path']}")
     return 0
@@ -214,7 +216,7 @@ def index_figures(
 
 
 def _fetch_images(args: argparse.Namespace) -> int:
-    from imgsearch.fetch_images import fetch_images
+    from imgsearch_tools.fetch_images import fetch_images
 
     result = fetch_images(
         args.data,
@@ -278,7 +280,8 @@ def bench_clip(
     """
     from PIL import Image
 
-    from retrieval_service.clip_model import ClipSpec, load_clip, torch_threads
+    from imgsearch.cpu import torch_threads
+    from retrieval_service.clip_model import ClipSpec, load_clip
     from retrieval_service.quantization import quantize_text_encoder
     from retrieval_service.semantic import set_serving_threads
 

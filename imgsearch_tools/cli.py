@@ -9,11 +9,13 @@ import sys
 # Each module exposes ``add_commands(subparsers)``; keep heavy imports (torch, faiss) inside
 # the handlers so `imgsearch --help` and light commands start fast.
 COMMAND_MODULES = [
-    "imgsearch.commands",
-    "imgsearch.demo_data",
-    "imgsearch.eval_commands",
-    "imgsearch.bench_commands",
-    "retrieval_service.clip_commands",
+    "imgsearch_tools.build",
+    "imgsearch_tools.serve",
+    "imgsearch_tools.commands",
+    "imgsearch_tools.demo_data",
+    "imgsearch_tools.evaluation.commands",
+    "imgsearch_tools.bench.commands",
+    "imgsearch_tools.clip_commands",
 ]
 
 

@@ -1,0 +1,1 @@
+"""imgsearch tools: the command line, build, evaluation, benchmarks and demo data."""

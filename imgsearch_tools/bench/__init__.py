@@ -1,0 +1,1 @@
+"""`imgsearch bench` and `bench-suite`: load generation, scenarios and the serving report."""

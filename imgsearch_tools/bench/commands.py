@@ -1,0 +1,331 @@
+"""`imgsearch bench` (one load run) and `imgsearch bench-suite` (services, scenarios, report)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from imgsearch.names import RANKER_CHOICES, RETRIEVER_CHOICES
+from imgsearch_tools.bench.processes import ServiceProcesses
+from imgsearch_tools.bench.report import render_markdown
+from imgsearch_tools.bench.scenarios import (
+    CANDIDATES_K,
+    K,
+    add_in_process,
+    hot_reload_scenario,
+    kill_ranking_scenario,
+    measured,
+    reflection_run,
+    say,
+    standard_scenarios,
+    write_ghz_data,
+)
+
+
+def add_commands(subparsers) -> None:
+    """Register bench and bench-suite."""
+    p = subparsers.add_parser(
+        "bench",
+        help="load-test a SearchService (open or closed loop) and compare with in-process",
+        description="Send realistic searches (users and keywords sampled from the catalogue's "
+        "conversions) to TARGET, open-loop at a fixed rate (--qps) or closed-loop with N "
+        "workers (--concurrency); report achieved QPS, latency percentiles, errors by status "
+        "code and degraded responses; then time the same requests in-process (retrieval and "
+        "ranking called directly) and print the ratio of end-to-end p50 to in-process p50.",
+    )
+    p.add_argument("--target", default="127.0.0.1:50051", help="gateway HOST:PORT")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--qps", type=float, default=None, help="open loop: sends per second")
+    mode.add_argument(
+        "--concurrency", type=int, default=None, help="closed loop: workers (default 10)"
+    )
+    p.add_argument("--duration", type=float, default=10.0, help="measured seconds")
+    p.add_argument("--warmup", type=float, default=1.0, help="unmeasured seconds first")
+    p.add_argument("--retriever", default="keyword", choices=RETRIEVER_CHOICES)
+    p.add_argument("--ranker", default="als", choices=RANKER_CHOICES)
+    p.add_argument("-k", type=int, default=K)
+    p.add_argument("--candidates-k", type=int, default=CANDIDATES_K)
+    p.add_argument(
+        "--artifacts",
+        default=None,
+        help="artifact root or set for the queries and the in-process run "
+        "(default: ask the target's AdminService which set it serves)",
+    )
+    p.add_argument("--channels", type=int, default=2, help="client channels (connections)")
+    p.add_argument("--timeout", type=float, default=2.0, help="deadline per request, seconds")
+    p.add_argument("--queries", type=int, default=2000, help="distinct requests to sample")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-in-process", action="store_true", help="skip the in-process baseline")
+    p.add_argument("--in-process-requests", type=int, default=500, help="requests timed in-process")
+    p.add_argument("--json", default=None, metavar="FILE", help="write the report as JSON")
+    p.set_defaults(handler=cmd_bench)
+
+    p = subparsers.add_parser(
+        "bench-suite",
+        help="start the services and run the standard load, fault and reload scenarios",
+        description="Make sure the demo artifact set exists, start retrieval, ranking and the "
+        "gateway as separate `imgsearch serve` processes on free ports, run the standard "
+        "scenarios (keyword+ALS open loop and closed loop at c=1/10/50, keyword+none, hybrid+ALS "
+        "when the set has CLIP), a reflection-only client, the ranking server killed and "
+        "restarted mid-load, and a hot reload mid-load; write OUT/bench.json and OUT/bench.md.",
+    )
+    p.add_argument("--data", default="var/demo-data", help="demo data folder (built if missing)")
+    p.add_argument("--artifacts", default="var/artifacts", help="artifact root to serve")
+    p.add_argument("--out", default="var/bench", help="report folder")
+    p.add_argument("--no-build", action="store_true", help="fail instead of building the demo")
+    p.add_argument("--qps", type=float, default=400.0, help="open-loop rate (default 400)")
+    p.add_argument("--duration", type=float, default=10.0, help="measured seconds per scenario")
+    p.add_argument("--warmup", type=float, default=2.0, help="unmeasured seconds per scenario")
+    p.add_argument("--channels", type=int, default=2, help="client channels (connections)")
+    p.add_argument(
+        "--fault-qps",
+        type=float,
+        default=200.0,
+        help="open-loop rate during the kill and reload scenarios (default 200)",
+    )
+    p.add_argument("--kill-duration", type=float, default=30.0, help="kill scenario seconds")
+    p.add_argument("--reload-duration", type=float, default=15.0, help="reload scenario seconds")
+    p.add_argument(
+        "--only",
+        default="",
+        help="comma-separated subset: scenario names, 'reflection', 'kill', 'reload'",
+    )
+    p.add_argument("--skip-faults", action="store_true", help="no kill or reload scenario")
+    p.add_argument("--queries", type=int, default=2000, help="distinct requests to sample")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--in-process-requests", type=int, default=500)
+    p.set_defaults(handler=cmd_bench_suite)
+
+
+# ------------------------------------------------------------------------------ bench
+def _served_artifacts(target: str) -> str:
+    """The artifact set folder the server at ``target`` serves (AdminService.GetStatus)."""
+    import grpc
+
+    from imgsearch.admin.v1 import admin_service_pb2 as admin_pb
+    from imgsearch.admin.v1 import admin_service_pb2_grpc as admin_grpc
+
+    with grpc.insecure_channel(target) as channel:
+        reply = admin_grpc.AdminServiceStub(channel).GetStatus(
+            admin_pb.GetStatusRequest(), timeout=5
+        )
+    return reply.artifacts
+
+
+def cmd_bench(args) -> int:
+    import asyncio
+
+    import grpc
+
+    from imgsearch import artifacts
+    from imgsearch_tools.bench import load as bench
+
+    artifacts_path = args.artifacts
+    if artifacts_path is None:
+        try:
+            artifacts_path = _served_artifacts(args.target)
+        except grpc.RpcError as exc:
+            print(
+                f"error: cannot ask {args.target} which artifact set it serves "
+                f"({exc.code().name}); pass --artifacts DIR",
+                file=sys.stderr,
+            )
+            return 1
+    try:
+        queries = bench.sample_queries(artifacts_path, n=args.queries, seed=args.seed)
+        spec = bench.LoadSpec(
+            target=args.target,
+            qps=args.qps,
+            concurrency=None if args.qps is not None else (args.concurrency or 10),
+            duration_s=args.duration,
+            warmup_s=args.warmup,
+            retriever=args.retriever,
+            ranker=args.ranker,
+            k=args.k,
+            candidates_k=args.candidates_k,
+            channels=args.channels,
+            timeout_s=args.timeout,
+        )
+    except (artifacts.ArtifactError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    command = " ".join(["imgsearch", *sys.argv[1:]])
+    machine = bench.machine_info(command)
+    result = asyncio.run(bench.run_load(spec, queries))
+    in_process = None
+    if not args.no_in_process:
+        try:
+            pipeline = bench.InProcessPipeline(artifacts_path)
+            in_process = pipeline.measure(
+                queries[: args.in_process_requests],
+                args.retriever,
+                args.ranker,
+                args.k,
+                args.candidates_k,
+            )
+        except ValueError as exc:
+            in_process = {"skipped": str(exc)}
+    print(bench.format_result(result, in_process))
+    if args.json:
+        report = {
+            "machine": machine,
+            "spec": bench.as_dict(spec),
+            "result": result,
+            "in_process": in_process,
+            "e2e_over_in_process_p50": bench.network_ratio(result, in_process),
+        }
+        path = Path(args.json)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(report, indent=2))
+        print(f"wrote {path}")
+    return 0 if result["ok"] else 1
+
+
+# ----------------------------------------------------------------------------- the suite
+def cmd_bench_suite(args) -> int:
+    import asyncio
+
+    from imgsearch import artifacts
+
+    try:
+        artifact_set = artifacts.resolve(args.artifacts)
+    except artifacts.ArtifactError as exc:
+        if args.no_build:
+            print(
+                f"error: {exc}\nbuild the demo first: .venv/bin/imgsearch demo --no-serve "
+                f"--data {args.data} --artifacts {args.artifacts}",
+                file=sys.stderr,
+            )
+            return 1
+        from imgsearch_tools.commands import ensure_demo
+
+        ensure_demo(
+            argparse.Namespace(
+                data=args.data,
+                artifacts=args.artifacts,
+                photos=5000,
+                users=2000,
+                conversions=150_000,
+                seed=0,
+            )
+        )
+        artifact_set = artifacts.resolve(args.artifacts)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        return asyncio.run(run_suite(args, artifact_set, out))
+    except (RuntimeError, TimeoutError) as exc:
+        # A service that cannot load the set (e.g. models from an older build) ends here.
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+def _git_commit() -> str:
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def _selected(args, name: str) -> bool:
+    only = [s.strip() for s in args.only.split(",") if s.strip()]
+    return not only or name in only
+
+
+async def run_suite(args, artifact_set, out: Path) -> int:
+    """Start the services, run every selected scenario, write bench.json and bench.md."""
+    import asyncio
+
+    from imgsearch import artifacts
+    from imgsearch_tools.bench import load as bench
+
+    command = " ".join(["imgsearch", *sys.argv[1:]]) if sys.argv[1:] else "imgsearch bench-suite"
+    has_clip = artifact_set.has(artifacts.VECTOR_INDEX)
+    report: dict = {
+        "machine": bench.machine_info(command),
+        "commit": _git_commit(),
+        "artifacts": {
+            "root": str(Path(args.artifacts).resolve()),
+            "version": artifact_set.version,
+            "counts": artifact_set.manifest.get("counts", {}),
+            "rankers": artifact_set.rankers,
+            "clip": has_clip,
+        },
+        "settings": {
+            "duration_s": args.duration,
+            "warmup_s": args.warmup,
+            "channels": args.channels,
+            "k": K,
+            "candidates_k": CANDIDATES_K,
+            "queries": args.queries,
+            "seed": args.seed,
+            "late_send_ms": bench.LATE_SEND_MS,
+        },
+        "scenarios": [],
+    }
+    queries = bench.sample_queries(artifact_set.path, n=args.queries, seed=args.seed)
+    services = ServiceProcesses(str(Path(args.artifacts).resolve()), out / "logs")
+    say(f"starting retrieval, ranking, gateway on ports {services.ports} (logs: {out / 'logs'})")
+    started = time.perf_counter()
+    try:
+        await asyncio.to_thread(services.start_all)
+        report["startup_s"] = round(time.perf_counter() - started, 1)
+        say(f"all three SERVING after {report['startup_s']} s")
+        target = services.address("gateway")
+        for scenario in standard_scenarios(args.qps):
+            if not _selected(args, scenario.name):
+                continue
+            skip = ""
+            if scenario.needs_clip and not has_clip:
+                skip = "the artifact set has no CLIP index"
+            elif scenario.ranker not in ("none", "popularity") + tuple(artifact_set.rankers):
+                skip = f"the artifact set has no {scenario.ranker} ranker"
+            if skip:
+                report["scenarios"].append({"name": scenario.name, "skipped": skip})
+                say(f"{scenario.name}: skipped ({skip})")
+                continue
+            spec = bench.LoadSpec(
+                target=target,
+                qps=scenario.qps,
+                concurrency=scenario.concurrency,
+                duration_s=args.duration,
+                warmup_s=args.warmup,
+                retriever=scenario.retriever,
+                ranker=scenario.ranker,
+                k=K,
+                candidates_k=CANDIDATES_K,
+                channels=args.channels,
+            )
+            result = await measured(services, spec, queries)
+            report["scenarios"].append({"name": scenario.name, **result})
+            say(
+                f"{scenario.name}\n{bench.format_result(result)}\n"
+                f"  CPU % {result['cpu_percent']}\n"
+                f"  CPU ms per search {result['cpu_ms_per_search']}"
+            )
+        if _selected(args, "reflection"):
+            report["reflection_client"] = await reflection_run(target, queries)
+        if not args.skip_faults and _selected(args, "kill"):
+            report["kill_ranking"] = await kill_ranking_scenario(args, services, target, queries)
+        if not args.skip_faults and _selected(args, "reload"):
+            report["hot_reload"] = await hot_reload_scenario(
+                args, services, target, queries, artifact_set, out
+            )
+    finally:
+        report["exit_codes"] = await asyncio.to_thread(services.stop_all)
+    say("timing the same requests in-process (retrieval + ranking called directly)")
+    add_in_process(report, artifact_set.path, queries[: args.in_process_requests])
+    report["machine"]["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    write_ghz_data(out / "ghz-data.json", queries[:100])
+    (out / "bench.json").write_text(json.dumps(report, indent=2))
+    (out / "bench.md").write_text(render_markdown(report))
+    say(f"wrote {out / 'bench.json'} and {out / 'bench.md'}")
+    print(render_markdown(report))
+    return 0

@@ -1,0 +1,170 @@
+"""The services under test as child processes, and the CPU each one uses."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+from imgsearch.cpu import machine_busy_seconds
+from imgsearch_tools.serve import SERVICES, serve_command
+
+LOADGEN = "bench (load generator)"
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port nothing listens on right now (the OS picks it)."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+class ServiceProcesses:
+    """Retrieval, ranking and the gateway as three `imgsearch serve X` child processes.
+
+    Separate processes (one GIL each, as `serve all` runs them) that can be killed and
+    restarted one at a time; logs go to ``log_dir/<service>.log``.
+    """
+
+    def __init__(self, artifacts: str, log_dir: Path, host: str = "127.0.0.1"):
+        self.artifacts = artifacts
+        self.log_dir = Path(log_dir)
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.host = host
+        self.ports = {name: free_port(host) for name in SERVICES}
+        self.procs: dict[str, subprocess.Popen] = {}
+
+    def address(self, name: str) -> str:
+        return f"{self.host}:{self.ports[name]}"
+
+    def command(self, name: str) -> list[str]:
+        """The `imgsearch serve` command line of one service, on its own free port."""
+        from imgsearch.config import GatewayConfig, RankingConfig, RetrievalConfig
+
+        common = {"artifacts": self.artifacts, "host": self.host, "port": self.ports[name]}
+        if name == "gateway":
+            config = GatewayConfig(
+                **common,
+                retrieval_addr=self.address("retrieval"),
+                ranking_addr=self.address("ranking"),
+            )
+        else:
+            config = (RetrievalConfig if name == "retrieval" else RankingConfig)(**common)
+        return serve_command(name, config, log_level="WARNING")
+
+    def start(self, name: str) -> None:
+        """Spawn one service (it loads its artifact set; see :meth:`wait_serving`)."""
+        with open(self.log_dir / f"{name}.log", "ab") as log:
+            self.procs[name] = subprocess.Popen(
+                self.command(name), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
+
+    def wait_serving(self, name: str, timeout: float = 300.0) -> None:
+        """Poll health until ``name`` is SERVING; fail early if its process died."""
+        from gateway.client import wait_for_serving
+
+        deadline = time.monotonic() + timeout
+        while True:
+            proc = self.procs[name]
+            if proc.poll() is not None:
+                raise RuntimeError(
+                    f"{name} exited with code {proc.returncode} before serving; "
+                    f"see {self.log_dir / (name + '.log')}"
+                )
+            try:
+                wait_for_serving(self.address(name), timeout=2.0)
+                return
+            except TimeoutError:
+                if time.monotonic() > deadline:
+                    raise
+
+    def start_all(self, timeout: float = 300.0) -> None:
+        for name in SERVICES:
+            self.start(name)
+        for name in SERVICES:
+            self.wait_serving(name, timeout)
+
+    def stop(self, name: str, timeout: float = 20.0) -> int:
+        """SIGTERM one service (graceful shutdown) and wait for its exit status."""
+        proc = self.procs[name]
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+        return self._wait(proc, timeout)
+
+    @staticmethod
+    def _wait(proc: subprocess.Popen, timeout: float) -> int:
+        # One SIGTERM only: a second one may land after the server restored the default
+        # handler on its way out and turn a clean exit into "killed by SIGTERM".
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        return proc.returncode
+
+    def stop_all(self, timeout: float = 20.0) -> dict[str, int]:
+        """SIGTERM every service at once, then collect their exit statuses."""
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        return {name: self._wait(proc, timeout) for name, proc in self.procs.items()}
+
+    def cpu_seconds(self) -> dict[str, float]:
+        """User + system CPU seconds each running service has used so far."""
+        ticks = os.sysconf("SC_CLK_TCK")
+        used = {}
+        for name, proc in self.procs.items():
+            try:
+                stat = Path(f"/proc/{proc.pid}/stat").read_text()
+            except OSError:
+                continue
+            fields = stat[stat.rfind(")") + 2 :].split()
+            used[name] = (int(fields[11]) + int(fields[12])) / ticks
+        return used
+
+
+class CpuMeter:
+    """CPU share of each service (and of this process, the load generator) over a window."""
+
+    def __init__(self, services: ServiceProcesses):
+        self.services = services
+        self.start()
+
+    def start(self) -> None:
+        self.t0 = time.perf_counter()
+        self.cpu0 = self.services.cpu_seconds()
+        self.self0 = time.process_time()
+        self.machine0 = machine_busy_seconds()
+
+    def used(self) -> tuple[dict[str, float], float]:
+        """CPU seconds per process since :meth:`start`, and the wall seconds elapsed."""
+        wall = max(1e-9, time.perf_counter() - self.t0)
+        now = self.services.cpu_seconds()
+        used = {name: now[name] - self.cpu0[name] for name in now if name in self.cpu0}
+        used[LOADGEN] = time.process_time() - self.self0
+        return used, wall
+
+    def record(self, result: dict) -> None:
+        """Add CPU % per process, CPU ms per search and the CPU-bound ceiling to ``result``.
+
+        CPU time per search hardly moves when other work shares the machine, unlike
+        latency; the ceiling is what the measured cost per search allows on this machine's
+        CPUs if the four processes had them to themselves.
+        """
+        used, wall = self.used()
+        completed = max(1, result["completed"])
+        per_search = {name: round(1000.0 * sec / completed, 3) for name, sec in used.items()}
+        total = sum(per_search.values())
+        result["cpu_percent"] = {name: round(100.0 * sec / wall, 1) for name, sec in used.items()}
+        result["cpu_ms_per_search"] = {**per_search, "total": round(total, 3)}
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        result["cpu_bound_ceiling_qps"] = round(cpus * 1000.0 / total) if total else None
+        busy = machine_busy_seconds()
+        if busy is not None and self.machine0 is not None:
+            # Cores kept busy by everything else on the machine while this scenario ran.
+            others = (busy - self.machine0 - sum(used.values())) / wall
+            result["other_processes_cores"] = round(max(0.0, others), 2)

@@ -1,0 +1,167 @@
+"""bench.md: the suite's figures as tables a reader can check."""
+
+from __future__ import annotations
+
+from imgsearch_tools.bench.processes import LOADGEN
+
+
+def _ms(value) -> str:
+    return "–" if value is None else f"{value:.1f}"
+
+
+def render_markdown(report: dict) -> str:
+    """The README's serving table, the fault scenarios and the machine they ran on."""
+    m = report["machine"]
+    lines = [
+        "## Serving benchmark",
+        "",
+        f"Measured {m['date']} on {m['cpu_model']}, {m['usable_cpus']} usable CPUs "
+        f"({m['cpu_count']} online), {m['memory_gib']} GiB, `{m['platform']}`, "
+        f"Python {m['python']}, grpcio {m['grpcio']}; load average {m['loadavg_at_start']} at "
+        f"start, {m.get('loadavg_at_end', '?')} at the end (other work shares this machine). "
+        f"Command: `{m['command']}` (commit {report.get('commit') or '?'}).",
+        "",
+        f"Artifact set `{report['artifacts']['version']}` "
+        f"({report['artifacts']['counts'].get('photos', '?')} photos, "
+        f"{report['artifacts']['counts'].get('users', '?')} users; CLIP "
+        f"{'yes' if report['artifacts']['clip'] else 'no'}). Three `imgsearch serve` processes "
+        f"(gateway, retrieval, ranking) and the load generator (`imgsearch bench`: grpc.aio, "
+        f"{report['settings']['channels']} channels, a fourth process) share the same CPUs. "
+        f"Each scenario: k={report['settings']['k']} of {report['settings']['candidates_k']} "
+        f"candidates, {report['settings']['warmup_s']:g} s warm-up, "
+        f"{report['settings']['duration_s']:g} s measured; requests are users and keywords "
+        "sampled from the catalogue's conversions. In-process = the same requests through the "
+        "same retriever and ranker called directly (no gRPC, no protobuf).",
+        "",
+        "| scenario | achieved QPS | p50 ms | p90 ms | p99 ms | max ms | errors | degraded "
+        "| in-process p50 ms | e2e / in-process p50 | CPU ms per search: gateway · retrieval · "
+        "ranking · load gen = total | CPU-bound ceiling QPS | CPU used (cores) "
+        "| other processes (cores) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|",
+    ]
+    for run in report["scenarios"]:
+        if "skipped" in run:
+            lines.append(f"| {run['name']} | skipped: {run['skipped']} |||||||||||||")
+            continue
+        lines.append(_row(run["name"], run))
+    lines.append("")
+    headline = next(
+        (
+            r
+            for r in report["scenarios"]
+            if r.get("mode") == "open" and r.get("ranker") == "als" and "latency_ms" in r
+        ),
+        None,
+    )
+    if headline is not None:
+        p99 = headline["latency_ms"]["p99"]
+        cost = headline.get("cpu_ms_per_search", {}).get("total")
+        met = (
+            headline["achieved_qps"] >= 0.98 * (headline["target_qps"] or 0)
+            and p99 is not None
+            and p99 <= 30.0
+            and headline["error_count"] == 0
+        )
+        lines += [
+            f"Target (keyword + ALS, {headline['load']}: sustained with p99 ≤ 30 ms): "
+            f"**{'met' if met else 'not met'}** — achieved {headline['achieved_qps']:.0f} QPS, "
+            f"p99 {_ms(p99)} ms, {headline['error_count']} errors, "
+            f"{headline['late_sends']} late sends; p99 from the scheduled send "
+            f"{_ms(headline['latency_from_schedule_ms']['p99'])} ms; "
+            f"{_slow_seconds(headline)} of {len(headline['timeline'])} seconds had a p99 over "
+            f"30 ms. The four processes needed {_ms(cost)} ms of CPU per search (a CPU-bound "
+            f"ceiling of "
+            f"{headline.get('cpu_bound_ceiling_qps', '–')} QPS on this machine's CPUs) while "
+            f"other processes kept {_ms(headline.get('other_processes_cores'))} cores busy.",
+            "",
+        ]
+    kill = report.get("kill_ranking")
+    if kill:
+        lines += [
+            "### Ranking killed mid-load",
+            "",
+            f"{kill['retriever']}+{kill['ranker']}, {kill['load']} for {kill['duration_s']:g} s; "
+            + "; ".join(f"{e['t']:.1f} s: {e['event']}" for e in kill["events"])
+            + ".",
+            "",
+            "| sent | OK | full | degraded | errors | p99 ms | max ms | degraded after restart "
+            "| full after restart |",
+            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+            f"| {kill['sent']} | {kill['ok']} | {kill['full']} | {kill['degraded']} | "
+            f"{kill['error_count']} | {_ms(kill['latency_ms']['p99'])} | "
+            f"{_ms(kill['latency_ms']['max'])} | {kill['after_restart']['degraded']} | "
+            f"{kill['after_restart']['full']} |",
+            "",
+            "Degraded reasons: "
+            + (", ".join(f"{r} × {n}" for r, n in kill["degraded_reasons"].items()) or "none")
+            + f". Last degraded response at {_ms(kill['last_degraded_s'])} s, ranking SERVING "
+            f"again at {_ms(kill['serving_again_at_s'])} s; full results came back without "
+            f"restarting the gateway. Slowest answer {_ms(kill['latency_ms']['max'])} ms against "
+            f"a client deadline of {kill['timeout_s'] * 1000:.0f} ms.",
+            "",
+        ]
+    reload = report.get("hot_reload")
+    if reload:
+        lines += [
+            "### Hot reload during load",
+            "",
+            f"{reload['retriever']}+{reload['ranker']}, {reload['load']} for "
+            f"{reload['duration_s']:g} s; "
+            + "; ".join(f"{e['t']:.1f} s: {e['event']}" for e in reload["events"])
+            + ".",
+            "",
+            f"**Failed requests: {reload['failed_requests']}** of {reload['sent']} "
+            f"(degraded {reload['degraded']}); p99 {_ms(reload['latency_ms']['p99'])} ms, "
+            f"max {_ms(reload['latency_ms']['max'])} ms; {reload['responses_on_new_version']} "
+            "responses served wholly by the new version. Versions per response: "
+            + ", ".join(f"`{v}` × {n}" for v, n in reload["artifact_versions"].items())
+            + ".",
+            "",
+        ]
+    reflection = report.get("reflection_client")
+    if reflection:
+        if "error" in reflection:
+            lines += [
+                f"Reflection-only client (what ghz does without `--proto`): {reflection['error']}",
+                "",
+            ]
+        else:
+            lines += [
+                "Reflection-only client (what ghz does without `--proto`: resolve "
+                f"`{reflection['symbol']}` by server reflection, build the request from the "
+                f"returned descriptors, call `{reflection['method_path']}`): "
+                f"{reflection['ok']} of {reflection['calls']} calls OK, errors "
+                f"{reflection['errors'] or 0}.",
+                "",
+            ]
+    return "\n".join(lines) + "\n"
+
+
+def _slow_seconds(run: dict, limit_ms: float = 30.0) -> int:
+    """Seconds of the run whose replies had a p99 latency over ``limit_ms``."""
+    return sum(1 for row in run["timeline"] if (row.get("p99_ms") or 0.0) > limit_ms)
+
+
+def _row(name: str, run: dict) -> str:
+    lat = run["latency_ms"]
+    cost = run.get("cpu_ms_per_search", {})
+    shares = " · ".join(
+        f"{cost[k]:.2f}" if k in cost else "–" for k in ("gateway", "retrieval", "ranking", LOADGEN)
+    )
+    if "total" in cost:
+        shares += f" = **{cost['total']:.2f}**"
+    cores = sum(run.get("cpu_percent", {}).values()) / 100.0
+    ceiling = run.get("cpu_bound_ceiling_qps")
+    ratio = run.get("e2e_over_in_process_p50")
+    local = run.get("in_process", {}).get("latency_ms", {}).get("p50")
+    errors = run["error_count"]
+    if run["errors"]:
+        errors = f"{errors} ({', '.join(f'{c} {n}' for c, n in run['errors'].items())})"
+    return (
+        f"| {name} | {run['achieved_qps']:.0f} | {_ms(lat['p50'])} | {_ms(lat['p90'])} | "
+        f"{_ms(lat['p99'])} | {_ms(lat['max'])} | {errors} | {run['degraded']} | "
+        f"{'–' if local is None else f'{local:.2f}'} | "
+        f"{'–' if ratio is None else f'{ratio:.1f}×'} | {shares} | "
+        f"{'–' if ceiling is None else ceiling} | {cores:.2f} | "
+        f"{_ms(run.get('other_processes_cores'))} |"
+    )

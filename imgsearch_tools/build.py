@@ -1,0 +1,377 @@
+"""`imgsearch build` and `imgsearch train`: one versioned artifact set from a catalogue."""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from imgsearch.names import RANKER_NAMES
+from retrieval_service.clip_model import TRAIN_STEPS
+
+# Candidates asked of the retriever per conversion keyword for ranker training: validation
+# ranks the first 100, BPR draws hard negatives from all of them (FM's ``negative_pool``).
+CANDIDATE_DEPTH = 2000
+# What `train` retrains by default: the rankers that learn from conversions.
+TRAINED_RANKERS = tuple(n for n in RANKER_NAMES if n not in ("none", "popularity"))
+
+
+def add_commands(subparsers) -> None:
+    """Register build and train."""
+    p = subparsers.add_parser(
+        "build",
+        help="validate an Unsplash Lite folder and build a versioned artifact set",
+        description="Read DATA (Unsplash Lite layout), then write catalogue tables, the keyword "
+        "index, CLIP embeddings + FAISS index (when images exist) and trained rankers as one "
+        "versioned set under OUT/sets/<version>, and point OUT/current at it.",
+    )
+    p.add_argument("--data", required=True, help="folder in the Unsplash Lite layout")
+    p.add_argument("--out", required=True, help="artifact root (sets/ and current are made here)")
+    p.add_argument(
+        "--rankers",
+        default=",".join(RANKER_NAMES),
+        help="comma-separated rankers to train (default: %(default)s)",
+    )
+    p.add_argument(
+        "--tune",
+        action="store_true",
+        help="pick ranker hyper-parameters on a "
+        "validation slice of the conversions (recorded in the manifest)",
+    )
+    p.add_argument(
+        "--int8",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="try INT8 for the DeepFM MLP, kept only if NDCG@10 stays within 1%% of FP32 and "
+        "it is faster (default: on)",
+    )
+    p.add_argument("--no-clip", action="store_true", help="skip CLIP even when images exist")
+    p.add_argument(
+        "--clip-model",
+        default=None,
+        help="open_clip model name (default: the project's tiny CLIP, trained on the catalogue)",
+    )
+    p.add_argument(
+        "--clip-pretrained",
+        default=None,
+        help="open_clip pretrained tag or local checkpoint path for --clip-model",
+    )
+    p.add_argument(
+        "--clip-steps",
+        type=int,
+        default=TRAIN_STEPS,
+        help="CLIP training steps when training (default: %(default)s)",
+    )
+    p.add_argument(
+        "--index-factory",
+        default=None,
+        help="FAISS factory string (default: Flat below 50k photos, else HNSW32)",
+    )
+    p.add_argument(
+        "--strict",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="fail on the first malformed row (default) or skip and count them",
+    )
+    p.add_argument("--keep", type=int, default=3, help="artifact sets to keep (default: 3)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(handler=cmd_build)
+
+    p = subparsers.add_parser(
+        "train",
+        help="retrain the rankers of the current artifact set into a new set version",
+        description="Train rankers on the catalogue of ARTIFACTS/current and publish a new set "
+        "that shares every other artifact (hard links) with it; running servers pick it up on "
+        "`imgsearch reload`. --tune picks hyper-parameters on a validation slice cut from the "
+        "end of the conversions and records the choice in the manifest.",
+    )
+    p.add_argument("--artifacts", default="var/artifacts", help="artifact root (with current)")
+    p.add_argument(
+        "--rankers",
+        default=",".join(TRAINED_RANKERS),
+        help="comma-separated rankers to train (default: %(default)s)",
+    )
+    p.add_argument("--tune", action="store_true", help="tune on a validation slice first")
+    p.add_argument(
+        "--int8",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="gate INT8 for the DeepFM MLP (default: on)",
+    )
+    p.add_argument("--keep", type=int, default=3, help="artifact sets to keep (default: 3)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(handler=cmd_train)
+
+
+def build_artifacts(
+    data: str,
+    out: str,
+    rankers: list[str],
+    tune: bool = False,
+    clip: bool = True,
+    clip_model: str | None = None,
+    clip_pretrained: str | None = None,
+    clip_steps: int = TRAIN_STEPS,
+    index_factory: str | None = None,
+    strict: bool = True,
+    keep: int = 3,
+    show_progress: bool = True,
+    int8: bool = True,
+) -> Path:
+    """Build one artifact set from ``data`` under ``out`` and publish it; returns its folder."""
+    from imgsearch import artifacts
+    from imgsearch.unsplash import read_unsplash
+    from retrieval_service.keyword_index import KeywordIndex
+
+    started = time.time()
+    log = _stage_printer(show_progress)
+    log(f"reading {data}")
+    catalogue, report = read_unsplash(data, show_progress=show_progress, strict=strict)
+    log(report.summary())
+    fingerprint = artifacts.data_fingerprint(data)
+    set_dir, version = artifacts.new_set_dir(out, fingerprint)
+    try:
+        manifest: dict = {
+            "version": version,
+            "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "data_dir": str(Path(data).resolve()),
+            "data_fingerprint": fingerprint,
+            "counts": {
+                "photos": catalogue.n_photos,
+                "photos_with_images": int(catalogue.photos["has_image"].sum()),
+                "keywords": len(catalogue.keywords),
+                "users": catalogue.n_users,
+                "conversions": len(catalogue.conversions),
+            },
+            "versions": _library_versions(),
+        }
+        catalogue.save(set_dir / artifacts.CATALOGUE_DIR)
+        log("building keyword index")
+        keyword_index = KeywordIndex.from_keywords(catalogue.keywords)
+        keyword_index.save(set_dir / artifacts.KEYWORD_INDEX)
+        if clip and catalogue.photos["has_image"].any():
+            from imgsearch_tools.demo_data import query_families
+            from retrieval_service.clip_model import ClipSpec
+            from retrieval_service.clip_training import build_clip_artifacts
+
+            spec = ClipSpec(clip_model, clip_pretrained) if clip_model else None
+            log("CLIP: " + (f"{clip_model} ({clip_pretrained})" if spec else "training tiny CLIP"))
+            manifest["clip"] = build_clip_artifacts(
+                catalogue,
+                set_dir,
+                spec,
+                factory=index_factory,
+                train_steps=clip_steps,
+                show_progress=show_progress,
+                query_families=query_families(catalogue),
+            )
+        else:
+            manifest["clip"] = {
+                "skipped": "disabled by --no-clip" if not clip else "the catalogue has no images"
+            }
+        if rankers:
+            from ranking_service.training import train_rankers
+
+            candidates = served_candidates(catalogue, keyword_index, show_progress)
+            manifest["ranker_candidates"] = candidates_summary(candidates)
+            log(f"training rankers: {', '.join(rankers)}")
+            manifest["rankers"] = train_rankers(
+                catalogue,
+                rankers,
+                set_dir / artifacts.RANKERS_DIR,
+                candidates,
+                tune=tune,
+                show_progress=show_progress,
+                int8=int8,
+            )
+        else:
+            manifest["rankers"] = {}
+        manifest["build_seconds"] = round(time.time() - started, 1)
+        artifacts.write_manifest(set_dir, manifest)
+    except BaseException:
+        shutil.rmtree(set_dir, ignore_errors=True)
+        raise
+    artifacts.publish(out, set_dir)
+    artifacts.prune(out, keep=keep)
+    log(f"artifact set {version} ready in {manifest['build_seconds']}s: {set_dir}")
+    return set_dir
+
+
+def _library_versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for name in ("imgsearch", "torch", "open_clip_torch", "faiss-cpu", "implicit", "numpy"):
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    return found
+
+
+def _stage_printer(enabled: bool):
+    def log(message: str) -> None:
+        if enabled:
+            print(f"[imgsearch] {message}", file=sys.stderr, flush=True)
+
+    return log
+
+
+def cmd_build(args) -> int:
+    from imgsearch.unsplash import DataError
+
+    rankers = [r.strip() for r in args.rankers.split(",") if r.strip()]
+    unknown = sorted(set(rankers) - set(RANKER_NAMES))
+    if unknown:
+        print(
+            f"error: unknown ranker(s) {', '.join(unknown)}; valid: {', '.join(RANKER_NAMES)}",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        build_artifacts(
+            args.data,
+            args.out,
+            rankers,
+            tune=args.tune,
+            clip=not args.no_clip,
+            clip_model=args.clip_model,
+            clip_pretrained=args.clip_pretrained,
+            clip_steps=args.clip_steps,
+            index_factory=args.index_factory,
+            strict=args.strict,
+            keep=args.keep,
+            show_progress=not args.quiet,
+            int8=args.int8,
+        )
+    except DataError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except FileNotFoundError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def retrain_rankers(
+    root: str,
+    rankers: list[str],
+    tune: bool = False,
+    int8: bool = True,
+    keep: int = 3,
+    show_progress: bool = True,
+) -> Path:
+    """Train ``rankers`` on the current set's catalogue and publish them as a new set version.
+
+    Rankers of the current set that are not retrained are kept as they are.
+    """
+    from imgsearch import artifacts
+    from imgsearch.catalogue import Catalogue
+    from ranking_service.training import train_rankers
+    from retrieval_service.keyword_index import KeywordIndex
+
+    if not (Path(root) / artifacts.CURRENT).exists():
+        raise artifacts.ArtifactError(
+            f"{root} is not an artifact root (no {artifacts.CURRENT} link); "
+            "build one with `imgsearch build --data DIR --out ROOT`"
+        )
+    current = artifacts.resolve(root)
+    catalogue = Catalogue.load(current.file(artifacts.CATALOGUE_DIR))
+    set_dir, version = artifacts.new_set_dir(root, current.manifest.get("data_fingerprint", ""))
+    try:
+        artifacts.link_tree(current.path, set_dir, skip=(artifacts.MANIFEST,))
+        for name in rankers:
+            shutil.rmtree(set_dir / artifacts.RANKERS_DIR / name, ignore_errors=True)
+        keyword_index = KeywordIndex.load(current.file(artifacts.KEYWORD_INDEX))
+        candidates = served_candidates(catalogue, keyword_index, show_progress)
+        trained = train_rankers(
+            catalogue,
+            rankers,
+            set_dir / artifacts.RANKERS_DIR,
+            candidates,
+            tune=tune,
+            show_progress=show_progress,
+            int8=int8,
+        )
+        manifest = {
+            **current.manifest,
+            "version": version,
+            "parent_version": current.version,
+            "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "rankers": {**current.manifest.get("rankers", {}), **trained},
+            "ranker_candidates": candidates_summary(candidates),
+        }
+        artifacts.write_manifest(set_dir, manifest)
+    except BaseException:
+        shutil.rmtree(set_dir, ignore_errors=True)
+        raise
+    artifacts.publish(root, set_dir)
+    artifacts.prune(root, keep=keep)
+    _stage_printer(show_progress)(f"artifact set {version} (rankers retrained) ready: {set_dir}")
+    return set_dir
+
+
+def cmd_train(args) -> int:
+    from imgsearch import artifacts
+
+    rankers = [r.strip() for r in args.rankers.split(",") if r.strip()]
+    unknown = sorted(set(rankers) - set(RANKER_NAMES))
+    if unknown or not rankers:
+        print(
+            f"error: unknown ranker(s) {', '.join(unknown) or '(none given)'}; valid: "
+            f"{', '.join(RANKER_NAMES)}",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        retrain_rankers(
+            args.artifacts,
+            rankers,
+            tune=args.tune,
+            int8=args.int8,
+            keep=args.keep,
+            show_progress=not args.quiet,
+        )
+    except artifacts.ArtifactError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def served_candidates(catalogue, retriever, show_progress: bool = False):
+    """The retriever's candidates for every keyword of the catalogue's conversions.
+
+    Ranker training validates on them and draws hard negatives from them, so it sees what
+    serving retrieves (:class:`~imgsearch.candidates.CandidateLists`).
+
+    Parameters
+    ----------
+    catalogue:
+        The catalogue whose conversions the rankers train on.
+    retriever:
+        A retriever of the retrieval service (``retrieve(query, k)``), e.g. the keyword index.
+    show_progress:
+        A progress bar.
+    """
+    from imgsearch.candidates import CandidateLists
+
+    return CandidateLists.collect(
+        catalogue.conversions["keyword"].unique(),
+        retriever.retrieve,
+        CANDIDATE_DEPTH,
+        retriever=retriever.name,
+        show_progress=show_progress,
+    )
+
+
+def candidates_summary(candidates) -> dict:
+    """What the manifest records of the candidate lists rankers trained with."""
+    lengths = [len(candidates.top(k)[0]) for k in candidates.keywords]
+    return {
+        "retriever": candidates.retriever,
+        "depth": candidates.depth,
+        "keywords": len(candidates),
+        "empty_keywords": int(sum(n == 0 for n in lengths)),
+    }

@@ -1,0 +1,218 @@
+"""Subcommands around running servers: search, reload and demo (what `make run` runs)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+from imgsearch.names import RANKER_CHOICES, RANKER_NAMES, RETRIEVER_CHOICES
+from imgsearch_tools.build import build_artifacts
+from imgsearch_tools.serve import SERVICES, resolve_configs, serve_all
+
+
+def add_commands(subparsers) -> None:
+    """Register search, reload and demo."""
+    p = subparsers.add_parser("search", help="search through the gateway and print the results")
+    p.add_argument("query")
+    p.add_argument("--user", default="", help="anonymous_user_id (empty: anonymous)")
+    p.add_argument("-k", type=int, default=10)
+    p.add_argument("--candidates-k", type=int, default=0)
+    p.add_argument("--retriever", default="default", choices=RETRIEVER_CHOICES)
+    p.add_argument("--ranker", default="default", choices=RANKER_CHOICES)
+    p.add_argument("--recent", default="", help="comma-separated recent photo ids of the user")
+    p.add_argument("--target", default=None, help="gateway HOST:PORT (default 127.0.0.1:50051)")
+    p.add_argument("--timeout", type=float, default=10.0, help="deadline in seconds")
+    p.add_argument("--json", action="store_true", help="print the response as JSON")
+    p.add_argument(
+        "--html",
+        default=None,
+        metavar="FILE",
+        help="also write the results as an HTML page with the images",
+    )
+    p.add_argument(
+        "--images",
+        default=None,
+        metavar="DIR",
+        help="with --html: embed images from this folder (e.g. DATA/images) "
+        "instead of linking their URLs",
+    )
+    p.set_defaults(handler=cmd_search)
+
+    p = subparsers.add_parser("reload", help="switch running servers to the newest artifact set")
+    p.add_argument(
+        "--targets",
+        default="127.0.0.1:50052,127.0.0.1:50053,127.0.0.1:50051",
+        help="comma-separated HOST:PORT of the servers (default: all three local)",
+    )
+    p.add_argument("--artifacts", default="", help="artifact root or set (default: the same)")
+    p.set_defaults(handler=cmd_reload)
+
+    p = subparsers.add_parser("demo", help="build the embedded demo if missing and serve it")
+    p.add_argument("--data", default="var/demo-data")
+    p.add_argument("--artifacts", default="var/artifacts")
+    p.add_argument("--photos", type=int, default=5000)
+    p.add_argument("--users", type=int, default=2000)
+    p.add_argument("--conversions", type=int, default=150_000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-serve", action="store_true", help="build only, then exit")
+    p.set_defaults(handler=cmd_demo)
+
+
+# ----------------------------------------------------------------------------------- search
+def cmd_search(args) -> int:
+    import grpc
+
+    from gateway.client import format_table, search, to_json
+    from imgsearch.config import env_int
+
+    target = args.target or f"127.0.0.1:{env_int('GATEWAY_PORT', 50051)}"
+    recent = [r for r in args.recent.split(",") if r]
+    try:
+        response = search(
+            target,
+            args.query,
+            args.user,
+            k=args.k,
+            candidates_k=args.candidates_k,
+            retriever=args.retriever,
+            ranker=args.ranker,
+            recent_photo_ids=recent,
+            timeout=args.timeout,
+        )
+    except grpc.RpcError as exc:
+        print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        return 1
+    print(to_json(response) if args.json else format_table(response, args.query, args.user))
+    if args.html:
+        from gateway.client import to_html
+
+        Path(args.html).write_text(to_html(response, args.query, args.user, args.images))
+        print(f"wrote {args.html}", file=sys.stderr)
+    return 0
+
+
+def cmd_reload(args) -> int:
+    import grpc
+
+    from imgsearch.admin.v1 import admin_service_pb2 as admin_pb
+    from imgsearch.admin.v1 import admin_service_pb2_grpc as admin_grpc
+
+    status = 0
+    for target in [t for t in args.targets.split(",") if t]:
+        with grpc.insecure_channel(target) as channel:
+            stub = admin_grpc.AdminServiceStub(channel)
+            try:
+                reply = stub.Reload(admin_pb.ReloadRequest(artifacts=args.artifacts), timeout=300)
+                print(
+                    f"{target}: {reply.previous_version} -> {reply.version} "
+                    f"({reply.load_ms:.0f} ms)"
+                )
+            except grpc.RpcError as exc:
+                print(f"{target}: error: {exc.code().name}: {exc.details()}", file=sys.stderr)
+                status = 1
+    return status
+
+
+# ------------------------------------------------------------------------------------- demo
+def ensure_demo(args) -> None:
+    """Generate the demo data and build its set when missing or made by an older generator."""
+    from imgsearch import artifacts
+    from imgsearch_tools.demo_data import GENERATOR_VERSION, generate
+
+    data = Path(args.data)
+    marker = data / ".complete"
+    try:
+        generated_by = json.loads(marker.read_text()).get("generator")
+    except (OSError, ValueError, AttributeError):
+        generated_by = None
+    regenerated = generated_by != GENERATOR_VERSION
+    if regenerated:
+        why = "generating" if generated_by is None else "regenerating (the generator changed)"
+        print(f"[imgsearch] {why} the demo catalogue into {data}", file=sys.stderr)
+        if data.exists():
+            shutil.rmtree(data)
+        generate(
+            data,
+            n_photos=args.photos,
+            n_users=args.users,
+            n_conversions=args.conversions,
+            seed=args.seed,
+        )
+        marker.write_text(json.dumps({**vars(args), "generator": GENERATOR_VERSION}, default=str))
+    try:
+        artifacts.resolve(args.artifacts)
+    except artifacts.ArtifactError:
+        regenerated = True
+    if regenerated:
+        build_artifacts(str(data), args.artifacts, list(RANKER_NAMES))
+
+
+def cmd_demo(args) -> int:
+    import threading
+
+    ensure_demo(args)
+    if args.no_serve:
+        return 0
+    os.environ.setdefault("IMGSEARCH_LOG_FORMAT", "text")
+    serve_args = argparse.Namespace(
+        artifacts=args.artifacts,
+        host=None,
+        max_inflight=None,
+        retrieval_port=None,
+        ranking_port=None,
+        gateway_port=None,
+        default_retriever=None,
+        default_ranker=None,
+        timeout_ms=None,
+        retrieval_addr=None,
+        ranking_addr=None,
+        metrics_port=None,
+        log_level="WARNING",
+    )
+    configs = resolve_configs(serve_args)
+    # serve_all installs signal handlers, which only the main thread may do: it runs there,
+    # and the example search runs from a helper thread once all three are SERVING.
+    threading.Thread(target=show_example, args=(configs, args.artifacts), daemon=True).start()
+    return serve_all(serve_args, configs)
+
+
+def show_example(configs: dict, artifacts_path: str) -> None:
+    """Wait for the three services, then print one personalized example search."""
+    from gateway.client import format_table, search, wait_for_serving
+
+    ports = {name: configs[name].port for name in SERVICES}
+    try:
+        for name in SERVICES:
+            wait_for_serving(f"127.0.0.1:{ports[name]}", timeout=180)
+        user = _example_user(artifacts_path)
+        response = search(f"127.0.0.1:{ports['gateway']}", "red circle", user, k=5)
+        print("\n" + format_table(response, "red circle", user))
+        print(
+            f"\nimgsearch is SERVING: gateway 127.0.0.1:{ports['gateway']}, "
+            f"retrieval 127.0.0.1:{ports['retrieval']}, ranking 127.0.0.1:{ports['ranking']}"
+            f'\ntry: .venv/bin/imgsearch search "blue star" --user {user}'
+            "\nCtrl-C stops all three.",
+            flush=True,
+        )
+    except Exception as exc:  # noqa: BLE001 - the servers keep running; say what failed
+        print(f"example search failed: {exc}", file=sys.stderr)
+
+
+def _example_user(artifacts_path: str) -> str:
+    """The most active user of the served set, so the example search is personalized."""
+    import pandas as pd
+
+    from imgsearch import artifacts
+
+    artifact_set = artifacts.resolve(artifacts_path)
+    catalogue_dir = artifact_set.file(artifacts.CATALOGUE_DIR)
+    conversions = pd.read_parquet(catalogue_dir / "conversions.parquet", columns=["user_idx"])
+    users = pd.read_parquet(catalogue_dir / "users.parquet")
+    if conversions.empty:
+        return ""
+    top = int(conversions["user_idx"].value_counts().idxmax())
+    return str(users.loc[users["user_idx"] == top, "anonymous_user_id"].iloc[0])

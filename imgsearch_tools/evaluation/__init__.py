@@ -1,0 +1,1 @@
+"""`imgsearch eval`: the offline evaluation protocol, its runner and its report."""

@@ -1,0 +1,189 @@
+"""`imgsearch serve`: one service in this process, or all three as child processes."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import fields
+
+from imgsearch.config import with_overrides
+
+SERVICES = ("retrieval", "ranking", "gateway")
+
+
+def add_commands(subparsers) -> None:
+    """Register serve."""
+    p = subparsers.add_parser("serve", help="serve retrieval, ranking, the gateway, or all three")
+    add_serve_arguments(p)
+    p.set_defaults(handler=cmd_serve)
+
+
+def add_serve_arguments(p: argparse.ArgumentParser) -> None:
+    """The `serve` flags; a flag named after a config field (``--max-inflight``) sets it."""
+    p.add_argument("service", choices=(*SERVICES, "all"))
+    p.add_argument("--artifacts", default=None, help="artifact root or set (IMGSEARCH_ARTIFACTS)")
+    p.add_argument("--host", default=None, help="bind address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=None, help="port of a single service")
+    p.add_argument("--gateway-port", type=int, default=None, help="default 50051")
+    p.add_argument("--retrieval-port", type=int, default=None, help="default 50052")
+    p.add_argument("--ranking-port", type=int, default=None, help="default 50053")
+    p.add_argument("--retrieval-addr", default=None, help="gateway: retrieval HOST:PORT")
+    p.add_argument("--ranking-addr", default=None, help="gateway: ranking HOST:PORT")
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        default=None,
+        help="Prometheus port (with `all`: base, +0 gateway, +1 retrieval, +2 ranking)",
+    )
+    p.add_argument("--max-inflight", type=int, default=None, help="load-shedding limit")
+    p.add_argument("--default-retriever", default=None)
+    p.add_argument("--default-ranker", default=None)
+    p.add_argument("--timeout-ms", type=int, default=None, help="gateway search budget")
+    p.add_argument("--log-level", default="INFO")
+
+
+def resolve_configs(args) -> dict:
+    """The three services' configs from `serve` flags, then the environment, then defaults."""
+    from imgsearch.config import GatewayConfig, RankingConfig, RetrievalConfig, with_overrides
+
+    common = {
+        "artifacts": args.artifacts,
+        "host": args.host,
+        "max_inflight": args.max_inflight,
+        "metrics_port": args.metrics_port,
+    }
+    retrieval = with_overrides(
+        RetrievalConfig(),
+        **common,
+        port=args.retrieval_port,
+        default_retriever=args.default_retriever,
+    )
+    ranking = with_overrides(
+        RankingConfig(), **common, port=args.ranking_port, default_ranker=args.default_ranker
+    )
+    gateway = with_overrides(
+        GatewayConfig(),
+        **common,
+        port=args.gateway_port,
+        timeout_ms=args.timeout_ms,
+        retrieval_addr=args.retrieval_addr
+        or (f"127.0.0.1:{retrieval.port}" if args.retrieval_port else None),
+        ranking_addr=args.ranking_addr
+        or (f"127.0.0.1:{ranking.port}" if args.ranking_port else None),
+    )
+    return {"retrieval": retrieval, "ranking": ranking, "gateway": gateway}
+
+
+async def serve_one(name: str, config) -> None:
+    """Run one service until SIGTERM/SIGINT."""
+    from imgsearch.serving import run_until_signalled, start_metrics
+
+    if name == "retrieval":
+        from retrieval_service.server import create_retrieval_server as create
+    elif name == "ranking":
+        from ranking_service.server import create_ranking_server as create
+    else:
+        from gateway.server import create_gateway_server as create
+    start_metrics(config.metrics_port, config.host)
+    service = await create(config)
+    print(
+        f"[imgsearch] {name} SERVING on {config.host}:{service.port}", file=sys.stderr, flush=True
+    )
+    await run_until_signalled([service], config.grace_s)
+
+
+def cmd_serve(args) -> int:
+    import asyncio
+
+    from imgsearch import artifacts
+    from imgsearch.config import with_overrides
+    from imgsearch.serving import setup_logging
+
+    setup_logging(args.log_level)
+    configs = resolve_configs(args)
+    try:
+        artifacts.resolve(configs["gateway"].artifacts)
+    except artifacts.ArtifactError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    if args.service != "all":
+        config = with_overrides(configs[args.service], port=args.port)
+        asyncio.run(serve_one(args.service, config))
+        return 0
+    return serve_all(args, configs)
+
+
+def serve_all(args, configs) -> int:
+    """Run the three services as child processes (one GIL each); forward signals; wait."""
+    children: dict[str, subprocess.Popen] = {}
+    for offset, name in enumerate(("gateway", "retrieval", "ranking")):
+        config = configs[name]
+        if config.metrics_port:
+            config = with_overrides(config, metrics_port=config.metrics_port + offset)
+        children[name] = subprocess.Popen(
+            serve_command(name, config, args.log_level), start_new_session=True
+        )
+    return supervise(children)
+
+
+def serve_command(name: str, config, log_level: str = "INFO") -> list[str]:
+    """The `imgsearch serve NAME` command line that runs one service with ``config``.
+
+    Every setting of the config that `serve` has a flag for is passed as that flag (the field
+    ``max_inflight`` as ``--max-inflight``; ``port`` as ``--port``), so a child process runs
+    with exactly the settings the parent resolved; the rest come from the environment it
+    inherits.
+    """
+    flags = _serve_flags()
+    cmd = [sys.executable, "-m", "imgsearch_tools.cli", "serve", name, "--log-level", log_level]
+    for field in fields(config):
+        flag = "--" + field.name.replace("_", "-")
+        value = getattr(config, field.name)
+        if flag in flags and value not in (None, ""):
+            cmd += [flag, str(value)]
+    return cmd
+
+
+def _serve_flags() -> set[str]:
+    probe = argparse.ArgumentParser(add_help=False)
+    add_serve_arguments(probe)
+    return {option for action in probe._actions for option in action.option_strings}
+
+
+def supervise(children: dict[str, subprocess.Popen], grace: float = 10.0) -> int:
+    """Wait for children; on SIGTERM/SIGINT forward SIGTERM and wait for clean exits."""
+    stopping = {"flag": False}
+
+    def forward(signum, frame):
+        stopping["flag"] = True
+
+    old = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
+    signal.signal(
+        signal.SIGHUP, lambda s, f: [c.send_signal(signal.SIGHUP) for c in children.values()]
+    )
+    try:
+        while not stopping["flag"]:
+            dead = {n: c.returncode for n, c in children.items() if c.poll() is not None}
+            if dead:
+                print(f"error: service exited: {dead}", file=sys.stderr)
+                stopping["flag"] = True
+                break
+            time.sleep(0.2)
+    finally:
+        for child in children.values():
+            if child.poll() is None:
+                child.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        for child in children.values():
+            try:
+                child.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait()
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+    codes = [c.returncode for c in children.values()]
+    return 0 if all(code == 0 for code in codes) else 1
