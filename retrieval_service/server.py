@@ -199,6 +199,12 @@ async def create_retrieval_server(config: RetrievalConfig) -> Service:
         "retrieval",
         config,
         [SERVICE_NAME],
-        lambda path: load_retrieval_state(path, config.default_retriever),
+        lambda path: load_retrieval_state(
+            path,
+            config.default_retriever,
+            max_batch=config.encode_batch,
+            max_wait_ms=config.encode_wait_ms,
+            text_runtime=config.text_runtime,
+        ),
         add,
     )
