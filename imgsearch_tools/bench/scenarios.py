@@ -18,7 +18,11 @@ CANDIDATES_K = 100
 
 @dataclass(frozen=True)
 class Scenario:
-    """One standard load scenario of the suite."""
+    """One load scenario of the suite.
+
+    ``unique_share`` of its queries are made unique (no cache has them); ``repeated_query``
+    sends that one query every time; ``duration_s`` overrides the suite's duration.
+    """
 
     name: str
     retriever: str
@@ -26,6 +30,9 @@ class Scenario:
     qps: float | None = None
     concurrency: int | None = None
     needs_clip: bool = False
+    unique_share: float = 0.0
+    repeated_query: str = ""
+    duration_s: float | None = None
 
 
 def standard_scenarios(qps: float) -> list[Scenario]:
