@@ -514,8 +514,18 @@ def _all_tags(catalogue: Any, photo_idx: np.ndarray) -> list[set[str]]:
 
 
 def keyword_vocabulary(catalogue: Any, max_keywords: int = KNOWN_QUERIES_MAX) -> list[str]:
-    """The catalogue's most frequent keywords, normalised and distinct (ties by name)."""
-    counts = catalogue.keywords["keyword"].astype(str).map(normalise_keyword).value_counts()
+    """The catalogue's most frequent keywords, normalised and distinct (ties by name).
+
+    Both the photos' keywords (``keywords.tsv``) and what users searched (the conversions'
+    ``keyword``, e.g. "red circle") count: either is a query the servers will see again.
+    """
+    import pandas as pd
+
+    words = [catalogue.keywords["keyword"]]
+    conversions = catalogue.conversions
+    if conversions is not None and "keyword" in conversions:
+        words.append(conversions["keyword"])
+    counts = pd.concat(words).astype(str).map(normalise_keyword).value_counts()
     frame = counts.rename_axis("keyword").reset_index(name="count")
     frame = frame[frame["keyword"] != ""]
     frame = frame.sort_values(["count", "keyword"], ascending=[False, True], kind="stable")

@@ -384,3 +384,17 @@ def test_bench_clip_small(tmp_path):
     assert figures["embedding"]["images_per_s"] > 0
     table = format_bench(figures)
     assert "INT8" in table and "HNSW32" in table and "images/s" in table
+
+
+def test_known_queries_are_the_photos_keywords_and_what_users_searched(catalogue):
+    from retrieval_service.clip_training import heldout_queries, keyword_vocabulary
+
+    searched = pd.DataFrame({"keyword": ["Red  Circle"] * 300 + ["night", ""]})
+    vocabulary = keyword_vocabulary(catalogue.with_conversions(searched))
+    assert vocabulary[0] == "red circle"  # searched 300 times: the most frequent
+    assert set(vocabulary) == {"red circle", *COLOURS, *SHAPES, *SCENES, "abstract"}
+    assert keyword_vocabulary(catalogue, max_keywords=3) == ["abstract", "circle", "night"]
+    heldout = heldout_queries(catalogue, set(vocabulary), n=20)
+    assert len(heldout) == 20 and not set(heldout) & set(vocabulary)
+    assert any(len(q.split()) == 2 for q in heldout)  # keyword pairs
+    assert any(q.startswith("a ") for q in heldout)  # descriptions
