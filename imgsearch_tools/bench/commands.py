@@ -19,8 +19,8 @@ from imgsearch_tools.bench.scenarios import (
     add_in_process,
     hot_reload_scenario,
     kill_ranking_scenario,
-    measured,
     reflection_run,
+    run_scenario,
     say,
     standard_scenarios,
     write_ghz_data,
@@ -342,24 +342,8 @@ async def run_suite(args, artifact_set, out: Path) -> int:
                 report["scenarios"].append({"name": scenario.name, "skipped": skip})
                 say(f"{scenario.name}: skipped ({skip})")
                 continue
-            spec = bench.LoadSpec(
-                target=target,
-                qps=scenario.qps,
-                concurrency=scenario.concurrency,
-                duration_s=args.duration,
-                warmup_s=args.warmup,
-                retriever=scenario.retriever,
-                ranker=scenario.ranker,
-                k=K,
-                candidates_k=CANDIDATES_K,
-                channels=args.channels,
-            )
-            result = await measured(services, spec, queries)
-            report["scenarios"].append({"name": scenario.name, **result})
-            say(
-                f"{scenario.name}\n{bench.format_result(result)}\n"
-                f"  CPU % {result['cpu_percent']}\n"
-                f"  CPU ms per search {result['cpu_ms_per_search']}"
+            report["scenarios"].append(
+                await run_scenario(services, scenario, target, args, queries)
             )
         if _selected(args, "reflection"):
             report["reflection_client"] = await reflection_run(target, queries)

@@ -4,6 +4,14 @@ from __future__ import annotations
 
 from imgsearch_tools.bench.processes import LOADGEN
 
+TABLE_HEADER = [
+    "| scenario | achieved QPS | p50 ms | p90 ms | p99 ms | max ms | errors | degraded "
+    "| in-process p50 ms | e2e / in-process p50 | CPU ms per search: gateway · retrieval · "
+    "ranking · load gen = total | CPU-bound ceiling QPS | CPU used (cores) "
+    "| other processes (cores) |",
+    "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|",
+]
+
 
 def _ms(value) -> str:
     return "–" if value is None else f"{value:.1f}"
@@ -33,11 +41,7 @@ def render_markdown(report: dict) -> str:
         "sampled from the catalogue's conversions. In-process = the same requests through the "
         "same retriever and ranker called directly (no gRPC, no protobuf).",
         "",
-        "| scenario | achieved QPS | p50 ms | p90 ms | p99 ms | max ms | errors | degraded "
-        "| in-process p50 ms | e2e / in-process p50 | CPU ms per search: gateway · retrieval · "
-        "ranking · load gen = total | CPU-bound ceiling QPS | CPU used (cores) "
-        "| other processes (cores) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|",
+        *TABLE_HEADER,
     ]
     for run in report["scenarios"]:
         if "skipped" in run:
@@ -150,8 +154,9 @@ def _real_clip_lines(section: dict | None) -> list[str]:
         f"Set `{section['artifacts']['version']}`: the demo generator's "
         f"{counts.get('photos', '?'):,} photos, {counts.get('users', '?')} users, "
         f"{counts.get('conversions', '?'):,} conversions, CLIP {section['model']} with "
-        f"{section['weights']}. Hybrid retrieval + ALS, k=10 of 100, "
-        f"{section['target']['timeout_s']:g} s deadline per search. Queries: one repeated "
+        f"{section['weights']}. Hybrid retrieval + ALS, k=10 of 100, a "
+        f"{section['scenarios'][0]['timeout_s'] if section['scenarios'] else 2:g} s deadline "
+        "per search. Queries: one repeated "
         "query (answered by the query cache), catalogue keywords (their embeddings are stored "
         "with the set), and unique queries (a keyword, another word and a number never sent "
         "before: every one runs the text encoder). No in-process baseline in this section."
@@ -166,11 +171,7 @@ def _real_clip_lines(section: dict | None) -> list[str]:
         lines.append(f"Text runtime chosen by the build: **{gate['runtime']}** ({runtimes}).")
     lines += [
         "",
-        "| scenario | achieved QPS | p50 ms | p90 ms | p99 ms | max ms | errors | degraded "
-        "| in-process p50 ms | e2e / in-process p50 | CPU ms per search: gateway · retrieval · "
-        "ranking · load gen = total | CPU-bound ceiling QPS | CPU used (cores) "
-        "| other processes (cores) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|",
+        *TABLE_HEADER,
     ]
     lines += [_row(run["name"], run) for run in section["scenarios"]]
     lines.append("")
@@ -181,7 +182,7 @@ def _real_clip_lines(section: dict | None) -> list[str]:
         target = section["target"]
         lat = headline["latency_ms"]
         lines += [
-            f"Target (hybrid + ALS, {headline['load']}, {target['timeout_s']:g} s deadline: "
+            f"Target (hybrid + ALS, {headline['load']}, {headline['timeout_s']:g} s deadline: "
             f"≥ {target['qps']:g} QPS sustained with p99 ≤ {target['p99_ms']:g} ms and no error): "
             f"**{'met' if target_met(headline, target) else 'not met'}** — achieved "
             f"{headline['achieved_qps']:.0f} QPS, p50 {_ms(lat['p50'])} ms, p99 "

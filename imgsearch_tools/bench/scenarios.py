@@ -66,6 +66,34 @@ async def measured(services: ServiceProcesses, spec, queries) -> dict:
     return result
 
 
+async def run_scenario(services: ServiceProcesses, scenario: Scenario, target: str, args, queries):
+    """One scenario against ``target`` with the suite's settings; its result, named."""
+    from imgsearch_tools.bench import load as bench
+
+    if scenario.repeated_query:
+        queries = [bench.BenchQuery(queries[0].user_id, scenario.repeated_query)]
+    spec = bench.LoadSpec(
+        target=target,
+        qps=scenario.qps,
+        concurrency=scenario.concurrency,
+        duration_s=scenario.duration_s or args.duration,
+        warmup_s=args.warmup,
+        retriever=scenario.retriever,
+        ranker=scenario.ranker,
+        k=K,
+        candidates_k=CANDIDATES_K,
+        channels=args.channels,
+        unique_share=scenario.unique_share,
+    )
+    result = await measured(services, spec, queries)
+    say(
+        f"{scenario.name}\n{bench.format_result(result)}\n"
+        f"  CPU % {result['cpu_percent']}\n"
+        f"  CPU ms per search {result['cpu_ms_per_search']}"
+    )
+    return {"name": scenario.name, **result}
+
+
 async def reflection_run(target: str, queries) -> dict:
     """What ghz does without --proto: resolve the method by reflection only, then call it."""
     import asyncio
