@@ -37,8 +37,6 @@ from retrieval_service.retrievers import RetrievalResult, Retriever
 from retrieval_service.semantic import clip_source
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["RetrievalService"].full_name
-# Retrievers whose work is heavy enough (torch) to run off the event loop.
-OFFLOADED = {"clip", "hybrid"}
 logger = logging.getLogger("imgsearch.retrieval")
 
 
@@ -159,25 +157,31 @@ class RetrievalServicer(pb_grpc.RetrievalServiceServicer):
                 f"(available: {', '.join(state.retrievers)})",
             )
         start = time.perf_counter()
-        if name in OFFLOADED:
-            retrieve = functools.partial(retriever.retrieve, query, candidates_k)
-            clip = clip_source(retriever)
-            if clip is not None:
-                # A query the caches miss waits for the next micro-batch of the text encoder;
-                # it is dropped unencoded if the caller's deadline passes first.
-                remaining = context.time_remaining()
-                deadline = None if remaining is None else time.monotonic() + remaining
-                try:
-                    embedding = await clip.embed_query_async(query, deadline)
-                except DeadlineExpired as exc:
-                    await context.abort(
-                        grpc.StatusCode.DEADLINE_EXCEEDED, f"query not encoded in time: {exc}"
-                    )
-                retrieve = functools.partial(retrieve, query_embedding=embedding)
-            loop = asyncio.get_running_loop()
-            result = await loop.run_in_executor(self.executor, retrieve)
-        else:
+        clip = clip_source(retriever)
+        if clip is not None:
+            # A query the caches miss waits for the next micro-batch of the text encoder; it is
+            # dropped unencoded if the caller's deadline passes first. The search (and, for
+            # hybrid, the keyword side) then runs off the event loop.
+            remaining = context.time_remaining()
+            deadline = None if remaining is None else time.monotonic() + remaining
+            try:
+                embedding = await clip.embed_query_async(query, deadline)
+            except DeadlineExpired as exc:
+                await context.abort(
+                    grpc.StatusCode.DEADLINE_EXCEEDED, f"query not encoded in time: {exc}"
+                )
+            retrieve = functools.partial(
+                retriever.retrieve, query, candidates_k, query_embedding=embedding
+            )
+            result = await asyncio.get_running_loop().run_in_executor(self.executor, retrieve)
+        elif retriever.cheap(query):
             result = retriever.retrieve(query, candidates_k)
+        else:
+            # The keyword index's token fallback: off the event loop.
+            loop = asyncio.get_running_loop()
+            result = await loop.run_in_executor(
+                self.executor, retriever.retrieve, query, candidates_k
+            )
         response = to_response(result, state.photo_ids)
         elapsed = time.perf_counter() - start
         self.stage_latency.observe(elapsed)

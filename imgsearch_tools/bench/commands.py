@@ -93,8 +93,18 @@ def add_commands(subparsers) -> None:
     )
     p.add_argument("--data", default="var/demo-data", help="demo data folder (built if missing)")
     p.add_argument("--artifacts", default="var/artifacts", help="artifact root to serve")
-    p.add_argument("--out", default="var/bench", help="report folder")
+    p.add_argument(
+        "--out",
+        default="var/bench",
+        help="report folder: new, empty, or one bench-suite wrote before",
+    )
     p.add_argument("--no-build", action="store_true", help="fail instead of building the demo")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="write into folders bench-suite (or the demo, for --data/--artifacts) did not "
+        "make, beside their files; none of them is deleted or overwritten",
+    )
     p.add_argument("--qps", type=float, default=400.0, help="open-loop rate (default 400)")
     p.add_argument("--duration", type=float, default=10.0, help="measured seconds per scenario")
     p.add_argument("--warmup", type=float, default=2.0, help="unmeasured seconds per scenario")
@@ -134,6 +144,49 @@ def add_commands(subparsers) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--in-process-requests", type=int, default=500)
     p.set_defaults(handler=cmd_bench_suite)
+
+    p = subparsers.add_parser(
+        "bench-feedback",
+        help="measure LogConversions throughput (events/s, latency) on SQLite and PostgreSQL",
+        description="For each backend, start `imgsearch serve gateway` on a fresh conversion "
+        "store (a scratch SQLite file in OUT, or a scratch schema on the PostgreSQL server, "
+        "dropped afterwards), send batches of new events closed-loop at each concurrency, and "
+        "report acknowledged events per second, call latency, errors and CPU per 1,000 events; "
+        "write OUT/feedback.json and OUT/feedback.md.",
+    )
+    p.add_argument("--artifacts", default="var/artifacts", help="artifact root to serve")
+    p.add_argument(
+        "--backends", default="sqlite,postgres", help="comma-separated: sqlite, postgres"
+    )
+    p.add_argument(
+        "--postgres-dsn",
+        default=None,
+        help="PostgreSQL server for the postgres backend (default: IMGSEARCH_CONVERSIONS_DSN)",
+    )
+    p.add_argument("--batch", type=int, default=100, help="events per call (default 100)")
+    p.add_argument(
+        "--concurrency", default="1,4,16", help="calls in flight, comma-separated (default 1,4,16)"
+    )
+    p.add_argument("--duration", type=float, default=10.0, help="measured seconds per run")
+    p.add_argument("--warmup", type=float, default=2.0, help="unmeasured seconds per run")
+    p.add_argument(
+        "--out",
+        default="var/bench",
+        help="report folder: new, empty, or one imgsearch's benchmarks wrote before",
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="write into a folder holding other files, beside them (none is deleted or "
+        "overwritten)",
+    )
+    p.set_defaults(handler=cmd_bench_feedback)
+
+
+# What bench-suite and bench-feedback write into --out ("name/": a folder whole); nothing
+# else there is touched. bench-feedback's SQLite store lives there only while it runs.
+REPORT_ENTRIES = ("bench.json", "bench.md", "ghz-data.json", "logs/", "reload-set/", "vit-b-32/")
+FEEDBACK_ENTRIES = ("feedback.json", "feedback.md")
 
 
 # ------------------------------------------------------------------------------ bench
@@ -242,7 +295,16 @@ def cmd_bench_suite(args) -> int:
     import asyncio
 
     from imgsearch import artifacts
+    from imgsearch_tools.outputs import RefusedFolder, claim_in_place
 
+    out = Path(args.out)
+    _adopt_earlier_report(out)
+    try:
+        # Checked before building anything: the report folder takes only these names.
+        claim_in_place(out, "bench-suite", REPORT_ENTRIES, force=args.force, record=False)
+    except RefusedFolder as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     try:
         artifact_set = artifacts.resolve(args.artifacts)
     except artifacts.ArtifactError as exc:
@@ -255,25 +317,59 @@ def cmd_bench_suite(args) -> int:
             return 1
         from imgsearch_tools.commands import ensure_demo
 
-        ensure_demo(
-            argparse.Namespace(
-                data=args.data,
-                artifacts=args.artifacts,
-                photos=5000,
-                users=2000,
-                conversions=150_000,
-                seed=0,
+        try:
+            ensure_demo(
+                argparse.Namespace(
+                    data=args.data,
+                    artifacts=args.artifacts,
+                    photos=5000,
+                    users=2000,
+                    conversions=150_000,
+                    seed=0,
+                    force=args.force,
+                )
             )
-        )
+        except RefusedFolder as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
         artifact_set = artifacts.resolve(args.artifacts)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    claim_in_place(out, "bench-suite", REPORT_ENTRIES, force=args.force)
     try:
         return asyncio.run(run_suite(args, artifact_set, out))
     except (RuntimeError, TimeoutError) as exc:
         # A service that cannot load the set (e.g. models from an older build) ends here.
         print(f"error: {exc}", file=sys.stderr)
         return 1
+
+
+def _adopt_earlier_report(out: Path) -> None:
+    """Mark a report folder written before output markers existed as the benchmarks' own.
+
+    Recognised by holding nothing but the entries of bench-suite and bench-feedback, with a
+    ``bench.json`` that is a suite report or a ``feedback.json`` that is a feedback report.
+    """
+    from imgsearch_tools.outputs import MARKER, write_marker
+
+    if not out.is_dir() or (out / MARKER).exists():
+        return
+    makers = {"bench-suite": ("bench.json", REPORT_ENTRIES, "scenarios")}
+    makers["bench-feedback"] = ("feedback.json", FEEDBACK_ENTRIES, "backends")
+    names = {entry.rstrip("/") for _, entries, _ in makers.values() for entry in entries}
+    if any(entry.name not in names for entry in out.iterdir()):
+        return
+    adopted = []
+    for maker, (report_name, entries, key) in makers.items():
+        try:
+            report = json.loads((out / report_name).read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(report, dict) and {"machine", key} <= set(report):
+            adopted.append((maker, entries))
+    present = {entry.name for entry in out.iterdir()}
+    claimed = {e.rstrip("/") for _, entries in adopted for e in entries}
+    if adopted and present <= claimed:
+        for maker, entries in adopted:
+            write_marker(out, maker, entries)
 
 
 def _git_commit() -> str:
@@ -372,3 +468,78 @@ async def run_suite(args, artifact_set, out: Path) -> int:
     say(f"wrote {out / 'bench.json'} and {out / 'bench.md'}")
     print(render_markdown(report))
     return 0
+
+
+# ---------------------------------------------------------------------------- bench-feedback
+def cmd_bench_feedback(args) -> int:
+    import asyncio
+
+    import pandas as pd
+
+    from imgsearch import artifacts
+    from imgsearch.config import env
+    from imgsearch_tools.bench.feedback import bench_backend, render_feedback_markdown
+    from imgsearch_tools.bench.load import machine_info
+    from imgsearch_tools.outputs import RefusedFolder, claim_in_place
+
+    backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+    unknown = sorted(set(backends) - {"sqlite", "postgres"})
+    if unknown or not backends:
+        print(
+            f"error: unknown backend(s) {unknown or '(none)'}; valid: sqlite, postgres",
+            file=sys.stderr,
+        )
+        return 2
+    postgres_dsn = args.postgres_dsn or env("CONVERSIONS_DSN", "")
+    if "postgres" in backends and not postgres_dsn:
+        print(
+            "error: the postgres backend needs --postgres-dsn or IMGSEARCH_CONVERSIONS_DSN",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        concurrencies = [int(c) for c in args.concurrency.split(",") if c.strip()]
+        out = Path(args.out)
+        _adopt_earlier_report(out)
+        claim_in_place(out, "bench-feedback", FEEDBACK_ENTRIES, force=args.force, record=False)
+        artifact_set = artifacts.resolve(args.artifacts)
+        claim_in_place(out, "bench-feedback", FEEDBACK_ENTRIES, force=args.force)
+    except (ValueError, artifacts.ArtifactError, RefusedFolder) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    catalogue_dir = artifact_set.file(artifacts.CATALOGUE_DIR)
+    photo_ids = pd.read_parquet(catalogue_dir / "photos.parquet", columns=["photo_id"])
+    keywords = pd.read_parquet(catalogue_dir / "keywords.parquet", columns=["keyword"])
+    specs = [
+        {
+            "batch_size": args.batch,
+            "concurrency": c,
+            "duration_s": args.duration,
+            "warmup_s": args.warmup,
+        }
+        for c in concurrencies
+    ]
+    report = {"machine": machine_info(" ".join(["imgsearch", *sys.argv[1:]])), "backends": []}
+    for backend in backends:
+        say(f"bench-feedback: {backend}")
+        report["backends"].append(
+            asyncio.run(
+                bench_backend(
+                    backend,
+                    str(artifact_set.path),
+                    out,
+                    specs,
+                    photo_ids["photo_id"].tolist(),
+                    keywords["keyword"].drop_duplicates().tolist()[:500],
+                    postgres_dsn,
+                )
+            )
+        )
+    report["machine"]["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    markdown = render_feedback_markdown(report)
+    (out / "feedback.json").write_text(json.dumps(report, indent=2))
+    (out / "feedback.md").write_text(markdown)
+    print(markdown)
+    print(f"wrote {out / 'feedback.json'} and {out / 'feedback.md'}", file=sys.stderr)
+    errors = sum(sum(run["errors"].values()) for b in report["backends"] for run in b["runs"])
+    return 1 if errors else 0

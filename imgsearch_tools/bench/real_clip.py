@@ -10,7 +10,6 @@ that are cached, catalogue keywords, partly unseen and all unseen.
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from pathlib import Path
 
@@ -67,15 +66,13 @@ def prepare_set(folder: Path, show_progress: bool = True):
     """
     from imgsearch import artifacts
     from imgsearch_tools.build import build_artifacts
-    from imgsearch_tools.demo_data import GENERATOR_VERSION, generate
+    from imgsearch_tools.demo_data import GENERATOR_VERSION, generate, generated_by
 
     data, root = folder / "data", folder / "artifacts"
-    marker = data / ".complete"
-    wanted = {**DEMO, "generator": GENERATOR_VERSION}
-    if not marker.exists() or json.loads(marker.read_text()) != wanted:
+    made, wanted = generated_by(data) or {}, {**DEMO, "generator": GENERATOR_VERSION}
+    if any(made.get(key) != value for key, value in wanted.items()):
         say(f"{MODEL} section: generating the {DEMO['n_photos']:,}-photo demo into {data}")
         generate(data, show_progress=show_progress, **DEMO)
-        marker.write_text(json.dumps(wanted))
     checkpoint = write_random_checkpoint(folder / "random-weights")
     try:
         current = artifacts.resolve(root)

@@ -209,6 +209,7 @@ def make_reload_set(artifact_set, folder: Path) -> Path:
     version = f"{artifact_set.version}-reload"
     target = folder / version
     if target.exists():
+        # An earlier run's copy (``folder`` belongs to bench-suite's report folder).
         shutil.rmtree(target)
     folder.mkdir(parents=True, exist_ok=True)
 
