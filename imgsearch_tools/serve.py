@@ -21,6 +21,8 @@ def add_commands(subparsers) -> None:
 
 def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     """The `serve` flags; a flag named after a config field (``--max-inflight``) sets it."""
+    from retrieval_service.text_encoder import RUNTIMES  # numpy only; torch loads on use
+
     p.add_argument("service", choices=(*SERVICES, "all"))
     p.add_argument("--artifacts", default=None, help="artifact root or set (IMGSEARCH_ARTIFACTS)")
     p.add_argument("--host", default=None, help="bind address (default 127.0.0.1)")
@@ -39,6 +41,26 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--max-inflight", type=int, default=None, help="load-shedding limit")
     p.add_argument("--default-retriever", default=None)
+    p.add_argument(
+        "--encode-batch",
+        type=int,
+        default=None,
+        help="retrieval: unseen queries encoded together at most (default 16)",
+    )
+    p.add_argument(
+        "--encode-wait-ms",
+        type=float,
+        default=None,
+        help="retrieval: how long an unseen query may wait for others to join its batch "
+        "(default 2)",
+    )
+    p.add_argument(
+        "--text-runtime",
+        default=None,
+        choices=RUNTIMES,
+        help="retrieval: run the CLIP text tower with this runtime instead of the one the "
+        "build chose",
+    )
     p.add_argument("--default-ranker", default=None)
     p.add_argument("--timeout-ms", type=int, default=None, help="gateway search budget")
     p.add_argument(
@@ -142,6 +164,9 @@ def resolve_configs(args) -> dict:
         port=args.retrieval_port,
         admin_port=flag("retrieval_admin_port"),
         default_retriever=args.default_retriever,
+        encode_batch=getattr(args, "encode_batch", None),
+        encode_wait_ms=getattr(args, "encode_wait_ms", None),
+        text_runtime=getattr(args, "text_runtime", None),
     )
     conversions = {"conversions_db": args.conversions_db, "conversions_dsn": args.conversions_dsn}
     ranking = with_overrides(

@@ -36,6 +36,7 @@ TRAIN_STEPS = 1200
 CLIP_JSON = "clip.json"  # what a CLIP folder holds: model name and weights (file or hub tag)
 CHECKPOINT_FILE = "open_clip_model.safetensors"
 OPEN_CLIP_CONFIG = "open_clip_config.json"  # makes the folder loadable as `local-dir:` too
+KEYWORD_EMBEDDINGS = "keyword_embeddings.npz"  # the known keywords' query embeddings
 
 _register_lock = threading.Lock()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import re
 import shutil
@@ -301,6 +302,31 @@ def test_demo_regenerates_data_made_by_an_older_generator(tmp_path, monkeypatch)
     outputs.write_marker(data, "demo-data", record["files"], stale, record["folders"])
     commands.ensure_demo(args)  # stale generator: new data, and a new set built from it
     assert (tmp_path / "data" / "labels.tsv000").exists() and len(builds) == 2
+
+
+def test_encoder_settings_come_from_flags_then_environment(monkeypatch):
+    from imgsearch.config import RetrievalConfig
+    from imgsearch_tools.serve import add_serve_arguments, resolve_configs, serve_command
+
+    monkeypatch.setenv("IMGSEARCH_ENCODE_BATCH", "8")
+    monkeypatch.setenv("IMGSEARCH_ENCODE_WAIT_MS", "0.5")
+    parser = argparse.ArgumentParser()
+    add_serve_arguments(parser)
+    args = parser.parse_args(["all", "--encode-wait-ms", "3", "--text-runtime", "onnx-fp32"])
+    retrieval = resolve_configs(args)["retrieval"]
+    assert (retrieval.encode_batch, retrieval.encode_wait_ms) == (8, 3.0)
+    assert retrieval.text_runtime == "onnx-fp32"
+    command = serve_command("retrieval", retrieval)  # what `serve all` starts
+    assert command[command.index("--encode-batch") + 1] == "8"
+    assert command[command.index("--text-runtime") + 1] == "onnx-fp32"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["all", "--text-runtime", "tensorrt"])
+    monkeypatch.setenv("IMGSEARCH_ENCODE_BATCH", "0")
+    with pytest.raises(SystemExit, match="encode batch must be at least 1"):
+        RetrievalConfig()
+    monkeypatch.setenv("IMGSEARCH_ENCODE_BATCH", "many")
+    with pytest.raises(SystemExit, match="IMGSEARCH_ENCODE_BATCH='many' is not an integer"):
+        RetrievalConfig()
 
 
 def test_demo_keeps_and_can_replace_a_folder_marked_by_the_old_demo(tmp_path, monkeypatch):

@@ -19,8 +19,8 @@ from imgsearch_tools.bench.scenarios import (
     add_in_process,
     hot_reload_scenario,
     kill_ranking_scenario,
-    measured,
     reflection_run,
+    run_scenario,
     say,
     served_root,
     standard_scenarios,
@@ -35,10 +35,11 @@ def add_commands(subparsers) -> None:
         "bench",
         help="load-test a SearchService (open or closed loop) and compare with in-process",
         description="Send realistic searches (users and keywords sampled from the catalogue's "
-        "conversions) to TARGET, open-loop at a fixed rate (--qps) or closed-loop with N "
-        "workers (--concurrency); report achieved QPS, latency percentiles, errors by status "
-        "code and degraded responses; then time the same requests in-process (retrieval and "
-        "ranking called directly) and print the ratio of end-to-end p50 to in-process p50.",
+        "conversions, unique queries no cache has seen, or queries from a file) to TARGET, "
+        "open-loop at a fixed rate (--qps) or closed-loop with N workers (--concurrency); report "
+        "achieved QPS, latency percentiles, errors by status code and degraded responses; then "
+        "time the same requests in-process (retrieval and ranking called directly) and print the "
+        "ratio of end-to-end p50 to in-process p50.",
     )
     p.add_argument("--target", default="127.0.0.1:50051", help="gateway HOST:PORT")
     mode = p.add_mutually_exclusive_group()
@@ -66,7 +67,21 @@ def add_commands(subparsers) -> None:
     )
     p.add_argument("--channels", type=int, default=2, help="client channels (connections)")
     p.add_argument("--timeout", type=float, default=2.0, help="deadline per request, seconds")
-    p.add_argument("--queries", type=int, default=2000, help="distinct requests to sample")
+    p.add_argument(
+        "--queries",
+        default="catalogue",
+        metavar="catalogue|unique|FILE",
+        help="what to search for: keywords sampled from the catalogue's conversions (default), "
+        "unique queries (a catalogue keyword, another word and a number never sent before: no "
+        "cache has them), or the lines of FILE",
+    )
+    p.add_argument(
+        "--unique-share",
+        type=float,
+        default=0.0,
+        help="with catalogue or FILE queries: the share (0-1) of requests made unique",
+    )
+    p.add_argument("--requests", type=int, default=2000, help="distinct requests to sample")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-in-process", action="store_true", help="skip the in-process baseline")
     p.add_argument("--in-process-requests", type=int, default=500, help="requests timed in-process")
@@ -81,7 +96,9 @@ def add_commands(subparsers) -> None:
         "gateway as separate `imgsearch serve` processes on free ports, run the standard "
         "scenarios (keyword+ALS open loop and closed loop at c=1/10/50, keyword+none, hybrid+ALS "
         "when the set has CLIP), a reflection-only client, the ranking server killed and "
-        "restarted mid-load, and a hot reload mid-load; write OUT/bench.json and OUT/bench.md.",
+        "restarted mid-load, and a hot reload mid-load; then the ViT-B-32 section: a 1,000-photo "
+        "demo set built (once, under OUT/vit-b-32) with a random-weight ViT-B-32, served and "
+        "measured with cached, keyword and unique queries; write OUT/bench.json and OUT/bench.md.",
     )
     p.add_argument("--data", default="var/demo-data", help="demo data folder (built if missing)")
     p.add_argument("--artifacts", default="var/artifacts", help="artifact root to serve")
@@ -112,7 +129,7 @@ def add_commands(subparsers) -> None:
     p.add_argument(
         "--only",
         default="",
-        help="comma-separated subset: scenario names, 'reflection', 'kill', 'reload'",
+        help="comma-separated subset: scenario names, 'reflection', 'kill', 'reload', 'vit-b-32'",
     )
     p.add_argument("--skip-faults", action="store_true", help="no kill or reload scenario")
     p.add_argument(
@@ -122,7 +139,24 @@ def add_commands(subparsers) -> None:
         help="serve with TLS, mutual TLS between gateway and stages and a gateway token, all "
         "from a `make certs` folder (e.g. var/certs), and load through them",
     )
-    p.add_argument("--queries", type=int, default=2000, help="distinct requests to sample")
+    p.add_argument(
+        "--skip-real-clip",
+        action="store_true",
+        help="no ViT-B-32 section (its first run builds a 1,000-photo set: about 2 minutes)",
+    )
+    p.add_argument(
+        "--real-clip-qps",
+        type=float,
+        default=150.0,
+        help="ViT-B-32 section: open-loop rate (default 150)",
+    )
+    p.add_argument(
+        "--real-clip-duration",
+        type=float,
+        default=20.0,
+        help="ViT-B-32 section: seconds of the unique-query target scenario (default 20)",
+    )
+    p.add_argument("--requests", type=int, default=2000, help="distinct requests to sample")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--in-process-requests", type=int, default=500)
     p.set_defaults(handler=cmd_bench_suite)
@@ -169,7 +203,15 @@ def add_commands(subparsers) -> None:
 # else there is touched. bench-feedback's SQLite store lives there only while it runs.
 # "artifacts/" is the root the suite serves (see scenarios.served_root); "reload-set/" is what
 # earlier versions wrote there, still recognised as the suite's own.
-REPORT_ENTRIES = ("bench.json", "bench.md", "ghz-data.json", "logs/", "artifacts/", "reload-set/")
+REPORT_ENTRIES = (
+    "bench.json",
+    "bench.md",
+    "ghz-data.json",
+    "logs/",
+    "artifacts/",
+    "reload-set/",
+    "vit-b-32/",
+)
 FEEDBACK_ENTRIES = ("feedback.json", "feedback.md")
 
 
@@ -187,6 +229,22 @@ def _served_artifacts(admin_target: str) -> str:
             admin_pb.GetStatusRequest(), timeout=5, metadata=admin.metadata()
         )
     return reply.artifacts
+
+
+def _bench_queries(args, artifacts_path: str) -> tuple[list, float]:
+    """The requests `bench` cycles through, and the share of them it makes unique."""
+    from imgsearch_tools.bench import load as bench
+
+    sampled = bench.sample_queries(artifacts_path, n=args.requests, seed=args.seed)
+    if args.queries == "catalogue":
+        return sampled, args.unique_share
+    if args.queries == "unique":
+        return sampled, 1.0
+    if not Path(args.queries).is_file():
+        raise ValueError(
+            f"--queries {args.queries!r}: not 'catalogue', 'unique' or a file of queries"
+        )
+    return bench.read_query_file(args.queries, sampled), args.unique_share
 
 
 def cmd_bench(args) -> int:
@@ -219,7 +277,7 @@ def cmd_bench(args) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     try:
-        queries = bench.sample_queries(artifacts_path, n=args.queries, seed=args.seed)
+        queries, unique_share = _bench_queries(args, artifacts_path)
         spec = bench.LoadSpec(
             target=args.target,
             qps=args.qps,
@@ -232,8 +290,9 @@ def cmd_bench(args) -> int:
             candidates_k=args.candidates_k,
             channels=args.channels,
             timeout_s=args.timeout,
+            unique_share=unique_share,
         )
-    except (artifacts.ArtifactError, ValueError) as exc:
+    except (artifacts.ArtifactError, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     command = " ".join(["imgsearch", *sys.argv[1:]])
@@ -244,7 +303,7 @@ def cmd_bench(args) -> int:
         try:
             pipeline = bench.InProcessPipeline(artifacts_path)
             in_process = pipeline.measure(
-                queries[: args.in_process_requests],
+                bench.query_mix(queries, args.in_process_requests, unique_share),
                 args.retriever,
                 args.ranker,
                 args.k,
@@ -394,14 +453,14 @@ async def run_suite(args, artifact_set, out: Path) -> int:
             "channels": args.channels,
             "k": K,
             "candidates_k": CANDIDATES_K,
-            "queries": args.queries,
+            "requests": args.requests,
             "seed": args.seed,
             "late_send_ms": bench.LATE_SEND_MS,
             "tls": bool(args.tls),
         },
         "scenarios": [],
     }
-    queries = bench.sample_queries(artifact_set.path, n=args.queries, seed=args.seed)
+    queries = bench.sample_queries(artifact_set.path, n=args.requests, seed=args.seed)
     # The services serve a root under OUT holding the set and the hot-reload version.
     root = served_root(artifact_set, out)
     services = ServiceProcesses(str(root.resolve()), out / "logs", overrides=overrides)
@@ -424,24 +483,8 @@ async def run_suite(args, artifact_set, out: Path) -> int:
                 report["scenarios"].append({"name": scenario.name, "skipped": skip})
                 say(f"{scenario.name}: skipped ({skip})")
                 continue
-            spec = bench.LoadSpec(
-                target=target,
-                qps=scenario.qps,
-                concurrency=scenario.concurrency,
-                duration_s=args.duration,
-                warmup_s=args.warmup,
-                retriever=scenario.retriever,
-                ranker=scenario.ranker,
-                k=K,
-                candidates_k=CANDIDATES_K,
-                channels=args.channels,
-            )
-            result = await measured(services, spec, queries, security)
-            report["scenarios"].append({"name": scenario.name, **result})
-            say(
-                f"{scenario.name}\n{bench.format_result(result)}\n"
-                f"  CPU % {result['cpu_percent']}\n"
-                f"  CPU ms per search {result['cpu_ms_per_search']}"
+            report["scenarios"].append(
+                await run_scenario(services, scenario, target, args, queries, security)
             )
         if _selected(args, "reflection"):
             report["reflection_client"] = await reflection_run(target, queries, security)
@@ -455,6 +498,14 @@ async def run_suite(args, artifact_set, out: Path) -> int:
             )
     finally:
         report["exit_codes"] = await asyncio.to_thread(services.stop_all)
+    if not args.skip_real_clip and _selected(args, "vit-b-32"):
+        from imgsearch_tools.bench.real_clip import real_clip_section
+
+        try:
+            report["real_clip"] = await real_clip_section(args, out, overrides, security)
+        except Exception as exc:  # noqa: BLE001 - keep the rest of the report
+            say(f"ViT-B-32 section failed: {exc!r}")
+            report["real_clip"] = {"error": repr(exc)}
     say("timing the same requests in-process (retrieval + ranking called directly)")
     add_in_process(report, artifact_set.path, queries[: args.in_process_requests])
     report["machine"]["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
