@@ -41,7 +41,12 @@ def add_commands(subparsers) -> None:
         "time the same requests in-process (retrieval and ranking called directly) and print the "
         "ratio of end-to-end p50 to in-process p50.",
     )
-    p.add_argument("--target", default="127.0.0.1:50051", help="gateway HOST:PORT")
+    p.add_argument(
+        "--target",
+        default="127.0.0.1:50051",
+        help="gateway HOST:PORT, several as IP:PORT,IP:PORT,... or dns:///NAME:PORT (balanced "
+        "round-robin per request, UNAVAILABLE retried on another gateway)",
+    )
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--qps", type=float, default=None, help="open loop: sends per second")
     mode.add_argument(
