@@ -59,6 +59,14 @@ def add_commands(subparsers) -> None:
         help="open_clip pretrained tag or local checkpoint path for --clip-model",
     )
     p.add_argument(
+        "--embeddings",
+        default=None,
+        metavar="FILE_OR_DIR",
+        help="image embeddings made beforehand by `imgsearch embed` (an .npz, or the shard "
+        "folder of `embed --ray`) with the CLIP given by --clip-model/--clip-pretrained; "
+        "checked against the catalogue's photos and that CLIP's weights",
+    )
+    p.add_argument(
         "--clip-steps",
         type=int,
         default=TRAIN_STEPS,
@@ -119,8 +127,13 @@ def build_artifacts(
     keep: int = 3,
     show_progress: bool = True,
     int8: bool = True,
+    embeddings: str | None = None,
 ) -> Path:
-    """Build one artifact set from ``data`` under ``out`` and publish it; returns its folder."""
+    """Build one artifact set from ``data`` under ``out`` and publish it; returns its folder.
+
+    ``embeddings`` (an ``imgsearch embed`` output, made with ``clip_model`` and
+    ``clip_pretrained``) replaces embedding the images during the build.
+    """
     from imgsearch import artifacts
     from imgsearch.unsplash import read_unsplash
     from retrieval_service.keyword_index import KeywordIndex
@@ -166,6 +179,7 @@ def build_artifacts(
                 train_steps=clip_steps,
                 show_progress=show_progress,
                 query_families=query_families(catalogue),
+                embeddings=embeddings,
             )
         else:
             manifest["clip"] = {
@@ -221,7 +235,16 @@ def _stage_printer(enabled: bool):
 
 def cmd_build(args) -> int:
     from imgsearch.unsplash import DataError
+    from retrieval_service.embedding import EmbeddingMismatch
 
+    if args.embeddings and (args.no_clip or not args.clip_model):
+        print(
+            "error: --embeddings needs the CLIP they were made with: --clip-model NAME "
+            "--clip-pretrained TAG|PATH (e.g. --clip-model imgsearch-tiny-clip "
+            "--clip-pretrained CLIP_DIR from train-clip), and not --no-clip",
+            file=sys.stderr,
+        )
+        return 2
     rankers = [r.strip() for r in args.rankers.split(",") if r.strip()]
     unknown = sorted(set(rankers) - set(RANKER_NAMES))
     if unknown:
@@ -245,8 +268,9 @@ def cmd_build(args) -> int:
             keep=args.keep,
             show_progress=not args.quiet,
             int8=args.int8,
+            embeddings=args.embeddings,
         )
-    except DataError as exc:
+    except (DataError, EmbeddingMismatch) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except FileNotFoundError as exc:
