@@ -192,13 +192,11 @@ def _embed(args: argparse.Namespace) -> int:
             show_progress=not args.quiet,
             **ray_options,
         )
-        steady = result["steady_images_per_s"]
         print(
             f"embedded {result['embedded']:,} images ({result['missing']:,} missing, "
             f"{result['corrupt']:,} corrupt) on Ray ({result['cluster']}, "
-            f"{result['workers']} workers) at {result['images_per_s']} images/s"
-            + (f" ({steady} images/s once running)" if steady else "")
-            + f" -> {result['path']} ({len(result['shards'])} shard(s))"
+            f"{result['workers']} workers) at {result['images_per_s']} images/s, actor "
+            f"start-up included -> {result['path']} ({len(result['shards'])} shard(s))"
         )
         return 0
     result = embed_catalogue(

@@ -23,9 +23,9 @@ INSTALL_HINT = (
 # whole CPUs the actors would hold every CPU and the reads that feed them would wait forever.
 CPUS_PER_WORKER = 0.75
 CPUS_PER_DECODE = 0.25
-# Batches per input block on large catalogues (fewer, larger blocks); small ones still get
-# two blocks per actor, so that every actor has work.
-BLOCK_BATCHES = 4
+# Logical memory a decode task asks of Ray: a worker that imported torch holds a batch of
+# preprocessed pixels (64 x 3 x 224 x 224 float32 is 39 MB) in and out; about 650 MB measured.
+DECODE_MEMORY = 1 << 30
 
 
 class RayUnavailable(RuntimeError):
@@ -133,7 +133,7 @@ class ImageEmbedder:
         }
 
 
-def connect(address: str | None, num_cpus: int | None = None) -> bool:
+def connect(address: str | None) -> bool:
     """Join the Ray cluster at ``address``, or start a local Ray; True when started here.
 
     A process already connected is reused (and not stopped by the caller).
@@ -144,7 +144,7 @@ def connect(address: str | None, num_cpus: int | None = None) -> bool:
     if address:
         ray.init(address=address, logging_level=logging.WARNING)
         return False
-    ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING)
+    ray.init(include_dashboard=False, logging_level=logging.WARNING)
     return True
 
 
@@ -158,7 +158,6 @@ def embed_catalogue_on_ray(
     threads_per_worker: int = 1,
     batch_size: int = 64,
     rows_per_shard: int = 50_000,
-    num_cpus: int | None = None,
     show_progress: bool = True,
 ) -> dict:
     """Embed every photo that has an image with Ray Data and write embedding shards.
@@ -191,8 +190,6 @@ def embed_catalogue_on_ray(
         Images per decode and model batch.
     rows_per_shard:
         Photos per shard file.
-    num_cpus:
-        CPUs of a local Ray (default: all); ignored with ``address``.
     show_progress:
         Show a tqdm bar of photos done, with rate and ETA.
 
@@ -200,10 +197,9 @@ def embed_catalogue_on_ray(
     -------
     dict
         ``embedded``, ``missing``, ``corrupt``, ``workers``, ``workers_used`` (actors that
-        embedded at least one batch), ``seconds`` (the pipeline, actor
-        start-up included), ``images_per_s`` over those seconds, ``steady_images_per_s``
-        (from the first batch back to the last), ``connect_s`` (starting or joining Ray),
-        ``cluster_cpus``, ``path``; also written to ``embeddings.json``.
+        embedded at least one batch), ``seconds`` (the pipeline, actor start-up included),
+        ``images_per_s`` over those seconds, ``connect_s`` (starting or joining Ray),
+        ``cluster_cpus``, ``shards`` and ``path``; also written to ``embeddings.json``.
 
     Raises
     ------
@@ -220,7 +216,7 @@ def embed_catalogue_on_ray(
     pixel_shape = tuple(bundle.preprocess(Image.new("RGB", (8, 8))).shape)
 
     started = time.perf_counter()
-    started_here = connect(address, num_cpus)
+    started_here = connect(address)
     try:
         connect_s = time.perf_counter() - started
         cluster_cpus = ray.cluster_resources().get("CPU", 0.0)
@@ -229,15 +225,18 @@ def embed_catalogue_on_ray(
         ray.data.DataContext.get_current().enable_progress_bars = False
         logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
         items = [{"photo_id": pid, "path": str(catalogue.image_path(pid))} for pid in photo_ids]
-        batches = max(1, math.ceil(len(items) / batch_size))
-        blocks = min(batches, max(2 * workers, math.ceil(batches / BLOCK_BATCHES)))
+        # One batch per block: results come back batch by batch, and a decode task holds one
+        # batch of pixels at a time.
+        blocks = max(1, math.ceil(len(items) / batch_size))
         dataset = ray.data.from_items(items, override_num_blocks=blocks)
         dataset = dataset.map_batches(
             decode_images,
             fn_kwargs={"preprocess": bundle.preprocess, "pixel_shape": pixel_shape},
             batch_size=batch_size,
             batch_format="numpy",
+            compute=ray.data.TaskPoolStrategy(size=workers),  # one decoder per model actor
             num_cpus=CPUS_PER_DECODE,
+            memory=DECODE_MEMORY,
         )
         dataset = dataset.map_batches(
             ImageEmbedder,
@@ -255,8 +254,6 @@ def embed_catalogue_on_ray(
             dynamic_ncols=True,
         )
         pipeline_started = time.perf_counter()
-        first_batch: tuple[float, int] | None = None
-        batches_back = 0
         workers_used: set[str] = set()
         with bar:
             for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
@@ -269,19 +266,13 @@ def embed_catalogue_on_ray(
                     corrupt=ids[status == "corrupt"],
                 )
                 bar.update(len(ids))
-                batches_back += 1
                 workers_used.update(batch["worker"].astype(str).tolist())
-                if first_batch is None:
-                    first_batch = (time.perf_counter(), int(ok.sum()))
         finished = time.perf_counter()
     finally:
         if started_here:
             ray.shutdown()
     seconds = finished - pipeline_started
     embedded = writer.counts["embedded"]
-    steady = None
-    if first_batch is not None and batches_back > 1:
-        steady = round((embedded - first_batch[1]) / (finished - first_batch[0]), 1)
     figures = {
         "workers": workers,
         "workers_used": len(workers_used),
@@ -293,7 +284,6 @@ def embed_catalogue_on_ray(
         "connect_s": round(connect_s, 2),
         "seconds": round(seconds, 3),
         "images_per_s": round(embedded / seconds, 1) if seconds > 0 else 0.0,
-        "steady_images_per_s": steady,
     }
     summary = writer.close(**figures)
     return {**{k: v for k, v in summary.items() if k != "clip"}, "path": str(out_dir)}
