@@ -7,7 +7,7 @@ DEMO_DATA := var/demo-data
 DEMO_ARTIFACTS := var/artifacts
 PROTO_FILES := $(shell find protos -name '*.proto')
 
-.PHONY: run test protos lint format bench eval demo clean
+.PHONY: run test protos lint format bench eval demo certs clean
 
 run: $(STAMP)
 	$(VENV)/bin/imgsearch demo --data $(DEMO_DATA) --artifacts $(DEMO_ARTIFACTS)
@@ -44,6 +44,10 @@ eval: demo
 
 bench: demo
 	$(VENV)/bin/imgsearch bench-suite --data $(DEMO_DATA) --artifacts $(DEMO_ARTIFACTS) --out var/bench
+
+# A development CA, server/client certificates and a bearer token (never overwrites other files).
+certs: $(STAMP)
+	$(VENV)/bin/imgsearch certs --out var/certs
 
 clean:
 	rm -rf var

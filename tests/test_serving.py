@@ -183,8 +183,8 @@ def test_hot_reload_under_load_fails_no_request_and_switches_version(
         with ThreadPoolExecutor(4) as pool:
             futures = [pool.submit(load) for _ in range(4)]
             time.sleep(0.5)
-            for port in (stack.retrieval.port, stack.ranking.port, stack.gateway.port):
-                with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            for service in (stack.retrieval, stack.ranking, stack.gateway):
+                with grpc.insecure_channel(f"127.0.0.1:{service.admin_port}") as channel:
                     reply = admin_grpc.AdminServiceStub(channel).Reload(
                         admin_pb.ReloadRequest(), timeout=60
                     )
@@ -205,14 +205,18 @@ def test_hot_reload_under_load_fails_no_request_and_switches_version(
 
 
 def test_reload_to_a_broken_set_keeps_serving_the_old_one(loop_thread, artifact_root, tmp_path):
-    stack = Stack(loop_thread, artifact_root)
+    root = tmp_path / "root"
+    shutil.copytree(artifact_root, root, symlinks=True)
+    # A set whose manifest is there but whose files are not.
+    broken = root / artifacts.SETS_DIR / "broken"
+    broken.mkdir()
+    (broken / artifacts.MANIFEST).write_text('{"version": "broken"}')
+    stack = Stack(loop_thread, root)
     try:
-        broken = tmp_path / "broken"
-        broken.mkdir()
-        with grpc.insecure_channel(f"127.0.0.1:{stack.retrieval.port}") as channel:
+        with grpc.insecure_channel(f"127.0.0.1:{stack.retrieval.admin_port}") as channel:
             with pytest.raises(grpc.RpcError) as info:
                 admin_grpc.AdminServiceStub(channel).Reload(
-                    admin_pb.ReloadRequest(artifacts=str(broken)), timeout=30
+                    admin_pb.ReloadRequest(version="broken"), timeout=30
                 )
         assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
         assert "still serving" in info.value.details()
@@ -226,7 +230,7 @@ def test_a_server_still_loading_answers_unavailable_not_internal(loop_thread):
     from ranking_service.server import SERVICE_NAME, RankingServicer
 
     async def start():
-        holder = Reloadable(lambda: None)  # never loaded: state stays None
+        holder = Reloadable(lambda path: None)  # never loaded: state stays None
         interceptor = ServiceInterceptor("ranking", {SERVICE_NAME}, holder, InflightLimiter(8))
         server = grpc.aio.server(interceptors=[interceptor])
         rank_grpc.add_RankingServiceServicer_to_server(RankingServicer(holder), server)
