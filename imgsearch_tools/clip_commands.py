@@ -86,6 +86,12 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     ray_group.add_argument(
         "--rows-per-shard", type=int, default=None, help="photos per shard file (default 50000)"
     )
+    ray_group.add_argument(
+        "--force",
+        action="store_true",
+        help="with --ray: write into a non-empty --out that embed did not make, beside its "
+        "files (none of them is deleted or overwritten)",
+    )
     p.set_defaults(handler=_embed)
 
     p = subparsers.add_parser(
@@ -186,6 +192,8 @@ def _embed(args: argparse.Namespace) -> int:
     }
     ray_options = {name: value for name, value in ray_options.items() if value is not None}
     if args.ray is None:
+        if args.force:
+            ray_options["force"] = True
         if ray_options:
             flags = ", ".join("--" + name.replace("_", "-") for name in ray_options)
             print(f"embed: {flags} only apply with --ray", file=sys.stderr)
@@ -195,27 +203,9 @@ def _embed(args: argparse.Namespace) -> int:
         if problem:
             print(f"embed: {problem}", file=sys.stderr)
             return 2
+        return _embed_on_ray(args, spec, ray_options)
     catalogue = _read_catalogue(args.data)
     bundle = load_clip(spec)
-    if args.ray is not None:
-        from retrieval_service.ray_embedding import embed_catalogue_on_ray
-
-        result = embed_catalogue_on_ray(
-            bundle,
-            catalogue,
-            args.out,
-            address=args.ray or None,
-            batch_size=args.batch_size,
-            show_progress=not args.quiet,
-            **ray_options,
-        )
-        print(
-            f"embedded {result['embedded']:,} images ({result['missing']:,} missing, "
-            f"{result['corrupt']:,} corrupt) on Ray ({result['cluster']}, "
-            f"{result['workers']} workers) at {result['images_per_s']} images/s, actor "
-            f"start-up included -> {result['path']} ({len(result['shards'])} shard(s))"
-        )
-        return 0
     result = embed_catalogue(
         bundle, catalogue, args.out, batch_size=args.batch_size, show_progress=not args.quiet
     )
@@ -227,16 +217,44 @@ def _embed(args: argparse.Namespace) -> int:
     return 0
 
 
+def _embed_on_ray(args: argparse.Namespace, spec, ray_options: dict) -> int:
+    from imgsearch_tools import outputs
+    from retrieval_service.clip_model import load_clip
+    from retrieval_service.ray_embedding import embed_catalogue_on_ray
+
+    try:
+        # The folder is checked on entry; the shards appear there only once all are written.
+        with outputs.staged_folder(args.out, "embed", args.force) as staging:
+            catalogue = _read_catalogue(args.data)
+            result = embed_catalogue_on_ray(
+                load_clip(spec),
+                catalogue,
+                staging,
+                address=args.ray or None,
+                batch_size=args.batch_size,
+                show_progress=not args.quiet,
+                **ray_options,
+            )
+    except outputs.RefusedFolder as exc:
+        print(f"embed: {exc}", file=sys.stderr)
+        return 2
+    print(
+        f"embedded {result['embedded']:,} images ({result['missing']:,} missing, "
+        f"{result['corrupt']:,} corrupt) on Ray ({result['cluster']}, "
+        f"{result['workers']} workers) at {result['images_per_s']} images/s, actor "
+        f"start-up included -> {args.out} ({len(result['shards'])} shard(s))"
+    )
+    return 0
+
+
 def _ray_problem(args: argparse.Namespace, options: dict) -> str | None:
-    """Why ``embed --ray`` cannot start (Ray missing, bad numbers, --out a file), or None."""
+    """Why ``embed --ray`` cannot start (Ray missing, bad numbers), or None."""
     from retrieval_service.ray_embedding import RayUnavailable, import_ray
 
     if options.get("workers", 1) < 1 or options.get("threads_per_worker", 1) < 1:
         return "--workers and --threads-per-worker must be at least 1"
     if options.get("cpus_per_worker", 1.0) <= 0 or options.get("rows_per_shard", 1) < 1:
         return "--cpus-per-worker and --rows-per-shard must be positive"
-    if Path(args.out).is_file():
-        return f"--out {args.out} is a file; with --ray it is the folder the shards go to"
     try:
         import_ray(local=not args.ray)
     except RayUnavailable as exc:

@@ -106,8 +106,7 @@ class EmbeddingShardWriter:
     """Writes embeddings as they arrive into numbered ``.npz`` shards plus ``embeddings.json``.
 
     The folder is what ``imgsearch build --embeddings`` reads. ``embeddings.json`` is written
-    last, by :meth:`close`: a folder without it is an unfinished run. Shards and a summary left
-    in the folder by an earlier run are removed first.
+    last, by :meth:`close`: a folder without it is an unfinished run.
 
     Parameters
     ----------
@@ -117,14 +116,24 @@ class EmbeddingShardWriter:
         :func:`clip_identity` of the CLIP that makes the embeddings.
     rows_per_shard:
         Photos per shard file: a shard is closed by the first batch that brings it there.
+
+    Raises
+    ------
+    FileExistsError
+        When the folder already holds shards or a summary.
     """
 
     def __init__(self, out_dir: str | Path, clip: dict, rows_per_shard: int = 50_000):
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        (self.out_dir / EMBEDDING_SET_JSON).unlink(missing_ok=True)
-        for stale in self.out_dir.glob(SHARD_GLOB):
-            stale.unlink()
+        earlier = sorted(self.out_dir.glob(SHARD_GLOB)) + sorted(
+            self.out_dir.glob(EMBEDDING_SET_JSON)
+        )
+        if earlier:
+            # Mixing shards of two runs would corrupt both; deleting files is not ours to do.
+            raise FileExistsError(
+                f"{self.out_dir} already holds embeddings ({earlier[0].name}); give a new folder"
+            )
         self.clip = clip
         self.rows_per_shard = rows_per_shard
         self.shards: list[str] = []

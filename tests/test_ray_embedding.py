@@ -7,6 +7,7 @@ import os
 
 import numpy as np
 import pytest
+from PIL import Image
 
 torch = pytest.importorskip("torch")
 
@@ -38,23 +39,20 @@ def _ray_or_skip():
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    """A demo catalogue with drawn images."""
+    """A demo catalogue with drawn images, one of them not a JPEG."""
     from imgsearch_tools.demo_data import generate
 
     out = tmp_path_factory.mktemp("ray-data")
     generate(out, n_photos=N_PHOTOS, n_users=10, n_conversions=300, seed=5, show_progress=False)
+    sorted((out / "images").glob("*.jpg"))[10].write_bytes(b"not a jpeg")
     return out
 
 
 @pytest.fixture(scope="module")
 def catalogue(data_dir):
-    """The catalogue, read while every image was there; then one goes missing, one corrupt."""
     from imgsearch.unsplash import read_unsplash
 
     catalogue, _ = read_unsplash(data_dir, show_progress=False)
-    photo_ids = catalogue.photos["photo_id"].tolist()
-    catalogue.image_path(photo_ids[3]).unlink()
-    catalogue.image_path(photo_ids[10]).write_bytes(b"not a jpeg")
     return catalogue
 
 
@@ -76,31 +74,47 @@ def single(tmp_path_factory, bundle, catalogue):
     """Single-process embeddings of the catalogue (what `imgsearch embed` writes)."""
     path = tmp_path_factory.mktemp("single") / "embeddings.npz"
     result = embed_catalogue(bundle, catalogue, path, batch_size=8, show_progress=False)
-    assert (result["embedded"], result["missing"], result["corrupt"]) == (N_PHOTOS - 2, 1, 1)
+    assert (result["embedded"], result["missing"], result["corrupt"]) == (N_PHOTOS - 1, 0, 1)
     return path
 
 
-def test_ray_embeddings_match_single_process_and_build_reads_them(
-    tmp_path, data_dir, catalogue, clip_dir, bundle, single
+def test_decode_tasks_count_missing_and_corrupt_images(tmp_path, bundle, catalogue):
+    from retrieval_service.ray_embedding import decode_images
+
+    photo_ids = catalogue.photos["photo_id"].tolist()
+    paths = [catalogue.image_path(photo_ids[0]), tmp_path / "gone.jpg"]
+    paths.append(catalogue.image_path(photo_ids[10]))  # the corrupt one
+    shape = (3, bundle.image_size, bundle.image_size)
+    batch = {"photo_id": np.array(["a", "b", "c"]), "path": np.array([str(p) for p in paths])}
+    decoded = decode_images(batch, bundle.preprocess, shape)
+    assert decoded["status"].tolist() == ["", "missing", "corrupt"]
+    with Image.open(paths[0]) as image:
+        expected = bundle.preprocess(image.convert("RGB")).numpy()
+    np.testing.assert_array_equal(decoded["pixels"][0], expected)
+    assert not decoded["pixels"][1:].any()
+
+
+def test_embed_on_ray_matches_single_process_and_build_reads_it(
+    tmp_path, data_dir, clip_dir, bundle, single, capsys
 ):
     from imgsearch_tools.build import build_artifacts
-    from retrieval_service.ray_embedding import embed_catalogue_on_ray
+    from imgsearch_tools.cli import main
 
     ray = _ray_or_skip()
     shards = tmp_path / "shards"
-    result = embed_catalogue_on_ray(
-        bundle, catalogue, shards, workers=2, batch_size=8, rows_per_shard=25, show_progress=False
-    )
+    args = ["embed", "--data", str(data_dir), "--clip", str(clip_dir), "--batch-size", "8",
+            "--quiet", "--ray", "--workers", "2", "--rows-per-shard", "25"]  # fmt: skip
+    assert main(args + ["--out", str(shards)]) == 0
+    assert "on Ray (local, 2 workers)" in capsys.readouterr().out
     assert not ray.is_initialized()  # the local Ray it started is stopped again
-    assert (result["embedded"], result["missing"], result["corrupt"]) == (N_PHOTOS - 2, 1, 1)
-    assert result["workers"] == 2 and result["cluster"] == "local"
-    assert len(result["shards"]) >= 2  # 60 photos, a shard closes once it holds 25
-    assert json.loads((shards / EMBEDDING_SET_JSON).read_text())["embedded"] == N_PHOTOS - 2
+    run = json.loads((shards / EMBEDDING_SET_JSON).read_text())
+    assert (run["embedded"], run["missing"], run["corrupt"]) == (N_PHOTOS - 1, 0, 1)
+    assert run["workers"] == 2 and run["cluster"] == "local"
+    assert len(run["shards"]) >= 2  # 60 photos, a shard closes once it holds 25
 
     on_ray = PrecomputedEmbeddings.read(shards)
     reference = PrecomputedEmbeddings.read(single)
     assert on_ray.clip == reference.clip == clip_identity(bundle)
-    assert sorted(on_ray.missing) == sorted(reference.missing)
     assert sorted(on_ray.corrupt) == sorted(reference.corrupt)
     assert sorted(on_ray.photo_ids) == sorted(reference.photo_ids)
     rows = dict(zip(on_ray.photo_ids.tolist(), on_ray.embeddings))
@@ -108,6 +122,13 @@ def test_ray_embeddings_match_single_process_and_build_reads_them(
         [rows[pid] @ emb for pid, emb in zip(reference.photo_ids, reference.embeddings)]
     )
     assert cosine.min() >= 0.9999, cosine.min()
+
+    # A folder embed did not make is refused before Ray starts.
+    (tmp_path / "theirs").mkdir()
+    (tmp_path / "theirs" / "notes.txt").write_text("mine")
+    assert main(args + ["--out", str(tmp_path / "theirs")]) == 2
+    assert "did not make" in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "theirs").iterdir()) == ["notes.txt"]
 
     root = tmp_path / "artifacts"
     set_dir = build_artifacts(
@@ -117,6 +138,7 @@ def test_ray_embeddings_match_single_process_and_build_reads_them(
     manifest = json.loads((set_dir / "manifest.json").read_text())
     assert manifest["clip"]["embedding"]["precomputed"] == str(shards)
     assert manifest["clip"]["embedding"]["run"]["workers"] == 2
+    assert manifest["clip"]["embedding"]["corrupt"] == 1
     photo_idx, embeddings = load_embeddings(set_dir / EMBEDDINGS)
     expected_idx, expected = load_embeddings(single)
     np.testing.assert_array_equal(photo_idx, expected_idx)
@@ -153,6 +175,9 @@ def test_build_rejects_embeddings_of_another_catalogue(tmp_path, bundle, catalog
     incomplete = _write_shards(tmp_path / "b", bundle, reference, partial)
     with pytest.raises(EmbeddingMismatch, match="5 of the catalogue's 60 photos"):
         import_embeddings(incomplete, bundle, catalogue, tmp_path / "out.npz")
+
+    with pytest.raises(FileExistsError, match="already holds embeddings"):
+        _write_shards(incomplete, bundle, reference, everything)  # never mixes two runs
 
     (incomplete / EMBEDDING_SET_JSON).unlink()
     with pytest.raises(EmbeddingMismatch, match="did not finish"):
