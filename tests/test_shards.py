@@ -356,3 +356,41 @@ def test_imgsearch_shard_publishes_a_sharded_version_sharing_the_rest(artifact_r
         assert merged.scores.tolist() == expected.scores.tolist()
     with pytest.raises(ShardError, match="has 3 shards, not shard 3"):
         load_retrieval_state(str(root), shard=3)
+
+
+def test_bench_shards_checks_exactness_and_measures_each_layout(artifact_root, tmp_path):
+    out = tmp_path / "bench"
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "imgsearch_tools.cli",
+            "bench-shards",
+            "--artifacts",
+            str(artifact_root),
+            "--out",
+            str(out),
+            "--shards",
+            "1,2",
+            "--duration",
+            "0.5",
+            "--warmup",
+            "0",
+            "--qps",
+            "50",
+        ],  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    import json
+
+    report = json.loads((out / "shards.json").read_text())
+    one, two = report["layouts"]
+    assert two["processes"][:2] == ["retrieval-0", "retrieval-1"]
+    assert two["exact"]["identical"] == two["exact"]["searches"] > 100
+    for layout in (one, two):
+        assert [run["error_count"] for run in layout["scenarios"]] == [0, 0]
+        assert all(run["ok"] > 0 for run in layout["scenarios"])
+    assert "2 shards: " in (out / "shards.md").read_text()

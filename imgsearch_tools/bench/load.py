@@ -77,7 +77,8 @@ class LoadSpec:
     def __post_init__(self) -> None:
         from imgsearch.balancing import channel_target
 
-        channel_target(self.target)  # a malformed list of gateways fails here, naming it
+        if self.target:  # "" for a spec that only shapes requests (ghz data)
+            channel_target(self.target)  # a malformed list of gateways fails here, naming it
         if not 0.0 <= self.unique_share <= 1.0:
             raise ValueError(f"unique share must be between 0 and 1, got {self.unique_share}")
         if (self.qps is None) == (self.concurrency is None):
