@@ -172,7 +172,7 @@ def add_commands(subparsers) -> None:
         help="measure sharded retrieval per shard count: exactness, latency, CPU per search",
         description="Serve the current set whole and split into each shard count (hard-linked "
         "copies resharded under OUT/shards/), as separate `imgsearch serve` processes (one per "
-        "shard, ranking, the gateway); check that every catalogue keyword and 100 unseen "
+        "shard, ranking, the gateway); check that every catalogue keyword and 300 unseen "
         "queries get, with each retriever, exactly the unsharded answer (ids and scores); run "
         "keyword and hybrid load, open and closed loop; write OUT/shards.json and "
         "OUT/shards.md. Run it alone on the machine (CPU figures).",

@@ -1,11 +1,11 @@
 """`imgsearch bench-shards`: what sharding retrieval costs per shard count, and that it is exact.
 
-For each shard count the current set is served whole (1) or split into N shards (a hard-linked
-copy of the set resharded under OUT/shards/), as separate `imgsearch serve` processes (N
-retrieval shards, ranking, the gateway) on the same machine. First every catalogue keyword and
-a hundred unseen multi-word queries are searched with each retriever (ranker none, all 100
-candidates shown) and compared to the unsharded answers, to the bit; then the load scenarios
-measure latency and CPU per search of every process.
+For each shard count the set is served from a hard-linked copy under OUT/shards/, whole (1)
+or resharded into N, as separate `imgsearch serve` processes (N retrieval shards, ranking, the
+gateway) on the same machine. First every catalogue keyword and 300 unseen multi-word queries
+are searched with each retriever (ranker none, all 100 candidates shown) and compared to the
+unsharded answers, to the bit; then the load scenarios measure latency and CPU per search of
+every process.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from imgsearch_tools.bench.scenarios import Scenario, run_scenario, say
 
 ENTRIES = ("shards.json", "shards.md", "shards/")
 CHECK_K = 100
-UNSEEN_QUERIES = 100
+UNSEEN_QUERIES = 300
 
 
 def shard_scenarios(qps: float, ranker: str) -> list[Scenario]:
@@ -36,7 +36,8 @@ def shard_scenarios(qps: float, ranker: str) -> list[Scenario]:
 
 
 def sharded_root(artifact_set, count: int, out: Path) -> Path:
-    """An artifact root under ``out`` serving ``artifact_set`` split into ``count`` shards."""
+    """An artifact root under ``out`` serving ``artifact_set``, split into ``count`` shards
+    when ``count`` > 1 (the servers' conversion store goes beside it, also under ``out``)."""
     from imgsearch import artifacts
     from imgsearch_tools.build import reshard
 
@@ -46,7 +47,8 @@ def sharded_root(artifact_set, count: int, out: Path) -> Path:
     whole = root / artifacts.SETS_DIR / artifact_set.version
     artifacts.link_tree(artifact_set.path, whole)
     artifacts.publish(root, whole)
-    reshard(str(root), count, keep=1, show_progress=False)
+    if count > 1:
+        reshard(str(root), count, keep=1, show_progress=False)
     return root
 
 
@@ -111,7 +113,7 @@ async def measure_layout(
 
     from imgsearch import artifacts
 
-    root = sharded_root(artifact_set, count, out / "shards") if count > 1 else args.artifacts
+    root = sharded_root(artifact_set, count, out / "shards")
     services = ServiceProcesses(str(root), out / "shards" / f"logs-{count}", shards=count)
     say(f"{count} shard(s): starting {', '.join(services.names)}")
     services.start_all()
