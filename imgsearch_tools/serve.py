@@ -40,6 +40,13 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         "ranking +2; default from IMGSEARCH_METRICS_PORT, the same offsets)",
     )
     p.add_argument("--max-inflight", type=int, default=None, help="load-shedding limit")
+    p.add_argument(
+        "--max-connection-age-s",
+        type=float,
+        default=None,
+        help="close each client connection after this long, so clients balancing over DNS "
+        "find new replicas (IMGSEARCH_MAX_CONNECTION_AGE_S; default 0 = never)",
+    )
     p.add_argument("--default-retriever", default=None)
     p.add_argument(
         "--encode-batch",
@@ -151,6 +158,7 @@ def resolve_configs(args) -> dict:
         "artifacts": args.artifacts,
         "host": args.host,
         "max_inflight": args.max_inflight,
+        "max_connection_age_s": getattr(args, "max_connection_age_s", None),
         **{name: flag(name) for name in security},
     }
     base = args.metrics_port
