@@ -233,7 +233,6 @@ def cmd_serve(args) -> int:
     import asyncio
 
     from imgsearch import artifacts
-    from imgsearch.config import with_overrides
     from imgsearch.security import SecurityConfigError
     from imgsearch.serving import setup_logging
 
@@ -245,7 +244,7 @@ def cmd_serve(args) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     if args.service != "all":
-        config = with_overrides(configs[args.service], port=args.port, admin_port=args.admin_port)
+        config = service_config(args, configs)
         try:
             asyncio.run(serve_one(args.service, config))
         except SecurityConfigError as exc:
@@ -253,6 +252,17 @@ def cmd_serve(args) -> int:
             return 2
         return 0
     return serve_all(args, configs)
+
+
+def service_config(args, configs: dict | None = None):
+    """The config `serve NAME` runs with: its resolved config with --port/--admin-port applied.
+
+    ``configs`` are :func:`resolve_configs`'s (resolved again when not given).
+    """
+    from imgsearch.config import with_overrides
+
+    configs = configs if configs is not None else resolve_configs(args)
+    return with_overrides(configs[args.service], port=args.port, admin_port=args.admin_port)
 
 
 def serve_all(args, configs) -> int:
