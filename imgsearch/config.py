@@ -26,6 +26,7 @@ them; the SQLite file sits beside the artifact root (``var/artifacts`` ->
 | IMGSEARCH_TIMEOUT_MS | gateway budget for a search when the client sets no deadline | 1000 |
 | IMGSEARCH_RANKING_BUDGET_MS | the part of a search's budget kept for ranking | 300 |
 | IMGSEARCH_GRACE_S | graceful-shutdown grace period | 5 |
+| IMGSEARCH_MAX_CONNECTION_AGE_S | close each client connection after this long (5) | 0 = never |
 | IMGSEARCH_LOG_FORMAT | `json` or `text` | json |
 | IMGSEARCH_CONVERSIONS_DB | SQLite file of logged conversions | `<root>-conversions.sqlite3` |
 | IMGSEARCH_CONVERSIONS_DSN | PostgreSQL DSN of the conversion store (wins over the file) | unset |
@@ -60,6 +61,10 @@ ports, which are plaintext: it sends a token, never a certificate.
 `dns:///NAME:PORT` (every address the name resolves to); requests are balanced round-robin
 over the replicas that are up and SERVING, and UNAVAILABLE is retried on another one
 (`imgsearch.balancing`).
+(5) gRPC's GOAWAY: calls in flight finish within the grace period and the client reconnects.
+A client that balances over the addresses a name resolves to (a Kubernetes headless Service)
+resolves the name again only when a connection closes, so without this it never sends to
+replicas added after it connected.
 
 The admin port of each server carries `imgsearch.admin.v1.AdminService` and the standard health
 service, always in plaintext (Kubernetes' gRPC probes cannot speak TLS), so it binds loopback
@@ -144,6 +149,9 @@ class ServerConfig:
     # Small enough that an overloaded server refuses at once instead of queueing ~1 s of work.
     max_inflight: int = field(default_factory=lambda: env_int("MAX_INFLIGHT", 64))
     grace_s: float = field(default_factory=lambda: float(env_int("GRACE_S", 5)))
+    max_connection_age_s: float = field(
+        default_factory=lambda: env_float("MAX_CONNECTION_AGE_S", 0.0)
+    )
     admin_host: str = field(default_factory=lambda: env("ADMIN_HOST", "127.0.0.1"))
     admin_port: int = 0
     admin_tokens_file: str = field(default_factory=lambda: env("ADMIN_TOKENS_FILE", ""))

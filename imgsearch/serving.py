@@ -483,19 +483,27 @@ def new_server(
     port: int,
     interceptors: list[grpc.aio.ServerInterceptor] | None = None,
     credentials: grpc.ServerCredentials | None = None,
+    max_connection_age_s: float = 0.0,
+    grace_s: float = 5.0,
 ) -> tuple[grpc.aio.Server, int, HealthServicer]:
     """An aio server bound to ``host:port`` (0 = ephemeral) with health registered.
 
-    With ``credentials`` the port serves TLS, else plaintext.
+    With ``credentials`` the port serves TLS, else plaintext. With ``max_connection_age_s``
+    each client connection is closed (GOAWAY) after that long, its calls in flight given
+    ``grace_s`` to finish, so that clients balancing over DNS resolve again and find new
+    replicas.
     """
-    server = grpc.aio.server(
-        interceptors=interceptors or (),
-        options=[
-            ("grpc.so_reuseport", 0),
-            ("grpc.max_receive_message_length", 4 * 1024 * 1024),
-            ("grpc.keepalive_permit_without_calls", 1),
-        ],
-    )
+    options = [
+        ("grpc.so_reuseport", 0),
+        ("grpc.max_receive_message_length", 4 * 1024 * 1024),
+        ("grpc.keepalive_permit_without_calls", 1),
+    ]
+    if max_connection_age_s > 0:
+        options += [
+            ("grpc.max_connection_age_ms", int(max_connection_age_s * 1000)),
+            ("grpc.max_connection_age_grace_ms", int(grace_s * 1000)),
+        ]
+    server = grpc.aio.server(interceptors=interceptors or (), options=options)
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     address = f"{host}:{port}"
@@ -689,7 +697,15 @@ async def start_service(
     )
     reflection = reflection_wanted(config.reflection, config.host, tls)
     admin_server, admin_port, admin_health, admin_interceptor = start_admin(name, config, holder)
-    server, port, health = new_server(name, config.host, config.port, [interceptor], credentials)
+    server, port, health = new_server(
+        name,
+        config.host,
+        config.port,
+        [interceptor],
+        credentials,
+        max_connection_age_s=config.max_connection_age_s,
+        grace_s=config.grace_s,
+    )
     servicers = add_servicer(server, holder)
     if reflection:
         enable_reflection(server, service_names)

@@ -11,7 +11,7 @@ from imgsearch.names import RANKER_CHOICES, RANKER_NAMES, RETRIEVER_CHOICES
 from imgsearch_tools.build import build_artifacts, check_artifact_root
 from imgsearch_tools.client_flags import add_client_security_arguments, client_security
 from imgsearch_tools.outputs import RefusedFolder
-from imgsearch_tools.serve import SERVICES, resolve_configs, serve_all
+from imgsearch_tools.serve import SERVICES, add_serve_arguments, resolve_configs, serve_all
 
 
 def add_commands(subparsers) -> None:
@@ -216,6 +216,16 @@ def ensure_demo(args) -> None:
         build_artifacts(str(data), args.artifacts, list(RANKER_NAMES), force=force)
 
 
+def demo_serve_args(artifacts: str) -> argparse.Namespace:
+    """`serve all --artifacts ARTIFACTS` as `serve` parses it: every flag present, unset.
+
+    Parsed by the `serve` flags themselves, so a flag added to `serve` is never missing here.
+    """
+    parser = argparse.ArgumentParser(add_help=False)
+    add_serve_arguments(parser)
+    return parser.parse_args(["all", "--artifacts", str(artifacts), "--log-level", "WARNING"])
+
+
 def cmd_demo(args) -> int:
     import threading
 
@@ -227,21 +237,7 @@ def cmd_demo(args) -> int:
     if args.no_serve:
         return 0
     os.environ.setdefault("IMGSEARCH_LOG_FORMAT", "text")
-    serve_args = argparse.Namespace(
-        artifacts=args.artifacts,
-        host=None,
-        max_inflight=None,
-        retrieval_port=None,
-        ranking_port=None,
-        gateway_port=None,
-        default_retriever=None,
-        default_ranker=None,
-        timeout_ms=None,
-        retrieval_addr=None,
-        ranking_addr=None,
-        metrics_port=None,
-        log_level="WARNING",
-    )
+    serve_args = demo_serve_args(args.artifacts)
     configs = resolve_configs(serve_args)
     # serve_all installs signal handlers, which only the main thread may do: it runs there,
     # and the example search runs from a helper thread once all three are SERVING.

@@ -50,6 +50,13 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         "ranking +2; default from IMGSEARCH_METRICS_PORT, the same offsets)",
     )
     p.add_argument("--max-inflight", type=int, default=None, help="load-shedding limit")
+    p.add_argument(
+        "--max-connection-age-s",
+        type=float,
+        default=None,
+        help="close each client connection after this long, so clients balancing over DNS "
+        "find new replicas (IMGSEARCH_MAX_CONNECTION_AGE_S; default 0 = never)",
+    )
     p.add_argument("--default-retriever", default=None)
     p.add_argument(
         "--encode-batch",
@@ -168,6 +175,7 @@ def resolve_configs(args) -> dict:
         "artifacts": args.artifacts,
         "host": args.host,
         "max_inflight": args.max_inflight,
+        "max_connection_age_s": getattr(args, "max_connection_age_s", None),
         **{name: flag(name) for name in security},
     }
     base = args.metrics_port
@@ -243,7 +251,6 @@ def cmd_serve(args) -> int:
     import asyncio
 
     from imgsearch import artifacts
-    from imgsearch.config import with_overrides
     from imgsearch.security import SecurityConfigError
     from imgsearch.serving import setup_logging
 
@@ -255,7 +262,7 @@ def cmd_serve(args) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     if args.service != "all":
-        config = with_overrides(configs[args.service], port=args.port, admin_port=args.admin_port)
+        config = service_config(args, configs)
         try:
             asyncio.run(serve_one(args.service, config))
         except SecurityConfigError as exc:
@@ -263,6 +270,17 @@ def cmd_serve(args) -> int:
             return 2
         return 0
     return serve_all(args, configs)
+
+
+def service_config(args, configs: dict | None = None):
+    """The config `serve NAME` runs with: its resolved config with --port/--admin-port applied.
+
+    ``configs`` are :func:`resolve_configs`'s (resolved again when not given).
+    """
+    from imgsearch.config import with_overrides
+
+    configs = configs if configs is not None else resolve_configs(args)
+    return with_overrides(configs[args.service], port=args.port, admin_port=args.admin_port)
 
 
 def serve_all(args, configs) -> int:

@@ -359,3 +359,16 @@ def test_demo_keeps_and_can_replace_a_folder_marked_by_the_old_demo(tmp_path, mo
     assert len(builds) == 1
     assert not (data / ".complete").exists()
     assert outputs.read_marker(data, "demo-data")["generator"] == GENERATOR_VERSION
+
+
+def test_demo_serves_with_every_serve_setting(tmp_path, monkeypatch):
+    from imgsearch_tools import commands
+    from imgsearch_tools.serve import resolve_configs, serve_command
+
+    monkeypatch.setenv("IMGSEARCH_MAX_CONNECTION_AGE_S", "30")
+    configs = resolve_configs(commands.demo_serve_args(str(tmp_path / "artifacts")))
+    for name, config in configs.items():
+        assert config.artifacts == str(tmp_path / "artifacts")
+        assert config.max_connection_age_s == 30.0
+        command = serve_command(name, config, "WARNING")  # what `make run` starts
+        assert command[command.index("--max-connection-age-s") + 1] == "30.0"

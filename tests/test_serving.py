@@ -249,3 +249,34 @@ def test_a_server_still_loading_answers_unavailable_not_internal(loop_thread):
         assert "loading" in info.value.details()
     finally:
         loop_thread.run(server.stop(0))
+
+
+def test_max_connection_age_closes_connections_and_clients_reconnect():
+    """A client balancing over DNS re-resolves only when a connection closes: the server's
+    connection age makes that happen, and the next call simply connects again."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from imgsearch.serving import new_server
+
+    async def scenario() -> list[grpc.ChannelConnectivity]:
+        server, port, _ = new_server("aged", "127.0.0.1", 0, max_connection_age_s=0.3, grace_s=1)
+        await server.start()
+        states = []
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                stub = health_pb2_grpc.HealthStub(channel)
+                await stub.Check(health_pb2.HealthCheckRequest(), timeout=5)
+                state = channel.get_state()
+                states.append(state)
+                while state == grpc.ChannelConnectivity.READY:
+                    await channel.wait_for_state_change(state)
+                    state = channel.get_state()
+                states.append(state)
+                await stub.Check(health_pb2.HealthCheckRequest(), timeout=5)
+        finally:
+            await server.stop(0)
+        return states
+
+    states = asyncio.run(asyncio.wait_for(scenario(), 30))
+    assert states[0] == grpc.ChannelConnectivity.READY
+    assert states[1] in (grpc.ChannelConnectivity.IDLE, grpc.ChannelConnectivity.CONNECTING)
