@@ -149,7 +149,7 @@ def add_commands(subparsers) -> None:
         help="split the current set's keyword and vector indexes into N retrieval shards",
         description="Publish a new set version that shares every file of ARTIFACTS/current "
         "(hard links) and adds shards/: its keyword index and vector index split into N shards "
-        "by photo (photo i on shard i %% N), each with the whole vocabulary and catalogue-wide "
+        "by photo (photo i on shard i mod N), each with the whole vocabulary and catalogue-wide "
         "photo indexes, so that the gateway's merge of the shards returns exactly what the "
         "whole set does. Serve shard I with `imgsearch serve retrieval --shard I`.",
     )
