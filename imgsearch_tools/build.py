@@ -160,6 +160,25 @@ def add_commands(subparsers) -> None:
     p.set_defaults(handler=cmd_shard)
 
 
+def current_set(root: str):
+    """The set ``root``'s ``current`` link names, for a command that makes the next one.
+
+    Raises
+    ------
+    imgsearch.artifacts.ArtifactError
+        When ``root`` is not an artifact root, or its current set does not load.
+    """
+    from imgsearch import artifacts
+
+    if not (Path(root) / artifacts.CURRENT).exists():
+        raise artifacts.ArtifactError(
+            f"{root} is not an artifact root (no {artifacts.CURRENT} link); "
+            "build one with `imgsearch build --data DIR --out ROOT`"
+        )
+    artifacts.check_root(root)
+    return artifacts.resolve(root)
+
+
 def build_artifacts(
     data: str,
     out: str,
@@ -405,13 +424,7 @@ def retrain_rankers(
     from ranking_service.training import train_rankers
     from retrieval_service.keyword_index import KeywordIndex
 
-    if not (Path(root) / artifacts.CURRENT).exists():
-        raise artifacts.ArtifactError(
-            f"{root} is not an artifact root (no {artifacts.CURRENT} link); "
-            "build one with `imgsearch build --data DIR --out ROOT`"
-        )
-    artifacts.check_root(root)
-    current = artifacts.resolve(root)
+    current = current_set(root)
     log = _stage_printer(show_progress)
     merged = None
     skip: tuple[str, ...] = (artifacts.MANIFEST,)
@@ -515,13 +528,7 @@ def reshard(root: str, count: int, keep: int = 3, show_progress: bool = True) ->
     from retrieval_service.sharding import SHARDS_DIR, write_shards
 
     check_shard_count(count)
-    if not (Path(root) / artifacts.CURRENT).exists():
-        raise artifacts.ArtifactError(
-            f"{root} is not an artifact root (no {artifacts.CURRENT} link); "
-            "build one with `imgsearch build --data DIR --out ROOT`"
-        )
-    artifacts.check_root(root)
-    current = artifacts.resolve(root)
+    current = current_set(root)
     log = _stage_printer(show_progress)
     fingerprint = current.manifest.get("data_fingerprint", "")
     with artifacts.writing_set(root, fingerprint) as (set_dir, version):
