@@ -12,7 +12,9 @@ import grpc
 
 from gateway.feedback import SERVICE_NAME as FEEDBACK_SERVICE_NAME
 from gateway.feedback import FeedbackServicer
+from gateway.shards import RetrievalTier
 from imgsearch import artifacts
+from imgsearch.balancing import channel_options, channel_target
 from imgsearch.config import (
     DEFAULT_CANDIDATES_K,
     DEFAULT_K,
@@ -29,7 +31,6 @@ from imgsearch.feedback.v1 import feedback_service_pb2_grpc as feedback_grpc
 from imgsearch.ranking.v1 import ranking_service_pb2 as rank_pb
 from imgsearch.ranking.v1 import ranking_service_pb2_grpc as rank_grpc
 from imgsearch.retrieval.v1 import retrieval_service_pb2 as retr_pb
-from imgsearch.retrieval.v1 import retrieval_service_pb2_grpc as retr_grpc
 from imgsearch.search.v1 import search_service_pb2 as pb
 from imgsearch.search.v1 import search_service_pb2_grpc as pb_grpc
 from imgsearch.security import ClientSecurity
@@ -55,14 +56,15 @@ DEGRADABLE = {
     grpc.StatusCode.UNKNOWN,
     grpc.StatusCode.CANCELLED,
 }
-# Channel options: reconnect quickly with backoff when a downstream restarts.
+# Channel options: reconnect quickly with backoff when a downstream restarts. Balancing over
+# replicas and retrying UNAVAILABLE on another one come on top (imgsearch.balancing).
 CHANNEL_OPTIONS = [
     ("grpc.initial_reconnect_backoff_ms", 100),
     ("grpc.min_reconnect_backoff_ms", 100),
     ("grpc.max_reconnect_backoff_ms", 1000),
     ("grpc.keepalive_time_ms", 30_000),
-    ("grpc.enable_retries", 0),
 ]
+RANKING_SERVICE = rank_pb.DESCRIPTOR.services_by_name["RankingService"].full_name
 # At start the gateway waits this long for the conversion store, then serves searches anyway.
 STORE_OPEN_TIMEOUT_S = 5.0
 TWO_STEP_RECOMMEND = 1000  # ALS recommendations voted against the retrieval candidates
@@ -318,16 +320,17 @@ class SearchServicer(pb_grpc.SearchServiceServicer):
         self.holder = holder
         # TLS (mutual when the gateway has a certificate) when a downstream CA is configured.
         downstream = ClientSecurity(config.client_ca, config.client_cert, config.client_key)
-        self.retrieval_channel = downstream.aio_channel(config.retrieval_addr, CHANNEL_OPTIONS)
-        self.ranking_channel = downstream.aio_channel(config.ranking_addr, CHANNEL_OPTIONS)
-        self.retrieval = retr_grpc.RetrievalServiceStub(self.retrieval_channel)
+        self.retrieval = RetrievalTier(config.retrieval_addr, downstream, CHANNEL_OPTIONS)
+        self.ranking_channel = downstream.aio_channel(
+            channel_target(config.ranking_addr), channel_options(RANKING_SERVICE, CHANNEL_OPTIONS)
+        )
         self.ranking = rank_grpc.RankingServiceStub(self.ranking_channel)
         self.ranking_breaker = CircuitBreaker(BREAKER_THRESHOLD, BREAKER_COOLDOWN_S)
         self.retrieval_latency = LATENCY.labels("gateway", "retrieval")
         self.ranking_latency = LATENCY.labels("gateway", "ranking")
 
     async def close(self) -> None:
-        await self.retrieval_channel.close()
+        await self.retrieval.close()
         await self.ranking_channel.close()
 
     async def Search(self, request: pb.SearchRequest, context) -> pb.SearchResponse:
@@ -346,7 +349,7 @@ class SearchServicer(pb_grpc.SearchServiceServicer):
         ranking_reserve = min(self.config.ranking_budget_ms / 1000, budget / 2)
         two_step = request.ranker == rank_pb.RANKER_TWO_STEP
 
-        retrieve_call = self.retrieval.Retrieve(
+        retrieve_call = self.retrieval.retrieve(
             retr_pb.RetrieveRequest(
                 query=request.query, candidates_k=candidates_k, retriever=request.retriever
             ),
@@ -369,12 +372,16 @@ class SearchServicer(pb_grpc.SearchServiceServicer):
     ) -> pb.SearchResponse:
         two_step = request.ranker == rank_pb.RANKER_TWO_STEP
         try:
-            retrieved = await retrieve_call
+            retrieved, missing_shards = await retrieve_call
         except grpc.aio.AioRpcError as exc:
             await self._retrieval_failed(context, exc)
         self.retrieval_latency.observe(time.perf_counter() - start)
 
         response = pb.SearchResponse(retriever=retrieved.retriever)
+        if missing_shards:
+            DEGRADED.labels("shard_unavailable").inc()
+            response.degraded = True
+            response.degraded_reason = "; ".join(missing_shards)
         response.artifact_versions["gateway"] = state.version
         response.artifact_versions["retrieval"] = retrieved.artifact_version
         response.timings.retrieval_ms = retrieved.retrieval_ms
@@ -504,7 +511,8 @@ class SearchServicer(pb_grpc.SearchServiceServicer):
         """Answer in retrieval order; ``kind`` is the metric label (a small fixed set)."""
         DEGRADED.labels(kind).inc()
         response.degraded = True
-        response.degraded_reason = reason
+        # After a missing retrieval shard's reason, when there is one.
+        response.degraded_reason = "; ".join(r for r in (response.degraded_reason, reason) if r)
         response.ranker = rank_pb.RANKER_NONE
         return [(pid, s, s) for pid, s in zip(candidates.ids[:k], candidates.scores[:k])]
 

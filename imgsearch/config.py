@@ -12,8 +12,9 @@ them; the SQLite file sits beside the artifact root (``var/artifacts`` ->
 | IMGSEARCH_GATEWAY_PORT | SearchService port | 50051 |
 | IMGSEARCH_RETRIEVAL_PORT | RetrievalService port | 50052 |
 | IMGSEARCH_RANKING_PORT | RankingService port | 50053 |
-| IMGSEARCH_RETRIEVAL_ADDR | where the gateway finds retrieval | 127.0.0.1:<retrieval port> |
-| IMGSEARCH_RANKING_ADDR | where the gateway finds ranking | 127.0.0.1:<ranking port> |
+| IMGSEARCH_RETRIEVAL_ADDR | retrieval: a target (4); `T0;T1;...`: one per shard | 127.0.0.1:port |
+| IMGSEARCH_RANKING_ADDR | ranking: a target (4) | 127.0.0.1:port |
+| IMGSEARCH_SHARD | retrieval: serve this shard of a sharded set (0-based) | -1 = the whole set |
 | IMGSEARCH_METRICS_PORT | Prometheus port base: gateway +0, retrieval +1, ranking +2 | 0 = off |
 | IMGSEARCH_<SERVICE>_METRICS_PORT | one service's port (GATEWAY/RETRIEVAL/RANKING) | base+offset |
 | IMGSEARCH_MAX_INFLIGHT | requests a server handles at once before RESOURCE_EXHAUSTED | 64 |
@@ -25,7 +26,7 @@ them; the SQLite file sits beside the artifact root (``var/artifacts`` ->
 | IMGSEARCH_TIMEOUT_MS | gateway budget for a search when the client sets no deadline | 1000 |
 | IMGSEARCH_RANKING_BUDGET_MS | the part of a search's budget kept for ranking | 300 |
 | IMGSEARCH_GRACE_S | graceful-shutdown grace period | 5 |
-| IMGSEARCH_MAX_CONNECTION_AGE_S | close each client connection after this long (4) | 0 = never |
+| IMGSEARCH_MAX_CONNECTION_AGE_S | close each client connection after this long (5) | 0 = never |
 | IMGSEARCH_LOG_FORMAT | `json` or `text` | json |
 | IMGSEARCH_CONVERSIONS_DB | SQLite file of logged conversions | `<root>-conversions.sqlite3` |
 | IMGSEARCH_CONVERSIONS_DSN | PostgreSQL DSN of the conversion store (wins over the file) | unset |
@@ -56,7 +57,11 @@ service port but health (its API, reflection, any service added later) needs a t
 (whose `--cacert`, `--cert`, `--key` override them). `imgsearch reload` talks to the admin
 ports, which are plaintext: it sends a token, never a certificate.
 (3) A file, not the token itself, so the token never shows in a process list.
-(4) gRPC's GOAWAY: calls in flight finish within the grace period and the client reconnects.
+(4) `HOST:PORT`, a comma-separated list of them (replicas), or any gRPC name such as
+`dns:///NAME:PORT` (every address the name resolves to); requests are balanced round-robin
+over the replicas that are up and SERVING, and UNAVAILABLE is retried on another one
+(`imgsearch.balancing`).
+(5) gRPC's GOAWAY: calls in flight finish within the grace period and the client reconnects.
 A client that balances over the addresses a name resolves to (a Kubernetes headless Service)
 resolves the name again only when a connection closes, so without this it never sends to
 replicas added after it connected.
@@ -73,6 +78,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field, fields
 
+from imgsearch.balancing import channel_target, shard_targets
 from imgsearch.conversion_store import default_db_path
 
 ENV_PREFIX = "IMGSEARCH_"
@@ -185,12 +191,16 @@ class RetrievalConfig(ServerConfig):
     encode_batch: int = field(default_factory=lambda: env_int("ENCODE_BATCH", 16))
     encode_wait_ms: float = field(default_factory=lambda: env_float("ENCODE_WAIT_MS", 2.0))
     text_runtime: str = field(default_factory=lambda: env("TEXT_RUNTIME", ""))
+    # -1 serves the whole set; i serves shard i of a set built with --shards.
+    shard: int = field(default_factory=lambda: env_int("SHARD", -1))
 
     def __post_init__(self) -> None:
         if self.encode_batch < 1:
             raise SystemExit(f"error: encode batch must be at least 1, got {self.encode_batch}")
         if self.encode_wait_ms < 0:
             raise SystemExit(f"error: encode wait must not be negative, got {self.encode_wait_ms}")
+        if self.shard < -1:
+            raise SystemExit(f"error: shard must be 0 or more (-1: whole set), got {self.shard}")
 
 
 @dataclass(frozen=True)
@@ -228,6 +238,19 @@ class GatewayConfig(ConversionStoreConfig):
     client_ca: str = field(default_factory=lambda: env("CLIENT_CA", ""))
     client_cert: str = field(default_factory=lambda: env("CLIENT_CERT", ""))
     client_key: str = field(default_factory=lambda: env("CLIENT_KEY", ""))
+
+    def __post_init__(self) -> None:
+        try:
+            for target in shard_targets(self.retrieval_addr):
+                channel_target(target)
+        except ValueError as exc:
+            raise SystemExit(f"error: retrieval address: {exc}") from None
+        try:
+            if ";" in self.ranking_addr:
+                raise ValueError(f"{self.ranking_addr!r}: ranking is not sharded (no ';')")
+            channel_target(self.ranking_addr)
+        except ValueError as exc:
+            raise SystemExit(f"error: ranking address: {exc}") from None
 
 
 def with_overrides(config, **overrides):

@@ -48,7 +48,8 @@ LATENCY = Histogram(
 INFLIGHT = Gauge("imgsearch_inflight_requests", "RPCs being handled now.", ["service"])
 DEGRADED = Counter(
     "imgsearch_degraded_total",
-    "Searches answered degraded, by reason (unavailable, timeout, no_budget, circuit_open).",
+    "Searches answered degraded, by reason (unavailable, timeout, no_budget, circuit_open, "
+    "shard_unavailable).",
     ["reason"],
 )
 ARTIFACT_INFO = Gauge(

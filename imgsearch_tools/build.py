@@ -79,6 +79,13 @@ def add_commands(subparsers) -> None:
         help="FAISS factory string (default: Flat below 50k photos, else HNSW32)",
     )
     p.add_argument(
+        "--shards",
+        type=int,
+        default=0,
+        help="also split the keyword and vector indexes into N retrieval shards by photo (each "
+        "`serve retrieval --shard I` serves one; the gateway merges them); default: none",
+    )
+    p.add_argument(
         "--strict",
         action=argparse.BooleanOptionalAction,
         default=True,
@@ -137,6 +144,40 @@ def add_commands(subparsers) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(handler=cmd_train)
 
+    p = subparsers.add_parser(
+        "shard",
+        help="split the current set's keyword and vector indexes into N retrieval shards",
+        description="Publish a new set version that shares every file of ARTIFACTS/current "
+        "(hard links) and adds shards/: its keyword index and vector index split into N shards "
+        "by photo (photo i on shard i mod N), each with the whole vocabulary and catalogue-wide "
+        "photo indexes, so that the gateway's merge of the shards returns exactly what the "
+        "whole set does. Serve shard I with `imgsearch serve retrieval --shard I`.",
+    )
+    p.add_argument("--artifacts", default="var/artifacts", help="artifact root (with current)")
+    p.add_argument("--shards", type=int, required=True, help="number of shards (2 or more)")
+    p.add_argument("--keep", type=int, default=3, help="complete sets to keep, as for build")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
+    p.set_defaults(handler=cmd_shard)
+
+
+def current_set(root: str):
+    """The set ``root``'s ``current`` link names, for a command that makes the next one.
+
+    Raises
+    ------
+    imgsearch.artifacts.ArtifactError
+        When ``root`` is not an artifact root, or its current set does not load.
+    """
+    from imgsearch import artifacts
+
+    if not (Path(root) / artifacts.CURRENT).exists():
+        raise artifacts.ArtifactError(
+            f"{root} is not an artifact root (no {artifacts.CURRENT} link); "
+            "build one with `imgsearch build --data DIR --out ROOT`"
+        )
+    artifacts.check_root(root)
+    return artifacts.resolve(root)
+
 
 def build_artifacts(
     data: str,
@@ -154,19 +195,23 @@ def build_artifacts(
     int8: bool = True,
     force: bool = False,
     embeddings: str | None = None,
+    shards: int = 0,
 ) -> Path:
     """Build one artifact set from ``data`` under ``out`` and publish it; returns its folder.
 
     ``out`` must be new, empty or an artifact root (only ``sets/`` and ``current`` in it);
     ``force`` accepts a folder holding other files too, which are left as they are.
     ``embeddings`` (an ``imgsearch embed`` output, made with ``clip_model`` and
-    ``clip_pretrained``) replaces embedding the images during the build.
+    ``clip_pretrained``) replaces embedding the images during the build. ``shards`` (2 or
+    more) also splits the retrieval indexes into that many shards
+    (:mod:`retrieval_service.sharding`).
     """
     from imgsearch import artifacts
     from imgsearch.unsplash import read_unsplash
     from retrieval_service.keyword_index import KeywordIndex
 
     started = time.time()
+    check_shard_count(shards, allow_none=True)
     check_artifact_root(out, force)
     log = _stage_printer(show_progress)
     log(f"reading {data}")
@@ -213,6 +258,11 @@ def build_artifacts(
             manifest["clip"] = {
                 "skipped": "disabled by --no-clip" if not clip else "the catalogue has no images"
             }
+        if shards:
+            from retrieval_service.sharding import write_shards
+
+            log(f"splitting the retrieval indexes into {shards} shards")
+            manifest["shards"] = write_shards(set_dir, shards, log)
         if rankers:
             from ranking_service.training import train_rankers
 
@@ -319,6 +369,11 @@ def cmd_build(args) -> int:
         )
         return 2
     try:
+        check_shard_count(args.shards, allow_none=True)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    try:
         build_artifacts(
             args.data,
             args.out,
@@ -335,6 +390,7 @@ def cmd_build(args) -> int:
             int8=args.int8,
             force=args.force,
             embeddings=args.embeddings,
+            shards=args.shards,
         )
     except (DataError, FileNotFoundError, ArtifactError, EmbeddingMismatch) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -368,13 +424,7 @@ def retrain_rankers(
     from ranking_service.training import train_rankers
     from retrieval_service.keyword_index import KeywordIndex
 
-    if not (Path(root) / artifacts.CURRENT).exists():
-        raise artifacts.ArtifactError(
-            f"{root} is not an artifact root (no {artifacts.CURRENT} link); "
-            "build one with `imgsearch build --data DIR --out ROOT`"
-        )
-    artifacts.check_root(root)
-    current = artifacts.resolve(root)
+    current = current_set(root)
     log = _stage_printer(show_progress)
     merged = None
     skip: tuple[str, ...] = (artifacts.MANIFEST,)
@@ -455,6 +505,59 @@ def cmd_train(args) -> int:
             logged=logged,
         )
     except (artifacts.ArtifactError, StoreError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def check_shard_count(shards: int, allow_none: bool = False) -> None:
+    """Raise ValueError unless ``shards`` is a shard count (or 0 = none, if allowed)."""
+    from retrieval_service.sharding import MAX_SHARDS
+
+    if (allow_none and shards == 0) or 2 <= shards <= MAX_SHARDS:
+        return
+    raise ValueError(f"--shards must be between 2 and {MAX_SHARDS}, got {shards}")
+
+
+def reshard(root: str, count: int, keep: int = 3, show_progress: bool = True) -> Path:
+    """Publish a new set: the current one's files (hard links) plus ``count`` shards.
+
+    A set that is sharded already is resharded: its shards are left out of the new set.
+    """
+    from imgsearch import artifacts
+    from retrieval_service.sharding import SHARDS_DIR, write_shards
+
+    check_shard_count(count)
+    current = current_set(root)
+    log = _stage_printer(show_progress)
+    fingerprint = current.manifest.get("data_fingerprint", "")
+    with artifacts.writing_set(root, fingerprint) as (set_dir, version):
+        artifacts.link_tree(current.path, set_dir, skip=(artifacts.MANIFEST, SHARDS_DIR))
+        log(f"splitting the retrieval indexes of {current.version} into {count} shards")
+        layout = write_shards(set_dir, count, log)
+        manifest = {
+            **current.manifest,
+            "version": version,
+            "parent_version": current.version,
+            "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "shards": layout,
+        }
+        artifacts.write_manifest(set_dir, manifest)
+        artifacts.publish(root, set_dir)
+    artifacts.prune(root, keep=keep)
+    log(f"artifact set {version} ({count} retrieval shards) ready: {set_dir}")
+    return set_dir
+
+
+def cmd_shard(args) -> int:
+    from imgsearch import artifacts
+
+    try:
+        reshard(args.artifacts, args.shards, keep=args.keep, show_progress=not args.quiet)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except artifacts.ArtifactError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     return 0

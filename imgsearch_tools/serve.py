@@ -30,8 +30,18 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gateway-port", type=int, default=None, help="default 50051")
     p.add_argument("--retrieval-port", type=int, default=None, help="default 50052")
     p.add_argument("--ranking-port", type=int, default=None, help="default 50053")
-    p.add_argument("--retrieval-addr", default=None, help="gateway: retrieval HOST:PORT")
-    p.add_argument("--ranking-addr", default=None, help="gateway: ranking HOST:PORT")
+    p.add_argument(
+        "--retrieval-addr",
+        default=None,
+        help="gateway: where retrieval is: HOST:PORT, replicas as IP:PORT,IP:PORT,... or "
+        "dns:///NAME:PORT (balanced round-robin, UNAVAILABLE retried on another replica); a "
+        "sharded set: one such target per shard, in shard order, separated by ';'",
+    )
+    p.add_argument(
+        "--ranking-addr",
+        default=None,
+        help="gateway: where ranking is: HOST:PORT, IP:PORT,IP:PORT,... or dns:///NAME:PORT",
+    )
     p.add_argument(
         "--metrics-port",
         type=int,
@@ -67,6 +77,13 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         choices=RUNTIMES,
         help="retrieval: run the CLIP text tower with this runtime instead of the one the "
         "build chose",
+    )
+    p.add_argument(
+        "--shard",
+        type=int,
+        default=None,
+        help="retrieval: serve this shard (0-based) of a set built with --shards "
+        "(IMGSEARCH_SHARD; default: the whole set)",
     )
     p.add_argument("--default-ranker", default=None)
     p.add_argument("--timeout-ms", type=int, default=None, help="gateway search budget")
@@ -175,6 +192,7 @@ def resolve_configs(args) -> dict:
         encode_batch=getattr(args, "encode_batch", None),
         encode_wait_ms=getattr(args, "encode_wait_ms", None),
         text_runtime=getattr(args, "text_runtime", None),
+        shard=getattr(args, "shard", None),
     )
     conversions = {"conversions_db": args.conversions_db, "conversions_dsn": args.conversions_dsn}
     ranking = with_overrides(

@@ -18,6 +18,10 @@ class KeywordIndex(Retriever):
     query falls back to token matching: each photo scores the mean, over the query's tokens,
     of its best confidence for a keyword containing that token, so a photo must match every
     token to reach the top and scores stay in [0, 1] and comparable across queries.
+
+    A shard's index (:meth:`shard`) keeps the whole catalogue's vocabulary: a query that is a
+    keyword anywhere is an exact match on every shard (with no photos on a shard that has none
+    of its photos), so no shard falls back to token matching on its own.
     """
 
     name = "keyword"
@@ -49,6 +53,18 @@ class KeywordIndex(Retriever):
             offsets,
             table["photo_idx"].to_numpy(np.int64),
             table["confidence"].to_numpy(np.float32),
+        )
+
+    def shard(self, keep: np.ndarray) -> KeywordIndex:
+        """The index over the photos where ``keep[photo_idx]`` is True, same vocabulary.
+
+        Each keyword's photos keep their order (confidence, then ``photo_idx``) and their
+        catalogue-wide ``photo_idx``.
+        """
+        kept = np.asarray(keep, bool)[self.photo_idx]
+        kept_before = np.concatenate([[0], np.cumsum(kept)]).astype(np.int64)
+        return KeywordIndex(
+            self.vocabulary, kept_before[self.offsets], self.photo_idx[kept], self.conf[kept]
         )
 
     def save(self, path: Path) -> None:
@@ -91,8 +107,8 @@ class KeywordIndex(Retriever):
     def retrieve(self, query: str, candidates_k: int) -> RetrievalResult:
         """Return up to ``candidates_k`` photos for ``query``, best first."""
         query = normalise_keyword(query)
-        photos, conf = self.keyword_photos(query)
-        if len(photos):
+        if query in self._keyword_row:
+            photos, conf = self.keyword_photos(query)
             top = slice(0, candidates_k)
             return RetrievalResult(photos[top], conf[top], {"keyword": conf[top]}, keyword=query)
         tokens = list(dict.fromkeys(query.split()))

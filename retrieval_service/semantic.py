@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import threading
 from collections import OrderedDict
 from pathlib import Path
@@ -13,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from imgsearch.catalogue import normalise_keyword
+from imgsearch.fusion import FusionSpec, fuse, source_depth
 from retrieval_service.batching import DEFAULT_MAX_BATCH, DEFAULT_MAX_WAIT_MS, MicroBatcher
 from retrieval_service.retrievers import RetrievalResult, Retriever
 
@@ -201,6 +201,10 @@ class ClipRetriever(Retriever):
         scores, photo_idx = self.vector_index.search(query_embedding[None, :], candidates_k)
         found = photo_idx[0] >= 0
         scores, photo_idx = scores[0][found], photo_idx[0][found]
+        # Equal scores in photo order, as every retriever orders its list: a merge of shards
+        # then reproduces this list exactly.
+        order = np.lexsort((photo_idx, -scores))
+        scores, photo_idx = scores[order], photo_idx[order]
         return RetrievalResult(photo_idx, scores, {"clip": scores.copy()})
 
 
@@ -250,17 +254,28 @@ class HybridRetriever(Retriever):
         self.weights = tuple(float(w) for w in weights)
         self.depth = depth
 
+    @property
+    def fusion(self) -> FusionSpec:
+        """How this retriever fuses (what a caller merging shards fuses with)."""
+        return FusionSpec(self.method, self.SOURCES, self.weights, self.rrf_k, self.depth)
+
     def retrieve(
-        self, query: str, candidates_k: int, query_embedding: np.ndarray | None = None
+        self,
+        query: str,
+        candidates_k: int,
+        query_embedding: np.ndarray | None = None,
+        uncut: bool = False,
     ) -> RetrievalResult:
         """Fuse both sources' candidates; return up to ``candidates_k``, best first.
 
         ``query_embedding`` is handed to the CLIP source (see :meth:`ClipRetriever.retrieve`).
+        ``uncut`` returns every candidate of both sources' lists instead (what a shard hands
+        to :func:`imgsearch.fusion.merge_shards`).
         """
         query = normalise_keyword(query)
         if not query:
             return RetrievalResult.empty(note="empty query")
-        depth = max(candidates_k, int(math.ceil(candidates_k * self.depth)))
+        depth = source_depth(candidates_k, self.depth)
         if query_embedding is None:
             clip = self.clip.retrieve(query, depth)
         else:
@@ -269,7 +284,7 @@ class HybridRetriever(Retriever):
         fused = fuse(
             results,
             self.SOURCES,
-            candidates_k,
+            None if uncut else candidates_k,
             method=self.method,
             rrf_k=self.rrf_k,
             weights=self.weights,
@@ -277,50 +292,6 @@ class HybridRetriever(Retriever):
         fused.keyword = results[0].keyword
         fused.note = "; ".join(f"{n}: {r.note}" for n, r in zip(self.SOURCES, results) if r.note)
         return fused
-
-
-def _minmax(scores: np.ndarray) -> np.ndarray:
-    if len(scores) == 0:
-        return scores.astype(np.float64)
-    low, high = float(scores.min()), float(scores.max())
-    if high - low <= 1e-12:
-        return np.ones(len(scores))
-    return (scores.astype(np.float64) - low) / (high - low)
-
-
-def fuse(
-    results: tuple[RetrievalResult, ...] | list[RetrievalResult],
-    names: tuple[str, ...],
-    candidates_k: int,
-    method: str = "rrf",
-    rrf_k: int = 60,
-    weights: tuple[float, ...] | None = None,
-) -> RetrievalResult:
-    """Fuse ranked lists (see :class:`HybridRetriever` for the methods).
-
-    Ties are broken by ``photo_idx`` so the order is deterministic. ``source_scores[name]``
-    holds each source's own score for every fused candidate, NaN where it did not find it.
-    """
-    weights = weights or tuple(1.0 for _ in names)
-    union = np.unique(np.concatenate([np.asarray(r.photo_idx, np.int64) for r in results]))
-    position = {int(p): i for i, p in enumerate(union.tolist())}
-    fused = np.zeros(len(union), np.float64)
-    per_source = {}
-    for name, result, weight in zip(names, results, weights):
-        rows = np.fromiter((position[int(p)] for p in result.photo_idx), np.int64)
-        own = np.full(len(union), np.nan, np.float32)
-        own[rows] = result.scores
-        per_source[name] = own
-        if method == "rrf":
-            fused[rows] += 1.0 / (rrf_k + np.arange(1, len(rows) + 1))
-        else:
-            fused[rows] += weight * _minmax(np.asarray(result.scores))
-    order = np.lexsort((union, -fused))[: max(0, candidates_k)]
-    return RetrievalResult(
-        union[order],
-        fused[order].astype(np.float32),
-        {name: scores[order] for name, scores in per_source.items()},
-    )
 
 
 def clip_source(retriever: Retriever) -> ClipRetriever | None:
@@ -341,6 +312,7 @@ def load_clip_retrievers(
     max_batch: int = DEFAULT_MAX_BATCH,
     max_wait_ms: float = DEFAULT_MAX_WAIT_MS,
     text_runtime: str | None = None,
+    vector_index: str | Path | None = None,
 ) -> dict[str, Retriever]:
     """Load the ``clip`` and ``hybrid`` retrievers of an artifact set.
 
@@ -362,6 +334,8 @@ def load_clip_retrievers(
     text_runtime:
         Overrides the text runtime the build chose (``torch-fp32``, ``torch-int8``,
         ``onnx-fp32``, ``onnx-int8``).
+    vector_index:
+        A shard's vector index (its row map stored beside it) to search instead of the set's.
 
     Returns
     -------
@@ -388,11 +362,14 @@ def load_clip_retrievers(
         logger.warning("text encoder: %s", note)
     table = clip_dir / KEYWORD_EMBEDDINGS
     known = KnownQueries.load(table) if known_queries and table.exists() else None
-    photo_idx, _ = load_embeddings(set_dir / EMBEDDINGS)
-    vector_index = VectorIndex.load(set_dir / VECTOR_INDEX, row_to_photo_idx=photo_idx)
+    if vector_index is None:
+        photo_idx, _ = load_embeddings(set_dir / EMBEDDINGS)
+        index = VectorIndex.load(set_dir / VECTOR_INDEX, row_to_photo_idx=photo_idx)
+    else:
+        index = VectorIndex.load(vector_index)
     clip = ClipRetriever(
         text_encoder,
-        vector_index,
+        index,
         cache_size=cache_size,
         known_queries=known,
         max_batch=max_batch,

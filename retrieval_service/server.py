@@ -35,6 +35,7 @@ from retrieval_service.batching import DEFAULT_MAX_BATCH, DEFAULT_MAX_WAIT_MS, D
 from retrieval_service.keyword_index import KeywordIndex
 from retrieval_service.retrievers import RetrievalResult, Retriever
 from retrieval_service.semantic import clip_source
+from retrieval_service.sharding import check_shard, shard_dir
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["RetrievalService"].full_name
 logger = logging.getLogger("imgsearch.retrieval")
@@ -50,6 +51,9 @@ class RetrievalState:
     retrievers: dict[str, Retriever]
     default_retriever: str
     models: list[str] = field(default_factory=list)
+    # The shard of a sharded set this state serves (shard_count 0: the whole catalogue).
+    shard: int = 0
+    shard_count: int = 0
 
 
 def load_retrieval_state(
@@ -58,11 +62,14 @@ def load_retrieval_state(
     max_batch: int = DEFAULT_MAX_BATCH,
     max_wait_ms: float = DEFAULT_MAX_WAIT_MS,
     text_runtime: str = "",
+    shard: int = -1,
 ) -> RetrievalState:
     """Load the retrievers of the artifact set at ``artifacts_path``.
 
     ``max_batch`` and ``max_wait_ms`` set the micro-batching of query encodings;
-    ``text_runtime`` overrides the text runtime the build chose ("" keeps it).
+    ``text_runtime`` overrides the text runtime the build chose ("" keeps it); ``shard`` (0 or
+    more) serves that shard's keyword and vector indexes instead of the whole set's
+    (:mod:`retrieval_service.sharding`).
     """
     import pandas as pd
 
@@ -70,7 +77,12 @@ def load_retrieval_state(
     photos = pd.read_parquet(
         artifact_set.file(artifacts.CATALOGUE_DIR) / "photos.parquet", columns=["photo_id"]
     )
-    keyword_index = KeywordIndex.load(artifact_set.file(artifacts.KEYWORD_INDEX))
+    indexes = artifact_set.path
+    shard_count = 0
+    if shard >= 0:
+        shard_count = int(check_shard(artifact_set.path, shard)["count"])
+        indexes = shard_dir(artifact_set.path, shard)
+    keyword_index = KeywordIndex.load(indexes / artifacts.KEYWORD_INDEX)
     retrievers: dict[str, Retriever] = {"keyword": keyword_index}
     if artifact_set.has(artifacts.VECTOR_INDEX):
         from retrieval_service.semantic import load_clip_retrievers
@@ -82,6 +94,7 @@ def load_retrieval_state(
                 max_batch=max_batch,
                 max_wait_ms=max_wait_ms,
                 text_runtime=text_runtime or None,
+                vector_index=indexes / artifacts.VECTOR_INDEX if shard >= 0 else None,
             )
         )
     if default_retriever and default_retriever not in retrievers:
@@ -97,6 +110,8 @@ def load_retrieval_state(
         retrievers=retrievers,
         default_retriever=default,
         models=list(retrievers),
+        shard=max(0, shard),
+        shard_count=shard_count,
     )
 
 
@@ -114,8 +129,11 @@ def validate_query(query: str, field_name: str = "query") -> str:
     return normalised
 
 
-def to_response(result: RetrievalResult, photo_ids: np.ndarray) -> pb.RetrieveResponse:
-    """Turn a RetrievalResult into the response's parallel arrays (ids, scores, per source)."""
+def to_response(
+    result: RetrievalResult, photo_ids: np.ndarray, indices: bool = False
+) -> pb.RetrieveResponse:
+    """Turn a RetrievalResult into the response's parallel arrays (ids, scores, per source);
+    ``indices`` adds the candidates' catalogue indexes."""
     return pb.RetrieveResponse(
         photo_ids=photo_ids[result.photo_idx].tolist(),
         scores=result.scores.tolist(),
@@ -125,7 +143,30 @@ def to_response(result: RetrievalResult, photo_ids: np.ndarray) -> pb.RetrieveRe
         ],
         keyword=result.keyword,
         note=result.note,
+        photo_indices=result.photo_idx.tolist() if indices else (),
     )
+
+
+def given_embedding(request: pb.RetrieveRequest, state: RetrievalState, clip) -> np.ndarray | None:
+    """The query embedding another shard computed, when it can stand for this server's own.
+
+    Raises
+    ------
+    InvalidArgument
+        When it is not a finite vector of the index's dimension.
+    """
+    if not request.query_embedding or request.query_embedding_version != state.version:
+        return None
+    embedding = np.asarray(request.query_embedding, np.float32)
+    dim = clip.vector_index.dim
+    if len(embedding) != dim:
+        raise InvalidArgument(
+            "query_embedding", f"must have {dim} values for this index, got {len(embedding)}"
+        )
+    if not np.isfinite(embedding).all():
+        raise InvalidArgument("query_embedding", "must hold finite numbers only")
+    embedding.setflags(write=False)
+    return embedding
 
 
 class RetrievalServicer(pb_grpc.RetrievalServiceServicer):
@@ -162,16 +203,20 @@ class RetrievalServicer(pb_grpc.RetrievalServiceServicer):
             # A query the caches miss waits for the next micro-batch of the text encoder; it is
             # dropped unencoded if the caller's deadline passes first. The search (and, for
             # hybrid, the keyword side) then runs off the event loop.
-            remaining = context.time_remaining()
-            deadline = None if remaining is None else time.monotonic() + remaining
-            try:
-                embedding = await clip.embed_query_async(query, deadline)
-            except DeadlineExpired as exc:
-                await context.abort(
-                    grpc.StatusCode.DEADLINE_EXCEEDED, f"query not encoded in time: {exc}"
-                )
+            embedding = given_embedding(request, state, clip)
+            if embedding is None:
+                remaining = context.time_remaining()
+                deadline = None if remaining is None else time.monotonic() + remaining
+                try:
+                    embedding = await clip.embed_query_async(query, deadline)
+                except DeadlineExpired as exc:
+                    await context.abort(
+                        grpc.StatusCode.DEADLINE_EXCEEDED, f"query not encoded in time: {exc}"
+                    )
+            hybrid = retriever is not clip
+            uncut = {"uncut": True} if request.source_lists and hybrid else {}
             retrieve = functools.partial(
-                retriever.retrieve, query, candidates_k, query_embedding=embedding
+                retriever.retrieve, query, candidates_k, query_embedding=embedding, **uncut
             )
             result = await asyncio.get_running_loop().run_in_executor(self.executor, retrieve)
         elif retriever.cheap(query):
@@ -182,12 +227,27 @@ class RetrievalServicer(pb_grpc.RetrievalServiceServicer):
             result = await loop.run_in_executor(
                 self.executor, retriever.retrieve, query, candidates_k
             )
-        response = to_response(result, state.photo_ids)
+        response = to_response(result, state.photo_ids, indices=request.source_lists)
+        if clip is not None and request.return_query_embedding:
+            response.query_embedding.extend(embedding.tolist())
+        if request.source_lists and clip is not None and hybrid:
+            fusion = retriever.fusion
+            response.fusion.CopyFrom(
+                pb.Fusion(
+                    method=fusion.method,
+                    sources=fusion.sources,
+                    weights=fusion.weights,
+                    rrf_k=fusion.rrf_k,
+                    depth=fusion.depth,
+                )
+            )
         elapsed = time.perf_counter() - start
         self.stage_latency.observe(elapsed)
         response.retriever = retriever_value(name)
         response.retrieval_ms = elapsed * 1000
         response.artifact_version = state.version
+        response.shard = state.shard
+        response.shard_count = state.shard_count
         return response
 
 
@@ -209,6 +269,7 @@ async def create_retrieval_server(config: RetrievalConfig) -> Service:
             max_batch=config.encode_batch,
             max_wait_ms=config.encode_wait_ms,
             text_runtime=config.text_runtime,
+            shard=config.shard,
         ),
         add,
     )

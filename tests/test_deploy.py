@@ -39,7 +39,11 @@ COMPONENTS = {
     "tls": ["components/tls"],
     "gateway-auth": ["components/gateway-auth"],
     "tls+gateway-auth": ["components/tls", "components/gateway-auth"],
+    "retrieval-shards": ["components/retrieval-shards"],
+    # Listed first, so that the other components' patches reach the shards' Deployments too.
+    "retrieval-shards+tls": ["components/retrieval-shards", "components/tls"],
 }
+SHARD_LABEL = "imgsearch/shard"
 NAME_PATTERN = re.compile(r"IMGSEARCH_[A-Z0-9_]+")
 
 
@@ -53,9 +57,18 @@ def kustomization(folder: Path) -> dict:
     return documents(folder / "kustomization.yaml")[0]
 
 
+def listed_objects(folder: Path) -> list[dict]:
+    """The objects of the manifests a kustomization lists, in order (folders: theirs)."""
+    objects = []
+    for name in kustomization(folder)["resources"]:
+        path = folder / name
+        objects += listed_objects(path) if path.is_dir() else documents(path)
+    return objects
+
+
 def base_objects() -> list[dict]:
     """The objects of the manifests the base kustomization lists, in order."""
-    return [doc for name in kustomization(K8S)["resources"] for doc in documents(K8S / name)]
+    return listed_objects(K8S)
 
 
 def tool_objects() -> list[dict]:
@@ -272,19 +285,36 @@ def ports_by_name(container: dict) -> dict[str, int]:
     return {port["name"]: port["containerPort"] for port in container["ports"]}
 
 
+def component(deployment: dict) -> str:
+    return deployment["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/component"]
+
+
 def tier_deployments(objects: list[dict]) -> dict[str, dict]:
-    deployments = {
-        d["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/component"]: d
-        for d in of_kind(objects, "Deployment")
-    }
+    """Each tier's Deployment (retrieval's first shard's, where it is sharded)."""
+    deployments: dict[str, dict] = {}
+    for deployment in of_kind(objects, "Deployment"):
+        deployments.setdefault(component(deployment), deployment)
     assert sorted(deployments) == sorted(TIERS)
     return deployments
 
 
+def deployment_config(deployment: dict, objects: list[dict]):
+    """The config a Deployment's container starts with."""
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    return serve_config(container["command"], container_env(container, objects))[1]
+
+
 def tier_config(objects: list[dict], tier: str):
     """The config the tier's container starts with."""
-    (container,) = tier_deployments(objects)[tier]["spec"]["template"]["spec"]["containers"]
-    return serve_config(container["command"], container_env(container, objects))[1]
+    return deployment_config(tier_deployments(objects)[tier], objects)
+
+
+def shard_deployments(objects: list[dict]) -> dict[int, dict]:
+    """Retrieval's Deployments by the shard each serves (-1: the whole set)."""
+    retrieval = [d for d in of_kind(objects, "Deployment") if component(d) == "retrieval"]
+    shards = {deployment_config(d, objects).shard: d for d in retrieval}
+    assert len(shards) == len(retrieval), "two Deployments serve the same shard"
+    return shards
 
 
 def check_deployment(deployment: dict, objects: list[dict]) -> None:
@@ -377,16 +407,32 @@ def check_deployment(deployment: dict, objects: list[dict]) -> None:
 
 
 def check_downstreams(config, objects: list[dict]) -> None:
-    """The gateway dials every pod of each stage: `dns:///<headless Service>:<its port>`."""
-    deployments = tier_deployments(objects)
-    for tier, target in (("retrieval", config.retrieval_addr), ("ranking", config.ranking_addr)):
+    """The gateway dials every pod of each stage: `dns:///<headless Service>:<its port>`.
+
+    Sharded, one such target per shard in shard order, each the Service of the Deployment
+    that serves that shard and of no other.
+    """
+    from imgsearch.balancing import shard_targets
+
+    shards = shard_deployments(objects)
+    targets = shard_targets(config.retrieval_addr)
+    if len(targets) == 1:
+        assert list(shards) == [-1], "one retrieval target, but the Deployments serve shards"
+        downstreams = [("retrieval", targets[0], shards[-1])]
+    else:
+        assert sorted(shards) == list(range(len(targets))), (sorted(shards), targets)
+        downstreams = [(f"retrieval shard {i}", t, shards[i]) for i, t in enumerate(targets)]
+    downstreams.append(("ranking", config.ranking_addr, tier_deployments(objects)["ranking"]))
+    for tier, target, deployment in downstreams:
         match = re.fullmatch(r"dns:///([a-z0-9-]+):(\d+)", target)
         assert match, f"{tier}: {target!r} is not dns:///NAME:PORT"
         service = named(objects, "Service", match.group(1))
         assert service["spec"].get("clusterIP") == "None", f"{tier}: not headless"
-        pod_labels = deployments[tier]["spec"]["template"]["metadata"]["labels"]
-        assert selects({"matchLabels": service["spec"]["selector"]}, pod_labels), tier
-        (container,) = deployments[tier]["spec"]["template"]["spec"]["containers"]
+        selector = {"matchLabels": service["spec"]["selector"]}
+        for other in of_kind(objects, "Deployment"):
+            pod_labels = other["spec"]["template"]["metadata"]["labels"]
+            assert selects(selector, pod_labels) == (other is deployment), (tier, other)
+        (container,) = deployment["spec"]["template"]["spec"]["containers"]
         grpc_port = ports_by_name(container)["grpc"]
         # A headless Service does no port mapping: clients dial the container's port.
         (service_port,) = service["spec"]["ports"]
@@ -449,7 +495,10 @@ def test_the_schema_check_rejects_a_misspelled_field():
 @pytest.mark.parametrize("variant", sorted(COMPONENTS))
 def test_each_kustomize_variant_renders_valid_manifests_that_match_the_code(variant, tmp_path):
     objects = render(COMPONENTS[variant], tmp_path)
-    assert len(objects) == len(base_objects())
+    expected = len(base_objects())
+    if "retrieval-shards" in variant:  # retrieval's objects once per shard instead of once
+        expected += (len(shard_folders()) - 1) * len(listed_objects(K8S / "retrieval"))
+    assert len(objects) == expected
     for version in KUBERNETES_VERSIONS:
         validate_all(objects, version)
     for deployment in of_kind(objects, "Deployment"):
@@ -461,11 +510,41 @@ def test_each_kustomize_variant_renders_valid_manifests_that_match_the_code(vari
         gateway = tier_config(objects, "gateway")
         assert gateway.tls_cert and gateway.tls_key
         assert gateway.client_ca and gateway.client_cert and gateway.client_key
-        for tier in ("retrieval", "ranking"):
-            stage = tier_config(objects, tier)
-            assert stage.tls_cert and stage.tls_key and stage.tls_client_ca, tier
+        for deployment in of_kind(objects, "Deployment"):
+            if component(deployment) != "gateway":
+                stage = deployment_config(deployment, objects)
+                assert stage.tls_cert and stage.tls_key and stage.tls_client_ca, deployment
     if "gateway-auth" in variant:
         assert tier_config(objects, "gateway").auth_tokens_file
+
+
+def shard_folders() -> list[Path]:
+    folder = K8S / "components" / "retrieval-shards"
+    return [folder / name for name in kustomization(folder)["resources"]]
+
+
+def test_each_retrieval_shard_is_a_tier_of_its_own_that_the_gateway_dials(tmp_path):
+    objects = render(COMPONENTS["retrieval-shards"], tmp_path)
+    shards = shard_deployments(objects)
+    # As many shards as folders, each serving its own shard; the gateway dials them in order.
+    assert sorted(shards) == list(range(len(shard_folders()))) and len(shards) > 1
+    check_downstreams(tier_config(objects, "gateway"), objects)
+    assert not [obj for obj in objects if obj["metadata"]["name"] == "imgsearch-retrieval"]
+    policies = of_kind(objects, "NetworkPolicy")
+    for shard, deployment in shards.items():
+        name = deployment["metadata"]["name"]
+        assert name == f"imgsearch-retrieval-{shard}"
+        labels = deployment["spec"]["template"]["metadata"]["labels"]
+        assert labels[SHARD_LABEL] == str(shard) and selects(deployment["spec"]["selector"], labels)
+        others = [d for s, d in shards.items() if s != shard]
+        other_labels = [d["spec"]["template"]["metadata"]["labels"] for d in others]
+        # Each shard scales, and is disrupted, on its own.
+        autoscaler = named(objects, "HorizontalPodAutoscaler", name)
+        assert autoscaler["spec"]["scaleTargetRef"]["name"] == name
+        budget = named(objects, "PodDisruptionBudget", name)["spec"]["selector"]
+        assert selects(budget, labels) and not any(selects(budget, o) for o in other_labels)
+        # The network policies admit the gateway to every shard, as to unsharded retrieval.
+        assert len([p for p in policies if selects(p["spec"]["podSelector"], labels)]) == 1
 
 
 @pytest.mark.parametrize("tier", TIERS)
@@ -556,14 +635,27 @@ def test_services_autoscalers_and_disruption_budgets_select_each_tier():
 def test_the_kustomizations_list_every_manifest_and_nothing_missing():
     listed = kustomization(K8S)["resources"]
     on_disk = sorted(p.name for p in K8S.glob("*.yaml") if p.name != "kustomization.yaml")
-    assert sorted(listed) == on_disk
+    # Retrieval is a kustomization of its own, so that each shard can be a copy of it.
+    assert sorted(listed) == sorted([*on_disk, "retrieval"])
+    assert kustomization(K8S / "retrieval")["resources"] == ["retrieval.yaml"]
     assert len(set(listed)) == len(listed)
+    shards = [
+        p.parent for p in (K8S / "components" / "retrieval-shards").glob("*/kustomization.yaml")
+    ]
+    assert sorted(shard_folders()) == sorted(shards)
+    for shard, folder in enumerate(shard_folders()):
+        assert (
+            folder.name == f"shard-{shard}" and kustomization(folder)["nameSuffix"] == f"-{shard}"
+        )
     tools = kustomization(K8S / "tools")
     assert sorted(tools["resources"]) == sorted(
         p.name for p in (K8S / "tools").glob("*.yaml") if p.name != "kustomization.yaml"
     )
     # The admin pod runs the image the servers run.
     assert tools["images"] == kustomization(K8S)["images"]
+    # So do the shards, copied by their component, out of the base's images entry's reach.
+    shards = kustomization(K8S / "components" / "retrieval-shards")
+    assert shards["images"] == kustomization(K8S)["images"]
     (image,) = kustomization(K8S)["images"]
     assert image["name"] == "imgsearch" and image["newTag"] == project_version()
     for folder in (K8S / "components").iterdir():

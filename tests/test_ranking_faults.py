@@ -11,6 +11,7 @@ import pytest
 
 from gateway import server as gateway_server
 from gateway.server import CircuitBreaker, Verdict, verdict
+from imgsearch.balancing import RETRY_ATTEMPTS
 from imgsearch.config import with_overrides
 from imgsearch.ranking.v1 import ranking_service_pb2 as rank_pb
 from imgsearch.ranking.v1 import ranking_service_pb2_grpc as rank_grpc
@@ -74,13 +75,18 @@ class FakeRanking(rank_grpc.RankingServiceServicer):
     def __init__(self):
         self.mode = "answer"
         self.calls = {"Rank": 0, "Recommend": 0}
+        # Every attempt: the gateway's channel retries UNAVAILABLE (imgsearch.balancing).
+        self.attempts = {"Rank": 0, "Recommend": 0}
         self.arrived = threading.Event()
         self.gate = asyncio.Event()  # bound to the servers' loop when first awaited there
         self.time_remaining: list[float] = []
         self.cancelled_with: list[float] = []
 
     async def _behave(self, method: str, context):
-        self.calls[method] += 1
+        self.attempts[method] += 1
+        retry = any(key == "grpc-previous-rpc-attempts" for key, _ in context.invocation_metadata())
+        if not retry:
+            self.calls[method] += 1
         self.time_remaining.append(context.time_remaining())
         self.arrived.set()
         if self.mode == "unavailable":
@@ -179,6 +185,7 @@ def test_half_open_breaker_lets_exactly_one_probe_through(fake_gateway, loop_thr
     if time.monotonic() - opened < cooldown_s:
         assert SKIPPED in search(target).degraded_reason
     assert fake.calls["Rank"] == 3
+    assert fake.attempts["Rank"] == 3 * RETRY_ATTEMPTS  # each one retried, then given up
     time.sleep(cooldown_s + 0.1)
 
     fake.mode, fake.arrived = "gate", threading.Event()

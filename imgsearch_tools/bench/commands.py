@@ -26,6 +26,7 @@ from imgsearch_tools.bench.scenarios import (
     standard_scenarios,
     write_ghz_data,
 )
+from imgsearch_tools.bench.shards import cmd_bench_shards
 from imgsearch_tools.client_flags import add_client_security_arguments, client_security
 
 
@@ -41,7 +42,12 @@ def add_commands(subparsers) -> None:
         "time the same requests in-process (retrieval and ranking called directly) and print the "
         "ratio of end-to-end p50 to in-process p50.",
     )
-    p.add_argument("--target", default="127.0.0.1:50051", help="gateway HOST:PORT")
+    p.add_argument(
+        "--target",
+        default="127.0.0.1:50051",
+        help="gateway HOST:PORT, several as IP:PORT,IP:PORT,... or dns:///NAME:PORT (balanced "
+        "round-robin per request, UNAVAILABLE retried on another gateway)",
+    )
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--qps", type=float, default=None, help="open loop: sends per second")
     mode.add_argument(
@@ -160,6 +166,30 @@ def add_commands(subparsers) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--in-process-requests", type=int, default=500)
     p.set_defaults(handler=cmd_bench_suite)
+
+    p = subparsers.add_parser(
+        "bench-shards",
+        help="measure sharded retrieval per shard count: exactness, latency, CPU per search",
+        description="Serve the current set whole and split into each shard count (hard-linked "
+        "copies resharded under OUT/shards/), as separate `imgsearch serve` processes (one per "
+        "shard, ranking, the gateway); check that every catalogue keyword and 300 unseen "
+        "queries get, with each retriever, exactly the unsharded answer (ids and scores); run "
+        "keyword and hybrid load, open and closed loop; write OUT/shards.json and "
+        "OUT/shards.md. Run it alone on the machine (CPU figures).",
+    )
+    p.add_argument("--artifacts", default="var/artifacts", help="artifact root or set")
+    p.add_argument("--shards", default="1,2,4", help="shard counts, 1 first (default 1,2,4)")
+    p.add_argument(
+        "--out", default="var/bench", help="report folder: new, empty, or one it wrote before"
+    )
+    p.add_argument("--force", action="store_true", help="write beside other files in OUT")
+    p.add_argument("--qps", type=float, default=200.0, help="open-loop rate (default 200)")
+    p.add_argument("--duration", type=float, default=10.0, help="measured seconds per scenario")
+    p.add_argument("--warmup", type=float, default=2.0, help="unmeasured seconds per scenario")
+    p.add_argument("--channels", type=int, default=2, help="client channels (connections)")
+    p.add_argument("--requests", type=int, default=2000, help="distinct requests to sample")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(handler=cmd_bench_shards)
 
     p = subparsers.add_parser(
         "bench-feedback",

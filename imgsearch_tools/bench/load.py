@@ -75,6 +75,10 @@ class LoadSpec:
     unique_share: float = 0.0
 
     def __post_init__(self) -> None:
+        from imgsearch.balancing import channel_target
+
+        if self.target:  # "" for a spec that only shapes requests (ghz data)
+            channel_target(self.target)  # a malformed list of gateways fails here, naming it
         if not 0.0 <= self.unique_share <= 1.0:
             raise ValueError(f"unique share must be between 0 and 1, got {self.unique_share}")
         if (self.qps is None) == (self.concurrency is None):
@@ -442,6 +446,7 @@ async def run_load(
         The measured phase: counts by status code, degraded count, achieved QPS, latency
         percentiles (ms), late sends, a per-second timeline, the load generator's CPU share.
     """
+    from imgsearch.balancing import channel_options, channel_target
     from imgsearch.search.v1 import search_service_pb2_grpc as pb_grpc
     from imgsearch.security import ClientSecurity
 
@@ -449,9 +454,11 @@ async def run_load(
         raise ValueError("no queries to send")
     security = security or ClientSecurity()
     metadata = security.metadata()
-    # A local subchannel pool gives each channel its own connection (else they share one).
-    options = [("grpc.use_local_subchannel_pool", 1)]
-    channels = [security.aio_channel(spec.target, options) for _ in range(max(1, spec.channels))]
+    # A local subchannel pool gives each channel its own connections (else they share them);
+    # each channel balances over every gateway the target names and retries UNAVAILABLE.
+    options = channel_options(SEARCH_SERVICE, [("grpc.use_local_subchannel_pool", 1)])
+    target = channel_target(spec.target)
+    channels = [security.aio_channel(target, options) for _ in range(max(1, spec.channels))]
     try:
         calls = [pb_grpc.SearchServiceStub(c).Search for c in channels]
         driver = _Driver(spec, calls, queries, metadata)

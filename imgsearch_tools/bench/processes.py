@@ -28,7 +28,9 @@ class ServiceProcesses:
 
     Separate processes (one GIL each, as `serve all` runs them) that can be killed and
     restarted one at a time; logs go to ``log_dir/<service>.log``. ``overrides`` maps a
-    service name (or ``"all"``) to config settings (TLS files, say).
+    service name (or ``"all"``) to config settings (TLS files, say). With ``shards`` (2 or
+    more, of a sharded set) retrieval is that many processes, ``retrieval-0``, ``retrieval-1``,
+    ... (``--shard I`` each), and the gateway is given one target per shard.
     """
 
     def __init__(
@@ -38,6 +40,7 @@ class ServiceProcesses:
         host: str = "127.0.0.1",
         store: dict | None = None,
         overrides: dict[str, dict] | None = None,
+        shards: int = 0,
     ):
         self.artifacts = artifacts
         self.store = store or {}  # conversions_db / conversions_dsn of gateway and ranking
@@ -45,8 +48,10 @@ class ServiceProcesses:
         self.log_dir = Path(log_dir)
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.host = host
-        self.ports = {name: free_port(host) for name in SERVICES}
-        self.admin_ports = {name: free_port(host) for name in SERVICES}
+        retrieval = [f"retrieval-{i}" for i in range(shards)] if shards > 1 else ["retrieval"]
+        self.names = [*retrieval, *(n for n in SERVICES if n != "retrieval")]
+        self.ports = {name: free_port(host) for name in self.names}
+        self.admin_ports = {name: free_port(host) for name in self.names}
         self.procs: dict[str, subprocess.Popen] = {}
 
     def address(self, name: str) -> str:
@@ -61,6 +66,7 @@ class ServiceProcesses:
         """The `imgsearch serve` command line of one service, on its own free port."""
         from imgsearch.config import GatewayConfig, RankingConfig, RetrievalConfig
 
+        service, _, shard = name.partition("-")
         common = {
             "artifacts": self.artifacts,
             "host": self.host,
@@ -68,20 +74,21 @@ class ServiceProcesses:
             "admin_host": self.host,
             "admin_port": self.admin_ports[name],
             **self.overrides.get("all", {}),
-            **self.overrides.get(name, {}),
+            **self.overrides.get(service, {}),
         }
-        if name == "gateway":
+        if service == "gateway":
+            shards = [self.address(n) for n in self.names if n.startswith("retrieval")]
             config = GatewayConfig(
                 **common,
                 **self.store,
-                retrieval_addr=self.address("retrieval"),
+                retrieval_addr=";".join(shards),
                 ranking_addr=self.address("ranking"),
             )
-        elif name == "ranking":
+        elif service == "ranking":
             config = RankingConfig(**common, **self.store)
         else:
-            config = RetrievalConfig(**common)
-        return serve_command(name, config, log_level="WARNING")
+            config = RetrievalConfig(**common, **({"shard": int(shard)} if shard else {}))
+        return serve_command(service, config, log_level="WARNING")
 
     def start(self, name: str) -> None:
         """Spawn one service (it loads its artifact set; see :meth:`wait_serving`)."""
@@ -110,9 +117,9 @@ class ServiceProcesses:
                     raise
 
     def start_all(self, timeout: float = 300.0) -> None:
-        for name in SERVICES:
+        for name in self.names:
             self.start(name)
-        for name in SERVICES:
+        for name in self.names:
             self.wait_serving(name, timeout)
 
     def stop(self, name: str, timeout: float = 20.0) -> int:

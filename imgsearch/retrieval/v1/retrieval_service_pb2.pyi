@@ -19,14 +19,36 @@ RETRIEVER_CLIP: Retriever
 RETRIEVER_HYBRID: Retriever
 
 class RetrieveRequest(_message.Message):
-    __slots__ = ("query", "candidates_k", "retriever")
+    __slots__ = ("query", "candidates_k", "retriever", "source_lists", "query_embedding", "query_embedding_version", "return_query_embedding")
     QUERY_FIELD_NUMBER: _ClassVar[int]
     CANDIDATES_K_FIELD_NUMBER: _ClassVar[int]
     RETRIEVER_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_LISTS_FIELD_NUMBER: _ClassVar[int]
+    QUERY_EMBEDDING_FIELD_NUMBER: _ClassVar[int]
+    QUERY_EMBEDDING_VERSION_FIELD_NUMBER: _ClassVar[int]
+    RETURN_QUERY_EMBEDDING_FIELD_NUMBER: _ClassVar[int]
     query: str
     candidates_k: int
     retriever: Retriever
-    def __init__(self, query: _Optional[str] = ..., candidates_k: _Optional[int] = ..., retriever: _Optional[_Union[Retriever, str]] = ...) -> None: ...
+    source_lists: bool
+    query_embedding: _containers.RepeatedScalarFieldContainer[float]
+    query_embedding_version: str
+    return_query_embedding: bool
+    def __init__(self, query: _Optional[str] = ..., candidates_k: _Optional[int] = ..., retriever: _Optional[_Union[Retriever, str]] = ..., source_lists: _Optional[bool] = ..., query_embedding: _Optional[_Iterable[float]] = ..., query_embedding_version: _Optional[str] = ..., return_query_embedding: _Optional[bool] = ...) -> None: ...
+
+class Fusion(_message.Message):
+    __slots__ = ("method", "sources", "weights", "rrf_k", "depth")
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    SOURCES_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    RRF_K_FIELD_NUMBER: _ClassVar[int]
+    DEPTH_FIELD_NUMBER: _ClassVar[int]
+    method: str
+    sources: _containers.RepeatedScalarFieldContainer[str]
+    weights: _containers.RepeatedScalarFieldContainer[float]
+    rrf_k: int
+    depth: float
+    def __init__(self, method: _Optional[str] = ..., sources: _Optional[_Iterable[str]] = ..., weights: _Optional[_Iterable[float]] = ..., rrf_k: _Optional[int] = ..., depth: _Optional[float] = ...) -> None: ...
 
 class SourceScores(_message.Message):
     __slots__ = ("source", "scores")
@@ -37,7 +59,7 @@ class SourceScores(_message.Message):
     def __init__(self, source: _Optional[str] = ..., scores: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class RetrieveResponse(_message.Message):
-    __slots__ = ("photo_ids", "scores", "source_scores", "retriever", "keyword", "note", "retrieval_ms", "artifact_version")
+    __slots__ = ("photo_ids", "scores", "source_scores", "retriever", "keyword", "note", "retrieval_ms", "artifact_version", "photo_indices", "query_embedding", "fusion", "shard", "shard_count")
     PHOTO_IDS_FIELD_NUMBER: _ClassVar[int]
     SCORES_FIELD_NUMBER: _ClassVar[int]
     SOURCE_SCORES_FIELD_NUMBER: _ClassVar[int]
@@ -46,6 +68,11 @@ class RetrieveResponse(_message.Message):
     NOTE_FIELD_NUMBER: _ClassVar[int]
     RETRIEVAL_MS_FIELD_NUMBER: _ClassVar[int]
     ARTIFACT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    PHOTO_INDICES_FIELD_NUMBER: _ClassVar[int]
+    QUERY_EMBEDDING_FIELD_NUMBER: _ClassVar[int]
+    FUSION_FIELD_NUMBER: _ClassVar[int]
+    SHARD_FIELD_NUMBER: _ClassVar[int]
+    SHARD_COUNT_FIELD_NUMBER: _ClassVar[int]
     photo_ids: _containers.RepeatedScalarFieldContainer[str]
     scores: _containers.RepeatedScalarFieldContainer[float]
     source_scores: _containers.RepeatedCompositeFieldContainer[SourceScores]
@@ -54,4 +81,9 @@ class RetrieveResponse(_message.Message):
     note: str
     retrieval_ms: float
     artifact_version: str
-    def __init__(self, photo_ids: _Optional[_Iterable[str]] = ..., scores: _Optional[_Iterable[float]] = ..., source_scores: _Optional[_Iterable[_Union[SourceScores, _Mapping]]] = ..., retriever: _Optional[_Union[Retriever, str]] = ..., keyword: _Optional[str] = ..., note: _Optional[str] = ..., retrieval_ms: _Optional[float] = ..., artifact_version: _Optional[str] = ...) -> None: ...
+    photo_indices: _containers.RepeatedScalarFieldContainer[int]
+    query_embedding: _containers.RepeatedScalarFieldContainer[float]
+    fusion: Fusion
+    shard: int
+    shard_count: int
+    def __init__(self, photo_ids: _Optional[_Iterable[str]] = ..., scores: _Optional[_Iterable[float]] = ..., source_scores: _Optional[_Iterable[_Union[SourceScores, _Mapping]]] = ..., retriever: _Optional[_Union[Retriever, str]] = ..., keyword: _Optional[str] = ..., note: _Optional[str] = ..., retrieval_ms: _Optional[float] = ..., artifact_version: _Optional[str] = ..., photo_indices: _Optional[_Iterable[int]] = ..., query_embedding: _Optional[_Iterable[float]] = ..., fusion: _Optional[_Union[Fusion, _Mapping]] = ..., shard: _Optional[int] = ..., shard_count: _Optional[int] = ...) -> None: ...
