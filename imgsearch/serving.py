@@ -1,4 +1,4 @@
-"""What every gRPC server shares: health, reflection, metrics, load shedding, reload, signals."""
+"""What every gRPC server shares: health, reflection, metrics, admission, reload, signals."""
 
 from __future__ import annotations
 
@@ -26,6 +26,8 @@ from grpc_reflection.v1alpha._base import _file_descriptor_response, _not_found_
 from grpc_status import rpc_status
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
+from imgsearch.admission import Admission, AdmissionSettings, DeadlineExpired, Refusal
+
 REQUEST_ID_KEY = "x-request-id"
 # One JSON line per RPC (service, method, code, ms, request id) when IMGSEARCH_ACCESS_LOG=1;
 # off by default because at hundreds of searches per second it costs more than it tells.
@@ -44,7 +46,8 @@ LATENCY = Histogram(
 INFLIGHT = Gauge("imgsearch_inflight_requests", "RPCs being handled now.", ["service"])
 DEGRADED = Counter(
     "imgsearch_degraded_total",
-    "Searches answered degraded, by reason (unavailable, timeout, no_budget, circuit_open).",
+    "Searches answered degraded, by reason (unavailable, overloaded, timeout, no_budget, "
+    "circuit_open).",
     ["reason"],
 )
 ARTIFACT_INFO = Gauge(
@@ -150,11 +153,13 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
     For the methods of ``services`` (health, reflection and admin pass untouched, so they are
     never shed): a request id (the caller's ``x-request-id`` or a new one, kept for the RPC's
     task so every log line carries it); UNAVAILABLE while the artifact set is loading;
-    load shedding with RESOURCE_EXHAUSTED past the in-flight limit; bad input raised as
-    :class:`InvalidArgument` turned into INVALID_ARGUMENT with a BadRequest naming the field;
-    any other exception into INTERNAL with the request id (nothing a client sends crashes a
-    server); requests, latency and in-flight metrics; and, with ``IMGSEARCH_ACCESS_LOG``,
-    one log line per RPC.
+    admission (:class:`~imgsearch.admission.Admission`: RESOURCE_EXHAUSTED with a pushback
+    past the method's concurrency limit or when the deadline left is too short); bad input
+    raised as :class:`InvalidArgument` turned into INVALID_ARGUMENT with a BadRequest naming
+    the field; queued work dropped past its deadline (:class:`DeadlineExpired`) into
+    DEADLINE_EXCEEDED; any other exception into INTERNAL with the request id (nothing a
+    client sends crashes a server); requests, latency and in-flight metrics; and, with
+    ``IMGSEARCH_ACCESS_LOG``, one log line per RPC.
 
     Parameters
     ----------
@@ -164,8 +169,8 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
         Full names of the gRPC services whose methods are handled here.
     holder:
         The serving state; a request before it is loaded gets UNAVAILABLE.
-    limiter:
-        The in-flight limit; None for no load shedding.
+    admission:
+        Admission control; None for no load shedding.
     """
 
     def __init__(
@@ -173,12 +178,12 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
         service: str,
         services: set[str],
         holder: Reloadable | None = None,
-        limiter: InflightLimiter | None = None,
+        admission: Admission | None = None,
     ):
         self.service = service
         self.services = set(services)
         self.holder = holder
-        self.limiter = limiter
+        self.admission = admission
         self._handlers: dict[str, grpc.RpcMethodHandler] = {}
         self._inflight = INFLIGHT.labels(service)
         self._latency = LATENCY.labels(service, "total")
@@ -219,14 +224,16 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
                 await context.abort(
                     grpc.StatusCode.UNAVAILABLE, f"{service} is loading its artifact set"
                 )
-            limiter = self.limiter
-            if limiter is not None and not limiter.try_acquire():
-                self._count(method, "RESOURCE_EXHAUSTED")
-                await context.abort(
-                    grpc.StatusCode.RESOURCE_EXHAUSTED,
-                    f"{service} is saturated ({limiter.limit} requests in flight); "
-                    "retry with backoff",
-                )
+            admission = self.admission
+            if admission is not None:
+                ticket = admission.admit(method, request, context.time_remaining())
+                if isinstance(ticket, Refusal):
+                    self._count(method, "RESOURCE_EXHAUSTED")
+                    await context.abort(
+                        grpc.StatusCode.RESOURCE_EXHAUSTED,
+                        ticket.message,
+                        trailing_metadata=ticket.metadata,
+                    )
             self._inflight.inc()
             start = time.perf_counter()
             status = "UNKNOWN"
@@ -237,6 +244,9 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
             except InvalidArgument as exc:
                 status = "INVALID_ARGUMENT"
                 await context.abort_with_status(bad_request_status(exc.field, exc.description))
+            except DeadlineExpired as exc:
+                status = "DEADLINE_EXCEEDED"
+                await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, str(exc))
             except asyncio.CancelledError:
                 status = "CANCELLED"
                 raise
@@ -257,8 +267,8 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
                 self._inflight.dec()
                 self._latency.observe(elapsed)
                 self._count(method, status)
-                if limiter is not None:
-                    limiter.release()
+                if admission is not None:
+                    admission.finish(ticket, status)
                 if ACCESS_LOG:
                     logger.info(
                         "rpc",
@@ -271,23 +281,6 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
                     )
 
         return handle
-
-
-class InflightLimiter:
-    """Counts requests in flight on the event loop; refuses past the limit (no queue)."""
-
-    def __init__(self, limit: int):
-        self.limit = max(1, int(limit))
-        self.inflight = 0
-
-    def try_acquire(self) -> bool:
-        if self.inflight >= self.limit:
-            return False
-        self.inflight += 1
-        return True
-
-    def release(self) -> None:
-        self.inflight -= 1
 
 
 # -------------------------------------------------------------------------------- reflection
@@ -525,9 +518,8 @@ async def start_service(
     """
     paths = {"artifacts": config.artifacts}
     holder: Reloadable = Reloadable(lambda: loader(paths["artifacts"]))
-    interceptor = ServiceInterceptor(
-        name, set(service_names), holder, InflightLimiter(config.max_inflight)
-    )
+    admission = Admission(name, AdmissionSettings.from_config(config))
+    interceptor = ServiceInterceptor(name, set(service_names), holder, admission)
     server, port, health = new_server(name, config.host, config.port, [interceptor])
     servicers = add_servicer(server, holder)
     admin_name = add_admin(server, name, holder, paths)

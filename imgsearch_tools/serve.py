@@ -39,7 +39,33 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         help="Prometheus port of the service (with `all`: a base, gateway +0, retrieval +1, "
         "ranking +2; default from IMGSEARCH_METRICS_PORT, the same offsets)",
     )
-    p.add_argument("--max-inflight", type=int, default=None, help="load-shedding limit")
+    p.add_argument(
+        "--concurrency-limit",
+        default=None,
+        choices=("adaptive", "fixed"),
+        help="requests each method works on at once: adaptive (follows latency, between "
+        "--min-inflight and --max-inflight) or fixed (--max-inflight); default adaptive",
+    )
+    p.add_argument(
+        "--max-inflight",
+        type=int,
+        default=None,
+        help="the most requests a method works on at once before RESOURCE_EXHAUSTED (64)",
+    )
+    p.add_argument(
+        "--min-inflight",
+        type=int,
+        default=None,
+        help="adaptive: the lowest limit; the latency at or below it is the baseline (minRTT) "
+        "the limit compares with (8)",
+    )
+    p.add_argument(
+        "--limit-buffer",
+        type=float,
+        default=None,
+        help="adaptive: latency above the baseline (minRTT) accepted before the limit shrinks, "
+        "as a fraction of it (0.25)",
+    )
     p.add_argument("--default-retriever", default=None)
     p.add_argument(
         "--encode-batch",
@@ -101,7 +127,19 @@ def resolve_configs(args) -> dict:
         with_overrides,
     )
 
-    common = {"artifacts": args.artifacts, "host": args.host, "max_inflight": args.max_inflight}
+    common = {
+        "artifacts": args.artifacts,
+        "host": args.host,
+        **{
+            name: getattr(args, name, None)
+            for name in (
+                "concurrency_limit",
+                "max_inflight",
+                "min_inflight",
+                "limit_buffer",
+            )
+        },
+    }
     base = args.metrics_port
     # --metrics-port is the port of `serve NAME`, and the base of `serve all`.
     spread = bool(base) and getattr(args, "service", "all") == "all"
