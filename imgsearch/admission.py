@@ -98,7 +98,7 @@ class FixedLimit:
         self.inflight += 1
         return True
 
-    def release(self, started: float, now: float, sample: bool = True) -> None:
+    def release(self, started: float, now: float, sample: bool = True, crowd: int = 0) -> None:
         self.inflight -= 1
 
     def on_drop(self) -> None:
@@ -116,7 +116,8 @@ class GradientLimit:
       that lets the limit grow while latency stays near minRTT, and shrinking stops where
       queueing adds more than ``buffer`` to minRTT;
     - **minRTT**, the latency without a queue, is the median of ``min_rtt_samples`` latencies
-      measured at the lowest limit, ``min_limit``.
+      measured at the lowest limit: requests that started and ended with at most
+      ``min_limit`` in flight.
 
     Envoy pins the limit to its minimum for a while every minute to measure minRTT, refusing
     whatever else arrives meanwhile. Here minRTT is measured from live requests that ran with
@@ -175,14 +176,17 @@ class GradientLimit:
         self._peak = max(self._peak, self.inflight)
         return True
 
-    def release(self, started: float, now: float, sample: bool = True) -> None:
-        """The request admitted at ``started`` ended at ``now``; ``sample``: its latency counts
-        (False for a request its caller cancelled, or one a downstream refused)."""
+    def release(self, started: float, now: float, sample: bool = True, crowd: int = 0) -> None:
+        """The request admitted at ``started`` ended at ``now``.
+
+        ``sample``: its latency counts (False for a request its caller cancelled, or one a
+        downstream refused); ``crowd``: requests in flight when it started, itself included.
+        """
         if sample:
             latency = now - started
-            if self.inflight <= self.min_limit:
+            if max(crowd, self.inflight) <= self.min_limit:
                 self._uncontended.append(latency)
-                self.min_rtt = None  # recomputed at the window's end
+                self.min_rtt = _median(self._uncontended)
             self._samples.append(latency)
         self.inflight -= 1
         if self._window_start is None:
@@ -195,8 +199,6 @@ class GradientLimit:
         self.limit = max(float(self.min_limit), self.limit * self.DROP_BACKOFF)
 
     def _update(self, now: float) -> None:
-        if self.min_rtt is None and self._uncontended:
-            self.min_rtt = _median(self._uncontended)
         self.sample_rtt = _median(self._samples)
         if self.min_rtt is not None:
             low, high = self.GRADIENT_RANGE
@@ -245,13 +247,14 @@ class AdmissionSettings:
 class Ticket:
     """One admitted request: released by :meth:`Admission.finish`."""
 
-    __slots__ = ("method", "kind", "limit", "started", "deadline", "dropped")
+    __slots__ = ("method", "kind", "limit", "started", "crowd", "deadline", "dropped")
 
     def __init__(self, method: str, kind: str, limit, started: float, deadline: float | None):
         self.method = method
         self.kind = kind
         self.limit = limit
         self.started = started
+        self.crowd = limit.inflight  # in flight with it, itself included
         self.deadline = deadline
         self.dropped = False
 
@@ -363,7 +366,7 @@ class Admission:
             limit.release(ticket.started, now, sample=False)
             limit.on_drop()
         else:
-            limit.release(ticket.started, now, sample=code != "CANCELLED")
+            limit.release(ticket.started, now, code != "CANCELLED", ticket.crowd)
         if code == "OK":
             self.times.observe((ticket.method, ticket.kind), elapsed)
         if isinstance(limit, GradientLimit):
