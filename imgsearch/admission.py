@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import math
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -401,7 +402,9 @@ async def run_live(
 ) -> Any:
     """``fn(*args)`` on ``executor``, unless its ``deadline`` passes while it waits for a thread.
 
-    The wait is recorded in ``imgsearch_queue_wait_seconds{queue="executor"}``.
+    The wait is recorded in ``imgsearch_queue_wait_seconds{queue="executor"}``; work dropped
+    unrun because its deadline passed (found expired when a thread was free, or its caller
+    cancelled at the deadline while it waited) in ``imgsearch_shed_total{reason="expired"}``.
 
     Raises
     ------
@@ -410,8 +413,14 @@ async def run_live(
         ``fn`` did not run.
     """
     submitted = time.monotonic()
+    claim = threading.Lock()
+    state = {"job": "queued"}
 
     def job():
+        with claim:
+            if state["job"] == "cancelled":
+                return None
+            state["job"] = "running"
         started = time.monotonic()
         QUEUE_WAIT.labels(service, "executor").observe(started - submitted)
         if deadline is not None and started >= deadline:
@@ -422,4 +431,15 @@ async def run_live(
             )
         return fn(*args)
 
-    return await asyncio.get_running_loop().run_in_executor(executor, job)
+    try:
+        return await asyncio.get_running_loop().run_in_executor(executor, job)
+    except asyncio.CancelledError:
+        with claim:
+            unrun = state["job"] == "queued"
+            state["job"] = "cancelled"
+        if unrun:
+            now = time.monotonic()
+            QUEUE_WAIT.labels(service, "executor").observe(now - submitted)
+            if deadline is not None and now >= deadline:
+                SHED.labels(service, "expired").inc()
+        raise

@@ -157,10 +157,13 @@ class MicroBatcher:
         batch: list[_Pending] = []
         while self._queue and len(batch) < self.max_batch:
             item = self._queue.popleft()
-            if item.future.done():  # the caller was cancelled
-                continue
             self._waited.observe(now - item.queued_at)
-            if item.deadline is not None and item.deadline <= now:
+            expired = item.deadline is not None and item.deadline <= now
+            if item.future.done():  # the caller was cancelled (at its deadline, often)
+                if expired:
+                    self._dropped.inc()
+                continue
+            if expired:
                 self.expired += 1
                 self._dropped.inc()
                 item.future.set_exception(
