@@ -44,7 +44,7 @@ def _spec(target: str, channels: int, retriever: str, ranker: str, **load):
     )
 
 
-async def _phase(services: ServiceProcesses, spec, queries, marks: dict) -> dict:
+async def _phase(services: ServiceProcesses, spec, queries, marks: dict, security=None) -> dict:
     """One load phase with each process's CPU over its measured part."""
     from imgsearch_tools.bench import load as bench
 
@@ -54,7 +54,7 @@ async def _phase(services: ServiceProcesses, spec, queries, marks: dict) -> dict
         marks["start"] = time.perf_counter()
         meter.start()
 
-    result = await bench.run_load(spec, queries, on_measure_start=on_start)
+    result = await bench.run_load(spec, queries, on_measure_start=on_start, security=security)
     meter.record(result)
     used, _ = meter.used()
     result["cpu_s"] = {name: round(seconds, 3) for name, seconds in used.items()}
@@ -147,13 +147,15 @@ async def overload_scenario(
     ranker: str = "als",
     capacity_s: float = CAPACITY_S,
     offer_s: float = OFFER_S,
+    security=None,
 ) -> dict:
     """Capacity (closed loop), ``OFFER_FACTOR`` times it offered (open loop), then recovery.
 
     Every phase sends unique queries with a ``DEADLINE_S`` deadline. The recovery run is the
     capacity run again, started ``RECOVERY_GAP_S`` after the offer's last send, without
-    warm-up. Returns the three phases and their summary (exit codes are added by the caller
-    once the services are stopped; see :func:`summarise`).
+    warm-up. ``security``: the client's TLS and token (the suite's ``--tls``). Returns the
+    three phases and their summary (exit codes are added by the caller once the services are
+    stopped; see :func:`summarise`).
     """
     say(f"overload: capacity, closed c={CAPACITY_CONCURRENCY} for {capacity_s:g} s")
     marks: dict = {}
@@ -166,13 +168,13 @@ async def overload_scenario(
         duration_s=capacity_s,
         warmup_s=warmup_s,
     )
-    capacity = await _phase(services, capacity_spec, queries, marks)
+    capacity = await _phase(services, capacity_spec, queries, marks, security)
     offered = round(max(1.0, capacity["achieved_qps"]) * OFFER_FACTOR, 1)
     say(f"overload: capacity {capacity['achieved_qps']} QPS; offering {offered} for {offer_s:g} s")
     offer_spec = _spec(
         target, channels, retriever, ranker, qps=offered, duration_s=offer_s, warmup_s=0.0
     )
-    offer = await _phase(services, offer_spec, queries, marks)
+    offer = await _phase(services, offer_spec, queries, marks, security)
     stopped = marks["start"] + offer["last_send_s"]
     await asyncio.sleep(max(0.0, stopped + RECOVERY_GAP_S - time.perf_counter()))
     recovery_spec = _spec(
@@ -184,7 +186,7 @@ async def overload_scenario(
         duration_s=capacity_s,
         warmup_s=0.0,
     )
-    recovery = await _phase(services, recovery_spec, queries, marks)
+    recovery = await _phase(services, recovery_spec, queries, marks, security)
     recovery["started_after_offer_s"] = round(marks["start"] - stopped, 2)
     result = {
         "capacity": capacity,

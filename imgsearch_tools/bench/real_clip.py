@@ -96,10 +96,16 @@ def prepare_set(folder: Path, show_progress: bool = True):
 
 
 async def real_clip_section(
-    args, out: Path, scenarios: bool = True, with_overload: bool = True
+    args,
+    out: Path,
+    overrides=None,
+    security=None,
+    scenarios: bool = True,
+    with_overload: bool = True,
 ) -> dict:
     """Build (or reuse) the section's set, serve it, run its scenarios; the report's section.
 
+    ``overrides`` and ``security`` secure the links as the rest of the suite (``--tls``);
     ``scenarios``: the steady-load scenarios; ``with_overload``: then the overload scenario
     (:mod:`imgsearch_tools.bench.overload`).
     """
@@ -123,7 +129,9 @@ async def real_clip_section(
         "scenarios": [],
     }
     queries = bench.sample_queries(artifact_set.path, n=args.requests, seed=args.seed)
-    services = ServiceProcesses(str(artifact_set.path), out / "logs" / "vit-b-32")
+    services = ServiceProcesses(
+        str(artifact_set.path), out / "logs" / "vit-b-32", overrides=overrides
+    )
     say(f"{MODEL} section: starting the services on {services.ports}")
     overload = None
     try:
@@ -132,11 +140,16 @@ async def real_clip_section(
         if scenarios:
             for scenario in real_clip_scenarios(args.real_clip_qps, args.real_clip_duration):
                 section["scenarios"].append(
-                    await run_scenario(services, scenario, target, args, queries)
+                    await run_scenario(services, scenario, target, args, queries, security)
                 )
         if with_overload:
             overload = await overload_scenario(
-                services, target, queries, channels=args.channels, warmup_s=args.warmup
+                services,
+                target,
+                queries,
+                channels=args.channels,
+                warmup_s=args.warmup,
+                security=security,
             )
     finally:
         section["exit_codes"] = await asyncio.to_thread(services.stop_all)

@@ -24,21 +24,23 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&imgsearch/admin/v1/admin_service.proto\x12\x12imgsearch.admin.v1\"\"\n\rReloadRequest\x12\x11\n\tartifacts\x18\x01 \x01(\t\"L\n\x0eReloadResponse\x12\x18\n\x10previous_version\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0f\n\x07load_ms\x18\x03 \x01(\x01\"\x12\n\x10GetStatusRequest\"X\n\x11GetStatusResponse\x12\x0f\n\x07service\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x11\n\tartifacts\x18\x03 \x01(\t\x12\x0e\n\x06models\x18\x04 \x03(\t2\xb9\x01\n\x0c\x41\x64minService\x12O\n\x06Reload\x12!.imgsearch.admin.v1.ReloadRequest\x1a\".imgsearch.admin.v1.ReloadResponse\x12X\n\tGetStatus\x12$.imgsearch.admin.v1.GetStatusRequest\x1a%.imgsearch.admin.v1.GetStatusResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&imgsearch/admin/v1/admin_service.proto\x12\x12imgsearch.admin.v1\"7\n\rReloadRequest\x12\x15\n\tartifacts\x18\x01 \x01(\tB\x02\x18\x01\x12\x0f\n\x07version\x18\x02 \x01(\t\"L\n\x0eReloadResponse\x12\x18\n\x10previous_version\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0f\n\x07load_ms\x18\x03 \x01(\x01\"\x12\n\x10GetStatusRequest\"X\n\x11GetStatusResponse\x12\x0f\n\x07service\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x11\n\tartifacts\x18\x03 \x01(\t\x12\x0e\n\x06models\x18\x04 \x03(\t2\xb9\x01\n\x0c\x41\x64minService\x12O\n\x06Reload\x12!.imgsearch.admin.v1.ReloadRequest\x1a\".imgsearch.admin.v1.ReloadResponse\x12X\n\tGetStatus\x12$.imgsearch.admin.v1.GetStatusRequest\x1a%.imgsearch.admin.v1.GetStatusResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'imgsearch.admin.v1.admin_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_RELOADREQUEST'].fields_by_name['artifacts']._loaded_options = None
+  _globals['_RELOADREQUEST'].fields_by_name['artifacts']._serialized_options = b'\030\001'
   _globals['_RELOADREQUEST']._serialized_start=62
-  _globals['_RELOADREQUEST']._serialized_end=96
-  _globals['_RELOADRESPONSE']._serialized_start=98
-  _globals['_RELOADRESPONSE']._serialized_end=174
-  _globals['_GETSTATUSREQUEST']._serialized_start=176
-  _globals['_GETSTATUSREQUEST']._serialized_end=194
-  _globals['_GETSTATUSRESPONSE']._serialized_start=196
-  _globals['_GETSTATUSRESPONSE']._serialized_end=284
-  _globals['_ADMINSERVICE']._serialized_start=287
-  _globals['_ADMINSERVICE']._serialized_end=472
+  _globals['_RELOADREQUEST']._serialized_end=117
+  _globals['_RELOADRESPONSE']._serialized_start=119
+  _globals['_RELOADRESPONSE']._serialized_end=195
+  _globals['_GETSTATUSREQUEST']._serialized_start=197
+  _globals['_GETSTATUSREQUEST']._serialized_end=215
+  _globals['_GETSTATUSRESPONSE']._serialized_start=217
+  _globals['_GETSTATUSRESPONSE']._serialized_end=305
+  _globals['_ADMINSERVICE']._serialized_start=308
+  _globals['_ADMINSERVICE']._serialized_end=493
 # @@protoc_insertion_point(module_scope)
