@@ -27,6 +27,7 @@ from imgsearch.retrieval.v1 import retrieval_service_pb2 as retr_pb
 from imgsearch.retrieval.v1 import retrieval_service_pb2_grpc as retr_grpc
 from imgsearch.search.v1 import search_service_pb2 as pb
 from imgsearch.search.v1 import search_service_pb2_grpc as pb_grpc
+from tests.test_ranking_faults import FakeClock
 
 
 def shed(service: str, reason: str) -> float:
@@ -115,14 +116,6 @@ def test_a_downstream_refusal_backs_the_limit_off_at_once():
 
 
 # ------------------------------------------------------------------------------ admission
-class Clock:
-    def __init__(self):
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 def test_request_kinds_name_the_retriever_and_ranker():
     search = pb.SearchRequest(query="x", retriever=retr_pb.RETRIEVER_HYBRID, ranker=3)
     assert request_kind(search).startswith("hybrid+")
@@ -131,7 +124,7 @@ def test_request_kinds_name_the_retriever_and_ranker():
 
 
 def test_a_deadline_shorter_than_the_work_is_refused_at_once_unless_the_stage_is_idle():
-    clock = Clock()
+    clock = FakeClock()
     admission = Admission("test-deadline", AdmissionSettings(min_inflight=4), clock=clock)
     request = retr_pb.RetrieveRequest(query="x", retriever=retr_pb.RETRIEVER_KEYWORD)
     first = admission.admit("Retrieve", request, remaining_s=5.0)
@@ -154,7 +147,7 @@ def test_a_deadline_shorter_than_the_work_is_refused_at_once_unless_the_stage_is
 
 
 def test_past_the_limit_requests_are_refused_with_a_pushback_and_errors_teach_no_times():
-    clock = Clock()
+    clock = FakeClock()
     settings = AdmissionSettings(adaptive=False, max_inflight=2)
     admission = Admission("test-limit", settings, clock=clock)
     request = retr_pb.RetrieveRequest(query="x")
@@ -212,7 +205,7 @@ class GatedRetriever:
 
 @pytest.fixture
 def gated_retrieval(loop_thread, artifact_root, monkeypatch):
-    """A real retrieval server whose keyword retriever is gated; yields (double, address)."""
+    """A real retrieval server whose keyword retriever is gated; yields (double, service)."""
     from imgsearch.config import RetrievalConfig
     from retrieval_service import server as retrieval_server
 
@@ -231,7 +224,7 @@ def gated_retrieval(loop_thread, artifact_root, monkeypatch):
         artifacts=str(artifact_root), port=0, concurrency_limit="fixed", max_inflight=4
     )
     service = loop_thread.run(retrieval_server.create_retrieval_server(config))
-    yield doubles[0], f"127.0.0.1:{service.port}"
+    yield doubles[0], service
     doubles[0].gate.set()
     loop_thread.run(service.stop(0))
 
@@ -251,7 +244,8 @@ def wait_for(condition, timeout: float = 10.0) -> None:
 
 
 def test_work_whose_deadline_passed_in_the_queue_is_dropped_before_it_runs(gated_retrieval):
-    double, target = gated_retrieval
+    double, service = gated_retrieval
+    target = f"127.0.0.1:{service.port}"
     dropped, waited = shed("retrieval", "expired"), queue_waits("retrieval", "executor")
     double.gate.clear()
     with grpc.insecure_channel(target) as channel:
@@ -270,7 +264,8 @@ def test_work_whose_deadline_passed_in_the_queue_is_dropped_before_it_runs(gated
 
 
 def test_a_full_stage_refuses_at_once_but_health_and_admin_still_answer(gated_retrieval):
-    double, target = gated_retrieval
+    double, service = gated_retrieval
+    target = f"127.0.0.1:{service.port}"
     double.gate.clear()
     with grpc.insecure_channel(target) as channel:
         held = [retrieve_future(channel, timeout=30) for _ in range(4)]  # its fixed limit
@@ -283,16 +278,18 @@ def test_a_full_stage_refuses_at_once_but_health_and_admin_still_answer(gated_re
             health_pb2.HealthCheckRequest(service=""), timeout=5
         )
         assert health.status == health_pb2.HealthCheckResponse.SERVING
-        status = admin_grpc.AdminServiceStub(channel).GetStatus(
-            admin_pb.GetStatusRequest(), timeout=5
-        )
+        with grpc.insecure_channel(f"127.0.0.1:{service.admin_port}") as admin:
+            status = admin_grpc.AdminServiceStub(admin).GetStatus(
+                admin_pb.GetStatusRequest(), timeout=5
+            )
         assert status.service == "retrieval"
         double.gate.set()
         assert all(call.result().photo_ids for call in held)
 
 
 def test_a_deadline_the_stage_cannot_meet_is_refused_without_running(gated_retrieval):
-    double, target = gated_retrieval
+    double, service = gated_retrieval
+    target = f"127.0.0.1:{service.port}"
     double.delay_s = 0.5
     with grpc.insecure_channel(target) as channel:
         retrieve_future(channel, timeout=30).result()  # teaches it: such a request takes 0.5 s

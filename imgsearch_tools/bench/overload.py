@@ -159,16 +159,19 @@ async def overload_scenario(
     """
     say(f"overload: capacity, closed c={CAPACITY_CONCURRENCY} for {capacity_s:g} s")
     marks: dict = {}
-    capacity_spec = _spec(
-        target,
-        channels,
-        retriever,
-        ranker,
-        concurrency=CAPACITY_CONCURRENCY,
-        duration_s=capacity_s,
-        warmup_s=warmup_s,
-    )
-    capacity = await _phase(services, capacity_spec, queries, marks, security)
+
+    def closed_loop(warmup: float):
+        return _spec(
+            target,
+            channels,
+            retriever,
+            ranker,
+            concurrency=CAPACITY_CONCURRENCY,
+            duration_s=capacity_s,
+            warmup_s=warmup,
+        )
+
+    capacity = await _phase(services, closed_loop(warmup_s), queries, marks, security)
     offered = round(max(1.0, capacity["achieved_qps"]) * OFFER_FACTOR, 1)
     say(f"overload: capacity {capacity['achieved_qps']} QPS; offering {offered} for {offer_s:g} s")
     offer_spec = _spec(
@@ -177,16 +180,7 @@ async def overload_scenario(
     offer = await _phase(services, offer_spec, queries, marks, security)
     stopped = marks["start"] + offer["last_send_s"]
     await asyncio.sleep(max(0.0, stopped + RECOVERY_GAP_S - time.perf_counter()))
-    recovery_spec = _spec(
-        target,
-        channels,
-        retriever,
-        ranker,
-        concurrency=CAPACITY_CONCURRENCY,
-        duration_s=capacity_s,
-        warmup_s=0.0,
-    )
-    recovery = await _phase(services, recovery_spec, queries, marks, security)
+    recovery = await _phase(services, closed_loop(0.0), queries, marks, security)
     recovery["started_after_offer_s"] = round(marks["start"] - stopped, 2)
     result = {
         "capacity": capacity,
