@@ -14,6 +14,7 @@ from gateway.feedback import SERVICE_NAME as FEEDBACK_SERVICE_NAME
 from gateway.feedback import FeedbackServicer
 from gateway.shards import RetrievalTier
 from imgsearch import artifacts
+from imgsearch.admission import PUSHBACK_KEY, SHED, report_downstream_overload
 from imgsearch.balancing import channel_options, channel_target
 from imgsearch.config import (
     DEFAULT_CANDIDATES_K,
@@ -289,6 +290,17 @@ def unavailable(exc: grpc.aio.AioRpcError) -> str:
     return f"ranking unavailable: {exc.code().name}: {exc.details()}"
 
 
+def pushback_ms(exc: grpc.aio.AioRpcError) -> int | None:
+    """The ``grpc-retry-pushback-ms`` a refusal carried (negative: do not retry); None if none."""
+    for key, value in exc.trailing_metadata() or ():
+        if key == PUSHBACK_KEY:
+            try:
+                return int(value)
+            except ValueError:
+                return None
+    return None
+
+
 async def pass_through(context, exc: grpc.aio.AioRpcError) -> None:
     """Abort with a downstream refusal of the request itself, keeping its BadRequest detail."""
     details = [
@@ -326,6 +338,9 @@ class SearchServicer(pb_grpc.SearchServiceServicer):
         )
         self.ranking = rank_grpc.RankingServiceStub(self.ranking_channel)
         self.ranking_breaker = CircuitBreaker(BREAKER_THRESHOLD, BREAKER_COOLDOWN_S)
+        # Ranking shedding load asks to be left alone this long: searches degrade meanwhile.
+        self.ranking_pushback_until = 0.0
+        self.shed_downstream = SHED.labels("gateway", "downstream")
         self.retrieval_latency = LATENCY.labels("gateway", "retrieval")
         self.ranking_latency = LATENCY.labels("gateway", "ranking")
 
@@ -428,6 +443,19 @@ class SearchServicer(pb_grpc.SearchServiceServicer):
         code = exc.code()
         if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION):
             await pass_through(context, exc)
+        if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+            # Retrieval sheds load: the search is refused the same way, with its pushback. A
+            # refusal for lack of capacity (not for a too-short deadline) also makes this
+            # door's limit back off, so the next searches are refused here, before they cost
+            # retrieval a call.
+            pushback = pushback_ms(exc)
+            if pushback is None or pushback >= 0:
+                report_downstream_overload()
+            self.shed_downstream.inc()
+            metadata = () if pushback is None else ((PUSHBACK_KEY, str(pushback)),)
+            await context.abort(
+                code, f"retrieval is overloaded: {exc.details()}", trailing_metadata=metadata
+            )
         if code == grpc.StatusCode.DEADLINE_EXCEEDED:
             await context.abort(code, "retrieval did not answer within the search's deadline")
         await context.abort(
@@ -441,6 +469,8 @@ class SearchServicer(pb_grpc.SearchServiceServicer):
 
         Returns (degraded kind, reason, permit): the permit is None when the call is skipped.
         """
+        if time.perf_counter() < self.ranking_pushback_until:
+            return "overloaded", "ranking overloaded: skipped while it asks for a pause", None
         permit = self.ranking_breaker.acquire()
         if permit is None:
             reason = (
@@ -504,6 +534,13 @@ class SearchServicer(pb_grpc.SearchServiceServicer):
             elapsed_ms = (time.perf_counter() - call.started) * 1000
             reason = f"ranking timed out after {elapsed_ms:.0f} ms"
             return self._degrade(response, candidates, k, "timeout", reason)
+        if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+            pushback = pushback_ms(exc)
+            if pushback is not None and pushback > 0:
+                until = time.perf_counter() + pushback / 1000
+                self.ranking_pushback_until = max(self.ranking_pushback_until, until)
+            reason = f"ranking overloaded: {exc.code().name}: {exc.details()}"
+            return self._degrade(response, candidates, k, "overloaded", reason)
         return self._degrade(response, candidates, k, "unavailable", unavailable(exc))
 
     @staticmethod

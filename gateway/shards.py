@@ -17,9 +17,14 @@ from imgsearch.retrieval.v1 import retrieval_service_pb2_grpc as retr_grpc
 from imgsearch.security import ClientSecurity
 
 RETRIEVAL_SERVICE = retr_pb.DESCRIPTOR.services_by_name["RetrievalService"].full_name
-# A shard's refusal of the request itself: every shard would refuse it, so the search fails
-# with it (the gateway passes it through) instead of degrading.
-REFUSALS = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION}
+# A shard's refusal of the request itself, or its load shedding (shards split the photos
+# evenly, so one overloaded shard means all are): the search fails with it (the gateway passes
+# it through, with the pushback) instead of degrading, so that overload is refused at the door.
+REFUSALS = {
+    grpc.StatusCode.INVALID_ARGUMENT,
+    grpc.StatusCode.FAILED_PRECONDITION,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+}
 
 
 def unavailable(details: str) -> grpc.aio.AioRpcError:

@@ -17,7 +17,10 @@ them; the SQLite file sits beside the artifact root (``var/artifacts`` ->
 | IMGSEARCH_SHARD | retrieval: serve this shard of a sharded set (0-based) | -1 = the whole set |
 | IMGSEARCH_METRICS_PORT | Prometheus port base: gateway +0, retrieval +1, ranking +2 | 0 = off |
 | IMGSEARCH_<SERVICE>_METRICS_PORT | one service's port (GATEWAY/RETRIEVAL/RANKING) | base+offset |
-| IMGSEARCH_MAX_INFLIGHT | requests a server handles at once before RESOURCE_EXHAUSTED | 64 |
+| IMGSEARCH_CONCURRENCY_LIMIT | `adaptive` (follows latency) or `fixed` (the max below) | adaptive |
+| IMGSEARCH_MAX_INFLIGHT | a method's requests at once at most, then RESOURCE_EXHAUSTED | 64 |
+| IMGSEARCH_MIN_INFLIGHT | adaptive: the lowest limit (minRTT is measured below it) | 8 |
+| IMGSEARCH_LIMIT_BUFFER | adaptive: latency above minRTT accepted, as a fraction of it | 0.25 |
 | IMGSEARCH_DEFAULT_RETRIEVER | retriever for unspecified requests | hybrid if CLIP, else keyword |
 | IMGSEARCH_ENCODE_BATCH | retrieval: unseen queries encoded together at most | 16 |
 | IMGSEARCH_ENCODE_WAIT_MS | retrieval: the longest an unseen query waits for company | 2 |
@@ -82,6 +85,7 @@ from imgsearch.balancing import channel_target, shard_targets
 from imgsearch.conversion_store import default_db_path
 
 ENV_PREFIX = "IMGSEARCH_"
+CONCURRENCY_LIMITS = ("adaptive", "fixed")
 
 # Request limits shared by the gateway and the stages.
 MAX_QUERY_CHARS = 256
@@ -146,8 +150,15 @@ class ServerConfig:
     host: str = field(default_factory=lambda: env("HOST", "127.0.0.1"))
     port: int = 0
     metrics_port: int = field(default_factory=lambda: env_int("METRICS_PORT", 0))
-    # Small enough that an overloaded server refuses at once instead of queueing ~1 s of work.
+    # Each method's requests in flight: an adaptive limit (imgsearch.admission.GradientLimit)
+    # that admits more than min_inflight only while latency stays within limit_buffer of its
+    # level at min_inflight, up to max_inflight (the limit itself when fixed): small enough
+    # that an overloaded server refuses at once instead of queueing ~1 s of work. Eight in
+    # flight keep two cores and the text encoder's batches busy, so fewer are never refused.
+    concurrency_limit: str = field(default_factory=lambda: env("CONCURRENCY_LIMIT", "adaptive"))
     max_inflight: int = field(default_factory=lambda: env_int("MAX_INFLIGHT", 64))
+    min_inflight: int = field(default_factory=lambda: env_int("MIN_INFLIGHT", 8))
+    limit_buffer: float = field(default_factory=lambda: env_float("LIMIT_BUFFER", 0.25))
     grace_s: float = field(default_factory=lambda: float(env_int("GRACE_S", 5)))
     max_connection_age_s: float = field(
         default_factory=lambda: env_float("MAX_CONNECTION_AGE_S", 0.0)
@@ -161,6 +172,20 @@ class ServerConfig:
     # Only the gateway reads IMGSEARCH_AUTH_TOKENS_FILE: the stages trust the gateway by mTLS.
     auth_tokens_file: str = ""
     reflection: str = field(default_factory=lambda: env("REFLECTION", "auto"))
+
+    def __post_init__(self) -> None:
+        if self.concurrency_limit not in CONCURRENCY_LIMITS:
+            raise SystemExit(
+                f"error: concurrency limit must be one of {', '.join(CONCURRENCY_LIMITS)}, "
+                f"got {self.concurrency_limit!r}"
+            )
+        if self.min_inflight < 1 or self.max_inflight < 1:
+            raise SystemExit(
+                f"error: in-flight limits must be at least 1, got min {self.min_inflight} and "
+                f"max {self.max_inflight}"
+            )
+        if self.limit_buffer < 0:
+            raise SystemExit(f"error: limit buffer must not be negative, got {self.limit_buffer}")
 
 
 @dataclass(frozen=True)
@@ -195,6 +220,7 @@ class RetrievalConfig(ServerConfig):
     shard: int = field(default_factory=lambda: env_int("SHARD", -1))
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.encode_batch < 1:
             raise SystemExit(f"error: encode batch must be at least 1, got {self.encode_batch}")
         if self.encode_wait_ms < 0:

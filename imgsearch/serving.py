@@ -1,4 +1,4 @@
-"""What every gRPC server shares: health, reflection, auth, metrics, load shedding, reload."""
+"""What every gRPC server shares: health, reflection, auth, metrics, admission, reload."""
 
 from __future__ import annotations
 
@@ -28,6 +28,7 @@ from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
 from imgsearch import artifacts
 from imgsearch.admin.v1 import admin_service_pb2, admin_service_pb2_grpc
+from imgsearch.admission import Admission, AdmissionSettings, DeadlineExpired, Refusal
 from imgsearch.security import SecurityConfigError, TokenSet, is_loopback, server_credentials
 
 REQUEST_ID_KEY = "x-request-id"
@@ -48,8 +49,8 @@ LATENCY = Histogram(
 INFLIGHT = Gauge("imgsearch_inflight_requests", "RPCs being handled now.", ["service"])
 DEGRADED = Counter(
     "imgsearch_degraded_total",
-    "Searches answered degraded, by reason (unavailable, timeout, no_budget, circuit_open, "
-    "shard_unavailable).",
+    "Searches answered degraded, by reason (unavailable, overloaded, timeout, no_budget, "
+    "circuit_open, shard_unavailable).",
     ["reason"],
 )
 ARTIFACT_INFO = Gauge(
@@ -162,11 +163,14 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
     before its request is even decoded. For the methods of ``services`` (health and
     reflection pass untouched, so they are never shed): a request id (the caller's
     ``x-request-id`` or a new one, kept for the RPC's task so every log line carries it);
-    UNAVAILABLE while the artifact set is loading; load shedding with RESOURCE_EXHAUSTED past
-    the in-flight limit; bad input raised as :class:`InvalidArgument` turned into
-    INVALID_ARGUMENT with a BadRequest naming the field; any other exception into INTERNAL
-    with the request id (nothing a client sends crashes a server); requests, latency and
-    in-flight metrics; and, with ``IMGSEARCH_ACCESS_LOG``, one log line per RPC.
+    UNAVAILABLE while the artifact set is loading; admission
+    (:class:`~imgsearch.admission.Admission`: RESOURCE_EXHAUSTED with a pushback past the
+    method's concurrency limit or when the deadline left is too short); bad input raised as
+    :class:`InvalidArgument` turned into INVALID_ARGUMENT with a BadRequest naming the field;
+    queued work dropped past its deadline (:class:`DeadlineExpired`) into DEADLINE_EXCEEDED;
+    any other exception into INTERNAL with the request id (nothing a client sends crashes a
+    server); requests, latency and in-flight metrics; and, with ``IMGSEARCH_ACCESS_LOG``, one
+    log line per RPC.
 
     Parameters
     ----------
@@ -176,8 +180,8 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
         Full names of the gRPC services whose methods are handled here.
     holder:
         The serving state; a request before it is loaded gets UNAVAILABLE.
-    limiter:
-        The in-flight limit; None for no load shedding.
+    admission:
+        Admission control; None for no load shedding.
     tokens:
         The bearer tokens the port accepts; None for no authentication. Replaceable at run
         time (``interceptor.tokens = ...``), e.g. when the token file is re-read.
@@ -188,13 +192,13 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
         service: str,
         services: set[str],
         holder: Reloadable | None = None,
-        limiter: InflightLimiter | None = None,
+        admission: Admission | None = None,
         tokens: TokenSet | None = None,
     ):
         self.service = service
         self.services = set(services)
         self.holder = holder
-        self.limiter = limiter
+        self.admission = admission
         self.tokens = tokens
         self._handlers: dict[str, grpc.RpcMethodHandler] = {}
         self._inflight = INFLIGHT.labels(service)
@@ -254,14 +258,16 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
                 await context.abort(
                     grpc.StatusCode.UNAVAILABLE, f"{service} is loading its artifact set"
                 )
-            limiter = self.limiter
-            if limiter is not None and not limiter.try_acquire():
-                self._count(method, "RESOURCE_EXHAUSTED")
-                await context.abort(
-                    grpc.StatusCode.RESOURCE_EXHAUSTED,
-                    f"{service} is saturated ({limiter.limit} requests in flight); "
-                    "retry with backoff",
-                )
+            admission = self.admission
+            if admission is not None:
+                ticket = admission.admit(method, request, context.time_remaining())
+                if isinstance(ticket, Refusal):
+                    self._count(method, "RESOURCE_EXHAUSTED")
+                    await context.abort(
+                        grpc.StatusCode.RESOURCE_EXHAUSTED,
+                        ticket.message,
+                        trailing_metadata=ticket.metadata,
+                    )
             self._inflight.inc()
             start = time.perf_counter()
             status = "UNKNOWN"
@@ -272,6 +278,9 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
             except InvalidArgument as exc:
                 status = "INVALID_ARGUMENT"
                 await context.abort_with_status(bad_request_status(exc.field, exc.description))
+            except DeadlineExpired as exc:
+                status = "DEADLINE_EXCEEDED"
+                await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, str(exc))
             except asyncio.CancelledError:
                 status = "CANCELLED"
                 raise
@@ -292,8 +301,8 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
                 self._inflight.dec()
                 self._latency.observe(elapsed)
                 self._count(method, status)
-                if limiter is not None:
-                    limiter.release()
+                if admission is not None:
+                    admission.finish(ticket, status)
                 if ACCESS_LOG:
                     logger.info(
                         "rpc",
@@ -306,23 +315,6 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
                     )
 
         return handle
-
-
-class InflightLimiter:
-    """Counts requests in flight on the event loop; refuses past the limit (no queue)."""
-
-    def __init__(self, limit: int):
-        self.limit = max(1, int(limit))
-        self.inflight = 0
-
-    def try_acquire(self) -> bool:
-        if self.inflight >= self.limit:
-            return False
-        self.inflight += 1
-        return True
-
-    def release(self) -> None:
-        self.inflight -= 1
 
 
 # -------------------------------------------------------------------------------- reflection
@@ -692,7 +684,7 @@ async def start_service(
         name,
         set(service_names),
         holder,
-        InflightLimiter(config.max_inflight),
+        Admission(name, AdmissionSettings.from_config(config)),
         tokens=_tokens(config.auth_tokens_file, "auth_tokens_file"),
     )
     reflection = reflection_wanted(config.reflection, config.host, tls)

@@ -49,7 +49,33 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         help="Prometheus port of the service (with `all`: a base, gateway +0, retrieval +1, "
         "ranking +2; default from IMGSEARCH_METRICS_PORT, the same offsets)",
     )
-    p.add_argument("--max-inflight", type=int, default=None, help="load-shedding limit")
+    p.add_argument(
+        "--concurrency-limit",
+        default=None,
+        choices=("adaptive", "fixed"),
+        help="requests each method works on at once: adaptive (follows latency, between "
+        "--min-inflight and --max-inflight) or fixed (--max-inflight); default adaptive",
+    )
+    p.add_argument(
+        "--max-inflight",
+        type=int,
+        default=None,
+        help="the most requests a method works on at once before RESOURCE_EXHAUSTED (64)",
+    )
+    p.add_argument(
+        "--min-inflight",
+        type=int,
+        default=None,
+        help="adaptive: the lowest limit; the latency at or below it is the baseline (minRTT) "
+        "the limit compares with (8)",
+    )
+    p.add_argument(
+        "--limit-buffer",
+        type=float,
+        default=None,
+        help="adaptive: latency above the baseline (minRTT) accepted before the limit shrinks, "
+        "as a fraction of it (0.25)",
+    )
     p.add_argument(
         "--max-connection-age-s",
         type=float,
@@ -171,10 +197,11 @@ def resolve_configs(args) -> dict:
         "tls_client_ca",
         "reflection",
     )
+    admission = ("concurrency_limit", "max_inflight", "min_inflight", "limit_buffer")
     common = {
         "artifacts": args.artifacts,
         "host": args.host,
-        "max_inflight": args.max_inflight,
+        **{name: flag(name) for name in admission},
         "max_connection_age_s": getattr(args, "max_connection_age_s", None),
         **{name: flag(name) for name in security},
     }

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -12,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from imgsearch import artifacts
+from imgsearch.admission import current_deadline, run_live
 from imgsearch.catalogue import Catalogue, normalise_keyword
 from imgsearch.config import MAX_CANDIDATES_K, MAX_K, MAX_RECENT_PHOTOS, RankingConfig
 from imgsearch.conversion_store import open_store
@@ -30,6 +30,7 @@ from ranking_service.history import LoggedHistory
 from ranking_service.rankers.base import Ranker, RankQuery
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["RankingService"].full_name
+NAME = "ranking"
 # Rankers whose scoring runs torch: run them off the event loop.
 OFFLOADED = {"fm", "deepfm"}
 # Preferred default when the artifact set has it (best measured first).
@@ -136,7 +137,7 @@ class RankingServicer(pb_grpc.RankingServiceServicer):
         self.holder = holder
         self.history = history or LoggedHistory(None, 0, 0.0)
         self.executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="rank")
-        self.stage_latency = LATENCY.labels("ranking", "rank")
+        self.stage_latency = LATENCY.labels(NAME, "rank")
 
     def _ranker(self, state: RankingState, value: int) -> str:
         if value == pb.RANKER_UNSPECIFIED:
@@ -233,8 +234,9 @@ class RankingServicer(pb_grpc.RankingServiceServicer):
         if len(query.candidates) == 0:
             scores, reason = np.zeros(0, np.float32), ""
         elif name in OFFLOADED:
-            loop = asyncio.get_running_loop()
-            ranked = await loop.run_in_executor(self.executor, ranker.score, query)
+            ranked = await run_live(
+                self.executor, ranker.score, query, deadline=current_deadline(), service=NAME
+            )
             scores, reason = ranked.scores, ranked.fallback_reason
         else:
             ranked = ranker.score(query)
@@ -278,9 +280,17 @@ class RankingServicer(pb_grpc.RankingServiceServicer):
         recent, _, note = await self._history(state, request.user_id, user_idx, recent)
         # Scoring and sorting the whole catalogue takes milliseconds per 100k photos: off the
         # event loop, so other RPCs keep being served meanwhile.
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(
-            self.executor, recommend, state, ranker, user_idx, request.k, recent, note
+        return await run_live(
+            self.executor,
+            recommend,
+            state,
+            ranker,
+            user_idx,
+            request.k,
+            recent,
+            note,
+            deadline=current_deadline(),
+            service=NAME,
         )
 
 
@@ -306,7 +316,7 @@ async def create_ranking_server(config: RankingConfig) -> Service:
         return servicer
 
     return await start_service(
-        "ranking",
+        NAME,
         config,
         [SERVICE_NAME],
         lambda path: load_ranking_state(path, config.default_ranker),

@@ -11,12 +11,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from imgsearch.admission import QUEUE_WAIT, SHED, DeadlineExpired
+
 DEFAULT_MAX_BATCH = 16
 DEFAULT_MAX_WAIT_MS = 2.0
-
-
-class DeadlineExpired(Exception):
-    """A queued query's deadline passed before it was encoded; it was dropped unencoded."""
 
 
 @dataclass
@@ -41,6 +39,9 @@ class MicroBatcher:
     gone, and so are texts whose caller was cancelled. Identical texts in one batch are
     encoded once.
 
+    How long each text waited for its batch goes to ``imgsearch_queue_wait_seconds`` (queue
+    "encoder"), and each dropped one to ``imgsearch_shed_total`` (reason "expired").
+
     Parameters
     ----------
     encode:
@@ -49,6 +50,8 @@ class MicroBatcher:
         Texts per forward pass at most.
     max_wait_ms:
         How long the oldest text may wait for others before its batch starts (0: never wait).
+    service:
+        The service's name in those metrics.
     """
 
     def __init__(
@@ -56,6 +59,7 @@ class MicroBatcher:
         encode: Callable[[list[str]], np.ndarray],
         max_batch: int = DEFAULT_MAX_BATCH,
         max_wait_ms: float = DEFAULT_MAX_WAIT_MS,
+        service: str = "retrieval",
     ):
         if max_batch < 1:
             raise ValueError(f"max_batch must be at least 1, got {max_batch}")
@@ -68,6 +72,8 @@ class MicroBatcher:
         self._arrived: asyncio.Event | None = None
         self._worker: asyncio.Task | None = None
         self._executor: ThreadPoolExecutor | None = None
+        self._waited = QUEUE_WAIT.labels(service, "encoder")
+        self._dropped = SHED.labels(service, "expired")
         # Figures for metrics and tests.
         self.batches = 0
         self.encoded = 0
@@ -151,12 +157,20 @@ class MicroBatcher:
         batch: list[_Pending] = []
         while self._queue and len(batch) < self.max_batch:
             item = self._queue.popleft()
-            if item.future.done():  # the caller was cancelled
+            self._waited.observe(now - item.queued_at)
+            expired = item.deadline is not None and item.deadline <= now
+            if item.future.done():  # the caller was cancelled (at its deadline, often)
+                if expired:
+                    self._dropped.inc()
                 continue
-            if item.deadline is not None and item.deadline <= now:
+            if expired:
                 self.expired += 1
+                self._dropped.inc()
                 item.future.set_exception(
-                    DeadlineExpired(f"deadline passed {1000 * (now - item.deadline):.0f} ms ago")
+                    DeadlineExpired(
+                        "dropped before encoding: the deadline passed "
+                        f"{1000 * (now - item.deadline):.0f} ms ago"
+                    )
                 )
                 continue
             batch.append(item)

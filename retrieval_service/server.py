@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import logging
 import time
@@ -10,10 +9,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import grpc
 import numpy as np
 
 from imgsearch import artifacts
+from imgsearch.admission import current_deadline, run_live
 from imgsearch.catalogue import normalise_keyword
 from imgsearch.config import (
     DEFAULT_CANDIDATES_K,
@@ -31,13 +30,14 @@ from imgsearch.serving import (
     Service,
     start_service,
 )
-from retrieval_service.batching import DEFAULT_MAX_BATCH, DEFAULT_MAX_WAIT_MS, DeadlineExpired
+from retrieval_service.batching import DEFAULT_MAX_BATCH, DEFAULT_MAX_WAIT_MS
 from retrieval_service.keyword_index import KeywordIndex
 from retrieval_service.retrievers import RetrievalResult, Retriever
 from retrieval_service.semantic import clip_source
 from retrieval_service.sharding import check_shard, shard_dir
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["RetrievalService"].full_name
+NAME = "retrieval"
 logger = logging.getLogger("imgsearch.retrieval")
 
 
@@ -175,7 +175,7 @@ class RetrievalServicer(pb_grpc.RetrievalServiceServicer):
     def __init__(self, holder: Reloadable[RetrievalState]):
         self.holder = holder
         self.executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="retrieve")
-        self.stage_latency = LATENCY.labels("retrieval", "retrieve")
+        self.stage_latency = LATENCY.labels(NAME, "retrieve")
 
     async def Retrieve(self, request: pb.RetrieveRequest, context) -> pb.RetrieveResponse:
         state = self.holder.state  # one snapshot per request: never mixes two versions
@@ -199,33 +199,33 @@ class RetrievalServicer(pb_grpc.RetrievalServiceServicer):
             )
         start = time.perf_counter()
         clip = clip_source(retriever)
+        # Work queued inside this stage is dropped unrun once the caller's deadline has passed
+        # (DeadlineExpired becomes DEADLINE_EXCEEDED in the interceptor).
+        deadline = current_deadline()
         if clip is not None:
-            # A query the caches miss waits for the next micro-batch of the text encoder; it is
-            # dropped unencoded if the caller's deadline passes first. The search (and, for
-            # hybrid, the keyword side) then runs off the event loop.
+            # A query the caches miss waits for the next micro-batch of the text encoder (unless
+            # the gateway passed the vector another shard encoded). The search (and, for hybrid,
+            # the keyword side) then runs off the event loop.
             embedding = given_embedding(request, state, clip)
             if embedding is None:
-                remaining = context.time_remaining()
-                deadline = None if remaining is None else time.monotonic() + remaining
-                try:
-                    embedding = await clip.embed_query_async(query, deadline)
-                except DeadlineExpired as exc:
-                    await context.abort(
-                        grpc.StatusCode.DEADLINE_EXCEEDED, f"query not encoded in time: {exc}"
-                    )
+                embedding = await clip.embed_query_async(query, deadline)
             hybrid = retriever is not clip
             uncut = {"uncut": True} if request.source_lists and hybrid else {}
             retrieve = functools.partial(
                 retriever.retrieve, query, candidates_k, query_embedding=embedding, **uncut
             )
-            result = await asyncio.get_running_loop().run_in_executor(self.executor, retrieve)
+            result = await run_live(self.executor, retrieve, deadline=deadline, service=NAME)
         elif retriever.cheap(query):
             result = retriever.retrieve(query, candidates_k)
         else:
             # The keyword index's token fallback: off the event loop.
-            loop = asyncio.get_running_loop()
-            result = await loop.run_in_executor(
-                self.executor, retriever.retrieve, query, candidates_k
+            result = await run_live(
+                self.executor,
+                retriever.retrieve,
+                query,
+                candidates_k,
+                deadline=deadline,
+                service=NAME,
             )
         response = to_response(result, state.photo_ids, indices=request.source_lists)
         if clip is not None and request.return_query_embedding:
@@ -260,7 +260,7 @@ async def create_retrieval_server(config: RetrievalConfig) -> Service:
         return servicer
 
     return await start_service(
-        "retrieval",
+        NAME,
         config,
         [SERVICE_NAME],
         lambda path: load_retrieval_state(

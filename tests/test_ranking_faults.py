@@ -93,6 +93,12 @@ class FakeRanking(rank_grpc.RankingServiceServicer):
             await context.abort(grpc.StatusCode.UNAVAILABLE, "down for the test")
         if self.mode == "shedding":
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "saturated")
+        if self.mode == "pause":  # shedding, and asking for a minute's pause
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                "saturated",
+                trailing_metadata=(("grpc-retry-pushback-ms", "60000"),),
+            )
         if self.mode in ("hang", "gate"):
             try:
                 if self.mode == "gate":
@@ -173,6 +179,17 @@ def test_load_shedding_by_ranking_does_not_open_the_breaker(fake_gateway):
     assert all("RESOURCE_EXHAUSTED" in r for r in reasons), reasons
     fake.mode = "answer"
     assert not search(target).degraded
+
+
+def test_ranking_asking_for_a_pause_is_left_alone_and_searches_degrade_meanwhile(fake_gateway):
+    fake, target = fake_gateway()
+    fake.mode = "pause"
+    first = search(target)
+    assert first.degraded and "ranking overloaded" in first.degraded_reason
+    assert len(first.results) == 5  # retrieval order, not a failed search
+    later = [search(target) for _ in range(3)]
+    assert all("asks for a pause" in r.degraded_reason for r in later)
+    assert fake.calls["Rank"] == 1  # not called again while the pause lasts
 
 
 def test_half_open_breaker_lets_exactly_one_probe_through(fake_gateway, loop_thread):

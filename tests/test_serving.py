@@ -226,12 +226,13 @@ def test_reload_to_a_broken_set_keeps_serving_the_old_one(loop_thread, artifact_
 
 
 def test_a_server_still_loading_answers_unavailable_not_internal(loop_thread):
-    from imgsearch.serving import InflightLimiter, Reloadable, ServiceInterceptor
+    from imgsearch.admission import Admission
+    from imgsearch.serving import Reloadable, ServiceInterceptor
     from ranking_service.server import SERVICE_NAME, RankingServicer
 
     async def start():
         holder = Reloadable(lambda path: None)  # never loaded: state stays None
-        interceptor = ServiceInterceptor("ranking", {SERVICE_NAME}, holder, InflightLimiter(8))
+        interceptor = ServiceInterceptor("ranking", {SERVICE_NAME}, holder, Admission("ranking"))
         server = grpc.aio.server(interceptors=[interceptor])
         rank_grpc.add_RankingServiceServicer_to_server(RankingServicer(holder), server)
         port = server.add_insecure_port("127.0.0.1:0")

@@ -246,6 +246,8 @@ class LoadRecorder:
         self.lags: list[float] = []
         self.latencies: list[float] = []  # OK responses, from the actual send
         self.from_schedule: list[float] = []  # OK responses, from the slot on the clock
+        self.error_latencies: dict[str, list[float]] = {}  # the other replies, by status code
+        self.last_send = self.start
         self.codes: Counter = Counter()
         self.degraded = 0
         self.last_degraded_s: float | None = None  # offset of the last degraded reply
@@ -257,6 +259,7 @@ class LoadRecorder:
 
     def on_send(self, lag_s: float = 0.0) -> None:
         self.sent += 1
+        self.last_send = time.perf_counter()
         self.lags.append(lag_s)
         if lag_s * 1000.0 > LATE_SEND_MS:
             self.late += 1
@@ -268,6 +271,7 @@ class LoadRecorder:
         bucket = self.timeline.setdefault(int(done - self.start), [0, 0, 0, []])
         if response is None:
             bucket[2] += 1
+            self.error_latencies.setdefault(code, []).append(done - sent_at)
             return
         self.latencies.append(done - sent_at)
         self.from_schedule.append(done - scheduled)
@@ -317,6 +321,10 @@ class LoadRecorder:
             "late_sends": self.late,
             "send_lag_ms": percentiles_ms(self.lags),
             "latency_ms": percentiles_ms(self.latencies),
+            "error_latency_ms": {
+                code: percentiles_ms(ms) for code, ms in sorted(self.error_latencies.items())
+            },
+            "last_send_s": round(self.last_send - self.start, 3),
             "last_degraded_s": (
                 None if self.last_degraded_s is None else round(self.last_degraded_s, 3)
             ),
@@ -343,6 +351,17 @@ class LoadRecorder:
 
 
 # ------------------------------------------------------------------------- load generator
+def _pushback_s(exc) -> float:
+    """The pushback a refusal carried, in seconds (0: none, or "do not retry")."""
+    for key, value in exc.trailing_metadata() or ():
+        if key == "grpc-retry-pushback-ms":
+            try:
+                return max(0, int(value)) / 1000.0
+            except ValueError:
+                return 0.0
+    return 0.0
+
+
 class _Driver:
     """Sends requests round-robin over several channels and records every outcome."""
 
@@ -365,7 +384,9 @@ class _Driver:
             return unique
         return request
 
-    async def _one(self, recorder: LoadRecorder, scheduled: float) -> None:
+    async def _one(self, recorder: LoadRecorder, scheduled: float) -> float:
+        """Send one request and record its outcome; returns the seconds the server asked the
+        client to wait before its next try (``grpc-retry-pushback-ms``; 0 when none)."""
         import grpc
 
         i = self.next
@@ -377,11 +398,12 @@ class _Driver:
             response = await call(request, timeout=self.spec.timeout_s, metadata=self.metadata)
         except grpc.aio.AioRpcError as exc:
             recorder.on_done(sent_at, scheduled, exc.code().name)
-            return
+            return _pushback_s(exc)
         except Exception as exc:  # noqa: BLE001 - a client-side failure is a counted outcome
             recorder.on_done(sent_at, scheduled, f"CLIENT_{type(exc).__name__}")
-            return
+            return 0.0
         recorder.on_done(sent_at, scheduled, "OK", response)
+        return 0.0
 
     async def open_loop(self, recorder: LoadRecorder, duration_s: float) -> None:
         """Send on a fixed clock without waiting for replies, then wait for the stragglers."""
@@ -403,13 +425,18 @@ class _Driver:
             await asyncio.wait(pending)
 
     async def closed_loop(self, recorder: LoadRecorder, duration_s: float) -> None:
-        """N workers, each sending its next request when its previous reply arrives."""
+        """N workers, each sending its next request when its previous reply arrives.
+
+        A worker refused with a pushback waits that long first, as gRPC's retry policy would.
+        """
         end = time.perf_counter() + duration_s
 
         async def worker() -> None:
             while time.perf_counter() < end:
                 recorder.on_send()
-                await self._one(recorder, time.perf_counter())
+                pause = await self._one(recorder, time.perf_counter())
+                if pause > 0:
+                    await asyncio.sleep(min(pause, max(0.0, end - time.perf_counter())))
 
         await asyncio.gather(*(worker() for _ in range(self.spec.concurrency)))
 

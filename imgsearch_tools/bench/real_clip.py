@@ -4,7 +4,8 @@ The demo set's tiny CLIP encodes a query in well under a millisecond, so it cann
 real text tower costs when queries miss every cache. This section builds a set of the 1,000-photo
 demo with an open_clip ViT-B-32 whose weights are random (written locally: the same compute as
 the pretrained checkpoint, and no download), serves it, and measures hybrid + ALS with queries
-that are cached, catalogue keywords, partly unseen and all unseen.
+that are cached, catalogue keywords, partly unseen and all unseen; then it overloads the
+servers (3x their capacity, unseen queries) and checks that they do not collapse.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import asyncio
 import time
 from pathlib import Path
 
+from imgsearch_tools.bench.overload import finish, overload_scenario
 from imgsearch_tools.bench.processes import ServiceProcesses
 from imgsearch_tools.bench.scenarios import Scenario, run_scenario, say
 
@@ -93,10 +95,19 @@ def prepare_set(folder: Path, show_progress: bool = True):
     return artifacts.resolve(root)
 
 
-async def real_clip_section(args, out: Path, overrides=None, security=None) -> dict:
+async def real_clip_section(
+    args,
+    out: Path,
+    overrides=None,
+    security=None,
+    scenarios: bool = True,
+    with_overload: bool = True,
+) -> dict:
     """Build (or reuse) the section's set, serve it, run its scenarios; the report's section.
 
-    ``overrides`` and ``security`` secure the links as the rest of the suite (``--tls``).
+    ``overrides`` and ``security`` secure the links as the rest of the suite (``--tls``);
+    ``scenarios``: the steady-load scenarios; ``with_overload``: then the overload scenario
+    (:mod:`imgsearch_tools.bench.overload`).
     """
     from imgsearch_tools.bench import load as bench
 
@@ -122,15 +133,29 @@ async def real_clip_section(args, out: Path, overrides=None, security=None) -> d
         str(artifact_set.path), out / "logs" / "vit-b-32", overrides=overrides
     )
     say(f"{MODEL} section: starting the services on {services.ports}")
+    overload = None
     try:
         await asyncio.to_thread(services.start_all)
         target = services.address("gateway")
-        for scenario in real_clip_scenarios(args.real_clip_qps, args.real_clip_duration):
-            section["scenarios"].append(
-                await run_scenario(services, scenario, target, args, queries, security)
+        if scenarios:
+            for scenario in real_clip_scenarios(args.real_clip_qps, args.real_clip_duration):
+                section["scenarios"].append(
+                    await run_scenario(services, scenario, target, args, queries, security)
+                )
+        if with_overload:
+            overload = await overload_scenario(
+                services,
+                target,
+                queries,
+                channels=args.channels,
+                warmup_s=args.warmup,
+                security=security,
             )
     finally:
         section["exit_codes"] = await asyncio.to_thread(services.stop_all)
+    if overload is not None:
+        # Judged once the services have stopped: a crash shows in their exit codes.
+        section["overload"] = finish(overload, section["exit_codes"])
     return section
 
 

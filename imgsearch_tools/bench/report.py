@@ -174,11 +174,9 @@ def _real_clip_lines(section: dict | None) -> list[str]:
             for c in gate["candidates"]
         )
         lines.append(f"Text runtime chosen by the build: **{gate['runtime']}** ({runtimes}).")
-    lines += [
-        "",
-        *TABLE_HEADER,
-    ]
-    lines += [_row(run["name"], run) for run in section["scenarios"]]
+    if section["scenarios"]:
+        lines += ["", *TABLE_HEADER]
+        lines += [_row(run["name"], run) for run in section["scenarios"]]
     lines.append("")
     headline = section["scenarios"][-1] if section["scenarios"] else None
     if headline is not None:
@@ -197,6 +195,92 @@ def _real_clip_lines(section: dict | None) -> list[str]:
             f"while other processes kept {_ms(headline.get('other_processes_cores'))} cores busy.",
             "",
         ]
+    return lines + _overload_lines(section.get("overload"))
+
+
+def _overload_lines(result: dict | None) -> list[str]:
+    """The overload scenario: its three phases, what a refusal cost, and the verdict."""
+    if not result:
+        return []
+    from imgsearch_tools.bench.overload import (
+        GOODPUT_SHARE,
+        RECOVERY_P99_RATIO,
+        REFUSAL_P99_MS,
+        SHED_CODE,
+    )
+
+    s = result["summary"]
+    verdict = result.get("verdict", {})
+    lines = [
+        "### Overload: 3× capacity offered",
+        "",
+        f"Capacity measured closed loop (c={result['capacity']['concurrency']}, "
+        f"{result['capacity']['duration_s']:g} s), then {s['offered_qps']:g} searches/s offered "
+        f"open loop for {result['offer']['duration_s']:g} s, then the closed loop again "
+        f"{s['recovery_started_after_offer_s']:g} s after the last offered send; unique queries "
+        f"(every one runs the text encoder), a {s['deadline_ms']:.0f} ms deadline, no retries.",
+        "",
+        "| phase | sent | OK/s | refused (RESOURCE_EXHAUSTED) | other errors | p50 ms | p99 ms "
+        "| max ms | refusals p50 / p99 ms "
+        "| CPU (cores): gateway · retrieval · ranking · load gen |",
+        "|---|---:|---:|---:|---|---:|---:|---:|---|---|",
+    ]
+    for phase in ("capacity", "offer", "recovery"):
+        run = result[phase]
+        lat = run["latency_ms"]
+        refused = run["codes"].get(SHED_CODE, 0)
+        refusals = run["error_latency_ms"].get(SHED_CODE, {})
+        others = {c: n for c, n in run["errors"].items() if c != SHED_CODE}
+        cpu = run.get("cpu_percent", {})
+        cores = " · ".join(
+            f"{cpu[k] / 100:.2f}" if k in cpu else "–"
+            for k in ("gateway", "retrieval", "ranking", LOADGEN)
+        )
+        lines.append(
+            f"| {phase} ({run['load']}) | {run['sent']} | {run['achieved_qps']:.0f} | {refused} | "
+            f"{', '.join(f'{c} {n}' for c, n in others.items()) or 0} | {_ms(lat['p50'])} | "
+            f"{_ms(lat['p99'])} | {_ms(lat['max'])} | {_ms(refusals.get('p50'))} / "
+            f"{_ms(refusals.get('p99'))} | {cores} |"
+        )
+    cost = s.get("refusal_cpu_ms") or {}
+    lines.append("")
+    if cost:
+        lines.append(
+            "CPU per refused search (the offer's CPU beyond what its successes cost at the "
+            "capacity run's rate, over the refusals): "
+            + " · ".join(f"{name} {ms:.3f} ms" for name, ms in cost.items() if name != "total")
+            + f" = **{cost['total']:.3f} ms**."
+        )
+    checks = [
+        (
+            "goodput",
+            f"goodput ≥ {GOODPUT_SHARE:.0%} of capacity: {s['goodput_qps']:.0f} of "
+            f"{s['capacity_qps']:.0f} QPS ({s['goodput_share']:.0%})",
+        ),
+        (
+            "successes_within_deadline",
+            f"successes within the deadline: slowest {_ms(s['success_max_ms'])} ms",
+        ),
+        (
+            "fast_refusals",
+            f"refusals within {REFUSAL_P99_MS:g} ms (p99): {_ms(s['refusal_p99_ms'])} ms",
+        ),
+        ("no_crash", f"no crash: exit codes {s['exit_codes']}"),
+        (
+            "recovered",
+            f"p99 after ≤ {RECOVERY_P99_RATIO:g}× before: {_ms(s['after_p99_ms'])} vs "
+            f"{_ms(s['before_p99_ms'])} ms (×{s['after_over_before_p99']})",
+        ),
+    ]
+    met = all(verdict.get(key) for key, _ in checks)
+    lines += [
+        "",
+        f"Overload without collapse: **{'met' if met else 'not met'}** — "
+        + "; ".join(f"{text} ({'yes' if verdict.get(key) else 'no'})" for key, text in checks)
+        + f". Shed share {s['shed_share']:.0%}; the load generator used "
+        f"{s['loadgen_cpu_cores_during_offer']:.2f} cores during the offer.",
+        "",
+    ]
     return lines
 
 
