@@ -117,21 +117,21 @@ class GradientLimit:
       that lets the limit grow while latency stays near minRTT, and shrinking stops where
       queueing adds more than ``buffer`` to minRTT;
     - **minRTT**, the latency without a queue, is the median of ``min_rtt_samples`` latencies
-      measured at the lowest limit: requests that started and ended with at most
-      ``min_limit`` in flight.
+      of requests that started and ended with at most ``uncontended`` in flight.
 
     Envoy pins the limit to its minimum for a while every minute to measure minRTT, refusing
     whatever else arrives meanwhile. Here minRTT is measured from live requests that ran with
-    at most ``min_limit`` in flight (Envoy's variant with a separate minimum limit also
-    measures from live traffic): nothing is refused to measure it, a queue never raises it
-    (queued requests run with more in flight), and a stale value corrects itself, since a
-    limit driven down to ``min_limit`` yields fresh samples.
+    few others in flight (Envoy's variant with a separate minimum limit also measures from
+    live traffic): nothing is refused to measure it, a queue never raises it (queued requests
+    run with more in flight), and a stale value corrects itself once load falls to that level.
 
     Two rules from Netflix's concurrency-limits: the limit never grows past twice the most
-    requests seen in flight in the window (Gradient2 does not grow an app-limited limit, so an
-    idle stage cannot admit a whole burst at once), and a downstream refusal (:meth:`on_drop`)
-    cuts it by 10% at once (its AIMD limit's backoff), so a stage in front of an overloaded one
-    sheds at its own door.
+    requests seen in flight in the window (Gradient2 does not grow an app-limited limit), and
+    a downstream refusal (:meth:`on_drop`) cuts it by 10% at once (its AIMD limit's backoff),
+    so a stage in front of an overloaded one sheds at its own door. Like Gradient2 (whose
+    minimum and initial limit are 20) the limit never goes below a floor sized for ordinary
+    bursts: a stage that just started, or one whose replica peer just died, takes the burst
+    instead of refusing work it has the capacity for.
 
     Parameters
     ----------
@@ -143,6 +143,9 @@ class GradientLimit:
         How often the limit is recalculated from the latest latencies.
     min_rtt_samples:
         How many of the latest uncontended requests minRTT is the median of.
+    uncontended:
+        Requests in flight at or below which a latency counts as uncontended (at most
+        ``min_limit``).
     """
 
     GRADIENT_RANGE = (0.5, 2.0)
@@ -150,14 +153,16 @@ class GradientLimit:
 
     def __init__(
         self,
-        min_limit: int = 8,
+        min_limit: int = 20,
         max_limit: int = 64,
         buffer: float = 0.25,
         window_s: float = 0.1,
         min_rtt_samples: int = 50,
+        uncontended: int = 8,
     ):
         self.max_limit = max(1, int(max_limit))
         self.min_limit = min(self.max_limit, max(1, int(min_limit)))
+        self.uncontended = min(self.min_limit, max(1, int(uncontended)))
         self.buffer = float(buffer)
         self.window_s = float(window_s)
         self.inflight = 0
@@ -185,7 +190,7 @@ class GradientLimit:
         """
         if sample:
             latency = now - started
-            if max(crowd, self.inflight) <= self.min_limit:
+            if max(crowd, self.inflight) <= self.uncontended:
                 self._uncontended.append(latency)
                 self.min_rtt = _median(self._uncontended)
             self._samples.append(latency)
@@ -231,7 +236,7 @@ class AdmissionSettings:
 
     adaptive: bool = True
     max_inflight: int = 64
-    min_inflight: int = 8
+    min_inflight: int = 20
     buffer: float = 0.25
 
     @classmethod

@@ -19,7 +19,7 @@ them; the SQLite file sits beside the artifact root (``var/artifacts`` ->
 | IMGSEARCH_<SERVICE>_METRICS_PORT | one service's port (GATEWAY/RETRIEVAL/RANKING) | base+offset |
 | IMGSEARCH_CONCURRENCY_LIMIT | `adaptive` (follows latency) or `fixed` (the max below) | adaptive |
 | IMGSEARCH_MAX_INFLIGHT | a method's requests at once at most, then RESOURCE_EXHAUSTED | 64 |
-| IMGSEARCH_MIN_INFLIGHT | adaptive: the lowest limit (minRTT is measured below it) | 8 |
+| IMGSEARCH_MIN_INFLIGHT | adaptive: the lowest limit (bursts up to it are never refused) | 20 |
 | IMGSEARCH_LIMIT_BUFFER | adaptive: latency above minRTT accepted, as a fraction of it | 0.25 |
 | IMGSEARCH_DEFAULT_RETRIEVER | retriever for unspecified requests | hybrid if CLIP, else keyword |
 | IMGSEARCH_ENCODE_BATCH | retrieval: unseen queries encoded together at most | 16 |
@@ -152,12 +152,13 @@ class ServerConfig:
     metrics_port: int = field(default_factory=lambda: env_int("METRICS_PORT", 0))
     # Each method's requests in flight: an adaptive limit (imgsearch.admission.GradientLimit)
     # that admits more than min_inflight only while latency stays within limit_buffer of its
-    # level at min_inflight, up to max_inflight (the limit itself when fixed): small enough
-    # that an overloaded server refuses at once instead of queueing ~1 s of work. Eight in
-    # flight keep two cores and the text encoder's batches busy, so fewer are never refused.
+    # level with few in flight, up to max_inflight (the limit itself when fixed): small enough
+    # that an overloaded server refuses at once instead of queueing ~1 s of work. The floor,
+    # 20 (Gradient2's), takes the bursts a restarted replica or a frozen peer's share brings
+    # (8, the level minRTT is measured at, refused those at the gateway).
     concurrency_limit: str = field(default_factory=lambda: env("CONCURRENCY_LIMIT", "adaptive"))
     max_inflight: int = field(default_factory=lambda: env_int("MAX_INFLIGHT", 64))
-    min_inflight: int = field(default_factory=lambda: env_int("MIN_INFLIGHT", 8))
+    min_inflight: int = field(default_factory=lambda: env_int("MIN_INFLIGHT", 20))
     limit_buffer: float = field(default_factory=lambda: env_float("LIMIT_BUFFER", 0.25))
     grace_s: float = field(default_factory=lambda: float(env_int("GRACE_S", 5)))
     max_connection_age_s: float = field(

@@ -66,8 +66,8 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         "--min-inflight",
         type=int,
         default=None,
-        help="adaptive: the lowest limit; the latency at or below it is the baseline (minRTT) "
-        "the limit compares with (8)",
+        help="adaptive: the lowest limit, so bursts up to it are never refused (20); the "
+        "baseline latency (minRTT) is measured with at most 8 in flight",
     )
     p.add_argument(
         "--limit-buffer",

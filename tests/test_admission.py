@@ -105,6 +105,24 @@ def test_a_stale_baseline_corrects_itself_once_the_limit_is_at_its_minimum():
     assert limits[-1] > 4
 
 
+def test_the_floor_takes_a_burst_and_only_few_in_flight_set_the_baseline():
+    limit = GradientLimit()  # the served defaults: floor 20, baseline measured at <= 8
+    now = 0.0
+    for _ in range(3):  # light load: 10 ms
+        now = window(limit, now, 0.010, offered=2)
+    assert limit.limit == 20  # light load never takes the limit below its floor
+    # A burst, as a restarted replica gets: the floor's worth is admitted, the rest refused.
+    admitted = sum(limit.try_acquire(now) for _ in range(25))
+    assert admitted == 20
+    # They queue and take three times as long; the baseline does not move (more than 8 were
+    # in flight), so the limit comes back down to its floor, not below.
+    for _ in range(admitted):
+        limit.release(now, now + 0.030, crowd=admitted)
+    now = window(limit, now + 0.030 + limit.window_s, 0.030, offered=20)
+    assert limit.min_rtt == pytest.approx(0.010)
+    assert limit.limit == 20
+
+
 def test_a_downstream_refusal_backs_the_limit_off_at_once():
     limit = GradientLimit(min_limit=4, max_limit=40)
     limit.limit = 20.0

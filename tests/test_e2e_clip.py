@@ -27,9 +27,7 @@ def clip_stack(loop_thread, tmp_path_factory):
     build_artifacts(
         str(data), str(root), ["none", "popularity"], clip_steps=20, show_progress=False
     )
-    # A burst of unseen queries below is larger than an idle stage's adaptive limit admits at
-    # once (its minimum, 8; test_admission covers that refusal): the fixed limit (64) takes it.
-    stack = Stack(loop_thread, root, stage_overrides={"concurrency_limit": "fixed"})
+    stack = Stack(loop_thread, root)
     yield stack
     stack.stop()
 
