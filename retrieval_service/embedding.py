@@ -11,6 +11,8 @@ from typing import Any, Callable
 
 import numpy as np
 
+from imgsearch.image_embeddings import ImageEmbeddings
+
 
 def partial_path(out_path: str | Path) -> Path:
     """Where progress of an unfinished run is kept: ``<out>.partial.npz`` beside the output."""
@@ -33,8 +35,8 @@ def _save_npz(path: Path, **arrays: np.ndarray) -> None:
 
 def load_embeddings(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     """Read an embeddings file: ``photo_idx`` (int64) and ``embeddings`` (float32)."""
-    with np.load(path, allow_pickle=False) as data:
-        return data["photo_idx"].astype(np.int64), data["embeddings"].astype(np.float32)
+    stored = ImageEmbeddings.load(path)
+    return stored.photo_idx, stored.vectors
 
 
 def _load_image(path: Path) -> tuple[Any, str]:

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import scipy.sparse as sp
 
 CONFIG_FILE = "config.json"
 FORMAT_VERSION = 1
@@ -103,3 +104,21 @@ def load_arrays(path: Path) -> dict[str, np.ndarray]:
     """Read an ``.npz`` written by :func:`save_arrays` with ``allow_pickle=False``."""
     with np.load(path, allow_pickle=False) as data:
         return {key: data[key] for key in data.files}
+
+
+def conversion_matrix(catalogue, binary: bool = False) -> sp.csr_matrix:
+    """The user × photo matrix of a catalogue's conversions: counts, or 1 where any (float32).
+
+    Rows outside the catalogue's users or photos are dropped.
+    """
+    users = catalogue.conversions["user_idx"].to_numpy(dtype=np.int64)
+    photos = catalogue.conversions["photo_idx"].to_numpy(dtype=np.int64)
+    keep = (users >= 0) & (users < catalogue.n_users) & (photos >= 0)
+    keep &= photos < catalogue.n_photos
+    ones = np.ones(int(keep.sum()), dtype=np.float32)
+    shape = (catalogue.n_users, catalogue.n_photos)
+    counts = sp.coo_matrix((ones, (users[keep], photos[keep])), shape=shape).tocsr()
+    counts.sum_duplicates()
+    if binary:
+        counts.data[:] = 1.0
+    return counts
