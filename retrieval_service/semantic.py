@@ -117,15 +117,17 @@ class HybridRetriever(Retriever):
     clip:
         The CLIP retriever.
     method:
-        ``"rrf"``: reciprocal-rank fusion, score = sum over sources of ``1 / (rrf_k + rank)``
-        (rank from 1; Cormack et al. 2009), blind to the sources' score scales.
+        ``"rrf"``: reciprocal-rank fusion, score = sum over sources of ``w / (rrf_k + rank)``
+        (rank from 1; Cormack et al. 2009), blind to the sources' score scales; ``w`` is the
+        source's weight relative to the mean weight (equal weights: the paper's 1).
         ``"weighted"``: ``weights[0] * keyword + weights[1] * clip`` on scores min-max
         normalised per source within this query's candidates; a source that did not find a
         photo contributes 0.
     rrf_k:
         RRF's damping constant (60 in the paper).
     weights:
-        (keyword, clip) weights of the weighted variant.
+        (keyword, clip) weights. An artifact set records the ones chosen on its validation
+        slice (``fusion`` in the manifest, see :func:`fusion_settings`).
     depth:
         Candidates asked of each source, as a multiple of ``candidates_k``.
 
@@ -196,6 +198,7 @@ def fuse(
     holds each source's own score for every fused candidate, NaN where it did not find it.
     """
     weights = weights or tuple(1.0 for _ in names)
+    mean_weight = sum(weights) / len(weights) if sum(weights) > 0 else 1.0
     union = np.unique(np.concatenate([np.asarray(r.photo_idx, np.int64) for r in results]))
     position = {int(p): i for i, p in enumerate(union.tolist())}
     fused = np.zeros(len(union), np.float64)
@@ -206,7 +209,7 @@ def fuse(
         own[rows] = result.scores
         per_source[name] = own
         if method == "rrf":
-            fused[rows] += 1.0 / (rrf_k + np.arange(1, len(rows) + 1))
+            fused[rows] += (weight / mean_weight) / (rrf_k + np.arange(1, len(rows) + 1))
         else:
             fused[rows] += weight * _minmax(np.asarray(result.scores))
     order = np.lexsort((union, -fused))[: max(0, candidates_k)]
@@ -262,7 +265,31 @@ def load_clip_retrievers(
     photo_idx, _ = load_embeddings(set_dir / EMBEDDINGS)
     vector_index = VectorIndex.load(set_dir / VECTOR_INDEX, row_to_photo_idx=photo_idx)
     clip = ClipRetriever(bundle, vector_index, cache_size=cache_size)
-    return {"clip": clip, "hybrid": HybridRetriever(keyword_index, clip)}
+    return {
+        "clip": clip,
+        "hybrid": HybridRetriever(keyword_index, clip, **fusion_settings(set_dir)),
+    }
+
+
+def fusion_label(method: str, weights) -> str:
+    """A short name for a fusion setting, e.g. ``rrf keyword 0.30 / clip 0.70``."""
+    keyword, clip = (float(w) for w in weights)
+    return f"{method} keyword {keyword:.2f} / clip {clip:.2f}"
+
+
+def fusion_settings(set_dir: str | Path) -> dict:
+    """Hybrid's fusion as the set's manifest records it (``method``, ``weights``), or ``{}``.
+
+    Sets built before fusion weights were chosen on validation record none: hybrid then fuses
+    with equal weights.
+    """
+    from imgsearch.artifacts import MANIFEST
+
+    path = Path(set_dir) / MANIFEST
+    fusion = json.loads(path.read_text()).get("fusion", {}) if path.exists() else {}
+    if "weights" not in fusion:
+        return {}
+    return {"method": fusion.get("method", "rrf"), "weights": tuple(fusion["weights"])}
 
 
 def read_vector_meta(set_dir: str | Path) -> dict:
