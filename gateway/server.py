@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
+import enum
 import logging
 import time
 from dataclasses import dataclass, field
@@ -10,6 +10,8 @@ from pathlib import Path
 
 import grpc
 
+from gateway.feedback import SERVICE_NAME as FEEDBACK_SERVICE_NAME
+from gateway.feedback import FeedbackServicer
 from imgsearch import artifacts
 from imgsearch.config import (
     DEFAULT_CANDIDATES_K,
@@ -18,8 +20,12 @@ from imgsearch.config import (
     MAX_K,
     MAX_QUERY_CHARS,
     MAX_RECENT_PHOTOS,
+    MAX_USER_ID_CHARS,
     GatewayConfig,
 )
+from imgsearch.conversion_store import open_store
+from imgsearch.conversion_store.background import BackgroundStore
+from imgsearch.feedback.v1 import feedback_service_pb2_grpc as feedback_grpc
 from imgsearch.ranking.v1 import ranking_service_pb2 as rank_pb
 from imgsearch.ranking.v1 import ranking_service_pb2_grpc as rank_grpc
 from imgsearch.retrieval.v1 import retrieval_service_pb2 as retr_pb
@@ -38,7 +44,6 @@ from imgsearch.serving import (
 )
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["SearchService"].full_name
-MAX_USER_ID_CHARS = 256
 KEYWORDS_PER_PHOTO = 8
 # Downstream failures that degrade a search to retrieval order instead of failing it.
 DEGRADABLE = {
@@ -57,7 +62,12 @@ CHANNEL_OPTIONS = [
     ("grpc.keepalive_time_ms", 30_000),
     ("grpc.enable_retries", 0),
 ]
+# At start the gateway waits this long for the conversion store, then serves searches anyway.
+STORE_OPEN_TIMEOUT_S = 5.0
 TWO_STEP_RECOMMEND = 1000  # ALS recommendations voted against the retrieval candidates
+# Consecutive ranking failures that open the breaker, and how long it stays open before a probe.
+BREAKER_THRESHOLD = 3
+BREAKER_COOLDOWN_S = 1.0
 logger = logging.getLogger("imgsearch.gateway")
 
 
@@ -143,29 +153,132 @@ def borda_merge(first: list[str], second: list[str]) -> list[tuple[str, float]]:
     return sorted(points.items(), key=lambda item: -item[1])
 
 
+class Verdict(enum.Enum):
+    """What one ranking call says about ranking's health."""
+
+    ANSWERED = "answered"  # ranking is up: a response, or a refusal of its own choosing
+    FAILED = "failed"  # ranking is down, broken, or too slow for a fair budget
+    NONE = "none"  # nothing learned: the caller gave up, or left ranking too little time
+
+
+# Codes that mean ranking itself failed. RESOURCE_EXHAUSTED is ranking shedding load (it is
+# up and answers at once), and a refusal of the request (INVALID_ARGUMENT...) is an answer.
+RANKING_FAILURES = {
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.INTERNAL,
+    grpc.StatusCode.UNKNOWN,
+    grpc.StatusCode.DATA_LOSS,
+    # Not our cancellation (that raises asyncio.CancelledError): ranking or its host dropped it.
+    grpc.StatusCode.CANCELLED,
+}
+
+
+def verdict(code: grpc.StatusCode, given_s: float, fair_s: float) -> Verdict:
+    """Judge a failed ranking call by its status ``code``.
+
+    A DEADLINE_EXCEEDED counts against ranking only when it was given at least ``fair_s``
+    (the configured ranking budget): a client whose own deadline left ranking less has run
+    out of time itself, and must not open the breaker for everyone else.
+    """
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return Verdict.FAILED if given_s >= fair_s else Verdict.NONE
+    return Verdict.FAILED if code in RANKING_FAILURES else Verdict.ANSWERED
+
+
 class CircuitBreaker:
     """Skips a failing downstream for a while so searches degrade at once instead of waiting.
 
-    After ``threshold`` consecutive failures the breaker opens for ``cooldown_s``; after that,
-    calls go through again and one more failure reopens it, one success closes it.
+    Closed, calls go through, and ``threshold`` consecutive failures open it. Open, calls are
+    refused for ``cooldown_s``; then exactly one call goes through as a probe (half-open) while
+    every other call is still refused until the probe's verdict: an answer closes the breaker,
+    a failure opens it for another cooldown, and a probe that ends without a verdict (its
+    client cancelled, or had too little budget) hands the probe to the next call.
     """
 
-    def __init__(self, threshold: int = 3, cooldown_s: float = 1.0):
+    def __init__(self, threshold: int = 3, cooldown_s: float = 1.0, clock=time.monotonic):
         self.threshold = threshold
         self.cooldown_s = cooldown_s
+        self.clock = clock
         self.failures = 0
-        self.open_until = 0.0
+        self.open_until: float | None = None  # None: closed
+        self.probing = False
 
-    def allow(self) -> bool:
-        return time.monotonic() >= self.open_until
+    def acquire(self) -> str | None:
+        """A permit for one call ("call" or "probe"), or None when the call must be skipped."""
+        if self.open_until is None:
+            return "call"
+        if self.probing or self.clock() < self.open_until:
+            return None
+        self.probing = True
+        return "probe"
 
-    def success(self) -> None:
-        self.failures = 0
+    def record(self, permit: str, outcome: Verdict) -> None:
+        """The verdict of a call made under ``permit``."""
+        if permit == "probe":
+            self.probing = False
+            if outcome is Verdict.ANSWERED:
+                self.open_until, self.failures = None, 0
+            elif outcome is Verdict.FAILED:
+                self.open_until = self.clock() + self.cooldown_s
+            return
+        if self.open_until is not None:
+            return  # a call that started before the breaker opened: the probe decides now
+        if outcome is Verdict.ANSWERED:
+            self.failures = 0
+        elif outcome is Verdict.FAILED:
+            self.failures += 1
+            if self.failures >= self.threshold:
+                self.open_until = self.clock() + self.cooldown_s
+                self.failures = 0
 
-    def failure(self) -> None:
-        self.failures += 1
-        if self.failures >= self.threshold:
-            self.open_until = time.monotonic() + self.cooldown_s
+
+class RankingCall:
+    """One call to ranking under the breaker; its verdict is recorded exactly once.
+
+    Parameters
+    ----------
+    breaker:
+        The ranking breaker the permit came from.
+    permit:
+        From :meth:`CircuitBreaker.acquire`.
+    call:
+        The started grpc.aio call.
+    given_s, fair_s:
+        The timeout it was given, and the ranking budget a timeout is judged against.
+    """
+
+    def __init__(self, breaker: CircuitBreaker, permit: str, call, given_s: float, fair_s: float):
+        self.breaker = breaker
+        self.permit = permit
+        self.call = call
+        self.given_s = given_s
+        self.fair_s = fair_s
+        self.started = time.perf_counter()
+        self.recorded = False
+
+    def _record(self, outcome: Verdict) -> None:
+        if not self.recorded:
+            self.recorded = True
+            self.breaker.record(self.permit, outcome)
+
+    async def result(self):
+        """The response; raises the call's AioRpcError (or CancelledError) after judging it."""
+        try:
+            response = await self.call
+        except grpc.aio.AioRpcError as exc:
+            self._record(verdict(exc.code(), self.given_s, self.fair_s))
+            raise
+        except BaseException:
+            self.cancel()
+            raise
+        self._record(Verdict.ANSWERED)
+        return response
+
+    def cancel(self) -> None:
+        """Give up on the call (cancelled at ranking too); nothing is learned from it."""
+        if not self.call.done():
+            self.call.cancel()
+        self._record(Verdict.NONE)
 
 
 def unavailable(exc: grpc.aio.AioRpcError) -> str:
@@ -210,7 +323,7 @@ class SearchServicer(pb_grpc.SearchServiceServicer):
         )
         self.retrieval = retr_grpc.RetrievalServiceStub(self.retrieval_channel)
         self.ranking = rank_grpc.RankingServiceStub(self.ranking_channel)
-        self.ranking_breaker = CircuitBreaker()
+        self.ranking_breaker = CircuitBreaker(BREAKER_THRESHOLD, BREAKER_COOLDOWN_S)
         self.retrieval_latency = LATENCY.labels("gateway", "retrieval")
         self.ranking_latency = LATENCY.labels("gateway", "ranking")
 
@@ -241,24 +354,24 @@ class SearchServicer(pb_grpc.SearchServiceServicer):
             timeout=max(0.001, budget - ranking_reserve),
             metadata=metadata,
         )
-        recommend_task = None
-        if two_step:
-            recommend_task = asyncio.ensure_future(
-                self.ranking.Recommend(
-                    rank_pb.RecommendRequest(
-                        user_id=request.user_id,
-                        k=TWO_STEP_RECOMMEND,
-                        recent_photo_ids=request.recent_photo_ids,
-                    ),
-                    timeout=max(0.001, budget - 0.002),
-                    metadata=metadata,
-                )
+        # Two-step asks ranking for recommendations while retrieval runs.
+        recommend = self._start_recommend(request, deadline, metadata) if two_step else None
+        try:
+            return await self._search(
+                context, request, state, start, k, deadline, metadata, retrieve_call, recommend
             )
+        finally:
+            # Retrieval failed, found nothing, or the client cancelled: ranking stops too.
+            if isinstance(recommend, RankingCall):
+                recommend.cancel()
+
+    async def _search(
+        self, context, request, state, start, k, deadline, metadata, retrieve_call, recommend
+    ) -> pb.SearchResponse:
+        two_step = request.ranker == rank_pb.RANKER_TWO_STEP
         try:
             retrieved = await retrieve_call
         except grpc.aio.AioRpcError as exc:
-            if recommend_task is not None:
-                recommend_task.cancel()
             await self._retrieval_failed(context, exc)
         self.retrieval_latency.observe(time.perf_counter() - start)
 
@@ -273,10 +386,8 @@ class SearchServicer(pb_grpc.SearchServiceServicer):
 
         if not candidates.ids:
             response.ranker = request.ranker or rank_pb.RANKER_NONE
-            if recommend_task is not None:
-                recommend_task.cancel()
         elif two_step:
-            order = await self._two_step(context, recommend_task, candidates, k, response)
+            order = await self._two_step(context, recommend, candidates, k, response)
         else:
             order = await self._rank(
                 context, request, retrieved.keyword, candidates, k, deadline, metadata, response
@@ -319,48 +430,58 @@ class SearchServicer(pb_grpc.SearchServiceServicer):
             f"({code.name}: {exc.details()})",
         )
 
+    def _skip_ranking(self, deadline: float) -> tuple[str, str, str | None]:
+        """A permit for a ranking call, or why the search must not wait for ranking.
+
+        Returns (degraded kind, reason, permit): the permit is None when the call is skipped.
+        """
+        permit = self.ranking_breaker.acquire()
+        if permit is None:
+            reason = (
+                "ranking unavailable: skipped after repeated failures "
+                f"(one probe every {self.ranking_breaker.cooldown_s:g} s)"
+            )
+            return "circuit_open", reason, None
+        if deadline - time.perf_counter() - 0.001 <= 0:
+            self.ranking_breaker.record(permit, Verdict.NONE)
+            return "no_budget", "ranking skipped: no time left for ranking", None
+        return "", "", permit
+
+    def _guarded(self, permit: str, start_call, timeout: float) -> RankingCall:
+        """Start a ranking call with ``start_call(timeout)`` under ``permit``."""
+        try:
+            call = start_call(timeout)
+        except BaseException:
+            self.ranking_breaker.record(permit, Verdict.NONE)  # never leave a probe hanging
+            raise
+        fair_s = self.config.ranking_budget_ms / 1000
+        return RankingCall(self.ranking_breaker, permit, call, timeout, fair_s)
+
     async def _rank(self, context, request, keyword, candidates, k, deadline, metadata, response):
         """Rank the candidates; on failure or timeout fall back to retrieval order."""
         ranking_start = time.perf_counter()
-        timeout = deadline - ranking_start - 0.001
-        if not self.ranking_breaker.allow():
-            return self._degrade(
-                response,
-                candidates,
-                k,
-                "circuit_open",
-                "ranking unavailable: skipped after repeated failures "
-                f"(retrying within {self.ranking_breaker.cooldown_s:.0f} s)",
-            )
+        kind, reason, permit = self._skip_ranking(deadline)
+        if permit is None:
+            return self._degrade(response, candidates, k, kind, reason)
+        rank_request = rank_pb.RankRequest(
+            user_id=request.user_id,
+            query=request.query,
+            keyword=keyword,
+            candidate_photo_ids=candidates.ids,
+            retrieval_scores=candidates.scores,
+            k=k,
+            ranker=request.ranker,
+            recent_photo_ids=request.recent_photo_ids,
+        )
+        call = self._guarded(
+            permit,
+            lambda timeout: self.ranking.Rank(rank_request, timeout=timeout, metadata=metadata),
+            deadline - ranking_start - 0.001,
+        )
         try:
-            if timeout <= 0:
-                raise TimeoutError("no time left for ranking")
-            ranked = await self.ranking.Rank(
-                rank_pb.RankRequest(
-                    user_id=request.user_id,
-                    query=request.query,
-                    keyword=keyword,
-                    candidate_photo_ids=candidates.ids,
-                    retrieval_scores=candidates.scores,
-                    k=k,
-                    ranker=request.ranker,
-                    recent_photo_ids=request.recent_photo_ids,
-                ),
-                timeout=timeout,
-                metadata=metadata,
-            )
+            ranked = await call.result()
         except grpc.aio.AioRpcError as exc:
-            if exc.code() not in DEGRADABLE:
-                await pass_through(context, exc)
-            self.ranking_breaker.failure()
-            if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
-                elapsed_ms = (time.perf_counter() - ranking_start) * 1000
-                reason = f"ranking timed out after {elapsed_ms:.0f} ms"
-                return self._degrade(response, candidates, k, "timeout", reason)
-            return self._degrade(response, candidates, k, "unavailable", unavailable(exc))
-        except TimeoutError as exc:
-            return self._degrade(response, candidates, k, "no_budget", f"ranking skipped: {exc}")
-        self.ranking_breaker.success()
+            return await self._ranking_failed(context, exc, call, response, candidates, k)
         self.ranking_latency.observe(time.perf_counter() - ranking_start)
         response.ranker = ranked.ranker
         response.timings.ranking_ms = ranked.ranking_ms
@@ -371,6 +492,16 @@ class SearchServicer(pb_grpc.SearchServiceServicer):
             response.notes.append(ranked.fallback_reason)
         return [(r.photo_id, r.score, r.score) for r in ranked.results]
 
+    async def _ranking_failed(self, context, exc, call: RankingCall, response, candidates, k):
+        """Pass a refusal of the request through; degrade on anything else."""
+        if exc.code() not in DEGRADABLE:
+            await pass_through(context, exc)
+        if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+            elapsed_ms = (time.perf_counter() - call.started) * 1000
+            reason = f"ranking timed out after {elapsed_ms:.0f} ms"
+            return self._degrade(response, candidates, k, "timeout", reason)
+        return self._degrade(response, candidates, k, "unavailable", unavailable(exc))
+
     @staticmethod
     def _degrade(response, candidates, k, kind: str, reason: str):
         """Answer in retrieval order; ``kind`` is the metric label (a small fixed set)."""
@@ -380,14 +511,35 @@ class SearchServicer(pb_grpc.SearchServiceServicer):
         response.ranker = rank_pb.RANKER_NONE
         return [(pid, s, s) for pid, s in zip(candidates.ids[:k], candidates.scores[:k])]
 
-    async def _two_step(self, context, recommend_task, candidates, k, response):
+    def _start_recommend(self, request, deadline: float, metadata) -> RankingCall | tuple:
+        """Start two-step's Recommend under the breaker and within the search's budget.
+
+        Returns the call, or (degraded kind, reason) when ranking is skipped.
+        """
+        kind, reason, permit = self._skip_ranking(deadline)
+        if permit is None:
+            return kind, reason
+        recommend_request = rank_pb.RecommendRequest(
+            user_id=request.user_id,
+            k=TWO_STEP_RECOMMEND,
+            recent_photo_ids=request.recent_photo_ids,
+        )
+        return self._guarded(
+            permit,
+            lambda timeout: self.ranking.Recommend(
+                recommend_request, timeout=timeout, metadata=metadata
+            ),
+            deadline - time.perf_counter() - 0.001,
+        )
+
+    async def _two_step(self, context, recommend, candidates, k, response):
         """The seed study's two-step ranking: ALS recommendations voted with retrieval order."""
+        if not isinstance(recommend, RankingCall):
+            return self._degrade(response, candidates, k, *recommend)
         try:
-            recommended = await recommend_task
+            recommended = await recommend.result()
         except grpc.aio.AioRpcError as exc:
-            if exc.code() not in DEGRADABLE:
-                await pass_through(context, exc)
-            return self._degrade(response, candidates, k, "unavailable", unavailable(exc))
+            return await self._ranking_failed(context, exc, recommend, response, candidates, k)
         response.ranker = rank_pb.RANKER_TWO_STEP
         response.artifact_versions["ranking"] = recommended.artifact_version
         if recommended.fallback_reason:
@@ -409,13 +561,26 @@ class SearchServicer(pb_grpc.SearchServiceServicer):
 async def create_gateway_server(config: GatewayConfig) -> Service:
     """Create, load and start the gateway; returns it once it is SERVING."""
 
+    location = config.conversion_store()
+    store = BackgroundStore(lambda: open_store(**location), name="conversions-writer")
+
     def add(server, holder):
-        servicer = SearchServicer(config, holder)
-        pb_grpc.add_SearchServiceServicer_to_server(servicer, server)
-        return servicer
+        search = SearchServicer(config, holder)
+        pb_grpc.add_SearchServiceServicer_to_server(search, server)
+        feedback = FeedbackServicer(store, holder)
+        feedback_grpc.add_FeedbackServiceServicer_to_server(feedback, server)
+        return [search, feedback]
 
     logger.info(
         "gateway downstreams",
         extra={"retrieval": config.retrieval_addr, "ranking": config.ranking_addr},
     )
-    return await start_service("gateway", config, [SERVICE_NAME], load_gateway_state, add)
+    problem = await store.try_open(STORE_OPEN_TIMEOUT_S)
+    if problem:
+        # Searches do not need the store: serve them, and let LogConversions say UNAVAILABLE.
+        logger.warning("conversion store not open yet", extra={"problem": problem})
+    else:
+        logger.info("conversion store open", extra={"store": store.location})
+    return await start_service(
+        "gateway", config, [SERVICE_NAME, FEEDBACK_SERVICE_NAME], load_gateway_state, add
+    )

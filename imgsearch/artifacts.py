@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
 import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 # Layout of one artifact set (paths relative to the set's folder).
 MANIFEST = "manifest.json"
 CATALOGUE_DIR = "catalogue"  # photos/keywords/users/conversions .parquet
+# In a set retrained with logged conversions: the catalogue before they were merged, so that
+# the next retraining merges the store's events again into it instead of on top of them.
+BASE_CATALOGUE_DIR = "catalogue_base"
 KEYWORD_INDEX = "keyword_index.npz"
 CLIP_DIR = (
     "clip"  # open_clip_config.json + open_clip_model.safetensors, or clip.json for a hub model
@@ -85,16 +91,84 @@ def data_fingerprint(data_dir: str | Path) -> str:
     return digest.hexdigest()[:12]
 
 
+# A set being written holds this file, locked (flock) by the writer, until it is published.
+IN_PROGRESS = ".in-progress"
+
+
 def new_set_dir(root: str | Path, fingerprint: str) -> tuple[Path, str]:
-    """Create an empty folder for a new set under ``root/sets`` and return it with its version."""
+    """Create an empty folder for a new set under ``root/sets`` and return it with its version.
+
+    Prefer :func:`writing_set`, which also marks the set as being written.
+    """
     version = time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + f"-{fingerprint[:8]}"
-    path = Path(root) / SETS_DIR / version
+    sets_dir = Path(root) / SETS_DIR
+    sets_dir.mkdir(parents=True, exist_ok=True)
+    path = sets_dir / version
     suffix = 1
-    while path.exists():
-        path = Path(root) / SETS_DIR / f"{version}.{suffix}"
-        suffix += 1
-    path.mkdir(parents=True)
-    return path, path.name
+    while True:
+        try:
+            path.mkdir()  # atomic: two builds in the same second get different folders
+            return path, path.name
+        except FileExistsError:
+            path = sets_dir / f"{version}.{suffix}"
+            suffix += 1
+
+
+@contextmanager
+def writing_set(root: str | Path, fingerprint: str) -> Iterator[tuple[Path, str]]:
+    """A new set folder marked in progress while the caller writes and publishes it.
+
+    The folder holds :data:`IN_PROGRESS`, locked by this process, until the block ends, so
+    :func:`prune` (of this or another build) leaves it alone. If the block raises, the folder
+    (this call's own) is removed.
+    """
+    set_dir, version = new_set_dir(root, fingerprint)
+    marker = set_dir / IN_PROGRESS
+    handle = open(marker, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        # Written only once locked: prune takes a marker with a pid and no lock for a set
+        # whose writer died (see _settle_in_progress).
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        try:
+            yield set_dir, version
+        except BaseException:
+            shutil.rmtree(set_dir, ignore_errors=True)
+            raise
+        marker.unlink(missing_ok=True)
+    finally:
+        handle.close()
+
+
+def _settle_in_progress(set_dir: Path) -> str:
+    """Look at a set's in-progress marker: "" (none: the set is finished), "writing" (a live
+    writer holds the lock, or is just starting), or "removed" (its writer died before
+    publishing: the set was deleted here, under the lock, so no writer can resume it)."""
+    try:
+        handle = open(set_dir / IN_PROGRESS)
+    except FileNotFoundError:
+        return ""
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return "writing"
+        if os.fstat(handle.fileno()).st_nlink == 0:
+            return ""  # unlinked by its writer, which has just published the set
+        if not handle.read().strip():
+            return "writing"  # the writer has created the marker but not locked it yet
+        shutil.rmtree(set_dir, ignore_errors=True)
+        return "removed"
+
+
+def _is_set(path: Path) -> bool:
+    """A folder a build wrote: its manifest names it (a foreign folder is never pruned)."""
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(manifest, dict) and manifest.get("version") == path.name
 
 
 def write_manifest(set_dir: Path, manifest: dict) -> None:
@@ -104,27 +178,51 @@ def write_manifest(set_dir: Path, manifest: dict) -> None:
     os.replace(tmp, set_dir / MANIFEST)
 
 
+def check_root(root: str | Path) -> None:
+    """Raise ArtifactError when ``root`` holds a ``current`` that is not this store's link."""
+    for name in (CURRENT, CURRENT + ".tmp"):
+        path = Path(root) / name
+        if (path.exists() or path.is_symlink()) and not path.is_symlink():
+            raise ArtifactError(
+                f"{path} exists and is not the artifact store's link; it is left as it is, "
+                "so no set can be published into this root"
+            )
+
+
 def publish(root: str | Path, set_dir: Path) -> None:
     """Point ``root/current`` at ``set_dir`` atomically (symlink + rename)."""
     root = Path(root)
+    check_root(root)
     link = root / CURRENT
     tmp = root / (CURRENT + ".tmp")
-    if tmp.is_symlink() or tmp.exists():
-        tmp.unlink()
+    if tmp.is_symlink():
+        tmp.unlink()  # left by an interrupted publish
     os.symlink(os.path.relpath(set_dir, root), tmp)
     os.replace(tmp, link)
 
 
 def prune(root: str | Path, keep: int = 3) -> list[Path]:
-    """Delete all but the newest ``keep`` sets (never the current one); returns what went."""
+    """Delete all but the newest ``keep`` sets; returns what went.
+
+    Only folders a build wrote are candidates (a manifest naming the folder's version);
+    anything else under ``sets/`` is left alone. Never deleted: the current set, a set being
+    written (its writer holds the in-progress lock). A set whose writer died before
+    publishing it (in-progress marker, no lock) is deleted.
+    """
     root = Path(root)
     sets_dir = root / SETS_DIR
-    if not sets_dir.exists():
+    if not sets_dir.is_dir():
         return []
-    current = (root / CURRENT).resolve() if (root / CURRENT).exists() else None
-    sets = sorted(p for p in sets_dir.iterdir() if p.is_dir())
+    current = (root / CURRENT).resolve() if (root / CURRENT).is_symlink() else None
     removed = []
-    for old in sets[:-keep] if keep else sets:
+    complete = []
+    for path in sorted(p for p in sets_dir.iterdir() if p.is_dir() and not p.is_symlink()):
+        state = _settle_in_progress(path)
+        if state == "removed":
+            removed.append(path)
+        elif not state and _is_set(path):
+            complete.append(path)
+    for old in complete[:-keep] if keep else complete:
         if current is not None and old.resolve() == current:
             continue
         shutil.rmtree(old, ignore_errors=True)

@@ -524,8 +524,9 @@ async def start_service(
     Health says NOT_SERVING from the moment the port is open until the artifact set is
     loaded; then SERVING. ``loader(path)`` builds the state (it must have ``version``,
     ``path`` and ``models``); ``add_servicer`` registers the services named in
-    ``service_names`` and returns the servicer (an object with an async ``close()`` is closed
-    when the service stops). Their RPCs go through one :class:`ServiceInterceptor`.
+    ``service_names`` and returns the servicer, or a list of them (one with an async
+    ``close()`` is closed when the service stops). Their RPCs go through one
+    :class:`ServiceInterceptor`.
     """
     paths = {"artifacts": config.artifacts}
     holder: Reloadable = Reloadable(lambda: loader(paths["artifacts"]))
@@ -533,12 +534,13 @@ async def start_service(
         name, set(service_names), holder, InflightLimiter(config.max_inflight)
     )
     server, port, health = new_server(name, config.host, config.port, [interceptor])
-    servicer = add_servicer(server, holder)
+    servicers = add_servicer(server, holder)
     admin_name = add_admin(server, name, holder, paths)
     enable_reflection(server, [*service_names, admin_name])
     service = Service(name, server, port, health)
-    if hasattr(servicer, "close"):
-        service.stop_hooks.append(servicer.close)
+    for servicer in servicers if isinstance(servicers, list) else [servicers]:
+        if hasattr(servicer, "close"):
+            service.stop_hooks.append(servicer.close)
     await service.set_serving(service_names, False)
     await server.start()
     state = await holder.load()

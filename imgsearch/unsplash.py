@@ -33,6 +33,16 @@ TABLES = ("photos", "keywords", "conversions")
 OPTIONAL_TABLES = ("labels",)
 # Tables of Unsplash Lite that the catalogue does not use; noted in the report when present.
 UNUSED_TABLES = ("collections", "colors")
+# The columns of Unsplash Lite's conversions table, in the dataset's order (what writers of
+# that layout write: the demo generator, the export of logged conversions).
+CONVERSIONS_LAYOUT = (
+    "converted_at",
+    "conversion_type",
+    "keyword",
+    "photo_id",
+    "anonymous_user_id",
+    "conversion_country",
+)
 CONFIDENCE_COLUMNS = ("ai_service_1_confidence", "ai_service_2_confidence")
 REQUIRED_COLUMNS = {
     "photos": ("photo_id", "photo_image_url"),

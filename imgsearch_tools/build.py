@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from imgsearch.names import RANKER_NAMES
+from imgsearch_tools.conversions import add_store_arguments, open_existing_store, store_location
 from imgsearch_tools.served import (
     candidates_summary,
     served_candidates,
@@ -77,7 +78,18 @@ def add_commands(subparsers) -> None:
         default=True,
         help="fail on the first malformed row (default) or skip and count them",
     )
-    p.add_argument("--keep", type=int, default=3, help="artifact sets to keep (default: 3)")
+    p.add_argument(
+        "--keep",
+        type=int,
+        default=3,
+        help="complete sets to keep; older ones built here are deleted, never the current one, "
+        "one being written, or a folder that is not a set (default: 3)",
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="accept an OUT that holds other files than an artifact root's (left as they are)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(handler=cmd_build)
 
@@ -102,7 +114,20 @@ def add_commands(subparsers) -> None:
         default=True,
         help="gate INT8 for the DeepFM MLP (default: on)",
     )
-    p.add_argument("--keep", type=int, default=3, help="artifact sets to keep (default: 3)")
+    p.add_argument(
+        "--with-logged-events",
+        action="store_true",
+        help="learn from the catalogue's conversions plus those logged through "
+        "FeedbackService (the store found as the servers find it); every ranker of the set "
+        "is retrained, since new users are added",
+    )
+    add_store_arguments(p, artifacts=False)
+    p.add_argument(
+        "--keep",
+        type=int,
+        default=3,
+        help="complete sets to keep, as for build (default: 3)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(handler=cmd_train)
 
@@ -121,20 +146,25 @@ def build_artifacts(
     keep: int = 3,
     show_progress: bool = True,
     int8: bool = True,
+    force: bool = False,
 ) -> Path:
-    """Build one artifact set from ``data`` under ``out`` and publish it; returns its folder."""
+    """Build one artifact set from ``data`` under ``out`` and publish it; returns its folder.
+
+    ``out`` must be new, empty or an artifact root (only ``sets/`` and ``current`` in it);
+    ``force`` accepts a folder holding other files too, which are left as they are.
+    """
     from imgsearch import artifacts
     from imgsearch.unsplash import read_unsplash
     from retrieval_service.keyword_index import KeywordIndex
 
     started = time.time()
+    check_artifact_root(out, force)
     log = _stage_printer(show_progress)
     log(f"reading {data}")
     catalogue, report = read_unsplash(data, show_progress=show_progress, strict=strict)
     log(report.summary())
     fingerprint = artifacts.data_fingerprint(data)
-    set_dir, version = artifacts.new_set_dir(out, fingerprint)
-    try:
+    with artifacts.writing_set(out, fingerprint) as (set_dir, version):
         manifest: dict = {
             "version": version,
             "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -188,13 +218,14 @@ def build_artifacts(
         )
         manifest["build_seconds"] = round(time.time() - started, 1)
         artifacts.write_manifest(set_dir, manifest)
-    except BaseException:
-        shutil.rmtree(set_dir, ignore_errors=True)
-        raise
-    artifacts.publish(out, set_dir)
+        artifacts.publish(out, set_dir)
     artifacts.prune(out, keep=keep)
     log(f"artifact set {version} ready in {manifest['build_seconds']}s: {set_dir}")
     return set_dir
+
+
+# What an artifact root holds (imgsearch.artifacts): anything else there is not the store's.
+ROOT_ENTRIES = ("sets", "current", "current.tmp")
 
 
 def train_set_rankers(
@@ -279,6 +310,40 @@ def train_set_rankers(
     return entries
 
 
+def check_artifact_root(out: str | Path, force: bool = False) -> None:
+    """Refuse an ``--out`` folder that holds files other than an artifact store's.
+
+    Raises
+    ------
+    imgsearch_tools.outputs.RefusedFolder
+        ``out`` is a file, or holds other entries than ``sets/`` and ``current`` and
+        ``force`` is off; or ``current`` there is not the store's link.
+    """
+    from imgsearch import artifacts
+    from imgsearch_tools.outputs import RefusedFolder
+
+    out = Path(out)
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise RefusedFolder(f"{out} exists and is not a folder")
+    try:
+        artifacts.check_root(out)
+    except artifacts.ArtifactError as exc:
+        raise RefusedFolder(str(exc)) from None
+    sets = out / artifacts.SETS_DIR
+    if sets.exists() and not sets.is_dir():
+        raise RefusedFolder(f"{sets} exists and is not a folder of artifact sets")
+    others = sorted(e.name for e in out.iterdir() if e.name not in ROOT_ENTRIES)
+    if others and not force:
+        raise RefusedFolder(
+            f"{out} is not empty and is not an artifact root (it holds "
+            f"{', '.join(others[:3])}{' and more' if len(others) > 3 else ''}); give a new or "
+            "empty folder, or pass --force to add sets/ and current beside them (nothing "
+            "already there is deleted or overwritten)"
+        )
+
+
 def _library_versions() -> dict:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -300,7 +365,9 @@ def _stage_printer(enabled: bool):
 
 
 def cmd_build(args) -> int:
+    from imgsearch.artifacts import ArtifactError
     from imgsearch.unsplash import DataError
+    from imgsearch_tools.outputs import RefusedFolder
 
     rankers = [r.strip() for r in args.rankers.split(",") if r.strip()]
     unknown = sorted(set(rankers) - set(RANKER_NAMES))
@@ -325,13 +392,14 @@ def cmd_build(args) -> int:
             keep=args.keep,
             show_progress=not args.quiet,
             int8=args.int8,
+            force=args.force,
         )
-    except DataError as exc:
+    except (DataError, FileNotFoundError, ArtifactError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    except FileNotFoundError as exc:
+    except RefusedFolder as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 1
+        return 2
     return 0
 
 
@@ -342,13 +410,19 @@ def retrain_rankers(
     int8: bool = True,
     keep: int = 3,
     show_progress: bool = True,
+    logged=None,
 ) -> Path:
     """Train ``rankers`` on the current set's catalogue and publish them as a new set version.
 
-    Rankers of the current set that are not retrained are kept as they are.
+    Rankers of the current set that are not retrained are kept as they are. ``logged`` (an
+    ``events_frame`` of the conversion store) is merged into the catalogue first: into the
+    catalogue as built (kept as ``catalogue_base`` in the new set), so that events merged by
+    an earlier retraining are not counted twice and events deleted since are gone. Logged
+    events add users, which renumbers them, so then every ranker of the set is retrained.
     """
     from imgsearch import artifacts
     from imgsearch.catalogue import Catalogue
+    from imgsearch.conversion_store.tables import merge_logged
     from retrieval_service.keyword_index import KeywordIndex
 
     if not (Path(root) / artifacts.CURRENT).exists():
@@ -356,11 +430,33 @@ def retrain_rankers(
             f"{root} is not an artifact root (no {artifacts.CURRENT} link); "
             "build one with `imgsearch build --data DIR --out ROOT`"
         )
+    artifacts.check_root(root)
     current = artifacts.resolve(root)
-    catalogue = Catalogue.load(current.file(artifacts.CATALOGUE_DIR))
-    set_dir, version = artifacts.new_set_dir(root, current.manifest.get("data_fingerprint", ""))
-    try:
-        artifacts.link_tree(current.path, set_dir, skip=(artifacts.MANIFEST,))
+    log = _stage_printer(show_progress)
+    merged = None
+    skip: tuple[str, ...] = (artifacts.MANIFEST,)
+    if logged is None:
+        catalogue = Catalogue.load(current.file(artifacts.CATALOGUE_DIR))
+    else:
+        base_name = (
+            artifacts.BASE_CATALOGUE_DIR
+            if current.has(artifacts.BASE_CATALOGUE_DIR)
+            else artifacts.CATALOGUE_DIR
+        )
+        catalogue, merged = merge_logged(Catalogue.load(current.file(base_name)), logged)
+        log(
+            f"logged conversions: {merged['merged']:,} of {merged['events']:,} merged "
+            f"({merged['unknown_photo']:,} of photos outside the catalogue dropped), "
+            f"{merged['users']:,} users, {merged['new_users']:,} new"
+        )
+        rankers = list(dict.fromkeys([*rankers, *current.rankers]))
+        skip += (artifacts.CATALOGUE_DIR, artifacts.BASE_CATALOGUE_DIR)
+    fingerprint = current.manifest.get("data_fingerprint", "")
+    with artifacts.writing_set(root, fingerprint) as (set_dir, version):
+        artifacts.link_tree(current.path, set_dir, skip=skip)
+        if merged is not None:
+            artifacts.link_tree(current.file(base_name), set_dir / artifacts.BASE_CATALOGUE_DIR)
+            catalogue.save(set_dir / artifacts.CATALOGUE_DIR)
         for name in rankers:
             shutil.rmtree(set_dir / artifacts.RANKERS_DIR / name, ignore_errors=True)
         keyword_index = KeywordIndex.load(current.file(artifacts.KEYWORD_INDEX))
@@ -388,18 +484,18 @@ def retrain_rankers(
             "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "rankers": {**current.manifest.get("rankers", {}), **trained["rankers"]},
         }
+        if merged is not None:
+            manifest["logged_conversions"] = merged
         artifacts.write_manifest(set_dir, manifest)
-    except BaseException:
-        shutil.rmtree(set_dir, ignore_errors=True)
-        raise
-    artifacts.publish(root, set_dir)
+        artifacts.publish(root, set_dir)
     artifacts.prune(root, keep=keep)
-    _stage_printer(show_progress)(f"artifact set {version} (rankers retrained) ready: {set_dir}")
+    log(f"artifact set {version} (rankers retrained) ready: {set_dir}")
     return set_dir
 
 
 def cmd_train(args) -> int:
     from imgsearch import artifacts
+    from imgsearch.conversion_store import StoreError
 
     rankers = [r.strip() for r in args.rankers.split(",") if r.strip()]
     unknown = sorted(set(rankers) - set(RANKER_NAMES))
@@ -411,6 +507,7 @@ def cmd_train(args) -> int:
         )
         return 2
     try:
+        logged = read_logged_events(args) if args.with_logged_events else None
         retrain_rankers(
             args.artifacts,
             rankers,
@@ -418,8 +515,21 @@ def cmd_train(args) -> int:
             int8=args.int8,
             keep=args.keep,
             show_progress=not args.quiet,
+            logged=logged,
         )
-    except artifacts.ArtifactError as exc:
+    except (artifacts.ArtifactError, StoreError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def read_logged_events(args):
+    """Every logged conversion, as an ``events_frame``, from the store the servers use."""
+    from imgsearch.conversion_store.tables import events_frame
+
+    with open_existing_store(store_location(args)) as store:
+        frame = events_frame(store.scan())
+        _stage_printer(not args.quiet)(
+            f"read {len(frame):,} logged conversions from {store.location}"
+        )
+    return frame

@@ -12,6 +12,7 @@ COMMAND_MODULES = [
     "imgsearch_tools.build",
     "imgsearch_tools.serve",
     "imgsearch_tools.commands",
+    "imgsearch_tools.conversions",
     "imgsearch_tools.demo_data",
     "imgsearch_tools.evaluation.commands",
     "imgsearch_tools.bench.commands",

@@ -21,7 +21,11 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         description="Contrastive training on image <-> caption pairs; prints held-out tag P@10.",
     )
     p.add_argument("--data", required=True, help="Unsplash Lite folder with images/")
-    p.add_argument("--out", required=True, help="CLIP folder to write")
+    p.add_argument(
+        "--out",
+        required=True,
+        help="CLIP folder to write: new, empty, or one train-clip wrote before (replaced)",
+    )
     p.add_argument("--model", default="imgsearch-tiny-clip", help="open_clip model name")
     p.add_argument(
         "--pretrained", default=None, help="open_clip tag, checkpoint file or CLIP folder"
@@ -32,6 +36,12 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="write into a non-empty --out that train-clip did not make, beside its files "
+        "(none of them is deleted or overwritten)",
+    )
     p.set_defaults(handler=_train_clip)
 
     p = subparsers.add_parser(
@@ -99,24 +109,31 @@ def _read_catalogue(data_dir: str):
 
 
 def _train_clip(args: argparse.Namespace) -> int:
+    from imgsearch_tools import outputs
     from imgsearch_tools.demo_data import query_families
     from retrieval_service.clip_training import train_clip
 
     catalogue = _read_catalogue(args.data)
-    result = train_clip(
-        catalogue,
-        args.out,
-        model_name=args.model,
-        pretrained=args.pretrained,
-        steps=args.steps,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        seed=args.seed,
-        show_progress=not args.quiet,
-        threads=args.threads,
-        query_families=query_families(catalogue),
-    )
-    print(f"wrote {result['path']}")
+    try:
+        # The folder is checked on entry, before the minutes of training.
+        with outputs.staged_folder(args.out, "train-clip", args.force) as staging:
+            train_clip(
+                catalogue,
+                staging,
+                model_name=args.model,
+                pretrained=args.pretrained,
+                steps=args.steps,
+                batch_size=args.batch_size,
+                lr=args.lr,
+                seed=args.seed,
+                show_progress=not args.quiet,
+                threads=args.threads,
+                query_families=query_families(catalogue),
+            )
+    except outputs.RefusedFolder as exc:
+        print(f"train-clip: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.out}")
     return 0
 
 

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import shutil
 import sys
 from pathlib import Path
 
 from imgsearch.names import RANKER_CHOICES, RANKER_NAMES, RETRIEVER_CHOICES
-from imgsearch_tools.build import build_artifacts
+from imgsearch_tools.build import build_artifacts, check_artifact_root
+from imgsearch_tools.outputs import RefusedFolder
 from imgsearch_tools.serve import SERVICES, resolve_configs, serve_all
 
 
@@ -59,6 +58,12 @@ def add_commands(subparsers) -> None:
     p.add_argument("--conversions", type=int, default=150_000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-serve", action="store_true", help="build only, then exit")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="write into non-empty --data/--artifacts folders the demo did not make, beside "
+        "their files (none of them is deleted or overwritten)",
+    )
     p.set_defaults(handler=cmd_demo)
 
 
@@ -119,42 +124,64 @@ def cmd_reload(args) -> int:
 
 # ------------------------------------------------------------------------------------- demo
 def ensure_demo(args) -> None:
-    """Generate the demo data and build its set when missing or made by an older generator."""
-    from imgsearch import artifacts
-    from imgsearch_tools.demo_data import GENERATOR_VERSION, generate
+    """Generate the demo data and build its set when missing or made by an older generator.
 
+    Raises
+    ------
+    imgsearch_tools.outputs.RefusedFolder
+        ``args.data`` or ``args.artifacts`` holds files the demo did not make (and
+        ``args.force`` is off): nothing is written.
+    """
+    from imgsearch import artifacts
+    from imgsearch_tools.demo_data import (
+        GENERATOR_VERSION,
+        check_folder,
+        generate,
+        generated_by,
+    )
+
+    force = getattr(args, "force", False)
     data = Path(args.data)
-    marker = data / ".complete"
+    made = generated_by(data)
+    version = made.get("generator") if made else None
+    regenerated = version != GENERATOR_VERSION
     try:
-        generated_by = json.loads(marker.read_text()).get("generator")
-    except (OSError, ValueError, AttributeError):
-        generated_by = None
-    regenerated = generated_by != GENERATOR_VERSION
-    if regenerated:
-        why = "generating" if generated_by is None else "regenerating (the generator changed)"
+        artifacts.resolve(args.artifacts)
+    except artifacts.ArtifactError:
+        # Refuse a foreign artifact folder before spending minutes on the data.
+        check_artifact_root(args.artifacts, force)
+        regenerated = True
+    if version != GENERATOR_VERSION:
+        try:
+            check_folder(data, force)
+        except RefusedFolder as exc:
+            raise RefusedFolder(
+                f"{exc}\n(a demo catalogue written by `imgsearch demo-data` before it marked its "
+                f"folders has no marker either: if {data} is one, delete it and run again; "
+                "`make clean` deletes var/)"
+            ) from None
+        why = "generating" if version is None else "regenerating (the generator changed)"
         print(f"[imgsearch] {why} the demo catalogue into {data}", file=sys.stderr)
-        if data.exists():
-            shutil.rmtree(data)
         generate(
             data,
             n_photos=args.photos,
             n_users=args.users,
             n_conversions=args.conversions,
             seed=args.seed,
+            force=force,
         )
-        marker.write_text(json.dumps({**vars(args), "generator": GENERATOR_VERSION}, default=str))
-    try:
-        artifacts.resolve(args.artifacts)
-    except artifacts.ArtifactError:
-        regenerated = True
     if regenerated:
-        build_artifacts(str(data), args.artifacts, list(RANKER_NAMES))
+        build_artifacts(str(data), args.artifacts, list(RANKER_NAMES), force=force)
 
 
 def cmd_demo(args) -> int:
     import threading
 
-    ensure_demo(args)
+    try:
+        ensure_demo(args)
+    except RefusedFolder as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     if args.no_serve:
         return 0
     os.environ.setdefault("IMGSEARCH_LOG_FORMAT", "text")

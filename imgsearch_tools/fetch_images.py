@@ -62,6 +62,12 @@ def read_photo_urls(data_dir: str | Path) -> list[tuple[str, str]]:
     return rows
 
 
+def _safe_file_name(photo_id: str) -> bool:
+    """Whether ``<photo_id>.jpg`` names a file inside images/ (no separators, no "..")."""
+    separators = any(c in photo_id for c in "/\\\0")
+    return bool(photo_id) and not separators and photo_id not in (".", "..")
+
+
 def sized_url(url: str, width: int) -> str:
     """The image URL with Unsplash's ``w=`` resize parameter appended."""
     return f"{url}{'&' if '?' in url else '?'}w={int(width)}"
@@ -94,7 +100,13 @@ def _download_one(
             _verify_image(data)
             tmp = target.with_name(f".{target.name}.{os.getpid()}.{threading.get_ident()}.tmp")
             tmp.write_bytes(data)
-            os.replace(tmp, target)
+            try:
+                # A link, unlike a rename, never replaces a file that appeared meanwhile.
+                os.link(tmp, target)
+            except FileExistsError:
+                return "skipped", ""
+            finally:
+                tmp.unlink()
             return "downloaded", ""
         except urllib.error.HTTPError as exc:
             reason = f"HTTP {exc.code}"
@@ -124,8 +136,10 @@ def fetch_images(
 ) -> dict:
     """Download ``images/<photo_id>.jpg`` for every photo of ``photos.tsv*``.
 
-    Files already present are skipped, so an interrupted run resumes. Each file is written to a
-    temporary name and renamed, so a partial download never looks complete. 5xx, 429 and
+    Files already present are skipped, so an interrupted run resumes, and never replaced. Each
+    file is written to a temporary name and linked into place, so a partial download never
+    looks complete. A ``photo_id`` that is not a plain file name (a path separator, "..") is
+    counted as failed and nothing is written for it. 5xx, 429 and
     network errors are retried with exponential backoff; 404 and bytes that do not decode as an
     image fail at once.
 
@@ -160,15 +174,21 @@ def fetch_images(
     photos = read_photo_urls(data_dir)
     if limit is not None:
         photos = photos[:limit]
-    todo = [(pid, url) for pid, url in photos if not (images_dir / f"{pid}.jpg").exists()]
-    counts: Counter[str] = Counter(skipped=len(photos) - len(todo))
-    reasons: Counter[str] = Counter()
-    examples: list[str] = []
+    unsafe = [pid for pid, _ in photos if not _safe_file_name(pid)]
+    todo = [
+        (pid, url)
+        for pid, url in photos
+        if _safe_file_name(pid) and not (images_dir / f"{pid}.jpg").exists()
+    ]
+    counts: Counter[str] = Counter(skipped=len(photos) - len(todo) - len(unsafe))
+    counts["failed"] = len(unsafe)
+    reasons: Counter[str] = Counter({"photo_id is not a file name": len(unsafe)} if unsafe else {})
+    examples: list[str] = [f"{pid!r}: photo_id is not a file name" for pid in unsafe[:10]]
     started = time.perf_counter()
     with (
         tqdm(
             total=len(photos),
-            initial=counts["skipped"],
+            initial=counts["skipped"] + counts["failed"],
             unit="img",
             desc="fetch images",
             disable=not show_progress,

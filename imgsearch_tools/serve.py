@@ -9,8 +9,6 @@ import sys
 import time
 from dataclasses import fields
 
-from imgsearch.config import with_overrides
-
 SERVICES = ("retrieval", "ranking", "gateway")
 
 
@@ -23,6 +21,8 @@ def add_commands(subparsers) -> None:
 
 def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     """The `serve` flags; a flag named after a config field (``--max-inflight``) sets it."""
+    from retrieval_service.text_encoder import RUNTIMES  # numpy only; torch loads on use
+
     p.add_argument("service", choices=(*SERVICES, "all"))
     p.add_argument("--artifacts", default=None, help="artifact root or set (IMGSEARCH_ARTIFACTS)")
     p.add_argument("--host", default=None, help="bind address (default 127.0.0.1)")
@@ -36,37 +36,102 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         "--metrics-port",
         type=int,
         default=None,
-        help="Prometheus port (with `all`: base, +0 gateway, +1 retrieval, +2 ranking)",
+        help="Prometheus port of the service (with `all`: a base, gateway +0, retrieval +1, "
+        "ranking +2; default from IMGSEARCH_METRICS_PORT, the same offsets)",
     )
     p.add_argument("--max-inflight", type=int, default=None, help="load-shedding limit")
     p.add_argument("--default-retriever", default=None)
+    p.add_argument(
+        "--encode-batch",
+        type=int,
+        default=None,
+        help="retrieval: unseen queries encoded together at most (default 16)",
+    )
+    p.add_argument(
+        "--encode-wait-ms",
+        type=float,
+        default=None,
+        help="retrieval: how long an unseen query may wait for others to join its batch "
+        "(default 2)",
+    )
+    p.add_argument(
+        "--text-runtime",
+        default=None,
+        choices=RUNTIMES,
+        help="retrieval: run the CLIP text tower with this runtime instead of the one the "
+        "build chose",
+    )
     p.add_argument("--default-ranker", default=None)
     p.add_argument("--timeout-ms", type=int, default=None, help="gateway search budget")
+    p.add_argument(
+        "--conversions-db",
+        default=None,
+        help="SQLite file of logged conversions (IMGSEARCH_CONVERSIONS_DB; default: beside the "
+        "artifact root, ROOT-conversions.sqlite3)",
+    )
+    p.add_argument(
+        "--conversions-dsn",
+        default=None,
+        help="PostgreSQL DSN of the conversion store, instead of the SQLite file "
+        "(IMGSEARCH_CONVERSIONS_DSN)",
+    )
+    p.add_argument(
+        "--foldin-conversions",
+        type=int,
+        default=None,
+        help="ranking: latest logged conversions folded in for a user the model has not seen "
+        "(default 50; 0 = off)",
+    )
+    p.add_argument(
+        "--foldin-timeout-ms",
+        type=int,
+        default=None,
+        help="ranking: how long a request waits for them (default 20)",
+    )
     p.add_argument("--log-level", default="INFO")
 
 
 def resolve_configs(args) -> dict:
     """The three services' configs from `serve` flags, then the environment, then defaults."""
-    from imgsearch.config import GatewayConfig, RankingConfig, RetrievalConfig, with_overrides
+    from imgsearch.config import (
+        METRICS_PORT_OFFSETS,
+        GatewayConfig,
+        RankingConfig,
+        RetrievalConfig,
+        with_overrides,
+    )
 
-    common = {
-        "artifacts": args.artifacts,
-        "host": args.host,
-        "max_inflight": args.max_inflight,
-        "metrics_port": args.metrics_port,
-    }
+    common = {"artifacts": args.artifacts, "host": args.host, "max_inflight": args.max_inflight}
+    base = args.metrics_port
+    # --metrics-port is the port of `serve NAME`, and the base of `serve all`.
+    spread = bool(base) and getattr(args, "service", "all") == "all"
+    metrics = {n: base + METRICS_PORT_OFFSETS[n] if spread else base for n in SERVICES}
     retrieval = with_overrides(
         RetrievalConfig(),
         **common,
+        metrics_port=metrics["retrieval"],
         port=args.retrieval_port,
         default_retriever=args.default_retriever,
+        encode_batch=getattr(args, "encode_batch", None),
+        encode_wait_ms=getattr(args, "encode_wait_ms", None),
+        text_runtime=getattr(args, "text_runtime", None),
     )
+    conversions = {"conversions_db": args.conversions_db, "conversions_dsn": args.conversions_dsn}
     ranking = with_overrides(
-        RankingConfig(), **common, port=args.ranking_port, default_ranker=args.default_ranker
+        RankingConfig(),
+        **common,
+        **conversions,
+        metrics_port=metrics["ranking"],
+        port=args.ranking_port,
+        default_ranker=args.default_ranker,
+        foldin_conversions=args.foldin_conversions,
+        foldin_timeout_ms=args.foldin_timeout_ms,
     )
     gateway = with_overrides(
         GatewayConfig(),
         **common,
+        **conversions,
+        metrics_port=metrics["gateway"],
         port=args.gateway_port,
         timeout_ms=args.timeout_ms,
         retrieval_addr=args.retrieval_addr
@@ -119,12 +184,9 @@ def cmd_serve(args) -> int:
 def serve_all(args, configs) -> int:
     """Run the three services as child processes (one GIL each); forward signals; wait."""
     children: dict[str, subprocess.Popen] = {}
-    for offset, name in enumerate(("gateway", "retrieval", "ranking")):
-        config = configs[name]
-        if config.metrics_port:
-            config = with_overrides(config, metrics_port=config.metrics_port + offset)
+    for name in ("gateway", "retrieval", "ranking"):
         children[name] = subprocess.Popen(
-            serve_command(name, config, args.log_level), start_new_session=True
+            serve_command(name, configs[name], args.log_level), start_new_session=True
         )
     return supervise(children)
 

@@ -14,6 +14,8 @@ import numpy as np
 from imgsearch import artifacts
 from imgsearch.catalogue import Catalogue, normalise_keyword
 from imgsearch.config import MAX_CANDIDATES_K, MAX_K, MAX_RECENT_PHOTOS, RankingConfig
+from imgsearch.conversion_store import open_store
+from imgsearch.conversion_store.background import BackgroundStore
 from imgsearch.names import ranker_name, ranker_value
 from imgsearch.ranking.v1 import ranking_service_pb2 as pb
 from imgsearch.ranking.v1 import ranking_service_pb2_grpc as pb_grpc
@@ -24,6 +26,7 @@ from imgsearch.serving import (
     Service,
     start_service,
 )
+from ranking_service.history import LoggedHistory
 from ranking_service.rankers.base import Ranker, RankQuery
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["RankingService"].full_name
@@ -32,6 +35,14 @@ OFFLOADED = {"fm", "deepfm"}
 # The default of a set that records no validation choice: the baseline that needs no model.
 FALLBACK_DEFAULT = "popularity"
 MAX_RECOMMEND = 10_000
+# Rankers that personalize from a user's history (ALS folds it in; EASE and item-kNN sum their
+# photos' neighbours; clip_profile averages their images; FM and DeepFM take the country): for
+# users the model has not seen, they get the user's logged conversions.
+USES_HISTORY = {"als", "fm", "deepfm", "ease", "item_knn", "clip_profile"}
+# At start ranking waits this long for the conversion store, then serves without it for now.
+STORE_OPEN_TIMEOUT_S = 2.0
+# A read stuck in the store gives its thread back after this (requests stop waiting sooner).
+STORE_CALL_TIMEOUT_S = 1.0
 logger = logging.getLogger("imgsearch.ranking")
 
 
@@ -142,11 +153,36 @@ def top_k(scores: np.ndarray, k: int) -> np.ndarray:
     return order[:k]
 
 
-class RankingServicer(pb_grpc.RankingServiceServicer):
-    """Serves ``Rank`` and ``Recommend`` from the state held by ``holder``."""
+def recommend(
+    state: RankingState, ranker, user_idx: int | None, k: int, recent: np.ndarray, note: str = ""
+) -> pb.RecommendResponse:
+    """The ``k`` photos of the whole catalogue ``ranker`` scores best for a user (``note``:
+    what the user's history lookup had to say, added to the fallback reason)."""
+    ranked = ranker.recommend(user_idx, k, recent)
+    scores = np.asarray(ranked.scores, dtype=np.float64)
+    order = top_k(scores, k)
+    ids = state.catalogue.photo_ids(order)
+    return pb.RecommendResponse(
+        results=[
+            pb.RankedPhoto(photo_id=pid, score=float(scores[i]))
+            for pid, i in zip(ids, order.tolist())
+        ],
+        fallback_reason="; ".join(r for r in (ranked.fallback_reason, note) if r),
+        artifact_version=state.version,
+    )
 
-    def __init__(self, holder: Reloadable[RankingState]):
+
+class RankingServicer(pb_grpc.RankingServiceServicer):
+    """Serves ``Rank`` and ``Recommend`` from the state held by ``holder``.
+
+    A user the model has not seen is personalized from the photos the request names
+    (``recent_photo_ids``) and from their latest conversions logged since the model was
+    trained (``history``), as far as the store answers within its deadline.
+    """
+
+    def __init__(self, holder: Reloadable[RankingState], history: LoggedHistory | None = None):
         self.holder = holder
+        self.history = history or LoggedHistory(None, 0, 0.0)
         self.executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="rank")
         self.stage_latency = LATENCY.labels("ranking", "rank")
 
@@ -177,6 +213,21 @@ class RankingServicer(pb_grpc.RankingServiceServicer):
             )
         idx = [state.catalogue.photo_idx(pid) for pid in photo_ids]
         return np.asarray([i for i in idx if i is not None], dtype=np.int64)
+
+    async def _history(
+        self, state: RankingState, user_id: str, user_idx: int | None, recent: np.ndarray
+    ) -> tuple[np.ndarray, str, str]:
+        """``recent`` plus the logged photos of a user the model has not seen; their country;
+        and a note when the store could not answer in time."""
+        if user_idx is not None or not user_id:
+            return recent, "", ""
+        logged, country, note = await self.history.read(state.catalogue, user_id)
+        if len(logged):
+            recent = np.concatenate([recent, logged])
+        return recent, country, note
+
+    async def close(self) -> None:
+        await self.history.close()
 
     async def Rank(self, request: pb.RankRequest, context) -> pb.RankResponse:
         state = self.holder.state  # one snapshot per request: never mixes two versions
@@ -211,13 +262,21 @@ class RankingServicer(pb_grpc.RankingServiceServicer):
             retrieval_scores = -np.arange(len(photo_ids), dtype=np.float32)
         user_idx = catalogue.user_idx(request.user_id) if request.user_id else None
         known_pos = np.asarray(known, dtype=np.int64)
+        recent = self._recent(state, request.recent_photo_ids)
+        country = state.user_country.get(user_idx, "") if user_idx is not None else ""
+        note = ""
+        if name in USES_HISTORY:
+            recent, logged_country, note = await self._history(
+                state, request.user_id, user_idx, recent
+            )
+            country = country or logged_country
         query = RankQuery(
             user_idx=user_idx,
             keyword=normalise_keyword(request.keyword or request.query),
             candidates=np.asarray(candidate_idx, dtype=np.int64),
             retrieval_scores=retrieval_scores[known_pos],
-            recent_photos=self._recent(state, request.recent_photo_ids),
-            country=state.user_country.get(user_idx, "") if user_idx is not None else "",
+            recent_photos=recent,
+            country=country,
         )
         ranker = state.rankers[name]
         default_reason = ""
@@ -235,11 +294,9 @@ class RankingServicer(pb_grpc.RankingServiceServicer):
         # Photos the catalogue does not know go last, in retrieval order.
         all_scores = np.full(len(photo_ids), -np.inf, dtype=np.float64)
         all_scores[known_pos] = scores
-        if len(known) < len(photo_ids):
-            missing = len(photo_ids) - len(known)
-            reason = "; ".join(
-                r for r in (reason, f"{missing} unknown photo id(s) ranked last") if r
-            )
+        missing = len(photo_ids) - len(known)
+        unknown = f"{missing} unknown photo id(s) ranked last" if missing else ""
+        reason = "; ".join(r for r in (reason, unknown, note) if r)
         order = top_k(all_scores, request.k)
         finite_min = float(np.min(scores)) if len(scores) else 0.0
         results = [
@@ -271,24 +328,33 @@ class RankingServicer(pb_grpc.RankingServiceServicer):
             )
         user_idx = state.catalogue.user_idx(request.user_id) if request.user_id else None
         recent = self._recent(state, request.recent_photo_ids)
-        ranked = ranker.recommend(user_idx, request.k, recent)
-        order = top_k(np.asarray(ranked.scores, dtype=np.float64), request.k)
-        ids = state.catalogue.photo_ids(order)
-        return pb.RecommendResponse(
-            results=[
-                pb.RankedPhoto(photo_id=pid, score=float(ranked.scores[i]))
-                for pid, i in zip(ids, order.tolist())
-            ],
-            fallback_reason=ranked.fallback_reason,
-            artifact_version=state.version,
+        recent, _, note = await self._history(state, request.user_id, user_idx, recent)
+        # Scoring and sorting the whole catalogue takes milliseconds per 100k photos: off the
+        # event loop, so other RPCs keep being served meanwhile.
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(
+            self.executor, recommend, state, ranker, user_idx, request.k, recent, note
         )
 
 
 async def create_ranking_server(config: RankingConfig) -> Service:
     """Create, load and start a ranking server; returns it once it is SERVING."""
 
+    store = None
+    if config.foldin_conversions > 0:
+        location = config.conversion_store()
+        # Its own connection and thread: reads never wait behind another request's work.
+        store = BackgroundStore(
+            lambda: open_store(**location, timeout_s=STORE_CALL_TIMEOUT_S),
+            name="conversions-reader",
+        )
+        problem = await store.try_open(STORE_OPEN_TIMEOUT_S)
+        if problem:
+            logger.warning("conversion store not open yet", extra={"problem": problem})
+    history = LoggedHistory(store, config.foldin_conversions, config.foldin_timeout_ms / 1000)
+
     def add(server, holder):
-        servicer = RankingServicer(holder)
+        servicer = RankingServicer(holder, history)
         pb_grpc.add_RankingServiceServicer_to_server(servicer, server)
         return servicer
 

@@ -36,6 +36,7 @@ TRAIN_STEPS = 1200
 CLIP_JSON = "clip.json"  # what a CLIP folder holds: model name and weights (file or hub tag)
 CHECKPOINT_FILE = "open_clip_model.safetensors"
 OPEN_CLIP_CONFIG = "open_clip_config.json"  # makes the folder loadable as `local-dir:` too
+KEYWORD_EMBEDDINGS = "keyword_embeddings.npz"  # the known keywords' query embeddings
 
 _register_lock = threading.Lock()
 
@@ -44,7 +45,8 @@ def register_configs() -> None:
     """Register the project's model configs with open_clip; idempotent, once per process.
 
     open_clip keeps its registry per process and reads configs from JSON files, so the configs
-    are written to a private temporary folder and added from there.
+    are written to a private temporary folder, added from there, and the folder removed (the
+    registry keeps what it read; a later rescan skips paths that are gone).
     """
     import open_clip
 
@@ -52,11 +54,11 @@ def register_configs() -> None:
         missing = {n: c for n, c in PROJECT_CONFIGS.items() if n not in open_clip.list_models()}
         if not missing:
             return
-        folder = Path(tempfile.mkdtemp(prefix="imgsearch-open-clip-configs-"))
-        for name, config in missing.items():
-            path = folder / f"{name}.json"
-            path.write_text(json.dumps(config, indent=2))
-            open_clip.add_model_config(path)
+        with tempfile.TemporaryDirectory(prefix="imgsearch-open-clip-configs-") as folder:
+            for name, config in missing.items():
+                path = Path(folder) / f"{name}.json"
+                path.write_text(json.dumps(config, indent=2))
+                open_clip.add_model_config(path)
 
 
 @dataclass(frozen=True)

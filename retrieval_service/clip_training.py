@@ -13,7 +13,7 @@ import numpy as np
 
 from imgsearch.catalogue import normalise_keyword
 from retrieval_service.clip_model import TRAIN_STEPS
-from retrieval_service.semantic import load_clip_retrievers
+from retrieval_service.semantic import KnownQueries, load_clip_retrievers
 
 # ``imgsearch build`` calls build_clip_artifacts from here and the servers call
 # load_clip_retrievers (defined with the retrievers it loads) from here too.
@@ -22,6 +22,11 @@ __all__ = ["build_clip_artifacts", "load_clip_retrievers", "train_clip"]
 DEFAULT_LR = 1e-3  # from scratch (AdamW, batch 128)
 FINETUNE_LR = 1e-5  # pretrained weights: small steps keep what pre-training learnt
 MIN_CAPTION_CONFIDENCE = 0.4  # keywords below this are mostly a tagger's confusions
+# Keywords whose query embeddings a build stores (the most frequent, on huge catalogues): at
+# 512-d float32 that is 41 MB, and about a minute of ViT-B-32 encoding on two cores.
+KNOWN_QUERIES_MAX = 20_000
+HELDOUT_QUERIES = 256  # queries the runtime gate compares on
+RECALL_QUERIES = 2000  # keyword queries that measure the vector index's recall
 SENTENCE_SHARE = 0.3  # share of captions that are a full description rather than keywords
 KEYWORDS_PER_CAPTION = (1, 2, 3)
 KEYWORDS_PER_CAPTION_P = (0.4, 0.4, 0.2)
@@ -508,12 +513,110 @@ def _all_tags(catalogue: Any, photo_idx: np.ndarray) -> list[set[str]]:
     return [tags.get(int(i), set()) for i in photo_idx.tolist()]
 
 
-def keyword_vocabulary(catalogue: Any, max_keywords: int = 2000) -> list[str]:
-    """The catalogue's most frequent keywords (ties by name): the INT8 gate's queries."""
-    counts = catalogue.keywords["keyword"].astype(str).value_counts()
+def keyword_vocabulary(catalogue: Any, max_keywords: int = KNOWN_QUERIES_MAX) -> list[str]:
+    """The catalogue's most frequent keywords, normalised and distinct (ties by name).
+
+    Both the photos' keywords (``keywords.tsv``) and what users searched (the conversions'
+    ``keyword``, e.g. "red circle") count: either is a query the servers will see again.
+    """
+    import pandas as pd
+
+    words = [catalogue.keywords["keyword"]]
+    conversions = catalogue.conversions
+    if conversions is not None and "keyword" in conversions:
+        words.append(conversions["keyword"])
+    counts = pd.concat(words).astype(str).map(normalise_keyword).value_counts()
     frame = counts.rename_axis("keyword").reset_index(name="count")
+    frame = frame[frame["keyword"] != ""]
     frame = frame.sort_values(["count", "keyword"], ascending=[False, True], kind="stable")
-    return [normalise_keyword(k) for k in frame["keyword"].head(max_keywords)]
+    return frame["keyword"].head(max_keywords).tolist()
+
+
+def heldout_queries(
+    catalogue: Any, known: set[str], n: int = HELDOUT_QUERIES, seed: int = 0
+) -> list[str]:
+    """Queries the encoder will really see: none of them is a stored keyword.
+
+    Half are two keywords of one photo ("red circle"), half the photos' descriptions (longer
+    sentences), drawn with a fixed seed; either kind fills in when the other runs short.
+    """
+    rng = np.random.default_rng(seed)
+    keywords = catalogue.keywords[["photo_idx", "keyword"]].astype({"keyword": str})
+    pairs: list[str] = []
+    for _, words in keywords.groupby("photo_idx", sort=True)["keyword"]:
+        words = sorted({normalise_keyword(w) for w in words} - {""})
+        if len(words) >= 2:
+            a, b = rng.choice(len(words), size=2, replace=False)
+            pairs.append(f"{words[a]} {words[b]}")
+    texts = [
+        normalise_keyword(t)
+        for column in ("photo_description", "ai_description")
+        if column in catalogue.photos
+        for t in catalogue.photos[column].fillna("").astype(str)
+    ]
+    pools = []
+    for pool in (pairs, texts):
+        distinct = [q for q in dict.fromkeys(pool) if q and q != "nan" and q not in known]
+        pools.append([distinct[i] for i in rng.permutation(len(distinct))])
+    half = n // 2
+    first = pools[0][:half]
+    second = pools[1][: n - len(first)]
+    first += pools[0][half : half + n - len(first) - len(second)]
+    return first + second
+
+
+def build_text_runtimes(
+    bundle: Any,
+    clip_dir: Path,
+    queries: list[str],
+    image_embeddings: np.ndarray,
+    show_progress: bool = True,
+) -> Any:
+    """Build the candidate text runtimes, run the gate, keep the chosen one's files.
+
+    Candidates: torch FP32 (the reference; over real tokens when the tower is causal), torch
+    INT8, and, when ONNX Runtime is installed and the tower is causal, ONNX FP32 and dynamic
+    INT8 exported into ``clip_dir``. ``.onnx`` files of runtimes not chosen are deleted.
+
+    Returns
+    -------
+    ~retrieval_service.quantization.RuntimeChoice
+    """
+    from retrieval_service.quantization import quantize_text_encoder, select_text_runtime
+    from retrieval_service.text_encoder import (
+        ONNX_FILES,
+        ONNX_FP32,
+        ONNX_INT8,
+        TORCH_INT8,
+        OnnxTextEncoder,
+        TorchTextEncoder,
+        causal_text_tower,
+        export_text_onnx,
+        onnx_available,
+    )
+
+    reference = TorchTextEncoder(bundle.model, bundle.tokenizer, bundle.embed_dim)
+    int8_model = quantize_text_encoder(bundle.model)
+    candidates = {
+        TORCH_INT8: TorchTextEncoder(int8_model, bundle.tokenizer, bundle.embed_dim, TORCH_INT8)
+    }
+    tower, why_not = causal_text_tower(bundle.model)
+    why_not = why_not or onnx_available()
+    if not why_not:
+        fp32_path = clip_dir / ONNX_FILES[ONNX_FP32]
+        int8_path = clip_dir / ONNX_FILES[ONNX_INT8]
+        export_text_onnx(bundle.model, fp32_path, int8_path)
+        for runtime, path in ((ONNX_FP32, fp32_path), (ONNX_INT8, int8_path)):
+            candidates[runtime] = OnnxTextEncoder(
+                path, bundle.tokenizer, bundle.embed_dim, tower.pool_type, tower.eos_id, runtime
+            )
+    elif show_progress:
+        print(f"ONNX Runtime not tried: {why_not}", file=sys.stderr)
+    choice = select_text_runtime(reference, candidates, queries, image_embeddings)
+    for runtime, name in ONNX_FILES.items():
+        if runtime != choice.runtime:
+            (clip_dir / name).unlink(missing_ok=True)
+    return choice
 
 
 def build_clip_artifacts(
@@ -526,7 +629,7 @@ def build_clip_artifacts(
     seed: int = 0,
     query_families: QueryFamilies | None = None,
 ) -> dict:
-    """Write the CLIP part of an artifact set: model, image embeddings, vector index, INT8 gate.
+    """Write the CLIP part of an artifact set: model, embeddings, index, text runtime, keywords.
 
     Parameters
     ----------
@@ -554,11 +657,14 @@ def build_clip_artifacts(
     -------
     dict
         Figures for the manifest: ``clip`` (spec, training figures), ``embedding`` (counts,
-        images/s), ``vector_index`` (factory, size, recall@10 vs exact), ``int8_gate``.
+        images/s), ``vector_index`` (factory, size, recall@10 vs exact), ``known_queries``
+        (keywords whose query embeddings are stored in ``clip/keyword_embeddings.npz``),
+        ``text_runtime`` (the gate's figures and choice, also in ``clip/clip.json``).
         ``{"skipped": reason}`` when no photo has an image (nothing written).
     """
     from imgsearch.artifacts import CLIP_DIR, EMBEDDINGS, VECTOR_INDEX
     from retrieval_service.clip_model import (
+        KEYWORD_EMBEDDINGS,
         ClipSpec,
         load_clip,
         save_clip,
@@ -566,7 +672,7 @@ def build_clip_artifacts(
         update_clip_json,
     )
     from retrieval_service.embedding import embed_catalogue, load_embeddings
-    from retrieval_service.quantization import int8_gate
+    from retrieval_service.text_encoder import TorchTextEncoder
     from retrieval_service.vector_index import VectorIndex, exact_index, recall_at_k
 
     set_dir = Path(set_dir)
@@ -602,8 +708,25 @@ def build_clip_artifacts(
     vector_index = VectorIndex.build(embeddings, photo_idx, factory=factory, seed=seed)
     vector_index.save(set_dir / VECTOR_INDEX, row_map=f"{EMBEDDINGS}:photo_idx")
     vocabulary = keyword_vocabulary(catalogue)
-    query_emb = bundle.encode_text(vocabulary)
-    recall = recall_at_k(vector_index, exact_index(embeddings), query_emb, k=10)
+    started = time.perf_counter()
+    reference = TorchTextEncoder(bundle.model, bundle.tokenizer, bundle.embed_dim)
+    known = KnownQueries(vocabulary, reference.encode_text(vocabulary))
+    known.save(clip_dir / KEYWORD_EMBEDDINGS)
+    figures["known_queries"] = {
+        "keywords": len(known),
+        "seconds": round(time.perf_counter() - started, 1),
+        "real_tokens": reference.real_tokens,
+    }
+    sample = vocabulary[:8] + heldout_queries(catalogue, set(vocabulary), 8, seed=seed + 1)
+    if reference.real_tokens and sample:
+        # The real-token forward must equal open_clip's encode_text over the padded context.
+        diff = float(np.abs(reference.encode_text(sample) - bundle.encode_text(sample)).max())
+        figures["known_queries"]["real_token_max_abs_diff"] = diff
+        if diff > 1e-4:
+            raise RuntimeError(f"real-token text encoding differs from encode_text by {diff}")
+    recall = recall_at_k(
+        vector_index, exact_index(embeddings), known.embeddings[:RECALL_QUERIES], k=10
+    )
     figures["vector_index"] = {
         "factory": vector_index.factory,
         "ntotal": vector_index.ntotal,
@@ -611,16 +734,17 @@ def build_clip_artifacts(
         "params": vector_index.params,
         "recall@10_vs_exact": round(recall, 4),
     }
-    gate = int8_gate(bundle, vocabulary, embeddings)
-    update_clip_json(
-        clip_dir, text_encoder="int8" if gate.accepted else "fp32", int8_gate=gate.as_dict()
-    )
-    figures["int8_gate"] = gate.as_dict()
+    # A catalogue without descriptions or photos with two keywords has no held-out query: the
+    # gate then compares on the keywords themselves rather than not at all.
+    queries = heldout_queries(catalogue, set(vocabulary), seed=seed) or vocabulary[:HELDOUT_QUERIES]
+    choice = build_text_runtimes(bundle, clip_dir, queries, embeddings, show_progress)
+    update_clip_json(clip_dir, text_encoder=choice.runtime, text_runtime=choice.as_dict())
+    figures["text_runtime"] = choice.as_dict()
     if show_progress:
         print(
             f"vector index {vector_index.factory}: {vector_index.ntotal:,} x {vector_index.dim}, "
-            f"recall@10 vs exact {recall:.3f}",
+            f"recall@10 vs exact {recall:.3f}; {len(known):,} keywords' query embeddings stored",
             file=sys.stderr,
         )
-        print(gate.summary(), file=sys.stderr)
+        print(choice.summary(), file=sys.stderr)
     return figures

@@ -75,6 +75,11 @@ class KeywordIndex(Retriever):
     def __contains__(self, keyword: str) -> bool:
         return keyword in self._keyword_row
 
+    def cheap(self, query: str) -> bool:
+        """An exact keyword is a slice of the index; the token fallback scans every keyword
+        holding each token (a common token: most of the index), so it is not cheap."""
+        return normalise_keyword(query) in self._keyword_row
+
     def keyword_photos(self, keyword: str) -> tuple[np.ndarray, np.ndarray]:
         """Photos and confidences of one exact keyword (empty arrays when unknown)."""
         row = self._keyword_row.get(keyword)

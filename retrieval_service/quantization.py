@@ -1,4 +1,4 @@
-"""INT8 dynamic quantization of the CLIP text encoder, accepted only through a measured gate."""
+"""The text runtime gate (torch or ONNX Runtime, FP32 or INT8) and torch's INT8 quantization."""
 
 from __future__ import annotations
 
@@ -12,9 +12,10 @@ import numpy as np
 
 MIN_COSINE = 0.99
 MIN_TOP10_OVERLAP = 0.9
-# INT8 must be clearly faster to be worth its accuracy cost, and a margin keeps timing noise from
-# flipping the verdict between builds: the tiny CLIP sits near parity (0.57-0.94 ms INT8 vs
-# 0.61-0.86 ms FP32 across runs here), ViT-B-32 gains x1.7 on one thread.
+# Another runtime must be clearly faster than torch FP32 to be worth its accuracy cost or its
+# dependency, and a margin keeps timing noise from flipping the verdict between builds: torch
+# INT8 on the tiny CLIP sits near parity (0.57-0.94 ms INT8 vs 0.61-0.86 ms FP32 across runs
+# here), ViT-B-32 gains x1.7 on one thread.
 MIN_SPEEDUP = 1.2
 
 
@@ -56,141 +57,225 @@ def count_quantized_linears(model: Any) -> int:
 
 
 @dataclass
-class GateResult:
-    """The INT8 gate's figures and verdict.
+class RuntimeFigures:
+    """One text runtime's figures in the gate.
 
     Attributes
     ----------
-    accepted:
-        True when INT8 is accurate enough and faster: serve INT8; otherwise keep FP32.
+    runtime:
+        Its name (``torch-fp32``, ``torch-int8``, ``onnx-fp32``, ``onnx-int8``).
     mean_cosine:
-        Mean cosine between FP32 and INT8 embeddings of the vocabulary's queries.
+        Mean cosine between its embeddings and torch FP32's over the held-out queries.
     top10_overlap:
-        Mean share of the FP32 top 10 images also in the INT8 top 10, per query.
-    fp32_ms, int8_ms:
-        Median per-query text-encoding latency (one query per call).
+        Mean share of torch FP32's top 10 images also in its top 10, per query.
+    batch1_ms:
+        Median time to encode one query alone.
+    batch_ms:
+        Median time per query when ``batch`` queries are encoded together.
     speedup:
-        ``fp32_ms / int8_ms``.
-    queries:
-        Vocabulary size used for the accuracy figures.
+        torch FP32's cost over its cost, the cost being ``batch1_ms + batch_ms``.
+    passed:
+        Accurate enough and at least ``min_speedup`` faster than torch FP32 (torch FP32
+        itself always passes: it is the reference and the fallback).
     reason:
-        Why it was accepted or rejected, in words.
+        Why it passed or not, in words.
     """
 
-    accepted: bool
+    runtime: str
     mean_cosine: float
     top10_overlap: float
-    fp32_ms: float
-    int8_ms: float
-    speedup: float
+    batch1_ms: float
+    batch_ms: float
+    speedup: float = 1.0
+    passed: bool = False
+    reason: str = ""
+
+
+@dataclass
+class RuntimeChoice:
+    """The gate's verdict: which text runtime to serve, and every candidate's figures.
+
+    Attributes
+    ----------
+    runtime:
+        The chosen runtime: the fastest that passed, torch FP32 when none other did.
+    candidates:
+        Each candidate's :class:`RuntimeFigures`, in the order timed.
+    queries:
+        Held-out queries the accuracy figures are computed on.
+    batch:
+        Batch size of the batched timing.
+    thresholds:
+        ``min_cosine``, ``min_overlap``, ``min_speedup`` applied.
+    """
+
+    runtime: str
+    candidates: list[RuntimeFigures]
     queries: int
-    reason: str
+    batch: int
+    thresholds: dict
 
     def as_dict(self) -> dict:
         return asdict(self)
 
+    def figures(self, runtime: str) -> RuntimeFigures:
+        """The figures of one candidate."""
+        return next(c for c in self.candidates if c.runtime == runtime)
+
     def summary(self) -> str:
-        """One line for the build's output."""
-        verdict = "INT8 accepted" if self.accepted else "INT8 rejected, serving FP32"
-        return (
-            f"{verdict}: cosine {self.mean_cosine:.4f}, top-10 overlap {self.top10_overlap:.3f} "
-            f"over {self.queries} queries; text encode {self.fp32_ms:.2f} ms FP32 vs "
-            f"{self.int8_ms:.2f} ms INT8 (x{self.speedup:.2f}) — {self.reason}"
-        )
+        """A few lines for the build's output."""
+        lines = [f"text runtime: {self.runtime} (held-out queries: {self.queries})"]
+        for c in self.candidates:
+            lines.append(
+                f"  {c.runtime:<10} cosine {c.mean_cosine:.4f}  top-10 {c.top10_overlap:.3f}  "
+                f"{c.batch1_ms:7.2f} ms alone  {c.batch_ms:7.2f} ms/query at batch {self.batch}"
+                f"  x{c.speedup:.2f}  {'pass' if c.passed else 'fail'}: {c.reason}"
+            )
+        return "\n".join(lines)
 
 
-def _per_query_ms(bundles: list[Any], queries: list[str], rounds: int) -> list[float]:
-    """Median latency of encoding one query at a time, runs of each bundle interleaved."""
-    times: list[list[float]] = [[] for _ in bundles]
-    for bundle in bundles:
-        bundle.encode_text(queries[:2])  # warm-up: first calls allocate
-    for _ in range(rounds):
+def _top10_overlap(reference: np.ndarray, other: np.ndarray, images: np.ndarray) -> float:
+    k = min(10, len(images))
+    if not k:
+        return 1.0
+    top_ref = np.argsort(-(reference @ images.T), axis=1, kind="stable")[:, :k]
+    top_other = np.argsort(-(other @ images.T), axis=1, kind="stable")[:, :k]
+    return float(np.mean([len(set(a) & set(b)) / k for a, b in zip(top_ref, top_other)]))
+
+
+def _interleaved_ms(
+    encoders: list[Any], queries: list[str], rounds: int, batch: int
+) -> list[tuple[float, float]]:
+    """Per encoder: median ms for one query alone, and per query at ``batch``.
+
+    Runs of the encoders are interleaved (and their order rotated each round) so that a burst
+    of load from elsewhere on the machine hits them all alike.
+    """
+    alone: list[list[float]] = [[] for _ in encoders]
+    batched: list[list[float]] = [[] for _ in encoders]
+    for encoder in encoders:
+        encoder.encode_text(queries[:batch])  # warm-up: first calls allocate
+    chunks = [queries[i : i + batch] for i in range(0, len(queries), batch)]
+    chunks = [c for c in chunks if len(c) == batch] or [queries[:batch]]
+    for round_ in range(rounds):
+        order = list(range(len(encoders)))
+        order = order[round_ % len(order) :] + order[: round_ % len(order)]
         for query in queries:
-            for i, bundle in enumerate(bundles):
+            for i in order:
                 start = time.perf_counter()
-                bundle.encode_text([query])
-                times[i].append((time.perf_counter() - start) * 1000)
-    return [float(np.median(t)) for t in times]
+                encoders[i].encode_text([query])
+                alone[i].append((time.perf_counter() - start) * 1000)
+        for chunk in chunks:
+            for i in order:
+                start = time.perf_counter()
+                encoders[i].encode_text(chunk)
+                batched[i].append((time.perf_counter() - start) * 1000 / len(chunk))
+    return [(float(np.median(a)), float(np.median(b))) for a, b in zip(alone, batched)]
 
 
-def int8_gate(
-    bundle: Any,
-    vocabulary: list[str],
+def select_text_runtime(
+    reference: Any,
+    candidates: dict[str, Any],
+    queries: list[str],
     image_embeddings: np.ndarray,
-    int8_bundle: Any | None = None,
     min_cosine: float = MIN_COSINE,
     min_overlap: float = MIN_TOP10_OVERLAP,
     min_speedup: float = MIN_SPEEDUP,
-    timing_queries: int = 64,
+    timing_queries: int = 32,
     timing_rounds: int = 3,
+    batch: int = 8,
     threads: int | None = 1,
-) -> GateResult:
-    """Compare the INT8 text encoder with FP32 over the catalogue's keyword vocabulary.
+) -> RuntimeChoice:
+    """Choose the text runtime to serve: the fastest accurate one, if clearly faster.
+
+    Every candidate is compared with ``reference`` (torch FP32) on held-out queries: mean
+    cosine of the embeddings and top-10 overlap of exact search over the image embeddings.
+    Then all are timed, interleaved, on one thread as served: one query alone and ``batch``
+    queries together. A candidate passes when its cosine is >= ``min_cosine``, its overlap
+    >= ``min_overlap`` and it is at least ``min_speedup`` times faster than the reference
+    (time alone plus time per query in a batch); the fastest that passes is chosen, else the
+    reference.
 
     Parameters
     ----------
-    bundle:
-        The FP32 :class:`~retrieval_service.clip_model.ClipBundle`.
-    vocabulary:
-        Queries to compare on (the catalogue's keywords).
+    reference:
+        The torch FP32 text encoder (a :class:`~retrieval_service.text_encoder.TextEncoder`).
+    candidates:
+        Other encoders by runtime name.
+    queries:
+        Held-out queries (not the stored keywords: those never reach the encoder).
     image_embeddings:
-        ``(n, d)`` L2-normalised image embeddings for the top-10 overlap (exact search).
-    int8_bundle:
-        The INT8 bundle; made with :func:`quantize_text_encoder` when omitted.
+        ``(n, d)`` L2-normalised image embeddings for the top-10 overlap.
     min_cosine, min_overlap, min_speedup:
-        The gate: accepted only when all three hold.
-    timing_queries, timing_rounds:
-        How many vocabulary queries are timed, and how often each.
+        The gate.
+    timing_queries, timing_rounds, batch:
+        How many queries are timed, how often, and the batched timing's batch size.
     threads:
         Torch intra-op threads while timing (serving uses 1; None keeps the current setting).
 
     Returns
     -------
-    GateResult
+    RuntimeChoice
     """
     import torch
 
-    if int8_bundle is None:
-        int8_bundle = bundle.with_model(quantize_text_encoder(bundle.model))
-    vocabulary = list(dict.fromkeys(str(v) for v in vocabulary))
-    if not vocabulary:
-        raise ValueError("the INT8 gate needs a non-empty vocabulary")
-    fp32 = bundle.encode_text(vocabulary)
-    int8 = int8_bundle.encode_text(vocabulary)
-    cosine = float(np.mean(np.sum(fp32 * int8, axis=1)))  # both sides L2-normalised
+    queries = list(dict.fromkeys(str(q) for q in queries))
+    if not queries:
+        raise ValueError("the runtime gate needs held-out queries")
+    names = [reference.runtime, *candidates]
+    encoders = [reference, *candidates.values()]
+    expected = reference.encode_text(queries)
     images = np.asarray(image_embeddings, dtype=np.float32)
-    k = min(10, len(images))
-    if k:
-        top_fp32 = np.argsort(-(fp32 @ images.T), axis=1, kind="stable")[:, :k]
-        top_int8 = np.argsort(-(int8 @ images.T), axis=1, kind="stable")[:, :k]
-        overlap = float(np.mean([len(set(a) & set(b)) / k for a, b in zip(top_fp32, top_int8)]))
-    else:
-        overlap = 1.0
     previous = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
     try:
-        step = max(1, len(vocabulary) // timing_queries)
-        timed = vocabulary[::step][:timing_queries]
-        fp32_ms, int8_ms = _per_query_ms([bundle, int8_bundle], timed, timing_rounds)
+        step = max(1, len(queries) // timing_queries)
+        timed = queries[::step][:timing_queries]
+        timings = _interleaved_ms(encoders, timed, timing_rounds, batch)
     finally:
         torch.set_num_threads(previous)
-    speedup = fp32_ms / int8_ms if int8_ms > 0 else 0.0
-    failures = []
-    if cosine < min_cosine:
-        failures.append(f"cosine {cosine:.4f} < {min_cosine}")
-    if overlap < min_overlap:
-        failures.append(f"top-10 overlap {overlap:.3f} < {min_overlap}")
-    if speedup < min_speedup:
-        failures.append(f"speed-up x{speedup:.2f} < x{min_speedup}")
-    reason = "; ".join(failures) if failures else "accurate and faster"
-    return GateResult(
-        accepted=not failures,
-        mean_cosine=round(cosine, 5),
-        top10_overlap=round(overlap, 4),
-        fp32_ms=round(fp32_ms, 3),
-        int8_ms=round(int8_ms, 3),
-        speedup=round(speedup, 3),
-        queries=len(vocabulary),
-        reason=reason,
+    base_cost = sum(timings[0])
+    figures = []
+    for name, encoder, (alone_ms, batch_ms) in zip(names, encoders, timings):
+        got = expected if encoder is reference else encoder.encode_text(queries)
+        cosine = float(np.mean(np.sum(expected * got, axis=1)))  # both L2-normalised
+        overlap = _top10_overlap(expected, got, images)
+        cost = alone_ms + batch_ms
+        speedup = base_cost / cost if cost > 0 else 0.0
+        failures = []
+        if encoder is not reference:
+            if cosine < min_cosine:
+                failures.append(f"cosine {cosine:.4f} < {min_cosine}")
+            if overlap < min_overlap:
+                failures.append(f"top-10 overlap {overlap:.3f} < {min_overlap}")
+            if speedup < min_speedup:
+                failures.append(f"speed-up x{speedup:.2f} < x{min_speedup}")
+        reason = "; ".join(failures) or (
+            "the reference" if encoder is reference else "accurate and faster"
+        )
+        figures.append(
+            RuntimeFigures(
+                runtime=name,
+                mean_cosine=round(cosine, 5),
+                top10_overlap=round(overlap, 4),
+                batch1_ms=round(alone_ms, 3),
+                batch_ms=round(batch_ms, 3),
+                speedup=round(speedup, 3),
+                passed=not failures,
+                reason=reason,
+            )
+        )
+    passed = [f for f in figures if f.passed]
+    chosen = max(passed, key=lambda f: f.speedup).runtime
+    return RuntimeChoice(
+        runtime=chosen,
+        candidates=figures,
+        queries=len(queries),
+        batch=batch,
+        thresholds={
+            "min_cosine": min_cosine,
+            "min_overlap": min_overlap,
+            "min_speedup": min_speedup,
+        },
     )

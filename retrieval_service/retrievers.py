@@ -51,3 +51,8 @@ class Retriever(ABC):
     @abstractmethod
     def retrieve(self, query: str, candidates_k: int) -> RetrievalResult:
         """Return up to ``candidates_k`` candidates for ``query`` (already normalised)."""
+
+    def cheap(self, query: str) -> bool:
+        """Whether ``retrieve(query)`` is a lookup cheap enough to run on a server's event
+        loop; anything else (model inference, scans) runs in its executor. Default: no."""
+        return False

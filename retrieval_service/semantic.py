@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import threading
 from collections import OrderedDict
@@ -12,9 +13,11 @@ from typing import Any
 import numpy as np
 
 from imgsearch.catalogue import normalise_keyword
+from retrieval_service.batching import DEFAULT_MAX_BATCH, DEFAULT_MAX_WAIT_MS, MicroBatcher
 from retrieval_service.retrievers import RetrievalResult, Retriever
 
 SERVING_THREADS = 1
+logger = logging.getLogger("imgsearch.retrieval")
 
 
 def set_serving_threads(threads: int = SERVING_THREADS) -> None:
@@ -35,14 +38,63 @@ def set_serving_threads(threads: int = SERVING_THREADS) -> None:
     set_search_threads(threads)
 
 
+class KnownQueries:
+    """Query embeddings computed at build time for the catalogue's keywords.
+
+    A query equal to a known keyword (after normalisation) is answered from here without
+    running the text encoder. Saved as ``.npz`` (``keywords`` as a unicode array,
+    ``embeddings`` float32), loaded with ``allow_pickle=False``.
+
+    Parameters
+    ----------
+    keywords:
+        Normalised keywords, one per row.
+    embeddings:
+        ``(len(keywords), d)`` L2-normalised float32.
+    """
+
+    def __init__(self, keywords: list[str], embeddings: np.ndarray):
+        embeddings = np.ascontiguousarray(embeddings, dtype=np.float32)
+        if len(keywords) != len(embeddings):
+            raise ValueError(f"{len(keywords)} keywords but {len(embeddings)} embeddings")
+        embeddings.setflags(write=False)
+        self.keywords = list(keywords)
+        self.embeddings = embeddings
+        self._row = {keyword: i for i, keyword in enumerate(self.keywords)}
+
+    def __len__(self) -> int:
+        return len(self.keywords)
+
+    def get(self, query: str) -> np.ndarray | None:
+        """The stored embedding of ``query`` (a read-only row), None when it is not known."""
+        row = self._row.get(query)
+        return None if row is None else self.embeddings[row]
+
+    def save(self, path: str | Path) -> None:
+        """Write the table as ``.npz`` (no pickle)."""
+        np.savez(path, keywords=np.array(self.keywords, dtype=np.str_), embeddings=self.embeddings)
+
+    @classmethod
+    def load(cls, path: str | Path) -> KnownQueries:
+        """Read a table written by :meth:`save`."""
+        with np.load(path, allow_pickle=False) as data:
+            return cls(data["keywords"].tolist(), data["embeddings"])
+
+
 class ClipRetriever(Retriever):
     """Text-to-image retrieval: CLIP text embedding, then FAISS inner-product search.
+
+    A query's embedding comes, in order, from the known-keyword table (computed at build), an
+    LRU of recent queries, or the text encoder. Served queries that miss both go through a
+    :class:`~retrieval_service.batching.MicroBatcher` (:meth:`embed_query_async`), so
+    concurrent misses share one forward pass.
 
     Parameters
     ----------
     text_encoder:
         Anything with ``encode_text(list[str]) -> ndarray`` of L2-normalised rows (a
-        :class:`~retrieval_service.clip_model.ClipBundle`, FP32 or INT8).
+        :class:`~retrieval_service.text_encoder.TextEncoder`, or a
+        :class:`~retrieval_service.clip_model.ClipBundle`).
     vector_index:
         A :class:`~retrieval_service.vector_index.VectorIndex`, or a bare FAISS index together
         with ``row_to_photo_idx``.
@@ -50,6 +102,10 @@ class ClipRetriever(Retriever):
         ``photo_idx`` per FAISS row; needed only with a bare FAISS index.
     cache_size:
         Query embeddings kept in an LRU cache (popular queries skip the text encoder).
+    known_queries:
+        The known-keyword table; None: none.
+    max_batch, max_wait_ms:
+        The micro-batcher's settings (see :class:`~retrieval_service.batching.MicroBatcher`).
     """
 
     name = "clip"
@@ -60,6 +116,9 @@ class ClipRetriever(Retriever):
         vector_index: Any,
         row_to_photo_idx: np.ndarray | None = None,
         cache_size: int = 4096,
+        known_queries: KnownQueries | None = None,
+        max_batch: int = DEFAULT_MAX_BATCH,
+        max_wait_ms: float = DEFAULT_MAX_WAIT_MS,
     ):
         from retrieval_service.vector_index import VectorIndex
 
@@ -70,21 +129,30 @@ class ClipRetriever(Retriever):
         self.text_encoder = text_encoder
         self.vector_index = vector_index
         self.cache_size = int(cache_size)
+        self.known_queries = known_queries
+        self.batcher = MicroBatcher(text_encoder.encode_text, max_batch, max_wait_ms)
         self._cache: OrderedDict[str, np.ndarray] = OrderedDict()
         self._lock = threading.Lock()
+        self.known_hits = 0
         self.cache_hits = 0
         self.cache_misses = 0
 
-    def embed_query(self, query: str) -> np.ndarray:
-        """The query's L2-normalised embedding ``(d,)``, from the LRU cache when present."""
+    def cached_embedding(self, query: str) -> np.ndarray | None:
+        """The query's embedding from the known-keyword table or the LRU, None on a miss."""
+        if self.known_queries is not None:
+            known = self.known_queries.get(query)
+            if known is not None:
+                self.known_hits += 1
+                return known
         with self._lock:
             cached = self._cache.get(query)
             if cached is not None:
                 self._cache.move_to_end(query)
                 self.cache_hits += 1
-                return cached
-        embedding = np.asarray(self.text_encoder.encode_text([query])[0], dtype=np.float32)
-        embedding.setflags(write=False)
+            return cached
+
+    def remember(self, query: str, embedding: np.ndarray) -> None:
+        """Put a freshly encoded query into the LRU."""
         with self._lock:
             self.cache_misses += 1
             if self.cache_size > 0:
@@ -92,16 +160,45 @@ class ClipRetriever(Retriever):
                 self._cache.move_to_end(query)
                 while len(self._cache) > self.cache_size:
                     self._cache.popitem(last=False)
+
+    def embed_query(self, query: str) -> np.ndarray:
+        """The query's L2-normalised embedding ``(d,)``, encoded here on a miss."""
+        embedding = self.cached_embedding(query)
+        if embedding is None:
+            embedding = np.asarray(self.text_encoder.encode_text([query])[0], dtype=np.float32)
+            embedding.setflags(write=False)
+            self.remember(query, embedding)
         return embedding
 
-    def retrieve(self, query: str, candidates_k: int) -> RetrievalResult:
-        """Return up to ``candidates_k`` photos by cosine between query and image embeddings."""
+    async def embed_query_async(self, query: str, deadline: float | None = None) -> np.ndarray:
+        """:meth:`embed_query` for the event loop: a miss waits for the next micro-batch.
+
+        Raises
+        ------
+        ~retrieval_service.batching.DeadlineExpired
+            When ``deadline`` (``time.monotonic()`` seconds) passed before the query's batch.
+        """
+        embedding = self.cached_embedding(query)
+        if embedding is None:
+            embedding = await self.batcher.submit(query, deadline)
+            self.remember(query, embedding)
+        return embedding
+
+    def retrieve(
+        self, query: str, candidates_k: int, query_embedding: np.ndarray | None = None
+    ) -> RetrievalResult:
+        """Return up to ``candidates_k`` photos by cosine between query and image embeddings.
+
+        ``query_embedding`` skips encoding when the caller already has it (the server).
+        """
         query = normalise_keyword(query)
         if not query:
             return RetrievalResult.empty(note="empty query")
         if candidates_k <= 0:
             return RetrievalResult.empty()
-        scores, photo_idx = self.vector_index.search(self.embed_query(query)[None, :], candidates_k)
+        if query_embedding is None:
+            query_embedding = self.embed_query(query)
+        scores, photo_idx = self.vector_index.search(query_embedding[None, :], candidates_k)
         found = photo_idx[0] >= 0
         scores, photo_idx = scores[0][found], photo_idx[0][found]
         return RetrievalResult(photo_idx, scores, {"clip": scores.copy()})
@@ -155,13 +252,22 @@ class HybridRetriever(Retriever):
         self.weights = tuple(float(w) for w in weights)
         self.depth = depth
 
-    def retrieve(self, query: str, candidates_k: int) -> RetrievalResult:
-        """Fuse both sources' candidates; return up to ``candidates_k``, best first."""
+    def retrieve(
+        self, query: str, candidates_k: int, query_embedding: np.ndarray | None = None
+    ) -> RetrievalResult:
+        """Fuse both sources' candidates; return up to ``candidates_k``, best first.
+
+        ``query_embedding`` is handed to the CLIP source (see :meth:`ClipRetriever.retrieve`).
+        """
         query = normalise_keyword(query)
         if not query:
             return RetrievalResult.empty(note="empty query")
         depth = max(candidates_k, int(math.ceil(candidates_k * self.depth)))
-        results = (self.keyword.retrieve(query, depth), self.clip.retrieve(query, depth))
+        if query_embedding is None:
+            clip = self.clip.retrieve(query, depth)
+        else:
+            clip = self.clip.retrieve(query, depth, query_embedding=query_embedding)
+        results = (self.keyword.retrieve(query, depth), clip)
         fused = fuse(
             results,
             self.SOURCES,
@@ -220,11 +326,24 @@ def fuse(
     )
 
 
+def clip_source(retriever: Retriever) -> ClipRetriever | None:
+    """The CLIP retriever that embeds queries for ``retriever`` (itself, or hybrid's), if any."""
+    if isinstance(retriever, ClipRetriever):
+        return retriever
+    if isinstance(retriever, HybridRetriever) and isinstance(retriever.clip, ClipRetriever):
+        return retriever.clip
+    return None
+
+
 def load_clip_retrievers(
     set_dir: str | Path,
     keyword_index: Retriever,
     threads: int | None = SERVING_THREADS,
     cache_size: int = 4096,
+    known_queries: bool = True,
+    max_batch: int = DEFAULT_MAX_BATCH,
+    max_wait_ms: float = DEFAULT_MAX_WAIT_MS,
+    text_runtime: str | None = None,
 ) -> dict[str, Retriever]:
     """Load the ``clip`` and ``hybrid`` retrievers of an artifact set.
 
@@ -238,6 +357,14 @@ def load_clip_retrievers(
         Torch/FAISS threads for serving (see :func:`set_serving_threads`); None leaves them.
     cache_size:
         Query-embedding LRU cache size.
+    known_queries:
+        Answer the catalogue's keywords from the table the build stored (False: encode them
+        like any query, e.g. to measure the encoder).
+    max_batch, max_wait_ms:
+        Micro-batching of served queries (see :class:`~retrieval_service.batching.MicroBatcher`).
+    text_runtime:
+        Overrides the text runtime the build chose (``torch-fp32``, ``torch-int8``,
+        ``onnx-fp32``, ``onnx-int8``).
 
     Returns
     -------
@@ -246,9 +373,9 @@ def load_clip_retrievers(
         no CLIP artifacts (built without images).
     """
     from imgsearch.artifacts import CLIP_DIR, EMBEDDINGS, VECTOR_INDEX
-    from retrieval_service.clip_model import ClipSpec, load_clip, read_clip_json
+    from retrieval_service.clip_model import KEYWORD_EMBEDDINGS, ClipSpec, load_clip
     from retrieval_service.embedding import load_embeddings
-    from retrieval_service.quantization import quantize_text_encoder
+    from retrieval_service.text_encoder import load_text_encoder
     from retrieval_service.vector_index import VectorIndex
 
     set_dir = Path(set_dir)
@@ -258,13 +385,22 @@ def load_clip_retrievers(
         return {}
     if threads:
         set_serving_threads(threads)
-    meta = read_clip_json(clip_dir)
     bundle = load_clip(ClipSpec.from_dir(clip_dir))
-    if meta.get("text_encoder") == "int8":
-        bundle = bundle.with_model(quantize_text_encoder(bundle.model))
+    text_encoder, note = load_text_encoder(clip_dir, bundle, text_runtime)
+    if note:
+        logger.warning("text encoder: %s", note)
+    table = clip_dir / KEYWORD_EMBEDDINGS
+    known = KnownQueries.load(table) if known_queries and table.exists() else None
     photo_idx, _ = load_embeddings(set_dir / EMBEDDINGS)
     vector_index = VectorIndex.load(set_dir / VECTOR_INDEX, row_to_photo_idx=photo_idx)
-    clip = ClipRetriever(bundle, vector_index, cache_size=cache_size)
+    clip = ClipRetriever(
+        text_encoder,
+        vector_index,
+        cache_size=cache_size,
+        known_queries=known,
+        max_batch=max_batch,
+        max_wait_ms=max_wait_ms,
+    )
     return {
         "clip": clip,
         "hybrid": HybridRetriever(keyword_index, clip, **fusion_settings(set_dir)),

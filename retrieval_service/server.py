@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import grpc
 import numpy as np
 
 from imgsearch import artifacts
@@ -29,12 +31,12 @@ from imgsearch.serving import (
     Service,
     start_service,
 )
+from retrieval_service.batching import DEFAULT_MAX_BATCH, DEFAULT_MAX_WAIT_MS, DeadlineExpired
 from retrieval_service.keyword_index import KeywordIndex
 from retrieval_service.retrievers import RetrievalResult, Retriever
+from retrieval_service.semantic import clip_source
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["RetrievalService"].full_name
-# Retrievers whose work is heavy enough (torch) to run off the event loop.
-OFFLOADED = {"clip", "hybrid"}
 logger = logging.getLogger("imgsearch.retrieval")
 
 
@@ -52,8 +54,18 @@ class RetrievalState:
     defaults: list[tuple[str, str, str]] = field(default_factory=list)
 
 
-def load_retrieval_state(artifacts_path: str, default_retriever: str = "") -> RetrievalState:
-    """Load the retrievers of the artifact set at ``artifacts_path``."""
+def load_retrieval_state(
+    artifacts_path: str,
+    default_retriever: str = "",
+    max_batch: int = DEFAULT_MAX_BATCH,
+    max_wait_ms: float = DEFAULT_MAX_WAIT_MS,
+    text_runtime: str = "",
+) -> RetrievalState:
+    """Load the retrievers of the artifact set at ``artifacts_path``.
+
+    ``max_batch`` and ``max_wait_ms`` set the micro-batching of query encodings;
+    ``text_runtime`` overrides the text runtime the build chose ("" keeps it).
+    """
     import pandas as pd
 
     artifact_set = artifacts.resolve(artifacts_path)
@@ -65,7 +77,15 @@ def load_retrieval_state(artifacts_path: str, default_retriever: str = "") -> Re
     if artifact_set.has(artifacts.VECTOR_INDEX):
         from retrieval_service.semantic import load_clip_retrievers
 
-        retrievers.update(load_clip_retrievers(artifact_set.path, keyword_index))
+        retrievers.update(
+            load_clip_retrievers(
+                artifact_set.path,
+                keyword_index,
+                max_batch=max_batch,
+                max_wait_ms=max_wait_ms,
+                text_runtime=text_runtime or None,
+            )
+        )
     if default_retriever and default_retriever not in retrievers:
         raise ValueError(
             f"default retriever {default_retriever!r} is not in the artifact set "
@@ -164,13 +184,31 @@ class RetrievalServicer(pb_grpc.RetrievalServiceServicer):
                 f"(available: {', '.join(state.retrievers)})",
             )
         start = time.perf_counter()
-        if name in OFFLOADED:
+        clip = clip_source(retriever)
+        if clip is not None:
+            # A query the caches miss waits for the next micro-batch of the text encoder; it is
+            # dropped unencoded if the caller's deadline passes first. The search (and, for
+            # hybrid, the keyword side) then runs off the event loop.
+            remaining = context.time_remaining()
+            deadline = None if remaining is None else time.monotonic() + remaining
+            try:
+                embedding = await clip.embed_query_async(query, deadline)
+            except DeadlineExpired as exc:
+                await context.abort(
+                    grpc.StatusCode.DEADLINE_EXCEEDED, f"query not encoded in time: {exc}"
+                )
+            retrieve = functools.partial(
+                retriever.retrieve, query, candidates_k, query_embedding=embedding
+            )
+            result = await asyncio.get_running_loop().run_in_executor(self.executor, retrieve)
+        elif retriever.cheap(query):
+            result = retriever.retrieve(query, candidates_k)
+        else:
+            # The keyword index's token fallback: off the event loop.
             loop = asyncio.get_running_loop()
             result = await loop.run_in_executor(
                 self.executor, retriever.retrieve, query, candidates_k
             )
-        else:
-            result = retriever.retrieve(query, candidates_k)
         response = to_response(result, state.photo_ids)
         elapsed = time.perf_counter() - start
         self.stage_latency.observe(elapsed)
@@ -192,6 +230,12 @@ async def create_retrieval_server(config: RetrievalConfig) -> Service:
         "retrieval",
         config,
         [SERVICE_NAME],
-        lambda path: load_retrieval_state(path, config.default_retriever),
+        lambda path: load_retrieval_state(
+            path,
+            config.default_retriever,
+            max_batch=config.encode_batch,
+            max_wait_ms=config.encode_wait_ms,
+            text_runtime=config.text_runtime,
+        ),
         add,
     )

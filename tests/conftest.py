@@ -55,9 +55,19 @@ def loop_thread():
 
 
 class Stack:
-    """Three real servers on ephemeral ports, started in-process."""
+    """Three real servers on ephemeral ports, started in-process.
 
-    def __init__(self, loop_thread: LoopThread, artifacts: Path, **gateway_overrides):
+    ``store`` sets where gateway and ranking keep logged conversions (``conversions_db`` or
+    ``conversions_dsn``); by default the file beside the artifact root.
+    """
+
+    def __init__(
+        self,
+        loop_thread: LoopThread,
+        artifacts: Path,
+        store: dict | None = None,
+        **gateway_overrides,
+    ):
         from gateway.server import create_gateway_server
         from imgsearch.config import GatewayConfig, RankingConfig, RetrievalConfig
         from ranking_service.server import create_ranking_server
@@ -65,17 +75,19 @@ class Stack:
 
         self.lt = loop_thread
         self.artifacts = str(artifacts)
+        self.store = store or {}
         self.retrieval = self.lt.run(
             create_retrieval_server(RetrievalConfig(artifacts=self.artifacts, port=0))
         )
         self.ranking = self.lt.run(
-            create_ranking_server(RankingConfig(artifacts=self.artifacts, port=0))
+            create_ranking_server(RankingConfig(artifacts=self.artifacts, port=0, **self.store))
         )
         self.gateway_config = GatewayConfig(
             artifacts=self.artifacts,
             port=0,
             retrieval_addr=f"127.0.0.1:{self.retrieval.port}",
             ranking_addr=f"127.0.0.1:{self.ranking.port}",
+            **self.store,
             **gateway_overrides,
         )
         self.gateway = self.lt.run(create_gateway_server(self.gateway_config))
@@ -86,7 +98,9 @@ class Stack:
         from ranking_service.server import create_ranking_server
 
         self.ranking = self.lt.run(
-            create_ranking_server(RankingConfig(artifacts=self.artifacts, port=self.ranking.port))
+            create_ranking_server(
+                RankingConfig(artifacts=self.artifacts, port=self.ranking.port, **self.store)
+            )
         )
 
     def stop(self):
@@ -101,9 +115,67 @@ def stack(loop_thread, artifact_root):
     s.stop()
 
 
+def start_ranking_server(loop_thread: LoopThread, servicer) -> tuple:
+    """A real gRPC server running a RankingService ``servicer`` on an ephemeral port."""
+    import grpc
+
+    from imgsearch.ranking.v1 import ranking_service_pb2_grpc as rank_grpc
+
+    async def start():
+        server = grpc.aio.server()
+        rank_grpc.add_RankingServiceServicer_to_server(servicer, server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        return server, port
+
+    return loop_thread.run(start())
+
+
 @pytest.fixture(scope="session")
 def catalogue(artifact_root):
     from imgsearch import artifacts
     from imgsearch.catalogue import Catalogue
 
     return Catalogue.load(artifacts.resolve(artifact_root).file(artifacts.CATALOGUE_DIR))
+
+
+# PostgreSQL: the conversion store's production backend. CI starts a server (.ci/run) and
+# exports the DSN; elsewhere the tests that need it skip when none answers.
+POSTGRES_DSN_ENV = "IMGSEARCH_TEST_POSTGRES_DSN"
+DEFAULT_POSTGRES_DSN = "postgresql://imgsearch:imgsearch@127.0.0.1:5432/imgsearch_test"
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> str:
+    """The DSN of a reachable PostgreSQL server; skips (fails under CI=true) when none is."""
+    import os
+
+    dsn = os.environ.get(POSTGRES_DSN_ENV, DEFAULT_POSTGRES_DSN)
+    try:
+        import psycopg
+
+        psycopg.connect(dsn, connect_timeout=2).close()
+    except Exception as exc:  # noqa: BLE001 - any reason means the same: no server to test
+        reason = f"no PostgreSQL server for the conversion store tests ({POSTGRES_DSN_ENV}): {exc}"
+        if os.environ.get("CI") == "true":
+            pytest.fail(reason)
+        pytest.skip(reason)
+    return dsn
+
+
+@pytest.fixture
+def postgres_dsn(postgres_server) -> str:
+    """A DSN whose tables live in a fresh schema of their own, dropped after the test."""
+    import uuid
+
+    import psycopg
+    from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+    schema = f"test_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(postgres_server, autocommit=True) as conn:
+        conn.execute(f"CREATE SCHEMA {schema}")
+    params = conninfo_to_dict(postgres_server)
+    params["options"] = f"-c search_path={schema}"
+    yield make_conninfo(**params)
+    with psycopg.connect(postgres_server, autocommit=True) as conn:
+        conn.execute(f"DROP SCHEMA {schema} CASCADE")

@@ -47,6 +47,47 @@ def test_sampling_is_deterministic_for_a_seed(artifact_root, queries):
     assert bench.sample_queries(artifact_root, n=60, seed=4) != queries
 
 
+def test_a_share_of_queries_is_made_unique_and_never_repeats(queries):
+    catalogue_texts = {q.query for q in queries}
+    mixed = bench.query_mix(queries, 100, 0.2)
+    unique = [q for q in mixed if q.query not in catalogue_texts]
+    assert len(unique) == 20 and len({q.query for q in unique}) == 20
+    assert [bench.is_unique(i, 0.2) for i in range(5)] == [False] * 4 + [True]  # evenly spread
+    assert all(q.query.split()[0] in catalogue_texts for q in unique)  # a real keyword first
+    assert {q.user_id for q in unique} <= {q.user_id for q in queries}
+    again = bench.query_mix(queries, 100, 1.0)
+    assert not {q.query for q in again} & {q.query for q in mixed}  # none sent twice
+    assert bench.query_mix(queries, 60, 0.0) == queries
+    with pytest.raises(ValueError, match="unique share"):
+        bench.LoadSpec(target="x", qps=1, unique_share=1.5)
+
+
+def test_queries_from_a_file_take_the_sampled_users(queries, tmp_path):
+    path = tmp_path / "queries.txt"
+    path.write_text("red circle\n\n  blue star at night \n")
+    read = bench.read_query_file(path, queries)
+    assert [q.query for q in read] == ["red circle", "blue star at night"]
+    assert [q.user_id for q in read] == [queries[0].user_id, queries[1].user_id]
+    path.write_text("\n")
+    with pytest.raises(ValueError, match="no query"):
+        bench.read_query_file(path, queries)
+
+
+def test_bench_sends_unique_queries(stack, artifact_root, tmp_path):
+    report = tmp_path / "unique.json"
+    argv = ["bench", "--target", stack.target, "--qps", "20", "--duration", "0.5", "--warmup",
+            "0", "--artifacts", str(artifact_root), "--in-process-requests", "5", "--json",
+            str(report)]  # fmt: skip
+    assert main([*argv, "--queries", "unique"]) == 0
+    written = json.loads(report.read_text())
+    result = written["result"]
+    assert_consistent(result)
+    assert result["ok"] == result["sent"] == 10 and result["unique_share"] == 1.0
+    assert result["load"] == "open 20 qps, unique queries"
+    assert written["in_process"]["requests"] == 5
+    assert main([*argv, "--queries", str(tmp_path / "missing.txt")]) == 2
+
+
 def test_open_loop_sends_on_the_clock_and_counts_every_reply(stack, queries):
     spec = bench.LoadSpec(
         stack.target, qps=40, duration_s=1.0, warmup_s=0.2, k=5, candidates_k=50, channels=2
@@ -198,7 +239,7 @@ def test_bench_suite_runs_services_scenarios_and_a_hot_reload(artifact_root, tmp
             "30",
             "--reload-duration",
             "3",
-            "--queries",
+            "--requests",
             "100",
             "--in-process-requests",
             "20",

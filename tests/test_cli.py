@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
 import os
+import re
 import shutil
 import signal
 import socket
@@ -119,6 +121,96 @@ def test_serve_all_reaches_serving_searches_and_exits_cleanly_on_sigterm(artifac
             assert s.connect_ex(("127.0.0.1", port)) != 0
 
 
+def free_consecutive_ports(n: int) -> int:
+    """A base port such that base .. base + n - 1 are all free now."""
+    for _ in range(100):
+        base = free_ports(1)[0]
+        sockets = []
+        try:
+            for port in range(base, base + n):
+                s = socket.socket()
+                sockets.append(s)
+                s.bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in sockets:
+                s.close()
+    raise RuntimeError("no run of free ports")
+
+
+def test_services_started_one_by_one_with_one_metrics_env_each_get_their_own_port(artifact_root):
+    import urllib.request
+
+    from imgsearch.config import METRICS_PORT_OFFSETS
+
+    base = free_consecutive_ports(3)
+    env = {**os.environ, "IMGSEARCH_METRICS_PORT": str(base), "IMGSEARCH_LOG_FORMAT": "json"}
+    ports = dict(zip(("retrieval", "ranking", "gateway"), free_ports(3)))
+    processes = {
+        name: subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "imgsearch_tools.cli",
+                "serve",
+                name,
+                "--port",
+                str(port),
+                "--artifacts",
+                str(artifact_root),
+            ],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        for name, port in ports.items()
+    }
+    try:
+        for name, port in ports.items():
+            wait_for_serving(f"127.0.0.1:{port}", timeout=120)
+        for name, process in processes.items():
+            assert process.poll() is None, (name, process.stderr.read()[-2000:])
+            url = f"http://127.0.0.1:{base + METRICS_PORT_OFFSETS[name]}/metrics"
+            with urllib.request.urlopen(url, timeout=10) as reply:
+                text = reply.read().decode()
+            # Each port is its own service's: the in-flight gauge carries that service only.
+            services = set(re.findall(r'imgsearch_inflight_requests\{service="(\w+)"\}', text))
+            assert services == {name}, (name, services)
+    finally:
+        for process in processes.values():
+            process.send_signal(signal.SIGTERM)
+        for process in processes.values():
+            try:
+                process.communicate(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.communicate()
+
+
+def test_metrics_ports_are_the_same_alone_or_under_serve_all(monkeypatch):
+    from imgsearch_tools.cli import build_parser
+    from imgsearch_tools.serve import resolve_configs
+
+    def ports(*argv) -> dict[str, int]:
+        configs = resolve_configs(build_parser().parse_args(["serve", *argv]))
+        return {name: config.metrics_port for name, config in configs.items()}
+
+    assert ports("all") == {"gateway": 0, "retrieval": 0, "ranking": 0}
+    monkeypatch.setenv("IMGSEARCH_METRICS_PORT", "9100")
+    together = ports("all")
+    assert together == {"gateway": 9100, "retrieval": 9101, "ranking": 9102}
+    for name in together:
+        assert ports(name)[name] == together[name]
+    # The flag is the port of one service, and the base under `serve all`.
+    assert ports("ranking", "--metrics-port", "9300")["ranking"] == 9300
+    assert ports("all", "--metrics-port", "9300")["ranking"] == 9302
+    monkeypatch.setenv("IMGSEARCH_RANKING_METRICS_PORT", "9999")
+    assert ports("ranking")["ranking"] == 9999 and ports("all")["retrieval"] == 9101
+
+
 def test_serve_refuses_a_missing_artifact_set(tmp_path):
     result = imgsearch("serve", "retrieval", "--artifacts", str(tmp_path / "none"), "--port", "0")
     assert result.returncode == 1
@@ -167,13 +259,14 @@ def test_train_refuses_a_folder_that_is_not_an_artifact_root(tmp_path):
 
 def test_demo_regenerates_data_made_by_an_older_generator(tmp_path, monkeypatch):
     import argparse
-    import json
 
-    from imgsearch_tools import commands
+    from imgsearch_tools import commands, outputs
     from imgsearch_tools.demo_data import GENERATOR_VERSION
 
     builds = []
-    monkeypatch.setattr(commands, "build_artifacts", lambda data, root, rankers: builds.append(1))
+    monkeypatch.setattr(
+        commands, "build_artifacts", lambda data, root, rankers, **kw: builds.append(1)
+    )
     args = argparse.Namespace(
         data=str(tmp_path / "data"),
         artifacts=str(tmp_path / "artifacts"),
@@ -183,8 +276,8 @@ def test_demo_regenerates_data_made_by_an_older_generator(tmp_path, monkeypatch)
         seed=0,
     )
     commands.ensure_demo(args)
-    marker = tmp_path / "data" / ".complete"
-    assert json.loads(marker.read_text())["generator"] == GENERATOR_VERSION
+    data = tmp_path / "data"
+    assert outputs.read_marker(data, "demo-data")["generator"] == GENERATOR_VERSION
     assert (tmp_path / "data" / "labels.tsv000").exists() and len(builds) == 1
 
     from imgsearch import artifacts
@@ -193,6 +286,65 @@ def test_demo_regenerates_data_made_by_an_older_generator(tmp_path, monkeypatch)
     commands.ensure_demo(args)  # up to date: nothing to do
     assert len(builds) == 1
     (tmp_path / "data" / "labels.tsv000").unlink()
-    marker.write_text(json.dumps({**vars(args), "generator": GENERATOR_VERSION - 1}))
+    record = outputs.read_marker(data, "demo-data")
+    stale = {**record, "generator": GENERATOR_VERSION - 1}
+    outputs.write_marker(data, "demo-data", record["files"], stale, record["folders"])
     commands.ensure_demo(args)  # stale generator: new data, and a new set built from it
     assert (tmp_path / "data" / "labels.tsv000").exists() and len(builds) == 2
+
+
+def test_encoder_settings_come_from_flags_then_environment(monkeypatch):
+    from imgsearch.config import RetrievalConfig
+    from imgsearch_tools.serve import add_serve_arguments, resolve_configs, serve_command
+
+    monkeypatch.setenv("IMGSEARCH_ENCODE_BATCH", "8")
+    monkeypatch.setenv("IMGSEARCH_ENCODE_WAIT_MS", "0.5")
+    parser = argparse.ArgumentParser()
+    add_serve_arguments(parser)
+    args = parser.parse_args(["all", "--encode-wait-ms", "3", "--text-runtime", "onnx-fp32"])
+    retrieval = resolve_configs(args)["retrieval"]
+    assert (retrieval.encode_batch, retrieval.encode_wait_ms) == (8, 3.0)
+    assert retrieval.text_runtime == "onnx-fp32"
+    command = serve_command("retrieval", retrieval)  # what `serve all` starts
+    assert command[command.index("--encode-batch") + 1] == "8"
+    assert command[command.index("--text-runtime") + 1] == "onnx-fp32"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["all", "--text-runtime", "tensorrt"])
+    monkeypatch.setenv("IMGSEARCH_ENCODE_BATCH", "0")
+    with pytest.raises(SystemExit, match="encode batch must be at least 1"):
+        RetrievalConfig()
+    monkeypatch.setenv("IMGSEARCH_ENCODE_BATCH", "many")
+    with pytest.raises(SystemExit, match="IMGSEARCH_ENCODE_BATCH='many' is not an integer"):
+        RetrievalConfig()
+
+
+def test_demo_keeps_and_can_replace_a_folder_marked_by_the_old_demo(tmp_path, monkeypatch):
+    import argparse
+    import json
+
+    from imgsearch import artifacts
+    from imgsearch_tools import commands, outputs
+    from imgsearch_tools.demo_data import GENERATOR_VERSION, generate
+
+    data = tmp_path / "data"
+    generate(data, n_photos=30, n_users=5, n_conversions=40, show_progress=False)
+    (data / outputs.MARKER).unlink()  # as `imgsearch demo` left it before output markers
+    (data / ".complete").write_text(json.dumps({"generator": GENERATOR_VERSION}))
+    before = {p: p.read_bytes() for p in data.rglob("*") if p.is_file()}
+    builds = []
+    monkeypatch.setattr(
+        commands, "build_artifacts", lambda data, root, rankers, **kw: builds.append(1)
+    )
+    monkeypatch.setattr(artifacts, "resolve", lambda root: root)
+    args = argparse.Namespace(
+        data=str(data), artifacts=str(tmp_path / "a"), photos=30, users=5, conversions=40, seed=0
+    )
+    commands.ensure_demo(args)  # up to date: reused as it is
+    assert not builds
+    assert all(path.read_bytes() == content for path, content in before.items())
+    (data / ".complete").write_text(json.dumps({"generator": GENERATOR_VERSION - 1}))
+    (data / outputs.MARKER).unlink()
+    commands.ensure_demo(args)  # stale: its own files are replaced, without --force
+    assert len(builds) == 1
+    assert not (data / ".complete").exists()
+    assert outputs.read_marker(data, "demo-data")["generator"] == GENERATOR_VERSION

@@ -108,7 +108,7 @@ def test_same_seed_gives_identical_files_and_another_seed_does_not(tmp_path):
     demo_data.generate(tmp_path / "b", seed=5, image_size=32, **SMALL)
     demo_data.generate(tmp_path / "c", seed=6, image_size=32, **SMALL)
     a, b, c = (files_by_name(tmp_path / name) for name in "abc")
-    assert len(a) == len(first["files"]) + 200
+    assert len(a) == len(first["files"]) + 200 + 1  # tables, images, the output marker
     assert a == b
     for name in first["files"]:
         assert a[name] != c[name], name
@@ -127,6 +127,7 @@ def test_rerun_replaces_stale_shards_and_images(tmp_path):
     demo_data.generate(tmp_path, **SMALL, **SHARDS)
     demo_data.generate(tmp_path, with_images=False, **SMALL)
     assert sorted(path.name for path in tmp_path.iterdir()) == [
+        ".imgsearch-output.json",
         "colors.tsv000",
         "conversions.tsv000",
         "keywords.tsv000",

@@ -85,3 +85,27 @@ def test_rank_rejects_misaligned_scores(clip_stack):
             rank_pb.RankRequest(query="red", k=2, candidate_photo_ids=["a", "b"]), timeout=10
         )
         assert [r.photo_id for r in reply.results] == ["a", "b"]
+
+
+def test_unseen_queries_sent_together_are_all_answered(clip_stack):
+    queries = [f"red circle number {i}" for i in range(12)] + ["red"]
+    with grpc.insecure_channel(f"127.0.0.1:{clip_stack.retrieval.port}") as channel:
+        stub = retr_grpc.RetrievalServiceStub(channel)
+        calls = [
+            stub.Retrieve.future(
+                retr_pb.RetrieveRequest(query=q, candidates_k=20, retriever=retr_pb.RETRIEVER_CLIP),
+                timeout=30,
+            )
+            for q in queries
+        ]
+        replies = [call.result() for call in calls]
+    assert all(len(r.photo_ids) == 20 for r in replies)
+    assert all(list(r.scores) == sorted(r.scores, reverse=True) for r in replies)
+    # "red" is a catalogue keyword: its embedding comes from the build's table, so the served
+    # answer is exactly the in-process one.
+    from retrieval_service.server import load_retrieval_state
+
+    state = load_retrieval_state(clip_stack.artifacts)
+    expected = state.retrievers["clip"].retrieve("red", 20)
+    assert list(replies[-1].photo_ids) == state.photo_ids[expected.photo_idx].tolist()
+    assert state.retrievers["clip"].known_hits == 1

@@ -169,3 +169,40 @@ def test_clip_retriever_needs_a_row_map_for_a_bare_index(clip_parts):
     with pytest.raises(ValueError, match="row_to_photo_idx"):
         ClipRetriever(encoder, index)
     assert len(ClipRetriever(encoder, index, np.arange(4)).retrieve("", 5).photo_idx) == 0
+
+
+def test_known_queries_skip_the_encoder_and_round_trip(clip_parts, tmp_path):
+    from retrieval_service.semantic import KnownQueries
+
+    encoder, index, rows = clip_parts
+    table = KnownQueries(["red", "blue"], np.stack([encoder.table["red"], encoder.table["blue"]]))
+    table.save(tmp_path / "known.npz")
+    loaded = KnownQueries.load(tmp_path / "known.npz")  # allow_pickle=False
+    assert loaded.keywords == ["red", "blue"] and len(loaded) == 2
+    retriever = ClipRetriever(encoder, index, rows, known_queries=loaded)
+    assert retriever.retrieve(" Red ", 2).photo_idx.tolist() == [100, 103]
+    assert encoder.calls == 0 and retriever.known_hits == 1
+    retriever.retrieve("green", 2)  # not a known keyword: encoded, then cached
+    retriever.retrieve("green", 2)
+    assert encoder.calls == 1 and retriever.cache_hits == 1
+    with pytest.raises(ValueError, match="2 keywords but 1 embeddings"):
+        KnownQueries(["a", "b"], np.zeros((1, 4)))
+
+
+def test_concurrent_misses_are_encoded_in_one_batch(clip_parts):
+    import asyncio
+
+    encoder, index, rows = clip_parts
+    retriever = ClipRetriever(encoder, index, rows, max_batch=8, max_wait_ms=20)
+
+    async def three_at_once():
+        return await asyncio.gather(
+            *(retriever.embed_query_async(q) for q in ("red", "blue", "green"))
+        )
+
+    embeddings = asyncio.run(three_at_once())
+    assert encoder.calls == 1 and retriever.batcher.largest_batch == 3
+    np.testing.assert_array_equal(embeddings[1], encoder.table["blue"])
+    result = retriever.retrieve("blue", 2)  # from the LRU now
+    assert encoder.calls == 1 and result.photo_idx.tolist() == [101, 103]
+    retriever.batcher.close()

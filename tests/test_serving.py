@@ -17,7 +17,7 @@ from imgsearch.ranking.v1 import ranking_service_pb2 as rank_pb
 from imgsearch.ranking.v1 import ranking_service_pb2_grpc as rank_grpc
 from imgsearch.search.v1 import search_service_pb2 as pb
 from imgsearch.search.v1 import search_service_pb2_grpc as pb_grpc
-from tests.conftest import Stack
+from tests.conftest import Stack, start_ranking_server
 
 
 def search(target: str, timeout: float = 5.0, **fields) -> pb.SearchResponse:
@@ -77,15 +77,7 @@ class SlowRanking(rank_grpc.RankingServiceServicer):
 def start_slow_ranking(loop_thread):
     """A real gRPC server running :class:`SlowRanking` on an ephemeral port."""
     slow = SlowRanking()
-
-    async def start():
-        server = grpc.aio.server()
-        rank_grpc.add_RankingServiceServicer_to_server(slow, server)
-        port = server.add_insecure_port("127.0.0.1:0")
-        await server.start()
-        return server, port
-
-    server, port = loop_thread.run(start())
+    server, port = start_ranking_server(loop_thread, slow)
     return slow, server, port
 
 

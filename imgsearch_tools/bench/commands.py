@@ -19,8 +19,8 @@ from imgsearch_tools.bench.scenarios import (
     add_in_process,
     hot_reload_scenario,
     kill_ranking_scenario,
-    measured,
     reflection_run,
+    run_scenario,
     say,
     standard_scenarios,
     write_ghz_data,
@@ -33,10 +33,11 @@ def add_commands(subparsers) -> None:
         "bench",
         help="load-test a SearchService (open or closed loop) and compare with in-process",
         description="Send realistic searches (users and keywords sampled from the catalogue's "
-        "conversions) to TARGET, open-loop at a fixed rate (--qps) or closed-loop with N "
-        "workers (--concurrency); report achieved QPS, latency percentiles, errors by status "
-        "code and degraded responses; then time the same requests in-process (retrieval and "
-        "ranking called directly) and print the ratio of end-to-end p50 to in-process p50.",
+        "conversions, unique queries no cache has seen, or queries from a file) to TARGET, "
+        "open-loop at a fixed rate (--qps) or closed-loop with N workers (--concurrency); report "
+        "achieved QPS, latency percentiles, errors by status code and degraded responses; then "
+        "time the same requests in-process (retrieval and ranking called directly) and print the "
+        "ratio of end-to-end p50 to in-process p50.",
     )
     p.add_argument("--target", default="127.0.0.1:50051", help="gateway HOST:PORT")
     mode = p.add_mutually_exclusive_group()
@@ -58,7 +59,21 @@ def add_commands(subparsers) -> None:
     )
     p.add_argument("--channels", type=int, default=2, help="client channels (connections)")
     p.add_argument("--timeout", type=float, default=2.0, help="deadline per request, seconds")
-    p.add_argument("--queries", type=int, default=2000, help="distinct requests to sample")
+    p.add_argument(
+        "--queries",
+        default="catalogue",
+        metavar="catalogue|unique|FILE",
+        help="what to search for: keywords sampled from the catalogue's conversions (default), "
+        "unique queries (a catalogue keyword, another word and a number never sent before: no "
+        "cache has them), or the lines of FILE",
+    )
+    p.add_argument(
+        "--unique-share",
+        type=float,
+        default=0.0,
+        help="with catalogue or FILE queries: the share (0-1) of requests made unique",
+    )
+    p.add_argument("--requests", type=int, default=2000, help="distinct requests to sample")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-in-process", action="store_true", help="skip the in-process baseline")
     p.add_argument("--in-process-requests", type=int, default=500, help="requests timed in-process")
@@ -72,12 +87,24 @@ def add_commands(subparsers) -> None:
         "gateway as separate `imgsearch serve` processes on free ports, run the standard "
         "scenarios (keyword+ALS open loop and closed loop at c=1/10/50, keyword+none, hybrid+ALS "
         "when the set has CLIP), a reflection-only client, the ranking server killed and "
-        "restarted mid-load, and a hot reload mid-load; write OUT/bench.json and OUT/bench.md.",
+        "restarted mid-load, and a hot reload mid-load; then the ViT-B-32 section: a 1,000-photo "
+        "demo set built (once, under OUT/vit-b-32) with a random-weight ViT-B-32, served and "
+        "measured with cached, keyword and unique queries; write OUT/bench.json and OUT/bench.md.",
     )
     p.add_argument("--data", default="var/demo-data", help="demo data folder (built if missing)")
     p.add_argument("--artifacts", default="var/artifacts", help="artifact root to serve")
-    p.add_argument("--out", default="var/bench", help="report folder")
+    p.add_argument(
+        "--out",
+        default="var/bench",
+        help="report folder: new, empty, or one bench-suite wrote before",
+    )
     p.add_argument("--no-build", action="store_true", help="fail instead of building the demo")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="write into folders bench-suite (or the demo, for --data/--artifacts) did not "
+        "make, beside their files; none of them is deleted or overwritten",
+    )
     p.add_argument("--qps", type=float, default=400.0, help="open-loop rate (default 400)")
     p.add_argument("--duration", type=float, default=10.0, help="measured seconds per scenario")
     p.add_argument("--warmup", type=float, default=2.0, help="unmeasured seconds per scenario")
@@ -93,13 +120,73 @@ def add_commands(subparsers) -> None:
     p.add_argument(
         "--only",
         default="",
-        help="comma-separated subset: scenario names, 'reflection', 'kill', 'reload'",
+        help="comma-separated subset: scenario names, 'reflection', 'kill', 'reload', 'vit-b-32'",
     )
     p.add_argument("--skip-faults", action="store_true", help="no kill or reload scenario")
-    p.add_argument("--queries", type=int, default=2000, help="distinct requests to sample")
+    p.add_argument(
+        "--skip-real-clip",
+        action="store_true",
+        help="no ViT-B-32 section (its first run builds a 1,000-photo set: about 2 minutes)",
+    )
+    p.add_argument(
+        "--real-clip-qps",
+        type=float,
+        default=150.0,
+        help="ViT-B-32 section: open-loop rate (default 150)",
+    )
+    p.add_argument(
+        "--real-clip-duration",
+        type=float,
+        default=20.0,
+        help="ViT-B-32 section: seconds of the unique-query target scenario (default 20)",
+    )
+    p.add_argument("--requests", type=int, default=2000, help="distinct requests to sample")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--in-process-requests", type=int, default=500)
     p.set_defaults(handler=cmd_bench_suite)
+
+    p = subparsers.add_parser(
+        "bench-feedback",
+        help="measure LogConversions throughput (events/s, latency) on SQLite and PostgreSQL",
+        description="For each backend, start `imgsearch serve gateway` on a fresh conversion "
+        "store (a scratch SQLite file in OUT, or a scratch schema on the PostgreSQL server, "
+        "dropped afterwards), send batches of new events closed-loop at each concurrency, and "
+        "report acknowledged events per second, call latency, errors and CPU per 1,000 events; "
+        "write OUT/feedback.json and OUT/feedback.md.",
+    )
+    p.add_argument("--artifacts", default="var/artifacts", help="artifact root to serve")
+    p.add_argument(
+        "--backends", default="sqlite,postgres", help="comma-separated: sqlite, postgres"
+    )
+    p.add_argument(
+        "--postgres-dsn",
+        default=None,
+        help="PostgreSQL server for the postgres backend (default: IMGSEARCH_CONVERSIONS_DSN)",
+    )
+    p.add_argument("--batch", type=int, default=100, help="events per call (default 100)")
+    p.add_argument(
+        "--concurrency", default="1,4,16", help="calls in flight, comma-separated (default 1,4,16)"
+    )
+    p.add_argument("--duration", type=float, default=10.0, help="measured seconds per run")
+    p.add_argument("--warmup", type=float, default=2.0, help="unmeasured seconds per run")
+    p.add_argument(
+        "--out",
+        default="var/bench",
+        help="report folder: new, empty, or one imgsearch's benchmarks wrote before",
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="write into a folder holding other files, beside them (none is deleted or "
+        "overwritten)",
+    )
+    p.set_defaults(handler=cmd_bench_feedback)
+
+
+# What bench-suite and bench-feedback write into --out ("name/": a folder whole); nothing
+# else there is touched. bench-feedback's SQLite store lives there only while it runs.
+REPORT_ENTRIES = ("bench.json", "bench.md", "ghz-data.json", "logs/", "reload-set/", "vit-b-32/")
+FEEDBACK_ENTRIES = ("feedback.json", "feedback.md")
 
 
 # ------------------------------------------------------------------------------ bench
@@ -115,6 +202,22 @@ def _served_artifacts(target: str) -> str:
             admin_pb.GetStatusRequest(), timeout=5
         )
     return reply.artifacts
+
+
+def _bench_queries(args, artifacts_path: str) -> tuple[list, float]:
+    """The requests `bench` cycles through, and the share of them it makes unique."""
+    from imgsearch_tools.bench import load as bench
+
+    sampled = bench.sample_queries(artifacts_path, n=args.requests, seed=args.seed)
+    if args.queries == "catalogue":
+        return sampled, args.unique_share
+    if args.queries == "unique":
+        return sampled, 1.0
+    if not Path(args.queries).is_file():
+        raise ValueError(
+            f"--queries {args.queries!r}: not 'catalogue', 'unique' or a file of queries"
+        )
+    return bench.read_query_file(args.queries, sampled), args.unique_share
 
 
 def cmd_bench(args) -> int:
@@ -137,7 +240,7 @@ def cmd_bench(args) -> int:
             )
             return 1
     try:
-        queries = bench.sample_queries(artifacts_path, n=args.queries, seed=args.seed)
+        queries, unique_share = _bench_queries(args, artifacts_path)
         spec = bench.LoadSpec(
             target=args.target,
             qps=args.qps,
@@ -150,8 +253,9 @@ def cmd_bench(args) -> int:
             candidates_k=args.candidates_k,
             channels=args.channels,
             timeout_s=args.timeout,
+            unique_share=unique_share,
         )
-    except (artifacts.ArtifactError, ValueError) as exc:
+    except (artifacts.ArtifactError, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     command = " ".join(["imgsearch", *sys.argv[1:]])
@@ -162,7 +266,7 @@ def cmd_bench(args) -> int:
         try:
             pipeline = bench.InProcessPipeline(artifacts_path)
             in_process = pipeline.measure(
-                queries[: args.in_process_requests],
+                bench.query_mix(queries, args.in_process_requests, unique_share),
                 args.retriever,
                 args.ranker,
                 args.k,
@@ -191,7 +295,16 @@ def cmd_bench_suite(args) -> int:
     import asyncio
 
     from imgsearch import artifacts
+    from imgsearch_tools.outputs import RefusedFolder, claim_in_place
 
+    out = Path(args.out)
+    _adopt_earlier_report(out)
+    try:
+        # Checked before building anything: the report folder takes only these names.
+        claim_in_place(out, "bench-suite", REPORT_ENTRIES, force=args.force, record=False)
+    except RefusedFolder as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     try:
         artifact_set = artifacts.resolve(args.artifacts)
     except artifacts.ArtifactError as exc:
@@ -204,25 +317,59 @@ def cmd_bench_suite(args) -> int:
             return 1
         from imgsearch_tools.commands import ensure_demo
 
-        ensure_demo(
-            argparse.Namespace(
-                data=args.data,
-                artifacts=args.artifacts,
-                photos=5000,
-                users=2000,
-                conversions=150_000,
-                seed=0,
+        try:
+            ensure_demo(
+                argparse.Namespace(
+                    data=args.data,
+                    artifacts=args.artifacts,
+                    photos=5000,
+                    users=2000,
+                    conversions=150_000,
+                    seed=0,
+                    force=args.force,
+                )
             )
-        )
+        except RefusedFolder as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
         artifact_set = artifacts.resolve(args.artifacts)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    claim_in_place(out, "bench-suite", REPORT_ENTRIES, force=args.force)
     try:
         return asyncio.run(run_suite(args, artifact_set, out))
     except (RuntimeError, TimeoutError) as exc:
         # A service that cannot load the set (e.g. models from an older build) ends here.
         print(f"error: {exc}", file=sys.stderr)
         return 1
+
+
+def _adopt_earlier_report(out: Path) -> None:
+    """Mark a report folder written before output markers existed as the benchmarks' own.
+
+    Recognised by holding nothing but the entries of bench-suite and bench-feedback, with a
+    ``bench.json`` that is a suite report or a ``feedback.json`` that is a feedback report.
+    """
+    from imgsearch_tools.outputs import MARKER, write_marker
+
+    if not out.is_dir() or (out / MARKER).exists():
+        return
+    makers = {"bench-suite": ("bench.json", REPORT_ENTRIES, "scenarios")}
+    makers["bench-feedback"] = ("feedback.json", FEEDBACK_ENTRIES, "backends")
+    names = {entry.rstrip("/") for _, entries, _ in makers.values() for entry in entries}
+    if any(entry.name not in names for entry in out.iterdir()):
+        return
+    adopted = []
+    for maker, (report_name, entries, key) in makers.items():
+        try:
+            report = json.loads((out / report_name).read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(report, dict) and {"machine", key} <= set(report):
+            adopted.append((maker, entries))
+    present = {entry.name for entry in out.iterdir()}
+    claimed = {e.rstrip("/") for _, entries in adopted for e in entries}
+    if adopted and present <= claimed:
+        for maker, entries in adopted:
+            write_marker(out, maker, entries)
 
 
 def _git_commit() -> str:
@@ -264,13 +411,13 @@ async def run_suite(args, artifact_set, out: Path) -> int:
             "channels": args.channels,
             "k": K,
             "candidates_k": CANDIDATES_K,
-            "queries": args.queries,
+            "requests": args.requests,
             "seed": args.seed,
             "late_send_ms": bench.LATE_SEND_MS,
         },
         "scenarios": [],
     }
-    queries = bench.sample_queries(artifact_set.path, n=args.queries, seed=args.seed)
+    queries = bench.sample_queries(artifact_set.path, n=args.requests, seed=args.seed)
     services = ServiceProcesses(str(Path(args.artifacts).resolve()), out / "logs")
     say(f"starting retrieval, ranking, gateway on ports {services.ports} (logs: {out / 'logs'})")
     started = time.perf_counter()
@@ -291,24 +438,8 @@ async def run_suite(args, artifact_set, out: Path) -> int:
                 report["scenarios"].append({"name": scenario.name, "skipped": skip})
                 say(f"{scenario.name}: skipped ({skip})")
                 continue
-            spec = bench.LoadSpec(
-                target=target,
-                qps=scenario.qps,
-                concurrency=scenario.concurrency,
-                duration_s=args.duration,
-                warmup_s=args.warmup,
-                retriever=scenario.retriever,
-                ranker=scenario.ranker,
-                k=K,
-                candidates_k=CANDIDATES_K,
-                channels=args.channels,
-            )
-            result = await measured(services, spec, queries)
-            report["scenarios"].append({"name": scenario.name, **result})
-            say(
-                f"{scenario.name}\n{bench.format_result(result)}\n"
-                f"  CPU % {result['cpu_percent']}\n"
-                f"  CPU ms per search {result['cpu_ms_per_search']}"
+            report["scenarios"].append(
+                await run_scenario(services, scenario, target, args, queries)
             )
         if _selected(args, "reflection"):
             report["reflection_client"] = await reflection_run(target, queries)
@@ -320,6 +451,14 @@ async def run_suite(args, artifact_set, out: Path) -> int:
             )
     finally:
         report["exit_codes"] = await asyncio.to_thread(services.stop_all)
+    if not args.skip_real_clip and _selected(args, "vit-b-32"):
+        from imgsearch_tools.bench.real_clip import real_clip_section
+
+        try:
+            report["real_clip"] = await real_clip_section(args, out)
+        except Exception as exc:  # noqa: BLE001 - keep the rest of the report
+            say(f"ViT-B-32 section failed: {exc!r}")
+            report["real_clip"] = {"error": repr(exc)}
     say("timing the same requests in-process (retrieval + ranking called directly)")
     add_in_process(report, artifact_set.path, queries[: args.in_process_requests])
     report["machine"]["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
@@ -329,3 +468,78 @@ async def run_suite(args, artifact_set, out: Path) -> int:
     say(f"wrote {out / 'bench.json'} and {out / 'bench.md'}")
     print(render_markdown(report))
     return 0
+
+
+# ---------------------------------------------------------------------------- bench-feedback
+def cmd_bench_feedback(args) -> int:
+    import asyncio
+
+    import pandas as pd
+
+    from imgsearch import artifacts
+    from imgsearch.config import env
+    from imgsearch_tools.bench.feedback import bench_backend, render_feedback_markdown
+    from imgsearch_tools.bench.load import machine_info
+    from imgsearch_tools.outputs import RefusedFolder, claim_in_place
+
+    backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+    unknown = sorted(set(backends) - {"sqlite", "postgres"})
+    if unknown or not backends:
+        print(
+            f"error: unknown backend(s) {unknown or '(none)'}; valid: sqlite, postgres",
+            file=sys.stderr,
+        )
+        return 2
+    postgres_dsn = args.postgres_dsn or env("CONVERSIONS_DSN", "")
+    if "postgres" in backends and not postgres_dsn:
+        print(
+            "error: the postgres backend needs --postgres-dsn or IMGSEARCH_CONVERSIONS_DSN",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        concurrencies = [int(c) for c in args.concurrency.split(",") if c.strip()]
+        out = Path(args.out)
+        _adopt_earlier_report(out)
+        claim_in_place(out, "bench-feedback", FEEDBACK_ENTRIES, force=args.force, record=False)
+        artifact_set = artifacts.resolve(args.artifacts)
+        claim_in_place(out, "bench-feedback", FEEDBACK_ENTRIES, force=args.force)
+    except (ValueError, artifacts.ArtifactError, RefusedFolder) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    catalogue_dir = artifact_set.file(artifacts.CATALOGUE_DIR)
+    photo_ids = pd.read_parquet(catalogue_dir / "photos.parquet", columns=["photo_id"])
+    keywords = pd.read_parquet(catalogue_dir / "keywords.parquet", columns=["keyword"])
+    specs = [
+        {
+            "batch_size": args.batch,
+            "concurrency": c,
+            "duration_s": args.duration,
+            "warmup_s": args.warmup,
+        }
+        for c in concurrencies
+    ]
+    report = {"machine": machine_info(" ".join(["imgsearch", *sys.argv[1:]])), "backends": []}
+    for backend in backends:
+        say(f"bench-feedback: {backend}")
+        report["backends"].append(
+            asyncio.run(
+                bench_backend(
+                    backend,
+                    str(artifact_set.path),
+                    out,
+                    specs,
+                    photo_ids["photo_id"].tolist(),
+                    keywords["keyword"].drop_duplicates().tolist()[:500],
+                    postgres_dsn,
+                )
+            )
+        )
+    report["machine"]["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    markdown = render_feedback_markdown(report)
+    (out / "feedback.json").write_text(json.dumps(report, indent=2))
+    (out / "feedback.md").write_text(markdown)
+    print(markdown)
+    print(f"wrote {out / 'feedback.json'} and {out / 'feedback.md'}", file=sys.stderr)
+    errors = sum(sum(run["errors"].values()) for b in report["backends"] for run in b["runs"])
+    return 1 if errors else 0

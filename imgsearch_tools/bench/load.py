@@ -1,10 +1,12 @@
 """Load benchmark of SearchService: open/closed-loop gRPC load, in-process baseline, reflection.
 
 The load generator is a ``grpc.aio`` client that sends realistic (user, query) pairs sampled
-from the served catalogue's conversions. Open-loop mode sends on a fixed clock and never waits
-for replies (late sends are counted, and latency is also reported from the scheduled send time,
-so a slow server cannot hide behind a slow sender); closed-loop mode runs N workers that each
-wait for their reply before sending the next request.
+from the served catalogue's conversions, or queries read from a file; a share of them (or all)
+can be made unique, so that no cache of the server has seen them (the long tail of real search
+traffic, where a CLIP text encoder runs on every request). Open-loop mode sends on a fixed clock
+and never waits for replies (late sends are counted, and latency is also reported from the
+scheduled send time, so a slow server cannot hide behind a slow sender); closed-loop mode runs
+N workers that each wait for their reply before sending the next request.
 
 The in-process baseline calls the same retrievers and rankers directly (no gRPC, no protobuf)
 for the same requests, so ``e2e p50 / in-process p50`` is the cost of the three RPC hops.
@@ -15,8 +17,10 @@ Heavy imports (grpc, numpy, pandas, the models) stay inside functions.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import platform
+import random
 import re
 import time
 from collections import Counter
@@ -32,6 +36,10 @@ SEARCH_METHOD_SYMBOL = f"{SEARCH_SERVICE}.Search"
 SEARCH_METHOD_PATH = f"/{SEARCH_SERVICE}/Search"
 # An open-loop send more than this behind its slot on the clock counts as late.
 LATE_SEND_MS = 2.0
+QUERY_SOURCES = ("catalogue", "unique")  # or a file with one query per line
+# Numbers that make queries unique: one count per load-generator process, from a random start
+# so that a second run against the same servers does not find its queries in their caches.
+_unique_numbers = itertools.count(random.SystemRandom().randrange(10_000, 900_000))
 
 
 @dataclass(frozen=True)
@@ -60,8 +68,11 @@ class LoadSpec:
     candidates_k: int = 100
     channels: int = 2
     timeout_s: float = 2.0
+    unique_share: float = 0.0
 
     def __post_init__(self) -> None:
+        if not 0.0 <= self.unique_share <= 1.0:
+            raise ValueError(f"unique share must be between 0 and 1, got {self.unique_share}")
         if (self.qps is None) == (self.concurrency is None):
             raise ValueError("set exactly one of qps (open loop) and concurrency (closed loop)")
         if self.qps is not None and self.qps <= 0:
@@ -80,8 +91,13 @@ class LoadSpec:
         return "open" if self.qps is not None else "closed"
 
     def describe(self) -> str:
-        """``open 400 qps`` or ``closed c=10``."""
-        return f"open {self.qps:g} qps" if self.qps is not None else f"closed c={self.concurrency}"
+        """``open 400 qps`` or ``closed c=10``, and the share of unique queries if any."""
+        load = f"open {self.qps:g} qps" if self.qps is not None else f"closed c={self.concurrency}"
+        if self.unique_share >= 1.0:
+            return f"{load}, unique queries"
+        if self.unique_share > 0.0:
+            return f"{load}, {100 * self.unique_share:g}% unique queries"
+        return load
 
 
 # ------------------------------------------------------------------------------ requests
@@ -128,6 +144,52 @@ def sample_queries(artifacts_path: str | Path, n: int = 2000, seed: int = 0) -> 
     picked = conversions.iloc[rows]
     ids = user_ids.reindex(picked["user_idx"].to_numpy()).fillna("").astype(str).tolist()
     return [BenchQuery(user, str(query)) for user, query in zip(ids, picked["keyword"].tolist())]
+
+
+def read_query_file(path: str | Path, users: list[BenchQuery]) -> list[BenchQuery]:
+    """Queries from a text file (one per line, blank lines skipped), sent as ``users``' users.
+
+    Parameters
+    ----------
+    path:
+        The file.
+    users:
+        Sampled requests whose users are reused in turn (see :func:`sample_queries`).
+
+    Raises
+    ------
+    ValueError
+        When the file holds no query.
+    """
+    lines = [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines()]
+    texts = [line for line in lines if line]
+    if not texts:
+        raise ValueError(f"{path}: no query in the file (one query per line)")
+    return [BenchQuery(users[i % len(users)].user_id, text) for i, text in enumerate(texts)]
+
+
+def is_unique(i: int, share: float) -> bool:
+    """Whether request ``i`` is made unique: ``share`` of the requests, evenly spread."""
+    return int((i + 1) * share) > int(i * share)
+
+
+def unique_query(query: BenchQuery, words: list[str]) -> BenchQuery:
+    """``query`` made unique: another catalogue word and a number no request had before.
+
+    "red" becomes "red star 104217": the length of a short real query, never in any cache.
+    """
+    number = next(_unique_numbers)
+    return BenchQuery(query.user_id, f"{query.query} {words[number % len(words)]} {number}")
+
+
+def query_mix(queries: list[BenchQuery], n: int, share: float) -> list[BenchQuery]:
+    """The first ``n`` requests a load with ``share`` unique queries sends (fresh numbers)."""
+    words = sorted({q.query for q in queries})
+    mixed = []
+    for i in range(n):
+        query = queries[i % len(queries)]
+        mixed.append(unique_query(query, words) if is_unique(i, share) else query)
+    return mixed
 
 
 def request_fields(query: BenchQuery, spec: LoadSpec) -> dict:
@@ -233,6 +295,7 @@ class LoadRecorder:
             "candidates_k": spec.candidates_k,
             "channels": spec.channels,
             "timeout_s": spec.timeout_s,
+            "unique_share": spec.unique_share,
             "sent": self.sent,
             "completed": completed,
             "ok": ok,
@@ -275,11 +338,23 @@ class LoadRecorder:
 class _Driver:
     """Sends requests round-robin over several channels and records every outcome."""
 
-    def __init__(self, spec: LoadSpec, calls: list, requests: list):
+    def __init__(self, spec: LoadSpec, calls: list, queries: list[BenchQuery]):
         self.spec = spec
         self.calls = calls  # one bound Search multicallable per channel
-        self.requests = requests
+        self.queries = queries
+        self.requests = _search_requests(queries, spec)
+        self.words = sorted({q.query for q in queries})
         self.next = 0
+
+    def request(self, i: int):
+        """The ``i``-th request: the next sampled one, or a unique copy of it."""
+        request = self.requests[i % len(self.requests)]
+        if self.spec.unique_share and is_unique(i, self.spec.unique_share):
+            unique = type(request)()
+            unique.CopyFrom(request)
+            unique.query = unique_query(self.queries[i % len(self.queries)], self.words).query
+            return unique
+        return request
 
     async def _one(self, recorder: LoadRecorder, scheduled: float) -> None:
         import grpc
@@ -287,7 +362,7 @@ class _Driver:
         i = self.next
         self.next += 1
         call = self.calls[i % len(self.calls)]
-        request = self.requests[i % len(self.requests)]
+        request = self.request(i)
         sent_at = time.perf_counter()
         try:
             response = await call(request, timeout=self.spec.timeout_s)
@@ -365,7 +440,6 @@ async def run_load(
 
     if not queries:
         raise ValueError("no queries to send")
-    requests = _search_requests(queries, spec)
     # A local subchannel pool gives each channel its own connection (else they share one).
     options = [("grpc.use_local_subchannel_pool", 1)]
     channels = [
@@ -373,7 +447,7 @@ async def run_load(
         for _ in range(max(1, spec.channels))
     ]
     try:
-        driver = _Driver(spec, [pb_grpc.SearchServiceStub(c).Search for c in channels], requests)
+        driver = _Driver(spec, [pb_grpc.SearchServiceStub(c).Search for c in channels], queries)
         if spec.warmup_s > 0:
             await driver.run(LoadRecorder(), spec.warmup_s)
         if on_measure_start is not None:

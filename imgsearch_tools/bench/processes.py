@@ -30,8 +30,11 @@ class ServiceProcesses:
     restarted one at a time; logs go to ``log_dir/<service>.log``.
     """
 
-    def __init__(self, artifacts: str, log_dir: Path, host: str = "127.0.0.1"):
+    def __init__(
+        self, artifacts: str, log_dir: Path, host: str = "127.0.0.1", store: dict | None = None
+    ):
         self.artifacts = artifacts
+        self.store = store or {}  # conversions_db / conversions_dsn of gateway and ranking
         self.log_dir = Path(log_dir)
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.host = host
@@ -49,11 +52,14 @@ class ServiceProcesses:
         if name == "gateway":
             config = GatewayConfig(
                 **common,
+                **self.store,
                 retrieval_addr=self.address("retrieval"),
                 ranking_addr=self.address("ranking"),
             )
+        elif name == "ranking":
+            config = RankingConfig(**common, **self.store)
         else:
-            config = (RetrievalConfig if name == "retrieval" else RankingConfig)(**common)
+            config = RetrievalConfig(**common)
         return serve_command(name, config, log_level="WARNING")
 
     def start(self, name: str) -> None:

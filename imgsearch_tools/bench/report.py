@@ -4,6 +4,14 @@ from __future__ import annotations
 
 from imgsearch_tools.bench.processes import LOADGEN
 
+TABLE_HEADER = [
+    "| scenario | achieved QPS | p50 ms | p90 ms | p99 ms | max ms | errors | degraded "
+    "| in-process p50 ms | e2e / in-process p50 | CPU ms per search: gateway · retrieval · "
+    "ranking · load gen = total | CPU-bound ceiling QPS | CPU used (cores) "
+    "| other processes (cores) |",
+    "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|",
+]
+
 
 def _ms(value) -> str:
     return "–" if value is None else f"{value:.1f}"
@@ -33,11 +41,7 @@ def render_markdown(report: dict) -> str:
         "sampled from the catalogue's conversions. In-process = the same requests through the "
         "same retriever and ranker called directly (no gRPC, no protobuf).",
         "",
-        "| scenario | achieved QPS | p50 ms | p90 ms | p99 ms | max ms | errors | degraded "
-        "| in-process p50 ms | e2e / in-process p50 | CPU ms per search: gateway · retrieval · "
-        "ranking · load gen = total | CPU-bound ceiling QPS | CPU used (cores) "
-        "| other processes (cores) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|",
+        *TABLE_HEADER,
     ]
     for run in report["scenarios"]:
         if "skipped" in run:
@@ -118,6 +122,7 @@ def render_markdown(report: dict) -> str:
             + ".",
             "",
         ]
+    lines += _real_clip_lines(report.get("real_clip"))
     reflection = report.get("reflection_client")
     if reflection:
         if "error" in reflection:
@@ -135,6 +140,59 @@ def render_markdown(report: dict) -> str:
                 "",
             ]
     return "\n".join(lines) + "\n"
+
+
+def _real_clip_lines(section: dict | None) -> list[str]:
+    """The ViT-B-32 section: its set, the text runtime the build chose, its scenarios, target."""
+    if not section:
+        return []
+    lines = [f"### Real-size CLIP: {section.get('model', 'ViT-B-32')} compute, random weights", ""]
+    if "error" in section:
+        return lines + [f"Not measured: {section['error']}", ""]
+    counts = section["artifacts"]["counts"]
+    lines.append(
+        f"Set `{section['artifacts']['version']}`: the demo generator's "
+        f"{counts.get('photos', '?'):,} photos, {counts.get('users', '?')} users, "
+        f"{counts.get('conversions', '?'):,} conversions, CLIP {section['model']} with "
+        f"{section['weights']}. Hybrid retrieval + ALS, k=10 of 100, a "
+        f"{section['scenarios'][0]['timeout_s'] if section['scenarios'] else 2:g} s deadline "
+        "per search. Queries: one repeated "
+        "query (answered by the query cache), catalogue keywords (their embeddings are stored "
+        "with the set), and unique queries (a keyword, another word and a number never sent "
+        "before: every one runs the text encoder). No in-process baseline in this section."
+    )
+    gate = section.get("text_runtime")
+    if gate:
+        runtimes = "; ".join(
+            f"{c['runtime']} {c['batch1_ms']:.1f} ms alone, {c['batch_ms']:.1f} ms/query at batch "
+            f"{gate['batch']} (cosine {c['mean_cosine']:.4f}, top-10 {c['top10_overlap']:.2f})"
+            for c in gate["candidates"]
+        )
+        lines.append(f"Text runtime chosen by the build: **{gate['runtime']}** ({runtimes}).")
+    lines += [
+        "",
+        *TABLE_HEADER,
+    ]
+    lines += [_row(run["name"], run) for run in section["scenarios"]]
+    lines.append("")
+    headline = section["scenarios"][-1] if section["scenarios"] else None
+    if headline is not None:
+        from imgsearch_tools.bench.real_clip import target_met
+
+        target = section["target"]
+        lat = headline["latency_ms"]
+        lines += [
+            f"Target (hybrid + ALS, {headline['load']}, {headline['timeout_s']:g} s deadline: "
+            f"≥ {target['qps']:g} QPS sustained with p99 ≤ {target['p99_ms']:g} ms and no error): "
+            f"**{'met' if target_met(headline, target) else 'not met'}** — achieved "
+            f"{headline['achieved_qps']:.0f} QPS, p50 {_ms(lat['p50'])} ms, p99 "
+            f"{_ms(lat['p99'])} ms, {headline['error_count']} errors, "
+            f"{headline['late_sends']} late sends; "
+            f"{_ms(headline.get('cpu_ms_per_search', {}).get('total'))} ms of CPU per search "
+            f"while other processes kept {_ms(headline.get('other_processes_cores'))} cores busy.",
+            "",
+        ]
+    return lines
 
 
 def _slow_seconds(run: dict, limit_ms: float = 30.0) -> int:

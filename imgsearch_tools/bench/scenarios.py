@@ -18,7 +18,11 @@ CANDIDATES_K = 100
 
 @dataclass(frozen=True)
 class Scenario:
-    """One standard load scenario of the suite."""
+    """One load scenario of the suite.
+
+    ``unique_share`` of its queries are made unique (no cache has them); ``repeated_query``
+    sends that one query every time; ``duration_s`` overrides the suite's duration.
+    """
 
     name: str
     retriever: str
@@ -26,6 +30,9 @@ class Scenario:
     qps: float | None = None
     concurrency: int | None = None
     needs_clip: bool = False
+    unique_share: float = 0.0
+    repeated_query: str = ""
+    duration_s: float | None = None
 
 
 def standard_scenarios(qps: float) -> list[Scenario]:
@@ -57,6 +64,34 @@ async def measured(services: ServiceProcesses, spec, queries) -> dict:
     meter.record(result)
     result["loadavg_1m_before"] = round(loadavg, 2)
     return result
+
+
+async def run_scenario(services: ServiceProcesses, scenario: Scenario, target: str, args, queries):
+    """One scenario against ``target`` with the suite's settings; its result, named."""
+    from imgsearch_tools.bench import load as bench
+
+    if scenario.repeated_query:
+        queries = [bench.BenchQuery(queries[0].user_id, scenario.repeated_query)]
+    spec = bench.LoadSpec(
+        target=target,
+        qps=scenario.qps,
+        concurrency=scenario.concurrency,
+        duration_s=scenario.duration_s or args.duration,
+        warmup_s=args.warmup,
+        retriever=scenario.retriever,
+        ranker=scenario.ranker,
+        k=K,
+        candidates_k=CANDIDATES_K,
+        channels=args.channels,
+        unique_share=scenario.unique_share,
+    )
+    result = await measured(services, spec, queries)
+    say(
+        f"{scenario.name}\n{bench.format_result(result)}\n"
+        f"  CPU % {result['cpu_percent']}\n"
+        f"  CPU ms per search {result['cpu_ms_per_search']}"
+    )
+    return {"name": scenario.name, **result}
 
 
 async def reflection_run(target: str, queries) -> dict:
@@ -174,6 +209,7 @@ def make_reload_set(artifact_set, folder: Path) -> Path:
     version = f"{artifact_set.version}-reload"
     target = folder / version
     if target.exists():
+        # An earlier run's copy (``folder`` belongs to bench-suite's report folder).
         shutil.rmtree(target)
     folder.mkdir(parents=True, exist_ok=True)
 

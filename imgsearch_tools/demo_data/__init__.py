@@ -1,7 +1,13 @@
 """Seeded synthetic catalogue in the Unsplash Lite layout, with drawn images and planted tastes."""
 
 from imgsearch_tools.demo_data.drawing import COLOUR_RGB, COLOURS, SCENE_RGB, SCENES, SHAPES
-from imgsearch_tools.demo_data.tables import GENERATOR_VERSION, add_commands, generate
+from imgsearch_tools.demo_data.tables import (
+    GENERATOR_VERSION,
+    add_commands,
+    check_folder,
+    generate,
+    generated_by,
+)
 
 
 def query_families(catalogue) -> tuple[dict[str, list[str]], tuple[str, str] | None] | None:
@@ -25,6 +31,8 @@ __all__ = [
     "SCENE_RGB",
     "SHAPES",
     "add_commands",
+    "check_folder",
     "generate",
+    "generated_by",
     "query_families",
 ]

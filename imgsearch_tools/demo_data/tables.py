@@ -5,12 +5,15 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from imgsearch.unsplash import CONVERSIONS_LAYOUT
+from imgsearch_tools import outputs
 from imgsearch_tools.demo_data.drawing import (
     COLOURS,
     SCENE_RGB,
@@ -50,19 +53,19 @@ KEYWORD_COLUMNS = (
     "ai_service_2_confidence",
     "suggested_by_user",
 )
-CONVERSION_COLUMNS = (
-    "converted_at",
-    "conversion_type",
-    "keyword",
-    "photo_id",
-    "anonymous_user_id",
-    "conversion_country",
-)
+CONVERSION_COLUMNS = CONVERSIONS_LAYOUT
 COLOR_COLUMNS = ("photo_id", "hex", "red", "green", "blue", "keyword", "ai_coverage", "ai_score")
 # What each photo shows (its colour, shape and scene): the ground truth of the demo, which
 # Unsplash Lite does not have. ``imgsearch eval`` measures tag precision against it.
 LABEL_COLUMNS = ("photo_id", "label")
 TABLE_NAMES = ("photos", "keywords", "conversions", "colors", "labels")
+
+# The name recorded in the marker of the folders this generator writes.
+MAKER = "demo-data"
+# The marker `imgsearch demo` wrote before output markers existed (see adopt_legacy_folder).
+LEGACY_MARKER = ".complete"
+_TABLE_FILE = re.compile(r"[^/]+\.tsv\d*")
+_IMAGE_FILE = re.compile(r"images/[^/]+\.jpg")
 
 # Bumped whenever the same seed and sizes give other tables, so `imgsearch demo` regenerates.
 # 2: keywords carry an AI tagger's misses and confusions; labels.tsv holds the truth.
@@ -150,6 +153,7 @@ def generate(
     taste_strength: float = TASTE_WEIGHT,
     photo_shard_rows: int = PHOTO_SHARD_ROWS,
     shard_rows: int = SHARD_ROWS,
+    force: bool = False,
 ) -> dict:
     """Write a synthetic catalogue in the Unsplash Lite layout into ``out_dir``.
 
@@ -159,8 +163,12 @@ def generate(
     (:data:`TAG_MISS_RATE`, :data:`TAG_CONFUSION_RATE`); ``labels.tsv000`` holds what each
     photo really shows. Conversions are drawn from planted
     per-user tastes mixed with a latent photo popularity: by default favourite colours and
-    shapes (``taste``, :data:`TASTES`). Generated tables, shards and images already in
-    ``out_dir`` are replaced.
+    shapes (``taste``, :data:`TASTES`).
+
+    Everything is written into a temporary folder beside ``out_dir`` and moved into place at
+    the end, with a marker listing the files (:mod:`imgsearch_tools.outputs`). A folder this
+    generator wrote is replaced; any other non-empty folder is refused unless ``force``, which
+    adds the catalogue beside its files and deletes or overwrites none of them.
 
     Parameters
     ----------
@@ -186,6 +194,9 @@ def generate(
         could be chosen.
     photo_shard_rows, shard_rows : int
         Rows per shard file for photos and for the other tables (``.tsv000``, ``.tsv001``…).
+    force : bool
+        Write into a non-empty folder this generator did not make (never into one holding
+        tables of the Unsplash Lite layout: they would be read together with the new ones).
 
     Returns
     -------
@@ -199,36 +210,47 @@ def generate(
     if not taste_strength >= 0:
         raise ValueError(f"taste strength must be >= 0, got {taste_strength}")
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    # A seventh stream draws the ids taste's hidden attributes; the first six are the same
-    # streams as with six (spawned children depend on their index only).
-    streams = [np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(7)]
-
-    photos = _make_photos(n_photos, streams[0])
-    photo_table = _photo_table(photos, streams[1])
-    keyword_table = _keyword_table(photos, streams[2])
-    color_table = _color_table(photos)
-    label_table = _label_table(photos)
-    conversion_table, n_active_users = _conversion_table(
-        photos,
-        n_users,
-        n_conversions,
-        streams[3],
-        show_progress,
-        taste=taste,
-        taste_strength=taste_strength,
-        hidden_rng=streams[6],
-    )
-
-    _remove_generated(out_dir)
-    files = []
-    files += _write_table(photo_table, out_dir, "photos", photo_shard_rows)
-    files += _write_table(keyword_table, out_dir, "keywords", shard_rows)
-    files += _write_table(conversion_table, out_dir, "conversions", shard_rows)
-    files += _write_table(color_table, out_dir, "colors", shard_rows)
-    files += _write_table(label_table, out_dir, "labels", shard_rows)
-    if with_images:
-        write_images(photos, out_dir / "images", seed, image_size, show_progress)
+    adopt_legacy_folder(out_dir)
+    made = {
+        "generator": GENERATOR_VERSION,
+        "seed": seed,
+        "n_photos": n_photos,
+        "n_users": n_users,
+        "n_conversions": n_conversions,
+        "with_images": with_images,
+        "image_size": image_size,
+        "taste": taste,
+        "taste_strength": taste_strength,
+    }
+    with outputs.staged_folder(
+        out_dir, MAKER, force=force, info=made, conflicts=_table_conflicts
+    ) as staging:
+        # A seventh stream draws the ids taste's hidden attributes; the first six are the same
+        # streams as with six (spawned children depend on their index only).
+        streams = [np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(7)]
+        photos = _make_photos(n_photos, streams[0])
+        photo_table = _photo_table(photos, streams[1])
+        keyword_table = _keyword_table(photos, streams[2])
+        color_table = _color_table(photos)
+        label_table = _label_table(photos)
+        conversion_table, n_active_users = _conversion_table(
+            photos,
+            n_users,
+            n_conversions,
+            streams[3],
+            show_progress,
+            taste=taste,
+            taste_strength=taste_strength,
+            hidden_rng=streams[6],
+        )
+        files = []
+        files += _write_table(photo_table, staging, "photos", photo_shard_rows)
+        files += _write_table(keyword_table, staging, "keywords", shard_rows)
+        files += _write_table(conversion_table, staging, "conversions", shard_rows)
+        files += _write_table(color_table, staging, "colors", shard_rows)
+        files += _write_table(label_table, staging, "labels", shard_rows)
+        if with_images:
+            write_images(photos, staging / "images", seed, image_size, show_progress)
 
     return {
         "out_dir": str(out_dir),
@@ -712,17 +734,51 @@ def _conversion_table(
 # --------------------------------------------------------------------------- files
 
 
-def _remove_generated(out_dir: Path) -> None:
-    """Delete tables, shards and images of an earlier run so no stale shard is read back."""
-    for name in TABLE_NAMES:
-        for path in out_dir.glob(f"{name}.tsv*"):
-            path.unlink()
-    images_dir = out_dir / "images"
-    if images_dir.is_dir():
-        for path in images_dir.glob("*.jpg"):
-            path.unlink()
-        if not any(images_dir.iterdir()):
-            images_dir.rmdir()
+def _table_conflicts(found: outputs.FolderContents) -> list[str]:
+    """Tables already in a folder would be read together with the generated ones."""
+    tables = [f for f in found.foreign if _TABLE_FILE.fullmatch(f)]
+    if tables:
+        return [f"it holds tables ({', '.join(tables[:3])}) a reader would mix with the new ones"]
+    return []
+
+
+def check_folder(out_dir: str | Path, force: bool = False) -> None:
+    """Raise :class:`~imgsearch_tools.outputs.RefusedFolder` if :func:`generate` would refuse
+    ``out_dir`` (someone else's files, or with ``force`` tables of its own)."""
+    adopt_legacy_folder(Path(out_dir))
+    outputs.claim(out_dir, MAKER, force, _table_conflicts)
+
+
+def generated_by(folder: str | Path) -> dict | None:
+    """The generator's record of a folder it wrote (version, seed, sizes), or None."""
+    adopt_legacy_folder(Path(folder))
+    return outputs.read_marker(folder, MAKER)
+
+
+def adopt_legacy_folder(folder: Path) -> None:
+    """Give a folder written before output markers existed the marker it would have now.
+
+    Such folders carry `imgsearch demo`'s old ``.complete`` file (with the generator
+    version); the generator's own files in them are its tables and ``images/*.jpg``.
+    """
+    legacy = folder / LEGACY_MARKER
+    if not legacy.is_file() or (folder / outputs.MARKER).exists():
+        return
+    try:
+        record = json.loads(legacy.read_text())
+    except (OSError, ValueError):
+        return
+    if not isinstance(record, dict) or "generator" not in record:
+        return
+    ours = [
+        entry
+        for entry in outputs.tree_entries(folder)
+        if _TABLE_FILE.fullmatch(entry)
+        and entry.split(".")[0] in TABLE_NAMES
+        or _IMAGE_FILE.fullmatch(entry)
+    ]
+    images = ["images"] if (folder / "images").is_dir() else []
+    outputs.write_marker(folder, MAKER, [*ours, LEGACY_MARKER], record, images)
 
 
 def _write_table(table: pd.DataFrame, out_dir: Path, name: str, rows_per_shard: int) -> list[str]:
@@ -758,9 +814,15 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "demo-data",
         help="write a seeded synthetic catalogue in the Unsplash Lite layout",
-        description="Write a seeded synthetic catalogue (tables and drawn images) into OUT.",
+        description="Write a seeded synthetic catalogue (tables and drawn images) into OUT. "
+        "The catalogue is built in a temporary folder beside OUT and moved into place; OUT "
+        "must be new, empty, or a folder demo-data wrote before (it is then replaced).",
     )
-    parser.add_argument("out", metavar="OUT", help="folder to write")
+    parser.add_argument(
+        "out",
+        metavar="OUT",
+        help="folder to write: new, empty, or one demo-data wrote before (it is replaced)",
+    )
     parser.add_argument("--photos", type=int, default=5000, help="number of photos")
     parser.add_argument("--users", type=int, default=2000, help="number of users")
     parser.add_argument("--conversions", type=int, default=150_000, help="number of conversions")
@@ -783,6 +845,12 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         "(default: %(default)s)",
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="write into a non-empty OUT that demo-data did not make, beside its files "
+        "(none of them is deleted or overwritten; refused if OUT holds tables)",
+    )
     parser.set_defaults(handler=_run_demo_data)
 
 
@@ -799,8 +867,9 @@ def _run_demo_data(args: argparse.Namespace) -> int:
             with_images=not args.no_images,
             taste=args.taste,
             taste_strength=args.taste_strength,
+            force=args.force,
         )
-    except ValueError as error:
+    except (ValueError, outputs.RefusedFolder) as error:
         print(f"demo-data: {error}", file=sys.stderr)
         return 2
     print(json.dumps({k: v for k, v in summary.items() if k != "files"}))

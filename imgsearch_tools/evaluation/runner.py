@@ -318,9 +318,11 @@ def clip_retrievers(
             "build_s": round(time.perf_counter() - start, 1),
             "build": jsonable(built),
         }
-    # No query-embedding cache: every query pays for its text encoding, so the latency figures
-    # are the uncached worst case rather than a cache-hit rate of this query mix.
-    loaded = load_clip_retrievers(set_dir, keyword_index, threads=None, cache_size=0)
+    # No query-embedding cache and no stored keyword embeddings: every query pays for its text
+    # encoding, so the latency figures are the uncached worst case rather than a hit rate.
+    loaded = load_clip_retrievers(
+        set_dir, keyword_index, threads=None, cache_size=0, known_queries=False
+    )
     if not loaded:
         return {}, f"no CLIP artifacts (clip/, embeddings, vector index) in {set_dir}", info
     from imgsearch.artifacts import EMBEDDINGS

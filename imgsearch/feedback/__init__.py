@@ -1,0 +1,1 @@
+"""Generated gRPC API code (see protos/); regenerate with `make protos`."""
