@@ -166,3 +166,26 @@ def test_tastes_share_users_and_queries_and_differ_in_choices(tmp_path, taste):
         assert first[column].tolist() == second[column].tolist()
     same = (first["photo_idx"].to_numpy() == second["photo_idx"].to_numpy()).mean()
     assert same == 1.0 if taste == "content" else same < 0.5
+
+
+def test_fusion_keeps_the_best_weighting_that_is_as_precise_as_either_source():
+    from imgsearch_tools.evaluation.fusion import _choose
+
+    singles = {
+        "keyword": {"ndcg@10": 0.05, "tag_p@10": 0.90, "pair_tag_p@10": 0.80},
+        "clip": {"ndcg@10": 0.06, "tag_p@10": 0.95, "pair_tag_p@10": 0.90},
+    }
+    table = [
+        {"weights": [0.5, 0.5], "ndcg@10": 0.055, "candidate_recall": 0.1, "tag_p@10": 0.97,
+         "pair_tag_p@10": 0.99},
+        {"weights": [0.3, 0.7], "ndcg@10": 0.059, "candidate_recall": 0.2, "tag_p@10": 0.96,
+         "pair_tag_p@10": 0.95},
+        {"weights": [0.1, 0.9], "ndcg@10": 0.062, "candidate_recall": 0.3, "tag_p@10": 0.94,
+         "pair_tag_p@10": 0.92},
+    ]  # fmt: skip
+    chosen, why = _choose(table, singles, 10)
+    assert chosen["weights"] == [0.3, 0.7] and "at least either source" in why
+    for row in table:
+        row["tag_p@10"] = 0.5
+    chosen, why = _choose(table, singles, 10)
+    assert chosen["weights"] == [0.1, 0.9] and "most precise" in why

@@ -231,6 +231,20 @@ def selection_markdown(report: dict) -> str:
     fusion = header.get("models", {}).get("fusion", {})
     if fusion.get("label"):
         lines.append(f"\nHybrid fusion (validation, with {fusion['ranker']}): {fusion['label']}.")
+    compared = header.get("default_retriever_vs_others") or {}
+    if compared.get("versus"):
+        mine = compared["retriever"]
+        parts = [
+            f"− {other}: {v[f'ndcg@{k}_diff']['diff']:+.4f} "
+            f"({v[f'ndcg@{k}_diff']['ci'][0]:+.4f} to {v[f'ndcg@{k}_diff']['ci'][1]:+.4f}), "
+            f"tag P@{k} {v[f'tag_p@{k}']:.3f}"
+            for other, v in compared["versus"].items()
+        ]
+        lines.append(
+            f"\n{mine} with {compared['ranker']}, NDCG@{k} paired on the test queries "
+            + "; ".join(parts)
+            + f" (tag P@{k} of {mine}: {compared[f'tag_p@{k}']:.3f})."
+        )
     return "\n".join(lines) + "\n"
 
 

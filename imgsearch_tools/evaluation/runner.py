@@ -518,6 +518,12 @@ def evaluate(
             )
 
     served_vs_best = _served_vs_best(rows, selection.get("default_ranker"), k, config)
+    evaluated = {r["retriever"] for r in rows if "_per_query_ndcg" in r}
+    default_retriever = "hybrid" if "hybrid" in evaluated else "keyword"
+    retrievers_compared = _retriever_deltas(
+        rows, default_retriever, selection.get("default_ranker"), k, config
+    )
+    _add_pairwise(rows, k, config)
     _add_deltas(rows, "popularity", k, config)
     _add_tag_deltas(rows, "keyword", k, config)
     rows += [
@@ -549,6 +555,7 @@ def evaluate(
         "default_ranker_reason": selection.get("reason", "rankers were given already fitted"),
         "ranker_selection": selection,
         "served_vs_best": served_vs_best,
+        "default_retriever_vs_others": retrievers_compared,
         "models": models,
         "machine": machine_summary(),
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -765,6 +772,60 @@ def _served_vs_best(rows: list[dict], served: str | None, k: int, config: EvalCo
             entry[f"vs_{name}"] = {"diff": diff, "ci": [lo, hi]}
         out[retriever] = entry
     return out
+
+
+def _retriever_deltas(
+    rows: list[dict], retriever: str, ranker: str | None, k: int, config: EvalConfig
+) -> dict:
+    """The default retriever against each other one, with the default ranker, same queries.
+
+    Paired NDCG@k differences with bootstrap intervals, and each retriever's tag precision.
+    """
+    mine = {r["retriever"]: r for r in rows if r["ranker"] == ranker and "_per_query_ndcg" in r}
+    if retriever not in mine:
+        return {}
+    out = {"retriever": retriever, "ranker": ranker, "versus": {}}
+    for other, row in mine.items():
+        if other == retriever:
+            continue
+        diff, lo, hi = paired_bootstrap_ci(
+            mine[retriever]["_per_query_ndcg"],
+            row["_per_query_ndcg"],
+            n=config.bootstrap,
+            seed=config.seed,
+        )
+        out["versus"][other] = {
+            f"ndcg@{k}_diff": {"diff": diff, "ci": [lo, hi]},
+            f"tag_p@{k}": row[f"tag_p@{k}"],
+            f"pair_tag_p@{k}": row[f"pair_tag_p@{k}"],
+        }
+    out[f"tag_p@{k}"] = mine[retriever][f"tag_p@{k}"]
+    out[f"pair_tag_p@{k}"] = mine[retriever][f"pair_tag_p@{k}"]
+    return out
+
+
+def _add_pairwise(rows: list[dict], k: int, config: EvalConfig) -> None:
+    """Add to each row its paired NDCG difference to every other ranker on the same retriever.
+
+    ``ndcg@k_paired`` (JSON) maps the other ranker to ``{"diff", "ci"}``: this row minus it.
+    """
+    for row in rows:
+        if "_per_query_ndcg" not in row:
+            continue
+        paired = {}
+        for other in rows:
+            if other is row or other["retriever"] != row["retriever"]:
+                continue
+            if "_per_query_ndcg" not in other:
+                continue
+            diff, lo, hi = paired_bootstrap_ci(
+                row["_per_query_ndcg"],
+                other["_per_query_ndcg"],
+                n=config.bootstrap,
+                seed=config.seed,
+            )
+            paired[other["ranker"]] = {"diff": diff, "ci": [lo, hi]}
+        row[f"ndcg@{k}_paired"] = paired
 
 
 def _add_deltas(rows: list[dict], baseline: str, k: int, config: EvalConfig) -> None:
