@@ -28,7 +28,10 @@ def add_commands(subparsers) -> None:
         help="validate an Unsplash Lite folder and build a versioned artifact set",
         description="Read DATA (Unsplash Lite layout), then write catalogue tables, the keyword "
         "index, CLIP embeddings + FAISS index (when images exist) and trained rankers as one "
-        "versioned set under OUT/sets/<version>, and point OUT/current at it.",
+        "versioned set under OUT/sets/<version>, and point OUT/current at it. Every ranker is "
+        "scored on a validation slice cut from the end of the conversions: the best one is "
+        "served by default only when its paired 95%% CI against popularity is above 0, else "
+        "popularity; hybrid's fusion weights are chosen there too (all in the manifest).",
     )
     p.add_argument("--data", required=True, help="folder in the Unsplash Lite layout")
     p.add_argument("--out", required=True, help="artifact root (sets/ and current are made here)")
@@ -40,8 +43,8 @@ def add_commands(subparsers) -> None:
     p.add_argument(
         "--tune",
         action="store_true",
-        help="pick ranker hyper-parameters on a "
-        "validation slice of the conversions (recorded in the manifest)",
+        help="also pick each ranker's hyper-parameters on the validation slice (grids in "
+        "ranking_service/training.py; recorded in the manifest)",
     )
     p.add_argument(
         "--int8",
@@ -98,8 +101,9 @@ def add_commands(subparsers) -> None:
         help="retrain the rankers of the current artifact set into a new set version",
         description="Train rankers on the catalogue of ARTIFACTS/current and publish a new set "
         "that shares every other artifact (hard links) with it; running servers pick it up on "
-        "`imgsearch reload`. --tune picks hyper-parameters on a validation slice cut from the "
-        "end of the conversions and records the choice in the manifest.",
+        "`imgsearch reload`. As build does, it scores every ranker of the new set on a "
+        "validation slice cut from the end of the conversions and chooses the default ranker "
+        "there; --tune also picks hyper-parameters on it. Both are recorded in the manifest.",
     )
     p.add_argument("--artifacts", default="var/artifacts", help="artifact root (with current)")
     p.add_argument(
@@ -107,7 +111,9 @@ def add_commands(subparsers) -> None:
         default=",".join(TRAINED_RANKERS),
         help="comma-separated rankers to train (default: %(default)s)",
     )
-    p.add_argument("--tune", action="store_true", help="tune on a validation slice first")
+    p.add_argument(
+        "--tune", action="store_true", help="pick hyper-parameters on the validation slice first"
+    )
     p.add_argument(
         "--int8",
         action=argparse.BooleanOptionalAction,

@@ -30,6 +30,7 @@ import pandas as pd
 
 from imgsearch.candidates import CandidateLists
 from imgsearch.catalogue import Catalogue
+from imgsearch.config import DEFAULT_CANDIDATES_K
 from imgsearch.image_embeddings import ImageEmbeddings
 from imgsearch.protocol import temporal_split
 from ranking_service.rankers import RANKER_NAMES, create_ranker, load_ranker, ranker_class
@@ -145,7 +146,7 @@ def prepare_validation(
     candidates: CandidateLists,
     fraction: float = VALIDATION_FRACTION,
     max_queries: int | None = MAX_VALIDATION_QUERIES,
-    candidates_k: int = 100,
+    candidates_k: int = DEFAULT_CANDIDATES_K,
     seed: int = 0,
     min_pair: int = VALIDATION_MIN_PAIR,
 ) -> Validation:
@@ -362,6 +363,7 @@ def train_rankers(
     int8: bool = True,
     embeddings: ImageEmbeddings | None = None,
     kept: dict[str, Path] | None = None,
+    candidates_k: int = DEFAULT_CANDIDATES_K,
 ) -> TrainingReport:
     """Train, validate and save each named ranker, and choose the default (module docstring).
 
@@ -392,6 +394,8 @@ def train_rankers(
         Rankers of an earlier set that stay as they are (name to their folder): they take part
         in the selection with the validation figures saved beside them, or, when those were
         measured on other queries, refitted on the slice with their saved parameters.
+    candidates_k:
+        Candidates per validation query: what a search asks of retrieval.
 
     Returns
     -------
@@ -401,7 +405,7 @@ def train_rankers(
     if unknown:
         raise ValueError(f"unknown ranker(s) {unknown}; valid names: {', '.join(RANKER_NAMES)}")
     out_dir = Path(out_dir)
-    validation = prepare_validation(catalogue, candidates)
+    validation = prepare_validation(catalogue, candidates, candidates_k=candidates_k)
     report = TrainingReport(rankers={}, selection={}, validation=validation)
     per_query: dict[str, np.ndarray] = {}
     for name in dict.fromkeys(names):

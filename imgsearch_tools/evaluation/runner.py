@@ -189,6 +189,7 @@ def fit_rankers(
     workdir: str | Path | None = None,
     retriever=None,
     embeddings=None,
+    candidates_k: int = 100,
 ) -> tuple[dict, dict, object]:
     """Train each ranker on the training catalogue the way ``imgsearch build`` does, and load it.
 
@@ -214,6 +215,8 @@ def fit_rankers(
         The retriever served by default; the keyword index of the catalogue when None.
     embeddings:
         The catalogue's image embeddings (``clip_profile`` is skipped without).
+    candidates_k:
+        Candidates per validation query, as per test query.
 
     Returns
     -------
@@ -246,6 +249,7 @@ def fit_rankers(
             tune=tune,
             show_progress=show_progress,
             embeddings=embeddings,
+            candidates_k=candidates_k,
         )
         rankers = {
             name: load_ranker(name, out_dir / name, train_catalogue, embeddings)
@@ -470,6 +474,7 @@ def evaluate(
             Path(tmp) / "rankers",
             retriever=built.get("hybrid", keyword_index),
             embeddings=embeddings,
+            candidates_k=config.candidates_k,
         )
         fitted.update(fitted_now)
         for name in ranker_names:
@@ -763,13 +768,7 @@ def _served_vs_best(rows: list[dict], served: str | None, k: int, config: EvalCo
         for name, other in (("best", best), ("popularity", mine.get("popularity"))):
             if other is None:
                 continue
-            diff, lo, hi = paired_bootstrap_ci(
-                mine[served]["_per_query_ndcg"],
-                other["_per_query_ndcg"],
-                n=config.bootstrap,
-                seed=config.seed,
-            )
-            entry[f"vs_{name}"] = {"diff": diff, "ci": [lo, hi]}
+            entry[f"vs_{name}"] = _paired(mine[served], other, config)
         out[retriever] = entry
     return out
 
@@ -788,20 +787,22 @@ def _retriever_deltas(
     for other, row in mine.items():
         if other == retriever:
             continue
-        diff, lo, hi = paired_bootstrap_ci(
-            mine[retriever]["_per_query_ndcg"],
-            row["_per_query_ndcg"],
-            n=config.bootstrap,
-            seed=config.seed,
-        )
         out["versus"][other] = {
-            f"ndcg@{k}_diff": {"diff": diff, "ci": [lo, hi]},
+            f"ndcg@{k}_diff": _paired(mine[retriever], row, config),
             f"tag_p@{k}": row[f"tag_p@{k}"],
             f"pair_tag_p@{k}": row[f"pair_tag_p@{k}"],
         }
     out[f"tag_p@{k}"] = mine[retriever][f"tag_p@{k}"]
     out[f"pair_tag_p@{k}"] = mine[retriever][f"pair_tag_p@{k}"]
     return out
+
+
+def _paired(row: dict, other: dict, config: EvalConfig) -> dict:
+    """``row`` minus ``other`` on the same queries: mean NDCG difference and bootstrap CI."""
+    diff, lo, hi = paired_bootstrap_ci(
+        row["_per_query_ndcg"], other["_per_query_ndcg"], n=config.bootstrap, seed=config.seed
+    )
+    return {"diff": diff, "ci": [lo, hi]}
 
 
 def _add_pairwise(rows: list[dict], k: int, config: EvalConfig) -> None:
@@ -818,13 +819,7 @@ def _add_pairwise(rows: list[dict], k: int, config: EvalConfig) -> None:
                 continue
             if "_per_query_ndcg" not in other:
                 continue
-            diff, lo, hi = paired_bootstrap_ci(
-                row["_per_query_ndcg"],
-                other["_per_query_ndcg"],
-                n=config.bootstrap,
-                seed=config.seed,
-            )
-            paired[other["ranker"]] = {"diff": diff, "ci": [lo, hi]}
+            paired[other["ranker"]] = _paired(row, other, config)
         row[f"ndcg@{k}_paired"] = paired
 
 

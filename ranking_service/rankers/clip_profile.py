@@ -36,6 +36,8 @@ from ranking_service.rankers.common import (
     load_arrays,
     read_config,
     save_arrays,
+    sparse_arrays,
+    sparse_from_arrays,
     write_config,
 )
 from ranking_service.rankers.prior import QueryPrior
@@ -183,9 +185,7 @@ class ClipProfileRanker(QueryPrior, Ranker):
             profile_sums=self.profile_sums,
             profile_weights=self.profile_weights,
             global_mean=self.global_mean,
-            history_shape=np.asarray(self.user_history.shape, dtype=np.int64),
-            history_indptr=self.user_history.indptr,
-            history_indices=self.user_history.indices,
+            **sparse_arrays("history", self.user_history, values=False),
         )
         self.save_prior(directory)
 
@@ -213,11 +213,7 @@ class ClipProfileRanker(QueryPrior, Ranker):
         ranker.profile_sums = arrays["profile_sums"]
         ranker.profile_weights = arrays["profile_weights"]
         ranker.global_mean = arrays["global_mean"]
-        indices = arrays["history_indices"]
-        ranker.user_history = sp.csr_matrix(
-            (np.ones(len(indices), np.float32), indices, arrays["history_indptr"]),
-            shape=tuple(arrays["history_shape"]),
-        )
+        ranker.user_history = sparse_from_arrays(arrays, "history")
         ranker.load_prior(directory, catalogue)
         return ranker
 

@@ -122,3 +122,29 @@ def conversion_matrix(catalogue, binary: bool = False) -> sp.csr_matrix:
     if binary:
         counts.data[:] = 1.0
     return counts
+
+
+def sparse_arrays(name: str, matrix: sp.csr_matrix, values: bool = True) -> dict[str, np.ndarray]:
+    """A CSR matrix as plain arrays for :func:`save_arrays`, keys prefixed by ``name``.
+
+    Without ``values`` only the pattern is kept (a matrix of ones, e.g. who converted what).
+    """
+    arrays = {
+        f"{name}_shape": np.asarray(matrix.shape, dtype=np.int64),
+        f"{name}_indptr": matrix.indptr,
+        f"{name}_indices": matrix.indices,
+    }
+    if values:
+        arrays[f"{name}_data"] = matrix.data
+    return arrays
+
+
+def sparse_from_arrays(arrays: dict[str, np.ndarray], name: str) -> sp.csr_matrix:
+    """The CSR matrix :func:`sparse_arrays` wrote (ones where it kept only the pattern)."""
+    indices = arrays[f"{name}_indices"]
+    data = arrays.get(f"{name}_data")
+    if data is None:
+        data = np.ones(len(indices), dtype=np.float32)
+    return sp.csr_matrix(
+        (data, indices, arrays[f"{name}_indptr"]), shape=tuple(arrays[f"{name}_shape"])
+    )

@@ -42,6 +42,8 @@ from ranking_service.rankers.common import (
     load_arrays,
     read_config,
     save_arrays,
+    sparse_arrays,
+    sparse_from_arrays,
     write_config,
 )
 from ranking_service.rankers.prior import QueryPrior
@@ -168,13 +170,8 @@ class ItemItemRanker(QueryPrior, Ranker):
         write_config(directory, self.name, {"params": self.params, "fit": self.fit_figures})
         save_arrays(
             directory / "weights.npz",
-            shape=np.asarray(self.weights.shape, dtype=np.int64),
-            weights_indptr=self.weights.indptr,
-            weights_indices=self.weights.indices,
-            weights_data=self.weights.data,
-            history_shape=np.asarray(self.user_history.shape, dtype=np.int64),
-            history_indptr=self.user_history.indptr,
-            history_indices=self.user_history.indices,
+            **sparse_arrays("weights", self.weights),
+            **sparse_arrays("history", self.user_history, values=False),
         )
         self.save_prior(directory)
 
@@ -186,15 +183,8 @@ class ItemItemRanker(QueryPrior, Ranker):
         ranker = cls(**config["params"])
         ranker.fit_figures = dict(config.get("fit", {}))
         arrays = load_arrays(directory / "weights.npz")
-        ranker.weights = sp.csr_matrix(
-            (arrays["weights_data"], arrays["weights_indices"], arrays["weights_indptr"]),
-            shape=tuple(arrays["shape"]),
-        )
-        indices = arrays["history_indices"]
-        ranker.user_history = sp.csr_matrix(
-            (np.ones(len(indices), np.float32), indices, arrays["history_indptr"]),
-            shape=tuple(arrays["history_shape"]),
-        )
+        ranker.weights = sparse_from_arrays(arrays, "weights")
+        ranker.user_history = sparse_from_arrays(arrays, "history")
         ranker.load_prior(directory, catalogue)
         return ranker
 
