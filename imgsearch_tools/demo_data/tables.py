@@ -69,20 +69,18 @@ _IMAGE_FILE = re.compile(r"images/[^/]+\.jpg")
 
 # Bumped whenever the same seed and sizes give other tables, so `imgsearch demo` regenerates.
 # 2: keywords carry an AI tagger's misses and confusions; labels.tsv holds the truth.
-# 3: users prefer their favourite scene among photos too, as they already did in queries: the
-#    content taste covers all three things a photo shows (colour, shape, scene).
-GENERATOR_VERSION = 3
+GENERATOR_VERSION = 2
 
 PHOTO_SHARD_ROWS = 2_500
 SHARD_ROWS = 100_000
 
 # Strength of the planted signals: P(photo | user, query) ∝ popularity**POPULARITY_EXPONENT
-# × exp(TASTE_WEIGHT × (favourite colour match + favourite shape match + favourite scene match)).
+# × exp(TASTE_WEIGHT × (favourite colour match + favourite shape match)).
 POPULARITY_EXPONENT = 1.0
 TASTE_WEIGHT = 2.0
-# What users' tastes are about (``--taste``): ``content``, the photo's colour, shape and scene
-# (what the image shows; the default); ``ids``, two hidden photo attributes drawn independently
-# of the content, so that only who converted what reveals them; ``none``, no taste at all:
+# What users' tastes are about (``--taste``): ``content``, the photo's colour and shape (what
+# the image shows; the default); ``ids``, two hidden photo attributes drawn independently of
+# the content, so that only who converted what reveals them; ``none``, no taste at all:
 # popularity alone decides among the photos that match the query.
 TASTES = ("content", "ids", "none")
 # Values of each hidden attribute of the ``ids`` taste; a user likes one of each.
@@ -164,8 +162,8 @@ def generate(
     synonyms, generic tags and low-confidence distractors, with the mistakes of an AI tagger
     (:data:`TAG_MISS_RATE`, :data:`TAG_CONFUSION_RATE`); ``labels.tsv000`` holds what each
     photo really shows. Conversions are drawn from planted
-    per-user tastes mixed with a latent photo popularity: by default favourite colours, shapes
-    and a favourite scene (``taste``, :data:`TASTES`).
+    per-user tastes mixed with a latent photo popularity: by default favourite colours and
+    shapes (``taste``, :data:`TASTES`).
 
     Everything is written into a temporary folder beside ``out_dir`` and moved into place at
     the end, with a marker listing the files (:mod:`imgsearch_tools.outputs`). A folder this
@@ -188,11 +186,12 @@ def generate(
     with_images : bool
         Write ``images/<photo_id>.jpg``; when False no images folder is written.
     taste : str
-        What users' tastes are about: ``content`` (colour, shape and scene), ``ids`` (hidden
-        photo attributes) or ``none`` (popularity alone); see :data:`TASTES`. Every taste draws
-        the same users and queries.
+        What users' tastes are about: ``content`` (colour and shape), ``ids`` (hidden photo
+        attributes) or ``none`` (popularity alone); see :data:`TASTES`.
     taste_strength : float
-        ``w`` in P(photo) ∝ popularity × exp(w × favourites matched); 0 is no taste.
+        ``w`` in P(photo) ∝ popularity × exp(w × favourites matched); 0 is no taste. The
+        default catalogue (``content``, 2.0) is the same, byte for byte, as before tastes
+        could be chosen.
     photo_shard_rows, shard_rows : int
         Rows per shard file for photos and for the other tables (``.tsv000``, ``.tsv001``…).
     force : bool
@@ -661,7 +660,7 @@ def _conversion_table(
     cell_a = np.arange(n_cells) % n_hidden // HIDDEN_VALUES
     cell_b = np.arange(n_cells) % HIDDEN_VALUES
     strength = 0.0 if taste == "none" else taste_strength
-    taste_gain = np.exp(strength * np.arange(4))  # 0 to 3 favourite matches
+    taste_gain = np.exp(strength * np.arange(3))  # 0, 1 or 2 favourite matches
     chosen_cell = np.empty(len(user), dtype=np.int64)
     chunk = 16_384 // n_hidden
     starts = range(0, len(user), chunk)
@@ -676,11 +675,7 @@ def _conversion_table(
         if taste == "ids":
             matches = fav_a[u][:, cell_a].astype(np.int8) + fav_b[u][:, cell_b]
         else:
-            matches = (
-                fav_colour[u][:, cell_colour].astype(np.int8)
-                + fav_shape[u][:, cell_shape]
-                + (fav_scene[u][:, None] == cell_scene)
-            )
+            matches = fav_colour[u][:, cell_colour].astype(np.int8) + fav_shape[u][:, cell_shape]
         allowed = (
             ((want_colour[part, None] == n_colours) | (cell_colour == want_colour[part, None]))
             & ((want_shape[part, None] == n_shapes) | (cell_shape == want_shape[part, None]))
@@ -838,7 +833,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         "--taste",
         choices=TASTES,
         default="content",
-        help="what users' tastes are about: the photos' colour, shape and scene (content, the "
+        help="what users' tastes are about: the photos' colour and shape (content, the "
         "default), hidden photo attributes only conversions reveal (ids), or nothing: "
         "popularity alone (none)",
     )
