@@ -7,7 +7,7 @@ DEMO_DATA := var/demo-data
 DEMO_ARTIFACTS := var/artifacts
 PROTO_FILES := $(shell find protos -name '*.proto')
 
-.PHONY: run test protos lint format bench eval demo clean
+.PHONY: run test protos lint format bench eval demo certs clean
 
 run: $(STAMP)
 	$(VENV)/bin/imgsearch demo --data $(DEMO_DATA) --artifacts $(DEMO_ARTIFACTS)
@@ -15,11 +15,13 @@ run: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
+# The test install takes the optional Ray extra too, so that `make test` (and CI) run the
+# Ray embedding test instead of skipping it; `pip install .` alone stays without Ray.
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))' 2>/dev/null || { echo "error: Python 3.11 is required (found '$(PYTHON)'); install it or run 'make PYTHON=/path/to/python3.11'"; exit 1; }
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade --quiet pip
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet -e '.[dev,ray]'
 	touch $(STAMP)
 
 protos: $(STAMP)
@@ -42,6 +44,10 @@ eval: demo
 
 bench: demo
 	$(VENV)/bin/imgsearch bench-suite --data $(DEMO_DATA) --artifacts $(DEMO_ARTIFACTS) --out var/bench
+
+# A development CA, server/client certificates and a bearer token (never overwrites other files).
+certs: $(STAMP)
+	$(VENV)/bin/imgsearch certs --out var/certs
 
 clean:
 	rm -rf var

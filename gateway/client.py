@@ -11,10 +11,18 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from imgsearch.names import ranker_name, ranker_value, retriever_name, retriever_value
 from imgsearch.search.v1 import search_service_pb2 as pb
 from imgsearch.search.v1 import search_service_pb2_grpc as pb_grpc
+from imgsearch.security import ClientSecurity
+
+PLAINTEXT = ClientSecurity()
 
 
-def wait_for_serving(target: str, timeout: float = 60.0, service: str = "") -> None:
+def wait_for_serving(
+    target: str, timeout: float = 60.0, service: str = "", security: ClientSecurity = PLAINTEXT
+) -> None:
     """Poll the health service at ``target`` until it reports SERVING.
+
+    Every server answers health in plaintext on its admin port; its service port answers
+    health too, over TLS when it serves TLS (pass ``security`` then).
 
     Raises
     ------
@@ -23,7 +31,7 @@ def wait_for_serving(target: str, timeout: float = 60.0, service: str = "") -> N
     """
     deadline = time.monotonic() + timeout
     last = "no answer"
-    with grpc.insecure_channel(target) as channel:
+    with security.channel(target) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while time.monotonic() < deadline:
             try:
@@ -47,9 +55,10 @@ def search(
     ranker: str = "default",
     recent_photo_ids: list[str] | None = None,
     timeout: float = 10.0,
+    security: ClientSecurity = PLAINTEXT,
 ) -> pb.SearchResponse:
-    """One Search call against the gateway at ``target``."""
-    with grpc.insecure_channel(target) as channel:
+    """One Search call against the gateway at ``target`` (TLS and token per ``security``)."""
+    with security.channel(target) as channel:
         stub = pb_grpc.SearchServiceStub(channel)
         return stub.Search(
             pb.SearchRequest(
@@ -62,6 +71,7 @@ def search(
                 recent_photo_ids=recent_photo_ids or [],
             ),
             timeout=timeout,
+            metadata=security.metadata(),
         )
 
 

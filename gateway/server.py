@@ -32,6 +32,7 @@ from imgsearch.retrieval.v1 import retrieval_service_pb2 as retr_pb
 from imgsearch.retrieval.v1 import retrieval_service_pb2_grpc as retr_grpc
 from imgsearch.search.v1 import search_service_pb2 as pb
 from imgsearch.search.v1 import search_service_pb2_grpc as pb_grpc
+from imgsearch.security import ClientSecurity
 from imgsearch.serving import (
     DEGRADED,
     LATENCY,
@@ -315,12 +316,10 @@ class SearchServicer(pb_grpc.SearchServiceServicer):
     def __init__(self, config: GatewayConfig, holder: Reloadable[GatewayState]):
         self.config = config
         self.holder = holder
-        self.retrieval_channel = grpc.aio.insecure_channel(
-            config.retrieval_addr, options=CHANNEL_OPTIONS
-        )
-        self.ranking_channel = grpc.aio.insecure_channel(
-            config.ranking_addr, options=CHANNEL_OPTIONS
-        )
+        # TLS (mutual when the gateway has a certificate) when a downstream CA is configured.
+        downstream = ClientSecurity(config.client_ca, config.client_cert, config.client_key)
+        self.retrieval_channel = downstream.aio_channel(config.retrieval_addr, CHANNEL_OPTIONS)
+        self.ranking_channel = downstream.aio_channel(config.ranking_addr, CHANNEL_OPTIONS)
         self.retrieval = retr_grpc.RetrievalServiceStub(self.retrieval_channel)
         self.ranking = rank_grpc.RankingServiceStub(self.ranking_channel)
         self.ranking_breaker = CircuitBreaker(BREAKER_THRESHOLD, BREAKER_COOLDOWN_S)

@@ -6,6 +6,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
 import time
 from collections.abc import Iterator
@@ -34,6 +35,15 @@ CURRENT = "current"
 
 class ArtifactError(RuntimeError):
     """An artifact set is missing, incomplete or unreadable."""
+
+
+class UnknownVersion(ArtifactError):
+    """No set of that version is available where a server may load from."""
+
+
+# What a set version may look like: the folder name under ``sets/`` that `build` writes
+# (``20261126T040408-0fde62a0``, ``...-reload``, ``....1``): never a path.
+VERSION_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
 @dataclass(frozen=True)
@@ -80,6 +90,47 @@ def resolve(path: str | Path) -> ArtifactSet:
     except json.JSONDecodeError as exc:
         raise ArtifactError(f"{manifest_path}: unreadable manifest: {exc}") from exc
     return ArtifactSet(path=path.resolve(), manifest=manifest)
+
+
+def locate(configured: str | Path, version: str = "") -> Path:
+    """The folder a server started with ``configured`` loads for ``version``.
+
+    ``configured`` is what the server was given: an artifact root (with ``sets/`` and
+    ``current``) or one set folder. An empty ``version`` means ``configured`` itself (the set
+    ``current`` points to at load time, or the one set). A version names a set under the
+    root's ``sets/``; a server given one set folder can load only that set.
+
+    Raises
+    ------
+    ValueError
+        When ``version`` is not a well-formed version (a path, say).
+    UnknownVersion
+        When no complete set of that version is there.
+    """
+    configured = Path(configured)
+    if not version:
+        return configured
+    if not VERSION_PATTERN.fullmatch(version):
+        raise ValueError(
+            "must be a set version (letters, digits, '.', '_', '-'; at most 128), "
+            "e.g. 20261126T040408-0fde62a0"
+        )
+    sets_dir = configured / SETS_DIR
+    if (configured / CURRENT).exists() or sets_dir.is_dir():
+        candidate = sets_dir / version
+        # A link under sets/ pointing elsewhere is not a set of this root.
+        inside = candidate.resolve().parent == sets_dir.resolve()
+        if not inside or not (candidate / MANIFEST).exists():
+            raise UnknownVersion(f"no complete artifact set {version!r} under {sets_dir}")
+        return candidate
+    served = resolve(configured)
+    if version not in (served.version, served.path.name):
+        raise UnknownVersion(
+            f"this server was started with the set folder {configured} (version "
+            f"{served.version}); it can reload only that set. Start it with the artifact "
+            "root to switch versions"
+        )
+    return configured
 
 
 def data_fingerprint(data_dir: str | Path) -> str:

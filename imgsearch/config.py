@@ -25,12 +25,47 @@ them; the SQLite file sits beside the artifact root (``var/artifacts`` ->
 | IMGSEARCH_TIMEOUT_MS | gateway budget for a search when the client sets no deadline | 1000 |
 | IMGSEARCH_RANKING_BUDGET_MS | the part of a search's budget kept for ranking | 300 |
 | IMGSEARCH_GRACE_S | graceful-shutdown grace period | 5 |
+| IMGSEARCH_MAX_CONNECTION_AGE_S | close each client connection after this long (4) | 0 = never |
 | IMGSEARCH_LOG_FORMAT | `json` or `text` | json |
 | IMGSEARCH_CONVERSIONS_DB | SQLite file of logged conversions | `<root>-conversions.sqlite3` |
 | IMGSEARCH_CONVERSIONS_DSN | PostgreSQL DSN of the conversion store (wins over the file) | unset |
 | IMGSEARCH_FOLDIN_CONVERSIONS | logged conversions ranking reads per unseen user (0 = off) | 50 |
 | IMGSEARCH_FOLDIN_TIMEOUT_MS | how long ranking waits for them before going on without | 20 |
 | IMGSEARCH_ACCESS_LOG | `1`: one log line per RPC with its request id | off |
+| IMGSEARCH_ADMIN_HOST | address the admin ports bind | 127.0.0.1 |
+| IMGSEARCH_GATEWAY_ADMIN_PORT | the gateway's admin port | 50061 |
+| IMGSEARCH_RETRIEVAL_ADMIN_PORT | retrieval's admin port | 50062 |
+| IMGSEARCH_RANKING_ADMIN_PORT | ranking's admin port | 50063 |
+| IMGSEARCH_ADMIN_TOKENS_FILE | bearer tokens the admin ports accept (1) | none |
+| IMGSEARCH_TLS_CERT | PEM certificate chain: the service port serves TLS | none: plaintext |
+| IMGSEARCH_TLS_KEY | PEM private key of that certificate | none |
+| IMGSEARCH_TLS_CLIENT_CA | PEM CA: clients must show a certificate it signed (mutual TLS) | none |
+| IMGSEARCH_AUTH_TOKENS_FILE | gateway: bearer tokens its service port accepts (1) | none |
+| IMGSEARCH_REFLECTION | `on`, `off`, `auto`: on only for a plaintext loopback port | auto |
+| IMGSEARCH_CLIENT_CA | CA a client trusts for servers' certificates (2): TLS when set | none |
+| IMGSEARCH_CLIENT_CERT | that client's certificate, for mutual TLS (2) | none |
+| IMGSEARCH_CLIENT_KEY | that client's private key (2) | none |
+| IMGSEARCH_TOKEN_FILE | `imgsearch search`/`bench`: its first token is sent (3) | none |
+| IMGSEARCH_ADMIN_TOKEN_FILE | `imgsearch reload`: its first token is sent (3) | none |
+
+(1) One token per line, `#` comments; a call must carry `authorization: Bearer <token>`;
+re-read on SIGHUP. The admin ports refuse to start on a non-loopback IMGSEARCH_ADMIN_HOST
+without IMGSEARCH_ADMIN_TOKENS_FILE; with IMGSEARCH_AUTH_TOKENS_FILE every RPC on the gateway's
+service port but health (its API, reflection, any service added later) needs a token.
+(2) The clients: the gateway towards retrieval and ranking, `imgsearch search` and `bench`
+(whose `--cacert`, `--cert`, `--key` override them). `imgsearch reload` talks to the admin
+ports, which are plaintext: it sends a token, never a certificate.
+(3) A file, not the token itself, so the token never shows in a process list.
+(4) gRPC's GOAWAY: calls in flight finish within the grace period and the client reconnects.
+A client that balances over the addresses a name resolves to (a Kubernetes headless Service)
+resolves the name again only when a connection closes, so without this it never sends to
+replicas added after it connected.
+
+The admin port of each server carries `imgsearch.admin.v1.AdminService` and the standard health
+service, always in plaintext (Kubernetes' gRPC probes cannot speak TLS), so it binds loopback
+unless told otherwise; bound elsewhere it refuses to start without IMGSEARCH_ADMIN_TOKENS_FILE.
+The service port carries the service's own API, health and (per IMGSEARCH_REFLECTION)
+reflection, over TLS when IMGSEARCH_TLS_CERT is set.
 """
 
 from __future__ import annotations
@@ -108,6 +143,18 @@ class ServerConfig:
     # Small enough that an overloaded server refuses at once instead of queueing ~1 s of work.
     max_inflight: int = field(default_factory=lambda: env_int("MAX_INFLIGHT", 64))
     grace_s: float = field(default_factory=lambda: float(env_int("GRACE_S", 5)))
+    max_connection_age_s: float = field(
+        default_factory=lambda: env_float("MAX_CONNECTION_AGE_S", 0.0)
+    )
+    admin_host: str = field(default_factory=lambda: env("ADMIN_HOST", "127.0.0.1"))
+    admin_port: int = 0
+    admin_tokens_file: str = field(default_factory=lambda: env("ADMIN_TOKENS_FILE", ""))
+    tls_cert: str = field(default_factory=lambda: env("TLS_CERT", ""))
+    tls_key: str = field(default_factory=lambda: env("TLS_KEY", ""))
+    tls_client_ca: str = field(default_factory=lambda: env("TLS_CLIENT_CA", ""))
+    # Only the gateway reads IMGSEARCH_AUTH_TOKENS_FILE: the stages trust the gateway by mTLS.
+    auth_tokens_file: str = ""
+    reflection: str = field(default_factory=lambda: env("REFLECTION", "auto"))
 
 
 @dataclass(frozen=True)
@@ -131,6 +178,7 @@ class RetrievalConfig(ServerConfig):
 
     port: int = field(default_factory=lambda: env_int("RETRIEVAL_PORT", 50052))
     metrics_port: int = field(default_factory=lambda: metrics_port("retrieval"))
+    admin_port: int = field(default_factory=lambda: env_int("RETRIEVAL_ADMIN_PORT", 50062))
     default_retriever: str = field(default_factory=lambda: env("DEFAULT_RETRIEVER", ""))
     # Micro-batching of the queries no cache answers: at batch 8-16 a ViT-B-32 text tower
     # costs a quarter of its batch-1 time per query, and 2 ms is small next to one forward.
@@ -151,6 +199,7 @@ class RankingConfig(ConversionStoreConfig):
 
     port: int = field(default_factory=lambda: env_int("RANKING_PORT", 50053))
     metrics_port: int = field(default_factory=lambda: metrics_port("ranking"))
+    admin_port: int = field(default_factory=lambda: env_int("RANKING_ADMIN_PORT", 50063))
     default_ranker: str = field(default_factory=lambda: env("DEFAULT_RANKER", ""))
     foldin_conversions: int = field(default_factory=lambda: env_int("FOLDIN_CONVERSIONS", 50))
     foldin_timeout_ms: int = field(default_factory=lambda: env_int("FOLDIN_TIMEOUT_MS", 20))
@@ -162,6 +211,8 @@ class GatewayConfig(ConversionStoreConfig):
 
     port: int = field(default_factory=lambda: env_int("GATEWAY_PORT", 50051))
     metrics_port: int = field(default_factory=lambda: metrics_port("gateway"))
+    admin_port: int = field(default_factory=lambda: env_int("GATEWAY_ADMIN_PORT", 50061))
+    auth_tokens_file: str = field(default_factory=lambda: env("AUTH_TOKENS_FILE", ""))
     retrieval_addr: str = field(
         default_factory=lambda: env(
             "RETRIEVAL_ADDR", f"127.0.0.1:{env_int('RETRIEVAL_PORT', 50052)}"
@@ -172,6 +223,11 @@ class GatewayConfig(ConversionStoreConfig):
     )
     timeout_ms: int = field(default_factory=lambda: env_int("TIMEOUT_MS", 1000))
     ranking_budget_ms: int = field(default_factory=lambda: env_int("RANKING_BUDGET_MS", 300))
+    # How the gateway reaches retrieval and ranking: TLS when client_ca is set, its own
+    # certificate when the stages ask for one (mutual TLS).
+    client_ca: str = field(default_factory=lambda: env("CLIENT_CA", ""))
+    client_cert: str = field(default_factory=lambda: env("CLIENT_CERT", ""))
+    client_key: str = field(default_factory=lambda: env("CLIENT_KEY", ""))
 
 
 def with_overrides(config, **overrides):

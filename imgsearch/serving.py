@@ -1,4 +1,4 @@
-"""What every gRPC server shares: health, reflection, metrics, load shedding, reload, signals."""
+"""What every gRPC server shares: health, reflection, auth, metrics, load shedding, reload."""
 
 from __future__ import annotations
 
@@ -25,6 +25,10 @@ from grpc_reflection.v1alpha._async import ReflectionServicer
 from grpc_reflection.v1alpha._base import _file_descriptor_response, _not_found_error
 from grpc_status import rpc_status
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
+
+from imgsearch import artifacts
+from imgsearch.admin.v1 import admin_service_pb2, admin_service_pb2_grpc
+from imgsearch.security import SecurityConfigError, TokenSet, is_loopback, server_credentials
 
 REQUEST_ID_KEY = "x-request-id"
 # One JSON line per RPC (service, method, code, ms, request id) when IMGSEARCH_ACCESS_LOG=1;
@@ -144,17 +148,24 @@ def bad_request_status(field: str, description: str) -> grpc.Status:
     )
 
 
+HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+UNAUTHENTICATED_MESSAGE = "missing or invalid bearer token"
+
+
 class ServiceInterceptor(grpc.aio.ServerInterceptor):
     """What every RPC of a service's own API goes through, in one place.
 
-    For the methods of ``services`` (health, reflection and admin pass untouched, so they are
-    never shed): a request id (the caller's ``x-request-id`` or a new one, kept for the RPC's
-    task so every log line carries it); UNAVAILABLE while the artifact set is loading;
-    load shedding with RESOURCE_EXHAUSTED past the in-flight limit; bad input raised as
-    :class:`InvalidArgument` turned into INVALID_ARGUMENT with a BadRequest naming the field;
-    any other exception into INTERNAL with the request id (nothing a client sends crashes a
-    server); requests, latency and in-flight metrics; and, with ``IMGSEARCH_ACCESS_LOG``,
-    one log line per RPC.
+    With ``tokens``, every RPC on the port but the health service's (the service's own API,
+    reflection, any service registered later, unknown methods alike) must carry
+    ``authorization: Bearer <token>``; without one it gets UNAUTHENTICATED and nothing more,
+    before its request is even decoded. For the methods of ``services`` (health and
+    reflection pass untouched, so they are never shed): a request id (the caller's
+    ``x-request-id`` or a new one, kept for the RPC's task so every log line carries it);
+    UNAVAILABLE while the artifact set is loading; load shedding with RESOURCE_EXHAUSTED past
+    the in-flight limit; bad input raised as :class:`InvalidArgument` turned into
+    INVALID_ARGUMENT with a BadRequest naming the field; any other exception into INTERNAL
+    with the request id (nothing a client sends crashes a server); requests, latency and
+    in-flight metrics; and, with ``IMGSEARCH_ACCESS_LOG``, one log line per RPC.
 
     Parameters
     ----------
@@ -166,6 +177,9 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
         The serving state; a request before it is loaded gets UNAVAILABLE.
     limiter:
         The in-flight limit; None for no load shedding.
+    tokens:
+        The bearer tokens the port accepts; None for no authentication. Replaceable at run
+        time (``interceptor.tokens = ...``), e.g. when the token file is re-read.
     """
 
     def __init__(
@@ -174,18 +188,32 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
         services: set[str],
         holder: Reloadable | None = None,
         limiter: InflightLimiter | None = None,
+        tokens: TokenSet | None = None,
     ):
         self.service = service
         self.services = set(services)
         self.holder = holder
         self.limiter = limiter
+        self.tokens = tokens
         self._handlers: dict[str, grpc.RpcMethodHandler] = {}
         self._inflight = INFLIGHT.labels(service)
         self._latency = LATENCY.labels(service, "total")
         self._counters: dict[tuple[str, str], Any] = {}
+        self._refuse = grpc.stream_stream_rpc_method_handler(self._unauthenticated)
 
     async def intercept_service(self, continuation, handler_call_details):
         method = handler_call_details.method
+        tokens = self.tokens
+        if (
+            tokens is not None
+            and not method.startswith(f"/{HEALTH_SERVICE}/")
+            and not tokens.accepts(handler_call_details.invocation_metadata)
+        ):
+            service_name, _, method_name = method.lstrip("/").rpartition("/")
+            # Arbitrary paths must not grow the metrics' label sets.
+            known = service_name in self.services
+            self._count(method_name if known else "other", "UNAUTHENTICATED")
+            return self._refuse
         wrapped = self._handlers.get(method)
         if wrapped is not None:
             return wrapped
@@ -200,6 +228,12 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
         )
         self._handlers[method] = wrapped
         return wrapped
+
+    @staticmethod
+    async def _unauthenticated(request_iterator, context) -> None:
+        # A stream handler with no deserializer answers any method shape without reading
+        # (or decoding) the request; the message is the same whatever was wrong.
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, UNAUTHENTICATED_MESSAGE)
 
     def _count(self, method: str, code: str) -> None:
         counter = self._counters.get((method, code))
@@ -349,34 +383,67 @@ class Reloadable(Generic[StateT]):
     """Holds the serving state (models + artifact version) and swaps it atomically.
 
     Handlers read ``holder.state`` once per request and use only that object, so a request
-    never mixes two artifact versions; a swap is a single reference assignment.
+    never mixes two artifact versions; a swap is a single reference assignment. Loads are
+    serialised: each one loads the folder it was given and reports the state it replaced.
+
+    Parameters
+    ----------
+    loader:
+        Builds a state from an artifact path (run off the event loop).
+    path:
+        What an argument-less :meth:`load` loads (the server's configured artifacts).
     """
 
-    def __init__(self, loader: Callable[[], StateT]):
+    def __init__(self, loader: Callable[[str], StateT], path: str = ""):
         self._loader = loader
+        self.path = path
         self.state: StateT | None = None
         self._lock = asyncio.Lock()
 
-    async def load(self) -> StateT:
-        """Load a new state off the event loop, then swap it in."""
+    async def load(self, path: str | None = None) -> StateT:
+        """Load ``path`` (default: the configured one) off the event loop, then swap it in."""
+        return (await self.swap(path))[1]
+
+    async def swap(self, path: str | None = None) -> tuple[StateT | None, StateT]:
+        """Like :meth:`load`; returns (the state replaced, the new state)."""
         async with self._lock:
             loop = asyncio.get_running_loop()
-            new_state = await loop.run_in_executor(None, self._loader)
-            self.state = new_state
-            return new_state
+            new_state = await loop.run_in_executor(None, self._loader, path or self.path)
+            previous, self.state = self.state, new_state
+            return previous, new_state
 
 
 # -------------------------------------------------------------------------------- lifecycle
 class Service:
-    """One running gRPC server with its health servicer; created by ``create_*_server``."""
+    """One running server: its service port and its admin port, each with a health servicer.
 
-    def __init__(self, name: str, server: grpc.aio.Server, port: int, health: HealthServicer):
+    Created by ``create_*_server``; ``port`` serves the service's own API, ``admin_port``
+    the AdminService and plaintext health.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        server: grpc.aio.Server,
+        port: int,
+        health: HealthServicer,
+        admin_server: grpc.aio.Server | None = None,
+        admin_port: int = 0,
+        admin_health: HealthServicer | None = None,
+    ):
         self.name = name
         self.server = server
         self.port = port
         self.health = health
+        self.admin_server = admin_server
+        self.admin_port = admin_port
+        self.admin_health = admin_health
         self.reload_hooks: list[Callable[[], Awaitable[Any]]] = []
         self.stop_hooks: list[Callable[[], Awaitable[Any]]] = []
+
+    @property
+    def _healths(self) -> list[HealthServicer]:
+        return [h for h in (self.health, self.admin_health) if h is not None]
 
     async def set_serving(self, service_names: list[str], serving: bool) -> None:
         status = (
@@ -384,35 +451,68 @@ class Service:
             if serving
             else health_pb2.HealthCheckResponse.NOT_SERVING
         )
-        for service_name in ["", *service_names]:
-            await self.health.set(service_name, status)
+        for health in self._healths:
+            for service_name in ["", *service_names]:
+                await health.set(service_name, status)
 
     async def reload(self) -> None:
+        """Run every reload hook (each one even if another fails); re-raise the first error."""
+        first_error = None
         for hook in self.reload_hooks:
-            await hook()
+            try:
+                await hook()
+            except Exception as exc:  # noqa: BLE001 - the other hooks still run
+                first_error = first_error or exc
+        if first_error is not None:
+            raise first_error
 
     async def stop(self, grace: float) -> None:
-        await self.health.enter_graceful_shutdown()
+        for health in self._healths:
+            await health.enter_graceful_shutdown()
         await self.server.stop(grace)
+        if self.admin_server is not None:
+            await self.admin_server.stop(grace)
         for hook in self.stop_hooks:
             await hook()
 
 
 def new_server(
-    name: str, host: str, port: int, interceptors: list[grpc.aio.ServerInterceptor] | None = None
+    name: str,
+    host: str,
+    port: int,
+    interceptors: list[grpc.aio.ServerInterceptor] | None = None,
+    credentials: grpc.ServerCredentials | None = None,
+    max_connection_age_s: float = 0.0,
+    grace_s: float = 5.0,
 ) -> tuple[grpc.aio.Server, int, HealthServicer]:
-    """An aio server bound to ``host:port`` (0 = ephemeral) with health registered."""
-    server = grpc.aio.server(
-        interceptors=interceptors or (),
-        options=[
-            ("grpc.so_reuseport", 0),
-            ("grpc.max_receive_message_length", 4 * 1024 * 1024),
-            ("grpc.keepalive_permit_without_calls", 1),
-        ],
-    )
+    """An aio server bound to ``host:port`` (0 = ephemeral) with health registered.
+
+    With ``credentials`` the port serves TLS, else plaintext. With ``max_connection_age_s``
+    each client connection is closed (GOAWAY) after that long, its calls in flight given
+    ``grace_s`` to finish, so that clients balancing over DNS resolve again and find new
+    replicas.
+    """
+    options = [
+        ("grpc.so_reuseport", 0),
+        ("grpc.max_receive_message_length", 4 * 1024 * 1024),
+        ("grpc.keepalive_permit_without_calls", 1),
+    ]
+    if max_connection_age_s > 0:
+        options += [
+            ("grpc.max_connection_age_ms", int(max_connection_age_s * 1000)),
+            ("grpc.max_connection_age_grace_ms", int(grace_s * 1000)),
+        ]
+    server = grpc.aio.server(interceptors=interceptors or (), options=options)
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
-    bound = server.add_insecure_port(f"{host}:{port}")
+    address = f"{host}:{port}"
+    try:
+        if credentials is None:
+            bound = server.add_insecure_port(address)
+        else:
+            bound = server.add_secure_port(address, credentials)
+    except RuntimeError:
+        bound = 0
     if bound == 0:
         raise SystemExit(f"error: {name} cannot listen on {host}:{port} (address in use?)")
     return server, bound, health
@@ -451,43 +551,58 @@ async def run_until_signalled(services: list[Service], grace: float) -> None:
 
 
 # ------------------------------------------------------------------------------------ admin
-class AdminServicer:
-    """``imgsearch.admin.v1.AdminService``: reload and status for one server's state holder."""
+ADMIN_SERVICE = admin_service_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name
+REFLECTION_CHOICES = ("auto", "on", "off")
 
-    def __init__(self, service: str, holder: Reloadable, paths: dict):
+
+class AdminServicer:
+    """``imgsearch.admin.v1.AdminService``: reload and status for one server's state holder.
+
+    ``Reload`` loads a set *version* under the artifacts the server was started with (see
+    :func:`imgsearch.artifacts.locate`), never a path a caller names; reloads are
+    serialised by the holder, each reporting the version it replaced.
+    """
+
+    def __init__(self, service: str, holder: Reloadable, configured: str):
         self.service = service
         self.holder = holder
-        self.paths = paths  # {"artifacts": path the loader reads}
+        self.configured = configured
 
     async def Reload(self, request, context):
-        from imgsearch.admin.v1 import admin_service_pb2
-
-        previous = self.holder.state.version if self.holder.state else ""
-        previous_path = self.paths["artifacts"]
         if request.artifacts:
-            self.paths["artifacts"] = request.artifacts
+            raise InvalidArgument(
+                "artifacts",
+                "paths are no longer accepted; name a set under the server's artifact root "
+                "with `version` (empty: the set `current` points to)",
+            )
+        try:
+            path = artifacts.locate(self.configured, request.version)
+        except ValueError as exc:
+            raise InvalidArgument("version", str(exc)) from None
+        except artifacts.UnknownVersion as exc:
+            await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
         start = time.perf_counter()
         try:
-            state = await self.holder.load()
+            previous, state = await self.holder.swap(str(path))
         except Exception as exc:  # noqa: BLE001 - keep serving the previous set
-            self.paths["artifacts"] = previous_path
+            serving = self.holder.state.version if self.holder.state else "nothing"
             logger.exception("reload failed", extra={"service": self.service})
             await context.abort(
                 grpc.StatusCode.FAILED_PRECONDITION,
-                f"reload failed, still serving {previous}: {exc}",
+                f"reload failed, still serving {serving}: {exc}",
             )
+        previous_version = previous.version if previous is not None else ""
         logger.info(
-            "reloaded", extra={"service": self.service, "from": previous, "to": state.version}
+            "reloaded",
+            extra={"service": self.service, "from": previous_version, "to": state.version},
         )
         return admin_service_pb2.ReloadResponse(
-            previous_version=previous,
+            previous_version=previous_version,
             version=state.version,
             load_ms=(time.perf_counter() - start) * 1000,
         )
 
     async def GetStatus(self, request, context):
-        from imgsearch.admin.v1 import admin_service_pb2
-
         state = self.holder.state
         defaults = [
             admin_service_pb2.DefaultChoice(kind=kind, name=name, reason=reason)
@@ -502,14 +617,48 @@ class AdminServicer:
         )
 
 
-def add_admin(server: grpc.aio.Server, service: str, holder: Reloadable, paths: dict) -> str:
-    """Register the AdminService on ``server``; returns its full service name."""
-    from imgsearch.admin.v1 import admin_service_pb2, admin_service_pb2_grpc
+def reflection_wanted(setting: str, host: str, tls: bool) -> bool:
+    """Whether a port serves reflection: ``on``, ``off``, or ``auto`` (plaintext loopback)."""
+    if setting not in REFLECTION_CHOICES:
+        raise SecurityConfigError(
+            f"reflection must be one of {', '.join(REFLECTION_CHOICES)}, got {setting!r}"
+        )
+    if setting == "auto":
+        return not tls and is_loopback(host)
+    return setting == "on"
 
-    admin_service_pb2_grpc.add_AdminServiceServicer_to_server(
-        AdminServicer(service, holder, paths), server
+
+def _tokens(path: str, setting: str) -> TokenSet | None:
+    return TokenSet.from_file(path, setting) if path else None
+
+
+def start_admin(
+    name: str, config, holder: Reloadable
+) -> tuple[grpc.aio.Server, int, HealthServicer, ServiceInterceptor]:
+    """The admin port: AdminService and health in plaintext, loopback unless configured.
+
+    Raises
+    ------
+    SecurityConfigError
+        When it would bind a non-loopback address without admin tokens.
+    """
+    tokens = _tokens(config.admin_tokens_file, "admin_tokens_file")
+    if tokens is None and not is_loopback(config.admin_host):
+        raise SecurityConfigError(
+            f"{name}: the admin port would bind {config.admin_host}, which is not loopback, "
+            "with no token asked: set IMGSEARCH_ADMIN_TOKENS_FILE (--admin-tokens-file) or "
+            "bind it to 127.0.0.1"
+        )
+    interceptor = ServiceInterceptor(name, {ADMIN_SERVICE}, tokens=tokens)
+    server, port, health = new_server(
+        f"{name} admin", config.admin_host, config.admin_port, [interceptor]
     )
-    return admin_service_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name
+    admin_service_pb2_grpc.add_AdminServiceServicer_to_server(
+        AdminServicer(name, holder, str(config.artifacts)), server
+    )
+    if reflection_wanted(config.reflection, config.admin_host, tls=False):
+        enable_reflection(server, [ADMIN_SERVICE])
+    return server, port, health, interceptor
 
 
 async def start_service(
@@ -519,35 +668,79 @@ async def start_service(
     loader: Callable[[str], Any],
     add_servicer: Callable[[grpc.aio.Server, Reloadable], Any],
 ) -> Service:
-    """Create a server, register its servicers, admin and reflection, load its state, serve.
+    """Create a server and its admin port, register the servicers, load the state, serve.
 
-    Health says NOT_SERVING from the moment the port is open until the artifact set is
+    Health says NOT_SERVING from the moment the ports are open until the artifact set is
     loaded; then SERVING. ``loader(path)`` builds the state (it must have ``version``,
     ``path`` and ``models``); ``add_servicer`` registers the services named in
     ``service_names`` and returns the servicer, or a list of them (one with an async
-    ``close()`` is closed when the service stops). Their RPCs go through one
-    :class:`ServiceInterceptor`.
+    ``close()`` is closed when the service stops). Every RPC on the service port goes through
+    one :class:`ServiceInterceptor` (bearer tokens when ``config.auth_tokens_file`` is set),
+    and the port serves TLS when ``config.tls_cert`` is set (mutual TLS with
+    ``config.tls_client_ca``); the admin port is :func:`start_admin`'s.
+
+    Raises
+    ------
+    SecurityConfigError
+        When a certificate, key or token file is missing or the settings contradict.
     """
-    paths = {"artifacts": config.artifacts}
-    holder: Reloadable = Reloadable(lambda: loader(paths["artifacts"]))
+    credentials = server_credentials(config.tls_cert, config.tls_key, config.tls_client_ca)
+    tls = credentials is not None
+    if not tls and not is_loopback(config.host):
+        logger.warning(
+            f"{name} serves plaintext on {config.host}: set IMGSEARCH_TLS_CERT/KEY "
+            "before exposing it"
+        )
+    holder: Reloadable = Reloadable(loader, str(config.artifacts))
     interceptor = ServiceInterceptor(
-        name, set(service_names), holder, InflightLimiter(config.max_inflight)
+        name,
+        set(service_names),
+        holder,
+        InflightLimiter(config.max_inflight),
+        tokens=_tokens(config.auth_tokens_file, "auth_tokens_file"),
     )
-    server, port, health = new_server(name, config.host, config.port, [interceptor])
+    reflection = reflection_wanted(config.reflection, config.host, tls)
+    admin_server, admin_port, admin_health, admin_interceptor = start_admin(name, config, holder)
+    server, port, health = new_server(
+        name,
+        config.host,
+        config.port,
+        [interceptor],
+        credentials,
+        max_connection_age_s=config.max_connection_age_s,
+        grace_s=config.grace_s,
+    )
     servicers = add_servicer(server, holder)
-    admin_name = add_admin(server, name, holder, paths)
-    enable_reflection(server, [*service_names, admin_name])
-    service = Service(name, server, port, health)
+    if reflection:
+        enable_reflection(server, service_names)
+    service = Service(name, server, port, health, admin_server, admin_port, admin_health)
     for servicer in servicers if isinstance(servicers, list) else [servicers]:
         if hasattr(servicer, "close"):
             service.stop_hooks.append(servicer.close)
     await service.set_serving(service_names, False)
+    await admin_server.start()
     await server.start()
     state = await holder.load()
     service.reload_hooks.append(holder.load)
+
+    async def reread_tokens() -> None:
+        # SIGHUP also picks up rotated token files (a bad file keeps the old tokens).
+        interceptor.tokens = _tokens(config.auth_tokens_file, "auth_tokens_file")
+        admin_interceptor.tokens = _tokens(config.admin_tokens_file, "admin_tokens_file")
+
+    service.reload_hooks.append(reread_tokens)
     await service.set_serving(service_names, True)
     logger.info(
         f"{name} serving",
-        extra={"port": port, "version": state.version, "models": list(state.models)},
+        extra={
+            "port": port,
+            "admin_port": admin_port,
+            "tls": tls,
+            "mutual_tls": bool(config.tls_client_ca),
+            "auth": interceptor.tokens is not None,
+            "reflection": reflection,
+            "version": state.version,
+            "models": list(state.models),
+        },
     )
     return service

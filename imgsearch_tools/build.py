@@ -65,6 +65,14 @@ def add_commands(subparsers) -> None:
         help="open_clip pretrained tag or local checkpoint path for --clip-model",
     )
     p.add_argument(
+        "--embeddings",
+        default=None,
+        metavar="FILE_OR_DIR",
+        help="image embeddings made beforehand by `imgsearch embed` (an .npz, or the shard "
+        "folder of `embed --ray`) with the CLIP given by --clip-model/--clip-pretrained; "
+        "checked against the catalogue's photos and that CLIP's weights",
+    )
+    p.add_argument(
         "--clip-steps",
         type=int,
         default=TRAIN_STEPS,
@@ -153,11 +161,14 @@ def build_artifacts(
     show_progress: bool = True,
     int8: bool = True,
     force: bool = False,
+    embeddings: str | None = None,
 ) -> Path:
     """Build one artifact set from ``data`` under ``out`` and publish it; returns its folder.
 
     ``out`` must be new, empty or an artifact root (only ``sets/`` and ``current`` in it);
     ``force`` accepts a folder holding other files too, which are left as they are.
+    ``embeddings`` (an ``imgsearch embed`` output, made with ``clip_model`` and
+    ``clip_pretrained``) replaces embedding the images during the build.
     """
     from imgsearch import artifacts
     from imgsearch.unsplash import read_unsplash
@@ -204,6 +215,7 @@ def build_artifacts(
                 train_steps=clip_steps,
                 show_progress=show_progress,
                 query_families=query_families(catalogue),
+                embeddings=embeddings,
             )
         else:
             manifest["clip"] = {
@@ -374,7 +386,16 @@ def cmd_build(args) -> int:
     from imgsearch.artifacts import ArtifactError
     from imgsearch.unsplash import DataError
     from imgsearch_tools.outputs import RefusedFolder
+    from retrieval_service.embedding import EmbeddingMismatch
 
+    if args.embeddings and (args.no_clip or not args.clip_model):
+        print(
+            "error: --embeddings needs the CLIP they were made with: --clip-model NAME "
+            "--clip-pretrained TAG|PATH (e.g. --clip-model imgsearch-tiny-clip "
+            "--clip-pretrained CLIP_DIR from train-clip), and not --no-clip",
+            file=sys.stderr,
+        )
+        return 2
     rankers = [r.strip() for r in args.rankers.split(",") if r.strip()]
     unknown = sorted(set(rankers) - set(RANKER_NAMES))
     if unknown:
@@ -399,8 +420,9 @@ def cmd_build(args) -> int:
             show_progress=not args.quiet,
             int8=args.int8,
             force=args.force,
+            embeddings=args.embeddings,
         )
-    except (DataError, FileNotFoundError, ArtifactError) as exc:
+    except (DataError, FileNotFoundError, ArtifactError, EmbeddingMismatch) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except RefusedFolder as exc:

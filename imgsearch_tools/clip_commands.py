@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from retrieval_service.clip_model import TRAIN_STEPS
+from retrieval_service.ray_embedding import CPUS_PER_DECODE, CPUS_PER_WORKER
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
@@ -46,16 +47,51 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
 
     p = subparsers.add_parser(
         "embed",
-        help="embed every image of a catalogue (resumable)",
-        description="L2-normalised image embeddings; rerun after an interruption to resume.",
+        help="embed every image of a catalogue (resumable; --ray: on a Ray actor pool)",
+        description="L2-normalised image embeddings; rerun after an interruption to resume. "
+        "With --ray the image tower runs on Ray Data (a local Ray, or the Ray cluster at "
+        "ADDRESS) and OUT is a folder of shards. `imgsearch build --embeddings OUT` reads "
+        "either output.",
     )
     p.add_argument("--data", required=True, help="Unsplash Lite folder with images/")
     p.add_argument("--clip", default=None, help="CLIP folder (from train-clip) or checkpoint")
     p.add_argument("--model", default=None, help="open_clip model name (with --pretrained)")
     p.add_argument("--pretrained", default=None, help="open_clip tag or checkpoint file")
-    p.add_argument("--out", required=True, help="embeddings .npz to write")
+    p.add_argument("--out", required=True, help="embeddings .npz to write (a folder with --ray)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--quiet", action="store_true")
+    ray_group = p.add_argument_group("Ray", "optional; install with pip install '.[ray]'")
+    ray_group.add_argument(
+        "--ray",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="ADDRESS",
+        help="embed with Ray Data: a local Ray without ADDRESS, else the cluster at ADDRESS "
+        "(auto, HOST:6379, ray://HOST:10001); every node must see --data at the same path",
+    )
+    ray_group.add_argument(
+        "--workers", type=int, default=None, help="model actors, one CLIP each (default 2)"
+    )
+    ray_group.add_argument(
+        "--cpus-per-worker",
+        type=float,
+        default=None,
+        help=f"Ray CPUs each actor reserves (default {CPUS_PER_WORKER}: leaves room for the "
+        f"decode tasks, {CPUS_PER_DECODE} each)",
+    )
+    ray_group.add_argument(
+        "--threads-per-worker", type=int, default=None, help="torch threads per actor (default 1)"
+    )
+    ray_group.add_argument(
+        "--rows-per-shard", type=int, default=None, help="photos per shard file (default 50000)"
+    )
+    ray_group.add_argument(
+        "--force",
+        action="store_true",
+        help="with --ray: write into a non-empty --out that embed did not make, beside its "
+        "files (none of them is deleted or overwritten)",
+    )
     p.set_defaults(handler=_embed)
 
     p = subparsers.add_parser(
@@ -148,6 +184,26 @@ def _embed(args: argparse.Namespace) -> int:
     else:
         print("embed: give --clip DIR or --model NAME --pretrained TAG", file=sys.stderr)
         return 2
+    ray_options = {
+        "workers": args.workers,
+        "cpus_per_worker": args.cpus_per_worker,
+        "threads_per_worker": args.threads_per_worker,
+        "rows_per_shard": args.rows_per_shard,
+    }
+    ray_options = {name: value for name, value in ray_options.items() if value is not None}
+    if args.ray is None:
+        if args.force:
+            ray_options["force"] = True
+        if ray_options:
+            flags = ", ".join("--" + name.replace("_", "-") for name in ray_options)
+            print(f"embed: {flags} only apply with --ray", file=sys.stderr)
+            return 2
+    else:
+        problem = _ray_problem(args, ray_options)
+        if problem:
+            print(f"embed: {problem}", file=sys.stderr)
+            return 2
+        return _embed_on_ray(args, spec, ray_options)
     catalogue = _read_catalogue(args.data)
     bundle = load_clip(spec)
     result = embed_catalogue(
@@ -159,6 +215,51 @@ def _embed(args: argparse.Namespace) -> int:
         f"{result['images_per_s']} images/s -> {result['path']}"
     )
     return 0
+
+
+def _embed_on_ray(args: argparse.Namespace, spec, ray_options: dict) -> int:
+    from imgsearch_tools import outputs
+    from retrieval_service.clip_model import load_clip
+    from retrieval_service.ray_embedding import embed_catalogue_on_ray
+
+    try:
+        # The folder is checked on entry; the shards appear there only once all are written.
+        with outputs.staged_folder(args.out, "embed", args.force) as staging:
+            catalogue = _read_catalogue(args.data)
+            result = embed_catalogue_on_ray(
+                load_clip(spec),
+                catalogue,
+                staging,
+                address=args.ray or None,
+                batch_size=args.batch_size,
+                show_progress=not args.quiet,
+                **ray_options,
+            )
+    except outputs.RefusedFolder as exc:
+        print(f"embed: {exc}", file=sys.stderr)
+        return 2
+    print(
+        f"embedded {result['embedded']:,} images ({result['missing']:,} missing, "
+        f"{result['corrupt']:,} corrupt) on Ray ({result['cluster']}, "
+        f"{result['workers']} workers) at {result['images_per_s']} images/s, actor "
+        f"start-up included -> {args.out} ({len(result['shards'])} shard(s))"
+    )
+    return 0
+
+
+def _ray_problem(args: argparse.Namespace, options: dict) -> str | None:
+    """Why ``embed --ray`` cannot start (Ray missing, bad numbers), or None."""
+    from retrieval_service.ray_embedding import RayUnavailable, import_ray
+
+    if options.get("workers", 1) < 1 or options.get("threads_per_worker", 1) < 1:
+        return "--workers and --threads-per-worker must be at least 1"
+    if options.get("cpus_per_worker", 1.0) <= 0 or options.get("rows_per_shard", 1) < 1:
+        return "--cpus-per-worker and --rows-per-shard must be positive"
+    try:
+        import_ray(local=not args.ray)
+    except RayUnavailable as exc:
+        return f"--ray: {exc}"
+    return None
 
 
 def _index_stats(args: argparse.Namespace) -> int:

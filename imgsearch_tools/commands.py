@@ -9,8 +9,9 @@ from pathlib import Path
 
 from imgsearch.names import RANKER_CHOICES, RANKER_NAMES, RETRIEVER_CHOICES
 from imgsearch_tools.build import build_artifacts, check_artifact_root
+from imgsearch_tools.client_flags import add_client_security_arguments, client_security
 from imgsearch_tools.outputs import RefusedFolder
-from imgsearch_tools.serve import SERVICES, resolve_configs, serve_all
+from imgsearch_tools.serve import SERVICES, add_serve_arguments, resolve_configs, serve_all
 
 
 def add_commands(subparsers) -> None:
@@ -39,15 +40,28 @@ def add_commands(subparsers) -> None:
         help="with --html: embed images from this folder (e.g. DATA/images) "
         "instead of linking their URLs",
     )
+    add_client_security_arguments(p)
     p.set_defaults(handler=cmd_search)
 
-    p = subparsers.add_parser("reload", help="switch running servers to the newest artifact set")
+    p = subparsers.add_parser(
+        "reload",
+        help="switch running servers to an artifact set version",
+        description="Ask each server's AdminService (on its admin port) to load a set version "
+        "under the artifact root it was started with; no version: the set `current` points "
+        "to. A server never loads a path a caller names.",
+    )
     p.add_argument(
         "--targets",
-        default="127.0.0.1:50052,127.0.0.1:50053,127.0.0.1:50051",
-        help="comma-separated HOST:PORT of the servers (default: all three local)",
+        default=None,
+        help="comma-separated admin HOST:PORT of the servers (default: the three local admin "
+        "ports, 127.0.0.1:50062,50063,50061 or IMGSEARCH_*_ADMIN_PORT)",
     )
-    p.add_argument("--artifacts", default="", help="artifact root or set (default: the same)")
+    p.add_argument(
+        "--version",
+        default="",
+        help="set version (folder name under ARTIFACTS/sets/; default: what `current` points to)",
+    )
+    add_client_security_arguments(p, tls=False, token_env="ADMIN_TOKEN_FILE")
     p.set_defaults(handler=cmd_reload)
 
     p = subparsers.add_parser("demo", help="build the embedded demo if missing and serve it")
@@ -73,10 +87,12 @@ def cmd_search(args) -> int:
 
     from gateway.client import format_table, search, to_json
     from imgsearch.config import env_int
+    from imgsearch.security import SecurityConfigError
 
     target = args.target or f"127.0.0.1:{env_int('GATEWAY_PORT', 50051)}"
     recent = [r for r in args.recent.split(",") if r]
     try:
+        security = client_security(args)
         response = search(
             target,
             args.query,
@@ -87,7 +103,11 @@ def cmd_search(args) -> int:
             ranker=args.ranker,
             recent_photo_ids=recent,
             timeout=args.timeout,
+            security=security,
         )
+    except SecurityConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     except grpc.RpcError as exc:
         print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
         return 1
@@ -100,18 +120,40 @@ def cmd_search(args) -> int:
     return 0
 
 
+def default_admin_targets() -> str:
+    """The three local admin ports, retrieval and ranking first (the gateway reads both)."""
+    from imgsearch.config import env_int
+
+    ports = [
+        env_int("RETRIEVAL_ADMIN_PORT", 50062),
+        env_int("RANKING_ADMIN_PORT", 50063),
+        env_int("GATEWAY_ADMIN_PORT", 50061),
+    ]
+    return ",".join(f"127.0.0.1:{port}" for port in ports)
+
+
 def cmd_reload(args) -> int:
     import grpc
 
     from imgsearch.admin.v1 import admin_service_pb2 as admin_pb
     from imgsearch.admin.v1 import admin_service_pb2_grpc as admin_grpc
+    from imgsearch.security import SecurityConfigError
 
+    try:
+        security = client_security(args)
+        metadata = security.metadata()
+    except SecurityConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     status = 0
-    for target in [t for t in args.targets.split(",") if t]:
-        with grpc.insecure_channel(target) as channel:
+    targets = args.targets or default_admin_targets()
+    for target in [t for t in targets.split(",") if t]:
+        with security.channel(target) as channel:
             stub = admin_grpc.AdminServiceStub(channel)
             try:
-                reply = stub.Reload(admin_pb.ReloadRequest(artifacts=args.artifacts), timeout=300)
+                reply = stub.Reload(
+                    admin_pb.ReloadRequest(version=args.version), timeout=300, metadata=metadata
+                )
                 print(
                     f"{target}: {reply.previous_version} -> {reply.version} "
                     f"({reply.load_ms:.0f} ms)"
@@ -174,6 +216,16 @@ def ensure_demo(args) -> None:
         build_artifacts(str(data), args.artifacts, list(RANKER_NAMES), force=force)
 
 
+def demo_serve_args(artifacts: str) -> argparse.Namespace:
+    """`serve all --artifacts ARTIFACTS` as `serve` parses it: every flag present, unset.
+
+    Parsed by the `serve` flags themselves, so a flag added to `serve` is never missing here.
+    """
+    parser = argparse.ArgumentParser(add_help=False)
+    add_serve_arguments(parser)
+    return parser.parse_args(["all", "--artifacts", str(artifacts), "--log-level", "WARNING"])
+
+
 def cmd_demo(args) -> int:
     import threading
 
@@ -185,21 +237,7 @@ def cmd_demo(args) -> int:
     if args.no_serve:
         return 0
     os.environ.setdefault("IMGSEARCH_LOG_FORMAT", "text")
-    serve_args = argparse.Namespace(
-        artifacts=args.artifacts,
-        host=None,
-        max_inflight=None,
-        retrieval_port=None,
-        ranking_port=None,
-        gateway_port=None,
-        default_retriever=None,
-        default_ranker=None,
-        timeout_ms=None,
-        retrieval_addr=None,
-        ranking_addr=None,
-        metrics_port=None,
-        log_level="WARNING",
-    )
+    serve_args = demo_serve_args(args.artifacts)
     configs = resolve_configs(serve_args)
     # serve_all installs signal handlers, which only the main thread may do: it runs there,
     # and the example search runs from a helper thread once all three are SERVING.
@@ -214,9 +252,12 @@ def show_example(configs: dict, artifacts_path: str) -> None:
     ports = {name: configs[name].port for name in SERVICES}
     try:
         for name in SERVICES:
-            wait_for_serving(f"127.0.0.1:{ports[name]}", timeout=180)
+            # The admin port answers health in plaintext whatever the service port speaks.
+            wait_for_serving(f"127.0.0.1:{configs[name].admin_port}", timeout=180)
         user = _example_user(artifacts_path)
-        response = search(f"127.0.0.1:{ports['gateway']}", "red circle", user, k=5)
+        response = search(
+            f"127.0.0.1:{ports['gateway']}", "red circle", user, k=5, security=client_security()
+        )
         print("\n" + format_table(response, "red circle", user))
         print(
             f"\nimgsearch is SERVING: gateway 127.0.0.1:{ports['gateway']}, "

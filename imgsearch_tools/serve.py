@@ -40,6 +40,13 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         "ranking +2; default from IMGSEARCH_METRICS_PORT, the same offsets)",
     )
     p.add_argument("--max-inflight", type=int, default=None, help="load-shedding limit")
+    p.add_argument(
+        "--max-connection-age-s",
+        type=float,
+        default=None,
+        help="close each client connection after this long, so clients balancing over DNS "
+        "find new replicas (IMGSEARCH_MAX_CONNECTION_AGE_S; default 0 = never)",
+    )
     p.add_argument("--default-retriever", default=None)
     p.add_argument(
         "--encode-batch",
@@ -88,6 +95,41 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help="ranking: how long a request waits for them (default 20)",
     )
+    admin = p.add_argument_group(
+        "admin ports", "AdminService (Reload, GetStatus) and plaintext health, one port each"
+    )
+    admin.add_argument("--admin-host", default=None, help="bind address (default 127.0.0.1)")
+    admin.add_argument("--admin-port", type=int, default=None, help="of a single service")
+    admin.add_argument("--gateway-admin-port", type=int, default=None, help="default 50061")
+    admin.add_argument("--retrieval-admin-port", type=int, default=None, help="default 50062")
+    admin.add_argument("--ranking-admin-port", type=int, default=None, help="default 50063")
+    admin.add_argument(
+        "--admin-tokens-file",
+        default=None,
+        help="bearer tokens the admin ports accept, one per line (required off loopback)",
+    )
+    tls = p.add_argument_group("TLS and tokens", "imgsearch/config.py; `make certs` makes a set")
+    tls.add_argument("--tls-cert", default=None, help="PEM certificate: serve TLS")
+    tls.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert")
+    tls.add_argument(
+        "--tls-client-ca", default=None, help="PEM CA: require client certificates (mutual TLS)"
+    )
+    tls.add_argument(
+        "--auth-tokens-file",
+        default=None,
+        help="gateway: bearer tokens its service port accepts, one per line",
+    )
+    tls.add_argument(
+        "--reflection",
+        default=None,
+        choices=("auto", "on", "off"),
+        help="server reflection (default auto: on only for a plaintext port on loopback)",
+    )
+    tls.add_argument(
+        "--client-ca", default=None, help="gateway: CA of the stages' certificates (TLS)"
+    )
+    tls.add_argument("--client-cert", default=None, help="gateway: its certificate (mutual TLS)")
+    tls.add_argument("--client-key", default=None, help="gateway: its private key")
     p.add_argument("--log-level", default="INFO")
 
 
@@ -101,7 +143,24 @@ def resolve_configs(args) -> dict:
         with_overrides,
     )
 
-    common = {"artifacts": args.artifacts, "host": args.host, "max_inflight": args.max_inflight}
+    def flag(name: str):
+        return getattr(args, name, None)
+
+    security = (
+        "admin_host",
+        "admin_tokens_file",
+        "tls_cert",
+        "tls_key",
+        "tls_client_ca",
+        "reflection",
+    )
+    common = {
+        "artifacts": args.artifacts,
+        "host": args.host,
+        "max_inflight": args.max_inflight,
+        "max_connection_age_s": getattr(args, "max_connection_age_s", None),
+        **{name: flag(name) for name in security},
+    }
     base = args.metrics_port
     # --metrics-port is the port of `serve NAME`, and the base of `serve all`.
     spread = bool(base) and getattr(args, "service", "all") == "all"
@@ -111,6 +170,7 @@ def resolve_configs(args) -> dict:
         **common,
         metrics_port=metrics["retrieval"],
         port=args.retrieval_port,
+        admin_port=flag("retrieval_admin_port"),
         default_retriever=args.default_retriever,
         encode_batch=getattr(args, "encode_batch", None),
         encode_wait_ms=getattr(args, "encode_wait_ms", None),
@@ -123,6 +183,7 @@ def resolve_configs(args) -> dict:
         **conversions,
         metrics_port=metrics["ranking"],
         port=args.ranking_port,
+        admin_port=flag("ranking_admin_port"),
         default_ranker=args.default_ranker,
         foldin_conversions=args.foldin_conversions,
         foldin_timeout_ms=args.foldin_timeout_ms,
@@ -133,6 +194,11 @@ def resolve_configs(args) -> dict:
         **conversions,
         metrics_port=metrics["gateway"],
         port=args.gateway_port,
+        admin_port=flag("gateway_admin_port"),
+        auth_tokens_file=flag("auth_tokens_file"),
+        client_ca=flag("client_ca"),
+        client_cert=flag("client_cert"),
+        client_key=flag("client_key"),
         timeout_ms=args.timeout_ms,
         retrieval_addr=args.retrieval_addr
         or (f"127.0.0.1:{retrieval.port}" if args.retrieval_port else None),
@@ -155,7 +221,10 @@ async def serve_one(name: str, config) -> None:
     start_metrics(config.metrics_port, config.host)
     service = await create(config)
     print(
-        f"[imgsearch] {name} SERVING on {config.host}:{service.port}", file=sys.stderr, flush=True
+        f"[imgsearch] {name} SERVING on {config.host}:{service.port} "
+        f"(admin {config.admin_host}:{service.admin_port})",
+        file=sys.stderr,
+        flush=True,
     )
     await run_until_signalled([service], config.grace_s)
 
@@ -164,7 +233,7 @@ def cmd_serve(args) -> int:
     import asyncio
 
     from imgsearch import artifacts
-    from imgsearch.config import with_overrides
+    from imgsearch.security import SecurityConfigError
     from imgsearch.serving import setup_logging
 
     setup_logging(args.log_level)
@@ -175,10 +244,25 @@ def cmd_serve(args) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     if args.service != "all":
-        config = with_overrides(configs[args.service], port=args.port)
-        asyncio.run(serve_one(args.service, config))
+        config = service_config(args, configs)
+        try:
+            asyncio.run(serve_one(args.service, config))
+        except SecurityConfigError as exc:
+            print(f"error: {args.service}: {exc}", file=sys.stderr)
+            return 2
         return 0
     return serve_all(args, configs)
+
+
+def service_config(args, configs: dict | None = None):
+    """The config `serve NAME` runs with: its resolved config with --port/--admin-port applied.
+
+    ``configs`` are :func:`resolve_configs`'s (resolved again when not given).
+    """
+    from imgsearch.config import with_overrides
+
+    configs = configs if configs is not None else resolve_configs(args)
+    return with_overrides(configs[args.service], port=args.port, admin_port=args.admin_port)
 
 
 def serve_all(args, configs) -> int:

@@ -318,3 +318,21 @@ def update_clip_json(directory: str | Path, **fields: Any) -> dict:
     tmp.write_text(json.dumps(meta, indent=2, default=str))
     os.replace(tmp, path)
     return meta
+
+
+def weights_fingerprint(model: Any) -> str:
+    """A short SHA-256 of a model's state dict (names, dtypes, shapes and values).
+
+    Embeddings made elsewhere (``imgsearch embed``, on Ray) record it, so a build can tell
+    whether they came from the very weights it serves.
+    """
+    import hashlib
+
+    import torch
+
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        values = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}|{values.dtype}|{tuple(values.shape)}|".encode())
+        digest.update(values.view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]

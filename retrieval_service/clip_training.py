@@ -628,6 +628,7 @@ def build_clip_artifacts(
     show_progress: bool = True,
     seed: int = 0,
     query_families: QueryFamilies | None = None,
+    embeddings: str | Path | None = None,
 ) -> dict:
     """Write the CLIP part of an artifact set: model, embeddings, index, text runtime, keywords.
 
@@ -652,6 +653,10 @@ def build_clip_artifacts(
         Training seed.
     query_families:
         Query families of the held-out figure when CLIP is trained (see :func:`train_clip`).
+    embeddings:
+        Image embeddings made beforehand by ``clip_spec`` (``imgsearch embed``, with or
+        without ``--ray``): checked against the catalogue and the CLIP's weights and used
+        instead of embedding the images here.
 
     Returns
     -------
@@ -661,6 +666,11 @@ def build_clip_artifacts(
         (keywords whose query embeddings are stored in ``clip/keyword_embeddings.npz``),
         ``text_runtime`` (the gate's figures and choice, also in ``clip/clip.json``).
         ``{"skipped": reason}`` when no photo has an image (nothing written).
+
+    Raises
+    ------
+    ~retrieval_service.embedding.EmbeddingMismatch
+        When ``embeddings`` do not fit the catalogue or were made by other weights.
     """
     from imgsearch.artifacts import CLIP_DIR, EMBEDDINGS, VECTOR_INDEX
     from retrieval_service.clip_model import (
@@ -671,7 +681,7 @@ def build_clip_artifacts(
         save_clip_reference,
         update_clip_json,
     )
-    from retrieval_service.embedding import embed_catalogue, load_embeddings
+    from retrieval_service.embedding import embed_catalogue, import_embeddings, load_embeddings
     from retrieval_service.text_encoder import TorchTextEncoder
     from retrieval_service.vector_index import VectorIndex, exact_index, recall_at_k
 
@@ -680,6 +690,8 @@ def build_clip_artifacts(
     n_images = int(catalogue.photos["has_image"].astype(bool).sum())
     if n_images == 0:
         return {"skipped": "no photo has an image; CLIP retrieval is not built"}
+    if embeddings is not None and clip_spec is None:
+        raise ValueError("precomputed embeddings need the spec of the CLIP that made them")
     figures: dict = {}
     if clip_spec is None:
         training = train_clip(
@@ -701,9 +713,14 @@ def build_clip_artifacts(
             save_clip_reference(clip_spec, clip_dir)
         figures["clip"] = {"model_name": clip_spec.model_name, "pretrained": clip_spec.pretrained}
 
-    figures["embedding"] = embed_catalogue(
-        bundle, catalogue, set_dir / EMBEDDINGS, show_progress=show_progress
-    )
+    if embeddings is None:
+        figures["embedding"] = embed_catalogue(
+            bundle, catalogue, set_dir / EMBEDDINGS, show_progress=show_progress
+        )
+    else:
+        figures["embedding"] = import_embeddings(
+            embeddings, bundle, catalogue, set_dir / EMBEDDINGS
+        )
     photo_idx, embeddings = load_embeddings(set_dir / EMBEDDINGS)
     vector_index = VectorIndex.build(embeddings, photo_idx, factory=factory, seed=seed)
     vector_index.save(set_dir / VECTOR_INDEX, row_map=f"{EMBEDDINGS}:photo_idx")

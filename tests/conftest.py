@@ -55,10 +55,12 @@ def loop_thread():
 
 
 class Stack:
-    """Three real servers on ephemeral ports, started in-process.
+    """Three real servers on ephemeral ports (service and admin), started in-process.
 
     ``store`` sets where gateway and ranking keep logged conversions (``conversions_db`` or
-    ``conversions_dsn``); by default the file beside the artifact root.
+    ``conversions_dsn``); by default the file beside the artifact root. ``stage_overrides``
+    go to the retrieval and ranking configs (TLS settings, say), ``gateway_overrides`` to the
+    gateway's.
     """
 
     def __init__(
@@ -66,6 +68,7 @@ class Stack:
         loop_thread: LoopThread,
         artifacts: Path,
         store: dict | None = None,
+        stage_overrides: dict | None = None,
         **gateway_overrides,
     ):
         from gateway.server import create_gateway_server
@@ -76,11 +79,18 @@ class Stack:
         self.lt = loop_thread
         self.artifacts = str(artifacts)
         self.store = store or {}
+        self.stage_overrides = {"admin_port": 0, **(stage_overrides or {})}
         self.retrieval = self.lt.run(
-            create_retrieval_server(RetrievalConfig(artifacts=self.artifacts, port=0))
+            create_retrieval_server(
+                RetrievalConfig(artifacts=self.artifacts, port=0, **self.stage_overrides)
+            )
         )
         self.ranking = self.lt.run(
-            create_ranking_server(RankingConfig(artifacts=self.artifacts, port=0, **self.store))
+            create_ranking_server(
+                RankingConfig(
+                    artifacts=self.artifacts, port=0, **self.store, **self.stage_overrides
+                )
+            )
         )
         self.gateway_config = GatewayConfig(
             artifacts=self.artifacts,
@@ -88,7 +98,7 @@ class Stack:
             retrieval_addr=f"127.0.0.1:{self.retrieval.port}",
             ranking_addr=f"127.0.0.1:{self.ranking.port}",
             **self.store,
-            **gateway_overrides,
+            **{"admin_port": 0, **gateway_overrides},
         )
         self.gateway = self.lt.run(create_gateway_server(self.gateway_config))
         self.target = f"127.0.0.1:{self.gateway.port}"
@@ -99,7 +109,12 @@ class Stack:
 
         self.ranking = self.lt.run(
             create_ranking_server(
-                RankingConfig(artifacts=self.artifacts, port=self.ranking.port, **self.store)
+                RankingConfig(
+                    artifacts=self.artifacts,
+                    port=self.ranking.port,
+                    **self.store,
+                    **self.stage_overrides,
+                )
             )
         )
 

@@ -219,11 +219,21 @@ def test_bench_command_writes_json_and_fails_when_nothing_answers(artifact_root,
     assert written["e2e_over_in_process_p50"] is None
 
 
-def test_bench_suite_runs_services_scenarios_and_a_hot_reload(artifact_root, tmp_path, capsys):
+@pytest.mark.parametrize("tls", [False, True], ids=["plaintext", "tls"])
+def test_bench_suite_runs_services_scenarios_and_a_hot_reload(artifact_root, tmp_path, tls):
+    """Three `imgsearch serve` processes; with --tls every link is TLS (mutual between
+    gateway and stages) and every search carries the token, reflection and reload included."""
     out = tmp_path / "bench"
+    tls_flags = []
+    if tls:
+        from imgsearch_tools.certs import write_dev_certs
+
+        write_dev_certs(tmp_path / "certs")
+        tls_flags = ["--tls", str(tmp_path / "certs")]
     status = main(
         [
             "bench-suite",
+            *tls_flags,
             "--artifacts",
             str(artifact_root),
             "--out",
@@ -266,6 +276,8 @@ def test_bench_suite_runs_services_scenarios_and_a_hot_reload(artifact_root, tmp
     markdown = (out / "bench.md").read_text()
     assert "| keyword+als closed c=1 |" in markdown
     assert "Failed requests: 0" in markdown
+    assert report["settings"]["tls"] == tls
+    assert ("mutual TLS between gateway and stages" in markdown) == tls
     assert report["machine"]["cpu_model"] in markdown
     ghz_data = json.loads((out / "ghz-data.json").read_text())
     assert ghz_data[0]["ranker"] == "RANKER_ALS" and ghz_data[0]["query"]

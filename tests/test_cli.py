@@ -74,7 +74,7 @@ def test_build_rejects_a_broken_field_with_file_and_line(demo_data, tmp_path):
 
 
 def test_serve_all_reaches_serving_searches_and_exits_cleanly_on_sigterm(artifact_root):
-    gateway, retrieval, ranking = free_ports(3)
+    gateway, retrieval, ranking, *admin = free_ports(6)
     env = {**os.environ, "IMGSEARCH_LOG_FORMAT": "json"}
     process = subprocess.Popen(
         [
@@ -91,6 +91,12 @@ def test_serve_all_reaches_serving_searches_and_exits_cleanly_on_sigterm(artifac
             str(retrieval),
             "--ranking-port",
             str(ranking),
+            "--gateway-admin-port",
+            str(admin[0]),
+            "--retrieval-admin-port",
+            str(admin[1]),
+            "--ranking-admin-port",
+            str(admin[2]),
         ],
         env=env,
         stdout=subprocess.PIPE,
@@ -106,6 +112,11 @@ def test_serve_all_reaches_serving_searches_and_exits_cleanly_on_sigterm(artifac
         out = imgsearch("search", "blue", "--target", f"127.0.0.1:{gateway}", "-k", "3")
         assert out.returncode == 0, out.stderr
         assert "timings: retrieval" in out.stdout
+        # Reload goes to the admin ports, each child's from the flags `serve all` passed on.
+        targets = ",".join(f"127.0.0.1:{port}" for port in admin)
+        out = imgsearch("reload", "--targets", targets)
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.count(" -> ") == 3
         process.send_signal(signal.SIGTERM)
         stdout, stderr = process.communicate(timeout=60)
         assert process.returncode == 0, stderr[-2000:]
@@ -116,7 +127,7 @@ def test_serve_all_reaches_serving_searches_and_exits_cleanly_on_sigterm(artifac
             process.communicate()
     # Nothing is left listening.
     time.sleep(0.2)
-    for port in (gateway, retrieval, ranking):
+    for port in (gateway, retrieval, ranking, *admin):
         with socket.socket() as s:
             assert s.connect_ex(("127.0.0.1", port)) != 0
 
@@ -348,3 +359,16 @@ def test_demo_keeps_and_can_replace_a_folder_marked_by_the_old_demo(tmp_path, mo
     assert len(builds) == 1
     assert not (data / ".complete").exists()
     assert outputs.read_marker(data, "demo-data")["generator"] == GENERATOR_VERSION
+
+
+def test_demo_serves_with_every_serve_setting(tmp_path, monkeypatch):
+    from imgsearch_tools import commands
+    from imgsearch_tools.serve import resolve_configs, serve_command
+
+    monkeypatch.setenv("IMGSEARCH_MAX_CONNECTION_AGE_S", "30")
+    configs = resolve_configs(commands.demo_serve_args(str(tmp_path / "artifacts")))
+    for name, config in configs.items():
+        assert config.artifacts == str(tmp_path / "artifacts")
+        assert config.max_connection_age_s == 30.0
+        command = serve_command(name, config, "WARNING")  # what `make run` starts
+        assert command[command.index("--max-connection-age-s") + 1] == "30.0"

@@ -80,6 +80,7 @@ REFUSALS = {
     "train-clip --out": lambda f, t: ["train-clip", "--data", f, "--out", f, "--steps", "2",
                                       "--quiet"],
     "serve": lambda f, t: ["serve", "retrieval", "--artifacts", f, "--port", "0"],
+    "certs --out": lambda f, t: ["certs", "--out", f],
 }  # fmt: skip
 
 

@@ -44,6 +44,7 @@ class Gateway:
         config = GatewayConfig(
             artifacts=str(artifacts),
             port=0,
+            admin_port=0,
             retrieval_addr="127.0.0.1:1",
             ranking_addr="127.0.0.1:1",
             **store,

@@ -27,7 +27,7 @@ class Gateway:
     """`imgsearch serve gateway` as a child process that can be killed and started again."""
 
     def __init__(self, artifacts, store_flags: list[str], log_path):
-        self.port = free_ports(1)[0]
+        self.port, admin_port = free_ports(2)
         self.target = f"127.0.0.1:{self.port}"
         self.command = [
             sys.executable,
@@ -39,6 +39,8 @@ class Gateway:
             str(artifacts),
             "--port",
             str(self.port),
+            "--admin-port",
+            str(admin_port),
             "--log-level",
             "WARNING",
             *store_flags,

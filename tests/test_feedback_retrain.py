@@ -52,10 +52,14 @@ def test_export_then_retrain_with_logged_events_then_reload(
 
     # Both servers find the store as they would with no settings: beside the artifact root.
     gateway = loop_thread.run(
-        create_gateway_server(GatewayConfig(artifacts=str(root), port=0, ranking_addr="x:1"))
+        create_gateway_server(
+            GatewayConfig(artifacts=str(root), port=0, admin_port=0, ranking_addr="x:1")
+        )
     )
     ranking = loop_thread.run(
-        create_ranking_server(RankingConfig(artifacts=str(root), port=0, foldin_conversions=0))
+        create_ranking_server(
+            RankingConfig(artifacts=str(root), port=0, admin_port=0, foldin_conversions=0)
+        )
     )
     ranking_target = f"127.0.0.1:{ranking.port}"
     try:
@@ -101,7 +105,7 @@ def test_export_then_retrain_with_logged_events_then_reload(
         # Every ranker was retrained on the renumbered users, not only the one asked for.
         assert set(retrained.rankers) == {"none", "popularity", "als"}
 
-        with grpc.insecure_channel(ranking_target) as channel:
+        with grpc.insecure_channel(f"127.0.0.1:{ranking.admin_port}") as channel:
             reloaded = admin_grpc.AdminServiceStub(channel).Reload(
                 admin_pb.ReloadRequest(), timeout=60
             )

@@ -183,8 +183,8 @@ def test_hot_reload_under_load_fails_no_request_and_switches_version(
         with ThreadPoolExecutor(4) as pool:
             futures = [pool.submit(load) for _ in range(4)]
             time.sleep(0.5)
-            for port in (stack.retrieval.port, stack.ranking.port, stack.gateway.port):
-                with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            for service in (stack.retrieval, stack.ranking, stack.gateway):
+                with grpc.insecure_channel(f"127.0.0.1:{service.admin_port}") as channel:
                     reply = admin_grpc.AdminServiceStub(channel).Reload(
                         admin_pb.ReloadRequest(), timeout=60
                     )
@@ -205,14 +205,18 @@ def test_hot_reload_under_load_fails_no_request_and_switches_version(
 
 
 def test_reload_to_a_broken_set_keeps_serving_the_old_one(loop_thread, artifact_root, tmp_path):
-    stack = Stack(loop_thread, artifact_root)
+    root = tmp_path / "root"
+    shutil.copytree(artifact_root, root, symlinks=True)
+    # A set whose manifest is there but whose files are not.
+    broken = root / artifacts.SETS_DIR / "broken"
+    broken.mkdir()
+    (broken / artifacts.MANIFEST).write_text('{"version": "broken"}')
+    stack = Stack(loop_thread, root)
     try:
-        broken = tmp_path / "broken"
-        broken.mkdir()
-        with grpc.insecure_channel(f"127.0.0.1:{stack.retrieval.port}") as channel:
+        with grpc.insecure_channel(f"127.0.0.1:{stack.retrieval.admin_port}") as channel:
             with pytest.raises(grpc.RpcError) as info:
                 admin_grpc.AdminServiceStub(channel).Reload(
-                    admin_pb.ReloadRequest(artifacts=str(broken)), timeout=30
+                    admin_pb.ReloadRequest(version="broken"), timeout=30
                 )
         assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
         assert "still serving" in info.value.details()
@@ -226,7 +230,7 @@ def test_a_server_still_loading_answers_unavailable_not_internal(loop_thread):
     from ranking_service.server import SERVICE_NAME, RankingServicer
 
     async def start():
-        holder = Reloadable(lambda: None)  # never loaded: state stays None
+        holder = Reloadable(lambda path: None)  # never loaded: state stays None
         interceptor = ServiceInterceptor("ranking", {SERVICE_NAME}, holder, InflightLimiter(8))
         server = grpc.aio.server(interceptors=[interceptor])
         rank_grpc.add_RankingServiceServicer_to_server(RankingServicer(holder), server)
@@ -245,3 +249,34 @@ def test_a_server_still_loading_answers_unavailable_not_internal(loop_thread):
         assert "loading" in info.value.details()
     finally:
         loop_thread.run(server.stop(0))
+
+
+def test_max_connection_age_closes_connections_and_clients_reconnect():
+    """A client balancing over DNS re-resolves only when a connection closes: the server's
+    connection age makes that happen, and the next call simply connects again."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from imgsearch.serving import new_server
+
+    async def scenario() -> list[grpc.ChannelConnectivity]:
+        server, port, _ = new_server("aged", "127.0.0.1", 0, max_connection_age_s=0.3, grace_s=1)
+        await server.start()
+        states = []
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                stub = health_pb2_grpc.HealthStub(channel)
+                await stub.Check(health_pb2.HealthCheckRequest(), timeout=5)
+                state = channel.get_state()
+                states.append(state)
+                while state == grpc.ChannelConnectivity.READY:
+                    await channel.wait_for_state_change(state)
+                    state = channel.get_state()
+                states.append(state)
+                await stub.Check(health_pb2.HealthCheckRequest(), timeout=5)
+        finally:
+            await server.stop(0)
+        return states
+
+    states = asyncio.run(asyncio.wait_for(scenario(), 30))
+    assert states[0] == grpc.ChannelConnectivity.READY
+    assert states[1] in (grpc.ChannelConnectivity.IDLE, grpc.ChannelConnectivity.CONNECTING)

@@ -153,3 +153,33 @@ def test_tokenizer_word_cache_stays_bounded(tiny):
         np.testing.assert_array_equal(tokenizer([query]).numpy(), fresh([query]).numpy())
         assert tokenizer.cached_words <= 50
     assert tokenizer.resets > 0 and len(fresh.cache) == 600 + start  # the unbounded one grew
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    pytest.skip("no /proc/self/status: RSS is not measurable here")
+
+
+def test_a_hundred_thousand_unseen_queries_leave_memory_flat(tiny):
+    import gc
+
+    # What serving tokenizes: a query that misses the stored keywords and the LRU goes through
+    # the encoder's tokenizer. Unbounded (open_clip's own cache) these queries grow RSS by
+    # about 55 MB; bounded, by a few.
+    tokenizer = TorchTextEncoder(tiny.model, tiny.tokenizer, tiny.embed_dim).tokenizer
+    assert isinstance(tokenizer, BoundedTokenizer)
+    rng = np.random.default_rng(1)
+    letters = np.array(list("abcdefghijklmnopqrstuvwxyz"))
+    words = ["".join(w) for w in rng.choice(letters, (300_000, 10))]
+    queries = [" ".join(words[3 * i : 3 * i + 3]) for i in range(100_000)]
+    tokenizer(queries[:1000])
+    gc.collect()
+    before = _rss_mb()
+    for start in range(0, len(queries), 1000):
+        tokenizer(queries[start : start + 1000])
+    gc.collect()
+    assert _rss_mb() - before < 50
+    assert tokenizer.cached_words <= tokenizer.max_words and tokenizer.resets > 0

@@ -22,9 +22,11 @@ from imgsearch_tools.bench.scenarios import (
     reflection_run,
     run_scenario,
     say,
+    served_root,
     standard_scenarios,
     write_ghz_data,
 )
+from imgsearch_tools.client_flags import add_client_security_arguments, client_security
 
 
 def add_commands(subparsers) -> None:
@@ -55,7 +57,13 @@ def add_commands(subparsers) -> None:
         "--artifacts",
         default=None,
         help="artifact root or set for the queries and the in-process run "
-        "(default: ask the target's AdminService which set it serves)",
+        "(default: ask the gateway's AdminService at --admin which set it serves)",
+    )
+    p.add_argument(
+        "--admin",
+        default=None,
+        help="the gateway's admin HOST:PORT (default 127.0.0.1:50061 or "
+        "IMGSEARCH_GATEWAY_ADMIN_PORT; token from IMGSEARCH_ADMIN_TOKEN_FILE)",
     )
     p.add_argument("--channels", type=int, default=2, help="client channels (connections)")
     p.add_argument("--timeout", type=float, default=2.0, help="deadline per request, seconds")
@@ -78,6 +86,7 @@ def add_commands(subparsers) -> None:
     p.add_argument("--no-in-process", action="store_true", help="skip the in-process baseline")
     p.add_argument("--in-process-requests", type=int, default=500, help="requests timed in-process")
     p.add_argument("--json", default=None, metavar="FILE", help="write the report as JSON")
+    add_client_security_arguments(p)
     p.set_defaults(handler=cmd_bench)
 
     p = subparsers.add_parser(
@@ -123,6 +132,13 @@ def add_commands(subparsers) -> None:
         help="comma-separated subset: scenario names, 'reflection', 'kill', 'reload', 'vit-b-32'",
     )
     p.add_argument("--skip-faults", action="store_true", help="no kill or reload scenario")
+    p.add_argument(
+        "--tls",
+        default=None,
+        metavar="CERTS",
+        help="serve with TLS, mutual TLS between gateway and stages and a gateway token, all "
+        "from a `make certs` folder (e.g. var/certs), and load through them",
+    )
     p.add_argument(
         "--skip-real-clip",
         action="store_true",
@@ -185,21 +201,32 @@ def add_commands(subparsers) -> None:
 
 # What bench-suite and bench-feedback write into --out ("name/": a folder whole); nothing
 # else there is touched. bench-feedback's SQLite store lives there only while it runs.
-REPORT_ENTRIES = ("bench.json", "bench.md", "ghz-data.json", "logs/", "reload-set/", "vit-b-32/")
+# "artifacts/" is the root the suite serves (see scenarios.served_root); "reload-set/" is what
+# earlier versions wrote there, still recognised as the suite's own.
+REPORT_ENTRIES = (
+    "bench.json",
+    "bench.md",
+    "ghz-data.json",
+    "logs/",
+    "artifacts/",
+    "reload-set/",
+    "vit-b-32/",
+)
 FEEDBACK_ENTRIES = ("feedback.json", "feedback.md")
 
 
 # ------------------------------------------------------------------------------ bench
-def _served_artifacts(target: str) -> str:
-    """The artifact set folder the server at ``target`` serves (AdminService.GetStatus)."""
-    import grpc
-
+def _served_artifacts(admin_target: str) -> str:
+    """The artifact set folder the server with admin port ``admin_target`` serves."""
     from imgsearch.admin.v1 import admin_service_pb2 as admin_pb
     from imgsearch.admin.v1 import admin_service_pb2_grpc as admin_grpc
+    from imgsearch.config import env
+    from imgsearch.security import ClientSecurity
 
-    with grpc.insecure_channel(target) as channel:
+    admin = ClientSecurity(token_file=env("ADMIN_TOKEN_FILE", ""))
+    with admin.channel(admin_target) as channel:
         reply = admin_grpc.AdminServiceStub(channel).GetStatus(
-            admin_pb.GetStatusRequest(), timeout=5
+            admin_pb.GetStatusRequest(), timeout=5, metadata=admin.metadata()
         )
     return reply.artifacts
 
@@ -226,19 +253,29 @@ def cmd_bench(args) -> int:
     import grpc
 
     from imgsearch import artifacts
+    from imgsearch.config import env_int
+    from imgsearch.security import SecurityConfigError
     from imgsearch_tools.bench import load as bench
 
     artifacts_path = args.artifacts
     if artifacts_path is None:
+        admin = args.admin or f"127.0.0.1:{env_int('GATEWAY_ADMIN_PORT', 50061)}"
         try:
-            artifacts_path = _served_artifacts(args.target)
-        except grpc.RpcError as exc:
+            artifacts_path = _served_artifacts(admin)
+        except (grpc.RpcError, SecurityConfigError) as exc:
+            why = f"{exc.code().name}" if isinstance(exc, grpc.RpcError) else str(exc)
             print(
-                f"error: cannot ask {args.target} which artifact set it serves "
-                f"({exc.code().name}); pass --artifacts DIR",
+                f"error: cannot ask the gateway's admin port {admin} which artifact set it "
+                f"serves ({why}); pass --artifacts DIR or --admin HOST:PORT",
                 file=sys.stderr,
             )
             return 1
+    try:
+        security = client_security(args)
+        security.metadata()  # a missing token file fails here, not on every request
+    except SecurityConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     try:
         queries, unique_share = _bench_queries(args, artifacts_path)
         spec = bench.LoadSpec(
@@ -260,7 +297,7 @@ def cmd_bench(args) -> int:
         return 2
     command = " ".join(["imgsearch", *sys.argv[1:]])
     machine = bench.machine_info(command)
-    result = asyncio.run(bench.run_load(spec, queries))
+    result = asyncio.run(bench.run_load(spec, queries, security=security))
     in_process = None
     if not args.no_in_process:
         try:
@@ -395,6 +432,11 @@ async def run_suite(args, artifact_set, out: Path) -> int:
 
     command = " ".join(["imgsearch", *sys.argv[1:]]) if sys.argv[1:] else "imgsearch bench-suite"
     has_clip = artifact_set.has(artifacts.VECTOR_INDEX)
+    overrides, security = {}, None
+    if args.tls:
+        from imgsearch_tools.certs import dev_tls_settings
+
+        overrides, security = dev_tls_settings(args.tls)
     report: dict = {
         "machine": bench.machine_info(command),
         "commit": _git_commit(),
@@ -414,11 +456,14 @@ async def run_suite(args, artifact_set, out: Path) -> int:
             "requests": args.requests,
             "seed": args.seed,
             "late_send_ms": bench.LATE_SEND_MS,
+            "tls": bool(args.tls),
         },
         "scenarios": [],
     }
     queries = bench.sample_queries(artifact_set.path, n=args.requests, seed=args.seed)
-    services = ServiceProcesses(str(Path(args.artifacts).resolve()), out / "logs")
+    # The services serve a root under OUT holding the set and the hot-reload version.
+    root = served_root(artifact_set, out)
+    services = ServiceProcesses(str(root.resolve()), out / "logs", overrides=overrides)
     say(f"starting retrieval, ranking, gateway on ports {services.ports} (logs: {out / 'logs'})")
     started = time.perf_counter()
     try:
@@ -439,15 +484,17 @@ async def run_suite(args, artifact_set, out: Path) -> int:
                 say(f"{scenario.name}: skipped ({skip})")
                 continue
             report["scenarios"].append(
-                await run_scenario(services, scenario, target, args, queries)
+                await run_scenario(services, scenario, target, args, queries, security)
             )
         if _selected(args, "reflection"):
-            report["reflection_client"] = await reflection_run(target, queries)
+            report["reflection_client"] = await reflection_run(target, queries, security)
         if not args.skip_faults and _selected(args, "kill"):
-            report["kill_ranking"] = await kill_ranking_scenario(args, services, target, queries)
+            report["kill_ranking"] = await kill_ranking_scenario(
+                args, services, target, queries, security
+            )
         if not args.skip_faults and _selected(args, "reload"):
             report["hot_reload"] = await hot_reload_scenario(
-                args, services, target, queries, artifact_set, out
+                args, services, target, queries, artifact_set, security
             )
     finally:
         report["exit_codes"] = await asyncio.to_thread(services.stop_all)
@@ -455,7 +502,7 @@ async def run_suite(args, artifact_set, out: Path) -> int:
         from imgsearch_tools.bench.real_clip import real_clip_section
 
         try:
-            report["real_clip"] = await real_clip_section(args, out)
+            report["real_clip"] = await real_clip_section(args, out, overrides, security)
         except Exception as exc:  # noqa: BLE001 - keep the rest of the report
             say(f"ViT-B-32 section failed: {exc!r}")
             report["real_clip"] = {"error": repr(exc)}

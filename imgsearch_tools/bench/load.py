@@ -27,9 +27,13 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from imgsearch.metrics import percentiles_ms
 from imgsearch.names import RANKER_CHOICES, RETRIEVER_CHOICES, ranker_value, retriever_value
+
+if TYPE_CHECKING:
+    from imgsearch.security import ClientSecurity
 
 SEARCH_SERVICE = "imgsearch.search.v1.SearchService"
 SEARCH_METHOD_SYMBOL = f"{SEARCH_SERVICE}.Search"
@@ -338,12 +342,13 @@ class LoadRecorder:
 class _Driver:
     """Sends requests round-robin over several channels and records every outcome."""
 
-    def __init__(self, spec: LoadSpec, calls: list, queries: list[BenchQuery]):
+    def __init__(self, spec: LoadSpec, calls: list, queries: list[BenchQuery], metadata=()):
         self.spec = spec
         self.calls = calls  # one bound Search multicallable per channel
         self.queries = queries
         self.requests = _search_requests(queries, spec)
         self.words = sorted({q.query for q in queries})
+        self.metadata = metadata  # the bearer token, when the gateway asks for one
         self.next = 0
 
     def request(self, i: int):
@@ -365,7 +370,7 @@ class _Driver:
         request = self.request(i)
         sent_at = time.perf_counter()
         try:
-            response = await call(request, timeout=self.spec.timeout_s)
+            response = await call(request, timeout=self.spec.timeout_s, metadata=self.metadata)
         except grpc.aio.AioRpcError as exc:
             recorder.on_done(sent_at, scheduled, exc.code().name)
             return
@@ -415,6 +420,7 @@ async def run_load(
     spec: LoadSpec,
     queries: list[BenchQuery],
     on_measure_start: Callable[[], None] | None = None,
+    security: ClientSecurity | None = None,
 ) -> dict:
     """Drive ``spec`` against its target: a warm-up phase, then the measured phase.
 
@@ -427,6 +433,8 @@ async def run_load(
     on_measure_start:
         Called once, right before the measured phase starts (fault-injection scenarios
         time their events from it).
+    security:
+        TLS files and bearer token of the channels (default: plaintext, no token).
 
     Returns
     -------
@@ -434,20 +442,19 @@ async def run_load(
         The measured phase: counts by status code, degraded count, achieved QPS, latency
         percentiles (ms), late sends, a per-second timeline, the load generator's CPU share.
     """
-    import grpc
-
     from imgsearch.search.v1 import search_service_pb2_grpc as pb_grpc
+    from imgsearch.security import ClientSecurity
 
     if not queries:
         raise ValueError("no queries to send")
+    security = security or ClientSecurity()
+    metadata = security.metadata()
     # A local subchannel pool gives each channel its own connection (else they share one).
     options = [("grpc.use_local_subchannel_pool", 1)]
-    channels = [
-        grpc.aio.insecure_channel(spec.target, options=options)
-        for _ in range(max(1, spec.channels))
-    ]
+    channels = [security.aio_channel(spec.target, options) for _ in range(max(1, spec.channels))]
     try:
-        driver = _Driver(spec, [pb_grpc.SearchServiceStub(c).Search for c in channels], queries)
+        calls = [pb_grpc.SearchServiceStub(c).Search for c in channels]
+        driver = _Driver(spec, calls, queries, metadata)
         if spec.warmup_s > 0:
             await driver.run(LoadRecorder(), spec.warmup_s)
         if on_measure_start is not None:
@@ -566,7 +573,9 @@ def network_ratio(result: dict, in_process: dict | None) -> float | None:
 
 
 # ------------------------------------------------------------------------- reflection
-def resolve_method(channel, symbol: str = SEARCH_METHOD_SYMBOL) -> tuple[str, type, type]:
+def resolve_method(
+    channel, symbol: str = SEARCH_METHOD_SYMBOL, metadata=()
+) -> tuple[str, type, type]:
     """Resolve a method through server reflection alone, the way ghz does without ``--proto``.
 
     Asks ``file_containing_symbol`` for the method's full name, fetches any missing
@@ -579,6 +588,8 @@ def resolve_method(channel, symbol: str = SEARCH_METHOD_SYMBOL) -> tuple[str, ty
         A synchronous ``grpc.Channel`` to the server.
     symbol:
         The method's full name, ``package.Service.Method``.
+    metadata:
+        Sent with the reflection calls (a bearer token, say).
 
     Returns
     -------
@@ -597,7 +608,7 @@ def resolve_method(channel, symbol: str = SEARCH_METHOD_SYMBOL) -> tuple[str, ty
     files: dict[str, descriptor_pb2.FileDescriptorProto] = {}
 
     def ask(request) -> None:
-        for reply in stub.ServerReflectionInfo(iter([request]), timeout=10):
+        for reply in stub.ServerReflectionInfo(iter([request]), timeout=10, metadata=metadata):
             if reply.HasField("error_response"):
                 raise LookupError(
                     f"reflection: {reply.error_response.error_message or 'not found'} "
@@ -631,9 +642,16 @@ def resolve_method(channel, symbol: str = SEARCH_METHOD_SYMBOL) -> tuple[str, ty
 
 
 def reflection_client_check(
-    target: str, requests: list[dict], symbol: str = SEARCH_METHOD_SYMBOL, timeout: float = 5.0
+    target: str,
+    requests: list[dict],
+    symbol: str = SEARCH_METHOD_SYMBOL,
+    timeout: float = 5.0,
+    security: ClientSecurity | None = None,
 ) -> dict:
     """Call ``symbol`` once per request (proto3 JSON dicts) with a reflection-only client.
+
+    ``security`` gives the channel's TLS files and the token sent with every call, the
+    reflection ones included (ghz's ``--metadata`` and ``--reflect-metadata``).
 
     Returns
     -------
@@ -644,11 +662,15 @@ def reflection_client_check(
     import grpc
     from google.protobuf import json_format
 
+    from imgsearch.security import ClientSecurity
+
     codes: Counter = Counter()
     empty = 0
     latencies = []
-    with grpc.insecure_channel(target) as channel:
-        path, request_class, response_class = resolve_method(channel, symbol)
+    security = security or ClientSecurity()
+    metadata = security.metadata()
+    with security.channel(target) as channel:
+        path, request_class, response_class = resolve_method(channel, symbol, metadata)
         call = channel.unary_unary(
             path,
             request_serializer=request_class.SerializeToString,
@@ -658,7 +680,7 @@ def reflection_client_check(
             message = json_format.ParseDict(fields, request_class())
             start = time.perf_counter()
             try:
-                response = call(message, timeout=timeout)
+                response = call(message, timeout=timeout, metadata=metadata)
             except grpc.RpcError as exc:
                 codes[exc.code().name] += 1
                 continue

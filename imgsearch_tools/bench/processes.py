@@ -27,28 +27,49 @@ class ServiceProcesses:
     """Retrieval, ranking and the gateway as three `imgsearch serve X` child processes.
 
     Separate processes (one GIL each, as `serve all` runs them) that can be killed and
-    restarted one at a time; logs go to ``log_dir/<service>.log``.
+    restarted one at a time; logs go to ``log_dir/<service>.log``. ``overrides`` maps a
+    service name (or ``"all"``) to config settings (TLS files, say).
     """
 
     def __init__(
-        self, artifacts: str, log_dir: Path, host: str = "127.0.0.1", store: dict | None = None
+        self,
+        artifacts: str,
+        log_dir: Path,
+        host: str = "127.0.0.1",
+        store: dict | None = None,
+        overrides: dict[str, dict] | None = None,
     ):
         self.artifacts = artifacts
         self.store = store or {}  # conversions_db / conversions_dsn of gateway and ranking
+        self.overrides = overrides or {}
         self.log_dir = Path(log_dir)
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.host = host
         self.ports = {name: free_port(host) for name in SERVICES}
+        self.admin_ports = {name: free_port(host) for name in SERVICES}
         self.procs: dict[str, subprocess.Popen] = {}
 
     def address(self, name: str) -> str:
+        """HOST:PORT of a service's own API."""
         return f"{self.host}:{self.ports[name]}"
+
+    def admin_address(self, name: str) -> str:
+        """HOST:PORT of a service's admin port (AdminService and plaintext health)."""
+        return f"{self.host}:{self.admin_ports[name]}"
 
     def command(self, name: str) -> list[str]:
         """The `imgsearch serve` command line of one service, on its own free port."""
         from imgsearch.config import GatewayConfig, RankingConfig, RetrievalConfig
 
-        common = {"artifacts": self.artifacts, "host": self.host, "port": self.ports[name]}
+        common = {
+            "artifacts": self.artifacts,
+            "host": self.host,
+            "port": self.ports[name],
+            "admin_host": self.host,
+            "admin_port": self.admin_ports[name],
+            **self.overrides.get("all", {}),
+            **self.overrides.get(name, {}),
+        }
         if name == "gateway":
             config = GatewayConfig(
                 **common,
@@ -82,7 +103,7 @@ class ServiceProcesses:
                     f"see {self.log_dir / (name + '.log')}"
                 )
             try:
-                wait_for_serving(self.address(name), timeout=2.0)
+                wait_for_serving(self.admin_address(name), timeout=2.0)
                 return
             except TimeoutError:
                 if time.monotonic() > deadline:

@@ -93,8 +93,11 @@ def prepare_set(folder: Path, show_progress: bool = True):
     return artifacts.resolve(root)
 
 
-async def real_clip_section(args, out: Path) -> dict:
-    """Build (or reuse) the section's set, serve it, run its scenarios; the report's section."""
+async def real_clip_section(args, out: Path, overrides=None, security=None) -> dict:
+    """Build (or reuse) the section's set, serve it, run its scenarios; the report's section.
+
+    ``overrides`` and ``security`` secure the links as the rest of the suite (``--tls``).
+    """
     from imgsearch_tools.bench import load as bench
 
     folder = out / "vit-b-32"
@@ -115,14 +118,16 @@ async def real_clip_section(args, out: Path) -> dict:
         "scenarios": [],
     }
     queries = bench.sample_queries(artifact_set.path, n=args.requests, seed=args.seed)
-    services = ServiceProcesses(str(artifact_set.path), out / "logs" / "vit-b-32")
+    services = ServiceProcesses(
+        str(artifact_set.path), out / "logs" / "vit-b-32", overrides=overrides
+    )
     say(f"{MODEL} section: starting the services on {services.ports}")
     try:
         await asyncio.to_thread(services.start_all)
         target = services.address("gateway")
         for scenario in real_clip_scenarios(args.real_clip_qps, args.real_clip_duration):
             section["scenarios"].append(
-                await run_scenario(services, scenario, target, args, queries)
+                await run_scenario(services, scenario, target, args, queries, security)
             )
     finally:
         section["exit_codes"] = await asyncio.to_thread(services.stop_all)

@@ -17,6 +17,10 @@ def _ms(value) -> str:
     return "–" if value is None else f"{value:.1f}"
 
 
+# How the suite's links were secured with --tls.
+TLS_NOTE = "; every link TLS, mutual TLS between gateway and stages, a bearer token per search"
+
+
 def render_markdown(report: dict) -> str:
     """The README's serving table, the fault scenarios and the machine they ran on."""
     m = report["machine"]
@@ -33,7 +37,8 @@ def render_markdown(report: dict) -> str:
         f"({report['artifacts']['counts'].get('photos', '?')} photos, "
         f"{report['artifacts']['counts'].get('users', '?')} users; CLIP "
         f"{'yes' if report['artifacts']['clip'] else 'no'}). Three `imgsearch serve` processes "
-        f"(gateway, retrieval, ranking) and the load generator (`imgsearch bench`: grpc.aio, "
+        f"(gateway, retrieval, ranking{TLS_NOTE if report['settings'].get('tls') else ''}) "
+        f"and the load generator (`imgsearch bench`: grpc.aio, "
         f"{report['settings']['channels']} channels, a fourth process) share the same CPUs. "
         f"Each scenario: k={report['settings']['k']} of {report['settings']['candidates_k']} "
         f"candidates, {report['settings']['warmup_s']:g} s warm-up, "

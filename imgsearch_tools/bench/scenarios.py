@@ -54,19 +54,21 @@ def say(message: str) -> None:
     print(f"[bench] {message}", file=sys.stderr, flush=True)
 
 
-async def measured(services: ServiceProcesses, spec, queries) -> dict:
+async def measured(services: ServiceProcesses, spec, queries, security=None) -> dict:
     """One load run with each process's CPU share over its measured phase."""
     from imgsearch_tools.bench import load as bench
 
     meter = CpuMeter(services)
     loadavg = os.getloadavg()[0]
-    result = await bench.run_load(spec, queries, on_measure_start=meter.start)
+    result = await bench.run_load(spec, queries, on_measure_start=meter.start, security=security)
     meter.record(result)
     result["loadavg_1m_before"] = round(loadavg, 2)
     return result
 
 
-async def run_scenario(services: ServiceProcesses, scenario: Scenario, target: str, args, queries):
+async def run_scenario(
+    services: ServiceProcesses, scenario: Scenario, target: str, args, queries, security=None
+):
     """One scenario against ``target`` with the suite's settings; its result, named."""
     from imgsearch_tools.bench import load as bench
 
@@ -85,7 +87,7 @@ async def run_scenario(services: ServiceProcesses, scenario: Scenario, target: s
         channels=args.channels,
         unique_share=scenario.unique_share,
     )
-    result = await measured(services, spec, queries)
+    result = await measured(services, spec, queries, security)
     say(
         f"{scenario.name}\n{bench.format_result(result)}\n"
         f"  CPU % {result['cpu_percent']}\n"
@@ -94,7 +96,7 @@ async def run_scenario(services: ServiceProcesses, scenario: Scenario, target: s
     return {"name": scenario.name, **result}
 
 
-async def reflection_run(target: str, queries) -> dict:
+async def reflection_run(target: str, queries, security=None) -> dict:
     """What ghz does without --proto: resolve the method by reflection only, then call it."""
     import asyncio
 
@@ -103,7 +105,9 @@ async def reflection_run(target: str, queries) -> dict:
     spec = bench.LoadSpec(target=target, concurrency=1, retriever="keyword", ranker="als")
     requests = [bench.request_fields(q, spec) for q in queries[:200]]
     try:
-        result = await asyncio.to_thread(bench.reflection_client_check, target, requests)
+        result = await asyncio.to_thread(
+            bench.reflection_client_check, target, requests, security=security
+        )
     except LookupError as exc:
         result = {"error": str(exc)}
     say(f"reflection-only client: {result}")
@@ -131,7 +135,9 @@ def fault_load_spec(args, target: str, duration_s: float):
     )
 
 
-async def kill_ranking_scenario(args, services: ServiceProcesses, target: str, queries) -> dict:
+async def kill_ranking_scenario(
+    args, services: ServiceProcesses, target: str, queries, security=None
+) -> dict:
     """SIGTERM the ranking server mid-load, restart it, and watch the gateway recover."""
     import asyncio
 
@@ -161,7 +167,7 @@ async def kill_ranking_scenario(args, services: ServiceProcesses, target: str, q
     say(f"kill ranking mid-load: {spec.describe()} for {spec.duration_s:g} s")
     # No CPU accounting here: the ranking process is replaced mid-run.
     control = asyncio.ensure_future(controller())
-    result = await bench.run_load(spec, queries, on_measure_start=on_start)
+    result = await bench.run_load(spec, queries, on_measure_start=on_start, security=security)
     try:
         await asyncio.wait_for(control, timeout=1.0)
     except (asyncio.TimeoutError, RuntimeError) as exc:
@@ -196,32 +202,45 @@ async def kill_ranking_scenario(args, services: ServiceProcesses, target: str, q
     return result
 
 
-def make_reload_set(artifact_set, folder: Path) -> Path:
-    """A copy of ``artifact_set`` under ``folder`` with a new version (hard links, new manifest).
+def served_root(artifact_set, out: Path) -> Path:
+    """An artifact root under ``out`` that serves ``artifact_set`` and holds a reload target.
 
-    A hot reload to it exercises the full load-and-swap path and shows the version switch in
-    every response, without spending minutes on a second build.
+    ``out/artifacts/sets/<version>`` (published as ``current``) and
+    ``out/artifacts/sets/<version>-reload`` are hard-linked copies of the set (the second with
+    its own manifest version), so a hot reload by version exercises the full load-and-swap
+    path and shows the switch in every response, without a second build and without writing
+    into the artifact root the suite was given.
     """
     import shutil
 
     from imgsearch import artifacts
 
-    version = f"{artifact_set.version}-reload"
-    target = folder / version
-    if target.exists():
-        # An earlier run's copy (``folder`` belongs to bench-suite's report folder).
-        shutil.rmtree(target)
-    folder.mkdir(parents=True, exist_ok=True)
+    root = out / "artifacts"
+    sets_dir = root / artifacts.SETS_DIR
+    sets_dir.mkdir(parents=True, exist_ok=True)
+    for version in (artifact_set.version, reload_version(artifact_set)):
+        target = sets_dir / version
+        if target.exists():
+            shutil.rmtree(target)  # made by an earlier run of the suite, under its own out/
+        artifacts.link_tree(artifact_set.path, target, skip=(artifacts.MANIFEST,))
+        artifacts.write_manifest(target, {**artifact_set.manifest, "version": version})
+    artifacts.publish(root, sets_dir / artifact_set.version)
+    return root
 
-    artifacts.link_tree(artifact_set.path, target, skip=(artifacts.MANIFEST,))
-    artifacts.write_manifest(target, {**artifact_set.manifest, "version": version})
-    return target
+
+def reload_version(artifact_set) -> str:
+    """The version the hot-reload scenario switches to."""
+    return f"{artifact_set.version}-reload"
 
 
 async def hot_reload_scenario(
-    args, services: ServiceProcesses, target: str, queries, artifact_set, out: Path
+    args, services: ServiceProcesses, target: str, queries, artifact_set, security=None
 ) -> dict:
-    """Reload all three servers to another artifact set mid-load; count failed requests."""
+    """Reload all three servers to another set version mid-load; count failed requests.
+
+    The services serve :func:`served_root`; the reload asks each admin port for the
+    ``-reload`` version there.
+    """
     import asyncio
 
     import grpc
@@ -230,7 +249,7 @@ async def hot_reload_scenario(
     from imgsearch.admin.v1 import admin_service_pb2_grpc as admin_grpc
     from imgsearch_tools.bench import load as bench
 
-    reload_set = make_reload_set(artifact_set, out / "reload-set")
+    version = reload_version(artifact_set)
     spec = fault_load_spec(args, target, args.reload_duration)
     mark: dict = {}
     ready = asyncio.Event()
@@ -247,11 +266,11 @@ async def hot_reload_scenario(
         await ready.wait()
         await asyncio.sleep(min(3.0, args.reload_duration / 5))
         for name in ("retrieval", "ranking", "gateway"):
-            async with grpc.aio.insecure_channel(services.address(name)) as channel:
+            async with grpc.aio.insecure_channel(services.admin_address(name)) as channel:
                 events.append({"t": _offset(mark), "event": f"Reload {name}"})
                 try:
                     reply = await admin_grpc.AdminServiceStub(channel).Reload(
-                        admin_pb.ReloadRequest(artifacts=str(reload_set)), timeout=300
+                        admin_pb.ReloadRequest(version=version), timeout=300
                     )
                     events.append(
                         {
@@ -265,19 +284,18 @@ async def hot_reload_scenario(
                         {"t": _offset(mark), "event": f"{name}: {exc.code().name} {exc.details()}"}
                     )
 
-    say(f"hot reload mid-load: {spec.describe()} for {spec.duration_s:g} s -> {reload_set}")
+    say(f"hot reload mid-load: {spec.describe()} for {spec.duration_s:g} s -> version {version}")
     control = asyncio.ensure_future(controller())
-    result = await bench.run_load(spec, queries, on_measure_start=on_start)
+    result = await bench.run_load(spec, queries, on_measure_start=on_start, security=security)
     meter.record(result)
     await control
     result["events"] = events
-    result["reload_set"] = str(reload_set)
+    result["reload_version"] = version
     result["failed_requests"] = result["error_count"]
-    new_version = f"{artifact_set.version}-reload"
     result["responses_on_new_version"] = sum(
         n
         for versions, n in result["artifact_versions"].items()
-        if versions and all(v.endswith(new_version) for v in versions.split(","))
+        if versions and all(v.endswith(version) for v in versions.split(","))
     )
     say(f"hot reload: {bench.format_result(result)}\n  events {events}")
     return result

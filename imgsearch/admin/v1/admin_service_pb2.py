@@ -24,23 +24,25 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&imgsearch/admin/v1/admin_service.proto\x12\x12imgsearch.admin.v1\"\"\n\rReloadRequest\x12\x11\n\tartifacts\x18\x01 \x01(\t\"L\n\x0eReloadResponse\x12\x18\n\x10previous_version\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0f\n\x07load_ms\x18\x03 \x01(\x01\"\x12\n\x10GetStatusRequest\"\x8d\x01\n\x11GetStatusResponse\x12\x0f\n\x07service\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x11\n\tartifacts\x18\x03 \x01(\t\x12\x0e\n\x06models\x18\x04 \x03(\t\x12\x33\n\x08\x64\x65\x66\x61ults\x18\x05 \x03(\x0b\x32!.imgsearch.admin.v1.DefaultChoice\";\n\rDefaultChoice\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t2\xb9\x01\n\x0c\x41\x64minService\x12O\n\x06Reload\x12!.imgsearch.admin.v1.ReloadRequest\x1a\".imgsearch.admin.v1.ReloadResponse\x12X\n\tGetStatus\x12$.imgsearch.admin.v1.GetStatusRequest\x1a%.imgsearch.admin.v1.GetStatusResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&imgsearch/admin/v1/admin_service.proto\x12\x12imgsearch.admin.v1\"7\n\rReloadRequest\x12\x15\n\tartifacts\x18\x01 \x01(\tB\x02\x18\x01\x12\x0f\n\x07version\x18\x02 \x01(\t\"L\n\x0eReloadResponse\x12\x18\n\x10previous_version\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0f\n\x07load_ms\x18\x03 \x01(\x01\"\x12\n\x10GetStatusRequest\"\x8d\x01\n\x11GetStatusResponse\x12\x0f\n\x07service\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x11\n\tartifacts\x18\x03 \x01(\t\x12\x0e\n\x06models\x18\x04 \x03(\t\x12\x33\n\x08\x64\x65\x66\x61ults\x18\x05 \x03(\x0b\x32!.imgsearch.admin.v1.DefaultChoice\";\n\rDefaultChoice\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t2\xb9\x01\n\x0c\x41\x64minService\x12O\n\x06Reload\x12!.imgsearch.admin.v1.ReloadRequest\x1a\".imgsearch.admin.v1.ReloadResponse\x12X\n\tGetStatus\x12$.imgsearch.admin.v1.GetStatusRequest\x1a%.imgsearch.admin.v1.GetStatusResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'imgsearch.admin.v1.admin_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_RELOADREQUEST'].fields_by_name['artifacts']._loaded_options = None
+  _globals['_RELOADREQUEST'].fields_by_name['artifacts']._serialized_options = b'\030\001'
   _globals['_RELOADREQUEST']._serialized_start=62
-  _globals['_RELOADREQUEST']._serialized_end=96
-  _globals['_RELOADRESPONSE']._serialized_start=98
-  _globals['_RELOADRESPONSE']._serialized_end=174
-  _globals['_GETSTATUSREQUEST']._serialized_start=176
-  _globals['_GETSTATUSREQUEST']._serialized_end=194
-  _globals['_GETSTATUSRESPONSE']._serialized_start=197
-  _globals['_GETSTATUSRESPONSE']._serialized_end=338
-  _globals['_DEFAULTCHOICE']._serialized_start=340
-  _globals['_DEFAULTCHOICE']._serialized_end=399
-  _globals['_ADMINSERVICE']._serialized_start=402
-  _globals['_ADMINSERVICE']._serialized_end=587
+  _globals['_RELOADREQUEST']._serialized_end=117
+  _globals['_RELOADRESPONSE']._serialized_start=119
+  _globals['_RELOADRESPONSE']._serialized_end=195
+  _globals['_GETSTATUSREQUEST']._serialized_start=197
+  _globals['_GETSTATUSREQUEST']._serialized_end=215
+  _globals['_GETSTATUSRESPONSE']._serialized_start=218
+  _globals['_GETSTATUSRESPONSE']._serialized_end=359
+  _globals['_DEFAULTCHOICE']._serialized_start=361
+  _globals['_DEFAULTCHOICE']._serialized_end=420
+  _globals['_ADMINSERVICE']._serialized_start=423
+  _globals['_ADMINSERVICE']._serialized_end=608
 # @@protoc_insertion_point(module_scope)

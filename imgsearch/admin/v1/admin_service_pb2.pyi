@@ -7,10 +7,12 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class ReloadRequest(_message.Message):
-    __slots__ = ("artifacts",)
+    __slots__ = ("artifacts", "version")
     ARTIFACTS_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
     artifacts: str
-    def __init__(self, artifacts: _Optional[str] = ...) -> None: ...
+    version: str
+    def __init__(self, artifacts: _Optional[str] = ..., version: _Optional[str] = ...) -> None: ...
 
 class ReloadResponse(_message.Message):
     __slots__ = ("previous_version", "version", "load_ms")

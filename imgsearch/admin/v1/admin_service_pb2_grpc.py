@@ -26,7 +26,8 @@ if _version_not_supported:
 
 
 class AdminServiceStub:
-    """AdminService is served by every imgsearch server next to its main service.
+    """AdminService is served by every imgsearch server on its own admin port (loopback by
+    default, plaintext, a bearer token required when bound elsewhere), never on the service port.
     """
 
     def __init__(self, channel):
@@ -48,11 +49,13 @@ class AdminServiceStub:
 
 
 class AdminServiceServicer:
-    """AdminService is served by every imgsearch server next to its main service.
+    """AdminService is served by every imgsearch server on its own admin port (loopback by
+    default, plaintext, a bearer token required when bound elsewhere), never on the service port.
     """
 
     def Reload(self, request, context):
-        """Reload switches the server to the newest artifact set atomically.
+        """Reload switches the server atomically to an artifact set version under its configured
+        artifact root; reloads are serialised.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -87,7 +90,8 @@ def add_AdminServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class AdminService:
-    """AdminService is served by every imgsearch server next to its main service.
+    """AdminService is served by every imgsearch server on its own admin port (loopback by
+    default, plaintext, a bearer token required when bound elsewhere), never on the service port.
     """
 
     @staticmethod

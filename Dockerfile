@@ -1,0 +1,58 @@
+# syntax=docker/dockerfile:1
+# One image for the three services: `imgsearch serve gateway|retrieval|ranking` (one per
+# container, as deploy/kubernetes runs them) or `imgsearch serve all` (the default command).
+# CPU torch; no artifact set inside: mount one at /var/lib/imgsearch/artifacts.
+#
+#   docker build -t REGISTRY/imgsearch:0.1.0 .
+#   docker run --rm -p 50051:50051 -e IMGSEARCH_HOST=0.0.0.0 \
+#     -v "$PWD/var:/var/lib/imgsearch" REGISTRY/imgsearch:0.1.0
+#
+# No HEALTHCHECK: Kubernetes ignores it (the manifests probe grpc.health.v1 on each tier's
+# admin port instead), the port to check depends on the tier chosen at run time, and a check
+# would start a Python interpreter every interval.
+
+FROM python:3.11-slim AS build
+ENV PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PATH=/opt/imgsearch/bin:$PATH
+# PyTorch's CPU wheels (PyPI's Linux wheels bring the CUDA libraries, several GB). A layer of
+# their own before the source, so a code change does not download them again; `torch==2.14.1`
+# in pyproject.toml is then already met by 2.14.1+cpu.
+RUN python -m venv /opt/imgsearch \
+    && pip install --index-url https://download.pytorch.org/whl/cpu \
+        torch==2.14.1 torchvision==0.29.1
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY imgsearch/ imgsearch/
+COPY imgsearch_tools/ imgsearch_tools/
+COPY retrieval_service/ retrieval_service/
+COPY ranking_service/ ranking_service/
+COPY gateway/ gateway/
+# postgres: the conversion store that several gateway and ranking replicas share. The
+# versions are pyproject.toml's floors, as for any install of the project (DL3013 asks for
+# pins); `docker run --rm --entrypoint pip IMAGE freeze` lists what an image holds.
+# hadolint ignore=DL3013
+RUN pip install '.[postgres]'
+
+FROM python:3.11-slim
+# A fixed numeric UID, so that Kubernetes can check runAsNonRoot without reading /etc/passwd.
+RUN useradd --system --uid 10001 --user-group --create-home --home-dir /home/imgsearch \
+        imgsearch \
+    && mkdir -p /var/lib/imgsearch/artifacts \
+    && chown -R 10001:10001 /var/lib/imgsearch
+COPY --from=build /opt/imgsearch /opt/imgsearch
+# XDG_CACHE_HOME: ONNX Runtime writes a device id under it; /tmp is the one writable place
+# with a read-only root filesystem (an emptyDir in the manifests). OPENBLAS_NUM_THREADS:
+# implicit's ALS asks for it; the servers size their own torch and FAISS threads.
+ENV PATH=/opt/imgsearch/bin:$PATH \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    XDG_CACHE_HOME=/tmp/cache \
+    OPENBLAS_NUM_THREADS=1 \
+    IMGSEARCH_ARTIFACTS=/var/lib/imgsearch/artifacts
+USER 10001:10001
+WORKDIR /home/imgsearch
+# Service ports 5005x, admin ports 5006x (grpc.health.v1 and AdminService, plaintext).
+EXPOSE 50051 50052 50053 50061 50062 50063
+ENTRYPOINT ["imgsearch"]
+CMD ["serve", "all"]

@@ -1,0 +1,169 @@
+"""Trust at the ports: TLS and mutual TLS credentials, bearer tokens, loopback checks."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import ipaddress
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+
+AUTHORIZATION_KEY = "authorization"
+BEARER = "bearer "
+# Any longer authorization value is refused without hashing it.
+MAX_TOKEN_CHARS = 4096
+
+
+class SecurityConfigError(ValueError):
+    """A certificate, key or token file is missing, unreadable or inconsistent."""
+
+
+def is_loopback(host: str) -> bool:
+    """Whether binding ``host`` keeps a port on this machine (127.0.0.0/8, ::1, localhost)."""
+    host = host.strip().strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def read_file(path: str | Path, setting: str) -> bytes:
+    """The bytes of ``path``; a missing or unreadable file names the setting that points at it."""
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise SecurityConfigError(f"{setting}: cannot read {path}: {exc.strerror}") from None
+
+
+# ------------------------------------------------------------------------------------ server
+def server_credentials(cert: str, key: str, client_ca: str = "") -> grpc.ServerCredentials | None:
+    """TLS credentials for a server port, or None for plaintext (no certificate given).
+
+    Parameters
+    ----------
+    cert, key:
+        PEM certificate chain and private key; both or neither.
+    client_ca:
+        PEM CA bundle: when set, every client must present a certificate that chains to it
+        (mutual TLS) or the handshake fails.
+    """
+    if not cert and not key:
+        if client_ca:
+            raise SecurityConfigError("tls_client_ca needs tls_cert and tls_key (mutual TLS)")
+        return None
+    if not (cert and key):
+        raise SecurityConfigError("tls_cert and tls_key go together: set both or neither")
+    pair = (read_file(key, "tls_key"), read_file(cert, "tls_cert"))
+    if client_ca:
+        client_roots = read_file(client_ca, "tls_client_ca")
+        return grpc.ssl_server_credentials(
+            [pair], root_certificates=client_roots, require_client_auth=True
+        )
+    return grpc.ssl_server_credentials([pair])
+
+
+class TokenSet:
+    """Bearer tokens a port accepts, read from a file (one per line, ``#`` comments).
+
+    Only SHA-256 digests are kept; a presented token is hashed and compared with each digest
+    in constant time, so neither the tokens nor their prefixes leak through timing.
+    """
+
+    def __init__(self, tokens: list[str], source: str = ""):
+        if not tokens:
+            raise SecurityConfigError(f"{source or 'token list'}: no token in it")
+        self.source = source
+        self._digests = [hashlib.sha256(t.encode()).digest() for t in tokens]
+
+    @classmethod
+    def from_file(cls, path: str | Path, setting: str = "tokens file") -> TokenSet:
+        """Read the tokens of ``path``: one per line, blank lines and ``#`` comments ignored."""
+        text = read_file(path, setting).decode("utf-8", errors="strict")
+        tokens = [line.strip() for line in text.splitlines()]
+        return cls([t for t in tokens if t and not t.startswith("#")], f"{setting} {path}")
+
+    def accepts(self, metadata) -> bool:
+        """Whether the call's metadata carries ``authorization: Bearer <a known token>``."""
+        for key, value in metadata or ():
+            if key != AUTHORIZATION_KEY or not isinstance(value, str):
+                continue
+            if len(value) > MAX_TOKEN_CHARS or value[: len(BEARER)].lower() != BEARER:
+                return False
+            digest = hashlib.sha256(value[len(BEARER) :].strip().encode()).digest()
+            found = False
+            for known in self._digests:
+                found |= hmac.compare_digest(digest, known)
+            return found
+        return False
+
+
+# ------------------------------------------------------------------------------------ client
+def read_token(path: str | Path, setting: str = "token file") -> str:
+    """The first token in ``path`` (same format as a tokens file, so one file can serve both)."""
+    text = read_file(path, setting).decode("utf-8")
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            return line
+    raise SecurityConfigError(f"{setting} {path}: no token in it")
+
+
+@dataclass(frozen=True)
+class ClientSecurity:
+    """How a client reaches an imgsearch port: plaintext or TLS, with or without a token.
+
+    Parameters
+    ----------
+    ca:
+        PEM CA bundle that the server's certificate must chain to; setting it (or a client
+        certificate) makes the channel TLS.
+    cert, key:
+        The client's certificate and key, for servers that require mutual TLS.
+    token_file:
+        A file whose first token is sent as ``authorization: Bearer <token>``.
+    """
+
+    ca: str = ""
+    cert: str = ""
+    key: str = ""
+    token_file: str = ""
+
+    @property
+    def tls(self) -> bool:
+        return bool(self.ca or self.cert or self.key)
+
+    def channel_credentials(self) -> grpc.ChannelCredentials | None:
+        """TLS channel credentials, or None for plaintext."""
+        if not self.tls:
+            return None
+        if bool(self.cert) != bool(self.key):
+            raise SecurityConfigError("the client certificate and key go together")
+        return grpc.ssl_channel_credentials(
+            root_certificates=read_file(self.ca, "client CA") if self.ca else None,
+            private_key=read_file(self.key, "client key") if self.key else None,
+            certificate_chain=read_file(self.cert, "client certificate") if self.cert else None,
+        )
+
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        """The metadata every call carries: the bearer token when there is one."""
+        if not self.token_file:
+            return ()
+        return ((AUTHORIZATION_KEY, f"Bearer {read_token(self.token_file)}"),)
+
+    def channel(self, target: str, options=None) -> grpc.Channel:
+        """A synchronous channel to ``target``."""
+        credentials = self.channel_credentials()
+        if credentials is None:
+            return grpc.insecure_channel(target, options=options)
+        return grpc.secure_channel(target, credentials, options=options)
+
+    def aio_channel(self, target: str, options=None) -> grpc.aio.Channel:
+        """A ``grpc.aio`` channel to ``target``."""
+        credentials = self.channel_credentials()
+        if credentials is None:
+            return grpc.aio.insecure_channel(target, options=options)
+        return grpc.aio.secure_channel(target, credentials, options=options)
