@@ -132,7 +132,7 @@ def test_fusion_weights_from_validation_are_recorded_served_and_said(clip_stack)
     # The choice keeps tag precision at least at either source's level on the validation slice.
     floor = max(source["tag_p@10"] for source in fusion["sources"].values())
     assert chosen["tag_p@10"] >= floor - 1e-9 or "most precise" in fusion["reason"]
-    with grpc.insecure_channel(f"127.0.0.1:{clip_stack.retrieval.port}") as channel:
+    with grpc.insecure_channel(f"127.0.0.1:{clip_stack.retrieval.admin_port}") as channel:
         status = admin_grpc.AdminServiceStub(channel).GetStatus(
             admin_pb.GetStatusRequest(), timeout=10
         )

@@ -131,12 +131,12 @@ def test_a_set_without_a_recorded_choice_serves_popularity_and_says_so(artifact_
 def test_status_and_notes_say_which_default_is_served_and_why(stack, artifact_root):
     manifest = artifacts.resolve(artifact_root).manifest
     served, reason = manifest["default_ranker"], manifest["default_ranker_reason"]
-    with grpc.insecure_channel(f"127.0.0.1:{stack.ranking.port}") as channel:
+    with grpc.insecure_channel(f"127.0.0.1:{stack.ranking.admin_port}") as channel:
         status = admin_grpc.AdminServiceStub(channel).GetStatus(
             admin_pb.GetStatusRequest(), timeout=10
         )
     assert [(d.kind, d.name, d.reason) for d in status.defaults] == [("ranker", served, reason)]
-    with grpc.insecure_channel(f"127.0.0.1:{stack.retrieval.port}") as channel:
+    with grpc.insecure_channel(f"127.0.0.1:{stack.retrieval.admin_port}") as channel:
         status = admin_grpc.AdminServiceStub(channel).GetStatus(
             admin_pb.GetStatusRequest(), timeout=10
         )
