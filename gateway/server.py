@@ -522,6 +522,8 @@ class SearchServicer(pb_grpc.SearchServiceServicer):
         response.ranker = ranked.ranker
         response.timings.ranking_ms = ranked.ranking_ms
         response.artifact_versions["ranking"] = ranked.artifact_version
+        if ranked.default_reason:
+            response.notes.append(ranked.default_reason)
         if ranked.fallback_reason:
             response.notes.append(ranked.fallback_reason)
         return [(r.photo_id, r.score, r.score) for r in ranked.results]

@@ -25,7 +25,7 @@ them; the SQLite file sits beside the artifact root (``var/artifacts`` ->
 | IMGSEARCH_ENCODE_BATCH | retrieval: unseen queries encoded together at most | 16 |
 | IMGSEARCH_ENCODE_WAIT_MS | retrieval: the longest an unseen query waits for company | 2 |
 | IMGSEARCH_TEXT_RUNTIME | retrieval: CLIP text runtime (`torch-fp32`, `onnx-int8`...) | build's |
-| IMGSEARCH_DEFAULT_RANKER | ranker for unspecified requests | best trained, else popularity |
+| IMGSEARCH_DEFAULT_RANKER | ranker for unspecified requests | the set's validation choice |
 | IMGSEARCH_TIMEOUT_MS | gateway budget for a search when the client sets no deadline | 1000 |
 | IMGSEARCH_RANKING_BUDGET_MS | the part of a search's budget kept for ranking | 300 |
 | IMGSEARCH_GRACE_S | graceful-shutdown grace period | 5 |

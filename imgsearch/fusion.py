@@ -93,8 +93,9 @@ def fuse(
 ) -> RetrievalResult:
     """Fuse ranked lists into one.
 
-    ``"rrf"``: reciprocal-rank fusion, score = sum over sources of ``1 / (rrf_k + rank)`` (rank
-    from 1; Cormack et al. 2009), blind to the sources' score scales. ``"weighted"``:
+    ``"rrf"``: reciprocal-rank fusion, score = sum over sources of ``w / (rrf_k + rank)`` (rank
+    from 1; Cormack et al. 2009), blind to the sources' score scales; ``w`` is the source's
+    weight over the mean weight (1 for equal weights). ``"weighted"``:
     ``sum(weight * score)`` on scores min-max normalised per source within this query's
     candidates; a source that did not find a photo contributes 0.
 
@@ -103,6 +104,7 @@ def fuse(
     ``candidates_k`` None keeps every candidate of every source (the union, fused).
     """
     weights = weights or tuple(1.0 for _ in names)
+    mean_weight = sum(weights) / len(weights) if sum(weights) > 0 else 1.0
     union = np.unique(np.concatenate([np.asarray(r.photo_idx, np.int64) for r in results]))
     position = {int(p): i for i, p in enumerate(union.tolist())}
     fused = np.zeros(len(union), np.float64)
@@ -113,7 +115,7 @@ def fuse(
         own[rows] = result.scores
         per_source[name] = own
         if method == "rrf":
-            fused[rows] += 1.0 / (rrf_k + np.arange(1, len(rows) + 1))
+            fused[rows] += (weight / mean_weight) / (rrf_k + np.arange(1, len(rows) + 1))
         else:
             fused[rows] += weight * _minmax(np.asarray(result.scores))
     order = np.lexsort((union, -fused))

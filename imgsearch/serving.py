@@ -597,11 +597,16 @@ class AdminServicer:
 
     async def GetStatus(self, request, context):
         state = self.holder.state
+        defaults = [
+            admin_service_pb2.DefaultChoice(kind=kind, name=name, reason=reason)
+            for kind, name, reason in getattr(state, "defaults", [])
+        ]
         return admin_service_pb2.GetStatusResponse(
             service=self.service,
             version=state.version if state else "",
             artifacts=str(state.path) if state else "",
             models=list(state.models) if state else [],
+            defaults=defaults,
         )
 
 

@@ -10,11 +10,13 @@ from pathlib import Path
 
 from imgsearch.names import RANKER_NAMES
 from imgsearch_tools.conversions import add_store_arguments, open_existing_store, store_location
+from imgsearch_tools.served import (
+    candidates_summary,
+    served_candidates,
+    served_retrievers,
+)
 from retrieval_service.clip_model import TRAIN_STEPS
 
-# Candidates asked of the retriever per conversion keyword for ranker training: validation
-# ranks the first 100, BPR draws hard negatives from all of them (FM's ``negative_pool``).
-CANDIDATE_DEPTH = 2000
 # What `train` retrains by default: the rankers that learn from conversions.
 TRAINED_RANKERS = tuple(n for n in RANKER_NAMES if n not in ("none", "popularity"))
 
@@ -26,7 +28,10 @@ def add_commands(subparsers) -> None:
         help="validate an Unsplash Lite folder and build a versioned artifact set",
         description="Read DATA (Unsplash Lite layout), then write catalogue tables, the keyword "
         "index, CLIP embeddings + FAISS index (when images exist) and trained rankers as one "
-        "versioned set under OUT/sets/<version>, and point OUT/current at it.",
+        "versioned set under OUT/sets/<version>, and point OUT/current at it. Every ranker is "
+        "scored on a validation slice cut from the end of the conversions: the best one is "
+        "served by default only when its paired 95%% CI against popularity is above 0, else "
+        "popularity; hybrid's fusion weights are chosen there too (all in the manifest).",
     )
     p.add_argument("--data", required=True, help="folder in the Unsplash Lite layout")
     p.add_argument("--out", required=True, help="artifact root (sets/ and current are made here)")
@@ -38,8 +43,8 @@ def add_commands(subparsers) -> None:
     p.add_argument(
         "--tune",
         action="store_true",
-        help="pick ranker hyper-parameters on a "
-        "validation slice of the conversions (recorded in the manifest)",
+        help="also pick each ranker's hyper-parameters on the validation slice (grids in "
+        "ranking_service/training.py; recorded in the manifest)",
     )
     p.add_argument(
         "--int8",
@@ -111,8 +116,9 @@ def add_commands(subparsers) -> None:
         help="retrain the rankers of the current artifact set into a new set version",
         description="Train rankers on the catalogue of ARTIFACTS/current and publish a new set "
         "that shares every other artifact (hard links) with it; running servers pick it up on "
-        "`imgsearch reload`. --tune picks hyper-parameters on a validation slice cut from the "
-        "end of the conversions and records the choice in the manifest.",
+        "`imgsearch reload`. As build does, it scores every ranker of the new set on a "
+        "validation slice cut from the end of the conversions and chooses the default ranker "
+        "there; --tune also picks hyper-parameters on it. Both are recorded in the manifest.",
     )
     p.add_argument("--artifacts", default="var/artifacts", help="artifact root (with current)")
     p.add_argument(
@@ -120,7 +126,9 @@ def add_commands(subparsers) -> None:
         default=",".join(TRAINED_RANKERS),
         help="comma-separated rankers to train (default: %(default)s)",
     )
-    p.add_argument("--tune", action="store_true", help="tune on a validation slice first")
+    p.add_argument(
+        "--tune", action="store_true", help="pick hyper-parameters on the validation slice first"
+    )
     p.add_argument(
         "--int8",
         action=argparse.BooleanOptionalAction,
@@ -263,23 +271,19 @@ def build_artifacts(
 
             log(f"splitting the retrieval indexes into {shards} shards")
             manifest["shards"] = write_shards(set_dir, shards, log)
-        if rankers:
-            from ranking_service.training import train_rankers
-
-            candidates = served_candidates(catalogue, keyword_index, show_progress)
-            manifest["ranker_candidates"] = candidates_summary(candidates)
-            log(f"training rankers: {', '.join(rankers)}")
-            manifest["rankers"] = train_rankers(
+        manifest.update(
+            train_set_rankers(
                 catalogue,
+                set_dir,
+                set_dir,
+                keyword_index,
                 rankers,
-                set_dir / artifacts.RANKERS_DIR,
-                candidates,
                 tune=tune,
-                show_progress=show_progress,
                 int8=int8,
+                show_progress=show_progress,
+                choose_fusion_weights=True,
             )
-        else:
-            manifest["rankers"] = {}
+        )
         manifest["build_seconds"] = round(time.time() - started, 1)
         artifacts.write_manifest(set_dir, manifest)
         artifacts.publish(out, set_dir)
@@ -290,6 +294,88 @@ def build_artifacts(
 
 # What an artifact root holds (imgsearch.artifacts): anything else there is not the store's.
 ROOT_ENTRIES = ("sets", "current", "current.tmp")
+
+
+def train_set_rankers(
+    catalogue,
+    set_dir: Path,
+    retrieval_dir: Path,
+    keyword_index,
+    rankers: list[str],
+    tune: bool = False,
+    int8: bool = True,
+    show_progress: bool = True,
+    choose_fusion_weights: bool = False,
+    kept: dict[str, Path] | None = None,
+) -> dict:
+    """Train ``rankers`` into ``set_dir/rankers`` and choose the defaults; returns manifest entries.
+
+    The candidates handed to training come from the retriever served by default, loaded from
+    ``retrieval_dir`` (hybrid when that set has CLIP, else keyword); the rankers that use image
+    embeddings get the set's. The validation slice then decides the default ranker and, with
+    ``choose_fusion_weights`` and CLIP, hybrid's fusion weights (with that ranker).
+
+    Returns
+    -------
+    dict
+        ``rankers``, ``rankers_skipped``, ``ranker_candidates``, ``ranker_selection``,
+        ``default_ranker``, ``default_ranker_reason`` and, when chosen, ``fusion``.
+    """
+    from imgsearch import artifacts
+    from imgsearch.image_embeddings import ImageEmbeddings
+    from ranking_service.selection import format_selection, skipped_selection
+    from ranking_service.training import train_rankers
+
+    log = _stage_printer(show_progress)
+    if not rankers:
+        selection = skipped_selection("no ranker was trained")
+        return {
+            "rankers": {},
+            "ranker_selection": selection,
+            "default_ranker": selection["default_ranker"],
+            "default_ranker_reason": selection["reason"],
+        }
+    retrievers = served_retrievers(retrieval_dir, keyword_index)
+    default_retriever = retrievers.get("hybrid", keyword_index)
+    candidates = served_candidates(catalogue, default_retriever, show_progress)
+    embeddings_path = Path(retrieval_dir) / artifacts.EMBEDDINGS
+    embeddings = ImageEmbeddings.load(embeddings_path) if embeddings_path.exists() else None
+    log(f"training rankers: {', '.join(rankers)} (candidates from {candidates.retriever})")
+    report = train_rankers(
+        catalogue,
+        rankers,
+        Path(set_dir) / artifacts.RANKERS_DIR,
+        candidates,
+        tune=tune,
+        show_progress=show_progress,
+        int8=int8,
+        embeddings=embeddings,
+        kept=kept,
+    )
+    for name, reason in report.skipped.items():
+        log(f"{name} skipped: {reason}")
+    log(format_selection(report.selection))
+    entries = {
+        "rankers": report.rankers,
+        "rankers_skipped": report.skipped,
+        "ranker_candidates": candidates_summary(candidates),
+        "ranker_selection": report.selection,
+        "default_ranker": report.selection["default_ranker"],
+        "default_ranker_reason": report.selection["reason"],
+    }
+    default = report.selection["default_ranker"]
+    model = report.validation_models.get(default)
+    if choose_fusion_weights and "clip" in retrievers and model is not None:
+        from imgsearch_tools.evaluation.fusion import choose_fusion
+
+        log(f"choosing hybrid's fusion weights on the validation slice with {default}")
+        fusion = choose_fusion(
+            catalogue, report.validation, model, default, keyword_index, retrievers["clip"]
+        )
+        if "label" in fusion:
+            log(f"fusion: {fusion['label']} — {fusion['reason']}")
+        entries["fusion"] = fusion
+    return entries
 
 
 def check_artifact_root(out: str | Path, force: bool = False) -> None:
@@ -421,7 +507,6 @@ def retrain_rankers(
     from imgsearch import artifacts
     from imgsearch.catalogue import Catalogue
     from imgsearch.conversion_store.tables import merge_logged
-    from ranking_service.training import train_rankers
     from retrieval_service.keyword_index import KeywordIndex
 
     current = current_set(root)
@@ -453,23 +538,29 @@ def retrain_rankers(
         for name in rankers:
             shutil.rmtree(set_dir / artifacts.RANKERS_DIR / name, ignore_errors=True)
         keyword_index = KeywordIndex.load(current.file(artifacts.KEYWORD_INDEX))
-        candidates = served_candidates(catalogue, keyword_index, show_progress)
-        trained = train_rankers(
+        kept = {
+            name: set_dir / artifacts.RANKERS_DIR / name
+            for name in current.rankers
+            if name not in rankers
+        }
+        trained = train_set_rankers(
             catalogue,
+            set_dir,
+            current.path,
+            keyword_index,
             rankers,
-            set_dir / artifacts.RANKERS_DIR,
-            candidates,
             tune=tune,
-            show_progress=show_progress,
             int8=int8,
+            show_progress=show_progress,
+            kept=kept,
         )
         manifest = {
             **current.manifest,
+            **trained,
             "version": version,
             "parent_version": current.version,
             "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "rankers": {**current.manifest.get("rankers", {}), **trained},
-            "ranker_candidates": candidates_summary(candidates),
+            "rankers": {**current.manifest.get("rankers", {}), **trained["rankers"]},
         }
         if merged is not None:
             manifest["logged_conversions"] = merged
@@ -573,40 +664,3 @@ def read_logged_events(args):
             f"read {len(frame):,} logged conversions from {store.location}"
         )
     return frame
-
-
-def served_candidates(catalogue, retriever, show_progress: bool = False):
-    """The retriever's candidates for every keyword of the catalogue's conversions.
-
-    Ranker training validates on them and draws hard negatives from them, so it sees what
-    serving retrieves (:class:`~imgsearch.candidates.CandidateLists`).
-
-    Parameters
-    ----------
-    catalogue:
-        The catalogue whose conversions the rankers train on.
-    retriever:
-        A retriever of the retrieval service (``retrieve(query, k)``), e.g. the keyword index.
-    show_progress:
-        A progress bar.
-    """
-    from imgsearch.candidates import CandidateLists
-
-    return CandidateLists.collect(
-        catalogue.conversions["keyword"].unique(),
-        retriever.retrieve,
-        CANDIDATE_DEPTH,
-        retriever=retriever.name,
-        show_progress=show_progress,
-    )
-
-
-def candidates_summary(candidates) -> dict:
-    """What the manifest records of the candidate lists rankers trained with."""
-    lengths = [len(candidates.top(k)[0]) for k in candidates.keywords]
-    return {
-        "retriever": candidates.retriever,
-        "depth": candidates.depth,
-        "keywords": len(candidates),
-        "empty_keywords": int(sum(n == 0 for n in lengths)),
-    }

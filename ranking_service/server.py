@@ -33,12 +33,13 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["RankingService"].full_name
 NAME = "ranking"
 # Rankers whose scoring runs torch: run them off the event loop.
 OFFLOADED = {"fm", "deepfm"}
-# Preferred default when the artifact set has it (best measured first).
-DEFAULT_ORDER = ("als", "deepfm", "fm", "popularity", "none")
+# The default of a set that records no validation choice: the baseline that needs no model.
+FALLBACK_DEFAULT = "popularity"
 MAX_RECOMMEND = 10_000
-# Rankers that personalize from a user's history (ALS folds it in; FM and DeepFM take the
-# country): for users the model has not seen, they get the user's logged conversions.
-USES_HISTORY = {"als", "fm", "deepfm"}
+# Rankers that personalize from a user's history (ALS folds it in; EASE and item-kNN sum their
+# photos' neighbours; clip_profile averages their images; FM and DeepFM take the country): for
+# users the model has not seen, they get the user's logged conversions.
+USES_HISTORY = {"als", "fm", "deepfm", "ease", "item_knn", "clip_profile"}
 # At start ranking waits this long for the conversion store, then serves without it for now.
 STORE_OPEN_TIMEOUT_S = 2.0
 # A read stuck in the store gives its thread back after this (requests stop waiting sooner).
@@ -57,18 +58,35 @@ class RankingState:
     default_ranker: str
     user_country: dict[int, str] = field(default_factory=dict)
     models: list[str] = field(default_factory=list)
+    default_reason: str = ""
+    # (kind, name, reason) of each default, for AdminService.GetStatus.
+    defaults: list[tuple[str, str, str]] = field(default_factory=list)
 
 
 def load_ranking_state(artifacts_path: str, default_ranker: str = "") -> RankingState:
-    """Load every ranker the artifact set holds."""
-    from ranking_service.rankers import create_ranker, load_ranker
+    """Load every ranker the artifact set holds, and the default the set records.
+
+    The default is, in order: ``default_ranker`` (a setting), the ranker the set's validation
+    chose (``default_ranker`` in its manifest), or popularity for a set that records no choice;
+    ``RankingState.default_reason`` says which and why.
+    """
+    from imgsearch.image_embeddings import ImageEmbeddings
+    from ranking_service.rankers import create_ranker, load_ranker, ranker_class
 
     artifact_set = artifacts.resolve(artifacts_path)
     catalogue = Catalogue.load(artifact_set.file(artifacts.CATALOGUE_DIR))
+    embeddings = None
+    if artifact_set.has(artifacts.EMBEDDINGS):
+        embeddings = ImageEmbeddings.load(artifact_set.file(artifacts.EMBEDDINGS))
     rankers: dict[str, Ranker] = {}
+    unloaded: dict[str, str] = {}
     for name in artifact_set.rankers:
+        if ranker_class(name).uses_embeddings and embeddings is None:
+            unloaded[name] = f"the set has no {artifacts.EMBEDDINGS}"
+            logger.warning("ranker %s not loaded: %s", name, unloaded[name])
+            continue
         rankers[name] = load_ranker(
-            name, artifact_set.file(artifacts.RANKERS_DIR) / name, catalogue
+            name, artifact_set.file(artifacts.RANKERS_DIR) / name, catalogue, embeddings
         )
     for name in ("none", "popularity"):
         if name not in rankers:
@@ -79,10 +97,7 @@ def load_ranking_state(artifacts_path: str, default_ranker: str = "") -> Ranking
             f"default ranker {default_ranker!r} is not in the artifact set "
             f"(available: {', '.join(rankers)})"
         )
-    recorded = artifact_set.manifest.get("default_ranker", "")
-    default = default_ranker or (
-        recorded if recorded in rankers else next(n for n in DEFAULT_ORDER if n in rankers)
-    )
+    default, reason = choose_default(artifact_set, rankers, default_ranker, unloaded)
     conversions = catalogue.conversions
     user_country: dict[int, str] = {}
     if len(conversions):
@@ -97,6 +112,39 @@ def load_ranking_state(artifacts_path: str, default_ranker: str = "") -> Ranking
         default_ranker=default,
         user_country=user_country,
         models=list(rankers),
+        default_reason=reason,
+        defaults=[("ranker", default, reason)],
+    )
+
+
+def choose_default(
+    artifact_set: artifacts.ArtifactSet,
+    rankers: dict[str, Ranker],
+    setting: str = "",
+    unloaded: dict[str, str] | None = None,
+) -> tuple[str, str]:
+    """The default ranker of a set and why: the setting, the set's validation choice, or popularity.
+
+    Returns
+    -------
+    tuple of str
+        ``(name, reason)``.
+    """
+    if setting:
+        return setting, "set by the server's default-ranker setting (IMGSEARCH_DEFAULT_RANKER)"
+    recorded = artifact_set.manifest.get("default_ranker", "")
+    if recorded in rankers:
+        reason = artifact_set.manifest.get("default_ranker_reason", "")
+        return recorded, reason or "recorded by the set's build"
+    if recorded:
+        why = (unloaded or {}).get(recorded, "it is not in the set")
+        return FALLBACK_DEFAULT, (
+            f"the set's validation chose {recorded}, which is not loaded ({why}); "
+            f"serving {FALLBACK_DEFAULT}"
+        )
+    return FALLBACK_DEFAULT, (
+        f"artifact set {artifact_set.version} records no validation choice (built before "
+        f"default selection); serving {FALLBACK_DEFAULT}, the baseline"
     )
 
 
@@ -139,7 +187,8 @@ class RankingServicer(pb_grpc.RankingServiceServicer):
         self.executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="rank")
         self.stage_latency = LATENCY.labels(NAME, "rank")
 
-    def _ranker(self, state: RankingState, value: int) -> str:
+    @staticmethod
+    def _ranker(state: RankingState, value: int) -> str:
         if value == pb.RANKER_UNSPECIFIED:
             return state.default_ranker
         if value == pb.RANKER_TWO_STEP:
@@ -231,6 +280,9 @@ class RankingServicer(pb_grpc.RankingServiceServicer):
             country=country,
         )
         ranker = state.rankers[name]
+        default_reason = ""
+        if request.ranker == pb.RANKER_UNSPECIFIED:
+            default_reason = f"default ranker {name}: {state.default_reason}"
         if len(query.candidates) == 0:
             scores, reason = np.zeros(0, np.float32), ""
         elif name in OFFLOADED:
@@ -264,6 +316,7 @@ class RankingServicer(pb_grpc.RankingServiceServicer):
             fallback_reason=reason,
             ranking_ms=elapsed * 1000,
             artifact_version=state.version,
+            default_reason=default_reason,
         )
 
     async def Recommend(self, request: pb.RecommendRequest, context) -> pb.RecommendResponse:

@@ -13,6 +13,8 @@ from typing import Any, Callable
 
 import numpy as np
 
+from imgsearch.image_embeddings import ImageEmbeddings
+
 # A folder of precomputed embeddings (``imgsearch embed --ray``): shards, then the summary.
 EMBEDDING_SET_JSON = "embeddings.json"
 SHARD_NAME = "embeddings-{:05d}.npz"
@@ -40,8 +42,8 @@ def _save_npz(path: Path, **arrays: np.ndarray) -> None:
 
 def load_embeddings(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     """Read an embeddings file: ``photo_idx`` (int64) and ``embeddings`` (float32)."""
-    with np.load(path, allow_pickle=False) as data:
-        return data["photo_idx"].astype(np.int64), data["embeddings"].astype(np.float32)
+    stored = ImageEmbeddings.load(path)
+    return stored.photo_idx, stored.vectors
 
 
 def clip_identity(bundle: Any) -> dict:

@@ -218,15 +218,17 @@ class HybridRetriever(Retriever):
     clip:
         The CLIP retriever.
     method:
-        ``"rrf"``: reciprocal-rank fusion, score = sum over sources of ``1 / (rrf_k + rank)``
-        (rank from 1; Cormack et al. 2009), blind to the sources' score scales.
+        ``"rrf"``: reciprocal-rank fusion, score = sum over sources of ``w / (rrf_k + rank)``
+        (rank from 1; Cormack et al. 2009), blind to the sources' score scales; ``w`` is the
+        source's weight relative to the mean weight (equal weights: the paper's 1).
         ``"weighted"``: ``weights[0] * keyword + weights[1] * clip`` on scores min-max
         normalised per source within this query's candidates; a source that did not find a
         photo contributes 0.
     rrf_k:
         RRF's damping constant (60 in the paper).
     weights:
-        (keyword, clip) weights of the weighted variant.
+        (keyword, clip) weights. An artifact set records the ones chosen on its validation
+        slice (``fusion`` in the manifest, see :func:`fusion_settings`).
     depth:
         Candidates asked of each source, as a multiple of ``candidates_k``.
 
@@ -375,7 +377,31 @@ def load_clip_retrievers(
         max_batch=max_batch,
         max_wait_ms=max_wait_ms,
     )
-    return {"clip": clip, "hybrid": HybridRetriever(keyword_index, clip)}
+    return {
+        "clip": clip,
+        "hybrid": HybridRetriever(keyword_index, clip, **fusion_settings(set_dir)),
+    }
+
+
+def fusion_label(method: str, weights) -> str:
+    """A short name for a fusion setting, e.g. ``rrf keyword 0.30 / clip 0.70``."""
+    keyword, clip = (float(w) for w in weights)
+    return f"{method} keyword {keyword:.2f} / clip {clip:.2f}"
+
+
+def fusion_settings(set_dir: str | Path) -> dict:
+    """Hybrid's fusion as the set's manifest records it (``method``, ``weights``), or ``{}``.
+
+    Sets built before fusion weights were chosen on validation record none: hybrid then fuses
+    with equal weights.
+    """
+    from imgsearch.artifacts import MANIFEST
+
+    path = Path(set_dir) / MANIFEST
+    fusion = json.loads(path.read_text()).get("fusion", {}) if path.exists() else {}
+    if "weights" not in fusion:
+        return {}
+    return {"method": fusion.get("method", "rrf"), "weights": tuple(fusion["weights"])}
 
 
 def read_vector_meta(set_dir: str | Path) -> dict:

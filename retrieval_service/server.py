@@ -54,6 +54,8 @@ class RetrievalState:
     # The shard of a sharded set this state serves (shard_count 0: the whole catalogue).
     shard: int = 0
     shard_count: int = 0
+    # (kind, name, reason) of each default, for AdminService.GetStatus.
+    defaults: list[tuple[str, str, str]] = field(default_factory=list)
 
 
 def load_retrieval_state(
@@ -112,7 +114,32 @@ def load_retrieval_state(
         models=list(retrievers),
         shard=max(0, shard),
         shard_count=shard_count,
+        defaults=retrieval_defaults(artifact_set.manifest, retrievers, default_retriever),
     )
+
+
+def retrieval_defaults(
+    manifest: dict, retrievers: dict[str, Retriever], setting: str = ""
+) -> list[tuple[str, str, str]]:
+    """The default retriever and hybrid's fusion, each with why, for ``GetStatus``."""
+    if setting:
+        chosen = (setting, "set by the server's default-retriever setting")
+    elif "hybrid" in retrievers:
+        chosen = ("hybrid", "the set has CLIP: keyword and CLIP candidates fused")
+    else:
+        chosen = ("keyword", "the set has no CLIP (built without images or with --no-clip)")
+    defaults = [("retriever", *chosen)]
+    hybrid = retrievers.get("hybrid")
+    if hybrid is not None:
+        from retrieval_service.semantic import fusion_label
+
+        recorded = manifest.get("fusion", {})
+        reason = recorded.get("reason") or (
+            "the set records no fusion weights chosen on validation (built before they "
+            "were): equal weights"
+        )
+        defaults.append(("fusion", fusion_label(hybrid.method, hybrid.weights), reason))
+    return defaults
 
 
 def validate_query(query: str, field_name: str = "query") -> str:

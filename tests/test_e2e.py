@@ -28,7 +28,10 @@ def active_user(catalogue) -> str:
     return catalogue.users["anonymous_user_id"].iloc[top]
 
 
-def test_search_returns_k_results_with_metadata_and_timings(stub, catalogue):
+def test_search_returns_k_results_with_metadata_and_timings(stub, catalogue, artifact_root):
+    from imgsearch import artifacts
+    from imgsearch.names import ranker_value
+
     user = active_user(catalogue)
     response = stub.Search(pb.SearchRequest(user_id=user, query="red", k=7), timeout=10)
     assert len(response.results) == 7
@@ -44,7 +47,9 @@ def test_search_returns_k_results_with_metadata_and_timings(stub, catalogue):
     assert response.timings.retrieval_ms > 0
     assert response.timings.ranking_ms > 0
     assert response.timings.total_ms >= response.timings.retrieval_ms
-    assert response.ranker == rank_pb.RANKER_ALS
+    # The ranker the set's validation chose (see test_selection.py for the rule).
+    served = artifacts.resolve(artifact_root).manifest["default_ranker"]
+    assert response.ranker == ranker_value(served)
     assert set(response.artifact_versions) == {"gateway", "retrieval", "ranking"}
 
 
@@ -62,7 +67,8 @@ def test_rankers_reorder_the_same_candidates(stub, catalogue):
 
 
 def test_unknown_user_falls_back_and_says_so(stub):
-    response = stub.Search(pb.SearchRequest(user_id="nobody", query="green", k=5), timeout=10)
+    request = pb.SearchRequest(user_id="nobody", query="green", k=5, ranker=rank_pb.RANKER_ALS)
+    response = stub.Search(request, timeout=10)
     assert len(response.results) == 5
     assert not response.degraded
     assert any("unknown user" in note for note in response.notes)

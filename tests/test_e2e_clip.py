@@ -22,10 +22,14 @@ def clip_stack(loop_thread, tmp_path_factory):
     from imgsearch_tools.demo_data import generate
 
     data = tmp_path_factory.mktemp("clip-data")
-    generate(data, n_photos=300, n_users=40, n_conversions=2000, seed=3, show_progress=False)
+    generate(data, n_photos=300, n_users=40, n_conversions=4000, seed=3, show_progress=False)
     root = tmp_path_factory.mktemp("clip-artifacts")
     build_artifacts(
-        str(data), str(root), ["none", "popularity"], clip_steps=20, show_progress=False
+        str(data),
+        str(root),
+        ["none", "popularity", "clip_profile"],
+        clip_steps=20,
+        show_progress=False,
     )
     stack = Stack(loop_thread, root)
     yield stack
@@ -109,3 +113,42 @@ def test_unseen_queries_sent_together_are_all_answered(clip_stack):
     expected = state.retrievers["clip"].retrieve("red", 20)
     assert list(replies[-1].photo_ids) == state.photo_ids[expected.photo_idx].tolist()
     assert state.retrievers["clip"].known_hits == 1
+
+
+def test_fusion_weights_from_validation_are_recorded_served_and_said(clip_stack):
+    from imgsearch import artifacts
+    from imgsearch.admin.v1 import admin_service_pb2 as admin_pb
+    from imgsearch.admin.v1 import admin_service_pb2_grpc as admin_grpc
+    from retrieval_service.semantic import fusion_label
+
+    manifest = artifacts.resolve(clip_stack.artifacts).manifest
+    fusion = manifest["fusion"]
+    assert fusion["ranker"] == manifest["default_ranker"]
+    assert sum(fusion["weights"]) == pytest.approx(1.0) and fusion["weights"][1] >= 0.5
+    chosen = max(
+        (row for row in fusion["table"] if row["weights"] == fusion["weights"]),
+        key=lambda row: row["ndcg@10"],
+    )
+    # The choice keeps tag precision at least at either source's level on the validation slice.
+    floor = max(source["tag_p@10"] for source in fusion["sources"].values())
+    assert chosen["tag_p@10"] >= floor - 1e-9 or "most precise" in fusion["reason"]
+    with grpc.insecure_channel(f"127.0.0.1:{clip_stack.retrieval.admin_port}") as channel:
+        status = admin_grpc.AdminServiceStub(channel).GetStatus(
+            admin_pb.GetStatusRequest(), timeout=10
+        )
+    defaults = {d.kind: (d.name, d.reason) for d in status.defaults}
+    assert defaults["retriever"][0] == "hybrid"
+    assert defaults["fusion"] == (fusion_label("rrf", fusion["weights"]), fusion["reason"])
+
+
+def test_clip_profile_is_served_from_the_sets_embeddings(clip_stack):
+    with grpc.insecure_channel(clip_stack.target) as channel:
+        stub = pb_grpc.SearchServiceStub(channel)
+        request = pb.SearchRequest(query="red", k=5, ranker=rank_pb.RANKER_CLIP_PROFILE)
+        cold = stub.Search(request, timeout=30)
+        ids = [r.photo_id for r in cold.results]
+        request.recent_photo_ids.extend(ids[:3])
+        warm = stub.Search(request, timeout=30)
+    assert cold.ranker == warm.ranker == rank_pb.RANKER_CLIP_PROFILE
+    assert "unknown user: popularity order" in cold.notes
+    assert not any("unknown user" in note for note in warm.notes)

@@ -100,11 +100,13 @@ def test_models_are_fitted_on_the_training_part_only(catalogue, monkeypatch):
     seen = {}
     fit_rankers = evaluation.fit_rankers
 
-    def recording_fit(names, train_catalogue, tune, show_progress, workdir=None):
+    def recording_fit(names, train_catalogue, tune, show_progress, workdir=None, **options):
         seen["conversions"] = train_catalogue.conversions
-        rankers, info = fit_rankers(names, train_catalogue, tune, show_progress, workdir)
+        rankers, info, training = fit_rankers(
+            names, train_catalogue, tune, show_progress, workdir, **options
+        )
         seen["rankers"] = rankers
-        return rankers, info
+        return rankers, info, training
 
     monkeypatch.setattr(evaluation, "fit_rankers", recording_fit)
     config = EvalConfig(retrievers=("keyword",), rankers=RANKERS, show_progress=False)

@@ -206,3 +206,23 @@ def test_concurrent_misses_are_encoded_in_one_batch(clip_parts):
     result = retriever.retrieve("blue", 2)  # from the LRU now
     assert encoder.calls == 1 and result.photo_idx.tolist() == [101, 103]
     retriever.batcher.close()
+
+
+def test_weighted_rrf_leans_toward_the_heavier_source(sources):
+    keyword, clip = sources
+    equal = HybridRetriever(keyword, clip, weights=(0.5, 0.5)).retrieve("red", 10)
+    leaning = HybridRetriever(keyword, clip, weights=(0.25, 0.75)).retrieve("red", 10)
+    # Equal weights are the paper's RRF, whatever their sum.
+    np.testing.assert_allclose(
+        equal.scores, HybridRetriever(keyword, clip, weights=(2, 2)).retrieve("red", 10).scores
+    )
+    # Relative to the mean weight: keyword counts 0.5, CLIP 1.5.
+    expected = {
+        10: 0.5 / 61 + 1.5 / 63,
+        30: 0.5 / 63 + 1.5 / 61,
+        20: 0.5 / 62,
+        40: 1.5 / 62,
+        50: 1.5 / 64,
+    }
+    assert leaning.photo_idx.tolist() == [30, 10, 40, 50, 20]
+    np.testing.assert_allclose(leaning.scores, [expected[p] for p in leaning.photo_idx], rtol=1e-6)

@@ -10,6 +10,7 @@ import pytest
 
 from imgsearch.candidates import CandidateLists
 from imgsearch.catalogue import Catalogue
+from imgsearch.image_embeddings import ImageEmbeddings
 from imgsearch.protocol import temporal_split
 from ranking_service.rankers import RANKER_NAMES, create_ranker, load_ranker
 from ranking_service.rankers.base import RankQuery
@@ -46,12 +47,33 @@ TEST_PARAMS = {
         "patience": 3,
         "num_threads": 1,
     },
+    "ease": {"l2": 100.0},
+    "item_knn": {"shrink": 5.0},
+    "clip_profile": {},
 }
 
 
 def photo_colour(photo_idx: np.ndarray) -> np.ndarray:
     """The planted colour index of each photo (shape is ``photo_idx % 5``)."""
     return (np.asarray(photo_idx) // len(SHAPES)) % len(COLOURS)
+
+
+def image_embeddings(seed: int = 0) -> ImageEmbeddings:
+    """What a CLIP would see: each photo's colour and shape (one-hot) plus noise, L2-normalised.
+
+    Photos 0–9 have no image (no embedding), like photos whose download failed.
+    """
+    rng = np.random.default_rng(seed)
+    photo_idx = np.arange(10, N_PHOTOS)
+    vectors = np.zeros((len(photo_idx), len(COLOURS) + len(SHAPES) + 5), dtype=np.float32)
+    vectors[np.arange(len(photo_idx)), photo_colour(photo_idx)] = 1.0
+    vectors[np.arange(len(photo_idx)), len(COLOURS) + photo_idx % len(SHAPES)] = 1.0
+    vectors += rng.normal(0.0, 0.3, vectors.shape).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    return ImageEmbeddings(photo_idx.astype(np.int64), vectors)
+
+
+EMBEDDINGS = image_embeddings()
 
 
 def make_catalogue(seed: int = 0) -> Catalogue:
@@ -162,7 +184,9 @@ def fitted(name: str, train_catalogue: Catalogue):
     if name not in _fitted:
         ranker = create_ranker(name, **TEST_PARAMS[name])
         candidates = served(train_catalogue)
-        _fitted[name] = ranker.fit(train_catalogue, show_progress=False, candidates=candidates)
+        _fitted[name] = ranker.fit(
+            train_catalogue, show_progress=False, candidates=candidates, embeddings=EMBEDDINGS
+        )
     return _fitted[name]
 
 
@@ -208,7 +232,7 @@ class RankerContract:
 
     def test_save_load_round_trip_gives_identical_scores(self, ranker, catalogue, tmp_path):
         ranker.save(tmp_path)
-        loaded = load_ranker(self.name, tmp_path, catalogue)
+        loaded = load_ranker(self.name, tmp_path, catalogue, EMBEDDINGS)
         for q in (query(3), query(None, keyword="nothing like it"), query(7, keyword="star")):
             np.testing.assert_array_equal(loaded.score(q).scores, ranker.score(q).scores)
         assert not list(tmp_path.rglob("*.pkl"))
@@ -227,7 +251,7 @@ class RankerContract:
             result = ranker.score(q)
             assert np.isfinite(result.scores).all()
             assert isinstance(result.fallback_reason, str)
-        if self.name in ("als", "fm", "deepfm"):
+        if self.name in ("als", "fm", "deepfm", "ease", "item_knn", "clip_profile"):
             assert "unknown user" in ranker.score(query(None)).fallback_reason
             assert "unknown user" in ranker.score(query(UNSEEN_USER)).fallback_reason
             assert ranker.score(query(3)).fallback_reason == ""
@@ -261,12 +285,17 @@ class TestPopularity(RankerContract):
             assert np.all(np.diff(scores[positions]) < 0)
 
 
-class TestALS(RankerContract):
-    name = "als"
+class RecentPhotosContract(RankerContract):
+    """Rankers that personalise a user the model has never seen from the request's recent photos."""
 
-    def test_fold_in_ranks_the_recent_taste_first(self, ranker):
+    def test_recent_photos_personalise_an_unseen_user(self, ranker):
+        import copy
+
+        # The prior's weight is chosen on validation; light here, so that the taste shows.
+        ranker = copy.copy(ranker)
+        ranker.popularity_weight = 0.25
         red = np.flatnonzero(photo_colour(np.arange(N_PHOTOS)) == COLOURS.index("red"))
-        recent = red[red % len(SHAPES) != 0][:8]  # red photos, none of them circles
+        recent = red[red % len(SHAPES) != 0][10:18]  # red photos with images, no circles
         result = ranker.score(query(UNSEEN_USER, recent_photos=recent))
         assert result.fallback_reason == ""
         candidates = query(UNSEEN_USER).candidates
@@ -277,6 +306,10 @@ class TestALS(RankerContract):
         assert fallback.fallback_reason == "unknown user: popularity order"
         top = candidates[np.argsort(-fallback.scores, kind="stable")[:10]]
         assert np.mean(photo_colour(top) == COLOURS.index("red")) < red_share
+
+
+class TestALS(RecentPhotosContract):
+    name = "als"
 
     def test_fold_in_matches_training_for_a_known_user(self, ranker, split):
         train = split[0].conversions
@@ -364,7 +397,82 @@ class TestDeepFM(RankerContract):
             ranker.set_int8(False)
 
 
-@pytest.mark.parametrize("name", ["als", "fm", "deepfm"])
+class TestEASE(RecentPhotosContract):
+    name = "ease"
+
+    def test_weights_solve_the_regularised_regression(self, split):
+        from ranking_service.rankers.common import conversion_matrix
+
+        ranker = create_ranker("ease", l2=20.0, neighbours=N_PHOTOS).fit(split[0], False)
+        x = conversion_matrix(split[0], binary=True)
+        items = np.flatnonzero(np.asarray(x.sum(axis=0)).ravel() > 0)
+        b = ranker.weights[items][:, items].toarray().astype(np.float64)
+        gram = (x[:, items].T @ x[:, items]).toarray().astype(np.float64)
+        assert np.allclose(np.diag(b), 0.0)
+        # Off the diagonal, (XᵀX + λI) B = XᵀX (Steck 2019, eq. 8's optimality condition).
+        residual = (gram + 20.0 * np.eye(len(items))) @ b - gram
+        off_diagonal = ~np.eye(len(items), dtype=bool)
+        assert np.abs(residual[off_diagonal]).max() < 1e-2 * np.abs(gram).max()
+
+    def test_max_items_keeps_the_most_converted_photos(self, split):
+        ranker = create_ranker("ease", max_items=20).fit(split[0], False)
+        counts = np.bincount(split[0].conversions.photo_idx, minlength=N_PHOTOS)
+        rows = np.flatnonzero(np.diff(ranker.weights.indptr) > 0)
+        assert 0 < len(rows) <= 20
+        assert counts[rows].min() >= np.sort(counts)[-20]
+        assert ranker.score(query(3)).scores.shape == (N_PHOTOS // len(SHAPES),)
+
+
+class TestItemKNN(RecentPhotosContract):
+    name = "item_knn"
+
+    def test_similarity_is_shrunk_cosine(self, split):
+        from ranking_service.rankers.common import conversion_matrix
+
+        ranker = create_ranker("item_knn", shrink=5.0, neighbours=N_PHOTOS).fit(split[0], False)
+        x = conversion_matrix(split[0], binary=True).toarray()
+        i, j = np.argsort(-x.sum(axis=0))[:2]
+        expected = x[:, i] @ x[:, j] / (np.sqrt(x[:, i].sum() * x[:, j].sum()) + 5.0)
+        assert ranker.weights[i, j] == pytest.approx(expected, rel=1e-5)
+        assert ranker.weights[i, i] == 0.0
+
+    def test_neighbours_bounds_each_row(self, split):
+        ranker = create_ranker("item_knn", neighbours=7).fit(split[0], False)
+        assert np.diff(ranker.weights.indptr).max() <= 7
+
+
+class TestClipProfile(RecentPhotosContract):
+    name = "clip_profile"
+
+    def test_photos_no_one_converted_rank_by_what_they_show(self, ranker, split):
+        converted = set(split[0].conversions.photo_idx.tolist())
+        fresh = [p for p in range(10, N_PHOTOS) if p not in converted]
+        user = 3
+        liked = split[0].conversions.photo_idx[split[0].conversions.user_idx == user]
+        favourite = np.bincount(photo_colour(liked), minlength=len(COLOURS)).argmax()
+        fresh = np.asarray(fresh)
+        if len(np.unique(photo_colour(fresh))) < 2:
+            pytest.skip("every never-converted photo has the same colour")
+        scores = ranker.score(query(user, candidates=fresh)).scores
+        top = fresh[np.argsort(-scores, kind="stable")[: max(1, len(fresh) // 6)]]
+        share = np.mean(photo_colour(top) == favourite)
+        assert share > np.mean(photo_colour(fresh) == favourite) + 0.2
+
+    def test_needs_the_embeddings(self, split, tmp_path):
+        with pytest.raises(ValueError, match="image embeddings"):
+            create_ranker("clip_profile").fit(split[0], False)
+        fitted("clip_profile", split[0]).save(tmp_path)
+        with pytest.raises(ValueError, match="image embeddings"):
+            load_ranker("clip_profile", tmp_path, split[0])
+
+    def test_thin_histories_shrink_toward_the_mean(self, ranker):
+        one = ranker.profile(None, np.array([20]))
+        many = ranker.profile(None, np.repeat(20, 50))
+        mean = ranker.global_mean
+        assert np.linalg.norm(one - mean) < np.linalg.norm(many - mean)
+
+
+@pytest.mark.parametrize("name", ["als", "fm", "deepfm", "ease", "item_knn", "clip_profile"])
 def test_personalized_rankers_beat_popularity_on_held_out_tastes(name, split, held_out):
     popularity = held_out.ndcg(fitted("popularity", split[0]))
     personalized = held_out.ndcg(fitted(name, split[0]))
@@ -376,10 +484,11 @@ def test_factory_names_and_errors():
     from imgsearch import names
 
     # The ranking service implements exactly the rankers the API names (RANKER_* enum values).
-    assert RANKER_NAMES == names.RANKER_NAMES == ("none", "popularity", "als", "fm", "deepfm")
+    expected = ("none", "popularity", "als", "fm", "deepfm", "ease", "item_knn", "clip_profile")
+    assert RANKER_NAMES == names.RANKER_NAMES == expected
     for name in RANKER_NAMES:
         assert create_ranker(name).name == name
-    with pytest.raises(ValueError, match="valid names: none, popularity, als, fm, deepfm"):
+    with pytest.raises(ValueError, match="valid names: none, popularity, als, fm, deepfm, ease"):
         create_ranker("svd")
     with pytest.raises(ValueError, match="valid names"):
         load_ranker("svd", "/nonexistent", None)
@@ -410,22 +519,41 @@ def test_fm_needs_candidate_lists_for_its_keyword_negatives(split):
         create_ranker("fm", **TEST_PARAMS["fm"]).fit(split[0], show_progress=False)
 
 
-def test_training_and_tuning_write_a_loadable_artifact(split, catalogue, tmp_path):
-    from ranking_service.training import train_rankers, tune_ranker
+def test_training_tunes_on_validation_and_writes_a_loadable_artifact(split, catalogue, tmp_path):
+    from ranking_service.training import prepare_validation, train_rankers, tune_ranker_report
 
     train_catalogue, test = split
     candidates = served(train_catalogue)
+    validation = prepare_validation(train_catalogue, candidates)
+    assert validation.usable and len(validation.tuning) and len(validation.selection)
+    tuned = validation.catalogue.conversions
+    assert tuned.converted_at.max() <= validation.later.converted_at.min()
+    assert len(tuned) + len(validation.later) == len(train_catalogue.conversions)
     grid = [{"factors": 4, "regularization": 1.0}]
-    params = tune_ranker("als", train_catalogue, candidates, grid=grid)
-    assert params["factors"] == 4 and params["iterations"] in (5, 10, 15, 25)
+    report = tune_ranker_report("als", validation, candidates, grid=grid)
+    assert report["params"]["factors"] == 4 and report["params"]["iterations"] in (5, 10, 15, 25)
     grid = [{**TEST_PARAMS["fm"], "epochs": 2}]
-    params = tune_ranker("fm", train_catalogue, candidates, grid=grid)
-    assert params["epochs"] in (1, 2) and params["validation_fraction"] == 0.0
-    summary = train_rankers(
+    report = tune_ranker_report("fm", validation, candidates, grid=grid)
+    assert report["grid"][0]["best_epoch"] in (1, 2) and report["model"].best_epoch in (1, 2)
+    trained = train_rankers(
         train_catalogue, ["popularity", "als"], tmp_path, candidates, show_progress=False
     )
-    assert set(summary) == {"popularity", "als"}
-    json.dumps(summary)
+    assert set(trained.rankers) == {"popularity", "als"}
+    json.dumps(trained.rankers)
+    json.dumps(trained.selection)
+    chosen = trained.rankers["als"]["prior_weight"]["popularity_weight"]
     als = load_ranker("als", tmp_path / "als", catalogue)
-    validation = ValidationSet.build(train_catalogue, test, candidates)
-    assert 0.0 < validation.ndcg(als) <= 1.0
+    assert als.popularity_weight == chosen
+    assert {row["ranker"] for row in trained.selection["table"]} == {"none", "popularity", "als"}
+    validation_set = ValidationSet.build(train_catalogue, test, candidates)
+    assert 0.0 < validation_set.ndcg(als) <= 1.0
+
+
+def test_rankers_needing_embeddings_are_skipped_without(split, tmp_path):
+    from ranking_service.training import train_rankers
+
+    trained = train_rankers(
+        split[0], ["clip_profile", "ease"], tmp_path, served(split[0]), show_progress=False
+    )
+    assert "image embeddings" in trained.skipped["clip_profile"]
+    assert set(trained.rankers) == {"ease"} and not (tmp_path / "clip_profile").exists()

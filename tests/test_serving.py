@@ -57,7 +57,7 @@ def test_ranking_down_degrades_to_retrieval_order_then_recovers(loop_thread, art
                 break
             time.sleep(0.2)
         assert not recovered.degraded
-        assert recovered.ranker == rank_pb.RANKER_ALS
+        assert recovered.ranker == healthy.ranker != rank_pb.RANKER_NONE
     finally:
         stack.stop()
 

@@ -78,6 +78,13 @@ SHARD_ROWS = 100_000
 # × exp(TASTE_WEIGHT × (favourite colour match + favourite shape match)).
 POPULARITY_EXPONENT = 1.0
 TASTE_WEIGHT = 2.0
+# What users' tastes are about (``--taste``): ``content``, the photo's colour and shape (what
+# the image shows; the default); ``ids``, two hidden photo attributes drawn independently of
+# the content, so that only who converted what reveals them; ``none``, no taste at all:
+# popularity alone decides among the photos that match the query.
+TASTES = ("content", "ids", "none")
+# Values of each hidden attribute of the ``ids`` taste; a user likes one of each.
+HIDDEN_VALUES = 4
 # How often a single-word colour/shape query names one of the user's favourites.
 FAVOURITE_QUERY_RATE = 0.6
 QUERY_TYPES = ("colour", "shape", "scene", "colour shape", "colour scene")
@@ -142,6 +149,8 @@ def generate(
     show_progress: bool = True,
     with_images: bool = True,
     *,
+    taste: str = "content",
+    taste_strength: float = TASTE_WEIGHT,
     photo_shard_rows: int = PHOTO_SHARD_ROWS,
     shard_rows: int = SHARD_ROWS,
     force: bool = False,
@@ -153,7 +162,8 @@ def generate(
     synonyms, generic tags and low-confidence distractors, with the mistakes of an AI tagger
     (:data:`TAG_MISS_RATE`, :data:`TAG_CONFUSION_RATE`); ``labels.tsv000`` holds what each
     photo really shows. Conversions are drawn from planted
-    per-user tastes (favourite colours and shapes) mixed with a latent photo popularity.
+    per-user tastes mixed with a latent photo popularity: by default favourite colours and
+    shapes (``taste``, :data:`TASTES`).
 
     Everything is written into a temporary folder beside ``out_dir`` and moved into place at
     the end, with a marker listing the files (:mod:`imgsearch_tools.outputs`). A folder this
@@ -175,6 +185,13 @@ def generate(
         Draw a tqdm progress bar on stderr while drawing images and conversions.
     with_images : bool
         Write ``images/<photo_id>.jpg``; when False no images folder is written.
+    taste : str
+        What users' tastes are about: ``content`` (colour and shape), ``ids`` (hidden photo
+        attributes) or ``none`` (popularity alone); see :data:`TASTES`.
+    taste_strength : float
+        ``w`` in P(photo) ∝ popularity × exp(w × favourites matched); 0 is no taste. The
+        default catalogue (``content``, 2.0) is the same, byte for byte, as before tastes
+        could be chosen.
     photo_shard_rows, shard_rows : int
         Rows per shard file for photos and for the other tables (``.tsv000``, ``.tsv001``…).
     force : bool
@@ -188,6 +205,10 @@ def generate(
     """
     if n_photos < 1 or n_users < 1 or n_conversions < 0 or image_size < 8:
         raise ValueError("need n_photos >= 1, n_users >= 1, n_conversions >= 0, image_size >= 8")
+    if taste not in TASTES:
+        raise ValueError(f"taste must be one of {', '.join(TASTES)}, got {taste!r}")
+    if not taste_strength >= 0:
+        raise ValueError(f"taste strength must be >= 0, got {taste_strength}")
     out_dir = Path(out_dir)
     adopt_legacy_folder(out_dir)
     made = {
@@ -198,18 +219,29 @@ def generate(
         "n_conversions": n_conversions,
         "with_images": with_images,
         "image_size": image_size,
+        "taste": taste,
+        "taste_strength": taste_strength,
     }
     with outputs.staged_folder(
         out_dir, MAKER, force=force, info=made, conflicts=_table_conflicts
     ) as staging:
-        streams = [np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(6)]
+        # A seventh stream draws the ids taste's hidden attributes; the first six are the same
+        # streams as with six (spawned children depend on their index only).
+        streams = [np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(7)]
         photos = _make_photos(n_photos, streams[0])
         photo_table = _photo_table(photos, streams[1])
         keyword_table = _keyword_table(photos, streams[2])
         color_table = _color_table(photos)
         label_table = _label_table(photos)
         conversion_table, n_active_users = _conversion_table(
-            photos, n_users, n_conversions, streams[3], show_progress
+            photos,
+            n_users,
+            n_conversions,
+            streams[3],
+            show_progress,
+            taste=taste,
+            taste_strength=taste_strength,
+            hidden_rng=streams[6],
         )
         files = []
         files += _write_table(photo_table, staging, "photos", photo_shard_rows)
@@ -230,6 +262,8 @@ def generate(
         "n_photographers": int(photos["n_photographers"]),
         "with_images": with_images,
         "image_size": image_size if with_images else None,
+        "taste": taste,
+        "taste_strength": taste_strength,
         "files": files,
         "colours": list(COLOURS),
         "shapes": list(SHAPES),
@@ -538,8 +572,16 @@ def _conversion_table(
     n_conversions: int,
     rng: np.random.Generator,
     show_progress: bool,
+    taste: str = "content",
+    taste_strength: float = TASTE_WEIGHT,
+    hidden_rng: np.random.Generator | None = None,
 ) -> tuple[pd.DataFrame, int]:
-    """Draw conversions from planted user tastes; returns the table and the active user count."""
+    """Draw conversions from planted user tastes; returns the table and the active user count.
+
+    Every taste draws the same users, queries and random numbers from ``rng``; only what the
+    favourites are about (``taste``) and how much they weigh (``taste_strength``) differ, so
+    catalogues of different tastes share their users' query habits.
+    """
     n_colours, n_shapes, n_scenes = len(COLOURS), len(SHAPES), len(SCENES)
     # --- users: country, tastes, query habit, activity
     user_ids = _uuid_strings(rng, n_users)
@@ -577,12 +619,27 @@ def _conversion_table(
     want_shape = np.where(uses_shape, query_shape, n_shapes)
     want_scene = np.where(uses_scene, query_scene, n_scenes)
 
-    # Cells (colour, shape, scene) carry the taste; popularity picks a photo inside a cell.
-    cell = (photos["colour"] * n_shapes + photos["shape"]) * n_scenes + photos["scene"]
-    n_cells = n_colours * n_shapes * n_scenes
+    # Cells (colour, shape, scene and, for the ids taste, the hidden attributes) carry the
+    # taste; popularity picks a photo inside a cell.
+    content_cell = (photos["colour"] * n_shapes + photos["shape"]) * n_scenes + photos["scene"]
+    n_content_cells = n_colours * n_shapes * n_scenes
+    n_hidden = 1
+    cell = content_cell
+    if taste == "ids":
+        hidden_rng = hidden_rng or np.random.default_rng(0)
+        n_photos = len(content_cell)
+        hidden_a = hidden_rng.integers(0, HIDDEN_VALUES, n_photos)
+        hidden_b = hidden_rng.integers(0, HIDDEN_VALUES, n_photos)
+        fav_a = np.eye(HIDDEN_VALUES, dtype=bool)[hidden_rng.integers(0, HIDDEN_VALUES, n_users)]
+        fav_b = np.eye(HIDDEN_VALUES, dtype=bool)[hidden_rng.integers(0, HIDDEN_VALUES, n_users)]
+        n_hidden = HIDDEN_VALUES * HIDDEN_VALUES
+        cell = content_cell * n_hidden + hidden_a * HIDDEN_VALUES + hidden_b
+    n_cells = n_content_cells * n_hidden
     photo_weight = np.exp(POPULARITY_EXPONENT * photos["popularity_z"])
     cell_weight = np.bincount(cell, weights=photo_weight, minlength=n_cells)
-    cell_count = np.bincount(cell, minlength=n_cells).reshape(n_colours, n_shapes, n_scenes)
+    cell_count = np.bincount(content_cell, minlength=n_content_cells).reshape(
+        n_colours, n_shapes, n_scenes
+    )
     # counts with an extra "any" slot per axis, to test whether a query has candidates
     padded = np.zeros((n_colours + 1, n_shapes + 1, n_scenes + 1))
     padded[:-1, :-1, :-1] = cell_count
@@ -596,12 +653,16 @@ def _conversion_table(
     want_shape = np.where(empty, n_shapes, want_shape)
     want_scene = np.where(empty, n_scenes, want_scene)
 
-    cell_colour = np.arange(n_cells) // (n_shapes * n_scenes)
-    cell_shape = np.arange(n_cells) // n_scenes % n_shapes
-    cell_scene = np.arange(n_cells) % n_scenes
-    taste_gain = np.exp(TASTE_WEIGHT * np.arange(3))  # 0, 1 or 2 favourite matches
+    cell_content = np.arange(n_cells) // n_hidden
+    cell_colour = cell_content // (n_shapes * n_scenes)
+    cell_shape = cell_content // n_scenes % n_shapes
+    cell_scene = cell_content % n_scenes
+    cell_a = np.arange(n_cells) % n_hidden // HIDDEN_VALUES
+    cell_b = np.arange(n_cells) % HIDDEN_VALUES
+    strength = 0.0 if taste == "none" else taste_strength
+    taste_gain = np.exp(strength * np.arange(3))  # 0, 1 or 2 favourite matches
     chosen_cell = np.empty(len(user), dtype=np.int64)
-    chunk = 16_384
+    chunk = 16_384 // n_hidden
     starts = range(0, len(user), chunk)
     if show_progress and len(user) > 4 * chunk:
         from tqdm import tqdm
@@ -611,7 +672,10 @@ def _conversion_table(
     for start in starts:
         part = slice(start, start + chunk)
         u = user[part]
-        matches = fav_colour[u][:, cell_colour].astype(np.int8) + fav_shape[u][:, cell_shape]
+        if taste == "ids":
+            matches = fav_a[u][:, cell_a].astype(np.int8) + fav_b[u][:, cell_b]
+        else:
+            matches = fav_colour[u][:, cell_colour].astype(np.int8) + fav_shape[u][:, cell_shape]
         allowed = (
             ((want_colour[part, None] == n_colours) | (cell_colour == want_colour[part, None]))
             & ((want_shape[part, None] == n_shapes) | (cell_shape == want_shape[part, None]))
@@ -765,6 +829,21 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--seed", type=int, default=0, help="random seed")
     parser.add_argument("--image-size", type=int, default=64, help="image side in pixels")
     parser.add_argument("--no-images", action="store_true", help="write the tables only")
+    parser.add_argument(
+        "--taste",
+        choices=TASTES,
+        default="content",
+        help="what users' tastes are about: the photos' colour and shape (content, the "
+        "default), hidden photo attributes only conversions reveal (ids), or nothing: "
+        "popularity alone (none)",
+    )
+    parser.add_argument(
+        "--taste-strength",
+        type=float,
+        default=TASTE_WEIGHT,
+        help="weight w of a matched favourite: P(photo) ∝ popularity × exp(w × matches) "
+        "(default: %(default)s)",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument(
         "--force",
@@ -786,6 +865,8 @@ def _run_demo_data(args: argparse.Namespace) -> int:
             image_size=args.image_size,
             show_progress=not args.quiet,
             with_images=not args.no_images,
+            taste=args.taste,
+            taste_strength=args.taste_strength,
             force=args.force,
         )
     except (ValueError, outputs.RefusedFolder) as error:

@@ -28,7 +28,10 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         description=(
             "Split the conversions by time (first 80% train, last 20% test), train the "
             "rankers (and CLIP when the catalogue has images) on the training part, and "
-            "measure every retriever x ranker on the test (user, keyword) pairs."
+            "measure every retriever x ranker on the test (user, keyword) pairs. Rankers are "
+            "trained as build trains them, so the report also names the ranker build's "
+            "validation rule would serve (default_ranker; its rows are marked) and checks it "
+            "against the best one on test."
         ),
     )
     parser.add_argument(

@@ -97,9 +97,14 @@ def _fmt_ci(row: dict, key: str) -> str:
 
 
 def markdown_table(report: dict) -> str:
-    """The results as a Markdown table, with a line on data, split, machine and command."""
+    """The results as a Markdown table, with a line on data, split, machine and command.
+
+    Rows of the ranker the validation rule serves by default are marked ``(default)``; the
+    selection and its test check follow the table (:func:`selection_markdown`).
+    """
     header = report["header"]
     k = header["protocol"]["k"]
+    served = header.get("default_ranker")
     columns = [
         "retriever",
         "ranker",
@@ -124,7 +129,7 @@ def markdown_table(report: dict) -> str:
             lat = row["latency_ms"]
             cells = [
                 row["retriever"],
-                row["ranker"],
+                f"**{row['ranker']}** (default)" if row["ranker"] == served else row["ranker"],
                 str(row["queries"]),
                 _fmt_ci(row, f"ndcg@{k}"),
                 _fmt_ci(row, f"p@{k}"),
@@ -162,7 +167,85 @@ def markdown_table(report: dict) -> str:
         f"{machine['python']}; {header['date']}; {header['duration_s']} s.",
         f"Command: `{header['command']}`",
     ]
-    return "\n".join(lines + notes) + "\n"
+    selection = selection_markdown(report)
+    return "\n".join(lines + notes) + "\n" + (f"\n{selection}" if selection else "")
+
+
+def selection_markdown(report: dict) -> str:
+    """The default ranker: the validation table that chose it, and its test check per retriever.
+
+    Empty when the report has no selection (rankers given already fitted).
+    """
+    header = report["header"]
+    selection = header.get("ranker_selection") or {}
+    if not header.get("default_ranker"):
+        return ""
+    k = header["protocol"]["k"]
+    validation = selection.get("validation", {})
+    lines = [
+        f"Default ranker (validation rule, training part only): **{header['default_ranker']}**"
+        f" — {selection.get('reason', '')}.",
+    ]
+    if selection.get("table"):
+        lines += [
+            "",
+            f"| ranker | validation NDCG@{k} (95% CI) | vs popularity (paired 95% CI) |",
+            "|---|---|---|",
+        ]
+        for row in selection["table"]:
+            lo, hi = row["ndcg@10_ci"]
+            versus = row.get("vs_popularity")
+            cell = (
+                f"{versus['diff']:+.4f} ({versus['ci'][0]:+.4f} to {versus['ci'][1]:+.4f})"
+                if versus
+                else "–"
+            )
+            name = row["ranker"]
+            if name == header["default_ranker"]:
+                name = f"**{name}** (default)"
+            lines.append(f"| {name} | {row['ndcg@10']:.4f} ({lo:.4f}–{hi:.4f}) | {cell} |")
+        lines.append(
+            f"\n{validation.get('selection_queries', 0):,} selection queries "
+            f"({validation.get('tuning_queries', 0):,} more tuned parameters and prior weights) "
+            f"from the last {validation.get('fraction', 0):.0%} of the training conversions "
+            f"((user, keyword) pairs with ≥ {validation.get('min_pair', 1)} conversions there)."
+        )
+    checks = header.get("served_vs_best") or {}
+    if checks:
+        lines += [
+            "",
+            f"| retriever | served | best on test | served − best NDCG@{k} (paired 95% CI) "
+            f"| served − popularity (paired 95% CI) |",
+            "|---|---|---|---|---|",
+        ]
+        for retriever, check in checks.items():
+            cells = [retriever, check["served"], check["best"]]
+            for key in ("vs_best", "vs_popularity"):
+                value = check.get(key)
+                cells.append(
+                    f"{value['diff']:+.4f} ({value['ci'][0]:+.4f} to {value['ci'][1]:+.4f})"
+                    if value
+                    else "–"
+                )
+            lines.append("| " + " | ".join(cells) + " |")
+    fusion = header.get("models", {}).get("fusion", {})
+    if fusion.get("label"):
+        lines.append(f"\nHybrid fusion (validation, with {fusion['ranker']}): {fusion['label']}.")
+    compared = header.get("default_retriever_vs_others") or {}
+    if compared.get("versus"):
+        mine = compared["retriever"]
+        parts = [
+            f"− {other}: {v[f'ndcg@{k}_diff']['diff']:+.4f} "
+            f"({v[f'ndcg@{k}_diff']['ci'][0]:+.4f} to {v[f'ndcg@{k}_diff']['ci'][1]:+.4f}), "
+            f"tag P@{k} {v[f'tag_p@{k}']:.3f}"
+            for other, v in compared["versus"].items()
+        ]
+        lines.append(
+            f"\n{mine} with {compared['ranker']}, NDCG@{k} paired on the test queries "
+            + "; ".join(parts)
+            + f" (tag P@{k} of {mine}: {compared[f'tag_p@{k}']:.3f})."
+        )
+    return "\n".join(lines) + "\n"
 
 
 def write_markdown(report: dict, path: str | Path) -> None:
@@ -181,8 +264,9 @@ def write_plot(report: dict, path: str | Path) -> None:
 
     k = report["header"]["protocol"]["k"]
     rows = [r for r in report["results"] if not r.get("skipped")]
-    retrievers = list(dict.fromkeys(r["retriever"] for r in report["results"]))
-    rankers = list(dict.fromkeys(r["ranker"] for r in report["results"]))
+    evaluated = [r for r in report["results"] if r["retriever"] != "*"]  # "*": skipped rankers
+    retrievers = list(dict.fromkeys(r["retriever"] for r in evaluated))
+    rankers = list(dict.fromkeys(r["ranker"] for r in evaluated))
     by = {(r["retriever"], r["ranker"]): r for r in rows}
     fig, (ax_q, ax_t) = plt.subplots(1, 2, figsize=(13, 4.8), gridspec_kw={"width_ratios": [3, 2]})
     width = 0.8 / max(1, len(rankers))

@@ -15,9 +15,13 @@ The protocol (what the README's Performance section reports):
 4. **Relevant.** The distinct photos the user converted with that keyword in the test part.
    The ranking request carries the user's last 20 training photos as ``recent_photos`` and
    the country of their latest training conversion, as a client with that history would.
-5. **Models.** Rankers are fitted on the training conversions only. CLIP learns from images
-   and keywords, never conversions, so it is trained on all photos (or loaded from
-   ``clip_artifacts``).
+5. **Models.** Rankers are fitted on the training conversions only, as ``imgsearch build``
+   fits them: candidates from the retriever a build serves by default (hybrid when CLIP is
+   available, else keyword), the validation slice at the end of the training part choosing
+   their parameters, the prior's weight, the default ranker (``default_ranker`` in the
+   header: the rule of :mod:`ranking_service.selection`) and hybrid's fusion weights (used by
+   the ``hybrid`` rows). CLIP learns from images and keywords, never conversions, so it is
+   trained on all photos (or loaded from ``clip_artifacts``).
 6. **Ordering.** The final list sorts candidates by the ranker's score, ties broken by
    retrieval order (:func:`imgsearch.metrics.rank_by_scores`).
 
@@ -47,6 +51,11 @@ scores as retrieval order does). Per retriever, independent of the ranker:
 * ``candidate_recall``: the share of relevant photos among the (filtered) candidates, the
   ceiling of Recall@``candidates_k`` that no ranker can pass; ``reachable_queries`` and
   ``ndcg@k_reachable`` (JSON only) restrict NDCG to queries with a relevant candidate.
+
+Per retriever, ``served_vs_best`` (header) compares on the test queries the default ranker with
+the ranker that scored best there, and with popularity: paired differences with bootstrap
+intervals, which say whether the validation rule served a ranker significantly worse than the
+best one could have been.
 
 Latency is measured in-process with ``time.perf_counter`` on the same queries: retrieval
 (one ``retrieve`` call), ranking (one ``score`` call plus the final sort) and their sum per
@@ -178,13 +187,17 @@ def fit_rankers(
     tune: bool,
     show_progress: bool,
     workdir: str | Path | None = None,
-) -> tuple[dict, dict]:
+    retriever=None,
+    embeddings=None,
+    candidates_k: int = 100,
+) -> tuple[dict, dict, object]:
     """Train each ranker on the training catalogue the way ``imgsearch build`` does, and load it.
 
-    Training goes through ``ranking_service.training.train_rankers`` (tuning on a validation
-    slice cut from the training part when ``tune``; DeepFM's INT8 gate) with the keyword
-    retriever's candidates for the training keywords, as ``build`` hands them, and each model is
-    saved and loaded back, so the evaluation measures exactly what the ranking service serves.
+    Training goes through ``ranking_service.training.train_rankers`` (the validation slice cut
+    from the training part; tuning when ``tune``; the default ranker's selection; DeepFM's INT8
+    gate) with ``retriever``'s candidates for the training keywords, as ``build`` hands them,
+    and each model is saved and loaded back, so the evaluation measures exactly what the
+    ranking service serves.
 
     Parameters
     ----------
@@ -198,40 +211,60 @@ def fit_rankers(
         Show training progress.
     workdir:
         Where the models are written; a temporary folder when None.
+    retriever:
+        The retriever served by default; the keyword index of the catalogue when None.
+    embeddings:
+        The catalogue's image embeddings (``clip_profile`` is skipped without).
+    candidates_k:
+        Candidates per validation query, as per test query.
 
     Returns
     -------
     rankers : dict
         Name to loaded :class:`~ranking_service.rankers.base.Ranker`.
     info : dict
-        Name to what training reported (parameters, seconds, tuning, INT8 gate).
+        Name to what training reported (parameters, seconds, tuning, INT8 gate), and the
+        skipped rankers with the reason.
+    training : ranking_service.training.TrainingReport
+        The whole report (selection, validation slice and models), or None without names.
     """
     if not names:
-        return {}, {}
-    from imgsearch_tools.build import served_candidates
+        return {}, {}, None
+    from imgsearch_tools.served import served_candidates
     from ranking_service.rankers import load_ranker
     from ranking_service.training import train_rankers
-    from retrieval_service.keyword_index import KeywordIndex
 
-    keyword_index = KeywordIndex.from_keywords(train_catalogue.keywords)
-    candidates = served_candidates(train_catalogue, keyword_index, show_progress)
+    if retriever is None:
+        from retrieval_service.keyword_index import KeywordIndex
+
+        retriever = KeywordIndex.from_keywords(train_catalogue.keywords)
+    candidates = served_candidates(train_catalogue, retriever, show_progress)
     with tempfile.TemporaryDirectory(prefix="imgsearch-rankers-") as tmp:
         out_dir = Path(workdir) if workdir is not None else Path(tmp)
-        summary = train_rankers(
+        training = train_rankers(
             train_catalogue,
             list(names),
             out_dir,
             candidates,
             tune=tune,
             show_progress=show_progress,
+            embeddings=embeddings,
+            candidates_k=candidates_k,
         )
-        rankers = {name: load_ranker(name, out_dir / name, train_catalogue) for name in names}
+        rankers = {
+            name: load_ranker(name, out_dir / name, train_catalogue, embeddings)
+            for name in names
+            if name in training.rankers
+        }
     info = {}
     for name in names:
-        entry = dict(summary.get(name, {}))
+        if name in training.skipped:
+            info[name] = {"skipped": training.skipped[name]}
+            continue
+        entry = dict(training.rankers.get(name, {}))
         entry.pop("history", None)  # per-epoch figures: in the artifact manifest, not here
         info[name] = jsonable(entry)
-    return rankers, info
+    return rankers, info, training
 
 
 def clip_retrievers(
@@ -242,6 +275,8 @@ def clip_retrievers(
 ) -> tuple[dict, str, dict]:
     """Build or load the CLIP and hybrid retrievers when the catalogue supports them.
 
+    Torch's thread setting is left as it is (rankers train next).
+
     Returns
     -------
     retrievers : dict
@@ -249,7 +284,8 @@ def clip_retrievers(
     reason : str
         Why they are unavailable ("" when available).
     info : dict
-        Where CLIP came from and what building it reported.
+        Where CLIP came from and what building it reported; ``embeddings`` is the set's
+        :class:`~imgsearch.image_embeddings.ImageEmbeddings` (not JSON: popped by the caller).
     """
     n_images = int(catalogue.photos["has_image"].sum()) if "has_image" in catalogue.photos else 0
     if n_images == 0 and not config.clip_artifacts:
@@ -288,9 +324,15 @@ def clip_retrievers(
         }
     # No query-embedding cache and no stored keyword embeddings: every query pays for its text
     # encoding, so the latency figures are the uncached worst case rather than a hit rate.
-    loaded = load_clip_retrievers(set_dir, keyword_index, cache_size=0, known_queries=False)
+    loaded = load_clip_retrievers(
+        set_dir, keyword_index, threads=None, cache_size=0, known_queries=False
+    )
     if not loaded:
         return {}, f"no CLIP artifacts (clip/, embeddings, vector index) in {set_dir}", info
+    from imgsearch.artifacts import EMBEDDINGS
+    from imgsearch.image_embeddings import ImageEmbeddings
+
+    info["embeddings"] = ImageEmbeddings.load(set_dir / EMBEDDINGS)
     return {n: loaded[n] for n in CLIP_RETRIEVERS if n in loaded}, "", info
 
 
@@ -400,36 +442,56 @@ def evaluate(
 
     skipped: dict[str, str] = {}
     models: dict = {}
+    selection: dict = {}
     with tempfile.TemporaryDirectory(prefix="imgsearch-eval-") as tmp:
-        # Rankers first: loading the CLIP retrievers sets torch to its one serving thread,
-        # which would slow FM/DeepFM training down.
-        fitted = dict(rankers or {})
-        to_fit = [n for n in ranker_names if n not in fitted]
-        fitted_now, models["rankers"] = fit_rankers(
-            to_fit, train_catalogue, config.tune, config.show_progress, Path(tmp) / "rankers"
-        )
-        fitted.update(fitted_now)
+        from retrieval_service.keyword_index import KeywordIndex
 
         active = dict(retrievers or {})
-        if "keyword" in retriever_names and "keyword" not in active:
-            from retrieval_service.keyword_index import KeywordIndex
-
+        if "keyword" not in active:
             active["keyword"] = KeywordIndex.from_keywords(catalogue.keywords)
+        keyword_index = active["keyword"]
+        fitted = dict(rankers or {})
+        to_fit = [n for n in ranker_names if n not in fitted]
+        # CLIP first: the build serves hybrid when it can, so rankers train on its candidates,
+        # and clip_profile needs the image embeddings.
         wanted_clip = [n for n in retriever_names if n in CLIP_RETRIEVERS and n not in active]
-        if wanted_clip:
-            keyword_index = active.get("keyword")
-            if keyword_index is None:
-                from retrieval_service.keyword_index import KeywordIndex
-
-                keyword_index = KeywordIndex.from_keywords(catalogue.keywords)
+        built, embeddings = {}, None
+        if wanted_clip or "clip_profile" in to_fit:
             built, reason, models["clip"] = clip_retrievers(
                 train_catalogue, keyword_index, config, Path(tmp)
             )
+            embeddings = models["clip"].pop("embeddings", None)
             for name in wanted_clip:
                 if name in built:
                     active[name] = built[name]
                 else:
                     skipped[name] = reason or f"{name} retriever was not built"
+        fitted_now, models["rankers"], training = fit_rankers(
+            to_fit,
+            train_catalogue,
+            config.tune,
+            config.show_progress,
+            Path(tmp) / "rankers",
+            retriever=built.get("hybrid", keyword_index),
+            embeddings=embeddings,
+            candidates_k=config.candidates_k,
+        )
+        fitted.update(fitted_now)
+        for name in ranker_names:
+            if name not in fitted:
+                skipped_ranker = models["rankers"].get(name, {}).get("skipped", "not trained")
+                skipped[f"ranker:{name}"] = skipped_ranker
+        ranker_names = [n for n in ranker_names if n in fitted]
+        if training is not None:
+            selection = training.selection
+            if "hybrid" in built:
+                models["fusion"] = _choose_fusion(
+                    train_catalogue, training, keyword_index, built, active, config
+                )
+        if built:
+            from retrieval_service.semantic import set_serving_threads
+
+            set_serving_threads()  # latency measured as served: one torch/FAISS thread
 
         keyword_tags = KeywordTags(catalogue.keywords, catalogue.n_photos)
         truth, tag_truth = catalogue.truth_tags()
@@ -460,8 +522,20 @@ def evaluate(
                 keyword_tags if tags is not keyword_tags else None,
             )
 
+    served_vs_best = _served_vs_best(rows, selection.get("default_ranker"), k, config)
+    evaluated = {r["retriever"] for r in rows if "_per_query_ndcg" in r}
+    default_retriever = "hybrid" if "hybrid" in evaluated else "keyword"
+    retrievers_compared = _retriever_deltas(
+        rows, default_retriever, selection.get("default_ranker"), k, config
+    )
+    _add_pairwise(rows, k, config)
     _add_deltas(rows, "popularity", k, config)
     _add_tag_deltas(rows, "keyword", k, config)
+    rows += [
+        {"retriever": "*", "ranker": name.removeprefix("ranker:"), "skipped": reason}
+        for name, reason in skipped.items()
+        if name.startswith("ranker:")
+    ]
     header = {
         "dataset": dataset_summary(catalogue),
         "split": split.summary(),
@@ -482,6 +556,11 @@ def evaluate(
             "pair_query_source": pair_source,
             "tag_truth": tag_truth,
         },
+        "default_ranker": selection.get("default_ranker"),
+        "default_ranker_reason": selection.get("reason", "rankers were given already fitted"),
+        "ranker_selection": selection,
+        "served_vs_best": served_vs_best,
+        "default_retriever_vs_others": retrievers_compared,
         "models": models,
         "machine": machine_summary(),
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -646,6 +725,102 @@ def _evaluate_retriever(
         row["_per_query_tags"] = (np.asarray(tag_precisions), np.asarray(pair_precisions))
         rows.append(row)
     return rows
+
+
+def _choose_fusion(train_catalogue, training, keyword_index, built, active, config) -> dict:
+    """Choose hybrid's fusion weights on the validation slice; evaluate hybrid with them."""
+    from imgsearch_tools.evaluation.fusion import choose_fusion
+    from retrieval_service.semantic import HybridRetriever
+
+    default = training.selection.get("default_ranker")
+    model = training.validation_models.get(default)
+    if model is None:
+        return {"skipped": f"no validation model of {default}"}
+    fusion = choose_fusion(
+        train_catalogue,
+        training.validation,
+        model,
+        default,
+        keyword_index,
+        built["clip"],
+        candidates_k=config.candidates_k,
+    )
+    if "weights" in fusion and "hybrid" in active:
+        active["hybrid"] = HybridRetriever(
+            keyword_index, built["clip"], method=fusion["method"], weights=fusion["weights"]
+        )
+    return fusion
+
+
+def _served_vs_best(rows: list[dict], served: str | None, k: int, config: EvalConfig) -> dict:
+    """Per retriever: the served default against the best ranker on test, and popularity."""
+    out: dict = {}
+    if not served:
+        return out
+    for retriever in dict.fromkeys(r["retriever"] for r in rows):
+        mine = {
+            r["ranker"]: r for r in rows if r["retriever"] == retriever and "_per_query_ndcg" in r
+        }
+        if served not in mine:
+            continue
+        best = max(mine.values(), key=lambda r: r[f"ndcg@{k}"])
+        entry = {"served": served, "best": best["ranker"]}
+        for name, other in (("best", best), ("popularity", mine.get("popularity"))):
+            if other is None:
+                continue
+            entry[f"vs_{name}"] = _paired(mine[served], other, config)
+        out[retriever] = entry
+    return out
+
+
+def _retriever_deltas(
+    rows: list[dict], retriever: str, ranker: str | None, k: int, config: EvalConfig
+) -> dict:
+    """The default retriever against each other one, with the default ranker, same queries.
+
+    Paired NDCG@k differences with bootstrap intervals, and each retriever's tag precision.
+    """
+    mine = {r["retriever"]: r for r in rows if r["ranker"] == ranker and "_per_query_ndcg" in r}
+    if retriever not in mine:
+        return {}
+    out = {"retriever": retriever, "ranker": ranker, "versus": {}}
+    for other, row in mine.items():
+        if other == retriever:
+            continue
+        out["versus"][other] = {
+            f"ndcg@{k}_diff": _paired(mine[retriever], row, config),
+            f"tag_p@{k}": row[f"tag_p@{k}"],
+            f"pair_tag_p@{k}": row[f"pair_tag_p@{k}"],
+        }
+    out[f"tag_p@{k}"] = mine[retriever][f"tag_p@{k}"]
+    out[f"pair_tag_p@{k}"] = mine[retriever][f"pair_tag_p@{k}"]
+    return out
+
+
+def _paired(row: dict, other: dict, config: EvalConfig) -> dict:
+    """``row`` minus ``other`` on the same queries: mean NDCG difference and bootstrap CI."""
+    diff, lo, hi = paired_bootstrap_ci(
+        row["_per_query_ndcg"], other["_per_query_ndcg"], n=config.bootstrap, seed=config.seed
+    )
+    return {"diff": diff, "ci": [lo, hi]}
+
+
+def _add_pairwise(rows: list[dict], k: int, config: EvalConfig) -> None:
+    """Add to each row its paired NDCG difference to every other ranker on the same retriever.
+
+    ``ndcg@k_paired`` (JSON) maps the other ranker to ``{"diff", "ci"}``: this row minus it.
+    """
+    for row in rows:
+        if "_per_query_ndcg" not in row:
+            continue
+        paired = {}
+        for other in rows:
+            if other is row or other["retriever"] != row["retriever"]:
+                continue
+            if "_per_query_ndcg" not in other:
+                continue
+            paired[other["ranker"]] = _paired(row, other, config)
+        row[f"ndcg@{k}_paired"] = paired
 
 
 def _add_deltas(rows: list[dict], baseline: str, k: int, config: EvalConfig) -> None:

@@ -1,4 +1,5 @@
-"""Personalization rankers by name: ``none``, ``popularity``, ``als``, ``fm``, ``deepfm``."""
+"""Personalization rankers by name: ``none``, ``popularity``, ``als``, ``fm``, ``deepfm``,
+``ease``, ``item_knn`` and ``clip_profile``."""
 
 from __future__ import annotations
 
@@ -6,9 +7,11 @@ import importlib
 from pathlib import Path
 
 from imgsearch.catalogue import Catalogue
+from imgsearch.image_embeddings import ImageEmbeddings
 from ranking_service.rankers.base import Ranker, RankQuery, RankScores
 
-RANKER_NAMES = ("none", "popularity", "als", "fm", "deepfm")  # the API names (imgsearch.names)
+# The API names (imgsearch.names), in the proto enum's order.
+RANKER_NAMES = ("none", "popularity", "als", "fm", "deepfm", "ease", "item_knn", "clip_profile")
 
 # name -> (module, class); modules are imported on first use so that serving ALS or
 # popularity never pays for importing torch.
@@ -18,6 +21,9 @@ _REGISTRY = {
     "als": ("ranking_service.rankers.als", "ALSRanker"),
     "fm": ("ranking_service.rankers.fm", "FMRanker"),
     "deepfm": ("ranking_service.rankers.deepfm", "DeepFMRanker"),
+    "ease": ("ranking_service.rankers.item_item", "EASERanker"),
+    "item_knn": ("ranking_service.rankers.item_item", "ItemKNNRanker"),
+    "clip_profile": ("ranking_service.rankers.clip_profile", "ClipProfileRanker"),
 }
 
 __all__ = [
@@ -58,7 +64,12 @@ def create_ranker(name: str, **params) -> Ranker:
     return ranker_class(name)(**params)
 
 
-def load_ranker(name: str, directory: str | Path, catalogue: Catalogue) -> Ranker:
+def load_ranker(
+    name: str,
+    directory: str | Path,
+    catalogue: Catalogue,
+    embeddings: ImageEmbeddings | None = None,
+) -> Ranker:
     """Load a ranker saved with ``Ranker.save`` into ``directory``.
 
     Parameters
@@ -69,5 +80,11 @@ def load_ranker(name: str, directory: str | Path, catalogue: Catalogue) -> Ranke
         Where it was saved.
     catalogue:
         The catalogue it serves.
+    embeddings:
+        The set's image embeddings, handed to rankers that score with them
+        (``Ranker.uses_embeddings``); they fail to load without.
     """
-    return ranker_class(name).load(Path(directory), catalogue)
+    cls = ranker_class(name)
+    if cls.uses_embeddings:
+        return cls.load(Path(directory), catalogue, embeddings)
+    return cls.load(Path(directory), catalogue)

@@ -3,15 +3,8 @@
 Known users score candidates by user · item factor dot products. An unseen user with recent
 photos is folded in with the closed-form least-squares step ALS itself uses (Hu, Koren and
 Volinsky 2008, eq. 4): ``x_u = (YᵀY + λI + Yᵀ(Cᵘ − I)Y)⁻¹ YᵀCᵘp(u)``. Anyone else falls back to
-popularity order.
-
-The dot product knows the user but not the query, so on its own it lifts whatever the user
-likes among the candidates, including photos that match only part of a query ("yellow
-triangle": the yellow squares of a user who likes squares). The score therefore adds the
-query's own popularity prior: ``z(user · item) + popularity_weight · z(log p(photo | keyword))``
-over the candidates (z: standardised), with ``p`` the per-keyword popularity of the fallback.
-On the demo's validation slice the weight 2 raised NDCG@10 from 0.0447 to 0.0493 (keyword
-retrieval) and from 0.0519 to 0.0547 (hybrid); 0 is the plain dot product.
+popularity order. The dot product is blended with the query's popularity prior
+(:mod:`ranking_service.rankers.prior`), with a weight chosen on the validation slice.
 """
 
 from __future__ import annotations
@@ -20,31 +13,30 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-import scipy.sparse as sp
 from implicit.cpu.als import AlternatingLeastSquares
 from implicit.nearest_neighbours import bm25_weight
 from threadpoolctl import threadpool_limits
 
 from imgsearch.candidates import CandidateLists
 from imgsearch.catalogue import Catalogue
+from imgsearch.image_embeddings import ImageEmbeddings
 from ranking_service.rankers.base import Ranker, RankQuery, RankScores
 from ranking_service.rankers.common import (
     as_candidates,
+    conversion_matrix,
     finalize_scores,
     known_photo_mask,
     load_arrays,
-    ordinal_scores,
     read_config,
-    retrieval_order_scores,
     save_arrays,
     write_config,
 )
-from ranking_service.rankers.popularity import PopularityRanker
+from ranking_service.rankers.prior import UNKNOWN_USER, QueryPrior
 
-UNKNOWN_USER = "unknown user: popularity order"
+__all__ = ["UNKNOWN_USER", "ALSRanker"]
 
 
-class ALSRanker(Ranker):
+class ALSRanker(QueryPrior, Ranker):
     """Implicit-feedback matrix factorisation (``implicit.cpu.als.AlternatingLeastSquares``).
 
     Parameters
@@ -69,8 +61,8 @@ class ALSRanker(Ranker):
     popularity:
         Parameters of the :class:`PopularityRanker` used as the fallback and query prior.
     popularity_weight:
-        Weight of the query's popularity prior next to the user's affinity (module docstring);
-        0 scores by the dot product alone.
+        Weight of the query's popularity prior next to the user's affinity
+        (:mod:`~ranking_service.rankers.prior`); 0 scores by the dot product alone.
     """
 
     name = "als"
@@ -98,8 +90,7 @@ class ALSRanker(Ranker):
         self.bm25_b = float(bm25_b)
         self.num_threads = int(num_threads)
         self.random_state = int(random_state)
-        self.popularity = PopularityRanker(**(popularity or {}))
-        self.popularity_weight = float(popularity_weight)
+        self.init_prior(popularity, popularity_weight)
         self.user_factors = np.zeros((0, self.factors), dtype=np.float32)
         self.item_factors = np.zeros((0, self.factors), dtype=np.float32)
         self.known_users = np.zeros(0, dtype=bool)
@@ -119,8 +110,7 @@ class ALSRanker(Ranker):
             "bm25_b": self.bm25_b,
             "num_threads": self.num_threads,
             "random_state": self.random_state,
-            "popularity": self.popularity.params,
-            "popularity_weight": self.popularity_weight,
+            **self.prior_params(),
         }
 
     def fit(
@@ -128,6 +118,7 @@ class ALSRanker(Ranker):
         catalogue: Catalogue,
         show_progress: bool = True,
         candidates: CandidateLists | None = None,
+        embeddings: ImageEmbeddings | None = None,
         iteration_callback: Callable[[int], None] | None = None,
     ) -> ALSRanker:
         """Fit ALS on the training conversions (and the popularity fallback).
@@ -138,13 +129,13 @@ class ALSRanker(Ranker):
             The catalogue; ``conversions`` are the training ones.
         show_progress:
             Show implicit's progress bar.
-        candidates:
+        candidates, embeddings:
             Not used: ALS learns from the conversions alone.
         iteration_callback:
             Called with the number of sweeps done after each one, with the ranker ready to
             score (used by tuning to pick ``iterations`` from a single fit).
         """
-        counts = self._count_matrix(catalogue)
+        counts = conversion_matrix(catalogue)
         self.known_users = np.diff(counts.indptr) > 0
         photo_totals = np.asarray(counts.sum(axis=0)).ravel()
         mean_total = photo_totals.mean() if len(photo_totals) else 1.0
@@ -174,20 +165,8 @@ class ALSRanker(Ranker):
             )
             model.fit(confidence, show_progress=show_progress, callback=on_iteration)
         self._set_factors(model.user_factors, model.item_factors)
-        self.popularity.fit(catalogue)
+        self.fit_prior(catalogue)
         return self
-
-    @staticmethod
-    def _count_matrix(catalogue: Catalogue) -> sp.csr_matrix:
-        users = catalogue.conversions["user_idx"].to_numpy(dtype=np.int64)
-        photos = catalogue.conversions["photo_idx"].to_numpy(dtype=np.int64)
-        keep = (users >= 0) & (users < catalogue.n_users) & (photos >= 0)
-        keep &= photos < catalogue.n_photos
-        ones = np.ones(int(keep.sum()), dtype=np.float32)
-        shape = (catalogue.n_users, catalogue.n_photos)
-        counts = sp.coo_matrix((ones, (users[keep], photos[keep])), shape=shape).tocsr()
-        counts.sum_duplicates()
-        return counts
 
     def _set_factors(self, user_factors: np.ndarray, item_factors: np.ndarray) -> None:
         self.user_factors = np.ascontiguousarray(user_factors, dtype=np.float32)
@@ -233,24 +212,14 @@ class ALSRanker(Ranker):
         return self.fold_in(recent_photos)
 
     def score(self, query: RankQuery) -> RankScores:
-        """Return user · item dot products for exactly ``query.candidates``."""
+        """Return user · item affinities of exactly ``query.candidates``, blended with the prior."""
         candidates = as_candidates(query.candidates)
         valid = known_photo_mask(candidates, len(self.item_factors))
         user_vector = self.user_vector(query.user_idx, query.recent_photos)
         if user_vector is None:
-            popularity, _ = self.popularity.popularity(candidates, query.keyword)
-            retrieval = retrieval_order_scores(candidates, query.retrieval_scores)
-            scores = ordinal_scores(popularity, retrieval)
-            return RankScores(finalize_scores(scores, valid), fallback_reason=UNKNOWN_USER)
-        scores = (self.item_factors[np.where(valid, candidates, 0)] @ user_vector).astype(
-            np.float64
-        )
-        if self.popularity_weight and valid.sum() > 1:
-            prior, _ = self.popularity.popularity(candidates, query.keyword)
-            prior = np.log(np.maximum(prior, 1e-12))
-            scores[valid] = _standardised(scores[valid]) + self.popularity_weight * _standardised(
-                prior[valid]
-            )
+            return self.popularity_fallback(query)
+        scores = self.item_factors[np.where(valid, candidates, 0)] @ user_vector
+        scores = self.blend_prior(scores, candidates, query.keyword, valid)
         return RankScores(finalize_scores(scores, valid))
 
     def recommend(
@@ -279,7 +248,7 @@ class ALSRanker(Ranker):
             known_users=self.known_users,
             item_length_norm=self.item_length_norm,
         )
-        self.popularity.save(directory / "popularity")
+        self.save_prior(directory)
 
     @classmethod
     def load(cls, directory: Path, catalogue: Catalogue) -> ALSRanker:
@@ -292,11 +261,5 @@ class ALSRanker(Ranker):
         ranker._set_factors(arrays["user_factors"], arrays["item_factors"])
         ranker.known_users = arrays["known_users"]
         ranker.item_length_norm = arrays["item_length_norm"]
-        ranker.popularity = PopularityRanker.load(directory / "popularity", catalogue)
+        ranker.load_prior(directory, catalogue)
         return ranker
-
-
-def _standardised(values: np.ndarray) -> np.ndarray:
-    """``values`` minus their mean, over their standard deviation (zeros when constant)."""
-    spread = values.std()
-    return (values - values.mean()) / spread if spread > 0 else np.zeros_like(values)

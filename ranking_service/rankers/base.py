@@ -10,6 +10,7 @@ import numpy as np
 
 from imgsearch.candidates import CandidateLists
 from imgsearch.catalogue import Catalogue
+from imgsearch.image_embeddings import ImageEmbeddings
 
 
 @dataclass
@@ -60,6 +61,8 @@ class Ranker(ABC):
     """
 
     name: str = ""
+    # Rankers that need the artifact set's image embeddings to load, not only to fit.
+    uses_embeddings: bool = False
 
     @abstractmethod
     def fit(
@@ -67,11 +70,14 @@ class Ranker(ABC):
         catalogue: Catalogue,
         show_progress: bool = True,
         candidates: CandidateLists | None = None,
+        embeddings: ImageEmbeddings | None = None,
     ) -> Ranker:
         """Train on ``catalogue.conversions`` (already restricted to the training split).
 
         ``candidates`` are the served retriever's candidates for the conversions' keywords,
-        for rankers that sample negatives from them or validate on them while training.
+        for rankers that sample negatives from them or validate on them while training;
+        ``embeddings`` the catalogue's image embeddings (None when the set has no CLIP), for
+        rankers that use what the photos show.
         """
 
     @abstractmethod

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import scipy.sparse as sp
 
 CONFIG_FILE = "config.json"
 FORMAT_VERSION = 1
@@ -103,3 +104,47 @@ def load_arrays(path: Path) -> dict[str, np.ndarray]:
     """Read an ``.npz`` written by :func:`save_arrays` with ``allow_pickle=False``."""
     with np.load(path, allow_pickle=False) as data:
         return {key: data[key] for key in data.files}
+
+
+def conversion_matrix(catalogue, binary: bool = False) -> sp.csr_matrix:
+    """The user × photo matrix of a catalogue's conversions: counts, or 1 where any (float32).
+
+    Rows outside the catalogue's users or photos are dropped.
+    """
+    users = catalogue.conversions["user_idx"].to_numpy(dtype=np.int64)
+    photos = catalogue.conversions["photo_idx"].to_numpy(dtype=np.int64)
+    keep = (users >= 0) & (users < catalogue.n_users) & (photos >= 0)
+    keep &= photos < catalogue.n_photos
+    ones = np.ones(int(keep.sum()), dtype=np.float32)
+    shape = (catalogue.n_users, catalogue.n_photos)
+    counts = sp.coo_matrix((ones, (users[keep], photos[keep])), shape=shape).tocsr()
+    counts.sum_duplicates()
+    if binary:
+        counts.data[:] = 1.0
+    return counts
+
+
+def sparse_arrays(name: str, matrix: sp.csr_matrix, values: bool = True) -> dict[str, np.ndarray]:
+    """A CSR matrix as plain arrays for :func:`save_arrays`, keys prefixed by ``name``.
+
+    Without ``values`` only the pattern is kept (a matrix of ones, e.g. who converted what).
+    """
+    arrays = {
+        f"{name}_shape": np.asarray(matrix.shape, dtype=np.int64),
+        f"{name}_indptr": matrix.indptr,
+        f"{name}_indices": matrix.indices,
+    }
+    if values:
+        arrays[f"{name}_data"] = matrix.data
+    return arrays
+
+
+def sparse_from_arrays(arrays: dict[str, np.ndarray], name: str) -> sp.csr_matrix:
+    """The CSR matrix :func:`sparse_arrays` wrote (ones where it kept only the pattern)."""
+    indices = arrays[f"{name}_indices"]
+    data = arrays.get(f"{name}_data")
+    if data is None:
+        data = np.ones(len(indices), dtype=np.float32)
+    return sp.csr_matrix(
+        (data, indices, arrays[f"{name}_indptr"]), shape=tuple(arrays[f"{name}_shape"])
+    )

@@ -10,6 +10,7 @@ from torch import nn
 
 from imgsearch.candidates import CandidateLists
 from imgsearch.catalogue import Catalogue
+from imgsearch.image_embeddings import ImageEmbeddings
 from ranking_service.rankers.features import FieldEncoder
 from ranking_service.rankers.fm import FactorizationMachine, FMRanker
 from ranking_service.rankers.validation import ValidationSet
@@ -126,12 +127,13 @@ class DeepFMRanker(FMRanker):
         catalogue: Catalogue,
         show_progress: bool = True,
         candidates: CandidateLists | None = None,
+        embeddings: ImageEmbeddings | None = None,
         validation: ValidationSet | None = None,
     ) -> DeepFMRanker:
         """Train as :meth:`FMRanker.fit`; quantize afterwards when built with ``int8=True``."""
         self.set_int8(False)
         self._int8_model = None
-        super().fit(catalogue, show_progress, candidates, validation)
+        super().fit(catalogue, show_progress, candidates, embeddings, validation)
         self.set_int8(self._want_int8)
         return self
 

@@ -4,6 +4,7 @@ Fields, in order: user, keyword, country (the query's context), then photo, phot
 log-bucketed views, log-bucketed downloads and, optionally, the photo's tags (a weighted bag of
 its most confident keywords) for the candidate. Each field's id 0 is reserved for "unknown"
 (and padding); field ``f``'s ids are shifted by ``offsets[f]`` so one ``nn.Embedding`` holds all.
+Optionally too, one dense photo field: the photo's CLIP image embedding reduced by PCA.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import numpy as np
 import pandas as pd
 
 from imgsearch.catalogue import Catalogue, normalise_keyword
+from imgsearch.image_embeddings import ImageEmbeddings
 
 CONTEXT_FIELDS = ("user", "keyword", "country")
 PHOTO_FIELDS = ("photo", "photographer", "views", "downloads")
@@ -51,6 +53,9 @@ class FieldEncoder:
         (padding has weight 0); ``T = 0`` when the tag field is off.
     field_sizes:
         Ids per field (unknown included), in :data:`FIELDS` order (the tag field last, when on).
+    photo_dense:
+        ``(n_photos + 1, D)`` float32 dense photo features (the reduced CLIP embedding; row 0
+        and photos without an image are zeros); ``D = 0`` when the dense field is off.
     """
 
     def __init__(
@@ -62,6 +67,7 @@ class FieldEncoder:
         field_sizes: list[int],
         photo_tag_ids: np.ndarray | None = None,
         photo_tag_weights: np.ndarray | None = None,
+        photo_dense: np.ndarray | None = None,
     ) -> None:
         self.user_ids = np.asarray(user_ids, dtype=np.int64)
         self.keyword_names = list(keyword_names)
@@ -73,6 +79,9 @@ class FieldEncoder:
             photo_tag_weights = np.zeros((n_rows, 0), dtype=np.float32)
         self.photo_tag_ids = np.asarray(photo_tag_ids, dtype=np.int64)
         self.photo_tag_weights = np.asarray(photo_tag_weights, dtype=np.float32)
+        if photo_dense is None:
+            photo_dense = np.zeros((n_rows, 0), dtype=np.float32)
+        self.photo_dense = np.ascontiguousarray(photo_dense, dtype=np.float32)
         self.field_sizes = [int(size) for size in field_sizes]
         self.offsets = np.r_[0, np.cumsum(self.field_sizes)[:-1]].astype(np.int64)
         self._keyword_ids = {name: i + 1 for i, name in enumerate(self.keyword_names)}
@@ -94,6 +103,11 @@ class FieldEncoder:
         return self.photo_tag_ids.shape[1] > 0
 
     @property
+    def dense_dims(self) -> int:
+        """Dimensions of the dense photo field (0 when off)."""
+        return int(self.photo_dense.shape[1])
+
+    @property
     def n_photos(self) -> int:
         """Photos of the catalogue the encoder was built on."""
         return len(self.photo_fields) - 1
@@ -105,6 +119,8 @@ class FieldEncoder:
         min_user_conversions: int = 1,
         min_keyword_conversions: int = 1,
         photo_tags: int = 10,
+        embeddings: ImageEmbeddings | None = None,
+        dense_dims: int = 16,
     ) -> FieldEncoder:
         """Build the vocabularies from the catalogue and its (training) conversions.
 
@@ -117,6 +133,10 @@ class FieldEncoder:
             Rarer users / keywords map to the unknown id.
         photo_tags:
             Tags per photo in the tag field (its most confident keywords); 0 turns it off.
+        embeddings:
+            The catalogue's image embeddings, for the dense field; None turns it off.
+        dense_dims:
+            PCA dimensions of the dense field; 0 turns it off.
         """
         conversions = catalogue.conversions
         user_counts = np.bincount(
@@ -157,8 +177,20 @@ class FieldEncoder:
         photo_fields[1:] = local
         photo_fields += offsets[len(CONTEXT_FIELDS) : len(CONTEXT_FIELDS) + len(PHOTO_FIELDS)]
         tag_ids = tag_local + (offsets[-1] if photo_tags > 0 else 0)
+        dense = None
+        if embeddings is not None and dense_dims > 0 and embeddings.dim > 0:
+            dense = np.zeros((catalogue.n_photos + 1, min(dense_dims, embeddings.dim)), np.float32)
+            matrix, has = embeddings.dense(catalogue.n_photos)
+            dense[1:][has] = principal_components(matrix[has], dense.shape[1])
         return cls(
-            user_ids, keyword_names, country_names, photo_fields, field_sizes, tag_ids, tag_weights
+            user_ids,
+            keyword_names,
+            country_names,
+            photo_fields,
+            field_sizes,
+            tag_ids,
+            tag_weights,
+            dense,
         )
 
     def user_id(self, user_idx: int | None) -> int:
@@ -211,6 +243,7 @@ class FieldEncoder:
             "photo_fields": self.photo_fields,
             "photo_tag_ids": self.photo_tag_ids,
             "photo_tag_weights": self.photo_tag_weights,
+            "photo_dense": self.photo_dense,
         }
 
     def to_config(self) -> dict:
@@ -232,6 +265,7 @@ class FieldEncoder:
             config["field_sizes"],
             arrays["photo_tag_ids"],
             arrays["photo_tag_weights"],
+            arrays.get("photo_dense"),
         )
 
 
@@ -266,3 +300,21 @@ def _map_names(values: pd.Series, ids: dict[str, int]) -> np.ndarray:
     codes, uniques = pd.factorize(values.astype(str))
     lookup = np.array([ids.get(name, 0) for name in uniques], dtype=np.int64)
     return lookup[codes] if len(codes) else np.zeros(0, dtype=np.int64)
+
+
+def principal_components(vectors: np.ndarray, dims: int) -> np.ndarray:
+    """Project rows on their ``dims`` leading principal components, scaled to unit variance.
+
+    Unit variance per component keeps the dense field on the scale of the other fields'
+    initial embeddings, whatever the CLIP model's embedding scale.
+    """
+    if len(vectors) == 0:
+        return np.zeros((0, dims), dtype=np.float32)
+    centred = vectors.astype(np.float64) - vectors.mean(axis=0)
+    _, _, components = np.linalg.svd(centred, full_matrices=False)
+    projected = centred @ components[:dims].T
+    spread = projected.std(axis=0)
+    projected /= np.where(spread > 0, spread, 1.0)
+    out = np.zeros((len(vectors), dims), dtype=np.float32)
+    out[:, : projected.shape[1]] = projected
+    return out

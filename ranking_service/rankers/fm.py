@@ -1,8 +1,9 @@
 """The ``fm`` ranker: a Factorization Machine over query and photo fields, trained with BPR.
 
 Also holds what FM and DeepFM share: the BPR training loop (vectorised negative sampling from
-the query's keyword candidates and uniformly), early stopping on validation NDCG@10, scoring
-and saving. :mod:`ranking_service.rankers.deepfm` adds the MLP.
+the query's keyword candidates and from all photos, uniformly or by popularity), early
+stopping on validation NDCG@10, the blend with the query's popularity prior, scoring and
+saving. :mod:`ranking_service.rankers.deepfm` adds the MLP.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from tqdm.auto import tqdm
 from imgsearch.candidates import CandidateLists
 from imgsearch.catalogue import Catalogue
 from imgsearch.cpu import torch_threads
+from imgsearch.image_embeddings import ImageEmbeddings
 from imgsearch.protocol import temporal_split
 from ranking_service.rankers.base import Ranker, RankQuery, RankScores
 from ranking_service.rankers.common import (
@@ -31,10 +33,14 @@ from ranking_service.rankers.common import (
     write_config,
 )
 from ranking_service.rankers.features import FieldEncoder
+from ranking_service.rankers.prior import QueryPrior
 from ranking_service.rankers.validation import ValidationSet
 
 MODEL_FILE = "model.pt"
 ENCODER_FILE = "encoder.npz"
+NEGATIVE_SAMPLING = ("uniform", "popularity")
+# word2vec's exponent: popular photos are drawn more often as negatives, but sub-linearly.
+POPULARITY_SAMPLING_EXPONENT = 0.75
 
 
 class FactorizationMachine(nn.Module):
@@ -44,7 +50,9 @@ class FactorizationMachine(nn.Module):
     global ids and ``photo_rows`` ``(B, C)`` (photo index + 1, 0 for unknown), and the output is
     ``(B, C)`` scores. The photo side (fields, tag bags) is looked up in buffers built from the
     :class:`FieldEncoder`; the tag field's vector is the confidence-weighted mean of the photo's
-    tag embeddings.
+    tag embeddings. With the encoder's dense CLIP field, a linear map of the photo's reduced
+    image embedding is one more field vector (and a linear term), so photos that look alike
+    share what is learnt about them.
 
     Parameters
     ----------
@@ -71,6 +79,14 @@ class FactorizationMachine(nn.Module):
         self.register_buffer("tag_ids", torch.from_numpy(encoder.photo_tag_ids), False)
         self.register_buffer("tag_share", torch.from_numpy(share.astype(np.float32)), False)
         self.has_tags = encoder.has_tags
+        self.dense_dims = encoder.dense_dims
+        if self.dense_dims:
+            self.n_fields += 1
+            self.register_buffer("photo_dense", torch.from_numpy(encoder.photo_dense), False)
+            self.dense = nn.Linear(self.dense_dims, factors, bias=False)
+            self.dense_linear = nn.Linear(self.dense_dims, 1, bias=False)
+            nn.init.normal_(self.dense.weight, std=init_std)
+            nn.init.zeros_(self.dense_linear.weight)
 
     def photo_side(self, photo_rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Return the candidates' field embeddings ``(B, C, F, k)`` and linear terms ``(B, C)``."""
@@ -82,6 +98,10 @@ class FactorizationMachine(nn.Module):
             bag = (self.embedding(tags) * share).sum(2, keepdim=True)
             embedded = torch.cat([embedded, bag], dim=2)
             linear = linear + (self.linear(tags) * share).sum((2, 3))
+        if self.dense_dims:
+            dense = self.photo_dense[photo_rows]
+            embedded = torch.cat([embedded, self.dense(dense).unsqueeze(2)], dim=2)
+            linear = linear + self.dense_linear(dense).squeeze(-1)
         return embedded, linear
 
     def fm_scores(
@@ -116,7 +136,12 @@ class _TrainingData:
     """Integer tensors of one training set, built once (no per-row pandas access)."""
 
     def __init__(
-        self, encoder: FieldEncoder, catalogue: Catalogue, candidates: CandidateLists, pool: int
+        self,
+        encoder: FieldEncoder,
+        catalogue: Catalogue,
+        candidates: CandidateLists,
+        pool: int,
+        negative_sampling: str = "uniform",
     ) -> None:
         context, photo_rows = encoder.encode_conversions(catalogue.conversions)
         keep = photo_rows > 0
@@ -128,22 +153,34 @@ class _TrainingData:
         start, length, photos = candidates.pools(["", *encoder.keyword_names], pool)
         self.pool_start, self.pool_length = start, length
         self.pool_rows = encoder.photo_rows(photos)
+        # Cumulative distribution of the popularity-weighted negatives (None: uniform).
+        self.negative_cdf = None
+        if negative_sampling == "popularity" and self.n_photos > 0:
+            counts = np.bincount(photo_rows[keep] - 1, minlength=self.n_photos)
+            weights = (counts + 1.0) ** POPULARITY_SAMPLING_EXPONENT
+            self.negative_cdf = np.cumsum(weights) / weights.sum()
 
     def __len__(self) -> int:
         return len(self.photo_rows)
 
 
-class FMRanker(Ranker):
+class FMRanker(QueryPrior, Ranker):
     """Factorization Machine ranker over user, keyword, country, photo and photo side fields.
 
     Fields: user, query keyword, conversion country; photo, photographer, log-bucketed views and
     downloads, and (``photo_tags > 0``) a bag of the photo's tags, which lets a taste learned on
     some photos carry over to others with the same tags.
 
+    With the catalogue's image embeddings, a dense field: each photo's embedding reduced by PCA
+    to ``clip_dims`` dimensions (a photo without an image gets zeros).
+
     Trained with BPR: each training conversion's photo should outscore negatives drawn from
     the served retriever's candidates for the same keyword (``keyword_negatives``: what the
-    query would retrieve) and from all photos (``uniform_negatives``); loss
-    ``−log σ(s_pos − s_neg)`` plus L2 on the embeddings used.
+    query would retrieve) and from all photos (``uniform_negatives``, drawn uniformly or, with
+    ``negative_sampling="popularity"``, in proportion to training conversions^0.75, which
+    makes popular photos harder negatives); loss ``−log σ(s_pos − s_neg)`` plus L2 on the
+    embeddings used. Scores are blended with the query's popularity prior
+    (:mod:`~ranking_service.rankers.prior`).
     The last ``validation_fraction`` of the conversions (by time) is held out to pick the
     epoch count (early stopping on NDCG@10); with ``refit`` the model is then retrained on all
     conversions for that many epochs.
@@ -162,6 +199,8 @@ class FMRanker(Ranker):
         Weight of the L2 penalty on the embeddings of each batch (per conversion).
     keyword_negatives, uniform_negatives:
         Negatives per conversion from its keyword's candidates and from all photos.
+    negative_sampling:
+        How the negatives from all photos are drawn: ``"uniform"`` or ``"popularity"``.
     negative_pool:
         Hard negatives come from the keyword's top ``negative_pool`` candidates. Not from the
         top ``candidates_k`` only: conversions land on any photo matching the keyword, and
@@ -192,6 +231,12 @@ class FMRanker(Ranker):
         for a busy core).
     photo_tags:
         Size of the tag field's bag: each photo's most confident keywords (0 turns it off).
+    clip_dims:
+        Dimensions of the dense CLIP field when image embeddings are given (0 turns it off).
+    popularity:
+        Parameters of the :class:`PopularityRanker` of the query prior.
+    popularity_weight:
+        Weight of the query's popularity prior next to the model's score (0: none).
     """
 
     name = "fm"
@@ -218,6 +263,10 @@ class FMRanker(Ranker):
         optimizer: str = "adam",
         num_threads: int = 1,
         photo_tags: int = 10,
+        negative_sampling: str = "uniform",
+        clip_dims: int = 16,
+        popularity: dict | None = None,
+        popularity_weight: float = 0.0,
     ) -> None:
         self.factors = int(factors)
         self.epochs = int(epochs)
@@ -241,6 +290,15 @@ class FMRanker(Ranker):
         self.optimizer = optimizer
         self.num_threads = int(num_threads)
         self.photo_tags = int(photo_tags)
+        if negative_sampling not in NEGATIVE_SAMPLING:
+            raise ValueError(
+                f"negative_sampling must be one of {', '.join(NEGATIVE_SAMPLING)}, "
+                f"got {negative_sampling!r}"
+            )
+        self.negative_sampling = negative_sampling
+        self.clip_dims = int(clip_dims)
+        self.init_prior(popularity, popularity_weight)
+        self.embeddings: ImageEmbeddings | None = None
         if self.keyword_negatives + self.uniform_negatives < 1:
             raise ValueError("need at least one negative per conversion")
         self.encoder: FieldEncoder | None = None
@@ -272,6 +330,9 @@ class FMRanker(Ranker):
             "optimizer": self.optimizer,
             "num_threads": self.num_threads,
             "photo_tags": self.photo_tags,
+            "negative_sampling": self.negative_sampling,
+            "clip_dims": self.clip_dims,
+            **self.prior_params(),
         }
 
     def build_model(self, encoder: FieldEncoder) -> FactorizationMachine:
@@ -287,15 +348,22 @@ class FMRanker(Ranker):
         """Build vocabularies and a fresh network for ``catalogue`` (seeded)."""
         torch.manual_seed(self.seed)
         self.encoder = FieldEncoder.fit(
-            catalogue, self.min_user_conversions, self.min_keyword_conversions, self.photo_tags
+            catalogue,
+            self.min_user_conversions,
+            self.min_keyword_conversions,
+            self.photo_tags,
+            self.embeddings,
+            self.clip_dims,
         )
         self.model = self.build_model(self.encoder)
+        self.fit_prior(catalogue)
 
     def fit(
         self,
         catalogue: Catalogue,
         show_progress: bool = True,
         candidates: CandidateLists | None = None,
+        embeddings: ImageEmbeddings | None = None,
         validation: ValidationSet | None = None,
     ) -> FMRanker:
         """Train with BPR on ``catalogue.conversions`` (see the class docstring).
@@ -310,6 +378,8 @@ class FMRanker(Ranker):
             The served retriever's candidates for the conversions' keywords: hard negatives
             and the early-stopping queries come from them. Required unless
             ``keyword_negatives`` is 0 and there is no validation.
+        embeddings:
+            The catalogue's image embeddings, for the dense CLIP field (None: no such field).
         validation:
             Queries to early-stop on instead of cutting the last ``validation_fraction`` of the
             conversions (tuning passes its own); the best epoch's weights are kept, no refit.
@@ -323,6 +393,7 @@ class FMRanker(Ranker):
                     "validation_fraction=0 to train without)"
                 )
             candidates = CandidateLists([], np.zeros(1, np.int64), [], [])
+        self.embeddings = embeddings
         with torch_threads(self.num_threads):
             return self._fit(catalogue, show_progress, candidates, validation)
 
@@ -350,7 +421,9 @@ class FMRanker(Ranker):
         if validation is not None and len(validation) == 0:
             validation, train_catalogue = None, catalogue
         self._start(train_catalogue)
-        data = _TrainingData(self.encoder, train_catalogue, candidates, self.negative_pool)
+        data = _TrainingData(
+            self.encoder, train_catalogue, candidates, self.negative_pool, self.negative_sampling
+        )
         rng = np.random.default_rng(self.seed)
         optimizer = self._optimizer()
         best_ndcg, best_state, stale = -1.0, None, 0
@@ -378,7 +451,9 @@ class FMRanker(Ranker):
             self.model.load_state_dict(best_state)
             return self
         self._start(catalogue)
-        data = _TrainingData(self.encoder, catalogue, candidates, self.negative_pool)
+        data = _TrainingData(
+            self.encoder, catalogue, candidates, self.negative_pool, self.negative_sampling
+        )
         rng = np.random.default_rng(self.seed)
         optimizer = self._optimizer()
         for epoch in range(1, self.best_epoch + 1):
@@ -411,7 +486,11 @@ class FMRanker(Ranker):
             )
             columns.append(np.where(length > 0, data.pool_rows[pick], uniform))
         for _ in range(self.uniform_negatives):
-            columns.append(rng.integers(1, data.n_photos + 1, n))
+            if data.negative_cdf is None:
+                columns.append(rng.integers(1, data.n_photos + 1, n))
+            else:
+                drawn = np.searchsorted(data.negative_cdf, rng.random(n), side="right")
+                columns.append(np.minimum(drawn, data.n_photos - 1) + 1)
         return np.stack(columns, axis=1).astype(np.int64)
 
     def _train_epoch(
@@ -467,6 +546,7 @@ class FMRanker(Ranker):
             scores = self.scoring_model()(
                 torch.from_numpy(context).unsqueeze(0), rows.unsqueeze(0)
             )[0].numpy()
+        scores = self.blend_prior(scores, candidates, query.keyword, valid)
         return RankScores(finalize_scores(scores, valid), fallback_reason=reason)
 
     def score_batch(self, queries: list[RankQuery], chunk: int = 256) -> list[RankScores]:
@@ -491,9 +571,10 @@ class FMRanker(Ranker):
                 scores = self.scoring_model()(
                     torch.from_numpy(context), torch.from_numpy(rows)
                 ).numpy()
-            for i, c in enumerate(candidates):
+            for i, (q, c) in enumerate(zip(part, candidates)):
                 valid = known_photo_mask(c, self.encoder.n_photos)
-                results.append(RankScores(finalize_scores(scores[i, : len(c)], valid), reasons[i]))
+                blended = self.blend_prior(scores[i, : len(c)], c, q.keyword, valid)
+                results.append(RankScores(finalize_scores(blended, valid), reasons[i]))
         return results
 
     def extra_config(self) -> dict:
@@ -517,13 +598,16 @@ class FMRanker(Ranker):
         )
         save_arrays(directory / ENCODER_FILE, **self.encoder.to_arrays())
         torch.save(self.model.state_dict(), directory / MODEL_FILE)
+        self.save_prior(directory)
 
     @classmethod
     def load(cls, directory: Path, catalogue: Catalogue) -> FMRanker:
         """Read a ranker written by :meth:`save` (``torch.load(..., weights_only=True)``)."""
         directory = Path(directory)
         config = read_config(directory, cls.name)
-        ranker = cls(**config["params"])
+        # Sets saved before FM had the query prior were validated without it.
+        ranker = cls(**{"popularity_weight": 0.0, **config["params"]})
+        ranker.load_prior(directory, catalogue)
         ranker.encoder = FieldEncoder.from_saved(
             load_arrays(directory / ENCODER_FILE), config["encoder"]
         )

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from imgsearch.candidates import CandidateLists
 from imgsearch.catalogue import Catalogue
+from imgsearch.image_embeddings import ImageEmbeddings
 from ranking_service.rankers.base import Ranker, RankQuery, RankScores
 from ranking_service.rankers.common import (
     as_candidates,
@@ -33,6 +34,7 @@ class NoneRanker(Ranker):
         catalogue: Catalogue,
         show_progress: bool = True,
         candidates: CandidateLists | None = None,
+        embeddings: ImageEmbeddings | None = None,
     ) -> NoneRanker:
         """Remember the catalogue size; there is nothing to learn."""
         self.n_photos = catalogue.n_photos

@@ -9,6 +9,7 @@ import pandas as pd
 
 from imgsearch.candidates import CandidateLists
 from imgsearch.catalogue import Catalogue, normalise_keyword
+from imgsearch.image_embeddings import ImageEmbeddings
 from ranking_service.rankers.base import Ranker, RankQuery, RankScores
 from ranking_service.rankers.common import (
     as_candidates,
@@ -75,6 +76,7 @@ class PopularityRanker(Ranker):
         catalogue: Catalogue,
         show_progress: bool = True,
         candidates: CandidateLists | None = None,
+        embeddings: ImageEmbeddings | None = None,
     ) -> PopularityRanker:
         """Count training conversions per photo and per (keyword, photo)."""
         conversions = catalogue.conversions
@@ -114,21 +116,37 @@ class PopularityRanker(Ranker):
         tuple
             ``(popularity float64, fallback_reason)``.
         """
+        share, reason, _ = self._shares(candidates, keyword)
+        return share, reason
+
+    def log_prior(self, candidates: np.ndarray, keyword: str) -> np.ndarray:
+        """``log`` of each candidate's share plus half a conversion's share (never -inf).
+
+        The half conversion keeps photos no one has converted yet a finite prior, a little
+        below those converted once, rather than an abyss that no personal score can climb out
+        of; out-of-range candidates get that floor too.
+        """
+        share, _, denominator = self._shares(candidates, keyword)
+        return np.log(np.maximum(share, 0.0) + 0.5 / denominator)
+
+    def _shares(self, candidates: np.ndarray, keyword: str) -> tuple[np.ndarray, str, float]:
+        """Shares, fallback reason and the shares' denominator (conversions they count)."""
         valid = known_photo_mask(candidates, len(self.photo_counts))
         total = max(int(self.photo_counts.sum()), 1)
         share = np.full(len(candidates), -1.0)
         share[valid] = self.photo_counts[candidates[valid]] / total
         if not self.per_keyword:
-            return share, ""
+            return share, "", float(total)
         keyword_id = self._keyword_lookup.get(normalise_keyword(keyword))
         if keyword_id is None:
-            return share, UNKNOWN_KEYWORD
+            return share, UNKNOWN_KEYWORD, float(total)
         lo, hi = self.keyword_ptr[keyword_id], self.keyword_ptr[keyword_id + 1]
         photos, counts = self.keyword_photos[lo:hi], self.keyword_counts[lo:hi]
         position = np.clip(np.searchsorted(photos, candidates), 0, len(photos) - 1)
         keyword_count = np.where(photos[position] == candidates, counts[position], 0)
-        blended = (keyword_count + self.keyword_prior * share) / (counts.sum() + self.keyword_prior)
-        return np.where(valid, blended, -1.0), ""
+        denominator = counts.sum() + self.keyword_prior
+        blended = (keyword_count + self.keyword_prior * share) / denominator
+        return np.where(valid, blended, -1.0), "", float(denominator)
 
     def score(self, query: RankQuery) -> RankScores:
         """Return ordinal scores: popularity first, then retrieval score, then retrieval order."""

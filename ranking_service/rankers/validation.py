@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 import pandas as pd
 
@@ -22,7 +24,10 @@ class ValidationSet:
     queries:
         One :class:`RankQuery` per evaluated (user, keyword) pair; candidates are the keyword's
         top ``candidates_k`` candidates from the served retriever's
-        :class:`~imgsearch.candidates.CandidateLists`, with the retriever's scores.
+        :class:`~imgsearch.candidates.CandidateLists`, with the retriever's scores, minus the
+        photos the user converted before (as ``imgsearch eval`` filters the training photos:
+        a search engine does not recommend them again, and re-conversions of popular photos
+        would otherwise reward whatever ranks popular photos first).
     relevant:
         For each query, the converted photos that are among its candidates.
     n_skipped:
@@ -49,6 +54,8 @@ class ValidationSet:
         max_queries: int | None = None,
         seed: int = 0,
         recent_k: int = 20,
+        filter_seen: bool = True,
+        min_pair: int = 1,
     ) -> ValidationSet:
         """Prepare the validation queries of ``val_conversions``.
 
@@ -69,6 +76,11 @@ class ValidationSet:
             Seed of that draw.
         recent_k:
             How many recent training photos each query carries.
+        filter_seen:
+            Remove from each query's candidates the photos its user converted in
+            ``catalogue.conversions``.
+        min_pair:
+            Conversions a (user, keyword) pair needs in ``val_conversions`` to be a query.
 
         Returns
         -------
@@ -88,10 +100,19 @@ class ValidationSet:
             [code * width + c for code, (c, _) in enumerate(candidates_of)] or [np.zeros(0)]
         )
         hit = np.isin(keyword_code * width + photos, candidate_keys)
+        seen_keys = np.zeros(0, dtype=np.int64)
+        if filter_seen and len(catalogue.conversions):
+            width = max(width, catalogue.n_photos)
+            seen_keys = np.unique(
+                catalogue.conversions["user_idx"].to_numpy(dtype=np.int64) * width
+                + catalogue.conversions["photo_idx"].to_numpy(dtype=np.int64)
+            )
+            hit &= ~np.isin(users * width + photos, seen_keys)
         pair = val_conversions.groupby(["user_idx", "keyword"], sort=False).ngroup().to_numpy()
         order = np.argsort(pair, kind="stable")
         bounds = np.r_[np.flatnonzero(np.r_[True, np.diff(pair[order]) != 0]), len(order)]
         pair_hits = np.add.reduceat(hit[order], bounds[:-1]) > 0
+        pair_hits &= np.diff(bounds) >= min_pair
         usable = np.flatnonzero(pair_hits)
         n_skipped = int(len(pair_hits) - len(usable))
         if max_queries is not None and len(usable) > max_queries:
@@ -104,6 +125,10 @@ class ValidationSet:
             first = rows[0]
             candidates, confidence = candidates_of[keyword_code[first]]
             user = int(users[first])
+            if len(seen_keys):
+                lo, hi = np.searchsorted(seen_keys, [user * width, (user + 1) * width])
+                keep = ~np.isin(candidates, seen_keys[lo:hi] - user * width)
+                candidates, confidence = candidates[keep], confidence[keep]
             queries.append(
                 RankQuery(
                     user_idx=user,
@@ -127,6 +152,12 @@ class ValidationSet:
         """
         if not self.queries:
             return 0.0
+        return float(self.per_query_ndcg(ranker, k).mean())
+
+    def per_query_ndcg(self, ranker: Ranker, k: int = 10) -> np.ndarray:
+        """NDCG@``k`` of ``ranker`` on each query, in query order (see :meth:`ndcg`)."""
+        if not self.queries:
+            return np.zeros(0, dtype=np.float64)
         # Rankers with a batched path (FM, DeepFM) score all queries in a few forward passes.
         score_batch = getattr(ranker, "score_batch", None)
         if score_batch is not None:
@@ -138,45 +169,38 @@ class ValidationSet:
             top = rank_by_scores(query.candidates, result.scores)[:k]
             hits[q, : len(top)] = np.isin(top, self.relevant[q])
         n_relevant = np.asarray([len(r) for r in self.relevant], dtype=np.int64)
-        return float(metrics_from_hits(hits, n_relevant)["ndcg"].mean())
+        return np.asarray(metrics_from_hits(hits, n_relevant)["ndcg"], dtype=np.float64)
 
+    def split(self, share: float = 0.5, seed: int = 0) -> tuple[ValidationSet, ValidationSet]:
+        """Two disjoint parts of the queries: ``share`` of them (drawn with ``seed``), the rest.
 
-def validation_ndcg(
-    ranker: Ranker,
-    catalogue: Catalogue,
-    val_conversions: pd.DataFrame,
-    candidates_k: int = 100,
-    max_queries: int | None = None,
-    seed: int = 0,
-) -> float:
-    """Return NDCG@10 of ``ranker`` on held-out conversions.
+        Tuning chooses on one part and the default ranker is chosen on the other, so the
+        comparison that picks it is not flattered by the choices tuning made.
+        """
+        n = len(self.queries)
+        first = np.zeros(n, dtype=bool)
+        first[np.random.default_rng(seed).permutation(n)[: int(round(n * share))]] = True
+        parts = []
+        for keep in (first, ~first):
+            index = np.flatnonzero(keep)
+            parts.append(
+                ValidationSet(
+                    [self.queries[i] for i in index],
+                    [self.relevant[i] for i in index],
+                    self.n_skipped,
+                )
+            )
+        return parts[0], parts[1]
 
-    Each (user, keyword) pair of ``val_conversions`` is one query: the keyword's top
-    ``candidates_k`` photos by keyword confidence are ranked, and the pair's converted photos
-    among them are the relevant ones. Pairs whose conversions all fall outside the candidates
-    are skipped (see :class:`ValidationSet`).
+    def fingerprint(self) -> str:
+        """A short hash of the queries, their candidates and relevant photos.
 
-    Parameters
-    ----------
-    ranker:
-        A fitted ranker.
-    catalogue:
-        The catalogue it was trained on (``conversions`` = the training conversions).
-    val_conversions:
-        Held-out conversions, later in time than the training ones.
-    candidates_k:
-        Candidates per query.
-    max_queries:
-        Evaluate at most this many pairs (a seeded draw); None for all of them.
-    seed:
-        Seed of that draw.
-
-    Returns
-    -------
-    float
-        Mean NDCG@10 over the evaluated pairs.
-    """
-    validation = ValidationSet.build(
-        catalogue, val_conversions, candidates_k=candidates_k, max_queries=max_queries, seed=seed
-    )
-    return validation.ndcg(ranker)
+        Two validation sets with the same fingerprint score any ranker identically, so
+        per-query figures stored with one can be compared with figures measured on the other.
+        """
+        digest = hashlib.sha256()
+        for query, relevant in zip(self.queries, self.relevant):
+            digest.update(f"{query.user_idx}|{query.keyword}|".encode())
+            digest.update(np.asarray(query.candidates, dtype=np.int64).tobytes())
+            digest.update(np.asarray(relevant, dtype=np.int64).tobytes())
+        return digest.hexdigest()[:16]

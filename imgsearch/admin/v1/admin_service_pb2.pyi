@@ -1,8 +1,8 @@
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from collections.abc import Iterable as _Iterable
-from typing import ClassVar as _ClassVar, Optional as _Optional
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
@@ -29,13 +29,25 @@ class GetStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetStatusResponse(_message.Message):
-    __slots__ = ("service", "version", "artifacts", "models")
+    __slots__ = ("service", "version", "artifacts", "models", "defaults")
     SERVICE_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     ARTIFACTS_FIELD_NUMBER: _ClassVar[int]
     MODELS_FIELD_NUMBER: _ClassVar[int]
+    DEFAULTS_FIELD_NUMBER: _ClassVar[int]
     service: str
     version: str
     artifacts: str
     models: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, service: _Optional[str] = ..., version: _Optional[str] = ..., artifacts: _Optional[str] = ..., models: _Optional[_Iterable[str]] = ...) -> None: ...
+    defaults: _containers.RepeatedCompositeFieldContainer[DefaultChoice]
+    def __init__(self, service: _Optional[str] = ..., version: _Optional[str] = ..., artifacts: _Optional[str] = ..., models: _Optional[_Iterable[str]] = ..., defaults: _Optional[_Iterable[_Union[DefaultChoice, _Mapping]]] = ...) -> None: ...
+
+class DefaultChoice(_message.Message):
+    __slots__ = ("kind", "name", "reason")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    kind: str
+    name: str
+    reason: str
+    def __init__(self, kind: _Optional[str] = ..., name: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...

@@ -16,6 +16,9 @@ class Ranker(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     RANKER_FM: _ClassVar[Ranker]
     RANKER_DEEPFM: _ClassVar[Ranker]
     RANKER_TWO_STEP: _ClassVar[Ranker]
+    RANKER_EASE: _ClassVar[Ranker]
+    RANKER_ITEM_KNN: _ClassVar[Ranker]
+    RANKER_CLIP_PROFILE: _ClassVar[Ranker]
 RANKER_UNSPECIFIED: Ranker
 RANKER_NONE: Ranker
 RANKER_POPULARITY: Ranker
@@ -23,6 +26,9 @@ RANKER_ALS: Ranker
 RANKER_FM: Ranker
 RANKER_DEEPFM: Ranker
 RANKER_TWO_STEP: Ranker
+RANKER_EASE: Ranker
+RANKER_ITEM_KNN: Ranker
+RANKER_CLIP_PROFILE: Ranker
 
 class RankRequest(_message.Message):
     __slots__ = ("user_id", "query", "keyword", "candidate_photo_ids", "retrieval_scores", "k", "ranker", "recent_photo_ids")
@@ -53,18 +59,20 @@ class RankedPhoto(_message.Message):
     def __init__(self, photo_id: _Optional[str] = ..., score: _Optional[float] = ...) -> None: ...
 
 class RankResponse(_message.Message):
-    __slots__ = ("results", "ranker", "fallback_reason", "ranking_ms", "artifact_version")
+    __slots__ = ("results", "ranker", "fallback_reason", "ranking_ms", "artifact_version", "default_reason")
     RESULTS_FIELD_NUMBER: _ClassVar[int]
     RANKER_FIELD_NUMBER: _ClassVar[int]
     FALLBACK_REASON_FIELD_NUMBER: _ClassVar[int]
     RANKING_MS_FIELD_NUMBER: _ClassVar[int]
     ARTIFACT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_REASON_FIELD_NUMBER: _ClassVar[int]
     results: _containers.RepeatedCompositeFieldContainer[RankedPhoto]
     ranker: Ranker
     fallback_reason: str
     ranking_ms: float
     artifact_version: str
-    def __init__(self, results: _Optional[_Iterable[_Union[RankedPhoto, _Mapping]]] = ..., ranker: _Optional[_Union[Ranker, str]] = ..., fallback_reason: _Optional[str] = ..., ranking_ms: _Optional[float] = ..., artifact_version: _Optional[str] = ...) -> None: ...
+    default_reason: str
+    def __init__(self, results: _Optional[_Iterable[_Union[RankedPhoto, _Mapping]]] = ..., ranker: _Optional[_Union[Ranker, str]] = ..., fallback_reason: _Optional[str] = ..., ranking_ms: _Optional[float] = ..., artifact_version: _Optional[str] = ..., default_reason: _Optional[str] = ...) -> None: ...
 
 class RecommendRequest(_message.Message):
     __slots__ = ("user_id", "k", "recent_photo_ids")

@@ -1,0 +1,93 @@
+"""The query's popularity prior, blended into any ranker's own scores with a validated weight.
+
+A personal score knows the user but not the query: on its own it lifts whatever the user likes
+among the candidates, including photos that match only part of a query ("yellow triangle":
+the yellow squares of a user who likes squares). Rankers that mix in
+:class:`QueryPrior` therefore score ``z(own) + popularity_weight · z(log p(photo | keyword))``
+over the candidates (z: standardised over the valid candidates), with ``p`` the per-keyword
+popularity of :class:`~ranking_service.rankers.popularity.PopularityRanker`, smoothed by half a
+conversion so that a photo no one has converted yet keeps a finite prior and can still rise on
+its own score. The weight is chosen on the validation slice (``ranking_service.training``);
+0 keeps the ranker's own order.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from imgsearch.catalogue import Catalogue
+from ranking_service.rankers.base import RankQuery, RankScores
+from ranking_service.rankers.popularity import PopularityRanker
+
+PRIOR_DIR = "popularity"
+UNKNOWN_USER = "unknown user: popularity order"
+
+
+def standardised(values: np.ndarray) -> np.ndarray:
+    """``values`` minus their mean, over their standard deviation (zeros when constant)."""
+    spread = values.std()
+    return (values - values.mean()) / spread if spread > 0 else np.zeros_like(values)
+
+
+class QueryPrior:
+    """Mixin: a fitted :class:`PopularityRanker` as fallback and as the query's prior.
+
+    Classes using it call :meth:`init_prior` in their constructor, :meth:`fit_prior` in
+    ``fit``, :meth:`save_prior` / :meth:`load_prior` when saving and loading, and
+    :meth:`blend_prior` on their own scores.
+    """
+
+    popularity: PopularityRanker
+    popularity_weight: float
+
+    def init_prior(self, popularity: dict | None, popularity_weight: float) -> None:
+        """Set up the unfitted prior with ``PopularityRanker(**popularity)`` and its weight."""
+        self.popularity = PopularityRanker(**(popularity or {}))
+        self.popularity_weight = float(popularity_weight)
+
+    def prior_params(self) -> dict:
+        """The prior's constructor parameters, for the ranker's ``params``."""
+        return {"popularity": self.popularity.params, "popularity_weight": self.popularity_weight}
+
+    def fit_prior(self, catalogue: Catalogue) -> None:
+        """Count the training conversions the prior and the fallback use."""
+        self.popularity.fit(catalogue)
+
+    def blend_prior(
+        self, scores: np.ndarray, candidates: np.ndarray, keyword: str, valid: np.ndarray
+    ) -> np.ndarray:
+        """Return ``z(scores) + popularity_weight · z(log prior)`` over the valid candidates.
+
+        Unchanged (as float64) when the weight is 0 or fewer than two candidates are valid.
+        """
+        scores = np.asarray(scores, dtype=np.float64).copy()
+        if not self.popularity_weight or valid.sum() < 2:
+            return scores
+        prior = self.popularity.log_prior(candidates, keyword)
+        scores[valid] = standardised(scores[valid]) + self.popularity_weight * standardised(
+            prior[valid]
+        )
+        return scores
+
+    def popularity_fallback(self, query: RankQuery, reason: str = UNKNOWN_USER) -> RankScores:
+        """Popularity order (ties by retrieval), for a request the model cannot personalise."""
+        return RankScores(self.popularity.score(query).scores, fallback_reason=reason)
+
+    def save_prior(self, directory: Path) -> None:
+        """Write the prior under ``directory/popularity``."""
+        self.popularity.save(Path(directory) / PRIOR_DIR)
+
+    def load_prior(self, directory: Path, catalogue: Catalogue) -> None:
+        """Read the prior written by :meth:`save_prior`.
+
+        A ranker saved before it had one serves its own scores alone (weight 0) and falls back
+        to popularity counted from ``catalogue``.
+        """
+        path = Path(directory) / PRIOR_DIR
+        if path.exists():
+            self.popularity = PopularityRanker.load(path, catalogue)
+        else:
+            self.popularity_weight = 0.0
+            self.popularity.fit(catalogue)

@@ -1,0 +1,191 @@
+"""The default ranker: chosen on the validation slice by one paired comparison, served with why."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import grpc
+import numpy as np
+import pytest
+
+from imgsearch import artifacts
+from imgsearch.admin.v1 import admin_service_pb2 as admin_pb
+from imgsearch.admin.v1 import admin_service_pb2_grpc as admin_grpc
+from imgsearch.search.v1 import search_service_pb2 as pb
+from imgsearch.search.v1 import search_service_pb2_grpc as pb_grpc
+from ranking_service.selection import MIN_SELECTION_QUERIES, format_selection, select_default
+
+
+def _figures(seed: int = 0, n: int = 400) -> np.ndarray:
+    return np.random.default_rng(seed).uniform(0.0, 0.6, n)
+
+
+def test_a_clear_winner_is_served():
+    popularity = _figures()
+    per_query = {"popularity": popularity, "als": popularity + 0.05, "none": popularity - 0.2}
+    chosen = select_default(per_query)
+    assert chosen["default_ranker"] == "als" == chosen["winner"]
+    assert "above popularity" in chosen["reason"] and "+0.0500" in chosen["reason"]
+    assert [row["ranker"] for row in chosen["table"]] == ["als", "popularity", "none"]
+    assert chosen["table"][0]["vs_popularity"]["ci"][0] > 0
+    assert "* als" in format_selection(chosen)
+
+
+def test_a_winner_level_with_popularity_is_not_served():
+    popularity = _figures()
+    noise = np.random.default_rng(1).normal(0.0, 0.05, len(popularity))
+    noise -= noise.mean()
+    per_query = {"popularity": popularity, "ease": popularity + noise + 0.001}
+    chosen = select_default(per_query)
+    assert chosen["winner"] == "ease" and chosen["default_ranker"] == "popularity"
+    lo, hi = chosen["table"][0]["vs_popularity"]["ci"]
+    assert lo <= 0 <= hi
+    assert "not significantly above popularity" in chosen["reason"]
+
+
+def test_only_the_winner_is_compared():
+    # The runner-up is significantly above popularity, but the rule compares the winner alone:
+    # trying comparisons until one passes would serve whichever ranker got lucky.
+    popularity = _figures()
+    noise = np.random.default_rng(2).normal(0.0, 0.8, len(popularity))
+    noise -= noise.mean()
+    per_query = {
+        "popularity": popularity,
+        "als": popularity + 0.02,
+        "fm": popularity + 0.04 + noise,
+    }
+    chosen = select_default(per_query)
+    assert chosen["winner"] == "fm" and chosen["default_ranker"] == "popularity"
+
+
+def test_too_few_queries_skip_the_selection():
+    per_query = {"popularity": _figures(n=10), "als": _figures(n=10) + 1}
+    chosen = select_default(per_query)
+    assert chosen["default_ranker"] == "popularity"
+    assert "selection skipped" in chosen["reason"] and chosen["table"] == []
+    assert str(MIN_SELECTION_QUERIES) in chosen["reason"]
+
+
+def _build(tmp_path, name, rankers, **generate_options):
+    from imgsearch_tools.build import build_artifacts
+    from imgsearch_tools.demo_data import generate
+
+    data = tmp_path / f"{name}-data"
+    generate(data, with_images=False, show_progress=False, **generate_options)
+    root = tmp_path / f"{name}-artifacts"
+    build_artifacts(str(data), str(root), rankers, show_progress=False)
+    return root, artifacts.resolve(root).manifest
+
+
+def test_without_taste_the_rule_serves_popularity(tmp_path):
+    sizes = {"n_photos": 400, "n_users": 120, "n_conversions": 12_000, "seed": 5}
+    rankers = ["none", "popularity", "als", "item_knn"]
+    _, manifest = _build(tmp_path, "none", rankers, taste="none", **sizes)
+    selection = manifest["ranker_selection"]
+    assert selection["table"], selection["reason"]
+    assert manifest["default_ranker"] == "popularity", selection["reason"]
+    # With a planted taste over photo ids, on the same users and queries, it serves one.
+    _, manifest = _build(tmp_path, "ids", rankers, taste="ids", taste_strength=3.0, **sizes)
+    assert manifest["default_ranker"] in ("als", "item_knn"), manifest["default_ranker_reason"]
+    assert "above popularity" in manifest["default_ranker_reason"]
+
+
+def test_too_few_conversions_train_skip_selection_and_serve_popularity(tmp_path):
+    from ranking_service.server import load_ranking_state
+
+    root, manifest = _build(
+        tmp_path,
+        "tiny",
+        ["none", "popularity", "als", "ease"],
+        n_photos=60,
+        n_users=15,
+        n_conversions=120,
+        seed=2,
+    )
+    assert set(manifest["rankers"]) == {"none", "popularity", "als", "ease"}
+    assert manifest["default_ranker"] == "popularity"
+    reason = manifest["default_ranker_reason"]
+    assert "selection skipped" in reason and "validation slice" in reason
+    state = load_ranking_state(str(root))
+    assert state.default_ranker == "popularity" and state.default_reason == reason
+    assert {"als", "ease"} <= set(state.rankers)
+
+
+def test_a_set_without_a_recorded_choice_serves_popularity_and_says_so(artifact_root, tmp_path):
+    from ranking_service.server import load_ranking_state
+
+    old = tmp_path / "old-set"
+    shutil.copytree(artifacts.resolve(artifact_root).path, old)
+    manifest = json.loads((old / artifacts.MANIFEST).read_text())
+    for key in ("default_ranker", "default_ranker_reason", "ranker_selection"):
+        manifest.pop(key, None)
+    (old / artifacts.MANIFEST).write_text(json.dumps(manifest))
+    state = load_ranking_state(str(old))
+    assert state.default_ranker == "popularity"
+    assert "records no validation choice" in state.default_reason
+    configured = load_ranking_state(str(old), default_ranker="als")
+    assert configured.default_ranker == "als" and "setting" in configured.default_reason
+
+
+def test_status_and_notes_say_which_default_is_served_and_why(stack, artifact_root):
+    manifest = artifacts.resolve(artifact_root).manifest
+    served, reason = manifest["default_ranker"], manifest["default_ranker_reason"]
+    with grpc.insecure_channel(f"127.0.0.1:{stack.ranking.admin_port}") as channel:
+        status = admin_grpc.AdminServiceStub(channel).GetStatus(
+            admin_pb.GetStatusRequest(), timeout=10
+        )
+    assert [(d.kind, d.name, d.reason) for d in status.defaults] == [("ranker", served, reason)]
+    with grpc.insecure_channel(f"127.0.0.1:{stack.retrieval.admin_port}") as channel:
+        status = admin_grpc.AdminServiceStub(channel).GetStatus(
+            admin_pb.GetStatusRequest(), timeout=10
+        )
+    assert [(d.kind, d.name) for d in status.defaults] == [("retriever", "keyword")]
+    assert "no CLIP" in status.defaults[0].reason
+    with grpc.insecure_channel(stack.target) as channel:
+        stub = pb_grpc.SearchServiceStub(channel)
+        default = stub.Search(pb.SearchRequest(query="red", k=5), timeout=10)
+        chosen = stub.Search(pb.SearchRequest(query="red", k=5, ranker=1), timeout=10)
+    assert f"default ranker {served}: {reason}" in default.notes
+    assert not any(note.startswith("default ranker") for note in chosen.notes)
+
+
+@pytest.mark.parametrize("taste", ["content", "ids", "none"])
+def test_tastes_share_users_and_queries_and_differ_in_choices(tmp_path, taste):
+    from imgsearch.unsplash import read_unsplash
+    from imgsearch_tools.demo_data import generate
+
+    sizes = {"n_photos": 300, "n_users": 60, "n_conversions": 3000, "seed": 4}
+    base = tmp_path / "content"
+    generate(base, with_images=False, show_progress=False, **sizes)
+    other = tmp_path / taste
+    generate(other, with_images=False, show_progress=False, taste=taste, **sizes)
+    first = read_unsplash(base, show_progress=False)[0].conversions
+    second = read_unsplash(other, show_progress=False)[0].conversions
+    for column in ("converted_at", "keyword", "conversion_country"):
+        assert first[column].tolist() == second[column].tolist()
+    same = (first["photo_idx"].to_numpy() == second["photo_idx"].to_numpy()).mean()
+    assert same == 1.0 if taste == "content" else same < 0.5
+
+
+def test_fusion_keeps_the_best_weighting_that_is_as_precise_as_either_source():
+    from imgsearch_tools.evaluation.fusion import _choose
+
+    singles = {
+        "keyword": {"ndcg@10": 0.05, "tag_p@10": 0.90, "pair_tag_p@10": 0.80},
+        "clip": {"ndcg@10": 0.06, "tag_p@10": 0.95, "pair_tag_p@10": 0.90},
+    }
+    table = [
+        {"weights": [0.5, 0.5], "ndcg@10": 0.055, "candidate_recall": 0.1, "tag_p@10": 0.97,
+         "pair_tag_p@10": 0.99},
+        {"weights": [0.3, 0.7], "ndcg@10": 0.059, "candidate_recall": 0.2, "tag_p@10": 0.96,
+         "pair_tag_p@10": 0.95},
+        {"weights": [0.1, 0.9], "ndcg@10": 0.062, "candidate_recall": 0.3, "tag_p@10": 0.94,
+         "pair_tag_p@10": 0.92},
+    ]  # fmt: skip
+    chosen, why = _choose(table, singles, 10)
+    assert chosen["weights"] == [0.3, 0.7] and "at least either source" in why
+    for row in table:
+        row["tag_p@10"] = 0.5
+    chosen, why = _choose(table, singles, 10)
+    assert chosen["weights"] == [0.1, 0.9] and "most precise" in why
