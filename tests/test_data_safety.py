@@ -286,6 +286,22 @@ def test_generating_into_the_current_folder_works_when_it_is_empty(tmp_path, mon
     assert sorted(p.name for p in tmp_path.iterdir()) == ["here"]
 
 
+def test_the_suite_runs_again_where_its_servers_left_their_conversion_log(tmp_path):
+    from imgsearch.conversion_store import default_db_path
+    from imgsearch_tools.bench.commands import REPORT_ENTRIES
+
+    report = tmp_path / "bench"
+    outputs.claim_in_place(report, "bench-suite", REPORT_ENTRIES)
+    (report / "artifacts").mkdir()
+    # The suite's servers, serving report/artifacts, log conversions beside that root.
+    store = default_db_path(report / "artifacts")
+    assert store.parent == report
+    for end in ("", "-wal", "-shm"):
+        store.with_name(store.name + end).write_bytes(b"")
+    outputs.claim_in_place(report, "bench-suite", REPORT_ENTRIES)  # a second run: accepted
+    assert not outputs.contents(report, "bench-suite").foreign
+
+
 def test_a_report_folder_from_before_markers_is_the_benchmarks_own(tmp_path):
     from imgsearch_tools.bench.commands import (
         FEEDBACK_ENTRIES,

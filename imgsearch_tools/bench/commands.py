@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+from imgsearch.conversion_store import DB_SUFFIX
 from imgsearch.names import RANKER_CHOICES, RETRIEVER_CHOICES
 from imgsearch_tools.bench.processes import ServiceProcesses
 from imgsearch_tools.bench.report import render_markdown
@@ -241,14 +242,16 @@ def add_commands(subparsers) -> None:
 
 # What bench-suite and bench-feedback write into --out ("name/": a folder whole); nothing
 # else there is touched. bench-feedback's SQLite store lives there only while it runs.
-# "artifacts/" is the root the suite serves (see scenarios.served_root); "reload-set/" is what
-# earlier versions wrote there, still recognised as the suite's own.
+# "artifacts/" is the root the suite serves (see scenarios.served_root), and its servers keep
+# their conversion log beside it (SQLite and its WAL files); "reload-set/" is what earlier
+# versions wrote there, still recognised as the suite's own.
 REPORT_ENTRIES = (
     "bench.json",
     "bench.md",
     "ghz-data.json",
     "logs/",
     "artifacts/",
+    *(f"artifacts{DB_SUFFIX}{end}" for end in ("", "-wal", "-shm")),
     "reload-set/",
     "vit-b-32/",
 )
