@@ -112,10 +112,10 @@ class GradientLimit:
     The gradient controller of Envoy's adaptive concurrency filter, in small:
 
     - every ``window_s``, **sampleRTT** is the median latency of the window's requests and
-      ``gradient = clamp(minRTT * (1 + buffer) / sampleRTT, 0.5, 2)``;
+      ``gradient = clamp(max(minRTT * (1 + buffer), minRTT + slack) / sampleRTT, 0.5, 2)``;
       ``limit = gradient * limit + sqrt(gradient * limit)``: the square root is the headroom
       that lets the limit grow while latency stays near minRTT, and shrinking stops where
-      queueing adds more than ``buffer`` to minRTT;
+      queueing adds more than ``buffer`` (or, for fast requests, ``slack``) to minRTT;
     - **minRTT**, the latency without a queue, is the median of ``min_rtt_samples`` latencies
       of requests that started and ended with at most ``uncontended`` in flight.
 
@@ -139,6 +139,10 @@ class GradientLimit:
         Bounds of the limit (``max_limit`` wins if they cross); it starts at ``min_limit``.
     buffer:
         Latency above minRTT accepted before the limit shrinks, as a fraction of minRTT.
+    slack_s:
+        Latency above minRTT always accepted, in seconds: for requests of a few milliseconds a
+        fraction of minRTT is less than a millisecond of queue, and refusing work to save it
+        only costs goodput (clients sent again at once, each refusal costing the gateway CPU).
     window_s:
         How often the limit is recalculated from the latest latencies.
     min_rtt_samples:
@@ -156,6 +160,7 @@ class GradientLimit:
         min_limit: int = 20,
         max_limit: int = 64,
         buffer: float = 0.25,
+        slack_s: float = 0.0,
         window_s: float = 0.1,
         min_rtt_samples: int = 50,
         uncontended: int = 8,
@@ -164,6 +169,7 @@ class GradientLimit:
         self.min_limit = min(self.max_limit, max(1, int(min_limit)))
         self.uncontended = min(self.min_limit, max(1, int(uncontended)))
         self.buffer = float(buffer)
+        self.slack_s = float(slack_s)
         self.window_s = float(window_s)
         self.inflight = 0
         self.limit = float(self.min_limit)
@@ -208,7 +214,7 @@ class GradientLimit:
         self.sample_rtt = _median(self._samples)
         if self.min_rtt is not None:
             low, high = self.GRADIENT_RANGE
-            buffered = self.min_rtt * (1 + self.buffer)
+            buffered = max(self.min_rtt * (1 + self.buffer), self.min_rtt + self.slack_s)
             gradient = min(high, max(low, buffered / max(self.sample_rtt, 1e-9)))
             scaled = gradient * self.limit
             limit = scaled + math.sqrt(scaled)
@@ -238,6 +244,7 @@ class AdmissionSettings:
     max_inflight: int = 64
     min_inflight: int = 20
     buffer: float = 0.25
+    slack_ms: float = 50.0
 
     @classmethod
     def from_config(cls, config) -> AdmissionSettings:
@@ -247,6 +254,7 @@ class AdmissionSettings:
             max_inflight=config.max_inflight,
             min_inflight=config.min_inflight,
             buffer=config.limit_buffer,
+            slack_ms=config.limit_slack_ms,
         )
 
 
@@ -323,7 +331,9 @@ class Admission:
         if limit is None:
             s = self.settings
             if s.adaptive:
-                limit = GradientLimit(s.min_inflight, s.max_inflight, s.buffer)
+                limit = GradientLimit(
+                    s.min_inflight, s.max_inflight, s.buffer, slack_s=s.slack_ms / 1000
+                )
             else:
                 limit = FixedLimit(s.max_inflight)
             limit = self.limits[method] = limit

@@ -77,6 +77,13 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         "as a fraction of it (0.25)",
     )
     p.add_argument(
+        "--limit-slack-ms",
+        type=float,
+        default=None,
+        help="adaptive: latency above the baseline always accepted, in ms (50): fast requests "
+        "are not refused for a queue of a millisecond",
+    )
+    p.add_argument(
         "--max-connection-age-s",
         type=float,
         default=None,
@@ -197,7 +204,13 @@ def resolve_configs(args) -> dict:
         "tls_client_ca",
         "reflection",
     )
-    admission = ("concurrency_limit", "max_inflight", "min_inflight", "limit_buffer")
+    admission = (
+        "concurrency_limit",
+        "max_inflight",
+        "min_inflight",
+        "limit_buffer",
+        "limit_slack_ms",
+    )
     common = {
         "artifacts": args.artifacts,
         "host": args.host,

@@ -123,6 +123,20 @@ def test_the_floor_takes_a_burst_and_only_few_in_flight_set_the_baseline():
     assert limit.limit == 20
 
 
+def test_a_slack_keeps_a_short_queue_of_fast_requests_admitted():
+    # 2 ms requests; 30 at once take 10 ms: 400% above the baseline, but 8 ms of queue.
+    tight = GradientLimit(min_limit=4, max_limit=40)
+    slack = GradientLimit(min_limit=4, max_limit=40, slack_s=0.050)
+    for limit in (tight, slack):
+        now = 0.0
+        for _ in range(3):
+            now = window(limit, now, 0.002, offered=3)
+        for _ in range(20):
+            now = window(limit, now, 0.002, offered=30, capacity=6)
+    assert tight.limit < 15  # the buffer alone: shrinks to where the queue adds ~25%
+    assert slack.limit >= 30  # within the slack: the whole crowd is admitted
+
+
 def test_a_downstream_refusal_backs_the_limit_off_at_once():
     limit = GradientLimit(min_limit=4, max_limit=40)
     limit.limit = 20.0
