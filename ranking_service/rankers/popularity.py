@@ -22,6 +22,7 @@ from ranking_service.rankers.common import (
     save_arrays,
     write_config,
 )
+from ranking_service.rankers.photo_rates import stats_rates
 
 UNKNOWN_KEYWORD = "unknown keyword: global popularity"
 
@@ -34,6 +35,13 @@ class PopularityRanker(Ranker):
     ``(count_kw(p) + keyword_prior * share(p)) / (n_kw + keyword_prior)`` — a keyword with few
     conversions stays close to global popularity, a frequent one follows its own counts.
 
+    With ``stats_strength`` ``a > 0``, the counts ``c`` of the candidates converted for the
+    keyword are combined with what the photos' own stats predict
+    (:func:`~ranking_service.rankers.photo_rates.stats_rates`, spread over those candidates as
+    expected counts ``m``) as the posterior mean of a Gamma-Poisson model,
+    ``m · (c + a) / (m + a)``: a photo with few conversions leans on its views and downloads,
+    one with many keeps about its count. ``a = 0`` is the counts alone.
+
     Parameters
     ----------
     per_keyword:
@@ -42,6 +50,8 @@ class PopularityRanker(Ranker):
         Pseudo-conversions of global popularity blended into each keyword's counts.
     min_keyword_conversions:
         Keywords with fewer training conversions use global popularity only.
+    stats_strength:
+        Strength ``a`` of the stats prior, in conversions; 0 ignores the stats.
     """
 
     name = "popularity"
@@ -51,11 +61,16 @@ class PopularityRanker(Ranker):
         per_keyword: bool = True,
         keyword_prior: float = 20.0,
         min_keyword_conversions: int = 5,
+        stats_strength: float = 0.0,
     ) -> None:
+        if not stats_strength >= 0:
+            raise ValueError(f"stats_strength must be >= 0, got {stats_strength}")
         self.per_keyword = bool(per_keyword)
+        self.stats_strength = float(stats_strength)
         self.keyword_prior = float(keyword_prior)
         self.min_keyword_conversions = int(min_keyword_conversions)
         self.photo_counts = np.zeros(0, dtype=np.int64)
+        self.stats_rates = np.zeros(0, dtype=np.float64)
         self.keyword_names: list[str] = []
         self.keyword_ptr = np.zeros(1, dtype=np.int64)
         self.keyword_photos = np.zeros(0, dtype=np.int64)
@@ -69,6 +84,7 @@ class PopularityRanker(Ranker):
             "per_keyword": self.per_keyword,
             "keyword_prior": self.keyword_prior,
             "min_keyword_conversions": self.min_keyword_conversions,
+            "stats_strength": self.stats_strength,
         }
 
     def fit(
@@ -83,6 +99,11 @@ class PopularityRanker(Ranker):
         photos = conversions["photo_idx"].to_numpy(dtype=np.int64)
         photos = photos[(photos >= 0) & (photos < catalogue.n_photos)]
         self.photo_counts = np.bincount(photos, minlength=catalogue.n_photos).astype(np.int64)
+        self.stats_rates = (
+            stats_rates(catalogue.photos, self.photo_counts)
+            if self.stats_strength > 0
+            else np.zeros(0, dtype=np.float64)
+        )
         pairs = (
             conversions.groupby(["keyword", "photo_idx"], sort=True).size().reset_index(name="n")
         )
@@ -135,18 +156,53 @@ class PopularityRanker(Ranker):
         total = max(int(self.photo_counts.sum()), 1)
         share = np.full(len(candidates), -1.0)
         share[valid] = self.photo_counts[candidates[valid]] / total
-        if not self.per_keyword:
-            return share, "", float(total)
-        keyword_id = self._keyword_lookup.get(normalise_keyword(keyword))
-        if keyword_id is None:
-            return share, UNKNOWN_KEYWORD, float(total)
+        if not self.per_keyword or self._keyword_lookup.get(normalise_keyword(keyword)) is None:
+            reason = UNKNOWN_KEYWORD if self.per_keyword else ""
+            counts = np.where(valid, share * total, 0.0)
+            shares = self._with_stats(counts, counts > 0, total, candidates, valid, total)
+            return shares, reason, float(total)
+        keyword_id = self._keyword_lookup[normalise_keyword(keyword)]
         lo, hi = self.keyword_ptr[keyword_id], self.keyword_ptr[keyword_id + 1]
         photos, counts = self.keyword_photos[lo:hi], self.keyword_counts[lo:hi]
         position = np.clip(np.searchsorted(photos, candidates), 0, len(photos) - 1)
         keyword_count = np.where(photos[position] == candidates, counts[position], 0)
         denominator = counts.sum() + self.keyword_prior
-        blended = (keyword_count + self.keyword_prior * share) / denominator
-        return np.where(valid, blended, -1.0), "", float(denominator)
+        pseudo_counts = keyword_count + self.keyword_prior * share
+        converted = keyword_count > 0
+        blended = self._with_stats(
+            pseudo_counts, converted, counts.sum(), candidates, valid, denominator
+        )
+        return blended, "", float(denominator)
+
+    def _with_stats(
+        self,
+        counts: np.ndarray,
+        converted: np.ndarray,
+        n_conversions: float,
+        candidates: np.ndarray,
+        valid: np.ndarray,
+        denominator: float,
+    ) -> np.ndarray:
+        """``counts / denominator``, through the stats prior when it is on; -1 where invalid.
+
+        The prior spreads ``n_conversions`` over the ``converted`` candidates (those with
+        conversions for the keyword) in proportion to their stats rates, the expected counts
+        ``m``, and replaces each of their counts ``c`` by ``m · (c + a) / (m + a)``. Candidates
+        without conversions keep their (backed-off) count: conversions say which photos answer
+        the query, the stats only how popular those are, so a much-viewed photo that does not
+        match is not lifted above the ones that do.
+        """
+        shares = np.full(len(candidates), -1.0)
+        observed = np.maximum(counts[valid], 0.0)
+        supported = converted[valid]
+        if self.stats_strength > 0 and len(self.stats_rates) and supported.any():
+            rates = np.where(supported, self.stats_rates[candidates[valid]], 0.0)
+            expected = max(n_conversions, 1.0) * rates / max(rates.sum(), 1e-12)
+            strength = self.stats_strength
+            posterior = expected * (observed + strength) / np.maximum(expected + strength, 1e-12)
+            observed = np.where(supported, posterior, observed)
+        shares[valid] = observed / max(denominator, 1.0)
+        return shares
 
     def score(self, query: RankQuery) -> RankScores:
         """Return ordinal scores: popularity first, then retrieval score, then retrieval order."""
@@ -167,6 +223,7 @@ class PopularityRanker(Ranker):
         save_arrays(
             directory / "counts.npz",
             photo_counts=self.photo_counts,
+            stats_rates=self.stats_rates,
             keyword_ptr=self.keyword_ptr,
             keyword_photos=self.keyword_photos,
             keyword_counts=self.keyword_counts,
@@ -180,6 +237,8 @@ class PopularityRanker(Ranker):
         ranker = cls(**config["params"])
         arrays = load_arrays(directory / "counts.npz")
         ranker.photo_counts = arrays["photo_counts"]
+        # Sets saved before the stats prior have no rates (and a stats_strength of 0).
+        ranker.stats_rates = arrays.get("stats_rates", np.zeros(0, dtype=np.float64))
         ranker.keyword_ptr = arrays["keyword_ptr"]
         ranker.keyword_photos = arrays["keyword_photos"]
         ranker.keyword_counts = arrays["keyword_counts"]
