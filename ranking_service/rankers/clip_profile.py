@@ -1,21 +1,36 @@
-"""The ``clip_profile`` ranker: a user's taste as a point in CLIP image space.
+"""The ``clip_profile`` ranker: a user's taste as a direction in CLIP image space.
 
-A user's profile is the recency- and count-weighted mean of the CLIP image embeddings of the
-photos they converted: the conversion ``r`` places before their latest weighs
-``0.5 ** (r / half_life)``, and a photo converted twice counts twice. Thin histories are
-shrunk toward the mean of all converted photos, as if ``shrinkage`` average conversions were
-added: ``profile = (Σ w·e + shrinkage·m) / (Σ w + shrinkage)``. A candidate scores
-``profile · embedding``, blended with the query's popularity prior
-(:mod:`~ranking_service.rankers.prior`).
+The model is a conditional logit over the query's choices: a user converts photo ``p`` for a
+query with probability ``∝ prior(p | keyword) · exp(θ_u · e_p)``, where ``e_p`` is the photo's
+CLIP image embedding and ``θ_u`` the user's taste. ``θ_u`` is one ridge-damped Newton step from
+"no taste" (``θ = 0``), in closed form:
+
+* **the gradient** is the user's conversions minus what the query alone predicts: the
+  recency-weighted sum of ``e_p − c_k``, with ``c_k`` the mean embedding of all training
+  conversions for the conversion's keyword. Searching "red" and converting a red photo says
+  nothing about taste; converting the circle among the red photos does. (A plain mean of the
+  converted embeddings would also count the query's own words, the scene a user often searches
+  for, as a taste.)
+* **the curvature** is the within-keyword covariance of those residuals, ``Σ = V D Vᵀ``, times the
+  user's conversion weight ``n_u``: ``θ_u = V (n_u D + ridge)⁻¹ Vᵀ g_u``. Directions along which a
+  query's choices barely differ (a shape CLIP encodes faintly) are amplified; thin histories stay
+  near 0, so the prior decides for them.
+
+A candidate scores ``θ_u · e_p + popularity_weight · log prior(p | keyword)``: both are log-odds of
+the same model, so the personal score keeps its per-user scale (a user with three conversions is
+not personalised as hard as one with three hundred). The conversion ``r`` places before the
+user's latest weighs ``0.5 ** (r / half_life)``.
 
 Two cold starts are covered by content: the request's ``recent_photo_ids`` the model has not
-seen for the user join the profile as the newest conversions (a user unknown to the model is
-profiled from them alone), and a photo no one has converted still has an embedding, so it
-ranks by what it shows. Users with neither a history nor recent photos get popularity order;
-candidates without an image score neutrally (their prior decides).
+seen for the user join the gradient as the newest conversions (against the mean of all converted
+photos, their keyword being unknown), so a user unknown to the model is profiled from them
+alone; and a photo no one has converted still has an embedding, so it ranks by what it shows.
+Users with neither a history nor recent photos get popularity order; candidates without an
+image score neutrally (their prior decides).
 
 The ranking service loads the embeddings from the artifact set (``image_embeddings.npz``);
-the ranker's folder keeps the profiles only, so a set built without CLIP has no such ranker.
+the ranker's folder keeps the gradients, weights and the covariance's eigenbasis only, so a set
+built without CLIP has no such ranker.
 """
 
 from __future__ import annotations
@@ -23,6 +38,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import scipy.sparse as sp
 
 from imgsearch.candidates import CandidateLists
@@ -42,24 +58,28 @@ from ranking_service.rankers.common import (
 )
 from ranking_service.rankers.prior import QueryPrior
 
+# What ``config.json`` records as the model, so that a ranker saved as mean profiles is refused.
+MODEL = "newton-step taste"
 NEEDS_EMBEDDINGS = (
     "clip_profile needs the catalogue's image embeddings (an artifact set built with CLIP)"
 )
 
 
 class ClipProfileRanker(QueryPrior, Ranker):
-    """Scores candidates by the similarity of their image to the user's profile (module doc).
+    """Scores candidates by the user's taste direction in CLIP space (module doc).
 
     Parameters
     ----------
     half_life:
         Conversions after which an older conversion weighs half as much.
-    shrinkage:
-        Pseudo-conversions of the global mean added to every profile.
+    ridge:
+        Ridge of the Newton step: the conversion weight at which a user's taste along a
+        direction of unit curvature is trusted half-way. Larger keeps thin histories closer
+        to the prior.
     popularity:
         Parameters of the :class:`PopularityRanker` used as the fallback and query prior.
     popularity_weight:
-        Weight of the query's popularity prior next to the profile's similarity.
+        Weight of the log popularity prior next to the taste score (both log-odds).
     """
 
     name = "clip_profile"
@@ -68,24 +88,28 @@ class ClipProfileRanker(QueryPrior, Ranker):
     def __init__(
         self,
         half_life: float = 50.0,
-        shrinkage: float = 2.0,
+        ridge: float = 0.1,
         popularity: dict | None = None,
         popularity_weight: float = 1.0,
     ) -> None:
+        if not ridge > 0:
+            raise ValueError(f"ridge must be > 0, got {ridge}")
         self.half_life = float(half_life)
-        self.shrinkage = float(shrinkage)
+        self.ridge = float(ridge)
         self.init_prior(popularity, popularity_weight)
         self.embeddings = np.zeros((0, 0), dtype=np.float32)
         self.has_embedding = np.zeros(0, dtype=bool)
-        self.profile_sums = np.zeros((0, 0), dtype=np.float32)
+        self.gradients = np.zeros((0, 0), dtype=np.float32)
         self.profile_weights = np.zeros(0, dtype=np.float32)
         self.global_mean = np.zeros(0, dtype=np.float32)
+        self.curvature = np.zeros(0, dtype=np.float64)
+        self.basis = np.zeros((0, 0), dtype=np.float64)
         self.user_history = sp.csr_matrix((0, 0), dtype=np.float32)
 
     @property
     def params(self) -> dict:
         """The constructor parameters."""
-        return {"half_life": self.half_life, "shrinkage": self.shrinkage, **self.prior_params()}
+        return {"half_life": self.half_life, "ridge": self.ridge, **self.prior_params()}
 
     def attach(self, embeddings: ImageEmbeddings | None, n_photos: int) -> None:
         """Take the catalogue's image embeddings (by photo index) for scoring."""
@@ -100,7 +124,7 @@ class ClipProfileRanker(QueryPrior, Ranker):
         candidates: CandidateLists | None = None,
         embeddings: ImageEmbeddings | None = None,
     ) -> ClipProfileRanker:
-        """Build every user's weighted embedding sum from the training conversions.
+        """Sum every user's weighted residuals and take the residuals' covariance.
 
         Raises
         ------
@@ -108,40 +132,55 @@ class ClipProfileRanker(QueryPrior, Ranker):
             Without ``embeddings``.
         """
         self.attach(embeddings, catalogue.n_photos)
+        dim = self.embeddings.shape[1]
         conversions = catalogue.conversions
         users = conversions["user_idx"].to_numpy(dtype=np.int64)
         photos = conversions["photo_idx"].to_numpy(dtype=np.int64)
         keep = (users >= 0) & (users < catalogue.n_users)
         keep &= known_photo_mask(photos, catalogue.n_photos)
         users, photos = users[keep], photos[keep]
-        # Conversions are time-sorted: a row's age is how many of its user's rows come later.
-        later = _rows_after_within_group(users)
-        weight = (0.5 ** (later / self.half_life)).astype(np.float32)
-        weight *= self.has_embedding[photos]
+        keywords, _ = pd.factorize(conversions["keyword"].to_numpy()[keep])
         shape = (catalogue.n_users, catalogue.n_photos)
-        weighted = sp.csr_matrix((weight, (users, photos)), shape=shape)
-        self.profile_sums = np.asarray(weighted @ self.embeddings, dtype=np.float32)
-        self.profile_weights = np.asarray(weighted.sum(axis=1), dtype=np.float32).ravel()
-        counted = self.has_embedding[photos]
-        self.global_mean = (
-            self.embeddings[photos[counted]].mean(axis=0)
-            if counted.any()
-            else np.zeros(self.embeddings.shape[1], dtype=np.float32)
-        ).astype(np.float32)
         self.user_history = sp.csr_matrix(
             (np.ones(len(users), np.float32), (users, photos)), shape=shape
         )
         self.user_history.sum_duplicates()
         self.fit_prior(catalogue)
+        # Conversions are time-sorted: a row's age is how many of its user's rows come later.
+        pictured = self.has_embedding[photos]
+        later = _rows_after_within_group(users)[pictured]
+        users, photos, keywords = users[pictured], photos[pictured], keywords[pictured]
+        weight = 0.5 ** (later / self.half_life)
+        self.profile_weights = np.bincount(
+            users, weights=weight, minlength=catalogue.n_users
+        ).astype(np.float32)
+        if not len(photos):
+            self.gradients = np.zeros((catalogue.n_users, dim), dtype=np.float32)
+            self.global_mean = np.zeros(dim, dtype=np.float32)
+            self.curvature, self.basis = np.zeros(dim), np.eye(dim)
+            return self
+        chosen = self.embeddings[photos].astype(np.float64)
+        self.global_mean = chosen.mean(axis=0).astype(np.float32)
+        n_keywords = int(keywords.max()) + 1
+        centroids = np.zeros((n_keywords, dim))
+        np.add.at(centroids, keywords, chosen)
+        centroids /= np.bincount(keywords, minlength=n_keywords)[:, None]
+        residuals = chosen - centroids[keywords]
+        self.curvature, self.basis = np.linalg.eigh(residuals.T @ residuals / len(residuals))
+        self.curvature = np.clip(self.curvature, 0.0, None)
+        weighted = sp.csr_matrix(
+            (weight, (users, np.arange(len(users)))), shape=(catalogue.n_users, len(users))
+        )
+        self.gradients = np.asarray(weighted @ residuals, dtype=np.float32)
         return self
 
     def profile(self, user_idx: int | None, recent_photos: np.ndarray) -> np.ndarray | None:
-        """The user's profile (trained history plus unseen recent photos), None if empty."""
-        total = np.zeros(self.embeddings.shape[1], dtype=np.float64)
+        """The user's taste ``θ`` (trained history plus unseen recent photos), None if empty."""
+        gradient = np.zeros(self.embeddings.shape[1], dtype=np.float64)
         weight = 0.0
         seen = np.zeros(0, dtype=np.int64)
         if user_idx is not None and 0 <= user_idx < len(self.profile_weights):
-            total += self.profile_sums[user_idx]
+            gradient += self.gradients[user_idx]
             weight += float(self.profile_weights[user_idx])
             lo, hi = self.user_history.indptr[user_idx], self.user_history.indptr[user_idx + 1]
             seen = self.user_history.indices[lo:hi]
@@ -151,25 +190,26 @@ class ClipProfileRanker(QueryPrior, Ranker):
         new = self.has_embedding[recent] & ~np.isin(recent, seen)
         if new.any():
             recency = 0.5 ** (age[new] / self.half_life)
-            total += recency @ self.embeddings[recent[new]]
+            gradient += recency @ (self.embeddings[recent[new]] - self.global_mean)
             weight += float(recency.sum())
         if weight <= 0.0:
             return None
-        return (total + self.shrinkage * self.global_mean) / (weight + self.shrinkage)
+        step = (self.basis.T @ gradient) / (weight * self.curvature + self.ridge)
+        return self.basis @ step
 
     def score(self, query: RankQuery) -> RankScores:
-        """Score ``query.candidates`` by ``profile · embedding``, blended with the prior."""
+        """Score ``query.candidates`` by ``θ · embedding`` plus the weighted log prior."""
         candidates = as_candidates(query.candidates)
         valid = known_photo_mask(candidates, len(self.has_embedding))
         profile = self.profile(query.user_idx, query.recent_photos)
         if profile is None:
             return self.popularity_fallback(query)
         rows = np.where(valid, candidates, 0)
-        scores = self.embeddings[rows] @ profile
+        scores = self.embeddings[rows].astype(np.float64) @ profile
         pictured = valid & self.has_embedding[rows]
         if pictured.any():
             scores[~pictured] = scores[pictured].mean()
-        scores = self.blend_prior(scores, candidates, query.keyword, valid)
+        scores = self.add_log_prior(scores, candidates, query.keyword, valid)
         return RankScores(finalize_scores(scores, valid))
 
     def save(self, directory: Path) -> None:
@@ -178,13 +218,19 @@ class ClipProfileRanker(QueryPrior, Ranker):
         write_config(
             directory,
             self.name,
-            {"params": self.params, "embedding_dim": int(self.embeddings.shape[1])},
+            {
+                "params": self.params,
+                "embedding_dim": int(self.embeddings.shape[1]),
+                "model": MODEL,
+            },
         )
         save_arrays(
             directory / "profiles.npz",
-            profile_sums=self.profile_sums,
+            gradients=self.gradients,
             profile_weights=self.profile_weights,
             global_mean=self.global_mean,
+            curvature=self.curvature,
+            basis=self.basis,
             **sparse_arrays("history", self.user_history, values=False),
         )
         self.save_prior(directory)
@@ -198,10 +244,16 @@ class ClipProfileRanker(QueryPrior, Ranker):
         Raises
         ------
         ValueError
-            Without embeddings, or with embeddings of another size than the profiles'.
+            Without embeddings, with embeddings of another size than the profiles', or for a
+            ranker saved in an earlier format (mean profiles).
         """
         directory = Path(directory)
         config = read_config(directory, cls.name)
+        if config.get("model") != MODEL:
+            raise ValueError(
+                f"clip_profile in {directory} was saved in an earlier format (mean profiles); "
+                "retrain it: imgsearch train --artifacts DIR --rankers clip_profile"
+            )
         ranker = cls(**config["params"])
         ranker.attach(embeddings, catalogue.n_photos)
         if embeddings.dim != config["embedding_dim"]:
@@ -210,9 +262,11 @@ class ClipProfileRanker(QueryPrior, Ranker):
                 f"embeddings, the set's are {embeddings.dim}-d"
             )
         arrays = load_arrays(directory / "profiles.npz")
-        ranker.profile_sums = arrays["profile_sums"]
+        ranker.gradients = arrays["gradients"]
         ranker.profile_weights = arrays["profile_weights"]
         ranker.global_mean = arrays["global_mean"]
+        ranker.curvature = arrays["curvature"]
+        ranker.basis = arrays["basis"]
         ranker.user_history = sparse_from_arrays(arrays, "history")
         ranker.load_prior(directory, catalogue)
         return ranker

@@ -4,7 +4,8 @@ A personal score knows the user but not the query: on its own it lifts whatever 
 among the candidates, including photos that match only part of a query ("yellow triangle":
 the yellow squares of a user who likes squares). Rankers that mix in
 :class:`QueryPrior` therefore score ``z(own) + popularity_weight · z(log p(photo | keyword))``
-over the candidates (z: standardised over the valid candidates), with ``p`` the per-keyword
+over the candidates (z: standardised over the valid candidates; a ranker whose own scores are
+log-odds adds ``popularity_weight · log p`` to them instead), with ``p`` the per-keyword
 popularity of :class:`~ranking_service.rankers.popularity.PopularityRanker`, smoothed by half a
 conversion so that a photo no one has converted yet keeps a finite prior and can still rise on
 its own score. The weight is chosen on the validation slice (``ranking_service.training``);
@@ -69,6 +70,21 @@ class QueryPrior:
         scores[valid] = standardised(scores[valid]) + self.popularity_weight * standardised(
             prior[valid]
         )
+        return scores
+
+    def add_log_prior(
+        self, scores: np.ndarray, candidates: np.ndarray, keyword: str, valid: np.ndarray
+    ) -> np.ndarray:
+        """Return ``scores + popularity_weight · log prior`` over the valid candidates.
+
+        For rankers whose own scores are already log-odds of a choice model, where
+        standardising them per query (:meth:`blend_prior`) would erase how sure the model is
+        of one user against another.
+        """
+        scores = np.asarray(scores, dtype=np.float64).copy()
+        if self.popularity_weight:
+            prior = self.popularity.log_prior(candidates, keyword)
+            scores[valid] += self.popularity_weight * prior[valid]
         return scores
 
     def popularity_fallback(self, query: RankQuery, reason: str = UNKNOWN_USER) -> RankScores:
