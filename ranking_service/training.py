@@ -35,6 +35,7 @@ from imgsearch.image_embeddings import ImageEmbeddings
 from imgsearch.protocol import temporal_split
 from ranking_service.rankers import RANKER_NAMES, create_ranker, load_ranker, ranker_class
 from ranking_service.rankers.common import load_arrays, save_arrays
+from ranking_service.rankers.prior import QueryPrior
 from ranking_service.rankers.validation import ValidationSet
 from ranking_service.selection import (
     MIN_SELECTION_QUERIES,
@@ -83,7 +84,7 @@ def _product(**axes) -> list[dict]:
 TUNING_GRIDS: dict[str, list[dict]] = {
     "none": [{}],
     "popularity": [{"per_keyword": False}]
-    + _product(per_keyword=[True], keyword_prior=[5.0, 20.0, 100.0]),
+    + _product(per_keyword=[True], keyword_prior=[5.0, 20.0, 100.0], stats_strength=[0.0, 32.0]),
     "als": _product(factors=[8, 16, 32, 64], regularization=[1.0, 10.0, 100.0], alpha=[1.0, 10.0]),
     "fm": _product(learning_rate=[0.001, 0.003, 0.01], negative_sampling=["uniform", "popularity"]),
     "deepfm": _product(
@@ -91,9 +92,15 @@ TUNING_GRIDS: dict[str, list[dict]] = {
     ),
     "ease": _product(l2=[10.0, 50.0, 200.0, 1000.0]),
     "item_knn": _product(shrink=[0.0, 10.0, 100.0], neighbours=[50, 200]),
-    "clip_profile": _product(half_life=[10.0, 50.0, 1000.0], shrinkage=[0.5, 2.0, 10.0]),
+    "clip_profile": _product(half_life=[10.0, 50.0, 1000.0], ridge=[0.03, 0.1, 0.3, 1.0]),
 }
 ALS_ITERATION_CHECKPOINTS = (5, 10, 15, 25)
+# Grids tried even without ``tune``, being nearly free: whether popularity leans on the photos'
+# views and downloads, and how much (the stats prior's strength; 0 is the counts alone). The
+# served baseline is then the best of these on validation, the bar every ranker has to clear.
+ALWAYS_TUNED: dict[str, list[dict]] = {
+    "popularity": _product(stats_strength=[0.0, 8.0, 32.0, 128.0]),
+}
 
 
 @dataclass
@@ -408,12 +415,26 @@ def train_rankers(
     validation = prepare_validation(catalogue, candidates, candidates_k=candidates_k)
     report = TrainingReport(rankers={}, selection={}, validation=validation)
     per_query: dict[str, np.ndarray] = {}
-    for name in dict.fromkeys(names):
+    # Popularity first: its validated parameters are every other ranker's query prior.
+    prior: dict = {}
+    for name in sorted(dict.fromkeys(names), key=lambda name: name != "popularity"):
         if ranker_class(name).uses_embeddings and embeddings is None:
             report.skipped[name] = "needs image embeddings; the set has no CLIP"
             continue
+        if issubclass(ranker_class(name), QueryPrior) and not prior:
+            prior = _prior_params(report, validation, candidates)
+        base = {"popularity": prior} if issubclass(ranker_class(name), QueryPrior) else {}
         entry, model, scores = _train_one(
-            name, catalogue, validation, candidates, embeddings, tune, show_progress, int8, out_dir
+            name,
+            catalogue,
+            validation,
+            candidates,
+            embeddings,
+            tune,
+            show_progress,
+            int8,
+            out_dir,
+            base,
         )
         report.rankers[name] = entry
         if model is not None:
@@ -446,16 +467,21 @@ def _train_one(
     show_progress: bool,
     int8: bool,
     out_dir: Path,
+    base: dict | None = None,
 ) -> tuple[dict, object, np.ndarray | None]:
-    """Validate, refit on all conversions and save one ranker; returns its entry and figures."""
+    """Validate, refit on all conversions and save one ranker; returns its entry and figures.
+
+    ``base`` holds parameters every fit of the ranker starts from (the query prior's).
+    """
     entry: dict = {}
     start = time.perf_counter()
-    params: dict = {}
+    params: dict = dict(base or {})
     model, scores = None, None
     if validation.usable:
-        if tune:
+        if tune or name in ALWAYS_TUNED:
+            grid = [{**params, **point} for point in (TUNING_GRIDS if tune else ALWAYS_TUNED)[name]]
             tuning = tune_ranker_report(
-                name, validation, candidates, embeddings, show_progress=show_progress
+                name, validation, candidates, embeddings, grid=grid, show_progress=show_progress
             )
             params = tuning["params"]
             model = tuning.get("model")
@@ -495,6 +521,24 @@ def _train_one(
         )
     entry["seconds"] = round(time.perf_counter() - start, 2)
     return entry, model, scores
+
+
+def _prior_params(
+    report: TrainingReport, validation: Validation, candidates: CandidateLists
+) -> dict:
+    """The popularity parameters of the rankers' query prior: the validated popularity's.
+
+    Taken from the popularity ranker trained in this run, or else chosen on the tuning part
+    of the slice from :data:`ALWAYS_TUNED` (defaults when there is no usable slice).
+    """
+    if "popularity" in report.rankers:
+        return dict(report.rankers["popularity"]["params"])
+    if not validation.usable:
+        return {}
+    tuning = tune_ranker_report(
+        "popularity", validation, candidates, None, ALWAYS_TUNED["popularity"]
+    )
+    return create_ranker("popularity", **tuning["params"]).params
 
 
 def _kept_scores(

@@ -284,6 +284,55 @@ class TestPopularity(RankerContract):
             positions = np.flatnonzero(np.isin(candidates, never))
             assert np.all(np.diff(scores[positions]) < 0)
 
+    def test_the_stats_prior_orders_equal_counts_by_views(self, split):
+        """Photos converted as often for the keyword rank by their views, converted ones first."""
+        from dataclasses import replace
+
+        train = split[0]
+        photos = train.photos.copy()
+        rng = np.random.default_rng(3)
+        photos["stats_views"] = rng.integers(1_000, 1_000_000, len(photos))
+        photos["stats_downloads"] = photos["stats_views"] // 50
+        with_stats = replace(train, photos=photos)
+        counts = train.conversions[train.conversions.keyword == "circle"].photo_idx.value_counts()
+        once = counts.index[counts == counts.min()].to_numpy()
+        never = np.setdiff1d(np.arange(N_PHOTOS), train.conversions.photo_idx)
+        assert len(once) >= 3 and len(never) >= 1
+        loudest = never[np.argmax(photos["stats_views"].to_numpy()[never])]
+        photos.loc[loudest, ["stats_views", "stats_downloads"]] = (10**8, 10**6)
+        candidates = np.r_[once, loudest]
+        plain = create_ranker("popularity").fit(with_stats, False)
+        ranker = create_ranker("popularity", stats_strength=32.0).fit(with_stats, False)
+        views = photos["stats_views"].to_numpy()[once]
+        scores = ranker.score(query(None, candidates=candidates)).scores
+        slope = np.sign(np.corrcoef(np.log(views), ranker.stats_rates[once])[0, 1])
+        expected = once[np.argsort(-slope * np.log(views), kind="stable")]
+        assert list(candidates[np.argsort(-scores, kind="stable")][: len(once)]) == list(expected)
+        assert np.argmin(scores) == len(candidates) - 1  # no conversion for "circle": last
+        # Without the prior, the tie is broken by retrieval order, not views.
+        plain_scores = plain.score(query(None, candidates=candidates)).scores
+        assert np.all(np.diff(plain_scores[: len(once)]) < 0)
+
+    def test_stats_rates_follow_the_views_the_counts_follow(self):
+        import pandas as pd
+
+        from ranking_service.rankers.photo_rates import stats_rates
+
+        rng = np.random.default_rng(0)
+        views = np.exp(rng.normal(9.0, 1.3, 4000))
+        counts = rng.poisson(np.exp(-5.0) * views**0.6)
+        photos = pd.DataFrame({"stats_views": views.astype(np.int64), "stats_downloads": 0})
+        rates = stats_rates(photos, counts)
+        assert rates.sum() == pytest.approx(counts.sum())
+        slope = np.polyfit(np.log(views), np.log(rates), 1)[0]
+        assert slope == pytest.approx(0.6, abs=0.05)
+        blank = pd.DataFrame({"stats_views": np.zeros(4000), "stats_downloads": 0})
+        assert np.allclose(stats_rates(blank, counts), counts.mean())
+
+    def test_bad_stats_strength_is_refused(self):
+        with pytest.raises(ValueError, match="stats_strength"):
+            create_ranker("popularity", stats_strength=-1.0)
+
 
 class RecentPhotosContract(RankerContract):
     """Rankers that personalise a user the model has never seen from the request's recent photos."""
@@ -465,11 +514,33 @@ class TestClipProfile(RecentPhotosContract):
         with pytest.raises(ValueError, match="image embeddings"):
             load_ranker("clip_profile", tmp_path, split[0])
 
-    def test_thin_histories_shrink_toward_the_mean(self, ranker):
+    def test_thin_histories_have_weaker_tastes(self, ranker):
         one = ranker.profile(None, np.array([20]))
-        many = ranker.profile(None, np.repeat(20, 50))
-        mean = ranker.global_mean
-        assert np.linalg.norm(one - mean) < np.linalg.norm(many - mean)
+        several = ranker.profile(None, np.array([20, 21, 22, 23, 24, 25]))
+        many = ranker.profile(None, np.tile([20, 21, 22, 23, 24, 25], 10))
+        assert np.linalg.norm(one) < np.linalg.norm(several) < np.linalg.norm(many)
+
+    def test_the_query_alone_is_no_taste(self, split):
+        """Converting what the query asked for says nothing; the choice within it does."""
+        from ranking_service.rankers.clip_profile import ClipProfileRanker
+
+        catalogue = split[0]
+        ranker = ClipProfileRanker(half_life=1e12).fit(catalogue, False, embeddings=EMBEDDINGS)
+        # Unweighted, the residuals against each keyword's mean cancel over all users...
+        assert np.abs(ranker.gradients.sum(axis=0)).max() < 1e-3
+        # ...while a single user's do not: their choices within the queries are their taste.
+        assert np.linalg.norm(ranker.gradients, axis=1).max() > 0.1
+        assert ranker.curvature.min() >= 0.0
+
+    def test_a_mean_profile_ranker_is_refused(self, split, tmp_path):
+        import json
+
+        fitted("clip_profile", split[0]).save(tmp_path)
+        config = json.loads((tmp_path / "config.json").read_text())
+        config.pop("model")
+        (tmp_path / "config.json").write_text(json.dumps(config))
+        with pytest.raises(ValueError, match="earlier format"):
+            load_ranker("clip_profile", tmp_path, split[0], EMBEDDINGS)
 
 
 @pytest.mark.parametrize("name", ["als", "fm", "deepfm", "ease", "item_knn", "clip_profile"])
@@ -547,6 +618,34 @@ def test_training_tunes_on_validation_and_writes_a_loadable_artifact(split, cata
     assert {row["ranker"] for row in trained.selection["table"]} == {"none", "popularity", "als"}
     validation_set = ValidationSet.build(train_catalogue, test, candidates)
     assert 0.0 < validation_set.ndcg(als) <= 1.0
+    # Popularity's stats prior is chosen on validation even untuned, and ALS's query prior is
+    # that validated popularity.
+    from ranking_service.training import ALWAYS_TUNED
+
+    grid = trained.rankers["popularity"]["tuning"]["grid"]
+    assert [point["params"] for point in grid] == ALWAYS_TUNED["popularity"]
+    best = max(grid, key=lambda point: point["validation_ndcg"])["params"]["stats_strength"]
+    popularity = load_ranker("popularity", tmp_path / "popularity", catalogue)
+    assert popularity.stats_strength == best
+    assert als.popularity.params == popularity.params
+
+
+def test_the_prior_is_validated_without_the_popularity_ranker(split, tmp_path):
+    from ranking_service.training import (
+        ALWAYS_TUNED,
+        prepare_validation,
+        train_rankers,
+        tune_ranker_report,
+    )
+
+    candidates = served(split[0])
+    trained = train_rankers(split[0], ["item_knn"], tmp_path, candidates, show_progress=False)
+    validation = prepare_validation(split[0], candidates)
+    grid = ALWAYS_TUNED["popularity"]
+    chosen = tune_ranker_report("popularity", validation, candidates, None, grid)["params"]
+    expected = create_ranker("popularity", **chosen).params
+    assert trained.rankers["item_knn"]["params"]["popularity"] == expected
+    assert load_ranker("item_knn", tmp_path / "item_knn", split[0]).popularity.params == expected
 
 
 def test_rankers_needing_embeddings_are_skipped_without(split, tmp_path):
