@@ -159,19 +159,30 @@ class ClipProfileRanker(QueryPrior, Ranker):
             self.global_mean = np.zeros(dim, dtype=np.float32)
             self.curvature, self.basis = np.zeros(dim), np.eye(dim)
             return self
-        chosen = self.embeddings[photos].astype(np.float64)
-        self.global_mean = chosen.mean(axis=0).astype(np.float32)
+        # Sparse counts times the embeddings: memory grows with users, photos and keywords,
+        # not with conversions (no per-conversion embedding rows).
+        embeddings = self.embeddings.astype(np.float64)
         n_keywords = int(keywords.max()) + 1
-        centroids = np.zeros((n_keywords, dim))
-        np.add.at(centroids, keywords, chosen)
-        centroids /= np.bincount(keywords, minlength=n_keywords)[:, None]
-        residuals = chosen - centroids[keywords]
-        self.curvature, self.basis = np.linalg.eigh(residuals.T @ residuals / len(residuals))
-        self.curvature = np.clip(self.curvature, 0.0, None)
-        weighted = sp.csr_matrix(
-            (weight, (users, np.arange(len(users)))), shape=(catalogue.n_users, len(users))
+        ones = np.ones(len(photos))
+        by_keyword = sp.csr_matrix(
+            (ones, (keywords, photos)), shape=(n_keywords, catalogue.n_photos)
         )
-        self.gradients = np.asarray(weighted @ residuals, dtype=np.float32)
+        keyword_counts = np.asarray(by_keyword.sum(axis=1)).ravel()
+        centroids = np.asarray(by_keyword @ embeddings) / keyword_counts[:, None]
+        photo_counts = np.bincount(photos, minlength=catalogue.n_photos).astype(np.float64)
+        self.global_mean = (photo_counts @ embeddings / len(photos)).astype(np.float32)
+        # Σ (e − c_k)(e − c_k)ᵀ over conversions = Σ e eᵀ − Σ_k n_k c_k c_kᵀ (c_k: k's mean).
+        second_moment = (embeddings * photo_counts[:, None]).T @ embeddings
+        second_moment -= (centroids * keyword_counts[:, None]).T @ centroids
+        covariance = (second_moment + second_moment.T) / (2.0 * len(photos))
+        self.curvature, self.basis = np.linalg.eigh(covariance)
+        self.curvature = np.clip(self.curvature, 0.0, None)
+        user_photo = sp.csr_matrix((weight, (users, photos)), shape=shape)
+        user_keyword = sp.csr_matrix(
+            (weight, (users, keywords)), shape=(catalogue.n_users, n_keywords)
+        )
+        gradients = np.asarray(user_photo @ embeddings) - np.asarray(user_keyword @ centroids)
+        self.gradients = gradients.astype(np.float32)
         return self
 
     def profile(self, user_idx: int | None, recent_photos: np.ndarray) -> np.ndarray | None:
