@@ -6,9 +6,10 @@ slice (never test data). Its queries follow the evaluation protocol (``imgsearch
 user's earlier photos removed from the candidates; a slice with too few such pairs uses every
 pair. The queries are split in two disjoint parts:
 
-* the **tuning** part chooses each ranker's hyper-parameters (``tune``), FM/DeepFM's epoch
-  count (early stopping) and the weight of the query's popularity prior
-  (:data:`PRIOR_WEIGHTS`, always);
+* the **tuning** part chooses each ranker's hyper-parameters (``tune``), popularity's stats
+  prior (:data:`ALWAYS_TUNED`, always; popularity trains first and, so validated, is every
+  other ranker's query prior), FM/DeepFM's epoch count (early stopping) and the weight of the
+  query's popularity prior (:data:`PRIOR_WEIGHTS`, always);
 * the **selection** part scores every ranker, as fitted on the conversions before the slice
   with those choices, and :func:`~ranking_service.selection.select_default` picks the default.
 
