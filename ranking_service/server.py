@@ -61,6 +61,8 @@ class RankingState:
     default_reason: str = ""
     # (kind, name, reason) of each default, for AdminService.GetStatus.
     defaults: list[tuple[str, str, str]] = field(default_factory=list)
+    # Rankers the set holds but this server could not load, and why.
+    unloaded: dict[str, str] = field(default_factory=dict)
 
 
 def load_ranking_state(artifacts_path: str, default_ranker: str = "") -> RankingState:
@@ -72,6 +74,7 @@ def load_ranking_state(artifacts_path: str, default_ranker: str = "") -> Ranking
     """
     from imgsearch.image_embeddings import ImageEmbeddings
     from ranking_service.rankers import create_ranker, load_ranker, ranker_class
+    from ranking_service.rankers.common import OutdatedRankerError
 
     artifact_set = artifacts.resolve(artifacts_path)
     catalogue = Catalogue.load(artifact_set.file(artifacts.CATALOGUE_DIR))
@@ -85,9 +88,14 @@ def load_ranking_state(artifacts_path: str, default_ranker: str = "") -> Ranking
             unloaded[name] = f"the set has no {artifacts.EMBEDDINGS}"
             logger.warning("ranker %s not loaded: %s", name, unloaded[name])
             continue
-        rankers[name] = load_ranker(
-            name, artifact_set.file(artifacts.RANKERS_DIR) / name, catalogue, embeddings
-        )
+        try:
+            rankers[name] = load_ranker(
+                name, artifact_set.file(artifacts.RANKERS_DIR) / name, catalogue, embeddings
+            )
+        except OutdatedRankerError as error:
+            # One stale ranker should not keep the set's others from serving.
+            unloaded[name] = str(error)
+            logger.warning("ranker %s not loaded: %s", name, unloaded[name])
     for name in ("none", "popularity"):
         if name not in rankers:
             # The baselines need no training artifacts beyond the catalogue itself.
@@ -114,6 +122,7 @@ def load_ranking_state(artifacts_path: str, default_ranker: str = "") -> Ranking
         models=list(rankers),
         default_reason=reason,
         defaults=[("ranker", default, reason)],
+        unloaded=unloaded,
     )
 
 
@@ -198,6 +207,12 @@ class RankingServicer(pb_grpc.RankingServiceServicer):
         name = ranker_name(value)
         if name is None:
             raise InvalidArgument("ranker", f"unknown value {value}")
+        if name in state.unloaded:
+            raise InvalidArgument(
+                "ranker",
+                f"{name!r} is in artifact set {state.version} but not loaded: "
+                f"{state.unloaded[name]}",
+            )
         if name not in state.rankers:
             raise InvalidArgument(
                 "ranker",

@@ -152,3 +152,43 @@ def test_clip_profile_is_served_from_the_sets_embeddings(clip_stack):
     assert cold.ranker == warm.ranker == rank_pb.RANKER_CLIP_PROFILE
     assert "unknown user: popularity order" in cold.notes
     assert not any("unknown user" in note for note in warm.notes)
+
+
+def test_a_clip_profile_saved_as_mean_profiles_is_skipped_not_fatal(
+    clip_stack, loop_thread, tmp_path
+):
+    """A set whose clip_profile predates the Newton-step model still serves its other rankers."""
+    import json
+    import shutil
+
+    from imgsearch import artifacts
+    from imgsearch.config import RankingConfig
+    from ranking_service.server import create_ranking_server
+
+    old = tmp_path / "old-set"
+    shutil.copytree(artifacts.resolve(clip_stack.artifacts).path, old)
+    config_path = old / artifacts.RANKERS_DIR / "clip_profile" / "config.json"
+    config = json.loads(config_path.read_text())
+    config.pop("model")
+    config_path.write_text(json.dumps(config))
+    manifest = json.loads((old / artifacts.MANIFEST).read_text())
+    manifest["default_ranker"] = "clip_profile"
+    (old / artifacts.MANIFEST).write_text(json.dumps(manifest))
+    server = loop_thread.run(create_ranking_server(RankingConfig(artifacts=str(old), port=0)))
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            stub = rank_grpc.RankingServiceStub(channel)
+            request = rank_pb.RankRequest(
+                user_id="someone", keyword="red", candidate_photo_ids=["a", "b"], k=2
+            )
+            served = stub.Rank(request, timeout=30)
+            assert served.ranker == rank_pb.RANKER_POPULARITY
+            reason = served.default_reason
+            assert "clip_profile, which is not loaded" in reason and "earlier format" in reason
+            request.ranker = rank_pb.RANKER_CLIP_PROFILE
+            with pytest.raises(grpc.RpcError) as error:
+                stub.Rank(request, timeout=30)
+        assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "not loaded" in error.value.details() and "retrain" in error.value.details()
+    finally:
+        loop_thread.run(server.stop(0))

@@ -46,6 +46,7 @@ from imgsearch.catalogue import Catalogue
 from imgsearch.image_embeddings import ImageEmbeddings
 from ranking_service.rankers.base import Ranker, RankQuery, RankScores
 from ranking_service.rankers.common import (
+    OutdatedRankerError,
     as_candidates,
     finalize_scores,
     known_photo_mask,
@@ -261,7 +262,7 @@ class ClipProfileRanker(QueryPrior, Ranker):
         directory = Path(directory)
         config = read_config(directory, cls.name)
         if config.get("model") != MODEL:
-            raise ValueError(
+            raise OutdatedRankerError(
                 f"clip_profile in {directory} was saved in an earlier format (mean profiles); "
                 "retrain it: imgsearch train --artifacts DIR --rankers clip_profile"
             )

@@ -13,6 +13,10 @@ CONFIG_FILE = "config.json"
 FORMAT_VERSION = 1
 
 
+class OutdatedRankerError(ValueError):
+    """A saved ranker in a format this version no longer reads: retrain it."""
+
+
 def as_candidates(candidates: np.ndarray | list[int]) -> np.ndarray:
     """Return ``candidates`` as a flat int64 array (a copy only when needed)."""
     return np.asarray(candidates, dtype=np.int64).reshape(-1)
