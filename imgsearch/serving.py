@@ -469,6 +469,10 @@ class Service:
             await hook()
 
 
+# The shortest keepalive interval a client may use on an idle connection without strikes.
+MIN_PING_INTERVAL_MS = 10_000
+
+
 def new_server(
     name: str,
     host: str,
@@ -489,6 +493,10 @@ def new_server(
         ("grpc.so_reuseport", 0),
         ("grpc.max_receive_message_length", 4 * 1024 * 1024),
         ("grpc.keepalive_permit_without_calls", 1),
+        # gRPC servers count a ping less than 5 minutes after the last one on an idle
+        # connection as a strike, and close it (GOAWAY "too_many_pings") at the third; the
+        # gateway pings its stages every 30 s to notice a dead peer, so accept that.
+        ("grpc.http2.min_ping_interval_without_data_ms", MIN_PING_INTERVAL_MS),
     ]
     if max_connection_age_s > 0:
         options += [

@@ -281,3 +281,47 @@ def test_max_connection_age_closes_connections_and_clients_reconnect():
     states = asyncio.run(asyncio.wait_for(scenario(), 30))
     assert states[0] == grpc.ChannelConnectivity.READY
     assert states[1] in (grpc.ChannelConnectivity.IDLE, grpc.ChannelConnectivity.CONNECTING)
+
+
+def _stays_connected_while_pinged(min_ping_interval_ms: int, monkeypatch) -> bool:
+    """Whether an idle channel pinging every 300 ms keeps its connection for 6 s."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from imgsearch import serving
+
+    monkeypatch.setattr(serving, "MIN_PING_INTERVAL_MS", min_ping_interval_ms)
+    options = [
+        ("grpc.keepalive_time_ms", 300),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
+    ]
+
+    async def scenario() -> bool:
+        server, port, _ = serving.new_server("pinged", "127.0.0.1", 0)
+        await server.start()
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=options) as channel:
+                stub = health_pb2_grpc.HealthStub(channel)
+                await stub.Check(health_pb2.HealthCheckRequest(), timeout=5)
+                try:
+                    await asyncio.wait_for(
+                        channel.wait_for_state_change(grpc.ChannelConnectivity.READY), 6.0
+                    )
+                except asyncio.TimeoutError:
+                    return True
+                return False
+        finally:
+            await server.stop(0)
+
+    return asyncio.run(asyncio.wait_for(scenario(), 30))
+
+
+def test_keepalive_pings_of_idle_clients_are_accepted(monkeypatch):
+    """The gateway pings idle stages; a server at gRPC's default (5 min) would GOAWAY them."""
+    from gateway.server import CHANNEL_OPTIONS
+    from imgsearch.serving import MIN_PING_INTERVAL_MS
+
+    assert dict(CHANNEL_OPTIONS)["grpc.keepalive_time_ms"] >= MIN_PING_INTERVAL_MS
+    assert _stays_connected_while_pinged(200, monkeypatch)
+    # The control: gRPC's default minimum interval drops the same client ("too_many_pings").
+    assert not _stays_connected_while_pinged(300_000, monkeypatch)
