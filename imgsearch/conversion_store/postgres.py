@@ -55,7 +55,8 @@ class PostgresStore(ConversionStore):
             import psycopg
         except ImportError as exc:
             raise StoreError(
-                "the PostgreSQL conversion store needs psycopg: pip install 'imgsearch[postgres]'"
+                "the PostgreSQL conversion store needs psycopg: "
+                "pip install 'imgsearch-grpc[postgres]'"
             ) from exc
         self._psycopg = psycopg
         self._location = redact(dsn)
