@@ -7,13 +7,20 @@ DEMO_DATA := var/demo-data
 DEMO_ARTIFACTS := var/artifacts
 PROTO_FILES := $(shell find protos -name '*.proto')
 
-.PHONY: run test protos lint format bench eval demo certs clean
+.PHONY: run test docs protos lint format bench eval demo certs clean
 
 run: $(STAMP)
 	$(VENV)/bin/imgsearch demo --data $(DEMO_DATA) --artifacts $(DEMO_ARTIFACTS)
 
+# Every test, then the docs site built strictly (its reference pages are generated from the code).
 test: $(STAMP)
 	$(PY) -m pytest -q
+	$(MAKE) docs
+
+# The docs site into var/site; --strict turns every warning (a broken link, a page left out of
+# the nav) into a failure.
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet
 
 # The test install takes the optional Ray extra too, so that `make test` (and CI) run the
 # Ray embedding test instead of skipping it; `pip install .` alone stays without Ray.
@@ -40,10 +47,10 @@ demo: $(STAMP)
 	$(VENV)/bin/imgsearch demo --no-serve --data $(DEMO_DATA) --artifacts $(DEMO_ARTIFACTS)
 
 eval: demo
-	$(VENV)/bin/imgsearch eval --data $(DEMO_DATA) --json var/eval/report.json --markdown var/eval/report.md --plot var/eval/report.png
+	$(VENV)/bin/imgsearch eval --data $(DEMO_DATA) --json var/eval/report.json --markdown var/eval/report.md --plot docs/results/evaluation.png --results-page docs/results/evaluation.md
 
 bench: demo
-	$(VENV)/bin/imgsearch bench-suite --data $(DEMO_DATA) --artifacts $(DEMO_ARTIFACTS) --out var/bench
+	$(VENV)/bin/imgsearch bench-suite --data $(DEMO_DATA) --artifacts $(DEMO_ARTIFACTS) --out var/bench --results-page docs/results/bench.md
 
 # A development CA, server/client certificates and a bearer token (never overwrites other files).
 certs: $(STAMP)

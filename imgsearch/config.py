@@ -1,80 +1,8 @@
 """Every service's settings in one place: frozen dataclasses filled from flags and IMGSEARCH_* env.
 
 Precedence: command-line flag > ``IMGSEARCH_*`` environment variable > default. Defaults work
-on one machine with no flags at all. The gateway writes logged conversions and ranking reads
-them; the SQLite file sits beside the artifact root (``var/artifacts`` ->
-``var/artifacts-conversions.sqlite3``), never inside a set.
-
-| variable | meaning | default |
-|---|---|---|
-| IMGSEARCH_ARTIFACTS | artifact root (with `current`) or one set folder | var/artifacts |
-| IMGSEARCH_HOST | address servers bind | 127.0.0.1 |
-| IMGSEARCH_GATEWAY_PORT | SearchService port | 50051 |
-| IMGSEARCH_RETRIEVAL_PORT | RetrievalService port | 50052 |
-| IMGSEARCH_RANKING_PORT | RankingService port | 50053 |
-| IMGSEARCH_RETRIEVAL_ADDR | retrieval: a target (4); `T0;T1;...`: one per shard | 127.0.0.1:port |
-| IMGSEARCH_RANKING_ADDR | ranking: a target (4) | 127.0.0.1:port |
-| IMGSEARCH_SHARD | retrieval: serve this shard of a sharded set (0-based) | -1 = the whole set |
-| IMGSEARCH_METRICS_PORT | Prometheus port base: gateway +0, retrieval +1, ranking +2 | 0 = off |
-| IMGSEARCH_<SERVICE>_METRICS_PORT | one service's port (GATEWAY/RETRIEVAL/RANKING) | base+offset |
-| IMGSEARCH_CONCURRENCY_LIMIT | `adaptive` (follows latency) or `fixed` (the max below) | adaptive |
-| IMGSEARCH_MAX_INFLIGHT | a method's requests at once at most, then RESOURCE_EXHAUSTED | 64 |
-| IMGSEARCH_MIN_INFLIGHT | adaptive: the lowest limit (bursts up to it are never refused) | 20 |
-| IMGSEARCH_LIMIT_BUFFER | adaptive: latency above minRTT accepted, as a fraction of it | 0.25 |
-| IMGSEARCH_LIMIT_SLACK_MS | adaptive: latency above minRTT always accepted, ms | 50 |
-| IMGSEARCH_DEFAULT_RETRIEVER | retriever for unspecified requests | hybrid if CLIP, else keyword |
-| IMGSEARCH_ENCODE_BATCH | retrieval: unseen queries encoded together at most | 16 |
-| IMGSEARCH_ENCODE_WAIT_MS | retrieval: the longest an unseen query waits for company | 2 |
-| IMGSEARCH_TEXT_RUNTIME | retrieval: CLIP text runtime (`torch-fp32`, `onnx-int8`...) | build's |
-| IMGSEARCH_DEFAULT_RANKER | ranker for unspecified requests | the set's validation choice |
-| IMGSEARCH_TIMEOUT_MS | gateway budget for a search when the client sets no deadline | 1000 |
-| IMGSEARCH_RANKING_BUDGET_MS | the part of a search's budget kept for ranking | 300 |
-| IMGSEARCH_GRACE_S | graceful-shutdown grace period | 5 |
-| IMGSEARCH_MAX_CONNECTION_AGE_S | close each client connection after this long (5) | 0 = never |
-| IMGSEARCH_LOG_FORMAT | `json` or `text` | json |
-| IMGSEARCH_CONVERSIONS_DB | SQLite file of logged conversions | `<root>-conversions.sqlite3` |
-| IMGSEARCH_CONVERSIONS_DSN | PostgreSQL DSN of the conversion store (wins over the file) | unset |
-| IMGSEARCH_FOLDIN_CONVERSIONS | logged conversions ranking reads per unseen user (0 = off) | 50 |
-| IMGSEARCH_FOLDIN_TIMEOUT_MS | how long ranking waits for them before going on without | 20 |
-| IMGSEARCH_ACCESS_LOG | `1`: one log line per RPC with its request id | off |
-| IMGSEARCH_ADMIN_HOST | address the admin ports bind | 127.0.0.1 |
-| IMGSEARCH_GATEWAY_ADMIN_PORT | the gateway's admin port | 50061 |
-| IMGSEARCH_RETRIEVAL_ADMIN_PORT | retrieval's admin port | 50062 |
-| IMGSEARCH_RANKING_ADMIN_PORT | ranking's admin port | 50063 |
-| IMGSEARCH_ADMIN_TOKENS_FILE | bearer tokens the admin ports accept (1) | none |
-| IMGSEARCH_TLS_CERT | PEM certificate chain: the service port serves TLS | none: plaintext |
-| IMGSEARCH_TLS_KEY | PEM private key of that certificate | none |
-| IMGSEARCH_TLS_CLIENT_CA | PEM CA: clients must show a certificate it signed (mutual TLS) | none |
-| IMGSEARCH_AUTH_TOKENS_FILE | gateway: bearer tokens its service port accepts (1) | none |
-| IMGSEARCH_REFLECTION | `on`, `off`, `auto`: on only for a plaintext loopback port | auto |
-| IMGSEARCH_CLIENT_CA | CA a client trusts for servers' certificates (2): TLS when set | none |
-| IMGSEARCH_CLIENT_CERT | that client's certificate, for mutual TLS (2) | none |
-| IMGSEARCH_CLIENT_KEY | that client's private key (2) | none |
-| IMGSEARCH_TOKEN_FILE | `imgsearch search`/`bench`: its first token is sent (3) | none |
-| IMGSEARCH_ADMIN_TOKEN_FILE | `imgsearch reload`: its first token is sent (3) | none |
-
-(1) One token per line, `#` comments; a call must carry `authorization: Bearer <token>`;
-re-read on SIGHUP. The admin ports refuse to start on a non-loopback IMGSEARCH_ADMIN_HOST
-without IMGSEARCH_ADMIN_TOKENS_FILE; with IMGSEARCH_AUTH_TOKENS_FILE every RPC on the gateway's
-service port but health (its API, reflection, any service added later) needs a token.
-(2) The clients: the gateway towards retrieval and ranking, `imgsearch search` and `bench`
-(whose `--cacert`, `--cert`, `--key` override them). `imgsearch reload` talks to the admin
-ports, which are plaintext: it sends a token, never a certificate.
-(3) A file, not the token itself, so the token never shows in a process list.
-(4) `HOST:PORT`, a comma-separated list of them (replicas), or any gRPC name such as
-`dns:///NAME:PORT` (every address the name resolves to); requests are balanced round-robin
-over the replicas that are up and SERVING, and UNAVAILABLE is retried on another one
-(`imgsearch.balancing`).
-(5) gRPC's GOAWAY: calls in flight finish within the grace period and the client reconnects.
-A client that balances over the addresses a name resolves to (a Kubernetes headless Service)
-resolves the name again only when a connection closes, so without this it never sends to
-replicas added after it connected.
-
-The admin port of each server carries `imgsearch.admin.v1.AdminService` and the standard health
-service, always in plaintext (Kubernetes' gRPC probes cannot speak TLS), so it binds loopback
-unless told otherwise; bound elsewhere it refuses to start without IMGSEARCH_ADMIN_TOKENS_FILE.
-The service port carries the service's own API, health and (per IMGSEARCH_REFLECTION)
-reflection, over TLS when IMGSEARCH_TLS_CERT is set.
+on one machine with no flags at all. Each variable is described in :mod:`imgsearch.settings`,
+from which the docs site's configuration reference is generated.
 """
 
 from __future__ import annotations
@@ -161,9 +89,8 @@ class ServerConfig:
     max_inflight: int = field(default_factory=lambda: env_int("MAX_INFLIGHT", 64))
     min_inflight: int = field(default_factory=lambda: env_int("MIN_INFLIGHT", 20))
     limit_buffer: float = field(default_factory=lambda: env_float("LIMIT_BUFFER", 0.25))
-    # A quarter of a 3 ms keyword search is under a millisecond: without an absolute slack a
-    # closed loop of 50 clients (p99 80 ms, no error with a fixed limit) lost 17% of its
-    # throughput to refusals it sent again at once.
+    # A fraction of a fast search's latency is too little queue to refuse for: the absolute
+    # slack keeps clients from resending refusals at once (see the overload results page).
     limit_slack_ms: float = field(default_factory=lambda: env_float("LIMIT_SLACK_MS", 50.0))
     grace_s: float = field(default_factory=lambda: float(env_int("GRACE_S", 5)))
     max_connection_age_s: float = field(
@@ -219,8 +146,8 @@ class RetrievalConfig(ServerConfig):
     metrics_port: int = field(default_factory=lambda: metrics_port("retrieval"))
     admin_port: int = field(default_factory=lambda: env_int("RETRIEVAL_ADMIN_PORT", 50062))
     default_retriever: str = field(default_factory=lambda: env("DEFAULT_RETRIEVER", ""))
-    # Micro-batching of the queries no cache answers: at batch 8-16 a ViT-B-32 text tower
-    # costs a quarter of its batch-1 time per query, and 2 ms is small next to one forward.
+    # Micro-batching of the queries no cache answers: a batch costs far less per query than
+    # one forward each, and the wait is small next to one forward.
     encode_batch: int = field(default_factory=lambda: env_int("ENCODE_BATCH", 16))
     encode_wait_ms: float = field(default_factory=lambda: env_float("ENCODE_WAIT_MS", 2.0))
     text_runtime: str = field(default_factory=lambda: env("TEXT_RUNTIME", ""))

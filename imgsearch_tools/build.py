@@ -30,7 +30,7 @@ def add_commands(subparsers) -> None:
         "index, CLIP embeddings + FAISS index (when images exist) and trained rankers as one "
         "versioned set under OUT/sets/<version>, and point OUT/current at it. Every ranker is "
         "scored on a validation slice cut from the end of the conversions: the best one is "
-        "served by default only when its paired 95%% CI against popularity is above 0, else "
+        "served by default only when its paired 95% CI against popularity is above 0, else "
         "popularity; hybrid's fusion weights are chosen there too (all in the manifest).",
     )
     p.add_argument("--data", required=True, help="folder in the Unsplash Lite layout")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import shlex
 import sys
 
 # Each module exposes ``add_commands(subparsers)``; keep heavy imports (torch, faiss) inside
@@ -36,6 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the process exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    # The command line as given, for the reports that record what produced their figures.
+    args.command_line = shlex.join(["imgsearch", *(sys.argv[1:] if argv is None else argv)])
     try:
         status = args.handler(args)
     except KeyboardInterrupt:

@@ -31,10 +31,10 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--pretrained", default=None, help="open_clip tag, checkpoint file or CLIP folder"
     )
-    p.add_argument("--steps", type=int, default=TRAIN_STEPS)
-    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--steps", type=int, default=TRAIN_STEPS, help="training steps")
+    p.add_argument("--batch-size", type=int, default=128, help="image-text pairs per training step")
     p.add_argument("--lr", type=float, default=None, help="default 1e-3, 1e-5 when fine-tuning")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="training seed")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument(
@@ -58,8 +58,8 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default=None, help="open_clip model name (with --pretrained)")
     p.add_argument("--pretrained", default=None, help="open_clip tag or checkpoint file")
     p.add_argument("--out", required=True, help="embeddings .npz to write (a folder with --ray)")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--batch-size", type=int, default=64, help="images embedded per forward pass")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     ray_group = p.add_argument_group("Ray", "optional; install with pip install '.[ray]'")
     ray_group.add_argument(
         "--ray",
@@ -101,8 +101,8 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--embeddings", required=True, help="embeddings .npz (from embed)")
     p.add_argument("--factory", default=None, help="FAISS factory string (default by size)")
     p.add_argument("--queries", type=int, default=200, help="sampled embeddings used as queries")
-    p.add_argument("--ef-search", type=int, default=128)
-    p.add_argument("--nprobe", type=int, default=16)
+    p.add_argument("--ef-search", type=int, default=128, help="HNSW efSearch for the recall check")
+    p.add_argument("--nprobe", type=int, default=16, help="IVF nprobe for the recall check")
     p.add_argument("--json", action="store_true", help="print figures as JSON")
     p.set_defaults(handler=_index_stats)
 
@@ -113,11 +113,13 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--data", required=True, help="Unsplash Lite folder with photos.tsv*")
     p.add_argument("--width", type=int, default=400, help="thumbnail width (?w=)")
-    p.add_argument("--workers", type=int, default=16)
-    p.add_argument("--retries", type=int, default=3)
+    p.add_argument("--workers", type=int, default=16, help="concurrent downloads")
+    p.add_argument(
+        "--retries", type=int, default=3, help="retries per image before it is counted as failed"
+    )
     p.add_argument("--timeout", type=float, default=20.0, help="seconds per request")
     p.add_argument("--limit", type=int, default=None, help="only the first N photos")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(handler=_fetch_images)
 
     p = subparsers.add_parser(
@@ -128,9 +130,11 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--embeddings", default=None, help="embeddings .npz for the demo-size rows")
     p.add_argument("--demo-n", type=int, default=5000, help="synthetic rows without --embeddings")
     p.add_argument("--synthetic-n", type=int, default=1_000_000, help="large synthetic size")
-    p.add_argument("--synthetic-dim", type=int, default=128)
+    p.add_argument(
+        "--synthetic-dim", type=int, default=128, help="dimension of the large synthetic rows"
+    )
     p.add_argument("--factory", default="HNSW32", help="ANN factory string")
-    p.add_argument("--queries", type=int, default=200)
+    p.add_argument("--queries", type=int, default=200, help="queries timed per measurement")
     p.add_argument("--k", type=int, default=100, help="neighbours per search")
     p.add_argument("--threads", type=int, default=1, help="torch and FAISS threads")
     p.add_argument("--json", action="store_true", help="print figures as JSON")

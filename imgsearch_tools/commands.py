@@ -17,12 +17,27 @@ from imgsearch_tools.serve import SERVICES, add_serve_arguments, resolve_configs
 def add_commands(subparsers) -> None:
     """Register search, reload and demo."""
     p = subparsers.add_parser("search", help="search through the gateway and print the results")
-    p.add_argument("query")
+    p.add_argument("query", help="the search text (1-256 characters)")
     p.add_argument("--user", default="", help="anonymous_user_id (empty: anonymous)")
-    p.add_argument("-k", type=int, default=10)
-    p.add_argument("--candidates-k", type=int, default=0)
-    p.add_argument("--retriever", default="default", choices=RETRIEVER_CHOICES)
-    p.add_argument("--ranker", default="default", choices=RANKER_CHOICES)
+    p.add_argument("-k", type=int, default=10, help="results to return (1-1000)")
+    p.add_argument(
+        "--candidates-k",
+        type=int,
+        default=0,
+        help="candidates retrieval hands to ranking (k-1000; 0: the server's default)",
+    )
+    p.add_argument(
+        "--retriever",
+        default="default",
+        choices=RETRIEVER_CHOICES,
+        help="retriever to use (default: the server's)",
+    )
+    p.add_argument(
+        "--ranker",
+        default="default",
+        choices=RANKER_CHOICES,
+        help="ranker to use (default: the server's)",
+    )
     p.add_argument("--recent", default="", help="comma-separated recent photo ids of the user")
     p.add_argument("--target", default=None, help="gateway HOST:PORT (default 127.0.0.1:50051)")
     p.add_argument("--timeout", type=float, default=10.0, help="deadline in seconds")
@@ -65,12 +80,18 @@ def add_commands(subparsers) -> None:
     p.set_defaults(handler=cmd_reload)
 
     p = subparsers.add_parser("demo", help="build the embedded demo if missing and serve it")
-    p.add_argument("--data", default="var/demo-data")
-    p.add_argument("--artifacts", default="var/artifacts")
-    p.add_argument("--photos", type=int, default=5000)
-    p.add_argument("--users", type=int, default=2000)
-    p.add_argument("--conversions", type=int, default=150_000)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--data", default="var/demo-data", help="demo data folder (generated when missing)"
+    )
+    p.add_argument(
+        "--artifacts", default="var/artifacts", help="artifact root (built when it has no set)"
+    )
+    p.add_argument("--photos", type=int, default=5000, help="photos in a generated demo catalogue")
+    p.add_argument("--users", type=int, default=2000, help="users in a generated demo catalogue")
+    p.add_argument(
+        "--conversions", type=int, default=150_000, help="conversions in a generated demo catalogue"
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the generated demo catalogue")
     p.add_argument("--no-serve", action="store_true", help="build only, then exit")
     p.add_argument(
         "--force",

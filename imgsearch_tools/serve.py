@@ -23,7 +23,11 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     """The `serve` flags; a flag named after a config field (``--max-inflight``) sets it."""
     from retrieval_service.text_encoder import RUNTIMES  # numpy only; torch loads on use
 
-    p.add_argument("service", choices=(*SERVICES, "all"))
+    p.add_argument(
+        "service",
+        choices=(*SERVICES, "all"),
+        help="the service to start, or all three as separate processes",
+    )
     p.add_argument("--artifacts", default=None, help="artifact root or set (IMGSEARCH_ARTIFACTS)")
     p.add_argument("--host", default=None, help="bind address (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=None, help="port of a single service")
@@ -90,7 +94,11 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         help="close each client connection after this long, so clients balancing over DNS "
         "find new replicas (IMGSEARCH_MAX_CONNECTION_AGE_S; default 0 = never)",
     )
-    p.add_argument("--default-retriever", default=None)
+    p.add_argument(
+        "--default-retriever",
+        default=None,
+        help="retriever for requests that name none (IMGSEARCH_DEFAULT_RETRIEVER)",
+    )
     p.add_argument(
         "--encode-batch",
         type=int,
@@ -118,7 +126,12 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         help="retrieval: serve this shard (0-based) of a set built with --shards "
         "(IMGSEARCH_SHARD; default: the whole set)",
     )
-    p.add_argument("--default-ranker", default=None)
+    p.add_argument(
+        "--default-ranker",
+        default=None,
+        help="ranker for requests that name none, instead of the set's validation choice "
+        "(IMGSEARCH_DEFAULT_RANKER)",
+    )
     p.add_argument("--timeout-ms", type=int, default=None, help="gateway search budget")
     p.add_argument(
         "--conversions-db",
@@ -180,7 +193,9 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     )
     tls.add_argument("--client-cert", default=None, help="gateway: its certificate (mutual TLS)")
     tls.add_argument("--client-key", default=None, help="gateway: its private key")
-    p.add_argument("--log-level", default="INFO")
+    p.add_argument(
+        "--log-level", default="INFO", help="logging level (DEBUG, INFO, WARNING, ERROR)"
+    )
 
 
 def resolve_configs(args) -> dict:

@@ -12,6 +12,7 @@ import pytest
 from imgsearch_tools.bench import load as bench
 from imgsearch_tools.bench.processes import free_port
 from imgsearch_tools.cli import main
+from imgsearch_tools.results_page import parse_header
 
 
 @pytest.fixture(scope="module")
@@ -253,10 +254,15 @@ def test_bench_suite_runs_services_scenarios_and_a_hot_reload(artifact_root, tmp
             "100",
             "--in-process-requests",
             "20",
+            "--results-page",
+            str(tmp_path / "site" / "bench.md"),
         ]
     )
     assert status == 0
     report = json.loads((out / "bench.json").read_text())
+    page = (tmp_path / "site" / "bench.md").read_text()
+    assert parse_header(page).command.startswith("imgsearch bench-suite")
+    assert "| keyword+als closed c=1 |" in page
     (run,) = report["scenarios"]
     assert run["name"] == "keyword+als closed c=1"
     assert_consistent(run)

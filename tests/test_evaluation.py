@@ -17,6 +17,7 @@ from imgsearch_tools.evaluation import runner as evaluation
 from imgsearch_tools.evaluation.queries import build_test_queries, user_photos
 from imgsearch_tools.evaluation.report import markdown_table
 from imgsearch_tools.evaluation.runner import EvalConfig, EvaluationError, evaluate
+from imgsearch_tools.results_page import parse_header
 
 RANKERS = ("none", "popularity")
 
@@ -195,9 +196,15 @@ def test_cli_writes_json_markdown_and_png(data_dir, tmp_path, capsys):
             str(paths["md"]),
             "--plot",
             str(paths["png"]),
+            "--results-page",
+            str(tmp_path / "site" / "evaluation.md"),
         ]
     )
     assert status == 0
+    page = (tmp_path / "site" / "evaluation.md").read_text()
+    header = parse_header(page)
+    assert header.command.startswith("imgsearch eval --data") and not header.historical
+    assert "| keyword | popularity |" in page and "](../eval.png)" in page
     written = json.loads(paths["json"].read_text())
     assert written["header"]["protocol"]["queries"] == 80
     assert len(written["results"]) == 6

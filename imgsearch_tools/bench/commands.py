@@ -56,10 +56,17 @@ def add_commands(subparsers) -> None:
     )
     p.add_argument("--duration", type=float, default=10.0, help="measured seconds")
     p.add_argument("--warmup", type=float, default=1.0, help="unmeasured seconds first")
-    p.add_argument("--retriever", default="keyword", choices=RETRIEVER_CHOICES)
-    p.add_argument("--ranker", default="als", choices=RANKER_CHOICES)
-    p.add_argument("-k", type=int, default=K)
-    p.add_argument("--candidates-k", type=int, default=CANDIDATES_K)
+    p.add_argument(
+        "--retriever",
+        default="keyword",
+        choices=RETRIEVER_CHOICES,
+        help="retriever named in every request",
+    )
+    p.add_argument(
+        "--ranker", default="als", choices=RANKER_CHOICES, help="ranker named in every request"
+    )
+    p.add_argument("-k", type=int, default=K, help="results per search")
+    p.add_argument("--candidates-k", type=int, default=CANDIDATES_K, help="candidates per search")
     p.add_argument(
         "--artifacts",
         default=None,
@@ -89,7 +96,7 @@ def add_commands(subparsers) -> None:
         help="with catalogue or FILE queries: the share (0-1) of requests made unique",
     )
     p.add_argument("--requests", type=int, default=2000, help="distinct requests to sample")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampled requests")
     p.add_argument("--no-in-process", action="store_true", help="skip the in-process baseline")
     p.add_argument("--in-process-requests", type=int, default=500, help="requests timed in-process")
     p.add_argument("--json", default=None, metavar="FILE", help="write the report as JSON")
@@ -117,6 +124,13 @@ def add_commands(subparsers) -> None:
         help="report folder: new, empty, or one bench-suite wrote before",
     )
     p.add_argument("--no-build", action="store_true", help="fail instead of building the demo")
+    p.add_argument(
+        "--results-page",
+        default=None,
+        metavar="FILE.md",
+        help="also write OUT/bench.md as the docs site's results page, under a header naming "
+        "this command, the commit and the machine",
+    )
     p.add_argument(
         "--force",
         action="store_true",
@@ -174,8 +188,13 @@ def add_commands(subparsers) -> None:
         help="ViT-B-32 section: seconds of the unique-query target scenario (default 20)",
     )
     p.add_argument("--requests", type=int, default=2000, help="distinct requests to sample")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--in-process-requests", type=int, default=500)
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampled requests")
+    p.add_argument(
+        "--in-process-requests",
+        type=int,
+        default=500,
+        help="requests timed in-process (no gRPC) for the comparison column",
+    )
     p.set_defaults(handler=cmd_bench_suite)
 
     p = subparsers.add_parser(
@@ -199,7 +218,7 @@ def add_commands(subparsers) -> None:
     p.add_argument("--warmup", type=float, default=2.0, help="unmeasured seconds per scenario")
     p.add_argument("--channels", type=int, default=2, help="client channels (connections)")
     p.add_argument("--requests", type=int, default=2000, help="distinct requests to sample")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampled requests")
     p.set_defaults(handler=cmd_bench_shards)
 
     p = subparsers.add_parser(
@@ -473,7 +492,7 @@ async def run_suite(args, artifact_set, out: Path) -> int:
     from imgsearch import artifacts
     from imgsearch_tools.bench import load as bench
 
-    command = " ".join(["imgsearch", *sys.argv[1:]]) if sys.argv[1:] else "imgsearch bench-suite"
+    command = getattr(args, "command_line", "imgsearch bench-suite")
     has_clip = artifact_set.has(artifacts.VECTOR_INDEX)
     overrides, security = {}, None
     if args.tls:
@@ -560,6 +579,16 @@ async def run_suite(args, artifact_set, out: Path) -> int:
     (out / "bench.json").write_text(json.dumps(report, indent=2))
     (out / "bench.md").write_text(render_markdown(report))
     say(f"wrote {out / 'bench.json'} and {out / 'bench.md'}")
+    if args.results_page:
+        from imgsearch_tools.results_page import write_results_page
+
+        write_results_page(
+            args.results_page,
+            "Serving benchmark",
+            report["machine"]["command"],
+            render_markdown(report),
+        )
+        say(f"wrote {args.results_page}")
     print(render_markdown(report))
     return 0
 

@@ -86,6 +86,13 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--json", required=True, metavar="FILE", help="write the report as JSON")
     parser.add_argument("--markdown", default=None, metavar="FILE", help="write a Markdown table")
     parser.add_argument("--plot", default=None, metavar="FILE.png", help="write a PNG chart")
+    parser.add_argument(
+        "--results-page",
+        default=None,
+        metavar="FILE.md",
+        help="write the docs site's results page: the tables (and the --plot chart) under a "
+        "header naming this command, the commit and the machine",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.set_defaults(handler=run_eval)
 
@@ -111,6 +118,20 @@ def load_catalogue(data: str | Path, show_progress: bool = True):
     if dropped:
         print(report.summary(), file=sys.stderr)
     return catalogue
+
+
+def write_eval_page(report: dict, path: str, plot: str | None) -> None:
+    """Write the evaluation's results page; the chart is linked when it sits beside the page."""
+    import os
+
+    from imgsearch_tools.evaluation.report import markdown_table
+    from imgsearch_tools.results_page import write_results_page
+
+    body = markdown_table(report)
+    if plot:
+        relative = os.path.relpath(Path(plot).resolve(), Path(path).resolve().parent)
+        body += f"\n![NDCG@10 per retriever and ranker, and latency per stage]({relative})\n"
+    write_results_page(path, "Evaluation", report["header"]["command"], body)
 
 
 def run_eval(args: argparse.Namespace) -> int:
@@ -150,7 +171,7 @@ def run_eval(args: argparse.Namespace) -> int:
         catalogue = load_catalogue(args.data, show_progress=config.show_progress)
         from imgsearch_tools.evaluation.runner import evaluate
 
-        report = evaluate(catalogue, config)
+        report = evaluate(catalogue, config, command=getattr(args, "command_line", None))
     except (EvaluationError, DataError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -162,6 +183,9 @@ def run_eval(args: argparse.Namespace) -> int:
     if args.plot:
         write_plot(report, args.plot)
         written.append(args.plot)
+    if args.results_page:
+        write_eval_page(report, args.results_page, args.plot)
+        written.append(args.results_page)
     print(markdown_table(report))
     print("wrote " + ", ".join(str(p) for p in written), file=sys.stderr)
     return 0

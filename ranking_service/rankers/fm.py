@@ -167,23 +167,10 @@ class _TrainingData:
 class FMRanker(QueryPrior, Ranker):
     """Factorization Machine ranker over user, keyword, country, photo and photo side fields.
 
-    Fields: user, query keyword, conversion country; photo, photographer, log-bucketed views and
-    downloads, and (``photo_tags > 0``) a bag of the photo's tags, which lets a taste learned on
-    some photos carry over to others with the same tags.
-
-    With the catalogue's image embeddings, a dense field: each photo's embedding reduced by PCA
-    to ``clip_dims`` dimensions (a photo without an image gets zeros).
-
-    Trained with BPR: each training conversion's photo should outscore negatives drawn from
-    the served retriever's candidates for the same keyword (``keyword_negatives``: what the
-    query would retrieve) and from all photos (``uniform_negatives``, drawn uniformly or, with
-    ``negative_sampling="popularity"``, in proportion to training conversions^0.75, which
-    makes popular photos harder negatives); loss ``−log σ(s_pos − s_neg)`` plus L2 on the
-    embeddings used. Scores are blended with the query's popularity prior
-    (:mod:`~ranking_service.rankers.prior`).
-    The last ``validation_fraction`` of the conversions (by time) is held out to pick the
-    epoch count (early stopping on NDCG@10); with ``refit`` the model is then retrained on all
-    conversions for that many epochs.
+    BPR-trained so that each conversion's photo outscores negatives from its keyword's
+    candidates (what the query would retrieve) and from all photos; its score is blended with
+    the query's popularity prior. The fields, the loss and the early stopping are described in
+    the docs site's build guide ("The rankers").
 
     Parameters
     ----------
@@ -226,9 +213,8 @@ class FMRanker(QueryPrior, Ranker):
         ``"adam"`` or ``"adagrad"``.
     num_threads:
         Torch threads while training (restored afterwards); 0 keeps the process's setting.
-        One by default: on 2 shared cores two threads were at best ~15% faster for FM and,
-        whenever anything else ran, up to 10× slower for DeepFM (OpenMP threads spin-waiting
-        for a busy core).
+        One by default: OpenMP threads spin-waiting for a busy shared core slow training down
+        (measured on the docs site's models results page).
     photo_tags:
         Size of the tag field's bag: each photo's most confident keywords (0 turns it off).
     clip_dims:
