@@ -6,7 +6,7 @@ message descriptors (every field, repeated fields, maps, nested messages, enum v
 and unknown, NaN and infinite floats, any UTF-8 text), so a field added to a proto is fuzzed
 without touching this file; the services are those each port lists by reflection, so a
 service added to a port is too. Each method also gets random bytes on its path. Every answer
-must be a status code the README's API table lists for that method (undecodable bytes may
+must be a status code the serving guide's table lists for that method (undecodable bytes may
 also get gRPC's own UNKNOWN or INTERNAL); afterwards every server process is still alive and
 SERVING, answers a valid search, has grown its RSS by less than 50 MB, and stops cleanly.
 IMGSEARCH_FUZZ_EXAMPLES sets the examples per method and kind (default 100, deterministic;
@@ -35,7 +35,7 @@ from imgsearch.search.v1 import search_service_pb2_grpc as pb_grpc
 
 DEFAULT_EXAMPLES = 100
 EXAMPLES = int(os.environ.get("IMGSEARCH_FUZZ_EXAMPLES", DEFAULT_EXAMPLES))
-README = Path(__file__).parents[1] / "README.md"
+STATUS_TABLE = Path(__file__).parents[1] / "docs" / "guides" / "serving.md"
 # What gRPC itself answers for bytes that do not decode as the request message.
 UNDECODABLE = {"UNKNOWN", "INTERNAL"}
 RSS_GROWTH_LIMIT = 50 * 1024 * 1024
@@ -45,9 +45,9 @@ MAX_ITEMS = 12
 
 # ------------------------------------------------------------------------------- the docs
 def documented_codes() -> dict[str, set[str]]:
-    """The README's table of methods and the status codes each may answer."""
+    """The serving guide's table of methods and the status codes each may answer."""
     codes = {}
-    for line in README.read_text().splitlines():
+    for line in STATUS_TABLE.read_text().splitlines():
         match = re.fullmatch(r"\|\s*`/?([\w.]+/\w+)`\s*\|([A-Z_,\s]+)\|.*", line.strip())
         if match:
             codes[match.group(1)] = {c.strip() for c in match.group(2).split(",") if c.strip()}
@@ -220,7 +220,7 @@ def test_fuzzed_requests_get_only_documented_codes_and_servers_survive(services,
     documented = documented_codes()
     methods = methods_of(services)
     names = {f"{m.containing_service.full_name}/{m.name}" for _, m in methods}
-    # The four services (and any other on these ports) are there; the README documents them.
+    # The four services (and any other on these ports) are there; the serving guide documents them.
     assert {n.split("/")[0].split(".")[1] for n in names} >= {
         "search",
         "retrieval",

@@ -22,7 +22,7 @@ TLS_NOTE = "; every link TLS, mutual TLS between gateway and stages, a bearer to
 
 
 def render_markdown(report: dict) -> str:
-    """The README's serving table, the fault scenarios and the machine they ran on."""
+    """The serving table, the fault scenarios and the machine they ran on (make bench's page)."""
     m = report["machine"]
     lines = [
         "## Serving benchmark",

@@ -1,6 +1,6 @@
 """Offline evaluation of every retriever x ranker on a temporal split of the conversions.
 
-The protocol (what the README's Performance section reports):
+The protocol (what the evaluation results page reports):
 
 1. **Split.** Conversions sorted by ``converted_at`` (the catalogue keeps them so); the first
    ``1 - test_fraction`` of the rows *by position* train, the rest test. Splitting by position
@@ -107,7 +107,7 @@ class EvaluationError(ValueError):
 
 @dataclass(frozen=True)
 class EvalConfig:
-    """What to evaluate and how; the defaults are the README's protocol.
+    """What to evaluate and how; the defaults are the documented protocol.
 
     Attributes
     ----------
