@@ -7,7 +7,7 @@ DEMO_DATA := var/demo-data
 DEMO_ARTIFACTS := var/artifacts
 PROTO_FILES := $(shell find protos -name '*.proto')
 
-.PHONY: run test docs protos lint format bench eval demo certs clean
+.PHONY: run test test-fast docs protos lint format bench eval demo certs clean
 
 run: $(STAMP)
 	$(VENV)/bin/imgsearch demo --data $(DEMO_DATA) --artifacts $(DEMO_ARTIFACTS)
@@ -16,6 +16,10 @@ run: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 	$(MAKE) docs
+
+# The fast tier: unit and contract tests, without multi-process or long ones (tests/conftest.py).
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "unit and not slow"
 
 # The docs site into var/site; --strict turns every warning (a broken link, a page left out of
 # the nav) into a failure.

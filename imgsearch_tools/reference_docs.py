@@ -21,8 +21,11 @@ _ENUM_VALUE, _METHOD = 2, 2
 
 def _cell(text: str) -> str:
     """One Markdown table cell: one line, pipes and angle brackets escaped."""
-    text = " ".join(str(text).split())
-    return text.replace("|", "\\|").replace("<", "&lt;").replace(">", "&gt;")
+    parts = " ".join(str(text).split()).replace("|", "\\|").split("`")
+    # Angle brackets would read as HTML outside code spans; inside them they show as written.
+    for i in range(0, len(parts), 2):
+        parts[i] = parts[i].replace("<", "&lt;").replace(">", "&gt;")
+    return "`".join(parts)
 
 
 def _subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:

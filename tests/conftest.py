@@ -194,3 +194,48 @@ def postgres_dsn(postgres_server) -> str:
     yield make_conninfo(**params)
     with psycopg.connect(postgres_server, autocommit=True) as conn:
         conn.execute(f"DROP SCHEMA {schema} CASCADE")
+
+
+# Test tiers (the markers registered in pyproject.toml): every test is `unit` unless its module
+# starts imgsearch processes or builds and trains whole artifact sets (`e2e`); the longest
+# modules and tests of either tier are also `slow`. `make test-fast` runs "unit and not slow".
+E2E_MODULES = {
+    "test_bench",
+    "test_cli",
+    "test_clip",
+    "test_data_safety",
+    "test_e2e_clip",
+    "test_feedback_bench",
+    "test_feedback_durability",
+    "test_feedback_retrain",
+    "test_fuzz",
+    "test_multihost",
+    "test_ray_embedding",
+    "test_selection",
+    "test_shards",
+    "test_text_encoder",
+}
+SLOW_MODULES = {
+    "test_cli",
+    "test_e2e_clip",
+    "test_feedback_durability",
+    "test_multihost",
+    "test_ray_embedding",
+    "test_shards",
+    "test_text_encoder",
+}
+# Single long tests in otherwise quick modules, by name (parametrized ids included).
+SLOW_TESTS = {
+    "test_serving.py::test_keepalive_pings_of_idle_clients_are_accepted",
+    "test_serving.py::test_hot_reload_under_load_fails_no_request_and_switches_version",
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Give every test its tier marker (and `slow` where it is one of the long ones)."""
+    for item in items:
+        module = item.path.stem
+        item.add_marker(pytest.mark.e2e if module in E2E_MODULES else pytest.mark.unit)
+        name = f"{item.path.name}::{item.name.split('[')[0]}"
+        if module in SLOW_MODULES or name in SLOW_TESTS:
+            item.add_marker(pytest.mark.slow)
