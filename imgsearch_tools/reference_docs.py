@@ -207,9 +207,28 @@ def undocumented_proto_elements(proto_root: str | Path = "protos") -> list[str]:
     return missing
 
 
-def _type_name(field) -> str:
+def _map_entries(descriptor_set) -> dict[str, str]:
+    """``map<K, V>`` by the full name of protoc's synthetic entry type of each map field."""
+    maps = {}
+
+    def walk(protos, prefix):
+        for message in protos:
+            name = f"{prefix}.{message.name}"
+            if message.options.map_entry:
+                key, value = (_type_name(f, {}) for f in message.field)
+                maps[name] = f"map<{key}, {value}>"
+            walk(message.nested_type, name)
+
+    for file_proto in descriptor_set.file:
+        walk(file_proto.message_type, file_proto.package)
+    return maps
+
+
+def _type_name(field, maps: dict[str, str]) -> str:
     from google.protobuf import descriptor_pb2
 
+    if field.type_name.lstrip(".") in maps:
+        return maps[field.type_name.lstrip(".")]
     if field.type_name:
         name = field.type_name.lstrip(".")
     else:
@@ -228,7 +247,9 @@ def grpc_markdown(proto_root: str | Path = "protos") -> str:
         "info). Status codes each method answers are in the [serving guide](../guides/serving.md).",
         "",
     ]
-    for file_proto in _descriptor_set(Path(proto_root)).file:
+    descriptor_set = _descriptor_set(Path(proto_root))
+    maps = _map_entries(descriptor_set)
+    for file_proto in descriptor_set.file:
         comments = _comments(file_proto)
         lines += [f"## `{file_proto.package}`", "", f"File: `protos/{file_proto.name}`", ""]
         table: list[str] = []
@@ -240,7 +261,7 @@ def grpc_markdown(proto_root: str | Path = "protos") -> str:
                     cells = f"`{proto.name}` | `{proto.input_type.lstrip('.')}` → "
                     cells += f"`{proto.output_type.lstrip('.')}`"
                 elif kind == "field":
-                    cells = f"`{proto.name}` | `{_type_name(proto)}` = {proto.number}"
+                    cells = f"`{proto.name}` | `{_type_name(proto, maps)}` = {proto.number}"
                 else:
                     cells = f"`{proto.name}` | {proto.number}"
                 table.append(f"| {cells} | {comment} |")

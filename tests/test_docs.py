@@ -87,6 +87,7 @@ def test_reference_pages_list_every_flag_setting_and_rpc():
     assert "| `Search` | `imgsearch.search.v1.SearchRequest` → " in api
     assert "| `candidates_k` | `int32` = " in api
     assert "RETRIEVER_UNSPECIFIED" in api
+    assert "| `retrieval_source_scores` | `map<string, float>` = 5 |" in api
 
 
 RESULTS = sorted((ROOT / "docs" / "results").glob("*.md"))
