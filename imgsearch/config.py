@@ -46,6 +46,7 @@ them; the SQLite file sits beside the artifact root (``var/artifacts`` ->
 | IMGSEARCH_TLS_KEY | PEM private key of that certificate | none |
 | IMGSEARCH_TLS_CLIENT_CA | PEM CA: clients must show a certificate it signed (mutual TLS) | none |
 | IMGSEARCH_AUTH_TOKENS_FILE | gateway: bearer tokens its service port accepts (1) | none |
+| IMGSEARCH_INSECURE_PUBLIC | gateway: `1` lets it bind off loopback with neither (1) nor mTLS | 0 |
 | IMGSEARCH_REFLECTION | `on`, `off`, `auto`: on only for a plaintext loopback port | auto |
 | IMGSEARCH_CLIENT_CA | CA a client trusts for servers' certificates (2): TLS when set | none |
 | IMGSEARCH_CLIENT_CERT | that client's certificate, for mutual TLS (2) | none |
@@ -257,6 +258,11 @@ class GatewayConfig(ConversionStoreConfig):
     metrics_port: int = field(default_factory=lambda: metrics_port("gateway"))
     admin_port: int = field(default_factory=lambda: env_int("GATEWAY_ADMIN_PORT", 50061))
     auth_tokens_file: str = field(default_factory=lambda: env("AUTH_TOKENS_FILE", ""))
+    # The public door refuses a non-loopback address with neither tokens nor client
+    # certificates unless this says the network is the lock (imgsearch.security).
+    insecure_public: bool = field(
+        default_factory=lambda: env("INSECURE_PUBLIC", "0") not in ("", "0", "false")
+    )
     retrieval_addr: str = field(
         default_factory=lambda: env(
             "RETRIEVAL_ADDR", f"127.0.0.1:{env_int('RETRIEVAL_PORT', 50052)}"

@@ -29,7 +29,8 @@ from prometheus_client import Counter, Gauge, Histogram, start_http_server
 from imgsearch import artifacts
 from imgsearch.admin.v1 import admin_service_pb2, admin_service_pb2_grpc
 from imgsearch.admission import Admission, AdmissionSettings, DeadlineExpired, Refusal
-from imgsearch.security import SecurityConfigError, TokenSet, is_loopback, server_credentials
+from imgsearch.security import SecurityConfigError, is_loopback, server_credentials
+from imgsearch.tokens import ADMIN, METHOD_SCOPES, SEARCH, TokenSet
 
 REQUEST_ID_KEY = "x-request-id"
 # One JSON line per RPC (service, method, code, ms, request id) when IMGSEARCH_ACCESS_LOG=1;
@@ -160,9 +161,11 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
     With ``tokens``, every RPC on the port but the health service's (the service's own API,
     reflection, any service registered later, unknown methods alike) must carry
     ``authorization: Bearer <token>``; without one it gets UNAUTHENTICATED and nothing more,
-    before its request is even decoded. For the methods of ``services`` (health and
-    reflection pass untouched, so they are never shed): a request id (the caller's
-    ``x-request-id`` or a new one, kept for the RPC's task so every log line carries it);
+    before its request is even decoded, and with a token that lacks the method's scope
+    (:data:`imgsearch.tokens.METHOD_SCOPES`) PERMISSION_DENIED. For the methods of
+    ``services`` (health and reflection pass untouched, so they are never shed): a request
+    id (the caller's ``x-request-id`` or a new one, kept for the RPC's task so every log
+    line carries it);
     UNAVAILABLE while the artifact set is loading; admission
     (:class:`~imgsearch.admission.Admission`: RESOURCE_EXHAUSTED with a pushback past the
     method's concurrency limit or when the deadline left is too short); bad input raised as
@@ -205,20 +208,23 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
         self._latency = LATENCY.labels(service, "total")
         self._counters: dict[tuple[str, str], Any] = {}
         self._refuse = grpc.stream_stream_rpc_method_handler(self._unauthenticated)
+        self._forbid: dict[str, grpc.RpcMethodHandler] = {}
 
     async def intercept_service(self, continuation, handler_call_details):
         method = handler_call_details.method
         tokens = self.tokens
-        if (
-            tokens is not None
-            and not method.startswith(f"/{HEALTH_SERVICE}/")
-            and not tokens.accepts(handler_call_details.invocation_metadata)
-        ):
-            service_name, _, method_name = method.lstrip("/").rpartition("/")
-            # Arbitrary paths must not grow the metrics' label sets.
-            known = service_name in self.services
-            self._count(method_name if known else "other", "UNAUTHENTICATED")
-            return self._refuse
+        if tokens is not None and not method.startswith(f"/{HEALTH_SERVICE}/"):
+            granted = tokens.scopes(handler_call_details.invocation_metadata)
+            needed = METHOD_SCOPES.get(method)
+            if granted is None or (needed is not None and needed not in granted):
+                # Only the API's own methods name a series: invented paths, however many,
+                # must not grow the metrics' label sets.
+                label = method.rpartition("/")[2] if needed is not None else "other"
+                if granted is None:
+                    self._count(label, "UNAUTHENTICATED")
+                    return self._refuse
+                self._count(label, "PERMISSION_DENIED")
+                return self._forbidden(needed)
         wrapped = self._handlers.get(method)
         if wrapped is not None:
             return wrapped
@@ -239,6 +245,18 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
         # A stream handler with no deserializer answers any method shape without reading
         # (or decoding) the request; the message is the same whatever was wrong.
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, UNAUTHENTICATED_MESSAGE)
+
+    def _forbidden(self, scope: str) -> grpc.RpcMethodHandler:
+        handler = self._forbid.get(scope)
+        if handler is None:
+
+            async def permission_denied(request_iterator, context) -> None:
+                await context.abort(
+                    grpc.StatusCode.PERMISSION_DENIED, f"this token lacks the scope {scope!r}"
+                )
+
+            handler = self._forbid[scope] = grpc.stream_stream_rpc_method_handler(permission_denied)
+        return handler
 
     def _count(self, method: str, code: str) -> None:
         counter = self._counters.get((method, code))
@@ -293,9 +311,8 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
                     raise
                 logger.exception("unhandled error", extra={"service": service})
                 status = "INTERNAL"
-                await context.abort(
-                    grpc.StatusCode.INTERNAL, f"internal error (request id {rid}): {exc}"
-                )
+                # The exception's text (paths, hosts, data) stays in the log, found by the id.
+                await context.abort(grpc.StatusCode.INTERNAL, f"internal error (request id {rid})")
             finally:
                 elapsed = time.perf_counter() - start
                 self._inflight.dec()
@@ -630,7 +647,10 @@ def reflection_wanted(setting: str, host: str, tls: bool) -> bool:
 
 
 def _tokens(path: str, setting: str) -> TokenSet | None:
-    return TokenSet.from_file(path, setting) if path else None
+    # The admin ports' token files opened only AdminService before scopes: read a token
+    # without scopes there as `admin`, on the service port as `search`.
+    legacy = (ADMIN,) if setting == "admin_tokens_file" else (SEARCH,)
+    return TokenSet.from_file(path, setting, legacy_scopes=legacy) if path else None
 
 
 def start_admin(
