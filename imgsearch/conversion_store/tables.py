@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Iterable
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -133,14 +134,7 @@ def merge_logged(catalogue: Catalogue, logged: pd.DataFrame) -> tuple[Catalogue,
     users = pd.DataFrame(
         {"user_idx": np.arange(len(user_ids)), "anonymous_user_id": user_ids}
     ).astype(USER_COLUMNS)
-    result = Catalogue(
-        photos=catalogue.photos,
-        keywords=catalogue.keywords,
-        users=users,
-        conversions=merged.astype(CONVERSION_COLUMNS),
-        data_dir=catalogue.data_dir,
-        labels=catalogue.labels,
-    )
+    result = replace(catalogue, users=users, conversions=merged.astype(CONVERSION_COLUMNS))
     report = {
         "events": int(len(logged)),
         "merged": int(known.sum()),
