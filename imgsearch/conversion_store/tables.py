@@ -13,6 +13,7 @@ import pandas as pd
 
 from imgsearch.catalogue import CONVERSION_COLUMNS, USER_COLUMNS, Catalogue
 from imgsearch.conversion_store import ConversionEvent
+from imgsearch.files import open_temporary
 from imgsearch.unsplash import CONVERSIONS_LAYOUT
 
 # The Unsplash Lite conversions columns, then the idempotency key.
@@ -45,7 +46,7 @@ def write_conversions_tsv(
     if not to_stdout and Path(out).is_dir():
         raise IsADirectoryError(f"{out} is a folder; give a file name such as {out}/logged.tsv")
     tmp = None if to_stdout else Path(f"{out}.tmp")
-    handle = sys.stdout if to_stdout else open(tmp, "w", encoding="utf-8", newline="\n")
+    handle = sys.stdout if to_stdout else open_temporary(tmp, "w", encoding="utf-8", newline="\n")
     rows = 0
     try:
         handle.write("\t".join(EXPORT_COLUMNS) + "\n")
