@@ -44,6 +44,8 @@ them; the SQLite file sits beside the artifact root (``var/artifacts`` ->
 | IMGSEARCH_ADMIN_TOKENS_FILE | bearer tokens the admin ports accept (1) | none |
 | IMGSEARCH_TLS_CERT | PEM certificate chain: the service port serves TLS | none: plaintext |
 | IMGSEARCH_TLS_KEY | PEM private key of that certificate | none |
+| IMGSEARCH_TLS_EXPIRY_MARGIN_S | health NOT_SERVING this long before the certificate ends | 86400 |
+| IMGSEARCH_TLS_WATCH_S | how often the certificate files are checked for a rotation | 30 |
 | IMGSEARCH_TLS_CLIENT_CA | PEM CA: clients must show a certificate it signed (mutual TLS) | none |
 | IMGSEARCH_AUTH_TOKENS_FILE | gateway: bearer tokens its service port accepts (1) | none |
 | IMGSEARCH_INSECURE_PUBLIC | gateway: `1` lets it bind off loopback with neither (1) nor mTLS | 0 |
@@ -176,6 +178,12 @@ class ServerConfig:
     tls_cert: str = field(default_factory=lambda: env("TLS_CERT", ""))
     tls_key: str = field(default_factory=lambda: env("TLS_KEY", ""))
     tls_client_ca: str = field(default_factory=lambda: env("TLS_CLIENT_CA", ""))
+    # A certificate is re-read on SIGHUP and when its files change (checked this often);
+    # health turns NOT_SERVING this long before it expires (imgsearch.certificates).
+    tls_expiry_margin_s: float = field(
+        default_factory=lambda: env_float("TLS_EXPIRY_MARGIN_S", 86_400.0)
+    )
+    tls_watch_s: float = field(default_factory=lambda: env_float("TLS_WATCH_S", 30.0))
     # Only the gateway reads IMGSEARCH_AUTH_TOKENS_FILE: the stages trust the gateway by mTLS.
     auth_tokens_file: str = ""
     reflection: str = field(default_factory=lambda: env("REFLECTION", "auto"))

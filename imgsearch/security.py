@@ -61,33 +61,6 @@ def read_file(path: str | Path, setting: str) -> bytes:
         raise SecurityConfigError(f"{setting}: cannot read {path}: {exc.strerror}") from None
 
 
-# ------------------------------------------------------------------------------------ server
-def server_credentials(cert: str, key: str, client_ca: str = "") -> grpc.ServerCredentials | None:
-    """TLS credentials for a server port, or None for plaintext (no certificate given).
-
-    Parameters
-    ----------
-    cert, key:
-        PEM certificate chain and private key; both or neither.
-    client_ca:
-        PEM CA bundle: when set, every client must present a certificate that chains to it
-        (mutual TLS) or the handshake fails.
-    """
-    if not cert and not key:
-        if client_ca:
-            raise SecurityConfigError("tls_client_ca needs tls_cert and tls_key (mutual TLS)")
-        return None
-    if not (cert and key):
-        raise SecurityConfigError("tls_cert and tls_key go together: set both or neither")
-    pair = (read_file(key, "tls_key"), read_file(cert, "tls_cert"))
-    if client_ca:
-        client_roots = read_file(client_ca, "tls_client_ca")
-        return grpc.ssl_server_credentials(
-            [pair], root_certificates=client_roots, require_client_auth=True
-        )
-    return grpc.ssl_server_credentials([pair])
-
-
 # ------------------------------------------------------------------------------------ client
 def read_token(path: str | Path, setting: str = "token file") -> str:
     """The first token in ``path``: a token file's format (:mod:`imgsearch.tokens`), so one

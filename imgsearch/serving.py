@@ -29,7 +29,9 @@ from prometheus_client import Counter, Gauge, Histogram, start_http_server
 from imgsearch import artifacts
 from imgsearch.admin.v1 import admin_service_pb2, admin_service_pb2_grpc
 from imgsearch.admission import Admission, AdmissionSettings, DeadlineExpired, Refusal
-from imgsearch.security import SecurityConfigError, is_loopback, server_credentials
+from imgsearch.certificates import ServingCertificate
+from imgsearch.health import BoundedHealthServicer
+from imgsearch.security import SecurityConfigError, is_loopback
 from imgsearch.tokens import ADMIN, METHOD_SCOPES, SEARCH, TokenSet
 
 REQUEST_ID_KEY = "x-request-id"
@@ -521,7 +523,7 @@ def new_server(
             ("grpc.max_connection_age_grace_ms", int(grace_s * 1000)),
         ]
     server = grpc.aio.server(interceptors=interceptors or (), options=options)
-    health = HealthServicer()
+    health = BoundedHealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     address = f"{host}:{port}"
     try:
@@ -646,6 +648,49 @@ def reflection_wanted(setting: str, host: str, tls: bool) -> bool:
     return setting == "on"
 
 
+def serving_certificate(name: str, config) -> ServingCertificate | None:
+    """The service port's certificate from ``config`` (None: plaintext).
+
+    Raises
+    ------
+    SecurityConfigError
+        When the files are missing, unreadable or inconsistent.
+    """
+    if not (config.tls_cert or config.tls_key):
+        if config.tls_client_ca:
+            raise SecurityConfigError("tls_client_ca needs tls_cert and tls_key (mutual TLS)")
+        return None
+    return ServingCertificate(
+        name,
+        config.tls_cert,
+        config.tls_key,
+        config.tls_client_ca,
+        expiry_margin_s=config.tls_expiry_margin_s,
+    )
+
+
+def watch_certificate(
+    service: Service, certificate: ServingCertificate, service_names: list[str], interval_s
+) -> None:
+    """Re-read ``certificate`` on SIGHUP (a reload hook) and when its files change, and keep
+    health NOT_SERVING while it is within its expiry margin."""
+
+    async def set_serving(fresh: bool) -> None:
+        await service.set_serving(service_names, fresh)
+
+    async def reread() -> None:
+        certificate.reload()
+        await set_serving(certificate.fresh())
+
+    service.reload_hooks.append(reread)
+    task = asyncio.get_running_loop().create_task(certificate.watch(set_serving, interval_s))
+
+    async def stop_watching() -> None:
+        task.cancel()
+
+    service.stop_hooks.append(stop_watching)
+
+
 def _tokens(path: str, setting: str) -> TokenSet | None:
     # The admin ports' token files opened only AdminService before scopes: read a token
     # without scopes there as `admin`, on the service port as `search`.
@@ -705,7 +750,8 @@ async def start_service(
     SecurityConfigError
         When a certificate, key or token file is missing or the settings contradict.
     """
-    credentials = server_credentials(config.tls_cert, config.tls_key, config.tls_client_ca)
+    certificate = serving_certificate(name, config)
+    credentials = certificate.credentials() if certificate is not None else None
     tls = credentials is not None
     if not tls and not is_loopback(config.host):
         logger.warning(
@@ -751,6 +797,8 @@ async def start_service(
 
     service.reload_hooks.append(reread_tokens)
     await service.set_serving(service_names, True)
+    if certificate is not None:
+        watch_certificate(service, certificate, service_names, config.tls_watch_s)
     logger.info(
         f"{name} serving",
         extra={

@@ -1,8 +1,8 @@
 """`imgsearch certs` (`make certs`): a development CA, server and client certificates, a token.
 
 Everything is made with the ``cryptography`` package (a dev dependency): ECDSA P-256 keys, a
-self-signed CA, a server certificate for the local names and the service names (usable as a
-client certificate too), a client certificate for the CLI, bench and the gateway's downstream
+self-signed CA, a server certificate for the local names and the service names (server
+authentication only: it cannot stand in for a client), a client certificate for the CLI, bench and the gateway's downstream
 calls, and a random bearer token. The output folder follows the rules of every command's
 output (:mod:`imgsearch_tools.outputs`): a file this command did not make is never deleted or
 overwritten.
@@ -268,7 +268,9 @@ def write_dev_certs(
         if all((out / name).is_file() for name in FILES):
             return []
     ca_key, ca_cert = make_ca(days=days)
-    server_key, server_cert = issue(ca_key, ca_cert, "imgsearch server", hosts, days=days)
+    server_key, server_cert = issue(
+        ca_key, ca_cert, "imgsearch server", hosts, server=True, client=False, days=days
+    )
     client_key, client_cert = issue(
         ca_key, ca_cert, "imgsearch client", (), server=False, client=True, days=days
     )
