@@ -4,8 +4,13 @@
 # CPU torch; no artifact set inside: mount one at /var/lib/imgsearch/artifacts.
 #
 #   docker build -t REGISTRY/imgsearch:0.1.0 .
+#   make certs    # var/certs/token: a bearer token with the scopes search, feedback:write
 #   docker run --rm -p 50051:50051 -e IMGSEARCH_HOST=0.0.0.0 \
+#     -e IMGSEARCH_AUTH_TOKENS_FILE=/var/lib/imgsearch/certs/token \
 #     -v "$PWD/var:/var/lib/imgsearch" REGISTRY/imgsearch:0.1.0
+#
+# The gateway asks every caller for a scoped token (docs/guides/access-control.md): without a
+# tokens file at IMGSEARCH_AUTH_TOKENS_FILE it does not start.
 #
 # No HEALTHCHECK: Kubernetes ignores it (the manifests probe grpc.health.v1 on each tier's
 # admin port instead), the port to check depends on the tier chosen at run time, and a check
@@ -54,5 +59,8 @@ USER 10001:10001
 WORKDIR /home/imgsearch
 # Service ports 5005x, admin ports 5006x (grpc.health.v1 and AdminService, plaintext).
 EXPOSE 50051 50052 50053 50061 50062 50063
+# Where the gateway reads its tokens file: a path, not a secret (DL3064 goes by the name).
+# hadolint ignore=DL3064
+ENV IMGSEARCH_AUTH_TOKENS_FILE=/var/lib/imgsearch/tokens
 ENTRYPOINT ["imgsearch"]
 CMD ["serve", "all"]
