@@ -13,7 +13,6 @@ from imgsearch.feedback.v1 import feedback_service_pb2_grpc as fb_grpc
 from imgsearch.search.v1 import search_service_pb2 as pb
 from imgsearch.search.v1 import search_service_pb2_grpc as pb_grpc
 from imgsearch.security import SecurityConfigError
-from imgsearch.tokens import SCOPES, TokenFileError, TokenSet
 from tests.test_feedback import Gateway, conversion
 
 TOKENS = {
@@ -121,6 +120,8 @@ def test_refused_calls_to_invented_methods_add_no_metric_series(gateway):
 
 
 def test_token_files_name_scopes_and_the_old_format_reads_as_search_only(tmp_path, caplog):
+    from imgsearch.tokens import SCOPES, TokenFileError, TokenSet
+
     path = tmp_path / "tokens"
     path.write_text("# comment\n\nscoped-token search,feedback:write\nold-token\n")
     tokens = TokenSet.from_file(path)

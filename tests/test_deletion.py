@@ -9,13 +9,7 @@ import pytest
 
 from imgsearch import artifacts
 from imgsearch.catalogue import Catalogue
-from imgsearch.conversion_store import (
-    TOMBSTONE_RETENTION_DAYS,
-    ConversionEvent,
-    default_db_path,
-    open_store,
-    user_hash,
-)
+from imgsearch.conversion_store import ConversionEvent, default_db_path, open_store
 from imgsearch.feedback.v1 import feedback_service_pb2 as pb
 from imgsearch.feedback.v1 import feedback_service_pb2_grpc as pb_grpc
 from imgsearch_tools.cli import main
@@ -47,10 +41,14 @@ def test_a_deleted_users_events_leave_no_trace_in_the_sqlite_files(tmp_path):
         # Neither the main file's free pages nor the WAL keep the id or the event ids.
         assert NEEDLE.encode() not in store_bytes(db)
         assert store.count() == 50
+        from imgsearch.conversion_store import user_hash
+
         assert store.tombstones().keys() == {user_hash(NEEDLE)}
 
 
 def test_tombstones_hold_hashes_and_expire_after_the_stated_retention(tmp_path):
+    from imgsearch.conversion_store import TOMBSTONE_RETENTION_DAYS, user_hash
+
     db = tmp_path / "conversions.sqlite3"
     with open_store(db=db) as store:
         store.delete_user("first")

@@ -6,7 +6,7 @@ import shlex
 
 import pytest
 
-from imgsearch.security import is_loopback, refuse_open_public_door
+from imgsearch.security import is_loopback
 from tests.test_deploy import (
     DOCKERFILE,
     base_objects,
@@ -23,6 +23,8 @@ CLIENT_LABEL = {"imgsearch.io/client": "true"}
 
 
 def test_the_kubernetes_base_starts_the_gateway_with_tokens_from_a_secret():
+    from imgsearch.security import refuse_open_public_door
+
     objects = base_objects()
     gateway = tier_config(objects, "gateway")
     assert gateway.auth_tokens_file and not is_loopback(gateway.host)
@@ -79,6 +81,8 @@ def test_the_image_and_its_documented_docker_run_start_with_tokens():
     assert documented["IMGSEARCH_HOST"] == "0.0.0.0"
     assert documented["IMGSEARCH_AUTH_TOKENS_FILE"].startswith("/var/lib/imgsearch/")
     # What that container's gateway runs with: tokens on a public address, so it starts.
+    from imgsearch.security import refuse_open_public_door
+
     _, gateway = serve_config(["imgsearch", "serve", "gateway"], {**env, **documented})
     assert gateway.auth_tokens_file == documented["IMGSEARCH_AUTH_TOKENS_FILE"]
     refuse_open_public_door("gateway", gateway.host, gateway.auth_tokens_file, "", False)

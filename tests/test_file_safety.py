@@ -107,7 +107,7 @@ def test_fetch_images_fetches_web_addresses_only_and_bounds_the_body(tmp_path, m
         (data / "photos.tsv000").write_text(
             f"photo_id\tphoto_image_url\nlocal\tfile://{local}\nbig\t{server.base}/ok/1.jpg\n"
         )
-        monkeypatch.setattr(fetch_module, "MAX_IMAGE_BYTES", 100)
+        monkeypatch.setattr(fetch_module, "MAX_IMAGE_BYTES", 100, raising=False)
         result = fetch_images(data, show_progress=False, retries=0, timeout=5)
     assert result["downloaded"] == 0 and result["failed"] == 2
     reasons = json.dumps(result["failures"])

@@ -8,10 +8,9 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from imgsearch.health import MAX_HEALTH_WATCHES
-
 
 def test_health_watch_streams_are_bounded(loop_thread):
+    from imgsearch.health import MAX_HEALTH_WATCHES
     from imgsearch.serving import new_server
 
     async def start():
