@@ -56,10 +56,14 @@ them; the SQLite file sits beside the artifact root (``var/artifacts`` ->
 | IMGSEARCH_TOKEN_FILE | `imgsearch search`/`bench`: its first token is sent (3) | none |
 | IMGSEARCH_ADMIN_TOKEN_FILE | `imgsearch reload`: its first token is sent (3) | none |
 
-(1) One token per line, `#` comments; a call must carry `authorization: Bearer <token>`;
-re-read on SIGHUP. The admin ports refuse to start on a non-loopback IMGSEARCH_ADMIN_HOST
-without IMGSEARCH_ADMIN_TOKENS_FILE; with IMGSEARCH_AUTH_TOKENS_FILE every RPC on the gateway's
-service port but health (its API, reflection, any service added later) needs a token.
+(1) One token per line followed by its scopes (`TOKEN search feedback:write`), `#` comments
+(imgsearch.tokens; a token alone, the older format, grants `search`, or `admin` in the admin
+file); a call must carry `authorization: Bearer <token>` with the method's scope; re-read on
+SIGHUP. The gateway refuses a non-loopback IMGSEARCH_HOST with neither this nor
+IMGSEARCH_TLS_CLIENT_CA unless IMGSEARCH_INSECURE_PUBLIC=1. The admin ports refuse to start
+on a non-loopback IMGSEARCH_ADMIN_HOST without IMGSEARCH_ADMIN_TOKENS_FILE; with
+IMGSEARCH_AUTH_TOKENS_FILE every RPC on the gateway's service port but health (its API,
+reflection, any service added later) needs a token.
 (2) The clients: the gateway towards retrieval and ranking, `imgsearch search` and `bench`
 (whose `--cacert`, `--cert`, `--key` override them). `imgsearch reload` talks to the admin
 ports, which are plaintext: it sends a token, never a certificate.
