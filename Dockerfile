@@ -33,11 +33,13 @@ COPY imgsearch_tools/ imgsearch_tools/
 COPY retrieval_service/ retrieval_service/
 COPY ranking_service/ ranking_service/
 COPY gateway/ gateway/
-# postgres: the conversion store that several gateway and ranking replicas share. The
-# versions are pyproject.toml's floors, as for any install of the project (DL3013 asks for
-# pins); `docker run --rm --entrypoint pip IMAGE freeze` lists what an image holds.
+COPY requirements/image.txt requirements/
+# postgres: the conversion store that several gateway and ranking replicas share. Every
+# package at the version and hashes `make lock` wrote (less torch, installed above); then the
+# project itself, with nothing more (DL3013 cannot tell `--no-deps .` from an unpinned name).
 # hadolint ignore=DL3013
-RUN pip install '.[postgres]'
+RUN pip install --require-hashes -r requirements/image.txt \
+    && pip install --no-deps '.[postgres]'
 
 FROM python:3.11-slim
 # A fixed numeric UID, so that Kubernetes can check runAsNonRoot without reading /etc/passwd.
