@@ -4,8 +4,13 @@
 # CPU torch; no artifact set inside: mount one at /var/lib/imgsearch/artifacts.
 #
 #   docker build -t REGISTRY/imgsearch:0.1.0 .
+#   make certs    # var/certs/token: a bearer token with the scopes search, feedback:write
 #   docker run --rm -p 50051:50051 -e IMGSEARCH_HOST=0.0.0.0 \
+#     -e IMGSEARCH_AUTH_TOKENS_FILE=/var/lib/imgsearch/certs/token \
 #     -v "$PWD/var:/var/lib/imgsearch" REGISTRY/imgsearch:0.1.0
+#
+# The gateway asks every caller for a scoped token (docs/guides/access-control.md): without a
+# tokens file at IMGSEARCH_AUTH_TOKENS_FILE it does not start.
 #
 # No HEALTHCHECK: Kubernetes ignores it (the manifests probe grpc.health.v1 on each tier's
 # admin port instead), the port to check depends on the tier chosen at run time, and a check
@@ -28,11 +33,13 @@ COPY imgsearch_tools/ imgsearch_tools/
 COPY retrieval_service/ retrieval_service/
 COPY ranking_service/ ranking_service/
 COPY gateway/ gateway/
-# postgres: the conversion store that several gateway and ranking replicas share. The
-# versions are pyproject.toml's floors, as for any install of the project (DL3013 asks for
-# pins); `docker run --rm --entrypoint pip IMAGE freeze` lists what an image holds.
+COPY requirements/image.txt requirements/
+# postgres: the conversion store that several gateway and ranking replicas share. Every
+# package at the version and hashes `make lock` wrote (less torch, installed above); then the
+# project itself, with nothing more (DL3013 cannot tell `--no-deps .` from an unpinned name).
 # hadolint ignore=DL3013
-RUN pip install '.[postgres]'
+RUN pip install --require-hashes -r requirements/image.txt \
+    && pip install --no-deps '.[postgres]'
 
 FROM python:3.11-slim
 # A fixed numeric UID, so that Kubernetes can check runAsNonRoot without reading /etc/passwd.
@@ -54,5 +61,8 @@ USER 10001:10001
 WORKDIR /home/imgsearch
 # Service ports 5005x, admin ports 5006x (grpc.health.v1 and AdminService, plaintext).
 EXPOSE 50051 50052 50053 50061 50062 50063
+# Where the gateway reads its tokens file: a path, not a secret (DL3064 goes by the name).
+# hadolint ignore=DL3064
+ENV IMGSEARCH_AUTH_TOKENS_FILE=/var/lib/imgsearch/tokens
 ENTRYPOINT ["imgsearch"]
 CMD ["serve", "all"]

@@ -7,7 +7,7 @@ DEMO_DATA := var/demo-data
 DEMO_ARTIFACTS := var/artifacts
 PROTO_FILES := $(shell find protos -name '*.proto')
 
-.PHONY: run test test-fast docs protos lint format bench eval demo certs clean
+.PHONY: run test test-fast docs protos lint format bench eval demo certs clean lock
 
 run: $(STAMP)
 	$(VENV)/bin/imgsearch demo --data $(DEMO_DATA) --artifacts $(DEMO_ARTIFACTS)
@@ -27,13 +27,28 @@ docs: $(STAMP)
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet
 
 # The test install takes the optional Ray extra too, so that `make test` (and CI) run the
-# Ray embedding test instead of skipping it; `pip install .` alone stays without Ray.
-$(STAMP): pyproject.toml
+# Ray embedding test instead of skipping it; `pip install .` alone stays without Ray. Every
+# package comes from the hash-locked requirements/dev.txt (`make lock`), then the project
+# itself with no dependency of its own choosing.
+$(STAMP): pyproject.toml requirements/dev.txt
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))' 2>/dev/null || { echo "error: Python 3.11 is required (found '$(PYTHON)'); install it or run 'make PYTHON=/path/to/python3.11'"; exit 1; }
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade --quiet pip
-	$(PY) -m pip install --quiet -e '.[dev,ray]'
+	$(PY) -m pip install --quiet --require-hashes -r requirements/dev.txt
+	$(PY) -m pip install --quiet --no-deps -e .
 	touch $(STAMP)
+
+# After a change to the dependencies in pyproject.toml (or a merge that brings one): the
+# hash-locked files that `make test`, CI and the Docker build install. runtime.txt: `pip
+# install '.[postgres]'`; dev.txt: with the dev and ray extras; image.txt: runtime.txt less
+# torch, torchvision and their CUDA libraries (the image takes PyTorch's CPU wheels).
+# Resolved for Linux x86-64 and Python 3.11 (CI's and the image's) wherever it runs.
+COMPILE := $(VENV)/bin/uv pip compile --quiet --generate-hashes --python-version 3.11 \
+	--python-platform x86_64-unknown-linux-gnu
+lock: $(STAMP)
+	$(COMPILE) pyproject.toml --extra postgres -o requirements/runtime.txt
+	$(COMPILE) pyproject.toml --extra postgres --extra dev --extra ray -o requirements/dev.txt
+	$(PY) -m imgsearch_tools.lockfiles requirements/runtime.txt requirements/image.txt
 
 protos: $(STAMP)
 	$(PY) -m grpc_tools.protoc -I protos --python_out=. --grpc_python_out=. --pyi_out=. $(PROTO_FILES)

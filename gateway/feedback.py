@@ -8,7 +8,7 @@ import time
 import grpc
 from prometheus_client import Counter
 
-from imgsearch.catalogue import normalise_keyword
+from imgsearch.catalogue import normalise_keyword, normalise_user_id
 from imgsearch.config import MAX_QUERY_CHARS, MAX_USER_ID_CHARS
 from imgsearch.conversion_store import DEFAULT_CONVERSION_TYPE, ConversionEvent, Outcome, StoreError
 from imgsearch.conversion_store.background import BackgroundStore
@@ -21,6 +21,7 @@ MAX_EVENTS_PER_BATCH = 1000
 MAX_EVENT_ID_CHARS = 128
 MAX_PHOTO_ID_CHARS = 128
 MAX_COUNTRY_CHARS = 64
+TEXT_FIELDS = ("event_id", "user_id", "photo_id", "query", "country")
 # Clocks of clients and servers disagree a little; a conversion further ahead is a bug.
 FUTURE_TOLERANCE_S = 300
 CONVERSION_TYPES = {
@@ -75,7 +76,12 @@ def check_event(
     """
     if not event.event_id:
         return None, pb.REJECTION_REASON_MISSING_EVENT_ID, "event_id is empty"
-    if not event.user_id.strip():
+    for name in TEXT_FIELDS:
+        if "\x00" in getattr(event, name):
+            # PostgreSQL text cannot hold NUL: stored, it would fail the batch at every retry.
+            return None, pb.REJECTION_REASON_INVALID_TEXT, f"{name} contains a NUL character"
+    user_id = normalise_user_id(event.user_id)
+    if not user_id:
         return None, pb.REJECTION_REASON_EMPTY_USER, "user_id is empty"
     conversion_type = CONVERSION_TYPES.get(event.conversion_type)
     if conversion_type is None:
@@ -110,7 +116,7 @@ def check_event(
         )
     record = ConversionEvent(
         event_id=event.event_id,
-        user_id=event.user_id,
+        user_id=user_id,
         photo_id=event.photo_id,
         keyword=normalise_keyword(event.query),
         converted_at_us=converted_at_us,
@@ -164,10 +170,12 @@ class FeedbackServicer(pb_grpc.FeedbackServiceServicer):
             try:
                 outcomes = await self.store.append(valid)
             except StoreError as exc:
+                # Where the store is and why it failed (paths, hosts, users) is for the log.
                 logger.warning("conversion store write failed", extra={"error": str(exc)})
                 await context.abort(
                     grpc.StatusCode.UNAVAILABLE,
-                    f"{exc}; no event of this batch was stored, retry it",
+                    "the conversion store is unavailable; no event of this batch was stored, "
+                    "retry it",
                 )
             for i, outcome in zip(positions, outcomes):
                 result = results[i]
@@ -192,13 +200,21 @@ class FeedbackServicer(pb_grpc.FeedbackServiceServicer):
     async def DeleteUserEvents(
         self, request: pb.DeleteUserEventsRequest, context
     ) -> pb.DeleteUserEventsResponse:
-        if not request.user_id.strip():
+        user_id = normalise_user_id(request.user_id)
+        if not user_id:
             raise InvalidArgument("user_id", "must not be empty")
         if len(request.user_id) > MAX_USER_ID_CHARS:
             raise InvalidArgument("user_id", f"must be at most {MAX_USER_ID_CHARS} characters")
+        if "\x00" in user_id:
+            raise InvalidArgument("user_id", "must not contain a NUL character")
         try:
-            deleted = await self.store.call("delete_user", request.user_id)
+            deleted = await self.store.call("delete_user", user_id)
         except StoreError as exc:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, f"{exc}; nothing was deleted")
+            logger.warning("conversion store delete failed", extra={"error": str(exc)})
+            await context.abort(
+                grpc.StatusCode.UNAVAILABLE,
+                "the conversion store is unavailable; nothing was deleted, retry it",
+            )
         logger.info("user events deleted", extra={"count": deleted})
-        return pb.DeleteUserEventsResponse(deleted_count=deleted)
+        # The same answer whether the user had events or not.
+        return pb.DeleteUserEventsResponse()

@@ -16,6 +16,7 @@ from gateway.shards import RetrievalTier
 from imgsearch import artifacts
 from imgsearch.admission import PUSHBACK_KEY, SHED, report_downstream_overload
 from imgsearch.balancing import channel_options, channel_target
+from imgsearch.catalogue import normalise_user_id
 from imgsearch.config import (
     DEFAULT_CANDIDATES_K,
     DEFAULT_K,
@@ -34,7 +35,7 @@ from imgsearch.ranking.v1 import ranking_service_pb2_grpc as rank_grpc
 from imgsearch.retrieval.v1 import retrieval_service_pb2 as retr_pb
 from imgsearch.search.v1 import search_service_pb2 as pb
 from imgsearch.search.v1 import search_service_pb2_grpc as pb_grpc
-from imgsearch.security import ClientSecurity
+from imgsearch.security import ClientSecurity, refuse_open_public_door
 from imgsearch.serving import (
     DEGRADED,
     LATENCY,
@@ -500,7 +501,7 @@ class SearchServicer(pb_grpc.SearchServiceServicer):
         if permit is None:
             return self._degrade(response, candidates, k, kind, reason)
         rank_request = rank_pb.RankRequest(
-            user_id=request.user_id,
+            user_id=normalise_user_id(request.user_id),
             query=request.query,
             keyword=keyword,
             candidate_photo_ids=candidates.ids,
@@ -564,7 +565,7 @@ class SearchServicer(pb_grpc.SearchServiceServicer):
         if permit is None:
             return kind, reason
         recommend_request = rank_pb.RecommendRequest(
-            user_id=request.user_id,
+            user_id=normalise_user_id(request.user_id),
             k=TWO_STEP_RECOMMEND,
             recent_photo_ids=request.recent_photo_ids,
         )
@@ -603,7 +604,21 @@ class SearchServicer(pb_grpc.SearchServiceServicer):
 
 
 async def create_gateway_server(config: GatewayConfig) -> Service:
-    """Create, load and start the gateway; returns it once it is SERVING."""
+    """Create, load and start the gateway; returns it once it is SERVING.
+
+    Raises
+    ------
+    SecurityConfigError
+        When it would bind a non-loopback address with neither tokens nor client
+        certificates and ``config.insecure_public`` is not set, or a security file is bad.
+    """
+    refuse_open_public_door(
+        "gateway",
+        config.host,
+        config.auth_tokens_file,
+        config.tls_client_ca,
+        config.insecure_public,
+    )
 
     location = config.conversion_store()
     store = BackgroundStore(lambda: open_store(**location), name="conversions-writer")

@@ -14,6 +14,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from imgsearch.files import write_temporary
+
 # Layout of one artifact set (paths relative to the set's folder).
 MANIFEST = "manifest.json"
 CATALOGUE_DIR = "catalogue"  # photos/keywords/users/conversions .parquet
@@ -78,7 +80,15 @@ def resolve(path: str | Path) -> ArtifactSet:
     """
     path = Path(path)
     if (path / CURRENT).exists():
-        path = (path / CURRENT).resolve()
+        target = (path / CURRENT).resolve()
+        # A root's `current` names one of its own sets; one pointing anywhere else (a link
+        # planted in a set folder, say) is not followed.
+        if target.parent != (path / SETS_DIR).resolve():
+            raise ArtifactError(
+                f"{path / CURRENT} points to {target}, outside {path / SETS_DIR}; "
+                "it is not followed"
+            )
+        path = target
     manifest_path = path / MANIFEST
     if not manifest_path.exists():
         raise ArtifactError(
@@ -180,7 +190,7 @@ def writing_set(root: str | Path, fingerprint: str) -> Iterator[tuple[Path, str]
         fcntl.flock(handle, fcntl.LOCK_EX)
         # Written only once locked: prune takes a marker with a pid and no lock for a set
         # whose writer died (see _settle_in_progress).
-        handle.write(f"{os.getpid()}\n")
+        handle.write(f"{os.getpid()} {version}\n")
         handle.flush()
         try:
             yield set_dir, version
@@ -207,10 +217,28 @@ def _settle_in_progress(set_dir: Path) -> str:
             return "writing"
         if os.fstat(handle.fileno()).st_nlink == 0:
             return ""  # unlinked by its writer, which has just published the set
-        if not handle.read().strip():
+        written = handle.read().split()
+        if not written:
             return "writing"  # the writer has created the marker but not locked it yet
+        if not _started_by_a_build(set_dir, written):
+            return "foreign"  # not a folder writing_set made: never deleted
         shutil.rmtree(set_dir, ignore_errors=True)
         return "removed"
+
+
+# The folder names new_set_dir gives: a UTC time, the data fingerprint, a counter on clashes.
+BUILD_VERSION = re.compile(r"\d{8}T\d{6}-[0-9a-f]{0,8}(\.\d+)?")
+
+
+def _started_by_a_build(set_dir: Path, marker: list[str]) -> bool:
+    """Whether an in-progress marker's words are those :func:`writing_set` wrote for this
+    folder: a pid and the folder's version (a pid alone, before versions were written,
+    counts for a folder named as builds name them)."""
+    if not marker[0].isdigit():
+        return False
+    if len(marker) == 1:
+        return BUILD_VERSION.fullmatch(set_dir.name) is not None
+    return marker[1:] == [set_dir.name]
 
 
 def _is_set(path: Path) -> bool:
@@ -225,7 +253,7 @@ def _is_set(path: Path) -> bool:
 def write_manifest(set_dir: Path, manifest: dict) -> None:
     """Write the manifest last: a set without one is incomplete and is never loaded."""
     tmp = set_dir / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str))
+    write_temporary(tmp, json.dumps(manifest, indent=2, sort_keys=True, default=str))
     os.replace(tmp, set_dir / MANIFEST)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -53,6 +54,15 @@ TABLES = {
 def normalise_keyword(text: str) -> str:
     """Return the canonical form of a keyword or query: lower case, single spaces, trimmed."""
     return " ".join(str(text).lower().split())
+
+
+def normalise_user_id(user_id: str) -> str:
+    """The one form of a user id everywhere it is stored, looked up or deleted: NFC, trimmed.
+
+    Applied once where a request enters, so that ``" alice"`` and ``"alice"`` are one user
+    (a deletion of one reaches the events of the other).
+    """
+    return unicodedata.normalize("NFC", str(user_id)).strip()
 
 
 @dataclass

@@ -102,6 +102,12 @@ class ServerConfig:
     tls_cert: str = field(default_factory=lambda: env("TLS_CERT", ""))
     tls_key: str = field(default_factory=lambda: env("TLS_KEY", ""))
     tls_client_ca: str = field(default_factory=lambda: env("TLS_CLIENT_CA", ""))
+    # A certificate is re-read on SIGHUP and when its files change (checked this often);
+    # health turns NOT_SERVING this long before it expires (imgsearch.certificates).
+    tls_expiry_margin_s: float = field(
+        default_factory=lambda: env_float("TLS_EXPIRY_MARGIN_S", 86_400.0)
+    )
+    tls_watch_s: float = field(default_factory=lambda: env_float("TLS_WATCH_S", 30.0))
     # Only the gateway reads IMGSEARCH_AUTH_TOKENS_FILE: the stages trust the gateway by mTLS.
     auth_tokens_file: str = ""
     reflection: str = field(default_factory=lambda: env("REFLECTION", "auto"))
@@ -184,6 +190,11 @@ class GatewayConfig(ConversionStoreConfig):
     metrics_port: int = field(default_factory=lambda: metrics_port("gateway"))
     admin_port: int = field(default_factory=lambda: env_int("GATEWAY_ADMIN_PORT", 50061))
     auth_tokens_file: str = field(default_factory=lambda: env("AUTH_TOKENS_FILE", ""))
+    # The public door refuses a non-loopback address with neither tokens nor client
+    # certificates unless this says the network is the lock (imgsearch.security).
+    insecure_public: bool = field(
+        default_factory=lambda: env("INSECURE_PUBLIC", "0") not in ("", "0", "false")
+    )
     retrieval_addr: str = field(
         default_factory=lambda: env(
             "RETRIEVAL_ADDR", f"127.0.0.1:{env_int('RETRIEVAL_PORT', 50052)}"

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import ipaddress
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +29,30 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def refuse_open_public_door(
+    name: str, host: str, tokens_file: str, client_ca: str, insecure_public: bool
+) -> None:
+    """Refuse to serve ``host`` off loopback with no way to tell callers apart.
+
+    The gateway is the public door: bound to a non-loopback address it needs bearer tokens or
+    client certificates (mutual TLS), unless ``insecure_public`` says a network of its own
+    (a private subnet, a NetworkPolicy) already is the lock.
+
+    Raises
+    ------
+    SecurityConfigError
+        Naming the settings that would open it.
+    """
+    if is_loopback(host) or tokens_file or client_ca or insecure_public:
+        return
+    raise SecurityConfigError(
+        f"{name} would serve {host}, which is not loopback, to anyone: set "
+        "IMGSEARCH_AUTH_TOKENS_FILE (--auth-tokens-file) or IMGSEARCH_TLS_CLIENT_CA "
+        "(--tls-client-ca), bind 127.0.0.1, or pass --insecure-public "
+        "(IMGSEARCH_INSECURE_PUBLIC=1) if the network itself admits only trusted clients"
+    )
+
+
 def read_file(path: str | Path, setting: str) -> bytes:
     """The bytes of ``path``; a missing or unreadable file names the setting that points at it."""
     try:
@@ -39,76 +61,15 @@ def read_file(path: str | Path, setting: str) -> bytes:
         raise SecurityConfigError(f"{setting}: cannot read {path}: {exc.strerror}") from None
 
 
-# ------------------------------------------------------------------------------------ server
-def server_credentials(cert: str, key: str, client_ca: str = "") -> grpc.ServerCredentials | None:
-    """TLS credentials for a server port, or None for plaintext (no certificate given).
-
-    Parameters
-    ----------
-    cert, key:
-        PEM certificate chain and private key; both or neither.
-    client_ca:
-        PEM CA bundle: when set, every client must present a certificate that chains to it
-        (mutual TLS) or the handshake fails.
-    """
-    if not cert and not key:
-        if client_ca:
-            raise SecurityConfigError("tls_client_ca needs tls_cert and tls_key (mutual TLS)")
-        return None
-    if not (cert and key):
-        raise SecurityConfigError("tls_cert and tls_key go together: set both or neither")
-    pair = (read_file(key, "tls_key"), read_file(cert, "tls_cert"))
-    if client_ca:
-        client_roots = read_file(client_ca, "tls_client_ca")
-        return grpc.ssl_server_credentials(
-            [pair], root_certificates=client_roots, require_client_auth=True
-        )
-    return grpc.ssl_server_credentials([pair])
-
-
-class TokenSet:
-    """Bearer tokens a port accepts, read from a file (one per line, ``#`` comments).
-
-    Only SHA-256 digests are kept; a presented token is hashed and compared with each digest
-    in constant time, so neither the tokens nor their prefixes leak through timing.
-    """
-
-    def __init__(self, tokens: list[str], source: str = ""):
-        if not tokens:
-            raise SecurityConfigError(f"{source or 'token list'}: no token in it")
-        self.source = source
-        self._digests = [hashlib.sha256(t.encode()).digest() for t in tokens]
-
-    @classmethod
-    def from_file(cls, path: str | Path, setting: str = "tokens file") -> TokenSet:
-        """Read the tokens of ``path``: one per line, blank lines and ``#`` comments ignored."""
-        text = read_file(path, setting).decode("utf-8", errors="strict")
-        tokens = [line.strip() for line in text.splitlines()]
-        return cls([t for t in tokens if t and not t.startswith("#")], f"{setting} {path}")
-
-    def accepts(self, metadata) -> bool:
-        """Whether the call's metadata carries ``authorization: Bearer <a known token>``."""
-        for key, value in metadata or ():
-            if key != AUTHORIZATION_KEY or not isinstance(value, str):
-                continue
-            if len(value) > MAX_TOKEN_CHARS or value[: len(BEARER)].lower() != BEARER:
-                return False
-            digest = hashlib.sha256(value[len(BEARER) :].strip().encode()).digest()
-            found = False
-            for known in self._digests:
-                found |= hmac.compare_digest(digest, known)
-            return found
-        return False
-
-
 # ------------------------------------------------------------------------------------ client
 def read_token(path: str | Path, setting: str = "token file") -> str:
-    """The first token in ``path`` (same format as a tokens file, so one file can serve both)."""
+    """The first token in ``path``: a token file's format (:mod:`imgsearch.tokens`), so one
+    file can serve both; the scopes after the token are the server's business."""
     text = read_file(path, setting).decode("utf-8")
     for line in text.splitlines():
-        line = line.strip()
-        if line and not line.startswith("#"):
-            return line
+        fields = line.replace(",", " ").split()
+        if fields and not fields[0].startswith("#"):
+            return fields[0]
     raise SecurityConfigError(f"{setting} {path}: no token in it")
 
 

@@ -29,7 +29,10 @@ from prometheus_client import Counter, Gauge, Histogram, start_http_server
 from imgsearch import artifacts
 from imgsearch.admin.v1 import admin_service_pb2, admin_service_pb2_grpc
 from imgsearch.admission import Admission, AdmissionSettings, DeadlineExpired, Refusal
-from imgsearch.security import SecurityConfigError, TokenSet, is_loopback, server_credentials
+from imgsearch.certificates import ServingCertificate
+from imgsearch.health import BoundedHealthServicer
+from imgsearch.security import SecurityConfigError, is_loopback
+from imgsearch.tokens import ADMIN, METHOD_SCOPES, SEARCH, TokenSet
 
 REQUEST_ID_KEY = "x-request-id"
 # One JSON line per RPC (service, method, code, ms, request id) when IMGSEARCH_ACCESS_LOG=1;
@@ -160,9 +163,11 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
     With ``tokens``, every RPC on the port but the health service's (the service's own API,
     reflection, any service registered later, unknown methods alike) must carry
     ``authorization: Bearer <token>``; without one it gets UNAUTHENTICATED and nothing more,
-    before its request is even decoded. For the methods of ``services`` (health and
-    reflection pass untouched, so they are never shed): a request id (the caller's
-    ``x-request-id`` or a new one, kept for the RPC's task so every log line carries it);
+    before its request is even decoded, and with a token that lacks the method's scope
+    (:data:`imgsearch.tokens.METHOD_SCOPES`) PERMISSION_DENIED. For the methods of
+    ``services`` (health and reflection pass untouched, so they are never shed): a request
+    id (the caller's ``x-request-id`` or a new one, kept for the RPC's task so every log
+    line carries it);
     UNAVAILABLE while the artifact set is loading; admission
     (:class:`~imgsearch.admission.Admission`: RESOURCE_EXHAUSTED with a pushback past the
     method's concurrency limit or when the deadline left is too short); bad input raised as
@@ -205,20 +210,23 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
         self._latency = LATENCY.labels(service, "total")
         self._counters: dict[tuple[str, str], Any] = {}
         self._refuse = grpc.stream_stream_rpc_method_handler(self._unauthenticated)
+        self._forbid: dict[str, grpc.RpcMethodHandler] = {}
 
     async def intercept_service(self, continuation, handler_call_details):
         method = handler_call_details.method
         tokens = self.tokens
-        if (
-            tokens is not None
-            and not method.startswith(f"/{HEALTH_SERVICE}/")
-            and not tokens.accepts(handler_call_details.invocation_metadata)
-        ):
-            service_name, _, method_name = method.lstrip("/").rpartition("/")
-            # Arbitrary paths must not grow the metrics' label sets.
-            known = service_name in self.services
-            self._count(method_name if known else "other", "UNAUTHENTICATED")
-            return self._refuse
+        if tokens is not None and not method.startswith(f"/{HEALTH_SERVICE}/"):
+            granted = tokens.scopes(handler_call_details.invocation_metadata)
+            needed = METHOD_SCOPES.get(method)
+            if granted is None or (needed is not None and needed not in granted):
+                # Only the API's own methods name a series: invented paths, however many,
+                # must not grow the metrics' label sets.
+                label = method.rpartition("/")[2] if needed is not None else "other"
+                if granted is None:
+                    self._count(label, "UNAUTHENTICATED")
+                    return self._refuse
+                self._count(label, "PERMISSION_DENIED")
+                return self._forbidden(needed)
         wrapped = self._handlers.get(method)
         if wrapped is not None:
             return wrapped
@@ -239,6 +247,18 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
         # A stream handler with no deserializer answers any method shape without reading
         # (or decoding) the request; the message is the same whatever was wrong.
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, UNAUTHENTICATED_MESSAGE)
+
+    def _forbidden(self, scope: str) -> grpc.RpcMethodHandler:
+        handler = self._forbid.get(scope)
+        if handler is None:
+
+            async def permission_denied(request_iterator, context) -> None:
+                await context.abort(
+                    grpc.StatusCode.PERMISSION_DENIED, f"this token lacks the scope {scope!r}"
+                )
+
+            handler = self._forbid[scope] = grpc.stream_stream_rpc_method_handler(permission_denied)
+        return handler
 
     def _count(self, method: str, code: str) -> None:
         counter = self._counters.get((method, code))
@@ -293,9 +313,8 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
                     raise
                 logger.exception("unhandled error", extra={"service": service})
                 status = "INTERNAL"
-                await context.abort(
-                    grpc.StatusCode.INTERNAL, f"internal error (request id {rid}): {exc}"
-                )
+                # The exception's text (paths, hosts, data) stays in the log, found by the id.
+                await context.abort(grpc.StatusCode.INTERNAL, f"internal error (request id {rid})")
             finally:
                 elapsed = time.perf_counter() - start
                 self._inflight.dec()
@@ -504,7 +523,7 @@ def new_server(
             ("grpc.max_connection_age_grace_ms", int(grace_s * 1000)),
         ]
     server = grpc.aio.server(interceptors=interceptors or (), options=options)
-    health = HealthServicer()
+    health = BoundedHealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     address = f"{host}:{port}"
     try:
@@ -629,8 +648,54 @@ def reflection_wanted(setting: str, host: str, tls: bool) -> bool:
     return setting == "on"
 
 
+def serving_certificate(name: str, config) -> ServingCertificate | None:
+    """The service port's certificate from ``config`` (None: plaintext).
+
+    Raises
+    ------
+    SecurityConfigError
+        When the files are missing, unreadable or inconsistent.
+    """
+    if not (config.tls_cert or config.tls_key):
+        if config.tls_client_ca:
+            raise SecurityConfigError("tls_client_ca needs tls_cert and tls_key (mutual TLS)")
+        return None
+    return ServingCertificate(
+        name,
+        config.tls_cert,
+        config.tls_key,
+        config.tls_client_ca,
+        expiry_margin_s=config.tls_expiry_margin_s,
+    )
+
+
+def watch_certificate(
+    service: Service, certificate: ServingCertificate, service_names: list[str], interval_s
+) -> None:
+    """Re-read ``certificate`` on SIGHUP (a reload hook) and when its files change, and keep
+    health NOT_SERVING while it is within its expiry margin."""
+
+    async def set_serving(fresh: bool) -> None:
+        await service.set_serving(service_names, fresh)
+
+    async def reread() -> None:
+        certificate.reload()
+        await set_serving(certificate.fresh())
+
+    service.reload_hooks.append(reread)
+    task = asyncio.get_running_loop().create_task(certificate.watch(set_serving, interval_s))
+
+    async def stop_watching() -> None:
+        task.cancel()
+
+    service.stop_hooks.append(stop_watching)
+
+
 def _tokens(path: str, setting: str) -> TokenSet | None:
-    return TokenSet.from_file(path, setting) if path else None
+    # The admin ports' token files opened only AdminService before scopes: read a token
+    # without scopes there as `admin`, on the service port as `search`.
+    legacy = (ADMIN,) if setting == "admin_tokens_file" else (SEARCH,)
+    return TokenSet.from_file(path, setting, legacy_scopes=legacy) if path else None
 
 
 def start_admin(
@@ -685,7 +750,8 @@ async def start_service(
     SecurityConfigError
         When a certificate, key or token file is missing or the settings contradict.
     """
-    credentials = server_credentials(config.tls_cert, config.tls_key, config.tls_client_ca)
+    certificate = serving_certificate(name, config)
+    credentials = certificate.credentials() if certificate is not None else None
     tls = credentials is not None
     if not tls and not is_loopback(config.host):
         logger.warning(
@@ -731,6 +797,8 @@ async def start_service(
 
     service.reload_hooks.append(reread_tokens)
     await service.set_serving(service_names, True)
+    if certificate is not None:
+        watch_certificate(service, certificate, service_names, config.tls_watch_s)
     logger.info(
         f"{name} serving",
         extra={

@@ -9,8 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 _TOKENS = (
-    "One token per line, `#` comments; a call must carry `authorization: Bearer <token>`; "
-    "re-read on SIGHUP."
+    "One token per line followed by its scopes (`TOKEN search feedback:write`), `#` comments "
+    "(a token alone, the older format, grants `search`, or `admin` in the admin file); a call "
+    "must carry `authorization: Bearer <token>` with the method's scope; re-read on SIGHUP."
 )
 _CLIENT = (
     "Read by the clients: the gateway towards retrieval and ranking, `imgsearch search` and "
@@ -183,12 +184,24 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("TLS_CERT", "PEM certificate chain: the service port serves TLS.", "none (plaintext)"),
     Setting("TLS_KEY", "PEM private key of that certificate.", "none"),
     Setting(
+        "TLS_EXPIRY_MARGIN_S",
+        "Health turns NOT_SERVING this many seconds before the certificate expires.",
+        "86400",
+    ),
+    Setting("TLS_WATCH_S", "How often the certificate files are checked for a rotation.", "30"),
+    Setting(
         "TLS_CLIENT_CA", "PEM CA: clients must show a certificate it signed (mutual TLS).", "none"
     ),
     Setting(
         "AUTH_TOKENS_FILE",
         f"Bearer tokens the gateway's service port accepts (every RPC but health). {_TOKENS}",
         "none",
+        "gateway",
+    ),
+    Setting(
+        "INSECURE_PUBLIC",
+        "`1` lets the gateway bind off loopback with neither tokens nor client certificates.",
+        "0",
         "gateway",
     ),
     Setting("REFLECTION", "`on`, `off`, or `auto`: on only for a plaintext loopback port.", "auto"),

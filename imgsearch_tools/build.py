@@ -495,6 +495,7 @@ def retrain_rankers(
     keep: int = 3,
     show_progress: bool = True,
     logged=None,
+    tombstones: dict[str, int] | None = None,
 ) -> Path:
     """Train ``rankers`` on the current set's catalogue and publish them as a new set version.
 
@@ -503,9 +504,13 @@ def retrain_rankers(
     catalogue as built (kept as ``catalogue_base`` in the new set), so that events merged by
     an earlier retraining are not counted twice and events deleted since are gone. Logged
     events add users, which renumbers them, so then every ranker of the set is retrained.
+    ``tombstones`` (``ConversionStore.tombstones``) drop the events of deleted users made
+    before their deletion, wherever they come from (:func:`forget_users`), and retrain every
+    ranker when any were there.
     """
     from imgsearch import artifacts
     from imgsearch.catalogue import Catalogue
+    from imgsearch.conversion_store.forget import forget_users
     from imgsearch.conversion_store.tables import merge_logged
     from retrieval_service.keyword_index import KeywordIndex
 
@@ -529,11 +534,17 @@ def retrain_rankers(
         )
         rankers = list(dict.fromkeys([*rankers, *current.rankers]))
         skip += (artifacts.CATALOGUE_DIR, artifacts.BASE_CATALOGUE_DIR)
+    catalogue, forgotten = forget_users(catalogue, tombstones or {})
+    if forgotten:
+        log(f"deleted users: {forgotten:,} of their earlier conversions left out")
+        rankers = list(dict.fromkeys([*rankers, *current.rankers]))
+        skip += (artifacts.CATALOGUE_DIR,)
     fingerprint = current.manifest.get("data_fingerprint", "")
     with artifacts.writing_set(root, fingerprint) as (set_dir, version):
         artifacts.link_tree(current.path, set_dir, skip=skip)
         if merged is not None:
             artifacts.link_tree(current.file(base_name), set_dir / artifacts.BASE_CATALOGUE_DIR)
+        if merged is not None or forgotten:
             catalogue.save(set_dir / artifacts.CATALOGUE_DIR)
         for name in rankers:
             shutil.rmtree(set_dir / artifacts.RANKERS_DIR / name, ignore_errors=True)
@@ -564,6 +575,8 @@ def retrain_rankers(
         }
         if merged is not None:
             manifest["logged_conversions"] = merged
+        if forgotten:
+            manifest["forgotten_conversions"] = forgotten
         artifacts.write_manifest(set_dir, manifest)
         artifacts.publish(root, set_dir)
     artifacts.prune(root, keep=keep)
@@ -586,6 +599,7 @@ def cmd_train(args) -> int:
         return 2
     try:
         logged = read_logged_events(args) if args.with_logged_events else None
+        tombstones = read_tombstones(args)
         retrain_rankers(
             args.artifacts,
             rankers,
@@ -594,6 +608,7 @@ def cmd_train(args) -> int:
             keep=args.keep,
             show_progress=not args.quiet,
             logged=logged,
+            tombstones=tombstones,
         )
     except (artifacts.ArtifactError, StoreError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -652,6 +667,17 @@ def cmd_shard(args) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def read_tombstones(args) -> dict[str, int]:
+    """The deleted users' tombstones of the store the servers use ({} when none was made)."""
+    from pathlib import Path
+
+    location = store_location(args)
+    if "db" in location and not Path(location["db"]).exists():
+        return {}
+    with open_existing_store(location) as store:
+        return store.tombstones()
 
 
 def read_logged_events(args):

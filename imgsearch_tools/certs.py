@@ -1,11 +1,11 @@
 """`imgsearch certs` (`make certs`): a development CA, server and client certificates, a token.
 
-Everything is made with the ``cryptography`` package (a dev dependency): ECDSA P-256 keys, a
-self-signed CA, a server certificate for the local names and the service names (usable as a
-client certificate too), a client certificate for the CLI, bench and the gateway's downstream
-calls, and a random bearer token. The output folder follows the rules of every command's
-output (:mod:`imgsearch_tools.outputs`): a file this command did not make is never deleted or
-overwritten.
+Everything is made with the ``cryptography`` package: ECDSA P-256 keys, a self-signed CA, a
+server certificate for the local names and the service names (server authentication only:
+it cannot stand in for a client), a client certificate for the CLI, bench and the gateway's
+downstream calls, and a random bearer token with the scopes search and feedback:write. The
+output folder follows the rules of every command's output (:mod:`imgsearch_tools.outputs`): a
+file this command did not make is never deleted or overwritten.
 """
 
 from __future__ import annotations
@@ -27,6 +27,8 @@ TOKEN = "token"
 FILES = (CA_CERT, CA_KEY, SERVER_CERT, SERVER_KEY, CLIENT_CERT, CLIENT_KEY, TOKEN)
 SECRETS = (CA_KEY, SERVER_KEY, CLIENT_KEY, TOKEN)
 MAKER = "certs"  # the command's name in the output folder's marker
+# What the development token may do: search and log conversions (not delete, not admin).
+DEV_TOKEN_SCOPES = ("search", "feedback:write")
 # The names a local or in-cluster client dials: loopback, and the services' own names.
 DEFAULT_HOSTS = ("localhost", "127.0.0.1", "::1", "gateway", "retrieval", "ranking")
 
@@ -268,7 +270,9 @@ def write_dev_certs(
         if all((out / name).is_file() for name in FILES):
             return []
     ca_key, ca_cert = make_ca(days=days)
-    server_key, server_cert = issue(ca_key, ca_cert, "imgsearch server", hosts, days=days)
+    server_key, server_cert = issue(
+        ca_key, ca_cert, "imgsearch server", hosts, server=True, client=False, days=days
+    )
     client_key, client_cert = issue(
         ca_key, ca_cert, "imgsearch client", (), server=False, client=True, days=days
     )
@@ -279,7 +283,8 @@ def write_dev_certs(
         SERVER_KEY: key_pem(server_key),
         CLIENT_CERT: cert_pem(client_cert),
         CLIENT_KEY: key_pem(client_key),
-        TOKEN: (secrets.token_urlsafe(32) + "\n").encode(),
+        # A token file's line: the token, then its scopes (imgsearch.tokens).
+        TOKEN: f"{secrets.token_urlsafe(32)} {' '.join(DEV_TOKEN_SCOPES)}\n".encode(),
     }
     with outputs.staged_folder(out, MAKER, force=force) as staging:
         for name, data in contents.items():

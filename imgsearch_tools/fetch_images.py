@@ -11,14 +11,20 @@ import sys
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
+from imgsearch.files import write_temporary
 from imgsearch.unsplash import find_shards
 
 USER_AGENT = "imgsearch-fetch-images/0.1"
+# Only web addresses are fetched (a file:, ftp: or data: URL in a photos table is refused),
+# also after a redirect; a thumbnail larger than this is refused rather than held in memory.
+URL_SCHEMES = ("http", "https")
+MAX_IMAGE_BYTES = 20 * 1024 * 1024
 RETRY_STATUSES = {408, 425, 429, 500, 502, 503, 504}
 BACKOFF_BASE_S = 0.5
 BACKOFF_MAX_S = 30.0
@@ -77,6 +83,40 @@ class _Permanent(Exception):
     """A failure that retrying will not fix (404, undecodable bytes...)."""
 
 
+def _check_scheme(url: str) -> None:
+    scheme = urllib.parse.urlsplit(url).scheme.lower()
+    if scheme not in URL_SCHEMES:
+        raise _Permanent(f"URL scheme {scheme or '(none)'!r} is not fetched (http, https only)")
+
+
+class _WebOnlyRedirects(urllib.request.HTTPRedirectHandler):
+    """Follows redirects to http and https addresses only."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        _check_scheme(newurl)
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+# No file:, ftp: or data: handler at all: only what the web needs.
+_OPENER = urllib.request.OpenerDirector()
+for _handler in (
+    urllib.request.ProxyHandler(),
+    urllib.request.HTTPHandler(),
+    urllib.request.HTTPSHandler(),
+    urllib.request.HTTPDefaultErrorHandler(),
+    urllib.request.HTTPErrorProcessor(),
+    _WebOnlyRedirects(),
+):
+    _OPENER.add_handler(_handler)
+
+
+def _read_bounded(response) -> bytes:
+    data = response.read(MAX_IMAGE_BYTES + 1)
+    if len(data) > MAX_IMAGE_BYTES:
+        raise _Permanent(f"larger than {MAX_IMAGE_BYTES:,} bytes")
+    return data
+
+
 def _verify_image(data: bytes) -> None:
     from PIL import Image, UnidentifiedImageError
 
@@ -94,12 +134,13 @@ def _download_one(
     attempt = 0
     while True:
         try:
+            _check_scheme(url)
             request = urllib.request.Request(url, headers={"User-Agent": USER_AGENT})
-            with urllib.request.urlopen(request, timeout=timeout) as response:
-                data = response.read()
+            with _OPENER.open(request, timeout=timeout) as response:
+                data = _read_bounded(response)
             _verify_image(data)
             tmp = target.with_name(f".{target.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-            tmp.write_bytes(data)
+            write_temporary(tmp, data)
             try:
                 # A link, unlike a rename, never replaces a file that appeared meanwhile.
                 os.link(tmp, target)

@@ -21,6 +21,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from imgsearch.files import write_temporary
+
 MARKER = ".imgsearch-output.json"
 # An entry of a marker's file list that ends with "/" owns everything under that folder.
 SUBTREE = "/"
@@ -70,10 +72,24 @@ def _read_all(folder: str | Path) -> dict[str, dict]:
     if not isinstance(makers, dict):
         return {}
     return {
-        name: record
+        name: {
+            **record,
+            "files": [f for f in record["files"] if _inside(f)],
+            "folders": [f for f in record.get("folders", []) if _inside(f)],
+        }
         for name, record in makers.items()
         if isinstance(record, dict) and isinstance(record.get("files"), list)
     }
+
+
+def _inside(entry) -> bool:
+    """Whether a marker's entry names something inside its folder: a relative POSIX path
+    without ``..``, ``.`` or empty parts (a crafted marker listing ``/etc/x`` or ``../x``
+    must not make a command delete outside its output folder)."""
+    if not isinstance(entry, str) or not entry or "\\" in entry or "\0" in entry:
+        return False
+    parts = entry.removesuffix(SUBTREE).split("/")
+    return not entry.startswith("/") and all(p not in ("", ".", "..") for p in parts)
 
 
 def read_marker(folder: str | Path, maker: str) -> dict | None:
@@ -101,7 +117,7 @@ def write_marker(
         "folders": sorted(set(folders)),
     }
     tmp = folder / (MARKER + ".tmp")
-    tmp.write_text(json.dumps({"makers": makers}, indent=1, default=str))
+    write_temporary(tmp, json.dumps({"makers": makers}, indent=1, default=str))
     os.replace(tmp, folder / MARKER)
 
 
@@ -287,12 +303,17 @@ def _install(staging, folder, maker, force, conflicts, new_files) -> None:
 
 def _remove_owned(folder: Path, found: FolderContents) -> None:
     """Delete the files a maker's marker lists, then its folders left empty; nothing else."""
+    real_folder = folder.resolve()
     for entry in found.ours:
         path = folder / entry
+        if not _inside(entry) or path.parent.resolve() != (real_folder / entry).parent:
+            continue  # through a link out of the folder: not ours to delete
         if not entry.endswith(SUBTREE) and (path.is_symlink() or path.is_file()):
             path.unlink()
     made = found.marker.get("folders", []) if found.marker else []
     for name in sorted(made, key=lambda n: -n.count("/")):
+        if not _inside(name) or (folder / name).resolve() != real_folder / name:
+            continue
         try:
             (folder / name).rmdir()
         except OSError:

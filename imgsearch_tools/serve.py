@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import signal
-import subprocess
+import os
 import sys
-import time
 from dataclasses import fields
 
 SERVICES = ("retrieval", "ranking", "gateway")
@@ -183,6 +181,13 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         help="gateway: bearer tokens its service port accepts, one per line",
     )
     tls.add_argument(
+        "--insecure-public",
+        action="store_true",
+        default=None,
+        help="gateway: serve a non-loopback --host with neither --auth-tokens-file nor "
+        "--tls-client-ca (refused without this flag; IMGSEARCH_INSECURE_PUBLIC=1)",
+    )
+    tls.add_argument(
         "--reflection",
         default=None,
         choices=("auto", "on", "off"),
@@ -269,6 +274,7 @@ def resolve_configs(args) -> dict:
         port=args.gateway_port,
         admin_port=flag("gateway_admin_port"),
         auth_tokens_file=flag("auth_tokens_file"),
+        insecure_public=flag("insecure_public"),
         client_ca=flag("client_ca"),
         client_cert=flag("client_cert"),
         client_key=flag("client_key"),
@@ -339,13 +345,42 @@ def service_config(args, configs: dict | None = None):
 
 
 def serve_all(args, configs) -> int:
-    """Run the three services as child processes (one GIL each); forward signals; wait."""
-    children: dict[str, subprocess.Popen] = {}
-    for name in ("gateway", "retrieval", "ranking"):
-        children[name] = subprocess.Popen(
-            serve_command(name, configs[name], args.log_level), start_new_session=True
+    """Run the three services as child processes (one GIL each); forward signals; wait.
+
+    Secrets reach the children through their environment (:func:`serve_environment`), which
+    only their user can read, never through their command lines, which every user can.
+    """
+    from imgsearch_tools.supervision import start_children, supervise
+
+    names = ("gateway", "retrieval", "ranking")
+    if getattr(args, "conversions_dsn", None):
+        print(
+            "warning: --conversions-dsn shows in the process list with its password; set "
+            "IMGSEARCH_CONVERSIONS_DSN instead",
+            file=sys.stderr,
         )
-    return supervise(children)
+    commands = {n: serve_command(n, configs[n], args.log_level) for n in names}
+    environment = serve_environment(configs["gateway"], configs["ranking"])
+    return supervise(start_children(commands, environment))
+
+
+# Settings that may hold a password: passed to a child through its environment, as
+# IMGSEARCH_<NAME>, never as a flag.
+SECRET_SETTINGS = ("conversions_dsn",)
+
+
+def serve_environment(*configs) -> dict[str, str]:
+    """This process's environment plus the secret settings of ``configs`` (see
+    :data:`SECRET_SETTINGS`), for the children that run them."""
+    from imgsearch.config import ENV_PREFIX
+
+    environment = dict(os.environ)
+    for config in configs:
+        for name in SECRET_SETTINGS:
+            value = getattr(config, name, "")
+            if value:
+                environment[ENV_PREFIX + name.upper()] = value
+    return environment
 
 
 def serve_command(name: str, config, log_level: str = "INFO") -> list[str]:
@@ -354,14 +389,18 @@ def serve_command(name: str, config, log_level: str = "INFO") -> list[str]:
     Every setting of the config that `serve` has a flag for is passed as that flag (the field
     ``max_inflight`` as ``--max-inflight``; ``port`` as ``--port``), so a child process runs
     with exactly the settings the parent resolved; the rest come from the environment it
-    inherits.
+    inherits, and the secret ones (:data:`SECRET_SETTINGS`) from :func:`serve_environment`.
     """
     flags = _serve_flags()
     cmd = [sys.executable, "-m", "imgsearch_tools.cli", "serve", name, "--log-level", log_level]
     for field in fields(config):
         flag = "--" + field.name.replace("_", "-")
         value = getattr(config, field.name)
-        if flag in flags and value not in (None, ""):
+        if flag not in flags or field.name in SECRET_SETTINGS or value in (None, ""):
+            continue
+        if isinstance(value, bool):
+            cmd += [flag] if value else []
+        else:
             cmd += [flag, str(value)]
     return cmd
 
@@ -370,39 +409,3 @@ def _serve_flags() -> set[str]:
     probe = argparse.ArgumentParser(add_help=False)
     add_serve_arguments(probe)
     return {option for action in probe._actions for option in action.option_strings}
-
-
-def supervise(children: dict[str, subprocess.Popen], grace: float = 10.0) -> int:
-    """Wait for children; on SIGTERM/SIGINT forward SIGTERM and wait for clean exits."""
-    stopping = {"flag": False}
-
-    def forward(signum, frame):
-        stopping["flag"] = True
-
-    old = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
-    signal.signal(
-        signal.SIGHUP, lambda s, f: [c.send_signal(signal.SIGHUP) for c in children.values()]
-    )
-    try:
-        while not stopping["flag"]:
-            dead = {n: c.returncode for n, c in children.items() if c.poll() is not None}
-            if dead:
-                print(f"error: service exited: {dead}", file=sys.stderr)
-                stopping["flag"] = True
-                break
-            time.sleep(0.2)
-    finally:
-        for child in children.values():
-            if child.poll() is None:
-                child.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + grace
-        for child in children.values():
-            try:
-                child.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                child.kill()
-                child.wait()
-        for sig, handler in old.items():
-            signal.signal(sig, handler)
-    codes = [c.returncode for c in children.values()]
-    return 0 if all(code == 0 for code in codes) else 1

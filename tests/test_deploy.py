@@ -37,8 +37,6 @@ TIERS = ("gateway", "retrieval", "ranking")
 COMPONENTS = {
     "base": [],
     "tls": ["components/tls"],
-    "gateway-auth": ["components/gateway-auth"],
-    "tls+gateway-auth": ["components/tls", "components/gateway-auth"],
     "retrieval-shards": ["components/retrieval-shards"],
     # Listed first, so that the other components' patches reach the shards' Deployments too.
     "retrieval-shards+tls": ["components/retrieval-shards", "components/tls"],
@@ -514,8 +512,8 @@ def test_each_kustomize_variant_renders_valid_manifests_that_match_the_code(vari
             if component(deployment) != "gateway":
                 stage = deployment_config(deployment, objects)
                 assert stage.tls_cert and stage.tls_key and stage.tls_client_ca, deployment
-    if "gateway-auth" in variant:
-        assert tier_config(objects, "gateway").auth_tokens_file
+    # Every variant asks the gateway's callers for tokens (the base does).
+    assert tier_config(objects, "gateway").auth_tokens_file
 
 
 def shard_folders() -> list[Path]:

@@ -11,7 +11,8 @@ from imgsearch.retrieval.v1 import retrieval_service_pb2 as retr_pb
 from imgsearch.retrieval.v1 import retrieval_service_pb2_grpc as retr_grpc
 from imgsearch.search.v1 import search_service_pb2 as pb
 from imgsearch.search.v1 import search_service_pb2_grpc as pb_grpc
-from imgsearch.security import ClientSecurity, TokenSet
+from imgsearch.security import ClientSecurity
+from imgsearch.tokens import TokenSet
 from imgsearch_tools import certs
 from tests.conftest import Stack
 

@@ -9,6 +9,11 @@ same contract:
   ``DUPLICATE`` (not stored twice), with other content a ``CONFLICT`` (not stored at all).
 - ``recent`` reads a user's latest events (what the ranking service folds in), ``delete_user``
   removes a user's events, ``scan`` reads them all in time order (export, retraining).
+- ``delete_user`` leaves nothing of the events behind in the store (SQLite overwrites the
+  freed pages, ``secure_delete``, and checkpoints the WAL into the file) and keeps a
+  *tombstone*: the user id's hash (:func:`user_hash`) and when it was deleted, for
+  :data:`TOMBSTONE_RETENTION_DAYS`, so that a retraining drops that user's older events
+  wherever else they still are (a set's catalogue, an export merged into the data).
 
 The SQLite file lives beside the artifact root, never inside a set (:func:`default_db_path`):
 sets are immutable and pruned, the log is neither.
@@ -17,6 +22,7 @@ sets are immutable and pruned, the log is neither.
 from __future__ import annotations
 
 import enum
+import hashlib
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
@@ -27,6 +33,27 @@ from imgsearch.artifacts import CURRENT, MANIFEST, SETS_DIR
 
 DEFAULT_CONVERSION_TYPE = "download"
 DB_SUFFIX = "-conversions.sqlite3"
+# How long a deleted user's tombstone is kept: longer than anything made before the deletion
+# is used as a build's input (older sets are pruned after 3 newer ones; exports are the
+# operator's files: see the access-control guide).
+TOMBSTONE_RETENTION_DAYS = 400
+_TOMBSTONE_RETENTION_US = TOMBSTONE_RETENTION_DAYS * 86_400 * 1_000_000
+# Tombstone statements shared by both backends (``?`` becomes ``%s`` for PostgreSQL).
+UPSERT_TOMBSTONE = (
+    "INSERT INTO deleted_users (user_hash, deleted_at_us) VALUES (?, ?) "
+    "ON CONFLICT (user_hash) DO UPDATE SET deleted_at_us = excluded.deleted_at_us"
+)
+PRUNE_TOMBSTONES = "DELETE FROM deleted_users WHERE deleted_at_us < ?"
+
+
+def user_hash(user_id: str) -> str:
+    """The tombstone of a user id: its SHA-256 in hex (the id itself is not kept)."""
+    return hashlib.sha256(f"imgsearch-user:{user_id}".encode()).hexdigest()
+
+
+def tombstone_params(user_id: str, deleted_at_us: int) -> tuple[tuple, tuple]:
+    """Parameters of :data:`UPSERT_TOMBSTONE` and :data:`PRUNE_TOMBSTONES` for one deletion."""
+    return (user_hash(user_id), deleted_at_us), (deleted_at_us - _TOMBSTONE_RETENTION_US,)
 
 
 class StoreError(RuntimeError):
@@ -133,7 +160,12 @@ class ConversionStore(ABC):
 
     @abstractmethod
     def delete_user(self, user_id: str) -> int:
-        """Remove every event of ``user_id``; returns how many were removed."""
+        """Remove every event of ``user_id`` and keep its tombstone; returns how many were
+        removed (for the log: callers are not told)."""
+
+    @abstractmethod
+    def tombstones(self) -> dict[str, int]:
+        """Deleted users still within retention: user hash -> deletion time (us)."""
 
     @abstractmethod
     def scan(self, batch_size: int = 10_000) -> Iterator[ConversionEvent]:

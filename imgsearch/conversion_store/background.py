@@ -135,7 +135,10 @@ class BackgroundStore:
         except TimeoutError:
             return [], f"conversion store did not answer within {timeout_s * 1000:.0f} ms"
         except StoreError as exc:
-            return [], f"conversion store unavailable: {exc}"
+            # The reason reaches clients (Search notes): where the store is and why it failed
+            # (paths, host, user) goes to the log only.
+            logger.warning("conversion store read failed", extra={"error": str(exc)})
+            return [], "conversion store unavailable"
         return events, ""
 
     async def close(self) -> None:

@@ -48,6 +48,18 @@ MIGRATIONS: tuple[Migration, ...] = (
         "time index for export and retraining in time order",
         ("CREATE INDEX conversion_events_time ON conversion_events (converted_at_us, event_id)",),
     ),
+    Migration(
+        3,
+        "deleted_users: tombstones (hashed user ids) that keep builds from bringing events back",
+        (
+            """
+            CREATE TABLE deleted_users (
+                user_hash TEXT PRIMARY KEY,
+                deleted_at_us BIGINT NOT NULL
+            )
+            """,
+        ),
+    ),
 )
 LATEST_VERSION = MIGRATIONS[-1].version
 

@@ -6,6 +6,8 @@ from collections.abc import Iterator, Sequence
 
 from imgsearch.conversion_store import (
     EVENT_COLUMNS,
+    PRUNE_TOMBSTONES,
+    UPSERT_TOMBSTONE,
     ConversionEvent,
     ConversionStore,
     Outcome,
@@ -13,6 +15,7 @@ from imgsearch.conversion_store import (
     migrations,
     now_us,
     plan_batch,
+    tombstone_params,
 )
 
 # One statement per batch: the new events go in as arrays, the ones already there are skipped
@@ -122,11 +125,18 @@ class PostgresStore(ConversionStore):
         return [ConversionEvent(*row) for row in rows]
 
     def delete_user(self, user_id: str) -> int:
+        tombstone, prune = tombstone_params(user_id, now_us())
         with self.conn.transaction():
             cursor = self.conn.execute(
                 "DELETE FROM conversion_events WHERE user_id = %s", (user_id,)
             )
+            self.conn.execute(UPSERT_TOMBSTONE.replace("?", "%s"), tombstone)
+            self.conn.execute(PRUNE_TOMBSTONES.replace("?", "%s"), prune)
             return int(cursor.rowcount)
+
+    def tombstones(self) -> dict[str, int]:
+        rows = self.conn.execute("SELECT user_hash, deleted_at_us FROM deleted_users")
+        return {user: int(at) for user, at in rows.fetchall()}
 
     def scan(self, batch_size: int = 10_000) -> Iterator[ConversionEvent]:
         # A server-side cursor: the table is streamed, never held whole in memory.

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import logging
 import sqlite3
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from imgsearch.conversion_store import (
     EVENT_COLUMNS,
+    PRUNE_TOMBSTONES,
+    UPSERT_TOMBSTONE,
     ConversionEvent,
     ConversionStore,
     Outcome,
@@ -15,7 +19,10 @@ from imgsearch.conversion_store import (
     migrations,
     now_us,
     plan_batch,
+    tombstone_params,
 )
+
+logger = logging.getLogger("imgsearch.conversions")
 
 _INSERT = (
     f"INSERT INTO conversion_events ({', '.join(EVENT_COLUMNS)}, logged_at_us) "
@@ -48,6 +55,8 @@ class SQLiteStore(ConversionStore):
             if mode.lower() != "wal":
                 raise StoreError(f"{self.path}: cannot use WAL mode (journal_mode is {mode})")
             self.conn.execute("PRAGMA synchronous=FULL")
+            # Deleted rows are overwritten with zeros, not left in free pages.
+            self.conn.execute("PRAGMA secure_delete=ON")
             self._migrate()
         except (sqlite3.Error, OSError) as exc:
             raise StoreError(f"conversion store {self.path}: {exc}") from exc
@@ -109,17 +118,36 @@ class SQLiteStore(ConversionStore):
         return [ConversionEvent(*row) for row in rows]
 
     def delete_user(self, user_id: str) -> int:
+        tombstone, prune = tombstone_params(user_id, now_us())
         self.conn.execute("BEGIN IMMEDIATE")
         try:
             deleted = self.conn.execute(
                 "DELETE FROM conversion_events WHERE user_id = ?", (user_id,)
             ).rowcount
+            self.conn.execute(UPSERT_TOMBSTONE, tombstone)
+            self.conn.execute(PRUNE_TOMBSTONES, prune)
             self.conn.execute("COMMIT")
         except BaseException:
             if self.conn.in_transaction:
                 self.conn.execute("ROLLBACK")
             raise
+        self._checkpoint()
         return int(deleted)
+
+    def _checkpoint(self) -> None:
+        # The deleted rows' pages are still in the WAL until a checkpoint copies the file's new
+        # pages over them and TRUNCATE empties it; a reader (ranking) holding an old snapshot
+        # makes it busy for a moment, so try again within the busy timeout.
+        for _ in range(50):
+            busy = self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
+            if not busy:
+                return
+            time.sleep(0.05)
+        logger.warning("%s: WAL checkpoint still busy; the next one purges the WAL", self.path)
+
+    def tombstones(self) -> dict[str, int]:
+        rows = self.conn.execute("SELECT user_hash, deleted_at_us FROM deleted_users")
+        return {user: int(at) for user, at in rows}
 
     def scan(self, batch_size: int = 10_000) -> Iterator[ConversionEvent]:
         # One read transaction: a consistent snapshot even while the gateway keeps writing.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Iterable
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,7 @@ import pandas as pd
 
 from imgsearch.catalogue import CONVERSION_COLUMNS, USER_COLUMNS, Catalogue
 from imgsearch.conversion_store import ConversionEvent
+from imgsearch.files import open_temporary
 from imgsearch.unsplash import CONVERSIONS_LAYOUT
 
 # The Unsplash Lite conversions columns, then the idempotency key.
@@ -44,7 +46,7 @@ def write_conversions_tsv(
     if not to_stdout and Path(out).is_dir():
         raise IsADirectoryError(f"{out} is a folder; give a file name such as {out}/logged.tsv")
     tmp = None if to_stdout else Path(f"{out}.tmp")
-    handle = sys.stdout if to_stdout else open(tmp, "w", encoding="utf-8", newline="\n")
+    handle = sys.stdout if to_stdout else open_temporary(tmp, "w", encoding="utf-8", newline="\n")
     rows = 0
     try:
         handle.write("\t".join(EXPORT_COLUMNS) + "\n")
@@ -133,14 +135,7 @@ def merge_logged(catalogue: Catalogue, logged: pd.DataFrame) -> tuple[Catalogue,
     users = pd.DataFrame(
         {"user_idx": np.arange(len(user_ids)), "anonymous_user_id": user_ids}
     ).astype(USER_COLUMNS)
-    result = Catalogue(
-        photos=catalogue.photos,
-        keywords=catalogue.keywords,
-        users=users,
-        conversions=merged.astype(CONVERSION_COLUMNS),
-        data_dir=catalogue.data_dir,
-        labels=catalogue.labels,
-    )
+    result = replace(catalogue, users=users, conversions=merged.astype(CONVERSION_COLUMNS))
     report = {
         "events": int(len(logged)),
         "merged": int(known.sum()),

@@ -7,9 +7,10 @@ import signal
 import subprocess
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 from imgsearch.cpu import machine_busy_seconds
-from imgsearch_tools.serve import SERVICES, serve_command
+from imgsearch_tools.serve import SERVICES, serve_command, serve_environment
 
 LOADGEN = "bench (load generator)"
 
@@ -94,7 +95,12 @@ class ServiceProcesses:
         """Spawn one service (it loads its artifact set; see :meth:`wait_serving`)."""
         with open(self.log_dir / f"{name}.log", "ab") as log:
             self.procs[name] = subprocess.Popen(
-                self.command(name), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+                self.command(name),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                # A PostgreSQL DSN (and its password) goes by environment, not command line.
+                env=serve_environment(SimpleNamespace(**self.store)),
             )
 
     def wait_serving(self, name: str, timeout: float = 300.0) -> None:

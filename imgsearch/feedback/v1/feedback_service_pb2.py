@@ -25,19 +25,19 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n,imgsearch/feedback/v1/feedback_service.proto\x12\x15imgsearch.feedback.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xd8\x01\n\x0f\x43onversionEvent\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12\x10\n\x08photo_id\x18\x03 \x01(\t\x12\r\n\x05query\x18\x04 \x01(\t\x12\x30\n\x0c\x63onverted_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07\x63ountry\x18\x06 \x01(\t\x12>\n\x0f\x63onversion_type\x18\x07 \x01(\x0e\x32%.imgsearch.feedback.v1.ConversionType\"O\n\x15LogConversionsRequest\x12\x36\n\x06\x65vents\x18\x01 \x03(\x0b\x32&.imgsearch.feedback.v1.ConversionEvent\"\xa5\x01\n\x0b\x45ventResult\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x32\n\x06status\x18\x02 \x01(\x0e\x32\".imgsearch.feedback.v1.EventStatus\x12@\n\x10rejection_reason\x18\x03 \x01(\x0e\x32&.imgsearch.feedback.v1.RejectionReason\x12\x0e\n\x06\x64\x65tail\x18\x04 \x01(\t\"\x94\x01\n\x16LogConversionsResponse\x12\x33\n\x07results\x18\x01 \x03(\x0b\x32\".imgsearch.feedback.v1.EventResult\x12\x14\n\x0cstored_count\x18\x02 \x01(\x05\x12\x17\n\x0f\x64uplicate_count\x18\x03 \x01(\x05\x12\x16\n\x0erejected_count\x18\x04 \x01(\x05\"*\n\x17\x44\x65leteUserEventsRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\"1\n\x18\x44\x65leteUserEventsResponse\x12\x15\n\rdeleted_count\x18\x01 \x01(\x03*O\n\x0e\x43onversionType\x12\x1f\n\x1b\x43ONVERSION_TYPE_UNSPECIFIED\x10\x00\x12\x1c\n\x18\x43ONVERSION_TYPE_DOWNLOAD\x10\x01*{\n\x0b\x45ventStatus\x12\x1c\n\x18\x45VENT_STATUS_UNSPECIFIED\x10\x00\x12\x17\n\x13\x45VENT_STATUS_STORED\x10\x01\x12\x1a\n\x16\x45VENT_STATUS_DUPLICATE\x10\x02\x12\x19\n\x15\x45VENT_STATUS_REJECTED\x10\x03*\xe1\x02\n\x0fRejectionReason\x12 \n\x1cREJECTION_REASON_UNSPECIFIED\x10\x00\x12%\n!REJECTION_REASON_MISSING_EVENT_ID\x10\x01\x12\x1f\n\x1bREJECTION_REASON_EMPTY_USER\x10\x02\x12\"\n\x1eREJECTION_REASON_UNKNOWN_PHOTO\x10\x03\x12!\n\x1dREJECTION_REASON_MISSING_TIME\x10\x04\x12 \n\x1cREJECTION_REASON_FUTURE_TIME\x10\x05\x12!\n\x1dREJECTION_REASON_INVALID_TIME\x10\x06\x12,\n(REJECTION_REASON_UNKNOWN_CONVERSION_TYPE\x10\x07\x12*\n&REJECTION_REASON_CONFLICTING_DUPLICATE\x10\x08\x32\xf5\x01\n\x0f\x46\x65\x65\x64\x62\x61\x63kService\x12m\n\x0eLogConversions\x12,.imgsearch.feedback.v1.LogConversionsRequest\x1a-.imgsearch.feedback.v1.LogConversionsResponse\x12s\n\x10\x44\x65leteUserEvents\x12..imgsearch.feedback.v1.DeleteUserEventsRequest\x1a/.imgsearch.feedback.v1.DeleteUserEventsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n,imgsearch/feedback/v1/feedback_service.proto\x12\x15imgsearch.feedback.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xd8\x01\n\x0f\x43onversionEvent\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12\x10\n\x08photo_id\x18\x03 \x01(\t\x12\r\n\x05query\x18\x04 \x01(\t\x12\x30\n\x0c\x63onverted_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07\x63ountry\x18\x06 \x01(\t\x12>\n\x0f\x63onversion_type\x18\x07 \x01(\x0e\x32%.imgsearch.feedback.v1.ConversionType\"O\n\x15LogConversionsRequest\x12\x36\n\x06\x65vents\x18\x01 \x03(\x0b\x32&.imgsearch.feedback.v1.ConversionEvent\"\xa5\x01\n\x0b\x45ventResult\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x32\n\x06status\x18\x02 \x01(\x0e\x32\".imgsearch.feedback.v1.EventStatus\x12@\n\x10rejection_reason\x18\x03 \x01(\x0e\x32&.imgsearch.feedback.v1.RejectionReason\x12\x0e\n\x06\x64\x65tail\x18\x04 \x01(\t\"\x94\x01\n\x16LogConversionsResponse\x12\x33\n\x07results\x18\x01 \x03(\x0b\x32\".imgsearch.feedback.v1.EventResult\x12\x14\n\x0cstored_count\x18\x02 \x01(\x05\x12\x17\n\x0f\x64uplicate_count\x18\x03 \x01(\x05\x12\x16\n\x0erejected_count\x18\x04 \x01(\x05\"*\n\x17\x44\x65leteUserEventsRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\"/\n\x18\x44\x65leteUserEventsResponseJ\x04\x08\x01\x10\x02R\rdeleted_count*O\n\x0e\x43onversionType\x12\x1f\n\x1b\x43ONVERSION_TYPE_UNSPECIFIED\x10\x00\x12\x1c\n\x18\x43ONVERSION_TYPE_DOWNLOAD\x10\x01*{\n\x0b\x45ventStatus\x12\x1c\n\x18\x45VENT_STATUS_UNSPECIFIED\x10\x00\x12\x17\n\x13\x45VENT_STATUS_STORED\x10\x01\x12\x1a\n\x16\x45VENT_STATUS_DUPLICATE\x10\x02\x12\x19\n\x15\x45VENT_STATUS_REJECTED\x10\x03*\x84\x03\n\x0fRejectionReason\x12 \n\x1cREJECTION_REASON_UNSPECIFIED\x10\x00\x12%\n!REJECTION_REASON_MISSING_EVENT_ID\x10\x01\x12\x1f\n\x1bREJECTION_REASON_EMPTY_USER\x10\x02\x12\"\n\x1eREJECTION_REASON_UNKNOWN_PHOTO\x10\x03\x12!\n\x1dREJECTION_REASON_MISSING_TIME\x10\x04\x12 \n\x1cREJECTION_REASON_FUTURE_TIME\x10\x05\x12!\n\x1dREJECTION_REASON_INVALID_TIME\x10\x06\x12,\n(REJECTION_REASON_UNKNOWN_CONVERSION_TYPE\x10\x07\x12*\n&REJECTION_REASON_CONFLICTING_DUPLICATE\x10\x08\x12!\n\x1dREJECTION_REASON_INVALID_TEXT\x10\t2\xf5\x01\n\x0f\x46\x65\x65\x64\x62\x61\x63kService\x12m\n\x0eLogConversions\x12,.imgsearch.feedback.v1.LogConversionsRequest\x1a-.imgsearch.feedback.v1.LogConversionsResponse\x12s\n\x10\x44\x65leteUserEvents\x12..imgsearch.feedback.v1.DeleteUserEventsRequest\x1a/.imgsearch.feedback.v1.DeleteUserEventsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'imgsearch.feedback.v1.feedback_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_CONVERSIONTYPE']._serialized_start=818
-  _globals['_CONVERSIONTYPE']._serialized_end=897
-  _globals['_EVENTSTATUS']._serialized_start=899
-  _globals['_EVENTSTATUS']._serialized_end=1022
-  _globals['_REJECTIONREASON']._serialized_start=1025
-  _globals['_REJECTIONREASON']._serialized_end=1378
+  _globals['_CONVERSIONTYPE']._serialized_start=816
+  _globals['_CONVERSIONTYPE']._serialized_end=895
+  _globals['_EVENTSTATUS']._serialized_start=897
+  _globals['_EVENTSTATUS']._serialized_end=1020
+  _globals['_REJECTIONREASON']._serialized_start=1023
+  _globals['_REJECTIONREASON']._serialized_end=1411
   _globals['_CONVERSIONEVENT']._serialized_start=105
   _globals['_CONVERSIONEVENT']._serialized_end=321
   _globals['_LOGCONVERSIONSREQUEST']._serialized_start=323
@@ -49,7 +49,7 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DELETEUSEREVENTSREQUEST']._serialized_start=723
   _globals['_DELETEUSEREVENTSREQUEST']._serialized_end=765
   _globals['_DELETEUSEREVENTSRESPONSE']._serialized_start=767
-  _globals['_DELETEUSEREVENTSRESPONSE']._serialized_end=816
-  _globals['_FEEDBACKSERVICE']._serialized_start=1381
-  _globals['_FEEDBACKSERVICE']._serialized_end=1626
+  _globals['_DELETEUSEREVENTSRESPONSE']._serialized_end=814
+  _globals['_FEEDBACKSERVICE']._serialized_start=1414
+  _globals['_FEEDBACKSERVICE']._serialized_end=1659
 # @@protoc_insertion_point(module_scope)

@@ -33,6 +33,7 @@ class RejectionReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     REJECTION_REASON_INVALID_TIME: _ClassVar[RejectionReason]
     REJECTION_REASON_UNKNOWN_CONVERSION_TYPE: _ClassVar[RejectionReason]
     REJECTION_REASON_CONFLICTING_DUPLICATE: _ClassVar[RejectionReason]
+    REJECTION_REASON_INVALID_TEXT: _ClassVar[RejectionReason]
 CONVERSION_TYPE_UNSPECIFIED: ConversionType
 CONVERSION_TYPE_DOWNLOAD: ConversionType
 EVENT_STATUS_UNSPECIFIED: EventStatus
@@ -48,6 +49,7 @@ REJECTION_REASON_FUTURE_TIME: RejectionReason
 REJECTION_REASON_INVALID_TIME: RejectionReason
 REJECTION_REASON_UNKNOWN_CONVERSION_TYPE: RejectionReason
 REJECTION_REASON_CONFLICTING_DUPLICATE: RejectionReason
+REJECTION_REASON_INVALID_TEXT: RejectionReason
 
 class ConversionEvent(_message.Message):
     __slots__ = ("event_id", "user_id", "photo_id", "query", "converted_at", "country", "conversion_type")
@@ -104,7 +106,5 @@ class DeleteUserEventsRequest(_message.Message):
     def __init__(self, user_id: _Optional[str] = ...) -> None: ...
 
 class DeleteUserEventsResponse(_message.Message):
-    __slots__ = ("deleted_count",)
-    DELETED_COUNT_FIELD_NUMBER: _ClassVar[int]
-    deleted_count: int
-    def __init__(self, deleted_count: _Optional[int] = ...) -> None: ...
+    __slots__ = ()
+    def __init__(self) -> None: ...

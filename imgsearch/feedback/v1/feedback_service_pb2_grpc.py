@@ -52,14 +52,16 @@ class FeedbackServiceServicer:
     """
 
     def LogConversions(self, request, context):
-        """LogConversions stores a batch of conversion events durably, idempotently by event id.
+        """LogConversions stores a batch of conversion events durably, idempotently by event id;
+        needs the token scope `feedback:write` where tokens are on.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def DeleteUserEvents(self, request, context):
-        """DeleteUserEvents removes every logged event of one user (privacy requests).
+        """DeleteUserEvents removes every logged event of one user (privacy requests); needs the
+        token scope `feedback:delete` where tokens are on.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
