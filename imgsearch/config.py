@@ -22,7 +22,7 @@ them; the SQLite file sits beside the artifact root (``var/artifacts`` ->
 | IMGSEARCH_MIN_INFLIGHT | adaptive: the lowest limit (bursts up to it are never refused) | 20 |
 | IMGSEARCH_LIMIT_BUFFER | adaptive: latency above minRTT accepted, as a fraction of it | 0.25 |
 | IMGSEARCH_LIMIT_SLACK_MS | adaptive: latency above minRTT always accepted, ms | 50 |
-| IMGSEARCH_DEFAULT_RETRIEVER | retriever for unspecified requests | hybrid if CLIP, else keyword |
+| IMGSEARCH_DEFAULT_RETRIEVER | retriever for unspecified requests | the set's validated choice |
 | IMGSEARCH_ENCODE_BATCH | retrieval: unseen queries encoded together at most | 16 |
 | IMGSEARCH_ENCODE_WAIT_MS | retrieval: the longest an unseen query waits for company | 2 |
 | IMGSEARCH_TEXT_RUNTIME | retrieval: CLIP text runtime (`torch-fp32`, `onnx-int8`...) | build's |
