@@ -43,13 +43,14 @@ eval: demo
 	$(VENV)/bin/imgsearch eval --data $(DEMO_DATA) --json var/eval/report.json --markdown var/eval/report.md --plot var/eval/report.png
 
 # The catalogues the served configuration is judged on (docs/guides/ranking-selection.md):
-# three tastes sharing photos, users and queries (one CLIP set serves them), the starved case
-# (the same photos, a third of the conversions: about 200 selection queries of 3+ conversions)
-# and the Unsplash-Lite-sized one with thin histories.
+# three tastes sharing photos, users and queries (one CLIP set, from taste-content's images,
+# serves them), the starved case (the same photos, a third of the conversions: a small
+# validation slice) and the Unsplash-Lite-sized one with thin histories.
 SUITE := var/eval-suite
 eval-suite: $(STAMP)
-	for taste in content ids none; do $(VENV)/bin/imgsearch demo-data $(SUITE)/taste-$$taste --photos 5000 --users 2000 --conversions 150000 --seed 1 --taste $$taste --quiet; done
-	$(VENV)/bin/imgsearch demo-data $(SUITE)/starved --photos 5000 --users 2000 --conversions 50000 --seed 1 --taste content --quiet
+	$(VENV)/bin/imgsearch demo-data $(SUITE)/taste-content --photos 5000 --users 2000 --conversions 150000 --seed 1 --taste content --quiet
+	for taste in ids none; do $(VENV)/bin/imgsearch demo-data $(SUITE)/taste-$$taste --photos 5000 --users 2000 --conversions 150000 --seed 1 --taste $$taste --quiet --no-images; done
+	$(VENV)/bin/imgsearch demo-data $(SUITE)/starved --photos 5000 --users 2000 --conversions 50000 --seed 1 --taste content --quiet --no-images
 	$(VENV)/bin/imgsearch demo-data $(SUITE)/taste-big --photos 25000 --users 20000 --conversions 300000 --seed 1 --taste content --quiet
 	$(VENV)/bin/imgsearch build --data $(SUITE)/taste-content --out $(SUITE)/taste-clip --rankers none,popularity --quiet
 	$(VENV)/bin/imgsearch build --data $(SUITE)/taste-big --out $(SUITE)/taste-big-clip --rankers none,popularity --quiet

@@ -28,10 +28,10 @@ def add_commands(subparsers) -> None:
         help="validate an Unsplash Lite folder and build a versioned artifact set",
         description="Read DATA (Unsplash Lite layout), then write catalogue tables, the keyword "
         "index, CLIP embeddings + FAISS index (when images exist) and trained rankers as one "
-        "versioned set under OUT/sets/<version>, and point OUT/current at it. Every ranker is "
-        "scored on a validation slice cut from the end of the conversions: the best one is "
-        "served by default only when its paired 95%% CI against popularity is above 0, else "
-        "popularity; hybrid's fusion weights are chosen there too (all in the manifest).",
+        "versioned set under OUT/sets/<version>, and point OUT/current at it. Every retriever "
+        "(keyword, CLIP, hybrid at several weights) x ranker is scored on a validation slice "
+        "cut from the end of the conversions, and the served default is chosen there "
+        "(docs/guides/ranking-selection.md; recorded in the manifest).",
     )
     p.add_argument("--data", required=True, help="folder in the Unsplash Lite layout")
     p.add_argument("--out", required=True, help="artifact root (sets/ and current are made here)")
@@ -117,8 +117,9 @@ def add_commands(subparsers) -> None:
         description="Train rankers on the catalogue of ARTIFACTS/current and publish a new set "
         "that shares every other artifact (hard links) with it; running servers pick it up on "
         "`imgsearch reload`. As build does, it scores every ranker of the new set on a "
-        "validation slice cut from the end of the conversions and chooses the default ranker "
-        "there; --tune also picks hyper-parameters on it. Both are recorded in the manifest.",
+        "validation slice cut from the end of the conversions and chooses the served "
+        "retriever, fusion weights and ranker there; --tune also picks hyper-parameters on "
+        "it. Both are recorded in the manifest.",
     )
     p.add_argument("--artifacts", default="var/artifacts", help="artifact root (with current)")
     p.add_argument(
