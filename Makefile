@@ -7,7 +7,7 @@ DEMO_DATA := var/demo-data
 DEMO_ARTIFACTS := var/artifacts
 PROTO_FILES := $(shell find protos -name '*.proto')
 
-.PHONY: run test test-fast docs protos lint format bench eval demo certs clean lock
+.PHONY: run test test-fast docs protos lint format bench eval eval-suite demo certs clean lock
 
 run: $(STAMP)
 	$(VENV)/bin/imgsearch demo --data $(DEMO_DATA) --artifacts $(DEMO_ARTIFACTS)
@@ -67,6 +67,21 @@ demo: $(STAMP)
 
 eval: demo
 	$(VENV)/bin/imgsearch eval --data $(DEMO_DATA) --json var/eval/report.json --markdown var/eval/report.md --plot docs/results/evaluation.png --results-page docs/results/evaluation.md
+
+# The catalogues the served configuration is judged on (docs/guides/ranking-selection.md):
+# three tastes sharing photos, users and queries (one CLIP set, from taste-content's images,
+# serves them), the starved case (the same photos, a third of the conversions: a small
+# validation slice) and the Unsplash-Lite-sized one with thin histories.
+SUITE := var/eval-suite
+eval-suite: $(STAMP)
+	$(VENV)/bin/imgsearch demo-data $(SUITE)/taste-content --photos 5000 --users 2000 --conversions 150000 --seed 1 --taste content --quiet
+	for taste in ids none; do $(VENV)/bin/imgsearch demo-data $(SUITE)/taste-$$taste --photos 5000 --users 2000 --conversions 150000 --seed 1 --taste $$taste --quiet --no-images; done
+	$(VENV)/bin/imgsearch demo-data $(SUITE)/starved --photos 5000 --users 2000 --conversions 50000 --seed 1 --taste content --quiet --no-images
+	$(VENV)/bin/imgsearch demo-data $(SUITE)/taste-big --photos 25000 --users 20000 --conversions 300000 --seed 1 --taste content --quiet
+	$(VENV)/bin/imgsearch build --data $(SUITE)/taste-content --out $(SUITE)/taste-clip --rankers none,popularity --quiet
+	$(VENV)/bin/imgsearch build --data $(SUITE)/taste-big --out $(SUITE)/taste-big-clip --rankers none,popularity --quiet
+	for name in taste-content taste-ids taste-none starved; do $(VENV)/bin/imgsearch eval --data $(SUITE)/$$name --clip-artifacts $(SUITE)/taste-clip --json $(SUITE)/$$name.json --markdown $(SUITE)/$$name.md --quiet; done
+	$(VENV)/bin/imgsearch eval --data $(SUITE)/taste-big --clip-artifacts $(SUITE)/taste-big-clip --json $(SUITE)/taste-big.json --markdown $(SUITE)/taste-big.md --quiet
 
 bench: demo
 	$(VENV)/bin/imgsearch bench-suite --data $(DEMO_DATA) --artifacts $(DEMO_ARTIFACTS) --out var/bench --results-page docs/results/bench.md

@@ -106,7 +106,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "DEFAULT_RETRIEVER",
         "Retriever for requests that name none.",
-        "hybrid when the set has CLIP, else keyword",
+        "the set's validated choice (keyword when the set has no CLIP)",
         "retrieval",
     ),
     Setting(

@@ -28,10 +28,10 @@ def add_commands(subparsers) -> None:
         help="validate an Unsplash Lite folder and build a versioned artifact set",
         description="Read DATA (Unsplash Lite layout), then write catalogue tables, the keyword "
         "index, CLIP embeddings + FAISS index (when images exist) and trained rankers as one "
-        "versioned set under OUT/sets/<version>, and point OUT/current at it. Every ranker is "
-        "scored on a validation slice cut from the end of the conversions: the best one is "
-        "served by default only when its paired 95% CI against popularity is above 0, else "
-        "popularity; hybrid's fusion weights are chosen there too (all in the manifest).",
+        "versioned set under OUT/sets/<version>, and point OUT/current at it. Every retriever "
+        "(keyword, CLIP, hybrid at several weights) x ranker is scored on a validation slice "
+        "cut from the end of the conversions, and the served default is chosen there "
+        "(docs/guides/ranking-selection.md; recorded in the manifest).",
     )
     p.add_argument("--data", required=True, help="folder in the Unsplash Lite layout")
     p.add_argument("--out", required=True, help="artifact root (sets/ and current are made here)")
@@ -117,8 +117,9 @@ def add_commands(subparsers) -> None:
         description="Train rankers on the catalogue of ARTIFACTS/current and publish a new set "
         "that shares every other artifact (hard links) with it; running servers pick it up on "
         "`imgsearch reload`. As build does, it scores every ranker of the new set on a "
-        "validation slice cut from the end of the conversions and chooses the default ranker "
-        "there; --tune also picks hyper-parameters on it. Both are recorded in the manifest.",
+        "validation slice cut from the end of the conversions and chooses the served "
+        "retriever, fusion weights and ranker there; --tune also picks hyper-parameters on "
+        "it. Both are recorded in the manifest.",
     )
     p.add_argument("--artifacts", default="var/artifacts", help="artifact root (with current)")
     p.add_argument(
@@ -281,7 +282,6 @@ def build_artifacts(
                 tune=tune,
                 int8=int8,
                 show_progress=show_progress,
-                choose_fusion_weights=True,
             )
         )
         manifest["build_seconds"] = round(time.time() - started, 1)
@@ -305,21 +305,21 @@ def train_set_rankers(
     tune: bool = False,
     int8: bool = True,
     show_progress: bool = True,
-    choose_fusion_weights: bool = False,
     kept: dict[str, Path] | None = None,
 ) -> dict:
     """Train ``rankers`` into ``set_dir/rankers`` and choose the defaults; returns manifest entries.
 
-    The candidates handed to training come from the retriever served by default, loaded from
-    ``retrieval_dir`` (hybrid when that set has CLIP, else keyword); the rankers that use image
-    embeddings get the set's. The validation slice then decides the default ranker and, with
-    ``choose_fusion_weights`` and CLIP, hybrid's fusion weights (with that ranker).
+    The candidates handed to training come from hybrid when the set at ``retrieval_dir`` has
+    CLIP, else keyword; the rankers that use image embeddings get the set's. The validation
+    slice then chooses the served (retriever, fusion weights, ranker) together
+    (:mod:`imgsearch_tools.evaluation.configuration`).
 
     Returns
     -------
     dict
         ``rankers``, ``rankers_skipped``, ``ranker_candidates``, ``ranker_selection``,
-        ``default_ranker``, ``default_ranker_reason`` and, when chosen, ``fusion``.
+        ``configuration``, ``default_retriever``, ``default_ranker``, ``default_ranker_reason``
+        and, with CLIP, ``fusion``.
     """
     from imgsearch import artifacts
     from imgsearch.image_embeddings import ImageEmbeddings
@@ -336,8 +336,9 @@ def train_set_rankers(
             "default_ranker_reason": selection["reason"],
         }
     retrievers = served_retrievers(retrieval_dir, keyword_index)
-    default_retriever = retrievers.get("hybrid", keyword_index)
-    candidates = served_candidates(catalogue, default_retriever, show_progress)
+    candidates = served_candidates(
+        catalogue, retrievers.get("hybrid", keyword_index), show_progress
+    )
     embeddings_path = Path(retrieval_dir) / artifacts.EMBEDDINGS
     embeddings = ImageEmbeddings.load(embeddings_path) if embeddings_path.exists() else None
     log(f"training rankers: {', '.join(rankers)} (candidates from {candidates.retriever})")
@@ -363,18 +364,19 @@ def train_set_rankers(
         "default_ranker": report.selection["default_ranker"],
         "default_ranker_reason": report.selection["reason"],
     }
-    default = report.selection["default_ranker"]
-    model = report.validation_models.get(default)
-    if choose_fusion_weights and "clip" in retrievers and model is not None:
-        from imgsearch_tools.evaluation.fusion import choose_fusion
+    from imgsearch_tools.evaluation.configuration import (
+        configuration_entries,
+        served_configuration,
+    )
 
-        log(f"choosing hybrid's fusion weights on the validation slice with {default}")
-        fusion = choose_fusion(
-            catalogue, report.validation, model, default, keyword_index, retrievers["clip"]
-        )
-        if "label" in fusion:
-            log(f"fusion: {fusion['label']} — {fusion['reason']}")
-        entries["fusion"] = fusion
+    configuration = served_configuration(
+        catalogue, report, keyword_index, retrievers.get("clip"), candidates_k=100
+    )
+    log(
+        f"served configuration: {configuration['label']} + {configuration['ranker']} "
+        f"({configuration['rule']}) — {configuration['reason']}"
+    )
+    entries.update(configuration_entries(configuration))
     return entries
 
 

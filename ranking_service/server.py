@@ -37,9 +37,10 @@ OFFLOADED = {"fm", "deepfm"}
 FALLBACK_DEFAULT = "popularity"
 MAX_RECOMMEND = 10_000
 # Rankers that personalize from a user's history (ALS folds it in; EASE and item-kNN sum their
-# photos' neighbours; clip_profile averages their images; FM and DeepFM take the country): for
-# users the model has not seen, they get the user's logged conversions.
-USES_HISTORY = {"als", "fm", "deepfm", "ease", "item_knn", "clip_profile"}
+# photos' neighbours; clip_profile averages their images; FM and DeepFM take the country;
+# stacked passes it to its bases): for users the model has not seen, they get the user's
+# logged conversions.
+USES_HISTORY = {"als", "fm", "deepfm", "ease", "item_knn", "clip_profile", "stacked"}
 # At start ranking waits this long for the conversion store, then serves without it for now.
 STORE_OPEN_TIMEOUT_S = 2.0
 # A read stuck in the store gives its thread back after this (requests stop waiting sooner).

@@ -10,8 +10,13 @@ pair. The queries are split in two disjoint parts:
   prior (:data:`ALWAYS_TUNED`, always; popularity trains first and, so validated, is every
   other ranker's query prior), FM/DeepFM's epoch count (early stopping) and the weight of the
   query's popularity prior (:data:`PRIOR_WEIGHTS`, always);
-* the **selection** part scores every ranker, as fitted on the conversions before the slice
-  with those choices, and :func:`~ranking_service.selection.select_default` picks the default.
+* the **selection** part, every other pair with a conversion in the slice (as many queries as
+  the slice gives), scores every ranker, as fitted on the conversions before the slice with
+  those choices, and :func:`~ranking_service.selection.select_default` ranks them (the served
+  configuration is then chosen with the retrievers, ``imgsearch_tools.evaluation.configuration``).
+
+The ``stacked`` ranker learns from the whole slice: its bases are the validation models, and
+its validation figures are out-of-fold (:mod:`ranking_service.stacking`).
 
 Then each ranker is refitted on all training conversions with its choices and saved. A
 catalogue too small for a validation slice still trains (with default parameters) and serves
@@ -69,6 +74,7 @@ PRIOR_WEIGHTS = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0)
 VALIDATION_FILE = "validation.npz"
 # Rankers the ranking service always has (it builds them from the catalogue when missing).
 ALWAYS_SERVED = ("none", "popularity")
+STACKED = "stacked"
 
 
 def _product(**axes) -> list[dict]:
@@ -141,6 +147,7 @@ class Validation:
             "fraction": VALIDATION_FRACTION,
             "conversions": 0 if self.later is None else len(self.later),
             "min_pair": self.min_pair,
+            "selection_min_pair": 1,
             "tuning_queries": len(self.tuning),
             "selection_queries": len(self.selection),
             "skipped_pairs": self.tuning.n_skipped,
@@ -179,24 +186,32 @@ def prepare_validation(
     """
     split = temporal_split(catalogue.conversions, fraction)
     earlier = catalogue.with_conversions(split.earlier)
-    for min_pair in dict.fromkeys((min_pair, 1)):
-        queries = ValidationSet.build(
+
+    def build(pairs: int) -> ValidationSet:
+        return ValidationSet.build(
             earlier,
             split.later,
             candidates,
             candidates_k=candidates_k,
             max_queries=max_queries,
             seed=seed,
-            min_pair=min_pair,
+            min_pair=pairs,
         )
+
+    every = build(1)
+    for min_pair in dict.fromkeys((min_pair, 1)):
+        queries = every if min_pair == 1 else build(min_pair)
         if len(queries) >= 2 * MIN_SELECTION_QUERIES:
             break
-    tuning, selection = queries.split(0.5, seed=seed)
+    # Tuning keeps pairs like the test queries (``min_pair`` conversions); the selection gets
+    # every other pair of the slice.
+    tuning, _ = queries.split(0.5, seed=seed)
+    selection = every.without(tuning)
     skipped = ""
     if min(len(tuning), len(selection)) < MIN_SELECTION_QUERIES:
         skipped = (
             f"the validation slice (last {fraction:.0%} of {len(catalogue.conversions)} "
-            f"training conversions) gives {len(queries)} usable queries, fewer than the "
+            f"training conversions) gives {len(every)} usable queries, fewer than the "
             f"{2 * MIN_SELECTION_QUERIES} that tuning and a paired comparison need"
         )
     return Validation(earlier, tuning, selection, skipped, split.later, min_pair)
@@ -418,7 +433,12 @@ def train_rankers(
     per_query: dict[str, np.ndarray] = {}
     # Popularity first: its validated parameters are every other ranker's query prior.
     prior: dict = {}
-    for name in sorted(dict.fromkeys(names), key=lambda name: name != "popularity"):
+    # Popularity first, stacked last (it stacks the others).
+    order = sorted(dict.fromkeys(names), key=lambda name: (name != "popularity", name == STACKED))
+    for name in order:
+        if name == STACKED:
+            _add_stacked(report, catalogue, candidates, embeddings, out_dir, per_query, prior)
+            continue
         if ranker_class(name).uses_embeddings and embeddings is None:
             report.skipped[name] = "needs image embeddings; the set has no CLIP"
             continue
@@ -456,6 +476,50 @@ def train_rankers(
         report.selection = skipped_selection(validation.skipped)
         report.selection["validation"] = validation.summary()
     return report
+
+
+def _add_stacked(
+    report: TrainingReport,
+    catalogue: Catalogue,
+    candidates: CandidateLists,
+    embeddings: ImageEmbeddings | None,
+    out_dir: Path,
+    per_query: dict,
+    prior: dict,
+) -> None:
+    """Train the stacked ranker over this run's bases (:mod:`ranking_service.stacking`)."""
+    from ranking_service.stacking import train_stacked
+
+    validation = report.validation
+    if not validation.usable:
+        report.skipped[STACKED] = f"needs a validation slice to learn from: {validation.skipped}"
+        return
+    prior = prior or _prior_params(report, validation, candidates)
+    base_params = {
+        name: dict(report.rankers[name]["params"])
+        if name in report.rankers
+        else ({"popularity": prior} if issubclass(ranker_class(name), QueryPrior) else prior)
+        for name in RANKER_NAMES
+        if name != STACKED
+    }
+    final_dirs = {name: out_dir / name for name in report.rankers}
+    try:
+        entry, model, scores = train_stacked(
+            catalogue,
+            validation,
+            report.validation_models,
+            final_dirs,
+            base_params,
+            candidates,
+            embeddings,
+            out_dir / STACKED,
+        )
+    except ValueError as error:  # e.g. no held-out query with a converted candidate
+        report.skipped[STACKED] = str(error)
+        return
+    report.rankers[STACKED] = entry
+    report.validation_models[STACKED] = model
+    per_query[STACKED] = scores
 
 
 def _train_one(

@@ -104,7 +104,7 @@ def load_retrieval_state(
             f"default retriever {default_retriever!r} is not in the artifact set "
             f"(available: {', '.join(retrievers)})"
         )
-    default = default_retriever or ("hybrid" if "hybrid" in retrievers else "keyword")
+    default = default_retriever or recorded_retriever(artifact_set.manifest, retrievers)
     return RetrievalState(
         version=artifact_set.version,
         path=artifact_set.path,
@@ -118,12 +118,28 @@ def load_retrieval_state(
     )
 
 
+def recorded_retriever(manifest: dict, retrievers: dict[str, Retriever]) -> str:
+    """The retriever the set's validation chose (``default_retriever`` in its manifest).
+
+    A set that records none (built before the choice was made with the ranker) serves hybrid
+    when it has CLIP, else keyword.
+    """
+    recorded = manifest.get("default_retriever")
+    if recorded in retrievers:
+        return recorded
+    return "hybrid" if "hybrid" in retrievers else "keyword"
+
+
 def retrieval_defaults(
     manifest: dict, retrievers: dict[str, Retriever], setting: str = ""
 ) -> list[tuple[str, str, str]]:
     """The default retriever and hybrid's fusion, each with why, for ``GetStatus``."""
+    recorded = manifest.get("default_retriever")
     if setting:
         chosen = (setting, "set by the server's default-retriever setting")
+    elif recorded in retrievers:
+        configuration = manifest.get("configuration", {})
+        chosen = (recorded, configuration.get("reason", "chosen on the validation slice"))
     elif "hybrid" in retrievers:
         chosen = ("hybrid", "the set has CLIP: keyword and CLIP candidates fused")
     else:

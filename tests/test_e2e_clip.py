@@ -27,7 +27,7 @@ def clip_stack(loop_thread, tmp_path_factory):
     build_artifacts(
         str(data),
         str(root),
-        ["none", "popularity", "clip_profile"],
+        ["none", "popularity", "clip_profile", "stacked"],
         clip_steps=20,
         show_progress=False,
     )
@@ -36,10 +36,13 @@ def clip_stack(loop_thread, tmp_path_factory):
     stack.stop()
 
 
-def test_hybrid_is_the_default_and_results_carry_both_sources(clip_stack):
+def test_hybrid_results_carry_both_sources(clip_stack):
     with grpc.insecure_channel(clip_stack.target) as channel:
         response = pb_grpc.SearchServiceStub(channel).Search(
-            pb.SearchRequest(query="red", k=10, candidates_k=50), timeout=30
+            pb.SearchRequest(
+                query="red", k=10, candidates_k=50, retriever=retr_pb.RETRIEVER_HYBRID
+            ),
+            timeout=30,
         )
     assert response.retriever == retr_pb.RETRIEVER_HYBRID
     assert len(response.results) == 10
@@ -115,29 +118,47 @@ def test_unseen_queries_sent_together_are_all_answered(clip_stack):
     assert state.retrievers["clip"].known_hits == 1
 
 
-def test_fusion_weights_from_validation_are_recorded_served_and_said(clip_stack):
+def test_the_served_configuration_is_recorded_served_and_said(clip_stack):
     from imgsearch import artifacts
     from imgsearch.admin.v1 import admin_service_pb2 as admin_pb
     from imgsearch.admin.v1 import admin_service_pb2_grpc as admin_grpc
+    from imgsearch.names import retriever_value
     from retrieval_service.semantic import fusion_label
 
     manifest = artifacts.resolve(clip_stack.artifacts).manifest
+    configuration = manifest["configuration"]
+    # Retriever and ranker are chosen together; the grid holds both single sources.
+    labels = [row["label"] for row in configuration["table"]]
+    assert labels[0] == "keyword" and labels[-1] == "clip" and len(labels) >= 3
+    assert manifest["default_ranker"] == configuration["ranker"]
+    assert manifest["default_retriever"] == configuration["retriever"]
+    served = next(row for row in configuration["table"] if row["label"] == configuration["label"])
+    assert served["eligible"]
+    if configuration["rule"] == "point-best":
+        best = max(
+            value
+            for row in configuration["table"]
+            if row["eligible"]
+            for value in row["rankers"].values()
+        )
+        assert served["rankers"][configuration["ranker"]] == best
     fusion = manifest["fusion"]
     assert fusion["ranker"] == manifest["default_ranker"]
-    assert sum(fusion["weights"]) == pytest.approx(1.0) and fusion["weights"][1] >= 0.5
-    chosen = max(
-        (row for row in fusion["table"] if row["weights"] == fusion["weights"]),
-        key=lambda row: row["ndcg@10"],
-    )
-    # The choice keeps tag precision at least at either source's level on the validation slice.
-    floor = max(source["tag_p@10"] for source in fusion["sources"].values())
-    assert chosen["tag_p@10"] >= floor - 1e-9 or "most precise" in fusion["reason"]
+    assert sum(fusion["weights"]) == pytest.approx(1.0)
     with grpc.insecure_channel(f"127.0.0.1:{clip_stack.retrieval.admin_port}") as channel:
         status = admin_grpc.AdminServiceStub(channel).GetStatus(
             admin_pb.GetStatusRequest(), timeout=10
         )
     defaults = {d.kind: (d.name, d.reason) for d in status.defaults}
-    assert defaults["retriever"][0] == "hybrid"
+    assert defaults["retriever"] == (configuration["retriever"], configuration["reason"])
+    with grpc.insecure_channel(clip_stack.target) as channel:
+        stub = pb_grpc.SearchServiceStub(channel)
+        default = stub.Search(pb.SearchRequest(query="red", k=5), timeout=30)
+        stacked = stub.Search(
+            pb.SearchRequest(query="red", k=5, ranker=rank_pb.RANKER_STACKED), timeout=30
+        )
+    assert default.retriever == retriever_value(configuration["retriever"])
+    assert stacked.ranker == rank_pb.RANKER_STACKED and len(stacked.results) == 5
     assert defaults["fusion"] == (fusion_label("rrf", fusion["weights"]), fusion["reason"])
 
 

@@ -256,3 +256,21 @@ def test_tag_figures_are_compared_to_keyword_retrieval_query_by_query():
         pair["diff"] == pytest.approx(0.3)
         and 0.2 - 1e-9 <= pair["ci"][0] <= pair["ci"][1] <= 0.4 + 1e-9
     )
+
+
+def test_the_served_configuration_is_checked_against_the_best_row(report):
+    header = report["header"]
+    configuration = header["configuration"]
+    # No CLIP here: the keyword retriever is the only one the rule can serve.
+    assert header["default_retriever"] == configuration["retriever"] == "keyword"
+    assert header["default_ranker"] == configuration["ranker"] in RANKERS
+    assert configuration["n_queries"] > configuration["tuning_queries"]
+    check = header["served_configuration_vs_best"]
+    rows = [r for r in report["results"] if not r.get("skipped")]
+    best = max(rows, key=lambda r: r["ndcg@10"])
+    assert (check["best"]["retriever"], check["best"]["ranker"]) == ("keyword", best["ranker"])
+    assert check["ratio"] == pytest.approx(check["served"]["ndcg@10"] / best["ndcg@10"])
+    lo, hi = check["vs_best"]["ci"]
+    assert lo <= check["vs_best"]["diff"] <= hi and check["significantly_below"] == (hi < 0)
+    markdown = markdown_table(report)
+    assert "Served configuration" in markdown and "of the best" in markdown

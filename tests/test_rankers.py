@@ -50,6 +50,7 @@ TEST_PARAMS = {
     "ease": {"l2": 100.0},
     "item_knn": {"shrink": 5.0},
     "clip_profile": {},
+    "stacked": {"base_params": {"als": {"factors": 8, "iterations": 10, "num_threads": 1}}},
 }
 
 
@@ -543,7 +544,41 @@ class TestClipProfile(RecentPhotosContract):
             load_ranker("clip_profile", tmp_path, split[0], EMBEDDINGS)
 
 
-@pytest.mark.parametrize("name", ["als", "fm", "deepfm", "ease", "item_knn", "clip_profile"])
+class TestStacked(RankerContract):
+    name = "stacked"
+
+    def test_saved_as_lightgbm_text_with_its_bases(self, ranker, catalogue, tmp_path):
+        ranker.save(tmp_path)
+        assert (tmp_path / "model.txt").read_text().startswith("tree")
+        assert {p.name for p in (tmp_path / "bases").iterdir()} == {
+            "popularity",
+            "als",
+            "clip_profile",
+        }
+        with pytest.raises(ValueError, match="needs embeddings"):
+            load_ranker("stacked", tmp_path, catalogue, None)
+
+    def test_an_unseen_user_falls_back_and_says_so(self, ranker):
+        assert "unknown user" in ranker.score(query(None)).fallback_reason
+        assert ranker.score(query(3)).fallback_reason == ""
+
+    def test_without_embeddings_it_stacks_the_other_bases(self, split, catalogue, tmp_path):
+        ranker = create_ranker("stacked", **TEST_PARAMS["stacked"]).fit(
+            split[0], show_progress=False, candidates=served(split[0])
+        )
+        assert ranker.bases == ("popularity", "als")
+        ranker.save(tmp_path)
+        loaded = load_ranker("stacked", tmp_path, catalogue, None)
+        np.testing.assert_array_equal(loaded.score(query(3)).scores, ranker.score(query(3)).scores)
+
+    def test_needs_candidate_lists(self, split):
+        with pytest.raises(ValueError, match="candidate lists"):
+            create_ranker("stacked").fit(split[0], show_progress=False)
+
+
+@pytest.mark.parametrize(
+    "name", ["als", "fm", "deepfm", "ease", "item_knn", "clip_profile", "stacked"]
+)
 def test_personalized_rankers_beat_popularity_on_held_out_tastes(name, split, held_out):
     popularity = held_out.ndcg(fitted("popularity", split[0]))
     personalized = held_out.ndcg(fitted(name, split[0]))
@@ -555,7 +590,17 @@ def test_factory_names_and_errors():
     from imgsearch import names
 
     # The ranking service implements exactly the rankers the API names (RANKER_* enum values).
-    expected = ("none", "popularity", "als", "fm", "deepfm", "ease", "item_knn", "clip_profile")
+    expected = (
+        "none",
+        "popularity",
+        "als",
+        "fm",
+        "deepfm",
+        "ease",
+        "item_knn",
+        "clip_profile",
+        "stacked",
+    )
     assert RANKER_NAMES == names.RANKER_NAMES == expected
     for name in RANKER_NAMES:
         assert create_ranker(name).name == name

@@ -78,17 +78,30 @@ def _build(tmp_path, name, rankers, **generate_options):
     return root, artifacts.resolve(root).manifest
 
 
-def test_without_taste_the_rule_serves_popularity(tmp_path):
+def test_the_build_serves_the_validation_point_best_never_below_popularity(tmp_path):
+    from imgsearch_tools.evaluation.configuration import MIN_POINT_BEST
+
     sizes = {"n_photos": 400, "n_users": 120, "n_conversions": 12_000, "seed": 5}
     rankers = ["none", "popularity", "als", "item_knn"]
-    _, manifest = _build(tmp_path, "none", rankers, taste="none", **sizes)
-    selection = manifest["ranker_selection"]
-    assert selection["table"], selection["reason"]
-    assert manifest["default_ranker"] == "popularity", selection["reason"]
-    # With a planted taste over photo ids, on the same users and queries, it serves one.
-    _, manifest = _build(tmp_path, "ids", rankers, taste="ids", taste_strength=3.0, **sizes)
+    for taste in ("none", "ids"):
+        _, manifest = _build(tmp_path, taste, rankers, taste=taste, taste_strength=3.0, **sizes)
+        configuration = manifest["configuration"]
+        # Every pair with a conversion in the slice, except the tuning ones, chooses.
+        assert (
+            configuration["n_queries"]
+            >= MIN_POINT_BEST
+            > manifest["ranker_selection"]["validation"]["tuning_queries"]
+        )
+        assert configuration["rule"] == "point-best", configuration["reason"]
+        served = configuration["ranker"]
+        (row,) = configuration["table"]  # no CLIP: the keyword retriever only
+        assert row["rankers"][served] == max(row["rankers"].values())
+        versus = configuration["versus_popularity"]
+        assert served == "popularity" or versus["ci"][1] >= 0
+        assert manifest["default_ranker"] == served
+        assert manifest["default_retriever"] == "keyword"
+    # With a planted taste over photo ids a personal ranker leads.
     assert manifest["default_ranker"] in ("als", "item_knn"), manifest["default_ranker_reason"]
-    assert "above popularity" in manifest["default_ranker_reason"]
 
 
 def test_too_few_conversions_train_skip_selection_and_serve_popularity(tmp_path):
@@ -97,19 +110,27 @@ def test_too_few_conversions_train_skip_selection_and_serve_popularity(tmp_path)
     root, manifest = _build(
         tmp_path,
         "tiny",
-        ["none", "popularity", "als", "ease"],
+        ["none", "popularity", "als", "ease", "stacked"],
         n_photos=60,
         n_users=15,
         n_conversions=120,
         seed=2,
     )
     assert set(manifest["rankers"]) == {"none", "popularity", "als", "ease"}
+    # The stacker learns only from a validation slice: too small here, and the build says so.
+    assert "validation slice" in manifest["rankers_skipped"]["stacked"]
     assert manifest["default_ranker"] == "popularity"
     reason = manifest["default_ranker_reason"]
     assert "selection skipped" in reason and "validation slice" in reason
+    assert manifest["configuration"]["rule"] == "fallback"
     state = load_ranking_state(str(root))
     assert state.default_ranker == "popularity" and state.default_reason == reason
     assert {"als", "ease"} <= set(state.rankers)
+    from retrieval_service.server import load_retrieval_state
+
+    retrieval = load_retrieval_state(str(root))
+    assert retrieval.default_retriever == manifest["default_retriever"] == "keyword"
+    assert retrieval.defaults[0] == ("retriever", "keyword", reason)
 
 
 def test_a_set_without_a_recorded_choice_serves_popularity_and_says_so(artifact_root, tmp_path):
@@ -141,7 +162,7 @@ def test_status_and_notes_say_which_default_is_served_and_why(stack, artifact_ro
             admin_pb.GetStatusRequest(), timeout=10
         )
     assert [(d.kind, d.name) for d in status.defaults] == [("retriever", "keyword")]
-    assert "no CLIP" in status.defaults[0].reason
+    assert status.defaults[0].reason == manifest["configuration"]["reason"]
     with grpc.insecure_channel(stack.target) as channel:
         stub = pb_grpc.SearchServiceStub(channel)
         default = stub.Search(pb.SearchRequest(query="red", k=5), timeout=10)
@@ -168,24 +189,59 @@ def test_tastes_share_users_and_queries_and_differ_in_choices(tmp_path, taste):
     assert same == 1.0 if taste == "content" else same < 0.5
 
 
-def test_fusion_keeps_the_best_weighting_that_is_as_precise_as_either_source():
-    from imgsearch_tools.evaluation.fusion import _choose
-
-    singles = {
-        "keyword": {"ndcg@10": 0.05, "tag_p@10": 0.90, "pair_tag_p@10": 0.80},
-        "clip": {"ndcg@10": 0.06, "tag_p@10": 0.95, "pair_tag_p@10": 0.90},
+def _levels(n: int, lift: float, spread: float = 0.3, seed: int = 3) -> dict:
+    """Per retriever, per ranker: popularity's figures and a ranker ``lift`` above, noisy."""
+    popularity = _figures(seed, n)
+    noise = np.random.default_rng(seed + 1).normal(0.0, spread, n)
+    noise -= noise.mean()
+    return {
+        "keyword": {"popularity": popularity - 0.02, "als": popularity - 0.02 + lift + noise},
+        "clip": {"popularity": popularity, "als": popularity + lift + noise},
     }
-    table = [
-        {"weights": [0.5, 0.5], "ndcg@10": 0.055, "candidate_recall": 0.1, "tag_p@10": 0.97,
-         "pair_tag_p@10": 0.99},
-        {"weights": [0.3, 0.7], "ndcg@10": 0.059, "candidate_recall": 0.2, "tag_p@10": 0.96,
-         "pair_tag_p@10": 0.95},
-        {"weights": [0.1, 0.9], "ndcg@10": 0.062, "candidate_recall": 0.3, "tag_p@10": 0.94,
-         "pair_tag_p@10": 0.92},
-    ]  # fmt: skip
-    chosen, why = _choose(table, singles, 10)
-    assert chosen["weights"] == [0.3, 0.7] and "at least either source" in why
-    for row in table:
-        row["tag_p@10"] = 0.5
-    chosen, why = _choose(table, singles, 10)
-    assert chosen["weights"] == [0.1, 0.9] and "most precise" in why
+
+
+def test_enough_queries_serve_the_point_best_configuration():
+    from imgsearch_tools.evaluation.configuration import MIN_POINT_BEST, apply_rule
+
+    per_query = _levels(MIN_POINT_BEST, lift=0.004)
+    chosen = apply_rule(per_query, ["keyword", "clip"])
+    assert (chosen["label"], chosen["ranker"], chosen["rule"]) == ("clip", "als", "point-best")
+    lo, hi = chosen["versus_popularity"]["ci"]
+    assert lo < 0 < hi  # not significant: the point estimate decides
+    # The same lift on fewer queries needs a significant win: popularity, its best retriever.
+    chosen = apply_rule(_levels(MIN_POINT_BEST - 1, lift=0.004), ["keyword", "clip"])
+    assert (chosen["label"], chosen["ranker"], chosen["rule"]) == (
+        "clip",
+        "popularity",
+        "significant",
+    )
+    assert "not significantly above popularity" in chosen["reason"]
+    chosen = apply_rule(_levels(MIN_POINT_BEST - 1, lift=0.1, spread=0.05), ["keyword", "clip"])
+    assert (chosen["label"], chosen["ranker"]) == ("clip", "als")
+
+
+def test_only_eligible_retrievers_are_served():
+    from imgsearch_tools.evaluation.configuration import MIN_POINT_BEST, apply_rule
+
+    per_query = _levels(MIN_POINT_BEST, lift=0.05, spread=0.01)
+    per_query["keyword"]["als"] = per_query["clip"]["als"] + 0.1
+    chosen = apply_rule(per_query, ["clip"])
+    assert (chosen["label"], chosen["ranker"]) == ("clip", "als")
+
+
+def test_the_tag_guard_keeps_retrievers_near_the_better_source():
+    from imgsearch_tools.evaluation.configuration import TAG_TOLERANCE, _tag_guard, retriever_grid
+
+    grid = retriever_grid(has_clip=True)
+    assert [row["label"] for row in grid][0] == "keyword" and grid[-1]["label"] == "clip"
+    assert all(row["weights"] is not None for row in grid[1:-1])
+    for row in grid:  # keyword 0.90, clip 0.96; hybrid 0.97 minus a tenth of keyword's weight
+        row["tag_p@10"] = {"keyword": 0.90, "clip": 0.96}.get(row["label"])
+        if row["weights"] is not None:
+            row["tag_p@10"] = 0.97 - 0.1 * row["weights"][0]
+    guard = _tag_guard(grid, "labels", 10)
+    assert guard["applied"] and guard["floor"] == pytest.approx(0.96 - TAG_TOLERANCE)
+    eligible = [row["weights"] or row["label"] for row in grid if row["eligible"]]
+    assert eligible == [[0.3, 0.7], [0.1, 0.9], "clip"]
+    assert _tag_guard(grid, "keywords", 10)["applied"] is False
+    assert all(row["eligible"] for row in grid)

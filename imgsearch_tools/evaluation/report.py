@@ -228,6 +228,7 @@ def selection_markdown(report: dict) -> str:
                     else "–"
                 )
             lines.append("| " + " | ".join(cells) + " |")
+    lines += configuration_markdown(header, k)
     fusion = header.get("models", {}).get("fusion", {})
     if fusion.get("label"):
         lines.append(f"\nHybrid fusion (validation, with {fusion['ranker']}): {fusion['label']}.")
@@ -246,6 +247,31 @@ def selection_markdown(report: dict) -> str:
             + f" (tag P@{k} of {mine}: {compared[f'tag_p@{k}']:.3f})."
         )
     return "\n".join(lines) + "\n"
+
+
+def configuration_markdown(header: dict, k: int) -> list[str]:
+    """The served configuration, how validation chose it, and how it did on test."""
+    lines = []
+    configuration = header.get("configuration") or {}
+    if configuration:
+        lines.append(
+            f"\nServed configuration (validation, {configuration.get('n_queries', 0):,} "
+            f"selection queries, rule `{configuration['rule']}`): **{configuration['label']} + "
+            f"{configuration['ranker']}** — {configuration['reason']}."
+        )
+    check = header.get("served_configuration_vs_best") or {}
+    if check:
+        served, best, paired = check["served"], check["best"], check["vs_best"]
+        ratio = f"{check['ratio']:.2f}×" if check.get("ratio") is not None else "–"
+        lines.append(
+            f"\nOn test: served {served['retriever']} + {served['ranker']} NDCG@{k} "
+            f"{served[f'ndcg@{k}']:.4f}; best of all rows {best['retriever']} + "
+            f"{best['ranker']} {best[f'ndcg@{k}']:.4f}; served − best "
+            f"{paired['diff']:+.4f} (paired 95% CI {paired['ci'][0]:+.4f} to "
+            f"{paired['ci'][1]:+.4f}), {ratio} of the best"
+            + (" — significantly below it." if check.get("significantly_below") else ".")
+        )
+    return lines
 
 
 def write_markdown(report: dict, path: str | Path) -> None:

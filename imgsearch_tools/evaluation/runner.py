@@ -16,11 +16,12 @@ The protocol (what the evaluation results page reports):
    The ranking request carries the user's last 20 training photos as ``recent_photos`` and
    the country of their latest training conversion, as a client with that history would.
 5. **Models.** Rankers are fitted on the training conversions only, as ``imgsearch build``
-   fits them: candidates from the retriever a build serves by default (hybrid when CLIP is
-   available, else keyword), the validation slice at the end of the training part choosing
-   their parameters, the prior's weight, the default ranker (``default_ranker`` in the
-   header: the rule of :mod:`ranking_service.selection`) and hybrid's fusion weights (used by
-   the ``hybrid`` rows). CLIP learns from images and keywords, never conversions, so it is
+   fits them: candidates from hybrid when CLIP is available (else keyword), the validation
+   slice at the end of the training part choosing their parameters and the prior's weight;
+   then the served configuration (``configuration`` in the header: retriever, fusion weights
+   and ranker chosen together by the rule of :mod:`imgsearch_tools.evaluation.configuration`;
+   ``default_retriever`` and ``default_ranker``) and hybrid's fusion weights (used by the
+   ``hybrid`` rows). CLIP learns from images and keywords, never conversions, so it is
    trained on all photos (or loaded from ``clip_artifacts``).
 6. **Ordering.** The final list sorts candidates by the ranker's score, ties broken by
    retrieval order (:func:`imgsearch.metrics.rank_by_scores`).
@@ -52,10 +53,12 @@ scores as retrieval order does). Per retriever, independent of the ranker:
   ceiling of Recall@``candidates_k`` that no ranker can pass; ``reachable_queries`` and
   ``ndcg@k_reachable`` (JSON only) restrict NDCG to queries with a relevant candidate.
 
-Per retriever, ``served_vs_best`` (header) compares on the test queries the default ranker with
-the ranker that scored best there, and with popularity: paired differences with bootstrap
-intervals, which say whether the validation rule served a ranker significantly worse than the
-best one could have been.
+``served_configuration_vs_best`` (header) compares the served (retriever, ranker) with the
+best row of all on the test queries: the paired difference with its bootstrap interval and
+the ratio of their NDCG@k. Per retriever, ``served_vs_best`` (header) compares on the test
+queries the default ranker with the ranker that scored best there, and with popularity:
+paired differences with bootstrap intervals, which say whether the validation rule served a
+ranker significantly worse than the best one could have been.
 
 Latency is measured in-process with ``time.perf_counter`` on the same queries: retrieval
 (one ``retrieve`` call), ranking (one ``score`` call plus the final sort) and their sum per
@@ -452,11 +455,11 @@ def evaluate(
         keyword_index = active["keyword"]
         fitted = dict(rankers or {})
         to_fit = [n for n in ranker_names if n not in fitted]
-        # CLIP first: the build serves hybrid when it can, so rankers train on its candidates,
-        # and clip_profile needs the image embeddings.
+        # CLIP first: the build trains rankers on hybrid's candidates when it can, and
+        # clip_profile (and stacked's clip_profile base) needs the image embeddings.
         wanted_clip = [n for n in retriever_names if n in CLIP_RETRIEVERS and n not in active]
         built, embeddings = {}, None
-        if wanted_clip or "clip_profile" in to_fit:
+        if wanted_clip or {"clip_profile", "stacked"} & set(to_fit):
             built, reason, models["clip"] = clip_retrievers(
                 train_catalogue, keyword_index, config, Path(tmp)
             )
@@ -482,12 +485,18 @@ def evaluate(
                 skipped_ranker = models["rankers"].get(name, {}).get("skipped", "not trained")
                 skipped[f"ranker:{name}"] = skipped_ranker
         ranker_names = [n for n in ranker_names if n in fitted]
+        configuration: dict = {}
         if training is not None:
             selection = training.selection
-            if "hybrid" in built:
-                models["fusion"] = _choose_fusion(
-                    train_catalogue, training, keyword_index, built, active, config
-                )
+            configuration = _choose_configuration(
+                train_catalogue, training, keyword_index, built, active, config
+            )
+            models["fusion"] = configuration.get("fusion", {})
+            selection = {
+                **selection,
+                "default_ranker": configuration["ranker"],
+                "reason": configuration["reason"],
+            }
         if built:
             from retrieval_service.semantic import set_serving_threads
 
@@ -524,7 +533,12 @@ def evaluate(
 
     served_vs_best = _served_vs_best(rows, selection.get("default_ranker"), k, config)
     evaluated = {r["retriever"] for r in rows if "_per_query_ndcg" in r}
-    default_retriever = "hybrid" if "hybrid" in evaluated else "keyword"
+    default_retriever = configuration.get("retriever") or (
+        "hybrid" if "hybrid" in evaluated else "keyword"
+    )
+    served_configuration = served_vs_best_configuration(
+        rows, default_retriever, selection.get("default_ranker"), k, config
+    )
     retrievers_compared = _retriever_deltas(
         rows, default_retriever, selection.get("default_ranker"), k, config
     )
@@ -557,7 +571,10 @@ def evaluate(
             "tag_truth": tag_truth,
         },
         "default_ranker": selection.get("default_ranker"),
+        "default_retriever": default_retriever,
         "default_ranker_reason": selection.get("reason", "rankers were given already fitted"),
+        "configuration": configuration,
+        "served_configuration_vs_best": served_configuration,
         "ranker_selection": selection,
         "served_vs_best": served_vs_best,
         "default_retriever_vs_others": retrievers_compared,
@@ -727,29 +744,50 @@ def _evaluate_retriever(
     return rows
 
 
-def _choose_fusion(train_catalogue, training, keyword_index, built, active, config) -> dict:
-    """Choose hybrid's fusion weights on the validation slice; evaluate hybrid with them."""
-    from imgsearch_tools.evaluation.fusion import choose_fusion
+def _choose_configuration(train_catalogue, training, keyword_index, built, active, config):
+    """Choose the served configuration on the validation slice, as ``imgsearch build`` does;
+    the ``hybrid`` rows then fuse with the weights chosen for hybrid."""
+    from imgsearch_tools.evaluation.configuration import served_configuration
     from retrieval_service.semantic import HybridRetriever
 
-    default = training.selection.get("default_ranker")
-    model = training.validation_models.get(default)
-    if model is None:
-        return {"skipped": f"no validation model of {default}"}
-    fusion = choose_fusion(
+    configuration = served_configuration(
         train_catalogue,
-        training.validation,
-        model,
-        default,
+        training,
         keyword_index,
-        built["clip"],
+        built.get("clip"),
         candidates_k=config.candidates_k,
     )
-    if "weights" in fusion and "hybrid" in active:
+    weights = (configuration.get("fusion") or {}).get("weights") or configuration.get("weights")
+    if weights and "hybrid" in active and "clip" in built:
         active["hybrid"] = HybridRetriever(
-            keyword_index, built["clip"], method=fusion["method"], weights=fusion["weights"]
+            keyword_index, built["clip"], method="rrf", weights=tuple(weights)
         )
-    return fusion
+    return configuration
+
+
+def served_vs_best_configuration(
+    rows: list[dict], retriever: str, ranker: str | None, k: int, config: EvalConfig
+) -> dict:
+    """The served (retriever, ranker) against the best row of all on test: paired difference,
+    its interval and the ratio of their NDCG@k ({} when the served row was not evaluated)."""
+    mine = {(r["retriever"], r["ranker"]): r for r in rows if "_per_query_ndcg" in r}
+    served = mine.get((retriever, ranker))
+    if served is None:
+        return {}
+    best = max(mine.values(), key=lambda r: r[f"ndcg@{k}"])
+    ratio = served[f"ndcg@{k}"] / best[f"ndcg@{k}"] if best[f"ndcg@{k}"] > 0 else None
+    paired = _paired(served, best, config)
+    return {
+        "served": {"retriever": retriever, "ranker": ranker, f"ndcg@{k}": served[f"ndcg@{k}"]},
+        "best": {
+            "retriever": best["retriever"],
+            "ranker": best["ranker"],
+            f"ndcg@{k}": best[f"ndcg@{k}"],
+        },
+        "vs_best": paired,
+        "ratio": ratio,
+        "significantly_below": paired["ci"][1] < 0,
+    }
 
 
 def _served_vs_best(rows: list[dict], served: str | None, k: int, config: EvalConfig) -> dict:

@@ -1,5 +1,5 @@
 """Personalization rankers by name: ``none``, ``popularity``, ``als``, ``fm``, ``deepfm``,
-``ease``, ``item_knn`` and ``clip_profile``."""
+``ease``, ``item_knn``, ``clip_profile`` and ``stacked``."""
 
 from __future__ import annotations
 
@@ -11,7 +11,17 @@ from imgsearch.image_embeddings import ImageEmbeddings
 from ranking_service.rankers.base import Ranker, RankQuery, RankScores
 
 # The API names (imgsearch.names), in the proto enum's order.
-RANKER_NAMES = ("none", "popularity", "als", "fm", "deepfm", "ease", "item_knn", "clip_profile")
+RANKER_NAMES = (
+    "none",
+    "popularity",
+    "als",
+    "fm",
+    "deepfm",
+    "ease",
+    "item_knn",
+    "clip_profile",
+    "stacked",
+)
 
 # name -> (module, class); modules are imported on first use so that serving ALS or
 # popularity never pays for importing torch.
@@ -24,6 +34,7 @@ _REGISTRY = {
     "ease": ("ranking_service.rankers.item_item", "EASERanker"),
     "item_knn": ("ranking_service.rankers.item_item", "ItemKNNRanker"),
     "clip_profile": ("ranking_service.rankers.clip_profile", "ClipProfileRanker"),
+    "stacked": ("ranking_service.rankers.stacked", "StackedRanker"),
 }
 
 __all__ = [
@@ -82,9 +93,10 @@ def load_ranker(
         The catalogue it serves.
     embeddings:
         The set's image embeddings, handed to rankers that score with them
-        (``Ranker.uses_embeddings``); they fail to load without.
+        (``Ranker.uses_embeddings``: they fail to load without) or may use them
+        (``Ranker.accepts_embeddings``).
     """
     cls = ranker_class(name)
-    if cls.uses_embeddings:
+    if cls.uses_embeddings or cls.accepts_embeddings:
         return cls.load(Path(directory), catalogue, embeddings)
     return cls.load(Path(directory), catalogue)

@@ -63,6 +63,8 @@ class Ranker(ABC):
     name: str = ""
     # Rankers that need the artifact set's image embeddings to load, not only to fit.
     uses_embeddings: bool = False
+    # Rankers that use the set's image embeddings when it has them, and load without.
+    accepts_embeddings: bool = False
 
     @abstractmethod
     def fit(

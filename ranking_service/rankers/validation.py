@@ -192,6 +192,14 @@ class ValidationSet:
             )
         return parts[0], parts[1]
 
+    def without(self, other: ValidationSet) -> ValidationSet:
+        """The queries whose (user, keyword) pair is not one of ``other``'s."""
+        taken = {(q.user_idx, q.keyword) for q in other.queries}
+        index = [i for i, q in enumerate(self.queries) if (q.user_idx, q.keyword) not in taken]
+        return ValidationSet(
+            [self.queries[i] for i in index], [self.relevant[i] for i in index], self.n_skipped
+        )
+
     def fingerprint(self) -> str:
         """A short hash of the queries, their candidates and relevant photos.
 

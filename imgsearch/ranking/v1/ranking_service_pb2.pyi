@@ -19,6 +19,7 @@ class Ranker(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     RANKER_EASE: _ClassVar[Ranker]
     RANKER_ITEM_KNN: _ClassVar[Ranker]
     RANKER_CLIP_PROFILE: _ClassVar[Ranker]
+    RANKER_STACKED: _ClassVar[Ranker]
 RANKER_UNSPECIFIED: Ranker
 RANKER_NONE: Ranker
 RANKER_POPULARITY: Ranker
@@ -29,6 +30,7 @@ RANKER_TWO_STEP: Ranker
 RANKER_EASE: Ranker
 RANKER_ITEM_KNN: Ranker
 RANKER_CLIP_PROFILE: Ranker
+RANKER_STACKED: Ranker
 
 class RankRequest(_message.Message):
     __slots__ = ("user_id", "query", "keyword", "candidate_photo_ids", "retrieval_scores", "k", "ranker", "recent_photo_ids")

@@ -1,0 +1,412 @@
+"""The served configuration: (retriever, fusion weights, ranker) chosen together on validation.
+
+Every combination is scored on the same validation queries, evaluated as ``imgsearch eval``
+evaluates test queries: every (user, keyword) pair with at least one conversion in the
+validation slice whose user converted before it, except the pairs that tuned parameters
+(the ``tuning`` part); the retriever's top candidates minus the user's earlier photos, in the
+ranker's order; every photo the user converted with the keyword relevant (NDCG@10).
+
+* **Retrievers.** CLIP's share of hybrid's reciprocal-rank weights runs over
+  :data:`CLIP_SHARES`; share 0 is the keyword retriever alone and share 1 CLIP alone, served as
+  those retrievers. A catalogue without CLIP has the keyword retriever only.
+* **Tag guard.** When the catalogue says what each photo shows (``labels.tsv``), a retriever
+  whose tag P@10 on the validation keywords falls more than :data:`TAG_TOLERANCE` below the
+  better single source is not eligible: it would serve photos that do not show what was asked.
+  Against keywords (no labels) keyword retrieval scores 1 by construction, so the guard does
+  not apply. The better single source always passes, so the guard can never force a
+  weighting worse than both sources.
+* **The rule** (:func:`apply_rule`). With at least :data:`MIN_POINT_BEST` queries the
+  validation point-best combination is served: choosing among near-equals by their point
+  estimate costs little when they are near-equal, while demanding a significant win over
+  popularity served popularity on slices too small to show the win that was there. A
+  combination whose paired 95% interval against popularity (same retriever) lies wholly below
+  0 is never served. Between :data:`MIN_SELECTION_QUERIES` and :data:`MIN_POINT_BEST` queries
+  the best is served only when its paired interval against popularity lies above 0, else
+  popularity with its best retriever. Below that, nothing is chosen: popularity with the
+  default retriever.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from imgsearch.catalogue import Catalogue, normalise_keyword
+from imgsearch.metrics import metrics_from_hits, paired_bootstrap_ci, rank_by_scores
+from imgsearch.protocol import Split
+from imgsearch_tools.evaluation.queries import (
+    KeywordTags,
+    TestQueries,
+    build_test_queries,
+    user_photos,
+)
+from ranking_service.rankers.base import RankQuery
+from ranking_service.selection import BASELINE, MIN_SELECTION_QUERIES
+from retrieval_service.semantic import HybridRetriever, fuse, fusion_label
+
+# CLIP's share of hybrid's weights: 0 is the keyword retriever alone, 1 CLIP alone.
+CLIP_SHARES = (0.0, 0.3, 0.5, 0.7, 0.9, 1.0)
+# How far below the better single source a retriever's tag P@10 may fall.
+TAG_TOLERANCE = 0.02
+# From this many selection queries on, the validation point-best is served.
+MIN_POINT_BEST = 300
+# Selection queries drawn (seeded) when the slice gives more.
+MAX_SELECTION_QUERIES = 3000
+
+
+def selection_queries(validation, max_queries: int = MAX_SELECTION_QUERIES, seed: int = 0):
+    """Every pair with a conversion in the slice, minus the tuning pairs (module docstring)."""
+    split = Split(validation.catalogue.conversions, validation.later, 0.0)
+    every = build_test_queries(split, min_pair=1, max_queries=None, seed=seed)
+    tuned = {(q.user_idx, normalise_keyword(q.keyword)) for q in validation.tuning.queries}
+    keep = [
+        i for i in range(len(every)) if (int(every.user_idx[i]), str(every.keyword[i])) not in tuned
+    ]
+    if len(keep) > max_queries:
+        keep = sorted(np.random.default_rng(seed).choice(keep, max_queries, replace=False))
+    return TestQueries(
+        every.user_idx[keep],
+        every.keyword[keep],
+        [every.relevant[i] for i in keep],
+        [every.counts[i] for i in keep],
+        every.country[keep],
+        [every.recent[i] for i in keep],
+        len(every),
+    )
+
+
+def retriever_grid(has_clip: bool) -> list[dict]:
+    """The retrievers tried: ``name``, ``weights`` (keyword, clip; None alone), ``label``."""
+    if not has_clip:
+        return [{"retriever": "keyword", "weights": None, "label": "keyword"}]
+    grid = []
+    for share in CLIP_SHARES:
+        if share == 0.0:
+            grid.append({"retriever": "keyword", "weights": None, "label": "keyword"})
+        elif share == 1.0:
+            grid.append({"retriever": "clip", "weights": None, "label": "clip"})
+        else:
+            weights = [round(1.0 - share, 4), share]
+            label = f"hybrid ({fusion_label('rrf', weights)})"
+            grid.append({"retriever": "hybrid", "weights": weights, "label": label})
+    return grid
+
+
+def choose_configuration(
+    catalogue: Catalogue,
+    validation,
+    models: dict,
+    keyword_retriever,
+    clip_retriever=None,
+    candidates_k: int = 100,
+    k: int = 10,
+    max_queries: int = MAX_SELECTION_QUERIES,
+    seed: int = 0,
+    n_bootstrap: int = 1000,
+) -> dict:
+    """Score every (retriever, ranker) on the selection queries and apply the rule.
+
+    Parameters
+    ----------
+    catalogue:
+        The catalogue being built (its labels, when it has them, are the tag truth).
+    validation:
+        The slice (``ranking_service.training.Validation``).
+    models:
+        Ranker name to its model fitted on the conversions before the slice.
+    keyword_retriever, clip_retriever:
+        The sources (``clip_retriever`` None without CLIP).
+    candidates_k, k:
+        Candidates per query and the metric's cut-off.
+    max_queries, seed, n_bootstrap:
+        The draw of selection queries and the intervals.
+
+    Returns
+    -------
+    dict
+        ``retriever``, ``weights``, ``label``, ``ranker``, ``rule``, ``reason``,
+        ``n_queries``, ``tag_guard`` and ``table`` (per retriever: tag figures, eligibility and
+        each ranker's NDCG@k), plus ``fusion`` (hybrid's best weights for the chosen ranker).
+    """
+    has_clip = clip_retriever is not None
+    if validation is None or not validation.usable:
+        reason = validation.skipped if validation is not None else "no validation slice"
+        return fallback_configuration(has_clip, reason)
+    queries = selection_queries(validation, max_queries, seed)
+    if len(queries) < MIN_SELECTION_QUERIES:
+        return fallback_configuration(
+            has_clip,
+            f"{len(queries)} selection queries, fewer than the {MIN_SELECTION_QUERIES} "
+            "a comparison needs",
+        )
+    truth, truth_source = catalogue.truth_tags()
+    tags = KeywordTags(truth, catalogue.n_photos)
+    keywords = sorted(set(queries.keyword.tolist()))
+    sources = {
+        keyword: (
+            keyword_retriever.retrieve(keyword, candidates_k),
+            clip_retriever.retrieve(keyword, candidates_k) if has_clip else None,
+        )
+        for keyword in keywords
+    }
+    seen = user_photos(validation.catalogue.conversions)
+    table, per_query = [], {}
+    for entry in retriever_grid(has_clip):
+        lists = {w: _lists_of(pair, entry, candidates_k) for w, pair in sources.items()}
+        ndcg, recall = _measure(queries, lists, models, seen, k)
+        precision = [tags.precision(lists[w][0], [w], k) for w in keywords if w in tags]
+        per_query[entry["label"]] = ndcg
+        table.append(
+            {
+                **entry,
+                f"tag_p@{k}": float(np.mean(precision)) if precision else None,
+                "candidate_recall": recall,
+                "rankers": {name: float(values.mean()) for name, values in ndcg.items()},
+            }
+        )
+    guard = _tag_guard(table, truth_source, k)
+    eligible = [row["label"] for row in table if row["eligible"]]
+    chosen = apply_rule(per_query, eligible, n_bootstrap=n_bootstrap, seed=seed)
+    row = next(r for r in table if r["label"] == chosen["label"])
+    return {
+        "retriever": row["retriever"],
+        "weights": row["weights"],
+        "label": row["label"],
+        "ranker": chosen["ranker"],
+        "rule": chosen["rule"],
+        "reason": chosen["reason"],
+        "versus_popularity": chosen.get("versus_popularity"),
+        "n_queries": len(queries),
+        "pairs_in_slice": queries.n_pairs_total,
+        "tuning_queries": len(validation.tuning),
+        "tag_guard": guard,
+        "table": table,
+        "fusion": _best_fusion(table, chosen["ranker"]),
+    }
+
+
+def fallback_configuration(has_clip: bool, why: str) -> dict:
+    """What is served when validation cannot choose: popularity with the default retriever."""
+    retriever = "hybrid" if has_clip else "keyword"
+    weights = [0.5, 0.5] if has_clip else None
+    label = f"hybrid ({fusion_label('rrf', weights)})" if has_clip else "keyword"
+    return {
+        "retriever": retriever,
+        "weights": weights,
+        "label": label,
+        "ranker": BASELINE,
+        "rule": "fallback",
+        "reason": f"selection skipped: {why}; serving {BASELINE} with {label}",
+        "skipped": why,
+        "table": [],
+    }
+
+
+def apply_rule(
+    per_query: dict[str, dict[str, np.ndarray]],
+    eligible: list[str],
+    n_bootstrap: int = 1000,
+    seed: int = 0,
+) -> dict:
+    """The rule of the module docstring on per-query NDCG (retriever label -> ranker -> values).
+
+    Returns
+    -------
+    dict
+        ``label`` and ``ranker`` served, ``rule`` (``point-best`` or ``significant``),
+        ``reason`` and ``versus_popularity`` (the served one's paired difference and CI).
+    """
+    rows = [
+        (label, ranker, values)
+        for label, rankers in per_query.items()
+        if label in eligible
+        for ranker, values in rankers.items()
+    ]
+    n = len(rows[0][2])
+    # Highest mean first; on a tie popularity (it needs no personal data), then grid order.
+    rows.sort(key=lambda row: (-float(row[2].mean()), row[1] != BASELINE))
+    base_label = max(eligible, key=lambda label: per_query[label][BASELINE].mean())
+
+    def versus(label: str, ranker: str) -> dict:
+        diff, lo, hi = paired_bootstrap_ci(
+            per_query[label][ranker], per_query[label][BASELINE], n=n_bootstrap, seed=seed
+        )
+        return {"diff": diff, "ci": [lo, hi]}
+
+    def served(label, ranker, rule, why) -> dict:
+        figures = versus(label, ranker) if ranker != BASELINE else None
+        return {
+            "label": label,
+            "ranker": ranker,
+            "rule": rule,
+            "reason": why,
+            "versus_popularity": figures,
+        }
+
+    popularity = f"{BASELINE} with {base_label} ({per_query[base_label][BASELINE].mean():.4f})"
+    if n >= MIN_POINT_BEST:
+        for label, ranker, values in rows:
+            if ranker == BASELINE:
+                why = f"{ranker} with {label} has the best validation NDCG@10 ({values.mean():.4f})"
+                return served(label, ranker, "point-best", why + f", {n} queries")
+            figures = versus(label, ranker)
+            if figures["ci"][1] >= 0:
+                why = (
+                    f"{ranker} with {label} has the best validation NDCG@10 "
+                    f"({values.mean():.4f}; {_against(figures)}, {n} queries)"
+                )
+                return served(label, ranker, "point-best", why)
+    label, ranker, values = rows[0]
+    if ranker != BASELINE:
+        figures = versus(label, ranker)
+        if figures["ci"][0] > 0:
+            why = (
+                f"{ranker} with {label} is the validation winner, significantly above "
+                f"{BASELINE} ({_against(figures)}; {n} queries, fewer than {MIN_POINT_BEST})"
+            )
+            return served(label, ranker, "significant", why)
+        why = (
+            f"the validation winner {ranker} with {label} is not significantly above "
+            f"{BASELINE} ({_against(figures)}; {n} queries, fewer than {MIN_POINT_BEST}); "
+            f"serving {popularity}"
+        )
+        return served(base_label, BASELINE, "significant", why)
+    why = f"{popularity} has the best validation NDCG@10 ({n} queries)"
+    return served(base_label, BASELINE, "significant", why)
+
+
+def _against(figures: dict) -> str:
+    lo, hi = figures["ci"]
+    return f"{figures['diff']:+.4f} vs {BASELINE}, paired 95% CI {lo:+.4f} to {hi:+.4f}"
+
+
+def _lists_of(pair, entry: dict, candidates_k: int) -> tuple[np.ndarray, np.ndarray]:
+    """One retriever's (photos, scores) for a keyword from the two sources' lists."""
+    keyword_result, clip_result = pair
+    if entry["retriever"] == "keyword":
+        result = keyword_result
+    elif entry["retriever"] == "clip":
+        result = clip_result
+    else:
+        result = fuse(
+            pair, HybridRetriever.SOURCES, candidates_k, "rrf", weights=tuple(entry["weights"])
+        )
+    return np.asarray(result.photo_idx, np.int64), np.asarray(result.scores, np.float32)
+
+
+def _measure(
+    queries: TestQueries, lists: dict, models: dict, seen: dict, k: int
+) -> tuple[dict[str, np.ndarray], float]:
+    """Per ranker, per-query NDCG@k over one retriever's lists; and the candidate recall."""
+    requests, recall = [], np.zeros(len(queries))
+    none = np.zeros(0, np.int64)
+    for q in range(len(queries)):
+        user, keyword = int(queries.user_idx[q]), str(queries.keyword[q])
+        photo_idx, scores = lists[keyword]
+        keep = ~np.isin(photo_idx, seen.get(user, none))
+        requests.append(
+            RankQuery(
+                user,
+                keyword,
+                photo_idx[keep],
+                scores[keep],
+                queries.recent[q],
+                str(queries.country[q]),
+            )
+        )
+        recall[q] = np.isin(queries.relevant[q], photo_idx[keep]).mean()
+    n_relevant = np.asarray([len(r) for r in queries.relevant], dtype=np.int64)
+    out = {}
+    for name, model in models.items():
+        score_batch = getattr(model, "score_batch", None)
+        results = score_batch(requests) if score_batch else [model.score(r) for r in requests]
+        hits = np.zeros((len(queries), k), dtype=bool)
+        for q, (request, result) in enumerate(zip(requests, results)):
+            top = rank_by_scores(request.candidates, result.scores)[:k]
+            hits[q, : len(top)] = np.isin(top, queries.relevant[q])
+        out[name] = np.asarray(metrics_from_hits(hits, n_relevant)["ndcg"], dtype=np.float64)
+    return out, float(recall.mean())
+
+
+def _tag_guard(table: list[dict], truth_source: str, k: int) -> dict:
+    """Mark each retriever eligible or not by the tag guard; describe the guard."""
+    key = f"tag_p@{k}"
+    singles = [r[key] for r in table if r["weights"] is None and r[key] is not None]
+    if truth_source != "labels" or len(singles) < 2:
+        for row in table:
+            row["eligible"] = True
+        why = (
+            "not applied: the tags are the keywords, which keyword retrieval matches by "
+            "construction"
+            if truth_source != "labels"
+            else "not applied: one source only"
+        )
+        return {"applied": False, "reason": why}
+    floor = max(singles) - TAG_TOLERANCE
+    for row in table:
+        row["eligible"] = row[key] is None or row[key] >= floor - 1e-12
+    return {
+        "applied": True,
+        "tolerance": TAG_TOLERANCE,
+        "floor": floor,
+        "reason": f"tag P@{k} at least {floor:.3f}: the better single source's "
+        f"{max(singles):.3f} minus {TAG_TOLERANCE}",
+    }
+
+
+def _best_fusion(table: list[dict], ranker: str) -> dict:
+    """Hybrid's best eligible weights for ``ranker`` (what an explicit hybrid request gets)."""
+    hybrids = [r for r in table if r["retriever"] == "hybrid" and r["eligible"]]
+    if not hybrids:
+        hybrids = [r for r in table if r["retriever"] == "hybrid"]
+    if not hybrids:
+        return {}
+    best = max(hybrids, key=lambda row: row["rankers"].get(ranker, 0.0))
+    return {
+        "method": "rrf",
+        "weights": best["weights"],
+        "label": fusion_label("rrf", best["weights"]),
+        "ranker": ranker,
+        "reason": f"the best hybrid weighting with {ranker} on validation (NDCG@10 "
+        f"{best['rankers'].get(ranker, 0.0):.4f}) among those passing the tag guard",
+    }
+
+
+def served_configuration(
+    catalogue, training, keyword_retriever, clip_retriever=None, candidates_k: int = 100
+) -> dict:
+    """The (retriever, fusion weights, ranker) validation chooses for a trained set.
+
+    ``training`` is the :class:`~ranking_service.training.TrainingReport` (its slice and
+    validation models); see :mod:`imgsearch_tools.evaluation.configuration`.
+    """
+    return choose_configuration(
+        catalogue,
+        training.validation,
+        training.validation_models,
+        keyword_retriever,
+        clip_retriever,
+        candidates_k=candidates_k,
+    )
+
+
+def configuration_entries(configuration: dict) -> dict:
+    """The manifest entries of a chosen configuration, read by the servers and ``eval``."""
+    entries = {
+        "configuration": configuration,
+        "default_retriever": configuration["retriever"],
+        "default_ranker": configuration["ranker"],
+        "default_ranker_reason": configuration["reason"],
+    }
+    fusion = configuration.get("fusion")
+    if not fusion and configuration.get("weights"):
+        weights = configuration["weights"]
+        fusion = {
+            "method": "rrf",
+            "weights": weights,
+            "label": fusion_label("rrf", weights),
+            "ranker": configuration["ranker"],
+            "reason": configuration["reason"],
+        }
+    if fusion:
+        entries["fusion"] = fusion
+    return entries
