@@ -52,6 +52,10 @@ them; the SQLite file sits beside the artifact root (``var/artifacts`` ->
 | IMGSEARCH_CLIENT_KEY | that client's private key (2) | none |
 | IMGSEARCH_TOKEN_FILE | `imgsearch search`/`bench`: its first token is sent (3) | none |
 | IMGSEARCH_ADMIN_TOKEN_FILE | `imgsearch reload`: its first token is sent (3) | none |
+| IMGSEARCH_WEB_HOST | address `imgsearch web` (the HTTP/JSON door and page) binds | 127.0.0.1 |
+| IMGSEARCH_WEB_PORT | its HTTP port | 8080 |
+| IMGSEARCH_WEB_IMAGES | folder of `<photo_id>.jpg` files the page shows | none |
+| IMGSEARCH_GATEWAY_ADDR | where `imgsearch web` finds the gateway (4) | 127.0.0.1:port |
 
 (1) One token per line, `#` comments; a call must carry `authorization: Bearer <token>`;
 re-read on SIGHUP. The admin ports refuse to start on a non-loopback IMGSEARCH_ADMIN_HOST
@@ -61,6 +65,8 @@ service port but health (its API, reflection, any service added later) needs a t
 (whose `--cacert`, `--cert`, `--key` override them). `imgsearch reload` talks to the admin
 ports, which are plaintext: it sends a token, never a certificate.
 (3) A file, not the token itself, so the token never shows in a process list.
+`imgsearch web` reads the same TLS_* and AUTH_TOKENS_FILE settings for its own HTTP port and
+the same CLIENT_* and TOKEN_FILE settings towards the gateway.
 (4) `HOST:PORT`, a comma-separated list of them (replicas), or any gRPC name such as
 `dns:///NAME:PORT` (every address the name resolves to); requests are balanced round-robin
 over the replicas that are up and SERVING, and UNAVAILABLE is retried on another one
@@ -285,6 +291,40 @@ class GatewayConfig(ConversionStoreConfig):
             channel_target(self.ranking_addr)
         except ValueError as exc:
             raise SystemExit(f"error: ranking address: {exc}") from None
+
+
+@dataclass(frozen=True)
+class WebConfig:
+    """`imgsearch web` settings: the HTTP/JSON door and search page in front of the gateway.
+
+    Its own port serves TLS with ``tls_cert``/``tls_key`` (client certificates with
+    ``tls_client_ca``) and asks for ``Authorization: Bearer`` with a token of
+    ``auth_tokens_file``, the same files and variables the gateway reads.
+    """
+
+    host: str = field(default_factory=lambda: env("WEB_HOST", "127.0.0.1"))
+    port: int = field(default_factory=lambda: env_int("WEB_PORT", 8080))
+    gateway_addr: str = field(
+        default_factory=lambda: env("GATEWAY_ADDR", f"127.0.0.1:{env_int('GATEWAY_PORT', 50051)}")
+    )
+    artifacts: str = field(default_factory=lambda: env("ARTIFACTS", "var/artifacts"))
+    images: str = field(default_factory=lambda: env("WEB_IMAGES", ""))
+    tls_cert: str = field(default_factory=lambda: env("TLS_CERT", ""))
+    tls_key: str = field(default_factory=lambda: env("TLS_KEY", ""))
+    tls_client_ca: str = field(default_factory=lambda: env("TLS_CLIENT_CA", ""))
+    auth_tokens_file: str = field(default_factory=lambda: env("AUTH_TOKENS_FILE", ""))
+    # The deadline of each call to the gateway (the gateway's own budget still applies).
+    timeout_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise SystemExit(f"error: web port must be between 0 and 65535, got {self.port}")
+        if self.timeout_s <= 0:
+            raise SystemExit(f"error: web timeout must be positive, got {self.timeout_s}")
+        try:
+            channel_target(self.gateway_addr)
+        except ValueError as exc:
+            raise SystemExit(f"error: gateway address: {exc}") from None
 
 
 def with_overrides(config, **overrides):

@@ -159,16 +159,7 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         help="bearer tokens the admin ports accept, one per line (required off loopback)",
     )
     tls = p.add_argument_group("TLS and tokens", "imgsearch/config.py; `make certs` makes a set")
-    tls.add_argument("--tls-cert", default=None, help="PEM certificate: serve TLS")
-    tls.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert")
-    tls.add_argument(
-        "--tls-client-ca", default=None, help="PEM CA: require client certificates (mutual TLS)"
-    )
-    tls.add_argument(
-        "--auth-tokens-file",
-        default=None,
-        help="gateway: bearer tokens its service port accepts, one per line",
-    )
+    add_port_security_arguments(tls, "gateway: bearer tokens its service port accepts")
     tls.add_argument(
         "--reflection",
         default=None,
@@ -181,6 +172,17 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     tls.add_argument("--client-cert", default=None, help="gateway: its certificate (mutual TLS)")
     tls.add_argument("--client-key", default=None, help="gateway: its private key")
     p.add_argument("--log-level", default="INFO")
+
+
+def add_port_security_arguments(group, tokens_help: str) -> None:
+    """``--tls-cert``, ``--tls-key``, ``--tls-client-ca`` and ``--auth-tokens-file``: how a
+    server's port speaks TLS and which bearer tokens it accepts (`serve` and `web`)."""
+    group.add_argument("--tls-cert", default=None, help="PEM certificate: serve TLS")
+    group.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert")
+    group.add_argument(
+        "--tls-client-ca", default=None, help="PEM CA: require client certificates (mutual TLS)"
+    )
+    group.add_argument("--auth-tokens-file", default=None, help=f"{tokens_help}, one per line")
 
 
 def resolve_configs(args) -> dict:
