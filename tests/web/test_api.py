@@ -224,3 +224,54 @@ def catalogue_photo_ids(web_artifacts) -> list[str]:
 
     catalogue_dir = artifacts.resolve(web_artifacts).file(artifacts.CATALOGUE_DIR)
     return pd.read_parquet(catalogue_dir / "photos.parquet")["photo_id"].tolist()
+
+
+def test_https_with_client_certificates_as_the_gateway_reads_them(
+    loop_thread, web_stack, web_artifacts, web_data, tmp_path
+):
+    import ssl
+
+    from imgsearch_tools.certs import (
+        CA_CERT,
+        CLIENT_CERT,
+        CLIENT_KEY,
+        SERVER_CERT,
+        SERVER_KEY,
+        write_dev_certs,
+    )
+
+    certs = tmp_path / "certs"
+    write_dev_certs(certs)
+    config = door_config(
+        web_stack,
+        web_artifacts,
+        web_data,
+        tls_cert=str(certs / SERVER_CERT),
+        tls_key=str(certs / SERVER_KEY),
+        tls_client_ca=str(certs / CA_CERT),
+    )
+    running = RunningDoor(loop_thread, config)
+    try:
+        assert running.url.startswith("https://127.0.0.1:")
+        trusting = ssl.create_default_context(cafile=str(certs / CA_CERT))
+        with pytest.raises((ssl.SSLError, urllib.error.URLError, ConnectionError)):
+            urllib.request.urlopen(running.url + "v1/choices", timeout=10, context=trusting)
+        trusting.load_cert_chain(str(certs / CLIENT_CERT), str(certs / CLIENT_KEY))
+        request = urllib.request.Request(
+            running.url + "v1/search",
+            data=json.dumps({"query": "red", "k": 2}).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=10, context=trusting) as response:
+            assert len(json.loads(response.read())["results"]) == 2
+    finally:
+        running.stop()
+
+
+def test_a_half_tls_setting_fails_at_start_naming_it(web_stack, web_artifacts, web_data):
+    from imgsearch.security import SecurityConfigError
+    from imgsearch_tools.web.commands import ssl_context
+
+    config = door_config(web_stack, web_artifacts, web_data, tls_cert="cert.pem")
+    with pytest.raises(SecurityConfigError, match="tls_cert and tls_key go together"):
+        ssl_context(config)
