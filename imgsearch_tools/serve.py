@@ -325,13 +325,18 @@ def service_config(args, configs: dict | None = None):
     return with_overrides(configs[args.service], port=args.port, admin_port=args.admin_port)
 
 
-def serve_all(args, configs) -> int:
-    """Run the three services as child processes (one GIL each); forward signals; wait."""
+def serve_all(args, configs, beside: dict[str, list[str]] | None = None) -> int:
+    """Run the three services as child processes (one GIL each); forward signals; wait.
+
+    ``beside`` names more commands to run and supervise with them (the demo's web page).
+    """
     children: dict[str, subprocess.Popen] = {}
     for name in ("gateway", "retrieval", "ranking"):
         children[name] = subprocess.Popen(
             serve_command(name, configs[name], args.log_level), start_new_session=True
         )
+    for name, command in (beside or {}).items():
+        children[name] = subprocess.Popen(command, start_new_session=True)
     return supervise(children)
 
 

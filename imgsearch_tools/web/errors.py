@@ -44,6 +44,7 @@ class DoorError(Exception):
         super().__init__(f"{field}: {message}" if field else message)
         self.code = code
         self.message = f"{field}: {message}" if field else message
+        self.description = message
         self.field = field
 
     def body(self) -> dict:
@@ -58,7 +59,7 @@ class DoorError(Exception):
             error["details"] = [
                 {
                     "@type": BAD_REQUEST_TYPE,
-                    "fieldViolations": [{"field": self.field, "description": self.message}],
+                    "fieldViolations": [{"field": self.field, "description": self.description}],
                 }
             ]
         return {"error": error}

@@ -68,7 +68,9 @@ def test_bad_search_input_is_400_naming_the_field(door, body, field):
     assert error["code"] == 400
     assert error["status"] == "INVALID_ARGUMENT"
     assert error["field"] == field
-    assert error["details"][0]["fieldViolations"][0]["field"] == field
+    violation = error["details"][0]["fieldViolations"][0]
+    assert violation["field"] == field
+    assert error["message"] == f"{field}: {violation['description']}"
 
 
 def test_a_body_that_is_not_json_is_400_naming_the_body(door):
