@@ -64,6 +64,17 @@ def error_response(error: DoorError) -> web.Response:
     return response
 
 
+def http_error(exc: web.HTTPException, path: str) -> DoorError:
+    """The door's error for aiohttp's own refusals (no route, wrong method, body too big)."""
+    if exc.status == 413:
+        return invalid("body", f"larger than {MAX_BODY_BYTES} bytes")
+    if exc.status == 404:
+        return DoorError(grpc.StatusCode.NOT_FOUND, f"no route {path}")
+    if exc.status == 405:
+        return DoorError(grpc.StatusCode.UNIMPLEMENTED, exc.reason, http_status=405)
+    return DoorError(grpc.StatusCode.UNKNOWN, exc.reason, http_status=exc.status)
+
+
 def to_json(message) -> dict:
     """A reply in the proto JSON mapping, with proto field names and every field present."""
     return json_format.MessageToDict(
@@ -188,18 +199,7 @@ class Door:
         except DoorError as exc:
             response = error_response(exc)
         except web.HTTPException as exc:
-            status = grpc.StatusCode.NOT_FOUND if exc.status == 404 else None
-            if status is None and exc.status == 413:
-                status = grpc.StatusCode.INVALID_ARGUMENT
-                exc = DoorError(status, f"body larger than {MAX_BODY_BYTES} bytes", "body")
-                response = error_response(exc)
-            elif status is not None:
-                response = error_response(DoorError(status, f"no route {request.path}"))
-            else:
-                response = _json(
-                    {"error": {"code": exc.status, "status": exc.reason, "message": exc.text}},
-                    exc.status,
-                )
+            response = error_response(http_error(exc, request.path))
         except Exception:  # noqa: BLE001 - a bug here must not cost the caller a hung socket
             logger.exception("web request failed", extra={"path": request.path})
             response = error_response(DoorError(grpc.StatusCode.INTERNAL, "internal error"))

@@ -40,9 +40,10 @@ BAD_REQUEST_TYPE = "type.googleapis.com/google.rpc.BadRequest"
 class DoorError(Exception):
     """A request the door answers with an error status, naming the field when there is one."""
 
-    def __init__(self, code: grpc.StatusCode, message: str, field: str = ""):
+    def __init__(self, code: grpc.StatusCode, message: str, field: str = "", http_status: int = 0):
         super().__init__(f"{field}: {message}" if field else message)
         self.code = code
+        self._http_status = http_status
         self.message = f"{field}: {message}" if field else message
         self.description = message
         self.field = field
@@ -50,7 +51,7 @@ class DoorError(Exception):
     def body(self) -> dict:
         """The JSON error body."""
         error = {
-            "code": HTTP_STATUS.get(self.code, 500),
+            "code": self.http_status,
             "status": self.code.name,
             "message": self.message,
         }
@@ -66,7 +67,8 @@ class DoorError(Exception):
 
     @property
     def http_status(self) -> int:
-        return HTTP_STATUS.get(self.code, 500)
+        """The status set for this error, else the one its gRPC code maps to."""
+        return self._http_status or HTTP_STATUS.get(self.code, 500)
 
 
 def invalid(field: str, description: str) -> DoorError:

@@ -277,3 +277,42 @@ def test_a_half_tls_setting_fails_at_start_naming_it(web_stack, web_artifacts, w
     config = door_config(web_stack, web_artifacts, web_data, tls_cert="cert.pem")
     with pytest.raises(SecurityConfigError, match="tls_cert and tls_key go together"):
         ssl_context(config)
+
+
+def test_wrong_method_and_oversized_body_are_json_errors(door):
+    status, _, reply = call(door.url, "/v1/search")  # a GET
+    assert status == 405
+    assert reply["error"]["status"] == "UNIMPLEMENTED"
+    big = json.dumps({"query": "red", "user_id": "x" * (2 << 20)}).encode()
+    status, _, reply = call(door.url, "/v1/search", raw=big)
+    assert status == 400
+    assert reply["error"]["field"] == "body"
+
+
+def test_the_command_prints_its_address_serves_and_stops_on_sigterm(tmp_path):
+    """`imgsearch web` as a process: the address it prints answers; SIGTERM ends it cleanly."""
+    import re
+    import signal
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "imgsearch_tools.cli", "web", "--port", "0", "--target",
+         "127.0.0.1:1", "--artifacts", "", "--log-level", "WARNING"],
+        stderr=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    try:
+        line = proc.stderr.readline()
+        found = re.search(r"web page at (http://127\.0\.0\.1:\d+/)", line)
+        assert found, line
+        status, _, spec = call(found.group(1), "/openapi.json")
+        assert status == 200 and spec["info"]["title"] == "imgsearch JSON door"
+        status, _, reply = call(found.group(1), "/v1/search", {"query": "red"})
+        assert status == 503  # nothing listens where the gateway should be
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

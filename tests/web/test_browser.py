@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import time
 from pathlib import Path
 
 import pytest
@@ -132,13 +131,10 @@ def test_search_convert_and_see_the_order_change(browser, door):
     user = browser.execute_script("return document.getElementById('user').value")
     assert user.startswith("web-")  # the new user now shows in the picker, selected
 
-    start = time.monotonic()
-
     def changed(driver) -> bool:
         return run_search(driver, PROBE) != before
 
     wait_for(browser, changed, timeout=5.0, what="the top 10 to change after the conversions")
-    assert time.monotonic() - start <= 5.0
     wait_for(browser, lambda d: images_loaded(d) == 10, what="ten images drawn")
     ARTIFACTS_DIR.mkdir(parents=True, exist_ok=True)
     browser.save_screenshot(str(ARTIFACTS_DIR / "search-page.png"))
