@@ -225,6 +225,40 @@ class GatewayConfig(ConversionStoreConfig):
             raise SystemExit(f"error: ranking address: {exc}") from None
 
 
+@dataclass(frozen=True)
+class WebConfig:
+    """`imgsearch web` settings: the HTTP/JSON door and search page in front of the gateway.
+
+    Its own port serves TLS with ``tls_cert``/``tls_key`` (client certificates with
+    ``tls_client_ca``) and asks for ``Authorization: Bearer`` with a token of
+    ``auth_tokens_file``, the same files and variables the gateway reads.
+    """
+
+    host: str = field(default_factory=lambda: env("WEB_HOST", "127.0.0.1"))
+    port: int = field(default_factory=lambda: env_int("WEB_PORT", 8080))
+    gateway_addr: str = field(
+        default_factory=lambda: env("GATEWAY_ADDR", f"127.0.0.1:{env_int('GATEWAY_PORT', 50051)}")
+    )
+    artifacts: str = field(default_factory=lambda: env("ARTIFACTS", "var/artifacts"))
+    images: str = field(default_factory=lambda: env("WEB_IMAGES", ""))
+    tls_cert: str = field(default_factory=lambda: env("TLS_CERT", ""))
+    tls_key: str = field(default_factory=lambda: env("TLS_KEY", ""))
+    tls_client_ca: str = field(default_factory=lambda: env("TLS_CLIENT_CA", ""))
+    auth_tokens_file: str = field(default_factory=lambda: env("AUTH_TOKENS_FILE", ""))
+    # The deadline of each call to the gateway (the gateway's own budget still applies).
+    timeout_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise SystemExit(f"error: web port must be between 0 and 65535, got {self.port}")
+        if self.timeout_s <= 0:
+            raise SystemExit(f"error: web timeout must be positive, got {self.timeout_s}")
+        try:
+            channel_target(self.gateway_addr)
+        except ValueError as exc:
+            raise SystemExit(f"error: gateway address: {exc}") from None
+
+
 def with_overrides(config, **overrides):
     """Return ``config`` with the non-None overrides applied (flags win over env and defaults)."""
     names = {f.name for f in fields(config)}

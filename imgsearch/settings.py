@@ -199,6 +199,20 @@ SETTINGS: tuple[Setting, ...] = (
         "gateway",
     ),
     Setting(
+        "WEB_HOST",
+        "Address `imgsearch web` (the HTTP/JSON door and page) binds.",
+        "127.0.0.1",
+        "web",
+    ),
+    Setting("WEB_PORT", "HTTP port of `imgsearch web`.", "8080", "web"),
+    Setting("WEB_IMAGES", "Folder of `<photo_id>.jpg` files the search page shows.", "none", "web"),
+    Setting(
+        "GATEWAY_ADDR",
+        f"Where `imgsearch web` reaches the gateway. {_TARGET}",
+        "127.0.0.1:<gateway port>",
+        "web",
+    ),
+    Setting(
         "INSECURE_PUBLIC",
         "`1` lets the gateway bind off loopback with neither tokens nor client certificates.",
         "0",

@@ -260,10 +260,29 @@ def cmd_demo(args) -> int:
     os.environ.setdefault("IMGSEARCH_LOG_FORMAT", "text")
     serve_args = demo_serve_args(args.artifacts)
     configs = resolve_configs(serve_args)
+    web = web_command(args, configs["gateway"].port)
     # serve_all installs signal handlers, which only the main thread may do: it runs there,
     # and the example search runs from a helper thread once all three are SERVING.
     threading.Thread(target=show_example, args=(configs, args.artifacts), daemon=True).start()
-    return serve_all(serve_args, configs)
+    return serve_all(serve_args, configs, beside={"web": web})
+
+
+def web_command(args, gateway_port: int) -> list[str]:
+    """`imgsearch web` in front of the demo's gateway, showing the demo's images."""
+    return [
+        sys.executable,
+        "-m",
+        "imgsearch_tools.cli",
+        "web",
+        "--target",
+        f"127.0.0.1:{gateway_port}",
+        "--artifacts",
+        str(args.artifacts),
+        "--images",
+        str(Path(args.data) / "images"),
+        "--log-level",
+        "WARNING",
+    ]
 
 
 def show_example(configs: dict, artifacts_path: str) -> None:
@@ -280,15 +299,55 @@ def show_example(configs: dict, artifacts_path: str) -> None:
             f"127.0.0.1:{ports['gateway']}", "red circle", user, k=5, security=client_security()
         )
         print("\n" + format_table(response, "red circle", user))
+        page = wait_for_page(180)
         print(
             f"\nimgsearch is SERVING: gateway 127.0.0.1:{ports['gateway']}, "
             f"retrieval 127.0.0.1:{ports['retrieval']}, ranking 127.0.0.1:{ports['ranking']}"
+            f"\nsearch page: {page} (open it in a browser; HTTP/JSON at {page}v1/search, "
+            f"OpenAPI at {page}openapi.json)"
             f'\ntry: .venv/bin/imgsearch search "blue star" --user {user}'
-            "\nCtrl-C stops all three.",
+            "\nCtrl-C stops them all.",
             flush=True,
         )
     except Exception as exc:  # noqa: BLE001 - the servers keep running; say what failed
         print(f"example search failed: {exc}", file=sys.stderr)
+
+
+def wait_for_page(timeout: float) -> str:
+    """The search page's address once `imgsearch web` answers there.
+
+    Raises
+    ------
+    TimeoutError
+        When it does not answer within ``timeout`` seconds.
+    """
+    import ssl
+    import time
+    import urllib.error
+    import urllib.request
+
+    from imgsearch.config import WebConfig
+    from imgsearch_tools.web.commands import page_url
+
+    config = WebConfig()
+    url = page_url(config, config.port)
+    context = None
+    if url.startswith("https"):
+        # Only "is it up?": the page's certificate may be the development CA's.
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=2, context=context):
+                return url
+        except (urllib.error.HTTPError, ssl.SSLError):
+            return url  # it answers (asking for a token or a client certificate)
+        except OSError as exc:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no search page at {url} after {timeout:.0f}s ({exc})")
+            time.sleep(0.2)
 
 
 def _example_user(artifacts_path: str) -> str:

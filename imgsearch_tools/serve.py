@@ -170,16 +170,7 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         help="bearer tokens the admin ports accept, one per line (required off loopback)",
     )
     tls = p.add_argument_group("TLS and tokens", "imgsearch/config.py; `make certs` makes a set")
-    tls.add_argument("--tls-cert", default=None, help="PEM certificate: serve TLS")
-    tls.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert")
-    tls.add_argument(
-        "--tls-client-ca", default=None, help="PEM CA: require client certificates (mutual TLS)"
-    )
-    tls.add_argument(
-        "--auth-tokens-file",
-        default=None,
-        help="gateway: bearer tokens its service port accepts, one per line",
-    )
+    add_port_security_arguments(tls, "gateway: bearer tokens its service port accepts")
     tls.add_argument(
         "--insecure-public",
         action="store_true",
@@ -201,6 +192,17 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--log-level", default="INFO", help="logging level (DEBUG, INFO, WARNING, ERROR)"
     )
+
+
+def add_port_security_arguments(group, tokens_help: str) -> None:
+    """``--tls-cert``, ``--tls-key``, ``--tls-client-ca`` and ``--auth-tokens-file``: how a
+    server's port speaks TLS and which bearer tokens it accepts (`serve` and `web`)."""
+    group.add_argument("--tls-cert", default=None, help="PEM certificate: serve TLS")
+    group.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert")
+    group.add_argument(
+        "--tls-client-ca", default=None, help="PEM CA: require client certificates (mutual TLS)"
+    )
+    group.add_argument("--auth-tokens-file", default=None, help=f"{tokens_help}, one per line")
 
 
 def resolve_configs(args) -> dict:
@@ -344,9 +346,10 @@ def service_config(args, configs: dict | None = None):
     return with_overrides(configs[args.service], port=args.port, admin_port=args.admin_port)
 
 
-def serve_all(args, configs) -> int:
+def serve_all(args, configs, beside: dict[str, list[str]] | None = None) -> int:
     """Run the three services as child processes (one GIL each); forward signals; wait.
 
+    ``beside`` names more commands to run and supervise with them (the demo's web page).
     Secrets reach the children through their environment (:func:`serve_environment`), which
     only their user can read, never through their command lines, which every user can.
     """
@@ -360,6 +363,7 @@ def serve_all(args, configs) -> int:
             file=sys.stderr,
         )
     commands = {n: serve_command(n, configs[n], args.log_level) for n in names}
+    commands.update(beside or {})
     environment = serve_environment(configs["gateway"], configs["ranking"])
     return supervise(start_children(commands, environment))
 

@@ -241,7 +241,9 @@ def test_bench_suite_runs_services_scenarios_and_a_hot_reload(artifact_root, tmp
             str(out),
             "--no-build",
             "--only",
-            "keyword+als closed c=1,reflection,reload",
+            "keyword+als closed c=1,json-door,reflection,reload",
+            "--json-qps",
+            "30",
             "--duration",
             "0.5",
             "--warmup",
@@ -274,6 +276,19 @@ def test_bench_suite_runs_services_scenarios_and_a_hot_reload(artifact_root, tmp
     cost = run["cpu_ms_per_search"]
     assert cost["total"] == pytest.approx(sum(v for k, v in cost.items() if k != "total"), abs=0.01)
     assert report["reflection_client"]["ok"] == report["reflection_client"]["calls"] > 0
+    # The JSON door: the same searches over HTTP through `imgsearch web` (HTTPS with the
+    # token under --tls) and over gRPC, every one answered.
+    door = report["json_door"]
+    assert [r["path"] for r in door["runs"]] == ["grpc", "http", "http", "grpc"]
+    for door_run in door["runs"]:
+        assert_consistent(door_run)
+        assert door_run["error_count"] == 0 and door_run["ok"] > 0
+        # The same requests on both paths: the same numbers of results came back.
+        assert door_run["results_per_response"] == door["runs"][0]["results_per_response"]
+    assert door["runs"][1]["cpu_percent"]["web"] > 0
+    assert door["p99_added_ms"] == pytest.approx(
+        door["paths"]["http"]["p99_ms"] - door["paths"]["grpc"]["p99_ms"], abs=0.002
+    )
     reload = report["hot_reload"]
     assert_consistent(reload)
     assert reload["failed_requests"] == 0
@@ -282,6 +297,7 @@ def test_bench_suite_runs_services_scenarios_and_a_hot_reload(artifact_root, tmp
     markdown = (out / "bench.md").read_text()
     assert "| keyword+als closed c=1 |" in markdown
     assert "Failed requests: 0" in markdown
+    assert "### JSON door" in markdown and "the door adds" in markdown
     assert report["settings"]["tls"] == tls
     assert ("mutual TLS between gateway and stages" in markdown) == tls
     assert report["machine"]["cpu_model"] in markdown

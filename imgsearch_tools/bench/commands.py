@@ -12,6 +12,8 @@ from pathlib import Path
 
 from imgsearch.conversion_store import DB_SUFFIX
 from imgsearch.names import RANKER_CHOICES, RETRIEVER_CHOICES
+from imgsearch_tools.bench.json_door import NAME as JSON_DOOR
+from imgsearch_tools.bench.json_door import json_door_scenario
 from imgsearch_tools.bench.processes import ServiceProcesses
 from imgsearch_tools.bench.report import render_markdown
 from imgsearch_tools.bench.scenarios import (
@@ -109,7 +111,8 @@ def add_commands(subparsers) -> None:
         description="Make sure the demo artifact set exists, start retrieval, ranking and the "
         "gateway as separate `imgsearch serve` processes on free ports, run the standard "
         "scenarios (keyword+ALS open loop and closed loop at c=1/10/50, keyword+none, hybrid+ALS "
-        "when the set has CLIP), a reflection-only client, the ranking server killed and "
+        "when the set has CLIP), the JSON door (`imgsearch web`) against gRPC at --json-qps, "
+        "a reflection-only client, the ranking server killed and "
         "restarted mid-load, and a hot reload mid-load; then the ViT-B-32 section: a 1,000-photo "
         "demo set built (once, under OUT/vit-b-32) with a random-weight ViT-B-32, served and "
         "measured with cached, keyword and unique queries, then overloaded (capacity closed "
@@ -147,12 +150,19 @@ def add_commands(subparsers) -> None:
         default=200.0,
         help="open-loop rate during the kill and reload scenarios (default 200)",
     )
+    p.add_argument(
+        "--json-qps",
+        type=float,
+        default=200.0,
+        help="open-loop rate of the JSON-door scenario, HTTP and gRPC alike (default 200)",
+    )
     p.add_argument("--kill-duration", type=float, default=30.0, help="kill scenario seconds")
     p.add_argument("--reload-duration", type=float, default=15.0, help="reload scenario seconds")
     p.add_argument(
         "--only",
         default="",
-        help="comma-separated subset: scenario names, 'reflection', 'kill', 'reload', "
+        help="comma-separated subset: scenario names, 'json-door', 'reflection', 'kill', "
+        "'reload', "
         "'vit-b-32' (the ViT-B-32 section's steady scenarios), 'overload' (its overload "
         "scenario)",
     )
@@ -547,6 +557,10 @@ async def run_suite(args, artifact_set, out: Path) -> int:
                 continue
             report["scenarios"].append(
                 await run_scenario(services, scenario, target, args, queries, security)
+            )
+        if _selected(args, JSON_DOOR):
+            report["json_door"] = await json_door_scenario(
+                args, services, target, queries, security
             )
         if _selected(args, "reflection"):
             report["reflection_client"] = await reflection_run(target, queries, security)

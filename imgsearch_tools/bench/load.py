@@ -488,18 +488,34 @@ async def run_load(
     channels = [security.aio_channel(target, options) for _ in range(max(1, spec.channels))]
     try:
         calls = [pb_grpc.SearchServiceStub(c).Search for c in channels]
-        driver = _Driver(spec, calls, queries, metadata)
-        if spec.warmup_s > 0:
-            await driver.run(LoadRecorder(), spec.warmup_s)
-        if on_measure_start is not None:
-            on_measure_start()
-        recorder = LoadRecorder()
-        cpu_start = time.process_time()
-        await driver.run(recorder, spec.duration_s)
-        cpu = time.process_time() - cpu_start
+        return await drive(spec, calls, queries, metadata, on_measure_start)
     finally:
         for channel in channels:
             await channel.close()
+
+
+async def drive(
+    spec: LoadSpec,
+    calls: list,
+    queries: list[BenchQuery],
+    metadata=(),
+    on_measure_start: Callable[[], None] | None = None,
+) -> dict:
+    """Warm up, then measure ``spec``'s load sent round-robin through ``calls``.
+
+    Each call takes ``(SearchRequest, timeout=, metadata=)`` and returns a reply with
+    ``results``, ``degraded``, ``degraded_reason`` and ``artifact_versions``, or raises
+    ``grpc.aio.AioRpcError`` (a gRPC stub's ``Search``, or the JSON door's client).
+    """
+    driver = _Driver(spec, calls, queries, metadata)
+    if spec.warmup_s > 0:
+        await driver.run(LoadRecorder(), spec.warmup_s)
+    if on_measure_start is not None:
+        on_measure_start()
+    recorder = LoadRecorder()
+    cpu_start = time.process_time()
+    await driver.run(recorder, spec.duration_s)
+    cpu = time.process_time() - cpu_start
     return recorder.summary(spec, loadgen_cpu_s=cpu)
 
 

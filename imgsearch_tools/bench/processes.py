@@ -93,9 +93,13 @@ class ServiceProcesses:
 
     def start(self, name: str) -> None:
         """Spawn one service (it loads its artifact set; see :meth:`wait_serving`)."""
+        self.start_process(name, self.command(name))
+
+    def start_process(self, name: str, command: list[str]) -> None:
+        """Spawn ``command`` as ``name``: logged, stopped and CPU-metered like the services."""
         with open(self.log_dir / f"{name}.log", "ab") as log:
             self.procs[name] = subprocess.Popen(
-                self.command(name),
+                command,
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,

@@ -1,0 +1,252 @@
+"""The HTTP side of `imgsearch web`: routes, bearer tokens, security headers, gateway calls."""
+
+from __future__ import annotations
+
+import json
+import logging
+from importlib import resources
+
+import grpc
+from aiohttp import web
+from google.protobuf import json_format
+
+from imgsearch.config import WebConfig
+from imgsearch.feedback.v1 import feedback_service_pb2 as fb_pb
+from imgsearch.feedback.v1 import feedback_service_pb2_grpc as fb_grpc
+from imgsearch.names import RANKER_CHOICES, RETRIEVER_CHOICES
+from imgsearch.search.v1 import search_service_pb2 as pb
+from imgsearch.search.v1 import search_service_pb2_grpc as pb_grpc
+from imgsearch.security import AUTHORIZATION_KEY, ClientSecurity
+from imgsearch.tokens import FEEDBACK_WRITE, SEARCH, TokenSet
+from imgsearch_tools.web.catalogue import CatalogueView
+from imgsearch_tools.web.errors import DoorError, from_rpc_error, invalid, parse_body
+from imgsearch_tools.web.openapi import openapi_document
+
+logger = logging.getLogger("imgsearch.web")
+
+# Script, styles, images and calls from this origin only; no inline code, no frames.
+CONTENT_SECURITY_POLICY = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' blob:; "
+    "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+)
+SECURITY_HEADERS = {
+    "Content-Security-Policy": CONTENT_SECURITY_POLICY,
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "X-Frame-Options": "DENY",
+}
+# The page's files, shipped as package data (no CDN: the page works offline).
+STATIC_FILES = {
+    "index.html": "text/html",
+    "app.js": "text/javascript",
+    "app.css": "text/css",
+}
+# Paths that answer with catalogue or user data: behind the tokens when there are any.
+PROTECTED_PREFIXES = ("/v1/", "/images/")
+# The scope each protected path needs, as the gateway's methods do; `search` for the rest.
+PATH_SCOPES = {"/v1/conversions": FEEDBACK_WRITE}
+MAX_USERS = 200
+MAX_BODY_BYTES = 1 << 20
+CONFIG = web.AppKey("config", WebConfig)
+DOOR = web.AppKey("door", object)
+
+
+def _json(body, status: int = 200) -> web.Response:
+    return web.Response(
+        text=json.dumps(body),
+        status=status,
+        content_type="application/json",
+        headers={"Cache-Control": "no-store"},
+    )
+
+
+def error_response(error: DoorError) -> web.Response:
+    response = _json(error.body(), error.http_status)
+    if error.code == grpc.StatusCode.UNAUTHENTICATED:
+        response.headers["WWW-Authenticate"] = "Bearer"
+    return response
+
+
+def http_error(exc: web.HTTPException, path: str) -> DoorError:
+    """The door's error for aiohttp's own refusals (no route, wrong method, body too big)."""
+    if exc.status == 413:
+        return invalid("body", f"larger than {MAX_BODY_BYTES} bytes")
+    if exc.status == 404:
+        return DoorError(grpc.StatusCode.NOT_FOUND, f"no route {path}")
+    if exc.status == 405:
+        return DoorError(grpc.StatusCode.UNIMPLEMENTED, exc.reason, http_status=405)
+    return DoorError(grpc.StatusCode.UNKNOWN, exc.reason, http_status=exc.status)
+
+
+def to_json(message) -> dict:
+    """A reply in the proto JSON mapping, with proto field names and every field present."""
+    return json_format.MessageToDict(
+        message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+    )
+
+
+class Door:
+    """The gateway's methods as JSON calls, with the door's own tokens and the gateway's.
+
+    Parameters
+    ----------
+    config:
+        Where the gateway is, the door's tokens file, the deadline of each call.
+    security:
+        How the door reaches the gateway (TLS files and the token it sends).
+    catalogue:
+        The served photo ids and users (see :class:`CatalogueView`).
+    """
+
+    def __init__(self, config: WebConfig, security: ClientSecurity, catalogue: CatalogueView):
+        self.config = config
+        self.security = security
+        self.catalogue = catalogue
+        self.tokens = (
+            TokenSet.from_file(config.auth_tokens_file, "auth_tokens_file")
+            if config.auth_tokens_file
+            else None
+        )
+        self.own_metadata = security.metadata()  # a missing token file fails at start
+        self.channel: grpc.aio.Channel | None = None
+
+    async def start(self, app: web.Application) -> None:
+        self.channel = self.security.aio_channel(self.config.gateway_addr)
+        self.search_stub = pb_grpc.SearchServiceStub(self.channel)
+        self.feedback_stub = fb_grpc.FeedbackServiceStub(self.channel)
+
+    async def close(self, app: web.Application) -> None:
+        if self.channel is not None:
+            await self.channel.close()
+
+    def metadata(self, request: web.Request) -> tuple:
+        """The door's own token when it has one, else the caller's bearer token, if any."""
+        if self.own_metadata:
+            return self.own_metadata
+        header = request.headers.get("Authorization", "")
+        return ((AUTHORIZATION_KEY, header),) if header else ()
+
+    # -------------------------------------------------------------------------- endpoints
+    async def search(self, request: web.Request) -> web.Response:
+        search_request = parse_body(await request.read(), pb.SearchRequest)
+        reply = await self._call(self.search_stub.Search, search_request, request)
+        return _json(to_json(reply))
+
+    async def log_conversions(self, request: web.Request) -> web.Response:
+        log_request = parse_body(await request.read(), fb_pb.LogConversionsRequest)
+        reply = await self._call(self.feedback_stub.LogConversions, log_request, request)
+        for event, result in zip(log_request.events, reply.results):
+            if result.status in (fb_pb.EVENT_STATUS_STORED, fb_pb.EVENT_STATUS_DUPLICATE):
+                when = event.converted_at.ToJsonString() if event.HasField("converted_at") else ""
+                self.catalogue.record(event.user_id, event.query, when)
+        return _json(to_json(reply))
+
+    async def _call(self, method, message, request: web.Request):
+        try:
+            return await method(
+                message, timeout=self.config.timeout_s, metadata=self.metadata(request)
+            )
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from None
+
+    async def users(self, request: web.Request) -> web.Response:
+        raw = request.query.get("limit", "20")
+        try:
+            limit = int(raw)
+        except ValueError:
+            raise invalid("limit", f"must be an integer, got {raw!r}") from None
+        if not 1 <= limit <= MAX_USERS:
+            raise invalid("limit", f"must be between 1 and {MAX_USERS}, got {limit}")
+        return _json({"users": self.catalogue.recent_users(limit)})
+
+    async def choices(self, request: web.Request) -> web.Response:
+        return _json(
+            {
+                "retrievers": list(RETRIEVER_CHOICES),
+                "rankers": list(RANKER_CHOICES),
+                "images": self.catalogue.images_dir is not None,
+                "artifact_version": self.catalogue.version,
+            }
+        )
+
+    async def image(self, request: web.Request) -> web.StreamResponse:
+        path = self.catalogue.image_path(request.match_info["photo_id"])
+        if path is None:
+            raise DoorError(grpc.StatusCode.NOT_FOUND, "no image for this photo id", "photo_id")
+        return web.FileResponse(path, headers={"Cache-Control": "private, max-age=3600"})
+
+    async def openapi(self, request: web.Request) -> web.Response:
+        return _json(openapi_document(self.catalogue.version))
+
+    @staticmethod
+    async def static(request: web.Request) -> web.Response:
+        name = request.match_info.get("name", "index.html")
+        if name not in STATIC_FILES:
+            raise web.HTTPNotFound()
+        body = resources.files("imgsearch_tools.web").joinpath("static", name).read_bytes()
+        return web.Response(
+            body=body,
+            content_type=STATIC_FILES[name],
+            charset="utf-8",
+            headers={"Cache-Control": "no-cache"},
+        )
+
+    # ------------------------------------------------------------------------- middleware
+    @web.middleware
+    async def guard(self, request: web.Request, handler) -> web.StreamResponse:
+        """Tokens on data paths, JSON errors for every failure, security headers everywhere."""
+        try:
+            if request.path.startswith(PROTECTED_PREFIXES):
+                self._authorize(request)
+            response = await handler(request)
+        except DoorError as exc:
+            response = error_response(exc)
+        except web.HTTPException as exc:
+            response = error_response(http_error(exc, request.path))
+        except Exception:  # noqa: BLE001 - a bug here must not cost the caller a hung socket
+            logger.exception("web request failed", extra={"path": request.path})
+            response = error_response(DoorError(grpc.StatusCode.INTERNAL, "internal error"))
+        response.headers.update(SECURITY_HEADERS)
+        return response
+
+    def _authorize(self, request: web.Request) -> None:
+        """Refuse a call without a known token (401) or without the path's scope (403)."""
+        if self.tokens is None:
+            return
+        header = request.headers.get("Authorization", "")
+        scopes = self.tokens.scopes([(AUTHORIZATION_KEY, header)] if header else [])
+        if scopes is None:
+            raise DoorError(grpc.StatusCode.UNAUTHENTICATED, "missing or invalid bearer token")
+        needed = PATH_SCOPES.get(request.path, SEARCH)
+        if needed not in scopes:
+            raise DoorError(
+                grpc.StatusCode.PERMISSION_DENIED, f"the token lacks the scope {needed!r}"
+            )
+
+
+def create_app(
+    config: WebConfig, security: ClientSecurity | None = None, catalogue=None
+) -> web.Application:
+    """The door's aiohttp application (started by :func:`imgsearch_tools.web.commands.serve`).
+
+    Raises
+    ------
+    imgsearch.security.SecurityConfigError
+        When a token file is missing or empty.
+    """
+    catalogue = catalogue or CatalogueView(config.artifacts, config.images)
+    door = Door(config, security or ClientSecurity(), catalogue)
+    app = web.Application(middlewares=[door.guard], client_max_size=MAX_BODY_BYTES)
+    app[CONFIG] = config
+    app[DOOR] = door
+    app.on_startup.append(door.start)
+    app.on_cleanup.append(door.close)
+    app.router.add_get("/", door.static)
+    app.router.add_get("/static/{name}", door.static)
+    app.router.add_get("/openapi.json", door.openapi)
+    app.router.add_post("/v1/search", door.search)
+    app.router.add_post("/v1/conversions", door.log_conversions)
+    app.router.add_get("/v1/users", door.users)
+    app.router.add_get("/v1/choices", door.choices)
+    app.router.add_get("/images/{photo_id}.jpg", door.image)
+    return app

@@ -1,0 +1,1 @@
+"""Tests of `imgsearch web`: the JSON door, its OpenAPI description and the search page."""
