@@ -43,7 +43,9 @@ def add_commands(subparsers) -> None:
         tls, "bearer tokens /v1 and /images accept (IMGSEARCH_AUTH_TOKENS_FILE)"
     )
     add_client_security_arguments(p)
-    p.add_argument("--log-level", default="INFO")
+    p.add_argument(
+        "--log-level", default="INFO", help="logging level (DEBUG, INFO, WARNING, ERROR)"
+    )
     p.set_defaults(handler=cmd_web)
 
 

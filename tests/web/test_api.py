@@ -184,7 +184,7 @@ def test_tokens_guard_the_data_paths_and_reach_the_gateway(
     loop_thread, web_stack, web_artifacts, web_data, tmp_path
 ):
     tokens = tmp_path / "tokens"
-    tokens.write_text("# web\nsecret-token-1\n")
+    tokens.write_text("# web\nsecret-token-1\nwriter-token-2 search feedback:write\n")
     config = door_config(web_stack, web_artifacts, web_data, auth_tokens_file=str(tokens))
     running = RunningDoor(loop_thread, config)
     try:
@@ -201,6 +201,13 @@ def test_tokens_guard_the_data_paths_and_reach_the_gateway(
         good = {"Authorization": "Bearer secret-token-1"}
         status, _, reply = call(running.url, "/v1/search", {"query": "red", "k": 3}, good)
         assert status == 200 and len(reply["results"]) == 3
+        # Least privilege: a token of the older format grants `search` alone, so it may not
+        # log conversions; one with `feedback:write` gets past the door's check.
+        events = {"events": [{"user_id": "u", "photo_id": "p", "keyword": "red"}]}
+        status, _, reply = call(running.url, "/v1/conversions", events, good)
+        assert status == 403 and reply["error"]["status"] == "PERMISSION_DENIED"
+        writer = {"Authorization": "Bearer writer-token-2"}
+        assert call(running.url, "/v1/conversions", events, writer)[0] != 403
     finally:
         running.stop()
 
