@@ -166,3 +166,50 @@ class ServingCertificate:
                 await set_serving(fresh)
                 serving = fresh
             await asyncio.sleep(interval_s)
+
+
+def serving_certificate(name: str, config) -> ServingCertificate | None:
+    """The service port's certificate from ``config`` (None: plaintext).
+
+    Raises
+    ------
+    SecurityConfigError
+        When the files are missing, unreadable or inconsistent.
+    """
+    if not (config.tls_cert or config.tls_key):
+        if config.tls_client_ca:
+            raise SecurityConfigError("tls_client_ca needs tls_cert and tls_key (mutual TLS)")
+        return None
+    return ServingCertificate(
+        name,
+        config.tls_cert,
+        config.tls_key,
+        config.tls_client_ca,
+        expiry_margin_s=config.tls_expiry_margin_s,
+    )
+
+
+def watch_certificate(
+    service, certificate: ServingCertificate, service_names: list[str], interval_s: float
+) -> None:
+    """Re-read ``certificate`` on SIGHUP and when its files change, and keep health
+    NOT_SERVING while it is within its expiry margin.
+
+    ``service`` is an :class:`imgsearch.serving.Service`: the re-read joins its reload hooks
+    (what SIGHUP runs), the watch stops with it.
+    """
+
+    async def set_serving(fresh: bool) -> None:
+        await service.set_serving(service_names, fresh)
+
+    async def reread() -> None:
+        certificate.reload()
+        await set_serving(certificate.fresh())
+
+    service.reload_hooks.append(reread)
+    task = asyncio.get_running_loop().create_task(certificate.watch(set_serving, interval_s))
+
+    async def stop_watching() -> None:
+        task.cancel()
+
+    service.stop_hooks.append(stop_watching)

@@ -29,7 +29,7 @@ from prometheus_client import Counter, Gauge, Histogram, start_http_server
 from imgsearch import artifacts
 from imgsearch.admin.v1 import admin_service_pb2, admin_service_pb2_grpc
 from imgsearch.admission import Admission, AdmissionSettings, DeadlineExpired, Refusal
-from imgsearch.certificates import ServingCertificate
+from imgsearch.certificates import serving_certificate, watch_certificate
 from imgsearch.health import BoundedHealthServicer
 from imgsearch.security import SecurityConfigError, is_loopback
 from imgsearch.tokens import ADMIN, METHOD_SCOPES, SEARCH, TokenSet
@@ -646,49 +646,6 @@ def reflection_wanted(setting: str, host: str, tls: bool) -> bool:
     if setting == "auto":
         return not tls and is_loopback(host)
     return setting == "on"
-
-
-def serving_certificate(name: str, config) -> ServingCertificate | None:
-    """The service port's certificate from ``config`` (None: plaintext).
-
-    Raises
-    ------
-    SecurityConfigError
-        When the files are missing, unreadable or inconsistent.
-    """
-    if not (config.tls_cert or config.tls_key):
-        if config.tls_client_ca:
-            raise SecurityConfigError("tls_client_ca needs tls_cert and tls_key (mutual TLS)")
-        return None
-    return ServingCertificate(
-        name,
-        config.tls_cert,
-        config.tls_key,
-        config.tls_client_ca,
-        expiry_margin_s=config.tls_expiry_margin_s,
-    )
-
-
-def watch_certificate(
-    service: Service, certificate: ServingCertificate, service_names: list[str], interval_s
-) -> None:
-    """Re-read ``certificate`` on SIGHUP (a reload hook) and when its files change, and keep
-    health NOT_SERVING while it is within its expiry margin."""
-
-    async def set_serving(fresh: bool) -> None:
-        await service.set_serving(service_names, fresh)
-
-    async def reread() -> None:
-        certificate.reload()
-        await set_serving(certificate.fresh())
-
-    service.reload_hooks.append(reread)
-    task = asyncio.get_running_loop().create_task(certificate.watch(set_serving, interval_s))
-
-    async def stop_watching() -> None:
-        task.cancel()
-
-    service.stop_hooks.append(stop_watching)
 
 
 def _tokens(path: str, setting: str) -> TokenSet | None:
