@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from imgsearch_tools.bench.bare_chain import floor_lines
 from imgsearch_tools.bench.processes import LOADGEN
 
 TABLE_HEADER = [
@@ -84,6 +85,7 @@ def render_markdown(report: dict) -> str:
             f"other processes kept {_ms(headline.get('other_processes_cores'))} cores busy.",
             "",
         ]
+    lines += floor_lines(report.get("floor"))
     kill = report.get("kill_ranking")
     if kill:
         lines += [
