@@ -6,8 +6,8 @@ loop at 10 clients, and records each server with py-spy (a sampling profiler tha
 process from outside; it needs ptrace, and ``py-spy`` on PATH or ``--py-spy``). Samples are
 taken only while a thread runs Python (idle threads are not sampled), so a function's share
 of the samples is its share of the process's CPU. Writes ``DIR/<tier>.txt`` (py-spy's
-collapsed stacks) and prints, per tier, the functions with the most samples: ``self`` (the
-sampled frame was that function) and ``total`` (that function was anywhere on the stack).
+collapsed stacks) and prints, per tier, the project's functions with the most samples anywhere
+on the stack (``total``: with what they call) and the functions most often found running.
 """
 
 from __future__ import annotations
@@ -33,63 +33,52 @@ def frame_label(frame: str) -> str:
     return f"{Path(match['file']).name}:{match['name']}"
 
 
-def top_functions(collapsed: str, n: int = 15) -> tuple[int, list[tuple[str, int, int]]]:
-    """The ``n`` functions with the most samples in py-spy's collapsed stacks.
-
-    Returns
-    -------
-    tuple
-        (total samples, [(function, self samples, total samples)] by total samples, then self).
-    """
-    own: Counter = Counter()
-    anywhere: Counter = Counter()
-    samples = 0
-    for line in collapsed.splitlines():
-        stack, _, count = line.rpartition(" ")
-        if not stack or not count.isdigit():
-            continue
-        weight = int(count)
-        samples += weight
-        # The thread's name comes first when py-spy is asked for it; frames are root first.
-        frames = [frame_label(f) for f in stack.split(";") if "(" in f]
-        if not frames:
-            continue
-        own[frames[-1]] += weight
-        for label in set(frames):
-            anywhere[label] += weight
-    ranked = sorted(anywhere, key=lambda label: (-anywhere[label], -own[label]))
-    return samples, [(label, own[label], anywhere[label]) for label in ranked[:n]]
+PROJECT = ("imgsearch/", "gateway/", "retrieval_service/", "ranking_service/")
 
 
-def top_self(collapsed: str, n: int = 15) -> list[tuple[str, int]]:
-    """The ``n`` functions most often found running (the innermost sampled frame)."""
-    own: Counter = Counter()
+def _stacks(collapsed: str):
+    """(frames root first, samples) per line of py-spy's collapsed stacks."""
     for line in collapsed.splitlines():
         stack, _, count = line.rpartition(" ")
         if stack and count.isdigit():
             frames = [f for f in stack.split(";") if "(" in f]
             if frames:
-                own[frame_label(frames[-1])] += int(count)
-    return own.most_common(n)
+                yield frames, int(count)
+
+
+def _is_project(frame: str) -> bool:
+    match = _FRAME.match(frame)
+    return bool(match) and match["file"].startswith(PROJECT)
+
+
+def top_self(collapsed: str, n: int = 15) -> tuple[int, list[tuple[str, int]]]:
+    """Total samples, and the ``n`` functions most often found running (innermost frame)."""
+    own: Counter = Counter()
+    samples = 0
+    for frames, weight in _stacks(collapsed):
+        samples += weight
+        own[frame_label(frames[-1])] += weight
+    return samples, own.most_common(n)
+
+
+def top_project(collapsed: str, n: int = 15) -> list[tuple[str, int]]:
+    """The ``n`` project functions (imgsearch, gateway, retrieval, ranking) with the most
+    samples anywhere on the stack: what each costs with everything it calls."""
+    anywhere: Counter = Counter()
+    for frames, weight in _stacks(collapsed):
+        for label in {frame_label(f) for f in frames if _is_project(f)}:
+            anywhere[label] += weight
+    return anywhere.most_common(n)
 
 
 def markdown_table(tier: str, collapsed: str, n: int = 15) -> str:
-    """One tier's top-N functions by total share, with their self share."""
-    samples, rows = top_functions(collapsed, n)
-    lines = [
-        f"**{tier}** ({samples} samples)",
-        "",
-        "| function | total % | self % |",
-        "|---|---:|---:|",
-    ]
-    for label, own, anywhere in rows:
-        lines.append(
-            f"| `{label}` | {100 * anywhere / max(1, samples):.1f} | "
-            f"{100 * own / max(1, samples):.1f} |"
-        )
+    """One tier's project functions by total share, and the functions found running."""
+    samples, running = top_self(collapsed, n)
+    share = 100.0 / max(1, samples)
+    lines = [f"**{tier}** ({samples} samples)", "", "| project function | total % |", "|---|---:|"]
+    lines += [f"| `{label}` | {count * share:.1f} |" for label, count in top_project(collapsed, n)]
     lines += ["", "| running (self) | % |", "|---|---:|"]
-    for label, own in top_self(collapsed, n):
-        lines.append(f"| `{label}` | {100 * own / max(1, samples):.1f} |")
+    lines += [f"| `{label}` | {count * share:.1f} |" for label, count in running]
     return "\n".join(lines) + "\n"
 
 
