@@ -110,6 +110,11 @@ def load_gateway_state(artifacts_path: str) -> GatewayState:
     return GatewayState(artifact_set.version, artifact_set.path, messages, ["metadata"])
 
 
+# The enums' values, looked up on every search (``Enum.values()`` builds a new list per call).
+RETRIEVER_VALUES = frozenset(retr_pb.Retriever.values())
+RANKER_VALUES = frozenset(rank_pb.Ranker.values())
+
+
 def validate(request: pb.SearchRequest) -> tuple[int, int]:
     """Check a SearchRequest; returns (k, candidates_k) or raises InvalidArgument."""
     query = " ".join(request.query.split())
@@ -128,9 +133,9 @@ def validate(request: pb.SearchRequest) -> tuple[int, int]:
             "candidates_k",
             f"must be between k ({k}) and {MAX_CANDIDATES_K}, got {request.candidates_k}",
         )
-    if request.retriever not in retr_pb.Retriever.values():
+    if request.retriever not in RETRIEVER_VALUES:
         raise InvalidArgument("retriever", f"unknown value {request.retriever}")
-    if request.ranker not in rank_pb.Ranker.values():
+    if request.ranker not in RANKER_VALUES:
         raise InvalidArgument("ranker", f"unknown value {request.ranker}")
     if len(request.user_id) > MAX_USER_ID_CHARS:
         raise InvalidArgument("user_id", f"must be at most {MAX_USER_ID_CHARS} characters")
@@ -313,16 +318,22 @@ async def pass_through(context, exc: grpc.aio.AioRpcError) -> None:
 
 
 class Candidates:
-    """A RetrieveResponse's parallel arrays as plain lists (read once per search)."""
+    """A RetrieveResponse's parallel arrays (ids and scores as plain lists, read once)."""
 
     def __init__(self, retrieved: retr_pb.RetrieveResponse):
         self.ids = list(retrieved.photo_ids)
         self.scores = list(retrieved.scores)
-        self.sources = [(s.source, list(s.scores)) for s in retrieved.source_scores]
+        # Only the k results read them: no copy of the source lists.
+        self.sources = [(s.source, s.scores) for s in retrieved.source_scores]
 
     def found_by(self, i: int) -> dict[str, float]:
         """The sources that found candidate ``i`` with their scores (NaN = not found)."""
-        return {name: values[i] for name, values in self.sources if values[i] == values[i]}
+        found = {}
+        for name, values in self.sources:
+            score = values[i]
+            if score == score:
+                found[name] = score
+        return found
 
 
 class SearchServicer(pb_grpc.SearchServiceServicer):
@@ -416,17 +427,21 @@ class SearchServicer(pb_grpc.SearchServiceServicer):
             )
 
         position = {pid: i for i, pid in enumerate(candidates.ids)}
+        add = response.results.add
         for photo_id, final, ranker_score in order:
             i = position[photo_id]
             found = candidates.found_by(i)
-            result = response.results.add(
+            result = add(
                 photo_id=photo_id,
                 score=final,
                 retrieval_score=candidates.scores[i],
                 retrieval_source="+".join(found),
                 ranker_score=ranker_score,
             )
-            result.retrieval_source_scores.update(found)
+            # Key by key: the map's update() is a pure-Python mixin.
+            source_scores = result.retrieval_source_scores
+            for source, score in found.items():
+                source_scores[source] = score
             photo = state.photos.get(photo_id)
             if photo is not None:
                 result.photo.CopyFrom(photo)

@@ -173,7 +173,8 @@ class GradientLimit:
         self.window_s = float(window_s)
         self.inflight = 0
         self.limit = float(self.min_limit)
-        self.min_rtt: float | None = None
+        self._min_rtt: float | None = None
+        self._min_rtt_stale = False
         self.sample_rtt: float | None = None
         self._uncontended: deque[float] = deque(maxlen=max(1, int(min_rtt_samples)))
         self._samples: list[float] = []
@@ -198,13 +199,20 @@ class GradientLimit:
             latency = now - started
             if max(crowd, self.inflight) <= self.uncontended:
                 self._uncontended.append(latency)
-                self.min_rtt = _median(self._uncontended)
+                self._min_rtt_stale = True  # the median is taken when it is read
             self._samples.append(latency)
         self.inflight -= 1
         if self._window_start is None:
             self._window_start = now
         elif now - self._window_start >= self.window_s and self._samples:
             self._update(now)
+
+    @property
+    def min_rtt(self) -> float | None:
+        """The median of the latest uncontended latencies (None before the first one)."""
+        if self._min_rtt_stale:
+            self._min_rtt, self._min_rtt_stale = _median(self._uncontended), False
+        return self._min_rtt
 
     def on_drop(self) -> None:
         """A stage this one depends on refused a request: back off at once."""
@@ -282,20 +290,31 @@ class Refusal:
     metadata: tuple[tuple[str, str], ...]
 
 
+# (retriever, ranker) field values -> kind; bounded, as clients may send any enum number.
+_KINDS: dict[tuple[Any, Any], str] = {}
+_MAX_KINDS = 1024
+
+
 def request_kind(request) -> str:
     """What kind of work a request asks for, by the retriever and ranker it names.
 
     "hybrid+als" for a search, "hybrid" for a retrieval, "als" for a ranking ("default"
     where the field is unspecified); "" for requests with neither field.
     """
-    parts = []
     retriever = getattr(request, "retriever", None)
-    if isinstance(retriever, int):
-        parts.append(retriever_name(retriever) or "unknown")
     ranker = getattr(request, "ranker", None)
-    if isinstance(ranker, int):
-        parts.append(ranker_name(ranker) or "unknown")
-    return "+".join(parts)
+    key = (retriever, ranker)
+    kind = _KINDS.get(key)
+    if kind is None:
+        parts = []
+        if isinstance(retriever, int):
+            parts.append(retriever_name(retriever) or "unknown")
+        if isinstance(ranker, int):
+            parts.append(ranker_name(ranker) or "unknown")
+        kind = "+".join(parts)
+        if len(_KINDS) < _MAX_KINDS:
+            _KINDS[key] = kind
+    return kind
 
 
 class Admission:
@@ -386,12 +405,13 @@ class Admission:
         if code == "OK":
             self.times.observe((ticket.method, ticket.kind), elapsed)
         if isinstance(limit, GradientLimit):
-            gauge = self._limit_gauges.get(ticket.method)
-            if gauge is None:
-                gauge = self._limit_gauges[ticket.method] = CONCURRENCY_LIMIT.labels(
-                    self.service, ticket.method
-                )
-            gauge.set(int(limit.limit))
+            value = int(limit.limit)
+            shown = self._limit_gauges.get(ticket.method)
+            if shown is None or shown[1] != value:
+                # The gauge child is looked up once per method and set when the limit moves.
+                gauge = shown[0] if shown else CONCURRENCY_LIMIT.labels(self.service, ticket.method)
+                gauge.set(value)
+                self._limit_gauges[ticket.method] = (gauge, value)
 
 
 def current_deadline() -> float | None:

@@ -11,7 +11,6 @@ import signal
 import sys
 import threading
 import time
-import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any, Generic, TypeVar
 
@@ -123,7 +122,7 @@ def _incoming_request_id(metadata) -> str:
     for key, value in metadata or ():
         if key == REQUEST_ID_KEY and value:
             return value[:128]
-    return uuid.uuid4().hex[:16]
+    return os.urandom(8).hex()  # 16 random hex digits, as uuid4().hex[:16] gave, cheaper
 
 
 # ----------------------------------------------------------------------------------- errors

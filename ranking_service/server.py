@@ -160,8 +160,8 @@ def choose_default(
 
 def top_k(scores: np.ndarray, k: int) -> np.ndarray:
     """Indexes of the k best scores, ties kept in retrieval (input) order."""
-    order = np.lexsort((np.arange(len(scores)), -scores))
-    return order[:k]
+    # A stable sort keeps equal scores in input order (a lexsort on the positions, cheaper).
+    return (-scores).argsort(kind="stable")[:k]
 
 
 def recommend(
@@ -224,6 +224,8 @@ class RankingServicer(pb_grpc.RankingServiceServicer):
 
     @staticmethod
     def _recent(state: RankingState, photo_ids) -> np.ndarray:
+        if not photo_ids:
+            return np.zeros(0, dtype=np.int64)
         if len(photo_ids) > MAX_RECENT_PHOTOS:
             raise InvalidArgument(
                 "recent_photo_ids", f"at most {MAX_RECENT_PHOTOS} ids, got {len(photo_ids)}"
@@ -265,13 +267,12 @@ class RankingServicer(pb_grpc.RankingServiceServicer):
             )
         start = time.perf_counter()
         catalogue = state.catalogue
-        known = []
-        candidate_idx = []
-        for position, pid in enumerate(photo_ids):
-            idx = catalogue.photo_idx(pid)
-            if idx is not None:
-                known.append(position)
-                candidate_idx.append(idx)
+        candidate_idx = catalogue.photo_idx_list(photo_ids)
+        if None in candidate_idx:
+            known = [i for i, idx in enumerate(candidate_idx) if idx is not None]
+            candidate_idx = [candidate_idx[i] for i in known]
+        else:
+            known = range(len(photo_ids))
         if request.retrieval_scores:
             retrieval_scores = np.asarray(request.retrieval_scores, dtype=np.float32)
         else:
@@ -317,12 +318,11 @@ class RankingServicer(pb_grpc.RankingServiceServicer):
         reason = "; ".join(r for r in (reason, unknown, note) if r)
         order = top_k(all_scores, request.k)
         finite_min = float(np.min(scores)) if len(scores) else 0.0
+        top = all_scores[order]
+        top = np.where(np.isfinite(top), top, finite_min - 1.0).tolist()
         results = [
-            pb.RankedPhoto(
-                photo_id=photo_ids[i],
-                score=float(all_scores[i]) if np.isfinite(all_scores[i]) else finite_min - 1.0,
-            )
-            for i in order.tolist()
+            pb.RankedPhoto(photo_id=photo_ids[i], score=score)
+            for i, score in zip(order.tolist(), top)
         ]
         elapsed = time.perf_counter() - start
         self.stage_latency.observe(elapsed)

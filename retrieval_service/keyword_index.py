@@ -10,6 +10,10 @@ import pandas as pd
 from imgsearch.catalogue import normalise_keyword
 from retrieval_service.retrievers import RetrievalResult, Retriever
 
+# A token fallback reading at most this many postings runs on the event loop (well under a
+# millisecond once its tokens are cached); a larger one runs beside it.
+INLINE_POSTINGS = 20_000
+
 
 class KeywordIndex(Retriever):
     """Keyword retrieval over the catalogue's (photo, keyword, confidence) table.
@@ -39,6 +43,11 @@ class KeywordIndex(Retriever):
             for token in set(keyword.split()):
                 token_rows.setdefault(token, []).append(row)
         self._token_rows = {t: np.asarray(r, np.int64) for t, r in token_rows.items()}
+        lengths = np.diff(offsets)
+        # Postings a token's fallback reads: what decides whether it may run on the event loop.
+        self._token_postings = {t: int(lengths[r].sum()) for t, r in self._token_rows.items()}
+        # Token -> (photos, best confidence), filled on first use (bounded by the vocabulary).
+        self._token_best: dict[str, tuple[np.ndarray, np.ndarray]] = {}
 
     @classmethod
     def from_keywords(cls, keywords: pd.DataFrame) -> KeywordIndex:
@@ -92,9 +101,31 @@ class KeywordIndex(Retriever):
         return keyword in self._keyword_row
 
     def cheap(self, query: str) -> bool:
-        """An exact keyword is a slice of the index; the token fallback scans every keyword
-        holding each token (a common token: most of the index), so it is not cheap."""
-        return normalise_keyword(query) in self._keyword_row
+        """An exact keyword is a slice of the index; so is a token fallback over few postings
+        (at most :data:`INLINE_POSTINGS`). A common token holds most of the index: not cheap."""
+        query = normalise_keyword(query)
+        if query in self._keyword_row:
+            return True
+        postings = self._token_postings
+        return sum(postings.get(t, 0) for t in set(query.split())) <= INLINE_POSTINGS
+
+    def token_photos(self, token: str) -> tuple[np.ndarray, np.ndarray] | None:
+        """Photos (ascending) holding a keyword that contains ``token``, each with its best
+        confidence over those keywords; None for a token no keyword has. Computed once."""
+        best = self._token_best.get(token)
+        if best is None:
+            rows = self._token_rows.get(token)
+            if rows is None:
+                return None
+            idx = np.concatenate(
+                [self.photo_idx[self.offsets[r] : self.offsets[r + 1]] for r in rows]
+            )
+            cf = np.concatenate([self.conf[self.offsets[r] : self.offsets[r + 1]] for r in rows])
+            order = np.lexsort((-cf, idx))
+            idx, cf = idx[order], cf[order]
+            first = np.r_[True, idx[1:] != idx[:-1]]
+            best = self._token_best[token] = (idx[first], cf[first])
+        return best
 
     def keyword_photos(self, keyword: str) -> tuple[np.ndarray, np.ndarray]:
         """Photos and confidences of one exact keyword (empty arrays when unknown)."""
@@ -118,25 +149,23 @@ class KeywordIndex(Retriever):
         per_token = []
         matched = []
         for token in tokens:
-            rows = self._token_rows.get(token)
-            if rows is None:
-                continue
-            matched.append(token)
-            idx = np.concatenate(
-                [self.photo_idx[self.offsets[r] : self.offsets[r + 1]] for r in rows]
-            )
-            cf = np.concatenate([self.conf[self.offsets[r] : self.offsets[r + 1]] for r in rows])
-            order = np.lexsort((-cf, idx))
-            idx, cf = idx[order], cf[order]
-            first = np.r_[True, idx[1:] != idx[:-1]]
-            per_token.append((idx[first], cf[first]))
+            best = self.token_photos(token)
+            if best is not None:
+                matched.append(token)
+                per_token.append(best)
         if not per_token:
             return RetrievalResult.empty(note=f"no keyword matches any of: {', '.join(tokens)}")
+        # Sum each photo's confidences over the tokens, in token order (a stable sort by photo).
         all_idx = np.concatenate([p for p, _ in per_token])
-        all_conf = np.concatenate([c for _, c in per_token])
-        unique, inverse = np.unique(all_idx, return_inverse=True)
-        total = np.zeros(len(unique), np.float64)
-        np.add.at(total, inverse, all_conf)
+        all_conf = np.concatenate([c for _, c in per_token]).astype(np.float64)
+        by_photo = all_idx.argsort(kind="stable")
+        all_idx = all_idx[by_photo]
+        new_photo = np.empty(len(all_idx), bool)
+        new_photo[0] = True
+        np.not_equal(all_idx[1:], all_idx[:-1], out=new_photo[1:])
+        starts = new_photo.nonzero()[0]
+        unique = all_idx[starts]
+        total = np.add.reduceat(all_conf[by_photo], starts)
         score = (total / len(tokens)).astype(np.float32)
         order = np.lexsort((unique, -score))[:candidates_k]
         note = f"no exact keyword '{query}': token match on {', '.join(matched)}"

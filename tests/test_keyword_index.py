@@ -59,3 +59,21 @@ def test_save_and_load_round_trip(index, tmp_path):
         a, b = index.retrieve(query, 10), loaded.retrieve(query, 10)
         assert a.photo_idx.tolist() == b.photo_idx.tolist()
         assert np.allclose(a.scores, b.scores)
+
+
+def test_a_token_fallback_over_few_postings_is_cheap_and_a_large_one_is_not(index, monkeypatch):
+    from retrieval_service import keyword_index
+
+    assert index.cheap("red") and index.cheap("red circle")
+    monkeypatch.setattr(keyword_index, "INLINE_POSTINGS", 0)
+    assert index.cheap("red") and not index.cheap("red circle")
+
+
+def test_the_token_fallback_sums_each_photos_best_confidence_per_token(index):
+    first = index.retrieve("red circle zzz", 10)
+    again = index.retrieve("red circle zzz", 10)  # from the per-token cache
+    assert first.photo_idx.tolist() == again.photo_idx.tolist() == [0, 2, 4, 3, 1]
+    assert first.scores.tolist() == again.scores.tolist()
+    # Photo 4's best "red" keyword is "red car" (0.99); photo 0 has red 0.9 and circle 0.8.
+    expected = [(0.9 + 0.8) / 3, (0.7 + 0.6) / 3, 0.99 / 3, 0.95 / 3, 0.5 / 3]
+    assert np.allclose(first.scores, expected)

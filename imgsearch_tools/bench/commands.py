@@ -109,15 +109,16 @@ def add_commands(subparsers) -> None:
         "bench-suite",
         help="start the services and run the standard load, fault and reload scenarios",
         description="Make sure the demo artifact set exists, start retrieval, ranking and the "
-        "gateway as separate `imgsearch serve` processes on free ports, run the standard "
-        "scenarios (keyword+ALS open loop and closed loop at c=1/10/50, keyword+none, hybrid+ALS "
-        "when the set has CLIP), the JSON door (`imgsearch web`) against gRPC at --json-qps, "
-        "a reflection-only client, the ranking server killed and "
-        "restarted mid-load, and a hot reload mid-load; then the ViT-B-32 section: a 1,000-photo "
-        "demo set built (once, under OUT/vit-b-32) with a random-weight ViT-B-32, served and "
-        "measured with cached, keyword and unique queries, then overloaded (capacity closed "
-        "loop at c=8, 3x that offered open loop for 20 s, a closed-loop run 5 s after); write "
-        "OUT/bench.json and OUT/bench.md.",
+        "gateway as separate `imgsearch serve` processes on free ports, run the standard scenarios "
+        "(keyword+ALS open loop and closed loop at c=1/10/50, keyword+none, hybrid+ALS when "
+        "the set has CLIP), a bare three-hop grpc.aio chain against keyword+ALS at c=10 "
+        "(server CPU per search per tier, and the ratio), the JSON door (`imgsearch web`) "
+        "against gRPC at --json-qps, a reflection-only client, the "
+        "ranking server killed and restarted mid-load, and a hot reload mid-load; then the "
+        "ViT-B-32 section: a 1,000-photo demo set built (once, under OUT/vit-b-32) with a "
+        "random-weight ViT-B-32, served and measured with cached, keyword and unique "
+        "queries, then overloaded (capacity closed loop at c=8, 3x that offered open loop "
+        "for 20 s, a closed-loop run 5 s after); write OUT/bench.json and OUT/bench.md.",
     )
     p.add_argument("--data", default="var/demo-data", help="demo data folder (built if missing)")
     p.add_argument("--artifacts", default="var/artifacts", help="artifact root to serve")
@@ -161,8 +162,8 @@ def add_commands(subparsers) -> None:
     p.add_argument(
         "--only",
         default="",
-        help="comma-separated subset: scenario names, 'json-door', 'reflection', 'kill', "
-        "'reload', "
+        help="comma-separated subset: scenario names, 'floor' (a bare gRPC chain against "
+        "keyword + ALS, CPU per search), 'json-door', 'reflection', 'kill', 'reload', "
         "'vit-b-32' (the ViT-B-32 section's steady scenarios), 'overload' (its overload "
         "scenario)",
     )
@@ -562,6 +563,8 @@ async def run_suite(args, artifact_set, out: Path) -> int:
             report["json_door"] = await json_door_scenario(
                 args, services, target, queries, security
             )
+        if _selected(args, "floor"):
+            report["floor"] = await _floor(args, artifact_set, out, services, target, queries)
         if _selected(args, "reflection"):
             report["reflection_client"] = await reflection_run(target, queries, security)
         if not args.skip_faults and _selected(args, "kill"):
@@ -605,6 +608,15 @@ async def run_suite(args, artifact_set, out: Path) -> int:
         say(f"wrote {args.results_page}")
     print(render_markdown(report))
     return 0
+
+
+async def _floor(args, artifact_set, out: Path, services, target: str, queries) -> dict:
+    """The bare chain against imgsearch (:mod:`imgsearch_tools.bench.bare_chain`)."""
+    from imgsearch_tools.bench.bare_chain import floor_section
+
+    if args.tls:
+        return {"skipped": "the bare chain is plaintext; run without --tls to compare"}
+    return await floor_section(args, artifact_set.path, out, services, target, queries)
 
 
 # ---------------------------------------------------------------------------- bench-feedback

@@ -109,22 +109,13 @@ class ServiceProcesses:
 
     def wait_serving(self, name: str, timeout: float = 300.0) -> None:
         """Poll health until ``name`` is SERVING; fail early if its process died."""
-        from gateway.client import wait_for_serving
-
-        deadline = time.monotonic() + timeout
-        while True:
-            proc = self.procs[name]
-            if proc.poll() is not None:
-                raise RuntimeError(
-                    f"{name} exited with code {proc.returncode} before serving; "
-                    f"see {self.log_dir / (name + '.log')}"
-                )
-            try:
-                wait_for_serving(self.admin_address(name), timeout=2.0)
-                return
-            except TimeoutError:
-                if time.monotonic() > deadline:
-                    raise
+        wait_process_serving(
+            name,
+            lambda: self.procs[name],
+            self.admin_address(name),
+            self.log_dir / (name + ".log"),
+            timeout,
+        )
 
     def start_all(self, timeout: float = 300.0) -> None:
         for name in self.names:
@@ -159,16 +150,45 @@ class ServiceProcesses:
 
     def cpu_seconds(self) -> dict[str, float]:
         """User + system CPU seconds each running service has used so far."""
-        ticks = os.sysconf("SC_CLK_TCK")
-        used = {}
-        for name, proc in self.procs.items():
-            try:
-                stat = Path(f"/proc/{proc.pid}/stat").read_text()
-            except OSError:
-                continue
-            fields = stat[stat.rfind(")") + 2 :].split()
-            used[name] = (int(fields[11]) + int(fields[12])) / ticks
-        return used
+        return process_cpu_seconds(self.procs)
+
+
+def wait_process_serving(name: str, proc, address: str, log: Path, timeout: float) -> None:
+    """Poll health at ``address`` until SERVING; fail early if the process (``proc()``, the
+    current one: it may be restarted meanwhile) died, naming its ``log``."""
+    from gateway.client import wait_for_serving
+
+    deadline = time.monotonic() + timeout
+    while True:
+        process = proc()
+        if process.poll() is not None:
+            raise RuntimeError(
+                f"{name} exited with code {process.returncode} before serving; see {log}"
+            )
+        try:
+            wait_for_serving(address, timeout=2.0)
+            return
+        except TimeoutError:
+            if time.monotonic() > deadline:
+                raise
+
+
+def process_cpu_seconds(procs: dict[str, subprocess.Popen]) -> dict[str, float]:
+    """User + system CPU seconds each running process has used so far, from ``/proc``.
+
+    The processes' own accounting (all their threads), not the caller's: a load generator's
+    CPU never counts here. A process that has exited is left out.
+    """
+    ticks = os.sysconf("SC_CLK_TCK")
+    used = {}
+    for name, proc in procs.items():
+        try:
+            stat = Path(f"/proc/{proc.pid}/stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rfind(")") + 2 :].split()
+        used[name] = (int(fields[11]) + int(fields[12])) / ticks
+    return used
 
 
 class CpuMeter:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from imgsearch_tools.bench.json_door import render_json_door
+from imgsearch_tools.bench.bare_chain import floor_lines
 from imgsearch_tools.bench.processes import LOADGEN
 
 TABLE_HEADER = [
@@ -86,6 +87,7 @@ def render_markdown(report: dict) -> str:
             "",
         ]
     lines += render_json_door(report)
+    lines += floor_lines(report.get("floor"))
     kill = report.get("kill_ranking")
     if kill:
         lines += [

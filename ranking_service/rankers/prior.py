@@ -14,6 +14,7 @@ its own score. The weight is chosen on the validation slice (``ranking_service.t
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -23,13 +24,22 @@ from ranking_service.rankers.base import RankQuery, RankScores
 from ranking_service.rankers.popularity import PopularityRanker
 
 PRIOR_DIR = "popularity"
+# (keyword, candidates) whose weighted prior a ranker keeps: about 1 KB each.
+PRIOR_CACHE = 4096
+_PRIOR_CACHE_LOCK = threading.Lock()  # FM and DeepFM score on threads beside the event loop
 UNKNOWN_USER = "unknown user: popularity order"
 
 
 def standardised(values: np.ndarray) -> np.ndarray:
-    """``values`` minus their mean, over their standard deviation (zeros when constant)."""
-    spread = values.std()
-    return (values - values.mean()) / spread if spread > 0 else np.zeros_like(values)
+    """``values`` minus their mean, over their standard deviation (zeros when constant).
+
+    The arithmetic of ``values.std()`` (ddof 0) with the mean and the differences computed
+    once: the same numbers in a third of the numpy calls.
+    """
+    n = values.size
+    centred = values - np.add.reduce(values) / n
+    spread = np.sqrt(np.add.reduce(centred * centred) / n)
+    return centred / spread if spread > 0 else np.zeros_like(values)
 
 
 class QueryPrior:
@@ -66,11 +76,39 @@ class QueryPrior:
         scores = np.asarray(scores, dtype=np.float64).copy()
         if not self.popularity_weight or valid.sum() < 2:
             return scores
-        prior = self.popularity.log_prior(candidates, keyword)
-        scores[valid] = standardised(scores[valid]) + self.popularity_weight * standardised(
-            prior[valid]
+        scores[valid] = standardised(scores[valid]) + self._weighted_prior(
+            candidates, keyword, valid
         )
         return scores
+
+    def _weighted_prior(self, candidates: np.ndarray, keyword: str, valid: np.ndarray):
+        """``popularity_weight · z(log prior)`` over the valid candidates, remembered.
+
+        It depends on the query alone, not the user, and a keyword's candidates are the same
+        for every user who searches it: the last :data:`PRIOR_CACHE` (keyword, candidates)
+        are kept (read-only arrays, safe to share between threads).
+        """
+        # The weight and the prior are part of the key: a copy of a ranker shares its cache.
+        key = (
+            self.popularity_weight,
+            id(self.popularity),
+            keyword,
+            candidates.tobytes(),
+            valid.tobytes(),
+        )
+        cache = self.__dict__.get("_prior_cache")
+        if cache is None:
+            cache = self.__dict__.setdefault("_prior_cache", {})
+        weighted = cache.get(key)
+        if weighted is None:
+            prior = self.popularity.log_prior(candidates, keyword)
+            weighted = self.popularity_weight * standardised(prior[valid])
+            weighted.setflags(write=False)
+            with _PRIOR_CACHE_LOCK:
+                if len(cache) >= PRIOR_CACHE:
+                    del cache[next(iter(cache))]  # the oldest entry
+                cache[key] = weighted
+        return weighted
 
     def add_log_prior(
         self, scores: np.ndarray, candidates: np.ndarray, keyword: str, valid: np.ndarray
