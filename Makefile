@@ -7,7 +7,7 @@ DEMO_DATA := var/demo-data
 DEMO_ARTIFACTS := var/artifacts
 PROTO_FILES := $(shell find protos -name '*.proto')
 
-.PHONY: run test protos lint format bench eval demo certs clean
+.PHONY: run test protos lint format bench eval demo certs clean image image-test
 
 run: $(STAMP)
 	$(VENV)/bin/imgsearch demo --data $(DEMO_DATA) --artifacts $(DEMO_ARTIFACTS)
@@ -48,6 +48,15 @@ bench: demo
 # A development CA, server/client certificates and a bearer token (never overwrites other files).
 certs: $(STAMP)
 	$(VENV)/bin/imgsearch certs --out var/certs
+
+# The container image (docs/guides/container.md): podman or docker, whichever is installed.
+# Minutes each, so neither is part of `make test`; .ci/run runs both with CI_IMAGE_TEST=1.
+IMAGE ?= imgsearch:$(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+image:
+	IMAGE=$(IMAGE) PYTHON=$(PYTHON) deploy/container/build-image.sh
+
+image-test:
+	IMAGE=$(IMAGE) deploy/container/image-test.sh
 
 clean:
 	rm -rf var
