@@ -38,31 +38,35 @@ ca=$(host_pip_ca)
 kubectl=$(command -v kubectl || true)
 [ -z "$kubectl" ] || mounts+=(-v "$kubectl:/usr/local/bin/kubectl:ro")
 
-# Free loopback ports for `make run`'s servers (host network: the defaults may be taken).
+# Free loopback ports for `make run`'s servers (host network: the defaults may be taken);
+# `make test` runs with none of them set, as on the host.
 read -r p1 p2 p3 p4 p5 p6 < <(free_loopback_ports 6)
 
 echo "[py313] make test in $image (a copy of $repo in $work/src)"
 $ENGINE run --rm "${ENGINE_RUN_FLAGS[@]}" --network host --privileged "${mounts[@]}" \
     -e CI="${CI:-}" -e IMGSEARCH_TEST_POSTGRES_DSN="${IMGSEARCH_TEST_POSTGRES_DSN:-}" \
-    -e IMGSEARCH_GATEWAY_PORT="$p1" -e IMGSEARCH_RETRIEVAL_PORT="$p2" \
-    -e IMGSEARCH_RANKING_PORT="$p3" -e IMGSEARCH_GATEWAY_ADMIN_PORT="$p4" \
-    -e IMGSEARCH_RETRIEVAL_ADMIN_PORT="$p5" -e IMGSEARCH_RANKING_ADMIN_PORT="$p6" \
-    -e TEST_PY313_RUN="${TEST_PY313_RUN:-1}" \
+    -e RUN_PORTS="$p1 $p2 $p3 $p4 $p5 $p6" -e TEST_PY313_RUN="${TEST_PY313_RUN:-1}" \
     -w /src "$image" bash -euo pipefail -c '
         python3 --version
         make test PYTHON=python3.13
         [ "$TEST_PY313_RUN" = 1 ] || exit 0
         echo "[py313] make run"
-        setsid make run >/tmp/run.log 2>&1 &
+        read -r gateway retrieval ranking gateway_admin retrieval_admin ranking_admin <<<"$RUN_PORTS"
+        export IMGSEARCH_GATEWAY_PORT=$gateway IMGSEARCH_RETRIEVAL_PORT=$retrieval \
+            IMGSEARCH_RANKING_PORT=$ranking IMGSEARCH_GATEWAY_ADMIN_PORT=$gateway_admin \
+            IMGSEARCH_RETRIEVAL_ADMIN_PORT=$retrieval_admin \
+            IMGSEARCH_RANKING_ADMIN_PORT=$ranking_admin
+        make run >/tmp/run.log 2>&1 &
         run=$!
-        for _ in $(seq 3600); do
+        for _ in $(seq 7200); do
             grep -q "imgsearch is SERVING" /tmp/run.log && break
             kill -0 $run 2>/dev/null || { cat /tmp/run.log; exit 1; }
             sleep 1
         done
         grep -v "it/s\|img/s\|B/s" /tmp/run.log | tail -25
-        .venv/bin/imgsearch search "blue star" --target "127.0.0.1:$IMGSEARCH_GATEWAY_PORT"
-        kill -TERM -- -$run
+        .venv/bin/imgsearch search "blue star" --target "127.0.0.1:$gateway"
+        # SIGTERM to what make started (the servers), so make itself sees how they exited.
+        kill -TERM $(cat /proc/$run/task/$run/children)
         wait $run
         echo "[py313] make run: the demo built, served and answered; a clean exit on SIGTERM"
     '
