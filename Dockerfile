@@ -2,6 +2,8 @@
 # One image for the three services: `imgsearch serve gateway|retrieval|ranking` (one per
 # container, as deploy/kubernetes runs them) or `imgsearch serve all` (the default command).
 # CPU torch; no artifact set inside: mount one at /var/lib/imgsearch/artifacts.
+# `make image` builds it with podman or docker, `make image-test` starts every tier in it
+# (docs/guides/container.md).
 #
 #   docker build -t REGISTRY/imgsearch:0.1.0 .
 #   make certs    # var/certs/token: a bearer token with the scopes search, feedback:write
@@ -16,15 +18,30 @@
 # admin port instead), the port to check depends on the tier chosen at run time, and a check
 # would start a Python interpreter every interval.
 
-FROM python:3.11-slim AS build
+# BASE_IMAGE: a Debian with Python 3.11 at `python` (bookworm's python3 with python-is-python3
+# and python3-venv does too: deploy/container/debian-base.sh makes one where no registry answers).
+ARG BASE_IMAGE=python:3.11-slim
+
+FROM ${BASE_IMAGE} AS build
+# TORCH_INDEX_URL: PyTorch's CPU wheels (PyPI's Linux wheels bring the CUDA libraries, several
+# GB). Empty: torch from the index pip is configured with, for machines that cannot reach
+# PyTorch's (a larger image, same code).
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+# PIP_CONFIG_FILE: the build's pip settings (index, CA bundle) arrive as the build secrets
+# pip-conf and pip-ca (`make image` passes the host's), mounted only while pip runs: they are
+# in no layer. Without them pip uses PyPI; a missing file is ignored.
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_CONFIG_FILE=/run/secrets/pip.conf \
     PATH=/opt/imgsearch/bin:$PATH
-# PyTorch's CPU wheels (PyPI's Linux wheels bring the CUDA libraries, several GB). A layer of
-# their own before the source, so a code change does not download them again; `torch==2.14.1`
-# in pyproject.toml is then already met by 2.14.1+cpu.
-RUN python -m venv /opt/imgsearch \
-    && pip install --index-url https://download.pytorch.org/whl/cpu \
+# A layer of its own before the source, so a code change does not download torch again;
+# `torch==2.14.1` in pyproject.toml is then already met by 2.14.1+cpu. (Both are pinned:
+# hadolint takes the optional `--index-url` expansion for an unpinned package.)
+# hadolint ignore=DL3013
+RUN --mount=type=secret,id=pip-conf,target=/run/secrets/pip.conf,required=false \
+    --mount=type=secret,id=pip-ca,target=/run/secrets/pip-ca,required=false \
+    python -m venv /opt/imgsearch \
+    && pip install ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} \
         torch==2.14.1 torchvision==0.29.1
 WORKDIR /src
 COPY pyproject.toml README.md ./
@@ -38,12 +55,21 @@ COPY requirements/image.txt requirements/
 # package at the version and hashes `make lock` wrote (less torch, installed above); then the
 # project itself, with nothing more (DL3013 cannot tell `--no-deps .` from an unpinned name).
 # hadolint ignore=DL3013
-RUN pip install --require-hashes -r requirements/image.txt \
+RUN --mount=type=secret,id=pip-conf,target=/run/secrets/pip.conf,required=false \
+    --mount=type=secret,id=pip-ca,target=/run/secrets/pip-ca,required=false \
+    pip install --require-hashes -r requirements/image.txt \
     && pip install --no-deps '.[postgres]'
 
-FROM python:3.11-slim
+# No compilers, no pip cache, no build secrets: the virtual environment and what it links to.
+FROM ${BASE_IMAGE}
+# libgomp1: the OpenMP runtime that implicit's wheel links (the ranking tier does not start
+# without it). Debian's current version, as the base's own packages are (DL3008 asks for pins).
 # A fixed numeric UID, so that Kubernetes can check runAsNonRoot without reading /etc/passwd.
-RUN useradd --system --uid 10001 --user-group --create-home --home-dir /home/imgsearch \
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends libgomp1 \
+    && rm -rf /var/lib/apt/lists/* \
+    && useradd --system --uid 10001 --user-group --create-home --home-dir /home/imgsearch \
         imgsearch \
     && mkdir -p /var/lib/imgsearch/artifacts \
     && chown -R 10001:10001 /var/lib/imgsearch

@@ -7,7 +7,8 @@ built by the real config classes from the container's environment (the Dockerfil
 the ConfigMap, the container's ``env``), and the ports, probes, mounts, grace periods and
 downstream addresses are checked against that config. ``IMGSEARCH_*`` names are checked
 against the ones the code reads, recorded while it builds its configs. The image itself is
-not built here (no container engine); the Dockerfile is linted with hadolint.
+built by ``make image`` and run by ``make image-test`` (minutes, not part of ``make test``);
+here the Dockerfile is read and linted with hadolint.
 """
 
 from __future__ import annotations
@@ -694,20 +695,47 @@ def test_the_image_installs_every_package_with_cpu_torch_and_no_artifacts():
         assert not docker_ignored(source), source
     for path in ("var", ".venv", ".git", "tests", "deploy"):
         assert docker_ignored(path), path
-    # CPU torch at the versions pyproject.toml pins.
+    # CPU torch by default, at the versions pyproject.toml pins.
     pins = dict(dep.split("==") for dep in pyproject["project"]["dependencies"] if "==" in dep)
     runs = " ".join(rest for keyword, rest in instructions if keyword == "RUN")
-    assert "--index-url https://download.pytorch.org/whl/cpu" in runs
+    assert build_args()["TORCH_INDEX_URL"] == "https://download.pytorch.org/whl/cpu"
+    assert '--index-url "$TORCH_INDEX_URL"' in runs
     for package in ("torch", "torchvision"):
         assert f"{package}=={pins[package]}" in runs, package
+    # Both stages on one base (the venv links its Python), python:3.11-slim unless told.
     bases = [rest.split()[0] for keyword, rest in instructions if keyword == "FROM"]
-    assert set(bases) == {"python:3.11-slim"}
+    assert set(bases) == {"${BASE_IMAGE}"}
+    assert build_args()["BASE_IMAGE"] == "python:3.11-slim"
     assert image_uid() > 0, "the image runs as a non-root user"
     entrypoint = [rest for keyword, rest in final_stage() if keyword == "ENTRYPOINT"]
     assert entrypoint == ['["imgsearch"]']
     # Where the image expects a set is where the manifests mount it.
     config_map = named(base_objects(), "ConfigMap", "imgsearch-config")
     assert dockerfile_env()["IMGSEARCH_ARTIFACTS"] == config_map["data"]["IMGSEARCH_ARTIFACTS"]
+
+
+def build_args() -> dict[str, str]:
+    """The Dockerfile's ``ARG NAME=DEFAULT`` defaults, whichever stage declares them."""
+    return dict(
+        rest.partition("=")[::2] for keyword, rest in dockerfile_instructions() if keyword == "ARG"
+    )
+
+
+def test_the_final_stage_has_the_openmp_runtime_and_no_build_settings():
+    """implicit (the ranking tier) links libgomp; pip's build settings stay in the build stage."""
+    final = final_stage()
+    installs = [rest for keyword, rest in final if keyword == "RUN" and "apt-get install" in rest]
+    assert installs and "libgomp1" in installs[0]
+    assert "rm -rf /var/lib/apt/lists/*" in installs[0]
+    assert not any(name.startswith("PIP_") for name in dockerfile_env())
+    runs = [rest for keyword, rest in dockerfile_instructions() if keyword == "RUN"]
+    pip_runs = [rest for rest in runs if "pip install" in rest]
+    assert len(pip_runs) == 2
+    for rest in pip_runs:
+        # The build secrets are mounts of the pip step, never files of a layer.
+        assert "--mount=type=secret,id=pip-conf" in rest
+        assert "--mount=type=secret,id=pip-ca" in rest
+    assert not any(keyword in ("COPY", "ADD") and "pip" in rest for keyword, rest in final)
 
 
 def docker_ignored(path: str) -> bool:

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from imgsearch_tools.bench.json_door import render_json_door
 from imgsearch_tools.bench.bare_chain import floor_lines
+from imgsearch_tools.bench.json_door import render_json_door
 from imgsearch_tools.bench.processes import LOADGEN
 
 TABLE_HEADER = [

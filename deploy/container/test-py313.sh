@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# `make test-py313`: the whole `make test` on Python 3.13, in a Debian 13 (trixie) container
+# whose Python is Debian's own, from a fresh copy of this working tree (tracked files and
+# untracked ones git does not ignore: no .venv, no var/); then `make run` there, which builds
+# the demo and serves it, and one search against it.
+#
+# The container shares the host's network, so that the tests find what they find on the host
+# (the PostgreSQL server of .ci/run on 127.0.0.1:5432, when there is one), and runs privileged,
+# so that the multi-host test can make its network namespaces as it does on the host as root.
+# pip inside it gets the host's index settings and CA bundle (pip-settings.sh); torch for 3.13
+# comes from the package index (several GB from PyPI, with its CUDA libraries) at every run.
+#
+# Environment: CONTAINER_ENGINE, PYTHON (the host Python whose pip settings are taken),
+# TEST_PY313_RUN=0 to skip the `make run` check.
+set -euo pipefail
+
+here=$(cd "$(dirname "$0")" && pwd)
+repo=$(cd "$here/../.." && pwd)
+# shellcheck source=engine.sh
+. "$here/engine.sh"
+# shellcheck source=pip-settings.sh
+. "$here/pip-settings.sh"
+image=localhost/imgsearch-test:trixie
+
+# make for `make test`, iproute2 for the multi-host test, libgomp1 for implicit.
+"$here/debian-base.sh" trixie "$image" make,iproute2,libgomp1
+
+work=$(mktemp -d "$repo/var/py313.XXXXXX")
+trap 'rm -rf "$work"' EXIT
+mkdir "$work/src"
+git -C "$repo" ls-files -z --cached --others --exclude-standard |
+    (cd "$repo" && tar --null -T - -c) | tar -x -C "$work/src"
+write_pip_conf "$work/pip.conf" /etc/pip-ca.pem
+mounts=(-v "$work/src:/src" -v "$work/pip.conf:/etc/pip.conf:ro")
+ca=$(host_pip_ca)
+[ -z "$ca" ] || mounts+=(-v "$ca:/etc/pip-ca.pem:ro")
+# The Kubernetes manifests are rendered by kubectl when there is one (a static binary).
+kubectl=$(command -v kubectl || true)
+[ -z "$kubectl" ] || mounts+=(-v "$kubectl:/usr/local/bin/kubectl:ro")
+
+# Free loopback ports for `make run`'s servers (host network: the defaults may be taken);
+# `make test` runs with none of them set, as on the host.
+read -r p1 p2 p3 p4 p5 p6 < <(free_loopback_ports 6)
+
+echo "[py313] make test in $image (a copy of $repo in $work/src)"
+$ENGINE run --rm "${ENGINE_RUN_FLAGS[@]}" --network host --privileged "${mounts[@]}" \
+    -e CI="${CI:-}" -e IMGSEARCH_TEST_POSTGRES_DSN="${IMGSEARCH_TEST_POSTGRES_DSN:-}" \
+    -e RUN_PORTS="$p1 $p2 $p3 $p4 $p5 $p6" -e TEST_PY313_RUN="${TEST_PY313_RUN:-1}" \
+    -w /src "$image" bash -euo pipefail -c '
+        python3 --version
+        make test PYTHON=python3.13
+        [ "$TEST_PY313_RUN" = 1 ] || exit 0
+        echo "[py313] make run"
+        read -r gateway retrieval ranking gateway_admin retrieval_admin ranking_admin <<<"$RUN_PORTS"
+        export IMGSEARCH_GATEWAY_PORT=$gateway IMGSEARCH_RETRIEVAL_PORT=$retrieval \
+            IMGSEARCH_RANKING_PORT=$ranking IMGSEARCH_GATEWAY_ADMIN_PORT=$gateway_admin \
+            IMGSEARCH_RETRIEVAL_ADMIN_PORT=$retrieval_admin \
+            IMGSEARCH_RANKING_ADMIN_PORT=$ranking_admin
+        make run >/tmp/run.log 2>&1 &
+        run=$!
+        for _ in $(seq 7200); do
+            grep -q "imgsearch is SERVING" /tmp/run.log && break
+            kill -0 $run 2>/dev/null || { cat /tmp/run.log; exit 1; }
+            sleep 1
+        done
+        grep -v "it/s\|img/s\|B/s" /tmp/run.log | tail -25
+        .venv/bin/imgsearch search "blue star" --target "127.0.0.1:$gateway"
+        # SIGTERM to what make started (the servers), so make itself sees how they exited.
+        kill -TERM $(cat /proc/$run/task/$run/children)
+        wait $run
+        echo "[py313] make run: the demo built, served and answered; a clean exit on SIGTERM"
+    '
