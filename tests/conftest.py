@@ -228,6 +228,11 @@ SLOW_MODULES = {
 SLOW_TESTS = {
     "test_serving.py::test_keepalive_pings_of_idle_clients_are_accepted",
     "test_serving.py::test_hot_reload_under_load_fails_no_request_and_switches_version",
+    "test_deploy.py::test_each_kustomize_variant_renders_valid_manifests_that_match_the_code",
+    "test_evaluation.py::test_cli_writes_json_markdown_and_png",
+    "test_rankers.py::test_rankers_needing_embeddings_are_skipped_without",
+    "test_rankers.py::test_training_tunes_on_validation_and_writes_a_loadable_artifact",
+    "test_rankers.py::test_the_prior_is_validated_without_the_popularity_ranker",
 }
 
 
