@@ -466,10 +466,12 @@ def train_rankers(
             if name not in per_query:
                 per_query[name] = _kept_scores(name, directory, validation, candidates, embeddings)
         for name in ALWAYS_SERVED:
-            if name not in per_query:
+            # The served configuration is chosen among validation models: the baselines always
+            # have one, also when they were kept from an earlier set.
+            if name not in report.validation_models:
                 model = _fit_on_slice(name, {}, validation, candidates, embeddings, False)
                 report.validation_models[name] = model
-                per_query[name] = validation.selection.per_query_ndcg(model)
+                per_query.setdefault(name, validation.selection.per_query_ndcg(model))
         report.selection = select_default(per_query)
         report.selection["validation"] = validation.summary()
     else:

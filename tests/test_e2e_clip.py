@@ -27,7 +27,7 @@ def clip_stack(loop_thread, tmp_path_factory):
     build_artifacts(
         str(data),
         str(root),
-        ["none", "popularity", "clip_profile", "stacked"],
+        ["none", "popularity", "clip_profile"],
         clip_steps=20,
         show_progress=False,
     )
@@ -154,11 +154,7 @@ def test_the_served_configuration_is_recorded_served_and_said(clip_stack):
     with grpc.insecure_channel(clip_stack.target) as channel:
         stub = pb_grpc.SearchServiceStub(channel)
         default = stub.Search(pb.SearchRequest(query="red", k=5), timeout=30)
-        stacked = stub.Search(
-            pb.SearchRequest(query="red", k=5, ranker=rank_pb.RANKER_STACKED), timeout=30
-        )
     assert default.retriever == retriever_value(configuration["retriever"])
-    assert stacked.ranker == rank_pb.RANKER_STACKED and len(stacked.results) == 5
     assert defaults["fusion"] == (fusion_label("rrf", fusion["weights"]), fusion["reason"])
 
 

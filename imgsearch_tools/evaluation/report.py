@@ -205,10 +205,12 @@ def selection_markdown(report: dict) -> str:
                 name = f"**{name}** (default)"
             lines.append(f"| {name} | {row['ndcg@10']:.4f} ({lo:.4f}–{hi:.4f}) | {cell} |")
         lines.append(
-            f"\n{validation.get('selection_queries', 0):,} selection queries "
-            f"({validation.get('tuning_queries', 0):,} more tuned parameters and prior weights) "
-            f"from the last {validation.get('fraction', 0):.0%} of the training conversions "
-            f"((user, keyword) pairs with ≥ {validation.get('min_pair', 1)} conversions there)."
+            f"\n{validation.get('selection_queries', 0):,} selection queries ((user, keyword) "
+            f"pairs with ≥ {validation.get('selection_min_pair', validation.get('min_pair', 1))} "
+            f"conversions there and a converted candidate; "
+            f"{validation.get('tuning_queries', 0):,} more, pairs with ≥ "
+            f"{validation.get('min_pair', 1)}, tuned parameters and prior weights) from the last "
+            f"{validation.get('fraction', 0):.0%} of the training conversions."
         )
     checks = header.get("served_vs_best") or {}
     if checks:
