@@ -7,6 +7,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 from imgsearch.names import RANKER_NAMES
 from imgsearch_tools.conversions import add_store_arguments, open_existing_store, store_location
@@ -205,6 +206,7 @@ def build_artifacts(
     force: bool = False,
     embeddings: str | None = None,
     shards: int = 0,
+    tombstones: dict[str, int] | None = None,
 ) -> Path:
     """Build one artifact set from ``data`` under ``out`` and publish it; returns its folder.
 
@@ -213,9 +215,11 @@ def build_artifacts(
     ``embeddings`` (an ``imgsearch embed`` output, made with ``clip_model`` and
     ``clip_pretrained``) replaces embedding the images during the build. ``shards`` (2 or
     more) also splits the retrieval indexes into that many shards
-    (:mod:`retrieval_service.sharding`).
+    (:mod:`retrieval_service.sharding`). ``tombstones`` (``ConversionStore.tombstones``)
+    leave out the conversions of users deleted since the data was written.
     """
     from imgsearch import artifacts
+    from imgsearch.conversion_store.forget import forget_users
     from imgsearch.unsplash import read_unsplash
     from retrieval_service.keyword_index import KeywordIndex
 
@@ -226,6 +230,9 @@ def build_artifacts(
     log(f"reading {data}")
     catalogue, report = read_unsplash(data, show_progress=show_progress, strict=strict)
     log(report.summary())
+    catalogue, forgotten = forget_users(catalogue, tombstones or {})
+    if forgotten:
+        log(f"deleted users: {forgotten:,} of their earlier conversions left out")
     fingerprint = artifacts.data_fingerprint(data)
     with artifacts.writing_set(out, fingerprint) as (set_dir, version):
         manifest: dict = {
@@ -436,6 +443,7 @@ def _stage_printer(enabled: bool):
 
 def cmd_build(args) -> int:
     from imgsearch.artifacts import ArtifactError
+    from imgsearch.conversion_store import StoreError
     from imgsearch.unsplash import DataError
     from imgsearch_tools.outputs import RefusedFolder
     from retrieval_service.embedding import EmbeddingMismatch
@@ -479,8 +487,9 @@ def cmd_build(args) -> int:
             force=args.force,
             embeddings=args.embeddings,
             shards=args.shards,
+            tombstones=read_tombstones(SimpleNamespace(artifacts=args.out)),
         )
-    except (DataError, FileNotFoundError, ArtifactError, EmbeddingMismatch) as exc:
+    except (DataError, FileNotFoundError, ArtifactError, EmbeddingMismatch, StoreError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except RefusedFolder as exc:
@@ -675,7 +684,13 @@ def read_tombstones(args) -> dict[str, int]:
     """The deleted users' tombstones of the store the servers use ({} when none was made)."""
     from pathlib import Path
 
-    location = store_location(args)
+    location = store_location(
+        SimpleNamespace(
+            artifacts=args.artifacts,
+            conversions_db=getattr(args, "conversions_db", None),
+            conversions_dsn=getattr(args, "conversions_dsn", None),
+        )
+    )
     if "db" in location and not Path(location["db"]).exists():
         return {}
     with open_existing_store(location) as store:

@@ -138,3 +138,15 @@ def test_a_retraining_leaves_out_a_deleted_users_events_from_the_catalogue(
     assert retrained.manifest["forgotten_conversions"] == int(counts.iloc[0])
     # Every ranker learnt from the catalogue without them (users are renumbered).
     assert set(retrained.rankers) == set(artifacts.resolve(artifact_root).rankers)
+
+
+def test_a_build_from_data_leaves_out_a_deleted_users_events(demo_data, catalogue, tmp_path):
+    root = tmp_path / "artifacts"
+    user = str(catalogue.users["anonymous_user_id"].iloc[0])
+    with open_store(db=default_db_path(root)) as store:
+        store.delete_user(user)  # deleted after the data was written: the data still has them
+    build = ["build", "--data", str(demo_data), "--out", str(root), "--rankers", "popularity"]
+    assert main([*build, "--no-clip", "--quiet"]) == 0
+    built = Catalogue.load(artifacts.resolve(root).file(artifacts.CATALOGUE_DIR))
+    assert built.user_idx(user) is None
+    assert len(built.users) == len(catalogue.users) - 1
