@@ -303,13 +303,16 @@ def request_kind(request) -> str:
     """
     retriever = getattr(request, "retriever", None)
     ranker = getattr(request, "ranker", None)
+    # A field of another type names nothing, as an absent one (and may not be hashable).
+    retriever = retriever if isinstance(retriever, int) else None
+    ranker = ranker if isinstance(ranker, int) else None
     key = (retriever, ranker)
     kind = _KINDS.get(key)
     if kind is None:
         parts = []
-        if isinstance(retriever, int):
+        if retriever is not None:
             parts.append(retriever_name(retriever) or "unknown")
-        if isinstance(ranker, int):
+        if ranker is not None:
             parts.append(ranker_name(ranker) or "unknown")
         kind = "+".join(parts)
         if len(_KINDS) < _MAX_KINDS:
