@@ -200,6 +200,7 @@ def postgres_dsn(postgres_server) -> str:
 # starts imgsearch processes or builds and trains whole artifact sets (`e2e`); the longest
 # modules and tests of either tier are also `slow`. `make test-fast` runs "unit and not slow".
 E2E_MODULES = {
+    "test_bare_chain",
     "test_bench",
     "test_cli",
     "test_clip",
@@ -212,10 +213,13 @@ E2E_MODULES = {
     "test_multihost",
     "test_ray_embedding",
     "test_selection",
+    "test_serve_supervision",
     "test_shards",
     "test_text_encoder",
+    "test_browser",
 }
 SLOW_MODULES = {
+    "test_browser",
     "test_cli",
     "test_e2e_clip",
     "test_feedback_durability",
@@ -226,6 +230,7 @@ SLOW_MODULES = {
 }
 # Single long tests in otherwise quick modules, by name (parametrized ids included).
 SLOW_TESTS = {
+    "test_api.py::test_the_command_prints_its_address_serves_and_stops_on_sigterm",
     "test_serving.py::test_keepalive_pings_of_idle_clients_are_accepted",
     "test_serving.py::test_hot_reload_under_load_fails_no_request_and_switches_version",
     "test_deploy.py::test_each_kustomize_variant_renders_valid_manifests_that_match_the_code",
