@@ -104,11 +104,19 @@ class KeywordIndex(Retriever):
         lo, hi = self.offsets[row], self.offsets[row + 1]
         return self.photo_idx[lo:hi], self.conf[lo:hi]
 
-    def retrieve(self, query: str, candidates_k: int) -> RetrievalResult:
-        """Return up to ``candidates_k`` photos for ``query``, best first."""
+    def retrieve(
+        self, query: str, candidates_k: int, allowed: np.ndarray | None = None
+    ) -> RetrievalResult:
+        """Return up to ``candidates_k`` photos for ``query``, best first.
+
+        ``allowed`` (bool per ``photo_idx``) filters the posting lists before they are cut.
+        """
         query = normalise_keyword(query)
         if query in self._keyword_row:
             photos, conf = self.keyword_photos(query)
+            if allowed is not None:
+                kept = allowed[photos]
+                photos, conf = photos[kept], conf[kept]
             top = slice(0, candidates_k)
             return RetrievalResult(photos[top], conf[top], {"keyword": conf[top]}, keyword=query)
         tokens = list(dict.fromkeys(query.split()))
@@ -126,9 +134,13 @@ class KeywordIndex(Retriever):
                 [self.photo_idx[self.offsets[r] : self.offsets[r + 1]] for r in rows]
             )
             cf = np.concatenate([self.conf[self.offsets[r] : self.offsets[r + 1]] for r in rows])
+            if allowed is not None:
+                kept = allowed[idx]
+                idx, cf = idx[kept], cf[kept]
             order = np.lexsort((-cf, idx))
             idx, cf = idx[order], cf[order]
-            first = np.r_[True, idx[1:] != idx[:-1]]
+            first = np.ones(len(idx), bool)  # empty when the filter allows none of them
+            first[1:] = idx[1:] != idx[:-1]
             per_token.append((idx[first], cf[first]))
         if not per_token:
             return RetrievalResult.empty(note=f"no keyword matches any of: {', '.join(tokens)}")

@@ -140,6 +140,7 @@ def merge_logged(catalogue: Catalogue, logged: pd.DataFrame) -> tuple[Catalogue,
         conversions=merged.astype(CONVERSION_COLUMNS),
         data_dir=catalogue.data_dir,
         labels=catalogue.labels,
+        colors=catalogue.colors,
     )
     report = {
         "events": int(len(logged)),
