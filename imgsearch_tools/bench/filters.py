@@ -362,8 +362,7 @@ def filters_report(pieces, args, commit: str = "") -> dict:
 def cmd_bench_filters(args) -> int:
     import asyncio
 
-    from imgsearch_tools.bench.commands import _git_commit
-    from imgsearch_tools.bench.load import machine_info
+    from imgsearch_tools.bench.load import git_commit, machine_info
     from imgsearch_tools.bench.processes import ServiceProcesses
     from imgsearch_tools.outputs import RefusedFolder, claim_in_place
 
@@ -375,7 +374,7 @@ def cmd_bench_filters(args) -> int:
     except (RefusedFolder, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    report = filters_report(pieces, args, _git_commit())
+    report = filters_report(pieces, args, git_commit())
     report["machine"] = machine_info(report["command"])
     if args.qps > 0:
         artifact_set = pieces[0]
@@ -393,3 +392,23 @@ def cmd_bench_filters(args) -> int:
     (out / "filters.md").write_text(markdown)
     print(markdown)
     return 0
+
+
+async def suite_section(set_dir: Path, target: str, args, security=None) -> dict:
+    """What `bench-suite` reports of filters: the recall table (50 queries per kind) and
+    hybrid + ALS at 100 qps unfiltered and filtered at 0.1%, against the suite's servers."""
+    pieces = load_pieces(set_dir)
+    settings = argparse.Namespace(
+        queries=50,
+        selectivities=",".join(f"{s:g}" for s in SELECTIVITIES),
+        seed=args.seed,
+        qps=100.0,
+        duration=args.duration,
+        warmup=args.warmup,
+        rounds=1,
+    )
+    from imgsearch_tools.bench.load import git_commit
+
+    report = filters_report(pieces, settings, git_commit())
+    report["served"] = await served_overhead(target, set_dir, pieces[4], settings, security)
+    return report

@@ -22,6 +22,7 @@ import os
 import platform
 import random
 import re
+import subprocess
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -737,6 +738,16 @@ def reflection_client_check(
 
 
 # -------------------------------------------------------------------------- reporting
+def git_commit() -> str:
+    """The short commit of the working tree the benchmark runs from ("" outside git)."""
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
 def machine_info(command: str = "") -> dict:
     """Where the figures were measured: platform, CPUs, CPU model, memory, load, date."""
     import grpc
