@@ -465,3 +465,24 @@ def test_bench_filters_measures_recall_and_completeness_per_selectivity(filtered
         assert row["recall_at_10"] == 1.0 and row["complete_share"] == 1.0
         assert abs(row["matched_share_mean"] - row["selectivity"]) < 0.05
     assert "| correlated | 0.05 |" in (out / "filters.md").read_text()
+
+
+def test_the_served_part_compares_filtered_and_unfiltered_rounds(filtered):
+    import argparse
+
+    from imgsearch.filters import PhotoAttributes
+    from imgsearch_tools.bench.filters import served_overhead
+
+    stack, catalogue = filtered
+    attributes = PhotoAttributes.from_tables(catalogue.photos, catalogue.colors)
+    settings = argparse.Namespace(
+        qps=20.0, duration=1.0, warmup=0.2, rounds=1, seed=0, selectivities="0.05"
+    )
+    target = f"127.0.0.1:{stack.gateway_whole.port}"
+    report = stack.lt.run(served_overhead(target, stack.root, attributes, settings))
+    assert [run["label"] for run in report["runs"]] == ["unfiltered", "filter 0.05"]
+    for run in report["runs"]:
+        assert run["errors"] == 0 and run["degraded"] == 0 and run["achieved_qps"] > 0
+    assert report["added_p99_ms"] == round(
+        report["runs"][1]["p99_ms"] - report["runs"][0]["p99_ms"], 3
+    )
