@@ -3,7 +3,7 @@
 The allowed rows travel to FAISS as an ``IDSelectorBitmap`` in the search parameters, so the
 index only ever returns allowed photos. How it searches depends on how many rows are allowed:
 
-* few (at most :data:`EXACT_ROWS` or :data:`EXACT_SHARE` of the index): exact search over the
+* few (at most :data:`EXACT_ROWS`, or :data:`EXACT_SHARE` of the index): exact search over the
   allowed rows, on the index's flat storage (an HNSW graph keeps its vectors in one);
 * more, on an HNSW graph: the graph search with ``efSearch`` raised as the allowed share drops
   (a graph search collects about ``efSearch`` nearby rows, of which only the allowed count), up
@@ -22,9 +22,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-# Allowed rows up to which the exact search over them is cheaper than a widened graph search.
+# Allowed rows up to which the exact search over them is used: below a fifth of the index the
+# widened graph search costs as much as scanning the allowed rows and finds less (100,000 demo
+# photos, bench-filters: at 10%, efSearch 1,280 took 27 ms for recall@10 0.84; exact 22-28 ms).
 EXACT_ROWS = 2_000
-EXACT_SHARE = 0.02
+EXACT_SHARE = 0.2
 # efSearch of a filtered graph search: the index's own over the allowed share, capped.
 MAX_EF_SEARCH = 2_048
 
