@@ -9,6 +9,7 @@ from google.protobuf import json_format
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from imgsearch.names import ranker_name, ranker_value, retriever_name, retriever_value
+from imgsearch.retrieval.v1 import retrieval_service_pb2 as retr_pb
 from imgsearch.search.v1 import search_service_pb2 as pb
 from imgsearch.search.v1 import search_service_pb2_grpc as pb_grpc
 from imgsearch.security import ClientSecurity
@@ -56,8 +57,10 @@ def search(
     recent_photo_ids: list[str] | None = None,
     timeout: float = 10.0,
     security: ClientSecurity = PLAINTEXT,
+    photo_filter: retr_pb.PhotoFilter | None = None,
 ) -> pb.SearchResponse:
-    """One Search call against the gateway at ``target`` (TLS and token per ``security``)."""
+    """One Search call against the gateway at ``target`` (TLS and token per ``security``);
+    ``photo_filter`` restricts the results to the photos it matches."""
     with security.channel(target) as channel:
         stub = pb_grpc.SearchServiceStub(channel)
         return stub.Search(
@@ -69,6 +72,7 @@ def search(
                 retriever=retriever_value(retriever),
                 ranker=ranker_value(ranker),
                 recent_photo_ids=recent_photo_ids or [],
+                filter=photo_filter,
             ),
             timeout=timeout,
             metadata=security.metadata(),

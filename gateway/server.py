@@ -378,7 +378,10 @@ class SearchServicer(pb_grpc.SearchServiceServicer):
 
         retrieve_call = self.retrieval.retrieve(
             retr_pb.RetrieveRequest(
-                query=request.query, candidates_k=candidates_k, retriever=request.retriever
+                query=request.query,
+                candidates_k=candidates_k,
+                retriever=request.retriever,
+                filter=request.filter,
             ),
             timeout=max(0.001, budget - ranking_reserve),
             metadata=metadata,

@@ -120,6 +120,7 @@ class RetrievalTier:
             candidates_k=request.candidates_k,
             retriever=request.retriever,
             source_lists=True,
+            filter=request.filter,
         )
         answers: dict[int, retr_pb.RetrieveResponse] = {}
         failures: dict[int, grpc.aio.AioRpcError] = {}

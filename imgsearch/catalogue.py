@@ -20,6 +20,18 @@ PHOTO_COLUMNS = {
     "stats_views": "int64",  # 0 when missing
     "stats_downloads": "int64",  # 0 when missing
     "has_image": "bool",  # images/<photo_id>.jpg exists beside the tables
+    "photo_width": "int64",  # pixels, 0 when missing
+    "photo_height": "int64",  # pixels, 0 when missing
+    "photo_featured": "bool",  # False when missing
+    "photo_submitted_at": "datetime64[ns]",  # naive UTC, NaT when missing
+}
+# Photo columns that catalogues written before filters lack (their sets refuse filters).
+FILTER_PHOTO_COLUMNS = ("photo_width", "photo_height", "photo_featured", "photo_submitted_at")
+_MISSING_PHOTO_VALUES = {
+    "photo_width": 0,
+    "photo_height": 0,
+    "photo_featured": False,
+    "photo_submitted_at": pd.NaT,
 }
 KEYWORD_COLUMNS = {
     "photo_idx": "int32",
@@ -42,6 +54,12 @@ CONVERSION_COLUMNS = {
 LABEL_COLUMNS = {
     "photo_idx": "int32",
     "label": "object",  # normalised like KEYWORD_COLUMNS.keyword
+}
+# Optional: each photo's dominant colours (Unsplash's colors table, or computed from the image).
+COLOR_COLUMNS = {
+    "photo_idx": "int32",
+    "color": "object",  # normalised like KEYWORD_COLUMNS.keyword, e.g. "red", "dark green"
+    "coverage": "float32",  # share of the image it covers, NaN when the table does not say
 }
 TABLES = {
     "photos": PHOTO_COLUMNS,
@@ -70,7 +88,9 @@ class Catalogue:
     """The four normalised tables of one catalogue, with id lookups.
 
     Conversions are sorted by ``converted_at`` (stable), so a temporal split is a slice.
-    ``labels`` (:data:`LABEL_COLUMNS`) is None unless the data folder has a labels table.
+    ``labels`` (:data:`LABEL_COLUMNS`) is None unless the data folder has a labels table;
+    ``colors`` (:data:`COLOR_COLUMNS`) is None unless it has a colors table or the build
+    computed the colours from the images.
     """
 
     photos: pd.DataFrame
@@ -79,6 +99,7 @@ class Catalogue:
     conversions: pd.DataFrame
     data_dir: str = ""
     labels: pd.DataFrame | None = None
+    colors: pd.DataFrame | None = None
     _photo_index: dict[str, int] = field(default_factory=dict, repr=False)
     _user_index: dict[str, int] = field(default_factory=dict, repr=False)
 
@@ -138,6 +159,7 @@ class Catalogue:
             conversions=conversions.reset_index(drop=True),
             data_dir=self.data_dir,
             labels=self.labels,
+            colors=self.colors,
         )
 
     def save(self, directory: str | Path) -> None:
@@ -148,20 +170,39 @@ class Catalogue:
             getattr(self, name).to_parquet(directory / f"{name}.parquet", index=False)
         if self.labels is not None:
             self.labels.to_parquet(directory / "labels.parquet", index=False)
+        if self.colors is not None:
+            self.colors.to_parquet(directory / "colors.parquet", index=False)
         (directory / "data_dir.txt").write_text(str(self.data_dir))
 
     @classmethod
     def load(cls, directory: str | Path) -> Catalogue:
-        """Read a catalogue written by :meth:`save`."""
+        """Read a catalogue written by :meth:`save`.
+
+        A photos table written before the filter columns existed gets them filled as missing
+        (:func:`with_filter_columns`).
+        """
         directory = Path(directory)
         tables = {
-            name: pd.read_parquet(directory / f"{name}.parquet").astype(columns)
-            for name, columns in TABLES.items()
+            name: pd.read_parquet(directory / f"{name}.parquet") for name, columns in TABLES.items()
         }
+        tables["photos"] = with_filter_columns(tables["photos"])
+        tables = {name: table.astype(TABLES[name]) for name, table in tables.items()}
         data_dir_file = directory / "data_dir.txt"
         data_dir = data_dir_file.read_text() if data_dir_file.exists() else ""
         labels_file = directory / "labels.parquet"
         labels = (
             pd.read_parquet(labels_file).astype(LABEL_COLUMNS) if labels_file.exists() else None
         )
-        return cls(**tables, data_dir=data_dir, labels=labels)
+        colors_file = directory / "colors.parquet"
+        colors = (
+            pd.read_parquet(colors_file).astype(COLOR_COLUMNS) if colors_file.exists() else None
+        )
+        return cls(**tables, data_dir=data_dir, labels=labels, colors=colors)
+
+
+def with_filter_columns(photos: pd.DataFrame) -> pd.DataFrame:
+    """``photos`` with :data:`FILTER_PHOTO_COLUMNS` added as missing where it lacks them."""
+    missing = {name: value for name, value in _MISSING_PHOTO_VALUES.items() if name not in photos}
+    if not missing:
+        return photos
+    return photos.assign(**{name: [value] * len(photos) for name, value in missing.items()})

@@ -17,6 +17,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from imgsearch.catalogue import (
+    COLOR_COLUMNS,
     CONVERSION_COLUMNS,
     KEYWORD_COLUMNS,
     LABEL_COLUMNS,
@@ -28,11 +29,12 @@ from imgsearch.catalogue import (
 
 # The tables read, in reading order (photos first: the others refer to its ids).
 TABLES = ("photos", "keywords", "conversions")
-# Read when present: ``labels`` (photo_id, label) says what photos really show, e.g. a judged
-# sample, or the demo's drawn content. Not part of Unsplash Lite; evaluation only.
-OPTIONAL_TABLES = ("labels",)
+# Read when present: ``colors`` (Unsplash Lite's: each photo's dominant colours, what the colour
+# filter matches), and ``labels`` (photo_id, label): what photos really show, e.g. a judged
+# sample, or the demo's drawn content; not part of Unsplash Lite, evaluation only.
+OPTIONAL_TABLES = ("colors", "labels")
 # Tables of Unsplash Lite that the catalogue does not use; noted in the report when present.
-UNUSED_TABLES = ("collections", "colors")
+UNUSED_TABLES = ("collections",)
 # The columns of Unsplash Lite's conversions table, in the dataset's order (what writers of
 # that layout write: the demo generator, the export of logged conversions).
 CONVERSIONS_LAYOUT = (
@@ -49,6 +51,7 @@ REQUIRED_COLUMNS = {
     "keywords": ("photo_id", "keyword"),
     "conversions": ("converted_at", "keyword", "photo_id", "anonymous_user_id"),
     "labels": ("photo_id", "label"),
+    "colors": ("photo_id", "keyword"),
 }
 OPTIONAL_COLUMNS = {
     "photos": (
@@ -57,18 +60,27 @@ OPTIONAL_COLUMNS = {
         "photographer_username",
         "stats_views",
         "stats_downloads",
+        "photo_width",
+        "photo_height",
+        "photo_featured",
+        "photo_submitted_at",
     ),
     "keywords": CONFIDENCE_COLUMNS,
     "conversions": ("conversion_type", "conversion_country"),
     "labels": (),
+    "colors": ("ai_coverage",),
 }
-INTEGER_COLUMNS = ("stats_views", "stats_downloads")
+INTEGER_COLUMNS = ("stats_views", "stats_downloads", "photo_width", "photo_height")
+# How Unsplash Lite writes booleans (``photo_featured``); an empty value reads as false.
+_TRUE = frozenset({"t", "true", "1"})
+_FALSE = frozenset({"f", "false", "0", ""})
 # Columns that identify something: an empty value makes the row meaningless.
 ID_COLUMNS = {
     "photos": ("photo_id",),
     "keywords": ("photo_id",),
     "conversions": ("photo_id", "anonymous_user_id"),
     "labels": ("photo_id",),
+    "colors": ("photo_id",),
 }
 _INTEGER_PATTERN = r"\s*[+-]?\d+\s*"
 # Bookkeeping columns carried with every row until the tables are normalised.
@@ -76,6 +88,7 @@ _FILE = "_file"
 _LINE = "_line"
 # Example warnings kept per kind of problem, so that one noisy kind does not hide the others.
 _EXAMPLES_PER_KIND = 3
+_EXPECTED_TIME = "expected a timestamp like '2020-06-30 14:12:25.402'"
 _EARLIEST = pd.Timestamp("1678-01-01", tz="UTC")
 _LATEST = pd.Timestamp("2261-12-31", tz="UTC")
 
@@ -326,9 +339,11 @@ def read_unsplash(
     users, conversions = _normalise_conversions(
         frames["conversions"], photos, shards["conversions"], report
     )
-    labels = None
+    labels = colors = None
     if "labels" in frames:
         labels = _normalise_labels(frames["labels"], photos, shards["labels"], report)
+    if "colors" in frames:
+        colors = _normalise_colors(frames["colors"], photos, shards["colors"], report)
     report.rows_kept = {
         "photos": len(photos),
         "keywords": len(keywords),
@@ -337,6 +352,8 @@ def read_unsplash(
     }
     if labels is not None:
         report.rows_kept["labels"] = len(labels)
+    if colors is not None:
+        report.rows_kept["colors"] = len(colors)
     catalogue = Catalogue(
         photos=photos,
         keywords=keywords,
@@ -344,6 +361,7 @@ def read_unsplash(
         conversions=conversions,
         data_dir=str(data_dir.resolve()),
         labels=labels,
+        colors=colors,
     )
     return catalogue, report
 
@@ -382,21 +400,27 @@ def _read_table_shard(
             problems.append((bad, column, _got("expected an integer", frame[column])))
             values = pd.to_numeric(text.where(is_integer, "0"))
             frame[column] = values.astype(np.int64)
-    if table == "keywords":
-        for column in CONFIDENCE_COLUMNS:
+        featured = frame["photo_featured"].str.strip().str.lower()
+        is_true = featured.isin(_TRUE).to_numpy(dtype=bool)
+        bad = np.flatnonzero(~is_true & ~featured.isin(_FALSE).to_numpy(dtype=bool))
+        problems.append((bad, "photo_featured", _got("expected t or f", frame["photo_featured"])))
+        frame["photo_featured"] = is_true
+        submitted = frame["photo_submitted_at"]
+        times, bad = _parse_times(submitted)
+        bad = bad[(submitted.iloc[bad].str.strip() != "").to_numpy(dtype=bool)]
+        problems.append((bad, "photo_submitted_at", _got(_EXPECTED_TIME, submitted)))
+        frame["photo_submitted_at"] = times
+    if table in ("keywords", "colors"):
+        for column in CONFIDENCE_COLUMNS if table == "keywords" else ("ai_coverage",):
             # to_numeric reads "" as NaN (missing) and ignores surrounding spaces.
             values = pd.to_numeric(frame[column], errors="coerce").to_numpy(dtype=np.float64)
             bad = np.flatnonzero(np.isnan(values) & (frame[column].to_numpy() != ""))
             problems.append((bad, column, _got("expected a number", frame[column])))
             frame[column] = values
     if table == "conversions":
-        times = pd.to_datetime(frame["converted_at"], format="ISO8601", utc=True, errors="coerce")
-        # Beyond datetime64[ns]'s range (years 1677-2262) is a typo, not a date to keep.
-        times = times.where(times.between(_EARLIEST, _LATEST))
-        bad = np.flatnonzero(times.isna().to_numpy())
-        expected = "expected a timestamp like '2020-06-30 14:12:25.402'"
-        problems.append((bad, "converted_at", _got(expected, frame["converted_at"])))
-        frame["converted_at"] = times.dt.tz_convert(None).astype("datetime64[ns]")
+        times, bad = _parse_times(frame["converted_at"])
+        problems.append((bad, "converted_at", _got(_EXPECTED_TIME, frame["converted_at"])))
+        frame["converted_at"] = times
 
     lines = frame[_LINE].to_numpy()
     report.rows_read[table] = report.rows_read.get(table, 0) + len(frame) + len(bad_lines)
@@ -524,6 +548,16 @@ def _check_header(path: Path, header: list[str], table: str) -> None:
             f"missing required column: need {CONFIDENCE_COLUMNS[0]!r} or "
             f"{CONFIDENCE_COLUMNS[1]!r} (header has: {', '.join(header)})",
         )
+
+
+def _parse_times(raw: pd.Series) -> tuple[pd.Series, np.ndarray]:
+    """Parse ISO timestamps to naive UTC ``datetime64[ns]``; also the rows that did not parse
+    (NaT), an empty value among them."""
+    times = pd.to_datetime(raw, format="ISO8601", utc=True, errors="coerce")
+    # Beyond datetime64[ns]'s range (years 1677-2262) is a typo, not a date to keep.
+    times = times.where(times.between(_EARLIEST, _LATEST))
+    bad = np.flatnonzero(times.isna().to_numpy())
+    return times.dt.tz_convert(None).astype("datetime64[ns]"), bad
 
 
 def _got(expected: str, raw: pd.Series) -> Callable[[int], str]:
@@ -719,6 +753,25 @@ def _normalise_labels(
     report.duplicate_rows["labels"] = int(duplicate.sum())
     table = table[~duplicate].sort_values(["photo_idx", "label"], kind="stable")
     return _conform(LABEL_COLUMNS, photo_idx=table["photo_idx"], label=table["label"])
+
+
+def _normalise_colors(
+    frame: pd.DataFrame, photos: pd.DataFrame, shards: list[Path], report: DataReport
+) -> pd.DataFrame:
+    """Map photo ids, normalise colour names like keywords; drop unknown photos, empty names
+    and repeats (the largest coverage kept)."""
+    photo_idx, unknown = _map_photo_ids(frame, photos, shards, report, "colour")
+    color = _map_distinct(frame["keyword"], normalise_keyword).to_numpy()
+    empty = (color == "") & ~unknown
+    _warn_rows(report, shards, frame, np.flatnonzero(empty), lambda row: "empty colour; dropped")
+    table = pd.DataFrame(
+        {"photo_idx": photo_idx, "color": color, "coverage": frame["ai_coverage"].to_numpy()}
+    )[~unknown & ~empty]
+    table = table.sort_values(["photo_idx", "color", "coverage"], ascending=[True, True, False])
+    duplicate = table.duplicated(["photo_idx", "color"]).to_numpy()
+    report.duplicate_rows["colors"] = int(duplicate.sum())
+    table = table[~duplicate]
+    return _conform(COLOR_COLUMNS, **{name: table[name] for name in COLOR_COLUMNS})
 
 
 def _normalise_conversions(

@@ -9,6 +9,8 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
+from imgsearch.filters import FILTERS_FORMAT
+from imgsearch.filters import MANIFEST_KEY as FILTERS_KEY
 from imgsearch.names import RANKER_NAMES
 from imgsearch_tools.conversions import add_store_arguments, open_existing_store, store_location
 from imgsearch_tools.served import (
@@ -249,6 +251,7 @@ def build_artifacts(
             },
             "versions": _library_versions(),
         }
+        manifest[FILTERS_KEY] = filter_columns(catalogue, log, show_progress)
         catalogue.save(set_dir / artifacts.CATALOGUE_DIR)
         log("building keyword index")
         keyword_index = KeywordIndex.from_keywords(catalogue.keywords)
@@ -297,6 +300,22 @@ def build_artifacts(
     artifacts.prune(out, keep=keep)
     log(f"artifact set {version} ready in {manifest['build_seconds']}s: {set_dir}")
     return set_dir
+
+
+def filter_columns(catalogue, log, show_progress: bool = True) -> dict:
+    """Give ``catalogue`` its dominant colours (computed from the images when the data has no
+    colors table) and return the manifest's record of filter support."""
+    if catalogue.colors is not None:
+        source = "the colors table"
+    elif catalogue.photos["has_image"].any():
+        from imgsearch_tools.dominant_colors import colors_from_images
+
+        log("computing dominant colours from the images (the data has no colors table)")
+        catalogue.colors = colors_from_images(catalogue, show_progress)
+        source = "computed from the images"
+    else:
+        source = "none: no colors table and no images"
+    return {"format": FILTERS_FORMAT, "colors": source}
 
 
 # What an artifact root holds (imgsearch.artifacts): anything else there is not the store's.

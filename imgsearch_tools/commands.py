@@ -10,6 +10,7 @@ from pathlib import Path
 from imgsearch.names import RANKER_CHOICES, RANKER_NAMES, RETRIEVER_CHOICES
 from imgsearch_tools.build import build_artifacts, check_artifact_root
 from imgsearch_tools.client_flags import add_client_security_arguments, client_security
+from imgsearch_tools.filter_flags import add_filter_arguments, photo_filter
 from imgsearch_tools.outputs import RefusedFolder
 from imgsearch_tools.serve import SERVICES, add_serve_arguments, resolve_configs, serve_all
 
@@ -55,6 +56,7 @@ def add_commands(subparsers) -> None:
         help="with --html: embed images from this folder (e.g. DATA/images) "
         "instead of linking their URLs",
     )
+    add_filter_arguments(p)
     add_client_security_arguments(p)
     p.set_defaults(handler=cmd_search)
 
@@ -123,6 +125,7 @@ def cmd_search(args) -> int:
             retriever=args.retriever,
             ranker=args.ranker,
             recent_photo_ids=recent,
+            photo_filter=photo_filter(args),
             timeout=args.timeout,
             security=security,
         )

@@ -135,11 +135,19 @@ class KeywordIndex(Retriever):
         lo, hi = self.offsets[row], self.offsets[row + 1]
         return self.photo_idx[lo:hi], self.conf[lo:hi]
 
-    def retrieve(self, query: str, candidates_k: int) -> RetrievalResult:
-        """Return up to ``candidates_k`` photos for ``query``, best first."""
+    def retrieve(
+        self, query: str, candidates_k: int, allowed: np.ndarray | None = None
+    ) -> RetrievalResult:
+        """Return up to ``candidates_k`` photos for ``query``, best first.
+
+        ``allowed`` (bool per ``photo_idx``) filters the posting lists before they are cut.
+        """
         query = normalise_keyword(query)
         if query in self._keyword_row:
             photos, conf = self.keyword_photos(query)
+            if allowed is not None:
+                kept = allowed[photos]
+                photos, conf = photos[kept], conf[kept]
             top = slice(0, candidates_k)
             return RetrievalResult(photos[top], conf[top], {"keyword": conf[top]}, keyword=query)
         tokens = list(dict.fromkeys(query.split()))
@@ -150,13 +158,22 @@ class KeywordIndex(Retriever):
         matched = []
         for token in tokens:
             best = self.token_photos(token)
-            if best is not None:
-                matched.append(token)
-                per_token.append(best)
+            if best is None:
+                continue
+            matched.append(token)
+            if allowed is not None:
+                photos, conf = best
+                kept = allowed[photos]
+                best = (photos[kept], conf[kept])
+            per_token.append(best)
         if not per_token:
             return RetrievalResult.empty(note=f"no keyword matches any of: {', '.join(tokens)}")
         # Sum each photo's confidences over the tokens, in token order (a stable sort by photo).
         all_idx = np.concatenate([p for p, _ in per_token])
+        if len(all_idx) == 0:  # the filter allows none of the matching photos
+            return RetrievalResult.empty(
+                note=f"no photo passes the filter for: {', '.join(tokens)}"
+            )
         all_conf = np.concatenate([c for _, c in per_token]).astype(np.float64)
         by_photo = all_idx.argsort(kind="stable")
         all_idx = all_idx[by_photo]

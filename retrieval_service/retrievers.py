@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 
+import numpy as np
+
 from imgsearch.fusion import RetrievalResult
 
 __all__ = ["RetrievalResult", "Retriever"]
@@ -15,8 +17,14 @@ class Retriever(ABC):
     name: str = ""
 
     @abstractmethod
-    def retrieve(self, query: str, candidates_k: int) -> RetrievalResult:
-        """Return up to ``candidates_k`` candidates for ``query`` (already normalised)."""
+    def retrieve(
+        self, query: str, candidates_k: int, allowed: np.ndarray | None = None
+    ) -> RetrievalResult:
+        """Return up to ``candidates_k`` candidates for ``query`` (already normalised).
+
+        ``allowed`` (bool per catalogue ``photo_idx``) restricts them to those photos
+        (:mod:`imgsearch.filters`); None: every photo.
+        """
 
     def cheap(self, query: str) -> bool:
         """Whether ``retrieve(query)`` is a lookup cheap enough to run on a server's event

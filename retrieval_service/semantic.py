@@ -14,6 +14,7 @@ import numpy as np
 from imgsearch.catalogue import normalise_keyword
 from imgsearch.fusion import FusionSpec, fuse, source_depth
 from retrieval_service.batching import DEFAULT_MAX_BATCH, DEFAULT_MAX_WAIT_MS, MicroBatcher
+from retrieval_service.filtered_search import search_allowed
 from retrieval_service.retrievers import RetrievalResult, Retriever
 
 SERVING_THREADS = 1
@@ -185,11 +186,17 @@ class ClipRetriever(Retriever):
         return embedding
 
     def retrieve(
-        self, query: str, candidates_k: int, query_embedding: np.ndarray | None = None
+        self,
+        query: str,
+        candidates_k: int,
+        allowed: np.ndarray | None = None,
+        query_embedding: np.ndarray | None = None,
     ) -> RetrievalResult:
         """Return up to ``candidates_k`` photos by cosine between query and image embeddings.
 
-        ``query_embedding`` skips encoding when the caller already has it (the server).
+        ``allowed`` (bool per ``photo_idx``) restricts the search to those photos inside FAISS
+        (:mod:`retrieval_service.filtered_search`). ``query_embedding`` skips encoding when the
+        caller already has it (the server).
         """
         query = normalise_keyword(query)
         if not query:
@@ -198,9 +205,14 @@ class ClipRetriever(Retriever):
             return RetrievalResult.empty()
         if query_embedding is None:
             query_embedding = self.embed_query(query)
-        scores, photo_idx = self.vector_index.search(query_embedding[None, :], candidates_k)
-        found = photo_idx[0] >= 0
-        scores, photo_idx = scores[0][found], photo_idx[0][found]
+        if allowed is None:
+            scores, photo_idx = self.vector_index.search(query_embedding[None, :], candidates_k)
+            found = photo_idx[0] >= 0
+            scores, photo_idx = scores[0][found], photo_idx[0][found]
+        else:
+            scores, photo_idx, _ = search_allowed(
+                self.vector_index, query_embedding, candidates_k, allowed
+            )
         # Equal scores in photo order, as every retriever orders its list: a merge of shards
         # then reproduces this list exactly.
         order = np.lexsort((photo_idx, -scores))
@@ -265,12 +277,14 @@ class HybridRetriever(Retriever):
         self,
         query: str,
         candidates_k: int,
+        allowed: np.ndarray | None = None,
         query_embedding: np.ndarray | None = None,
         uncut: bool = False,
     ) -> RetrievalResult:
         """Fuse both sources' candidates; return up to ``candidates_k``, best first.
 
-        ``query_embedding`` is handed to the CLIP source (see :meth:`ClipRetriever.retrieve`).
+        ``allowed`` restricts both sources to those photos. ``query_embedding`` is handed to
+        the CLIP source (see :meth:`ClipRetriever.retrieve`).
         ``uncut`` returns every candidate of both sources' lists instead (what a shard hands
         to :func:`imgsearch.fusion.merge_shards`).
         """
@@ -278,11 +292,13 @@ class HybridRetriever(Retriever):
         if not query:
             return RetrievalResult.empty(note="empty query")
         depth = source_depth(candidates_k, self.depth)
-        if query_embedding is None:
-            clip = self.clip.retrieve(query, depth)
+        # Unfiltered, the sources are called as any Retriever: with the query and the depth.
+        filtered = {} if allowed is None else {"allowed": allowed}
+        if query_embedding is not None:
+            clip = self.clip.retrieve(query, depth, query_embedding=query_embedding, **filtered)
         else:
-            clip = self.clip.retrieve(query, depth, query_embedding=query_embedding)
-        results = (self.keyword.retrieve(query, depth), clip)
+            clip = self.clip.retrieve(query, depth, **filtered)
+        results = (self.keyword.retrieve(query, depth, **filtered), clip)
         fused = fuse(
             results,
             self.SOURCES,

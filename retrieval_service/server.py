@@ -9,6 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import grpc
 import numpy as np
 
 from imgsearch import artifacts
@@ -20,6 +21,7 @@ from imgsearch.config import (
     MAX_QUERY_CHARS,
     RetrievalConfig,
 )
+from imgsearch.filters import FiltersUnsupported, PhotoAttributes, filter_mask
 from imgsearch.names import DEFAULT, retriever_name, retriever_value
 from imgsearch.retrieval.v1 import retrieval_service_pb2 as pb
 from imgsearch.retrieval.v1 import retrieval_service_pb2_grpc as pb_grpc
@@ -56,6 +58,8 @@ class RetrievalState:
     shard_count: int = 0
     # (kind, name, reason) of each default, for AdminService.GetStatus.
     defaults: list[tuple[str, str, str]] = field(default_factory=list)
+    # What filters test, per photo; None for a set built before filters (it refuses them).
+    attributes: PhotoAttributes | None = None
 
 
 def load_retrieval_state(
@@ -115,6 +119,9 @@ def load_retrieval_state(
         shard=max(0, shard),
         shard_count=shard_count,
         defaults=retrieval_defaults(artifact_set.manifest, retrievers, default_retriever),
+        attributes=PhotoAttributes.load(
+            artifact_set.file(artifacts.CATALOGUE_DIR), artifact_set.manifest
+        ),
     )
 
 
@@ -240,6 +247,11 @@ class RetrievalServicer(pb_grpc.RetrievalServiceServicer):
                 f"{name!r} is not available in artifact set {state.version} "
                 f"(available: {', '.join(state.retrievers)})",
             )
+        try:
+            allowed = filter_mask(state.attributes, request.filter, state.version)
+        except FiltersUnsupported as exc:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+        filtered = {} if allowed is None else {"allowed": allowed}
         start = time.perf_counter()
         clip = clip_source(retriever)
         # Work queued inside this stage is dropped unrun once the caller's deadline has passed
@@ -255,18 +267,21 @@ class RetrievalServicer(pb_grpc.RetrievalServiceServicer):
             hybrid = retriever is not clip
             uncut = {"uncut": True} if request.source_lists and hybrid else {}
             retrieve = functools.partial(
-                retriever.retrieve, query, candidates_k, query_embedding=embedding, **uncut
+                retriever.retrieve,
+                query,
+                candidates_k,
+                query_embedding=embedding,
+                **uncut,
+                **filtered,
             )
             result = await run_live(self.executor, retrieve, deadline=deadline, service=NAME)
         elif retriever.cheap(query):
-            result = retriever.retrieve(query, candidates_k)
+            result = retriever.retrieve(query, candidates_k, **filtered)
         else:
             # The keyword index's token fallback: off the event loop.
             result = await run_live(
                 self.executor,
-                retriever.retrieve,
-                query,
-                candidates_k,
+                functools.partial(retriever.retrieve, query, candidates_k, **filtered),
                 deadline=deadline,
                 service=NAME,
             )

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -165,7 +164,7 @@ def add_commands(subparsers) -> None:
         help="comma-separated subset: scenario names, 'floor' (a bare gRPC chain against "
         "keyword + ALS, CPU per search), 'json-door', 'reflection', 'kill', 'reload', "
         "'vit-b-32' (the ViT-B-32 section's steady scenarios), 'overload' (its overload "
-        "scenario)",
+        "scenario), 'filters' (filtered retrieval: recall and the cost of a filter)",
     )
     p.add_argument("--skip-faults", action="store_true", help="no kill or reload scenario")
     p.add_argument(
@@ -482,15 +481,6 @@ def _adopt_earlier_report(out: Path) -> None:
             write_marker(out, maker, entries)
 
 
-def _git_commit() -> str:
-    try:
-        return subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return ""
-
-
 def _selected(args, name: str) -> bool:
     only = [s.strip() for s in args.only.split(",") if s.strip()]
     return not only or name in only
@@ -512,7 +502,7 @@ async def run_suite(args, artifact_set, out: Path) -> int:
         overrides, security = dev_tls_settings(args.tls)
     report: dict = {
         "machine": bench.machine_info(command),
-        "commit": _git_commit(),
+        "commit": bench.git_commit(),
         "artifacts": {
             "root": str(Path(args.artifacts).resolve()),
             "version": artifact_set.version,
@@ -565,6 +555,11 @@ async def run_suite(args, artifact_set, out: Path) -> int:
             )
         if _selected(args, "floor"):
             report["floor"] = await _floor(args, artifact_set, out, services, target, queries)
+        if _selected(args, "filters") and has_clip:
+            from imgsearch_tools.bench.filters import suite_section
+
+            say("filtered retrieval: recall per selectivity, and hybrid+als at 100 qps")
+            report["filters"] = await suite_section(artifact_set.path, target, args, security)
         if _selected(args, "reflection"):
             report["reflection_client"] = await reflection_run(target, queries, security)
         if not args.skip_faults and _selected(args, "kill"):
@@ -594,7 +589,12 @@ async def run_suite(args, artifact_set, out: Path) -> int:
     report["machine"]["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
     write_ghz_data(out / "ghz-data.json", queries[:100])
     (out / "bench.json").write_text(json.dumps(report, indent=2))
-    (out / "bench.md").write_text(render_markdown(report))
+    markdown = render_markdown(report)
+    if "filters" in report:
+        from imgsearch_tools.bench.filters import render_markdown as render_filters
+
+        markdown += "\n" + render_filters(report["filters"])
+    (out / "bench.md").write_text(markdown)
     say(f"wrote {out / 'bench.json'} and {out / 'bench.md'}")
     if args.results_page:
         from imgsearch_tools.results_page import write_results_page
@@ -603,10 +603,10 @@ async def run_suite(args, artifact_set, out: Path) -> int:
             args.results_page,
             "Serving benchmark",
             report["machine"]["command"],
-            render_markdown(report),
+            markdown,
         )
         say(f"wrote {args.results_page}")
-    print(render_markdown(report))
+    print(markdown)
     return 0
 
 

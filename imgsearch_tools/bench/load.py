@@ -22,12 +22,13 @@ import os
 import platform
 import random
 import re
+import subprocess
 import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from imgsearch.metrics import percentiles_ms
 from imgsearch.names import RANKER_CHOICES, RETRIEVER_CHOICES, ranker_value, retriever_value
@@ -48,10 +49,12 @@ _unique_numbers = itertools.count(random.SystemRandom().randrange(10_000, 900_00
 
 @dataclass(frozen=True)
 class BenchQuery:
-    """One realistic request: an anonymous user and the keyword they searched."""
+    """One realistic request: an anonymous user and the keyword they searched, and the photo
+    filter it carries (None: none)."""
 
     user_id: str
     query: str
+    photo_filter: Any = None
 
 
 @dataclass(frozen=True)
@@ -223,6 +226,7 @@ def _search_requests(queries: list[BenchQuery], spec: LoadSpec) -> list:
             candidates_k=spec.candidates_k,
             retriever=retriever_value(spec.retriever),
             ranker=ranker_value(spec.ranker),
+            filter=q.photo_filter,
         )
         for q in queries
     ]
@@ -750,6 +754,16 @@ def reflection_client_check(
 
 
 # -------------------------------------------------------------------------- reporting
+def git_commit() -> str:
+    """The short commit of the working tree the benchmark runs from ("" outside git)."""
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
 def machine_info(command: str = "") -> dict:
     """Where the figures were measured: platform, CPUs, CPU model, memory, load, date."""
     import grpc

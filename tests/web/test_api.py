@@ -165,7 +165,7 @@ def test_openapi_describes_every_endpoint_from_the_protos(door):
     schemas = spec["components"]["schemas"]
     request = schemas["imgsearch.search.v1.SearchRequest"]["properties"]
     assert set(request) == {
-        "user_id", "query", "k", "candidates_k", "retriever", "ranker", "recent_photo_ids"
+        "user_id", "query", "k", "candidates_k", "retriever", "ranker", "recent_photo_ids", "filter"
     }  # fmt: skip
     assert "RANKER_ALS" in request["ranker"]["enum"]
     event = schemas["imgsearch.feedback.v1.ConversionEvent"]["properties"]

@@ -1,3 +1,6 @@
+import datetime
+
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
@@ -13,13 +16,44 @@ class Retriever(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     RETRIEVER_KEYWORD: _ClassVar[Retriever]
     RETRIEVER_CLIP: _ClassVar[Retriever]
     RETRIEVER_HYBRID: _ClassVar[Retriever]
+
+class Orientation(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    ORIENTATION_UNSPECIFIED: _ClassVar[Orientation]
+    ORIENTATION_LANDSCAPE: _ClassVar[Orientation]
+    ORIENTATION_PORTRAIT: _ClassVar[Orientation]
+    ORIENTATION_SQUARE: _ClassVar[Orientation]
 RETRIEVER_UNSPECIFIED: Retriever
 RETRIEVER_KEYWORD: Retriever
 RETRIEVER_CLIP: Retriever
 RETRIEVER_HYBRID: Retriever
+ORIENTATION_UNSPECIFIED: Orientation
+ORIENTATION_LANDSCAPE: Orientation
+ORIENTATION_PORTRAIT: Orientation
+ORIENTATION_SQUARE: Orientation
+
+class PhotoFilter(_message.Message):
+    __slots__ = ("orientation", "colors", "photographer_usernames", "featured", "submitted_after", "submitted_before", "min_downloads", "min_views")
+    ORIENTATION_FIELD_NUMBER: _ClassVar[int]
+    COLORS_FIELD_NUMBER: _ClassVar[int]
+    PHOTOGRAPHER_USERNAMES_FIELD_NUMBER: _ClassVar[int]
+    FEATURED_FIELD_NUMBER: _ClassVar[int]
+    SUBMITTED_AFTER_FIELD_NUMBER: _ClassVar[int]
+    SUBMITTED_BEFORE_FIELD_NUMBER: _ClassVar[int]
+    MIN_DOWNLOADS_FIELD_NUMBER: _ClassVar[int]
+    MIN_VIEWS_FIELD_NUMBER: _ClassVar[int]
+    orientation: Orientation
+    colors: _containers.RepeatedScalarFieldContainer[str]
+    photographer_usernames: _containers.RepeatedScalarFieldContainer[str]
+    featured: bool
+    submitted_after: _timestamp_pb2.Timestamp
+    submitted_before: _timestamp_pb2.Timestamp
+    min_downloads: int
+    min_views: int
+    def __init__(self, orientation: _Optional[_Union[Orientation, str]] = ..., colors: _Optional[_Iterable[str]] = ..., photographer_usernames: _Optional[_Iterable[str]] = ..., featured: _Optional[bool] = ..., submitted_after: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., submitted_before: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., min_downloads: _Optional[int] = ..., min_views: _Optional[int] = ...) -> None: ...
 
 class RetrieveRequest(_message.Message):
-    __slots__ = ("query", "candidates_k", "retriever", "source_lists", "query_embedding", "query_embedding_version", "return_query_embedding")
+    __slots__ = ("query", "candidates_k", "retriever", "source_lists", "query_embedding", "query_embedding_version", "return_query_embedding", "filter")
     QUERY_FIELD_NUMBER: _ClassVar[int]
     CANDIDATES_K_FIELD_NUMBER: _ClassVar[int]
     RETRIEVER_FIELD_NUMBER: _ClassVar[int]
@@ -27,6 +61,7 @@ class RetrieveRequest(_message.Message):
     QUERY_EMBEDDING_FIELD_NUMBER: _ClassVar[int]
     QUERY_EMBEDDING_VERSION_FIELD_NUMBER: _ClassVar[int]
     RETURN_QUERY_EMBEDDING_FIELD_NUMBER: _ClassVar[int]
+    FILTER_FIELD_NUMBER: _ClassVar[int]
     query: str
     candidates_k: int
     retriever: Retriever
@@ -34,7 +69,8 @@ class RetrieveRequest(_message.Message):
     query_embedding: _containers.RepeatedScalarFieldContainer[float]
     query_embedding_version: str
     return_query_embedding: bool
-    def __init__(self, query: _Optional[str] = ..., candidates_k: _Optional[int] = ..., retriever: _Optional[_Union[Retriever, str]] = ..., source_lists: _Optional[bool] = ..., query_embedding: _Optional[_Iterable[float]] = ..., query_embedding_version: _Optional[str] = ..., return_query_embedding: _Optional[bool] = ...) -> None: ...
+    filter: PhotoFilter
+    def __init__(self, query: _Optional[str] = ..., candidates_k: _Optional[int] = ..., retriever: _Optional[_Union[Retriever, str]] = ..., source_lists: _Optional[bool] = ..., query_embedding: _Optional[_Iterable[float]] = ..., query_embedding_version: _Optional[str] = ..., return_query_embedding: _Optional[bool] = ..., filter: _Optional[_Union[PhotoFilter, _Mapping]] = ...) -> None: ...
 
 class Fusion(_message.Message):
     __slots__ = ("method", "sources", "weights", "rrf_k", "depth")

@@ -26,7 +26,7 @@ from imgsearch.ranking.v1 import ranking_service_pb2 as imgsearch_dot_ranking_do
 from imgsearch.retrieval.v1 import retrieval_service_pb2 as imgsearch_dot_retrieval_dot_v1_dot_retrieval__service__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n(imgsearch/search/v1/search_service.proto\x12\x13imgsearch.search.v1\x1a*imgsearch/ranking/v1/ranking_service.proto\x1a.imgsearch/retrieval/v1/retrieval_service.proto\"\xce\x01\n\rSearchRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\r\n\x05query\x18\x02 \x01(\t\x12\t\n\x01k\x18\x03 \x01(\x05\x12\x14\n\x0c\x63\x61ndidates_k\x18\x04 \x01(\x05\x12\x34\n\tretriever\x18\x05 \x01(\x0e\x32!.imgsearch.retrieval.v1.Retriever\x12,\n\x06ranker\x18\x06 \x01(\x0e\x32\x1c.imgsearch.ranking.v1.Ranker\x12\x18\n\x10recent_photo_ids\x18\x07 \x03(\t\"\x84\x01\n\x05Photo\x12\x10\n\x08photo_id\x18\x01 \x01(\t\x12\x0b\n\x03url\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12\x16\n\x0e\x61i_description\x18\x04 \x01(\t\x12\x1d\n\x15photographer_username\x18\x05 \x01(\t\x12\x10\n\x08keywords\x18\x06 \x03(\t\"\xc0\x02\n\x0cSearchResult\x12\x10\n\x08photo_id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\x12\x17\n\x0fretrieval_score\x18\x03 \x01(\x02\x12\x18\n\x10retrieval_source\x18\x04 \x01(\t\x12]\n\x17retrieval_source_scores\x18\x05 \x03(\x0b\x32<.imgsearch.search.v1.SearchResult.RetrievalSourceScoresEntry\x12\x14\n\x0cranker_score\x18\x06 \x01(\x02\x12)\n\x05photo\x18\x07 \x01(\x0b\x32\x1a.imgsearch.search.v1.Photo\x1a<\n\x1aRetrievalSourceScoresEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\"J\n\x0cStageTimings\x12\x14\n\x0cretrieval_ms\x18\x01 \x01(\x01\x12\x12\n\nranking_ms\x18\x02 \x01(\x01\x12\x10\n\x08total_ms\x18\x03 \x01(\x01\"\xa5\x03\n\x0eSearchResponse\x12\x32\n\x07results\x18\x01 \x03(\x0b\x32!.imgsearch.search.v1.SearchResult\x12\x32\n\x07timings\x18\x02 \x01(\x0b\x32!.imgsearch.search.v1.StageTimings\x12\x10\n\x08\x64\x65graded\x18\x03 \x01(\x08\x12\x17\n\x0f\x64\x65graded_reason\x18\x04 \x01(\t\x12\x34\n\tretriever\x18\x05 \x01(\x0e\x32!.imgsearch.retrieval.v1.Retriever\x12,\n\x06ranker\x18\x06 \x01(\x0e\x32\x1c.imgsearch.ranking.v1.Ranker\x12\r\n\x05notes\x18\x07 \x03(\t\x12T\n\x11\x61rtifact_versions\x18\x08 \x03(\x0b\x32\x39.imgsearch.search.v1.SearchResponse.ArtifactVersionsEntry\x1a\x37\n\x15\x41rtifactVersionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x32\x62\n\rSearchService\x12Q\n\x06Search\x12\".imgsearch.search.v1.SearchRequest\x1a#.imgsearch.search.v1.SearchResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n(imgsearch/search/v1/search_service.proto\x12\x13imgsearch.search.v1\x1a*imgsearch/ranking/v1/ranking_service.proto\x1a.imgsearch/retrieval/v1/retrieval_service.proto\"\x83\x02\n\rSearchRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\r\n\x05query\x18\x02 \x01(\t\x12\t\n\x01k\x18\x03 \x01(\x05\x12\x14\n\x0c\x63\x61ndidates_k\x18\x04 \x01(\x05\x12\x34\n\tretriever\x18\x05 \x01(\x0e\x32!.imgsearch.retrieval.v1.Retriever\x12,\n\x06ranker\x18\x06 \x01(\x0e\x32\x1c.imgsearch.ranking.v1.Ranker\x12\x18\n\x10recent_photo_ids\x18\x07 \x03(\t\x12\x33\n\x06\x66ilter\x18\x08 \x01(\x0b\x32#.imgsearch.retrieval.v1.PhotoFilter\"\x84\x01\n\x05Photo\x12\x10\n\x08photo_id\x18\x01 \x01(\t\x12\x0b\n\x03url\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12\x16\n\x0e\x61i_description\x18\x04 \x01(\t\x12\x1d\n\x15photographer_username\x18\x05 \x01(\t\x12\x10\n\x08keywords\x18\x06 \x03(\t\"\xc0\x02\n\x0cSearchResult\x12\x10\n\x08photo_id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\x12\x17\n\x0fretrieval_score\x18\x03 \x01(\x02\x12\x18\n\x10retrieval_source\x18\x04 \x01(\t\x12]\n\x17retrieval_source_scores\x18\x05 \x03(\x0b\x32<.imgsearch.search.v1.SearchResult.RetrievalSourceScoresEntry\x12\x14\n\x0cranker_score\x18\x06 \x01(\x02\x12)\n\x05photo\x18\x07 \x01(\x0b\x32\x1a.imgsearch.search.v1.Photo\x1a<\n\x1aRetrievalSourceScoresEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\"J\n\x0cStageTimings\x12\x14\n\x0cretrieval_ms\x18\x01 \x01(\x01\x12\x12\n\nranking_ms\x18\x02 \x01(\x01\x12\x10\n\x08total_ms\x18\x03 \x01(\x01\"\xa5\x03\n\x0eSearchResponse\x12\x32\n\x07results\x18\x01 \x03(\x0b\x32!.imgsearch.search.v1.SearchResult\x12\x32\n\x07timings\x18\x02 \x01(\x0b\x32!.imgsearch.search.v1.StageTimings\x12\x10\n\x08\x64\x65graded\x18\x03 \x01(\x08\x12\x17\n\x0f\x64\x65graded_reason\x18\x04 \x01(\t\x12\x34\n\tretriever\x18\x05 \x01(\x0e\x32!.imgsearch.retrieval.v1.Retriever\x12,\n\x06ranker\x18\x06 \x01(\x0e\x32\x1c.imgsearch.ranking.v1.Ranker\x12\r\n\x05notes\x18\x07 \x03(\t\x12T\n\x11\x61rtifact_versions\x18\x08 \x03(\x0b\x32\x39.imgsearch.search.v1.SearchResponse.ArtifactVersionsEntry\x1a\x37\n\x15\x41rtifactVersionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x32\x62\n\rSearchService\x12Q\n\x06Search\x12\".imgsearch.search.v1.SearchRequest\x1a#.imgsearch.search.v1.SearchResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,19 +38,19 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SEARCHRESPONSE_ARTIFACTVERSIONSENTRY']._loaded_options = None
   _globals['_SEARCHRESPONSE_ARTIFACTVERSIONSENTRY']._serialized_options = b'8\001'
   _globals['_SEARCHREQUEST']._serialized_start=158
-  _globals['_SEARCHREQUEST']._serialized_end=364
-  _globals['_PHOTO']._serialized_start=367
-  _globals['_PHOTO']._serialized_end=499
-  _globals['_SEARCHRESULT']._serialized_start=502
-  _globals['_SEARCHRESULT']._serialized_end=822
-  _globals['_SEARCHRESULT_RETRIEVALSOURCESCORESENTRY']._serialized_start=762
-  _globals['_SEARCHRESULT_RETRIEVALSOURCESCORESENTRY']._serialized_end=822
-  _globals['_STAGETIMINGS']._serialized_start=824
-  _globals['_STAGETIMINGS']._serialized_end=898
-  _globals['_SEARCHRESPONSE']._serialized_start=901
-  _globals['_SEARCHRESPONSE']._serialized_end=1322
-  _globals['_SEARCHRESPONSE_ARTIFACTVERSIONSENTRY']._serialized_start=1267
-  _globals['_SEARCHRESPONSE_ARTIFACTVERSIONSENTRY']._serialized_end=1322
-  _globals['_SEARCHSERVICE']._serialized_start=1324
-  _globals['_SEARCHSERVICE']._serialized_end=1422
+  _globals['_SEARCHREQUEST']._serialized_end=417
+  _globals['_PHOTO']._serialized_start=420
+  _globals['_PHOTO']._serialized_end=552
+  _globals['_SEARCHRESULT']._serialized_start=555
+  _globals['_SEARCHRESULT']._serialized_end=875
+  _globals['_SEARCHRESULT_RETRIEVALSOURCESCORESENTRY']._serialized_start=815
+  _globals['_SEARCHRESULT_RETRIEVALSOURCESCORESENTRY']._serialized_end=875
+  _globals['_STAGETIMINGS']._serialized_start=877
+  _globals['_STAGETIMINGS']._serialized_end=951
+  _globals['_SEARCHRESPONSE']._serialized_start=954
+  _globals['_SEARCHRESPONSE']._serialized_end=1375
+  _globals['_SEARCHRESPONSE_ARTIFACTVERSIONSENTRY']._serialized_start=1320
+  _globals['_SEARCHRESPONSE_ARTIFACTVERSIONSENTRY']._serialized_end=1375
+  _globals['_SEARCHSERVICE']._serialized_start=1377
+  _globals['_SEARCHSERVICE']._serialized_end=1475
 # @@protoc_insertion_point(module_scope)

@@ -9,7 +9,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class SearchRequest(_message.Message):
-    __slots__ = ("user_id", "query", "k", "candidates_k", "retriever", "ranker", "recent_photo_ids")
+    __slots__ = ("user_id", "query", "k", "candidates_k", "retriever", "ranker", "recent_photo_ids", "filter")
     USER_ID_FIELD_NUMBER: _ClassVar[int]
     QUERY_FIELD_NUMBER: _ClassVar[int]
     K_FIELD_NUMBER: _ClassVar[int]
@@ -17,6 +17,7 @@ class SearchRequest(_message.Message):
     RETRIEVER_FIELD_NUMBER: _ClassVar[int]
     RANKER_FIELD_NUMBER: _ClassVar[int]
     RECENT_PHOTO_IDS_FIELD_NUMBER: _ClassVar[int]
+    FILTER_FIELD_NUMBER: _ClassVar[int]
     user_id: str
     query: str
     k: int
@@ -24,7 +25,8 @@ class SearchRequest(_message.Message):
     retriever: _retrieval_service_pb2.Retriever
     ranker: _ranking_service_pb2.Ranker
     recent_photo_ids: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, user_id: _Optional[str] = ..., query: _Optional[str] = ..., k: _Optional[int] = ..., candidates_k: _Optional[int] = ..., retriever: _Optional[_Union[_retrieval_service_pb2.Retriever, str]] = ..., ranker: _Optional[_Union[_ranking_service_pb2.Ranker, str]] = ..., recent_photo_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+    filter: _retrieval_service_pb2.PhotoFilter
+    def __init__(self, user_id: _Optional[str] = ..., query: _Optional[str] = ..., k: _Optional[int] = ..., candidates_k: _Optional[int] = ..., retriever: _Optional[_Union[_retrieval_service_pb2.Retriever, str]] = ..., ranker: _Optional[_Union[_ranking_service_pb2.Ranker, str]] = ..., recent_photo_ids: _Optional[_Iterable[str]] = ..., filter: _Optional[_Union[_retrieval_service_pb2.PhotoFilter, _Mapping]] = ...) -> None: ...
 
 class Photo(_message.Message):
     __slots__ = ("photo_id", "url", "description", "ai_description", "photographer_username", "keywords")

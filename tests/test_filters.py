@@ -1,0 +1,488 @@
+"""Photo filters inside retrieval: every filter over gRPC, bad values, shards, an older set."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from datetime import datetime, timezone
+
+import grpc
+import numpy as np
+import pandas as pd
+import pytest
+
+from imgsearch.ranking.v1 import ranking_service_pb2 as rank_pb
+from imgsearch.retrieval.v1 import retrieval_service_pb2 as retr_pb
+from imgsearch.retrieval.v1 import retrieval_service_pb2_grpc as retr_grpc
+from imgsearch.search.v1 import search_service_pb2 as pb
+from imgsearch.search.v1 import search_service_pb2_grpc as pb_grpc
+from tests.conftest import Stack
+from tests.test_e2e import bad_request_field
+from tests.test_shards import SHARDS, ShardedStack, answer
+
+KEYWORD, CLIP, HYBRID = retr_pb.RETRIEVER_KEYWORD, retr_pb.RETRIEVER_CLIP, retr_pb.RETRIEVER_HYBRID
+NONE, ALS = 1, 3
+KINDS_MEASURED = ("independent", "correlated", "anti-correlated")
+# The module's set (images, a tiny CLIP, 4 shards, ALS) takes minutes to build on a busy box.
+pytestmark = pytest.mark.timeout(900)
+
+
+def timestamp(text: str):
+    from google.protobuf.timestamp_pb2 import Timestamp
+
+    stamp = Timestamp()
+    stamp.FromDatetime(datetime.fromisoformat(text).replace(tzinfo=timezone.utc))
+    return stamp
+
+
+# ------------------------------------------------------------------------- unit: the pieces
+def test_orientation_comes_from_width_and_height():
+    from imgsearch.filters import orientation_of
+
+    got = orientation_of([4000, 3000, 3000, 3010, 0, 5000], [3000, 4000, 3000, 3000, 100, 0])
+    assert got.tolist() == [
+        retr_pb.ORIENTATION_LANDSCAPE,
+        retr_pb.ORIENTATION_PORTRAIT,
+        retr_pb.ORIENTATION_SQUARE,
+        retr_pb.ORIENTATION_SQUARE,  # within 1%
+        0,  # size unknown: no orientation matches
+        0,
+    ]
+
+
+@pytest.mark.parametrize("factory", ["Flat", "HNSW32"])
+def test_filtered_vector_search_returns_min_k_allowed_photos(factory):
+    from retrieval_service.filtered_search import search_allowed
+    from retrieval_service.vector_index import VectorIndex
+
+    rng = np.random.default_rng(0)
+    n, dim, k = 20_000, 32, 100
+    vectors = rng.normal(size=(n, dim)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    photo_idx = rng.permutation(n).astype(np.int64)  # rows are not photo order
+    index = VectorIndex.build(vectors, photo_idx, factory=factory, ef_search=64)
+    queries = rng.normal(size=(20, dim)).astype(np.float32)
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    for share in (0.5, 0.1, 0.01, 0.001, 0.0001):
+        allowed = rng.random(n) < share
+        hits = 0
+        for query in queries:
+            scores, found, how = search_allowed(index, query, k, allowed)
+            assert len(found) == min(k, int(allowed.sum())), (factory, share, how)
+            assert allowed[found].all()
+            assert np.all(np.diff(scores) <= 1e-6)
+            # The exact answer: every allowed photo scored.
+            by_photo = np.empty((n, dim), np.float32)
+            by_photo[photo_idx] = vectors
+            exact = np.flatnonzero(allowed)[np.argsort(-(by_photo[allowed] @ query))][:10]
+            hits += len(set(found[:10].tolist()) & set(exact.tolist()))
+        recall = hits / (len(queries) * min(10, int(allowed.sum())))
+        assert recall >= (1.0 if factory == "Flat" else 0.9), (share, recall)
+
+
+def test_an_allowed_set_of_none_finds_nothing():
+    from retrieval_service.filtered_search import search_allowed
+    from retrieval_service.vector_index import VectorIndex
+
+    index = VectorIndex.build(np.eye(4, dtype=np.float32))
+    scores, found, _ = search_allowed(index, np.eye(4)[0], 3, np.zeros(4, bool))
+    assert len(scores) == len(found) == 0
+
+
+def test_the_reader_keeps_the_filter_columns_and_the_colors_table(demo_data):
+    from imgsearch.unsplash import read_unsplash
+
+    catalogue, report = read_unsplash(demo_data, show_progress=False)
+    raw = pd.read_csv(next(demo_data.glob("photos.tsv*")), sep="\t", dtype=str)
+    raw = raw.sort_values("photo_id").reset_index(drop=True)
+    photos = catalogue.photos
+    assert photos["photo_width"].tolist() == raw["photo_width"].astype(int).tolist()
+    assert photos["photo_height"].tolist() == raw["photo_height"].astype(int).tolist()
+    assert photos["photo_featured"].tolist() == (raw["photo_featured"] == "t").tolist()
+    submitted = pd.to_datetime(raw["photo_submitted_at"])
+    assert photos["photo_submitted_at"].tolist() == submitted.tolist()
+    colors = catalogue.colors
+    assert colors is not None and report.rows_kept["colors"] == len(colors)
+    assert {"red", "navy", "beige"} <= set(colors["color"])
+    assert colors.groupby("photo_idx").size().eq(2).all()  # the shape's and the scene's
+
+
+def test_a_bad_featured_or_submitted_value_is_reported_with_file_and_line(demo_data, tmp_path):
+    from imgsearch.unsplash import DataError, read_unsplash
+
+    for column, bad in (("photo_featured", "maybe"), ("photo_submitted_at", "yesterday")):
+        data = tmp_path / column
+        shutil.copytree(demo_data, data)
+        photos_file = next(data.glob("photos.tsv*"))
+        table = pd.read_csv(photos_file, sep="\t", dtype=str, keep_default_na=False)
+        table.loc[2, column] = bad
+        table.to_csv(photos_file, sep="\t", index=False)
+        with pytest.raises(DataError, match=rf"{photos_file.name}:4: column '{column}'"):
+            read_unsplash(data, show_progress=False)
+
+
+def test_dominant_colours_are_computed_from_images_without_a_colors_table(tmp_path):
+    from imgsearch.unsplash import read_unsplash
+    from imgsearch_tools.demo_data import generate
+    from imgsearch_tools.dominant_colors import PALETTE, colors_from_images
+
+    generate(tmp_path, n_photos=60, n_users=10, n_conversions=200, seed=5, show_progress=False)
+    drawn = pd.read_csv(next(tmp_path.glob("colors.tsv*")), sep="\t")
+    for path in tmp_path.glob("colors.tsv*"):
+        path.unlink()
+    catalogue, _ = read_unsplash(tmp_path, show_progress=False)
+    assert catalogue.colors is None
+    computed = colors_from_images(catalogue, show_progress=False)
+    assert set(computed["color"]) <= set(PALETTE)
+    # The drawn scene covers most of each image: its colour is found in nearly every photo.
+    scene_colour = {"navy": "navy", "beige": "beige", "dark green": "dark green", "gray": "gray"}
+    ids = catalogue.photos["photo_id"].tolist()
+    found = computed.groupby("photo_idx")["color"].agg(set)
+    main = drawn.groupby("photo_id").nth(1).set_index("photo_id")["keyword"]  # scene's row
+    checked = agreed = 0
+    for idx, photo_id in enumerate(ids):
+        expected = scene_colour.get(main.get(photo_id, ""))
+        if expected is not None:
+            checked += 1
+            agreed += expected in found.get(idx, set())
+    assert checked >= 20 and agreed / checked >= 0.8, (agreed, checked)
+
+
+# ------------------------------------------------------------------- end to end over gRPC
+@pytest.fixture(scope="module")
+def filtered(loop_thread, tmp_path_factory):
+    """A demo catalogue with images and a tiny CLIP, built with 4 shards and ALS, served whole
+    and sharded; yields (stack, catalogue)."""
+    from imgsearch import artifacts
+    from imgsearch.catalogue import Catalogue
+    from imgsearch_tools.build import build_artifacts
+    from imgsearch_tools.demo_data import generate
+
+    data = tmp_path_factory.mktemp("filter-data")
+    generate(data, n_photos=240, n_users=40, n_conversions=2000, seed=11, show_progress=False)
+    root = tmp_path_factory.mktemp("filter-artifacts")
+    build_artifacts(
+        str(data), str(root), ["none", "als"], clip_steps=20, show_progress=False, shards=SHARDS
+    )
+    catalogue = Catalogue.load(artifacts.resolve(root).file(artifacts.CATALOGUE_DIR))
+    stack = ShardedStack(loop_thread, root)
+    yield stack, catalogue
+    stack.stop()
+
+
+def search(port: int, query: str, retriever: int, photo_filter=None, **extra):
+    fields = {"k": 50, "candidates_k": 50, "ranker": NONE, **extra}
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        return pb_grpc.SearchServiceStub(channel).Search(
+            pb.SearchRequest(query=query, retriever=retriever, filter=photo_filter, **fields),
+            timeout=30,
+        )
+
+
+def matching(catalogue, photo_filter) -> np.ndarray:
+    """The filter's photos, computed from the catalogue tables directly."""
+    photos = catalogue.photos
+    keep = np.ones(len(photos), bool)
+    w, h = photos["photo_width"].to_numpy(), photos["photo_height"].to_numpy()
+    shape = {
+        retr_pb.ORIENTATION_LANDSCAPE: w > h * 1.01,
+        retr_pb.ORIENTATION_PORTRAIT: h > w * 1.01,
+        retr_pb.ORIENTATION_SQUARE: np.abs(w - h) <= 0.01 * np.maximum(w, h),
+    }
+    if photo_filter.orientation:
+        keep &= shape[photo_filter.orientation]
+    if photo_filter.colors:
+        colors = catalogue.colors
+        keep &= np.isin(
+            np.arange(len(photos)),
+            colors[colors["color"].isin(list(photo_filter.colors))]["photo_idx"],
+        )
+    if photo_filter.photographer_usernames:
+        keep &= (
+            photos["photographer_username"]
+            .isin(list(photo_filter.photographer_usernames))
+            .to_numpy()
+        )
+    if photo_filter.HasField("featured"):
+        keep &= photos["photo_featured"].to_numpy() == photo_filter.featured
+    submitted = photos["photo_submitted_at"]
+    if photo_filter.HasField("submitted_after"):
+        keep &= (submitted >= photo_filter.submitted_after.ToDatetime()).to_numpy()
+    if photo_filter.HasField("submitted_before"):
+        keep &= (submitted < photo_filter.submitted_before.ToDatetime()).to_numpy()
+    keep &= photos["stats_downloads"].to_numpy() >= photo_filter.min_downloads
+    keep &= photos["stats_views"].to_numpy() >= photo_filter.min_views
+    return keep
+
+
+def filters(catalogue) -> dict[str, retr_pb.PhotoFilter]:
+    photos = catalogue.photos
+    names = photos["photographer_username"].value_counts().index[:2].tolist()
+    middle = photos["photo_submitted_at"].sort_values().iloc[[80, 160]].dt.strftime("%Y-%m-%d")
+    return {
+        "landscape": retr_pb.PhotoFilter(orientation=retr_pb.ORIENTATION_LANDSCAPE),
+        "portrait": retr_pb.PhotoFilter(orientation=retr_pb.ORIENTATION_PORTRAIT),
+        "square": retr_pb.PhotoFilter(orientation=retr_pb.ORIENTATION_SQUARE),
+        "red": retr_pb.PhotoFilter(colors=["red"]),
+        "navy or pink": retr_pb.PhotoFilter(colors=["navy", "pink"]),
+        "photographers": retr_pb.PhotoFilter(photographer_usernames=names),
+        "featured": retr_pb.PhotoFilter(featured=True),
+        "not featured": retr_pb.PhotoFilter(featured=False),
+        "submitted": retr_pb.PhotoFilter(
+            submitted_after=timestamp(middle.iloc[0]), submitted_before=timestamp(middle.iloc[1])
+        ),
+        "min downloads": retr_pb.PhotoFilter(
+            min_downloads=int(photos["stats_downloads"].quantile(0.9))
+        ),
+        "min views": retr_pb.PhotoFilter(min_views=int(photos["stats_views"].quantile(0.7))),
+        "combined": retr_pb.PhotoFilter(
+            orientation=retr_pb.ORIENTATION_LANDSCAPE,
+            colors=["beige", "navy"],
+            min_views=int(photos["stats_views"].quantile(0.3)),
+        ),
+    }
+
+
+FILTER_NAMES = [
+    "landscape",
+    "portrait",
+    "square",
+    "red",
+    "navy or pink",
+    "photographers",
+    "featured",
+    "not featured",
+    "submitted",
+    "min downloads",
+    "min views",
+    "combined",
+]
+
+
+@pytest.mark.parametrize("name", FILTER_NAMES)
+def test_each_filter_returns_only_and_as_many_matching_photos(filtered, name):
+    stack, catalogue = filtered
+    photo_filter = filters(catalogue)[name]
+    keep = matching(catalogue, photo_filter)
+    assert 0 < keep.sum() < len(keep)
+    index = {pid: i for i, pid in enumerate(catalogue.photos["photo_id"])}
+    port = stack.gateway_whole.port
+    # CLIP: exactly the unfiltered exact ranking's allowed photos, min(k, matching) of them.
+    everything = search(port, "red circle", CLIP, k=240, candidates_k=240)
+    expected = [r.photo_id for r in everything.results if keep[index[r.photo_id]]][:50]
+    got = search(port, "red circle", CLIP, photo_filter)
+    assert [r.photo_id for r in got.results] == expected
+    assert len(expected) == min(50, int(keep.sum()))
+    # Keyword: the keyword's allowed photos, from its filtered posting list.
+    keyword = catalogue.keywords
+    has_red = np.zeros(len(keep), bool)
+    has_red[keyword[keyword["keyword"] == "red"]["photo_idx"]] = True
+    got = search(port, "red", KEYWORD, photo_filter)
+    assert all(keep[index[r.photo_id]] and has_red[index[r.photo_id]] for r in got.results)
+    assert len(got.results) == min(50, int((keep & has_red).sum()))
+    # Hybrid, and the same answers from 4 shards.
+    for query, retriever in (("red circle", HYBRID), ("red", KEYWORD), ("snow", CLIP)):
+        whole = search(port, query, retriever, photo_filter)
+        assert all(keep[index[r.photo_id]] for r in whole.results)
+        merged = search(stack.gateway_sharded.port, query, retriever, photo_filter)
+        assert answer(merged) == answer(whole), (name, query)
+    assert len(whole.results) == min(50, int(keep.sum()))
+
+
+def test_an_empty_filter_restricts_nothing(filtered):
+    stack, _ = filtered
+    port = stack.gateway_whole.port
+    plain = search(port, "red circle", HYBRID)
+    empty = search(port, "red circle", HYBRID, retr_pb.PhotoFilter())
+    assert answer(plain) == answer(empty)
+
+
+def test_two_step_and_a_degraded_search_keep_the_filter(filtered):
+    stack, catalogue = filtered
+    photo_filter = filters(catalogue)["min views"]
+    keep = matching(catalogue, photo_filter)
+    index = {pid: i for i, pid in enumerate(catalogue.photos["photo_id"])}
+    user = catalogue.users["anonymous_user_id"].iloc[0]
+    ranker = rank_pb.RANKER_TWO_STEP
+    port = stack.gateway_whole.port
+    voted = search(port, "red", HYBRID, photo_filter, user_id=user, ranker=ranker, k=10)
+    assert voted.ranker == ranker and not voted.degraded
+    assert len(voted.results) == 10
+    assert all(keep[index[r.photo_id]] for r in voted.results)
+    # Ranking unreachable: the search degrades to retrieval order, still filtered.
+    from gateway.server import create_gateway_server
+    from imgsearch.config import GatewayConfig
+
+    lonely = stack.lt.run(
+        create_gateway_server(
+            GatewayConfig(
+                artifacts=stack.root,
+                port=0,
+                admin_port=0,
+                retrieval_addr=f"127.0.0.1:{stack.whole.port}",
+                ranking_addr="127.0.0.1:1",
+            )
+        )
+    )
+    stack.services.append(lonely)
+    degraded = search(lonely.port, "red", HYBRID, photo_filter, user_id=user, ranker=ALS, k=10)
+    assert degraded.degraded and len(degraded.results) == 10
+    assert all(keep[index[r.photo_id]] for r in degraded.results)
+
+
+BAD_FILTERS = [
+    ({"orientation": 9}, "filter.orientation", "unknown value 9"),
+    ({"colors": ["ultraviolet"]}, "filter.colors", "unknown colour 'ultraviolet'"),
+    ({"colors": ["red"] * 1001}, "filter.colors", "at most 1000"),
+    ({"photographer_usernames": ["nobody-here"]}, "filter.photographer_usernames", "nobody"),
+    ({"min_downloads": -1}, "filter.min_downloads", "must not be negative"),
+    ({"min_views": -5}, "filter.min_views", "must not be negative"),
+    (
+        {"submitted_after": "2019-01-01", "submitted_before": "2018-01-01"},
+        "filter.submitted_before",
+        "later than filter.submitted_after",
+    ),
+    (
+        {"submitted_after": "2019-01-01", "submitted_before": "2019-01-01"},
+        "filter.submitted_before",
+        "later than",
+    ),
+    ({"submitted_after": 10**13}, "filter.submitted_after", "valid timestamp"),
+]
+
+
+def bad_filter(fields: dict) -> retr_pb.PhotoFilter:
+    photo_filter = retr_pb.PhotoFilter()
+    for name, value in fields.items():
+        if name.startswith("submitted_"):
+            stamp = getattr(photo_filter, name)
+            if isinstance(value, int):
+                stamp.seconds = value
+            else:
+                stamp.CopyFrom(timestamp(value))
+        elif isinstance(value, list):
+            getattr(photo_filter, name).extend(value)
+        else:
+            setattr(photo_filter, name, value)
+    return photo_filter
+
+
+@pytest.mark.parametrize("fields, field, message", BAD_FILTERS)
+def test_a_bad_filter_is_refused_naming_its_field(filtered, fields, field, message):
+    stack, _ = filtered
+    photo_filter = bad_filter(fields)
+    for port in (stack.gateway_whole.port, stack.gateway_sharded.port):
+        with pytest.raises(grpc.RpcError) as caught:
+            search(port, "red", HYBRID, photo_filter)
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert bad_request_field(caught.value) == field
+        assert message in caught.value.details()
+    with grpc.insecure_channel(f"127.0.0.1:{stack.whole.port}") as channel:
+        with pytest.raises(grpc.RpcError) as caught:
+            retr_grpc.RetrievalServiceStub(channel).Retrieve(
+                retr_pb.RetrieveRequest(query="red", filter=photo_filter), timeout=30
+            )
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert bad_request_field(caught.value) == field
+
+
+def test_a_set_built_before_filters_serves_unfiltered_and_refuses_filters(
+    loop_thread, artifact_root, tmp_path
+):
+    """A set as builds wrote it before filters: no filter columns, no colours, no record."""
+    from imgsearch import artifacts
+    from imgsearch.catalogue import FILTER_PHOTO_COLUMNS, Catalogue
+
+    source = artifacts.resolve(artifact_root).path
+    old = tmp_path / "set"
+    shutil.copytree(source, old)
+    catalogue_dir = old / artifacts.CATALOGUE_DIR
+    photos = pd.read_parquet(catalogue_dir / "photos.parquet")
+    photos.drop(columns=list(FILTER_PHOTO_COLUMNS)).to_parquet(catalogue_dir / "photos.parquet")
+    (catalogue_dir / "colors.parquet").unlink()
+    manifest = json.loads((old / artifacts.MANIFEST).read_text())
+    del manifest["filters"]
+    (old / artifacts.MANIFEST).write_text(json.dumps(manifest))
+    assert Catalogue.load(catalogue_dir).photos["photo_width"].eq(0).all()
+
+    stack = Stack(loop_thread, old)
+    port = stack.gateway.port
+    try:
+        plain = search(port, "red", KEYWORD)
+        assert len(plain.results) > 0
+        with pytest.raises(grpc.RpcError) as caught:
+            search(port, "red", KEYWORD, retr_pb.PhotoFilter(colors=["red"]))
+        assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "built before photo filters" in caught.value.details()
+        assert "rebuild" in caught.value.details()
+    finally:
+        stack.stop()
+
+
+def test_the_search_command_sends_its_filter_flags(filtered, capsys):
+    from imgsearch_tools.cli import main
+
+    stack, catalogue = filtered
+    photo_filter = retr_pb.PhotoFilter(
+        orientation=retr_pb.ORIENTATION_LANDSCAPE,
+        colors=["red", "navy"],
+        featured=False,
+        submitted_after=timestamp("2016-01-01"),
+        submitted_before=timestamp("2019-06-30T12:00:00"),
+        min_views=100,
+    )
+    keep = matching(catalogue, photo_filter)
+    index = {pid: i for i, pid in enumerate(catalogue.photos["photo_id"])}
+    flags = ["--orientation", "landscape", "--color", "red", "--color", "navy", "--not-featured"]
+    flags += ["--submitted-after", "2016-01-01", "--submitted-before", "2019-06-30T12:00:00"]
+    flags += ["--min-views", "100", "--retriever", "clip", "--ranker", "none", "-k", "40"]
+    target = f"127.0.0.1:{stack.gateway_whole.port}"
+    assert main(["search", "red circle", "--target", target, "--json", *flags]) == 0
+    results = json.loads(capsys.readouterr().out)["results"]
+    assert len(results) == min(40, int(keep.sum()))
+    assert all(keep[index[r["photo_id"]]] for r in results)
+    # A bad value from the server, and a date the flag cannot read.
+    assert main(["search", "red", "--target", target, "--color", "ultraviolet"]) == 1
+    assert "filter.colors" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exited:
+        main(["search", "red", "--target", target, "--submitted-after", "last spring"])
+    assert exited.value.code == 2
+    assert "expected an ISO date" in capsys.readouterr().err
+
+
+def test_bench_filters_measures_recall_and_completeness_per_selectivity(filtered, tmp_path):
+    from imgsearch_tools.cli import main
+
+    stack, _ = filtered
+    out = tmp_path / "bench"
+    args = ["bench-filters", "--artifacts", stack.root, "--out", str(out), "--qps", "0"]
+    assert main([*args, "--queries", "8", "--selectivities", "0.5,0.05"]) == 0
+    report = json.loads((out / "filters.json").read_text())
+    rows = {(r["kind"], r["selectivity"]): r for r in report["recall"]}
+    assert set(rows) == {(k, s) for k in KINDS_MEASURED for s in (0.5, 0.05)}
+    for row in rows.values():
+        # A Flat index: the filtered search is the exact one.
+        assert row["recall_at_10"] == 1.0 and row["complete_share"] == 1.0
+        assert abs(row["matched_share_mean"] - row["selectivity"]) < 0.05
+    assert "| correlated | 0.05 |" in (out / "filters.md").read_text()
+
+
+def test_the_served_part_compares_filtered_and_unfiltered_rounds(filtered):
+    import argparse
+
+    from imgsearch.filters import PhotoAttributes
+    from imgsearch_tools.bench.filters import served_overhead
+
+    stack, catalogue = filtered
+    attributes = PhotoAttributes.from_tables(catalogue.photos, catalogue.colors)
+    settings = argparse.Namespace(
+        qps=20.0, duration=1.0, warmup=0.2, rounds=1, seed=0, selectivities="0.05"
+    )
+    target = f"127.0.0.1:{stack.gateway_whole.port}"
+    report = stack.lt.run(served_overhead(target, stack.root, attributes, settings))
+    assert [run["label"] for run in report["runs"]] == ["unfiltered", "filter 0.05"]
+    for run in report["runs"]:
+        assert run["errors"] == 0 and run["degraded"] == 0 and run["achieved_qps"] > 0
+    assert report["added_p99_ms"] == round(
+        report["runs"][1]["p99_ms"] - report["runs"][0]["p99_ms"], 3
+    )
