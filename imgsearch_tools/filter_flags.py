@@ -28,7 +28,12 @@ def utc_time(text: str) -> datetime:
 def add_filter_arguments(p: argparse.ArgumentParser) -> None:
     """Add the filter flags; :func:`photo_filter` reads them back."""
     group = p.add_argument_group("filters (every one given must hold)")
-    group.add_argument("--orientation", choices=list(ORIENTATIONS), default=None)
+    group.add_argument(
+        "--orientation",
+        choices=list(ORIENTATIONS),
+        default=None,
+        help="only photos of this orientation (from their width and height)",
+    )
     group.add_argument(
         "--color",
         action="append",
@@ -54,8 +59,12 @@ def add_filter_arguments(p: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--submitted-before", type=utc_time, default=None, help="submitted before (UTC)"
     )
-    group.add_argument("--min-downloads", type=int, default=0)
-    group.add_argument("--min-views", type=int, default=0)
+    group.add_argument(
+        "--min-downloads", type=int, default=0, help="only photos downloaded at least this often"
+    )
+    group.add_argument(
+        "--min-views", type=int, default=0, help="only photos viewed at least this often"
+    )
 
 
 def photo_filter(args: argparse.Namespace) -> pb.PhotoFilter:

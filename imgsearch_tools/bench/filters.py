@@ -57,7 +57,7 @@ def add_commands(subparsers) -> None:
     p.add_argument("--duration", type=float, default=15.0, help="measured seconds per round")
     p.add_argument("--warmup", type=float, default=3.0, help="unmeasured seconds per round")
     p.add_argument("--rounds", type=int, default=2, help="unfiltered/filtered round pairs")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the query and filter draw")
     p.set_defaults(handler=cmd_bench_filters)
 
 
