@@ -168,12 +168,15 @@ class KeywordIndex(Retriever):
             per_token.append(best)
         if not per_token:
             return RetrievalResult.empty(note=f"no keyword matches any of: {', '.join(tokens)}")
+        note = f"no exact keyword '{query}': token match on {', '.join(matched)}"
+        if len(matched) < len(tokens):
+            unknown = [t for t in tokens if t not in matched]
+            note += f" (unknown: {', '.join(unknown)})"
         # Sum each photo's confidences over the tokens, in token order (a stable sort by photo).
         all_idx = np.concatenate([p for p, _ in per_token])
-        if len(all_idx) == 0:  # the filter allows none of the matching photos
-            return RetrievalResult.empty(
-                note=f"no photo passes the filter for: {', '.join(tokens)}"
-            )
+        if len(all_idx) == 0:  # the filter allows none of the matching photos (or this shard's)
+            nothing = np.zeros(0, np.float32)
+            return RetrievalResult(np.zeros(0, np.int64), nothing, {"keyword": nothing}, note=note)
         all_conf = np.concatenate([c for _, c in per_token]).astype(np.float64)
         by_photo = all_idx.argsort(kind="stable")
         all_idx = all_idx[by_photo]
@@ -185,8 +188,4 @@ class KeywordIndex(Retriever):
         total = np.add.reduceat(all_conf[by_photo], starts)
         score = (total / len(tokens)).astype(np.float32)
         order = np.lexsort((unique, -score))[:candidates_k]
-        note = f"no exact keyword '{query}': token match on {', '.join(matched)}"
-        if len(matched) < len(tokens):
-            unknown = [t for t in tokens if t not in matched]
-            note += f" (unknown: {', '.join(unknown)})"
         return RetrievalResult(unique[order], score[order], {"keyword": score[order]}, note=note)
