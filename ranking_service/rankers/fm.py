@@ -32,6 +32,7 @@ from ranking_service.rankers.common import (
     save_arrays,
     write_config,
 )
+from ranking_service.rankers.early_stopping import EarlyStopping
 from ranking_service.rankers.features import FieldEncoder
 from ranking_service.rankers.prior import QueryPrior
 from ranking_service.rankers.validation import ValidationSet
@@ -194,7 +195,8 @@ class FMRanker(QueryPrior, Ranker):
         negatives drawn from a narrower set than the positives teach the model to spot that
         set (e.g. high tag confidence) instead of the user's taste.
     patience:
-        Epochs without improvement before stopping.
+        Clearly worse epochs in a row before stopping: worse than the best by more than the
+        validation set's noise (:class:`~ranking_service.rankers.early_stopping.EarlyStopping`).
     validation_fraction:
         Share of the (time-sorted) conversions held out for early stopping; 0 disables it.
     max_validation_queries:
@@ -412,24 +414,22 @@ class FMRanker(QueryPrior, Ranker):
         )
         rng = np.random.default_rng(self.seed)
         optimizer = self._optimizer()
-        best_ndcg, best_state, stale = -1.0, None, 0
+        stopping, best_state = EarlyStopping(self.patience), None
         for epoch in range(1, self.epochs + 1):
             loss = self._train_epoch(data, optimizer, rng, epoch, show_progress)
             entry = {"epoch": epoch, "loss": loss}
             if validation is not None:
-                entry["validation_ndcg"] = validation.ndcg(self)
-                if entry["validation_ndcg"] > best_ndcg:
-                    best_ndcg, stale = entry["validation_ndcg"], 0
+                per_query = validation.per_query_ndcg(self)
+                entry["validation_ndcg"] = float(per_query.mean())
+                if stopping.update(epoch, per_query):
                     best_state = copy.deepcopy(self.model.state_dict())
                     self.best_epoch = epoch
-                else:
-                    stale += 1
             else:
                 self.best_epoch = epoch
             self.history.append(entry)
             if show_progress:
                 tqdm.write(f"{self.name} epoch {epoch}: " + _format_entry(entry))
-            if validation is not None and stale >= self.patience:
+            if validation is not None and stopping.should_stop:
                 break
         if validation is None:
             return self
