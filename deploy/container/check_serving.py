@@ -2,12 +2,14 @@
 
 Run by image-test.sh in the running container (``python - GATEWAY_PORT PORT... < this file``):
 waits for grpc.health.v1 SERVING on each port given, then searches the gateway for a query
-of the demo set and prints the results. Exit status 0 only when all of that held.
+of the demo set, with the token of IMGSEARCH_TOKEN_FILE, and prints the results. Exit status
+0 only when all of that held.
 """
 
 import sys
 
 from gateway.client import format_table, search, wait_for_serving
+from imgsearch_tools.client_flags import client_security
 
 QUERY = "red circle"
 
@@ -16,7 +18,9 @@ def main(gateway_port: int, ports: list[int]) -> int:
     for port in ports:
         wait_for_serving(f"127.0.0.1:{port}", timeout=300)
         print(f"[check] 127.0.0.1:{port} SERVING", flush=True)
-    response = search(f"127.0.0.1:{gateway_port}", QUERY, k=5, timeout=30)
+    response = search(
+        f"127.0.0.1:{gateway_port}", QUERY, k=5, timeout=30, security=client_security()
+    )
     print(format_table(response, QUERY, ""), flush=True)
     if not response.results:
         print(f"[check] error: no results for {QUERY!r}", file=sys.stderr)

@@ -58,6 +58,13 @@ echo "[image-test] $image: a demo catalogue of $photos photos and a set built fr
     --out /var/lib/imgsearch/artifacts --clip-steps "$clip_steps" \
     --rankers none,popularity,als
 
+# The image starts the gateway with tokens (IMGSEARCH_AUTH_TOKENS_FILE, docs/guides/
+# access-control.md): a random token that may search, in the mounted folder it reads.
+tokens="$folder/tokens"
+printf '%s search\n' "$(head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n')" >"$tokens"
+chmod 600 "$tokens"
+[ "$(id -u)" != 0 ] || chown 10001:10001 "$tokens"
+
 # Six free loopback ports: service and admin port of each tier.
 read -r gateway retrieval ranking gateway_admin retrieval_admin ranking_admin \
     < <(free_loopback_ports 6)
@@ -66,7 +73,7 @@ echo "[image-test] serve all: ports $gateway $retrieval $ranking, admin $gateway
     --gateway-port "$gateway" --retrieval-port "$retrieval" --ranking-port "$ranking" \
     --gateway-admin-port "$gateway_admin" --retrieval-admin-port "$retrieval_admin" \
     --ranking-admin-port "$ranking_admin" >/dev/null
-$ENGINE exec -i "$name" python - "$gateway" "$gateway" "$retrieval" "$ranking" \
+$ENGINE exec -i -e IMGSEARCH_TOKEN_FILE=/var/lib/imgsearch/tokens "$name" python - "$gateway" "$gateway" "$retrieval" "$ranking" \
     "$gateway_admin" "$retrieval_admin" "$ranking_admin" <"$here/check_serving.py"
 
 echo "[image-test] SIGTERM"
