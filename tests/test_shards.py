@@ -123,11 +123,18 @@ def photo_index(sharded):
     return {photo_id: i for i, photo_id in enumerate(photos["photo_id"])}
 
 
-def search(port: int, query: str, retriever: int, ranker: int = 1, k: int = 50, **extra):
+def search(
+    port: int, query: str, retriever: int, ranker: int = 1, k: int = 50, candidates_k=50, **extra
+):
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
         return pb_grpc.SearchServiceStub(channel).Search(
             pb.SearchRequest(
-                query=query, k=k, candidates_k=50, retriever=retriever, ranker=ranker, **extra
+                query=query,
+                k=k,
+                candidates_k=candidates_k,
+                retriever=retriever,
+                ranker=ranker,
+                **extra,
             ),
             timeout=30,
         )
@@ -183,7 +190,11 @@ def test_four_shards_return_exactly_the_unsharded_results(sharded, photo_index, 
 
 
 def test_hybrid_fuses_both_sources_across_shards(sharded):
-    response = search(sharded.gateway_sharded.port, "red", RETRIEVERS["hybrid"])
+    # The whole fused list (every candidate of either source), whatever fusion weights the
+    # build's validation chose: photos both sources found, and photos only CLIP found.
+    response = search(
+        sharded.gateway_sharded.port, "red", RETRIEVERS["hybrid"], k=100, candidates_k=100
+    )
     assert response.retriever == retr_pb.RETRIEVER_HYBRID
     assert {r.retrieval_source for r in response.results} >= {"keyword+clip", "clip"}
 
