@@ -209,6 +209,7 @@ E2E_MODULES = {
     "test_feedback_bench",
     "test_feedback_durability",
     "test_feedback_retrain",
+    "test_filters",
     "test_fuzz",
     "test_multihost",
     "test_ray_embedding",
@@ -230,6 +231,18 @@ SLOW_MODULES = {
 }
 # Single long tests in otherwise quick modules, by name (parametrized ids included).
 SLOW_TESTS = {
+    "test_evaluation.py::test_models_are_fitted_on_the_training_part_only",
+    "test_admission.py::test_a_deadline_the_stage_cannot_meet_is_refused_without_running",
+    "test_deletion.py::test_a_retraining_leaves_out_a_deleted_users_events_from_the_catalogue",
+    "test_demo_data.py::test_same_seed_gives_identical_files_and_another_seed_does_not",
+    "test_demo_data.py::test_drawn_colour_and_scene_match_the_keywords",
+    "test_serving.py::test_ranking_down_degrades_to_retrieval_order_then_recovers",
+    "test_serving.py::test_saturated_gateway_sheds_load_with_resource_exhausted",
+    "test_ranking_faults.py::test_tight_client_deadlines_do_not_open_the_breaker",
+    "test_metrics.py::test_cores_busy_elsewhere_leaves_this_process_out",
+    "test_ranking_faults.py::test_a_ranking_timeout_with_its_full_budget_opens_the_breaker",
+    "test_ranking_faults.py::test_half_open_breaker_lets_exactly_one_probe_through",
+    "test_access_control.py::test_refused_calls_to_invented_methods_add_no_metric_series",
     "test_api.py::test_the_command_prints_its_address_serves_and_stops_on_sigterm",
     "test_serving.py::test_keepalive_pings_of_idle_clients_are_accepted",
     "test_serving.py::test_hot_reload_under_load_fails_no_request_and_switches_version",
