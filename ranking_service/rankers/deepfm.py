@@ -12,7 +12,8 @@ from imgsearch.candidates import CandidateLists
 from imgsearch.catalogue import Catalogue
 from imgsearch.image_embeddings import ImageEmbeddings
 from ranking_service.rankers.features import FieldEncoder
-from ranking_service.rankers.fm import FactorizationMachine, FMRanker
+from ranking_service.rankers.fm import FMRanker
+from ranking_service.rankers.fm_model import FactorizationMachine
 from ranking_service.rankers.validation import ValidationSet
 
 
