@@ -582,6 +582,7 @@ def build_text_runtimes(
     -------
     ~retrieval_service.quantization.RuntimeChoice
     """
+    from retrieval_service.onnx_export import export_text_onnx
     from retrieval_service.quantization import quantize_text_encoder, select_text_runtime
     from retrieval_service.text_encoder import (
         ONNX_FILES,
@@ -591,7 +592,6 @@ def build_text_runtimes(
         OnnxTextEncoder,
         TorchTextEncoder,
         causal_text_tower,
-        export_text_onnx,
         onnx_available,
     )
 

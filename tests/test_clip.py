@@ -24,6 +24,7 @@ from retrieval_service.clip_model import (  # noqa: E402
     save_clip,
 )
 from retrieval_service.embedding import embed_catalogue, load_embeddings, partial_path  # noqa: E402
+from retrieval_service.onnx_export import export_text_onnx  # noqa: E402
 from retrieval_service.quantization import (  # noqa: E402
     count_quantized_linears,
     quantize_text_encoder,
@@ -38,7 +39,6 @@ from retrieval_service.text_encoder import (  # noqa: E402
     OnnxTextEncoder,
     TorchTextEncoder,
     causal_text_tower,
-    export_text_onnx,
 )
 
 COLOURS = {"red": (220, 30, 30), "blue": (30, 80, 240), "yellow": (255, 225, 0)}
