@@ -376,7 +376,7 @@ def test_build_skips_a_catalogue_without_images(tmp_path, catalogue):
 
 
 def test_bench_clip_small(tmp_path):
-    from imgsearch_tools.clip_commands import bench_clip, format_bench
+    from imgsearch_tools.bench.clip_components import bench_clip, format_bench
 
     figures = bench_clip(demo_n=300, synthetic_n=400, synthetic_dim=16, n_queries=5, k=10)
     assert set(figures["text_encode"]) == {"fp32", "int8"}
