@@ -258,8 +258,8 @@ def build_artifacts(
         keyword_index.save(set_dir / artifacts.KEYWORD_INDEX)
         if clip and catalogue.photos["has_image"].any():
             from imgsearch_tools.demo_data import query_families
+            from retrieval_service.clip_artifacts import build_clip_artifacts
             from retrieval_service.clip_model import ClipSpec
-            from retrieval_service.clip_training import build_clip_artifacts
 
             spec = ClipSpec(clip_model, clip_pretrained) if clip_model else None
             log("CLIP: " + (f"{clip_model} ({clip_pretrained})" if spec else "training tiny CLIP"))

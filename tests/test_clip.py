@@ -300,7 +300,7 @@ def test_positives_match_keyword_subsets():
 
 
 def test_heldout_figures_on_perfect_embeddings():
-    from retrieval_service.clip_training import heldout_figures
+    from retrieval_service.clip_heldout import heldout_figures
 
     class OneHot:
         words = ["red", "blue", "circle", "square"]
@@ -324,8 +324,9 @@ def test_heldout_figures_on_perfect_embeddings():
 
 
 def test_build_clip_artifacts_and_load_retrievers(tmp_path, catalogue):
-    from retrieval_service.clip_training import build_clip_artifacts, load_clip_retrievers
+    from retrieval_service.clip_artifacts import build_clip_artifacts
     from retrieval_service.keyword_index import KeywordIndex
+    from retrieval_service.semantic import load_clip_retrievers
 
     figures = build_clip_artifacts(catalogue, tmp_path, None, train_steps=2, show_progress=False)
     for path in (CLIP_DIR + "/clip.json", EMBEDDINGS, VECTOR_INDEX, "vector.json"):
@@ -362,7 +363,7 @@ def test_build_clip_artifacts_and_load_retrievers(tmp_path, catalogue):
 
 
 def test_build_skips_a_catalogue_without_images(tmp_path, catalogue):
-    from retrieval_service.clip_training import build_clip_artifacts
+    from retrieval_service.clip_artifacts import build_clip_artifacts
 
     no_images = Catalogue(
         photos=catalogue.photos.assign(has_image=False),
@@ -387,7 +388,7 @@ def test_bench_clip_small(tmp_path):
 
 
 def test_known_queries_are_the_photos_keywords_and_what_users_searched(catalogue):
-    from retrieval_service.clip_training import heldout_queries, keyword_vocabulary
+    from retrieval_service.clip_artifacts import heldout_queries, keyword_vocabulary
 
     searched = pd.DataFrame({"keyword": ["Red  Circle"] * 300 + ["night", ""]})
     vocabulary = keyword_vocabulary(catalogue.with_conversions(searched))

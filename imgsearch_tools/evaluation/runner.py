@@ -295,7 +295,8 @@ def clip_retrievers(
         return {}, "catalogue has no images (images/<photo_id>.jpg): CLIP needs them", {}
     try:
         from imgsearch_tools.demo_data import query_families
-        from retrieval_service.clip_training import build_clip_artifacts, load_clip_retrievers
+        from retrieval_service.clip_artifacts import build_clip_artifacts
+        from retrieval_service.semantic import load_clip_retrievers
     except ImportError as exc:
         return {}, f"CLIP retrieval is not available: {exc}", {}
     if config.clip_artifacts:
