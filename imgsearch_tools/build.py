@@ -463,7 +463,7 @@ def _stage_printer(enabled: bool):
 def cmd_build(args) -> int:
     from imgsearch.artifacts import ArtifactError
     from imgsearch.conversion_store import StoreError
-    from imgsearch.unsplash import DataError
+    from imgsearch.data_report import DataError
     from imgsearch_tools.outputs import RefusedFolder
     from retrieval_service.embedding import EmbeddingMismatch
 

@@ -108,7 +108,8 @@ def test_the_reader_keeps_the_filter_columns_and_the_colors_table(demo_data):
 
 
 def test_a_bad_featured_or_submitted_value_is_reported_with_file_and_line(demo_data, tmp_path):
-    from imgsearch.unsplash import DataError, read_unsplash
+    from imgsearch.data_report import DataError
+    from imgsearch.unsplash import read_unsplash
 
     for column, bad in (("photo_featured", "maybe"), ("photo_submitted_at", "yesterday")):
         data = tmp_path / column

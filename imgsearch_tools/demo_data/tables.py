@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from imgsearch.unsplash import CONVERSIONS_LAYOUT
+from imgsearch.unsplash_layout import CONVERSIONS_LAYOUT
 from imgsearch_tools import outputs
 from imgsearch_tools.demo_data.drawing import (
     COLOURS,
