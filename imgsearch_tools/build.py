@@ -465,7 +465,7 @@ def cmd_build(args) -> int:
     from imgsearch.conversion_store import StoreError
     from imgsearch.data_report import DataError
     from imgsearch_tools.outputs import RefusedFolder
-    from retrieval_service.embedding import EmbeddingMismatch
+    from retrieval_service.embedding_sets import EmbeddingMismatch
 
     if args.embeddings and (args.no_clip or not args.clip_model):
         print(

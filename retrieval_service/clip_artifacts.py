@@ -178,7 +178,7 @@ def build_clip_artifacts(
 
     Raises
     ------
-    ~retrieval_service.embedding.EmbeddingMismatch
+    ~retrieval_service.embedding_sets.EmbeddingMismatch
         When ``embeddings`` do not fit the catalogue or were made by other weights.
     """
     from imgsearch.artifacts import CLIP_DIR, EMBEDDINGS, VECTOR_INDEX
@@ -190,7 +190,8 @@ def build_clip_artifacts(
         save_clip_reference,
         update_clip_json,
     )
-    from retrieval_service.embedding import embed_catalogue, import_embeddings, load_embeddings
+    from retrieval_service.embedding import embed_catalogue, load_embeddings
+    from retrieval_service.embedding_sets import import_embeddings
     from retrieval_service.text_encoder import TorchTextEncoder
     from retrieval_service.vector_index import VectorIndex, exact_index, recall_at_k
 
