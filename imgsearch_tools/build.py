@@ -13,7 +13,7 @@ from imgsearch.filters import FILTERS_FORMAT
 from imgsearch.filters import MANIFEST_KEY as FILTERS_KEY
 from imgsearch.names import RANKER_NAMES
 from imgsearch_tools.conversions import add_store_arguments, open_existing_store, store_location
-from imgsearch_tools.served import (
+from imgsearch_tools.offline_candidates import (
     candidates_summary,
     served_candidates,
     served_retrievers,

@@ -37,8 +37,8 @@ import pandas as pd
 from imgsearch.candidates import CandidateLists
 from imgsearch.catalogue import Catalogue
 from imgsearch.config import DEFAULT_CANDIDATES_K
+from imgsearch.evaluation_protocol import temporal_split
 from imgsearch.image_embeddings import ImageEmbeddings
-from imgsearch.protocol import temporal_split
 from ranking_service.rankers import RANKER_NAMES, create_ranker, load_ranker, ranker_class
 from ranking_service.rankers.common import load_arrays, save_arrays
 from ranking_service.rankers.prior import QueryPrior

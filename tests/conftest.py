@@ -239,7 +239,7 @@ SLOW_TESTS = {
     "test_serving.py::test_ranking_down_degrades_to_retrieval_order_then_recovers",
     "test_serving.py::test_saturated_gateway_sheds_load_with_resource_exhausted",
     "test_ranking_faults.py::test_tight_client_deadlines_do_not_open_the_breaker",
-    "test_metrics.py::test_cores_busy_elsewhere_leaves_this_process_out",
+    "test_ranking_metrics.py::test_cores_busy_elsewhere_leaves_this_process_out",
     "test_ranking_faults.py::test_a_ranking_timeout_with_its_full_budget_opens_the_breaker",
     "test_ranking_faults.py::test_half_open_breaker_lets_exactly_one_probe_through",
     "test_access_control.py::test_refused_calls_to_invented_methods_add_no_metric_series",

@@ -10,8 +10,8 @@ import pytest
 
 from imgsearch.candidates import CandidateLists
 from imgsearch.catalogue import Catalogue
+from imgsearch.evaluation_protocol import temporal_split
 from imgsearch.image_embeddings import ImageEmbeddings
-from imgsearch.protocol import temporal_split
 from ranking_service.rankers import RANKER_NAMES, create_ranker, load_ranker
 from ranking_service.rankers.base import RankQuery
 from ranking_service.rankers.validation import ValidationSet

@@ -31,8 +31,8 @@ from __future__ import annotations
 import numpy as np
 
 from imgsearch.catalogue import Catalogue, normalise_keyword
-from imgsearch.metrics import metrics_from_hits, paired_bootstrap_ci, rank_by_scores
-from imgsearch.protocol import Split
+from imgsearch.evaluation_protocol import Split
+from imgsearch.ranking_metrics import metrics_from_hits, paired_bootstrap_ci, rank_by_scores
 from imgsearch_tools.evaluation.queries import (
     KeywordTags,
     TestQueries,

@@ -20,8 +20,8 @@ from tqdm.auto import tqdm
 from imgsearch.candidates import CandidateLists
 from imgsearch.catalogue import Catalogue
 from imgsearch.cpu import torch_threads
+from imgsearch.evaluation_protocol import temporal_split
 from imgsearch.image_embeddings import ImageEmbeddings
-from imgsearch.protocol import temporal_split
 from ranking_service.rankers.base import Ranker, RankQuery, RankScores
 from ranking_service.rankers.bpr_data import NEGATIVE_SAMPLING, BPRTrainingData
 from ranking_service.rankers.common import (

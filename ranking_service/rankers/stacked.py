@@ -21,8 +21,8 @@ import numpy as np
 
 from imgsearch.candidates import CandidateLists
 from imgsearch.catalogue import Catalogue
+from imgsearch.evaluation_protocol import temporal_split
 from imgsearch.image_embeddings import ImageEmbeddings
-from imgsearch.protocol import temporal_split
 from ranking_service.rankers.base import Ranker, RankQuery, RankScores
 from ranking_service.rankers.common import (
     as_candidates,
