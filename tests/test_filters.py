@@ -348,6 +348,8 @@ BAD_FILTERS = [
         "later than",
     ),
     ({"submitted_after": 10**13}, "filter.submitted_after", "valid timestamp"),
+    ({"submitted_before": -(10**12)}, "filter.submitted_before", "valid timestamp"),
+    ({"photographer_usernames": ["x"] * 1001}, "filter.photographer_usernames", "at most 1000"),
 ]
 
 
@@ -417,6 +419,36 @@ def test_a_set_built_before_filters_serves_unfiltered_and_refuses_filters(
         assert "rebuild" in caught.value.details()
     finally:
         stack.stop()
+
+
+def test_an_older_copy_of_a_clip_set_refuses_each_filter_on_every_path(filtered, tmp_path):
+    """Each filter field, through the gateway on each retriever and through Retrieve itself."""
+    from imgsearch import artifacts
+
+    stack, catalogue = filtered
+    old = tmp_path / "set"
+    shutil.copytree(artifacts.resolve(stack.root).path, old)
+    (old / artifacts.CATALOGUE_DIR / "colors.parquet").unlink()
+    manifest = json.loads((old / artifacts.MANIFEST).read_text())
+    del manifest["filters"]
+    (old / artifacts.MANIFEST).write_text(json.dumps(manifest))
+    served = Stack(stack.lt, old)
+    try:
+        assert len(search(served.gateway.port, "red circle", HYBRID).results) == 50
+        with grpc.insecure_channel(f"127.0.0.1:{served.retrieval.port}") as channel:
+            retrieve = retr_grpc.RetrievalServiceStub(channel).Retrieve
+            for name in FILTER_NAMES:
+                photo_filter = filters(catalogue)[name]
+                for retriever in (KEYWORD, CLIP, HYBRID):
+                    with pytest.raises(grpc.RpcError) as caught:
+                        search(served.gateway.port, "red", retriever, photo_filter)
+                    assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION, name
+                    assert "built before photo filters" in caught.value.details()
+                with pytest.raises(grpc.RpcError) as caught:
+                    retrieve(retr_pb.RetrieveRequest(query="red", filter=photo_filter), timeout=30)
+                assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION, name
+    finally:
+        served.stop()
 
 
 def test_the_search_command_sends_its_filter_flags(filtered, capsys):

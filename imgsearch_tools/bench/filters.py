@@ -302,9 +302,10 @@ def render_markdown(report: dict) -> str:
         "## Filtered retrieval",
         "",
         f"Set {report['artifacts']['version']} ({report['artifacts']['photos']:,} photos, "
-        f"index {report['artifacts']['factory']}), k = {K} of {CANDIDATES_K} candidates, "
-        f"commit {report.get('commit') or '?'}.",
+        f"index {report['artifacts']['factory']} {report['artifacts']['params']}), k = {K} of "
+        f"{CANDIDATES_K} candidates, commit {report.get('commit') or '?'}.",
         "",
+        *_calibration_lines(report["artifacts"].get("calibration")),
         "| filter | selectivity | matched | recall@10 | min | complete | search p50 / p99 ms "
         "| unfiltered p50 / p99 ms | mask p50 ms | paths |",
         "|---|---|---|---|---|---|---|---|---|---|",
@@ -342,6 +343,20 @@ def render_markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _calibration_lines(calibration: dict | None) -> list[str]:
+    """The index's search effort as the build calibrated it (sets before that record none)."""
+    if not calibration or not calibration.get("parameter"):
+        return []
+    tried = ", ".join(f"{t['value']}: {t['recall']}" for t in calibration["tried"])
+    return [
+        f"{calibration['parameter']} {calibration['value']} calibrated at build for recall@"
+        f"{calibration['k']} >= {calibration['target']} on every query family "
+        f"({'reached' if calibration['reached'] else 'not reached'}; tried {tried}; the other "
+        f"halves {calibration['unseen_by_family']}).",
+        "",
+    ]
+
+
 def filters_report(pieces, args, commit: str = "") -> dict:
     """The in-process part's report (the served part is added by the caller)."""
     artifact_set, index, *_ = pieces
@@ -353,6 +368,9 @@ def filters_report(pieces, args, commit: str = "") -> dict:
             "photos": pieces[4].n_photos,
             "factory": index.factory,
             "params": index.params,
+            "calibration": artifact_set.manifest.get("clip", {})
+            .get("vector_index", {})
+            .get("calibration"),
         },
         "settings": {"k": K, "candidates_k": CANDIDATES_K, "queries": args.queries},
         "recall": measure_recall(pieces, _selectivities(args), args.queries, args.seed),
