@@ -237,10 +237,22 @@ def _row_line(row: dict) -> str:
 
 # --------------------------------------------------------------------------------- served
 async def served_overhead(
-    target: str, set_dir, attributes, args, security=None, share: float | None = None
+    target: str,
+    set_dir,
+    attributes,
+    args,
+    security=None,
+    share: float | None = None,
+    services=None,
 ) -> dict:
-    """Hybrid + ALS at ``args.qps``: unfiltered and filtered rounds, alternating."""
+    """Hybrid + ALS at ``args.qps``: unfiltered and filtered rounds, alternating.
+
+    With ``services`` (the :class:`~imgsearch_tools.bench.processes.ServiceProcesses` serving
+    ``target``), each round also records the servers' CPU time per search, which other work on
+    the machine hardly moves, unlike latency.
+    """
     from imgsearch_tools.bench import load as bench
+    from imgsearch_tools.bench.processes import LOADGEN, CpuMeter
 
     share = share if share is not None else min(float(s) for s in _selectivities(args))
     plain = bench.sample_queries(set_dir, n=2000, seed=args.seed)
@@ -261,7 +273,9 @@ async def served_overhead(
     runs = []
     for round_number in range(args.rounds):
         for label, queries in (("unfiltered", plain), (f"filter {share:g}", filtered)):
-            result = await bench.run_load(spec, queries, security=security)
+            meter = CpuMeter(services) if services is not None else None
+            start = meter.start if meter is not None else None
+            result = await bench.run_load(spec, queries, on_measure_start=start, security=security)
             latency = result["latency_ms"]
             runs.append(
                 {
@@ -274,6 +288,12 @@ async def served_overhead(
                     "p99_ms": latency["p99"],
                 }
             )
+            if meter is not None:
+                meter.record(result)
+                per_search = result["cpu_ms_per_search"]
+                server = per_search["total"] - per_search.get(LOADGEN, 0.0)
+                runs[-1]["server_cpu_ms_per_search"] = round(server, 3)
+                runs[-1]["other_processes_cores"] = result.get("other_processes_cores")
             say(f"served round {round_number} {label}: {runs[-1]}")
 
     def median(label, key):
@@ -291,6 +311,17 @@ async def served_overhead(
         ),
         "added_p99_ms": round(
             median(f"filter {share:g}", "p99_ms") - median("unfiltered", "p99_ms"), 3
+        ),
+        **(
+            {
+                "added_server_cpu_ms": round(
+                    median(f"filter {share:g}", "server_cpu_ms_per_search")
+                    - median("unfiltered", "server_cpu_ms_per_search"),
+                    3,
+                )
+            }
+            if services is not None
+            else {}
         ),
     }
 
@@ -335,18 +366,23 @@ def render_markdown(report: dict) -> str:
             f"Served: {served['retriever']} + {served['ranker']}, open loop {served['qps']:g} "
             f"qps, filter {served['filter']} at {served['selectivity']:g}.",
             "",
-            "| round | requests | achieved qps | errors | degraded | p50 ms | p99 ms |",
-            "|---|---|---|---|---|---|---|",
+            "| round | requests | achieved qps | errors | degraded | p50 ms | p99 ms "
+            "| server CPU ms per search | other processes' cores |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
         for run in served["runs"]:
             lines.append(
                 f"| {run['round']} | {run['label']} | {run['achieved_qps']} | {run['errors']} | "
-                f"{run['degraded']} | {run['p50_ms']} | {run['p99_ms']} |"
+                f"{run['degraded']} | {run['p50_ms']} | {run['p99_ms']} | "
+                f"{run.get('server_cpu_ms_per_search', '-')} | "
+                f"{run.get('other_processes_cores', '-')} |"
             )
+        cpu = served.get("added_server_cpu_ms")
         lines += [
             "",
             f"Added by the filter (medians over rounds): p50 {served['added_p50_ms']} ms, "
-            f"p99 {served['added_p99_ms']} ms.",
+            f"p99 {served['added_p99_ms']} ms"
+            + (f", server CPU per search {cpu} ms." if cpu is not None else "."),
         ]
     return "\n".join(lines) + "\n"
 
@@ -409,7 +445,13 @@ def cmd_bench_filters(args) -> int:
             say("starting retrieval, ranking, gateway")
             services.start_all()
             report["served"] = asyncio.run(
-                served_overhead(services.address("gateway"), artifact_set.path, pieces[4], args)
+                served_overhead(
+                    services.address("gateway"),
+                    artifact_set.path,
+                    pieces[4],
+                    args,
+                    services=services,
+                )
             )
         finally:
             services.stop_all()
