@@ -231,6 +231,8 @@ SLOW_MODULES = {
 }
 # Single long tests in otherwise quick modules, by name (parametrized ids included).
 SLOW_TESTS = {
+    "test_filter_pieces.py::test_filtered_vector_search_returns_min_k_allowed_photos",
+    "test_filter_pieces.py::test_dominant_colours_are_computed_from_images_without_a_colors_table",
     "test_evaluation.py::test_models_are_fitted_on_the_training_part_only",
     "test_admission.py::test_a_deadline_the_stage_cannot_meet_is_refused_without_running",
     "test_deletion.py::test_a_retraining_leaves_out_a_deleted_users_events_from_the_catalogue",
