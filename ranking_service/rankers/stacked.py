@@ -51,6 +51,9 @@ STACKER_PARAMS = {
     "lambda_l2": 1.0,
     "deterministic": True,
     "force_row_wise": True,
+    # One thread: the fits are small, and OpenMP threads that wait on a busy machine cost
+    # far more than they save (the same trees: the fit is deterministic).
+    "num_threads": 1,
     "verbose": -1,
     "seed": 0,
 }
