@@ -53,3 +53,35 @@ def test_rows_scored_once_sample_as_rows_scored_per_fold():
     assert len(every[2]) == len(scored.index)
     # Positives are all kept; negatives are sampled.
     assert every[1].sum() == sum(int(label.sum()) for label in scored.labels)
+
+
+def test_the_configuration_reuses_the_bases_results_and_gets_the_same_figures():
+    from imgsearch_tools.evaluation.configuration import _measure
+    from imgsearch_tools.evaluation.queries import TestQueries
+
+    queries, _, _ = _slice()
+    earlier = make_catalogue()
+    earlier = earlier.with_conversions(temporal_split(earlier.conversions, 0.2).earlier)
+    stacked = fitted("stacked", earlier)
+    picked = queries.queries[:60]
+    tests = TestQueries(
+        np.asarray([q.user_idx for q in picked]),
+        np.asarray([q.keyword for q in picked]),
+        queries.relevant[:60],
+        [np.ones(len(r)) for r in queries.relevant[:60]],
+        np.asarray([""] * len(picked)),
+        [q.recent_photos for q in picked],
+        len(picked),
+    )
+    lists = {q.keyword: (q.candidates, q.retrieval_scores) for q in picked}
+    alone, _ = _measure(tests, lists, {"stacked": stacked}, {}, 10)
+    # Its bases are these very models: their results for each request are reused.
+    models = {**stacked.base_models, "stacked": stacked}
+    shared, _ = _measure(tests, lists, models, {}, 10)
+    assert list(shared) == list(models)
+    np.testing.assert_array_equal(shared["stacked"], alone["stacked"])
+    request = picked[0]
+    known = {name: base.score(request) for name, base in stacked.base_models.items()}
+    np.testing.assert_array_equal(
+        stacked.score(request, known).scores, stacked.score(request).scores
+    )

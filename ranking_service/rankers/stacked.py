@@ -193,8 +193,12 @@ class StackedRanker(Ranker):
 
     # ------------------------------------------------------------------ scoring
 
-    def score(self, query: RankQuery) -> RankScores:
-        """Base scores, features, then the booster of the query (one thread)."""
+    def score(self, query: RankQuery, known: dict[str, RankScores] | None = None) -> RankScores:
+        """Base scores, features, then the booster of the query (one thread).
+
+        ``known`` holds bases' results for this very query when the caller scored them already
+        (the configuration choice scores every ranker on the same requests).
+        """
         candidates = as_candidates(query.candidates)
         valid = known_photo_mask(candidates, len(self.features.log_views))
         if len(candidates) == 0:
@@ -207,7 +211,7 @@ class StackedRanker(Ranker):
             query.recent_photos,
             query.country,
         )
-        rows, reason = base_rows(self.base_models, self.features, query)
+        rows, reason = base_rows(self.base_models, self.features, query, known)
         booster = self.boosters[0]
         if self.fold_of_user is not None:
             user = query.user_idx
@@ -260,10 +264,18 @@ class StackedRanker(Ranker):
 
 
 def base_rows(
-    bases: dict[str, Ranker], features: StackFeatures, query: RankQuery
+    bases: dict[str, Ranker],
+    features: StackFeatures,
+    query: RankQuery,
+    known: dict[str, RankScores] | None = None,
 ) -> tuple[np.ndarray, str]:
-    """The feature rows of one query and the first fallback a personal base took."""
-    results = [model.score(query) for model in bases.values()]
+    """The feature rows of one query and the first fallback a personal base took.
+
+    ``known`` holds bases' results for ``query`` already scored (by name), the others are
+    scored here.
+    """
+    known = known or {}
+    results = [known.get(name) or model.score(query) for name, model in bases.items()]
     popularity = bases["popularity"]
     prior = popularity.log_prior(np.asarray(query.candidates, np.int64), query.keyword)
     rows = features.rows(query, [r.scores for r in results], prior)
