@@ -395,9 +395,11 @@ def train_set_rankers(
         served_configuration,
     )
 
+    started = time.perf_counter()
     configuration = served_configuration(
         catalogue, report, keyword_index, retrievers.get("clip"), candidates_k=100
     )
+    configuration["seconds"] = round(time.perf_counter() - started, 2)
     log(
         f"served configuration: {configuration['label']} + {configuration['ranker']} "
         f"({configuration['rule']}) — {configuration['reason']}"

@@ -399,6 +399,12 @@ class FMRanker(QueryPrior, Ranker):
         """
         assert self.encoder is not None, "the ranker is not fitted"
         results: list[RankScores] = []
+        model = self.scoring_model()
+        # The photo side depends on the photo alone: once per photo when that is less work.
+        every_photo = None
+        if sum(len(q.candidates) for q in queries) > self.encoder.n_photos:
+            with torch.inference_mode():
+                every_photo = model.photo_side(torch.arange(len(model.photo_fields))[None])
         for start in range(0, len(queries), chunk):
             part = queries[start : start + chunk]
             candidates = [as_candidates(q.candidates) for q in part]
@@ -410,10 +416,12 @@ class FMRanker(QueryPrior, Ranker):
                 context[i], unknown = self.encoder.encode_context(q.user_idx, q.keyword, q.country)
                 rows[i, : len(c)] = self.encoder.photo_rows(c)
                 reasons.append(_unknown_reason(unknown))
+            rows_tensor = torch.from_numpy(rows)
             with torch.inference_mode():
-                scores = self.scoring_model()(
-                    torch.from_numpy(context), torch.from_numpy(rows)
-                ).numpy()
+                side = None
+                if every_photo is not None:
+                    side = (every_photo[0][0, rows_tensor], every_photo[1][0, rows_tensor])
+                scores = model(torch.from_numpy(context), rows_tensor, side).numpy()
             for i, (q, c) in enumerate(zip(part, candidates)):
                 valid = known_photo_mask(c, self.encoder.n_photos)
                 blended = self.blend_prior(scores[i, : len(c)], c, q.keyword, valid)

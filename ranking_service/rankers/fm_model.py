@@ -85,14 +85,14 @@ class FactorizationMachine(nn.Module):
         return self.bias + linear + pairwise
 
     def score_with_embeddings(
-        self, context: torch.Tensor, photo_rows: torch.Tensor
+        self, context: torch.Tensor, photo_rows: torch.Tensor, photo_side=None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Return ``(scores (B, C), context embeddings, photo embeddings)``."""
+        """``(scores (B, C), context and photo embeddings)``; ``photo_side``: precomputed."""
         context_emb = self.embedding(context)
-        photo_emb, photo_linear = self.photo_side(photo_rows)
+        photo_emb, photo_linear = photo_side or self.photo_side(photo_rows)
         scores = self.fm_scores(context, context_emb, photo_emb, photo_linear)
         return scores, context_emb, photo_emb
 
-    def forward(self, context: torch.Tensor, photo_rows: torch.Tensor) -> torch.Tensor:
+    def forward(self, context: torch.Tensor, photo_rows: torch.Tensor, photo_side=None):
         """Return ``(B, C)`` scores."""
-        return self.score_with_embeddings(context, photo_rows)[0]
+        return self.score_with_embeddings(context, photo_rows, photo_side)[0]
