@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from imgsearch.protocol import temporal_split
+from imgsearch.evaluation_protocol import temporal_split
 from tests.test_rankers import N_PHOTOS, fitted, make_catalogue, query
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from imgsearch.protocol import temporal_split
+from imgsearch.evaluation_protocol import temporal_split
 from ranking_service.rankers.stack_features import StackFeatures
 from ranking_service.rankers.stacked import QueryRows, sample_rows, stack_rows
 from ranking_service.rankers.validation import ValidationSet

@@ -60,7 +60,7 @@ def stacked_latency(src: Path, stacked_dir: Path) -> dict:
     from imgsearch import artifacts
     from imgsearch.catalogue import Catalogue
     from imgsearch.image_embeddings import ImageEmbeddings
-    from imgsearch.metrics import rank_by_scores
+    from imgsearch.ranking_metrics import rank_by_scores
     from ranking_service.rankers import load_ranker
     from ranking_service.rankers.base import RankQuery
     from retrieval_service.keyword_index import KeywordIndex
