@@ -83,8 +83,18 @@ def test_bench_suite_reports_the_chain_against_imgsearch(artifact_root, tmp_path
     chain_total = floor["chain"]["server_cpu_ms_per_search"]["total"]
     imgsearch_total = floor["imgsearch"]["server_cpu_ms_per_search"]["total"]
     assert ratio == pytest.approx(imgsearch_total / chain_total, abs=0.01)
+    # The chain once more, open loop at the rate imgsearch reached: the same-rate ratio.
+    at_rate = floor["chain_at_imgsearch_rate"]
+    assert at_rate["error_count"] == 0 and at_rate["completed"] > 0
+    assert len(at_rate["rounds"]) == 1
+    at_rate_total = at_rate["server_cpu_ms_per_search"]["total"]
+    assert at_rate_total > 0
+    assert floor["cpu_ratio_at_same_rate"] == pytest.approx(
+        imgsearch_total / at_rate_total, abs=0.01
+    )
     markdown = (out / "bench.md").read_text()
     assert "| bare chain |" in markdown and "| imgsearch / chain |" in markdown
+    assert "| bare chain, open loop at imgsearch's QPS |" in markdown
 
 
 @pytest.fixture(scope="module")
