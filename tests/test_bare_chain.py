@@ -100,3 +100,11 @@ def test_bench_suite_reports_the_chain_against_imgsearch(artifact_root, tmp_path
 @pytest.fixture(scope="module")
 def queries(artifact_root):
     return bench.sample_queries(artifact_root, n=50, seed=1)
+
+
+def test_a_results_page_of_one_section_is_titled_after_it():
+    from imgsearch_tools.bench.report import page_title
+
+    assert page_title("floor").startswith("The gRPC floor")
+    assert page_title("json-door") == "The JSON door against gRPC"
+    assert page_title("") == page_title("floor,json-door") == "Serving benchmark"
