@@ -452,9 +452,9 @@ def floor_lines(section: dict | None) -> list[str]:
         lines += [
             "At the same rate (the chain open loop at the QPS imgsearch reached, after the "
             "rounds), imgsearch's server CPU per search is "
-            f"**{section['cpu_ratio_at_same_rate']:.2f}×** the chain's: the rest of the gap "
-            "above is the chain's higher rate, which spreads each wake-up of its event loops "
-            "over more calls.",
+            f"**{section['cpu_ratio_at_same_rate']:.2f}×** the chain's: the difference from "
+            "the ratio above is the chain's higher rate, which spreads each wake-up of its "
+            "event loops over more calls.",
             "",
         ]
     return lines
