@@ -48,7 +48,7 @@ def train_stacked(
     catalogue:
         The catalogue with all training conversions.
     validation:
-        The slice (``ranking_service.training.Validation``), usable.
+        The slice (``ranking_service.validation_slice.Validation``), usable.
     validation_models:
         Base name to its model fitted before the slice (fitted here when missing).
     final_dirs:

@@ -110,7 +110,7 @@ def choose_configuration(
     catalogue:
         The catalogue being built (its labels, when it has them, are the tag truth).
     validation:
-        The slice (``ranking_service.training.Validation``).
+        The slice (``ranking_service.validation_slice.Validation``).
     models:
         Ranker name to its model fitted on the conversions before the slice.
     keyword_retriever, clip_retriever:
