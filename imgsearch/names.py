@@ -53,3 +53,31 @@ def ranker_name(value: int) -> str | None:
     if value == 0:
         return DEFAULT
     return next((name for name, number in RANKER_ENUM.items() if number == value), None)
+
+
+def check_names(requested, valid, kind: str) -> list[str]:
+    """The ``requested`` names, lower-cased, stripped and de-duplicated, all of them in ``valid``.
+
+    The one check of retriever and ranker names: the CLI, the build, training and the
+    evaluation all call it, so a wrong name reads the same everywhere. ``None`` means every
+    valid name.
+
+    Raises
+    ------
+    ValueError
+        Naming the unknown ``kind`` names and listing the valid ones, or when none is given.
+    """
+    valid = list(valid)
+    if requested is None:
+        return valid
+    if isinstance(requested, str):
+        requested = [requested]
+    names = [n.strip().lower() for n in requested if n.strip()]
+    unknown = [n for n in names if n not in valid]
+    if unknown:
+        raise ValueError(
+            f"unknown {kind} {', '.join(repr(n) for n in unknown)}; valid: {', '.join(valid)}"
+        )
+    if not names:
+        raise ValueError(f"no {kind} given; valid: {', '.join(valid)}")
+    return list(dict.fromkeys(names))

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 
 from imgsearch.filters import FILTERS_FORMAT
 from imgsearch.filters import MANIFEST_KEY as FILTERS_KEY
-from imgsearch.names import RANKER_NAMES
+from imgsearch.names import RANKER_NAMES, check_names
 from imgsearch_tools.conversions import add_store_arguments, open_existing_store, store_location
 from imgsearch_tools.offline_candidates import (
     candidates_summary,
@@ -477,13 +477,10 @@ def cmd_build(args) -> int:
             file=sys.stderr,
         )
         return 2
-    rankers = [r.strip() for r in args.rankers.split(",") if r.strip()]
-    unknown = sorted(set(rankers) - set(RANKER_NAMES))
-    if unknown:
-        print(
-            f"error: unknown ranker(s) {', '.join(unknown)}; valid: {', '.join(RANKER_NAMES)}",
-            file=sys.stderr,
-        )
+    try:
+        rankers = check_names(args.rankers.split(","), RANKER_NAMES, "ranker")
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return 2
     try:
         check_shard_count(args.shards, allow_none=True)

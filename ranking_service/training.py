@@ -38,6 +38,7 @@ from imgsearch.candidates import CandidateLists
 from imgsearch.catalogue import Catalogue
 from imgsearch.config import DEFAULT_CANDIDATES_K
 from imgsearch.image_embeddings import ImageEmbeddings
+from imgsearch.names import check_names
 from ranking_service.rankers import RANKER_NAMES, create_ranker, load_ranker, ranker_class
 from ranking_service.rankers.common import load_arrays, save_arrays
 from ranking_service.rankers.prior import QueryPrior
@@ -140,9 +141,7 @@ def train_rankers(
     -------
     TrainingReport
     """
-    unknown = [name for name in names if name not in RANKER_NAMES]
-    if unknown:
-        raise ValueError(f"unknown ranker(s) {unknown}; valid names: {', '.join(RANKER_NAMES)}")
+    names = check_names(names, RANKER_NAMES, "ranker")
     out_dir = Path(out_dir)
     validation = prepare_validation(catalogue, candidates, candidates_k=candidates_k)
     report = TrainingReport(rankers={}, selection={}, validation=validation)

@@ -8,6 +8,7 @@ import time
 
 from imgsearch.candidates import CandidateLists
 from imgsearch.image_embeddings import ImageEmbeddings
+from imgsearch.names import check_names
 from ranking_service.rankers import RANKER_NAMES, create_ranker
 from ranking_service.rankers.validation import ValidationSet
 from ranking_service.validation_slice import Validation
@@ -138,8 +139,7 @@ def tune_ranker_report(
         ``grid`` (every tried point with its figure), ``n_queries`` and, except for ALS,
         ``model`` (the best point's fitted ranker).
     """
-    if name not in RANKER_NAMES:
-        raise ValueError(f"unknown ranker {name!r}; valid names: {', '.join(RANKER_NAMES)}")
+    check_names([name], RANKER_NAMES, "ranker")
     grid = TUNING_GRIDS[name] if grid is None else grid
     tried: list[dict] = []
     best_model, best_ndcg = None, -1.0

@@ -30,7 +30,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from imgsearch.names import RANKER_CHOICES, RETRIEVER_CHOICES, ranker_value, retriever_value
+from imgsearch.names import (
+    RANKER_CHOICES,
+    RETRIEVER_CHOICES,
+    check_names,
+    ranker_value,
+    retriever_value,
+)
 from imgsearch.ranking_metrics import percentiles_ms
 
 if TYPE_CHECKING:
@@ -92,10 +98,11 @@ class LoadSpec:
             raise ValueError(f"concurrency must be at least 1, got {self.concurrency}")
         if self.duration_s <= 0:
             raise ValueError(f"duration must be positive, got {self.duration_s}")
-        if self.retriever not in RETRIEVER_CHOICES:
-            raise ValueError(f"unknown retriever {self.retriever!r}; valid: {RETRIEVER_CHOICES}")
-        if self.ranker not in RANKER_CHOICES:
-            raise ValueError(f"unknown ranker {self.ranker!r}; valid: {RANKER_CHOICES}")
+        # Normalised as the CLI and the evaluation read names ("ALS" is "als").
+        object.__setattr__(
+            self, "retriever", check_names(self.retriever, RETRIEVER_CHOICES, "retriever")[0]
+        )
+        object.__setattr__(self, "ranker", check_names(self.ranker, RANKER_CHOICES, "ranker")[0])
 
     @property
     def mode(self) -> str:

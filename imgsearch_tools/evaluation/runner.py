@@ -82,7 +82,7 @@ import pandas as pd
 
 from imgsearch.catalogue import Catalogue
 from imgsearch.evaluation_protocol import temporal_split
-from imgsearch.names import RANKER_NAMES, RETRIEVER_NAMES
+from imgsearch.names import RANKER_NAMES, RETRIEVER_NAMES, check_names
 from imgsearch.ranking_metrics import (
     bootstrap_ci,
     metrics_from_hits,
@@ -163,25 +163,11 @@ class EvalConfig:
 
 
 def resolve_names(requested: Iterable[str] | None, valid: Iterable[str], kind: str) -> list[str]:
-    """Check names against the valid ones; None means all of them.
-
-    Raises
-    ------
-    EvaluationError
-        Naming the unknown names and listing the valid ones.
-    """
-    valid = list(valid)
-    if requested is None:
-        return valid
-    names = [n.strip().lower() for n in requested if n.strip()]
-    unknown = [n for n in names if n not in valid]
-    if unknown:
-        raise EvaluationError(
-            f"unknown {kind} {', '.join(repr(n) for n in unknown)}; valid: {', '.join(valid)}"
-        )
-    if not names:
-        raise EvaluationError(f"no {kind} given; valid: {', '.join(valid)}")
-    return list(dict.fromkeys(names))
+    """:func:`imgsearch.names.check_names`, raising :class:`EvaluationError`."""
+    try:
+        return check_names(requested, valid, kind)
+    except ValueError as exc:
+        raise EvaluationError(str(exc)) from None
 
 
 def fit_rankers(

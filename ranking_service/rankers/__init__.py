@@ -8,23 +8,12 @@ from pathlib import Path
 
 from imgsearch.catalogue import Catalogue
 from imgsearch.image_embeddings import ImageEmbeddings
+from imgsearch.names import RANKER_NAMES, check_names
 from ranking_service.rankers.base import Ranker, RankQuery, RankScores
 
-# The API names (imgsearch.names), in the proto enum's order.
-RANKER_NAMES = (
-    "none",
-    "popularity",
-    "als",
-    "fm",
-    "deepfm",
-    "ease",
-    "item_knn",
-    "clip_profile",
-    "stacked",
-)
-
-# name -> (module, class); modules are imported on first use so that serving ALS or
-# popularity never pays for importing torch.
+# name -> (module, class), one per name of imgsearch.names.RANKER_NAMES (a test checks);
+# modules are imported on first use so that serving ALS or popularity never pays for
+# importing torch.
 _REGISTRY = {
     "none": ("ranking_service.rankers.none", "NoneRanker"),
     "popularity": ("ranking_service.rankers.popularity", "PopularityRanker"),
@@ -56,8 +45,7 @@ def ranker_class(name: str) -> type[Ranker]:
     ValueError
         For a name that is not one of :data:`RANKER_NAMES`.
     """
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown ranker {name!r}; valid names: {', '.join(RANKER_NAMES)}")
+    check_names([name], RANKER_NAMES, "ranker")
     module, attribute = _REGISTRY[name]
     return getattr(importlib.import_module(module), attribute)
 
