@@ -288,21 +288,3 @@ def paired_bootstrap_ci(
     if a.shape != b.shape:
         raise ValueError("paired values must have the same length")
     return bootstrap_ci(a - b, n=n, seed=seed, level=level)
-
-
-def percentiles_ms(seconds) -> dict[str, float | None]:
-    """p50/p90/p99/max/mean of durations given in seconds, in milliseconds (3 decimals).
-
-    Every value is None when there are no durations.
-    """
-    values = np.asarray(seconds, dtype=np.float64) * 1000.0
-    if len(values) == 0:
-        return {"p50": None, "p90": None, "p99": None, "max": None, "mean": None}
-    p50, p90, p99 = np.percentile(values, [50, 90, 99])
-    return {
-        "p50": round(float(p50), 3),
-        "p90": round(float(p90), 3),
-        "p99": round(float(p99), 3),
-        "max": round(float(values.max()), 3),
-        "mean": round(float(values.mean()), 3),
-    }

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
+from imgsearch.latency import percentiles_ms
+
 # Exact search scans every vector: ~4 ms per query at 25k x 512-d on one core (memory bound),
 # so above ~50k photos an HNSW graph (sub-millisecond, recall ~0.99 at efSearch 128) pays.
 EXACT_LIMIT = 50_000
@@ -280,11 +282,5 @@ def time_search(index: object, queries: np.ndarray, k: int = 100) -> dict:
     for query in queries:
         start = time.perf_counter()
         index.search(query[None, :], k)
-        times.append((time.perf_counter() - start) * 1000)
-    times_ms = np.asarray(times)
-    return {
-        "p50_ms": float(np.percentile(times_ms, 50)),
-        "p99_ms": float(np.percentile(times_ms, 99)),
-        "mean_ms": float(times_ms.mean()),
-        "queries": len(times_ms),
-    }
+        times.append(time.perf_counter() - start)
+    return {**percentiles_ms(times, "_ms"), "queries": len(times)}

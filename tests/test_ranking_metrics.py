@@ -7,13 +7,13 @@ import math
 import numpy as np
 import pytest
 
+from imgsearch.latency import percentiles_ms
 from imgsearch.ranking_metrics import (
     bootstrap_ci,
     hit_matrix,
     metrics_from_hits,
     ndcg_at_k,
     paired_bootstrap_ci,
-    percentiles_ms,
     precision_at_k,
     rank_by_scores,
     recall_at_k,
@@ -160,6 +160,13 @@ def test_percentiles_ms():
     assert out["p99"] == pytest.approx(99.01)
     assert out["max"] == pytest.approx(100.0) and out["mean"] == pytest.approx(50.5)
     assert percentiles_ms(np.array([]))["p50"] is None
+    assert percentiles_ms([0.002, 0.004], "_ms") == {
+        "p50_ms": 3.0,
+        "p90_ms": 3.8,
+        "p99_ms": 3.98,
+        "max_ms": 4.0,
+        "mean_ms": 3.0,
+    }
 
 
 def test_cores_busy_elsewhere_leaves_this_process_out():

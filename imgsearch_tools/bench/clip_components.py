@@ -8,6 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
+from imgsearch.latency import percentiles_ms
+
 
 def index_figures(
     embeddings: np.ndarray,
@@ -51,14 +53,6 @@ def index_figures(
         "queries": len(queries),
         "exact": time_search(exact, queries, search_k),
         "index": time_search(vector_index, queries, search_k),
-    }
-
-
-def _percentiles(times_ms: list[float]) -> dict:
-    values = np.asarray(times_ms)
-    return {
-        "p50_ms": round(float(np.percentile(values, 50)), 3),
-        "p99_ms": round(float(np.percentile(values, 99)), 3),
     }
 
 
@@ -120,7 +114,9 @@ def bench_clip(
         "model": bundle.spec.describe(),
         "threads": threads,
         "k": k,
-        "text_encode": {name: _percentiles(t) for name, t in times.items()},
+        "text_encode": {
+            name: percentiles_ms(np.asarray(t) / 1e3, "_ms") for name, t in times.items()
+        },
     }
 
     if embeddings_path:

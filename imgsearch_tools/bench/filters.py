@@ -27,6 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
+from imgsearch.latency import percentiles_ms
+
 K = 10
 CANDIDATES_K = 100
 SELECTIVITIES = (0.5, 0.1, 0.01, 0.001)
@@ -205,9 +207,9 @@ def measure_recall(pieces, selectivities, n_queries: int, seed: int) -> list[dic
                     "recall_at_10": round(float(np.mean(recalls)), 4) if recalls else None,
                     "recall_at_10_min": round(float(np.min(recalls)), 4) if recalls else None,
                     "complete_share": round(float(np.mean(complete)), 4) if complete else None,
-                    "mask_ms": _percentiles(mask_ms),
-                    "search_ms": _percentiles(search_ms),
-                    "unfiltered_search_ms": _percentiles(plain_ms),
+                    "mask_ms": percentiles_ms(np.asarray(mask_ms) / 1e3),
+                    "search_ms": percentiles_ms(np.asarray(search_ms) / 1e3),
+                    "unfiltered_search_ms": percentiles_ms(np.asarray(plain_ms) / 1e3),
                     "search_cpu_ms_mean": round(float(np.mean(search_cpu_ms)), 3),
                     "unfiltered_search_cpu_ms_mean": round(float(np.mean(plain_cpu_ms)), 3),
                     "paths": {p: paths.count(p) for p in sorted(set(paths))},
@@ -215,13 +217,6 @@ def measure_recall(pieces, selectivities, n_queries: int, seed: int) -> list[dic
             )
             say(_row_line(rows[-1]))
     return rows
-
-
-def _percentiles(values_ms) -> dict:
-    if not values_ms:
-        return {"p50": None, "p99": None}
-    p50, p99 = np.percentile(values_ms, [50, 99])
-    return {"p50": round(float(p50), 3), "p99": round(float(p99), 3)}
 
 
 def _row_line(row: dict) -> str:

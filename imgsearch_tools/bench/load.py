@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from imgsearch.latency import percentiles_ms
 from imgsearch.names import (
     RANKER_CHOICES,
     RETRIEVER_CHOICES,
@@ -37,7 +38,6 @@ from imgsearch.names import (
     ranker_value,
     retriever_value,
 )
-from imgsearch.ranking_metrics import percentiles_ms
 
 if TYPE_CHECKING:
     from imgsearch.security import ClientSecurity

@@ -24,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
+from imgsearch.latency import percentiles_ms
+
 # Requests timed, and how many of the first ones only warm the caches.
 LATENCY_REQUESTS = 4000
 WARM_UP = 200
@@ -84,12 +86,7 @@ def stacked_latency(src: Path, stacked_dir: Path) -> dict:
         scored = ranker.score(request)
         rank_by_scores(request.candidates, scored.scores)[:10]
         times.append(time.perf_counter() - start)
-    ms = np.asarray(times[WARM_UP:]) * 1e3
-    return {
-        "requests": len(ms),
-        "p50_ms": round(float(np.percentile(ms, 50)), 3),
-        "p99_ms": round(float(np.percentile(ms, 99)), 3),
-    }
+    return {"requests": len(times[WARM_UP:]), **percentiles_ms(times[WARM_UP:], "_ms")}
 
 
 def main(argv: list[str] | None = None) -> int:

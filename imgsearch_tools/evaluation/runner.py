@@ -82,12 +82,12 @@ import pandas as pd
 
 from imgsearch.catalogue import Catalogue
 from imgsearch.evaluation_protocol import temporal_split
+from imgsearch.latency import percentiles_ms
 from imgsearch.names import RANKER_NAMES, RETRIEVER_NAMES, check_names
 from imgsearch.ranking_metrics import (
     bootstrap_ci,
     metrics_from_hits,
     paired_bootstrap_ci,
-    percentiles_ms,
     rank_by_scores,
     seed_ndcg,
 )
