@@ -7,12 +7,12 @@ from an earlier run carries the same header with that run's commit and a ``histo
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from imgsearch_tools.provenance import current_commit, machine_description
 
 # The first line of every results page: what marks it as written by a command.
 MARKER = "<!-- results page: written by a command; rerun the command instead of editing -->"
@@ -33,51 +33,6 @@ class ResultsHeader:
     date: str
     # Non-empty for a page kept from an earlier run: what was not rerun and why.
     historical: str = ""
-
-
-# The checkout this code runs from: its commit is the one that produced the figures.
-CHECKOUT = Path(__file__).resolve().parents[1]
-
-
-def current_commit(repo: str | Path = CHECKOUT) -> str:
-    """Short commit of ``repo``'s HEAD, ``-dirty`` when tracked files differ from it.
-
-    ``unknown`` outside a git checkout (an installed copy), which a committed page may not carry.
-    """
-
-    def git(*args: str) -> str:
-        return subprocess.run(
-            ["git", *args], cwd=repo, capture_output=True, text=True, timeout=10, check=True
-        ).stdout.strip()
-
-    try:
-        commit = git("rev-parse", "--short", "HEAD")
-        changed = git("status", "--porcelain", "--untracked-files=no")
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return f"{commit}-dirty" if changed else commit
-
-
-def _proc_value(path: str, key: str) -> str:
-    """The value after ``key:`` on the first matching line of a /proc file ('' if none)."""
-    try:
-        for line in Path(path).read_text().splitlines():
-            if line.startswith(key):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return ""
-
-
-def machine_description() -> str:
-    """One line naming the machine: usable CPUs and their model, memory, GPU or none."""
-    cpu_model = _proc_value("/proc/cpuinfo", "model name")
-    memory_kib = _proc_value("/proc/meminfo", "MemTotal").split(" ")[0]
-    memory = f"{int(memory_kib) / 1024**2:.1f} GiB" if memory_kib.isdigit() else "memory unknown"
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    gpu = "a GPU" if Path("/dev/nvidia0").exists() else "no GPU"
-    model = f" {cpu_model}" if cpu_model else ""
-    return f"{cpus} vCPU{model}, {memory}, {gpu}"
 
 
 def render_header(title: str, header: ResultsHeader) -> str:

@@ -14,6 +14,7 @@ from imgsearch.retrieval.v1 import retrieval_service_pb2 as retr_pb
 from imgsearch.retrieval.v1 import retrieval_service_pb2_grpc as retr_grpc
 from imgsearch.search.v1 import search_service_pb2 as pb
 from imgsearch.search.v1 import search_service_pb2_grpc as pb_grpc
+from imgsearch_tools.bench.queries import BenchQuery
 
 RETRIEVAL = "imgsearch.retrieval.v1.RetrievalService"
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -163,7 +164,7 @@ def test_a_pushback_that_says_never_stops_the_retries(loop_thread, replicas):
 
 
 def test_bench_balances_over_every_gateway_it_is_given(loop_thread, replicas):
-    from imgsearch_tools.bench.load import BenchQuery, LoadSpec, run_load
+    from imgsearch_tools.bench.load import LoadSpec, run_load
 
     first, second = replicas("first", "second")
     spec = LoadSpec(

@@ -11,6 +11,7 @@ import pytest
 from imgsearch_tools.bench import load as bench
 from imgsearch_tools.bench.bare_chain import TIERS, BareChain, write_payloads
 from imgsearch_tools.bench.processes import LOADGEN, CpuMeter
+from imgsearch_tools.bench.queries import sample_queries
 from imgsearch_tools.cli import main
 
 
@@ -99,7 +100,7 @@ def test_bench_suite_reports_the_chain_against_imgsearch(artifact_root, tmp_path
 
 @pytest.fixture(scope="module")
 def queries(artifact_root):
-    return bench.sample_queries(artifact_root, n=50, seed=1)
+    return sample_queries(artifact_root, n=50, seed=1)
 
 
 def test_a_results_page_of_one_section_is_titled_after_it():

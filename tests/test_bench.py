@@ -10,14 +10,23 @@ import grpc
 import pytest
 
 from imgsearch_tools.bench import load as bench
+from imgsearch_tools.bench.in_process import InProcessPipeline
 from imgsearch_tools.bench.processes import free_port
+from imgsearch_tools.bench.queries import (
+    BenchQuery,
+    is_unique,
+    query_mix,
+    read_query_file,
+    sample_queries,
+)
+from imgsearch_tools.bench.reflection_check import reflection_client_check, resolve_method
 from imgsearch_tools.cli import main
 from imgsearch_tools.results_page import parse_header
 
 
 @pytest.fixture(scope="module")
 def queries(artifact_root):
-    return bench.sample_queries(artifact_root, n=60, seed=3)
+    return sample_queries(artifact_root, n=60, seed=3)
 
 
 def assert_consistent(result: dict) -> None:
@@ -44,21 +53,21 @@ def test_sampled_queries_are_real_users_and_keywords(queries, catalogue):
 
 
 def test_sampling_is_deterministic_for_a_seed(artifact_root, queries):
-    assert bench.sample_queries(artifact_root, n=60, seed=3) == queries
-    assert bench.sample_queries(artifact_root, n=60, seed=4) != queries
+    assert sample_queries(artifact_root, n=60, seed=3) == queries
+    assert sample_queries(artifact_root, n=60, seed=4) != queries
 
 
 def test_a_share_of_queries_is_made_unique_and_never_repeats(queries):
     catalogue_texts = {q.query for q in queries}
-    mixed = bench.query_mix(queries, 100, 0.2)
+    mixed = query_mix(queries, 100, 0.2)
     unique = [q for q in mixed if q.query not in catalogue_texts]
     assert len(unique) == 20 and len({q.query for q in unique}) == 20
-    assert [bench.is_unique(i, 0.2) for i in range(5)] == [False] * 4 + [True]  # evenly spread
+    assert [is_unique(i, 0.2) for i in range(5)] == [False] * 4 + [True]  # evenly spread
     assert all(q.query.split()[0] in catalogue_texts for q in unique)  # a real keyword first
     assert {q.user_id for q in unique} <= {q.user_id for q in queries}
-    again = bench.query_mix(queries, 100, 1.0)
+    again = query_mix(queries, 100, 1.0)
     assert not {q.query for q in again} & {q.query for q in mixed}  # none sent twice
-    assert bench.query_mix(queries, 60, 0.0) == queries
+    assert query_mix(queries, 60, 0.0) == queries
     with pytest.raises(ValueError, match="unique share"):
         bench.LoadSpec(target="x", qps=1, unique_share=1.5)
 
@@ -66,12 +75,12 @@ def test_a_share_of_queries_is_made_unique_and_never_repeats(queries):
 def test_queries_from_a_file_take_the_sampled_users(queries, tmp_path):
     path = tmp_path / "queries.txt"
     path.write_text("red circle\n\n  blue star at night \n")
-    read = bench.read_query_file(path, queries)
+    read = read_query_file(path, queries)
     assert [q.query for q in read] == ["red circle", "blue star at night"]
     assert [q.user_id for q in read] == [queries[0].user_id, queries[1].user_id]
     path.write_text("\n")
     with pytest.raises(ValueError, match="no query"):
-        bench.read_query_file(path, queries)
+        read_query_file(path, queries)
 
 
 def test_bench_sends_unique_queries(stack, artifact_root, tmp_path):
@@ -135,7 +144,7 @@ def test_nothing_listening_counts_unavailable_without_crashing(loop_thread, quer
 def test_in_process_pipeline_returns_what_the_servers_return(stack, artifact_root, queries):
     from gateway.client import search
 
-    pipeline = bench.InProcessPipeline(artifact_root)
+    pipeline = InProcessPipeline(artifact_root)
     for query in queries[:5]:
         ids, _, _ = pipeline.search(query, "keyword", "als", 5, 50)
         served = search(
@@ -158,7 +167,8 @@ def test_reflection_only_client_calls_search_without_generated_code(stack, queri
 import json, sys
 import grpc
 from google.protobuf import json_format
-from imgsearch_tools.bench.load import resolve_method, reflection_client_check
+from imgsearch_tools.bench.reflection_check import resolve_method, reflection_client_check
+
 with grpc.insecure_channel({stack.target!r}) as channel:
     path, request_class, response_class = resolve_method(channel)
     call = channel.unary_unary(
@@ -190,7 +200,7 @@ print(json.dumps({{"path": path, "response": response, "check": check, "generate
 def test_reflection_reports_an_unknown_method(stack):
     with grpc.insecure_channel(stack.target) as channel:
         with pytest.raises(LookupError, match="NoSuchMethod"):
-            bench.resolve_method(channel, "imgsearch.search.v1.SearchService.NoSuchMethod")
+            resolve_method(channel, "imgsearch.search.v1.SearchService.NoSuchMethod")
 
 
 def test_bench_command_writes_json_and_fails_when_nothing_answers(artifact_root, tmp_path):
@@ -310,7 +320,7 @@ def test_the_shipped_ghz_config_resolves_and_calls_with_zero_errors(stack):
     from pathlib import Path
 
     config = json.loads((Path(__file__).parents[1] / "bench" / "ghz.json").read_text())
-    check = bench.reflection_client_check(stack.target, config["data"], symbol=config["call"])
+    check = reflection_client_check(stack.target, config["data"], symbol=config["call"])
     assert check["ok"] == len(config["data"]) and check["errors"] == {}
 
 
@@ -319,7 +329,7 @@ def test_an_unloadable_set_skips_the_in_process_baseline_but_keeps_the_figures(t
 
     run = {"retriever": "keyword", "ranker": "als", "k": 10, "candidates_k": 100}
     report = {"scenarios": [{**run, "latency_ms": {"p50": 5.0}}]}
-    add_in_process(report, tmp_path / "missing", [bench.BenchQuery("u", "red")])
+    add_in_process(report, tmp_path / "missing", [BenchQuery("u", "red")])
     (measured,) = report["scenarios"]
     assert "cannot load" in measured["in_process"]["skipped"]
     assert measured["e2e_over_in_process_p50"] is None

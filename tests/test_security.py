@@ -14,6 +14,7 @@ from imgsearch.search.v1 import search_service_pb2_grpc as pb_grpc
 from imgsearch.security import ClientSecurity
 from imgsearch.tokens import TokenSet
 from imgsearch_tools import certs
+from imgsearch_tools.bench.reflection_check import reflection_client_check
 from tests.conftest import Stack
 
 UNAUTHENTICATED = "missing or invalid bearer token"
@@ -157,7 +158,6 @@ def test_reflection_only_client_with_token_calls_like_ghz(
     loop_thread, artifact_root, cert_dir, tmp_path
 ):
     """ghz --cacert/--cert/--key --metadata/--reflect-metadata, without --proto."""
-    from imgsearch_tools.bench import load as bench
 
     overrides, security = certs.dev_tls_settings(cert_dir)
     stack = Stack(
@@ -169,12 +169,10 @@ def test_reflection_only_client_with_token_calls_like_ghz(
     )
     try:
         requests = [{"query": "red", "k": 3, "user_id": "u"}] * 5
-        check = bench.reflection_client_check(stack.target, requests, security=security)
+        check = reflection_client_check(stack.target, requests, security=security)
         assert check["ok"] == 5 and check["errors"] == {}
         with pytest.raises(grpc.RpcError) as info:
-            bench.reflection_client_check(
-                stack.target, requests, security=client(cert_dir, token=None)
-            )
+            reflection_client_check(stack.target, requests, security=client(cert_dir, token=None))
         assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
     finally:
         stack.stop()

@@ -11,9 +11,11 @@ from pathlib import Path
 
 from imgsearch.conversion_store import DB_SUFFIX
 from imgsearch.names import RANKER_CHOICES, RETRIEVER_CHOICES
+from imgsearch_tools.bench.in_process import InProcessPipeline, network_ratio
 from imgsearch_tools.bench.json_door import NAME as JSON_DOOR
 from imgsearch_tools.bench.json_door import json_door_scenario
 from imgsearch_tools.bench.processes import ServiceProcesses
+from imgsearch_tools.bench.queries import query_mix, read_query_file, sample_queries
 from imgsearch_tools.bench.report import page_title, render_markdown
 from imgsearch_tools.bench.scenarios import (
     CANDIDATES_K,
@@ -30,6 +32,7 @@ from imgsearch_tools.bench.scenarios import (
 )
 from imgsearch_tools.bench.shards import cmd_bench_shards
 from imgsearch_tools.client_flags import add_client_security_arguments, client_security
+from imgsearch_tools.provenance import current_commit, machine_facts
 
 
 def add_commands(subparsers) -> None:
@@ -305,9 +308,8 @@ def _served_artifacts(admin_target: str) -> str:
 
 def _bench_queries(args, artifacts_path: str) -> tuple[list, float]:
     """The requests `bench` cycles through, and the share of them it makes unique."""
-    from imgsearch_tools.bench import load as bench
 
-    sampled = bench.sample_queries(artifacts_path, n=args.requests, seed=args.seed)
+    sampled = sample_queries(artifacts_path, n=args.requests, seed=args.seed)
     if args.queries == "catalogue":
         return sampled, args.unique_share
     if args.queries == "unique":
@@ -316,7 +318,7 @@ def _bench_queries(args, artifacts_path: str) -> tuple[list, float]:
         raise ValueError(
             f"--queries {args.queries!r}: not 'catalogue', 'unique' or a file of queries"
         )
-    return bench.read_query_file(args.queries, sampled), args.unique_share
+    return read_query_file(args.queries, sampled), args.unique_share
 
 
 def cmd_bench(args) -> int:
@@ -368,14 +370,14 @@ def cmd_bench(args) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     command = " ".join(["imgsearch", *sys.argv[1:]])
-    machine = bench.machine_info(command)
+    machine = machine_facts(command)
     result = asyncio.run(bench.run_load(spec, queries, security=security))
     in_process = None
     if not args.no_in_process:
         try:
-            pipeline = bench.InProcessPipeline(artifacts_path)
+            pipeline = InProcessPipeline(artifacts_path)
             in_process = pipeline.measure(
-                bench.query_mix(queries, args.in_process_requests, unique_share),
+                query_mix(queries, args.in_process_requests, unique_share),
                 args.retriever,
                 args.ranker,
                 args.k,
@@ -390,7 +392,7 @@ def cmd_bench(args) -> int:
             "spec": bench.as_dict(spec),
             "result": result,
             "in_process": in_process,
-            "e2e_over_in_process_p50": bench.network_ratio(result, in_process),
+            "e2e_over_in_process_p50": network_ratio(result, in_process),
         }
         path = Path(args.json)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -501,8 +503,8 @@ async def run_suite(args, artifact_set, out: Path) -> int:
 
         overrides, security = dev_tls_settings(args.tls)
     report: dict = {
-        "machine": bench.machine_info(command),
-        "commit": bench.git_commit(),
+        "machine": machine_facts(command),
+        "commit": current_commit(),
         "artifacts": {
             "root": str(Path(args.artifacts).resolve()),
             "version": artifact_set.version,
@@ -523,7 +525,7 @@ async def run_suite(args, artifact_set, out: Path) -> int:
         },
         "scenarios": [],
     }
-    queries = bench.sample_queries(artifact_set.path, n=args.requests, seed=args.seed)
+    queries = sample_queries(artifact_set.path, n=args.requests, seed=args.seed)
     # The services serve a root under OUT holding the set and the hot-reload version.
     root = served_root(artifact_set, out)
     services = ServiceProcesses(str(root.resolve()), out / "logs", overrides=overrides)
@@ -628,7 +630,6 @@ def cmd_bench_feedback(args) -> int:
     from imgsearch import artifacts
     from imgsearch.config import env
     from imgsearch_tools.bench.feedback import bench_backend, render_feedback_markdown
-    from imgsearch_tools.bench.load import machine_info
     from imgsearch_tools.outputs import RefusedFolder, claim_in_place
 
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
@@ -668,7 +669,7 @@ def cmd_bench_feedback(args) -> int:
         }
         for c in concurrencies
     ]
-    report = {"machine": machine_info(" ".join(["imgsearch", *sys.argv[1:]])), "backends": []}
+    report = {"machine": machine_facts(" ".join(["imgsearch", *sys.argv[1:]])), "backends": []}
     for backend in backends:
         say(f"bench-feedback: {backend}")
         report["backends"].append(

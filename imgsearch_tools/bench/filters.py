@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from imgsearch.latency import percentiles_ms
+from imgsearch_tools.bench.queries import BenchQuery, sample_queries
 
 K = 10
 CANDIDATES_K = 100
@@ -250,11 +251,9 @@ async def served_overhead(
     from imgsearch_tools.bench.processes import LOADGEN, CpuMeter
 
     share = share if share is not None else min(float(s) for s in _selectivities(args))
-    plain = bench.sample_queries(set_dir, n=2000, seed=args.seed)
+    plain = sample_queries(set_dir, n=2000, seed=args.seed)
     rng = np.random.default_rng(args.seed)
-    filtered = [
-        bench.BenchQuery(q.user_id, q.query, date_filter(attributes, share, rng)) for q in plain
-    ]
+    filtered = [BenchQuery(q.user_id, q.query, date_filter(attributes, share, rng)) for q in plain]
     spec = bench.LoadSpec(
         target=target,
         qps=args.qps,
@@ -419,9 +418,9 @@ def filters_report(pieces, args, commit: str = "") -> dict:
 def cmd_bench_filters(args) -> int:
     import asyncio
 
-    from imgsearch_tools.bench.load import git_commit, machine_info
     from imgsearch_tools.bench.processes import ServiceProcesses
     from imgsearch_tools.outputs import RefusedFolder, claim_in_place
+    from imgsearch_tools.provenance import current_commit, machine_facts
 
     out = Path(args.out)
     try:
@@ -431,8 +430,8 @@ def cmd_bench_filters(args) -> int:
     except (RefusedFolder, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    report = filters_report(pieces, args, git_commit())
-    report["machine"] = machine_info(report["command"])
+    report = filters_report(pieces, args, current_commit())
+    report["machine"] = machine_facts(report["command"])
     if args.qps > 0:
         artifact_set = pieces[0]
         services = ServiceProcesses(str(artifact_set.path), out / "filters-logs")
@@ -470,8 +469,8 @@ async def suite_section(set_dir: Path, target: str, args, security=None) -> dict
         warmup=args.warmup,
         rounds=1,
     )
-    from imgsearch_tools.bench.load import git_commit
+    from imgsearch_tools.provenance import current_commit
 
-    report = filters_report(pieces, settings, git_commit())
+    report = filters_report(pieces, settings, current_commit())
     report["served"] = await served_overhead(target, set_dir, pieces[4], settings, security)
     return report

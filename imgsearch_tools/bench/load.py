@@ -1,15 +1,11 @@
-"""Load benchmark of SearchService: open/closed-loop gRPC load, in-process baseline, reflection.
+"""Load generator of SearchService: open/closed-loop gRPC load and its report.
 
-The load generator is a ``grpc.aio`` client that sends realistic (user, query) pairs sampled
-from the served catalogue's conversions, or queries read from a file; a share of them (or all)
-can be made unique, so that no cache of the server has seen them (the long tail of real search
-traffic, where a CLIP text encoder runs on every request). Open-loop mode sends on a fixed clock
-and never waits for replies (late sends are counted, and latency is also reported from the
-scheduled send time, so a slow server cannot hide behind a slow sender); closed-loop mode runs
-N workers that each wait for their reply before sending the next request.
-
-The in-process baseline calls the same retrievers and rankers directly (no gRPC, no protobuf)
-for the same requests, so ``e2e p50 / in-process p50`` is the cost of the three RPC hops.
+The load generator is a ``grpc.aio`` client that sends the queries of
+:mod:`imgsearch_tools.bench.queries`. Open-loop mode sends on a fixed clock and never waits
+for replies (late sends are counted, and latency is also reported from the scheduled send time,
+so a slow server cannot hide behind a slow sender); closed-loop mode runs N workers that each
+wait for their reply before sending the next request. The report sets the figures beside the
+in-process baseline of :mod:`imgsearch_tools.bench.in_process`.
 
 Heavy imports (grpc, numpy, pandas, the models) stay inside functions.
 """
@@ -17,18 +13,12 @@ Heavy imports (grpc, numpy, pandas, the models) stay inside functions.
 from __future__ import annotations
 
 import asyncio
-import itertools
-import os
-import platform
-import random
 import re
-import subprocess
 import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from imgsearch.latency import percentiles_ms
 from imgsearch.names import (
@@ -38,6 +28,8 @@ from imgsearch.names import (
     ranker_value,
     retriever_value,
 )
+from imgsearch_tools.bench.in_process import network_ratio
+from imgsearch_tools.bench.queries import BenchQuery, is_unique, unique_query
 
 if TYPE_CHECKING:
     from imgsearch.security import ClientSecurity
@@ -47,20 +39,6 @@ SEARCH_METHOD_SYMBOL = f"{SEARCH_SERVICE}.Search"
 SEARCH_METHOD_PATH = f"/{SEARCH_SERVICE}/Search"
 # An open-loop send more than this behind its slot on the clock counts as late.
 LATE_SEND_MS = 2.0
-QUERY_SOURCES = ("catalogue", "unique")  # or a file with one query per line
-# Numbers that make queries unique: one count per load-generator process, from a random start
-# so that a second run against the same servers does not find its queries in their caches.
-_unique_numbers = itertools.count(random.SystemRandom().randrange(10_000, 900_000))
-
-
-@dataclass(frozen=True)
-class BenchQuery:
-    """One realistic request: an anonymous user and the keyword they searched, and the photo
-    filter it carries (None: none)."""
-
-    user_id: str
-    query: str
-    photo_filter: Any = None
 
 
 @dataclass(frozen=True)
@@ -119,97 +97,6 @@ class LoadSpec:
 
 
 # ------------------------------------------------------------------------------ requests
-def sample_queries(artifacts_path: str | Path, n: int = 2000, seed: int = 0) -> list[BenchQuery]:
-    """Sample ``n`` (user, keyword) pairs from the artifact set's conversions.
-
-    Sampling conversions uniformly reproduces the real mix: popular keywords and active users
-    come up as often as they do in the traffic the catalogue recorded.
-
-    Parameters
-    ----------
-    artifacts_path:
-        An artifact root (with ``current``) or one set folder.
-    n:
-        How many requests to draw (with replacement).
-    seed:
-        Seed of the draw; the same seed gives the same requests.
-
-    Returns
-    -------
-    list of BenchQuery
-
-    Raises
-    ------
-    ValueError
-        When the catalogue has no conversion with a keyword.
-    """
-    import numpy as np
-    import pandas as pd
-
-    from imgsearch import artifacts
-
-    artifact_set = artifacts.resolve(artifacts_path)
-    catalogue_dir = artifact_set.file(artifacts.CATALOGUE_DIR)
-    conversions = pd.read_parquet(
-        catalogue_dir / "conversions.parquet", columns=["keyword", "user_idx"]
-    )
-    conversions = conversions[conversions["keyword"].astype(str).str.strip() != ""]
-    if conversions.empty:
-        raise ValueError(f"{catalogue_dir}: no conversion has a keyword to search for")
-    users = pd.read_parquet(catalogue_dir / "users.parquet")
-    user_ids = users.set_index("user_idx")["anonymous_user_id"]
-    rows = np.random.default_rng(seed).integers(0, len(conversions), n)
-    picked = conversions.iloc[rows]
-    ids = user_ids.reindex(picked["user_idx"].to_numpy()).fillna("").astype(str).tolist()
-    return [BenchQuery(user, str(query)) for user, query in zip(ids, picked["keyword"].tolist())]
-
-
-def read_query_file(path: str | Path, users: list[BenchQuery]) -> list[BenchQuery]:
-    """Queries from a text file (one per line, blank lines skipped), sent as ``users``' users.
-
-    Parameters
-    ----------
-    path:
-        The file.
-    users:
-        Sampled requests whose users are reused in turn (see :func:`sample_queries`).
-
-    Raises
-    ------
-    ValueError
-        When the file holds no query.
-    """
-    lines = [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines()]
-    texts = [line for line in lines if line]
-    if not texts:
-        raise ValueError(f"{path}: no query in the file (one query per line)")
-    return [BenchQuery(users[i % len(users)].user_id, text) for i, text in enumerate(texts)]
-
-
-def is_unique(i: int, share: float) -> bool:
-    """Whether request ``i`` is made unique: ``share`` of the requests, evenly spread."""
-    return int((i + 1) * share) > int(i * share)
-
-
-def unique_query(query: BenchQuery, words: list[str]) -> BenchQuery:
-    """``query`` made unique: another catalogue word and a number no request had before.
-
-    "red" becomes "red star 104217": the length of a short real query, never in any cache.
-    """
-    number = next(_unique_numbers)
-    return BenchQuery(query.user_id, f"{query.query} {words[number % len(words)]} {number}")
-
-
-def query_mix(queries: list[BenchQuery], n: int, share: float) -> list[BenchQuery]:
-    """The first ``n`` requests a load with ``share`` unique queries sends (fresh numbers)."""
-    words = sorted({q.query for q in queries})
-    mixed = []
-    for i in range(n):
-        query = queries[i % len(queries)]
-        mixed.append(unique_query(query, words) if is_unique(i, share) else query)
-    return mixed
-
-
 def request_fields(query: BenchQuery, spec: LoadSpec) -> dict:
     """The SearchRequest of ``query`` as proto3 JSON (enum names), as ghz and grpcurl take it."""
     fields: dict = {"user_id": query.user_id, "query": query.query, "k": spec.k}
@@ -530,287 +417,7 @@ async def drive(
     return recorder.summary(spec, loadgen_cpu_s=cpu)
 
 
-# ------------------------------------------------------------------------- in-process
-class InProcessPipeline:
-    """The served retrievers and rankers called directly: no gRPC, no protobuf, no network.
-
-    Parameters
-    ----------
-    artifacts_path:
-        The artifact root or set the servers serve.
-    """
-
-    def __init__(self, artifacts_path: str | Path):
-        from ranking_service.server import load_ranking_state
-        from retrieval_service.server import load_retrieval_state
-
-        self.retrieval = load_retrieval_state(str(artifacts_path))
-        self.ranking = load_ranking_state(str(artifacts_path))
-        self.version = self.retrieval.version
-
-    def _names(self, retriever: str, ranker: str) -> tuple[str, str]:
-        retriever_name = self.retrieval.default_retriever if retriever == "default" else retriever
-        ranker_name = self.ranking.default_ranker if ranker == "default" else ranker
-        if retriever_name not in self.retrieval.retrievers:
-            raise ValueError(
-                f"retriever {retriever_name!r} is not in artifact set {self.version} "
-                f"(available: {', '.join(self.retrieval.retrievers)})"
-            )
-        if ranker_name not in self.ranking.rankers:
-            raise ValueError(
-                f"ranker {ranker_name!r} has no in-process equivalent in artifact set "
-                f"{self.version} (available: {', '.join(self.ranking.rankers)})"
-            )
-        return retriever_name, ranker_name
-
-    def search(
-        self, query: BenchQuery, retriever: str, ranker: str, k: int, candidates_k: int
-    ) -> tuple[list[str], float, float]:
-        """One search the way the servers do it; returns (photo ids, retrieve s, rank s)."""
-        import numpy as np
-
-        from imgsearch.catalogue import normalise_keyword
-        from ranking_service.rankers.base import RankQuery
-        from ranking_service.server import top_k
-
-        retriever_name, ranker_name = self._names(retriever, ranker)
-        start = time.perf_counter()
-        text = normalise_keyword(query.query)
-        result = self.retrieval.retrievers[retriever_name].retrieve(text, candidates_k)
-        retrieved = time.perf_counter()
-        photo_idx = np.asarray(result.photo_idx, dtype=np.int64)
-        if len(photo_idx):
-            catalogue = self.ranking.catalogue
-            user_idx = catalogue.user_idx(query.user_id) if query.user_id else None
-            rank_query = RankQuery(
-                user_idx=user_idx,
-                keyword=normalise_keyword(result.keyword or text),
-                candidates=photo_idx,
-                retrieval_scores=np.asarray(result.scores, dtype=np.float32),
-                country=self.ranking.user_country.get(user_idx, "") if user_idx is not None else "",
-            )
-            scores = self.ranking.rankers[ranker_name].score(rank_query).scores
-            order = top_k(np.asarray(scores, dtype=np.float64), k)
-            photo_idx = photo_idx[order]
-        ids = self.retrieval.photo_ids[photo_idx].tolist()
-        return ids, retrieved - start, time.perf_counter() - retrieved
-
-    def measure(
-        self,
-        queries: list[BenchQuery],
-        retriever: str,
-        ranker: str,
-        k: int = 10,
-        candidates_k: int = 100,
-        warmup: int = 20,
-    ) -> dict:
-        """Latency of :meth:`search` over ``queries``, one at a time, in milliseconds."""
-        self._names(retriever, ranker)
-        for query in queries[:warmup]:
-            self.search(query, retriever, ranker, k, candidates_k)
-        totals, retrieve, rank = [], [], []
-        for query in queries:
-            _, retrieve_s, rank_s = self.search(query, retriever, ranker, k, candidates_k)
-            retrieve.append(retrieve_s)
-            rank.append(rank_s)
-            totals.append(retrieve_s + rank_s)
-        return {
-            "requests": len(queries),
-            "latency_ms": percentiles_ms(totals),
-            "retrieve_ms": percentiles_ms(retrieve),
-            "rank_ms": percentiles_ms(rank),
-        }
-
-
-def network_ratio(result: dict, in_process: dict | None) -> float | None:
-    """End-to-end p50 over in-process p50: what the RPC hops multiply a search by."""
-    if not in_process or "latency_ms" not in in_process:
-        return None
-    e2e = result["latency_ms"]["p50"]
-    local = in_process["latency_ms"]["p50"]
-    if e2e is None or not local:
-        return None
-    return round(e2e / local, 1)
-
-
-# ------------------------------------------------------------------------- reflection
-def resolve_method(
-    channel, symbol: str = SEARCH_METHOD_SYMBOL, metadata=()
-) -> tuple[str, type, type]:
-    """Resolve a method through server reflection alone, the way ghz does without ``--proto``.
-
-    Asks ``file_containing_symbol`` for the method's full name, fetches any missing
-    dependency by file name, builds a private descriptor pool (never the generated code) and
-    makes the request and response classes with ``message_factory``.
-
-    Parameters
-    ----------
-    channel:
-        A synchronous ``grpc.Channel`` to the server.
-    symbol:
-        The method's full name, ``package.Service.Method``.
-    metadata:
-        Sent with the reflection calls (a bearer token, say).
-
-    Returns
-    -------
-    tuple
-        (the method's path ``/package.Service/Method``, request class, response class).
-
-    Raises
-    ------
-    LookupError
-        When reflection does not know the symbol (what ghz reports as "Symbol not found").
-    """
-    from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
-    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-
-    stub = reflection_pb2_grpc.ServerReflectionStub(channel)
-    files: dict[str, descriptor_pb2.FileDescriptorProto] = {}
-
-    def ask(request) -> None:
-        for reply in stub.ServerReflectionInfo(iter([request]), timeout=10, metadata=metadata):
-            if reply.HasField("error_response"):
-                raise LookupError(
-                    f"reflection: {reply.error_response.error_message or 'not found'} "
-                    f"(code {reply.error_response.error_code}) for {symbol}"
-                )
-            for raw in reply.file_descriptor_response.file_descriptor_proto:
-                proto = descriptor_pb2.FileDescriptorProto.FromString(raw)
-                files.setdefault(proto.name, proto)
-
-    ask(reflection_pb2.ServerReflectionRequest(file_containing_symbol=symbol))
-    while missing := sorted({d for f in files.values() for d in f.dependency} - files.keys()):
-        ask(reflection_pb2.ServerReflectionRequest(file_by_filename=missing[0]))
-    pool = descriptor_pool.DescriptorPool()
-    added: set[str] = set()
-    while len(added) < len(files):
-        ready = [
-            name
-            for name, proto in files.items()
-            if name not in added and set(proto.dependency) <= added
-        ]
-        for name in ready:
-            pool.Add(files[name])
-            added.add(name)
-    service_name, _, method_name = symbol.rpartition(".")
-    method = pool.FindServiceByName(service_name).methods_by_name[method_name]
-    return (
-        f"/{service_name}/{method_name}",
-        message_factory.GetMessageClass(method.input_type),
-        message_factory.GetMessageClass(method.output_type),
-    )
-
-
-def reflection_client_check(
-    target: str,
-    requests: list[dict],
-    symbol: str = SEARCH_METHOD_SYMBOL,
-    timeout: float = 5.0,
-    security: ClientSecurity | None = None,
-) -> dict:
-    """Call ``symbol`` once per request (proto3 JSON dicts) with a reflection-only client.
-
-    ``security`` gives the channel's TLS files and the token sent with every call, the
-    reflection ones included (ghz's ``--metadata`` and ``--reflect-metadata``).
-
-    Returns
-    -------
-    dict
-        ``calls``, ``ok``, ``errors`` by status code, ``empty_responses`` (OK but no results)
-        and the latency percentiles (ms) of the OK calls.
-    """
-    import grpc
-    from google.protobuf import json_format
-
-    from imgsearch.security import ClientSecurity
-
-    codes: Counter = Counter()
-    empty = 0
-    latencies = []
-    security = security or ClientSecurity()
-    metadata = security.metadata()
-    with security.channel(target) as channel:
-        path, request_class, response_class = resolve_method(channel, symbol, metadata)
-        call = channel.unary_unary(
-            path,
-            request_serializer=request_class.SerializeToString,
-            response_deserializer=response_class.FromString,
-        )
-        for fields in requests:
-            message = json_format.ParseDict(fields, request_class())
-            start = time.perf_counter()
-            try:
-                response = call(message, timeout=timeout, metadata=metadata)
-            except grpc.RpcError as exc:
-                codes[exc.code().name] += 1
-                continue
-            latencies.append(time.perf_counter() - start)
-            codes["OK"] += 1
-            if "results" in response.DESCRIPTOR.fields_by_name and not len(response.results):
-                empty += 1
-    return {
-        "symbol": symbol,
-        "method_path": path,
-        "calls": len(requests),
-        "ok": codes.get("OK", 0),
-        "errors": {c: n for c, n in sorted(codes.items()) if c != "OK"},
-        "empty_responses": empty,
-        "latency_ms": percentiles_ms(latencies),
-    }
-
-
 # -------------------------------------------------------------------------- reporting
-def git_commit() -> str:
-    """The short commit of the working tree the benchmark runs from ("" outside git)."""
-    try:
-        return subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return ""
-
-
-def machine_info(command: str = "") -> dict:
-    """Where the figures were measured: platform, CPUs, CPU model, memory, load, date."""
-    import grpc
-
-    cpu_model = ""
-    try:
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    cpu_model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    memory_gib = None
-    try:
-        with open("/proc/meminfo") as handle:
-            for line in handle:
-                if line.startswith("MemTotal:"):
-                    memory_gib = round(int(line.split()[1]) / 1024**2, 1)
-                    break
-    except OSError:
-        pass
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except AttributeError:
-        usable = os.cpu_count()
-    return {
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "grpcio": grpc.__version__,
-        "cpu_count": os.cpu_count(),
-        "usable_cpus": usable,
-        "cpu_model": cpu_model or platform.processor() or "unknown",
-        "memory_gib": memory_gib,
-        "loadavg_at_start": [round(x, 2) for x in os.getloadavg()],
-        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-        "command": command,
-    }
-
-
 def format_result(result: dict, in_process: dict | None = None) -> str:
     """A few readable lines for one load phase."""
     lat = result["latency_ms"]

@@ -21,6 +21,8 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+from imgsearch_tools.bench.queries import sample_queries
+
 TIERS = ("gateway", "retrieval", "ranking")
 _FRAME = re.compile(r"^(?P<name>.*?) \((?P<file>[^():]+)(?::\d+)?\)$")
 
@@ -95,7 +97,7 @@ async def profile(args) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     artifact_set = artifacts.resolve(args.artifacts)
-    queries = bench.sample_queries(artifact_set.path, n=2000, seed=0)
+    queries = sample_queries(artifact_set.path, n=2000, seed=0)
     if args.chain:
         from imgsearch_tools.bench.bare_chain import BareChain, write_payloads
 

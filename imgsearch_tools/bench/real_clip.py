@@ -16,6 +16,7 @@ from pathlib import Path
 
 from imgsearch_tools.bench.overload import finish, overload_scenario
 from imgsearch_tools.bench.processes import ServiceProcesses
+from imgsearch_tools.bench.queries import sample_queries
 from imgsearch_tools.bench.scenarios import Scenario, run_scenario, say
 
 MODEL = "ViT-B-32"
@@ -109,7 +110,6 @@ async def real_clip_section(
     ``scenarios``: the steady-load scenarios; ``with_overload``: then the overload scenario
     (:mod:`imgsearch_tools.bench.overload`).
     """
-    from imgsearch_tools.bench import load as bench
 
     folder = out / "vit-b-32"
     started = time.perf_counter()
@@ -128,7 +128,7 @@ async def real_clip_section(
         "target": {"qps": args.real_clip_qps, "p99_ms": TARGET_P99_MS},
         "scenarios": [],
     }
-    queries = bench.sample_queries(artifact_set.path, n=args.requests, seed=args.seed)
+    queries = sample_queries(artifact_set.path, n=args.requests, seed=args.seed)
     services = ServiceProcesses(
         str(artifact_set.path), out / "logs" / "vit-b-32", overrides=overrides
     )

@@ -43,8 +43,9 @@ def render_markdown(report: dict) -> str:
         "",
         f"Measured {m['date']} on {m['cpu_model']}, {m['usable_cpus']} usable CPUs "
         f"({m['cpu_count']} online), {m['memory_gib']} GiB, `{m['platform']}`, "
-        f"Python {m['python']}, grpcio {m['grpcio']}; load average {m['loadavg_at_start']} at "
-        f"start, {m.get('loadavg_at_end', '?')} at the end (other work shares this machine). "
+        f"Python {m['python']}, grpcio {m.get('grpcio', '-')}; "
+        f"load average {m['loadavg_at_start']} at start, {m.get('loadavg_at_end', '?')} "
+        "at the end (other work shares this machine). "
         f"Command: `{m['command']}` (commit {report.get('commit') or '?'}).",
         "",
         f"Artifact set `{report['artifacts']['version']}` "

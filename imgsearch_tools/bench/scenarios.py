@@ -9,7 +9,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from imgsearch_tools.bench.in_process import InProcessPipeline, network_ratio
 from imgsearch_tools.bench.processes import CpuMeter, ServiceProcesses
+from imgsearch_tools.bench.queries import BenchQuery
+from imgsearch_tools.bench.reflection_check import reflection_client_check
 
 # Request shape of every standard scenario: k=10 of 100 candidates.
 K = 10
@@ -73,7 +76,7 @@ async def run_scenario(
     from imgsearch_tools.bench import load as bench
 
     if scenario.repeated_query:
-        queries = [bench.BenchQuery(queries[0].user_id, scenario.repeated_query)]
+        queries = [BenchQuery(queries[0].user_id, scenario.repeated_query)]
     spec = bench.LoadSpec(
         target=target,
         qps=scenario.qps,
@@ -106,7 +109,7 @@ async def reflection_run(target: str, queries, security=None) -> dict:
     requests = [bench.request_fields(q, spec) for q in queries[:200]]
     try:
         result = await asyncio.to_thread(
-            bench.reflection_client_check, target, requests, security=security
+            reflection_client_check, target, requests, security=security
         )
     except LookupError as exc:
         result = {"error": str(exc)}
@@ -303,14 +306,13 @@ async def hot_reload_scenario(
 
 def add_in_process(report: dict, artifacts_path, queries) -> None:
     """Time each scenario's requests in-process and attach the e2e / in-process ratio."""
-    from imgsearch_tools.bench import load as bench
 
     runs = [r for r in report["scenarios"] if "latency_ms" in r]
     runs += [report[key] for key in ("kill_ranking", "hot_reload") if key in report]
     if not runs:
         return
     try:
-        pipeline = bench.InProcessPipeline(artifacts_path)
+        pipeline = InProcessPipeline(artifacts_path)
     except Exception as exc:  # noqa: BLE001 - keep the measured load figures regardless
         say(f"in-process baseline skipped: cannot load {artifacts_path}: {exc!r}")
         for run in runs:
@@ -326,7 +328,7 @@ def add_in_process(report: dict, artifacts_path, queries) -> None:
             except ValueError as exc:
                 cache[key] = {"skipped": str(exc)}
         run["in_process"] = cache[key]
-        run["e2e_over_in_process_p50"] = bench.network_ratio(run, cache[key])
+        run["e2e_over_in_process_p50"] = network_ratio(run, cache[key])
 
 
 def write_ghz_data(path: Path, queries) -> None:

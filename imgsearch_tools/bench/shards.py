@@ -16,8 +16,10 @@ import sys
 from pathlib import Path
 
 from imgsearch_tools.bench.processes import ServiceProcesses
+from imgsearch_tools.bench.queries import sample_queries
 from imgsearch_tools.bench.report import _ms
 from imgsearch_tools.bench.scenarios import Scenario, run_scenario, say
+from imgsearch_tools.provenance import machine_facts
 
 ENTRIES = ("shards.json", "shards.md", "shards/")
 CHECK_K = 100
@@ -197,11 +199,10 @@ def render(report: dict) -> str:
 
 
 async def run_bench_shards(args, artifact_set, out: Path, counts: list[int]) -> int:
-    from imgsearch_tools.bench import load as bench
 
     command = " ".join(["imgsearch", *sys.argv[1:]])
-    report = {"machine": bench.machine_info(command), "set": artifact_set.version, "layouts": []}
-    queries = bench.sample_queries(args.artifacts, n=args.requests, seed=args.seed)
+    report = {"machine": machine_facts(command), "set": artifact_set.version, "layouts": []}
+    queries = sample_queries(args.artifacts, n=args.requests, seed=args.seed)
     reference: dict = {}
     for count in counts:
         layout = await measure_layout(

@@ -5,9 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
-import platform
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -40,20 +37,6 @@ def dataset_summary(catalogue: Catalogue) -> dict:
         "users": catalogue.n_users,
         "conversions": len(catalogue.conversions),
     }
-
-
-def machine_summary() -> dict:
-    """Where the figures were measured."""
-    info = {
-        "platform": platform.platform(),
-        "machine": platform.machine(),
-        "processor": platform.processor() or "",
-        "python": platform.python_version(),
-        "cpu_count": os.cpu_count(),
-    }
-    if "torch" in sys.modules:
-        info["torch_threads"] = sys.modules["torch"].get_num_threads()
-    return info
 
 
 def jsonable(value):

@@ -98,7 +98,8 @@ from imgsearch_tools.evaluation.queries import (
     pair_queries,
     user_photos,
 )
-from imgsearch_tools.evaluation.report import dataset_summary, jsonable, machine_summary
+from imgsearch_tools.evaluation.report import dataset_summary, jsonable
+from imgsearch_tools.provenance import machine_facts
 from retrieval_service.clip_model import TRAIN_STEPS
 
 CLIP_RETRIEVERS = frozenset({"clip", "hybrid"})
@@ -566,7 +567,7 @@ def evaluate(
         "served_vs_best": served_vs_best,
         "default_retriever_vs_others": retrievers_compared,
         "models": models,
-        "machine": machine_summary(),
+        "machine": machine_facts(),
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "command": command if command is not None else shlex.join(["imgsearch", *sys.argv[1:]]),
         "duration_s": round(time.perf_counter() - started, 1),
