@@ -16,7 +16,7 @@ COMMAND_MODULES = [
     "imgsearch_tools.conversions",
     "imgsearch_tools.demo_data",
     "imgsearch_tools.evaluation.commands",
-    "imgsearch_tools.bench.commands",
+    "imgsearch_tools.bench.arguments",
     "imgsearch_tools.bench.filters",
     "imgsearch_tools.certs",
     "imgsearch_tools.clip_commands",

@@ -288,7 +288,7 @@ def test_generating_into_the_current_folder_works_when_it_is_empty(tmp_path, mon
 
 def test_the_suite_runs_again_where_its_servers_left_their_conversion_log(tmp_path):
     from imgsearch.conversion_store import default_db_path
-    from imgsearch_tools.bench.commands import REPORT_ENTRIES
+    from imgsearch_tools.bench.suite import REPORT_ENTRIES
 
     report = tmp_path / "bench"
     outputs.claim_in_place(report, "bench-suite", REPORT_ENTRIES)
@@ -303,10 +303,10 @@ def test_the_suite_runs_again_where_its_servers_left_their_conversion_log(tmp_pa
 
 
 def test_a_report_folder_from_before_markers_is_the_benchmarks_own(tmp_path):
-    from imgsearch_tools.bench.commands import (
+    from imgsearch_tools.bench.suite import (
         FEEDBACK_ENTRIES,
         REPORT_ENTRIES,
-        _adopt_earlier_report,
+        adopt_earlier_report,
     )
 
     report = tmp_path / "bench"
@@ -314,7 +314,7 @@ def test_a_report_folder_from_before_markers_is_the_benchmarks_own(tmp_path):
     (report / "logs" / "gateway.log").write_text("...")
     (report / "bench.json").write_text(json.dumps({"machine": {}, "scenarios": []}))
     (report / "feedback.json").write_text(json.dumps({"machine": {}, "backends": []}))
-    _adopt_earlier_report(report)
+    adopt_earlier_report(report)
     # Each benchmark accepts the folder, and neither takes the other's files for its own.
     outputs.claim_in_place(report, "bench-suite", REPORT_ENTRIES)
     outputs.claim_in_place(report, "bench-feedback", FEEDBACK_ENTRIES)
@@ -325,7 +325,7 @@ def test_a_report_folder_from_before_markers_is_the_benchmarks_own(tmp_path):
     shutil.copytree(report, other)
     (other / outputs.MARKER).unlink()
     (other / "results.csv").write_text("a,b\n")
-    _adopt_earlier_report(other)
+    adopt_earlier_report(other)
     with pytest.raises(outputs.RefusedFolder, match="not empty"):
         outputs.claim_in_place(other, "bench-suite", REPORT_ENTRIES)
     assert "results.csv" in outputs.contents(other, "bench-suite").foreign
