@@ -22,6 +22,8 @@ MAX_K = 1000
 MAX_CANDIDATES_K = 1000
 DEFAULT_K = 10
 DEFAULT_CANDIDATES_K = 100
+# Where builds write and servers read artifact sets unless told otherwise.
+DEFAULT_ARTIFACTS = "var/artifacts"
 MAX_RECENT_PHOTOS = 200
 MAX_USER_ID_CHARS = 256
 
@@ -75,7 +77,7 @@ def metrics_port(service: str) -> int:
 class ServerConfig:
     """Settings every server shares."""
 
-    artifacts: str = field(default_factory=lambda: env("ARTIFACTS", "var/artifacts"))
+    artifacts: str = field(default_factory=lambda: env("ARTIFACTS", DEFAULT_ARTIFACTS))
     host: str = field(default_factory=lambda: env("HOST", "127.0.0.1"))
     port: int = 0
     metrics_port: int = field(default_factory=lambda: env_int("METRICS_PORT", 0))
@@ -239,7 +241,7 @@ class WebConfig:
     gateway_addr: str = field(
         default_factory=lambda: env("GATEWAY_ADDR", f"127.0.0.1:{env_int('GATEWAY_PORT', 50051)}")
     )
-    artifacts: str = field(default_factory=lambda: env("ARTIFACTS", "var/artifacts"))
+    artifacts: str = field(default_factory=lambda: env("ARTIFACTS", DEFAULT_ARTIFACTS))
     images: str = field(default_factory=lambda: env("WEB_IMAGES", ""))
     tls_cert: str = field(default_factory=lambda: env("TLS_CERT", ""))
     tls_key: str = field(default_factory=lambda: env("TLS_KEY", ""))

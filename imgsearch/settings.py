@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from imgsearch.config import DEFAULT_ARTIFACTS
+
 _TOKENS = (
     "One token per line followed by its scopes (`TOKEN search feedback:write`), `#` comments "
     "(a token alone, the older format, grants `search`, or `admin` in the admin file); a call "
@@ -36,7 +38,7 @@ class Setting:
 
 
 SETTINGS: tuple[Setting, ...] = (
-    Setting("ARTIFACTS", "Artifact root (holding `current`) or one set folder.", "var/artifacts"),
+    Setting("ARTIFACTS", "Artifact root (holding `current`) or one set folder.", DEFAULT_ARTIFACTS),
     Setting("HOST", "Address the service ports bind.", "127.0.0.1"),
     Setting("GATEWAY_PORT", "SearchService (and FeedbackService) port.", "50051", "gateway"),
     Setting("RETRIEVAL_PORT", "RetrievalService port.", "50052", "retrieval"),

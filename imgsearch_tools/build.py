@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
+from imgsearch.config import DEFAULT_ARTIFACTS
 from imgsearch.filters import FILTERS_FORMAT
 from imgsearch.filters import MANIFEST_KEY as FILTERS_KEY
 from imgsearch.names import RANKER_NAMES, check_names
@@ -124,7 +125,7 @@ def add_commands(subparsers) -> None:
         "retriever, fusion weights and ranker there; --tune also picks hyper-parameters on "
         "it. Both are recorded in the manifest.",
     )
-    p.add_argument("--artifacts", default="var/artifacts", help="artifact root (with current)")
+    p.add_argument("--artifacts", default=DEFAULT_ARTIFACTS, help="artifact root (with current)")
     p.add_argument(
         "--rankers",
         default=",".join(TRAINED_RANKERS),
@@ -165,7 +166,7 @@ def add_commands(subparsers) -> None:
         "photo indexes, so that the gateway's merge of the shards returns exactly what the "
         "whole set does. Serve shard I with `imgsearch serve retrieval --shard I`.",
     )
-    p.add_argument("--artifacts", default="var/artifacts", help="artifact root (with current)")
+    p.add_argument("--artifacts", default=DEFAULT_ARTIFACTS, help="artifact root (with current)")
     p.add_argument("--shards", type=int, required=True, help="number of shards (2 or more)")
     p.add_argument("--keep", type=int, default=3, help="complete sets to keep, as for build")
     p.add_argument("--quiet", action="store_true", help="no progress lines")

@@ -7,6 +7,7 @@ import os
 import sys
 from pathlib import Path
 
+from imgsearch.config import DEFAULT_ARTIFACTS
 from imgsearch.names import RANKER_CHOICES, RANKER_NAMES, RETRIEVER_CHOICES
 from imgsearch_tools.build import build_artifacts, check_artifact_root
 from imgsearch_tools.client_flags import add_client_security_arguments, client_security
@@ -86,7 +87,7 @@ def add_commands(subparsers) -> None:
         "--data", default="var/demo-data", help="demo data folder (generated when missing)"
     )
     p.add_argument(
-        "--artifacts", default="var/artifacts", help="artifact root (built when it has no set)"
+        "--artifacts", default=DEFAULT_ARTIFACTS, help="artifact root (built when it has no set)"
     )
     p.add_argument("--photos", type=int, default=5000, help="photos in a generated demo catalogue")
     p.add_argument("--users", type=int, default=2000, help="users in a generated demo catalogue")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from imgsearch.config import DEFAULT_ARTIFACTS
 from imgsearch.names import RANKER_CHOICES, RETRIEVER_CHOICES
 from imgsearch_tools.bench.commands import cmd_bench, cmd_bench_feedback
 from imgsearch_tools.bench.scenarios import CANDIDATES_K, K
@@ -98,7 +99,7 @@ def add_commands(subparsers) -> None:
         "for 20 s, a closed-loop run 5 s after); write OUT/bench.json and OUT/bench.md.",
     )
     p.add_argument("--data", default="var/demo-data", help="demo data folder (built if missing)")
-    p.add_argument("--artifacts", default="var/artifacts", help="artifact root to serve")
+    p.add_argument("--artifacts", default=DEFAULT_ARTIFACTS, help="artifact root to serve")
     p.add_argument(
         "--out",
         default="var/bench",
@@ -195,7 +196,7 @@ def add_commands(subparsers) -> None:
         "keyword and hybrid load, open and closed loop; write OUT/shards.json and "
         "OUT/shards.md. Run it alone on the machine (CPU figures).",
     )
-    p.add_argument("--artifacts", default="var/artifacts", help="artifact root or set")
+    p.add_argument("--artifacts", default=DEFAULT_ARTIFACTS, help="artifact root or set")
     p.add_argument("--shards", default="1,2,4", help="shard counts, 1 first (default 1,2,4)")
     p.add_argument(
         "--out", default="var/bench", help="report folder: new, empty, or one it wrote before"
@@ -218,7 +219,7 @@ def add_commands(subparsers) -> None:
         "report acknowledged events per second, call latency, errors and CPU per 1,000 events; "
         "write OUT/feedback.json and OUT/feedback.md.",
     )
-    p.add_argument("--artifacts", default="var/artifacts", help="artifact root to serve")
+    p.add_argument("--artifacts", default=DEFAULT_ARTIFACTS, help="artifact root to serve")
     p.add_argument(
         "--backends", default="sqlite,postgres", help="comma-separated: sqlite, postgres"
     )

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from imgsearch.config import DEFAULT_ARTIFACTS
 from imgsearch.latency import percentiles_ms
 from imgsearch_tools.bench.queries import BenchQuery, sample_queries
 
@@ -47,7 +48,7 @@ def add_commands(subparsers) -> None:
         description=(__doc__ or "").split("\n\n", 1)[1],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--artifacts", default="var/artifacts", help="artifact root or set")
+    p.add_argument("--artifacts", default=DEFAULT_ARTIFACTS, help="artifact root or set")
     p.add_argument("--out", default="var/bench", help="report folder (filters.json, filters.md)")
     p.add_argument("--force", action="store_true", help="write beside other files in OUT")
     p.add_argument("--queries", type=int, default=100, help="queries per kind of filter")

@@ -21,6 +21,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+from imgsearch.config import DEFAULT_ARTIFACTS
 from imgsearch_tools.bench.queries import sample_queries
 
 TIERS = ("gateway", "retrieval", "ranking")
@@ -151,7 +152,7 @@ async def profile(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--artifacts", default="var/artifacts", help="artifact root or set")
+    parser.add_argument("--artifacts", default=DEFAULT_ARTIFACTS, help="artifact root or set")
     parser.add_argument("--out", default="var/profile", help="folder for the collapsed stacks")
     parser.add_argument("--duration", type=float, default=15.0, help="seconds recorded")
     parser.add_argument("--concurrency", type=int, default=10, help="closed-loop clients")
