@@ -10,7 +10,7 @@ import sys
 # Each module exposes ``add_commands(subparsers)``; keep heavy imports (torch, faiss) inside
 # the handlers so `imgsearch --help` and light commands start fast.
 COMMAND_MODULES = [
-    "imgsearch_tools.build",
+    "imgsearch_tools.build_commands",
     "imgsearch_tools.serve",
     "imgsearch_tools.commands",
     "imgsearch_tools.conversions",

@@ -235,7 +235,7 @@ def test_help_works(argv):
 
 def test_train_publishes_tuned_rankers_as_a_new_version_sharing_the_rest(artifact_root, tmp_path):
     from imgsearch import artifacts
-    from imgsearch_tools.build import retrain_rankers
+    from imgsearch_tools.retrain import retrain_rankers
     from ranking_service.server import load_ranking_state
 
     root = tmp_path / "root"

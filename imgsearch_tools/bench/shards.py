@@ -41,7 +41,7 @@ def sharded_root(artifact_set, count: int, out: Path) -> Path:
     """An artifact root under ``out`` serving ``artifact_set``, split into ``count`` shards
     when ``count`` > 1 (the servers' conversion store goes beside it, also under ``out``)."""
     from imgsearch import artifacts
-    from imgsearch_tools.build import reshard
+    from imgsearch_tools.reshard import reshard
 
     root = out / f"root-{count}"
     if root.exists():
