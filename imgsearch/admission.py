@@ -25,6 +25,7 @@ from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any
 
+from google.protobuf.descriptor import FieldDescriptor
 from prometheus_client import Counter, Gauge, Histogram
 
 from imgsearch.names import ranker_name, retriever_name
@@ -320,6 +321,36 @@ def request_kind(request) -> str:
     return kind
 
 
+def kind_reader(request) -> Callable[[Any], str]:
+    """:func:`request_kind` for requests of ``request``'s type, its fields looked up once.
+
+    A method's requests are all of one type: which of ``retriever`` and ``ranker`` it has is
+    read from its descriptor here, instead of trying both attributes on every request.
+    """
+    fields = getattr(getattr(request, "DESCRIPTOR", None), "fields_by_name", None)
+    if fields is None:
+        return request_kind
+    enum_field = FieldDescriptor.TYPE_ENUM
+    retriever = (fields.get("retriever") or _NO_FIELD).type == enum_field
+    ranker = (fields.get("ranker") or _NO_FIELD).type == enum_field
+    if not (retriever or ranker):
+        return lambda request: ""
+
+    def read(request) -> str:
+        key = (request.retriever if retriever else None, request.ranker if ranker else None)
+        kind = _KINDS.get(key)
+        return request_kind(request) if kind is None else kind
+
+    return read
+
+
+class _NoField:
+    type = None
+
+
+_NO_FIELD = _NoField()
+
+
 class Admission:
     """Deadline-aware admission and a concurrency limit per method, for one service.
 
@@ -361,11 +392,15 @@ class Admission:
             limit = self.limits[method] = limit
         return limit
 
-    def admit(self, method: str, request, remaining_s: float | None) -> Ticket | Refusal:
+    def admit(
+        self, method: str, request, remaining_s: float | None, kind: str | None = None
+    ) -> Ticket | Refusal:
         """Admit a request of ``method`` with ``remaining_s`` of its deadline left (None: no
-        deadline), or say why not. An admitted request must be :meth:`finish`-ed."""
+        deadline), or say why not. An admitted request must be :meth:`finish`-ed. ``kind``:
+        the request's :func:`request_kind` when the caller has it already."""
         now = self.clock()
-        kind = request_kind(request)
+        if kind is None:
+            kind = request_kind(request)
         limit = self.limit_of(method)
         expected = self.times.expected((method, kind))
         if remaining_s is not None and expected is not None and limit.inflight > 0:
