@@ -20,10 +20,9 @@ from imgsearch.admission import (
     GradientLimit,
     Refusal,
     Ticket,
-    kind_reader,
     report_downstream_overload,
-    request_kind,
 )
+from imgsearch.request_kinds import kind_reader, request_kind
 from imgsearch.retrieval.v1 import retrieval_service_pb2 as retr_pb
 from imgsearch.retrieval.v1 import retrieval_service_pb2_grpc as retr_grpc
 from imgsearch.search.v1 import search_service_pb2 as pb

@@ -18,7 +18,8 @@ import time
 
 import grpc
 
-from imgsearch.admission import Admission, DeadlineExpired, Refusal, kind_reader
+from imgsearch.admission import Admission, DeadlineExpired, Refusal
+from imgsearch.request_kinds import kind_reader
 from imgsearch.serving.errors import InvalidArgument, bad_request_status
 from imgsearch.serving.metrics import LATENCY, RequestCounts, inflight_of
 from imgsearch.serving.reload import Reloadable
