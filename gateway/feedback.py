@@ -14,7 +14,7 @@ from imgsearch.conversion_store import DEFAULT_CONVERSION_TYPE, ConversionEvent,
 from imgsearch.conversion_store.background import BackgroundStore
 from imgsearch.feedback.v1 import feedback_service_pb2 as pb
 from imgsearch.feedback.v1 import feedback_service_pb2_grpc as pb_grpc
-from imgsearch.serving import InvalidArgument
+from imgsearch.serving.errors import InvalidArgument
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["FeedbackService"].full_name
 MAX_EVENTS_PER_BATCH = 1000

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import enum
 import logging
 import time
 from dataclasses import dataclass, field
@@ -10,23 +9,17 @@ from pathlib import Path
 
 import grpc
 
+from gateway.breaker import CircuitBreaker, RankingCall, Verdict
 from gateway.feedback import SERVICE_NAME as FEEDBACK_SERVICE_NAME
 from gateway.feedback import FeedbackServicer
+from gateway.merge import borda_merge
 from gateway.shards import RetrievalTier
+from gateway.validation import validate
 from imgsearch import artifacts
 from imgsearch.admission import PUSHBACK_KEY, SHED, report_downstream_overload
 from imgsearch.balancing import channel_options, channel_target
 from imgsearch.catalogue import normalise_user_id
-from imgsearch.config import (
-    DEFAULT_CANDIDATES_K,
-    DEFAULT_K,
-    MAX_CANDIDATES_K,
-    MAX_K,
-    MAX_QUERY_CHARS,
-    MAX_RECENT_PHOTOS,
-    MAX_USER_ID_CHARS,
-    GatewayConfig,
-)
+from imgsearch.config import GatewayConfig
 from imgsearch.conversion_store import open_store
 from imgsearch.conversion_store.background import BackgroundStore
 from imgsearch.feedback.v1 import feedback_service_pb2_grpc as feedback_grpc
@@ -40,7 +33,6 @@ from imgsearch.serving import (
     DEGRADED,
     LATENCY,
     REQUEST_ID_KEY,
-    InvalidArgument,
     Reloadable,
     Service,
     current_request_id,
@@ -108,187 +100,6 @@ def load_gateway_state(artifacts_path: str) -> GatewayState:
             keywords=by_photo.get(row.photo_idx, []),
         )
     return GatewayState(artifact_set.version, artifact_set.path, messages, ["metadata"])
-
-
-# The enums' values, looked up on every search (``Enum.values()`` builds a new list per call).
-RETRIEVER_VALUES = frozenset(retr_pb.Retriever.values())
-RANKER_VALUES = frozenset(rank_pb.Ranker.values())
-
-
-def validate(request: pb.SearchRequest) -> tuple[int, int]:
-    """Check a SearchRequest; returns (k, candidates_k) or raises InvalidArgument."""
-    query = " ".join(request.query.split())
-    if not query:
-        raise InvalidArgument("query", "must not be empty")
-    if len(query) > MAX_QUERY_CHARS:
-        raise InvalidArgument(
-            "query", f"must be at most {MAX_QUERY_CHARS} characters, got {len(query)}"
-        )
-    k = request.k or DEFAULT_K
-    if not 1 <= k <= MAX_K:
-        raise InvalidArgument("k", f"must be between 1 and {MAX_K}, got {request.k}")
-    candidates_k = request.candidates_k or max(DEFAULT_CANDIDATES_K, k)
-    if not k <= candidates_k <= MAX_CANDIDATES_K:
-        raise InvalidArgument(
-            "candidates_k",
-            f"must be between k ({k}) and {MAX_CANDIDATES_K}, got {request.candidates_k}",
-        )
-    if request.retriever not in RETRIEVER_VALUES:
-        raise InvalidArgument("retriever", f"unknown value {request.retriever}")
-    if request.ranker not in RANKER_VALUES:
-        raise InvalidArgument("ranker", f"unknown value {request.ranker}")
-    if len(request.user_id) > MAX_USER_ID_CHARS:
-        raise InvalidArgument("user_id", f"must be at most {MAX_USER_ID_CHARS} characters")
-    if len(request.recent_photo_ids) > MAX_RECENT_PHOTOS:
-        raise InvalidArgument(
-            "recent_photo_ids",
-            f"at most {MAX_RECENT_PHOTOS} ids, got {len(request.recent_photo_ids)}",
-        )
-    return k, candidates_k
-
-
-def borda_merge(first: list[str], second: list[str]) -> list[tuple[str, float]]:
-    """Ranked voting over two lists: each list gives n - rank points; only shared items count.
-
-    The seed study's two-step ranking intersects ALS recommendations with CLIP results and
-    merges the two orders by ranked voting.
-    """
-    points: dict[str, float] = {}
-    n1, n2 = len(first), len(second)
-    pos2 = {pid: i for i, pid in enumerate(second)}
-    for i, pid in enumerate(first):
-        j = pos2.get(pid)
-        if j is not None:
-            points[pid] = (n1 - i) / n1 + (n2 - j) / n2
-    return sorted(points.items(), key=lambda item: -item[1])
-
-
-class Verdict(enum.Enum):
-    """What one ranking call says about ranking's health."""
-
-    ANSWERED = "answered"  # ranking is up: a response, or a refusal of its own choosing
-    FAILED = "failed"  # ranking is down, broken, or too slow for a fair budget
-    NONE = "none"  # nothing learned: the caller gave up, or left ranking too little time
-
-
-# Codes that mean ranking itself failed. RESOURCE_EXHAUSTED is ranking shedding load (it is
-# up and answers at once), and a refusal of the request (INVALID_ARGUMENT...) is an answer.
-RANKING_FAILURES = {
-    grpc.StatusCode.UNAVAILABLE,
-    grpc.StatusCode.INTERNAL,
-    grpc.StatusCode.UNKNOWN,
-    grpc.StatusCode.DATA_LOSS,
-    # Not our cancellation (that raises asyncio.CancelledError): ranking or its host dropped it.
-    grpc.StatusCode.CANCELLED,
-}
-
-
-def verdict(code: grpc.StatusCode, given_s: float, fair_s: float) -> Verdict:
-    """Judge a failed ranking call by its status ``code``.
-
-    A DEADLINE_EXCEEDED counts against ranking only when it was given at least ``fair_s``
-    (the configured ranking budget): a client whose own deadline left ranking less has run
-    out of time itself, and must not open the breaker for everyone else.
-    """
-    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-        return Verdict.FAILED if given_s >= fair_s else Verdict.NONE
-    return Verdict.FAILED if code in RANKING_FAILURES else Verdict.ANSWERED
-
-
-class CircuitBreaker:
-    """Skips a failing downstream for a while so searches degrade at once instead of waiting.
-
-    Closed, calls go through, and ``threshold`` consecutive failures open it. Open, calls are
-    refused for ``cooldown_s``; then exactly one call goes through as a probe (half-open) while
-    every other call is still refused until the probe's verdict: an answer closes the breaker,
-    a failure opens it for another cooldown, and a probe that ends without a verdict (its
-    client cancelled, or had too little budget) hands the probe to the next call.
-    """
-
-    def __init__(self, threshold: int = 3, cooldown_s: float = 1.0, clock=time.monotonic):
-        self.threshold = threshold
-        self.cooldown_s = cooldown_s
-        self.clock = clock
-        self.failures = 0
-        self.open_until: float | None = None  # None: closed
-        self.probing = False
-
-    def acquire(self) -> str | None:
-        """A permit for one call ("call" or "probe"), or None when the call must be skipped."""
-        if self.open_until is None:
-            return "call"
-        if self.probing or self.clock() < self.open_until:
-            return None
-        self.probing = True
-        return "probe"
-
-    def record(self, permit: str, outcome: Verdict) -> None:
-        """The verdict of a call made under ``permit``."""
-        if permit == "probe":
-            self.probing = False
-            if outcome is Verdict.ANSWERED:
-                self.open_until, self.failures = None, 0
-            elif outcome is Verdict.FAILED:
-                self.open_until = self.clock() + self.cooldown_s
-            return
-        if self.open_until is not None:
-            return  # a call that started before the breaker opened: the probe decides now
-        if outcome is Verdict.ANSWERED:
-            self.failures = 0
-        elif outcome is Verdict.FAILED:
-            self.failures += 1
-            if self.failures >= self.threshold:
-                self.open_until = self.clock() + self.cooldown_s
-                self.failures = 0
-
-
-class RankingCall:
-    """One call to ranking under the breaker; its verdict is recorded exactly once.
-
-    Parameters
-    ----------
-    breaker:
-        The ranking breaker the permit came from.
-    permit:
-        From :meth:`CircuitBreaker.acquire`.
-    call:
-        The started grpc.aio call.
-    given_s, fair_s:
-        The timeout it was given, and the ranking budget a timeout is judged against.
-    """
-
-    def __init__(self, breaker: CircuitBreaker, permit: str, call, given_s: float, fair_s: float):
-        self.breaker = breaker
-        self.permit = permit
-        self.call = call
-        self.given_s = given_s
-        self.fair_s = fair_s
-        self.started = time.perf_counter()
-        self.recorded = False
-
-    def _record(self, outcome: Verdict) -> None:
-        if not self.recorded:
-            self.recorded = True
-            self.breaker.record(self.permit, outcome)
-
-    async def result(self):
-        """The response; raises the call's AioRpcError (or CancelledError) after judging it."""
-        try:
-            response = await self.call
-        except grpc.aio.AioRpcError as exc:
-            self._record(verdict(exc.code(), self.given_s, self.fair_s))
-            raise
-        except BaseException:
-            self.cancel()
-            raise
-        self._record(Verdict.ANSWERED)
-        return response
-
-    def cancel(self) -> None:
-        """Give up on the call (cancelled at ranking too); nothing is learned from it."""
-        if not self.call.done():
-            self.call.cancel()
-        self._record(Verdict.NONE)
 
 
 def unavailable(exc: grpc.aio.AioRpcError) -> str:
@@ -376,13 +187,14 @@ class SearchServicer(pb_grpc.SearchServiceServicer):
         ranking_reserve = min(self.config.ranking_budget_ms / 1000, budget / 2)
         two_step = request.ranker == rank_pb.RANKER_TWO_STEP
 
+        retrieve_request = retr_pb.RetrieveRequest(
+            query=request.query, candidates_k=candidates_k, retriever=request.retriever
+        )
+        if request.HasField("filter"):
+            # Only a filter the client set is copied: an absent one filters nothing.
+            retrieve_request.filter.CopyFrom(request.filter)
         retrieve_call = self.retrieval.retrieve(
-            retr_pb.RetrieveRequest(
-                query=request.query,
-                candidates_k=candidates_k,
-                retriever=request.retriever,
-                filter=request.filter,
-            ),
+            retrieve_request,
             timeout=max(0.001, budget - ranking_reserve),
             metadata=metadata,
         )

@@ -27,7 +27,7 @@ from typing import Any
 
 from prometheus_client import Counter, Gauge, Histogram
 
-from imgsearch.names import ranker_name, retriever_name
+from imgsearch.request_kinds import request_kind
 
 PUSHBACK_KEY = "grpc-retry-pushback-ms"
 # gRPC's retry policy reads a negative pushback as "do not retry this call".
@@ -290,36 +290,6 @@ class Refusal:
     metadata: tuple[tuple[str, str], ...]
 
 
-# (retriever, ranker) field values -> kind; bounded, as clients may send any enum number.
-_KINDS: dict[tuple[Any, Any], str] = {}
-_MAX_KINDS = 1024
-
-
-def request_kind(request) -> str:
-    """What kind of work a request asks for, by the retriever and ranker it names.
-
-    "hybrid+als" for a search, "hybrid" for a retrieval, "als" for a ranking ("default"
-    where the field is unspecified); "" for requests with neither field.
-    """
-    retriever = getattr(request, "retriever", None)
-    ranker = getattr(request, "ranker", None)
-    # A field of another type names nothing, as an absent one (and may not be hashable).
-    retriever = retriever if isinstance(retriever, int) else None
-    ranker = ranker if isinstance(ranker, int) else None
-    key = (retriever, ranker)
-    kind = _KINDS.get(key)
-    if kind is None:
-        parts = []
-        if retriever is not None:
-            parts.append(retriever_name(retriever) or "unknown")
-        if ranker is not None:
-            parts.append(ranker_name(ranker) or "unknown")
-        kind = "+".join(parts)
-        if len(_KINDS) < _MAX_KINDS:
-            _KINDS[key] = kind
-    return kind
-
-
 class Admission:
     """Deadline-aware admission and a concurrency limit per method, for one service.
 
@@ -361,11 +331,15 @@ class Admission:
             limit = self.limits[method] = limit
         return limit
 
-    def admit(self, method: str, request, remaining_s: float | None) -> Ticket | Refusal:
+    def admit(
+        self, method: str, request, remaining_s: float | None, kind: str | None = None
+    ) -> Ticket | Refusal:
         """Admit a request of ``method`` with ``remaining_s`` of its deadline left (None: no
-        deadline), or say why not. An admitted request must be :meth:`finish`-ed."""
+        deadline), or say why not. An admitted request must be :meth:`finish`-ed. ``kind``:
+        the request's :func:`request_kind` when the caller has it already."""
         now = self.clock()
-        kind = request_kind(request)
+        if kind is None:
+            kind = request_kind(request)
         limit = self.limit_of(method)
         expected = self.times.expected((method, kind))
         if remaining_s is not None and expected is not None and limit.inflight > 0:

@@ -16,7 +16,7 @@ import pandas as pd
 
 from imgsearch.catalogue import COLOR_COLUMNS, normalise_keyword, with_filter_columns
 from imgsearch.retrieval.v1 import retrieval_service_pb2 as pb
-from imgsearch.serving import InvalidArgument
+from imgsearch.serving.errors import InvalidArgument
 
 # The manifest key and format of filter support (a set without the key refuses filters).
 MANIFEST_KEY = "filters"

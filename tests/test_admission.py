@@ -21,8 +21,8 @@ from imgsearch.admission import (
     Refusal,
     Ticket,
     report_downstream_overload,
-    request_kind,
 )
+from imgsearch.request_kinds import kind_reader, request_kind
 from imgsearch.retrieval.v1 import retrieval_service_pb2 as retr_pb
 from imgsearch.retrieval.v1 import retrieval_service_pb2_grpc as retr_grpc
 from imgsearch.search.v1 import search_service_pb2 as pb
@@ -153,6 +153,26 @@ def test_request_kinds_name_the_retriever_and_ranker():
     assert request_kind(search).startswith("hybrid+")
     assert request_kind(retr_pb.RetrieveRequest(query="x")) == "default"
     assert request_kind(admin_pb.GetStatusRequest()) == ""
+
+
+def test_a_kind_reader_built_from_one_request_names_every_request_of_its_type_alike():
+    from imgsearch.ranking.v1 import ranking_service_pb2 as rank_pb
+
+    requests = [
+        *(
+            pb.SearchRequest(query="x", retriever=r, ranker=k)
+            for r in (0, 1, 3, 77)
+            for k in (0, 3, 99)
+        ),
+        *(retr_pb.RetrieveRequest(query="x", retriever=r) for r in (0, 2, 55)),
+        *(rank_pb.RankRequest(ranker=k) for k in (0, 3, 42)),
+        rank_pb.RecommendRequest(user_id="u"),
+        admin_pb.GetStatusRequest(),
+        object(),  # not a protobuf message: the generic reading
+    ]
+    for request in requests:
+        read = kind_reader(request)
+        assert read(request) == request_kind(request), request
 
 
 def test_a_deadline_shorter_than_the_work_is_refused_at_once_unless_the_stage_is_idle():

@@ -57,7 +57,7 @@ def test_search_notes_do_not_tell_where_the_store_is(loop_thread, artifact_root)
 
 
 def test_internal_errors_give_the_request_id_not_the_exception_text(loop_thread):
-    from imgsearch.serving import ServiceInterceptor
+    from imgsearch.serving.interceptor import ServiceInterceptor
 
     async def explode(request, context):
         raise RuntimeError("cannot open /srv/private/users.db as admin@db-host")

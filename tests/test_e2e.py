@@ -192,9 +192,9 @@ def test_recent_photos_personalize_a_user_the_model_has_not_seen(stub, catalogue
 def test_request_id_crosses_all_three_services_in_the_access_log(stub, monkeypatch, caplog):
     import logging
 
-    from imgsearch import serving
+    from imgsearch.serving import pipeline
 
-    monkeypatch.setattr(serving, "ACCESS_LOG", True)
+    monkeypatch.setattr(pipeline, "ACCESS_LOG", True)
     with caplog.at_level(logging.INFO, logger="imgsearch"):
         stub.Search(
             pb.SearchRequest(query="red", k=3), timeout=10, metadata=(("x-request-id", "rq-42"),)
@@ -214,9 +214,9 @@ def test_request_id_crosses_all_three_services_in_the_access_log(stub, monkeypat
 def test_a_search_without_a_request_id_gets_one_id_in_every_service(stub, monkeypatch, caplog):
     import logging
 
-    from imgsearch import serving
+    from imgsearch.serving import pipeline
 
-    monkeypatch.setattr(serving, "ACCESS_LOG", True)
+    monkeypatch.setattr(pipeline, "ACCESS_LOG", True)
     with caplog.at_level(logging.INFO, logger="imgsearch"):
         stub.Search(pb.SearchRequest(query="red", k=3), timeout=10)
     lines = [r for r in caplog.records if r.getMessage() == "rpc"]

@@ -11,7 +11,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 def test_health_watch_streams_are_bounded(loop_thread):
     from imgsearch.health import MAX_HEALTH_WATCHES
-    from imgsearch.serving import new_server
+    from imgsearch.serving.ports import new_server
 
     async def start():
         server, port, health = new_server("test", "127.0.0.1", 0)

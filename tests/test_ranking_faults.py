@@ -10,7 +10,7 @@ import grpc
 import pytest
 
 from gateway import server as gateway_server
-from gateway.server import CircuitBreaker, Verdict, verdict
+from gateway.breaker import CircuitBreaker, Verdict, verdict
 from imgsearch.balancing import RETRY_ATTEMPTS
 from imgsearch.config import with_overrides
 from imgsearch.ranking.v1 import ranking_service_pb2 as rank_pb

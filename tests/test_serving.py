@@ -227,7 +227,8 @@ def test_reload_to_a_broken_set_keeps_serving_the_old_one(loop_thread, artifact_
 
 def test_a_server_still_loading_answers_unavailable_not_internal(loop_thread):
     from imgsearch.admission import Admission
-    from imgsearch.serving import Reloadable, ServiceInterceptor
+    from imgsearch.serving import Reloadable
+    from imgsearch.serving.interceptor import ServiceInterceptor
     from ranking_service.server import SERVICE_NAME, RankingServicer
 
     async def start():
@@ -257,7 +258,7 @@ def test_max_connection_age_closes_connections_and_clients_reconnect():
     connection age makes that happen, and the next call simply connects again."""
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    from imgsearch.serving import new_server
+    from imgsearch.serving.ports import new_server
 
     async def scenario() -> list[grpc.ChannelConnectivity]:
         server, port, _ = new_server("aged", "127.0.0.1", 0, max_connection_age_s=0.3, grace_s=1)
@@ -287,9 +288,9 @@ def _stays_connected_while_pinged(min_ping_interval_ms: int, monkeypatch) -> boo
     """Whether an idle channel pinging every 300 ms keeps its connection for 6 s."""
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    from imgsearch import serving
+    from imgsearch.serving import ports
 
-    monkeypatch.setattr(serving, "MIN_PING_INTERVAL_MS", min_ping_interval_ms)
+    monkeypatch.setattr(ports, "MIN_PING_INTERVAL_MS", min_ping_interval_ms)
     options = [
         ("grpc.keepalive_time_ms", 300),
         ("grpc.keepalive_permit_without_calls", 1),
@@ -297,7 +298,7 @@ def _stays_connected_while_pinged(min_ping_interval_ms: int, monkeypatch) -> boo
     ]
 
     async def scenario() -> bool:
-        server, port, _ = serving.new_server("pinged", "127.0.0.1", 0)
+        server, port, _ = ports.new_server("pinged", "127.0.0.1", 0)
         await server.start()
         try:
             async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=options) as channel:
@@ -319,7 +320,7 @@ def _stays_connected_while_pinged(min_ping_interval_ms: int, monkeypatch) -> boo
 def test_keepalive_pings_of_idle_clients_are_accepted(monkeypatch):
     """The gateway pings idle stages; a server at gRPC's default (5 min) would GOAWAY them."""
     from gateway.server import CHANNEL_OPTIONS
-    from imgsearch.serving import MIN_PING_INTERVAL_MS
+    from imgsearch.serving.ports import MIN_PING_INTERVAL_MS
 
     assert dict(CHANNEL_OPTIONS)["grpc.keepalive_time_ms"] >= MIN_PING_INTERVAL_MS
     assert _stays_connected_while_pinged(200, monkeypatch)

@@ -5,7 +5,9 @@ ranking and the gateway as ``imgsearch serve`` processes, drives keyword + ALS s
 loop at 10 clients, and records each server with py-spy (a sampling profiler that reads the
 process from outside; it needs ptrace, and ``py-spy`` on PATH or ``--py-spy``). Samples are
 taken only while a thread runs Python (idle threads are not sampled), so a function's share
-of the samples is its share of the process's CPU. Writes ``DIR/<tier>.txt`` (py-spy's
+of the samples is its share of the process's CPU (samples caught in the event loop's epoll
+wait are counted apart: a busy machine can make py-spy take a waiting thread for a running
+one). Writes ``DIR/<tier>.txt`` (py-spy's
 collapsed stacks) and prints, per tier, the project's functions with the most samples anywhere
 on the stack (``total``: with what they call) and the functions most often found running.
 """
@@ -39,14 +41,31 @@ def frame_label(frame: str) -> str:
 PROJECT = ("imgsearch/", "gateway/", "retrieval_service/", "ranking_service/")
 
 
+# Innermost frames of a thread waiting, not running: the event loop in epoll_wait. py-spy
+# leaves idle threads out by their state in /proc, which a busy machine can catch mid-wake;
+# such samples are counted apart, not as CPU.
+WAITS = frozenset({"selectors.py:EpollSelector.select"})
+
+
 def _stacks(collapsed: str):
-    """(frames root first, samples) per line of py-spy's collapsed stacks."""
+    """(frames root first, samples) per line of py-spy's collapsed stacks, waits left out."""
     for line in collapsed.splitlines():
         stack, _, count = line.rpartition(" ")
         if stack and count.isdigit():
             frames = [f for f in stack.split(";") if "(" in f]
-            if frames:
+            if frames and frame_label(frames[-1]) not in WAITS:
                 yield frames, int(count)
+
+
+def wait_samples(collapsed: str) -> int:
+    """Samples whose innermost frame is a wait (:data:`WAITS`)."""
+    total = 0
+    for line in collapsed.splitlines():
+        stack, _, count = line.rpartition(" ")
+        frames = [f for f in stack.split(";") if "(" in f]
+        if frames and count.isdigit() and frame_label(frames[-1]) in WAITS:
+            total += int(count)
+    return total
 
 
 def _is_project(frame: str) -> bool:
@@ -78,7 +97,9 @@ def markdown_table(tier: str, collapsed: str, n: int = 15) -> str:
     """One tier's project functions by total share, and the functions found running."""
     samples, running = top_self(collapsed, n)
     share = 100.0 / max(1, samples)
-    lines = [f"**{tier}** ({samples} samples)", "", "| project function | total % |", "|---|---:|"]
+    waits = wait_samples(collapsed)
+    title = f"**{tier}** ({samples} samples running; {waits} waiting in epoll, left out)"
+    lines = [title, "", "| project function | total % |", "|---|---:|"]
     lines += [f"| `{label}` | {count * share:.1f} |" for label, count in top_project(collapsed, n)]
     lines += ["", "| running (self) | % |", "|---|---:|"]
     lines += [f"| `{label}` | {count * share:.1f} |" for label, count in running]
