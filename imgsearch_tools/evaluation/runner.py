@@ -58,7 +58,9 @@ best row of all on the test queries: the paired difference with its bootstrap in
 the ratio of their NDCG@k. Per retriever, ``served_vs_best`` (header) compares on the test
 queries the default ranker with the ranker that scored best there, and with popularity:
 paired differences with bootstrap intervals, which say whether the validation rule served a
-ranker significantly worse than the best one could have been.
+ranker significantly worse than the best one could have been. Per retriever,
+``stacked_vs_best_single`` (header) pairs the stacked ranker with the best of the other rankers
+on test (:func:`imgsearch_tools.evaluation.comparisons.stacked_vs_single`).
 
 Latency is measured in-process with ``time.perf_counter`` on the same queries: retrieval
 (one ``retrieve`` call), ranking (one ``score`` call plus the final sort) and their sum per
@@ -86,11 +88,11 @@ from imgsearch.names import RANKER_NAMES, RETRIEVER_NAMES
 from imgsearch.ranking_metrics import (
     bootstrap_ci,
     metrics_from_hits,
-    paired_bootstrap_ci,
     percentiles_ms,
     rank_by_scores,
     seed_ndcg,
 )
+from imgsearch_tools.evaluation import comparisons
 from imgsearch_tools.evaluation.queries import (
     KeywordTags,
     TestQueries,
@@ -532,20 +534,21 @@ def evaluate(
                 keyword_tags if tags is not keyword_tags else None,
             )
 
-    served_vs_best = _served_vs_best(rows, selection.get("default_ranker"), k, config)
+    served_vs_best = comparisons.served_vs_best(rows, selection.get("default_ranker"), k, config)
     evaluated = {r["retriever"] for r in rows if "_per_query_ndcg" in r}
     default_retriever = configuration.get("retriever") or (
         "hybrid" if "hybrid" in evaluated else "keyword"
     )
-    served_configuration = served_vs_best_configuration(
+    served_configuration = comparisons.served_vs_best_configuration(
         rows, default_retriever, selection.get("default_ranker"), k, config
     )
-    retrievers_compared = _retriever_deltas(
+    stacked_vs_single = comparisons.stacked_vs_single(rows, default_retriever, k, config)
+    retrievers_compared = comparisons.retriever_deltas(
         rows, default_retriever, selection.get("default_ranker"), k, config
     )
-    _add_pairwise(rows, k, config)
-    _add_deltas(rows, "popularity", k, config)
-    _add_tag_deltas(rows, "keyword", k, config)
+    comparisons.add_pairwise(rows, k, config)
+    comparisons.add_deltas(rows, "popularity", k, config)
+    comparisons.add_tag_deltas(rows, "keyword", k, config)
     rows += [
         {"retriever": "*", "ranker": name.removeprefix("ranker:"), "skipped": reason}
         for name, reason in skipped.items()
@@ -578,6 +581,7 @@ def evaluate(
         "served_configuration_vs_best": served_configuration,
         "ranker_selection": selection,
         "served_vs_best": served_vs_best,
+        "stacked_vs_best_single": stacked_vs_single,
         "default_retriever_vs_others": retrievers_compared,
         "models": models,
         "machine": machine_summary(),
@@ -764,141 +768,6 @@ def _choose_configuration(train_catalogue, training, keyword_index, built, activ
             keyword_index, built["clip"], method="rrf", weights=tuple(weights)
         )
     return configuration
-
-
-def served_vs_best_configuration(
-    rows: list[dict], retriever: str, ranker: str | None, k: int, config: EvalConfig
-) -> dict:
-    """The served (retriever, ranker) against the best row of all on test: paired difference,
-    its interval and the ratio of their NDCG@k ({} when the served row was not evaluated)."""
-    mine = {(r["retriever"], r["ranker"]): r for r in rows if "_per_query_ndcg" in r}
-    served = mine.get((retriever, ranker))
-    if served is None:
-        return {}
-    best = max(mine.values(), key=lambda r: r[f"ndcg@{k}"])
-    ratio = served[f"ndcg@{k}"] / best[f"ndcg@{k}"] if best[f"ndcg@{k}"] > 0 else None
-    paired = _paired(served, best, config)
-    return {
-        "served": {"retriever": retriever, "ranker": ranker, f"ndcg@{k}": served[f"ndcg@{k}"]},
-        "best": {
-            "retriever": best["retriever"],
-            "ranker": best["ranker"],
-            f"ndcg@{k}": best[f"ndcg@{k}"],
-        },
-        "vs_best": paired,
-        "ratio": ratio,
-        "significantly_below": paired["ci"][1] < 0,
-    }
-
-
-def _served_vs_best(rows: list[dict], served: str | None, k: int, config: EvalConfig) -> dict:
-    """Per retriever: the served default against the best ranker on test, and popularity."""
-    out: dict = {}
-    if not served:
-        return out
-    for retriever in dict.fromkeys(r["retriever"] for r in rows):
-        mine = {
-            r["ranker"]: r for r in rows if r["retriever"] == retriever and "_per_query_ndcg" in r
-        }
-        if served not in mine:
-            continue
-        best = max(mine.values(), key=lambda r: r[f"ndcg@{k}"])
-        entry = {"served": served, "best": best["ranker"]}
-        for name, other in (("best", best), ("popularity", mine.get("popularity"))):
-            if other is None:
-                continue
-            entry[f"vs_{name}"] = _paired(mine[served], other, config)
-        out[retriever] = entry
-    return out
-
-
-def _retriever_deltas(
-    rows: list[dict], retriever: str, ranker: str | None, k: int, config: EvalConfig
-) -> dict:
-    """The default retriever against each other one, with the default ranker, same queries.
-
-    Paired NDCG@k differences with bootstrap intervals, and each retriever's tag precision.
-    """
-    mine = {r["retriever"]: r for r in rows if r["ranker"] == ranker and "_per_query_ndcg" in r}
-    if retriever not in mine:
-        return {}
-    out = {"retriever": retriever, "ranker": ranker, "versus": {}}
-    for other, row in mine.items():
-        if other == retriever:
-            continue
-        out["versus"][other] = {
-            f"ndcg@{k}_diff": _paired(mine[retriever], row, config),
-            f"tag_p@{k}": row[f"tag_p@{k}"],
-            f"pair_tag_p@{k}": row[f"pair_tag_p@{k}"],
-        }
-    out[f"tag_p@{k}"] = mine[retriever][f"tag_p@{k}"]
-    out[f"pair_tag_p@{k}"] = mine[retriever][f"pair_tag_p@{k}"]
-    return out
-
-
-def _paired(row: dict, other: dict, config: EvalConfig) -> dict:
-    """``row`` minus ``other`` on the same queries: mean NDCG difference and bootstrap CI."""
-    diff, lo, hi = paired_bootstrap_ci(
-        row["_per_query_ndcg"], other["_per_query_ndcg"], n=config.bootstrap, seed=config.seed
-    )
-    return {"diff": diff, "ci": [lo, hi]}
-
-
-def _add_pairwise(rows: list[dict], k: int, config: EvalConfig) -> None:
-    """Add to each row its paired NDCG difference to every other ranker on the same retriever.
-
-    ``ndcg@k_paired`` (JSON) maps the other ranker to ``{"diff", "ci"}``: this row minus it.
-    """
-    for row in rows:
-        if "_per_query_ndcg" not in row:
-            continue
-        paired = {}
-        for other in rows:
-            if other is row or other["retriever"] != row["retriever"]:
-                continue
-            if "_per_query_ndcg" not in other:
-                continue
-            paired[other["ranker"]] = _paired(row, other, config)
-        row[f"ndcg@{k}_paired"] = paired
-
-
-def _add_deltas(rows: list[dict], baseline: str, k: int, config: EvalConfig) -> None:
-    """Add each row's paired NDCG difference to ``baseline`` on the same retriever."""
-    key = f"ndcg@{k}"
-    base = {
-        r["retriever"]: r["_per_query_ndcg"]
-        for r in rows
-        if r["ranker"] == baseline and "_per_query_ndcg" in r
-    }
-    for row in rows:
-        values = row.pop("_per_query_ndcg", None)
-        if values is None or row["retriever"] not in base or row["ranker"] == baseline:
-            continue
-        diff, lo, hi = paired_bootstrap_ci(
-            values, base[row["retriever"]], n=config.bootstrap, seed=config.seed
-        )
-        row[f"{key}_vs_{baseline}"] = {"diff": diff, "ci": [lo, hi]}
-
-
-def _add_tag_deltas(rows: list[dict], baseline: str, k: int, config: EvalConfig) -> None:
-    """Add the paired difference of each retriever's tag figures to ``baseline`` retriever's.
-
-    Every retriever answers the same tag and pair queries, so the per-query precisions pair up.
-    """
-    base = next((r["_per_query_tags"] for r in rows if r["retriever"] == baseline), None)
-    for row in rows:
-        values = row.pop("_per_query_tags", None)
-        if values is None or base is None or row["retriever"] == baseline:
-            continue
-        for key, mine, theirs in (
-            (f"tag_p@{k}", values[0], base[0]),
-            (f"pair_tag_p@{k}", values[1], base[1]),
-        ):
-            if len(mine) and len(mine) == len(theirs):
-                diff, lo, hi = paired_bootstrap_ci(
-                    mine, theirs, n=config.bootstrap, seed=config.seed
-                )
-                row[f"{key}_vs_{baseline}"] = {"diff": diff, "ci": [lo, hi]}
 
 
 def _seen_share(queries: TestQueries, seen: dict[int, np.ndarray]) -> float | None:
