@@ -234,6 +234,7 @@ SLOW_TESTS = {
     "test_filter_pieces.py::test_filtered_vector_search_returns_min_k_allowed_photos",
     "test_filter_pieces.py::test_dominant_colours_are_computed_from_images_without_a_colors_table",
     "test_evaluation.py::test_models_are_fitted_on_the_training_part_only",
+    "test_evaluation.py::test_the_report_pairs_stacked_with_the_best_single_ranker",
     "test_admission.py::test_a_deadline_the_stage_cannot_meet_is_refused_without_running",
     "test_deletion.py::test_a_retraining_leaves_out_a_deleted_users_events_from_the_catalogue",
     "test_demo_data.py::test_same_seed_gives_identical_files_and_another_seed_does_not",

@@ -13,6 +13,7 @@ from imgsearch.evaluation_protocol import temporal_split
 from imgsearch.unsplash import read_unsplash
 from imgsearch_tools.cli import main as cli_main
 from imgsearch_tools.demo_data import generate
+from imgsearch_tools.evaluation import comparisons
 from imgsearch_tools.evaluation import runner as evaluation
 from imgsearch_tools.evaluation.queries import build_test_queries, user_photos
 from imgsearch_tools.evaluation.report import markdown_table
@@ -247,7 +248,7 @@ def test_tag_figures_are_compared_to_keyword_retrieval_query_by_query():
         {"retriever": "clip", "ranker": "none", "_per_query_tags": ([0.5, 0.5], [0.6, 0.6])},
         {"retriever": "hybrid", "ranker": "none", "skipped": "no images"},
     ]
-    evaluation._add_tag_deltas(rows, "keyword", 10, EvalConfig(bootstrap=200))
+    comparisons.add_tag_deltas(rows, "keyword", 10, EvalConfig(bootstrap=200))
     assert all("_per_query_tags" not in row for row in rows)
     assert "tag_p@10_vs_keyword" not in rows[0] and "tag_p@10_vs_keyword" not in rows[2]
     assert rows[1]["tag_p@10_vs_keyword"]["diff"] == pytest.approx(-0.25)
@@ -274,3 +275,50 @@ def test_the_served_configuration_is_checked_against_the_best_row(report):
     assert lo <= check["vs_best"]["diff"] <= hi and check["significantly_below"] == (hi < 0)
     markdown = markdown_table(report)
     assert "Served configuration" in markdown and "of the best" in markdown
+
+
+def test_stacked_is_paired_with_the_best_single_ranker_per_retriever():
+    rng = np.random.default_rng(0)
+    base = rng.random(400)
+    rows = [
+        {"retriever": "keyword", "ranker": "popularity", "ndcg@10": 0.3, "_per_query_ndcg": base},
+        {"retriever": "keyword", "ranker": "als", "ndcg@10": 0.4, "_per_query_ndcg": base + 0.1},
+        {
+            "retriever": "keyword",
+            "ranker": "stacked",
+            "ndcg@10": 0.5,
+            "_per_query_ndcg": base + 0.2,
+        },
+        {"retriever": "clip", "ranker": "als", "ndcg@10": 0.4, "_per_query_ndcg": base},
+        {"retriever": "clip", "ranker": "stacked", "ndcg@10": 0.3, "_per_query_ndcg": base - 0.1},
+        {"retriever": "hybrid", "ranker": "stacked", "skipped": "no images"},
+    ]
+    compared = comparisons.stacked_vs_single(rows, "clip", 10, EvalConfig(bootstrap=200))
+    assert compared["served_retriever"] == "clip" and set(compared["per_retriever"]) == {
+        "keyword",
+        "clip",
+    }
+    keyword, clip = compared["per_retriever"]["keyword"], compared["per_retriever"]["clip"]
+    assert keyword["best_single"] == "als" and keyword["vs_best_single"]["diff"] == pytest.approx(
+        0.1
+    )
+    assert keyword["significantly_above"] and keyword["at_least_best"]
+    assert clip["significantly_below"] and not clip["at_least_best"]
+    assert comparisons.stacked_vs_single(rows[:2], "keyword", 10, EvalConfig()) == {}
+
+
+def test_the_report_pairs_stacked_with_the_best_single_ranker(catalogue):
+    config = EvalConfig(
+        retrievers=("keyword",),
+        rankers=("popularity", "stacked"),
+        bootstrap=200,
+        show_progress=False,
+    )
+    report = evaluate(catalogue, config, command="pytest")
+    rows = {r["ranker"]: r for r in report["results"] if not r.get("skipped")}
+    entry = report["header"]["stacked_vs_best_single"]["per_retriever"]["keyword"]
+    assert entry["best_single"] == "popularity"
+    assert entry["vs_best_single"]["diff"] == pytest.approx(
+        rows["stacked"]["ndcg@10"] - rows["popularity"]["ndcg@10"]
+    )
+    assert "| stacked − best single (paired 95% CI) |" in markdown_table(report)

@@ -9,9 +9,10 @@ when CLIP's training has not changed, so timing it alone compares them in minute
 a whole build. Run as a file with ``PYTHONPATH`` on another checkout, it times that
 checkout's stage (it only needs ``train_set_rankers``).
 
-When the stage trained ``stacked``, it then times that ranker as ``imgsearch eval``'s ranking
-column does: ``score`` plus the top-10 sort, in-process, one thread, on requests of the 100
-keyword candidates minus the user's earlier photos, for the catalogue's last conversions.
+When the stage trained ``stacked`` (or, with ``--latency-only``, the set already has it), it
+times that ranker as ``imgsearch eval``'s ranking column does: ``score`` plus the top-10 sort,
+in-process, one thread, on requests of the 100 keyword candidates minus the user's earlier
+photos, for the catalogue's last conversions.
 """
 
 from __future__ import annotations
@@ -92,9 +93,21 @@ def stacked_latency(src: Path, stacked_dir: Path) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--artifacts", required=True, help="an artifact set folder with CLIP")
-    parser.add_argument("--out", required=True, help="a new folder for the stage's rankers")
+    parser.add_argument("--out", help="a new folder for the stage's rankers")
+    parser.add_argument(
+        "--latency-only",
+        action="store_true",
+        help="skip the stage: time the stacked ranker the artifact set already has",
+    )
     args = parser.parse_args(argv)
-    src, out = Path(args.artifacts).resolve(), Path(args.out)
+    src = Path(args.artifacts).resolve()
+    if args.latency_only:
+        latency = stacked_latency(src, src / "rankers" / "stacked")
+        print(json.dumps({"stacked_ranking": latency}), flush=True)
+        return 0
+    if not args.out:
+        parser.error("--out is required unless --latency-only")
+    out = Path(args.out)
     out.mkdir(parents=True)
     print(json.dumps(stage_seconds(src, out)), flush=True)
     stacked_dir = out / "rankers" / "stacked"

@@ -214,6 +214,7 @@ def selection_markdown(report: dict) -> str:
                 )
             lines.append("| " + " | ".join(cells) + " |")
     lines += configuration_markdown(header, k)
+    lines += stacked_markdown(header, k)
     fusion = header.get("models", {}).get("fusion", {})
     if fusion.get("label"):
         lines.append(f"\nHybrid fusion (validation, with {fusion['ranker']}): {fusion['label']}.")
@@ -255,6 +256,39 @@ def configuration_markdown(header: dict, k: int) -> list[str]:
             f"{paired['diff']:+.4f} (paired 95% CI {paired['ci'][0]:+.4f} to "
             f"{paired['ci'][1]:+.4f}), {ratio} of the best"
             + (" — significantly below it." if check.get("significantly_below") else ".")
+        )
+    return lines
+
+
+def stacked_markdown(header: dict, k: int) -> list[str]:
+    """Per retriever, the stacked ranker against the best single ranker on test."""
+    compared = header.get("stacked_vs_best_single") or {}
+    if not compared:
+        return []
+    lines = [
+        "",
+        f"| retriever | stacked NDCG@{k} | best single ranker | its NDCG@{k} "
+        f"| stacked − best single (paired 95% CI) | verdict |",
+        "|---|---|---|---|---|---|",
+    ]
+    for retriever, entry in compared["per_retriever"].items():
+        versus = entry["vs_best_single"]
+        verdict = (
+            "significantly above"
+            if entry["significantly_above"]
+            else "significantly below"
+            if entry["significantly_below"]
+            else "at least (point)"
+            if entry["at_least_best"]
+            else "below (point, not significant)"
+        )
+        name = retriever
+        if retriever == compared["served_retriever"]:
+            name = f"**{retriever}** (served)"
+        lines.append(
+            f"| {name} | {entry[f'ndcg@{k}']:.4f} | {entry['best_single']} "
+            f"| {entry[f'best_single_ndcg@{k}']:.4f} | {versus['diff']:+.4f} "
+            f"({versus['ci'][0]:+.4f} to {versus['ci'][1]:+.4f}) | {verdict} |"
         )
     return lines
 

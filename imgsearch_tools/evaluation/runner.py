@@ -58,7 +58,9 @@ best row of all on the test queries: the paired difference with its bootstrap in
 the ratio of their NDCG@k. Per retriever, ``served_vs_best`` (header) compares on the test
 queries the default ranker with the ranker that scored best there, and with popularity:
 paired differences with bootstrap intervals, which say whether the validation rule served a
-ranker significantly worse than the best one could have been.
+ranker significantly worse than the best one could have been. Per retriever,
+``stacked_vs_best_single`` (header) pairs the stacked ranker with the best of the other rankers
+on test (:func:`imgsearch_tools.evaluation.comparisons.stacked_vs_single`).
 
 Latency is measured in-process with ``time.perf_counter`` on the same queries: retrieval
 (one ``retrieve`` call), ranking (one ``score`` call plus the final sort) and their sum per
@@ -73,23 +75,22 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 
 from imgsearch.catalogue import Catalogue
 from imgsearch.evaluation_protocol import temporal_split
-from imgsearch.latency import percentiles_ms
-from imgsearch.names import RANKER_NAMES, RETRIEVER_NAMES, check_names
-from imgsearch.ranking_metrics import (
-    bootstrap_ci,
-    metrics_from_hits,
-    paired_bootstrap_ci,
-    rank_by_scores,
-    seed_ndcg,
+from imgsearch.names import RANKER_NAMES, RETRIEVER_NAMES
+from imgsearch_tools.evaluation import comparisons
+from imgsearch_tools.evaluation.measure import evaluate_retriever
+from imgsearch_tools.evaluation.models import clip_retrievers, fit_rankers
+from imgsearch_tools.evaluation.options import (
+    CLIP_RETRIEVERS,
+    EvalConfig,
+    EvaluationError,
+    resolve_names,
 )
 from imgsearch_tools.evaluation.queries import (
     KeywordTags,
@@ -100,281 +101,8 @@ from imgsearch_tools.evaluation.queries import (
 )
 from imgsearch_tools.evaluation.report import dataset_summary, jsonable
 from imgsearch_tools.provenance import machine_facts
-from retrieval_service.clip_model import TRAIN_STEPS
 
-CLIP_RETRIEVERS = frozenset({"clip", "hybrid"})
-
-
-class EvaluationError(ValueError):
-    """The evaluation cannot run as asked (unknown name, no test query, bad fraction)."""
-
-
-@dataclass(frozen=True)
-class EvalConfig:
-    """What to evaluate and how; the defaults are the documented protocol.
-
-    Attributes
-    ----------
-    retrievers, rankers:
-        Names to evaluate; None for all of them.
-    candidates_k:
-        Candidates the retriever returns per query.
-    min_pair:
-        Test conversions a (user, keyword) pair needs to become a test query.
-    test_fraction:
-        Share of the most recent conversions held out for testing.
-    filter_train:
-        Remove photos the user converted in training from the candidates.
-    tune:
-        Let the ranker trainer choose hyper-parameters on a validation slice of the training
-        part (never the test part).
-    clip_artifacts:
-        An artifact set (or its ``clip`` folder's parent) to load CLIP from instead of training.
-    clip_steps:
-        Training steps when CLIP is trained here.
-    max_queries:
-        Evaluate at most this many test queries (a seeded draw); None for all.
-    seed:
-        Seed of the query draw and of the bootstrap.
-    k:
-        Cut-off of the metrics.
-    bootstrap:
-        Bootstrap resamples for the confidence intervals.
-    show_progress:
-        Draw progress bars on stderr.
-    """
-
-    retrievers: tuple[str, ...] | None = None
-    rankers: tuple[str, ...] | None = None
-    candidates_k: int = 100
-    min_pair: int = 3
-    test_fraction: float = 0.2
-    filter_train: bool = True
-    tune: bool = False
-    clip_artifacts: str | None = None
-    clip_steps: int = TRAIN_STEPS
-    max_queries: int | None = None
-    seed: int = 0
-    k: int = 10
-    bootstrap: int = 1000
-    show_progress: bool = True
-
-
-# --------------------------------------------------------------------------- models
-
-
-def resolve_names(requested: Iterable[str] | None, valid: Iterable[str], kind: str) -> list[str]:
-    """:func:`imgsearch.names.check_names`, raising :class:`EvaluationError`."""
-    try:
-        return check_names(requested, valid, kind)
-    except ValueError as exc:
-        raise EvaluationError(str(exc)) from None
-
-
-def fit_rankers(
-    names: list[str],
-    train_catalogue: Catalogue,
-    tune: bool,
-    show_progress: bool,
-    workdir: str | Path | None = None,
-    retriever=None,
-    embeddings=None,
-    candidates_k: int = 100,
-) -> tuple[dict, dict, object]:
-    """Train each ranker on the training catalogue the way ``imgsearch build`` does, and load it.
-
-    Training goes through ``ranking_service.training.train_rankers`` (the validation slice cut
-    from the training part; tuning when ``tune``; the default ranker's selection; DeepFM's INT8
-    gate) with ``retriever``'s candidates for the training keywords, as ``build`` hands them,
-    and each model is saved and loaded back, so the evaluation measures exactly what the
-    ranking service serves.
-
-    Parameters
-    ----------
-    names:
-        Ranker names.
-    train_catalogue:
-        The catalogue restricted to the training conversions.
-    tune:
-        Tune hyper-parameters first.
-    show_progress:
-        Show training progress.
-    workdir:
-        Where the models are written; a temporary folder when None.
-    retriever:
-        The retriever served by default; the keyword index of the catalogue when None.
-    embeddings:
-        The catalogue's image embeddings (``clip_profile`` is skipped without).
-    candidates_k:
-        Candidates per validation query, as per test query.
-
-    Returns
-    -------
-    rankers : dict
-        Name to loaded :class:`~ranking_service.rankers.base.Ranker`.
-    info : dict
-        Name to what training reported (parameters, seconds, tuning, INT8 gate), and the
-        skipped rankers with the reason.
-    training : ranking_service.training.TrainingReport
-        The whole report (selection, validation slice and models), or None without names.
-    """
-    if not names:
-        return {}, {}, None
-    from imgsearch_tools.offline_candidates import served_candidates
-    from ranking_service.rankers import load_ranker
-    from ranking_service.training import train_rankers
-
-    if retriever is None:
-        from retrieval_service.keyword_index import KeywordIndex
-
-        retriever = KeywordIndex.from_keywords(train_catalogue.keywords)
-    candidates = served_candidates(train_catalogue, retriever, show_progress)
-    with tempfile.TemporaryDirectory(prefix="imgsearch-rankers-") as tmp:
-        out_dir = Path(workdir) if workdir is not None else Path(tmp)
-        training = train_rankers(
-            train_catalogue,
-            list(names),
-            out_dir,
-            candidates,
-            tune=tune,
-            show_progress=show_progress,
-            embeddings=embeddings,
-            candidates_k=candidates_k,
-        )
-        rankers = {
-            name: load_ranker(name, out_dir / name, train_catalogue, embeddings)
-            for name in names
-            if name in training.rankers
-        }
-    info = {}
-    for name in names:
-        if name in training.skipped:
-            info[name] = {"skipped": training.skipped[name]}
-            continue
-        entry = dict(training.rankers.get(name, {}))
-        entry.pop("history", None)  # per-epoch figures: in the artifact manifest, not here
-        info[name] = jsonable(entry)
-    return rankers, info, training
-
-
-def clip_retrievers(
-    catalogue: Catalogue,
-    keyword_index,
-    config: EvalConfig,
-    workdir: Path,
-) -> tuple[dict, str, dict]:
-    """Build or load the CLIP and hybrid retrievers when the catalogue supports them.
-
-    Torch's thread setting is left as it is (rankers train next).
-
-    Returns
-    -------
-    retrievers : dict
-        ``{"clip": ..., "hybrid": ...}``, empty when unavailable.
-    reason : str
-        Why they are unavailable ("" when available).
-    info : dict
-        Where CLIP came from and what building it reported; ``embeddings`` is the set's
-        :class:`~imgsearch.image_embeddings.ImageEmbeddings` (not JSON: popped by the caller).
-    """
-    n_images = int(catalogue.photos["has_image"].sum()) if "has_image" in catalogue.photos else 0
-    if n_images == 0 and not config.clip_artifacts:
-        return {}, "catalogue has no images (images/<photo_id>.jpg): CLIP needs them", {}
-    try:
-        from imgsearch_tools.demo_data import query_families
-        from retrieval_service.clip_artifacts import build_clip_artifacts
-        from retrieval_service.semantic import load_clip_retrievers
-    except ImportError as exc:
-        return {}, f"CLIP retrieval is not available: {exc}", {}
-    if config.clip_artifacts:
-        set_dir = Path(config.clip_artifacts)
-        if (set_dir / "current").exists():  # an artifact root: use its current set
-            set_dir = (set_dir / "current").resolve()
-        info = {"source": f"loaded from {set_dir}"}
-        mismatch = _clip_set_mismatch(set_dir, catalogue)
-        if mismatch:
-            raise EvaluationError(f"--clip-artifacts {set_dir}: {mismatch}")
-    else:
-        set_dir = workdir / "clip_set"
-        set_dir.mkdir(parents=True, exist_ok=True)
-        start = time.perf_counter()
-        built = build_clip_artifacts(
-            catalogue,
-            set_dir,
-            None,
-            train_steps=config.clip_steps,
-            show_progress=config.show_progress,
-            query_families=query_families(catalogue),
-        )
-        if "skipped" in built:
-            return {}, str(built["skipped"]), {}
-        info = {
-            "source": f"trained here on all photos' images and keywords, {config.clip_steps} steps",
-            "build_s": round(time.perf_counter() - start, 1),
-            "build": jsonable(built),
-        }
-    # No query-embedding cache and no stored keyword embeddings: every query pays for its text
-    # encoding, so the latency figures are the uncached worst case rather than a hit rate.
-    loaded = load_clip_retrievers(
-        set_dir, keyword_index, threads=None, cache_size=0, known_queries=False
-    )
-    if not loaded:
-        return {}, f"no CLIP artifacts (clip/, embeddings, vector index) in {set_dir}", info
-    from imgsearch.artifacts import EMBEDDINGS
-    from imgsearch.image_embeddings import ImageEmbeddings
-
-    info["embeddings"] = ImageEmbeddings.load(set_dir / EMBEDDINGS)
-    return {n: loaded[n] for n in CLIP_RETRIEVERS if n in loaded}, "", info
-
-
-def _clip_set_mismatch(set_dir: Path, catalogue: Catalogue) -> str:
-    """Why a CLIP artifact set cannot belong to this catalogue ("" when it may)."""
-    from imgsearch.artifacts import CATALOGUE_DIR, EMBEDDINGS
-
-    photos_table = set_dir / CATALOGUE_DIR / "photos.parquet"
-    if photos_table.exists():  # a full artifact set: compare the photo ids themselves
-        ids = pd.read_parquet(photos_table, columns=["photo_id"])["photo_id"].astype(str)
-        if ids.tolist() != catalogue.photos["photo_id"].astype(str).tolist():
-            return "its catalogue's photo ids differ from this catalogue's"
-        return ""
-    path = set_dir / EMBEDDINGS
-    if not path.exists():
-        return ""  # reported as "no CLIP artifacts" after loading
-    with np.load(path, allow_pickle=False) as data:
-        photo_idx = data["photo_idx"]
-    if len(photo_idx) and int(photo_idx.max()) >= catalogue.n_photos:
-        return (
-            f"its embeddings index photos up to {int(photo_idx.max())}, but the catalogue has "
-            f"{catalogue.n_photos} photos: it was built for another catalogue"
-        )
-    return ""
-
-
-# --------------------------------------------------------------------------- evaluation
-
-
-@dataclass
-class _Collected:
-    """Per-query outcomes of one retriever x ranker."""
-
-    top: list[np.ndarray] = field(default_factory=list)
-    seed: list[float] = field(default_factory=list)
-    ranking_s: list[float] = field(default_factory=list)
-    fallbacks: Counter = field(default_factory=Counter)
-
-
-def _retrieved_order_scores(
-    relevant: np.ndarray, retrieved: np.ndarray, scores: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
-    """Relevant photos in retrieval order (missed ones last) with retrieval-like scores."""
-    position = {p: i for i, p in enumerate(retrieved.tolist())}
-    floor = (float(np.min(scores)) - 1.0) if len(scores) else 0.0
-    keyed = sorted(relevant.tolist(), key=lambda p: (position.get(p, len(position)), p))
-    photos = np.asarray(keyed, dtype=np.int64)
-    rscores = np.asarray(
-        [float(scores[position[p]]) if p in position else floor for p in keyed], dtype=np.float32
-    )
-    return photos, rscores
+__all__ = ["EvalConfig", "EvaluationError", "evaluate", "fit_rankers", "resolve_names"]
 
 
 def evaluate(
@@ -506,7 +234,7 @@ def evaluate(
                     for r in ranker_names
                 ]
                 continue
-            rows += _evaluate_retriever(
+            rows += evaluate_retriever(
                 retriever_name,
                 active[retriever_name],
                 {n: fitted[n] for n in ranker_names},
@@ -519,20 +247,21 @@ def evaluate(
                 keyword_tags if tags is not keyword_tags else None,
             )
 
-    served_vs_best = _served_vs_best(rows, selection.get("default_ranker"), k, config)
+    served_vs_best = comparisons.served_vs_best(rows, selection.get("default_ranker"), k, config)
     evaluated = {r["retriever"] for r in rows if "_per_query_ndcg" in r}
     default_retriever = configuration.get("retriever") or (
         "hybrid" if "hybrid" in evaluated else "keyword"
     )
-    served_configuration = served_vs_best_configuration(
+    served_configuration = comparisons.served_vs_best_configuration(
         rows, default_retriever, selection.get("default_ranker"), k, config
     )
-    retrievers_compared = _retriever_deltas(
+    stacked_vs_single = comparisons.stacked_vs_single(rows, default_retriever, k, config)
+    retrievers_compared = comparisons.retriever_deltas(
         rows, default_retriever, selection.get("default_ranker"), k, config
     )
-    _add_pairwise(rows, k, config)
-    _add_deltas(rows, "popularity", k, config)
-    _add_tag_deltas(rows, "keyword", k, config)
+    comparisons.add_pairwise(rows, k, config)
+    comparisons.add_deltas(rows, "popularity", k, config)
+    comparisons.add_tag_deltas(rows, "keyword", k, config)
     rows += [
         {"retriever": "*", "ranker": name.removeprefix("ranker:"), "skipped": reason}
         for name, reason in skipped.items()
@@ -565,6 +294,7 @@ def evaluate(
         "served_configuration_vs_best": served_configuration,
         "ranker_selection": selection,
         "served_vs_best": served_vs_best,
+        "stacked_vs_best_single": stacked_vs_single,
         "default_retriever_vs_others": retrievers_compared,
         "models": models,
         "machine": machine_facts(),
@@ -574,162 +304,6 @@ def evaluate(
         "config": jsonable(asdict(config)),
     }
     return {"header": header, "results": rows}
-
-
-def _evaluate_retriever(
-    retriever_name: str,
-    retriever,
-    rankers: dict,
-    queries: TestQueries,
-    seen: dict[int, np.ndarray],
-    no_photos: np.ndarray,
-    tags: KeywordTags,
-    pairs: list[tuple[str, str, str]],
-    config: EvalConfig,
-    keyword_tags: KeywordTags | None = None,
-) -> list[dict]:
-    """All rows of one retriever: every ranker over the same retrieved candidates.
-
-    ``tags`` is the truth of the tag figures; ``keyword_tags``, when given, the catalogue's
-    keywords for the same figures against them (``*_keywords``).
-    """
-    from tqdm import tqdm
-
-    from ranking_service.rankers.base import RankQuery
-
-    k = config.k
-    collected = {name: _Collected() for name in rankers}
-    retrieval_s = np.zeros(len(queries))
-    candidate_recall = np.zeros(len(queries))
-    tag_precisions, keyword_tag_precisions = [], []
-    if len(queries):
-        # One untimed warm-up per stage: first calls pay for lazy loading and allocation.
-        _warm = retriever.retrieve(str(queries.keyword[0]), config.candidates_k)
-        for ranker in rankers.values():
-            ranker.score(
-                RankQuery(
-                    int(queries.user_idx[0]),
-                    str(queries.keyword[0]),
-                    _warm.photo_idx.astype(np.int64),
-                    _warm.scores.astype(np.float32),
-                )
-            )
-    progress = tqdm(
-        range(len(queries)),
-        desc=f"evaluating {retriever_name}",
-        unit="query",
-        file=sys.stderr,
-        disable=not config.show_progress,
-    )
-    for q in progress:
-        user, keyword = int(queries.user_idx[q]), str(queries.keyword[q])
-        start = time.perf_counter()
-        result = retriever.retrieve(keyword, config.candidates_k)
-        retrieval_s[q] = time.perf_counter() - start
-        retrieved = np.asarray(result.photo_idx, dtype=np.int64)
-        scores = np.asarray(result.scores, dtype=np.float32)
-        if keyword in tags:
-            tag_precisions.append(tags.precision(retrieved, [keyword], k))
-            if keyword_tags is not None:
-                keyword_tag_precisions.append(keyword_tags.precision(retrieved, [keyword], k))
-        candidates, cand_scores = retrieved, scores
-        if config.filter_train:
-            keep = ~np.isin(retrieved, seen.get(user, no_photos), assume_unique=True)
-            candidates, cand_scores = retrieved[keep], scores[keep]
-        n_rel = len(queries.relevant[q])
-        candidate_recall[q] = np.isin(queries.relevant[q], candidates).sum() / n_rel
-        relevant_photos, relevant_scores = _retrieved_order_scores(
-            queries.relevant[q], retrieved, scores
-        )
-        gains = queries.counts[q][np.searchsorted(queries.relevant[q], relevant_photos)]
-        for name, ranker in rankers.items():
-            out = collected[name]
-            request = RankQuery(
-                user_idx=user,
-                keyword=keyword,
-                candidates=candidates,
-                retrieval_scores=cand_scores,
-                recent_photos=queries.recent[q],
-                country=str(queries.country[q]),
-            )
-            start = time.perf_counter()
-            ranked = ranker.score(request)
-            top = rank_by_scores(candidates, ranked.scores)[:k]
-            out.ranking_s.append(time.perf_counter() - start)
-            out.top.append(top)
-            if ranked.fallback_reason:
-                out.fallbacks[ranked.fallback_reason] += 1
-            own = ranker.score(
-                RankQuery(
-                    user_idx=user,
-                    keyword=keyword,
-                    candidates=relevant_photos,
-                    retrieval_scores=relevant_scores,
-                    recent_photos=queries.recent[q],
-                    country=str(queries.country[q]),
-                )
-            )
-            out.seed.append(seed_ndcg(own.scores, gains))
-
-    pair_precisions, keyword_pair_precisions = [], []
-    for query, first, second in pairs:
-        result = retriever.retrieve(query, config.candidates_k)
-        pair_precisions.append(tags.precision(result.photo_idx, [first, second], k))
-        if keyword_tags is not None:
-            keyword_pair_precisions.append(
-                keyword_tags.precision(result.photo_idx, [first, second], k)
-            )
-
-    def mean_of(values: list[float]) -> float:
-        return float(np.mean(values)) if values else float("nan")
-
-    tag_p, pair_p = mean_of(tag_precisions), mean_of(pair_precisions)
-
-    rows = []
-    for name, out in collected.items():
-        hits = np.zeros((len(queries), k), dtype=bool)
-        for q, top in enumerate(out.top):
-            hits[q, : len(top)] = np.isin(top, queries.relevant[q])
-        n_relevant = np.asarray([len(r) for r in queries.relevant], dtype=np.int64)
-        per_query = metrics_from_hits(hits, n_relevant)
-        per_query["seed"] = np.asarray(out.seed)
-        ranking_s = np.asarray(out.ranking_s)
-        row = {"retriever": retriever_name, "ranker": name, "queries": len(queries)}
-        for key, values in (
-            (f"ndcg@{k}", per_query["ndcg"]),
-            (f"p@{k}", per_query["precision"]),
-            (f"recall@{k}", per_query["recall"]),
-            ("seed_ndcg", per_query["seed"]),
-        ):
-            mean, lo, hi = bootstrap_ci(values, n=config.bootstrap, seed=config.seed)
-            row[key] = mean
-            row[f"{key}_ci"] = [lo, hi]
-        row["candidate_recall"] = float(candidate_recall.mean())
-        # The same NDCG over the queries with at least one relevant candidate: what the rankers
-        # can change (the rankers' own validation NDCG is computed this way).
-        reachable = candidate_recall > 0
-        row["reachable_queries"] = int(reachable.sum())
-        row[f"ndcg@{k}_reachable"] = (
-            float(per_query["ndcg"][reachable].mean()) if reachable.any() else float("nan")
-        )
-        row[f"tag_p@{k}"] = tag_p
-        row["tag_queries"] = len(tag_precisions)
-        row[f"pair_tag_p@{k}"] = pair_p
-        row["pair_queries"] = len(pair_precisions)
-        if keyword_tags is not None:
-            row[f"tag_p@{k}_keywords"] = mean_of(keyword_tag_precisions)
-            row[f"pair_tag_p@{k}_keywords"] = mean_of(keyword_pair_precisions)
-        row["latency_ms"] = {
-            "retrieval": percentiles_ms(retrieval_s),
-            "ranking": percentiles_ms(ranking_s),
-            "total": percentiles_ms(retrieval_s + ranking_s),
-        }
-        row["fallbacks"] = int(sum(out.fallbacks.values()))
-        row["fallback_reasons"] = dict(out.fallbacks.most_common(3))
-        row["_per_query_ndcg"] = per_query["ndcg"]
-        row["_per_query_tags"] = (np.asarray(tag_precisions), np.asarray(pair_precisions))
-        rows.append(row)
-    return rows
 
 
 def _choose_configuration(train_catalogue, training, keyword_index, built, active, config):
@@ -751,141 +325,6 @@ def _choose_configuration(train_catalogue, training, keyword_index, built, activ
             keyword_index, built["clip"], method="rrf", weights=tuple(weights)
         )
     return configuration
-
-
-def served_vs_best_configuration(
-    rows: list[dict], retriever: str, ranker: str | None, k: int, config: EvalConfig
-) -> dict:
-    """The served (retriever, ranker) against the best row of all on test: paired difference,
-    its interval and the ratio of their NDCG@k ({} when the served row was not evaluated)."""
-    mine = {(r["retriever"], r["ranker"]): r for r in rows if "_per_query_ndcg" in r}
-    served = mine.get((retriever, ranker))
-    if served is None:
-        return {}
-    best = max(mine.values(), key=lambda r: r[f"ndcg@{k}"])
-    ratio = served[f"ndcg@{k}"] / best[f"ndcg@{k}"] if best[f"ndcg@{k}"] > 0 else None
-    paired = _paired(served, best, config)
-    return {
-        "served": {"retriever": retriever, "ranker": ranker, f"ndcg@{k}": served[f"ndcg@{k}"]},
-        "best": {
-            "retriever": best["retriever"],
-            "ranker": best["ranker"],
-            f"ndcg@{k}": best[f"ndcg@{k}"],
-        },
-        "vs_best": paired,
-        "ratio": ratio,
-        "significantly_below": paired["ci"][1] < 0,
-    }
-
-
-def _served_vs_best(rows: list[dict], served: str | None, k: int, config: EvalConfig) -> dict:
-    """Per retriever: the served default against the best ranker on test, and popularity."""
-    out: dict = {}
-    if not served:
-        return out
-    for retriever in dict.fromkeys(r["retriever"] for r in rows):
-        mine = {
-            r["ranker"]: r for r in rows if r["retriever"] == retriever and "_per_query_ndcg" in r
-        }
-        if served not in mine:
-            continue
-        best = max(mine.values(), key=lambda r: r[f"ndcg@{k}"])
-        entry = {"served": served, "best": best["ranker"]}
-        for name, other in (("best", best), ("popularity", mine.get("popularity"))):
-            if other is None:
-                continue
-            entry[f"vs_{name}"] = _paired(mine[served], other, config)
-        out[retriever] = entry
-    return out
-
-
-def _retriever_deltas(
-    rows: list[dict], retriever: str, ranker: str | None, k: int, config: EvalConfig
-) -> dict:
-    """The default retriever against each other one, with the default ranker, same queries.
-
-    Paired NDCG@k differences with bootstrap intervals, and each retriever's tag precision.
-    """
-    mine = {r["retriever"]: r for r in rows if r["ranker"] == ranker and "_per_query_ndcg" in r}
-    if retriever not in mine:
-        return {}
-    out = {"retriever": retriever, "ranker": ranker, "versus": {}}
-    for other, row in mine.items():
-        if other == retriever:
-            continue
-        out["versus"][other] = {
-            f"ndcg@{k}_diff": _paired(mine[retriever], row, config),
-            f"tag_p@{k}": row[f"tag_p@{k}"],
-            f"pair_tag_p@{k}": row[f"pair_tag_p@{k}"],
-        }
-    out[f"tag_p@{k}"] = mine[retriever][f"tag_p@{k}"]
-    out[f"pair_tag_p@{k}"] = mine[retriever][f"pair_tag_p@{k}"]
-    return out
-
-
-def _paired(row: dict, other: dict, config: EvalConfig) -> dict:
-    """``row`` minus ``other`` on the same queries: mean NDCG difference and bootstrap CI."""
-    diff, lo, hi = paired_bootstrap_ci(
-        row["_per_query_ndcg"], other["_per_query_ndcg"], n=config.bootstrap, seed=config.seed
-    )
-    return {"diff": diff, "ci": [lo, hi]}
-
-
-def _add_pairwise(rows: list[dict], k: int, config: EvalConfig) -> None:
-    """Add to each row its paired NDCG difference to every other ranker on the same retriever.
-
-    ``ndcg@k_paired`` (JSON) maps the other ranker to ``{"diff", "ci"}``: this row minus it.
-    """
-    for row in rows:
-        if "_per_query_ndcg" not in row:
-            continue
-        paired = {}
-        for other in rows:
-            if other is row or other["retriever"] != row["retriever"]:
-                continue
-            if "_per_query_ndcg" not in other:
-                continue
-            paired[other["ranker"]] = _paired(row, other, config)
-        row[f"ndcg@{k}_paired"] = paired
-
-
-def _add_deltas(rows: list[dict], baseline: str, k: int, config: EvalConfig) -> None:
-    """Add each row's paired NDCG difference to ``baseline`` on the same retriever."""
-    key = f"ndcg@{k}"
-    base = {
-        r["retriever"]: r["_per_query_ndcg"]
-        for r in rows
-        if r["ranker"] == baseline and "_per_query_ndcg" in r
-    }
-    for row in rows:
-        values = row.pop("_per_query_ndcg", None)
-        if values is None or row["retriever"] not in base or row["ranker"] == baseline:
-            continue
-        diff, lo, hi = paired_bootstrap_ci(
-            values, base[row["retriever"]], n=config.bootstrap, seed=config.seed
-        )
-        row[f"{key}_vs_{baseline}"] = {"diff": diff, "ci": [lo, hi]}
-
-
-def _add_tag_deltas(rows: list[dict], baseline: str, k: int, config: EvalConfig) -> None:
-    """Add the paired difference of each retriever's tag figures to ``baseline`` retriever's.
-
-    Every retriever answers the same tag and pair queries, so the per-query precisions pair up.
-    """
-    base = next((r["_per_query_tags"] for r in rows if r["retriever"] == baseline), None)
-    for row in rows:
-        values = row.pop("_per_query_tags", None)
-        if values is None or base is None or row["retriever"] == baseline:
-            continue
-        for key, mine, theirs in (
-            (f"tag_p@{k}", values[0], base[0]),
-            (f"pair_tag_p@{k}", values[1], base[1]),
-        ):
-            if len(mine) and len(mine) == len(theirs):
-                diff, lo, hi = paired_bootstrap_ci(
-                    mine, theirs, n=config.bootstrap, seed=config.seed
-                )
-                row[f"{key}_vs_{baseline}"] = {"diff": diff, "ci": [lo, hi]}
 
 
 def _seen_share(queries: TestQueries, seen: dict[int, np.ndarray]) -> float | None:

@@ -60,8 +60,9 @@ STACKER_PARAMS = {
 ROUNDS = 60
 # Queries the stacker learns from (a seeded draw) and negatives kept per query (all positives
 # are kept): lambdarank learns from pairs, so a sample of the negatives keeps the order it
-# learns and bounds the build's time.
-MAX_STACK_QUERIES = 3000
+# learns and bounds the build's time. The cap is the validation slice's own (6,000 queries
+# drawn): the stacker learns from every slice query with a converted candidate.
+MAX_STACK_QUERIES = 6000
 NEGATIVES_PER_QUERY = 40
 # Share of the most recent conversions the standalone fit holds out for the stacker.
 HOLDOUT_FRACTION = 0.2
