@@ -4,11 +4,7 @@ import json
 import subprocess
 import sys
 
-import pytest
-
 from imgsearch import artifacts
-
-pytestmark = pytest.mark.unit
 
 ALLOCATE = """
 import json

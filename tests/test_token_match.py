@@ -7,8 +7,6 @@ import pytest
 from retrieval_service.keyword_index import KeywordIndex
 from retrieval_service.token_match import TokenPostings, score_all, top_k
 
-pytestmark = pytest.mark.unit
-
 
 def random_index(seed: int, photos: int = 5_000, keywords: int = 12) -> KeywordIndex:
     """A catalogue of multi-word keywords with confidences on a coarse grid (many ties)."""
@@ -81,3 +79,17 @@ def test_a_token_nobody_allowed_holds_returns_nothing():
     postings = [TokenPostings.from_best(np.array([1, 2]), np.array([0.5, 0.9], np.float32))]
     match = top_k(postings, 1, 10, np.zeros(3, bool))
     assert len(match.photos) == 0 and match.complete
+
+
+def test_a_tiled_index_holds_each_photo_once_per_copy():
+    from imgsearch_tools.bench.token_match import tiled
+
+    index = random_index(5, photos=300)
+    twice = tiled(index, 300, 2)
+    for keyword in index.vocabulary[:4]:
+        photos, conf = index.keyword_photos(keyword)
+        copies, copied_conf = twice.keyword_photos(keyword)
+        assert sorted(copies.tolist()) == sorted([*photos.tolist(), *(photos + 300).tolist()])
+        assert sorted(copied_conf.tolist()) == sorted([*conf.tolist(), *conf.tolist()])
+    single, double = index.retrieve("red blue", 10), twice.retrieve("red blue", 20)
+    assert double.scores.tolist()[::2] == single.scores.tolist()

@@ -230,7 +230,7 @@ async def load_scenarios(services, set_dir: Path, args, images: bool) -> dict:
         )
         result = await bench.run_load(spec, requests)
         results[name] = summary(result)
-        print(f"[bench-scale]   {name}: {results[name]}", file=sys.stderr, flush=True)
+        say(f"  {name}: {results[name]}")
     return results
 
 
@@ -265,21 +265,21 @@ def cpu_lock(path: str | None) -> Iterator[None]:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def measure_size(size: int, args, work: Path, logs_root: Path) -> dict:
-    """Every figure of one catalogue size."""
+def prepare_size(size: int, args, work: Path, logs: Path) -> tuple[Path, dict]:
+    """The catalogue and artifact set of one size, with what they took."""
     folder = work / str(size)
     folder.mkdir(parents=True, exist_ok=True)
-    logs = logs_root / str(size)
     logs.mkdir(parents=True, exist_ok=True)
-    say = lambda m: print(f"[bench-scale] {size:,} photos: {m}", file=sys.stderr, flush=True)  # noqa: E731
-    say("catalogue")
+    say(f"{size:,} photos: catalogue")
     made = catalogue(size, args, folder / "data", logs)
-    say(f"catalogue {made}; build")
+    say(f"{size:,} photos: catalogue {made}; build")
     set_dir, built = artifact_set(folder / "data", folder / "artifacts", args, logs)
-    say(f"built in {built.get('build_seconds')} s; serving")
-    with cpu_lock(args.cpu_lock):
-        served = serve_and_load(set_dir, args, logs, bool(args.images))
-    return {"photos": size, "demo_data": made, "build": built, "serving": served}
+    say(f"{size:,} photos: built in {built.get('build_seconds')} s")
+    return set_dir, {"photos": size, "demo_data": made, "build": built}
+
+
+def say(message: str) -> None:
+    print(f"[bench-scale] {message}", file=sys.stderr, flush=True)
 
 
 def cmd_bench_scale(args) -> int:
@@ -305,8 +305,19 @@ def cmd_bench_scale(args) -> int:
         "loadavg_1m_at_start": round(os.getloadavg()[0], 2),
         "sizes": [],
     }
+    # Every size is generated and built first (niced), then served: the CPU lock is taken
+    # for the serving figures only.
+    prepared = []
     for size in sizes:
-        report["sizes"].append(measure_size(size, args, work, out / "scale-logs"))
+        set_dir, figures = prepare_size(size, args, work, out / "scale-logs" / str(size))
+        prepared.append(set_dir)
+        report["sizes"].append({**figures, "serving": {}})
+        write_report(report, out, args.results_page)
+    for set_dir, figures in zip(prepared, report["sizes"]):
+        say(f"{figures['photos']:,} photos: serving")
+        with cpu_lock(args.cpu_lock):
+            logs = out / "scale-logs" / str(figures["photos"])
+            figures["serving"] = serve_and_load(set_dir, args, logs, bool(args.images))
         # Written after each size, so a long run leaves what it measured so far.
         write_report(report, out, args.results_page)
     print(json.dumps({"report": str(out / "scale.md")}))

@@ -52,11 +52,11 @@ def rows(report: dict) -> dict[str, list]:
             if n_bytes:
                 put(f"{name} MiB", i, round(n_bytes / 2**20, 1))
         served = size["serving"]
-        for name, seconds in served["load_seconds"].items():
+        for name, seconds in served.get("load_seconds", {}).items():
             put(f"{name} load s", i, seconds)
-        for name, mib in served["resident_mib"].items():
+        for name, mib in served.get("resident_mib", {}).items():
             put(f"{name} resident MiB", i, mib)
-        for name, result in served["scenarios"].items():
+        for name, result in served.get("scenarios", {}).items():
             put(f"{name} p50 ms", i, result["p50_ms"])
             put(f"{name} p99 ms", i, result["p99_ms"])
             put(f"{name} errors", i, result["errors"])
@@ -151,6 +151,7 @@ def write_report(report: dict, out: Path, results_page: str | None = None) -> No
     if results_page:
         page = Path(results_page)
         image = page.with_suffix(".png")
+        page.parent.mkdir(parents=True, exist_ok=True)
         image.write_bytes((out / "scale.png").read_bytes())
         body = text + f"\n![build and serving figures against photos]({image.name})\n"
         write_results_page(
