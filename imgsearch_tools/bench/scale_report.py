@@ -133,7 +133,8 @@ def plot(report: dict, path: Path) -> None:
             if wanted(name) and points:
                 axis.plot(*zip(*points), marker="o", label=name)
         axis.set(xscale="log", yscale="log", title=title, xlabel="photos")
-        axis.legend(fontsize=7)
+        if axis.lines:
+            axis.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

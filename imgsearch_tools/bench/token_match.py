@@ -88,7 +88,8 @@ def time_queries(index, queries: list[str], k: int, repeats: int) -> dict:
             "p50_ms": float(np.percentile(ms, 50)),
             "p99_ms": float(np.percentile(ms, 99)),
         }
-    figures["complete"] = all(top_k(p, n, k).complete for p, n in prepared)
+    # Queries no token of which holds more than MAX_DEPTH photos: exact, checked above.
+    figures["complete"] = sum(top_k(p, n, k).complete for p, n in prepared)
     figures["postings_per_query"] = int(np.mean([sum(len(x) for x in p) for p, _ in prepared]))
     return figures
 
@@ -127,8 +128,8 @@ def cmd_bench_token_match(args) -> int:
         f"{os.getloadavg()[0]:.1f} at the start.",
         "",
         "| queries | n | postings/query | score-all mean / p99 ms | scatter mean / p99 ms "
-        "| speed-up | identical |",
-        "|---|---|---|---|---|---|---|",
+        "| speed-up | complete (no token over the cap) | complete ones identical |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for kind, queries in multi_word_queries(index.vocabulary.tolist(), args.queries).items():
         f = time_queries(index, queries, args.candidates_k, args.repeats)
@@ -138,7 +139,7 @@ def cmd_bench_token_match(args) -> int:
             f"| {kind} | {f['queries']} | {f['postings_per_query']} "
             f"| {before['mean_ms']:.2f} / {before['p99_ms']:.2f} "
             f"| {after['mean_ms']:.2f} / {after['p99_ms']:.2f} "
-            f"| {before['mean_ms'] / after['mean_ms']:.1f}x "
+            f"| {before['mean_ms'] / after['mean_ms']:.1f}x | {f['complete']} of {f['queries']} "
             f"| {'yes' if f['identical'] else 'NO'} |"
         )
     print("\n".join(lines))
