@@ -9,7 +9,7 @@ DEMO_DATA := var/demo-data
 DEMO_ARTIFACTS := var/artifacts
 PROTO_FILES := $(shell find protos -name '*.proto')
 
-.PHONY: run test test-fast docs protos lint format bench eval eval-suite demo certs clean lock image image-test test-py313
+.PHONY: run test test-fast docs protos lint format bench bench-scale eval eval-suite demo certs clean lock image image-test test-py313
 
 run: $(STAMP)
 	$(VENV)/bin/imgsearch demo --data $(DEMO_DATA) --artifacts $(DEMO_ARTIFACTS)
@@ -90,6 +90,10 @@ eval-suite: $(STAMP)
 
 bench: demo
 	$(VENV)/bin/imgsearch bench-suite --data $(DEMO_DATA) --artifacts $(DEMO_ARTIFACTS) --out var/bench --results-page docs/results/bench.md
+
+# Manual, not in CI: catalogues of 10,000, 100,000 and 1,000,000 photos built and served (hours).
+bench-scale: $(STAMP)
+	$(VENV)/bin/imgsearch bench-scale --work var/scale --out var/bench --results-page docs/results/scale.md
 
 # A development CA, server/client certificates and a bearer token (never overwrites other files).
 certs: $(STAMP)

@@ -67,14 +67,17 @@ def build_artifacts(
     from imgsearch import artifacts
     from imgsearch.conversion_store.forget import forget_users
     from imgsearch.unsplash import read_unsplash
+    from imgsearch_tools.build_steps import BuildSteps
     from retrieval_service.keyword_index import KeywordIndex
 
     started = time.time()
     check_shard_count(shards, allow_none=True)
     check_artifact_root(out, force)
     log = stage_printer(show_progress)
+    steps = BuildSteps(log)
     log(f"reading {data}")
-    catalogue, report = read_unsplash(data, show_progress=show_progress, strict=strict)
+    with steps.step("read"):
+        catalogue, report = read_unsplash(data, show_progress=show_progress, strict=strict)
     log(report.summary())
     catalogue, forgotten = forget_users(catalogue, tombstones or {})
     if forgotten:
@@ -95,11 +98,13 @@ def build_artifacts(
             },
             "versions": _library_versions(),
         }
-        manifest[FILTERS_KEY] = filter_columns(catalogue, log, show_progress)
-        catalogue.save(set_dir / artifacts.CATALOGUE_DIR)
+        with steps.step("filters and catalogue"):
+            manifest[FILTERS_KEY] = filter_columns(catalogue, log, show_progress)
+            catalogue.save(set_dir / artifacts.CATALOGUE_DIR)
         log("building keyword index")
-        keyword_index = KeywordIndex.from_keywords(catalogue.keywords)
-        keyword_index.save(set_dir / artifacts.KEYWORD_INDEX)
+        with steps.step("keyword index"):
+            keyword_index = KeywordIndex.from_keywords(catalogue.keywords)
+            keyword_index.save(set_dir / artifacts.KEYWORD_INDEX)
         if clip and catalogue.photos["has_image"].any():
             from imgsearch_tools.demo_data import query_families
             from retrieval_service.clip_artifacts import build_clip_artifacts
@@ -107,16 +112,17 @@ def build_artifacts(
 
             spec = ClipSpec(clip_model, clip_pretrained) if clip_model else None
             log("CLIP: " + (f"{clip_model} ({clip_pretrained})" if spec else "training tiny CLIP"))
-            manifest["clip"] = build_clip_artifacts(
-                catalogue,
-                set_dir,
-                spec,
-                factory=index_factory,
-                train_steps=clip_steps,
-                show_progress=show_progress,
-                query_families=query_families(catalogue),
-                embeddings=embeddings,
-            )
+            with steps.step("clip"):
+                manifest["clip"] = build_clip_artifacts(
+                    catalogue,
+                    set_dir,
+                    spec,
+                    factory=index_factory,
+                    train_steps=clip_steps,
+                    show_progress=show_progress,
+                    query_families=query_families(catalogue),
+                    embeddings=embeddings,
+                )
         else:
             manifest["clip"] = {
                 "skipped": "disabled by --no-clip" if not clip else "the catalogue has no images"
@@ -125,19 +131,22 @@ def build_artifacts(
             from retrieval_service.sharding import write_shards
 
             log(f"splitting the retrieval indexes into {shards} shards")
-            manifest["shards"] = write_shards(set_dir, shards, log)
-        manifest.update(
-            train_set_rankers(
-                catalogue,
-                set_dir,
-                set_dir,
-                keyword_index,
-                rankers,
-                tune=tune,
-                int8=int8,
-                show_progress=show_progress,
+            with steps.step("shards"):
+                manifest["shards"] = write_shards(set_dir, shards, log)
+        with steps.step("rankers"):
+            manifest.update(
+                train_set_rankers(
+                    catalogue,
+                    set_dir,
+                    set_dir,
+                    keyword_index,
+                    rankers,
+                    tune=tune,
+                    int8=int8,
+                    show_progress=show_progress,
+                )
             )
-        )
+        manifest["build_steps"] = steps.steps
         manifest["build_seconds"] = round(time.time() - started, 1)
         artifacts.write_manifest(set_dir, manifest)
         artifacts.publish(out, set_dir)

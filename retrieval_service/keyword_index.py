@@ -9,6 +9,7 @@ import pandas as pd
 
 from imgsearch.catalogue import normalise_keyword
 from retrieval_service.retrievers import RetrievalResult, Retriever
+from retrieval_service.token_match import MAX_DEPTH, TokenPostings, top_k
 
 # A token fallback reading at most this many postings runs on the event loop (well under a
 # millisecond once its tokens are cached); a larger one runs beside it.
@@ -21,7 +22,9 @@ class KeywordIndex(Retriever):
     An exact keyword match returns its photos ordered by confidence. A multi-word or unseen
     query falls back to token matching: each photo scores the mean, over the query's tokens,
     of its best confidence for a keyword containing that token, so a photo must match every
-    token to reach the top and scores stay in [0, 1] and comparable across queries.
+    token to reach the top and scores stay in [0, 1] and comparable across queries. The fallback
+    adds up each token's photos without sorting them and reads at most ``MAX_DEPTH`` photos per
+    token, its best (:mod:`retrieval_service.token_match`).
 
     A shard's index (:meth:`shard`) keeps the whole catalogue's vocabulary: a query that is a
     keyword anywhere is an exact match on every shard (with no photos on a shard that has none
@@ -46,8 +49,8 @@ class KeywordIndex(Retriever):
         lengths = np.diff(offsets)
         # Postings a token's fallback reads: what decides whether it may run on the event loop.
         self._token_postings = {t: int(lengths[r].sum()) for t, r in self._token_rows.items()}
-        # Token -> (photos, best confidence), filled on first use (bounded by the vocabulary).
-        self._token_best: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        # Token -> its photos and best confidences, filled on first use (bounded by the vocabulary).
+        self._token_best: dict[str, TokenPostings] = {}
 
     @classmethod
     def from_keywords(cls, keywords: pd.DataFrame) -> KeywordIndex:
@@ -109,9 +112,9 @@ class KeywordIndex(Retriever):
         postings = self._token_postings
         return sum(postings.get(t, 0) for t in set(query.split())) <= INLINE_POSTINGS
 
-    def token_photos(self, token: str) -> tuple[np.ndarray, np.ndarray] | None:
-        """Photos (ascending) holding a keyword that contains ``token``, each with its best
-        confidence over those keywords; None for a token no keyword has. Computed once."""
+    def token_photos(self, token: str) -> TokenPostings | None:
+        """Photos holding a keyword that contains ``token``, each with its best confidence over
+        those keywords; None for a token no keyword has. Computed once per token."""
         best = self._token_best.get(token)
         if best is None:
             rows = self._token_rows.get(token)
@@ -124,7 +127,7 @@ class KeywordIndex(Retriever):
             order = np.lexsort((-cf, idx))
             idx, cf = idx[order], cf[order]
             first = np.r_[True, idx[1:] != idx[:-1]]
-            best = self._token_best[token] = (idx[first], cf[first])
+            best = self._token_best[token] = TokenPostings.from_best(idx[first], cf[first])
         return best
 
     def keyword_photos(self, keyword: str) -> tuple[np.ndarray, np.ndarray]:
@@ -153,39 +156,15 @@ class KeywordIndex(Retriever):
         tokens = list(dict.fromkeys(query.split()))
         if not tokens:
             return RetrievalResult.empty(note="empty query")
-        # Token fallback: per token, a photo's best confidence over keywords holding the token.
-        per_token = []
-        matched = []
-        for token in tokens:
-            best = self.token_photos(token)
-            if best is None:
-                continue
-            matched.append(token)
-            if allowed is not None:
-                photos, conf = best
-                kept = allowed[photos]
-                best = (photos[kept], conf[kept])
-            per_token.append(best)
-        if not per_token:
+        matched = [t for t in tokens if t in self._token_rows]
+        if not matched:
             return RetrievalResult.empty(note=f"no keyword matches any of: {', '.join(tokens)}")
         note = f"no exact keyword '{query}': token match on {', '.join(matched)}"
         if len(matched) < len(tokens):
             unknown = [t for t in tokens if t not in matched]
             note += f" (unknown: {', '.join(unknown)})"
-        # Sum each photo's confidences over the tokens, in token order (a stable sort by photo).
-        all_idx = np.concatenate([p for p, _ in per_token])
-        if len(all_idx) == 0:  # the filter allows none of the matching photos (or this shard's)
-            nothing = np.zeros(0, np.float32)
-            return RetrievalResult(np.zeros(0, np.int64), nothing, {"keyword": nothing}, note=note)
-        all_conf = np.concatenate([c for _, c in per_token]).astype(np.float64)
-        by_photo = all_idx.argsort(kind="stable")
-        all_idx = all_idx[by_photo]
-        new_photo = np.empty(len(all_idx), bool)
-        new_photo[0] = True
-        np.not_equal(all_idx[1:], all_idx[:-1], out=new_photo[1:])
-        starts = new_photo.nonzero()[0]
-        unique = all_idx[starts]
-        total = np.add.reduceat(all_conf[by_photo], starts)
-        score = (total / len(tokens)).astype(np.float32)
-        order = np.lexsort((unique, -score))[:candidates_k]
-        return RetrievalResult(unique[order], score[order], {"keyword": score[order]}, note=note)
+        match = top_k([self.token_photos(t) for t in matched], len(tokens), candidates_k, allowed)
+        if not match.complete:
+            note += f" (read the best {MAX_DEPTH} photos of each token)"
+        scores = match.scores
+        return RetrievalResult(match.photos, scores, {"keyword": scores}, note=note)

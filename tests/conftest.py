@@ -202,6 +202,7 @@ def postgres_dsn(postgres_server) -> str:
 E2E_MODULES = {
     "test_bare_chain",
     "test_bench",
+    "test_bench_scale",
     "test_cli",
     "test_clip",
     "test_data_safety",
@@ -220,6 +221,7 @@ E2E_MODULES = {
     "test_browser",
 }
 SLOW_MODULES = {
+    "test_bench_scale",
     "test_browser",
     "test_cli",
     "test_e2e_clip",

@@ -162,30 +162,50 @@ def make_conversion_table(
     cell_b = np.arange(n_cells) % HIDDEN_VALUES
     strength = 0.0 if taste == "none" else taste_strength
     taste_gain = np.exp(strength * np.arange(3))  # 0, 1 or 2 favourite matches
+    # The weights over cells depend on the user's favourites and the query's words only: draw
+    # each conversion's cell from the cumulative weights of its profile, computed once.
+    if taste == "ids":
+        user_key = fav_a.argmax(axis=1) * HIDDEN_VALUES + fav_b.argmax(axis=1)
+        n_user_keys = HIDDEN_VALUES * HIDDEN_VALUES
+    else:
+        user_key = (fav_colour @ (1 << np.arange(n_colours))) << n_shapes
+        user_key = user_key + fav_shape @ (1 << np.arange(n_shapes))
+        n_user_keys = 1 << (n_colours + n_shapes)
+    profile_key = np.ravel_multi_index(
+        (user_key[user], want_colour, want_shape, want_scene),
+        (n_user_keys, n_colours + 1, n_shapes + 1, n_scenes + 1),
+    )
+    _, first, profile = np.unique(profile_key, return_index=True, return_inverse=True)
+    by_profile = np.argsort(profile, kind="stable")
+    profile_size = np.bincount(profile, minlength=len(first))
+    profile_end = np.cumsum(profile_size)
+    profile_start = profile_end - profile_size
+    cell_draw = rng.random(len(user))
     chosen_cell = np.empty(len(user), dtype=np.int64)
     chunk = 16_384 // n_hidden
-    starts = range(0, len(user), chunk)
-    if show_progress and len(user) > 4 * chunk:
+    starts = range(0, len(first), chunk)
+    if show_progress and len(first) > 4 * chunk:
         from tqdm import tqdm
 
         starts = tqdm(starts, desc="conversions", unit="chunk", file=sys.stderr)
-    cell_draw = rng.random(len(user))
     for start in starts:
-        part = slice(start, start + chunk)
-        u = user[part]
+        rows = first[start : start + chunk]  # one conversion standing for each profile
+        u = user[rows]
         if taste == "ids":
             matches = fav_a[u][:, cell_a].astype(np.int8) + fav_b[u][:, cell_b]
         else:
             matches = fav_colour[u][:, cell_colour].astype(np.int8) + fav_shape[u][:, cell_shape]
         allowed = (
-            ((want_colour[part, None] == n_colours) | (cell_colour == want_colour[part, None]))
-            & ((want_shape[part, None] == n_shapes) | (cell_shape == want_shape[part, None]))
-            & ((want_scene[part, None] == n_scenes) | (cell_scene == want_scene[part, None]))
+            ((want_colour[rows, None] == n_colours) | (cell_colour == want_colour[rows, None]))
+            & ((want_shape[rows, None] == n_shapes) | (cell_shape == want_shape[rows, None]))
+            & ((want_scene[rows, None] == n_scenes) | (cell_scene == want_scene[rows, None]))
         )
         weight = np.where(allowed, cell_weight * taste_gain[matches], 0.0)
         cumulative = np.cumsum(weight, axis=1)
-        target = cell_draw[part] * cumulative[:, -1]
-        chosen_cell[part] = (cumulative <= target[:, None]).sum(axis=1)
+        for offset, row in enumerate(cumulative, start):
+            members = by_profile[profile_start[offset] : profile_end[offset]]
+            # Cells whose cumulative weight is at most the draw: as counting them does.
+            chosen_cell[members] = np.searchsorted(row, cell_draw[members] * row[-1], "right")
 
     order = np.argsort(cell, kind="stable")
     cumulative = np.cumsum(photo_weight[order])

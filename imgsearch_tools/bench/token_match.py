@@ -1,0 +1,161 @@
+"""`imgsearch bench-token-match`: the keyword fallback's cost per multi-word query, before/after.
+
+On an artifact set's keyword index, for unseen multi-word queries (two catalogue keywords and a
+word no keyword holds, as the shard bench draws them) and two-keyword queries, time per query:
+
+* ``score-all``: every posting of every token sorted by photo and summed (the fallback before);
+* ``scatter``: :func:`retrieval_service.token_match.top_k`, as retrieval runs it (each token's
+  confidences added into an accumulator indexed by photo, at most ``MAX_DEPTH`` per token).
+
+Both run on the same per-token lists, built once beforehand (as a serving index caches them),
+and the command checks that they return the same photos and scores (when no token holds more
+than ``MAX_DEPTH`` photos). Run it under the CPU lock
+for figures.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+QUERIES = 300
+
+
+def add_commands(subparsers) -> None:
+    """Register bench-token-match."""
+    p = subparsers.add_parser(
+        "bench-token-match",
+        help="time the keyword token-matching fallback per multi-word query: sorting every "
+        "posting against adding them into an accumulator",
+        description=(__doc__ or "").split("\n\n", 1)[1],
+    )
+    p.add_argument("--artifacts", default="var/artifacts", help="artifact root or set")
+    p.add_argument("--queries", type=int, default=QUERIES, help="queries of each kind")
+    p.add_argument("--candidates-k", type=int, default=100, help="photos per query")
+    p.add_argument("--repeats", type=int, default=3, help="timed passes over the queries")
+    p.add_argument(
+        "--tile",
+        type=int,
+        default=1,
+        help="repeat the catalogue's photos this many times (photo ids shifted per copy): the "
+        "posting lists of a catalogue N times larger with the same keyword mix, to time "
+        "catalogues not built yet",
+    )
+    p.add_argument("--json", default=None, help="also write the figures to this JSON file")
+    p.add_argument(
+        "--results-page", default=None, help="also write the table as this docs results page"
+    )
+    p.set_defaults(handler=cmd_bench_token_match)
+
+
+def multi_word_queries(vocabulary: list[str], count: int, seed: int = 0) -> dict[str, list[str]]:
+    """Unseen queries (two keywords and an unknown word) and two-keyword queries."""
+    rng = np.random.default_rng(seed)
+    pairs = rng.choice(len(vocabulary), size=(count, 2))
+    two = [f"{vocabulary[a]} {vocabulary[b]}" for a, b in pairs]
+    return {
+        "two keywords and an unknown word": [f"{q} {i}" for i, q in enumerate(two)],
+        "two keywords": two,
+    }
+
+
+def time_queries(index, queries: list[str], k: int, repeats: int) -> dict:
+    """Per-query milliseconds of both ways, and whether they agree on every query."""
+    from retrieval_service.token_match import score_all, top_k
+
+    prepared = []
+    for query in queries:
+        tokens = list(dict.fromkeys(query.split()))
+        postings = [p for p in map(index.token_photos, tokens) if p is not None]
+        if postings and query not in index:
+            prepared.append((postings, len(tokens)))
+    same = all(_agree(top_k(p, n, k), score_all(p, n, k)) for p, n in prepared)
+    figures = {"queries": len(prepared), "identical": same}
+    for name, run in (("score-all", score_all), ("scatter", top_k)):
+        times = []
+        for _ in range(repeats):
+            for postings, n_tokens in prepared:
+                start = time.perf_counter()
+                run(postings, n_tokens, k)
+                times.append(time.perf_counter() - start)
+        ms = np.array(times) * 1e3
+        figures[name] = {
+            "mean_ms": float(ms.mean()),
+            "p50_ms": float(np.percentile(ms, 50)),
+            "p99_ms": float(np.percentile(ms, 99)),
+        }
+    # Queries no token of which holds more than MAX_DEPTH photos: exact, checked above.
+    figures["complete"] = sum(top_k(p, n, k).complete for p, n in prepared)
+    figures["postings_per_query"] = int(np.mean([sum(len(x) for x in p) for p, _ in prepared]))
+    return figures
+
+
+def tiled(index, photos: int, copies: int):
+    """``index`` over ``copies`` copies of its photos, copy ``c`` shifted by ``c × photos``."""
+    from retrieval_service.keyword_index import KeywordIndex
+
+    lengths = np.diff(index.offsets)
+    shift = np.repeat(np.arange(copies, dtype=np.int64) * photos, len(index.photo_idx))
+    rows = np.repeat(np.arange(len(lengths)), lengths)
+    order = np.argsort(np.tile(rows, copies), kind="stable")
+    return KeywordIndex(
+        index.vocabulary,
+        index.offsets * copies,
+        (np.tile(index.photo_idx, copies) + shift)[order],
+        np.tile(index.conf, copies)[order],
+    )
+
+
+def cmd_bench_token_match(args) -> int:
+    """Print (and optionally write) the fallback's per-query cost both ways."""
+    from imgsearch import artifacts
+    from retrieval_service.keyword_index import KeywordIndex
+
+    artifact_set = artifacts.resolve(args.artifacts)
+    index = KeywordIndex.load(artifact_set.file(artifacts.KEYWORD_INDEX))
+    photos = int(index.photo_idx.max()) + 1 if len(index.photo_idx) else 0
+    if args.tile > 1:
+        index = tiled(index, photos, args.tile)
+        photos *= args.tile
+    report = {"artifacts": str(artifact_set.path), "photos": photos, "kinds": {}}
+    lines = [
+        f"{photos:,} photos, {len(index.vocabulary)} keywords, candidates_k "
+        f"{args.candidates_k}, {args.repeats} passes over the queries; load average (1 min) "
+        f"{os.getloadavg()[0]:.1f} at the start.",
+        "",
+        "| queries | n | postings/query | score-all mean / p99 ms | scatter mean / p99 ms "
+        "| speed-up | complete (no token over the cap) | complete ones identical |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for kind, queries in multi_word_queries(index.vocabulary.tolist(), args.queries).items():
+        f = time_queries(index, queries, args.candidates_k, args.repeats)
+        report["kinds"][kind] = f
+        before, after = f["score-all"], f["scatter"]
+        lines.append(
+            f"| {kind} | {f['queries']} | {f['postings_per_query']} "
+            f"| {before['mean_ms']:.2f} / {before['p99_ms']:.2f} "
+            f"| {after['mean_ms']:.2f} / {after['p99_ms']:.2f} "
+            f"| {before['mean_ms'] / after['mean_ms']:.1f}x | {f['complete']} of {f['queries']} "
+            f"| {'yes' if f['identical'] else 'NO'} |"
+        )
+    print("\n".join(lines))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    if args.results_page:
+        from imgsearch_tools.results_page import write_results_page
+
+        title = "Keyword token matching, per multi-word query"
+        write_results_page(args.results_page, title, args.command_line, "\n".join(lines))
+    return 0 if all(f["identical"] for f in report["kinds"].values()) else 1
+
+
+def _agree(match, reference) -> bool:
+    """A complete match returns the reference's photos and scores exactly."""
+    photos, scores = reference
+    if not match.complete:
+        return True
+    return np.array_equal(match.photos, photos) and np.array_equal(match.scores, scores)

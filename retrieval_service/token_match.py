@@ -1,0 +1,156 @@
+"""Top-k token matching over per-token posting lists: one scatter per token, capped per token.
+
+A multi-word or unseen query scores each photo by the mean, over the query's tokens, of its best
+confidence for a keyword holding the token. The fallback used to concatenate every token's
+postings and sort them by photo to add them up (:func:`score_all`, kept as the reference): a
+sort of the summed posting lists, per query. :func:`top_k` adds each token's confidences into a
+per-thread accumulator indexed by photo instead (no sort; only the touched entries are reset),
+then selects the top k with a partial sort, which gives the same photos and scores.
+
+The read is bounded: a token contributes at most :data:`MAX_DEPTH` postings, its best by
+confidence. A query whose token holds more photos than that returns the best photos among those
+read and says so (``complete`` is False), so no query's cost grows past a fixed number of
+postings per token however large the catalogue grows.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+import numpy as np
+
+# The most postings one token contributes to one query: what bounds the work of a query.
+MAX_DEPTH = 262_144
+
+
+@dataclass(frozen=True)
+class TokenPostings:
+    """One token's photos with their best confidence, by photo and by confidence."""
+
+    photos: np.ndarray  # ascending photo_idx
+    conf: np.ndarray  # best confidence of each photo in ``photos``
+    photos_by_conf: np.ndarray  # the same photos by descending confidence, then photo_idx
+    conf_by_conf: np.ndarray  # their confidences, descending
+
+    @classmethod
+    def from_best(cls, photos: np.ndarray, conf: np.ndarray) -> TokenPostings:
+        """Build from photos (ascending) and their best confidences."""
+        order = np.lexsort((photos, -conf))
+        return cls(photos, conf, photos[order], conf[order])
+
+    def __len__(self) -> int:
+        return len(self.photos)
+
+    def best(self, depth: int) -> tuple[np.ndarray, np.ndarray]:
+        """The photos (each once) and confidences read at most ``depth`` deep."""
+        if len(self.photos) <= depth:
+            return self.photos, self.conf
+        return self.photos_by_conf[:depth], self.conf_by_conf[:depth]
+
+
+@dataclass(frozen=True)
+class TokenMatch:
+    """The best photos of a token match, and whether every posting was read."""
+
+    photos: np.ndarray
+    scores: np.ndarray
+    complete: bool  # True when the photos are exactly the top k over all postings
+
+
+class _Scratch(threading.local):
+    """Per-thread accumulators indexed by photo, zero between queries."""
+
+    def __init__(self) -> None:
+        self.total = np.zeros(0, np.float64)
+        self.seen = np.zeros(0, bool)
+
+    def sized(self, photo_count: int) -> tuple[np.ndarray, np.ndarray]:
+        if len(self.total) < photo_count:
+            self.total = np.zeros(photo_count, np.float64)
+            self.seen = np.zeros(photo_count, bool)
+        return self.total, self.seen
+
+
+_SCRATCH = _Scratch()
+
+
+def top_k(
+    postings: list[TokenPostings],
+    n_tokens: int,
+    k: int,
+    allowed: np.ndarray | None = None,
+    max_depth: int = MAX_DEPTH,
+) -> TokenMatch:
+    """The ``k`` photos with the best mean confidence over ``n_tokens`` tokens, best first.
+
+    Parameters
+    ----------
+    postings
+        The matched tokens' postings, in query order (unknown tokens are absent but counted in
+        ``n_tokens``, so they pull every score down alike).
+    n_tokens
+        The number of distinct tokens in the query.
+    k
+        How many photos to return at most.
+    allowed
+        Bool per ``photo_idx``: photos that may be returned (None: all).
+    max_depth
+        Postings read per token at most, its best by confidence.
+
+    Returns
+    -------
+    TokenMatch
+        Photos ordered by descending score, then ascending ``photo_idx``; ``complete`` is False
+        when a token held more than ``max_depth`` photos.
+    """
+    read = [p.best(max_depth) for p in postings]
+    photo_count = max((int(p.photos[-1]) + 1 for p in postings if len(p)), default=0)
+    total, seen = _SCRATCH.sized(photo_count)
+    found = []
+    try:
+        # Each token's photos are distinct, so a fancy-indexed add adds each once; in token
+        # order and in float64, as the sorted sum does, so the scores are identical.
+        for photos, conf in read:
+            total[photos] += conf
+            new = photos[~seen[photos]]
+            seen[new] = True
+            found.append(new)
+        candidates = np.concatenate(found) if found else np.zeros(0, np.int64)
+        scores = (total[candidates] / n_tokens).astype(np.float32)
+    finally:
+        for new in found:
+            total[new] = 0.0
+            seen[new] = False
+    if allowed is not None:
+        kept = allowed[candidates]
+        candidates, scores = candidates[kept], scores[kept]
+    if len(candidates) > k:
+        # Keep every photo tied with the k-th score, so the photo_idx tie-break stays exact.
+        kth = np.partition(scores, len(scores) - k)[len(scores) - k]
+        best = scores >= kth
+        candidates, scores = candidates[best], scores[best]
+    order = np.lexsort((candidates, -scores))[:k]
+    complete = all(len(p) <= max_depth for p in postings)
+    return TokenMatch(candidates[order], scores[order], complete)
+
+
+def score_all(
+    postings: list[TokenPostings], n_tokens: int, k: int, allowed: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """The exact top ``k`` by sorting every posting by photo and summing: the reference
+    :func:`top_k` must equal, and what the fallback cost before it."""
+    photos = np.concatenate([p.photos for p in postings])
+    conf = np.concatenate([p.conf for p in postings]).astype(np.float64)
+    if allowed is not None:
+        kept = allowed[photos]
+        photos, conf = photos[kept], conf[kept]
+    if len(photos) == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.float32)
+    by_photo = photos.argsort(kind="stable")
+    photos = photos[by_photo]
+    starts = np.r_[True, photos[1:] != photos[:-1]].nonzero()[0]
+    scores = (np.add.reduceat(conf[by_photo], starts) / n_tokens).astype(np.float32)
+    photos = photos[starts]
+    order = np.lexsort((photos, -scores))[:k]
+    return photos[order], scores[order]

@@ -1,0 +1,95 @@
+"""Token matching by scatter: the same top k as sorting every posting, and a bounded read."""
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from retrieval_service.keyword_index import KeywordIndex
+from retrieval_service.token_match import TokenPostings, score_all, top_k
+
+
+def random_index(seed: int, photos: int = 5_000, keywords: int = 12) -> KeywordIndex:
+    """A catalogue of multi-word keywords with confidences on a coarse grid (many ties)."""
+    rng = np.random.default_rng(seed)
+    words = ["red", "blue", "car", "sea", "night", "star"]
+    vocabulary = [
+        " ".join(rng.choice(words, size=rng.integers(1, 3), replace=False)) for _ in range(keywords)
+    ]
+    rows = photos * 4
+    table = pd.DataFrame(
+        {
+            "photo_idx": rng.integers(0, photos, rows),
+            "keyword": rng.choice(vocabulary, rows),
+            "confidence": (rng.integers(1, 21, rows) / 20).astype(np.float32),
+        }
+    ).drop_duplicates(["photo_idx", "keyword"])
+    return KeywordIndex.from_keywords(table)
+
+
+QUERIES = ["red car", "blue sea night", "star zzz", "car car red", "night red blue star"]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("k", [1, 10, 100, 1000])
+def test_adding_up_without_sorting_returns_exactly_the_top_k_of_scoring_everything(seed, k):
+    index = random_index(seed)
+    for query in QUERIES:
+        tokens = list(dict.fromkeys(query.split()))
+        postings = [index.token_photos(t) for t in tokens if index.token_photos(t) is not None]
+        match = top_k(postings, len(tokens), k)
+        photos, scores = score_all(postings, len(tokens), k)
+        assert match.complete
+        assert match.photos.tolist() == photos.tolist()
+        assert match.scores.tolist() == scores.tolist()
+        if " ".join(tokens) not in index:  # an exact keyword is not token-matched
+            assert index.retrieve(query, k).photo_idx.tolist() == photos.tolist()
+
+
+def test_a_filter_keeps_the_exact_top_k_among_allowed_photos():
+    index = random_index(3)
+    allowed = np.random.default_rng(0).random(5_000) < 0.05
+    tokens = ["blue", "sea", "night"]
+    postings = [index.token_photos(t) for t in tokens]
+    match = top_k(postings, 3, 50, allowed)
+    photos, scores = score_all(postings, 3, 50, allowed)
+    assert match.photos.tolist() == photos.tolist()
+    assert allowed[match.photos].all()
+    assert index.retrieve("blue sea night", 50, allowed).photo_idx.tolist() == photos.tolist()
+
+
+def test_the_cap_bounds_the_read_and_says_the_top_may_be_incomplete(monkeypatch):
+    from retrieval_service import keyword_index
+
+    index = random_index(4, photos=20_000)
+    postings = [index.token_photos("red"), index.token_photos("blue")]
+    match = top_k(postings, 2, 1000, max_depth=32)
+    assert not match.complete
+    assert len(match.photos) == len(np.unique(match.photos)) <= 64
+    assert np.all(np.diff(match.scores) <= 0)
+
+    # The best 32 of each token by confidence, scored as the full lists score them.
+    best = [p.photos_by_conf[:32] for p in postings]
+    assert set(match.photos.tolist()) == set(np.concatenate(best).tolist())
+    assert "read the best" not in index.retrieve("red blue", 1000).note
+    monkeypatch.setattr(keyword_index, "top_k", lambda *a: top_k(*a, max_depth=32))
+    assert "read the best" in index.retrieve("red blue", 1000).note
+
+
+def test_a_token_nobody_allowed_holds_returns_nothing():
+    postings = [TokenPostings.from_best(np.array([1, 2]), np.array([0.5, 0.9], np.float32))]
+    match = top_k(postings, 1, 10, np.zeros(3, bool))
+    assert len(match.photos) == 0 and match.complete
+
+
+def test_a_tiled_index_holds_each_photo_once_per_copy():
+    from imgsearch_tools.bench.token_match import tiled
+
+    index = random_index(5, photos=300)
+    twice = tiled(index, 300, 2)
+    for keyword in index.vocabulary[:4]:
+        photos, conf = index.keyword_photos(keyword)
+        copies, copied_conf = twice.keyword_photos(keyword)
+        assert sorted(copies.tolist()) == sorted([*photos.tolist(), *(photos + 300).tolist()])
+        assert sorted(copied_conf.tolist()) == sorted([*conf.tolist(), *conf.tolist()])
+    single, double = index.retrieve("red blue", 10), twice.retrieve("red blue", 20)
+    assert double.scores.tolist()[::2] == single.scores.tolist()
