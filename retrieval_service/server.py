@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import time
@@ -34,8 +35,10 @@ from imgsearch.serving import (
 )
 from retrieval_service.batching import DEFAULT_MAX_BATCH, DEFAULT_MAX_WAIT_MS
 from retrieval_service.keyword_index import KeywordIndex
+from retrieval_service.live_catalogue import LiveView
+from retrieval_service.live_tail import ImageTower, LogTailer, live_retrievers
 from retrieval_service.retrievers import RetrievalResult, Retriever
-from retrieval_service.semantic import clip_source
+from retrieval_service.semantic import HybridRetriever, clip_source
 from retrieval_service.sharding import check_shard, shard_dir
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["RetrievalService"].full_name
@@ -60,6 +63,13 @@ class RetrievalState:
     defaults: list[tuple[str, str, str]] = field(default_factory=list)
     # What filters test, per photo; None for a set built before filters (it refuses them).
     attributes: PhotoAttributes | None = None
+    # The live catalogue's changes on top of the set (None: served without the log).
+    live: LiveView | None = None
+    image_tower: ImageTower | None = None
+
+    def ids(self) -> np.ndarray:
+        """Photo ids by ``photo_idx``, the live catalogue's new photos included."""
+        return self.photo_ids if self.live is None else self.live.segment.photo_ids
 
 
 def load_retrieval_state(
@@ -69,13 +79,15 @@ def load_retrieval_state(
     max_wait_ms: float = DEFAULT_MAX_WAIT_MS,
     text_runtime: str = "",
     shard: int = -1,
+    store: dict | None = None,
 ) -> RetrievalState:
     """Load the retrievers of the artifact set at ``artifacts_path``.
 
     ``max_batch`` and ``max_wait_ms`` set the micro-batching of query encodings;
     ``text_runtime`` overrides the text runtime the build chose ("" keeps it); ``shard`` (0 or
     more) serves that shard's keyword and vector indexes instead of the whole set's
-    (:mod:`retrieval_service.sharding`).
+    (:mod:`retrieval_service.sharding`); ``store`` (``open_store`` arguments) applies the live
+    catalogue's log on top of the set (:mod:`retrieval_service.live_tail`).
     """
     import pandas as pd
 
@@ -109,10 +121,16 @@ def load_retrieval_state(
             f"(available: {', '.join(retrievers)})"
         )
     default = default_retriever or recorded_retriever(artifact_set.manifest, retrievers)
+    photo_ids = photos["photo_id"].to_numpy(dtype=object)
+    live = None
+    if store is not None:
+        retrievers, live = live_retrievers(
+            retrievers, photo_ids, artifact_set.manifest, store, max(0, shard), shard_count
+        )
     return RetrievalState(
         version=artifact_set.version,
         path=artifact_set.path,
-        photo_ids=photos["photo_id"].to_numpy(dtype=object),
+        photo_ids=photo_ids,
         retrievers=retrievers,
         default_retriever=default,
         models=list(retrievers),
@@ -122,6 +140,8 @@ def load_retrieval_state(
         attributes=PhotoAttributes.load(
             artifact_set.file(artifacts.CATALOGUE_DIR), artifact_set.manifest
         ),
+        live=live,
+        image_tower=ImageTower(artifact_set.path) if "clip" in retrievers else None,
     )
 
 
@@ -264,7 +284,7 @@ class RetrievalServicer(pb_grpc.RetrievalServiceServicer):
             embedding = given_embedding(request, state, clip)
             if embedding is None:
                 embedding = await clip.embed_query_async(query, deadline)
-            hybrid = retriever is not clip
+            hybrid = isinstance(retriever, HybridRetriever)
             uncut = {"uncut": True} if request.source_lists and hybrid else {}
             retrieve = functools.partial(
                 retriever.retrieve,
@@ -285,7 +305,7 @@ class RetrievalServicer(pb_grpc.RetrievalServiceServicer):
                 deadline=deadline,
                 service=NAME,
             )
-        response = to_response(result, state.photo_ids, indices=request.source_lists)
+        response = to_response(result, state.ids(), indices=request.source_lists)
         if clip is not None and request.return_query_embedding:
             response.query_embedding.extend(embedding.tolist())
         if request.source_lists and clip is not None and hybrid:
@@ -308,6 +328,29 @@ class RetrievalServicer(pb_grpc.RetrievalServiceServicer):
         response.shard_count = state.shard_count
         return response
 
+    async def EmbedImages(self, request: pb.EmbedImagesRequest, context) -> pb.EmbedImagesResponse:
+        state = self.holder.state
+        if state.image_tower is None:
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"artifact set {state.version} has no CLIP: images cannot be embedded",
+            )
+        if not request.images:
+            raise InvalidArgument("images", "must not be empty")
+        tower = state.image_tower
+        try:
+            vectors = await asyncio.get_running_loop().run_in_executor(
+                self.executor, tower.embed, list(request.images)
+            )
+        except ValueError as exc:
+            raise InvalidArgument("images", str(exc)) from exc
+        return pb.EmbedImagesResponse(
+            values=vectors.ravel().tolist(),
+            dim=vectors.shape[1],
+            artifact_version=state.version,
+            clip_fingerprint=tower.fingerprint,
+        )
+
 
 async def create_retrieval_server(config: RetrievalConfig) -> Service:
     """Create, load and start a retrieval server; returns it once it is SERVING."""
@@ -315,8 +358,12 @@ async def create_retrieval_server(config: RetrievalConfig) -> Service:
     def add(server, holder):
         servicer = RetrievalServicer(holder)
         pb_grpc.add_RetrievalServiceServicer_to_server(servicer, server)
-        return servicer
+        # The live catalogue: changes committed after the load are applied within a poll.
+        tailer = LogTailer(holder, store, config.catalog_poll_ms / 1000)
+        tailer.start()
+        return [servicer, tailer]
 
+    store = config.conversion_store()
     return await start_service(
         NAME,
         config,
@@ -328,6 +375,7 @@ async def create_retrieval_server(config: RetrievalConfig) -> Service:
             max_wait_ms=config.encode_wait_ms,
             text_runtime=config.text_runtime,
             shard=config.shard,
+            store=store,
         ),
         add,
     )

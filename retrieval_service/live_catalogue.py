@@ -1,0 +1,300 @@
+"""The live catalogue on a retrieval server: the change log applied on top of a built set.
+
+A built set is immutable (a CSR keyword index, a FAISS index). The photos the log adds or
+changes after the set's high-water mark live in a small :class:`LiveSegment` beside it: their
+keyword postings (a small :class:`~retrieval_service.keyword_index.KeywordIndex`) and their image
+embeddings (searched exactly), merged with the set's results at query time. The set's photos
+that the log deleted or replaced are *hidden*: left out inside the FAISS search (an
+``IDSelectorBitmap``, :mod:`retrieval_service.filtered_search`) and out of the keyword postings
+before they are cut, so ``k`` results still come back when ``k`` exist.
+
+Every server reading the same log from the same set numbers the new photos alike: a photo the
+set does not hold gets ``photo_idx`` = the set's photo count + the order in which the log first
+wrote it. On a sharded set a new photo belongs to the shard given by a hash of its id (stable
+whatever ``photo_idx`` it gets); a set photo stays on its shard.
+
+A segment is rebuilt whole at each batch of changes and swapped in by one assignment, so a
+search reads one consistent snapshot.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from imgsearch.catalog_log import DELETE, PhotoChange
+from imgsearch.catalogue import normalise_keyword
+from retrieval_service.keyword_index import KeywordIndex
+from retrieval_service.retrievers import RetrievalResult, Retriever
+
+
+def owner_shard(photo_id: str, photo_idx: int, base_count: int, shard_count: int) -> int:
+    """The shard a photo lives on: a set photo's (``photo_idx % shard_count``), else one drawn
+    from a CRC-32 of its id, so a rebuild that renumbers the photo does not move it."""
+    if photo_idx < base_count:
+        return photo_idx % shard_count
+    return zlib.crc32(photo_id.encode("utf-8")) % shard_count
+
+
+def keyword_rows(record: dict) -> list[tuple[str, float]]:
+    """A record's keywords as the build normalises them: normalised text, confidence scaled
+    from [0, 100] to [0, 1], the highest kept per keyword."""
+    best: dict[str, float] = {}
+    for keyword, confidence in record.get("keywords", []):
+        text = normalise_keyword(keyword)
+        if text:
+            value = float(np.clip(float(confidence) / 100.0, 0.0, 1.0))
+            best[text] = max(value, best.get(text, 0.0))
+    return list(best.items())
+
+
+@dataclass
+class LiveSegment:
+    """What the log changed on top of one set, as one immutable snapshot.
+
+    Attributes
+    ----------
+    seq:
+        The last log sequence number applied.
+    photo_ids:
+        Every photo id by ``photo_idx``: the set's, then the new ones.
+    hidden:
+        Bool per ``photo_idx``: not to be returned from the set's own indexes (deleted, or
+        replaced by a newer version in this segment, or a new photo not live now).
+    keyword:
+        The segment's live photos' keywords (None when it holds none).
+    vector_idx, vectors:
+        The segment's live photos with an embedding, and their embeddings (``(m, d)``).
+    live:
+        How many photos of this server (its shard) the segment holds.
+    """
+
+    seq: int
+    photo_ids: np.ndarray
+    hidden: np.ndarray
+    base_count: int
+    keyword: KeywordIndex | None = None
+    vector_idx: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    vectors: np.ndarray | None = None
+    live: int = 0
+    # Whether the log changed anything on this server (else the set answers alone).
+    changed: bool = False
+
+    def allowed(self, allowed: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        """Bool per ``photo_idx`` (set and new photos): what a search may return from the set's
+        indexes, and from the segment's. ``allowed`` (a filter's mask over the set's photos)
+        keeps new photos out: filters test the set's attributes only."""
+        from_set = ~self.hidden
+        from_segment = np.ones(len(self.hidden), bool)
+        if allowed is not None:
+            from_set[: self.base_count] &= np.asarray(allowed, bool)
+            from_segment[: self.base_count] = allowed
+            from_segment[self.base_count :] = False
+        return from_set, from_segment
+
+
+class LiveCatalogue:
+    """Applies log changes to a set's photos and makes :class:`LiveSegment` snapshots.
+
+    Parameters
+    ----------
+    photo_ids:
+        The set's photo ids by ``photo_idx``.
+    seq:
+        The set's high-water mark (changes up to it are in the set already).
+    shard, shard_count:
+        The shard this server holds (``shard_count`` 0: the whole catalogue).
+    """
+
+    def __init__(self, photo_ids: np.ndarray, seq: int = 0, shard: int = 0, shard_count: int = 0):
+        self.base_count = len(photo_ids)
+        self.ids = list(photo_ids.tolist())
+        self.index = {photo_id: i for i, photo_id in enumerate(self.ids)}
+        self.seq = int(seq)
+        self.shard = shard
+        self.shard_count = shard_count
+        # photo_idx -> the live version's change (only photos of this shard), and deletions.
+        self.current: dict[int, PhotoChange] = {}
+        self.deleted: set[int] = set()
+        self.segment = self.snapshot()
+
+    def owns(self, photo_id: str, photo_idx: int) -> bool:
+        """Whether this server's shard holds the photo."""
+        if not self.shard_count:
+            return True
+        return owner_shard(photo_id, photo_idx, self.base_count, self.shard_count) == self.shard
+
+    def apply(self, changes: Sequence[PhotoChange]) -> LiveSegment:
+        """Apply changes in sequence order (those at or below the applied mark are skipped)
+        and return the new snapshot (also kept as :attr:`segment`)."""
+        for change in changes:
+            if change.seq and change.seq <= self.seq:
+                continue
+            photo_idx = self.index.get(change.photo_id)
+            if photo_idx is None:
+                if change.operation == DELETE:
+                    self.seq = max(self.seq, change.seq)
+                    continue  # a photo never written: nothing to take down
+                photo_idx = self.index[change.photo_id] = len(self.ids)
+                self.ids.append(change.photo_id)
+            if change.operation == DELETE:
+                self.deleted.add(photo_idx)
+                self.current.pop(photo_idx, None)
+            else:
+                self.deleted.discard(photo_idx)
+                if self.owns(change.photo_id, photo_idx):
+                    self.current[photo_idx] = change
+            self.seq = max(self.seq, change.seq)
+        self.segment = self.snapshot()
+        return self.segment
+
+    def snapshot(self) -> LiveSegment:
+        """The segment of everything applied so far."""
+        total = len(self.ids)
+        hidden = np.zeros(total, bool)
+        hidden[self.base_count :] = True  # new photos: served from the segment only
+        for photo_idx in self.deleted:
+            hidden[photo_idx] = True
+        for photo_idx in self.current:
+            hidden[photo_idx] = True  # the set's older version, if any
+        live = sorted(self.current)
+        segment = LiveSegment(
+            self.seq,
+            np.asarray(self.ids, dtype=object),
+            hidden,
+            self.base_count,
+            live=len(live),
+            changed=bool(live) or bool(hidden[: self.base_count].any()),
+        )
+        rows = [
+            (photo_idx, keyword, confidence)
+            for photo_idx in live
+            for keyword, confidence in keyword_rows(self.current[photo_idx].record)
+        ]
+        if rows:
+            table = pd.DataFrame(rows, columns=["photo_idx", "keyword", "confidence"])
+            table["confidence"] = table["confidence"].astype(np.float32)
+            segment.keyword = KeywordIndex.from_keywords(table)
+        with_vector = [i for i in live if self.current[i].embedding is not None]
+        if with_vector:
+            segment.vector_idx = np.asarray(with_vector, np.int64)
+            segment.vectors = np.stack([self.current[i].embedding for i in with_vector])
+        return segment
+
+
+class LiveView:
+    """The segment a server's retrievers read now (swapped whole by the log's tailer)."""
+
+    def __init__(self, catalogue: LiveCatalogue):
+        self.catalogue = catalogue
+
+    @property
+    def segment(self) -> LiveSegment:
+        return self.catalogue.segment
+
+
+def _merge(parts: Sequence[tuple[np.ndarray, np.ndarray]], k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Concatenated (photo_idx, score) lists, best first (equal scores in photo order), cut."""
+    idx = np.concatenate([np.asarray(p, np.int64) for p, _ in parts])
+    scores = np.concatenate([np.asarray(s, np.float32) for _, s in parts])
+    order = np.lexsort((idx, -scores))[:k]
+    return idx[order], scores[order]
+
+
+class LiveKeywordRetriever(Retriever):
+    """The set's keyword index with the live segment's postings merged in at query time.
+
+    A query that is a keyword of either index is an exact match in both (as in one index
+    holding every photo); any other falls back to token matching in both. A photo is in exactly
+    one of the two, so its score is the one a single index over all photos would give.
+    """
+
+    name = "keyword"
+
+    def __init__(self, base: KeywordIndex, view: LiveView):
+        self.base = base
+        self.view = view
+
+    def __contains__(self, keyword: str) -> bool:
+        segment = self.view.segment
+        return keyword in self.base or (segment.keyword is not None and keyword in segment.keyword)
+
+    def cheap(self, query: str) -> bool:
+        return self.base.cheap(query)
+
+    def retrieve(
+        self, query: str, candidates_k: int, allowed: np.ndarray | None = None
+    ) -> RetrievalResult:
+        segment = self.view.segment
+        if not segment.changed:  # the set alone, called as any retriever
+            filtered = {} if allowed is None else {"allowed": allowed}
+            return self.base.retrieve(query, candidates_k, **filtered)
+        query = normalise_keyword(query)
+        from_set, from_segment = segment.allowed(allowed)
+        live = segment.keyword
+        if query in self.base or (live is not None and query in live):
+            photos, conf = self.base.keyword_photos(query)
+            parts = [(photos[from_set[photos]], conf[from_set[photos]])]
+            if live is not None:
+                photos, conf = live.keyword_photos(query)
+                parts.append((photos[from_segment[photos]], conf[from_segment[photos]]))
+            idx, conf = _merge(parts, candidates_k)
+            return RetrievalResult(idx, conf, {"keyword": conf}, keyword=query)
+        results = [self.base.retrieve(query, candidates_k, allowed=from_set)]
+        if live is not None:
+            results.append(live.retrieve(query, candidates_k, allowed=from_segment))
+        found = [r for r in results if len(r.photo_idx)]
+        note = (found or results)[0].note
+        idx, scores = _merge([(r.photo_idx, r.scores) for r in results], candidates_k)
+        return RetrievalResult(idx, scores, {"keyword": scores}, note=note)
+
+
+class LiveClipRetriever(Retriever):
+    """The set's CLIP retriever with the live segment's embeddings searched beside it.
+
+    The set's index is searched without its hidden photos (inside FAISS); the segment's few
+    vectors exactly; the two lists are merged by score.
+    """
+
+    name = "clip"
+
+    def __init__(self, base, view: LiveView):
+        self.base = base
+        self.view = view
+
+    def retrieve(
+        self,
+        query: str,
+        candidates_k: int,
+        allowed: np.ndarray | None = None,
+        query_embedding: np.ndarray | None = None,
+    ) -> RetrievalResult:
+        segment = self.view.segment
+        if not segment.changed:  # the set alone, called as any retriever
+            given = {"allowed": allowed, "query_embedding": query_embedding}
+            return self.base.retrieve(
+                query, candidates_k, **{k: v for k, v in given.items() if v is not None}
+            )
+        query = normalise_keyword(query)
+        if not query or candidates_k <= 0:
+            return RetrievalResult.empty(note="empty query" if not query else "")
+        if query_embedding is None:
+            query_embedding = self.base.embed_query(query)
+        from_set, from_segment = segment.allowed(allowed)
+        base = self.base.retrieve(
+            query,
+            candidates_k,
+            allowed=from_set[: segment.base_count],
+            query_embedding=query_embedding,
+        )
+        parts = [(base.photo_idx, base.scores)]
+        if segment.vectors is not None:
+            keep = from_segment[segment.vector_idx]
+            scores = segment.vectors[keep] @ np.asarray(query_embedding, np.float32)
+            parts.append((segment.vector_idx[keep], scores))
+        idx, scores = _merge(parts, candidates_k)
+        return RetrievalResult(idx, scores, {"clip": scores.copy()})

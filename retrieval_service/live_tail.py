@@ -1,0 +1,167 @@
+"""A retrieval server's side of the live catalogue: replay the log at load, tail it while serving,
+and embed written images with the served CLIP's image tower."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+from imgsearch.catalog_log import CatalogLog
+from imgsearch.conversion_store import StoreError, open_store
+from retrieval_service.live_catalogue import (
+    LiveCatalogue,
+    LiveClipRetriever,
+    LiveKeywordRetriever,
+    LiveView,
+)
+from retrieval_service.retrievers import Retriever
+
+# The manifest key of a set's high-water mark: the last log change folded into the set.
+HIGH_WATER_KEY = "catalog_log_seq"
+READ_BATCH = 5_000
+logger = logging.getLogger("imgsearch.retrieval")
+
+
+def catch_up(catalogue: LiveCatalogue, log: CatalogLog) -> int:
+    """Apply every change the log holds after what ``catalogue`` has applied; returns how many."""
+    applied = 0
+    while changes := log.since(catalogue.seq, READ_BATCH):
+        catalogue.apply(changes)
+        applied += len(changes)
+    return applied
+
+
+def live_retrievers(
+    retrievers: dict[str, Retriever],
+    photo_ids: np.ndarray,
+    manifest: dict,
+    location: dict,
+    shard: int,
+    shard_count: int,
+) -> tuple[dict[str, Retriever], LiveView]:
+    """The set's retrievers with the log applied on top (replayed now, from the set's
+    high-water mark), and the view the tailer updates.
+
+    Raises
+    ------
+    StoreError
+        When the conversion store cannot be opened or read.
+    """
+    from retrieval_service.semantic import HybridRetriever
+
+    catalogue = LiveCatalogue(
+        photo_ids, int(manifest.get(HIGH_WATER_KEY, 0)), shard=shard, shard_count=shard_count
+    )
+    with open_store(**location) as store:
+        replayed = catch_up(catalogue, CatalogLog(store))
+    if replayed:
+        logger.info("catalogue log replayed", extra={"changes": replayed, "seq": catalogue.seq})
+    view = LiveView(catalogue)
+    wrapped: dict[str, Retriever] = {"keyword": LiveKeywordRetriever(retrievers["keyword"], view)}
+    if "clip" in retrievers:
+        wrapped["clip"] = LiveClipRetriever(retrievers["clip"], view)
+        hybrid = retrievers["hybrid"]
+        wrapped["hybrid"] = HybridRetriever(
+            wrapped["keyword"],
+            wrapped["clip"],
+            method=hybrid.method,
+            rrf_k=hybrid.rrf_k,
+            weights=hybrid.weights,
+            depth=hybrid.depth,
+        )
+    return wrapped, view
+
+
+class LogTailer:
+    """Polls the log every ``poll_s`` and applies new changes to the served state's view.
+
+    Reads and segment rebuilds run on the tailer's own thread; a store that fails is logged and
+    read again at the next poll.
+    """
+
+    def __init__(self, holder, location: dict, poll_s: float):
+        self.holder = holder
+        self.location = location
+        self.poll_s = poll_s
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="catalog-log")
+        self.store = None
+        self.task: asyncio.Task | None = None
+        self.failing = False
+
+    def _poll(self, catalogue: LiveCatalogue) -> int:
+        if self.store is None:
+            self.store = open_store(**self.location)
+        try:
+            return catch_up(catalogue, CatalogLog(self.store))
+        except Exception:
+            self.store.close()
+            self.store = None
+            raise
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            view = getattr(self.holder.state, "live", None)
+            if view is not None:
+                try:
+                    await loop.run_in_executor(self.executor, self._poll, view.catalogue)
+                    self.failing = False
+                except (StoreError, Exception) as exc:  # noqa: BLE001 - retried next poll
+                    if not self.failing:
+                        logger.warning("catalogue log unreadable", extra={"error": str(exc)})
+                    self.failing = True
+            await asyncio.sleep(self.poll_s)
+
+    def start(self) -> None:
+        self.task = asyncio.get_running_loop().create_task(self.run())
+
+    async def close(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+            try:
+                await self.task
+            except asyncio.CancelledError:
+                pass
+        if self.store is not None:
+            self.executor.submit(self.store.close).result()
+        self.executor.shutdown(wait=False)
+
+
+class ImageTower:
+    """The served CLIP's image tower, loaded at the first images to embed."""
+
+    def __init__(self, set_dir: Path):
+        self.set_dir = Path(set_dir)
+        self.bundle = None
+        self.fingerprint = ""
+
+    def embed(self, images: list[bytes]) -> np.ndarray:
+        """L2-normalised embeddings of JPEG/PNG images, one row each, in one batch.
+
+        Raises
+        ------
+        ValueError
+            Naming the position of an image that does not decode.
+        """
+        from PIL import Image, UnidentifiedImageError
+
+        from imgsearch.artifacts import CLIP_DIR
+        from retrieval_service.clip_model import ClipSpec, load_clip, weights_fingerprint
+
+        decoded = []
+        for i, data in enumerate(images):
+            try:
+                with Image.open(io.BytesIO(data)) as image:
+                    image.load()
+                    decoded.append(image.convert("RGB"))
+            except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:
+                raise ValueError(f"images[{i}] is not a readable JPEG or PNG ({exc})") from exc
+        if self.bundle is None:
+            self.bundle = load_clip(ClipSpec.from_dir(self.set_dir / CLIP_DIR))
+            self.fingerprint = weights_fingerprint(self.bundle.model)
+        return self.bundle.encode_images(decoded)

@@ -1,0 +1,279 @@
+"""The live catalogue through real servers: photos written through CatalogService are found by
+keyword and CLIP search on every replica and shard, deletions are never returned, retries are
+applied once, and a bad batch writes nothing."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+import grpc
+import numpy as np
+import pandas as pd
+import pytest
+
+from imgsearch.catalog.v1 import catalog_service_pb2 as cat_pb
+from imgsearch.catalog.v1 import catalog_service_pb2_grpc as cat_grpc
+from imgsearch.retrieval.v1 import retrieval_service_pb2 as retr_pb
+from imgsearch.search.v1 import search_service_pb2 as pb
+from imgsearch.search.v1 import search_service_pb2_grpc as pb_grpc
+
+SHARDS = 2
+# Generous: the servers read the log every 100 ms; this only bounds a broken test.
+VISIBLE_WITHIN_S = 10.0
+
+
+class LiveStack:
+    """One set served by 2 whole replicas and by 2 shards, a gateway over each, one ranking."""
+
+    def __init__(self, loop_thread, root):
+        from gateway.server import create_gateway_server
+        from imgsearch.config import GatewayConfig, RankingConfig, RetrievalConfig
+        from ranking_service.server import create_ranking_server
+        from retrieval_service.server import create_retrieval_server
+
+        self.lt = loop_thread
+        self.services = []
+        common = {"artifacts": str(root), "port": 0, "admin_port": 0}
+
+        def start(coro):
+            service = loop_thread.run(coro)
+            self.services.append(service)
+            return service
+
+        self.replicas = [start(create_retrieval_server(RetrievalConfig(**common))) for _ in "ab"]
+        self.shards = [
+            start(create_retrieval_server(RetrievalConfig(**common, shard=i)))
+            for i in range(SHARDS)
+        ]
+        ranking = start(create_ranking_server(RankingConfig(**common)))
+        ranking_addr = f"127.0.0.1:{ranking.port}"
+
+        def gateway(addr):
+            config = GatewayConfig(**common, retrieval_addr=addr, ranking_addr=ranking_addr)
+            return start(create_gateway_server(config))
+
+        self.gateways = {
+            "replicas": gateway(",".join(f"127.0.0.1:{s.port}" for s in self.replicas)),
+            "shards": gateway(";".join(f"127.0.0.1:{s.port}" for s in self.shards)),
+        }
+
+    def stop(self):
+        for service in reversed(self.services):
+            self.lt.run(service.stop(0))
+
+
+@pytest.fixture(scope="module")
+def live(loop_thread, tmp_path_factory):
+    """A demo catalogue with images and a tiny CLIP, built with 2 shards, served live."""
+    from imgsearch_tools.build import build_artifacts
+    from imgsearch_tools.demo_data import generate
+
+    data = tmp_path_factory.mktemp("live-data")
+    generate(data, n_photos=120, n_users=30, n_conversions=1500, seed=5, show_progress=False)
+    root = tmp_path_factory.mktemp("live-artifacts")
+    build_artifacts(
+        str(data), str(root), ["none"], clip_steps=5, show_progress=False, shards=SHARDS
+    )
+    stack = LiveStack(loop_thread, root)
+    stack.data = data
+    yield stack
+    stack.stop()
+
+
+def new_photo(data, source_id: str, photo_id: str, keywords) -> cat_pb.PhotoRecord:
+    """A photo with another photo's image (so its CLIP embedding is that photo's)."""
+    return cat_pb.PhotoRecord(
+        photo_id=photo_id,
+        image=(data / "images" / f"{source_id}.jpg").read_bytes(),
+        keywords=[cat_pb.KeywordConfidence(keyword=k, confidence=c) for k, c in keywords],
+        description=f"copy of {source_id}",
+        photographer="live",
+        width=640,
+        height=480,
+        views=10,
+        downloads=1,
+    )
+
+
+def catalog(port):
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    return channel, cat_grpc.CatalogServiceStub(channel)
+
+
+def search_ids(port, query, retriever, k=100) -> tuple[list[str], list[float]]:
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        reply = pb_grpc.SearchServiceStub(channel).Search(
+            pb.SearchRequest(query=query, k=k, candidates_k=k, retriever=retriever, ranker=1),
+            timeout=30,
+        )
+    return [r.photo_id for r in reply.results], [r.retrieval_score for r in reply.results]
+
+
+def wait_until(condition, within=VISIBLE_WITHIN_S):
+    end = time.monotonic() + within
+    while time.monotonic() < end:
+        if condition():
+            return True
+        time.sleep(0.02)
+    return condition()
+
+
+@pytest.fixture(scope="module")
+def source(live):
+    """A photo of the set with an image, and its strongest keyword."""
+    photos = pd.read_csv(live.data / "photos.tsv000", sep="\t")
+    keywords = pd.read_csv(live.data / "keywords.tsv000", sep="\t")
+    photo_id = photos["photo_id"].iloc[3]
+    best = keywords[keywords["photo_id"] == photo_id].sort_values(
+        "ai_service_1_confidence", ascending=False
+    )
+    return photo_id, best["keyword"].iloc[0]
+
+
+def test_a_written_photo_is_found_by_keyword_and_clip_on_replicas_and_shards(live, source):
+    source_id, keyword = source
+    channel, stub = catalog(live.gateways["replicas"].port)
+    photo_id = f"live-{uuid.uuid4().hex[:8]}"
+    with channel:
+        reply = stub.UpsertPhotos(
+            cat_pb.UpsertPhotosRequest(
+                request_id=str(uuid.uuid4()),
+                photos=[new_photo(live.data, source_id, photo_id, [("zebracorn", 95.0)])],
+            ),
+            timeout=60,
+        )
+    assert reply.sequence >= 1 and not reply.duplicate
+    for name, gateway in live.gateways.items():
+        port = gateway.port
+
+        def by_keyword():
+            return search_ids(port, "zebracorn", retr_pb.RETRIEVER_KEYWORD)[0] == [photo_id]
+
+        assert wait_until(by_keyword), f"{name}: not found by keyword"
+        ids, scores = search_ids(port, keyword, retr_pb.RETRIEVER_CLIP, k=120)
+        # The same image: the same embedding, so the same CLIP score as its source.
+        assert photo_id in ids and source_id in ids, name
+        assert scores[ids.index(photo_id)] == pytest.approx(scores[ids.index(source_id)], abs=1e-5)
+
+
+def test_a_deleted_photo_is_never_returned_and_k_results_still_come_back(live, source):
+    _, query = source
+    port = live.gateways["shards"].port
+    victim = search_ids(port, query, retr_pb.RETRIEVER_CLIP, k=20)[0][0]
+    keywords = pd.read_csv(live.data / "keywords.tsv000", sep="\t")
+    victim_keyword = keywords.loc[keywords["photo_id"] == victim, "keyword"].iloc[0]
+    assert victim in search_ids(port, victim_keyword, retr_pb.RETRIEVER_KEYWORD, k=200)[0]
+    channel, stub = catalog(port)
+    with channel:
+        stub.DeletePhotos(
+            cat_pb.DeletePhotosRequest(
+                request_id=str(uuid.uuid4()), photo_ids=[victim], reason="legal"
+            ),
+            timeout=10,
+        )
+        for name, gateway in live.gateways.items():
+            for text, retriever, k in (
+                (query, retr_pb.RETRIEVER_CLIP, 20),
+                (victim_keyword, retr_pb.RETRIEVER_KEYWORD, 200),
+            ):
+
+                def gone():
+                    found, _ = search_ids(gateway.port, text, retriever, k=k)
+                    return victim not in found and (len(found) == k or k == 200)
+
+                assert wait_until(gone), f"{name}: {victim} still returned"
+        with pytest.raises(grpc.RpcError) as error:
+            stub.GetPhoto(cat_pb.GetPhotoRequest(photo_id=victim), timeout=10)
+        assert error.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_a_retry_is_applied_once_and_a_bad_batch_writes_nothing(live, source):
+    source_id, _ = source
+    port = live.gateways["replicas"].port
+    channel, stub = catalog(port)
+    request_id = str(uuid.uuid4())
+    good = new_photo(live.data, source_id, "retry-photo", [("quokkaline", 80.0)])
+    with channel:
+        request = cat_pb.UpsertPhotosRequest(request_id=request_id, photos=[good])
+        first = stub.UpsertPhotos(request, timeout=60)
+        again = stub.UpsertPhotos(request, timeout=60)
+        assert again.duplicate and again.sequence == first.sequence
+        broken = cat_pb.PhotoRecord(
+            photo_id="broken-photo",
+            image=b"not an image",
+            keywords=[cat_pb.KeywordConfidence(keyword="quokkaline", confidence=50)],
+        )
+        other = new_photo(live.data, source_id, "innocent-photo", [("quokkaline", 99.0)])
+        with pytest.raises(grpc.RpcError) as error:
+            stub.UpsertPhotos(
+                cat_pb.UpsertPhotosRequest(request_id=str(uuid.uuid4()), photos=[other, broken]),
+                timeout=60,
+            )
+        assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "photos[1].image" in error.value.details()
+        assert "broken-photo" in error.value.details()
+        with pytest.raises(grpc.RpcError) as error:
+            stub.UpsertPhotos(
+                cat_pb.UpsertPhotosRequest(request_id=request_id, photos=[other]), timeout=60
+            )
+        assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "request_id" in error.value.details()
+        got = stub.GetPhoto(cat_pb.GetPhotoRequest(photo_id="retry-photo"), timeout=10)
+        assert got.sequence == first.sequence and got.photo.keywords[0].keyword == "quokkaline"
+    assert wait_until(
+        lambda: search_ids(port, "quokkaline", retr_pb.RETRIEVER_KEYWORD)[0] == ["retry-photo"]
+    )
+    time.sleep(0.5)  # several polls: the refused batch's photo would have shown by now
+    assert search_ids(port, "quokkaline", retr_pb.RETRIEVER_KEYWORD)[0] == ["retry-photo"]
+
+
+def test_the_live_keyword_segment_scores_as_one_index_over_all_photos():
+    from imgsearch.catalog_log import DELETE, UPSERT, PhotoChange
+    from retrieval_service.keyword_index import KeywordIndex
+    from retrieval_service.live_catalogue import (
+        LiveCatalogue,
+        LiveKeywordRetriever,
+        LiveView,
+        keyword_rows,
+    )
+
+    rng = np.random.default_rng(0)
+    vocabulary = ["red car", "blue car", "red sky", "tree", "sea"]
+    base_rows = [
+        (i, k, float(rng.integers(0, 100)) / 100)
+        for i in range(40)
+        for k in rng.choice(vocabulary, 2, replace=False)
+    ]
+    base = KeywordIndex.from_keywords(
+        pd.DataFrame(base_rows, columns=["photo_idx", "keyword", "confidence"]).astype(
+            {"confidence": np.float32}
+        )
+    )
+    ids = np.array([f"p{i}" for i in range(40)], dtype=object)
+    catalogue = LiveCatalogue(ids)
+    changes, seq = [], 0
+    for i in range(40, 50):
+        seq += 1
+        keywords = [[k, float(rng.integers(0, 100))] for k in rng.choice(vocabulary + ["car"], 2)]
+        changes.append(PhotoChange(f"p{i}", UPSERT, {"keywords": keywords}, seq=seq))
+    seq += 1
+    changes.append(PhotoChange("p3", DELETE, {"reason": "test"}, seq=seq))
+    seq += 1
+    changes.append(PhotoChange("p5", UPSERT, {"keywords": [["red car", 100.0]]}, seq=seq))
+    catalogue.apply(changes)
+    live = LiveKeywordRetriever(base, LiveView(catalogue))
+
+    # One index over every live photo, as a rebuild would make it.
+    rows = [r for r in base_rows if r[0] not in (3, 5)]
+    for photo_idx, change in catalogue.current.items():
+        rows += [(photo_idx, k, c) for k, c in keyword_rows(change.record)]
+    whole = KeywordIndex.from_keywords(
+        pd.DataFrame(rows, columns=["photo_idx", "keyword", "confidence"]).astype(
+            {"confidence": np.float32}
+        )
+    )
+    for query in ["red car", "car", "red", "sky tree", "car sea", "nothing"]:
+        expected, got = whole.retrieve(query, 15), live.retrieve(query, 15)
+        assert got.photo_idx.tolist() == expected.photo_idx.tolist(), query
+        np.testing.assert_allclose(got.scores, expected.scores, rtol=1e-6)
