@@ -244,9 +244,11 @@ def resolve_configs(args) -> dict:
     # --metrics-port is the port of `serve NAME`, and the base of `serve all`.
     spread = bool(base) and getattr(args, "service", "all") == "all"
     metrics = {n: base + METRICS_PORT_OFFSETS[n] if spread else base for n in SERVICES}
+    conversions = {"conversions_db": args.conversions_db, "conversions_dsn": args.conversions_dsn}
     retrieval = with_overrides(
         RetrievalConfig(),
         **common,
+        **conversions,
         metrics_port=metrics["retrieval"],
         port=args.retrieval_port,
         admin_port=flag("retrieval_admin_port"),
@@ -256,7 +258,6 @@ def resolve_configs(args) -> dict:
         text_runtime=getattr(args, "text_runtime", None),
         shard=getattr(args, "shard", None),
     )
-    conversions = {"conversions_db": args.conversions_db, "conversions_dsn": args.conversions_dsn}
     ranking = with_overrides(
         RankingConfig(),
         **common,

@@ -1,9 +1,14 @@
 """The live catalogue through real servers: photos written through CatalogService are found by
 keyword and CLIP search on every replica and shard, deletions are never returned, retries are
-applied once, and a bad batch writes nothing."""
+applied once, a bad batch writes nothing, and servers SIGKILLed during writes serve every
+acknowledged change once after a restart."""
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
+import threading
 import time
 import uuid
 
@@ -12,11 +17,15 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from gateway.client import wait_for_serving
 from imgsearch.catalog.v1 import catalog_service_pb2 as cat_pb
 from imgsearch.catalog.v1 import catalog_service_pb2_grpc as cat_grpc
+from imgsearch.catalog_log import DELETE, CatalogLog, replay
+from imgsearch.conversion_store import default_db_path, open_store
 from imgsearch.retrieval.v1 import retrieval_service_pb2 as retr_pb
 from imgsearch.search.v1 import search_service_pb2 as pb
 from imgsearch.search.v1 import search_service_pb2_grpc as pb_grpc
+from tests.test_cli import free_ports
 
 SHARDS = 2
 # Generous: the servers read the log every 100 ms; this only bounds a broken test.
@@ -46,8 +55,9 @@ class LiveStack:
             start(create_retrieval_server(RetrievalConfig(**common, shard=i)))
             for i in range(SHARDS)
         ]
+        self.root = root
         ranking = start(create_ranking_server(RankingConfig(**common)))
-        ranking_addr = f"127.0.0.1:{ranking.port}"
+        self.ranking_addr = ranking_addr = f"127.0.0.1:{ranking.port}"
 
         def gateway(addr):
             config = GatewayConfig(**common, retrieval_addr=addr, ranking_addr=ranking_addr)
@@ -277,3 +287,159 @@ def test_the_live_keyword_segment_scores_as_one_index_over_all_photos():
         expected, got = whole.retrieve(query, 15), live.retrieve(query, 15)
         assert got.photo_idx.tolist() == expected.photo_idx.tolist(), query
         np.testing.assert_allclose(got.scores, expected.scores, rtol=1e-6)
+
+
+SHARED_KEYWORD = "killstream"
+
+
+class Server:
+    """One `imgsearch serve NAME` child process that can be SIGKILLed and started again."""
+
+    def __init__(self, service: str, root, log_path, *flags: str):
+        self.port, admin_port = free_ports(2)
+        self.target = f"127.0.0.1:{self.port}"
+        self.command = [
+            sys.executable,
+            "-m",
+            "imgsearch_tools.cli",
+            "serve",
+            service,
+            "--artifacts",
+            str(root),
+            "--port",
+            str(self.port),
+            "--admin-port",
+            str(admin_port),
+            "--log-level",
+            "WARNING",
+            *flags,
+        ]
+        self.log_path = log_path
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT)
+
+    def kill(self) -> None:
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(10)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(20)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+class Writer(threading.Thread):
+    """Writes photos and takes some down, one change per request, recording what was acked."""
+
+    def __init__(self, target: str, data, sources: list[str], base_victims: list[str]):
+        super().__init__(daemon=True)
+        self.target = target
+        self.data = data
+        self.sources = sources
+        self.base_victims = list(base_victims)
+        self.acked_upserts: list[str] = []
+        self.acked_deletes: list[str] = []
+        self.failures = 0
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        with grpc.insecure_channel(self.target) as channel:
+            stub = cat_grpc.CatalogServiceStub(channel)
+            n = 0
+            while not self.done.is_set():
+                n += 1
+                try:
+                    if n % 3 == 0 and (self.acked_upserts or self.base_victims):
+                        victim = (
+                            self.base_victims.pop()
+                            if n % 2 and self.base_victims
+                            else self.acked_upserts[n % len(self.acked_upserts)]
+                        )
+                        stub.DeletePhotos(
+                            cat_pb.DeletePhotosRequest(
+                                request_id=str(uuid.uuid4()), photo_ids=[victim], reason="test"
+                            ),
+                            timeout=5,
+                        )
+                        self.acked_deletes.append(victim)
+                    else:
+                        photo_id = f"kill-{n}-{uuid.uuid4().hex[:6]}"
+                        source = self.sources[n % len(self.sources)]
+                        photo = new_photo(
+                            self.data, source, photo_id, [(SHARED_KEYWORD, 50.0), (photo_id, 90.0)]
+                        )
+                        stub.UpsertPhotos(
+                            cat_pb.UpsertPhotosRequest(
+                                request_id=str(uuid.uuid4()), photos=[photo]
+                            ),
+                            timeout=5,
+                        )
+                        self.acked_upserts.append(photo_id)
+                except grpc.RpcError:
+                    self.failures += 1
+                    self.done.wait(0.05)
+
+
+def test_every_acknowledged_change_is_in_effect_once_after_sigkills(live, tmp_path):
+    root = live.root
+    shards = [
+        Server("retrieval", root, tmp_path / f"shard{i}.log", "--shard", str(i))
+        for i in range(SHARDS)
+    ]
+    gateway = Server(
+        "gateway",
+        root,
+        tmp_path / "gateway.log",
+        "--retrieval-addr",
+        ";".join(s.target for s in shards),
+        "--ranking-addr",
+        live.ranking_addr,
+    )
+    servers = [*shards, gateway]
+    photos = pd.read_csv(live.data / "photos.tsv000", sep="\t")["photo_id"].tolist()
+    writer = Writer(gateway.target, live.data, photos[:5], photos[-10:])
+    try:
+        for server in servers:
+            server.start()
+        for server in servers:
+            wait_for_serving(server.target, timeout=90)
+        writer.start()
+        assert wait_until(lambda: len(writer.acked_upserts) >= 10, within=60)
+        for server in servers:  # mid-stream: some writes are in flight
+            server.kill()
+        writer.done.set()
+        writer.join(10)
+        assert writer.acked_deletes and writer.acked_upserts
+        for server in servers:
+            server.start()
+        for server in servers:
+            wait_for_serving(server.target, timeout=90)
+
+        with open_store(db=default_db_path(root)) as store:
+            log = CatalogLog(store)
+            final = replay(log.since(0, 1_000_000))
+        live_ids = {p for p, c in final.items() if c.operation != DELETE}
+        deleted = set(writer.acked_deletes)
+        # Every acknowledged change is in the log (and unacknowledged ones may be too).
+        assert set(writer.acked_upserts) <= set(final)
+        assert all(final[p].operation == DELETE for p in deleted if p in final)
+        assert deleted <= set(final)
+        found, _ = search_ids(gateway.port, SHARED_KEYWORD, retr_pb.RETRIEVER_KEYWORD, k=1000)
+        assert len(found) == len(set(found)), "a photo returned twice"
+        written_live = {p for p in live_ids if p.startswith("kill-")}
+        assert set(found) == written_live
+        assert not deleted & set(found)
+        every, _ = search_ids(gateway.port, "kill", retr_pb.RETRIEVER_CLIP, k=1000)
+        assert len(every) == len(set(every)), "a photo returned twice by CLIP"
+        assert not deleted & set(every)
+        assert written_live <= set(every)
+    finally:
+        writer.done.set()
+        for server in servers:
+            server.stop()
