@@ -5,9 +5,6 @@ acknowledged change once after a restart."""
 
 from __future__ import annotations
 
-import signal
-import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -25,7 +22,7 @@ from imgsearch.conversion_store import default_db_path, open_store
 from imgsearch.retrieval.v1 import retrieval_service_pb2 as retr_pb
 from imgsearch.search.v1 import search_service_pb2 as pb
 from imgsearch.search.v1 import search_service_pb2_grpc as pb_grpc
-from tests.test_cli import free_ports
+from tests.processes import ServerProcess
 
 SHARDS = 2
 # Generous: the servers read the log every 100 ms; this only bounds a broken test.
@@ -292,48 +289,6 @@ def test_the_live_keyword_segment_scores_as_one_index_over_all_photos():
 SHARED_KEYWORD = "killstream"
 
 
-class Server:
-    """One `imgsearch serve NAME` child process that can be SIGKILLed and started again."""
-
-    def __init__(self, service: str, root, log_path, *flags: str):
-        self.port, admin_port = free_ports(2)
-        self.target = f"127.0.0.1:{self.port}"
-        self.command = [
-            sys.executable,
-            "-m",
-            "imgsearch_tools.cli",
-            "serve",
-            service,
-            "--artifacts",
-            str(root),
-            "--port",
-            str(self.port),
-            "--admin-port",
-            str(admin_port),
-            "--log-level",
-            "WARNING",
-            *flags,
-        ]
-        self.log_path = log_path
-        self.process: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        with open(self.log_path, "ab") as log:
-            self.process = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT)
-
-    def kill(self) -> None:
-        self.process.send_signal(signal.SIGKILL)
-        self.process.wait(10)
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(20)
-            except subprocess.TimeoutExpired:
-                self.kill()
-
-
 class Writer(threading.Thread):
     """Writes photos and takes some down, one change per request, recording what was acked."""
 
@@ -389,10 +344,10 @@ class Writer(threading.Thread):
 def test_every_acknowledged_change_is_in_effect_once_after_sigkills(live, tmp_path):
     root = live.root
     shards = [
-        Server("retrieval", root, tmp_path / f"shard{i}.log", "--shard", str(i))
+        ServerProcess("retrieval", root, tmp_path / f"shard{i}.log", "--shard", str(i))
         for i in range(SHARDS)
     ]
-    gateway = Server(
+    gateway = ServerProcess(
         "gateway",
         root,
         tmp_path / "gateway.log",
