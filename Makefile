@@ -87,6 +87,7 @@ eval-suite: $(STAMP)
 
 bench: demo
 	$(VENV)/bin/imgsearch bench-suite --data $(DEMO_DATA) --artifacts $(DEMO_ARTIFACTS) --out var/bench --results-page docs/results/bench.md
+	$(VENV)/bin/imgsearch bench-ingest --data $(DEMO_DATA) --artifacts $(DEMO_ARTIFACTS) --out var/bench-ingest --results-page docs/results/ingest.md
 
 # A development CA, server/client certificates and a bearer token (never overwrites other files).
 certs: $(STAMP)

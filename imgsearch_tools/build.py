@@ -12,7 +12,8 @@ from types import SimpleNamespace
 from imgsearch.filters import FILTERS_FORMAT
 from imgsearch.filters import MANIFEST_KEY as FILTERS_KEY
 from imgsearch.names import RANKER_NAMES
-from imgsearch_tools.conversions import add_store_arguments, open_existing_store, store_location
+from imgsearch_tools.build_inputs import read_catalog_changes, read_logged_events, read_tombstones
+from imgsearch_tools.conversions import add_store_arguments
 from imgsearch_tools.served import (
     candidates_summary,
     served_candidates,
@@ -209,6 +210,7 @@ def build_artifacts(
     embeddings: str | None = None,
     shards: int = 0,
     tombstones: dict[str, int] | None = None,
+    catalog_log: tuple[dict, int] = ({}, 0),
 ) -> Path:
     """Build one artifact set from ``data`` under ``out`` and publish it; returns its folder.
 
@@ -218,11 +220,14 @@ def build_artifacts(
     ``clip_pretrained``) replaces embedding the images during the build. ``shards`` (2 or
     more) also splits the retrieval indexes into that many shards
     (:mod:`retrieval_service.sharding`). ``tombstones`` (``ConversionStore.tombstones``)
-    leave out the conversions of users deleted since the data was written.
+    leave out the conversions of users deleted since the data was written. ``catalog_log``
+    (:func:`~imgsearch_tools.build_inputs.read_catalog_changes`) is folded into the catalogue
+    (:mod:`imgsearch_tools.build_inputs`).
     """
     from imgsearch import artifacts
     from imgsearch.conversion_store.forget import forget_users
     from imgsearch.unsplash import read_unsplash
+    from imgsearch_tools.build_inputs import fold_embeddings, fold_log
     from retrieval_service.keyword_index import KeywordIndex
 
     started = time.time()
@@ -235,6 +240,9 @@ def build_artifacts(
     catalogue, forgotten = forget_users(catalogue, tombstones or {})
     if forgotten:
         log(f"deleted users: {forgotten:,} of their earlier conversions left out")
+    catalogue, folded, served_embeddings, log_seq = fold_log(
+        catalogue, catalog_log, out, embeddings, clip_model, log
+    )
     fingerprint = artifacts.data_fingerprint(data)
     with artifacts.writing_set(out, fingerprint) as (set_dir, version):
         manifest: dict = {
@@ -250,7 +258,10 @@ def build_artifacts(
                 "conversions": len(catalogue.conversions),
             },
             "versions": _library_versions(),
+            "catalog_log_seq": log_seq,
         }
+        if served_embeddings is not None:
+            embeddings = fold_embeddings(catalogue, folded, served_embeddings, set_dir)
         manifest[FILTERS_KEY] = filter_columns(catalogue, log, show_progress)
         catalogue.save(set_dir / artifacts.CATALOGUE_DIR)
         log("building keyword index")
@@ -507,6 +518,7 @@ def cmd_build(args) -> int:
             embeddings=args.embeddings,
             shards=args.shards,
             tombstones=read_tombstones(SimpleNamespace(artifacts=args.out)),
+            catalog_log=read_catalog_changes(SimpleNamespace(artifacts=args.out)),
         )
     except (DataError, FileNotFoundError, ArtifactError, EmbeddingMismatch, StoreError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -697,32 +709,3 @@ def cmd_shard(args) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     return 0
-
-
-def read_tombstones(args) -> dict[str, int]:
-    """The deleted users' tombstones of the store the servers use ({} when none was made)."""
-    from pathlib import Path
-
-    location = store_location(
-        SimpleNamespace(
-            artifacts=args.artifacts,
-            conversions_db=getattr(args, "conversions_db", None),
-            conversions_dsn=getattr(args, "conversions_dsn", None),
-        )
-    )
-    if "db" in location and not Path(location["db"]).exists():
-        return {}
-    with open_existing_store(location) as store:
-        return store.tombstones()
-
-
-def read_logged_events(args):
-    """Every logged conversion, as an ``events_frame``, from the store the servers use."""
-    from imgsearch.conversion_store.tables import events_frame
-
-    with open_existing_store(store_location(args)) as store:
-        frame = events_frame(store.scan())
-        _stage_printer(not args.quiet)(
-            f"read {len(frame):,} logged conversions from {store.location}"
-        )
-    return frame

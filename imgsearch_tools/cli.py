@@ -18,6 +18,8 @@ COMMAND_MODULES = [
     "imgsearch_tools.evaluation.commands",
     "imgsearch_tools.bench.commands",
     "imgsearch_tools.bench.filters",
+    "imgsearch_tools.bench.ingest",
+    "imgsearch_tools.catalog_commands",
     "imgsearch_tools.certs",
     "imgsearch_tools.clip_commands",
     "imgsearch_tools.web.commands",

@@ -22,6 +22,7 @@ from __future__ import annotations
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -68,7 +69,8 @@ class LiveSegment:
     keyword:
         The segment's live photos' keywords (None when it holds none).
     vector_idx, vectors:
-        The segment's live photos with an embedding, and their embeddings (``(m, d)``).
+        The segment's live photos with an embedding, and their embeddings (a FAISS
+        ``IndexFlatIP``, row ``i`` for ``vector_idx[i]``).
     live:
         How many photos of this server (its shard) the segment holds.
     """
@@ -79,7 +81,7 @@ class LiveSegment:
     base_count: int
     keyword: KeywordIndex | None = None
     vector_idx: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
-    vectors: np.ndarray | None = None
+    vectors: Any = None
     live: int = 0
     # Whether the log changed anything on this server (else the set answers alone).
     changed: bool = False
@@ -181,8 +183,12 @@ class LiveCatalogue:
             segment.keyword = KeywordIndex.from_keywords(table)
         with_vector = [i for i in live if self.current[i].embedding is not None]
         if with_vector:
+            import faiss
+
+            vectors = np.stack([self.current[i].embedding for i in with_vector])
             segment.vector_idx = np.asarray(with_vector, np.int64)
-            segment.vectors = np.stack([self.current[i].embedding for i in with_vector])
+            segment.vectors = faiss.IndexFlatIP(vectors.shape[1])
+            segment.vectors.add(np.ascontiguousarray(vectors, np.float32))
         return segment
 
 
@@ -293,8 +299,11 @@ class LiveClipRetriever(Retriever):
         )
         parts = [(base.photo_idx, base.scores)]
         if segment.vectors is not None:
-            keep = from_segment[segment.vector_idx]
-            scores = segment.vectors[keep] @ np.asarray(query_embedding, np.float32)
-            parts.append((segment.vector_idx[keep], scores))
+            # FAISS scores them, as it scores the set's rows: equal vectors, equal scores.
+            query_row = np.ascontiguousarray(np.atleast_2d(query_embedding), np.float32)
+            scores, rows = segment.vectors.search(query_row, segment.vectors.ntotal)
+            rows, scores = rows[0], scores[0]
+            keep = (rows >= 0) & from_segment[segment.vector_idx[np.maximum(rows, 0)]]
+            parts.append((segment.vector_idx[rows[keep]], scores[keep]))
         idx, scores = _merge(parts, candidates_k)
         return RetrievalResult(idx, scores, {"clip": scores.copy()})

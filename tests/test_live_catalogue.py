@@ -162,6 +162,23 @@ def test_a_written_photo_is_found_by_keyword_and_clip_on_replicas_and_shards(liv
         # The same image: the same embedding, so the same CLIP score as its source.
         assert photo_id in ids and source_id in ids, name
         assert scores[ids.index(photo_id)] == pytest.approx(scores[ids.index(source_id)], abs=1e-5)
+    # FeedbackService takes conversions of the live photo (the gateway read it from the log).
+    from google.protobuf.timestamp_pb2 import Timestamp
+
+    from imgsearch.feedback.v1 import feedback_service_pb2 as fb_pb
+    from imgsearch.feedback.v1 import feedback_service_pb2_grpc as fb_grpc
+
+    now = Timestamp()
+    now.GetCurrentTime()
+    event = fb_pb.ConversionEvent(
+        event_id=str(uuid.uuid4()), user_id="u1", photo_id=photo_id, query="zebracorn"
+    )
+    event.converted_at.CopyFrom(now)
+    with grpc.insecure_channel(f"127.0.0.1:{live.gateways['shards'].port}") as channel:
+        logged = fb_grpc.FeedbackServiceStub(channel).LogConversions(
+            fb_pb.LogConversionsRequest(events=[event]), timeout=10
+        )
+    assert logged.stored_count == 1, logged
 
 
 def test_a_deleted_photo_is_never_returned_and_k_results_still_come_back(live, source):
@@ -233,6 +250,146 @@ def test_a_retry_is_applied_once_and_a_bad_batch_writes_nothing(live, source):
     )
     time.sleep(0.5)  # several polls: the refused batch's photo would have shown by now
     assert search_ids(port, "quokkaline", retr_pb.RETRIEVER_KEYWORD)[0] == ["retry-photo"]
+
+
+def test_the_cli_adds_reads_ingests_and_takes_down_photos(live, source, tmp_path, capsys):
+    from imgsearch_tools.cli import main
+
+    source_id, _ = source
+    port = live.gateways["replicas"].port
+    target = ["--target", f"127.0.0.1:{port}"]
+    image = live.data / "images" / f"{source_id}.jpg"
+    assert (
+        main(
+            [
+                "catalog",
+                "add",
+                "cli-photo",
+                "--image",
+                str(image),
+                "--keyword",
+                "clicat=70",
+                *target,
+            ]
+        )
+        == 0
+    )
+    assert main(["catalog", "get", "cli-photo", *target]) == 0
+    assert '"clicat"' in capsys.readouterr().out
+    folder = tmp_path / "new-photos"
+    (folder / "images").mkdir(parents=True)
+    (folder / "photos.tsv").write_text("photo_id\tphoto_description\nin-1\tone\nin-2\ttwo\n")
+    (folder / "keywords.tsv").write_text(
+        "photo_id\tkeyword\tai_service_1_confidence\nin-1\tclicat\t90\nin-2\tclicat\t80\n"
+    )
+    for photo_id in ("in-1", "in-2"):
+        (folder / "images" / f"{photo_id}.jpg").write_bytes(image.read_bytes())
+    assert main(["ingest", str(folder), *target]) == 0
+    assert main(["ingest", str(folder), *target]) == 0  # again: nothing written twice
+    assert "already written earlier: 2" in capsys.readouterr().out
+    assert wait_until(
+        lambda: (
+            search_ids(port, "clicat", retr_pb.RETRIEVER_KEYWORD)[0]
+            == ["in-1", "in-2", "cli-photo"]
+        )
+    )
+    assert main(["catalog", "delete", "in-1", "--reason", "test", *target]) == 0
+    assert wait_until(
+        lambda: search_ids(port, "clicat", retr_pb.RETRIEVER_KEYWORD)[0] == ["in-2", "cli-photo"]
+    )
+    assert main(["catalog", "get", "in-1", *target]) == 1
+    assert "NOT_FOUND" in capsys.readouterr().err
+
+
+def retrieve(port, query, retriever, k=50):
+    from imgsearch.retrieval.v1 import retrieval_service_pb2_grpc as retr_grpc
+
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        return retr_grpc.RetrievalServiceStub(channel).Retrieve(
+            retr_pb.RetrieveRequest(query=query, candidates_k=k, retriever=retriever), timeout=30
+        )
+
+
+def retrieve_ids(port, query, retriever, k=50) -> list[str]:
+    return list(retrieve(port, query, retriever, k).photo_ids)
+
+
+def test_a_build_that_folds_the_log_returns_the_live_servers_candidates(live, source):
+    from types import SimpleNamespace
+
+    from imgsearch import artifacts
+    from imgsearch.config import RetrievalConfig
+    from imgsearch_tools.build import build_artifacts
+    from imgsearch_tools.build_inputs import read_catalog_changes
+    from retrieval_service.server import create_retrieval_server
+
+    source_id, keyword = source
+    photos = pd.read_csv(live.data / "photos.tsv000", sep="\t")["photo_id"].tolist()
+    port = live.gateways["replicas"].port
+    channel, stub = catalog(port)
+    with channel:
+        # Taken down first: once the later write shows, the deletions are applied too.
+        stub.DeletePhotos(
+            cat_pb.DeletePhotosRequest(request_id=str(uuid.uuid4()), photo_ids=photos[30:33]),
+            timeout=10,
+        )
+        stub.UpsertPhotos(
+            cat_pb.UpsertPhotosRequest(
+                request_id=str(uuid.uuid4()),
+                photos=[
+                    new_photo(live.data, photos[10 + i], f"fold-{i}", [(keyword, 40 + 10 * i)])
+                    for i in range(4)
+                ]
+                # A set photo replaced: new keywords, another image.
+                + [new_photo(live.data, photos[20], photos[21], [("foldmark", 70.0)])],
+            ),
+            timeout=60,
+        )
+    served = artifacts.resolve(str(live.root))
+    fp32 = {"artifacts": str(served.path), "port": 0, "admin_port": 0}
+    fp32["text_runtime"] = "torch-fp32"  # one encoder on both sides: only retrieval compared
+    before = live.lt.run(create_retrieval_server(RetrievalConfig(**fp32)))
+    assert wait_until(
+        lambda: retrieve_ids(before.port, "foldmark", retr_pb.RETRIEVER_KEYWORD) == [photos[21]]
+    )
+    queries = [
+        keyword,
+        "foldmark",
+        *pd.read_csv(live.data / "keywords.tsv000", sep="\t")["keyword"].drop_duplicates().head(12),
+    ]
+    # CLIP queries that are no keyword: both servers encode them alike (a set's table of
+    # keyword embeddings is computed in batches that differ from set to set).
+    lists = {
+        (q, retr_pb.RETRIEVER_KEYWORD): retrieve(before.port, q, retr_pb.RETRIEVER_KEYWORD)
+        for q in queries
+    }
+    for q in queries:
+        text = f"a {q} picture"
+        lists[text, retr_pb.RETRIEVER_CLIP] = retrieve(before.port, text, retr_pb.RETRIEVER_CLIP)
+    built = build_artifacts(
+        str(live.data),
+        str(live.root),
+        ["none"],
+        clip_model="imgsearch-tiny-clip",
+        clip_pretrained=str(served.path / artifacts.CLIP_DIR),
+        show_progress=False,
+        shards=SHARDS,  # the set the other tests' shard servers load next
+        catalog_log=read_catalog_changes(SimpleNamespace(artifacts=str(live.root))),
+    )
+    after = live.lt.run(
+        create_retrieval_server(RetrievalConfig(**{**fp32, "artifacts": str(built)}))
+    )
+    try:
+        manifest = artifacts.resolve(str(built)).manifest
+        assert manifest["catalog_log_seq"] >= 1
+        for (query, retriever), expected in lists.items():
+            got = retrieve(after.port, query, retriever)
+            pairs = [list(zip(r.photo_ids, r.scores)) for r in (got, expected)]
+            assert pairs[0] == pairs[1], (query, [p[-6:] for p in pairs])
+        assert photos[30] not in retrieve_ids(after.port, photos[30], retr_pb.RETRIEVER_KEYWORD)
+    finally:
+        for service in (before, after):
+            live.lt.run(service.stop(0))
 
 
 def test_the_live_keyword_segment_scores_as_one_index_over_all_photos():
