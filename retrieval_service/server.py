@@ -245,6 +245,9 @@ class RetrievalServicer(pb_grpc.RetrievalServiceServicer):
     def __init__(self, holder: Reloadable[RetrievalState]):
         self.holder = holder
         self.executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="retrieve")
+        # Images written to the live catalogue: embedded one batch at a time, never in the
+        # searches' threads (a search does not queue behind an image batch).
+        self.embed_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embed")
         self.stage_latency = LATENCY.labels(NAME, "retrieve")
 
     async def Retrieve(self, request: pb.RetrieveRequest, context) -> pb.RetrieveResponse:
@@ -340,7 +343,7 @@ class RetrievalServicer(pb_grpc.RetrievalServiceServicer):
         tower = state.image_tower
         try:
             vectors = await asyncio.get_running_loop().run_in_executor(
-                self.executor, tower.embed, list(request.images)
+                self.embed_executor, tower.embed, list(request.images)
             )
         except ValueError as exc:
             raise InvalidArgument("images", str(exc)) from exc
