@@ -22,7 +22,9 @@ BATCH_IMAGE_BYTES = 3 * 1024 * 1024
 
 def add_commands(subparsers) -> None:
     p = subparsers.add_parser("catalog", help="add, take down or read one photo of the catalogue")
-    actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    actions = p.add_subparsers(
+        dest="action", required=True, metavar="ACTION", help="add, delete or get"
+    )
     add = actions.add_parser("add", help="add or replace a photo (image embedded at write)")
     add.add_argument("photo_id", help="the photo's id (letters, digits, '-', '_')")
     add.add_argument("--image", required=True, help="the image file (JPEG or PNG)")
