@@ -318,12 +318,12 @@ class HybridRetriever(Retriever):
 
 
 def clip_source(retriever: Retriever) -> ClipRetriever | None:
-    """The CLIP retriever that embeds queries for ``retriever`` (itself, or hybrid's), if any."""
-    if isinstance(retriever, ClipRetriever):
-        return retriever
-    if isinstance(retriever, HybridRetriever) and isinstance(retriever.clip, ClipRetriever):
-        return retriever.clip
-    return None
+    """The CLIP retriever that embeds queries for ``retriever`` (itself, or hybrid's; under the
+    live catalogue's wrapper, the set's own), if any."""
+    if isinstance(retriever, HybridRetriever):
+        retriever = retriever.clip
+    retriever = getattr(retriever, "base", retriever)  # a live catalogue's wrapper
+    return retriever if isinstance(retriever, ClipRetriever) else None
 
 
 def load_clip_retrievers(
