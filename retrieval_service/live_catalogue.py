@@ -232,6 +232,10 @@ class LiveKeywordRetriever(Retriever):
     def cheap(self, query: str) -> bool:
         return self.base.cheap(query)
 
+    def __getattr__(self, name: str):
+        # Everything else (caches, counters, the index) is the set's retriever's.
+        return getattr(self.base, name)
+
     def retrieve(
         self, query: str, candidates_k: int, allowed: np.ndarray | None = None
     ) -> RetrievalResult:
@@ -271,6 +275,10 @@ class LiveClipRetriever(Retriever):
     def __init__(self, base, view: LiveView):
         self.base = base
         self.view = view
+
+    def __getattr__(self, name: str):
+        # Everything else (caches, counters, the index) is the set's retriever's.
+        return getattr(self.base, name)
 
     def retrieve(
         self,
