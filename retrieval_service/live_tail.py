@@ -127,9 +127,10 @@ class LogTailer:
                 await self.task
             except asyncio.CancelledError:
                 pass
-        if self.store is not None:
-            self.executor.submit(self.store.close).result()
-        self.executor.shutdown(wait=False)
+        store, self.store = self.store, None  # a second close has nothing left to do
+        if store is not None:
+            self.executor.submit(store.close).result()
+            self.executor.shutdown(wait=False)
 
 
 class ImageTower:
