@@ -44,13 +44,16 @@ $(STAMP): pyproject.toml requirements/dev.txt
 # hash-locked files that `make test`, CI and the Docker build install. runtime.txt: `pip
 # install '.[postgres]'`; dev.txt: with the dev and ray extras; image.txt: runtime.txt less
 # torch, torchvision and their CUDA libraries (the image takes PyTorch's CPU wheels).
-# Resolved for Linux x86-64 and Python 3.11 (CI's and the image's) wherever it runs.
+# Resolved for Linux x86-64 and Python 3.11 (CI's and the image's) wherever it runs, then
+# checked to install as locked, from wheels, on 3.12 and 3.13 (the other supported Pythons).
 COMPILE := $(VENV)/bin/uv pip compile --quiet --generate-hashes --python-version 3.11 \
 	--python-platform x86_64-unknown-linux-gnu
 lock: $(STAMP)
 	$(COMPILE) pyproject.toml --extra postgres -o requirements/runtime.txt
 	$(COMPILE) pyproject.toml --extra postgres --extra dev --extra ray -o requirements/dev.txt
 	$(PY) -m imgsearch_tools.lockfiles requirements/runtime.txt requirements/image.txt
+	$(PY) -m imgsearch_tools.lock_pythons requirements/dev.txt --extra postgres --extra dev \
+		--extra ray --python-version 3.12 --python-version 3.13 --uv $(VENV)/bin/uv
 
 protos: $(STAMP)
 	$(PY) -m grpc_tools.protoc -I protos --python_out=. --grpc_python_out=. --pyi_out=. $(PROTO_FILES)

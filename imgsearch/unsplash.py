@@ -2,15 +2,10 @@
 
 from __future__ import annotations
 
-import csv
-import io
 import os
 import re
 import sys
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar
 
 import numpy as np
 import pandas as pd
@@ -26,215 +21,14 @@ from imgsearch.catalogue import (
     Catalogue,
     normalise_keyword,
 )
-
-# The tables read, in reading order (photos first: the others refer to its ids).
-TABLES = ("photos", "keywords", "conversions")
-# Read when present: ``colors`` (Unsplash Lite's: each photo's dominant colours, what the colour
-# filter matches), and ``labels`` (photo_id, label): what photos really show, e.g. a judged
-# sample, or the demo's drawn content; not part of Unsplash Lite, evaluation only.
-OPTIONAL_TABLES = ("colors", "labels")
-# Tables of Unsplash Lite that the catalogue does not use; noted in the report when present.
-UNUSED_TABLES = ("collections",)
-# The columns of Unsplash Lite's conversions table, in the dataset's order (what writers of
-# that layout write: the demo generator, the export of logged conversions).
-CONVERSIONS_LAYOUT = (
-    "converted_at",
-    "conversion_type",
-    "keyword",
-    "photo_id",
-    "anonymous_user_id",
-    "conversion_country",
+from imgsearch.data_report import DataError, DataReport
+from imgsearch.unsplash_layout import (
+    CONFIDENCE_COLUMNS,
+    OPTIONAL_TABLES,
+    TABLES,
+    UNUSED_TABLES,
 )
-CONFIDENCE_COLUMNS = ("ai_service_1_confidence", "ai_service_2_confidence")
-REQUIRED_COLUMNS = {
-    "photos": ("photo_id", "photo_image_url"),
-    "keywords": ("photo_id", "keyword"),
-    "conversions": ("converted_at", "keyword", "photo_id", "anonymous_user_id"),
-    "labels": ("photo_id", "label"),
-    "colors": ("photo_id", "keyword"),
-}
-OPTIONAL_COLUMNS = {
-    "photos": (
-        "photo_description",
-        "ai_description",
-        "photographer_username",
-        "stats_views",
-        "stats_downloads",
-        "photo_width",
-        "photo_height",
-        "photo_featured",
-        "photo_submitted_at",
-    ),
-    "keywords": CONFIDENCE_COLUMNS,
-    "conversions": ("conversion_type", "conversion_country"),
-    "labels": (),
-    "colors": ("ai_coverage",),
-}
-INTEGER_COLUMNS = ("stats_views", "stats_downloads", "photo_width", "photo_height")
-# How Unsplash Lite writes booleans (``photo_featured``); an empty value reads as false.
-_TRUE = frozenset({"t", "true", "1"})
-_FALSE = frozenset({"f", "false", "0", ""})
-# Columns that identify something: an empty value makes the row meaningless.
-ID_COLUMNS = {
-    "photos": ("photo_id",),
-    "keywords": ("photo_id",),
-    "conversions": ("photo_id", "anonymous_user_id"),
-    "labels": ("photo_id",),
-    "colors": ("photo_id",),
-}
-_INTEGER_PATTERN = r"\s*[+-]?\d+\s*"
-# Bookkeeping columns carried with every row until the tables are normalised.
-_FILE = "_file"
-_LINE = "_line"
-# Example warnings kept per kind of problem, so that one noisy kind does not hide the others.
-_EXAMPLES_PER_KIND = 3
-_EXPECTED_TIME = "expected a timestamp like '2020-06-30 14:12:25.402'"
-_EARLIEST = pd.Timestamp("1678-01-01", tz="UTC")
-_LATEST = pd.Timestamp("2261-12-31", tz="UTC")
-
-
-class DataError(ValueError):
-    """A problem in the input data, located by file, line and column.
-
-    Parameters
-    ----------
-    path
-        The file (or, for a missing table, the folder) the problem is in.
-    line
-        1-based line number in ``path`` (the header is line 1), or None.
-    column
-        The column concerned, or None when the problem is the whole row or file.
-    detail
-        What is wrong, e.g. ``"expected an integer, got 'abc'"``.
-
-    The message reads ``<path>:<line>: column '<column>': <detail>``.
-    """
-
-    def __init__(self, path: str | Path, line: int | None, column: str | None, detail: str) -> None:
-        self.path = Path(path)
-        self.line = line
-        self.column = column
-        self.detail = detail
-        where = str(path) if line is None else f"{path}:{line}"
-        what = detail if column is None else f"column {column!r}: {detail}"
-        super().__init__(f"{where}: {what}")
-
-
-@dataclass
-class DataReport:
-    """What :func:`read_unsplash` read, kept and dropped, with example warnings.
-
-    Attributes
-    ----------
-    data_dir
-        The folder read.
-    files
-        Shard file names read, per table.
-    rows_read
-        Data rows in the files (header rows and blank lines excluded), per table.
-    rows_kept
-        Rows in the catalogue, per table (``photos``, ``keywords``, ``users``, ``conversions``,
-        and ``labels`` when the folder has them).
-    malformed_rows
-        Rows skipped as malformed (only with ``strict=False``), per table.
-    duplicate_rows
-        Duplicate rows dropped, per table: repeated ``photo_id`` (first kept), repeated
-        (photo, keyword) (highest confidence kept), exact duplicate conversions.
-    unknown_photo_keywords, unknown_photo_conversions, unknown_photo_labels
-        Rows dropped because their ``photo_id`` is not in the photos table.
-    empty_keywords
-        Keyword (or label) rows dropped because the text is empty once normalised.
-    user_suggested_keywords
-        Keyword rows kept with no AI confidence (given confidence 0.0).
-    photos_with_images
-        Photos whose ``images/<photo_id>.jpg`` exists.
-    unused_files
-        Files of optional tables (collections, colors) present but not used.
-    warnings
-        Up to ``MAX_WARNINGS`` examples, each starting with ``file:line:``.
-    warnings_total
-        How many warnings there were in all.
-    """
-
-    MAX_WARNINGS: ClassVar[int] = 10
-
-    data_dir: str = ""
-    files: dict[str, list[str]] = field(default_factory=dict)
-    rows_read: dict[str, int] = field(default_factory=dict)
-    rows_kept: dict[str, int] = field(default_factory=dict)
-    malformed_rows: dict[str, int] = field(default_factory=dict)
-    duplicate_rows: dict[str, int] = field(default_factory=dict)
-    unknown_photo_keywords: int = 0
-    unknown_photo_conversions: int = 0
-    unknown_photo_labels: int = 0
-    empty_keywords: int = 0
-    user_suggested_keywords: int = 0
-    photos_with_images: int = 0
-    unused_files: list[str] = field(default_factory=list)
-    warnings: list[str] = field(default_factory=list)
-    warnings_total: int = 0
-
-    def warn(self, message: str) -> None:
-        """Count a warning and keep it as an example while fewer than ``MAX_WARNINGS`` are kept."""
-        self.warnings_total += 1
-        if len(self.warnings) < self.MAX_WARNINGS:
-            self.warnings.append(message)
-
-    @property
-    def rows_dropped(self) -> int:
-        """Rows read but not in the catalogue, all tables and reasons together."""
-        return (
-            sum(self.malformed_rows.values())
-            + sum(self.duplicate_rows.values())
-            + self.unknown_photo_keywords
-            + self.unknown_photo_conversions
-            + self.unknown_photo_labels
-            + self.empty_keywords
-        )
-
-    def summary(self) -> str:
-        """Return a few human-readable lines: counts per table, drops, example warnings.
-
-        Returns
-        -------
-        str
-            Multi-line text without a trailing newline.
-        """
-        dropped_extra = {
-            "keywords": [
-                ("unknown photo", self.unknown_photo_keywords),
-                ("empty keyword", self.empty_keywords),
-            ],
-            "conversions": [("unknown photo", self.unknown_photo_conversions)],
-            "labels": [("unknown photo", self.unknown_photo_labels)],
-        }
-        lines = [f"Unsplash Lite data in {self.data_dir}:"]
-        for table in TABLES + tuple(t for t in OPTIONAL_TABLES if t in self.files):
-            drops = [
-                ("malformed", self.malformed_rows.get(table, 0)),
-                ("duplicate", self.duplicate_rows.get(table, 0)),
-                *dropped_extra.get(table, []),
-            ]
-            dropped = ", ".join(f"{count:,} {why}" for why, count in drops if count)
-            line = (
-                f"  {table:<12}{self.rows_read.get(table, 0):>11,} read"
-                f"{self.rows_kept.get(table, 0):>11,} kept"
-            )
-            if dropped:
-                line += f"  (dropped: {dropped})"
-            if table == "photos":
-                line += f"; {self.photos_with_images:,} with images"
-            if table == "keywords" and self.user_suggested_keywords:
-                line += f"; {self.user_suggested_keywords:,} without AI confidence"
-            lines.append(line)
-        lines.append(f"  {'users':<12}{self.rows_kept.get('users', 0):>27,} with conversions")
-        if self.unused_files:
-            lines.append(f"  not used: {', '.join(self.unused_files)}")
-        if self.warnings_total:
-            shown = len(self.warnings)
-            lines.append(f"  warnings ({shown} of {self.warnings_total:,} shown):")
-            lines.extend(f"    {warning}" for warning in self.warnings)
-        return "\n".join(lines)
+from imgsearch.unsplash_shards import map_distinct, read_table_shard, warn_rows
 
 
 def find_shards(data_dir: str | Path, table: str) -> list[Path]:
@@ -330,7 +124,7 @@ def read_unsplash(
             parts = []
             for file_number, path in enumerate(shards[table]):
                 progress.set_postfix_str(path.name)
-                parts.append(_read_table_shard(path, table, file_number, strict, report))
+                parts.append(read_table_shard(path, table, file_number, strict, report))
                 progress.update(path.stat().st_size)
             frames[table] = pd.concat(parts, ignore_index=True)
 
@@ -366,251 +160,7 @@ def read_unsplash(
     return catalogue, report
 
 
-# --- reading one shard -------------------------------------------------------------------------
-
-
-def _read_table_shard(
-    path: Path, table: str, file_number: int, strict: bool, report: DataReport
-) -> pd.DataFrame:
-    """Read one shard, check it, and return its rows with values parsed.
-
-    Rows carry ``_file`` (``file_number``) and ``_line`` (1-based line in the shard). Text
-    columns are strings; ``stats_*`` int64; confidences float64 (NaN when empty);
-    ``converted_at`` datetime64[ns]. Optional columns the shard lacks are added empty.
-    """
-    data = path.read_bytes()
-    header, bad_lines, frame = _parse_tsv(path, data, table)
-    wanted = REQUIRED_COLUMNS[table] + OPTIONAL_COLUMNS[table]
-    for column in wanted:
-        if column not in frame:
-            frame[column] = pd.Series("", index=frame.index, dtype=object)
-    frame[_FILE] = np.int32(file_number)
-
-    # Every problem found: (row positions in ``frame``, column, detail per row).
-    problems: list[tuple[np.ndarray, str | None, Callable[[int], str]]] = []
-    for column in ID_COLUMNS[table]:
-        frame[column] = _map_distinct(frame[column], str.strip)
-        empty = np.flatnonzero(frame[column].to_numpy() == "")
-        problems.append((empty, column, lambda row: "empty value"))
-    if table == "photos":
-        for column in INTEGER_COLUMNS:
-            text = frame[column].str.strip()
-            is_integer = text.str.fullmatch(_INTEGER_PATTERN).to_numpy(dtype=bool)
-            bad = np.flatnonzero(~is_integer & (text != "").to_numpy())
-            problems.append((bad, column, _got("expected an integer", frame[column])))
-            values = pd.to_numeric(text.where(is_integer, "0"))
-            frame[column] = values.astype(np.int64)
-        featured = frame["photo_featured"].str.strip().str.lower()
-        is_true = featured.isin(_TRUE).to_numpy(dtype=bool)
-        bad = np.flatnonzero(~is_true & ~featured.isin(_FALSE).to_numpy(dtype=bool))
-        problems.append((bad, "photo_featured", _got("expected t or f", frame["photo_featured"])))
-        frame["photo_featured"] = is_true
-        submitted = frame["photo_submitted_at"]
-        times, bad = _parse_times(submitted)
-        bad = bad[(submitted.iloc[bad].str.strip() != "").to_numpy(dtype=bool)]
-        problems.append((bad, "photo_submitted_at", _got(_EXPECTED_TIME, submitted)))
-        frame["photo_submitted_at"] = times
-    if table in ("keywords", "colors"):
-        for column in CONFIDENCE_COLUMNS if table == "keywords" else ("ai_coverage",):
-            # to_numeric reads "" as NaN (missing) and ignores surrounding spaces.
-            values = pd.to_numeric(frame[column], errors="coerce").to_numpy(dtype=np.float64)
-            bad = np.flatnonzero(np.isnan(values) & (frame[column].to_numpy() != ""))
-            problems.append((bad, column, _got("expected a number", frame[column])))
-            frame[column] = values
-    if table == "conversions":
-        times, bad = _parse_times(frame["converted_at"])
-        problems.append((bad, "converted_at", _got(_EXPECTED_TIME, frame["converted_at"])))
-        frame["converted_at"] = times
-
-    lines = frame[_LINE].to_numpy()
-    report.rows_read[table] = report.rows_read.get(table, 0) + len(frame) + len(bad_lines)
-    if strict:
-        first = _first_problem(path, lines, bad_lines, problems)
-        if first is not None:
-            raise first
-        return frame
-    malformed = np.zeros(len(frame), dtype=bool)
-    examples = list(bad_lines[:_EXAMPLES_PER_KIND])
-    report.warnings_total += max(0, len(bad_lines) - _EXAMPLES_PER_KIND)
-    for rows, column, detail in problems:
-        malformed[rows] = True
-        examples.extend(
-            (int(lines[row]), f"column {column!r}: {detail(row)}")
-            for row in rows[:_EXAMPLES_PER_KIND]
-        )
-        report.warnings_total += max(0, len(rows) - _EXAMPLES_PER_KIND)
-    for line, detail in sorted(examples):
-        report.warn(f"{path.name}:{line}: {detail}; row skipped")
-    report.malformed_rows[table] = (
-        report.malformed_rows.get(table, 0) + int(malformed.sum()) + len(bad_lines)
-    )
-    return frame[~malformed].reset_index(drop=True)
-
-
-def _parse_tsv(
-    path: Path, data: bytes, table: str
-) -> tuple[list[str], list[tuple[int, str]], pd.DataFrame]:
-    """Split ``data`` into the header, lines with a wrong field count, and the other rows.
-
-    Lines end at ``\\n`` only (a stray ``\\r`` inside a field does not end a row; a ``\\r``
-    before ``\\n`` is dropped). The field count of every line is found with numpy on the raw
-    bytes, so bad lines are located exactly and left out of the pandas parse via ``skiprows``.
-
-    Returns
-    -------
-    header
-        Column names of the shard.
-    bad_lines
-        (1-based line, detail) for each data line with a wrong number of fields.
-    frame
-        The wanted columns (required and optional ones present) as strings, plus ``_line``.
-    """
-    raw = np.frombuffer(data, dtype=np.uint8)
-    line_ends = np.flatnonzero(raw == ord("\n"))
-    if len(raw) and raw[-1] != ord("\n"):
-        line_ends = np.append(line_ends, len(raw))
-    if len(line_ends) == 0:
-        raise DataError(path, 1, None, "empty file: expected a header row")
-    line_starts = np.concatenate(([0], line_ends[:-1] + 1))
-    header_text = data[: line_ends[0]].decode("utf-8-sig", errors="replace").rstrip("\r")
-    header = header_text.split("\t")
-    _check_header(path, header, table)
-
-    tabs_before = np.searchsorted(np.flatnonzero(raw == ord("\t")), line_ends)
-    fields = np.diff(tabs_before, prepend=0) + 1
-    lengths = line_ends - line_starts
-    ends_with_cr = lengths > 0
-    ends_with_cr[ends_with_cr] = raw[line_ends[ends_with_cr] - 1] == ord("\r")
-    blank = (lengths == 0) | ((lengths == 1) & ends_with_cr)
-    bad = (fields != len(header)) & ~blank
-    bad[0] = False
-    bad_indexes = np.flatnonzero(bad)
-    bad_lines = [
-        (int(index) + 1, f"expected {len(header)} tab-separated fields, got {fields[index]}")
-        for index in bad_indexes
-    ]
-    skipped = bad | blank
-    skipped[0] = True
-    data_lines = np.flatnonzero(~skipped) + 1
-
-    wanted = REQUIRED_COLUMNS[table] + OPTIONAL_COLUMNS[table]
-    # First occurrence of each wanted column; extra (and repeated) columns are not parsed.
-    positions = {}
-    for position, name in enumerate(header):
-        if name in wanted and name not in positions:
-            positions[name] = position
-    if len(data_lines) == 0:  # pandas refuses a file whose every line is skipped
-        frame = pd.DataFrame({name: pd.Series([], dtype=object) for name in positions})
-        frame[_LINE] = data_lines
-        return header, bad_lines, frame
-    try:
-        frame = pd.read_csv(
-            io.BytesIO(data),
-            sep="\t",
-            header=None,
-            usecols=sorted(positions.values()),
-            skiprows=set(np.flatnonzero(skipped).tolist()),
-            dtype=object,
-            na_filter=False,
-            quoting=csv.QUOTE_NONE,
-            lineterminator="\n",
-            skip_blank_lines=False,
-            encoding="utf-8",
-            encoding_errors="replace",
-            engine="c",
-        )
-    except pd.errors.ParserError as error:  # the pre-scan should make this unreachable
-        match = re.search(r"line (\d+)", str(error))
-        raise DataError(path, int(match.group(1)) if match else None, None, str(error)) from error
-    if len(frame) != len(data_lines):
-        raise DataError(path, None, None, f"read {len(frame)} rows, expected {len(data_lines)}")
-    frame.columns = [header[position] for position in frame.columns]
-    last_column = header[-1]
-    if last_column in positions and ends_with_cr.any():
-        frame[last_column] = frame[last_column].str.removesuffix("\r")
-    frame[_LINE] = data_lines
-    return header, bad_lines, frame
-
-
-def _check_header(path: Path, header: list[str], table: str) -> None:
-    """Raise :class:`DataError` (line 1) when a required column is missing from ``header``."""
-    present = set(header)
-    for column in REQUIRED_COLUMNS[table]:
-        if column not in present:
-            raise DataError(
-                path, 1, column, f"missing required column (header has: {', '.join(header)})"
-            )
-    if table == "keywords" and not present.intersection(CONFIDENCE_COLUMNS):
-        raise DataError(
-            path,
-            1,
-            CONFIDENCE_COLUMNS[0],
-            f"missing required column: need {CONFIDENCE_COLUMNS[0]!r} or "
-            f"{CONFIDENCE_COLUMNS[1]!r} (header has: {', '.join(header)})",
-        )
-
-
-def _parse_times(raw: pd.Series) -> tuple[pd.Series, np.ndarray]:
-    """Parse ISO timestamps to naive UTC ``datetime64[ns]``; also the rows that did not parse
-    (NaT), an empty value among them."""
-    times = pd.to_datetime(raw, format="ISO8601", utc=True, errors="coerce")
-    # Beyond datetime64[ns]'s range (years 1677-2262) is a typo, not a date to keep.
-    times = times.where(times.between(_EARLIEST, _LATEST))
-    bad = np.flatnonzero(times.isna().to_numpy())
-    return times.dt.tz_convert(None).astype("datetime64[ns]"), bad
-
-
-def _got(expected: str, raw: pd.Series) -> Callable[[int], str]:
-    """Return a detail formatter ``"<expected>, got '<raw value>'"`` for a row position."""
-    return lambda row: f"{expected}, got {raw.iat[row]!r}"
-
-
-def _first_problem(
-    path: Path,
-    lines: np.ndarray,
-    bad_lines: list[tuple[int, str]],
-    problems: list[tuple[np.ndarray, str | None, Callable[[int], str]]],
-) -> DataError | None:
-    """Return the error for the problem on the earliest line of the shard, or None."""
-    candidates = []
-    if bad_lines:
-        line, detail = bad_lines[0]
-        candidates.append((line, None, detail))
-    for rows, column, detail in problems:
-        if len(rows):
-            candidates.append((int(lines[rows[0]]), column, detail(rows[0])))
-    if not candidates:
-        return None
-    line, column, detail = min(candidates, key=lambda candidate: candidate[0])
-    return DataError(path, line, column, detail)
-
-
 # --- normalising the tables --------------------------------------------------------------------
-
-
-def _where(shards: list[Path], frame: pd.DataFrame, row: int) -> str:
-    """``file:line`` of a row of a concatenated table."""
-    return f"{shards[frame[_FILE].iat[row]].name}:{frame[_LINE].iat[row]}"
-
-
-def _warn_rows(
-    report: DataReport,
-    shards: list[Path],
-    frame: pd.DataFrame,
-    rows: np.ndarray,
-    describe: Callable[[int], str],
-) -> None:
-    """Warn about the first few of ``rows`` (positions in ``frame``); count the rest too."""
-    for row in rows[:_EXAMPLES_PER_KIND]:
-        report.warn(f"{_where(shards, frame, row)}: {describe(row)}")
-    report.warnings_total += max(0, len(rows) - _EXAMPLES_PER_KIND)
-
-
-def _map_distinct(values: pd.Series, function: Callable[[str], str]) -> pd.Series:
-    """Apply ``function`` once per distinct value: ids, keywords and countries repeat a lot."""
-    codes, uniques = pd.factorize(values.to_numpy(), use_na_sentinel=False)
-    mapped = np.array([function(value) for value in uniques], dtype=object)
-    return pd.Series(mapped[codes], index=values.index, dtype=object)
 
 
 def _keyword_codes(values: pd.Series) -> tuple[np.ndarray, np.ndarray]:
@@ -649,7 +199,7 @@ def _normalise_photos(
 ) -> pd.DataFrame:
     """Drop repeated photo ids (first kept), sort by ``photo_id``, flag images on disk."""
     duplicate = frame["photo_id"].duplicated().to_numpy()
-    _warn_rows(
+    warn_rows(
         report,
         shards,
         frame,
@@ -680,7 +230,7 @@ def _map_photo_ids(
     about as ``unknown photo_id '<id>'; <row> dropped``."""
     photo_idx = _photo_index(photos).get_indexer(frame["photo_id"].to_numpy())
     unknown = photo_idx < 0
-    _warn_rows(
+    warn_rows(
         report,
         shards,
         frame,
@@ -698,7 +248,7 @@ def _normalise_keywords(
     report.unknown_photo_keywords = int(unknown.sum())
     keyword_code, vocabulary = _keyword_codes(frame["keyword"])
     empty = (vocabulary == "")[keyword_code] & ~unknown
-    _warn_rows(
+    warn_rows(
         report, shards, frame, np.flatnonzero(empty), lambda row: "empty keyword; row dropped"
     )
     report.empty_keywords = int(empty.sum())
@@ -715,7 +265,7 @@ def _normalise_keywords(
     # One int64 key per (photo, keyword), ordered like (photo_idx, keyword text).
     key = photo_idx[kept].astype(np.int64) * max(len(vocabulary), 1) + keyword_code[kept]
     duplicate = pd.Series(key).duplicated().to_numpy()
-    _warn_rows(
+    warn_rows(
         report,
         shards,
         frame,
@@ -744,9 +294,9 @@ def _normalise_labels(
     """Map photo ids, normalise labels like keywords, drop unknown photos, empties, repeats."""
     photo_idx, unknown = _map_photo_ids(frame, photos, shards, report, "label")
     report.unknown_photo_labels = int(unknown.sum())
-    label = _map_distinct(frame["label"], normalise_keyword).to_numpy()
+    label = map_distinct(frame["label"], normalise_keyword).to_numpy()
     empty = (label == "") & ~unknown
-    _warn_rows(report, shards, frame, np.flatnonzero(empty), lambda row: "empty label; row dropped")
+    warn_rows(report, shards, frame, np.flatnonzero(empty), lambda row: "empty label; row dropped")
     report.empty_keywords += int(empty.sum())
     table = pd.DataFrame({"photo_idx": photo_idx, "label": label})[~unknown & ~empty]
     duplicate = table.duplicated().to_numpy()
@@ -761,9 +311,9 @@ def _normalise_colors(
     """Map photo ids, normalise colour names like keywords; drop unknown photos, empty names
     and repeats (the largest coverage kept)."""
     photo_idx, unknown = _map_photo_ids(frame, photos, shards, report, "colour")
-    color = _map_distinct(frame["keyword"], normalise_keyword).to_numpy()
+    color = map_distinct(frame["keyword"], normalise_keyword).to_numpy()
     empty = (color == "") & ~unknown
-    _warn_rows(report, shards, frame, np.flatnonzero(empty), lambda row: "empty colour; dropped")
+    warn_rows(report, shards, frame, np.flatnonzero(empty), lambda row: "empty colour; dropped")
     table = pd.DataFrame(
         {"photo_idx": photo_idx, "color": color, "coverage": frame["ai_coverage"].to_numpy()}
     )[~unknown & ~empty]
@@ -783,13 +333,13 @@ def _normalise_conversions(
 
     kept = np.flatnonzero(~unknown)
     converted_at = frame["converted_at"].to_numpy()[kept]
-    conversion_type = _map_distinct(frame["conversion_type"], str.strip).to_numpy()[kept]
+    conversion_type = map_distinct(frame["conversion_type"], str.strip).to_numpy()[kept]
     keyword_code, vocabulary = _keyword_codes(frame["keyword"].iloc[kept])
     # Users come from kept conversions; dropping exact duplicates below loses no user.
     user_idx, user_ids = pd.factorize(
         frame["anonymous_user_id"].to_numpy()[kept], sort=True, use_na_sentinel=False
     )
-    country = _map_distinct(frame["conversion_country"], str.strip).to_numpy()[kept]
+    country = map_distinct(frame["conversion_country"], str.strip).to_numpy()[kept]
     # Exact duplicates, found on integer codes of every column (much faster than on text).
     codes = pd.DataFrame(
         {
@@ -802,7 +352,7 @@ def _normalise_conversions(
         }
     )
     duplicate = codes.duplicated().to_numpy()
-    _warn_rows(
+    warn_rows(
         report,
         shards,
         frame,

@@ -14,7 +14,7 @@ from imgsearch.filters import MANIFEST_KEY as FILTERS_KEY
 from imgsearch.names import RANKER_NAMES
 from imgsearch_tools.build_inputs import read_catalog_changes, read_logged_events, read_tombstones
 from imgsearch_tools.conversions import add_store_arguments
-from imgsearch_tools.served import (
+from imgsearch_tools.offline_candidates import (
     candidates_summary,
     served_candidates,
     served_retrievers,
@@ -269,8 +269,8 @@ def build_artifacts(
         keyword_index.save(set_dir / artifacts.KEYWORD_INDEX)
         if clip and catalogue.photos["has_image"].any():
             from imgsearch_tools.demo_data import query_families
+            from retrieval_service.clip_artifacts import build_clip_artifacts
             from retrieval_service.clip_model import ClipSpec
-            from retrieval_service.clip_training import build_clip_artifacts
 
             spec = ClipSpec(clip_model, clip_pretrained) if clip_model else None
             log("CLIP: " + (f"{clip_model} ({clip_pretrained})" if spec else "training tiny CLIP"))
@@ -406,9 +406,11 @@ def train_set_rankers(
         served_configuration,
     )
 
+    started = time.perf_counter()
     configuration = served_configuration(
         catalogue, report, keyword_index, retrievers.get("clip"), candidates_k=100
     )
+    configuration["seconds"] = round(time.perf_counter() - started, 2)
     log(
         f"served configuration: {configuration['label']} + {configuration['ranker']} "
         f"({configuration['rule']}) — {configuration['reason']}"
@@ -474,9 +476,9 @@ def _stage_printer(enabled: bool):
 def cmd_build(args) -> int:
     from imgsearch.artifacts import ArtifactError
     from imgsearch.conversion_store import StoreError
-    from imgsearch.unsplash import DataError
+    from imgsearch.data_report import DataError
     from imgsearch_tools.outputs import RefusedFolder
-    from retrieval_service.embedding import EmbeddingMismatch
+    from retrieval_service.embedding_sets import EmbeddingMismatch
 
     if args.embeddings and (args.no_clip or not args.clip_model):
         print(

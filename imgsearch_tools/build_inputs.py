@@ -171,7 +171,8 @@ def fold_embeddings(
         When the served set lacks an embedding of a photo with an image that the log did not
         write (its CLIP cannot stand for the build's).
     """
-    from retrieval_service.embedding import PrecomputedEmbeddings, save_embeddings
+    from retrieval_service.embedding import save_embeddings
+    from retrieval_service.embedding_sets import PrecomputedEmbeddings
 
     logged = {p: c.embedding for p, c in final.items() if c.embedding is not None}
     if not logged:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from imgsearch.metrics import bootstrap_ci, paired_bootstrap_ci
+from imgsearch.ranking_metrics import bootstrap_ci, paired_bootstrap_ci
 
 BASELINE = "popularity"
 # Below this many validation queries a paired interval says little: selection is skipped.

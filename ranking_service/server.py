@@ -268,18 +268,20 @@ class RankingServicer(pb_grpc.RankingServiceServicer):
         start = time.perf_counter()
         catalogue = state.catalogue
         candidate_idx = catalogue.photo_idx_list(photo_ids)
-        if None in candidate_idx:
-            known = [i for i, idx in enumerate(candidate_idx) if idx is not None]
-            candidate_idx = [candidate_idx[i] for i in known]
-        else:
-            known = range(len(photo_ids))
         if request.retrieval_scores:
             retrieval_scores = np.asarray(request.retrieval_scores, dtype=np.float32)
         else:
             # No scores given: retrieval order itself, best first.
             retrieval_scores = -np.arange(len(photo_ids), dtype=np.float32)
+        # Positions of the candidates the catalogue knows; None when it knows them all (the
+        # usual case, which then needs no index arrays or copies).
+        known_pos = None
+        if None in candidate_idx:
+            known = [i for i, idx in enumerate(candidate_idx) if idx is not None]
+            candidate_idx = [candidate_idx[i] for i in known]
+            known_pos = np.asarray(known, dtype=np.int64)
+            retrieval_scores = retrieval_scores[known_pos]
         user_idx = catalogue.user_idx(request.user_id) if request.user_id else None
-        known_pos = np.asarray(known, dtype=np.int64)
         recent = self._recent(state, request.recent_photo_ids)
         country = state.user_country.get(user_idx, "") if user_idx is not None else ""
         note = ""
@@ -292,7 +294,7 @@ class RankingServicer(pb_grpc.RankingServiceServicer):
             user_idx=user_idx,
             keyword=normalise_keyword(request.keyword or request.query),
             candidates=np.asarray(candidate_idx, dtype=np.int64),
-            retrieval_scores=retrieval_scores[known_pos],
+            retrieval_scores=retrieval_scores,
             recent_photos=recent,
             country=country,
         )
@@ -311,9 +313,12 @@ class RankingServicer(pb_grpc.RankingServiceServicer):
             ranked = ranker.score(query)
             scores, reason = ranked.scores, ranked.fallback_reason
         # Photos the catalogue does not know go last, in retrieval order.
-        all_scores = np.full(len(photo_ids), -np.inf, dtype=np.float64)
-        all_scores[known_pos] = scores
-        missing = len(photo_ids) - len(known)
+        if known_pos is None:
+            all_scores = np.asarray(scores, dtype=np.float64)
+        else:
+            all_scores = np.full(len(photo_ids), -np.inf, dtype=np.float64)
+            all_scores[known_pos] = scores
+        missing = len(photo_ids) - len(candidate_idx)
         unknown = f"{missing} unknown photo id(s) ranked last" if missing else ""
         reason = "; ".join(r for r in (reason, unknown, note) if r)
         order = top_k(all_scores, request.k)

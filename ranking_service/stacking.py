@@ -17,7 +17,13 @@ import numpy as np
 
 from ranking_service.rankers import create_ranker, load_ranker, ranker_class
 from ranking_service.rankers.stack_features import StackFeatures
-from ranking_service.rankers.stacked import BASES, MAX_STACK_QUERIES, StackedRanker, stack_rows
+from ranking_service.rankers.stacked import (
+    BASES,
+    MAX_STACK_QUERIES,
+    QueryRows,
+    StackedRanker,
+    sample_rows,
+)
 from ranking_service.rankers.validation import ValidationSet
 
 # Folds of users for the out-of-fold figures.
@@ -42,7 +48,7 @@ def train_stacked(
     catalogue:
         The catalogue with all training conversions.
     validation:
-        The slice (``ranking_service.training.Validation``), usable.
+        The slice (``ranking_service.validation_slice.Validation``), usable.
     validation_models:
         Base name to its model fitted before the slice (fitted here when missing).
     final_dirs:
@@ -87,19 +93,18 @@ def train_stacked(
     n_users = max(catalogue.n_users, 1)
     fold_of_user = np.random.default_rng(seed).permutation(n_users) % FOLDS
     user_fold = np.asarray([fold_of_user[q.user_idx] for q in queries], dtype=np.int64)
-    boosters = []
-    for fold in range(FOLDS):
-        inside = np.flatnonzero(user_fold != fold)
-        rows = stack_rows(
-            [queries[i] for i in inside], [relevant[i] for i in inside], held_out, features, seed
-        )
-        boosters.append(stacked.train_booster(rows))
+    # The bases score each query once; every fold's fit and the served fit sample from that.
+    scored = QueryRows.score(queries, relevant, held_out, features)
+    boosters = [
+        stacked.train_booster(sample_rows(scored, np.flatnonzero(user_fold != fold), seed))
+        for fold in range(FOLDS)
+    ]
     out_of_fold = StackedRanker(bases=stacked.bases, base_params=params, seed=seed)
     out_of_fold.base_models, out_of_fold.features = held_out, features
     out_of_fold.boosters, out_of_fold.fold_of_user = boosters, fold_of_user
     scores = validation.selection.per_query_ndcg(out_of_fold)
 
-    stacked.boosters = [stacked.train_booster(stack_rows(queries, relevant, held_out, features))]
+    stacked.boosters = [stacked.train_booster(sample_rows(scored))]
     stacked.base_models = {
         name: (
             load_ranker(name, final_dirs[name], catalogue, embeddings)

@@ -1,4 +1,4 @@
-"""Training, tuning and selection of the rankers, written into an artifact set's ``rankers/``.
+"""Training and selection of the rankers, written into an artifact set's ``rankers/``.
 
 The most recent :data:`VALIDATION_FRACTION` of the training conversions is the validation
 slice (never test data). Its queries follow the evaluation protocol (``imgsearch eval``): a
@@ -18,7 +18,9 @@ pair. The queries are split in two disjoint parts:
 The ``stacked`` ranker learns from the whole slice: its bases are the validation models, and
 its validation figures are out-of-fold (:mod:`ranking_service.stacking`).
 
-Then each ranker is refitted on all training conversions with its choices and saved. A
+The slice is cut in :mod:`ranking_service.validation_slice`, the grids tried on it are in
+:mod:`ranking_service.tuning`. Then each ranker is refitted on all training conversions with
+its choices and saved. A
 catalogue too small for a validation slice still trains (with default parameters) and serves
 popularity, and the manifest says why.
 """
@@ -26,195 +28,41 @@ popularity, and the manifest says why.
 from __future__ import annotations
 
 import copy
-import itertools
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 
 from imgsearch.candidates import CandidateLists
 from imgsearch.catalogue import Catalogue
 from imgsearch.config import DEFAULT_CANDIDATES_K
 from imgsearch.image_embeddings import ImageEmbeddings
-from imgsearch.protocol import temporal_split
 from ranking_service.rankers import RANKER_NAMES, create_ranker, load_ranker, ranker_class
 from ranking_service.rankers.common import load_arrays, save_arrays
 from ranking_service.rankers.prior import QueryPrior
-from ranking_service.rankers.validation import ValidationSet
 from ranking_service.selection import (
-    MIN_SELECTION_QUERIES,
     select_default,
     skipped_selection,
 )
+from ranking_service.tuning import (
+    ALWAYS_TUNED,
+    TUNING_GRIDS,
+    final_params,
+    fit_on_slice,
+    tune_prior_weight,
+    tune_ranker_report,
+)
+from ranking_service.validation_slice import (
+    VALIDATION_FILE,
+    Validation,
+    prepare_validation,
+)
 
-__all__ = [
-    "PRIOR_WEIGHTS",
-    "TUNING_GRIDS",
-    "VALIDATION_FRACTION",
-    "TrainingReport",
-    "Validation",
-    "prepare_validation",
-    "train_rankers",
-    "tune_prior_weight",
-    "tune_ranker_report",
-]
-
-# The validation slice: the most recent 20% of the training conversions (never test data).
-VALIDATION_FRACTION = 0.2
-# Conversions a (user, keyword) pair needs in the slice, as test queries need in the test part:
-# on the demo, validating on every pair chose a prior weight 4x the one that pairs like the
-# test queries chose, and the latter was the better on test.
-VALIDATION_MIN_PAIR = 3
-# Validation queries drawn in all (tuning and selection parts together).
-MAX_VALIDATION_QUERIES = 6000
-# Weights of the query's popularity prior tried for every ranker that blends it.
-PRIOR_WEIGHTS = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0)
-VALIDATION_FILE = "validation.npz"
 # Rankers the ranking service always has (it builds them from the catalogue when missing).
 ALWAYS_SERVED = ("none", "popularity")
+
 STACKED = "stacked"
-
-
-def _product(**axes) -> list[dict]:
-    keys = list(axes)
-    return [dict(zip(keys, values)) for values in itertools.product(*axes.values())]
-
-
-# Grids sized for two cores. ALS: few factors with strong regularisation often beat the library
-# defaults on real interaction data (Rendle et al. 2021, "Revisiting the Performance of iALS on
-# Item Recommendation Benchmarks"), so the grid leans that way; alpha scales the confidence of
-# the counts; the iteration count is read off one fit per point (ALS_ITERATION_CHECKPOINTS).
-# FM/DeepFM: learning rate and how the negatives from all photos are drawn; epochs come from
-# early stopping. EASE: its one L2 weight. The prior's weight is tuned apart, for every ranker.
-TUNING_GRIDS: dict[str, list[dict]] = {
-    "none": [{}],
-    "popularity": [{"per_keyword": False}]
-    + _product(per_keyword=[True], keyword_prior=[5.0, 20.0, 100.0], stats_strength=[0.0, 32.0]),
-    "als": _product(factors=[8, 16, 32, 64], regularization=[1.0, 10.0, 100.0], alpha=[1.0, 10.0]),
-    "fm": _product(learning_rate=[0.001, 0.003, 0.01], negative_sampling=["uniform", "popularity"]),
-    "deepfm": _product(
-        learning_rate=[0.001, 0.003, 0.01], negative_sampling=["uniform", "popularity"]
-    ),
-    "ease": _product(l2=[10.0, 50.0, 200.0, 1000.0]),
-    "item_knn": _product(shrink=[0.0, 10.0, 100.0], neighbours=[50, 200]),
-    "clip_profile": _product(half_life=[10.0, 50.0, 1000.0], ridge=[0.03, 0.1, 0.3, 1.0]),
-}
-ALS_ITERATION_CHECKPOINTS = (5, 10, 15, 25)
-# Grids tried even without ``tune``, being nearly free: whether popularity leans on the photos'
-# views and downloads, and how much (the stats prior's strength; 0 is the counts alone). The
-# served baseline is then the best of these on validation, the bar every ranker has to clear.
-ALWAYS_TUNED: dict[str, list[dict]] = {
-    "popularity": _product(stats_strength=[0.0, 8.0, 32.0, 128.0]),
-}
-
-
-@dataclass
-class Validation:
-    """The validation slice of one training run.
-
-    Attributes
-    ----------
-    catalogue:
-        The catalogue with the training conversions before the slice (what validation models
-        are fitted on).
-    tuning, selection:
-        The two disjoint parts of the slice's queries (module docstring).
-    skipped:
-        Why the slice cannot decide anything ("" when it can).
-    later:
-        The slice's conversions (time-sorted).
-    min_pair:
-        Conversions each query's pair has in the slice (at least).
-    """
-
-    catalogue: Catalogue
-    tuning: ValidationSet
-    selection: ValidationSet
-    skipped: str = ""
-    later: pd.DataFrame | None = None
-    min_pair: int = 1
-
-    @property
-    def usable(self) -> bool:
-        """Whether tuning and selection run on this slice."""
-        return not self.skipped
-
-    def summary(self) -> dict:
-        """Sizes for the manifest."""
-        return {
-            "fraction": VALIDATION_FRACTION,
-            "conversions": 0 if self.later is None else len(self.later),
-            "min_pair": self.min_pair,
-            "selection_min_pair": 1,
-            "tuning_queries": len(self.tuning),
-            "selection_queries": len(self.selection),
-            "skipped_pairs": self.tuning.n_skipped,
-            "selection_fingerprint": self.selection.fingerprint(),
-            **({"skipped": self.skipped} if self.skipped else {}),
-        }
-
-
-def prepare_validation(
-    catalogue: Catalogue,
-    candidates: CandidateLists,
-    fraction: float = VALIDATION_FRACTION,
-    max_queries: int | None = MAX_VALIDATION_QUERIES,
-    candidates_k: int = DEFAULT_CANDIDATES_K,
-    seed: int = 0,
-    min_pair: int = VALIDATION_MIN_PAIR,
-) -> Validation:
-    """Cut the validation slice off the end of ``catalogue.conversions`` and build its queries.
-
-    Parameters
-    ----------
-    catalogue:
-        The catalogue with the training conversions.
-    candidates:
-        The served retriever's candidates for the conversions' keywords.
-    fraction:
-        Share of the most recent conversions in the slice.
-    max_queries:
-        Queries drawn in all (seeded); None for every usable one.
-    candidates_k:
-        Candidates per query.
-    seed:
-        Seed of the draw and of the split into tuning and selection parts.
-    min_pair:
-        Conversions a pair needs in the slice (1 when fewer than enough pairs have them).
-    """
-    split = temporal_split(catalogue.conversions, fraction)
-    earlier = catalogue.with_conversions(split.earlier)
-
-    def build(pairs: int) -> ValidationSet:
-        return ValidationSet.build(
-            earlier,
-            split.later,
-            candidates,
-            candidates_k=candidates_k,
-            max_queries=max_queries,
-            seed=seed,
-            min_pair=pairs,
-        )
-
-    every = build(1)
-    for min_pair in dict.fromkeys((min_pair, 1)):
-        queries = every if min_pair == 1 else build(min_pair)
-        if len(queries) >= 2 * MIN_SELECTION_QUERIES:
-            break
-    # Tuning keeps pairs like the test queries (``min_pair`` conversions); the selection gets
-    # every other pair of the slice.
-    tuning, _ = queries.split(0.5, seed=seed)
-    selection = every.without(tuning)
-    skipped = ""
-    if min(len(tuning), len(selection)) < MIN_SELECTION_QUERIES:
-        skipped = (
-            f"the validation slice (last {fraction:.0%} of {len(catalogue.conversions)} "
-            f"training conversions) gives {len(every)} usable queries, fewer than the "
-            f"{2 * MIN_SELECTION_QUERIES} that tuning and a paired comparison need"
-        )
-    return Validation(earlier, tuning, selection, skipped, split.later, min_pair)
 
 
 @dataclass
@@ -242,138 +90,6 @@ class TrainingReport:
     skipped: dict[str, str] = field(default_factory=dict)
     validation: Validation | None = None
     validation_models: dict = field(default_factory=dict)
-
-
-def _fit_on_slice(
-    name: str,
-    params: dict,
-    validation: Validation,
-    candidates: CandidateLists,
-    embeddings: ImageEmbeddings | None,
-    show_progress: bool,
-):
-    """Fit ``name`` on the conversions before the slice (FM/DeepFM stop early on tuning)."""
-    ranker = create_ranker(name, **params)
-    extra = {"validation": validation.tuning} if name in ("fm", "deepfm") else {}
-    return ranker.fit(
-        validation.catalogue,
-        show_progress=show_progress,
-        candidates=candidates,
-        embeddings=embeddings,
-        **extra,
-    )
-
-
-def _final_params(name: str, ranker, params: dict) -> dict:
-    """The parameters of the fit on all conversions, from the validation model's choices."""
-    chosen = {**params}
-    if hasattr(ranker, "popularity_weight"):
-        chosen["popularity_weight"] = ranker.popularity_weight
-    if name in ("fm", "deepfm"):
-        chosen.update(epochs=max(1, ranker.best_epoch), validation_fraction=0.0)
-    return chosen
-
-
-def tune_prior_weight(ranker, validation: ValidationSet, weights=PRIOR_WEIGHTS) -> dict:
-    """Set ``ranker.popularity_weight`` to the best of ``weights`` on ``validation``.
-
-    Ties go to the smaller weight (the ranker's own order).
-
-    Returns
-    -------
-    dict
-        ``popularity_weight`` (the choice) and ``grid`` (each weight's NDCG@10).
-    """
-    tried = []
-    for weight in weights:
-        ranker.popularity_weight = float(weight)
-        ndcg = validation.ndcg(ranker)
-        tried.append({"popularity_weight": float(weight), "validation_ndcg": ndcg})
-    best = max(tried, key=lambda entry: entry["validation_ndcg"])
-    ranker.popularity_weight = best["popularity_weight"]
-    return {"popularity_weight": best["popularity_weight"], "grid": tried}
-
-
-def tune_ranker_report(
-    name: str,
-    validation: Validation,
-    candidates: CandidateLists,
-    embeddings: ImageEmbeddings | None = None,
-    grid: list[dict] | None = None,
-    show_progress: bool = False,
-) -> dict:
-    """Pick a ranker's hyper-parameters on the tuning part of the validation slice.
-
-    Every grid point is fitted on the conversions before the slice and scored by NDCG@10 on
-    ``validation.tuning``. ALS also picks its iteration count (scored at
-    :data:`ALS_ITERATION_CHECKPOINTS` during one fit); FM and DeepFM their epoch count (early
-    stopping on the same part).
-
-    Parameters
-    ----------
-    name:
-        A ranker name.
-    validation:
-        The slice (:func:`prepare_validation`).
-    candidates:
-        The served retriever's candidates for the conversions' keywords.
-    embeddings:
-        The catalogue's image embeddings, for rankers that use them.
-    grid:
-        Parameter sets to try; defaults to :data:`TUNING_GRIDS` ``[name]``.
-    show_progress:
-        Show training progress.
-
-    Returns
-    -------
-    dict
-        ``params`` (the best constructor parameters), ``validation_ndcg`` (its NDCG@10),
-        ``grid`` (every tried point with its figure), ``n_queries`` and, except for ALS,
-        ``model`` (the best point's fitted ranker).
-    """
-    if name not in RANKER_NAMES:
-        raise ValueError(f"unknown ranker {name!r}; valid names: {', '.join(RANKER_NAMES)}")
-    grid = TUNING_GRIDS[name] if grid is None else grid
-    tried: list[dict] = []
-    best_model, best_ndcg = None, -1.0
-    for params in grid:
-        start = time.perf_counter()
-        if name == "als":
-            tried += _tune_als_point(params, validation, show_progress)
-        else:
-            ranker = _fit_on_slice(name, params, validation, candidates, embeddings, show_progress)
-            ndcg = validation.tuning.ndcg(ranker)
-            tried.append({"params": dict(params), "validation_ndcg": ndcg})
-            if name in ("fm", "deepfm"):
-                tried[-1]["best_epoch"] = ranker.best_epoch
-            if ndcg > best_ndcg:
-                best_model, best_ndcg = ranker, ndcg
-        tried[-1]["fit_seconds"] = round(time.perf_counter() - start, 2)
-    best = max(tried, key=lambda entry: entry["validation_ndcg"])
-    report = {
-        "params": best["params"],
-        "validation_ndcg": best["validation_ndcg"],
-        "grid": tried,
-        "n_queries": len(validation.tuning),
-    }
-    if best_model is not None:
-        report["model"] = best_model
-    return report
-
-
-def _tune_als_point(params: dict, validation: Validation, show_progress: bool) -> list[dict]:
-    """Fit ALS once and score it at each iteration checkpoint."""
-    checkpoints = [n for n in ALS_ITERATION_CHECKPOINTS if n <= params.get("iterations", 10**9)]
-    ranker = create_ranker("als", **{**params, "iterations": max(checkpoints)})
-    scored = []
-
-    def on_iteration(done: int) -> None:
-        if done in checkpoints:
-            ndcg = validation.tuning.ndcg(ranker)
-            scored.append({"params": {**params, "iterations": done}, "validation_ndcg": ndcg})
-
-    ranker.fit(validation.catalogue, show_progress=show_progress, iteration_callback=on_iteration)
-    return scored
 
 
 def train_rankers(
@@ -469,7 +185,7 @@ def train_rankers(
             # The served configuration is chosen among validation models: the baselines always
             # have one, also when they were kept from an earlier set.
             if name not in report.validation_models:
-                model = _fit_on_slice(name, {}, validation, candidates, embeddings, False)
+                model = fit_on_slice(name, {}, validation, candidates, embeddings, False)
                 report.validation_models[name] = model
                 per_query.setdefault(name, validation.selection.per_query_ndcg(model))
         report.selection = select_default(per_query)
@@ -558,10 +274,10 @@ def _train_one(
                 "grid": tuning["grid"],
             }
         if model is None:
-            model = _fit_on_slice(name, params, validation, candidates, embeddings, show_progress)
+            model = fit_on_slice(name, params, validation, candidates, embeddings, show_progress)
         if hasattr(model, "popularity_weight"):
             entry["prior_weight"] = tune_prior_weight(model, validation.tuning)
-        params = _final_params(name, model, params)
+        params = final_params(name, model, params)
         scores = validation.selection.per_query_ndcg(model)
         entry["validation_ndcg"] = round(float(scores.mean()), 5)
     fit_start = time.perf_counter()
@@ -625,7 +341,7 @@ def _kept_scores(
     params = copy.deepcopy(getattr(loaded, "params", {}))
     if name in ("fm", "deepfm"):
         params.update(validation_fraction=0.0)
-    model = _fit_on_slice(name, params, validation, candidates, embeddings, False)
+    model = fit_on_slice(name, params, validation, candidates, embeddings, False)
     return validation.selection.per_query_ndcg(model)
 
 

@@ -12,7 +12,8 @@ from typing import Any
 
 import numpy as np
 
-from retrieval_service.embedding import EmbeddingShardWriter, clip_identity, load_image
+from retrieval_service.embedding import clip_identity, load_image
+from retrieval_service.embedding_sets import EmbeddingShardWriter
 
 INSTALL_HINT = (
     "install the extra with `pip install '.[ray]'` in the imgsearch checkout "
@@ -165,7 +166,7 @@ def embed_catalogue_on_ray(
     The photo list becomes a dataset; tasks read and preprocess the files (a fraction of a
     CPU each), a fixed pool of ``workers`` actors runs the image tower (one model per actor),
     and the driver writes what comes back into ``out_dir`` (see
-    :class:`~retrieval_service.embedding.EmbeddingShardWriter`), which ``imgsearch build
+    :class:`~retrieval_service.embedding_sets.EmbeddingShardWriter`), which ``imgsearch build
     --embeddings`` reads. The same call runs on a local Ray (``address=None``) and on a
     cluster; there every node must see the catalogue's ``images/`` at the same path.
 

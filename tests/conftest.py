@@ -233,6 +233,8 @@ SLOW_MODULES = {
 }
 # Single long tests in otherwise quick modules, by name (parametrized ids included).
 SLOW_TESTS = {
+    "test_filter_pieces.py::test_filtered_vector_search_returns_min_k_allowed_photos",
+    "test_filter_pieces.py::test_dominant_colours_are_computed_from_images_without_a_colors_table",
     "test_evaluation.py::test_models_are_fitted_on_the_training_part_only",
     "test_admission.py::test_a_deadline_the_stage_cannot_meet_is_refused_without_running",
     "test_deletion.py::test_a_retraining_leaves_out_a_deleted_users_events_from_the_catalogue",
@@ -241,7 +243,7 @@ SLOW_TESTS = {
     "test_serving.py::test_ranking_down_degrades_to_retrieval_order_then_recovers",
     "test_serving.py::test_saturated_gateway_sheds_load_with_resource_exhausted",
     "test_ranking_faults.py::test_tight_client_deadlines_do_not_open_the_breaker",
-    "test_metrics.py::test_cores_busy_elsewhere_leaves_this_process_out",
+    "test_ranking_metrics.py::test_cores_busy_elsewhere_leaves_this_process_out",
     "test_ranking_faults.py::test_a_ranking_timeout_with_its_full_budget_opens_the_breaker",
     "test_ranking_faults.py::test_half_open_breaker_lets_exactly_one_probe_through",
     "test_access_control.py::test_refused_calls_to_invented_methods_add_no_metric_series",

@@ -83,10 +83,28 @@ def test_bench_suite_reports_the_chain_against_imgsearch(artifact_root, tmp_path
     chain_total = floor["chain"]["server_cpu_ms_per_search"]["total"]
     imgsearch_total = floor["imgsearch"]["server_cpu_ms_per_search"]["total"]
     assert ratio == pytest.approx(imgsearch_total / chain_total, abs=0.01)
+    # The chain once more, open loop at the rate imgsearch reached: the same-rate ratio.
+    at_rate = floor["chain_at_imgsearch_rate"]
+    assert at_rate["error_count"] == 0 and at_rate["completed"] > 0
+    assert len(at_rate["rounds"]) == 1
+    at_rate_total = at_rate["server_cpu_ms_per_search"]["total"]
+    assert at_rate_total > 0
+    assert floor["cpu_ratio_at_same_rate"] == pytest.approx(
+        imgsearch_total / at_rate_total, abs=0.01
+    )
     markdown = (out / "bench.md").read_text()
     assert "| bare chain |" in markdown and "| imgsearch / chain |" in markdown
+    assert "| bare chain, open loop at imgsearch's QPS |" in markdown
 
 
 @pytest.fixture(scope="module")
 def queries(artifact_root):
     return bench.sample_queries(artifact_root, n=50, seed=1)
+
+
+def test_a_results_page_of_one_section_is_titled_after_it():
+    from imgsearch_tools.bench.report import page_title
+
+    assert page_title("floor").startswith("The gRPC floor")
+    assert page_title("json-door") == "The JSON door against gRPC"
+    assert page_title("") == page_title("floor,json-door") == "Serving benchmark"

@@ -24,6 +24,7 @@ from retrieval_service.clip_model import (  # noqa: E402
     save_clip,
 )
 from retrieval_service.embedding import embed_catalogue, load_embeddings, partial_path  # noqa: E402
+from retrieval_service.onnx_export import export_text_onnx  # noqa: E402
 from retrieval_service.quantization import (  # noqa: E402
     count_quantized_linears,
     quantize_text_encoder,
@@ -38,7 +39,6 @@ from retrieval_service.text_encoder import (  # noqa: E402
     OnnxTextEncoder,
     TorchTextEncoder,
     causal_text_tower,
-    export_text_onnx,
 )
 
 COLOURS = {"red": (220, 30, 30), "blue": (30, 80, 240), "yellow": (255, 225, 0)}
@@ -300,7 +300,7 @@ def test_positives_match_keyword_subsets():
 
 
 def test_heldout_figures_on_perfect_embeddings():
-    from retrieval_service.clip_training import heldout_figures
+    from retrieval_service.clip_heldout import heldout_figures
 
     class OneHot:
         words = ["red", "blue", "circle", "square"]
@@ -324,8 +324,9 @@ def test_heldout_figures_on_perfect_embeddings():
 
 
 def test_build_clip_artifacts_and_load_retrievers(tmp_path, catalogue):
-    from retrieval_service.clip_training import build_clip_artifacts, load_clip_retrievers
+    from retrieval_service.clip_artifacts import build_clip_artifacts
     from retrieval_service.keyword_index import KeywordIndex
+    from retrieval_service.semantic import load_clip_retrievers
 
     figures = build_clip_artifacts(catalogue, tmp_path, None, train_steps=2, show_progress=False)
     for path in (CLIP_DIR + "/clip.json", EMBEDDINGS, VECTOR_INDEX, "vector.json"):
@@ -333,6 +334,7 @@ def test_build_clip_artifacts_and_load_retrievers(tmp_path, catalogue):
     assert figures["embedding"]["embedded"] == 46
     assert figures["vector_index"]["factory"] == "Flat"
     assert figures["vector_index"]["recall@10_vs_exact"] == 1.0
+    assert figures["vector_index"]["calibration"]["parameter"] is None  # exact: nothing to tune
     gate = figures["text_runtime"]
     assert [c["runtime"] for c in gate["candidates"]] == list(RUNTIMES)
     assert gate["queries"] > 0 and gate["runtime"] in RUNTIMES
@@ -361,8 +363,30 @@ def test_build_clip_artifacts_and_load_retrievers(tmp_path, catalogue):
     assert load_clip_retrievers(tmp_path / "nothing", keyword) == {}
 
 
+def test_an_hnsw_index_is_built_with_the_search_effort_calibrated_on_held_out_queries(
+    tmp_path, catalogue
+):
+    from retrieval_service.clip_artifacts import build_clip_artifacts
+    from retrieval_service.index_calibration import EF_SEARCH_STEPS, TARGET_RECALL
+    from retrieval_service.vector_index import VectorIndex
+
+    figures = build_clip_artifacts(
+        catalogue, tmp_path, None, factory="HNSW32", train_steps=2, show_progress=False
+    )
+    calibration = figures["vector_index"]["calibration"]
+    assert calibration["parameter"] == "efSearch" and calibration["value"] in EF_SEARCH_STEPS
+    assert set(calibration["queries"]) == {"keyword", "held-out"}
+    assert calibration["queries"]["keyword"] == 4  # half of the 8 keywords; the others measure
+    assert set(calibration["unseen_by_family"]) == {"keyword", "held-out"}
+    assert calibration["reached"] == (calibration["recall"] >= TARGET_RECALL)
+    assert figures["vector_index"]["params"] == {"efSearch": calibration["value"]}
+    photo_idx, _ = load_embeddings(tmp_path / EMBEDDINGS)
+    served = VectorIndex.load(tmp_path / VECTOR_INDEX, row_to_photo_idx=photo_idx)
+    assert served.index.hnsw.efSearch == calibration["value"]
+
+
 def test_build_skips_a_catalogue_without_images(tmp_path, catalogue):
-    from retrieval_service.clip_training import build_clip_artifacts
+    from retrieval_service.clip_artifacts import build_clip_artifacts
 
     no_images = Catalogue(
         photos=catalogue.photos.assign(has_image=False),
@@ -376,7 +400,7 @@ def test_build_skips_a_catalogue_without_images(tmp_path, catalogue):
 
 
 def test_bench_clip_small(tmp_path):
-    from imgsearch_tools.clip_commands import bench_clip, format_bench
+    from imgsearch_tools.bench.clip_components import bench_clip, format_bench
 
     figures = bench_clip(demo_n=300, synthetic_n=400, synthetic_dim=16, n_queries=5, k=10)
     assert set(figures["text_encode"]) == {"fp32", "int8"}
@@ -387,7 +411,7 @@ def test_bench_clip_small(tmp_path):
 
 
 def test_known_queries_are_the_photos_keywords_and_what_users_searched(catalogue):
-    from retrieval_service.clip_training import heldout_queries, keyword_vocabulary
+    from retrieval_service.clip_artifacts import heldout_queries, keyword_vocabulary
 
     searched = pd.DataFrame({"keyword": ["Red  Circle"] * 300 + ["night", ""]})
     vocabulary = keyword_vocabulary(catalogue.with_conversions(searched))

@@ -11,7 +11,19 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from imgsearch_tools.demo_data import COLOUR_RGB, COLOURS, SCENE_RGB, SCENES, SHAPES
+from imgsearch_tools.demo_data import (
+    COLOUR_RGB,
+    COLOURS,
+    SCENE_RGB,
+    SCENES,
+    SHAPES,
+    conversions,
+    folder,
+)
+from imgsearch_tools.demo_data import commands as demo_data_commands
+from imgsearch_tools.demo_data import (
+    photos as demo_photos,
+)
 from imgsearch_tools.demo_data import tables as demo_data
 
 SMALL = dict(n_photos=200, n_users=50, n_conversions=2000, show_progress=False)
@@ -36,7 +48,7 @@ def read_table(data_dir: Path, name: str) -> pd.DataFrame:
 
 @pytest.fixture(scope="module")
 def tables(catalogue_dir) -> dict[str, pd.DataFrame]:
-    return {name: read_table(catalogue_dir, name) for name in demo_data.TABLE_NAMES}
+    return {name: read_table(catalogue_dir, name) for name in folder.TABLE_NAMES}
 
 
 @pytest.fixture(scope="module")
@@ -73,11 +85,11 @@ def test_layout_headers_and_shards(catalogue_dir, tables):
         "photos.tsv001",
     ]
     expected = {
-        "photos": demo_data.PHOTO_COLUMNS,
-        "keywords": demo_data.KEYWORD_COLUMNS,
-        "conversions": demo_data.CONVERSION_COLUMNS,
-        "colors": demo_data.COLOR_COLUMNS,
-        "labels": demo_data.LABEL_COLUMNS,
+        "photos": demo_photos.PHOTO_COLUMNS,
+        "keywords": demo_photos.KEYWORD_COLUMNS,
+        "conversions": conversions.CONVERSION_COLUMNS,
+        "colors": demo_photos.COLOR_COLUMNS,
+        "labels": demo_photos.LABEL_COLUMNS,
     }
     for path in catalogue_dir.glob("*.tsv*"):
         header = path.read_text().split("\n", 1)[0].split("\t")
@@ -291,7 +303,7 @@ def test_taste_beats_popularity_beats_random(tables, true_tags):
 
 def test_cli_writes_a_catalogue(tmp_path, capsys):
     parser = argparse.ArgumentParser(prog="imgsearch")
-    demo_data.add_commands(parser.add_subparsers(dest="command"))
+    demo_data_commands.add_commands(parser.add_subparsers(dest="command"))
     argv = ["demo-data", str(tmp_path), "--photos", "30", "--users", "5", "--conversions", "40"]
     args = parser.parse_args(argv + ["--seed", "2", "--image-size", "24", "--quiet"])
     assert args.handler(args) == 0

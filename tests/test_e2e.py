@@ -268,3 +268,39 @@ def test_search_results_as_an_html_page(stack, tmp_path):
     assert response.results[1].photo.url in page  # linked when not on disk
     for result in response.results:
         assert result.photo_id in page
+
+
+def test_rank_puts_unknown_candidates_last_in_retrieval_order(stack, catalogue):
+    from imgsearch.ranking.v1 import ranking_service_pb2_grpc as rank_grpc
+
+    user = active_user(catalogue)
+    known = list(catalogue.photos["photo_id"].iloc[:6])
+    mixed = [known[0], "no-such-a", known[1], known[2], "no-such-b", *known[3:]]
+    scores = [float(len(mixed) - i) for i in range(len(mixed))]
+    with grpc.insecure_channel(f"127.0.0.1:{stack.ranking.port}") as channel:
+        stub = rank_grpc.RankingServiceStub(channel)
+        for ranker in (rank_pb.RANKER_NONE, rank_pb.RANKER_POPULARITY, rank_pb.RANKER_ALS):
+            request = rank_pb.RankRequest(
+                user_id=user,
+                keyword="red",
+                candidate_photo_ids=mixed,
+                retrieval_scores=scores,
+                k=len(mixed),
+                ranker=ranker,
+            )
+            every = stub.Rank(request, timeout=10)
+            ids = [r.photo_id for r in every.results]
+            assert sorted(ids[:6]) == sorted(known) and ids[6:] == ["no-such-a", "no-such-b"]
+            assert [r.score for r in every.results] == sorted(
+                (r.score for r in every.results), reverse=True
+            )
+            assert "2 unknown photo id(s) ranked last" in every.fallback_reason
+            # The known candidates alone come back in the same order, with no note.
+            request.ClearField("candidate_photo_ids")
+            request.ClearField("retrieval_scores")
+            request.candidate_photo_ids.extend(p for p in mixed if p in known)
+            request.retrieval_scores.extend(s for p, s in zip(mixed, scores) if p in known)
+            request.k = len(known)
+            alone = stub.Rank(request, timeout=10)
+            assert [r.photo_id for r in alone.results] == ids[:6]
+            assert "unknown photo" not in alone.fallback_reason

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from imgsearch.protocol import temporal_split
+from imgsearch.evaluation_protocol import temporal_split
 from imgsearch.unsplash import read_unsplash
 from imgsearch_tools.cli import main as cli_main
 from imgsearch_tools.demo_data import generate

@@ -10,6 +10,7 @@ import pytest
 from packaging.requirements import Requirement
 from packaging.version import Version
 
+from imgsearch_tools import lock_pythons
 from imgsearch_tools.lockfiles import parse_blocks, without
 
 REPO = Path(__file__).resolve().parents[1]
@@ -70,6 +71,8 @@ def test_ci_and_the_image_install_from_the_locks_with_hashes():
     assert "--require-hashes -r requirements/dev.txt" in makefile
     assert "--no-deps -e ." in makefile
     assert re.search(r"^lock:", makefile, re.MULTILINE)
+    # make lock checks that the 3.11 resolution installs as locked on the newer Pythons.
+    assert "imgsearch_tools.lock_pythons requirements/dev.txt" in makefile
     dockerfile = (REPO / "Dockerfile").read_text()
     assert "--require-hashes -r requirements/image.txt" in dockerfile
     assert "--no-deps '.[postgres]'" in dockerfile
@@ -107,3 +110,18 @@ def test_without_drops_only_the_cuda_stack_that_nothing_else_needs():
     _, blocks, _ = parse_blocks(without(text))
     # torch's plain dependencies stay pinned; its CUDA stack goes with it.
     assert set(blocks) == {"filelock", "huggingface-hub", "sympy"}
+
+
+def test_a_lock_checked_on_another_python_names_each_package_it_changes():
+    locked = lock_pythons.pins(
+        "# header\nnumpy==2.4.6 \\\n    --hash=sha256:aa\n    # via imgsearch\n"
+        "tomli==2.0 \\\n    --hash=sha256:bb\nscipy==1.17.1 \\\n    --hash=sha256:cc\n"
+    )
+    assert locked == {"numpy": "numpy==2.4.6", "tomli": "tomli==2.0", "scipy": "scipy==1.17.1"}
+    resolved = lock_pythons.pins("numpy==2.4.6\n    # via imgsearch\nscipy==1.18.1\nzipp==3\n")
+    assert lock_pythons.differences(locked, locked) == []
+    assert lock_pythons.differences(locked, resolved) == [
+        "scipy==1.17.1 resolves to scipy==1.18.1 there",
+        "tomli==2.0 is not installed there (a marker drops it)",
+        "zipp==3 is added there (a marker adds it)",
+    ]

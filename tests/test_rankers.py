@@ -10,8 +10,8 @@ import pytest
 
 from imgsearch.candidates import CandidateLists
 from imgsearch.catalogue import Catalogue
+from imgsearch.evaluation_protocol import temporal_split
 from imgsearch.image_embeddings import ImageEmbeddings
-from imgsearch.protocol import temporal_split
 from ranking_service.rankers import RANKER_NAMES, create_ranker, load_ranker
 from ranking_service.rankers.base import RankQuery
 from ranking_service.rankers.validation import ValidationSet
@@ -636,7 +636,9 @@ def test_fm_needs_candidate_lists_for_its_keyword_negatives(split):
 
 
 def test_training_tunes_on_validation_and_writes_a_loadable_artifact(split, catalogue, tmp_path):
-    from ranking_service.training import prepare_validation, train_rankers, tune_ranker_report
+    from ranking_service.training import train_rankers
+    from ranking_service.tuning import tune_ranker_report
+    from ranking_service.validation_slice import prepare_validation
 
     train_catalogue, test = split
     candidates = served(train_catalogue)
@@ -665,7 +667,7 @@ def test_training_tunes_on_validation_and_writes_a_loadable_artifact(split, cata
     assert 0.0 < validation_set.ndcg(als) <= 1.0
     # Popularity's stats prior is chosen on validation even untuned, and ALS's query prior is
     # that validated popularity.
-    from ranking_service.training import ALWAYS_TUNED
+    from ranking_service.tuning import ALWAYS_TUNED
 
     grid = trained.rankers["popularity"]["tuning"]["grid"]
     assert [point["params"] for point in grid] == ALWAYS_TUNED["popularity"]
@@ -676,12 +678,9 @@ def test_training_tunes_on_validation_and_writes_a_loadable_artifact(split, cata
 
 
 def test_the_prior_is_validated_without_the_popularity_ranker(split, tmp_path):
-    from ranking_service.training import (
-        ALWAYS_TUNED,
-        prepare_validation,
-        train_rankers,
-        tune_ranker_report,
-    )
+    from ranking_service.training import train_rankers
+    from ranking_service.tuning import ALWAYS_TUNED, tune_ranker_report
+    from ranking_service.validation_slice import prepare_validation
 
     candidates = served(split[0])
     trained = train_rankers(split[0], ["item_knn"], tmp_path, candidates, show_progress=False)

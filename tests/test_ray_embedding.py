@@ -14,14 +14,16 @@ torch = pytest.importorskip("torch")
 from imgsearch.artifacts import EMBEDDINGS  # noqa: E402
 from retrieval_service.clip_model import ClipSpec, load_clip, save_clip  # noqa: E402
 from retrieval_service.embedding import (  # noqa: E402
+    clip_identity,
+    embed_catalogue,
+    load_embeddings,
+)
+from retrieval_service.embedding_sets import (  # noqa: E402
     EMBEDDING_SET_JSON,
     EmbeddingMismatch,
     EmbeddingShardWriter,
     PrecomputedEmbeddings,
-    clip_identity,
-    embed_catalogue,
     import_embeddings,
-    load_embeddings,
 )
 from retrieval_service.ray_embedding import RayUnavailable, import_ray  # noqa: E402
 

@@ -17,6 +17,7 @@ from retrieval_service.clip_model import (  # noqa: E402
     save_clip,
     update_clip_json,
 )
+from retrieval_service.onnx_export import export_text_onnx  # noqa: E402
 from retrieval_service.text_encoder import (  # noqa: E402
     ONNX_FP32,
     ONNX_INT8,
@@ -26,7 +27,6 @@ from retrieval_service.text_encoder import (  # noqa: E402
     OnnxTextEncoder,
     TorchTextEncoder,
     causal_text_tower,
-    export_text_onnx,
     load_text_encoder,
     real_token_inputs,
 )

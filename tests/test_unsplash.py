@@ -17,7 +17,8 @@ from imgsearch.catalogue import (
     USER_COLUMNS,
     Catalogue,
 )
-from imgsearch.unsplash import DataError, DataReport, read_unsplash
+from imgsearch.data_report import DataError, DataReport
+from imgsearch.unsplash import read_unsplash
 
 PHOTO_HEADER = [
     "photo_id",

@@ -8,7 +8,8 @@
 #   deploy/container/debian-base.sh trixie localhost/imgsearch-base:trixie       # Python 3.13
 #
 # The image holds python3 (as `python` too), venv, pip's CA certificates and the packages named;
-# an image already tagged TAG is kept (IMAGE_BASE_REBUILD=1 makes it again).
+# an image already tagged TAG with the same package list (its label imgsearch.packages) is kept
+# (IMAGE_BASE_REBUILD=1 makes it again).
 # Environment: CONTAINER_ENGINE (podman or docker; default: whichever is installed),
 # DEBIAN_MIRROR (default http://deb.debian.org/debian).
 set -euo pipefail
@@ -22,8 +23,13 @@ here=$(dirname "$0")
 . "$here/engine.sh"
 
 if [ "${IMAGE_BASE_REBUILD:-0}" != 1 ] && $ENGINE image inspect "$tag" >/dev/null 2>&1; then
-    echo "[base] $tag exists (IMAGE_BASE_REBUILD=1 to make it again)"
-    exit 0
+    made_with=$($ENGINE image inspect --format '{{ index .Config.Labels "imgsearch.packages" }}' \
+        "$tag" 2>/dev/null || true)
+    if [ "$made_with" = "$packages" ]; then
+        echo "[base] $tag exists (IMAGE_BASE_REBUILD=1 to make it again)"
+        exit 0
+    fi
+    echo "[base] $tag was made with other packages (${made_with:-not recorded}): making it again"
 fi
 if ! command -v mmdebstrap >/dev/null; then
     echo "error: mmdebstrap is needed to make the Debian base image $tag" >&2
@@ -42,6 +48,7 @@ mmdebstrap --variant=minbase --format=tar --quiet \
     "deb ${mirror%/debian}/debian-security $suite-security main" |
     $ENGINE import \
         --change 'ENV LANG=C.UTF-8' \
+        --change "LABEL imgsearch.packages=$packages" \
         --change 'CMD ["python3"]' \
         - "$tag"
 echo "[base] $tag: $($ENGINE run --rm "${ENGINE_RUN_FLAGS[@]}" "$tag" python3 --version 2>&1)"

@@ -14,7 +14,7 @@ import pandas as pd
 from imgsearch.catalogue import CONVERSION_COLUMNS, USER_COLUMNS, Catalogue
 from imgsearch.conversion_store import ConversionEvent
 from imgsearch.files import open_temporary
-from imgsearch.unsplash import CONVERSIONS_LAYOUT
+from imgsearch.unsplash_layout import CONVERSIONS_LAYOUT
 
 # The Unsplash Lite conversions columns, then the idempotency key.
 EXPORT_COLUMNS = (*CONVERSIONS_LAYOUT, "event_id")

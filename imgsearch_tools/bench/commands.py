@@ -14,7 +14,7 @@ from imgsearch.names import RANKER_CHOICES, RETRIEVER_CHOICES
 from imgsearch_tools.bench.json_door import NAME as JSON_DOOR
 from imgsearch_tools.bench.json_door import json_door_scenario
 from imgsearch_tools.bench.processes import ServiceProcesses
-from imgsearch_tools.bench.report import render_markdown
+from imgsearch_tools.bench.report import page_title, render_markdown
 from imgsearch_tools.bench.scenarios import (
     CANDIDATES_K,
     K,
@@ -601,7 +601,7 @@ async def run_suite(args, artifact_set, out: Path) -> int:
 
         write_results_page(
             args.results_page,
-            "Serving benchmark",
+            page_title(args.only),
             report["machine"]["command"],
             markdown,
         )

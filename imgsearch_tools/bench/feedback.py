@@ -16,7 +16,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from imgsearch.feedback.v1 import feedback_service_pb2 as pb
 from imgsearch.feedback.v1 import feedback_service_pb2_grpc as pb_grpc
-from imgsearch.metrics import percentiles_ms
+from imgsearch.ranking_metrics import percentiles_ms
 
 
 @dataclass(frozen=True)

@@ -171,18 +171,22 @@ def measure_recall(pieces, selectivities, n_queries: int, seed: int) -> list[dic
     for kind in KINDS:
         for share in selectivities:
             recalls, complete, matched, mask_ms, search_ms, plain_ms, paths = ([] for _ in range(7))
+            # CPU time too: on a shared box, wall time mostly measures the other processes.
+            search_cpu_ms, plain_cpu_ms = [], []
             for query in queries[kind]:
                 embedding = known.get(query)
                 photo_filter = filter_for(kind, attributes, query, share, rng)
                 start = time.perf_counter()
                 allowed = attributes.mask(photo_filter)
-                middle = time.perf_counter()
+                middle, middle_cpu = time.perf_counter(), time.process_time()
                 _, found, how = search_allowed(index, embedding, CANDIDATES_K, allowed)
-                end = time.perf_counter()
+                end, end_cpu = time.perf_counter(), time.process_time()
                 index.search(embedding[None, :], CANDIDATES_K)
                 plain_ms.append((time.perf_counter() - end) * 1000)
+                plain_cpu_ms.append((time.process_time() - end_cpu) * 1000)
                 mask_ms.append((middle - start) * 1000)
                 search_ms.append((end - middle) * 1000)
+                search_cpu_ms.append((end_cpu - middle_cpu) * 1000)
                 paths.append(how.path)
                 allowed_rows = allowed[photo_idx]
                 n_allowed = int(allowed_rows.sum())
@@ -204,6 +208,8 @@ def measure_recall(pieces, selectivities, n_queries: int, seed: int) -> list[dic
                     "mask_ms": _percentiles(mask_ms),
                     "search_ms": _percentiles(search_ms),
                     "unfiltered_search_ms": _percentiles(plain_ms),
+                    "search_cpu_ms_mean": round(float(np.mean(search_cpu_ms)), 3),
+                    "unfiltered_search_cpu_ms_mean": round(float(np.mean(plain_cpu_ms)), 3),
                     "paths": {p: paths.count(p) for p in sorted(set(paths))},
                 }
             )
@@ -223,17 +229,30 @@ def _row_line(row: dict) -> str:
         f"{row['kind']:<16} {row['selectivity']:>6g}  recall@10 {row['recall_at_10']}  "
         f"complete {row['complete_share']}  search p50/p99 {row['search_ms']['p50']}/"
         f"{row['search_ms']['p99']} ms (unfiltered {row['unfiltered_search_ms']['p50']}/"
-        f"{row['unfiltered_search_ms']['p99']})  mask p50 {row['mask_ms']['p50']} ms  "
-        f"{row['paths']}"
+        f"{row['unfiltered_search_ms']['p99']}), CPU mean {row['search_cpu_ms_mean']} "
+        f"(unfiltered {row['unfiltered_search_cpu_ms_mean']}) ms  "
+        f"mask p50 {row['mask_ms']['p50']} ms  {row['paths']}"
     )
 
 
 # --------------------------------------------------------------------------------- served
 async def served_overhead(
-    target: str, set_dir, attributes, args, security=None, share: float | None = None
+    target: str,
+    set_dir,
+    attributes,
+    args,
+    security=None,
+    share: float | None = None,
+    services=None,
 ) -> dict:
-    """Hybrid + ALS at ``args.qps``: unfiltered and filtered rounds, alternating."""
+    """Hybrid + ALS at ``args.qps``: unfiltered and filtered rounds, alternating.
+
+    With ``services`` (the :class:`~imgsearch_tools.bench.processes.ServiceProcesses` serving
+    ``target``), each round also records the servers' CPU time per search, which other work on
+    the machine hardly moves, unlike latency.
+    """
     from imgsearch_tools.bench import load as bench
+    from imgsearch_tools.bench.processes import LOADGEN, CpuMeter
 
     share = share if share is not None else min(float(s) for s in _selectivities(args))
     plain = bench.sample_queries(set_dir, n=2000, seed=args.seed)
@@ -254,7 +273,9 @@ async def served_overhead(
     runs = []
     for round_number in range(args.rounds):
         for label, queries in (("unfiltered", plain), (f"filter {share:g}", filtered)):
-            result = await bench.run_load(spec, queries, security=security)
+            meter = CpuMeter(services) if services is not None else None
+            start = meter.start if meter is not None else None
+            result = await bench.run_load(spec, queries, on_measure_start=start, security=security)
             latency = result["latency_ms"]
             runs.append(
                 {
@@ -267,6 +288,12 @@ async def served_overhead(
                     "p99_ms": latency["p99"],
                 }
             )
+            if meter is not None:
+                meter.record(result)
+                per_search = result["cpu_ms_per_search"]
+                server = per_search["total"] - per_search.get(LOADGEN, 0.0)
+                runs[-1]["server_cpu_ms_per_search"] = round(server, 3)
+                runs[-1]["other_processes_cores"] = result.get("other_processes_cores")
             say(f"served round {round_number} {label}: {runs[-1]}")
 
     def median(label, key):
@@ -285,6 +312,17 @@ async def served_overhead(
         "added_p99_ms": round(
             median(f"filter {share:g}", "p99_ms") - median("unfiltered", "p99_ms"), 3
         ),
+        **(
+            {
+                "added_server_cpu_ms": round(
+                    median(f"filter {share:g}", "server_cpu_ms_per_search")
+                    - median("unfiltered", "server_cpu_ms_per_search"),
+                    3,
+                )
+            }
+            if services is not None
+            else {}
+        ),
     }
 
 
@@ -302,12 +340,13 @@ def render_markdown(report: dict) -> str:
         "## Filtered retrieval",
         "",
         f"Set {report['artifacts']['version']} ({report['artifacts']['photos']:,} photos, "
-        f"index {report['artifacts']['factory']}), k = {K} of {CANDIDATES_K} candidates, "
-        f"commit {report.get('commit') or '?'}.",
+        f"index {report['artifacts']['factory']} {report['artifacts']['params']}), k = {K} of "
+        f"{CANDIDATES_K} candidates, commit {report.get('commit') or '?'}.",
         "",
+        *_calibration_lines(report["artifacts"].get("calibration")),
         "| filter | selectivity | matched | recall@10 | min | complete | search p50 / p99 ms "
-        "| unfiltered p50 / p99 ms | mask p50 ms | paths |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| unfiltered p50 / p99 ms | search CPU ms (unfiltered) | mask p50 ms | paths |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in report["recall"]:
         lines.append(
@@ -315,6 +354,7 @@ def render_markdown(report: dict) -> str:
             f"{row['recall_at_10']} | {row['recall_at_10_min']} | {row['complete_share']} | "
             f"{row['search_ms']['p50']} / {row['search_ms']['p99']} | "
             f"{row['unfiltered_search_ms']['p50']} / {row['unfiltered_search_ms']['p99']} | "
+            f"{row['search_cpu_ms_mean']} ({row['unfiltered_search_cpu_ms_mean']}) | "
             f"{row['mask_ms']['p50']} | "
             + ", ".join(f"{p} {n}" for p, n in row["paths"].items())
             + " |"
@@ -326,20 +366,39 @@ def render_markdown(report: dict) -> str:
             f"Served: {served['retriever']} + {served['ranker']}, open loop {served['qps']:g} "
             f"qps, filter {served['filter']} at {served['selectivity']:g}.",
             "",
-            "| round | requests | achieved qps | errors | degraded | p50 ms | p99 ms |",
-            "|---|---|---|---|---|---|---|",
+            "| round | requests | achieved qps | errors | degraded | p50 ms | p99 ms "
+            "| server CPU ms per search | other processes' cores |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
         for run in served["runs"]:
             lines.append(
                 f"| {run['round']} | {run['label']} | {run['achieved_qps']} | {run['errors']} | "
-                f"{run['degraded']} | {run['p50_ms']} | {run['p99_ms']} |"
+                f"{run['degraded']} | {run['p50_ms']} | {run['p99_ms']} | "
+                f"{run.get('server_cpu_ms_per_search', '-')} | "
+                f"{run.get('other_processes_cores', '-')} |"
             )
+        cpu = served.get("added_server_cpu_ms")
         lines += [
             "",
             f"Added by the filter (medians over rounds): p50 {served['added_p50_ms']} ms, "
-            f"p99 {served['added_p99_ms']} ms.",
+            f"p99 {served['added_p99_ms']} ms"
+            + (f", server CPU per search {cpu} ms." if cpu is not None else "."),
         ]
     return "\n".join(lines) + "\n"
+
+
+def _calibration_lines(calibration: dict | None) -> list[str]:
+    """The index's search effort as the build calibrated it (sets before that record none)."""
+    if not calibration or not calibration.get("parameter"):
+        return []
+    tried = ", ".join(f"{t['value']}: {t['recall']}" for t in calibration["tried"])
+    return [
+        f"{calibration['parameter']} {calibration['value']} calibrated at build for recall@"
+        f"{calibration['k']} >= {calibration['target']} on every query family "
+        f"({'reached' if calibration['reached'] else 'not reached'}; tried {tried}; the other "
+        f"halves {calibration['unseen_by_family']}).",
+        "",
+    ]
 
 
 def filters_report(pieces, args, commit: str = "") -> dict:
@@ -353,6 +412,9 @@ def filters_report(pieces, args, commit: str = "") -> dict:
             "photos": pieces[4].n_photos,
             "factory": index.factory,
             "params": index.params,
+            "calibration": artifact_set.manifest.get("clip", {})
+            .get("vector_index", {})
+            .get("calibration"),
         },
         "settings": {"k": K, "candidates_k": CANDIDATES_K, "queries": args.queries},
         "recall": measure_recall(pieces, _selectivities(args), args.queries, args.seed),
@@ -383,7 +445,13 @@ def cmd_bench_filters(args) -> int:
             say("starting retrieval, ranking, gateway")
             services.start_all()
             report["served"] = asyncio.run(
-                served_overhead(services.address("gateway"), artifact_set.path, pieces[4], args)
+                served_overhead(
+                    services.address("gateway"),
+                    artifact_set.path,
+                    pieces[4],
+                    args,
+                    services=services,
+                )
             )
         finally:
             services.stop_all()

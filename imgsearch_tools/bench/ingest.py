@@ -27,7 +27,7 @@ import pandas as pd
 
 from imgsearch.catalog.v1 import catalog_service_pb2 as cat_pb
 from imgsearch.catalog.v1 import catalog_service_pb2_grpc as cat_grpc
-from imgsearch.metrics import percentiles_ms
+from imgsearch.ranking_metrics import percentiles_ms
 from imgsearch.retrieval.v1 import retrieval_service_pb2 as retr_pb
 from imgsearch.search.v1 import search_service_pb2 as pb
 from imgsearch.search.v1 import search_service_pb2_grpc as pb_grpc

@@ -30,8 +30,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from imgsearch.metrics import percentiles_ms
 from imgsearch.names import RANKER_CHOICES, RETRIEVER_CHOICES, ranker_value, retriever_value
+from imgsearch.ranking_metrics import percentiles_ms
 
 if TYPE_CHECKING:
     from imgsearch.security import ClientSecurity

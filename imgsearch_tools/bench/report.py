@@ -15,6 +15,18 @@ TABLE_HEADER = [
 ]
 
 
+# The results page's title when bench-suite runs one section alone (--only NAME).
+SECTION_TITLES = {
+    "floor": "The gRPC floor: server CPU per search against a bare chain",
+    "json-door": "The JSON door against gRPC",
+}
+
+
+def page_title(only: str) -> str:
+    """The title of the results page a bench-suite run writes, from its ``--only``."""
+    return SECTION_TITLES.get(only.strip(), "Serving benchmark")
+
+
 def _ms(value) -> str:
     return "–" if value is None else f"{value:.1f}"
 

@@ -1,13 +1,9 @@
 """Seeded synthetic catalogue in the Unsplash Lite layout, with drawn images and planted tastes."""
 
+from imgsearch_tools.demo_data.commands import add_commands
 from imgsearch_tools.demo_data.drawing import COLOUR_RGB, COLOURS, SCENE_RGB, SCENES, SHAPES
-from imgsearch_tools.demo_data.tables import (
-    GENERATOR_VERSION,
-    add_commands,
-    check_folder,
-    generate,
-    generated_by,
-)
+from imgsearch_tools.demo_data.folder import check_folder, generated_by
+from imgsearch_tools.demo_data.tables import GENERATOR_VERSION, generate
 
 
 def query_families(catalogue) -> tuple[dict[str, list[str]], tuple[str, str] | None] | None:

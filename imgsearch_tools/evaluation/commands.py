@@ -136,7 +136,7 @@ def write_eval_page(report: dict, path: str, plot: str | None) -> None:
 
 def run_eval(args: argparse.Namespace) -> int:
     """Handle ``imgsearch eval``; returns the exit status (2 for bad input)."""
-    from imgsearch.unsplash import DataError
+    from imgsearch.data_report import DataError
     from imgsearch_tools.evaluation.report import (
         markdown_table,
         write_json,

@@ -31,8 +31,8 @@ from __future__ import annotations
 import numpy as np
 
 from imgsearch.catalogue import Catalogue, normalise_keyword
-from imgsearch.metrics import metrics_from_hits, paired_bootstrap_ci, rank_by_scores
-from imgsearch.protocol import Split
+from imgsearch.evaluation_protocol import Split
+from imgsearch.ranking_metrics import metrics_from_hits, paired_bootstrap_ci, rank_by_scores
 from imgsearch_tools.evaluation.queries import (
     KeywordTags,
     TestQueries,
@@ -110,7 +110,7 @@ def choose_configuration(
     catalogue:
         The catalogue being built (its labels, when it has them, are the tag truth).
     validation:
-        The slice (``ranking_service.training.Validation``).
+        The slice (``ranking_service.validation_slice.Validation``).
     models:
         Ranker name to its model fitted on the conversions before the slice.
     keyword_retriever, clip_retriever:
@@ -315,16 +315,26 @@ def _measure(
         )
         recall[q] = np.isin(queries.relevant[q], photo_idx[keep]).mean()
     n_relevant = np.asarray([len(r) for r in queries.relevant], dtype=np.int64)
-    out = {}
-    for name, model in models.items():
+    out, results_of = {}, {}
+    # A stacking ranker last, reusing the results of its bases that are these very models.
+    for name, model in sorted(models.items(), key=lambda item: hasattr(item[1], "base_models")):
         score_batch = getattr(model, "score_batch", None)
-        results = score_batch(requests) if score_batch else [model.score(r) for r in requests]
+        bases = getattr(model, "base_models", {})
+        shared = [b for b, base in bases.items() if models.get(b) is base and b in results_of]
+        if shared:
+            results = [
+                model.score(r, {b: results_of[b][q] for b in shared})
+                for q, r in enumerate(requests)
+            ]
+        else:
+            results = score_batch(requests) if score_batch else [model.score(r) for r in requests]
+        results_of[name] = results
         hits = np.zeros((len(queries), k), dtype=bool)
         for q, (request, result) in enumerate(zip(requests, results)):
             top = rank_by_scores(request.candidates, result.scores)[:k]
             hits[q, : len(top)] = np.isin(top, queries.relevant[q])
         out[name] = np.asarray(metrics_from_hits(hits, n_relevant)["ndcg"], dtype=np.float64)
-    return out, float(recall.mean())
+    return {name: out[name] for name in models}, float(recall.mean())
 
 
 def _tag_guard(table: list[dict], truth_source: str, k: int) -> dict:

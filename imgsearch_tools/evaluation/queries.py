@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 
 from imgsearch.catalogue import normalise_keyword
-from imgsearch.protocol import Split, recent_photos
+from imgsearch.evaluation_protocol import Split, recent_photos
 
 
 @dataclass

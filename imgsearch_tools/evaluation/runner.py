@@ -24,12 +24,12 @@ The protocol (what the evaluation results page reports):
    ``hybrid`` rows). CLIP learns from images and keywords, never conversions, so it is
    trained on all photos (or loaded from ``clip_artifacts``).
 6. **Ordering.** The final list sorts candidates by the ranker's score, ties broken by
-   retrieval order (:func:`imgsearch.metrics.rank_by_scores`).
+   retrieval order (:func:`imgsearch.ranking_metrics.rank_by_scores`).
 
 Metrics per retriever x ranker (mean over test queries, 95% bootstrap CI over queries):
 NDCG@k (binary gains), P@k (denominator k), Recall@k, and ``seed_ndcg``: the seed study's
 NDCG of the ranker's scores over the pair's own converted photos with conversion counts as
-gains (see :func:`imgsearch.metrics.seed_ndcg`; the photos are passed in retrieval order,
+gains (see :func:`imgsearch.ranking_metrics.seed_ndcg`; the photos are passed in retrieval order,
 photos the retriever missed after those it found, so a ranker that cannot tell them apart
 scores as retrieval order does). Per retriever, independent of the ranker:
 
@@ -81,7 +81,9 @@ import numpy as np
 import pandas as pd
 
 from imgsearch.catalogue import Catalogue
-from imgsearch.metrics import (
+from imgsearch.evaluation_protocol import temporal_split
+from imgsearch.names import RANKER_NAMES, RETRIEVER_NAMES
+from imgsearch.ranking_metrics import (
     bootstrap_ci,
     metrics_from_hits,
     paired_bootstrap_ci,
@@ -89,8 +91,6 @@ from imgsearch.metrics import (
     rank_by_scores,
     seed_ndcg,
 )
-from imgsearch.names import RANKER_NAMES, RETRIEVER_NAMES
-from imgsearch.protocol import temporal_split
 from imgsearch_tools.evaluation.queries import (
     KeywordTags,
     TestQueries,
@@ -233,7 +233,7 @@ def fit_rankers(
     """
     if not names:
         return {}, {}, None
-    from imgsearch_tools.served import served_candidates
+    from imgsearch_tools.offline_candidates import served_candidates
     from ranking_service.rankers import load_ranker
     from ranking_service.training import train_rankers
 
@@ -295,7 +295,8 @@ def clip_retrievers(
         return {}, "catalogue has no images (images/<photo_id>.jpg): CLIP needs them", {}
     try:
         from imgsearch_tools.demo_data import query_families
-        from retrieval_service.clip_training import build_clip_artifacts, load_clip_retrievers
+        from retrieval_service.clip_artifacts import build_clip_artifacts
+        from retrieval_service.semantic import load_clip_retrievers
     except ImportError as exc:
         return {}, f"CLIP retrieval is not available: {exc}", {}
     if config.clip_artifacts:

@@ -8,7 +8,6 @@ from importlib import resources
 
 import grpc
 from aiohttp import web
-from google.protobuf import json_format
 
 from imgsearch.config import WebConfig
 from imgsearch.feedback.v1 import feedback_service_pb2 as fb_pb
@@ -21,6 +20,7 @@ from imgsearch.tokens import FEEDBACK_WRITE, SEARCH, TokenSet
 from imgsearch_tools.web.catalogue import CatalogueView
 from imgsearch_tools.web.errors import DoorError, from_rpc_error, invalid, parse_body
 from imgsearch_tools.web.openapi import openapi_document
+from imgsearch_tools.web.proto_json import to_dict
 
 logger = logging.getLogger("imgsearch.web")
 
@@ -79,10 +79,9 @@ def http_error(exc: web.HTTPException, path: str) -> DoorError:
 
 
 def to_json(message) -> dict:
-    """A reply in the proto JSON mapping, with proto field names and every field present."""
-    return json_format.MessageToDict(
-        message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
-    )
+    """A reply in the proto JSON mapping, with proto field names and every field present
+    (json_format's output, from converters compiled once: :mod:`.proto_json`)."""
+    return to_dict(message)
 
 
 class Door:

@@ -67,8 +67,12 @@ def finalize_scores(scores: np.ndarray, valid: np.ndarray) -> np.ndarray:
     Out-of-range photo indexes get ``min(valid scores) - 1`` (or ``-1`` when none is valid), so
     every score stays finite and an unknown photo never outranks a known one.
     """
-    scores = np.asarray(scores, dtype=np.float64).copy()
-    scores[~np.isfinite(scores)] = np.nan
+    scores = np.asarray(scores, dtype=np.float64)
+    finite = np.isfinite(scores)
+    if finite.all() and valid.all():
+        return scores.astype(np.float32)  # nothing to floor (nearly every call)
+    scores = scores.copy()
+    scores[~finite] = np.nan
     ok = valid & ~np.isnan(scores)
     floor = (scores[ok].min() - 1.0) if ok.any() else -1.0
     scores[~ok] = floor

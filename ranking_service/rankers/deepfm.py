@@ -12,7 +12,8 @@ from imgsearch.candidates import CandidateLists
 from imgsearch.catalogue import Catalogue
 from imgsearch.image_embeddings import ImageEmbeddings
 from ranking_service.rankers.features import FieldEncoder
-from ranking_service.rankers.fm import FactorizationMachine, FMRanker
+from ranking_service.rankers.fm import FMRanker
+from ranking_service.rankers.fm_model import FactorizationMachine
 from ranking_service.rankers.validation import ValidationSet
 
 
@@ -53,11 +54,14 @@ class DeepFM(FactorizationMachine):
         self.mlp = nn.Sequential(*layers)
 
     def score_with_embeddings(
-        self, context: torch.Tensor, photo_rows: torch.Tensor
+        self, context: torch.Tensor, photo_rows: torch.Tensor, photo_side=None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Return ``(FM + MLP scores (B, C), context embeddings, photo embeddings)``."""
+        """Return ``(FM + MLP scores (B, C), context embeddings, photo embeddings)``.
+
+        ``photo_side`` is :meth:`photo_side` of ``photo_rows`` when the caller has it already.
+        """
         context_emb = self.embedding(context)
-        photo_emb, photo_linear = self.photo_side(photo_rows)
+        photo_emb, photo_linear = photo_side or self.photo_side(photo_rows)
         fm = self.fm_scores(context, context_emb, photo_emb, photo_linear)
         batch, n_candidates = photo_rows.shape
         shared = context_emb.unsqueeze(1).expand(batch, n_candidates, -1, -1)

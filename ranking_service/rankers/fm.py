@@ -1,9 +1,9 @@
 """The ``fm`` ranker: a Factorization Machine over query and photo fields, trained with BPR.
 
-Also holds what FM and DeepFM share: the BPR training loop (vectorised negative sampling from
-the query's keyword candidates and from all photos, uniformly or by popularity), early
-stopping on validation NDCG@10, the blend with the query's popularity prior, scoring and
-saving. :mod:`ranking_service.rankers.deepfm` adds the MLP.
+Also holds what FM and DeepFM share: the BPR training loop, early stopping on validation
+NDCG@10, the blend with the query's popularity prior, scoring and saving. The network is in
+:mod:`~ranking_service.rankers.fm_model`, the training tensors and negative sampling in
+:mod:`~ranking_service.rankers.bpr_data`; :mod:`ranking_service.rankers.deepfm` adds the MLP.
 """
 
 from __future__ import annotations
@@ -20,9 +20,10 @@ from tqdm.auto import tqdm
 from imgsearch.candidates import CandidateLists
 from imgsearch.catalogue import Catalogue
 from imgsearch.cpu import torch_threads
+from imgsearch.evaluation_protocol import temporal_split
 from imgsearch.image_embeddings import ImageEmbeddings
-from imgsearch.protocol import temporal_split
 from ranking_service.rankers.base import Ranker, RankQuery, RankScores
+from ranking_service.rankers.bpr_data import NEGATIVE_SAMPLING, BPRTrainingData
 from ranking_service.rankers.common import (
     as_candidates,
     finalize_scores,
@@ -34,135 +35,12 @@ from ranking_service.rankers.common import (
 )
 from ranking_service.rankers.early_stopping import EarlyStopping
 from ranking_service.rankers.features import FieldEncoder
+from ranking_service.rankers.fm_model import FactorizationMachine
 from ranking_service.rankers.prior import QueryPrior
 from ranking_service.rankers.validation import ValidationSet
 
 MODEL_FILE = "model.pt"
 ENCODER_FILE = "encoder.npz"
-NEGATIVE_SAMPLING = ("uniform", "popularity")
-# word2vec's exponent: popular photos are drawn more often as negatives, but sub-linearly.
-POPULARITY_SAMPLING_EXPONENT = 0.75
-
-
-class FactorizationMachine(nn.Module):
-    """Bias + linear terms + pairwise interactions of all field embeddings (Rendle 2010).
-
-    The query's context fields are shared by its candidates, so inputs are ``context`` ``(B, 3)``
-    global ids and ``photo_rows`` ``(B, C)`` (photo index + 1, 0 for unknown), and the output is
-    ``(B, C)`` scores. The photo side (fields, tag bags) is looked up in buffers built from the
-    :class:`FieldEncoder`; the tag field's vector is the confidence-weighted mean of the photo's
-    tag embeddings. With the encoder's dense CLIP field, a linear map of the photo's reduced
-    image embedding is one more field vector (and a linear term), so photos that look alike
-    share what is learnt about them.
-
-    Parameters
-    ----------
-    encoder:
-        Gives the number of ids and the photo-side lookup tables.
-    factors:
-        Embedding size.
-    init_std:
-        Standard deviation of the initial embeddings.
-    """
-
-    def __init__(self, encoder: FieldEncoder, factors: int, init_std: float = 0.05) -> None:
-        super().__init__()
-        self.n_fields = encoder.n_fields
-        self.embedding = nn.Embedding(encoder.n_features, factors)
-        self.linear = nn.Embedding(encoder.n_features, 1)
-        self.bias = nn.Parameter(torch.zeros(1))
-        nn.init.normal_(self.embedding.weight, std=init_std)
-        nn.init.zeros_(self.linear.weight)
-        # Catalogue lookups, rebuilt from the encoder on load: not part of the state_dict.
-        self.register_buffer("photo_fields", torch.from_numpy(encoder.photo_fields), False)
-        weights = encoder.photo_tag_weights
-        share = weights / np.maximum(weights.sum(axis=1, keepdims=True), 1e-6)
-        self.register_buffer("tag_ids", torch.from_numpy(encoder.photo_tag_ids), False)
-        self.register_buffer("tag_share", torch.from_numpy(share.astype(np.float32)), False)
-        self.has_tags = encoder.has_tags
-        self.dense_dims = encoder.dense_dims
-        if self.dense_dims:
-            self.n_fields += 1
-            self.register_buffer("photo_dense", torch.from_numpy(encoder.photo_dense), False)
-            self.dense = nn.Linear(self.dense_dims, factors, bias=False)
-            self.dense_linear = nn.Linear(self.dense_dims, 1, bias=False)
-            nn.init.normal_(self.dense.weight, std=init_std)
-            nn.init.zeros_(self.dense_linear.weight)
-
-    def photo_side(self, photo_rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return the candidates' field embeddings ``(B, C, F, k)`` and linear terms ``(B, C)``."""
-        fields = self.photo_fields[photo_rows]
-        embedded = self.embedding(fields)
-        linear = self.linear(fields).sum((2, 3))
-        if self.has_tags:
-            tags, share = self.tag_ids[photo_rows], self.tag_share[photo_rows].unsqueeze(-1)
-            bag = (self.embedding(tags) * share).sum(2, keepdim=True)
-            embedded = torch.cat([embedded, bag], dim=2)
-            linear = linear + (self.linear(tags) * share).sum((2, 3))
-        if self.dense_dims:
-            dense = self.photo_dense[photo_rows]
-            embedded = torch.cat([embedded, self.dense(dense).unsqueeze(2)], dim=2)
-            linear = linear + self.dense_linear(dense).squeeze(-1)
-        return embedded, linear
-
-    def fm_scores(
-        self,
-        context: torch.Tensor,
-        context_emb: torch.Tensor,
-        photo_emb: torch.Tensor,
-        photo_linear: torch.Tensor,
-    ) -> torch.Tensor:
-        """Return the FM part: ``bias + Σ w_i + ½ Σ_f [(Σ_i v_if)² − Σ_i v_if²]`` (O(kn))."""
-        total = context_emb.sum(1, keepdim=True) + photo_emb.sum(2)
-        squares = context_emb.pow(2).sum(1, keepdim=True) + photo_emb.pow(2).sum(2)
-        pairwise = 0.5 * (total.pow(2) - squares).sum(-1)
-        linear = self.linear(context).sum((1, 2)).unsqueeze(1) + photo_linear
-        return self.bias + linear + pairwise
-
-    def score_with_embeddings(
-        self, context: torch.Tensor, photo_rows: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Return ``(scores (B, C), context embeddings, photo embeddings)``."""
-        context_emb = self.embedding(context)
-        photo_emb, photo_linear = self.photo_side(photo_rows)
-        scores = self.fm_scores(context, context_emb, photo_emb, photo_linear)
-        return scores, context_emb, photo_emb
-
-    def forward(self, context: torch.Tensor, photo_rows: torch.Tensor) -> torch.Tensor:
-        """Return ``(B, C)`` scores."""
-        return self.score_with_embeddings(context, photo_rows)[0]
-
-
-class _TrainingData:
-    """Integer tensors of one training set, built once (no per-row pandas access)."""
-
-    def __init__(
-        self,
-        encoder: FieldEncoder,
-        catalogue: Catalogue,
-        candidates: CandidateLists,
-        pool: int,
-        negative_sampling: str = "uniform",
-    ) -> None:
-        context, photo_rows = encoder.encode_conversions(catalogue.conversions)
-        keep = photo_rows > 0
-        self.context = torch.from_numpy(np.ascontiguousarray(context[keep]))
-        self.photo_rows = torch.from_numpy(photo_rows[keep])
-        self.keyword_local = context[keep, 1] - encoder.offsets[1]
-        self.n_photos = encoder.n_photos
-        # Row 0 (the unknown keyword) has no pool: its negatives are drawn uniformly.
-        start, length, photos = candidates.pools(["", *encoder.keyword_names], pool)
-        self.pool_start, self.pool_length = start, length
-        self.pool_rows = encoder.photo_rows(photos)
-        # Cumulative distribution of the popularity-weighted negatives (None: uniform).
-        self.negative_cdf = None
-        if negative_sampling == "popularity" and self.n_photos > 0:
-            counts = np.bincount(photo_rows[keep] - 1, minlength=self.n_photos)
-            weights = (counts + 1.0) ** POPULARITY_SAMPLING_EXPONENT
-            self.negative_cdf = np.cumsum(weights) / weights.sum()
-
-    def __len__(self) -> int:
-        return len(self.photo_rows)
 
 
 class FMRanker(QueryPrior, Ranker):
@@ -409,7 +287,7 @@ class FMRanker(QueryPrior, Ranker):
         if validation is not None and len(validation) == 0:
             validation, train_catalogue = None, catalogue
         self._start(train_catalogue)
-        data = _TrainingData(
+        data = BPRTrainingData(
             self.encoder, train_catalogue, candidates, self.negative_pool, self.negative_sampling
         )
         rng = np.random.default_rng(self.seed)
@@ -437,7 +315,7 @@ class FMRanker(QueryPrior, Ranker):
             self.model.load_state_dict(best_state)
             return self
         self._start(catalogue)
-        data = _TrainingData(
+        data = BPRTrainingData(
             self.encoder, catalogue, candidates, self.negative_pool, self.negative_sampling
         )
         rng = np.random.default_rng(self.seed)
@@ -456,32 +334,9 @@ class FMRanker(QueryPrior, Ranker):
             return torch.optim.Adagrad(self.parameter_groups(), lr=self.learning_rate)
         return torch.optim.Adam(self.parameter_groups(), lr=self.learning_rate)
 
-    def _sample_negatives(self, data: _TrainingData, order: np.ndarray, rng) -> np.ndarray:
-        """Return ``(n, negatives)`` photo rows: keyword-candidate ones, then uniform ones."""
-        n = len(order)
-        keyword = data.keyword_local[order]
-        start, length = data.pool_start[keyword], data.pool_length[keyword]
-        columns = []
-        for _ in range(self.keyword_negatives):
-            uniform = rng.integers(1, data.n_photos + 1, n)
-            if len(data.pool_rows) == 0:
-                columns.append(uniform)
-                continue
-            pick = np.minimum(
-                start + (rng.random(n) * length).astype(np.int64), len(data.pool_rows) - 1
-            )
-            columns.append(np.where(length > 0, data.pool_rows[pick], uniform))
-        for _ in range(self.uniform_negatives):
-            if data.negative_cdf is None:
-                columns.append(rng.integers(1, data.n_photos + 1, n))
-            else:
-                drawn = np.searchsorted(data.negative_cdf, rng.random(n), side="right")
-                columns.append(np.minimum(drawn, data.n_photos - 1) + 1)
-        return np.stack(columns, axis=1).astype(np.int64)
-
     def _train_epoch(
         self,
-        data: _TrainingData,
+        data: BPRTrainingData,
         optimizer: torch.optim.Optimizer,
         rng: np.random.Generator,
         epoch: int,
@@ -491,7 +346,9 @@ class FMRanker(QueryPrior, Ranker):
         """Run one BPR epoch; return the mean loss."""
         self.model.train()
         order = rng.permutation(len(data))
-        negatives = torch.from_numpy(self._sample_negatives(data, order, rng))
+        negatives = torch.from_numpy(
+            data.sample_negatives(order, rng, self.keyword_negatives, self.uniform_negatives)
+        )
         order = torch.from_numpy(order)
         total, steps = 0.0, 0
         batches = range(0, len(data), self.batch_size)
@@ -542,6 +399,12 @@ class FMRanker(QueryPrior, Ranker):
         """
         assert self.encoder is not None, "the ranker is not fitted"
         results: list[RankScores] = []
+        model = self.scoring_model()
+        # The photo side depends on the photo alone: once per photo when that is less work.
+        every_photo = None
+        if sum(len(q.candidates) for q in queries) > self.encoder.n_photos:
+            with torch.inference_mode():
+                every_photo = model.photo_side(torch.arange(len(model.photo_fields))[None])
         for start in range(0, len(queries), chunk):
             part = queries[start : start + chunk]
             candidates = [as_candidates(q.candidates) for q in part]
@@ -553,10 +416,12 @@ class FMRanker(QueryPrior, Ranker):
                 context[i], unknown = self.encoder.encode_context(q.user_idx, q.keyword, q.country)
                 rows[i, : len(c)] = self.encoder.photo_rows(c)
                 reasons.append(_unknown_reason(unknown))
+            rows_tensor = torch.from_numpy(rows)
             with torch.inference_mode():
-                scores = self.scoring_model()(
-                    torch.from_numpy(context), torch.from_numpy(rows)
-                ).numpy()
+                side = None
+                if every_photo is not None:
+                    side = (every_photo[0][0, rows_tensor], every_photo[1][0, rows_tensor])
+                scores = model(torch.from_numpy(context), rows_tensor, side).numpy()
             for i, (q, c) in enumerate(zip(part, candidates)):
                 valid = known_photo_mask(c, self.encoder.n_photos)
                 blended = self.blend_prior(scores[i, : len(c)], c, q.keyword, valid)

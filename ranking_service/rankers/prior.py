@@ -76,9 +76,10 @@ class QueryPrior:
         scores = np.asarray(scores, dtype=np.float64).copy()
         if not self.popularity_weight or valid.sum() < 2:
             return scores
-        scores[valid] = standardised(scores[valid]) + self._weighted_prior(
-            candidates, keyword, valid
-        )
+        weighted = self._weighted_prior(candidates, keyword, valid)
+        if len(weighted) == len(scores):  # every candidate valid: no mask to apply
+            return standardised(scores) + weighted
+        scores[valid] = standardised(scores[valid]) + weighted
         return scores
 
     def _weighted_prior(self, candidates: np.ndarray, keyword: str, valid: np.ndarray):

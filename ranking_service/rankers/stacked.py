@@ -21,8 +21,8 @@ import numpy as np
 
 from imgsearch.candidates import CandidateLists
 from imgsearch.catalogue import Catalogue
+from imgsearch.evaluation_protocol import temporal_split
 from imgsearch.image_embeddings import ImageEmbeddings
-from imgsearch.protocol import temporal_split
 from ranking_service.rankers.base import Ranker, RankQuery, RankScores
 from ranking_service.rankers.common import (
     as_candidates,
@@ -51,6 +51,9 @@ STACKER_PARAMS = {
     "lambda_l2": 1.0,
     "deterministic": True,
     "force_row_wise": True,
+    # One thread: the fits are small, and OpenMP threads that wait on a busy machine cost
+    # far more than they save (the same trees: the fit is deterministic).
+    "num_threads": 1,
     "verbose": -1,
     "seed": 0,
 }
@@ -190,8 +193,12 @@ class StackedRanker(Ranker):
 
     # ------------------------------------------------------------------ scoring
 
-    def score(self, query: RankQuery) -> RankScores:
-        """Base scores, features, then the booster of the query (one thread)."""
+    def score(self, query: RankQuery, known: dict[str, RankScores] | None = None) -> RankScores:
+        """Base scores, features, then the booster of the query (one thread).
+
+        ``known`` holds bases' results for this very query when the caller scored them already
+        (the configuration choice scores every ranker on the same requests).
+        """
         candidates = as_candidates(query.candidates)
         valid = known_photo_mask(candidates, len(self.features.log_views))
         if len(candidates) == 0:
@@ -204,7 +211,7 @@ class StackedRanker(Ranker):
             query.recent_photos,
             query.country,
         )
-        rows, reason = base_rows(self.base_models, self.features, query)
+        rows, reason = base_rows(self.base_models, self.features, query, known)
         booster = self.boosters[0]
         if self.fold_of_user is not None:
             user = query.user_idx
@@ -257,10 +264,18 @@ class StackedRanker(Ranker):
 
 
 def base_rows(
-    bases: dict[str, Ranker], features: StackFeatures, query: RankQuery
+    bases: dict[str, Ranker],
+    features: StackFeatures,
+    query: RankQuery,
+    known: dict[str, RankScores] | None = None,
 ) -> tuple[np.ndarray, str]:
-    """The feature rows of one query and the first fallback a personal base took."""
-    results = [model.score(query) for model in bases.values()]
+    """The feature rows of one query and the first fallback a personal base took.
+
+    ``known`` holds bases' results for ``query`` already scored (by name), the others are
+    scored here.
+    """
+    known = known or {}
+    results = [known.get(name) or model.score(query) for name, model in bases.items()]
     popularity = bases["popularity"]
     prior = popularity.log_prior(np.asarray(query.candidates, np.int64), query.keyword)
     rows = features.rows(query, [r.scores for r in results], prior)
@@ -278,17 +293,69 @@ def stack_rows(
 ) -> tuple[np.ndarray, np.ndarray, list[int]]:
     """Training rows of the stacker: per query with a relevant candidate, its positives and
     up to :data:`NEGATIVES_PER_QUERY` sampled negatives; returns (features, labels, groups)."""
+    return sample_rows(QueryRows.score(queries, relevant, bases, features), seed=seed)
+
+
+class QueryRows:
+    """The feature rows and labels of the queries a stacker can learn from, scored once.
+
+    A query teaches the stacker only when some but not all of its candidates were converted;
+    the others are left out before their bases are scored. Out-of-fold fits then draw their
+    rows from these (:func:`sample_rows`) instead of scoring the bases again per fold.
+
+    Attributes
+    ----------
+    index:
+        Position of each kept query in the list given to :meth:`score`.
+    rows, labels:
+        Per kept query, its feature matrix and whether each candidate was converted.
+    """
+
+    def __init__(self, index: np.ndarray, rows: list[np.ndarray], labels: list[np.ndarray]):
+        self.index = index
+        self.rows = rows
+        self.labels = labels
+
+    @classmethod
+    def score(
+        cls,
+        queries: list[RankQuery],
+        relevant: list[np.ndarray],
+        bases: dict[str, Ranker],
+        features: StackFeatures,
+    ) -> QueryRows:
+        """Score the bases on each query that has converted and unconverted candidates."""
+        index, rows, labels = [], [], []
+        for position, (query, converted) in enumerate(zip(queries, relevant)):
+            label = np.isin(query.candidates, converted)
+            if not label.any() or label.all():
+                continue
+            index.append(position)
+            rows.append(base_rows(bases, features, query)[0])
+            labels.append(label)
+        return cls(np.asarray(index, dtype=np.int64), rows, labels)
+
+
+def sample_rows(
+    scored: QueryRows, among: np.ndarray | None = None, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray, list[int]]:
+    """The stacker's training rows from ``scored``: per query, its positives and up to
+    :data:`NEGATIVES_PER_QUERY` negatives drawn with ``seed``; returns (features, labels,
+    groups).
+
+    ``among`` (positions in the list ``scored`` was built from) keeps only those queries.
+    """
     rng = np.random.default_rng(seed)
+    chosen = range(len(scored.index))
+    if among is not None:
+        chosen = np.flatnonzero(np.isin(scored.index, among))
     blocks, labels, groups = [], [], []
-    for query, converted in zip(queries, relevant):
-        label = np.isin(query.candidates, converted)
-        if not label.any() or label.all():
-            continue
+    for i in chosen:
+        rows, label = scored.rows[i], scored.labels[i]
         negatives = np.flatnonzero(~label)
         if len(negatives) > NEGATIVES_PER_QUERY:
             negatives = rng.choice(negatives, NEGATIVES_PER_QUERY, replace=False)
         keep = np.sort(np.r_[np.flatnonzero(label), negatives])
-        rows, _ = base_rows(bases, features, query)
         blocks.append(rows[keep])
         labels.append(label[keep].astype(np.int32))
         groups.append(len(keep))

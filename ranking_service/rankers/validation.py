@@ -9,8 +9,8 @@ import pandas as pd
 
 from imgsearch.candidates import CandidateLists
 from imgsearch.catalogue import Catalogue
-from imgsearch.metrics import metrics_from_hits, rank_by_scores
-from imgsearch.protocol import recent_photos
+from imgsearch.evaluation_protocol import recent_photos
+from imgsearch.ranking_metrics import metrics_from_hits, rank_by_scores
 from ranking_service.rankers.base import Ranker, RankQuery
 
 
@@ -146,8 +146,8 @@ class ValidationSet:
         """Return the mean NDCG@``k`` of ``ranker`` over the queries (0.0 when there are none).
 
         Candidates are ordered as the evaluation orders them
-        (:func:`~imgsearch.metrics.rank_by_scores`: ties keep retrieval order), so a ranker that
-        cannot tell candidates apart scores as retrieval order does. A ranker with a
+        (:func:`~imgsearch.ranking_metrics.rank_by_scores`: ties keep retrieval order), so a
+        ranker that cannot tell candidates apart scores as retrieval order does. A ranker with a
         ``score_batch(queries)`` method is scored through it.
         """
         if not self.queries:

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from imgsearch.metrics import (
+from imgsearch.ranking_metrics import (
     bootstrap_ci,
     hit_matrix,
     metrics_from_hits,

@@ -1,0 +1,91 @@
+"""Search effort calibrated at build: the smallest efSearch / nprobe reaching a target recall."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+faiss = pytest.importorskip("faiss")
+
+from retrieval_service.index_calibration import (  # noqa: E402
+    EF_SEARCH_STEPS,
+    NPROBE_STEPS,
+    calibrate,
+    split_families,
+)
+from retrieval_service.vector_index import VectorIndex, exact_index, recall_at_k  # noqa: E402
+from tests.test_vector_index import clustered  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def vectors() -> np.ndarray:
+    return clustered(8000, 32, seed=0, clusters=400)
+
+
+@pytest.fixture(scope="module")
+def queries() -> np.ndarray:
+    """Queries away from every vector, as text queries are from images."""
+    rng = np.random.default_rng(5)
+    queries = rng.standard_normal((300, 32)).astype(np.float32)
+    return queries / np.linalg.norm(queries, axis=1, keepdims=True)
+
+
+def test_hnsw_gets_the_smallest_ef_search_reaching_the_target_on_every_family(vectors, queries):
+    # A weakly built graph, so that the calibration has to raise efSearch; queries far from
+    # the vectors and ones among them are two families, and both must reach the target.
+    index = VectorIndex.build(vectors, factory="HNSW16", ef_construction=16, ef_search=16)
+    near = clustered(200, 32, seed=3, clusters=400)
+    families = {"far": queries, "near": near}
+    record = calibrate(index, vectors, families, target=0.97)
+    assert record["parameter"] == "efSearch" and record["reached"]
+    assert record["queries"] == {"far": 150, "near": 100}
+    tried = record["tried"]
+    assert [t["value"] for t in tried] == list(EF_SEARCH_STEPS[: len(tried)])
+    assert len(tried) >= 2, "the first step already reached the target: the test checks nothing"
+    for step in tried:
+        assert step["recall"] == min(step["far"], step["near"])
+    assert all(t["recall"] < 0.97 for t in tried[:-1]) and tried[-1]["recall"] >= 0.97
+    assert record["value"] == tried[-1]["value"] == index.params["efSearch"]
+    assert index.index.hnsw.efSearch == record["value"]
+    # The halves it did not tune on, measured by the index's own recall function.
+    tuning, unseen = split_families(families)
+    exact = exact_index(vectors)
+    for name in families:
+        assert record["unseen_by_family"][name] == pytest.approx(
+            recall_at_k(index, exact, unseen[name]), abs=1e-4
+        )
+        assert not {tuple(q) for q in tuning[name]} & {tuple(q) for q in unseen[name]}
+    assert record["unseen_recall"] == min(record["unseen_by_family"].values())
+
+
+def test_an_unreachable_target_keeps_the_best_effort_and_says_so(vectors, queries):
+    index = VectorIndex.build(vectors[:2000], factory="HNSW16", ef_construction=16)
+    record = calibrate(index, vectors[:2000], {"far": queries[:40]}, target=1.01)
+    assert not record["reached"]
+    assert len(record["tried"]) == len(EF_SEARCH_STEPS)
+    best = max(t["recall"] for t in record["tried"])
+    assert record["recall"] == best
+    cheapest = min(t["value"] for t in record["tried"] if t["recall"] == best)
+    assert record["value"] == cheapest == index.params["efSearch"]
+
+
+def test_ivf_calibrates_nprobe_and_flat_needs_nothing(vectors, queries):
+    ivf = VectorIndex.build(vectors, factory="IVF64,Flat", nprobe=1)
+    record = calibrate(ivf, vectors, {"far": queries})
+    assert record["parameter"] == "nprobe" and record["reached"]
+    assert record["value"] in NPROBE_STEPS and ivf.params["nprobe"] == record["value"]
+    assert record["unseen_recall"] >= 0.9
+    flat = VectorIndex.build(vectors, factory="Flat")
+    record = calibrate(flat, vectors, {"far": queries})
+    assert record["parameter"] is None and record["recall"] == 1.0
+    assert record["unseen_recall"] == 1.0 and record["tried"] == []
+
+
+def test_hnsw_is_built_with_the_given_ef_construction(vectors):
+    from retrieval_service.vector_index import EF_CONSTRUCTION
+
+    assert VectorIndex.build(vectors[:300], factory="HNSW16").index.hnsw.efConstruction == (
+        EF_CONSTRUCTION
+    )
+    built = VectorIndex.build(vectors[:300], factory="HNSW16", ef_construction=24)
+    assert built.index.hnsw.efConstruction == 24
