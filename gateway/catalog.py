@@ -220,22 +220,51 @@ class CatalogServicer(pb_grpc.CatalogServiceServicer):
         A channel to a retrieval server, whose CLIP embeds the images.
     poll_s:
         How often the log is read for the metadata of photos written elsewhere.
+    enabled:
+        Whether the live catalogue is served (``IMGSEARCH_LIVE_CATALOGUE``); when not, every
+        method answers FAILED_PRECONDITION and the log is not read.
     """
 
-    def __init__(self, store: BackgroundStore, holder, retrieval_channel, poll_s: float = 0.2):
+    def __init__(
+        self,
+        store: BackgroundStore,
+        holder,
+        retrieval_channel,
+        poll_s: float = 0.2,
+        enabled: bool = True,
+    ):
         self.store = store
         self.holder = holder
         self.retrieval = retr_grpc.RetrievalServiceStub(retrieval_channel)
         self.poll_s = poll_s
+        self.enabled = enabled
         self.applied: tuple[object, int] = (None, 0)
-        self.task = asyncio.get_running_loop().create_task(self._tail())
+        self.task = asyncio.get_running_loop().create_task(self._tail()) if enabled else None
 
     async def close(self) -> None:
+        if self.task is None:
+            return
         self.task.cancel()
         try:
             await self.task
         except asyncio.CancelledError:
             pass
+
+    async def _check_enabled(self, context) -> None:
+        if not self.enabled:
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                "the live catalogue is off on this gateway: serve with --live-catalogue "
+                "(IMGSEARCH_LIVE_CATALOGUE=1) to write photos",
+            )
+
+    async def _unavailable(self, context, action: str, exc: StoreError) -> None:
+        logger.warning(f"catalogue log {action} failed", extra={"error": str(exc)})
+        written = "nothing of this batch was written, " if action == "write" else ""
+        await context.abort(
+            grpc.StatusCode.UNAVAILABLE,
+            f"the catalogue log's store is unavailable ({exc}); {written}retry",
+        )
 
     async def _tail(self) -> None:
         while True:
@@ -287,11 +316,7 @@ class CatalogServicer(pb_grpc.CatalogServiceServicer):
         except RequestConflict as exc:
             raise InvalidArgument("request_id", str(exc)) from exc
         except StoreError as exc:
-            logger.warning("catalogue log write failed", extra={"error": str(exc)})
-            await context.abort(
-                grpc.StatusCode.UNAVAILABLE,
-                "the catalogue log is unavailable; nothing of this batch was written, retry it",
-            )
+            await self._unavailable(context, "write", exc)
 
     async def _already(self, context, request_id: str, digest: str) -> int | None:
         try:
@@ -299,14 +324,12 @@ class CatalogServicer(pb_grpc.CatalogServiceServicer):
         except RequestConflict as exc:
             raise InvalidArgument("request_id", str(exc)) from exc
         except StoreError as exc:
-            logger.warning("catalogue log read failed", extra={"error": str(exc)})
-            await context.abort(
-                grpc.StatusCode.UNAVAILABLE, "the catalogue log is unavailable; retry"
-            )
+            await self._unavailable(context, "read", exc)
 
     async def UpsertPhotos(
         self, request: pb.UpsertPhotosRequest, context
     ) -> pb.UpsertPhotosResponse:
+        await self._check_enabled(context)
         records = check_upsert(request)
         digest = request_digest(request.SerializeToString(deterministic=True))
         done = await self._already(context, request.request_id, digest)
@@ -323,6 +346,7 @@ class CatalogServicer(pb_grpc.CatalogServiceServicer):
     async def DeletePhotos(
         self, request: pb.DeletePhotosRequest, context
     ) -> pb.DeletePhotosResponse:
+        await self._check_enabled(context)
         check_delete(request)
         digest = request_digest(request.SerializeToString(deterministic=True))
         changes = [
@@ -333,11 +357,12 @@ class CatalogServicer(pb_grpc.CatalogServiceServicer):
         return pb.DeletePhotosResponse(sequence=seq, duplicate=duplicate)
 
     async def GetPhoto(self, request: pb.GetPhotoRequest, context) -> pb.GetPhotoResponse:
+        await self._check_enabled(context)
         check_photo_id("photo_id", request.photo_id)
         try:
             change = await self.store.call(_latest, request.photo_id)
-        except StoreError:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "the catalogue log is unavailable")
+        except StoreError as exc:
+            await self._unavailable(context, "read", exc)
         if change is not None and change.operation == DELETE:
             await context.abort(
                 grpc.StatusCode.NOT_FOUND, f"photo {request.photo_id!r} was taken down"

@@ -649,7 +649,9 @@ async def create_gateway_server(config: GatewayConfig) -> Service:
         pb_grpc.add_SearchServiceServicer_to_server(search, server)
         feedback = FeedbackServicer(store, holder)
         feedback_grpc.add_FeedbackServiceServicer_to_server(feedback, server)
-        catalog = CatalogServicer(store, holder, search.retrieval.channels[0])
+        catalog = CatalogServicer(
+            store, holder, search.retrieval.channels[0], enabled=config.live_catalogue
+        )
         catalog_grpc.add_CatalogServiceServicer_to_server(catalog, server)
         return [search, feedback, catalog]
 

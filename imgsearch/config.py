@@ -135,6 +135,11 @@ class ConversionStoreConfig(ServerConfig):
 
     conversions_db: str = field(default_factory=lambda: env("CONVERSIONS_DB", ""))
     conversions_dsn: str = field(default_factory=lambda: env("CONVERSIONS_DSN", ""))
+    # The live catalogue (imgsearch.catalog_log): off, a set serves exactly as built; on,
+    # retrieval serves only once it has replayed the store's catalogue log.
+    live_catalogue: bool = field(
+        default_factory=lambda: env("LIVE_CATALOGUE", "0") not in ("", "0", "false")
+    )
 
     def conversion_store(self) -> dict:
         """``open_store`` arguments: the DSN when set, else the SQLite file (by default

@@ -274,8 +274,9 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
             if self.holder is not None and self.holder.state is None:
                 # The port opens before the artifact set is loaded (health says NOT_SERVING).
                 self._count(method, "UNAVAILABLE")
+                waiting = f": {self.holder.waiting_for}" if self.holder.waiting_for else ""
                 await context.abort(
-                    grpc.StatusCode.UNAVAILABLE, f"{service} is loading its artifact set"
+                    grpc.StatusCode.UNAVAILABLE, f"{service} is loading its artifact set{waiting}"
                 )
             admission = self.admission
             if admission is not None:
@@ -409,7 +410,13 @@ class Reloadable(Generic[StateT]):
         self._loader = loader
         self.path = path
         self.state: StateT | None = None
+        # Why no state is served yet, beyond loading (e.g. a store the load waits for).
+        self.waiting_for = ""
         self._lock = asyncio.Lock()
+
+    def wait_for(self, reason: str) -> None:
+        """Say why the load waits ("" once it no longer does); callable from any thread."""
+        self.waiting_for = reason
 
     async def load(self, path: str | None = None) -> StateT:
         """Load ``path`` (default: the configured one) off the event loop, then swap it in."""
@@ -633,6 +640,7 @@ class AdminServicer:
             artifacts=str(state.path) if state else "",
             models=list(state.models) if state else [],
             defaults=defaults,
+            not_serving_reason=self.holder.waiting_for if state is None else "",
         )
 
 

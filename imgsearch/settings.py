@@ -159,6 +159,14 @@ SETTINGS: tuple[Setting, ...] = (
         "gateway, ranking, retrieval, train",
     ),
     Setting(
+        "LIVE_CATALOGUE",
+        "1: serve the live catalogue (photos written through CatalogService, read from the "
+        "conversion store's catalogue log); retrieval stays NOT_SERVING until it has replayed "
+        "the log. 0: every set serves as built and CatalogService refuses writes.",
+        "0",
+        "gateway, ranking, retrieval",
+    ),
+    Setting(
         "CATALOG_POLL_MS",
         "How often a retrieval server reads the live catalogue's log for new changes.",
         "100",

@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
+import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -36,29 +38,80 @@ def catch_up(catalogue: LiveCatalogue, log: CatalogLog) -> int:
     return applied
 
 
+class LogReplay:
+    """Replays the log at each load of a set, from the store at ``location``.
+
+    A server must not serve a set before it has replayed the log on top of it (it could show a
+    taken-down photo). The first load therefore waits for the store: each failed attempt is
+    logged, handed to ``report`` (the server's holder shows it in refusals and ``GetStatus``),
+    and retried after a backoff that doubles from ``first_retry_s`` to ``max_retry_s``.
+    A later load (a reload while serving) fails at once instead, so the set served keeps
+    serving. :meth:`close` ends a wait.
+    """
+
+    def __init__(self, location: dict, first_retry_s: float = 0.25, max_retry_s: float = 10.0):
+        self.location = location
+        self.first_retry_s = first_retry_s
+        self.max_retry_s = max_retry_s
+        self.report: Callable[[str], None] = lambda reason: None
+        self.loaded = False
+        self.closed = threading.Event()
+
+    def replay(self, catalogue: LiveCatalogue) -> int:
+        """Apply every change after the catalogue's mark; returns how many.
+
+        Raises
+        ------
+        StoreError
+            On a reload (or after :meth:`close`) when the store cannot be opened or read.
+        """
+        delay = self.first_retry_s
+        while True:
+            try:
+                with open_store(**self.location) as store:
+                    replayed = catch_up(catalogue, CatalogLog(store))
+            except StoreError as exc:
+                if self.loaded or self.closed.is_set():
+                    raise
+                self.report(f"waiting to replay the catalogue log: {exc}")
+                logger.warning(
+                    "not serving until the catalogue log is replayed; retrying",
+                    extra={"error": str(exc), "retry_in_s": delay},
+                )
+                if self.closed.wait(delay):
+                    raise StoreError(f"stopped while waiting: {exc}") from exc
+                delay = min(delay * 2, self.max_retry_s)
+                continue
+            self.report("")
+            self.loaded = True
+            return replayed
+
+    def close(self) -> None:
+        self.closed.set()
+
+
 def live_retrievers(
     retrievers: dict[str, Retriever],
     photo_ids: np.ndarray,
     manifest: dict,
-    location: dict,
+    log_replay: LogReplay,
     shard: int,
     shard_count: int,
 ) -> tuple[dict[str, Retriever], LiveView]:
     """The set's retrievers with the log applied on top (replayed now, from the set's
-    high-water mark), and the view the tailer updates.
+    high-water mark, see :class:`LogReplay`), and the view the tailer updates.
 
     Raises
     ------
     StoreError
-        When the conversion store cannot be opened or read.
+        When the conversion store cannot be opened or read on a reload.
     """
     from retrieval_service.semantic import HybridRetriever
 
     catalogue = LiveCatalogue(
         photo_ids, int(manifest.get(HIGH_WATER_KEY, 0)), shard=shard, shard_count=shard_count
     )
-    with open_store(**location) as store:
-        replayed = catch_up(catalogue, CatalogLog(store))
+    replayed = log_replay.replay(catalogue)
     if replayed:
         logger.info("catalogue log replayed", extra={"changes": replayed, "seq": catalogue.seq})
     view = LiveView(catalogue)
@@ -84,8 +137,9 @@ class LogTailer:
     read again at the next poll.
     """
 
-    def __init__(self, holder, location: dict, poll_s: float):
+    def __init__(self, holder, location: dict, poll_s: float, log_replay: LogReplay | None = None):
         self.holder = holder
+        self.log_replay = log_replay
         self.location = location
         self.poll_s = poll_s
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="catalog-log")
@@ -121,6 +175,8 @@ class LogTailer:
         self.task = asyncio.get_running_loop().create_task(self.run())
 
     async def close(self) -> None:
+        if self.log_replay is not None:
+            self.log_replay.close()
         if self.task is not None:
             self.task.cancel()
             try:

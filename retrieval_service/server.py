@@ -36,7 +36,7 @@ from imgsearch.serving import (
 from retrieval_service.batching import DEFAULT_MAX_BATCH, DEFAULT_MAX_WAIT_MS
 from retrieval_service.keyword_index import KeywordIndex
 from retrieval_service.live_catalogue import LiveView
-from retrieval_service.live_tail import ImageTower, LogTailer, live_retrievers
+from retrieval_service.live_tail import ImageTower, LogReplay, LogTailer, live_retrievers
 from retrieval_service.retrievers import RetrievalResult, Retriever
 from retrieval_service.semantic import HybridRetriever, clip_source
 from retrieval_service.sharding import check_shard, shard_dir
@@ -79,15 +79,15 @@ def load_retrieval_state(
     max_wait_ms: float = DEFAULT_MAX_WAIT_MS,
     text_runtime: str = "",
     shard: int = -1,
-    store: dict | None = None,
+    log_replay: LogReplay | None = None,
 ) -> RetrievalState:
     """Load the retrievers of the artifact set at ``artifacts_path``.
 
     ``max_batch`` and ``max_wait_ms`` set the micro-batching of query encodings;
     ``text_runtime`` overrides the text runtime the build chose ("" keeps it); ``shard`` (0 or
     more) serves that shard's keyword and vector indexes instead of the whole set's
-    (:mod:`retrieval_service.sharding`); ``store`` (``open_store`` arguments) applies the live
-    catalogue's log on top of the set (:mod:`retrieval_service.live_tail`).
+    (:mod:`retrieval_service.sharding`); ``log_replay`` applies the live catalogue's log on top
+    of the set (:mod:`retrieval_service.live_tail`).
     """
     import pandas as pd
 
@@ -123,9 +123,9 @@ def load_retrieval_state(
     default = default_retriever or recorded_retriever(artifact_set.manifest, retrievers)
     photo_ids = photos["photo_id"].to_numpy(dtype=object)
     live = None
-    if store is not None:
+    if log_replay is not None:
         retrievers, live = live_retrievers(
-            retrievers, photo_ids, artifact_set.manifest, store, max(0, shard), shard_count
+            retrievers, photo_ids, artifact_set.manifest, log_replay, max(0, shard), shard_count
         )
     return RetrievalState(
         version=artifact_set.version,
@@ -361,12 +361,16 @@ async def create_retrieval_server(config: RetrievalConfig) -> Service:
     def add(server, holder):
         servicer = RetrievalServicer(holder)
         pb_grpc.add_RetrievalServiceServicer_to_server(servicer, server)
+        if log_replay is None:
+            return servicer
         # The live catalogue: changes committed after the load are applied within a poll.
-        tailer = LogTailer(holder, store, config.catalog_poll_ms / 1000)
+        log_replay.report = holder.wait_for
+        tailer = LogTailer(holder, store, config.catalog_poll_ms / 1000, log_replay)
         tailer.start()
         return [servicer, tailer]
 
     store = config.conversion_store()
+    log_replay = LogReplay(store) if config.live_catalogue else None
     return await start_service(
         NAME,
         config,
@@ -378,7 +382,7 @@ async def create_retrieval_server(config: RetrievalConfig) -> Service:
             max_wait_ms=config.encode_wait_ms,
             text_runtime=config.text_runtime,
             shard=config.shard,
-            store=store,
+            log_replay=log_replay,
         ),
         add,
     )

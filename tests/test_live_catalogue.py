@@ -40,7 +40,7 @@ class LiveStack:
 
         self.lt = loop_thread
         self.services = []
-        common = {"artifacts": str(root), "port": 0, "admin_port": 0}
+        common = {"artifacts": str(root), "port": 0, "admin_port": 0, "live_catalogue": True}
 
         def start(coro):
             service = loop_thread.run(coro)
@@ -346,7 +346,7 @@ def test_a_build_that_folds_the_log_returns_the_live_servers_candidates(live, so
             timeout=60,
         )
     served = artifacts.resolve(str(live.root))
-    fp32 = {"artifacts": str(served.path), "port": 0, "admin_port": 0}
+    fp32 = {"artifacts": str(served.path), "port": 0, "admin_port": 0, "live_catalogue": True}
     fp32["text_runtime"] = "torch-fp32"  # one encoder on both sides: only retrieval compared
     before = live.lt.run(create_retrieval_server(RetrievalConfig(**fp32)))
     assert wait_until(
@@ -501,7 +501,9 @@ class Writer(threading.Thread):
 def test_every_acknowledged_change_is_in_effect_once_after_sigkills(live, tmp_path):
     root = live.root
     shards = [
-        ServerProcess("retrieval", root, tmp_path / f"shard{i}.log", "--shard", str(i))
+        ServerProcess(
+            "retrieval", root, tmp_path / f"shard{i}.log", "--shard", str(i), "--live-catalogue"
+        )
         for i in range(SHARDS)
     ]
     gateway = ServerProcess(
@@ -512,6 +514,7 @@ def test_every_acknowledged_change_is_in_effect_once_after_sigkills(live, tmp_pa
         ";".join(s.target for s in shards),
         "--ranking-addr",
         live.ranking_addr,
+        "--live-catalogue",
     )
     servers = [*shards, gateway]
     photos = pd.read_csv(live.data / "photos.tsv000", sep="\t")["photo_id"].tolist()
@@ -520,7 +523,7 @@ def test_every_acknowledged_change_is_in_effect_once_after_sigkills(live, tmp_pa
         for server in servers:
             server.start()
         for server in servers:
-            wait_for_serving(server.target, timeout=90)
+            wait_for_serving(server.target, timeout=180)
         writer.start()
         assert wait_until(lambda: len(writer.acked_upserts) >= 10, within=60)
         for server in servers:  # mid-stream: some writes are in flight
@@ -531,7 +534,7 @@ def test_every_acknowledged_change_is_in_effect_once_after_sigkills(live, tmp_pa
         for server in servers:
             server.start()
         for server in servers:
-            wait_for_serving(server.target, timeout=90)
+            wait_for_serving(server.target, timeout=180)
 
         with open_store(db=default_db_path(root)) as store:
             log = CatalogLog(store)

@@ -253,9 +253,8 @@ def cmd_bench_ingest(args) -> int:
     images = Images(Path(args.data))
     log_db = out / "ingest-log.sqlite3"
     remove_log(log_db)  # an interrupted run's: this run starts from an empty log
-    services = ServiceProcesses(
-        str(artifact_set.path), out / "ingest-logs", store={"conversions_db": str(log_db)}
-    )
+    store = {"conversions_db": str(log_db), "live_catalogue": True}
+    services = ServiceProcesses(str(artifact_set.path), out / "ingest-logs", store=store)
     try:
         say("starting retrieval, ranking and gateway")
         services.start_all()
