@@ -52,6 +52,8 @@ class PhotoChange:
         An upsert's image embedding (float32), None for a deletion or a photo without one.
     seq:
         The log sequence number (0 before it is committed).
+    logged_at_us:
+        When it was committed, in microseconds since the epoch (0 before).
     """
 
     photo_id: str
@@ -59,6 +61,7 @@ class PhotoChange:
     record: dict = field(default_factory=dict)
     embedding: np.ndarray | None = None
     seq: int = 0
+    logged_at_us: int = 0
 
 
 def request_digest(payload: bytes) -> str:
@@ -78,12 +81,13 @@ def _decode_vector(text: str) -> np.ndarray | None:
     return np.frombuffer(base64.b64decode(text), "<f4").astype(np.float32)
 
 
-_COLUMNS = "seq, photo_id, operation, record, embedding"
+_COLUMNS = "seq, photo_id, operation, record, embedding, logged_at_us"
 
 
 def _change(row) -> PhotoChange:
-    seq, photo_id, operation, record, embedding = row
-    return PhotoChange(photo_id, operation, json.loads(record), _decode_vector(embedding), int(seq))
+    seq, photo_id, operation, record, embedding, logged_at_us = row
+    vector = _decode_vector(embedding)
+    return PhotoChange(photo_id, operation, json.loads(record), vector, int(seq), int(logged_at_us))
 
 
 class CatalogLog:

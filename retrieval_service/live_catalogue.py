@@ -10,8 +10,9 @@ before they are cut, so ``k`` results still come back when ``k`` exist.
 
 Every server reading the same log from the same set numbers the new photos alike: a photo the
 set does not hold gets ``photo_idx`` = the set's photo count + the order in which the log first
-wrote it. On a sharded set a new photo belongs to the shard given by a hash of its id (stable
-whatever ``photo_idx`` it gets); a set photo stays on its shard.
+wrote it. On a sharded set a photo belongs to the shard given by a hash of its id, as the set's
+own photos are placed (:mod:`retrieval_service.sharding`): stable whatever ``photo_idx`` it
+gets, so a rebuild that folds it into the set leaves it on its shard.
 
 A segment is rebuilt whole at each batch of changes and swapped in by one assignment, so a
 search reads one consistent snapshot.
@@ -19,7 +20,6 @@ search reads one consistent snapshot.
 
 from __future__ import annotations
 
-import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,16 +29,22 @@ import pandas as pd
 
 from imgsearch.catalog_log import DELETE, PhotoChange
 from imgsearch.catalogue import normalise_keyword
+from imgsearch.filters import PhotoAttributes
 from retrieval_service.keyword_index import KeywordIndex
+from retrieval_service.live_filters import live_attributes
 from retrieval_service.retrievers import RetrievalResult, Retriever
+from retrieval_service.sharding import BY_ID, BY_INDEX, shard_of_id
 
 
-def owner_shard(photo_id: str, photo_idx: int, base_count: int, shard_count: int) -> int:
-    """The shard a photo lives on: a set photo's (``photo_idx % shard_count``), else one drawn
-    from a CRC-32 of its id, so a rebuild that renumbers the photo does not move it."""
-    if photo_idx < base_count:
+def owner_shard(
+    photo_id: str, photo_idx: int, base_count: int, shard_count: int, assignment: str = BY_ID
+) -> int:
+    """The shard a photo lives on: the one drawn from a CRC-32 of its id (as the set's own
+    photos are placed, so a rebuild that renumbers the photo does not move it), except a photo
+    of a set sharded by ``photo_idx`` (:data:`~retrieval_service.sharding.BY_INDEX`)."""
+    if assignment == BY_INDEX and photo_idx < base_count:
         return photo_idx % shard_count
-    return zlib.crc32(photo_id.encode("utf-8")) % shard_count
+    return shard_of_id(photo_id, shard_count)
 
 
 def keyword_rows(record: dict) -> list[tuple[str, float]]:
@@ -85,17 +91,23 @@ class LiveSegment:
     live: int = 0
     # Whether the log changed anything on this server (else the set answers alone).
     changed: bool = False
+    # What filters test, per photo_idx (set and new photos); None for a set without filters.
+    attributes: PhotoAttributes | None = None
+    # Bool per photo_idx: taken down (the segment's indexes may still hold it: see snapshot).
+    removed: np.ndarray | None = None
 
     def allowed(self, allowed: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
         """Bool per ``photo_idx`` (set and new photos): what a search may return from the set's
-        indexes, and from the segment's. ``allowed`` (a filter's mask over the set's photos)
-        keeps new photos out: filters test the set's attributes only."""
+        indexes, and from the segment's. ``allowed`` is a filter's mask over
+        :attr:`attributes` (every photo); a shorter one, over the set's photos only, keeps the
+        new photos out."""
         from_set = ~self.hidden
-        from_segment = np.ones(len(self.hidden), bool)
+        from_segment = np.ones(len(self.hidden), bool) if self.removed is None else ~self.removed
         if allowed is not None:
-            from_set[: self.base_count] &= np.asarray(allowed, bool)
-            from_segment[: self.base_count] = allowed
-            from_segment[self.base_count :] = False
+            allowed = np.asarray(allowed, bool)
+            from_set[: len(allowed)] &= allowed
+            from_segment[: len(allowed)] = allowed
+            from_segment[len(allowed) :] = False
         return from_set, from_segment
 
 
@@ -110,10 +122,28 @@ class LiveCatalogue:
         The set's high-water mark (changes up to it are in the set already).
     shard, shard_count:
         The shard this server holds (``shard_count`` 0: the whole catalogue).
+    assignment:
+        How the set placed its photos on shards (its layout's ``assignment``).
+    attributes:
+        The set's filter attributes (None: a set built before filters).
     """
 
-    def __init__(self, photo_ids: np.ndarray, seq: int = 0, shard: int = 0, shard_count: int = 0):
+    def __init__(
+        self,
+        photo_ids: np.ndarray,
+        seq: int = 0,
+        shard: int = 0,
+        shard_count: int = 0,
+        assignment: str = BY_ID,
+        attributes: PhotoAttributes | None = None,
+    ):
         self.base_count = len(photo_ids)
+        self.assignment = assignment
+        self.attributes = attributes
+        # photo_idx -> when the log first wrote it (its submission time for filters), and its
+        # live version whatever shard holds it (filters know every photographer alike).
+        self.first_logged_us: dict[int, int] = {}
+        self.described: dict[int, PhotoChange] = {}
         self.ids = list(photo_ids.tolist())
         self.index = {photo_id: i for i, photo_id in enumerate(self.ids)}
         self.seq = int(seq)
@@ -122,13 +152,17 @@ class LiveCatalogue:
         # photo_idx -> the live version's change (only photos of this shard), and deletions.
         self.current: dict[int, PhotoChange] = {}
         self.deleted: set[int] = set()
+        # Whether a photo was written since the last snapshot (deletions alone reuse its
+        # indexes: a take-down is applied without rebuilding them).
+        self.written = True
         self.segment = self.snapshot()
 
     def owns(self, photo_id: str, photo_idx: int) -> bool:
         """Whether this server's shard holds the photo."""
         if not self.shard_count:
             return True
-        return owner_shard(photo_id, photo_idx, self.base_count, self.shard_count) == self.shard
+        owner = owner_shard(photo_id, photo_idx, self.base_count, self.shard_count, self.assignment)
+        return owner == self.shard
 
     def apply(self, changes: Sequence[PhotoChange]) -> LiveSegment:
         """Apply changes in sequence order (those at or below the applied mark are skipped)
@@ -146,8 +180,12 @@ class LiveCatalogue:
             if change.operation == DELETE:
                 self.deleted.add(photo_idx)
                 self.current.pop(photo_idx, None)
+                self.described.pop(photo_idx, None)
             else:
                 self.deleted.discard(photo_idx)
+                self.first_logged_us.setdefault(photo_idx, change.logged_at_us)
+                self.described[photo_idx] = change
+                self.written = True
                 if self.owns(change.photo_id, photo_idx):
                     self.current[photo_idx] = change
             self.seq = max(self.seq, change.seq)
@@ -155,15 +193,18 @@ class LiveCatalogue:
         return self.segment
 
     def snapshot(self) -> LiveSegment:
-        """The segment of everything applied so far."""
+        """The segment of everything applied so far.
+
+        When only deletions came since the last snapshot, its keyword index, vectors and
+        attributes are kept: :attr:`LiveSegment.removed` leaves the deleted photos out of them.
+        """
         total = len(self.ids)
-        hidden = np.zeros(total, bool)
+        removed = np.zeros(total, bool)
+        removed[np.fromiter(self.deleted, np.int64, len(self.deleted))] = True
+        hidden = removed.copy()
         hidden[self.base_count :] = True  # new photos: served from the segment only
-        for photo_idx in self.deleted:
-            hidden[photo_idx] = True
-        for photo_idx in self.current:
-            hidden[photo_idx] = True  # the set's older version, if any
         live = sorted(self.current)
+        hidden[live] = True  # the set's older version, if any
         segment = LiveSegment(
             self.seq,
             np.asarray(self.ids, dtype=object),
@@ -171,7 +212,20 @@ class LiveCatalogue:
             self.base_count,
             live=len(live),
             changed=bool(live) or bool(hidden[: self.base_count].any()),
+            removed=removed,
         )
+        previous = getattr(self, "segment", None)
+        if not self.written and previous is not None:
+            segment.keyword, segment.attributes = previous.keyword, previous.attributes
+            segment.vector_idx, segment.vectors = previous.vector_idx, previous.vectors
+            return segment
+        self.written = False
+        if self.attributes is not None:
+            segment.attributes = (
+                live_attributes(self.attributes, total, self.described, self.first_logged_us)
+                if segment.changed or total > self.base_count
+                else self.attributes
+            )
         rows = [
             (photo_idx, keyword, confidence)
             for photo_idx in live
@@ -241,7 +295,7 @@ class LiveKeywordRetriever(Retriever):
     ) -> RetrievalResult:
         segment = self.view.segment
         if not segment.changed:  # the set alone, called as any retriever
-            filtered = {} if allowed is None else {"allowed": allowed}
+            filtered = {} if allowed is None else {"allowed": allowed[: segment.base_count]}
             return self.base.retrieve(query, candidates_k, **filtered)
         query = normalise_keyword(query)
         from_set, from_segment = segment.allowed(allowed)
@@ -289,6 +343,8 @@ class LiveClipRetriever(Retriever):
     ) -> RetrievalResult:
         segment = self.view.segment
         if not segment.changed:  # the set alone, called as any retriever
+            if allowed is not None:
+                allowed = allowed[: segment.base_count]
             given = {"allowed": allowed, "query_embedding": query_embedding}
             return self.base.retrieve(
                 query, candidates_k, **{k: v for k, v in given.items() if v is not None}

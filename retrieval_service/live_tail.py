@@ -1,20 +1,19 @@
-"""A retrieval server's side of the live catalogue: replay the log at load, tail it while serving,
-and embed written images with the served CLIP's image tower."""
+"""A retrieval server's side of the live catalogue: replay the log at load and tail it while
+serving (images written to it are embedded by :mod:`retrieval_service.image_worker`)."""
 
 from __future__ import annotations
 
 import asyncio
-import io
 import logging
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import numpy as np
 
 from imgsearch.catalog_log import CatalogLog
 from imgsearch.conversion_store import StoreError, open_store
+from imgsearch.filters import PhotoAttributes
 from retrieval_service.live_catalogue import (
     LiveCatalogue,
     LiveClipRetriever,
@@ -22,6 +21,7 @@ from retrieval_service.live_catalogue import (
     LiveView,
 )
 from retrieval_service.retrievers import Retriever
+from retrieval_service.sharding import BY_INDEX
 
 # The manifest key of a set's high-water mark: the last log change folded into the set.
 HIGH_WATER_KEY = "catalog_log_seq"
@@ -97,9 +97,11 @@ def live_retrievers(
     log_replay: LogReplay,
     shard: int,
     shard_count: int,
+    attributes: PhotoAttributes | None = None,
 ) -> tuple[dict[str, Retriever], LiveView]:
     """The set's retrievers with the log applied on top (replayed now, from the set's
-    high-water mark, see :class:`LogReplay`), and the view the tailer updates.
+    high-water mark, see :class:`LogReplay`), and the view the tailer updates. ``attributes``
+    (the set's, for filters) gain the live photos (:mod:`retrieval_service.live_filters`).
 
     Raises
     ------
@@ -109,7 +111,12 @@ def live_retrievers(
     from retrieval_service.semantic import HybridRetriever
 
     catalogue = LiveCatalogue(
-        photo_ids, int(manifest.get(HIGH_WATER_KEY, 0)), shard=shard, shard_count=shard_count
+        photo_ids,
+        int(manifest.get(HIGH_WATER_KEY, 0)),
+        shard=shard,
+        shard_count=shard_count,
+        assignment=(manifest.get("shards") or {}).get("assignment", BY_INDEX),
+        attributes=attributes,
     )
     replayed = log_replay.replay(catalogue)
     if replayed:
@@ -187,38 +194,3 @@ class LogTailer:
         if store is not None:
             self.executor.submit(store.close).result()
             self.executor.shutdown(wait=False)
-
-
-class ImageTower:
-    """The served CLIP's image tower, loaded at the first images to embed."""
-
-    def __init__(self, set_dir: Path):
-        self.set_dir = Path(set_dir)
-        self.bundle = None
-        self.fingerprint = ""
-
-    def embed(self, images: list[bytes]) -> np.ndarray:
-        """L2-normalised embeddings of JPEG/PNG images, one row each, in one batch.
-
-        Raises
-        ------
-        ValueError
-            Naming the position of an image that does not decode.
-        """
-        from PIL import Image, UnidentifiedImageError
-
-        from imgsearch.artifacts import CLIP_DIR
-        from retrieval_service.clip_model import ClipSpec, load_clip, weights_fingerprint
-
-        decoded = []
-        for i, data in enumerate(images):
-            try:
-                with Image.open(io.BytesIO(data)) as image:
-                    image.load()
-                    decoded.append(image.convert("RGB"))
-            except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:
-                raise ValueError(f"images[{i}] is not a readable JPEG or PNG ({exc})") from exc
-        if self.bundle is None:
-            self.bundle = load_clip(ClipSpec.from_dir(self.set_dir / CLIP_DIR))
-            self.fingerprint = weights_fingerprint(self.bundle.model)
-        return self.bundle.encode_images(decoded)

@@ -34,9 +34,10 @@ from imgsearch.serving import (
     start_service,
 )
 from retrieval_service.batching import DEFAULT_MAX_BATCH, DEFAULT_MAX_WAIT_MS
+from retrieval_service.image_worker import ImageEmbedder
 from retrieval_service.keyword_index import KeywordIndex
 from retrieval_service.live_catalogue import LiveView
-from retrieval_service.live_tail import ImageTower, LogReplay, LogTailer, live_retrievers
+from retrieval_service.live_tail import LogReplay, LogTailer, live_retrievers
 from retrieval_service.retrievers import RetrievalResult, Retriever
 from retrieval_service.semantic import HybridRetriever, clip_source
 from retrieval_service.sharding import check_shard, shard_dir
@@ -65,11 +66,18 @@ class RetrievalState:
     attributes: PhotoAttributes | None = None
     # The live catalogue's changes on top of the set (None: served without the log).
     live: LiveView | None = None
-    image_tower: ImageTower | None = None
+    # Whether the set has a CLIP whose image tower embeds the live catalogue's images.
+    embeds_images: bool = False
 
     def ids(self) -> np.ndarray:
         """Photo ids by ``photo_idx``, the live catalogue's new photos included."""
         return self.photo_ids if self.live is None else self.live.segment.photo_ids
+
+    def filter_attributes(self) -> PhotoAttributes | None:
+        """What filters test now: the live catalogue's photos included."""
+        if self.live is not None and self.live.segment.attributes is not None:
+            return self.live.segment.attributes
+        return self.attributes
 
 
 def load_retrieval_state(
@@ -122,10 +130,19 @@ def load_retrieval_state(
         )
     default = default_retriever or recorded_retriever(artifact_set.manifest, retrievers)
     photo_ids = photos["photo_id"].to_numpy(dtype=object)
+    attributes = PhotoAttributes.load(
+        artifact_set.file(artifacts.CATALOGUE_DIR), artifact_set.manifest
+    )
     live = None
     if log_replay is not None:
         retrievers, live = live_retrievers(
-            retrievers, photo_ids, artifact_set.manifest, log_replay, max(0, shard), shard_count
+            retrievers,
+            photo_ids,
+            artifact_set.manifest,
+            log_replay,
+            max(0, shard),
+            shard_count,
+            attributes,
         )
     return RetrievalState(
         version=artifact_set.version,
@@ -137,11 +154,9 @@ def load_retrieval_state(
         shard=max(0, shard),
         shard_count=shard_count,
         defaults=retrieval_defaults(artifact_set.manifest, retrievers, default_retriever),
-        attributes=PhotoAttributes.load(
-            artifact_set.file(artifacts.CATALOGUE_DIR), artifact_set.manifest
-        ),
+        attributes=attributes,
         live=live,
-        image_tower=ImageTower(artifact_set.path) if "clip" in retrievers else None,
+        embeds_images="clip" in retrievers,
     )
 
 
@@ -245,9 +260,10 @@ class RetrievalServicer(pb_grpc.RetrievalServiceServicer):
     def __init__(self, holder: Reloadable[RetrievalState]):
         self.holder = holder
         self.executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="retrieve")
-        # Images written to the live catalogue: embedded one batch at a time, never in the
-        # searches' threads (a search does not queue behind an image batch).
+        # Images written to the live catalogue: embedded one batch at a time in a child process
+        # at a lower priority (retrieval_service.image_worker), waited for on a thread of its own.
         self.embed_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embed")
+        self.embedder = ImageEmbedder()
         self.stage_latency = LATENCY.labels(NAME, "retrieve")
 
     async def Retrieve(self, request: pb.RetrieveRequest, context) -> pb.RetrieveResponse:
@@ -271,7 +287,7 @@ class RetrievalServicer(pb_grpc.RetrievalServiceServicer):
                 f"(available: {', '.join(state.retrievers)})",
             )
         try:
-            allowed = filter_mask(state.attributes, request.filter, state.version)
+            allowed = filter_mask(state.filter_attributes(), request.filter, state.version)
         except FiltersUnsupported as exc:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
         filtered = {} if allowed is None else {"allowed": allowed}
@@ -333,17 +349,16 @@ class RetrievalServicer(pb_grpc.RetrievalServiceServicer):
 
     async def EmbedImages(self, request: pb.EmbedImagesRequest, context) -> pb.EmbedImagesResponse:
         state = self.holder.state
-        if state.image_tower is None:
+        if not state.embeds_images:
             await context.abort(
                 grpc.StatusCode.FAILED_PRECONDITION,
                 f"artifact set {state.version} has no CLIP: images cannot be embedded",
             )
         if not request.images:
             raise InvalidArgument("images", "must not be empty")
-        tower = state.image_tower
         try:
-            vectors = await asyncio.get_running_loop().run_in_executor(
-                self.embed_executor, tower.embed, list(request.images)
+            vectors, fingerprint = await asyncio.get_running_loop().run_in_executor(
+                self.embed_executor, self.embedder.embed, state.path, list(request.images)
             )
         except ValueError as exc:
             raise InvalidArgument("images", str(exc)) from exc
@@ -351,8 +366,11 @@ class RetrievalServicer(pb_grpc.RetrievalServiceServicer):
             values=vectors.ravel().tolist(),
             dim=vectors.shape[1],
             artifact_version=state.version,
-            clip_fingerprint=tower.fingerprint,
+            clip_fingerprint=fingerprint,
         )
+
+    async def close(self) -> None:
+        self.embedder.close()
 
 
 async def create_retrieval_server(config: RetrievalConfig) -> Service:
@@ -363,6 +381,7 @@ async def create_retrieval_server(config: RetrievalConfig) -> Service:
         pb_grpc.add_RetrievalServiceServicer_to_server(servicer, server)
         if log_replay is None:
             return servicer
+        servicer.embedder.start()  # the image tower's process is ready before the first write
         # The live catalogue: changes committed after the load are applied within a poll.
         log_replay.report = holder.wait_for
         tailer = LogTailer(holder, store, config.catalog_poll_ms / 1000, log_replay)

@@ -1,73 +1,40 @@
 """The live catalogue through real servers: photos written through CatalogService are found by
-keyword and CLIP search on every replica and shard, deletions are never returned, retries are
-applied once, a bad batch writes nothing, and servers SIGKILLed during writes serve every
-acknowledged change once after a restart."""
+keyword and CLIP search on every replica and shard, deletions are never returned (1,000 of
+them while searches run included), retries are applied once, a bad batch writes nothing, a
+build that folds the log keeps the servers' lists and shards, and servers SIGKILLed during
+writes serve every acknowledged change once after a restart."""
 
 from __future__ import annotations
 
-import threading
+import math
 import time
 import uuid
 
 import grpc
-import numpy as np
 import pandas as pd
 import pytest
 
 from gateway.client import wait_for_serving
 from imgsearch.catalog.v1 import catalog_service_pb2 as cat_pb
-from imgsearch.catalog.v1 import catalog_service_pb2_grpc as cat_grpc
 from imgsearch.catalog_log import DELETE, CatalogLog, replay
 from imgsearch.conversion_store import default_db_path, open_store
 from imgsearch.retrieval.v1 import retrieval_service_pb2 as retr_pb
 from imgsearch.search.v1 import search_service_pb2 as pb
 from imgsearch.search.v1 import search_service_pb2_grpc as pb_grpc
+from tests.live_stack import (
+    SHARDS,
+    SHARED_KEYWORD,
+    LiveStack,
+    Searcher,
+    Writer,
+    catalog,
+    new_photo,
+    retrieve,
+    retrieve_ids,
+    search_ids,
+    wait_until,
+)
 from tests.processes import ServerProcess
-
-SHARDS = 2
-# Generous: the servers read the log every 100 ms; this only bounds a broken test.
-VISIBLE_WITHIN_S = 10.0
-
-
-class LiveStack:
-    """One set served by 2 whole replicas and by 2 shards, a gateway over each, one ranking."""
-
-    def __init__(self, loop_thread, root):
-        from gateway.server import create_gateway_server
-        from imgsearch.config import GatewayConfig, RankingConfig, RetrievalConfig
-        from ranking_service.server import create_ranking_server
-        from retrieval_service.server import create_retrieval_server
-
-        self.lt = loop_thread
-        self.services = []
-        common = {"artifacts": str(root), "port": 0, "admin_port": 0, "live_catalogue": True}
-
-        def start(coro):
-            service = loop_thread.run(coro)
-            self.services.append(service)
-            return service
-
-        self.replicas = [start(create_retrieval_server(RetrievalConfig(**common))) for _ in "ab"]
-        self.shards = [
-            start(create_retrieval_server(RetrievalConfig(**common, shard=i)))
-            for i in range(SHARDS)
-        ]
-        self.root = root
-        ranking = start(create_ranking_server(RankingConfig(**common)))
-        self.ranking_addr = ranking_addr = f"127.0.0.1:{ranking.port}"
-
-        def gateway(addr):
-            config = GatewayConfig(**common, retrieval_addr=addr, ranking_addr=ranking_addr)
-            return start(create_gateway_server(config))
-
-        self.gateways = {
-            "replicas": gateway(",".join(f"127.0.0.1:{s.port}" for s in self.replicas)),
-            "shards": gateway(";".join(f"127.0.0.1:{s.port}" for s in self.shards)),
-        }
-
-    def stop(self):
-        for service in reversed(self.services):
-            self.lt.run(service.stop(0))
 
 
 @pytest.fixture(scope="module")
@@ -80,50 +47,12 @@ def live(loop_thread, tmp_path_factory):
     generate(data, n_photos=120, n_users=30, n_conversions=1500, seed=5, show_progress=False)
     root = tmp_path_factory.mktemp("live-artifacts")
     build_artifacts(
-        str(data), str(root), ["none"], clip_steps=5, show_progress=False, shards=SHARDS
+        str(data), str(root), ["none"], clip_steps=1, show_progress=False, shards=SHARDS
     )
     stack = LiveStack(loop_thread, root)
     stack.data = data
     yield stack
     stack.stop()
-
-
-def new_photo(data, source_id: str, photo_id: str, keywords) -> cat_pb.PhotoRecord:
-    """A photo with another photo's image (so its CLIP embedding is that photo's)."""
-    return cat_pb.PhotoRecord(
-        photo_id=photo_id,
-        image=(data / "images" / f"{source_id}.jpg").read_bytes(),
-        keywords=[cat_pb.KeywordConfidence(keyword=k, confidence=c) for k, c in keywords],
-        description=f"copy of {source_id}",
-        photographer="live",
-        width=640,
-        height=480,
-        views=10,
-        downloads=1,
-    )
-
-
-def catalog(port):
-    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
-    return channel, cat_grpc.CatalogServiceStub(channel)
-
-
-def search_ids(port, query, retriever, k=100) -> tuple[list[str], list[float]]:
-    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-        reply = pb_grpc.SearchServiceStub(channel).Search(
-            pb.SearchRequest(query=query, k=k, candidates_k=k, retriever=retriever, ranker=1),
-            timeout=30,
-        )
-    return [r.photo_id for r in reply.results], [r.retrieval_score for r in reply.results]
-
-
-def wait_until(condition, within=VISIBLE_WITHIN_S):
-    end = time.monotonic() + within
-    while time.monotonic() < end:
-        if condition():
-            return True
-        time.sleep(0.02)
-    return condition()
 
 
 @pytest.fixture(scope="module")
@@ -158,6 +87,22 @@ def test_a_written_photo_is_found_by_keyword_and_clip_on_replicas_and_shards(liv
             return search_ids(port, "zebracorn", retr_pb.RETRIEVER_KEYWORD)[0] == [photo_id]
 
         assert wait_until(by_keyword), f"{name}: not found by keyword"
+        # Filters test it by its record (photographer "live", 640x480: landscape).
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            filtered = pb_grpc.SearchServiceStub(channel).Search(
+                pb.SearchRequest(
+                    query=keyword,
+                    k=100,
+                    retriever=retr_pb.RETRIEVER_CLIP,
+                    ranker=1,
+                    filter=retr_pb.PhotoFilter(
+                        photographer_usernames=["live"],
+                        orientation=retr_pb.ORIENTATION_LANDSCAPE,
+                    ),
+                ),
+                timeout=30,
+            )
+        assert [r.photo_id for r in filtered.results] == [photo_id], name
         ids, scores = search_ids(port, keyword, retr_pb.RETRIEVER_CLIP, k=120)
         # The same image: the same embedding, so the same CLIP score as its source.
         assert photo_id in ids and source_id in ids, name
@@ -301,17 +246,97 @@ def test_the_cli_adds_reads_ingests_and_takes_down_photos(live, source, tmp_path
     assert "NOT_FOUND" in capsys.readouterr().err
 
 
-def retrieve(port, query, retriever, k=50):
-    from imgsearch.retrieval.v1 import retrieval_service_pb2_grpc as retr_grpc
+LOAD_DELETIONS = 1000
+DELETE_BATCH = 10
+LOAD_KEYWORD = "loadvictim"
+GONE_AFTER_S = 1.0
 
-    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-        return retr_grpc.RetrievalServiceStub(channel).Retrieve(
-            retr_pb.RetrieveRequest(query=query, candidates_k=k, retriever=retriever), timeout=30
+
+def test_no_search_returns_a_photo_deleted_a_second_before_it_started_under_load(live):
+    """1,000 deletions while searches run on every replica and shard: no search that started
+    1 s or more after a deletion was acknowledged returns that photo."""
+    from imgsearch import artifacts
+    from imgsearch.catalog_log import UPSERT, PhotoChange
+    from retrieval_service.embedding import load_embeddings
+
+    # 1,000 live photos, written to the log as the gateway writes them (each with the
+    # embedding of a set photo, so CLIP finds them beside it).
+    _, vectors = load_embeddings(artifacts.resolve(str(live.root)).file(artifacts.EMBEDDINGS))
+    victims = [f"load-{i:04d}" for i in range(LOAD_DELETIONS)]
+    record = {
+        "keywords": [[LOAD_KEYWORD, 60.0]],
+        "description": "",
+        "photographer": "load",
+        "width": 1,
+        "height": 1,
+        "views": 0,
+        "downloads": 0,
+    }
+    with open_store(db=default_db_path(live.root)) as store:
+        log = CatalogLog(store)
+        for start in range(0, LOAD_DELETIONS, 250):
+            changes = [
+                PhotoChange(p, UPSERT, record, vectors[i % len(vectors)])
+                for i, p in enumerate(victims[start : start + 250], start)
+            ]
+            log.append(str(uuid.uuid4()), str(uuid.uuid4()), changes)
+    ports = [s.port for s in (*live.replicas, *live.shards)]
+
+    def all_visible():
+        whole = [retrieve_ids(p, LOAD_KEYWORD, retr_pb.RETRIEVER_KEYWORD, k=1000) for p in ports]
+        return all(len(ids) == LOAD_DELETIONS for ids in whole[:2]) and (
+            sorted(whole[2] + whole[3]) == victims
         )
 
-
-def retrieve_ids(port, query, retriever, k=50) -> list[str]:
-    return list(retrieve(port, query, retriever, k).photo_ids)
+    assert wait_until(all_visible, within=60)
+    searches = [
+        (LOAD_KEYWORD, retr_pb.RETRIEVER_KEYWORD, 1000),
+        (f"a {LOAD_KEYWORD} picture", retr_pb.RETRIEVER_CLIP, 200),
+    ]
+    searchers = [Searcher(ports, searches) for _ in range(3)]
+    acked: dict[str, float] = {}
+    channel, stub = catalog(live.gateways["replicas"].port)
+    began = time.monotonic()
+    try:
+        for searcher in searchers:
+            searcher.start()
+        with channel:
+            for start in range(0, LOAD_DELETIONS, DELETE_BATCH):
+                batch = victims[start : start + DELETE_BATCH]
+                stub.DeletePhotos(
+                    cat_pb.DeletePhotosRequest(
+                        request_id=str(uuid.uuid4()), photo_ids=batch, reason="load"
+                    ),
+                    timeout=30,
+                )
+                now = time.monotonic()
+                acked.update((p, now) for p in batch)
+        last = max(acked.values())
+        time.sleep(GONE_AFTER_S + 0.5)  # searches that start after every deadline passed
+    finally:
+        for searcher in searchers:
+            searcher.done.set()
+        for searcher in searchers:
+            searcher.join(30)
+    results = [r for s in searchers for r in s.results]
+    late = [
+        (port, photo_id)
+        for port, started, ids in results
+        for photo_id in ids
+        if acked.get(photo_id, math.inf) <= started - GONE_AFTER_S
+    ]
+    during = [r for r in results if began <= r[1] <= last]
+    print(
+        f"{len(results)} searches in {time.monotonic() - began:.1f} s "
+        f"({len(during) / max(last - began, 1e-9):.0f}/s while {LOAD_DELETIONS} photos were "
+        f"deleted in {last - began:.1f} s); {sum(s.failures for s in searchers)} failed"
+    )
+    assert not late, f"{len(late)} results held a photo deleted >= 1 s before: {late[:5]}"
+    # Each server was searched while deletions were in flight, and after the last deadline.
+    for port in ports:
+        assert any(r[0] == port for r in during), port
+        assert any(r[0] == port and r[1] >= last + GONE_AFTER_S for r in results), port
+    assert sum(s.failures for s in searchers) == 0
 
 
 def test_a_build_that_folds_the_log_returns_the_live_servers_candidates(live, source):
@@ -321,7 +346,9 @@ def test_a_build_that_folds_the_log_returns_the_live_servers_candidates(live, so
     from imgsearch.config import RetrievalConfig
     from imgsearch_tools.build import build_artifacts
     from imgsearch_tools.build_inputs import read_catalog_changes
+    from retrieval_service.keyword_index import KeywordIndex
     from retrieval_service.server import create_retrieval_server
+    from retrieval_service.sharding import shard_dir
 
     source_id, keyword = source
     photos = pd.read_csv(live.data / "photos.tsv000", sep="\t")["photo_id"].tolist()
@@ -352,6 +379,18 @@ def test_a_build_that_folds_the_log_returns_the_live_servers_candidates(live, so
     assert wait_until(
         lambda: retrieve_ids(before.port, "foldmark", retr_pb.RETRIEVER_KEYWORD) == [photos[21]]
     )
+    folded = {f"fold-{i}" for i in range(4)} | {photos[21]}
+
+    def live_owners() -> dict[str, int]:
+        found = {}
+        for shard, server in enumerate(live.shards):
+            for query in (keyword, "foldmark"):
+                ids = retrieve_ids(server.port, query, retr_pb.RETRIEVER_KEYWORD, k=1000)
+                found.update((p, shard) for p in ids if p in folded)
+        return found
+
+    assert wait_until(lambda: set(live_owners()) == folded)
+    owners = live_owners()
     queries = [
         keyword,
         "foldmark",
@@ -387,115 +426,15 @@ def test_a_build_that_folds_the_log_returns_the_live_servers_candidates(live, so
             pairs = [list(zip(r.photo_ids, r.scores)) for r in (got, expected)]
             assert pairs[0] == pairs[1], (query, [p[-6:] for p in pairs])
         assert photos[30] not in retrieve_ids(after.port, photos[30], retr_pb.RETRIEVER_KEYWORD)
+        # Each photo the build folded in stays on the shard that served it live.
+        ids = pd.read_parquet(built / artifacts.CATALOGUE_DIR / "photos.parquet")["photo_id"]
+        for shard in range(SHARDS):
+            index = KeywordIndex.load(shard_dir(built, shard) / artifacts.KEYWORD_INDEX)
+            held = {ids.iloc[i] for q in (keyword, "foldmark") for i in index.keyword_photos(q)[0]}
+            assert held & folded == {p for p, s in owners.items() if s == shard}, shard
     finally:
         for service in (before, after):
             live.lt.run(service.stop(0))
-
-
-def test_the_live_keyword_segment_scores_as_one_index_over_all_photos():
-    from imgsearch.catalog_log import DELETE, UPSERT, PhotoChange
-    from retrieval_service.keyword_index import KeywordIndex
-    from retrieval_service.live_catalogue import (
-        LiveCatalogue,
-        LiveKeywordRetriever,
-        LiveView,
-        keyword_rows,
-    )
-
-    rng = np.random.default_rng(0)
-    vocabulary = ["red car", "blue car", "red sky", "tree", "sea"]
-    base_rows = [
-        (i, k, float(rng.integers(0, 100)) / 100)
-        for i in range(40)
-        for k in rng.choice(vocabulary, 2, replace=False)
-    ]
-    base = KeywordIndex.from_keywords(
-        pd.DataFrame(base_rows, columns=["photo_idx", "keyword", "confidence"]).astype(
-            {"confidence": np.float32}
-        )
-    )
-    ids = np.array([f"p{i}" for i in range(40)], dtype=object)
-    catalogue = LiveCatalogue(ids)
-    changes, seq = [], 0
-    for i in range(40, 50):
-        seq += 1
-        keywords = [[k, float(rng.integers(0, 100))] for k in rng.choice(vocabulary + ["car"], 2)]
-        changes.append(PhotoChange(f"p{i}", UPSERT, {"keywords": keywords}, seq=seq))
-    seq += 1
-    changes.append(PhotoChange("p3", DELETE, {"reason": "test"}, seq=seq))
-    seq += 1
-    changes.append(PhotoChange("p5", UPSERT, {"keywords": [["red car", 100.0]]}, seq=seq))
-    catalogue.apply(changes)
-    live = LiveKeywordRetriever(base, LiveView(catalogue))
-
-    # One index over every live photo, as a rebuild would make it.
-    rows = [r for r in base_rows if r[0] not in (3, 5)]
-    for photo_idx, change in catalogue.current.items():
-        rows += [(photo_idx, k, c) for k, c in keyword_rows(change.record)]
-    whole = KeywordIndex.from_keywords(
-        pd.DataFrame(rows, columns=["photo_idx", "keyword", "confidence"]).astype(
-            {"confidence": np.float32}
-        )
-    )
-    for query in ["red car", "car", "red", "sky tree", "car sea", "nothing"]:
-        expected, got = whole.retrieve(query, 15), live.retrieve(query, 15)
-        assert got.photo_idx.tolist() == expected.photo_idx.tolist(), query
-        np.testing.assert_allclose(got.scores, expected.scores, rtol=1e-6)
-
-
-SHARED_KEYWORD = "killstream"
-
-
-class Writer(threading.Thread):
-    """Writes photos and takes some down, one change per request, recording what was acked."""
-
-    def __init__(self, target: str, data, sources: list[str], base_victims: list[str]):
-        super().__init__(daemon=True)
-        self.target = target
-        self.data = data
-        self.sources = sources
-        self.base_victims = list(base_victims)
-        self.acked_upserts: list[str] = []
-        self.acked_deletes: list[str] = []
-        self.failures = 0
-        self.done = threading.Event()
-
-    def run(self) -> None:
-        with grpc.insecure_channel(self.target) as channel:
-            stub = cat_grpc.CatalogServiceStub(channel)
-            n = 0
-            while not self.done.is_set():
-                n += 1
-                try:
-                    if n % 3 == 0 and (self.acked_upserts or self.base_victims):
-                        victim = (
-                            self.base_victims.pop()
-                            if n % 2 and self.base_victims
-                            else self.acked_upserts[n % len(self.acked_upserts)]
-                        )
-                        stub.DeletePhotos(
-                            cat_pb.DeletePhotosRequest(
-                                request_id=str(uuid.uuid4()), photo_ids=[victim], reason="test"
-                            ),
-                            timeout=5,
-                        )
-                        self.acked_deletes.append(victim)
-                    else:
-                        photo_id = f"kill-{n}-{uuid.uuid4().hex[:6]}"
-                        source = self.sources[n % len(self.sources)]
-                        photo = new_photo(
-                            self.data, source, photo_id, [(SHARED_KEYWORD, 50.0), (photo_id, 90.0)]
-                        )
-                        stub.UpsertPhotos(
-                            cat_pb.UpsertPhotosRequest(
-                                request_id=str(uuid.uuid4()), photos=[photo]
-                            ),
-                            timeout=5,
-                        )
-                        self.acked_upserts.append(photo_id)
-                except grpc.RpcError:
-                    self.failures += 1
-                    self.done.wait(0.05)
 
 
 def test_every_acknowledged_change_is_in_effect_once_after_sigkills(live, tmp_path):

@@ -161,15 +161,24 @@ async def search_load(search, queries: list[str], rate: float, seconds: float) -
     return {"searches": len(latencies), "errors": errors, **percentiles_ms(latencies)}
 
 
-async def ingest_at(stub, images: Images, rate: float, seconds: float, run: str) -> int:
-    """Single-photo writes at ``rate`` per second for ``seconds`` (open loop)."""
+async def ingest_at(stub, images: Images, rate: float, seconds: float, run: str) -> dict:
+    """Single-photo writes at ``rate`` per second for ``seconds`` (open loop): how many were
+    acknowledged, and refused (the gateway sheds writes it cannot keep up with)."""
     tasks, start = [], time.perf_counter()
+    refused: list[str] = []
+
+    async def one(photo) -> None:
+        try:
+            await upsert(stub, [photo])
+        except grpc.aio.AioRpcError as exc:
+            refused.append(exc.code().name)
+
     for n in range(int(rate * seconds)):
         await asyncio.sleep(max(0.0, start + n / rate - time.perf_counter()))
         photo = images.photo(f"{run}-l{n}", [f"{run} load"])
-        tasks.append(asyncio.create_task(upsert(stub, [photo])))
+        tasks.append(asyncio.create_task(one(photo)))
     await asyncio.gather(*tasks)
-    return len(tasks)
+    return {"photos_written": len(tasks) - len(refused), "photos_refused": len(refused)}
 
 
 async def measure(args, target: str, images: Images) -> dict:
@@ -192,7 +201,7 @@ async def measure(args, target: str, images: Images) -> dict:
             search_load(search, images.queries, args.search_rate, args.search_s),
             ingest_at(stub, images, args.ingest_rate, args.search_s, run),
         )
-        report["search_while_ingesting"] = {**loaded, "photos_written": written}
+        report["search_while_ingesting"] = {**loaded, **written}
         ratio = loaded["p99"] / report["search_idle"]["p99"]
         report["p99_ratio"] = round(ratio, 3)
         say(f"search p99 idle {report['search_idle']['p99']} ms, ingesting {loaded['p99']} ms")
@@ -224,7 +233,8 @@ def render_markdown(report: dict) -> str:
             f"| search p50 / p99 idle ({s['search_rate']:g}/s, {idle['searches']} searches) "
             f"| {idle['p50']:.1f} / {idle['p99']:.1f} ms |",
             f"| search p50 / p99 while writing {s['ingest_rate']:g} photos/s "
-            f"({busy['searches']} searches, {busy['photos_written']} photos) "
+            f"({busy['searches']} searches, {busy['photos_written']} photos written, "
+            f"{busy.get('photos_refused', 0)} refused) "
             f"| {busy['p50']:.1f} / {busy['p99']:.1f} ms |",
             f"| p99 while ingesting / idle | {report['p99_ratio']:.2f}x |",
             "",
