@@ -10,6 +10,8 @@ from pathlib import Path
 import grpc
 
 from gateway.breaker import CircuitBreaker, RankingCall, Verdict
+from gateway.catalog import SERVICE_NAME as CATALOG_SERVICE_NAME
+from gateway.catalog import CatalogServicer
 from gateway.feedback import SERVICE_NAME as FEEDBACK_SERVICE_NAME
 from gateway.feedback import FeedbackServicer
 from gateway.merge import borda_merge
@@ -18,6 +20,7 @@ from gateway.validation import validate
 from imgsearch import artifacts
 from imgsearch.admission import PUSHBACK_KEY, SHED, report_downstream_overload
 from imgsearch.balancing import channel_options, channel_target
+from imgsearch.catalog.v1 import catalog_service_pb2_grpc as catalog_grpc
 from imgsearch.catalogue import normalise_user_id
 from imgsearch.config import GatewayConfig
 from imgsearch.conversion_store import open_store
@@ -458,7 +461,11 @@ async def create_gateway_server(config: GatewayConfig) -> Service:
         pb_grpc.add_SearchServiceServicer_to_server(search, server)
         feedback = FeedbackServicer(store, holder)
         feedback_grpc.add_FeedbackServiceServicer_to_server(feedback, server)
-        return [search, feedback]
+        catalog = CatalogServicer(
+            store, holder, search.retrieval.channels[0], enabled=config.live_catalogue
+        )
+        catalog_grpc.add_CatalogServiceServicer_to_server(catalog, server)
+        return [search, feedback, catalog]
 
     logger.info(
         "gateway downstreams",
@@ -470,6 +477,5 @@ async def create_gateway_server(config: GatewayConfig) -> Service:
         logger.warning("conversion store not open yet", extra={"problem": problem})
     else:
         logger.info("conversion store open", extra={"store": store.location})
-    return await start_service(
-        "gateway", config, [SERVICE_NAME, FEEDBACK_SERVICE_NAME], load_gateway_state, add
-    )
+    names = [SERVICE_NAME, FEEDBACK_SERVICE_NAME, CATALOG_SERVICE_NAME]
+    return await start_service("gateway", config, names, load_gateway_state, add)

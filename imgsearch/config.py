@@ -137,6 +137,11 @@ class ConversionStoreConfig(ServerConfig):
 
     conversions_db: str = field(default_factory=lambda: env("CONVERSIONS_DB", ""))
     conversions_dsn: str = field(default_factory=lambda: env("CONVERSIONS_DSN", ""))
+    # The live catalogue (imgsearch.catalog_log): off, a set serves exactly as built; on,
+    # retrieval serves only once it has replayed the store's catalogue log.
+    live_catalogue: bool = field(
+        default_factory=lambda: env("LIVE_CATALOGUE", "0") not in ("", "0", "false")
+    )
 
     def conversion_store(self) -> dict:
         """``open_store`` arguments: the DSN when set, else the SQLite file (by default
@@ -147,7 +152,7 @@ class ConversionStoreConfig(ServerConfig):
 
 
 @dataclass(frozen=True)
-class RetrievalConfig(ServerConfig):
+class RetrievalConfig(ConversionStoreConfig):
     """Retrieval server settings."""
 
     port: int = field(default_factory=lambda: env_int("RETRIEVAL_PORT", 50052))
@@ -161,9 +166,13 @@ class RetrievalConfig(ServerConfig):
     text_runtime: str = field(default_factory=lambda: env("TEXT_RUNTIME", ""))
     # -1 serves the whole set; i serves shard i of a set built with --shards.
     shard: int = field(default_factory=lambda: env_int("SHARD", -1))
+    # How often the live catalogue's log is read for new changes.
+    catalog_poll_ms: float = field(default_factory=lambda: env_float("CATALOG_POLL_MS", 100.0))
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.catalog_poll_ms <= 0:
+            raise SystemExit(f"error: catalog poll must be positive, got {self.catalog_poll_ms}")
         if self.encode_batch < 1:
             raise SystemExit(f"error: encode batch must be at least 1, got {self.encode_batch}")
         if self.encode_wait_ms < 0:

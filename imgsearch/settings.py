@@ -150,15 +150,29 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("ACCESS_LOG", "`1`: one log line per RPC with its request id.", "off"),
     Setting(
         "CONVERSIONS_DB",
-        "SQLite file of logged conversions.",
+        "SQLite file of logged conversions and of the live catalogue's change log.",
         "`<artifact root>-conversions.sqlite3`",
-        "gateway, ranking, train",
+        "gateway, ranking, retrieval, train",
     ),
     Setting(
         "CONVERSIONS_DSN",
         "PostgreSQL DSN of the conversion store (wins over the SQLite file).",
         "unset",
-        "gateway, ranking, train",
+        "gateway, ranking, retrieval, train",
+    ),
+    Setting(
+        "LIVE_CATALOGUE",
+        "1: serve the live catalogue (photos written through CatalogService, read from the "
+        "conversion store's catalogue log); retrieval stays NOT_SERVING until it has replayed "
+        "the log. 0: every set serves as built and CatalogService refuses writes.",
+        "0",
+        "gateway, ranking, retrieval",
+    ),
+    Setting(
+        "CATALOG_POLL_MS",
+        "How often a retrieval server reads the live catalogue's log for new changes.",
+        "100",
+        "retrieval",
     ),
     Setting(
         "FOLDIN_CONVERSIONS",

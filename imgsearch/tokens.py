@@ -22,6 +22,7 @@ import logging
 from pathlib import Path
 
 from imgsearch.admin.v1 import admin_service_pb2
+from imgsearch.catalog.v1 import catalog_service_pb2
 from imgsearch.feedback.v1 import feedback_service_pb2
 from imgsearch.ranking.v1 import ranking_service_pb2
 from imgsearch.retrieval.v1 import retrieval_service_pb2
@@ -55,6 +56,10 @@ METHOD_SCOPES: dict[str, str] = {
     _method(
         feedback_service_pb2.DESCRIPTOR, "FeedbackService", "DeleteUserEvents"
     ): FEEDBACK_DELETE,
+    _method(retrieval_service_pb2.DESCRIPTOR, "RetrievalService", "EmbedImages"): CATALOG_WRITE,
+    _method(catalog_service_pb2.DESCRIPTOR, "CatalogService", "UpsertPhotos"): CATALOG_WRITE,
+    _method(catalog_service_pb2.DESCRIPTOR, "CatalogService", "DeletePhotos"): CATALOG_WRITE,
+    _method(catalog_service_pb2.DESCRIPTOR, "CatalogService", "GetPhoto"): CATALOG_WRITE,
     _method(admin_service_pb2.DESCRIPTOR, "AdminService", "Reload"): ADMIN,
     _method(admin_service_pb2.DESCRIPTOR, "AdminService", "GetStatus"): ADMIN,
 }

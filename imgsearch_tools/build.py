@@ -53,6 +53,7 @@ def build_artifacts(
     embeddings: str | None = None,
     shards: int = 0,
     tombstones: dict[str, int] | None = None,
+    catalog_log: tuple[dict, int] = ({}, 0),
 ) -> Path:
     """Build one artifact set from ``data`` under ``out`` and publish it; returns its folder.
 
@@ -62,11 +63,14 @@ def build_artifacts(
     ``clip_pretrained``) replaces embedding the images during the build. ``shards`` (2 or
     more) also splits the retrieval indexes into that many shards
     (:mod:`retrieval_service.sharding`). ``tombstones`` (``ConversionStore.tombstones``)
-    leave out the conversions of users deleted since the data was written.
+    leave out the conversions of users deleted since the data was written. ``catalog_log``
+    (:func:`~imgsearch_tools.build_inputs.read_catalog_changes`) is folded into the catalogue
+    (:mod:`imgsearch_tools.build_inputs`).
     """
     from imgsearch import artifacts
     from imgsearch.conversion_store.forget import forget_users
     from imgsearch.unsplash import read_unsplash
+    from imgsearch_tools.build_inputs import fold_embeddings, fold_log
     from imgsearch_tools.build_steps import BuildSteps
     from retrieval_service.keyword_index import KeywordIndex
 
@@ -82,6 +86,9 @@ def build_artifacts(
     catalogue, forgotten = forget_users(catalogue, tombstones or {})
     if forgotten:
         log(f"deleted users: {forgotten:,} of their earlier conversions left out")
+    catalogue, folded, served_embeddings, log_seq = fold_log(
+        catalogue, catalog_log, out, embeddings, clip_model, log
+    )
     fingerprint = artifacts.data_fingerprint(data)
     with artifacts.writing_set(out, fingerprint) as (set_dir, version):
         manifest: dict = {
@@ -97,7 +104,10 @@ def build_artifacts(
                 "conversions": len(catalogue.conversions),
             },
             "versions": _library_versions(),
+            "catalog_log_seq": log_seq,
         }
+        if served_embeddings is not None:
+            embeddings = fold_embeddings(catalogue, folded, served_embeddings, set_dir)
         with steps.step("filters and catalogue"):
             manifest[FILTERS_KEY] = filter_columns(catalogue, log, show_progress)
             catalogue.save(set_dir / artifacts.CATALOGUE_DIR)

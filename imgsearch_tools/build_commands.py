@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 from imgsearch.config import DEFAULT_ARTIFACTS
 from imgsearch.names import RANKER_NAMES, check_names
-from imgsearch_tools.build import build_artifacts, check_shard_count, stage_printer
-from imgsearch_tools.conversions import add_store_arguments, open_existing_store, store_location
+from imgsearch_tools.build import build_artifacts, check_shard_count
+from imgsearch_tools.build_inputs import read_catalog_changes, read_logged_events, read_tombstones
+from imgsearch_tools.conversions import add_store_arguments
 from imgsearch_tools.reshard import reshard
 from imgsearch_tools.retrain import retrain_rankers
 from retrieval_service.clip_model import TRAIN_STEPS
@@ -211,6 +211,7 @@ def cmd_build(args) -> int:
             embeddings=args.embeddings,
             shards=args.shards,
             tombstones=read_tombstones(SimpleNamespace(artifacts=args.out)),
+            catalog_log=read_catalog_changes(SimpleNamespace(artifacts=args.out)),
         )
     except (DataError, FileNotFoundError, ArtifactError, EmbeddingMismatch, StoreError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -261,31 +262,3 @@ def cmd_shard(args) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     return 0
-
-
-def read_tombstones(args) -> dict[str, int]:
-    """The deleted users' tombstones of the store the servers use ({} when none was made)."""
-
-    location = store_location(
-        SimpleNamespace(
-            artifacts=args.artifacts,
-            conversions_db=getattr(args, "conversions_db", None),
-            conversions_dsn=getattr(args, "conversions_dsn", None),
-        )
-    )
-    if "db" in location and not Path(location["db"]).exists():
-        return {}
-    with open_existing_store(location) as store:
-        return store.tombstones()
-
-
-def read_logged_events(args):
-    """Every logged conversion, as an ``events_frame``, from the store the servers use."""
-    from imgsearch.conversion_store.tables import events_frame
-
-    with open_existing_store(store_location(args)) as store:
-        frame = events_frame(store.scan())
-        stage_printer(not args.quiet)(
-            f"read {len(frame):,} logged conversions from {store.location}"
-        )
-    return frame

@@ -20,6 +20,8 @@ COMMAND_MODULES = [
     "imgsearch_tools.bench.filters",
     "imgsearch_tools.bench.token_match",
     "imgsearch_tools.bench.scale",
+    "imgsearch_tools.bench.ingest",
+    "imgsearch_tools.catalog_commands",
     "imgsearch_tools.certs",
     "imgsearch_tools.clip_commands",
     "imgsearch_tools.web.commands",

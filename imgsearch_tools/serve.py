@@ -144,6 +144,13 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         "(IMGSEARCH_CONVERSIONS_DSN)",
     )
     p.add_argument(
+        "--live-catalogue",
+        action="store_true",
+        default=None,
+        help="serve the live catalogue: photos written and taken down through CatalogService, "
+        "read from the conversion store's catalogue log (IMGSEARCH_LIVE_CATALOGUE=1)",
+    )
+    p.add_argument(
         "--foldin-conversions",
         type=int,
         default=None,
@@ -244,9 +251,15 @@ def resolve_configs(args) -> dict:
     # --metrics-port is the port of `serve NAME`, and the base of `serve all`.
     spread = bool(base) and getattr(args, "service", "all") == "all"
     metrics = {n: base + METRICS_PORT_OFFSETS[n] if spread else base for n in SERVICES}
+    conversions = {
+        "conversions_db": args.conversions_db,
+        "conversions_dsn": args.conversions_dsn,
+        "live_catalogue": getattr(args, "live_catalogue", None),
+    }
     retrieval = with_overrides(
         RetrievalConfig(),
         **common,
+        **conversions,
         metrics_port=metrics["retrieval"],
         port=args.retrieval_port,
         admin_port=flag("retrieval_admin_port"),
@@ -256,7 +269,6 @@ def resolve_configs(args) -> dict:
         text_runtime=getattr(args, "text_runtime", None),
         shard=getattr(args, "shard", None),
     )
-    conversions = {"conversions_db": args.conversions_db, "conversions_dsn": args.conversions_dsn}
     ranking = with_overrides(
         RankingConfig(),
         **common,

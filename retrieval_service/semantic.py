@@ -18,6 +18,8 @@ from retrieval_service.filtered_search import search_allowed
 from retrieval_service.retrievers import RetrievalResult, Retriever
 
 SERVING_THREADS = 1
+# Extra neighbours a CLIP search fetches so that ties at the cut are broken in photo order.
+TIE_MARGIN = 8
 logger = logging.getLogger("imgsearch.retrieval")
 
 
@@ -205,17 +207,20 @@ class ClipRetriever(Retriever):
             return RetrievalResult.empty()
         if query_embedding is None:
             query_embedding = self.embed_query(query)
+        # A few more than asked: which of several photos with equal scores FAISS keeps at the
+        # cut depends on the index's other rows; the sort below then cuts in photo order.
+        fetch = candidates_k + TIE_MARGIN
         if allowed is None:
-            scores, photo_idx = self.vector_index.search(query_embedding[None, :], candidates_k)
+            scores, photo_idx = self.vector_index.search(query_embedding[None, :], fetch)
             found = photo_idx[0] >= 0
             scores, photo_idx = scores[0][found], photo_idx[0][found]
         else:
             scores, photo_idx, _ = search_allowed(
-                self.vector_index, query_embedding, candidates_k, allowed
+                self.vector_index, query_embedding, fetch, allowed
             )
         # Equal scores in photo order, as every retriever orders its list: a merge of shards
         # then reproduces this list exactly.
-        order = np.lexsort((photo_idx, -scores))
+        order = np.lexsort((photo_idx, -scores))[:candidates_k]
         scores, photo_idx = scores[order], photo_idx[order]
         return RetrievalResult(photo_idx, scores, {"clip": scores.copy()})
 
@@ -313,12 +318,12 @@ class HybridRetriever(Retriever):
 
 
 def clip_source(retriever: Retriever) -> ClipRetriever | None:
-    """The CLIP retriever that embeds queries for ``retriever`` (itself, or hybrid's), if any."""
-    if isinstance(retriever, ClipRetriever):
-        return retriever
-    if isinstance(retriever, HybridRetriever) and isinstance(retriever.clip, ClipRetriever):
-        return retriever.clip
-    return None
+    """The CLIP retriever that embeds queries for ``retriever`` (itself, or hybrid's; under the
+    live catalogue's wrapper, the set's own), if any."""
+    if isinstance(retriever, HybridRetriever):
+        retriever = retriever.clip
+    retriever = getattr(retriever, "base", retriever)  # a live catalogue's wrapper
+    return retriever if isinstance(retriever, ClipRetriever) else None
 
 
 def load_clip_retrievers(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import time
@@ -33,9 +34,12 @@ from imgsearch.serving import (
     start_service,
 )
 from retrieval_service.batching import DEFAULT_MAX_BATCH, DEFAULT_MAX_WAIT_MS
+from retrieval_service.image_worker import ImageEmbedder
 from retrieval_service.keyword_index import KeywordIndex
+from retrieval_service.live_catalogue import LiveView
+from retrieval_service.live_tail import LogReplay, LogTailer, live_retrievers
 from retrieval_service.retrievers import RetrievalResult, Retriever
-from retrieval_service.semantic import clip_source
+from retrieval_service.semantic import HybridRetriever, clip_source
 from retrieval_service.sharding import check_shard, shard_dir
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["RetrievalService"].full_name
@@ -60,6 +64,20 @@ class RetrievalState:
     defaults: list[tuple[str, str, str]] = field(default_factory=list)
     # What filters test, per photo; None for a set built before filters (it refuses them).
     attributes: PhotoAttributes | None = None
+    # The live catalogue's changes on top of the set (None: served without the log).
+    live: LiveView | None = None
+    # Whether the set has a CLIP whose image tower embeds the live catalogue's images.
+    embeds_images: bool = False
+
+    def ids(self) -> np.ndarray:
+        """Photo ids by ``photo_idx``, the live catalogue's new photos included."""
+        return self.photo_ids if self.live is None else self.live.segment.photo_ids
+
+    def filter_attributes(self) -> PhotoAttributes | None:
+        """What filters test now: the live catalogue's photos included."""
+        if self.live is not None and self.live.segment.attributes is not None:
+            return self.live.segment.attributes
+        return self.attributes
 
 
 def load_retrieval_state(
@@ -69,13 +87,15 @@ def load_retrieval_state(
     max_wait_ms: float = DEFAULT_MAX_WAIT_MS,
     text_runtime: str = "",
     shard: int = -1,
+    log_replay: LogReplay | None = None,
 ) -> RetrievalState:
     """Load the retrievers of the artifact set at ``artifacts_path``.
 
     ``max_batch`` and ``max_wait_ms`` set the micro-batching of query encodings;
     ``text_runtime`` overrides the text runtime the build chose ("" keeps it); ``shard`` (0 or
     more) serves that shard's keyword and vector indexes instead of the whole set's
-    (:mod:`retrieval_service.sharding`).
+    (:mod:`retrieval_service.sharding`); ``log_replay`` applies the live catalogue's log on top
+    of the set (:mod:`retrieval_service.live_tail`).
     """
     import pandas as pd
 
@@ -109,19 +129,34 @@ def load_retrieval_state(
             f"(available: {', '.join(retrievers)})"
         )
     default = default_retriever or recorded_retriever(artifact_set.manifest, retrievers)
+    photo_ids = photos["photo_id"].to_numpy(dtype=object)
+    attributes = PhotoAttributes.load(
+        artifact_set.file(artifacts.CATALOGUE_DIR), artifact_set.manifest
+    )
+    live = None
+    if log_replay is not None:
+        retrievers, live = live_retrievers(
+            retrievers,
+            photo_ids,
+            artifact_set.manifest,
+            log_replay,
+            max(0, shard),
+            shard_count,
+            attributes,
+        )
     return RetrievalState(
         version=artifact_set.version,
         path=artifact_set.path,
-        photo_ids=photos["photo_id"].to_numpy(dtype=object),
+        photo_ids=photo_ids,
         retrievers=retrievers,
         default_retriever=default,
         models=list(retrievers),
         shard=max(0, shard),
         shard_count=shard_count,
         defaults=retrieval_defaults(artifact_set.manifest, retrievers, default_retriever),
-        attributes=PhotoAttributes.load(
-            artifact_set.file(artifacts.CATALOGUE_DIR), artifact_set.manifest
-        ),
+        attributes=attributes,
+        live=live,
+        embeds_images="clip" in retrievers,
     )
 
 
@@ -225,6 +260,10 @@ class RetrievalServicer(pb_grpc.RetrievalServiceServicer):
     def __init__(self, holder: Reloadable[RetrievalState]):
         self.holder = holder
         self.executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="retrieve")
+        # Images written to the live catalogue: embedded one batch at a time in a child process
+        # at a lower priority (retrieval_service.image_worker), waited for on a thread of its own.
+        self.embed_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embed")
+        self.embedder = ImageEmbedder()
         self.stage_latency = LATENCY.labels(NAME, "retrieve")
 
     async def Retrieve(self, request: pb.RetrieveRequest, context) -> pb.RetrieveResponse:
@@ -248,7 +287,7 @@ class RetrievalServicer(pb_grpc.RetrievalServiceServicer):
                 f"(available: {', '.join(state.retrievers)})",
             )
         try:
-            allowed = filter_mask(state.attributes, request.filter, state.version)
+            allowed = filter_mask(state.filter_attributes(), request.filter, state.version)
         except FiltersUnsupported as exc:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
         filtered = {} if allowed is None else {"allowed": allowed}
@@ -264,7 +303,7 @@ class RetrievalServicer(pb_grpc.RetrievalServiceServicer):
             embedding = given_embedding(request, state, clip)
             if embedding is None:
                 embedding = await clip.embed_query_async(query, deadline)
-            hybrid = retriever is not clip
+            hybrid = isinstance(retriever, HybridRetriever)
             uncut = {"uncut": True} if request.source_lists and hybrid else {}
             retrieve = functools.partial(
                 retriever.retrieve,
@@ -285,7 +324,7 @@ class RetrievalServicer(pb_grpc.RetrievalServiceServicer):
                 deadline=deadline,
                 service=NAME,
             )
-        response = to_response(result, state.photo_ids, indices=request.source_lists)
+        response = to_response(result, state.ids(), indices=request.source_lists)
         if clip is not None and request.return_query_embedding:
             response.query_embedding.extend(embedding.tolist())
         if request.source_lists and clip is not None and hybrid:
@@ -308,6 +347,31 @@ class RetrievalServicer(pb_grpc.RetrievalServiceServicer):
         response.shard_count = state.shard_count
         return response
 
+    async def EmbedImages(self, request: pb.EmbedImagesRequest, context) -> pb.EmbedImagesResponse:
+        state = self.holder.state
+        if not state.embeds_images:
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"artifact set {state.version} has no CLIP: images cannot be embedded",
+            )
+        if not request.images:
+            raise InvalidArgument("images", "must not be empty")
+        try:
+            vectors, fingerprint = await asyncio.get_running_loop().run_in_executor(
+                self.embed_executor, self.embedder.embed, state.path, list(request.images)
+            )
+        except ValueError as exc:
+            raise InvalidArgument("images", str(exc)) from exc
+        return pb.EmbedImagesResponse(
+            values=vectors.ravel().tolist(),
+            dim=vectors.shape[1],
+            artifact_version=state.version,
+            clip_fingerprint=fingerprint,
+        )
+
+    async def close(self) -> None:
+        self.embedder.close()
+
 
 async def create_retrieval_server(config: RetrievalConfig) -> Service:
     """Create, load and start a retrieval server; returns it once it is SERVING."""
@@ -315,8 +379,17 @@ async def create_retrieval_server(config: RetrievalConfig) -> Service:
     def add(server, holder):
         servicer = RetrievalServicer(holder)
         pb_grpc.add_RetrievalServiceServicer_to_server(servicer, server)
-        return servicer
+        if log_replay is None:
+            return servicer
+        servicer.embedder.start()  # the image tower's process is ready before the first write
+        # The live catalogue: changes committed after the load are applied within a poll.
+        log_replay.report = holder.wait_for
+        tailer = LogTailer(holder, store, config.catalog_poll_ms / 1000, log_replay)
+        tailer.start()
+        return [servicer, tailer]
 
+    store = config.conversion_store()
+    log_replay = LogReplay(store) if config.live_catalogue else None
     return await start_service(
         NAME,
         config,
@@ -328,6 +401,7 @@ async def create_retrieval_server(config: RetrievalConfig) -> Service:
             max_wait_ms=config.encode_wait_ms,
             text_runtime=config.text_runtime,
             shard=config.shard,
+            log_replay=log_replay,
         ),
         add,
     )

@@ -7,14 +7,19 @@ A set built or resharded with ``--shards N`` holds, beside its whole indexes::
     shards/<i>/vector.faiss         shard i's vector index (same factory as the set's),
     shards/<i>/vector.json           its sidecar, and its row map (vector.rows.npy)
 
-Photo ``p`` lives on shard ``p % N``. Each shard keeps catalogue-wide photo indexes, so a
-caller merging shards breaks ties exactly as one index over every photo does.
+A photo lives on the shard drawn from a CRC-32 of its id (:func:`shard_of_ids`), so a
+rebuild that renumbers the photos (the live catalogue's photos folded in, others removed)
+leaves every photo on its shard; sets sharded before recorded ``photo_idx % N``
+(:data:`BY_INDEX`), which a live catalogue on them keeps for their own photos. Each shard keeps
+catalogue-wide photo indexes, so a caller merging shards breaks ties exactly as one index over
+every photo does.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -30,9 +35,19 @@ class ShardError(artifacts.ArtifactError):
     """A set has no shards, not that one, or a shard's files are incomplete."""
 
 
-def shard_of(photo_idx: np.ndarray, count: int) -> np.ndarray:
-    """The shard each photo lives on."""
-    return np.asarray(photo_idx, np.int64) % count
+# The assignments a layout records: the current one, and the one of older sets.
+BY_ID = "crc32(photo_id) % count"
+BY_INDEX = "photo_idx % count"
+
+
+def shard_of_id(photo_id: str, count: int) -> int:
+    """The shard a photo lives on in a set sharded :data:`BY_ID`."""
+    return zlib.crc32(photo_id.encode("utf-8")) % count
+
+
+def shard_of_ids(photo_ids, count: int) -> np.ndarray:
+    """The shard each photo lives on (:func:`shard_of_id` of each id)."""
+    return np.asarray([shard_of_id(str(p), count) for p in photo_ids], np.int64)
 
 
 def shard_dir(set_dir: str | Path, shard: int) -> Path:
@@ -98,7 +113,7 @@ def write_shards(set_dir: str | Path, count: int, log=None) -> dict:
     photos = pd.read_parquet(
         set_dir / artifacts.CATALOGUE_DIR / "photos.parquet", columns=["photo_id"]
     )
-    assignment = shard_of(np.arange(len(photos)), count)
+    assignment = shard_of_ids(photos["photo_id"], count)
     keyword_index = KeywordIndex.load(set_dir / artifacts.KEYWORD_INDEX)
     vectors = None
     if (set_dir / artifacts.VECTOR_INDEX).exists():
@@ -107,7 +122,7 @@ def write_shards(set_dir: str | Path, count: int, log=None) -> dict:
         vectors = (photo_idx, embeddings, whole.factory, whole.params)
     layout: dict = {
         "count": count,
-        "assignment": "photo_idx % count",
+        "assignment": BY_ID,
         "photos": np.bincount(assignment, minlength=count).tolist(),
         "vector_factory": vectors[2] if vectors else None,
     }

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import random
-import signal
-import subprocess
-import sys
 import threading
 import time
 
@@ -17,54 +14,21 @@ from gateway.client import wait_for_serving
 from imgsearch.conversion_store import open_store
 from imgsearch.feedback.v1 import feedback_service_pb2 as pb
 from imgsearch.feedback.v1 import feedback_service_pb2_grpc as pb_grpc
-from tests.test_cli import free_ports
+from tests.processes import ServerProcess
 
 KILLS = 2
 BATCH = 25
 
 
-class Gateway:
+class Gateway(ServerProcess):
     """`imgsearch serve gateway` as a child process that can be killed and started again."""
 
     def __init__(self, artifacts, store_flags: list[str], log_path):
-        self.port, admin_port = free_ports(2)
-        self.target = f"127.0.0.1:{self.port}"
-        self.command = [
-            sys.executable,
-            "-m",
-            "imgsearch_tools.cli",
-            "serve",
-            "gateway",
-            "--artifacts",
-            str(artifacts),
-            "--port",
-            str(self.port),
-            "--admin-port",
-            str(admin_port),
-            "--log-level",
-            "WARNING",
-            *store_flags,
-        ]
-        self.log_path = log_path
-        self.process: subprocess.Popen | None = None
+        super().__init__("gateway", artifacts, log_path, *store_flags)
 
     def start(self) -> None:
-        with open(self.log_path, "ab") as log:
-            self.process = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT)
+        super().start()
         wait_for_serving(self.target, timeout=60)
-
-    def kill(self) -> None:
-        self.process.send_signal(signal.SIGKILL)
-        self.process.wait(10)
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(20)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
 
 
 class Load:

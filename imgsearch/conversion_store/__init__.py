@@ -60,6 +60,10 @@ class StoreError(RuntimeError):
     """The store cannot be opened or used (missing driver, unreachable server, newer schema)."""
 
 
+class StoreRefusal(ValueError):
+    """The store works but refuses this call's content (e.g. a reused request id)."""
+
+
 @dataclass(frozen=True)
 class ConversionEvent:
     """One logged conversion.

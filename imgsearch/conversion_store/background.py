@@ -9,7 +9,13 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
-from imgsearch.conversion_store import ConversionEvent, ConversionStore, Outcome, StoreError
+from imgsearch.conversion_store import (
+    ConversionEvent,
+    ConversionStore,
+    Outcome,
+    StoreError,
+    StoreRefusal,
+)
 
 logger = logging.getLogger("imgsearch.conversions")
 
@@ -73,11 +79,13 @@ class BackgroundStore:
             pass
         self._store = None
 
-    def _run(self, method: str, *args):
+    def _run(self, method, *args):
         store = self._store_now()
         try:
+            if callable(method):  # a function of the store (e.g. the catalogue log's)
+                return method(store, *args)
             return getattr(store, method)(*args)
-        except StoreError:
+        except (StoreError, StoreRefusal):
             raise
         except Exception as exc:  # noqa: BLE001 - driver errors differ per backend
             if not store.usable:
@@ -86,8 +94,9 @@ class BackgroundStore:
                 self._close_quietly()
             raise StoreError(f"conversion store {store.location}: {exc}") from exc
 
-    async def call(self, method: str, *args):
-        """Run ``store.<method>(*args)`` on the store's thread and return its result.
+    async def call(self, method, *args):
+        """Run ``store.<method>(*args)`` (or ``method(store, *args)`` for a function) on the
+        store's thread and return its result.
 
         Raises
         ------

@@ -60,6 +60,32 @@ MIGRATIONS: tuple[Migration, ...] = (
             """,
         ),
     ),
+    Migration(
+        4,
+        "catalog_changes: the live catalogue's change log, and its request ids",
+        (
+            # seq is given by the writer under the table's write lock: gap-free, in commit order.
+            """
+            CREATE TABLE catalog_changes (
+                seq BIGINT PRIMARY KEY,
+                request_id TEXT NOT NULL,
+                photo_id TEXT NOT NULL,
+                operation TEXT NOT NULL,
+                record TEXT NOT NULL,
+                embedding TEXT NOT NULL,
+                logged_at_us BIGINT NOT NULL
+            )
+            """,
+            "CREATE INDEX catalog_changes_photo ON catalog_changes (photo_id, seq)",
+            """
+            CREATE TABLE catalog_requests (
+                request_id TEXT PRIMARY KEY,
+                digest TEXT NOT NULL,
+                last_seq BIGINT NOT NULL
+            )
+            """,
+        ),
+    ),
 )
 LATEST_VERSION = MIGRATIONS[-1].version
 

@@ -81,6 +81,7 @@ class AdminServicer:
             artifacts=str(state.path) if state else "",
             models=list(state.models) if state else [],
             defaults=defaults,
+            not_serving_reason=self.holder.waiting_for if state is None else "",
         )
 
 

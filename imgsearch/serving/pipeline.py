@@ -42,6 +42,11 @@ class Readiness:
         """Whether a state is loaded."""
         return self.holder.state is not None
 
+    def refusal(self) -> str:
+        """What a call refused before the load says, with what the load waits for if anything."""
+        waiting = self.holder.waiting_for
+        return f"{self.message}: {waiting}" if waiting else self.message
+
 
 class ErrorMapping:
     """What a method's exception answers: bad input, expired work, an abort, or INTERNAL.
@@ -147,7 +152,7 @@ def compose(
         set_request_id(rid)
         if readiness is not None and readiness.holder.state is None:
             observer.refused("UNAVAILABLE")
-            await context.abort(grpc.StatusCode.UNAVAILABLE, readiness.message)
+            await context.abort(grpc.StatusCode.UNAVAILABLE, readiness.refusal())
         if admission is not None:
             if read_kind is None:
                 read_kind = kind_reader(request)

@@ -28,7 +28,13 @@ class Reloadable(Generic[StateT]):
         self._loader = loader
         self.path = path
         self.state: StateT | None = None
+        # Why no state is served yet, beyond loading (e.g. a store the load waits for).
+        self.waiting_for = ""
         self._lock = asyncio.Lock()
+
+    def wait_for(self, reason: str) -> None:
+        """Say why the load waits ("" once it no longer does); callable from any thread."""
+        self.waiting_for = reason
 
     async def load(self, path: str | None = None) -> StateT:
         """Load ``path`` (default: the configured one) off the event loop, then swap it in."""

@@ -44,7 +44,7 @@ class ServiceProcesses:
         shards: int = 0,
     ):
         self.artifacts = artifacts
-        self.store = store or {}  # conversions_db / conversions_dsn of gateway and ranking
+        self.store = store or {}  # conversions_db / conversions_dsn of every service
         self.overrides = overrides or {}
         self.log_dir = Path(log_dir)
         self.log_dir.mkdir(parents=True, exist_ok=True)
@@ -88,7 +88,8 @@ class ServiceProcesses:
         elif service == "ranking":
             config = RankingConfig(**common, **self.store)
         else:
-            config = RetrievalConfig(**common, **({"shard": int(shard)} if shard else {}))
+            shard = {"shard": int(shard)} if shard else {}
+            config = RetrievalConfig(**common, **self.store, **shard)
         return serve_command(service, config, log_level="WARNING")
 
     def start(self, name: str) -> None:

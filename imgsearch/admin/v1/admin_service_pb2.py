@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&imgsearch/admin/v1/admin_service.proto\x12\x12imgsearch.admin.v1\"7\n\rReloadRequest\x12\x15\n\tartifacts\x18\x01 \x01(\tB\x02\x18\x01\x12\x0f\n\x07version\x18\x02 \x01(\t\"L\n\x0eReloadResponse\x12\x18\n\x10previous_version\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0f\n\x07load_ms\x18\x03 \x01(\x01\"\x12\n\x10GetStatusRequest\"\x8d\x01\n\x11GetStatusResponse\x12\x0f\n\x07service\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x11\n\tartifacts\x18\x03 \x01(\t\x12\x0e\n\x06models\x18\x04 \x03(\t\x12\x33\n\x08\x64\x65\x66\x61ults\x18\x05 \x03(\x0b\x32!.imgsearch.admin.v1.DefaultChoice\";\n\rDefaultChoice\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t2\xb9\x01\n\x0c\x41\x64minService\x12O\n\x06Reload\x12!.imgsearch.admin.v1.ReloadRequest\x1a\".imgsearch.admin.v1.ReloadResponse\x12X\n\tGetStatus\x12$.imgsearch.admin.v1.GetStatusRequest\x1a%.imgsearch.admin.v1.GetStatusResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&imgsearch/admin/v1/admin_service.proto\x12\x12imgsearch.admin.v1\"7\n\rReloadRequest\x12\x15\n\tartifacts\x18\x01 \x01(\tB\x02\x18\x01\x12\x0f\n\x07version\x18\x02 \x01(\t\"L\n\x0eReloadResponse\x12\x18\n\x10previous_version\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0f\n\x07load_ms\x18\x03 \x01(\x01\"\x12\n\x10GetStatusRequest\"\xa9\x01\n\x11GetStatusResponse\x12\x0f\n\x07service\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x11\n\tartifacts\x18\x03 \x01(\t\x12\x0e\n\x06models\x18\x04 \x03(\t\x12\x33\n\x08\x64\x65\x66\x61ults\x18\x05 \x03(\x0b\x32!.imgsearch.admin.v1.DefaultChoice\x12\x1a\n\x12not_serving_reason\x18\x06 \x01(\t\";\n\rDefaultChoice\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t2\xb9\x01\n\x0c\x41\x64minService\x12O\n\x06Reload\x12!.imgsearch.admin.v1.ReloadRequest\x1a\".imgsearch.admin.v1.ReloadResponse\x12X\n\tGetStatus\x12$.imgsearch.admin.v1.GetStatusRequest\x1a%.imgsearch.admin.v1.GetStatusResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,9 +40,9 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETSTATUSREQUEST']._serialized_start=197
   _globals['_GETSTATUSREQUEST']._serialized_end=215
   _globals['_GETSTATUSRESPONSE']._serialized_start=218
-  _globals['_GETSTATUSRESPONSE']._serialized_end=359
-  _globals['_DEFAULTCHOICE']._serialized_start=361
-  _globals['_DEFAULTCHOICE']._serialized_end=420
-  _globals['_ADMINSERVICE']._serialized_start=423
-  _globals['_ADMINSERVICE']._serialized_end=608
+  _globals['_GETSTATUSRESPONSE']._serialized_end=387
+  _globals['_DEFAULTCHOICE']._serialized_start=389
+  _globals['_DEFAULTCHOICE']._serialized_end=448
+  _globals['_ADMINSERVICE']._serialized_start=451
+  _globals['_ADMINSERVICE']._serialized_end=636
 # @@protoc_insertion_point(module_scope)

@@ -29,18 +29,20 @@ class GetStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetStatusResponse(_message.Message):
-    __slots__ = ("service", "version", "artifacts", "models", "defaults")
+    __slots__ = ("service", "version", "artifacts", "models", "defaults", "not_serving_reason")
     SERVICE_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     ARTIFACTS_FIELD_NUMBER: _ClassVar[int]
     MODELS_FIELD_NUMBER: _ClassVar[int]
     DEFAULTS_FIELD_NUMBER: _ClassVar[int]
+    NOT_SERVING_REASON_FIELD_NUMBER: _ClassVar[int]
     service: str
     version: str
     artifacts: str
     models: _containers.RepeatedScalarFieldContainer[str]
     defaults: _containers.RepeatedCompositeFieldContainer[DefaultChoice]
-    def __init__(self, service: _Optional[str] = ..., version: _Optional[str] = ..., artifacts: _Optional[str] = ..., models: _Optional[_Iterable[str]] = ..., defaults: _Optional[_Iterable[_Union[DefaultChoice, _Mapping]]] = ...) -> None: ...
+    not_serving_reason: str
+    def __init__(self, service: _Optional[str] = ..., version: _Optional[str] = ..., artifacts: _Optional[str] = ..., models: _Optional[_Iterable[str]] = ..., defaults: _Optional[_Iterable[_Union[DefaultChoice, _Mapping]]] = ..., not_serving_reason: _Optional[str] = ...) -> None: ...
 
 class DefaultChoice(_message.Message):
     __slots__ = ("kind", "name", "reason")

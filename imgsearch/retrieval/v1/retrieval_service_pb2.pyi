@@ -52,6 +52,24 @@ class PhotoFilter(_message.Message):
     min_views: int
     def __init__(self, orientation: _Optional[_Union[Orientation, str]] = ..., colors: _Optional[_Iterable[str]] = ..., photographer_usernames: _Optional[_Iterable[str]] = ..., featured: _Optional[bool] = ..., submitted_after: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., submitted_before: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., min_downloads: _Optional[int] = ..., min_views: _Optional[int] = ...) -> None: ...
 
+class EmbedImagesRequest(_message.Message):
+    __slots__ = ("images",)
+    IMAGES_FIELD_NUMBER: _ClassVar[int]
+    images: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, images: _Optional[_Iterable[bytes]] = ...) -> None: ...
+
+class EmbedImagesResponse(_message.Message):
+    __slots__ = ("values", "dim", "artifact_version", "clip_fingerprint")
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    DIM_FIELD_NUMBER: _ClassVar[int]
+    ARTIFACT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    CLIP_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    values: _containers.RepeatedScalarFieldContainer[float]
+    dim: int
+    artifact_version: str
+    clip_fingerprint: str
+    def __init__(self, values: _Optional[_Iterable[float]] = ..., dim: _Optional[int] = ..., artifact_version: _Optional[str] = ..., clip_fingerprint: _Optional[str] = ...) -> None: ...
+
 class RetrieveRequest(_message.Message):
     __slots__ = ("query", "candidates_k", "retriever", "source_lists", "query_embedding", "query_embedding_version", "return_query_embedding", "filter")
     QUERY_FIELD_NUMBER: _ClassVar[int]

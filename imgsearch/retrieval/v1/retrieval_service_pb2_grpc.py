@@ -40,6 +40,11 @@ class RetrievalServiceStub:
                 request_serializer=imgsearch_dot_retrieval_dot_v1_dot_retrieval__service__pb2.RetrieveRequest.SerializeToString,
                 response_deserializer=imgsearch_dot_retrieval_dot_v1_dot_retrieval__service__pb2.RetrieveResponse.FromString,
                 _registered_method=True)
+        self.EmbedImages = channel.unary_unary(
+                '/imgsearch.retrieval.v1.RetrievalService/EmbedImages',
+                request_serializer=imgsearch_dot_retrieval_dot_v1_dot_retrieval__service__pb2.EmbedImagesRequest.SerializeToString,
+                response_deserializer=imgsearch_dot_retrieval_dot_v1_dot_retrieval__service__pb2.EmbedImagesResponse.FromString,
+                _registered_method=True)
 
 
 class RetrievalServiceServicer:
@@ -53,6 +58,14 @@ class RetrievalServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def EmbedImages(self, request, context):
+        """EmbedImages embeds images with the served CLIP's image tower (the live catalogue's
+        writes: each image is embedded once, when it is written).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RetrievalServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -60,6 +73,11 @@ def add_RetrievalServiceServicer_to_server(servicer, server):
                     servicer.Retrieve,
                     request_deserializer=imgsearch_dot_retrieval_dot_v1_dot_retrieval__service__pb2.RetrieveRequest.FromString,
                     response_serializer=imgsearch_dot_retrieval_dot_v1_dot_retrieval__service__pb2.RetrieveResponse.SerializeToString,
+            ),
+            'EmbedImages': grpc.unary_unary_rpc_method_handler(
+                    servicer.EmbedImages,
+                    request_deserializer=imgsearch_dot_retrieval_dot_v1_dot_retrieval__service__pb2.EmbedImagesRequest.FromString,
+                    response_serializer=imgsearch_dot_retrieval_dot_v1_dot_retrieval__service__pb2.EmbedImagesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -90,6 +108,33 @@ class RetrievalService:
             '/imgsearch.retrieval.v1.RetrievalService/Retrieve',
             imgsearch_dot_retrieval_dot_v1_dot_retrieval__service__pb2.RetrieveRequest.SerializeToString,
             imgsearch_dot_retrieval_dot_v1_dot_retrieval__service__pb2.RetrieveResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EmbedImages(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/imgsearch.retrieval.v1.RetrievalService/EmbedImages',
+            imgsearch_dot_retrieval_dot_v1_dot_retrieval__service__pb2.EmbedImagesRequest.SerializeToString,
+            imgsearch_dot_retrieval_dot_v1_dot_retrieval__service__pb2.EmbedImagesResponse.FromString,
             options,
             channel_credentials,
             insecure,
