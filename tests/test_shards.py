@@ -15,6 +15,7 @@ from imgsearch.retrieval.v1 import retrieval_service_pb2 as retr_pb
 from imgsearch.retrieval.v1 import retrieval_service_pb2_grpc as retr_grpc
 from imgsearch.search.v1 import search_service_pb2 as pb
 from imgsearch.search.v1 import search_service_pb2_grpc as pb_grpc
+from retrieval_service.sharding import shard_of_id
 
 SHARDS = 4
 RETRIEVERS = {
@@ -112,17 +113,6 @@ def sharded(loop_thread, tmp_path_factory):
     stack.stop()
 
 
-@pytest.fixture(scope="module")
-def photo_index(sharded):
-    """photo_id -> catalogue index of the sharded stack's set."""
-    from imgsearch import artifacts
-
-    photos = pd.read_parquet(
-        artifacts.resolve(sharded.root).file(artifacts.CATALOGUE_DIR) / "photos.parquet"
-    )
-    return {photo_id: i for i, photo_id in enumerate(photos["photo_id"])}
-
-
 def search(
     port: int, query: str, retriever: int, ranker: int = 1, k: int = 50, candidates_k=50, **extra
 ):
@@ -177,7 +167,7 @@ def queries(root) -> list[str]:
 
 
 @pytest.mark.parametrize("retriever", list(RETRIEVERS))
-def test_four_shards_return_exactly_the_unsharded_results(sharded, photo_index, retriever):
+def test_four_shards_return_exactly_the_unsharded_results(sharded, retriever):
     shards_seen = set()
     for ranker in (1, 2):  # none (retrieval order), popularity
         for query in queries(sharded.root):
@@ -185,7 +175,7 @@ def test_four_shards_return_exactly_the_unsharded_results(sharded, photo_index, 
             merged = search(sharded.gateway_sharded.port, query, RETRIEVERS[retriever], ranker)
             assert answer(merged) == answer(whole), (retriever, ranker, query)
             assert not merged.degraded
-            shards_seen |= {photo_index[r.photo_id] % SHARDS for r in merged.results}
+            shards_seen |= {shard_of_id(r.photo_id, SHARDS) for r in merged.results}
     assert shards_seen == set(range(SHARDS))  # every shard contributed
 
 
@@ -247,7 +237,7 @@ def test_a_shard_searches_with_the_embedding_it_is_handed(sharded):
         assert "query_embedding" in info.value.details()
 
 
-def test_a_shard_that_is_down_degrades_the_answer_and_names_the_shard(sharded, photo_index):
+def test_a_shard_that_is_down_degrades_the_answer_and_names_the_shard(sharded):
     spare = sharded.retrieval_shard(2)
     ports = [s.port for s in sharded.shards]
     ports[2] = spare.port
@@ -260,7 +250,7 @@ def test_a_shard_that_is_down_degrades_the_answer_and_names_the_shard(sharded, p
         assert response.degraded
         assert "retrieval shard 2 of 4 unavailable" in response.degraded_reason
         assert response.results
-        assert all(photo_index[r.photo_id] % SHARDS != 2 for r in response.results)
+        assert all(shard_of_id(r.photo_id, SHARDS) != 2 for r in response.results)
     # Every shard down: retrieval is down, the search fails as it does unsharded.
     dead = sharded.gateway(f"127.0.0.1:{spare.port};127.0.0.1:{spare.port}")
     with pytest.raises(grpc.RpcError) as info:
@@ -268,7 +258,7 @@ def test_a_shard_that_is_down_degrades_the_answer_and_names_the_shard(sharded, p
     assert info.value.code() == grpc.StatusCode.UNAVAILABLE
 
 
-def test_targets_that_do_not_match_the_shards_are_flagged_not_merged(sharded, photo_index):
+def test_targets_that_do_not_match_the_shards_are_flagged_not_merged(sharded):
     one = sharded.gateway(f"127.0.0.1:{sharded.shards[0].port}")
     response = search(one.port, "red", RETRIEVERS["keyword"])
     assert response.degraded
@@ -279,7 +269,7 @@ def test_targets_that_do_not_match_the_shards_are_flagged_not_merged(sharded, ph
     response = search(swapped.port, "red", RETRIEVERS["keyword"])
     assert response.degraded
     assert "serves shard 1 of 4, not shard 0 of 4" in response.degraded_reason
-    assert {photo_index[r.photo_id] % SHARDS for r in response.results} == {2, 3}
+    assert {shard_of_id(r.photo_id, SHARDS) for r in response.results} == {2, 3}
 
 
 def test_a_bad_request_is_refused_as_it_is_unsharded(sharded):
