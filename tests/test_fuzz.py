@@ -44,6 +44,14 @@ MAX_ITEMS = 12
 
 
 # ------------------------------------------------------------------------------- the docs
+NOT_SERVED_HERE = {
+    "imgsearch.catalog.v1.CatalogService/UpsertPhotos",
+    "imgsearch.catalog.v1.CatalogService/DeletePhotos",
+    "imgsearch.catalog.v1.CatalogService/GetPhoto",
+    "imgsearch.retrieval.v1.RetrievalService/EmbedImages",
+}
+
+
 def documented_codes() -> dict[str, set[str]]:
     """The serving guide's table of methods and the status codes each may answer."""
     codes = {}
@@ -275,6 +283,13 @@ def test_fuzzed_requests_get_only_documented_codes_and_servers_survive(services,
             pb.SearchRequest(query=words[0], k=5), timeout=10
         )
     assert len(response.results) == 5 and not response.degraded
-    # The fuzz reached past validation: every method answered OK at least once.
-    assert all(counts["OK"] for counts in seen.values()), seen
+    # The fuzz reached past validation: every method answered OK at least once, but those this
+    # stack cannot serve, which refuse with FAILED_PRECONDITION whatever they are sent: the live
+    # catalogue is off here (tests/test_live_catalogue.py drives CatalogService with valid
+    # batches) and the test set has no CLIP to embed images with.
+    for name, counts in seen.items():
+        if name in NOT_SERVED_HERE:
+            assert counts["FAILED_PRECONDITION"] and not counts["OK"], (name, counts)
+        else:
+            assert counts["OK"], (name, counts)
     assert set(services.stop_all().values()) == {0}

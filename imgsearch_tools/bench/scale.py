@@ -208,8 +208,9 @@ def serve_and_load(set_dir: Path, args, logs: Path, images: bool) -> dict:
 async def load_scenarios(services, set_dir: Path, args, images: bool) -> dict:
     """p50/p99 and errors of each scenario at the offered load."""
     from imgsearch_tools.bench import load as bench
+    from imgsearch_tools.bench.queries import sample_queries
 
-    queries = bench.sample_queries(set_dir, n=4000, seed=args.seed)
+    queries = sample_queries(set_dir, n=4000, seed=args.seed)
     single = [q for q in queries if " " not in q.query] or queries
     scenarios = {
         "keyword + ALS, single keyword": ("keyword", single, 0.0),
