@@ -130,12 +130,15 @@ class FeedbackServicer(pb_grpc.FeedbackServiceServicer):
     """Serves ``LogConversions`` and ``DeleteUserEvents`` over one conversion store.
 
     ``holder.state.photos`` is the served catalogue (photo id -> metadata): events of photos
-    outside it are rejected, since no model could use them.
+    outside it are rejected, since no model could use them. ``catch_up`` (the live catalogue's
+    reader of the change log, when it is on) is awaited before an event is rejected for its
+    photo, so a photo acknowledged by any gateway takes conversions at once.
     """
 
-    def __init__(self, store: BackgroundStore, holder):
+    def __init__(self, store: BackgroundStore, holder, catch_up=None):
         self.store = store
         self.holder = holder
+        self.catch_up = catch_up
         self.stored = EVENTS.labels("stored")
         self.duplicate = EVENTS.labels("duplicate")
         self.rejected = EVENTS.labels("rejected")
@@ -148,6 +151,12 @@ class FeedbackServicer(pb_grpc.FeedbackServiceServicer):
     ) -> pb.LogConversionsResponse:
         check_lengths(request)
         photos = self.holder.state.photos
+        if self.catch_up is not None and any(e.photo_id not in photos for e in request.events):
+            try:
+                await self.catch_up()
+            except StoreError as exc:  # the events are then judged on the photos known so far
+                logger.warning("catalogue log unreadable", extra={"error": str(exc)})
+            photos = self.holder.state.photos
         latest_us = time.time_ns() // 1000 + FUTURE_TOLERANCE_S * 1_000_000
         response = pb.LogConversionsResponse()
         results = response.results

@@ -459,11 +459,13 @@ async def create_gateway_server(config: GatewayConfig) -> Service:
     def add(server, holder):
         search = SearchServicer(config, holder)
         pb_grpc.add_SearchServiceServicer_to_server(search, server)
-        feedback = FeedbackServicer(store, holder)
-        feedback_grpc.add_FeedbackServiceServicer_to_server(feedback, server)
         catalog = CatalogServicer(
             store, holder, search.retrieval.channels[0], enabled=config.live_catalogue
         )
+        feedback = FeedbackServicer(
+            store, holder, catch_up=catalog.catch_up if config.live_catalogue else None
+        )
+        feedback_grpc.add_FeedbackServiceServicer_to_server(feedback, server)
         catalog_grpc.add_CatalogServiceServicer_to_server(catalog, server)
         return [search, feedback, catalog]
 

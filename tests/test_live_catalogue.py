@@ -87,26 +87,56 @@ def test_a_written_photo_is_found_by_keyword_and_clip_on_replicas_and_shards(liv
             return search_ids(port, "zebracorn", retr_pb.RETRIEVER_KEYWORD)[0] == [photo_id]
 
         assert wait_until(by_keyword), f"{name}: not found by keyword"
-        # Filters test it by its record (photographer "live", 640x480: landscape).
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-            filtered = pb_grpc.SearchServiceStub(channel).Search(
-                pb.SearchRequest(
-                    query=keyword,
-                    k=100,
-                    retriever=retr_pb.RETRIEVER_CLIP,
-                    ranker=1,
-                    filter=retr_pb.PhotoFilter(
-                        photographer_usernames=["live"],
-                        orientation=retr_pb.ORIENTATION_LANDSCAPE,
-                    ),
-                ),
-                timeout=30,
-            )
-        assert [r.photo_id for r in filtered.results] == [photo_id], name
+
+        # Filters test it by its record (photographer "live", 640x480: landscape). Every replica
+        # learns the new photographer when it applies the change; until then (within the same
+        # second) a replica answers that it does not know that photographer.
+        def by_filter():
+            with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+                try:
+                    filtered = pb_grpc.SearchServiceStub(channel).Search(
+                        pb.SearchRequest(
+                            query=keyword,
+                            k=100,
+                            retriever=retr_pb.RETRIEVER_CLIP,
+                            ranker=1,
+                            filter=retr_pb.PhotoFilter(
+                                photographer_usernames=["live"],
+                                orientation=retr_pb.ORIENTATION_LANDSCAPE,
+                            ),
+                        ),
+                        timeout=30,
+                    )
+                except grpc.RpcError as exc:
+                    assert exc.code() == grpc.StatusCode.INVALID_ARGUMENT, exc
+                    assert "unknown photographer 'live'" in exc.details(), exc
+                    return False
+            return [r.photo_id for r in filtered.results] == [photo_id]
+
+        assert wait_until(by_filter), f"{name}: not found with a filter on its record"
         ids, scores = search_ids(port, keyword, retr_pb.RETRIEVER_CLIP, k=120)
         # The same image: the same embedding, so the same CLIP score as its source.
         assert photo_id in ids and source_id in ids, name
         assert scores[ids.index(photo_id)] == pytest.approx(scores[ids.index(source_id)], abs=1e-5)
+
+
+def test_feedback_takes_conversions_of_a_live_photo(live, source):
+    source_id, _ = source
+    channel, stub = catalog(live.gateways["replicas"].port)
+    photo_id = f"live-{uuid.uuid4().hex[:8]}"
+    with channel:
+        stub.UpsertPhotos(
+            cat_pb.UpsertPhotosRequest(
+                request_id=str(uuid.uuid4()),
+                photos=[new_photo(live.data, source_id, photo_id, [("griffinox", 95.0)])],
+            ),
+            timeout=60,
+        )
+    port = live.gateways["shards"].port
+    assert wait_until(
+        lambda: search_ids(port, "griffinox", retr_pb.RETRIEVER_KEYWORD)[0] == [photo_id]
+    )
+    # At once: the gateway that takes the conversion reads the log before rejecting a photo.
     # FeedbackService takes conversions of the live photo (the gateway read it from the log).
     from google.protobuf.timestamp_pb2 import Timestamp
 
