@@ -22,6 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
+from imgsearch.config import DEFAULT_ARTIFACTS
+from imgsearch.latency import percentiles_ms
+
 QUERIES = 300
 
 
@@ -33,7 +36,7 @@ def add_commands(subparsers) -> None:
         "posting against adding them into an accumulator",
         description=(__doc__ or "").split("\n\n", 1)[1],
     )
-    p.add_argument("--artifacts", default="var/artifacts", help="artifact root or set")
+    p.add_argument("--artifacts", default=DEFAULT_ARTIFACTS, help="artifact root or set")
     p.add_argument("--queries", type=int, default=QUERIES, help="queries of each kind")
     p.add_argument("--candidates-k", type=int, default=100, help="photos per query")
     p.add_argument("--repeats", type=int, default=3, help="timed passes over the queries")
@@ -82,12 +85,7 @@ def time_queries(index, queries: list[str], k: int, repeats: int) -> dict:
                 start = time.perf_counter()
                 run(postings, n_tokens, k)
                 times.append(time.perf_counter() - start)
-        ms = np.array(times) * 1e3
-        figures[name] = {
-            "mean_ms": float(ms.mean()),
-            "p50_ms": float(np.percentile(ms, 50)),
-            "p99_ms": float(np.percentile(ms, 99)),
-        }
+        figures[name] = percentiles_ms(times, "_ms")
     # Queries no token of which holds more than MAX_DEPTH photos: exact, checked above.
     figures["complete"] = sum(top_k(p, n, k).complete for p, n in prepared)
     figures["postings_per_query"] = int(np.mean([sum(len(x) for x in p) for p, _ in prepared]))
