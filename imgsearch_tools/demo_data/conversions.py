@@ -76,7 +76,7 @@ def make_conversion_table(
     taste: str = "content",
     taste_strength: float = TASTE_WEIGHT,
     hidden_rng: np.random.Generator | None = None,
-) -> tuple[pd.DataFrame, int]:
+) -> tuple[ConversionRows, int]:
     """Draw conversions from planted user tastes; returns the table and the active user count.
 
     Every taste draws the same users, queries and random numbers from ``rng``; only what the
@@ -217,36 +217,67 @@ def make_conversion_table(
     position = np.clip(position, cell_begin[chosen_cell], cell_end[chosen_cell] - 1)
     photo = order[position]
 
-    colour_names = np.array(COLOURS + ("",), dtype=object)
-    shape_names = np.array(SHAPES + ("",), dtype=object)
-    scene_names = np.array(SCENES + ("",), dtype=object)
-    keyword = (
-        colour_names[want_colour]
-        + np.where((want_colour < n_colours) & (want_shape < n_shapes), " ", "")
-        + shape_names[want_shape]
-        + np.where((want_colour < n_colours) & (want_scene < n_scenes), " ", "")
-        + scene_names[want_scene]
-    )
-
     # Times: uniform over one year, written in time order; tastes do not drift.
     year_ms = int(np.timedelta64(365, "D") / np.timedelta64(1, "ms"))
     offset = np.sort(rng.integers(0, year_ms, len(user)))
-    converted_at = np.datetime64("2020-01-01T00:00:00.000") + offset.astype("timedelta64[ms]")
     travelling = rng.random(len(user)) < 0.05
-    conversion_country = np.where(
-        travelling,
-        _COUNTRIES[rng.integers(0, len(_COUNTRIES), len(user))],
-        _COUNTRIES[country[user]],
+    country_index = np.where(
+        travelling, rng.integers(0, len(_COUNTRIES), len(user)), country[user]
+    ).astype(np.int8)
+    table = ConversionRows(
+        offset=offset,
+        want=np.stack([want_colour, want_shape, want_scene]).astype(np.int8),
+        photo_id=photos["photo_id"],
+        photo=photo.astype(np.int32),
+        user_ids=user_ids,
+        user=user.astype(np.int32),
+        country=country_index,
     )
-    table = pd.DataFrame(
-        {
-            "converted_at": np.char.replace(np.datetime_as_string(converted_at, "ms"), "T", " "),
-            "conversion_type": "download",
-            "keyword": keyword,
-            "photo_id": photos["photo_id"][photo],
-            "anonymous_user_id": user_ids[user],
-            "conversion_country": conversion_country,
-        },
-        columns=list(CONVERSION_COLUMNS),
-    )
-    return table, int(len(np.unique(user)))
+    return table, int(np.count_nonzero(np.bincount(user, minlength=n_users)))
+
+
+class ConversionRows:
+    """The drawn conversions as compact integer columns; :meth:`rows` spells a slice of them
+    out as the table's strings, so a catalogue of tens of millions of conversions is written a
+    shard at a time instead of held as strings whole."""
+
+    def __init__(self, offset, want, photo_id, photo, user_ids, user, country) -> None:
+        self._offset, self._want, self._photo_id, self._photo = offset, want, photo_id, photo
+        self._user_ids, self._user, self._country = user_ids, user, country
+
+    def __len__(self) -> int:
+        return len(self._user)
+
+    def rows(self, start: int, stop: int) -> pd.DataFrame:
+        """Rows ``start`` to ``stop`` (exclusive) as the conversions table's columns."""
+        n_colours, n_shapes, n_scenes = len(COLOURS), len(SHAPES), len(SCENES)
+        want_colour, want_shape, want_scene = (
+            w.astype(np.int64) for w in self._want[:, start:stop]
+        )
+        keyword = (
+            _COLOUR_NAMES[want_colour]
+            + np.where((want_colour < n_colours) & (want_shape < n_shapes), " ", "")
+            + _SHAPE_NAMES[want_shape]
+            + np.where((want_colour < n_colours) & (want_scene < n_scenes), " ", "")
+            + _SCENE_NAMES[want_scene]
+        )
+        converted_at = _EPOCH + self._offset[start:stop].astype("timedelta64[ms]")
+        return pd.DataFrame(
+            {
+                "converted_at": np.char.replace(
+                    np.datetime_as_string(converted_at, "ms"), "T", " "
+                ),
+                "conversion_type": "download",
+                "keyword": keyword,
+                "photo_id": self._photo_id[self._photo[start:stop]],
+                "anonymous_user_id": self._user_ids[self._user[start:stop]],
+                "conversion_country": _COUNTRIES[self._country[start:stop]],
+            },
+            columns=list(CONVERSION_COLUMNS),
+        )
+
+
+_COLOUR_NAMES = np.array(COLOURS + ("",), dtype=object)
+_SHAPE_NAMES = np.array(SHAPES + ("",), dtype=object)
+_SCENE_NAMES = np.array(SCENES + ("",), dtype=object)
+_EPOCH = np.datetime64("2020-01-01T00:00:00.000")

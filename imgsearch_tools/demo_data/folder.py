@@ -9,6 +9,8 @@ import re
 from pathlib import Path
 
 import pandas as pd
+import pyarrow as pa
+import pyarrow.csv as pacsv
 
 from imgsearch_tools import outputs
 
@@ -72,20 +74,30 @@ def adopt_legacy_folder(folder: Path) -> None:
     outputs.write_marker(folder, MAKER, [*ours, LEGACY_MARKER], record, images)
 
 
-def write_table(table: pd.DataFrame, out_dir: Path, name: str, rows_per_shard: int) -> list[str]:
-    """Write ``name.tsv000``, ``name.tsv001``… with a header row each; returns the file names."""
+def write_table(table, out_dir: Path, name: str, rows_per_shard: int) -> list[str]:
+    """Write ``name.tsv000``, ``name.tsv001``… with a header row each; returns the file names.
+
+    ``table`` is a DataFrame or an object with ``len()`` and ``rows(start, stop)`` returning
+    one (the conversions, spelled out a shard at a time).
+    """
     files = []
     n_shards = max(1, math.ceil(len(table) / rows_per_shard))
+    rows = table.rows if hasattr(table, "rows") else lambda a, b: table.iloc[a:b]
     for shard in range(n_shards):
-        part = table.iloc[shard * rows_per_shard : (shard + 1) * rows_per_shard]
+        part = rows(shard * rows_per_shard, (shard + 1) * rows_per_shard)
         file_name = f"{name}.tsv{shard:03d}"
-        part.to_csv(
-            out_dir / file_name,
-            sep="\t",
-            index=False,
-            na_rep="",
-            float_format="%.4f",
-            lineterminator="\n",
-        )
+        _write_tsv(part, out_dir / file_name)
         files.append(file_name)
     return files
+
+
+def _write_tsv(part: pd.DataFrame, path: Path) -> None:
+    """Write one shard: text-only tables through Arrow's CSV writer (an order of magnitude
+    faster than pandas on the conversions, same bytes), others through pandas for ``%.4f``."""
+    if all(pd.api.types.is_string_dtype(dtype) for dtype in part.dtypes):
+        with path.open("wb") as out:
+            out.write(("\t".join(part.columns) + "\n").encode())
+            options = pacsv.WriteOptions(include_header=False, delimiter="\t", quoting_style="none")
+            pacsv.write_csv(pa.Table.from_pandas(part, preserve_index=False), out, options)
+        return
+    part.to_csv(path, sep="\t", index=False, na_rep="", float_format="%.4f", lineterminator="\n")
