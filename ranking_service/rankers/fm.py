@@ -59,6 +59,9 @@ class FMRanker(QueryPrior, Ranker):
         Most training epochs.
     batch_size:
         Conversions per step.
+    max_epoch_conversions:
+        Most conversions one epoch trains on: beyond it each epoch draws this many anew, so an
+        epoch's time stops growing with the conversions (0: all of them).
     learning_rate:
         Adam's step size.
     l2:
@@ -112,6 +115,7 @@ class FMRanker(QueryPrior, Ranker):
         factors: int = 32,
         epochs: int = 10,
         batch_size: int = 4096,
+        max_epoch_conversions: int = 1_000_000,
         learning_rate: float = 0.003,
         l2: float = 0.01,
         keyword_negatives: int = 1,
@@ -137,6 +141,7 @@ class FMRanker(QueryPrior, Ranker):
         self.factors = int(factors)
         self.epochs = int(epochs)
         self.batch_size = int(batch_size)
+        self.max_epoch_conversions = int(max_epoch_conversions)
         self.learning_rate = float(learning_rate)
         self.l2 = float(l2)
         self.keyword_negatives = int(keyword_negatives)
@@ -179,6 +184,7 @@ class FMRanker(QueryPrior, Ranker):
             "factors": self.factors,
             "epochs": self.epochs,
             "batch_size": self.batch_size,
+            "max_epoch_conversions": self.max_epoch_conversions,
             "learning_rate": self.learning_rate,
             "l2": self.l2,
             "keyword_negatives": self.keyword_negatives,
@@ -345,19 +351,20 @@ class FMRanker(QueryPrior, Ranker):
     ) -> float:
         """Run one BPR epoch; return the mean loss."""
         self.model.train()
-        order = rng.permutation(len(data))
+        order = rng.permutation(len(data))[: self.max_epoch_conversions or None]
         negatives = torch.from_numpy(
             data.sample_negatives(order, rng, self.keyword_negatives, self.uniform_negatives)
         )
         order = torch.from_numpy(order)
         total, steps = 0.0, 0
-        batches = range(0, len(data), self.batch_size)
+        batches = range(0, len(order), self.batch_size)
         bar = tqdm(
             batches, desc=f"{self.name} {label} {epoch}", disable=not show_progress, leave=False
         )
         for start in bar:
             rows = order[start : start + self.batch_size]
-            photos = torch.cat([data.photo_rows[rows].unsqueeze(1), negatives[rows]], dim=1)
+            drawn = negatives[start : start + self.batch_size]  # row i was drawn for order[i]
+            photos = torch.cat([data.photo_rows[rows].unsqueeze(1), drawn], dim=1)
             scores, context_emb, photo_emb = self.model.score_with_embeddings(
                 data.context[rows], photos
             )
