@@ -3,7 +3,9 @@
 Peak memory is the process's high-water resident set (``ru_maxrss``, which counts what native
 libraries allocate, unlike ``tracemalloc``) read after each step: ``peak_rss_mib`` is the peak
 so far and ``raised_peak_mib`` how much this step raised it (0 when an earlier step had already
-reached more). ``rss_mib`` is what stays resident when the step ends.
+reached more). ``rss_mib`` is what stays resident when the step ends. ``cpu_seconds`` is the
+CPU time (user + system, all threads) the process spent in the step: on a shared or niced machine
+the wall seconds say how long it waited, the CPU seconds how much work it was.
 """
 
 from __future__ import annotations
@@ -22,6 +24,12 @@ _MAXRSS_UNIT = 1 if sys.platform == "darwin" else 1024
 def peak_rss_bytes() -> int:
     """This process's high-water resident set so far, in bytes."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * _MAXRSS_UNIT
+
+
+def cpu_seconds() -> float:
+    """CPU seconds (user + system, every thread) this process has used so far."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def rss_bytes() -> int:
@@ -48,12 +56,13 @@ class BuildSteps:
     def step(self, name: str) -> Iterator[dict]:
         """Time ``name`` and record its memory; yields its entry, for details of its own."""
         peak_before = peak_rss_bytes()
-        started = time.perf_counter()
+        started, cpu_before = time.perf_counter(), cpu_seconds()
         entry: dict = {"step": name}
         yield entry
         peak = peak_rss_bytes()
         entry.update(
             seconds=round(time.perf_counter() - started, 2),
+            cpu_seconds=round(cpu_seconds() - cpu_before, 2),
             peak_rss_mib=_mib(peak),
             raised_peak_mib=_mib(peak - peak_before),
             rss_mib=_mib(rss_bytes()),
@@ -61,6 +70,7 @@ class BuildSteps:
         self.steps.append(entry)
         if self._log:
             self._log(
-                f"step {name}: {entry['seconds']}s, peak RSS {entry['peak_rss_mib']} MiB "
+                f"step {name}: {entry['seconds']}s ({entry['cpu_seconds']} CPU s), "
+                f"peak RSS {entry['peak_rss_mib']} MiB "
                 f"(+{entry['raised_peak_mib']}), resident {entry['rss_mib']} MiB"
             )

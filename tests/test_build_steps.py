@@ -38,8 +38,24 @@ def test_a_step_that_allocates_raises_the_peak_and_one_that_frees_lowers_the_res
     assert all(s["seconds"] >= 0 for s in (small, large, freed))
 
 
+def test_a_step_records_the_cpu_time_it_used():
+    from imgsearch_tools.build_steps import BuildSteps, cpu_seconds
+
+    steps = BuildSteps()
+    with steps.step("busy"):
+        started = cpu_seconds()
+        while cpu_seconds() - started < 0.3:
+            sum(range(10_000))
+    with steps.step("idle"):
+        pass
+    busy, idle = steps.steps
+    assert busy["cpu_seconds"] >= 0.3
+    assert 0 <= idle["cpu_seconds"] < busy["cpu_seconds"]
+
+
 def test_a_build_records_its_steps_in_the_manifest(artifact_root):
     manifest = json.loads((artifact_root / artifacts.CURRENT / artifacts.MANIFEST).read_text())
     names = [s["step"] for s in manifest["build_steps"]]
     assert names == ["read", "filters and catalogue", "keyword index", "rankers"]
     assert all(s["peak_rss_mib"] > 0 for s in manifest["build_steps"])
+    assert all(s["cpu_seconds"] >= 0 for s in manifest["build_steps"])
