@@ -416,6 +416,44 @@ class TestFM(RankerContract):
         # The refit saw every training conversion: its vocabulary has every training user.
         assert ranker.encoder.field_sizes[0] == split[0].conversions.user_idx.nunique() + 1
 
+    def test_each_conversion_trains_against_the_negatives_drawn_for_it(self, split, monkeypatch):
+        from ranking_service.rankers.bpr_data import BPRTrainingData
+
+        # A negative equal to its conversion's photo is masked out of the loss: with every
+        # negative drawn as its own conversion's photo, the loss is 0 exactly when each
+        # conversion meets the negatives drawn for it and not another conversion's.
+        def own_photo(data, order, rng, keyword_negatives, uniform_negatives):
+            photos = data.photo_rows.numpy()[order]
+            return np.repeat(photos[:, None], keyword_negatives + uniform_negatives, axis=1)
+
+        monkeypatch.setattr(BPRTrainingData, "sample_negatives", own_photo)
+        params = {**TEST_PARAMS["fm"], "epochs": 1, "validation_fraction": 0.0}
+        ranker = create_ranker("fm", **params).fit(split[0], False, served(split[0]))
+        assert ranker.history[0]["loss"] == 0.0
+
+    def test_an_epoch_trains_on_at_most_max_epoch_conversions(self, split, monkeypatch):
+        from ranking_service.rankers.bpr_data import BPRTrainingData
+
+        drawn_for = []
+        sample_negatives = BPRTrainingData.sample_negatives
+
+        def counted(data, order, *args):
+            drawn_for.append((len(order), len(np.unique(order)), len(data)))
+            return sample_negatives(data, order, *args)
+
+        monkeypatch.setattr(BPRTrainingData, "sample_negatives", counted)
+        params = {**TEST_PARAMS["fm"], "epochs": 2, "validation_fraction": 0.0}
+        create_ranker("fm", **params, max_epoch_conversions=100).fit(
+            split[0], False, served(split[0])
+        )
+        assert [(n, distinct) for n, distinct, _ in drawn_for] == [(100, 100), (100, 100)]
+        assert all(total > 100 for _, _, total in drawn_for)
+        drawn_for.clear()
+        create_ranker("fm", **params, max_epoch_conversions=0).fit(
+            split[0], False, served(split[0])
+        )
+        assert all(n == total for n, _, total in drawn_for)
+
 
 class TestDeepFM(RankerContract):
     name = "deepfm"

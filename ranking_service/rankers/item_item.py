@@ -221,7 +221,8 @@ class EASERanker(ItemItemRanker):
         converted = np.flatnonzero(counts > 0)
         order = np.argsort(-counts[converted], kind="stable")[: self.max_items]
         items = np.sort(converted[order])
-        self.fit_figures["items"] = len(items)
+        self.fit_figures["items"] = len(items)  # of the converted photos, beside it:
+        self.fit_figures["converted_photos"] = len(converted)
         if len(items) == 0:
             return sp.csr_matrix((n_photos, n_photos), dtype=np.float32)
         subset = conversions[:, items]
