@@ -27,6 +27,8 @@ def test_a_small_run_builds_serves_and_reports_every_figure(tmp_path):
         "rankers",
     ]
     assert set(build["rankers"]) == {"popularity", "als"}
+    assert size["demo_data"]["cpu_seconds"] > 0 and build["cpu_seconds"] > 0
+    assert all(step["cpu_seconds"] >= 0 for step in build["steps"])
     assert build["bytes"]["keyword index"] > 0 and build["bytes"]["vector index"] == 0
     served = size["serving"]
     assert (

@@ -379,6 +379,8 @@ def test_bench_shards_checks_exactness_and_measures_each_layout(artifact_root, t
             "0",
             "--qps",
             "50",
+            "--unseen-queries",
+            "120",
         ],  # fmt: skip
         capture_output=True,
         text=True,
@@ -395,3 +397,4 @@ def test_bench_shards_checks_exactness_and_measures_each_layout(artifact_root, t
         assert [run["error_count"] for run in layout["scenarios"]] == [0, 0]
         assert all(run["ok"] > 0 for run in layout["scenarios"])
     assert "2 shards: " in (out / "shards.md").read_text()
+    assert "and 120 unseen queries" in (out / "shards.md").read_text()

@@ -191,13 +191,20 @@ def add_commands(subparsers) -> None:
         help="measure sharded retrieval per shard count: exactness, latency, CPU per search",
         description="Serve the current set whole and split into each shard count (hard-linked "
         "copies resharded under OUT/shards/), as separate `imgsearch serve` processes (one per "
-        "shard, ranking, the gateway); check that every catalogue keyword and 300 unseen "
-        "queries get, with each retriever, exactly the unsharded answer (ids and scores); run "
-        "keyword and hybrid load, open and closed loop; write OUT/shards.json and "
+        "shard, ranking, the gateway); check that every catalogue keyword and 300 (by default) "
+        "unseen queries get, with each retriever, exactly the unsharded answer (ids and "
+        "scores); run keyword and hybrid load, open and closed loop; write OUT/shards.json and "
         "OUT/shards.md. Run it alone on the machine (CPU figures).",
     )
     p.add_argument("--artifacts", default=DEFAULT_ARTIFACTS, help="artifact root or set")
     p.add_argument("--shards", default="1,2,4", help="shard counts, 1 first (default 1,2,4)")
+    p.add_argument(
+        "--unseen-queries",
+        type=int,
+        default=300,
+        help="unseen multi-word queries checked against the unsharded answers, beside every "
+        "catalogue keyword (default 300)",
+    )
     p.add_argument(
         "--out", default="var/bench", help="report folder: new, empty, or one it wrote before"
     )

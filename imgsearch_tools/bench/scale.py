@@ -98,11 +98,12 @@ def parse_sizes(text: str) -> list[int]:
 
 
 def run_child(command: list[str], log: Path) -> dict:
-    """Run ``command`` niced, output to ``log``; its seconds and peak resident memory."""
+    """Run ``command`` niced (CPU and disk), output to ``log``; its seconds, CPU seconds and
+    peak resident memory."""
     started = time.perf_counter()
     with open(log, "ab") as out:
         proc = subprocess.Popen(
-            ["nice", "-n", "19", *command], stdout=out, stderr=subprocess.STDOUT
+            ["nice", "-n", "19", "ionice", "-c3", *command], stdout=out, stderr=subprocess.STDOUT
         )
         _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
@@ -111,6 +112,7 @@ def run_child(command: list[str], log: Path) -> dict:
     # ru_maxrss of a waited child: KiB on Linux.
     return {
         "seconds": round(time.perf_counter() - started, 1),
+        "cpu_seconds": round(usage.ru_utime + usage.ru_stime, 1),
         "peak_rss_mib": round(usage.ru_maxrss / 1024, 1),
     }
 

@@ -2,10 +2,10 @@
 
 For each shard count the set is served from a hard-linked copy under OUT/shards/, whole (1)
 or resharded into N, as separate `imgsearch serve` processes (N retrieval shards, ranking, the
-gateway) on the same machine. First every catalogue keyword and 300 unseen multi-word queries
-are searched with each retriever (ranker none, all 100 candidates shown) and compared to the
-unsharded answers, to the bit; then the load scenarios measure latency and CPU per search of
-every process.
+gateway) on the same machine. First every catalogue keyword and 300 (``--unseen-queries``)
+unseen multi-word queries are searched with each retriever (ranker none, all 100 candidates
+shown) and compared to the unsharded answers, to the bit; then the load scenarios measure
+latency and CPU per search of every process.
 """
 
 from __future__ import annotations
@@ -54,8 +54,8 @@ def sharded_root(artifact_set, count: int, out: Path) -> Path:
     return root
 
 
-def check_queries(artifact_set) -> list[str]:
-    """Every catalogue keyword, and unseen multi-word queries made of two of them."""
+def check_queries(artifact_set, unseen: int = UNSEEN_QUERIES) -> list[str]:
+    """Every catalogue keyword, and ``unseen`` multi-word queries made of two of them."""
     import numpy as np
     import pandas as pd
 
@@ -67,7 +67,7 @@ def check_queries(artifact_set) -> list[str]:
         )["keyword"].unique()
     )
     rng = np.random.default_rng(0)
-    pairs = rng.choice(len(keywords), size=(UNSEEN_QUERIES, 2))
+    pairs = rng.choice(len(keywords), size=(unseen, 2))
     return keywords + [f"{keywords[a]} {keywords[b]} {i}" for i, (a, b) in enumerate(pairs)]
 
 
@@ -123,7 +123,8 @@ async def measure_layout(
         target = services.address("gateway")
         clip = artifact_set.has(artifacts.VECTOR_INDEX)
         retrievers = ["keyword", "clip", "hybrid"] if clip else ["keyword"]
-        found = await asyncio.to_thread(answers, target, check_queries(artifact_set), retrievers)
+        checked = check_queries(artifact_set, args.unseen_queries)
+        found = await asyncio.to_thread(answers, target, checked, retrievers)
         layout = {"shards": count, "processes": services.names}
         if reference is not None:
             same = sum(found[key] == reference[key] for key in reference)
@@ -192,8 +193,8 @@ def render(report: dict) -> str:
             lines.append(
                 f"- {layout['shards']} shards: {exact['identical']} of {exact['searches']} "
                 f"searches ({', '.join(exact['retrievers'])}; every catalogue keyword and "
-                f"{UNSEEN_QUERIES} unseen queries; top {CHECK_K}, ranker none) identical to "
-                f"the unsharded answers, ids and scores; {exact['degraded']} degraded."
+                f"{report['unseen_queries']} unseen queries; top {CHECK_K}, ranker none) "
+                f"identical to the unsharded answers, ids and scores; {exact['degraded']} degraded."
             )
     return "\n".join(lines) + "\n"
 
@@ -202,6 +203,7 @@ async def run_bench_shards(args, artifact_set, out: Path, counts: list[int]) -> 
 
     command = " ".join(["imgsearch", *sys.argv[1:]])
     report = {"machine": machine_facts(command), "set": artifact_set.version, "layouts": []}
+    report["unseen_queries"] = args.unseen_queries
     queries = sample_queries(args.artifacts, n=args.requests, seed=args.seed)
     reference: dict = {}
     for count in counts:
