@@ -32,12 +32,20 @@ class TokenPostings:
     conf: np.ndarray  # best confidence of each photo in ``photos``
     photos_by_conf: np.ndarray  # the same photos by descending confidence, then photo_idx
     conf_by_conf: np.ndarray  # their confidences, descending
+    # The best MAX_DEPTH of a longer list again by photo: a query reads them in ascending
+    # photo order, so its scatter into the accumulator walks memory forwards (at a million
+    # photos the accumulator is far larger than the cache, and random order cost 3-4x more).
+    capped: tuple[np.ndarray, np.ndarray] | None = None
 
     @classmethod
     def from_best(cls, photos: np.ndarray, conf: np.ndarray) -> TokenPostings:
         """Build from photos (ascending) and their best confidences."""
         order = np.lexsort((photos, -conf))
-        return cls(photos, conf, photos[order], conf[order])
+        capped = None
+        if len(photos) > MAX_DEPTH:
+            best = np.sort(order[:MAX_DEPTH])
+            capped = (photos[best], conf[best])
+        return cls(photos, conf, photos[order], conf[order], capped)
 
     def __len__(self) -> int:
         return len(self.photos)
@@ -46,6 +54,8 @@ class TokenPostings:
         """The photos (each once) and confidences read at most ``depth`` deep."""
         if len(self.photos) <= depth:
             return self.photos, self.conf
+        if depth == MAX_DEPTH and self.capped is not None:
+            return self.capped
         return self.photos_by_conf[:depth], self.conf_by_conf[:depth]
 
 

@@ -75,6 +75,29 @@ def test_the_cap_bounds_the_read_and_says_the_top_may_be_incomplete(monkeypatch)
     assert "read the best" in index.retrieve("red blue", 1000).note
 
 
+def test_a_capped_token_is_read_in_photo_order_with_the_same_answer():
+    from retrieval_service.token_match import MAX_DEPTH
+
+    rng = np.random.default_rng(6)
+    n = MAX_DEPTH + 5_000
+    photos = np.arange(n, dtype=np.int64) * 2
+    conf = (rng.integers(1, 21, n) / 20).astype(np.float32)  # many ties at the cut
+    long = TokenPostings.from_best(photos, conf)
+    short = TokenPostings.from_best(photos[::7], conf[::7])
+    read, read_conf = long.best(MAX_DEPTH)
+    assert np.all(np.diff(read) > 0)
+    assert set(read.tolist()) == set(long.photos_by_conf[:MAX_DEPTH].tolist())
+    assert np.array_equal(read_conf, conf[read // 2])
+    # Scored as sorting every posting of the best MAX_DEPTH and the short list scores them.
+    photos_expected, scores_expected = score_all(
+        [TokenPostings.from_best(read, read_conf), short], 2, 100
+    )
+    match = top_k([long, short], 2, 100)
+    assert not match.complete
+    assert match.photos.tolist() == photos_expected.tolist()
+    assert match.scores.tolist() == scores_expected.tolist()
+
+
 def test_a_token_nobody_allowed_holds_returns_nothing():
     postings = [TokenPostings.from_best(np.array([1, 2]), np.array([0.5, 0.9], np.float32))]
     match = top_k(postings, 1, 10, np.zeros(3, bool))
