@@ -47,6 +47,35 @@ def artifact_root(demo_data, tmp_path_factory) -> Path:
     return root
 
 
+# The set with images and a tiny CLIP that the CLIP, shard and filter modules serve: the
+# longest build of any fixture, so built once per session and only read (a test that changes
+# a set changes a copy). Built in shards, it is served whole as well as sharded.
+CLIP_SET_SHARDS = 4
+# Its build takes minutes on a busy box: the modules that use it allow for it.
+CLIP_SET_TIMEOUT = pytest.mark.timeout(900)
+
+
+@pytest.fixture(scope="session")
+def clip_set(tmp_path_factory) -> Path:
+    """An artifact root: 300 photos with images, a tiny CLIP, none/popularity/ALS/clip_profile,
+    4 retrieval shards."""
+    from imgsearch_tools.build import build_artifacts
+    from imgsearch_tools.demo_data import generate
+
+    data = tmp_path_factory.mktemp("clip-data")
+    generate(data, n_photos=300, n_users=40, n_conversions=4000, seed=3, show_progress=False)
+    root = tmp_path_factory.mktemp("clip-artifacts")
+    build_artifacts(
+        str(data),
+        str(root),
+        ["none", "popularity", "als", "clip_profile"],
+        clip_steps=20,
+        show_progress=False,
+        shards=CLIP_SET_SHARDS,
+    )
+    return root
+
+
 @pytest.fixture(scope="module")
 def loop_thread():
     lt = LoopThread()

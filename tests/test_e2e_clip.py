@@ -13,25 +13,14 @@ from imgsearch.retrieval.v1 import retrieval_service_pb2 as retr_pb
 from imgsearch.retrieval.v1 import retrieval_service_pb2_grpc as retr_grpc
 from imgsearch.search.v1 import search_service_pb2 as pb
 from imgsearch.search.v1 import search_service_pb2_grpc as pb_grpc
-from tests.conftest import Stack
+from tests.conftest import CLIP_SET_TIMEOUT, Stack
+
+pytestmark = CLIP_SET_TIMEOUT
 
 
 @pytest.fixture(scope="module")
-def clip_stack(loop_thread, tmp_path_factory):
-    from imgsearch_tools.build import build_artifacts
-    from imgsearch_tools.demo_data import generate
-
-    data = tmp_path_factory.mktemp("clip-data")
-    generate(data, n_photos=300, n_users=40, n_conversions=4000, seed=3, show_progress=False)
-    root = tmp_path_factory.mktemp("clip-artifacts")
-    build_artifacts(
-        str(data),
-        str(root),
-        ["none", "popularity", "clip_profile"],
-        clip_steps=20,
-        show_progress=False,
-    )
-    stack = Stack(loop_thread, root)
+def clip_stack(loop_thread, clip_set):
+    stack = Stack(loop_thread, clip_set)
     yield stack
     stack.stop()
 

@@ -19,7 +19,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -41,9 +40,13 @@ HOSTS = {
     "client": (None, None),
 }
 KILLED = ("r0a", "ka", "ga")  # one replica of each tier
-LOAD_QPS = 100
-LOAD_SECONDS = 25.0
-FROZEN_S = 0.3  # at LOAD_QPS, a dozen or more requests wait on the replica when it dies
+LOAD_QPS = 40
+KILL_LOAD_S = 10.0  # the kills start once searches flow, and take about 2.5 s
+RECOVERY_LOAD_S = 3.0
+# Rounds of load after the restarts before a replica that takes none fails the test: gRPC
+# retries a connection that failed after up to a few seconds (its reconnect backoff).
+MAX_RECOVERY_ROUNDS = 10
+FROZEN_S = 0.3  # at LOAD_QPS, about six requests wait on each replica when it dies
 
 
 def ip(*args: str) -> subprocess.CompletedProcess:
@@ -202,6 +205,51 @@ def served_ok(log: Path, method: str) -> int:
     return count
 
 
+def start_bench(hosts: Hosts, root: Path, seconds: float, name: str) -> subprocess.Popen:
+    """``imgsearch bench`` on the client host, over both gateways, for ``seconds``."""
+    gateways = ",".join(hosts.target(h) for h in ("ga", "gb"))
+    log = open(hosts.log_dir / f"{name}.log", "wb")
+    bench = hosts.run(
+        "client", "-m", "imgsearch_tools.cli", "bench", "--target", gateways,
+        "--qps", str(LOAD_QPS), "--duration", str(seconds), "--warmup", "1",
+        "--retriever", "keyword", "--ranker", "popularity", "--artifacts", str(root),
+        "--no-in-process", "--json", str(hosts.log_dir / f"{name}.json"),
+        stdout=log, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    log.close()
+    return bench
+
+
+def bench_result(hosts: Hosts, bench: subprocess.Popen, seconds: float, name: str) -> dict:
+    """The finished bench's result, after checking that no search failed or degraded."""
+    bench.wait(timeout=seconds + 120)
+    output = (hosts.log_dir / f"{name}.log").read_text()
+    assert bench.returncode == 0, output[-3000:]
+    result = json.loads((hosts.log_dir / f"{name}.json").read_text())["result"]
+    assert result["sent"] >= LOAD_QPS * seconds * 0.9
+    assert result["error_count"] == 0, (name, result["errors"])
+    assert result["ok"] == result["completed"] == result["sent"]
+    assert result["degraded"] == 0, (name, result["degraded_reasons"])
+    return result
+
+
+def load_started(hosts: Hosts, bench: subprocess.Popen, timeout: float = 120.0) -> None:
+    """Wait until the gateways answer the bench's searches (its start takes seconds)."""
+    deadline = time.monotonic() + timeout
+    while not any(served_ok(hosts.log_path(g), "Search") for g in ("ga", "gb")):
+        assert bench.poll() is None, "the bench exited before sending"
+        assert time.monotonic() < deadline, "no search reached a gateway"
+        time.sleep(0.1)
+
+
+def restarted_and_serving(hosts: Hosts) -> bool:
+    """Whether each killed replica's second start has answered its tier's method OK."""
+    return all(
+        served_ok(hosts.log_path(host, 2), method) > 0
+        for host, method in zip(KILLED, ("Retrieve", "Rank", "Search"))
+    )
+
+
 def test_killing_one_replica_of_each_tier_under_load_fails_no_search(hosts, demo_data, tmp_path):
     from imgsearch_tools.build import build_artifacts
 
@@ -214,41 +262,26 @@ def test_killing_one_replica_of_each_tier_under_load_fails_no_search(hosts, demo
         hosts.serve(host, str(root))
     hosts.wait_serving(servers)
 
-    report = tmp_path / "bench.json"
-    gateways = ",".join(hosts.target(h) for h in ("ga", "gb"))
-    bench = hosts.run(
-        "client", "-m", "imgsearch_tools.cli", "bench", "--target", gateways,
-        "--qps", str(LOAD_QPS), "--duration", str(LOAD_SECONDS), "--warmup", "1",
-        "--retriever", "keyword", "--ranker", "popularity", "--artifacts", str(root),
-        "--no-in-process", "--json", str(report),
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-    )  # fmt: skip
-    output: list[bytes] = []
-    reader = threading.Thread(target=lambda: output.append(bench.stdout.read()), daemon=True)
-    reader.start()
-    started = time.monotonic()
-    time.sleep(3)
-    events = []
+    # Under load, one replica of each tier dies in turn and is started again at once.
+    bench = start_bench(hosts, root, KILL_LOAD_S, "bench-kills")
+    load_started(hosts, bench)
     for host in KILLED:
+        assert bench.poll() is None, "the load ended before the kills"
         hosts.kill(host)
-        events.append((round(time.monotonic() - started, 1), f"killed {host}"))
-        time.sleep(0.5)
         hosts.serve(host, str(root))
-        hosts.wait_serving([host])
-        events.append((round(time.monotonic() - started, 1), f"{host} SERVING again"))
-    restarted_at = time.monotonic() - started
-    assert restarted_at < LOAD_SECONDS - 5, f"restarts took too long to be measured: {events}"
-    bench.wait(timeout=LOAD_SECONDS + 120)
-    reader.join(10)
-    assert bench.returncode == 0, b"".join(output).decode()[-3000:]
-    result = json.loads(report.read_text())["result"]
-
-    assert result["sent"] >= LOAD_QPS * LOAD_SECONDS * 0.9
-    assert result["error_count"] == 0, (result["errors"], events)
-    assert result["ok"] == result["completed"] == result["sent"]
-    assert result["degraded"] == 0, (result["degraded_reasons"], events)
-    # Both gateways took searches, and each restarted replica serves again.
+        time.sleep(0.5)
+    bench_result(hosts, bench, KILL_LOAD_S, "bench-kills")
+    # However long the restarts took on this machine: once each replica is SERVING again,
+    # the load that follows reaches it (gRPC reconnects with backoff, hence rounds) and still
+    # no search fails or degrades.
+    hosts.wait_serving(list(KILLED))
+    rounds = 0
+    while not restarted_and_serving(hosts):
+        assert rounds < MAX_RECOVERY_ROUNDS, "a restarted replica took no traffic"
+        name = f"bench-recovered-{rounds}"
+        bench_result(hosts, start_bench(hosts, root, RECOVERY_LOAD_S, name), RECOVERY_LOAD_S, name)
+        rounds += 1
+    # Both gateways took searches before the kills.
     assert served_ok(hosts.log_path("gb"), "Search") > 0
     for host, method in zip(KILLED, ("Retrieve", "Rank", "Search")):
         assert served_ok(hosts.log_path(host, 1), method) > 0, host
-        assert served_ok(hosts.log_path(host, 2), method) > 0, f"{host} after its restart"

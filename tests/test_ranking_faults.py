@@ -156,11 +156,22 @@ def search(target: str, timeout: float | None = 5.0, **fields) -> pb.SearchRespo
 
 
 def test_tight_client_deadlines_do_not_open_the_breaker(fake_gateway):
-    fake, target = fake_gateway(timeout_ms=5000, ranking_budget_ms=300)
+    # Each client's deadline leaves ranking about 0.4 s of its 5 s budget: a timeout is the
+    # client's doing, not ranking's, however many there are.
+    fake, target = fake_gateway(timeout_ms=5000, ranking_budget_ms=5000)
     fake.mode = "hang"
-    reasons = [search(target, timeout=0.2).degraded_reason for _ in range(5)]
-    assert all("timed out" in r for r in reasons), reasons
+    outcomes = []
+    for _ in range(5):
+        try:
+            outcomes.append(search(target, timeout=0.8).degraded_reason)
+        except grpc.RpcError as exc:
+            # The gateway answers 20 ms before the client's deadline; a machine too busy to
+            # keep that margin lets the client's own deadline pass first.
+            outcomes.append(f"client: {exc.code().name}")
+    assert all("timed out" in o or o == "client: DEADLINE_EXCEEDED" for o in outcomes), outcomes
     assert fake.calls["Rank"] == 5  # every search still asked ranking
+    fake.mode = "answer"
+    assert not search(target).degraded  # and the breaker is closed
 
 
 def test_a_ranking_timeout_with_its_full_budget_opens_the_breaker(fake_gateway):

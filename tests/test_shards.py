@@ -16,8 +16,10 @@ from imgsearch.retrieval.v1 import retrieval_service_pb2_grpc as retr_grpc
 from imgsearch.search.v1 import search_service_pb2 as pb
 from imgsearch.search.v1 import search_service_pb2_grpc as pb_grpc
 from retrieval_service.sharding import shard_of_id
+from tests.conftest import CLIP_SET_SHARDS, CLIP_SET_TIMEOUT
 
-SHARDS = 4
+SHARDS = CLIP_SET_SHARDS
+pytestmark = CLIP_SET_TIMEOUT
 RETRIEVERS = {
     "keyword": retr_pb.RETRIEVER_KEYWORD,
     "clip": retr_pb.RETRIEVER_CLIP,
@@ -92,23 +94,9 @@ class ShardedStack:
 
 
 @pytest.fixture(scope="module")
-def sharded(loop_thread, tmp_path_factory):
-    """A demo catalogue with images, a tiny CLIP, built with 4 shards, served both ways."""
-    from imgsearch_tools.build import build_artifacts
-    from imgsearch_tools.demo_data import generate
-
-    data = tmp_path_factory.mktemp("shard-data")
-    generate(data, n_photos=300, n_users=40, n_conversions=2000, seed=3, show_progress=False)
-    root = tmp_path_factory.mktemp("shard-artifacts")
-    build_artifacts(
-        str(data),
-        str(root),
-        ["none", "popularity"],
-        clip_steps=20,
-        show_progress=False,
-        shards=SHARDS,
-    )
-    stack = ShardedStack(loop_thread, root)
+def sharded(loop_thread, clip_set):
+    """The session's set with images, a tiny CLIP and 4 shards, served both ways."""
+    stack = ShardedStack(loop_thread, clip_set)
     yield stack
     stack.stop()
 
