@@ -90,7 +90,7 @@ eval-suite: $(STAMP)
 
 bench: demo
 	$(VENV)/bin/imgsearch bench-suite --data $(DEMO_DATA) --artifacts $(DEMO_ARTIFACTS) --out var/bench --results-page docs/results/bench.md
-	$(VENV)/bin/imgsearch bench-ingest --data $(DEMO_DATA) --artifacts $(DEMO_ARTIFACTS) --out var/bench-ingest --results-page docs/results/ingest.md
+	$(VENV)/bin/imgsearch bench-ingest --data $(DEMO_DATA) --artifacts $(DEMO_ARTIFACTS) --out var/bench-ingest --real-clip-folder var/bench/vit-b-32 --results-page docs/results/ingest.md
 
 # Manual, not in CI: catalogues of 10,000, 100,000 and 1,000,000 photos built and served (hours).
 bench-scale: $(STAMP)

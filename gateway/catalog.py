@@ -330,7 +330,9 @@ class CatalogServicer(pb_grpc.CatalogServiceServicer):
         self, request: pb.UpsertPhotosRequest, context
     ) -> pb.UpsertPhotosResponse:
         await self._check_enabled(context)
-        records = check_upsert(request)
+        # Decoding every image to check it takes milliseconds per photo: beside the event
+        # loop, so searches are not held behind a batch of writes.
+        records = await asyncio.to_thread(check_upsert, request)
         digest = request_digest(request.SerializeToString(deterministic=True))
         done = await self._already(context, request.request_id, digest)
         if done is not None:

@@ -142,6 +142,13 @@ class ConversionStoreConfig(ServerConfig):
     live_catalogue: bool = field(
         default_factory=lambda: env("LIVE_CATALOGUE", "0") not in ("", "0", "false")
     )
+    # How often retrieval and ranking servers read the live catalogue's log for new changes.
+    catalog_poll_ms: float = field(default_factory=lambda: env_float("CATALOG_POLL_MS", 100.0))
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.catalog_poll_ms <= 0:
+            raise SystemExit(f"error: catalog poll must be positive, got {self.catalog_poll_ms}")
 
     def conversion_store(self) -> dict:
         """``open_store`` arguments: the DSN when set, else the SQLite file (by default
@@ -166,13 +173,9 @@ class RetrievalConfig(ConversionStoreConfig):
     text_runtime: str = field(default_factory=lambda: env("TEXT_RUNTIME", ""))
     # -1 serves the whole set; i serves shard i of a set built with --shards.
     shard: int = field(default_factory=lambda: env_int("SHARD", -1))
-    # How often the live catalogue's log is read for new changes.
-    catalog_poll_ms: float = field(default_factory=lambda: env_float("CATALOG_POLL_MS", 100.0))
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.catalog_poll_ms <= 0:
-            raise SystemExit(f"error: catalog poll must be positive, got {self.catalog_poll_ms}")
         if self.encode_batch < 1:
             raise SystemExit(f"error: encode batch must be at least 1, got {self.encode_batch}")
         if self.encode_wait_ms < 0:

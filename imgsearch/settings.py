@@ -170,9 +170,10 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting(
         "CATALOG_POLL_MS",
-        "How often a retrieval server reads the live catalogue's log for new changes.",
+        "How often retrieval and ranking servers read the live catalogue's log for new "
+        "changes (ranking: to score photos written since the set was built).",
         "100",
-        "retrieval",
+        "ranking, retrieval",
     ),
     Setting(
         "FOLDIN_CONVERSIONS",

@@ -27,6 +27,7 @@ from imgsearch.serving import (
     start_service,
 )
 from ranking_service.history import LoggedHistory
+from ranking_service.live_photos import HIGH_WATER_KEY, LivePhotos, LivePhotosTailer
 from ranking_service.rankers.base import Ranker, RankQuery
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["RankingService"].full_name
@@ -64,6 +65,10 @@ class RankingState:
     defaults: list[tuple[str, str, str]] = field(default_factory=list)
     # Rankers the set holds but this server could not load, and why.
     unloaded: dict[str, str] = field(default_factory=dict)
+    # The live catalogue: the set's high-water mark, and the log's photos beyond the set
+    # (None: served without the log, or not read yet).
+    catalog_log_seq: int = 0
+    live: LivePhotos | None = None
 
 
 def load_ranking_state(artifacts_path: str, default_ranker: str = "") -> RankingState:
@@ -124,6 +129,7 @@ def load_ranking_state(artifacts_path: str, default_ranker: str = "") -> Ranking
         default_reason=reason,
         defaults=[("ranker", default, reason)],
         unloaded=unloaded,
+        catalog_log_seq=int(artifact_set.manifest.get(HIGH_WATER_KEY, 0)),
     )
 
 
@@ -268,6 +274,11 @@ class RankingServicer(pb_grpc.RankingServiceServicer):
         start = time.perf_counter()
         catalogue = state.catalogue
         candidate_idx = catalogue.photo_idx_list(photo_ids)
+        live = None
+        if state.live is not None and None in candidate_idx:
+            # Photos written through the live catalogue since the set was built: numbered
+            # past the set's photos and scored cold (ranking_service.live_photos).
+            live = state.live.candidates(photo_ids, candidate_idx)
         if request.retrieval_scores:
             retrieval_scores = np.asarray(request.retrieval_scores, dtype=np.float32)
         else:
@@ -281,6 +292,7 @@ class RankingServicer(pb_grpc.RankingServiceServicer):
             candidate_idx = [candidate_idx[i] for i in known]
             known_pos = np.asarray(known, dtype=np.int64)
             retrieval_scores = retrieval_scores[known_pos]
+            live = None if live is None else live.take(known_pos)
         user_idx = catalogue.user_idx(request.user_id) if request.user_id else None
         recent = self._recent(state, request.recent_photo_ids)
         country = state.user_country.get(user_idx, "") if user_idx is not None else ""
@@ -297,6 +309,7 @@ class RankingServicer(pb_grpc.RankingServiceServicer):
             retrieval_scores=retrieval_scores,
             recent_photos=recent,
             country=country,
+            live=live,
         )
         ranker = state.rankers[name]
         default_reason = ""
@@ -387,7 +400,16 @@ async def create_ranking_server(config: RankingConfig) -> Service:
     def add(server, holder):
         servicer = RankingServicer(holder, history)
         pb_grpc.add_RankingServiceServicer_to_server(servicer, server)
-        return servicer
+        if not config.live_catalogue:
+            return servicer
+        # The live catalogue's photos beyond the set, read on a connection of their own.
+        location = config.conversion_store()
+        log_store = BackgroundStore(
+            lambda: open_store(**location, timeout_s=STORE_CALL_TIMEOUT_S), name="catalog-log"
+        )
+        tailer = LivePhotosTailer(holder, log_store, config.catalog_poll_ms / 1000)
+        tailer.start()
+        return [servicer, tailer]
 
     return await start_service(
         NAME,

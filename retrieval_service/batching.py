@@ -52,6 +52,8 @@ class MicroBatcher:
         How long the oldest text may wait for others before its batch starts (0: never wait).
     service:
         The service's name in those metrics.
+    queue:
+        The queue's name in ``imgsearch_queue_wait_seconds``.
     """
 
     def __init__(
@@ -60,6 +62,7 @@ class MicroBatcher:
         max_batch: int = DEFAULT_MAX_BATCH,
         max_wait_ms: float = DEFAULT_MAX_WAIT_MS,
         service: str = "retrieval",
+        queue: str = "encoder",
     ):
         if max_batch < 1:
             raise ValueError(f"max_batch must be at least 1, got {max_batch}")
@@ -68,11 +71,12 @@ class MicroBatcher:
         self.encode = encode
         self.max_batch = int(max_batch)
         self.max_wait = float(max_wait_ms) / 1000.0
+        self.queue = queue
         self._queue: deque[_Pending] = deque()
         self._arrived: asyncio.Event | None = None
         self._worker: asyncio.Task | None = None
         self._executor: ThreadPoolExecutor | None = None
-        self._waited = QUEUE_WAIT.labels(service, "encoder")
+        self._waited = QUEUE_WAIT.labels(service, queue)
         self._dropped = SHED.labels(service, "expired")
         # Figures for metrics and tests.
         self.batches = 0
@@ -115,7 +119,7 @@ class MicroBatcher:
         loop = asyncio.get_running_loop()
         self._arrived = asyncio.Event()  # bound to this loop
         if self._executor is None:
-            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="encode")
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=self.queue)
         while self._queue:
             await self._fill()
             batch = self._take()

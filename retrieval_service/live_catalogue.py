@@ -14,24 +14,24 @@ wrote it. On a sharded set a photo belongs to the shard given by a hash of its i
 own photos are placed (:mod:`retrieval_service.sharding`): stable whatever ``photo_idx`` it
 gets, so a rebuild that folds it into the set leaves it on its shard.
 
-A segment is rebuilt whole at each batch of changes and swapped in by one assignment, so a
-search reads one consistent snapshot.
+Each batch of changes appends a small immutable run of the photos it wrote
+(:mod:`retrieval_service.live_runs`, merged geometrically) and swaps in a new snapshot by one
+assignment, so a search reads one consistent snapshot and a write never rebuilds the segment.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
-import pandas as pd
 
 from imgsearch.catalog_log import DELETE, PhotoChange
 from imgsearch.catalogue import normalise_keyword
 from imgsearch.filters import PhotoAttributes
 from retrieval_service.keyword_index import KeywordIndex
 from retrieval_service.live_filters import live_attributes
+from retrieval_service.live_runs import Run, RunSet, keyword_rows
 from retrieval_service.retrievers import RetrievalResult, Retriever
 from retrieval_service.sharding import BY_ID, BY_INDEX, shard_of_id
 
@@ -47,16 +47,7 @@ def owner_shard(
     return shard_of_id(photo_id, shard_count)
 
 
-def keyword_rows(record: dict) -> list[tuple[str, float]]:
-    """A record's keywords as the build normalises them: normalised text, confidence scaled
-    from [0, 100] to [0, 1], the highest kept per keyword."""
-    best: dict[str, float] = {}
-    for keyword, confidence in record.get("keywords", []):
-        text = normalise_keyword(keyword)
-        if text:
-            value = float(np.clip(float(confidence) / 100.0, 0.0, 1.0))
-            best[text] = max(value, best.get(text, 0.0))
-    return list(best.items())
+__all__ = ["LiveCatalogue", "LiveSegment", "keyword_rows", "owner_shard"]
 
 
 @dataclass
@@ -72,11 +63,12 @@ class LiveSegment:
     hidden:
         Bool per ``photo_idx``: not to be returned from the set's own indexes (deleted, or
         replaced by a newer version in this segment, or a new photo not live now).
-    keyword:
-        The segment's live photos' keywords (None when it holds none).
-    vector_idx, vectors:
-        The segment's live photos with an embedding, and their embeddings (a FAISS
-        ``IndexFlatIP``, row ``i`` for ``vector_idx[i]``).
+    runs:
+        The live photos' keyword postings and embeddings, in runs
+        (:mod:`retrieval_service.live_runs`).
+    owner:
+        Per ``photo_idx``, the id of the run holding its live version (-1: none); a run's rows
+        count only where it owns the photo.
     live:
         How many photos of this server (its shard) the segment holds.
     """
@@ -85,16 +77,35 @@ class LiveSegment:
     photo_ids: np.ndarray
     hidden: np.ndarray
     base_count: int
-    keyword: KeywordIndex | None = None
-    vector_idx: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
-    vectors: Any = None
+    runs: tuple[Run, ...] = ()
+    owner: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     live: int = 0
     # Whether the log changed anything on this server (else the set answers alone).
     changed: bool = False
     # What filters test, per photo_idx (set and new photos); None for a set without filters.
     attributes: PhotoAttributes | None = None
-    # Bool per photo_idx: taken down (the segment's indexes may still hold it: see snapshot).
+    # Bool per photo_idx: taken down.
     removed: np.ndarray | None = None
+
+    def keyword_parts(self, keyword: str, from_segment: np.ndarray) -> list:
+        """Each run's (photos, confidences) of an exact keyword, its live rows that
+        ``from_segment`` allows."""
+        parts = []
+        for run in self.runs:
+            if run.keyword is not None:
+                photos, conf = run.keyword.keyword_photos(keyword)
+                keep = from_segment[photos] & (self.owner[photos] == run.run_id)
+                parts.append((photos[keep], conf[keep]))
+        return parts
+
+    def has_keyword(self, keyword: str) -> bool:
+        """Whether a live photo of this segment has ``keyword``."""
+        for run in self.runs:
+            if run.keyword is not None and keyword in run.keyword:
+                photos, _ = run.keyword.keyword_photos(keyword)
+                if (self.owner[photos] == run.run_id).any():
+                    return True
+        return False
 
     def allowed(self, allowed: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
         """Bool per ``photo_idx`` (set and new photos): what a search may return from the set's
@@ -152,9 +163,9 @@ class LiveCatalogue:
         # photo_idx -> the live version's change (only photos of this shard), and deletions.
         self.current: dict[int, PhotoChange] = {}
         self.deleted: set[int] = set()
-        # Whether a photo was written since the last snapshot (deletions alone reuse its
-        # indexes: a take-down is applied without rebuilding them).
-        self.written = True
+        self.runs = RunSet()
+        # Photos described since the last snapshot (any shard's), for the filters' attributes.
+        self.described_since: dict[int, PhotoChange] = {}
         self.segment = self.snapshot()
 
     def owns(self, photo_id: str, photo_idx: int) -> bool:
@@ -181,68 +192,58 @@ class LiveCatalogue:
                 self.deleted.add(photo_idx)
                 self.current.pop(photo_idx, None)
                 self.described.pop(photo_idx, None)
+                self.runs.drop(photo_idx)
             else:
                 self.deleted.discard(photo_idx)
                 self.first_logged_us.setdefault(photo_idx, change.logged_at_us)
                 self.described[photo_idx] = change
-                self.written = True
+                self.described_since[photo_idx] = change
                 if self.owns(change.photo_id, photo_idx):
                     self.current[photo_idx] = change
+                    self.runs.add(photo_idx, change)
             self.seq = max(self.seq, change.seq)
         self.segment = self.snapshot()
         return self.segment
 
     def snapshot(self) -> LiveSegment:
-        """The segment of everything applied so far.
-
-        When only deletions came since the last snapshot, its keyword index, vectors and
-        attributes are kept: :attr:`LiveSegment.removed` leaves the deleted photos out of them.
-        """
+        """The segment of everything applied so far: the photos written since the last
+        snapshot become a new run (:class:`~retrieval_service.live_runs.RunSet`), taken-down
+        ones lose their owner; nothing already built is built again (but for the occasional
+        merge of small runs)."""
         total = len(self.ids)
+        runs, owner = self.runs.flush(total, self.current)
         removed = np.zeros(total, bool)
         removed[np.fromiter(self.deleted, np.int64, len(self.deleted))] = True
         hidden = removed.copy()
         hidden[self.base_count :] = True  # new photos: served from the segment only
-        live = sorted(self.current)
-        hidden[live] = True  # the set's older version, if any
+        live = owner >= 0
+        hidden |= live  # the set's older version, if any
         segment = LiveSegment(
             self.seq,
             np.asarray(self.ids, dtype=object),
             hidden,
             self.base_count,
-            live=len(live),
-            changed=bool(live) or bool(hidden[: self.base_count].any()),
+            runs=runs,
+            owner=owner,
+            live=int(live.sum()),
+            changed=bool(live.any()) or bool(hidden[: self.base_count].any()),
             removed=removed,
         )
         previous = getattr(self, "segment", None)
-        if not self.written and previous is not None:
-            segment.keyword, segment.attributes = previous.keyword, previous.attributes
-            segment.vector_idx, segment.vectors = previous.vector_idx, previous.vectors
-            return segment
-        self.written = False
         if self.attributes is not None:
-            segment.attributes = (
-                live_attributes(self.attributes, total, self.described, self.first_logged_us)
-                if segment.changed or total > self.base_count
-                else self.attributes
-            )
-        rows = [
-            (photo_idx, keyword, confidence)
-            for photo_idx in live
-            for keyword, confidence in keyword_rows(self.current[photo_idx].record)
-        ]
-        if rows:
-            table = pd.DataFrame(rows, columns=["photo_idx", "keyword", "confidence"])
-            table["confidence"] = table["confidence"].astype(np.float32)
-            segment.keyword = KeywordIndex.from_keywords(table)
-        with_vector = [i for i in live if self.current[i].embedding is not None]
-        if with_vector:
-            import faiss
-
-            vectors = np.stack([self.current[i].embedding for i in with_vector])
-            segment.vector_idx = np.asarray(with_vector, np.int64)
-            segment.vectors = faiss.IndexFlatIP(vectors.shape[1])
-            segment.vectors.add(np.ascontiguousarray(vectors, np.float32))
+            if previous is None or previous.attributes is None:
+                segment.attributes = self.attributes
+            else:
+                segment.attributes = previous.attributes
+            if self.described_since or total > segment.attributes.n_photos:
+                segment.attributes = live_attributes(
+                    segment.attributes,
+                    self.base_count,
+                    total,
+                    self.described_since,
+                    self.first_logged_us,
+                )
+        self.described_since = {}
         return segment
 
 
@@ -280,8 +281,7 @@ class LiveKeywordRetriever(Retriever):
         self.view = view
 
     def __contains__(self, keyword: str) -> bool:
-        segment = self.view.segment
-        return keyword in self.base or (segment.keyword is not None and keyword in segment.keyword)
+        return keyword in self.base or self.view.segment.has_keyword(keyword)
 
     def cheap(self, query: str) -> bool:
         return self.base.cheap(query)
@@ -299,18 +299,17 @@ class LiveKeywordRetriever(Retriever):
             return self.base.retrieve(query, candidates_k, **filtered)
         query = normalise_keyword(query)
         from_set, from_segment = segment.allowed(allowed)
-        live = segment.keyword
-        if query in self.base or (live is not None and query in live):
+        if query in self.base or segment.has_keyword(query):
             photos, conf = self.base.keyword_photos(query)
             parts = [(photos[from_set[photos]], conf[from_set[photos]])]
-            if live is not None:
-                photos, conf = live.keyword_photos(query)
-                parts.append((photos[from_segment[photos]], conf[from_segment[photos]]))
+            parts += segment.keyword_parts(query, from_segment)
             idx, conf = _merge(parts, candidates_k)
             return RetrievalResult(idx, conf, {"keyword": conf}, keyword=query)
         results = [self.base.retrieve(query, candidates_k, allowed=from_set)]
-        if live is not None:
-            results.append(live.retrieve(query, candidates_k, allowed=from_segment))
+        for run in segment.runs:
+            if run.keyword is not None:
+                owned = from_segment & (segment.owner == run.run_id)
+                results.append(run.keyword.retrieve(query, candidates_k, allowed=owned))
         found = [r for r in results if len(r.photo_idx)]
         note = (found or results)[0].note
         idx, scores = _merge([(r.photo_idx, r.scores) for r in results], candidates_k)
@@ -362,12 +361,15 @@ class LiveClipRetriever(Retriever):
             query_embedding=query_embedding,
         )
         parts = [(base.photo_idx, base.scores)]
-        if segment.vectors is not None:
+        query_row = np.ascontiguousarray(np.atleast_2d(query_embedding), np.float32)
+        for run in segment.runs:
+            if run.vectors is None:
+                continue
             # FAISS scores them, as it scores the set's rows: equal vectors, equal scores.
-            query_row = np.ascontiguousarray(np.atleast_2d(query_embedding), np.float32)
-            scores, rows = segment.vectors.search(query_row, segment.vectors.ntotal)
+            scores, rows = run.vectors.search(query_row, run.vectors.ntotal)
             rows, scores = rows[0], scores[0]
-            keep = (rows >= 0) & from_segment[segment.vector_idx[np.maximum(rows, 0)]]
-            parts.append((segment.vector_idx[rows[keep]], scores[keep]))
+            photos = run.vector_idx[np.maximum(rows, 0)]
+            keep = (rows >= 0) & from_segment[photos] & (segment.owner[photos] == run.run_id)
+            parts.append((photos[keep], scores[keep]))
         idx, scores = _merge(parts, candidates_k)
         return RetrievalResult(idx, scores, {"clip": scores.copy()})

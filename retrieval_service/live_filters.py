@@ -22,43 +22,46 @@ UNKNOWN_SUBMITTED = np.iinfo(np.int64).min
 
 
 def live_attributes(
-    base: PhotoAttributes,
+    previous: PhotoAttributes,
+    base_count: int,
     total: int,
-    current: Mapping[int, PhotoChange],
+    changed: Mapping[int, PhotoChange],
     first_logged_us: Mapping[int, int],
 ) -> PhotoAttributes:
-    """The attributes of ``total`` photos: the set's ``base`` for the first ``base.n_photos``,
-    with the photos of ``current`` (``photo_idx`` -> their live version) described by their
-    records.
+    """The attributes of ``total`` photos: ``previous`` (the set's, or those of the last
+    snapshot), extended to ``total`` photos, with the photos of ``changed`` (``photo_idx`` ->
+    their new live version) described by their records. Only the changed photos are visited,
+    so a batch of writes costs what it wrote, not what the segment holds.
 
     Parameters
     ----------
-    base:
-        The set's attributes.
+    previous:
+        The attributes so far (the set's own at first).
+    base_count:
+        Photos of the set (a new photo's submission time is when the log first wrote it).
     total:
         Photos by ``photo_idx``, the log's new ones included.
-    current:
-        The live version of each photo written or replaced through the log.
+    changed:
+        The new live version of each photo written or replaced since ``previous``.
     first_logged_us:
-        When the log first wrote each photo of ``current`` (microseconds since the epoch).
+        When the log first wrote each photo (microseconds since the epoch).
     """
-    n = base.n_photos
-    extra = total - n
+    extra = total - previous.n_photos
 
     def extended(values: np.ndarray, fill) -> np.ndarray:
         return np.concatenate([values, np.full(extra, fill, dtype=values.dtype)])
 
-    orientation = extended(base.orientation, 0)
-    featured = extended(base.featured, False)
-    submitted_ns = extended(base.submitted_ns, UNKNOWN_SUBMITTED)
-    downloads = extended(base.downloads, 0)
-    views = extended(base.views, 0)
-    photographer = extended(base.photographer, -1)
-    photographers = dict(base.photographers)
+    orientation = extended(previous.orientation, 0)
+    featured = extended(previous.featured, False)
+    submitted_ns = extended(previous.submitted_ns, UNKNOWN_SUBMITTED)
+    downloads = extended(previous.downloads, 0)
+    views = extended(previous.views, 0)
+    photographer = extended(previous.photographer, -1)
+    photographers = dict(previous.photographers)
     next_code = 1 + max(int(photographer.max(initial=-1)), max(photographers.values(), default=-1))
-    rows = np.fromiter(current, np.int64, len(current))
+    rows = np.fromiter(changed, np.int64, len(changed))
     if len(rows):
-        records = [current[i].record for i in rows.tolist()]
+        records = [changed[i].record for i in rows.tolist()]
         orientation[rows] = orientation_of(
             [r.get("width", 0) for r in records], [r.get("height", 0) for r in records]
         )
@@ -71,12 +74,12 @@ def live_attributes(
                 photographers[name], next_code = next_code, next_code + 1
             photographer[i] = photographers[name] if name else -1
             logged = first_logged_us.get(i, 0)
-            if i >= n or submitted_ns[i] == UNKNOWN_SUBMITTED:
+            if i >= base_count or submitted_ns[i] == UNKNOWN_SUBMITTED:
                 submitted_ns[i] = logged * 1000 if logged else UNKNOWN_SUBMITTED
-    replaced = rows[rows < n]
+    replaced = np.sort(rows[rows < base_count])
     color_photos = {
         name: np.setdiff1d(photos, replaced, assume_unique=True) if len(replaced) else photos
-        for name, photos in base.color_photos.items()
+        for name, photos in previous.color_photos.items()
     }
     return PhotoAttributes(
         orientation=orientation,

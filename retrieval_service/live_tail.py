@@ -14,6 +14,7 @@ import numpy as np
 from imgsearch.catalog_log import CatalogLog
 from imgsearch.conversion_store import StoreError, open_store
 from imgsearch.filters import PhotoAttributes
+from imgsearch.polling import Poller
 from retrieval_service.live_catalogue import (
     LiveCatalogue,
     LiveClipRetriever,
@@ -140,19 +141,17 @@ def live_retrievers(
 class LogTailer:
     """Polls the log every ``poll_s`` and applies new changes to the served state's view.
 
-    Reads and segment rebuilds run on the tailer's own thread; a store that fails is logged and
-    read again at the next poll.
+    Reads and segment updates run on the tailer's own thread; a store that fails is logged and
+    read again at the next poll (:class:`~imgsearch.polling.Poller`).
     """
 
     def __init__(self, holder, location: dict, poll_s: float, log_replay: LogReplay | None = None):
         self.holder = holder
         self.log_replay = log_replay
         self.location = location
-        self.poll_s = poll_s
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="catalog-log")
         self.store = None
-        self.task: asyncio.Task | None = None
-        self.failing = False
+        self.poller = Poller(self.step, poll_s, logger, "catalogue log unreadable")
 
     def _poll(self, catalogue: LiveCatalogue) -> int:
         if self.store is None:
@@ -164,32 +163,20 @@ class LogTailer:
             self.store = None
             raise
 
-    async def run(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            view = getattr(self.holder.state, "live", None)
-            if view is not None:
-                try:
-                    await loop.run_in_executor(self.executor, self._poll, view.catalogue)
-                    self.failing = False
-                except (StoreError, Exception) as exc:  # noqa: BLE001 - retried next poll
-                    if not self.failing:
-                        logger.warning("catalogue log unreadable", extra={"error": str(exc)})
-                    self.failing = True
-            await asyncio.sleep(self.poll_s)
+    async def step(self) -> None:
+        """Apply the log's new changes to the served state's view (on the tailer's thread)."""
+        view = getattr(self.holder.state, "live", None)
+        if view is not None:
+            loop = asyncio.get_running_loop()
+            await loop.run_in_executor(self.executor, self._poll, view.catalogue)
 
     def start(self) -> None:
-        self.task = asyncio.get_running_loop().create_task(self.run())
+        self.poller.start()
 
     async def close(self) -> None:
         if self.log_replay is not None:
             self.log_replay.close()
-        if self.task is not None:
-            self.task.cancel()
-            try:
-                await self.task
-            except asyncio.CancelledError:
-                pass
+        await self.poller.close()
         store, self.store = self.store, None  # a second close has nothing left to do
         if store is not None:
             self.executor.submit(store.close).result()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import logging
 import time
@@ -260,9 +259,8 @@ class RetrievalServicer(pb_grpc.RetrievalServiceServicer):
     def __init__(self, holder: Reloadable[RetrievalState]):
         self.holder = holder
         self.executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="retrieve")
-        # Images written to the live catalogue: embedded one batch at a time in a child process
-        # at a lower priority (retrieval_service.image_worker), waited for on a thread of its own.
-        self.embed_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embed")
+        # Images written to the live catalogue: micro-batched into a child process at a lower
+        # priority (retrieval_service.image_worker), waited for on a thread of its own.
         self.embedder = ImageEmbedder()
         self.stage_latency = LATENCY.labels(NAME, "retrieve")
 
@@ -357,8 +355,8 @@ class RetrievalServicer(pb_grpc.RetrievalServiceServicer):
         if not request.images:
             raise InvalidArgument("images", "must not be empty")
         try:
-            vectors, fingerprint = await asyncio.get_running_loop().run_in_executor(
-                self.embed_executor, self.embedder.embed, state.path, list(request.images)
+            vectors, fingerprint = await self.embedder.embed_batched(
+                state.path, list(request.images), current_deadline()
             )
         except ValueError as exc:
             raise InvalidArgument("images", str(exc)) from exc

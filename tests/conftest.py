@@ -256,6 +256,7 @@ SLOW_MODULES = {
     "test_cli",
     "test_e2e_clip",
     "test_feedback_durability",
+    "test_image_worker",
     "test_live_catalogue",
     "test_multihost",
     "test_ray_embedding",

@@ -134,3 +134,90 @@ def test_filters_test_live_photos_by_their_records():
     assert found(colors=["red"]) == ["p2"]
     after_2025 = Timestamp(seconds=1_735_689_600)
     assert found(submitted_after=after_2025) == ["new-1", "new-2"]
+
+
+def test_changes_applied_batch_by_batch_search_as_one_batch():
+    """Applied in many small batches (many runs, merged as they come, with photos written
+    again and taken down between them), the log gives the segment one batch would: the same
+    keyword lists, CLIP lists and scores."""
+    from imgsearch.catalog_log import DELETE, UPSERT, PhotoChange
+    from retrieval_service import live_runs
+    from retrieval_service.keyword_index import KeywordIndex
+    from retrieval_service.live_catalogue import (
+        LiveCatalogue,
+        LiveClipRetriever,
+        LiveKeywordRetriever,
+        LiveView,
+    )
+
+    class SetClip:
+        """The set's CLIP side: an exact index over the set's photos."""
+
+        def __init__(self, vectors):
+            import faiss
+
+            self.index = faiss.IndexFlatIP(vectors.shape[1])
+            self.index.add(vectors)
+
+        def retrieve(self, query, candidates_k, allowed=None, query_embedding=None):
+            from retrieval_service.retrievers import RetrievalResult
+
+            scores, rows = self.index.search(query_embedding[None], self.index.ntotal)
+            keep = allowed[rows[0]] if allowed is not None else np.ones(len(rows[0]), bool)
+            idx, sc = rows[0][keep][:candidates_k], scores[0][keep][:candidates_k]
+            return RetrievalResult(idx, sc, {"clip": sc})
+
+    rng = np.random.default_rng(1)
+    vocabulary = ["red car", "blue car", "red sky", "tree", "sea", "cat"]
+    n_set, dim = 30, 8
+
+    def unit(n):
+        v = rng.normal(size=(n, dim)).astype(np.float32)
+        return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+    base_rows = [(i, k, 0.5) for i in range(n_set) for k in rng.choice(vocabulary, 2, False)]
+    base = KeywordIndex.from_keywords(
+        pd.DataFrame(base_rows, columns=["photo_idx", "keyword", "confidence"]).astype(
+            {"confidence": np.float32}
+        )
+    )
+    set_clip = SetClip(unit(n_set))
+    ids = np.array([f"p{i}" for i in range(n_set)], dtype=object)
+    changes = []
+    for seq in range(1, 301):
+        photo = f"p{rng.integers(0, n_set + 60)}"
+        if rng.random() < 0.2:
+            changes.append(PhotoChange(photo, DELETE, {"reason": "test"}, seq=seq))
+            continue
+        keywords = [[k, float(rng.integers(1, 100))] for k in rng.choice(vocabulary, 2, False)]
+        embedding = unit(1)[0] if rng.random() < 0.8 else None
+        changes.append(PhotoChange(photo, UPSERT, {"keywords": keywords}, embedding, seq=seq))
+    whole = LiveCatalogue(ids)
+    whole.apply(changes)
+    small = LiveCatalogue(ids)
+    live_runs_before = live_runs.MAX_MERGED_PHOTOS
+    live_runs.MAX_MERGED_PHOTOS = 16  # merges stop early: many runs stay
+    try:
+        start = 0
+        while start < len(changes):
+            size = int(rng.integers(1, 9))
+            small.apply(changes[start : start + size])
+            start += size
+    finally:
+        live_runs.MAX_MERGED_PHOTOS = live_runs_before
+    assert len(small.segment.runs) > 2
+    queries = [*vocabulary, "car", "red", "sky tree", "nothing"]
+    keyword_a = LiveKeywordRetriever(base, LiveView(whole))
+    keyword_b = LiveKeywordRetriever(base, LiveView(small))
+    clip_a = LiveClipRetriever(set_clip, LiveView(whole))
+    clip_b = LiveClipRetriever(set_clip, LiveView(small))
+    for query in queries:
+        a, b = keyword_a.retrieve(query, 20), keyword_b.retrieve(query, 20)
+        assert b.photo_idx.tolist() == a.photo_idx.tolist(), query
+        np.testing.assert_array_equal(b.scores, a.scores)
+        embedding = unit(1)[0]
+        a = clip_a.retrieve(query, 25, query_embedding=embedding)
+        b = clip_b.retrieve(query, 25, query_embedding=embedding)
+        assert b.photo_idx.tolist() == a.photo_idx.tolist(), query
+        np.testing.assert_array_equal(b.scores, a.scores)
+    assert small.segment.live == whole.segment.live

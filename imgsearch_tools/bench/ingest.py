@@ -10,7 +10,10 @@ written). It measures, in order:
   then searched (keyword retriever) every ``--poll-ms`` until it is returned;
 * deletion to gone: each of those photos taken down, then searched until it is not;
 * search latency (the set's default retriever and ranker) at a fixed rate, idle, then while
-  photos are written at ``--ingest-rate`` per second.
+  photos are written at ``--ingest-rate`` per second;
+* with ``--real-clip-folder``, photos written per second again on a set embedded with a
+  ViT-B-32-sized CLIP (random weights: the real model's compute without a download), the one
+  :mod:`imgsearch_tools.bench.real_clip` builds (or reuses) in that folder.
 """
 
 from __future__ import annotations
@@ -53,6 +56,12 @@ def add_commands(subparsers) -> None:
     p.add_argument("--search-rate", type=float, default=20.0, help="searches per second")
     p.add_argument("--ingest-rate", type=float, default=20.0, help="photos/s while searching")
     p.add_argument("--search-s", type=float, default=20.0, help="seconds of each search run")
+    p.add_argument(
+        "--real-clip-folder",
+        default="",
+        help="also measure photos/s written with a ViT-B-32-sized CLIP, on the set built (or "
+        "reused) in this folder as bench-suite's real-clip section builds it",
+    )
     p.add_argument("--results-page", default="", help="also write this docs results page")
     p.set_defaults(handler=cmd_bench_ingest)
 
@@ -181,6 +190,39 @@ async def ingest_at(stub, images: Images, rate: float, seconds: float, run: str)
     return {"photos_written": len(tasks) - len(refused), "photos_refused": len(refused)}
 
 
+async def measure_throughput(args, target: str, images: Images) -> dict:
+    """Photos/s written alone (the ViT-B-32-sized set), after one write that loads the tower."""
+    run = f"ingest{uuid.uuid4().hex[:6]}"
+    async with grpc.aio.insecure_channel(target) as channel:
+        stub = cat_grpc.CatalogServiceStub(channel)
+        await upsert(stub, [images.photo(f"{run}-warm", [f"{run} warm"])])
+        return await throughput(stub, images, args.batch, args.throughput_s, run)
+
+
+def real_clip_throughput(args, out: Path) -> dict:
+    """Build or reuse the ViT-B-32-sized set in ``--real-clip-folder``, serve it with a log of
+    its own, and measure photos/s written."""
+    from imgsearch_tools.bench.processes import ServiceProcesses
+    from imgsearch_tools.bench.real_clip import MODEL, prepare_set
+
+    folder = Path(args.real_clip_folder)
+    artifact_set = prepare_set(folder)
+    images = Images(folder / "data")
+    log_db = out / "ingest-log.sqlite3"
+    remove_log(log_db)
+    store = {"conversions_db": str(log_db), "live_catalogue": True}
+    services = ServiceProcesses(str(artifact_set.path), out / "ingest-logs", store=store)
+    try:
+        say(f"starting the services on the {MODEL}-sized set {artifact_set.version}")
+        services.start_all()
+        report = asyncio.run(measure_throughput(args, services.address("gateway"), images))
+    finally:
+        services.stop_all()
+        remove_log(log_db)
+    say(f"{MODEL}-sized photos/s written: {report['photos_per_s']:.1f}")
+    return {**report, "model": MODEL, "artifact_version": artifact_set.version}
+
+
 async def measure(args, target: str, images: Images) -> dict:
     run = f"ingest{uuid.uuid4().hex[:6]}"
     async with grpc.aio.insecure_channel(target) as channel:
@@ -237,9 +279,22 @@ def render_markdown(report: dict) -> str:
             f"{busy.get('photos_refused', 0)} refused) "
             f"| {busy['p50']:.1f} / {busy['p99']:.1f} ms |",
             f"| p99 while ingesting / idle | {report['p99_ratio']:.2f}x |",
+            *real_clip_rows(report, s),
             "",
         ]
     )
+
+
+def real_clip_rows(report: dict, settings: dict) -> list[str]:
+    """The ViT-B-32-sized set's row, when it was measured."""
+    vit = report.get("real_clip")
+    if not vit:
+        return []
+    return [
+        f"| photos/s written with a {vit['model']}-sized CLIP (random weights; set "
+        f"`{vit['artifact_version']}`, batches of {settings['batch']}) "
+        f"| {vit['photos_per_s']:.1f} ({vit['photos']} photos in {vit['seconds']} s) |"
+    ]
 
 
 def remove_log(path: Path) -> None:
@@ -272,6 +327,8 @@ def cmd_bench_ingest(args) -> int:
     finally:
         services.stop_all()
         remove_log(log_db)
+    if args.real_clip_folder:
+        report["real_clip"] = real_clip_throughput(args, out)
     clip = artifact_set.manifest.get("clip", {})
     report.update(
         artifact_version=artifact_set.version,

@@ -212,15 +212,21 @@ class ALSRanker(QueryPrior, Ranker):
         return self.fold_in(recent_photos)
 
     def score(self, query: RankQuery) -> RankScores:
-        """Return user · item affinities of exactly ``query.candidates``, blended with the prior."""
+        """Return user · item affinities of exactly ``query.candidates``, blended with the prior.
+
+        A live photo beyond the built catalogue is cold: the factor ALS solves for a photo with
+        no conversions is zero (its regularised least squares), so its affinity is 0.
+        """
         candidates = as_candidates(query.candidates)
         valid = known_photo_mask(candidates, len(self.item_factors))
         user_vector = self.user_vector(query.user_idx, query.recent_photos)
         if user_vector is None:
             return self.popularity_fallback(query)
         scores = self.item_factors[np.where(valid, candidates, 0)] @ user_vector
-        scores = self.blend_prior(scores, candidates, query.keyword, valid)
-        return RankScores(finalize_scores(scores, valid))
+        scored = valid | query.cold(valid)
+        scores = np.where(valid, scores, 0.0)
+        scores = self.blend_prior(scores, candidates, query.keyword, scored)
+        return RankScores(finalize_scores(scores, scored))
 
     def recommend(
         self, user_idx: int | None, n: int, recent_photos: np.ndarray | None = None

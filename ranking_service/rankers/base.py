@@ -14,6 +14,50 @@ from imgsearch.image_embeddings import ImageEmbeddings
 
 
 @dataclass
+class LiveCandidates:
+    """What the live catalogue's log says of candidates beyond the built catalogue.
+
+    A photo written through the live catalogue after the set was built has no row in any
+    model. It is given a ``photo_idx`` at or above the catalogue's photo count, and each ranker
+    scores it *cold*: as a photo its model has never seen (no conversions, no learned factor),
+    from what its record holds. Arrays are per candidate of the query (same order); only the
+    rows where :attr:`mask` is True are meaningful.
+
+    Attributes
+    ----------
+    mask:
+        Bool per candidate: a live photo beyond the built catalogue (scored cold).
+    embeddings:
+        ``(n_candidates, dim)`` float32 image embeddings (zeros where there is none), or None
+        when the live photos carry no embedding.
+    has_embedding:
+        Bool per candidate: a live photo with an image embedding.
+    views, downloads:
+        The photo's stats from its record (float64).
+    keywords:
+        Per candidate, its keywords (normalised) and their confidences in [0, 1].
+    """
+
+    mask: np.ndarray
+    embeddings: np.ndarray | None
+    has_embedding: np.ndarray
+    views: np.ndarray
+    downloads: np.ndarray
+    keywords: list[dict[str, float]]
+
+    def take(self, positions: np.ndarray) -> LiveCandidates:
+        """The rows of the candidates at ``positions`` (in that order)."""
+        return LiveCandidates(
+            self.mask[positions],
+            None if self.embeddings is None else self.embeddings[positions],
+            self.has_embedding[positions],
+            self.views[positions],
+            self.downloads[positions],
+            [self.keywords[i] for i in positions.tolist()],
+        )
+
+
+@dataclass
 class RankQuery:
     """One ranking request in integer ids.
 
@@ -31,6 +75,8 @@ class RankQuery:
         Photo indexes the user recently converted (may be empty); used to fold in unseen users.
     country:
         The user's conversion country if known, else "".
+    live:
+        The candidates beyond the built catalogue that the live catalogue holds (None: none).
     """
 
     user_idx: int | None
@@ -39,6 +85,14 @@ class RankQuery:
     retrieval_scores: np.ndarray
     recent_photos: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     country: str = ""
+    live: LiveCandidates | None = None
+
+    def cold(self, valid: np.ndarray) -> np.ndarray:
+        """Bool per candidate: a live photo beyond the built catalogue (``valid``: the
+        candidates the model knows), to be scored cold rather than ranked last."""
+        if self.live is None:
+            return np.zeros(len(valid), dtype=bool)
+        return self.live.mask & ~valid
 
 
 @dataclass

@@ -210,19 +210,32 @@ class ClipProfileRanker(QueryPrior, Ranker):
         return self.basis @ step
 
     def score(self, query: RankQuery) -> RankScores:
-        """Score ``query.candidates`` by ``θ · embedding`` plus the weighted log prior."""
+        """Score ``query.candidates`` by ``θ · embedding`` plus the weighted log prior.
+
+        A live photo beyond the built catalogue is scored from the embedding its image was
+        given when it was written, as any photo of the set (its prior: a photo without
+        conversions).
+        """
         candidates = as_candidates(query.candidates)
         valid = known_photo_mask(candidates, len(self.has_embedding))
         profile = self.profile(query.user_idx, query.recent_photos)
         if profile is None:
             return self.popularity_fallback(query)
         rows = np.where(valid, candidates, 0)
-        scores = self.embeddings[rows].astype(np.float64) @ profile
+        vectors = self.embeddings[rows].astype(np.float64)
         pictured = valid & self.has_embedding[rows]
+        cold = query.cold(valid)
+        if cold.any() and query.live.embeddings is not None:
+            live = cold & query.live.has_embedding
+            if query.live.embeddings.shape[1] == vectors.shape[1]:
+                vectors[live] = query.live.embeddings[live]
+                pictured |= live
+        scores = vectors @ profile
         if pictured.any():
             scores[~pictured] = scores[pictured].mean()
-        scores = self.add_log_prior(scores, candidates, query.keyword, valid)
-        return RankScores(finalize_scores(scores, valid))
+        scored = valid | cold
+        scores = self.add_log_prior(scores, candidates, query.keyword, scored)
+        return RankScores(finalize_scores(scores, scored))
 
     def save(self, directory: Path) -> None:
         """Write ``config.json``, ``profiles.npz`` and the prior (not the embeddings)."""

@@ -383,10 +383,15 @@ class FMRanker(QueryPrior, Ranker):
         return total / max(steps, 1)
 
     def score(self, query: RankQuery) -> RankScores:
-        """Score ``query.candidates``; unknown user / keyword use the unknown id and say so."""
+        """Score ``query.candidates``; unknown user / keyword use the unknown id and say so.
+
+        A live photo beyond the built catalogue is cold: scored as the model's unknown photo
+        (the ids reserved for a photo, photographer and stats it did not see in training).
+        """
         assert self.encoder is not None, "the ranker is not fitted"
         candidates = as_candidates(query.candidates)
         valid = known_photo_mask(candidates, self.encoder.n_photos)
+        valid = valid | query.cold(valid)
         context, unknown = self.encoder.encode_context(query.user_idx, query.keyword, query.country)
         reason = _unknown_reason(unknown)
         if len(candidates) == 0:

@@ -154,15 +154,21 @@ class ItemItemRanker(QueryPrior, Ranker):
         )
 
     def score(self, query: RankQuery) -> RankScores:
-        """Score ``query.candidates`` by the user's history, blended with the query's prior."""
+        """Score ``query.candidates`` by the user's history, blended with the query's prior.
+
+        A live photo beyond the built catalogue is cold: no photo has a weight towards it, so
+        its history score is 0, as for a catalogue photo no one converted.
+        """
         candidates = as_candidates(query.candidates)
         valid = known_photo_mask(candidates, self.n_photos)
         photos = self.user_photos(query.user_idx, query.recent_photos)
         if len(photos) == 0:
             return self.popularity_fallback(query)
         scores = self.history_scores(photos)[np.where(valid, candidates, 0)]
-        scores = self.blend_prior(scores, candidates, query.keyword, valid)
-        return RankScores(finalize_scores(scores, valid))
+        scored = valid | query.cold(valid)
+        scores = np.where(valid, scores, 0.0)
+        scores = self.blend_prior(scores, candidates, query.keyword, scored)
+        return RankScores(finalize_scores(scores, scored))
 
     def save(self, directory: Path) -> None:
         """Write ``config.json``, ``weights.npz`` (``S`` and the users' photos) and the prior."""

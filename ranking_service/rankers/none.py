@@ -44,7 +44,8 @@ class NoneRanker(Ranker):
         """Return the retrieval scores (or descending rank) for ``query.candidates``."""
         candidates = as_candidates(query.candidates)
         scores = retrieval_order_scores(candidates, query.retrieval_scores)
-        return RankScores(finalize_scores(scores, known_photo_mask(candidates, self.n_photos)))
+        valid = known_photo_mask(candidates, self.n_photos)
+        return RankScores(finalize_scores(scores, valid | query.cold(valid)))
 
     def save(self, directory: Path) -> None:
         """Write ``config.json`` (the ranker has no parameters)."""

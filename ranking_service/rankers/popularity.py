@@ -122,7 +122,9 @@ class PopularityRanker(Ranker):
     def _index_keywords(self) -> None:
         self._keyword_lookup = {name: i for i, name in enumerate(self.keyword_names)}
 
-    def popularity(self, candidates: np.ndarray, keyword: str) -> tuple[np.ndarray, str]:
+    def popularity(
+        self, candidates: np.ndarray, keyword: str, cold: np.ndarray | None = None
+    ) -> tuple[np.ndarray, str]:
         """Return each candidate's blended popularity share and the fallback reason, if any.
 
         Parameters
@@ -131,13 +133,16 @@ class PopularityRanker(Ranker):
             Photo indexes (int64); out-of-range ones get -1.
         keyword:
             The query keyword.
+        cold:
+            Bool per candidate: a live photo beyond the built catalogue, which gets the share
+            of a photo without conversions (0) instead of -1.
 
         Returns
         -------
         tuple
             ``(popularity float64, fallback_reason)``.
         """
-        share, reason, _ = self._shares(candidates, keyword)
+        share, reason, _ = self._shares(candidates, keyword, cold)
         return share, reason
 
     def log_prior(self, candidates: np.ndarray, keyword: str) -> np.ndarray:
@@ -150,12 +155,16 @@ class PopularityRanker(Ranker):
         share, _, denominator = self._shares(candidates, keyword)
         return np.log(np.maximum(share, 0.0) + 0.5 / denominator)
 
-    def _shares(self, candidates: np.ndarray, keyword: str) -> tuple[np.ndarray, str, float]:
+    def _shares(
+        self, candidates: np.ndarray, keyword: str, cold: np.ndarray | None = None
+    ) -> tuple[np.ndarray, str, float]:
         """Shares, fallback reason and the shares' denominator (conversions they count)."""
-        valid = known_photo_mask(candidates, len(self.photo_counts))
+        known = known_photo_mask(candidates, len(self.photo_counts))
+        valid = known if cold is None else known | cold
         total = max(int(self.photo_counts.sum()), 1)
         share = np.full(len(candidates), -1.0)
-        share[valid] = self.photo_counts[candidates[valid]] / total
+        share[valid] = 0.0  # a cold photo: no conversions
+        share[known] = self.photo_counts[candidates[known]] / total
         if not self.per_keyword or self._keyword_lookup.get(normalise_keyword(keyword)) is None:
             reason = UNKNOWN_KEYWORD if self.per_keyword else ""
             counts = np.where(valid, share * total, 0.0)
@@ -196,7 +205,9 @@ class PopularityRanker(Ranker):
         observed = np.maximum(counts[valid], 0.0)
         supported = converted[valid]
         if self.stats_strength > 0 and len(self.stats_rates) and supported.any():
-            rates = np.where(supported, self.stats_rates[candidates[valid]], 0.0)
+            rows = candidates[valid]
+            rows = np.where(rows < len(self.stats_rates), rows, 0)  # cold photos: unsupported
+            rates = np.where(supported, self.stats_rates[rows], 0.0)
             expected = max(n_conversions, 1.0) * rates / max(rates.sum(), 1e-12)
             strength = self.stats_strength
             posterior = expected * (observed + strength) / np.maximum(expected + strength, 1e-12)
@@ -205,14 +216,19 @@ class PopularityRanker(Ranker):
         return shares
 
     def score(self, query: RankQuery) -> RankScores:
-        """Return ordinal scores: popularity first, then retrieval score, then retrieval order."""
+        """Return ordinal scores: popularity first, then retrieval score, then retrieval order.
+
+        A live photo beyond the built catalogue is cold: it has no conversions, so it ranks
+        among the candidates no one converted, by its retrieval score.
+        """
         candidates = as_candidates(query.candidates)
-        popularity, reason = self.popularity(candidates, query.keyword)
+        valid = known_photo_mask(candidates, len(self.photo_counts))
+        cold = query.cold(valid)
+        popularity, reason = self.popularity(candidates, query.keyword, cold)
         scores = ordinal_scores(
             popularity, retrieval_order_scores(candidates, query.retrieval_scores)
         )
-        valid = known_photo_mask(candidates, len(self.photo_counts))
-        return RankScores(finalize_scores(scores, valid), fallback_reason=reason)
+        return RankScores(finalize_scores(scores, valid | cold), fallback_reason=reason)
 
     def save(self, directory: Path) -> None:
         """Write ``config.json`` (parameters, keyword vocabulary) and ``counts.npz``."""

@@ -14,6 +14,10 @@ gets the same row and a reversed list the reversed rows:
 * the query's popularity prior ``log p(photo | keyword)``;
 * the photo's ``log(1 + views)`` and ``log(1 + downloads)``;
 * the user's history: ``log(1 + training conversions)`` and ``log(1 + recent photos sent)``.
+
+A live photo beyond the built catalogue (:class:`~ranking_service.rankers.base.LiveCandidates`)
+takes its keyword confidence, CLIP similarity, views and downloads from its record and the
+embedding it was written with.
 """
 
 from __future__ import annotations
@@ -141,14 +145,28 @@ class StackFeatures:
             columns += [standardised(scores), rank_share(scores)]
         keyword = normalise_keyword(query.keyword)
         confidence, similarity = self._keyword_figures(keyword, candidates, safe, valid)
+        log_views = np.where(valid, self.log_views[safe], np.nan)
+        log_downloads = np.where(valid, self.log_downloads[safe], np.nan)
+        cold = query.cold(valid)
+        if cold.any():
+            live = query.live
+            log_views[cold] = np.log1p(np.maximum(live.views[cold], 0.0))
+            log_downloads[cold] = np.log1p(np.maximum(live.downloads[cold], 0.0))
+            rows = np.flatnonzero(cold)
+            confidence[rows] = [live.keywords[i].get(keyword, 0.0) for i in rows.tolist()]
+            index = self._lookup.get(keyword)
+            if index is not None and live.embeddings is not None and self.embeddings is not None:
+                pictured = cold & live.has_embedding
+                if live.embeddings.shape[1] == self.centroids.shape[1] and pictured.any():
+                    similarity[pictured] = live.embeddings[pictured] @ self.centroids[index]
         user = query.user_idx
         known = user is not None and 0 <= user < len(self.user_history)
         columns += [
             confidence,
             similarity,
             np.asarray(log_prior, dtype=np.float64),
-            np.where(valid, self.log_views[safe], np.nan),
-            np.where(valid, self.log_downloads[safe], np.nan),
+            log_views,
+            log_downloads,
             np.full(n, float(self.user_history[user]) if known else 0.0),
             np.full(n, np.log1p(len(query.recent_photos))),
         ]

@@ -202,6 +202,9 @@ class StackedRanker(Ranker):
         """
         candidates = as_candidates(query.candidates)
         valid = known_photo_mask(candidates, len(self.features.log_views))
+        # A live photo beyond the built catalogue: its features from its bases' cold scores
+        # and its record (StackFeatures.rows).
+        valid |= query.cold(valid)
         if len(candidates) == 0:
             return RankScores(np.zeros(0, dtype=np.float32))
         query = RankQuery(
@@ -211,6 +214,7 @@ class StackedRanker(Ranker):
             query.retrieval_scores,
             query.recent_photos,
             query.country,
+            query.live,
         )
         rows, reason = base_rows(self.base_models, self.features, query, known)
         booster = self.boosters[0]
