@@ -14,6 +14,8 @@ from google.protobuf import json_format
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
+from imgsearch_tools.web.json_request import quick_parse
+
 # The HTTP status of each gRPC code, as grpc-gateway maps them (runtime.HTTPStatusFromCode).
 HTTP_STATUS = {
     grpc.StatusCode.OK: 200,
@@ -114,6 +116,9 @@ def parse_body(raw: bytes, message_class):
         value = json.loads(raw or b"{}")
     except (UnicodeDecodeError, ValueError) as exc:
         raise invalid("body", f"not valid JSON: {exc}") from None
+    message = quick_parse(value, message_class)
+    if message is not None:
+        return message
     _check(value, message_class.DESCRIPTOR, "")
     try:
         return json_format.ParseDict(value, message_class())

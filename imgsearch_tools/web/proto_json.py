@@ -2,26 +2,27 @@
 
 ``json_format.MessageToDict`` walks every field's descriptor on every call, in Python: about
 half a millisecond for a ten-result ``SearchResponse``, the door's largest cost per search.
-:func:`to_dict` gives the same dict, keys in the same order (so ``json.dumps`` writes the same
-text), with preserved proto field names and every field without presence printed, from a
-converter compiled once per message type: the set fields come from upb's ``ListFields`` (C),
-each through a function chosen for its type; well-known types (Timestamp, Struct, ...) and
-extensions go to json_format itself. ``tests/web/test_proto_json.py`` holds it to
-json_format's output.
+:func:`to_dict` gives the same dict (equal values of equal JSON types; keys in field-number
+order, as protoc's other JSON printers write them), with preserved proto field names and every
+field without presence printed, from a plan compiled once per message type: one attribute read
+per field, each value through a function chosen for its type. Well-known types (Timestamp,
+Struct, ...) and messages that take extensions go to json_format itself.
+``tests/web/test_proto_json.py`` holds it to json_format's output.
 """
 
 from __future__ import annotations
 
 import base64
 import math
+import struct
 from collections.abc import Callable
 
 from google.protobuf import descriptor, json_format
-from google.protobuf.internal import type_checkers
 
 F = descriptor.FieldDescriptor
 _INT64 = (F.CPPTYPE_INT64, F.CPPTYPE_UINT64)
 _NON_FINITE = {math.inf: "Infinity", -math.inf: "-Infinity"}
+_FLOAT32 = struct.Struct("<f")
 _converters: dict[str, Callable] = {}
 
 
@@ -33,7 +34,7 @@ def json_format_dict(message) -> dict:
 
 
 def to_dict(message) -> dict:
-    """``message`` in the proto JSON mapping, exactly as :func:`json_format_dict` gives it."""
+    """``message`` in the proto JSON mapping, equal to what :func:`json_format_dict` gives."""
     descriptor_ = message.DESCRIPTOR
     convert = _converters.get(descriptor_.full_name)
     if convert is None:
@@ -42,57 +43,52 @@ def to_dict(message) -> dict:
 
 
 def _compile(message_type: descriptor.Descriptor) -> Callable:
-    if message_type.full_name.startswith("google.protobuf."):
+    if message_type.full_name.startswith("google.protobuf.") or message_type.extension_ranges:
         return json_format_dict  # well-known types have mappings of their own
-    writers = {field: (field.name, _field(field)) for field in message_type.fields}
-    defaults = [(field.name, _default(field)) for field in message_type.fields]
-    defaults = [(name, make) for name, make in defaults if make is not None]
+    # (name, whether it is printed only when set, value converter or None) per field.
+    plan = tuple(
+        (
+            field.name,
+            field.has_presence and not field.is_repeated,
+            _field(field),
+        )
+        for field in message_type.fields
+    )
 
     def convert(message) -> dict:
         js = {}
-        for field, value in message.ListFields():
-            writer = writers.get(field)
-            if writer is None:  # an extension
-                return json_format_dict(message)
-            name, write = writer
-            js[name] = write(value)
-        for name, make in defaults:
-            if name not in js:
-                js[name] = make()
+        for name, presence, write in plan:
+            if presence and not message.HasField(name):
+                continue
+            value = getattr(message, name)
+            js[name] = value if write is None else write(value)
         return js
 
     return convert
-
-
-def _default(field: descriptor.FieldDescriptor) -> Callable | None:
-    """What json_format prints for the field when it is not set (None: nothing)."""
-    if field.has_presence:
-        return None
-    if _is_map(field):
-        return dict
-    if field.is_repeated:
-        return list
-    value = _scalar(field)(field.default_value)
-    return lambda: value
 
 
 def _is_map(field: descriptor.FieldDescriptor) -> bool:
     return field.message_type is not None and field.message_type.GetOptions().map_entry
 
 
-def _field(field: descriptor.FieldDescriptor) -> Callable:
+def _field(field: descriptor.FieldDescriptor) -> Callable | None:
+    """The converter of the field's value (None: the value as it is)."""
     if _is_map(field):
-        value_of = _scalar(field.message_type.fields_by_name["value"])
+        value_of = _scalar(field.message_type.fields_by_name["value"]) or _same
         if field.message_type.fields_by_name["key"].cpp_type == F.CPPTYPE_BOOL:
             return lambda m: {("true" if k else "false"): value_of(v) for k, v in m.items()}
         return lambda m: {str(k): value_of(v) for k, v in m.items()}
     one = _scalar(field)
     if field.is_repeated:
-        return lambda values: [one(v) for v in values]
+        return list if one is None else (lambda values: [one(v) for v in values])
     return one
 
 
-def _scalar(field: descriptor.FieldDescriptor) -> Callable:
+def _same(value):
+    return value
+
+
+def _scalar(field: descriptor.FieldDescriptor) -> Callable | None:
     """The converter of one value of ``field`` (a message counts as one value)."""
     cpp_type = field.cpp_type
     if cpp_type == F.CPPTYPE_MESSAGE:
@@ -102,24 +98,34 @@ def _scalar(field: descriptor.FieldDescriptor) -> Callable:
     if cpp_type == F.CPPTYPE_STRING:
         if field.type == F.TYPE_BYTES:
             return lambda v: base64.b64encode(v).decode("utf-8")
-        return str
-    if cpp_type == F.CPPTYPE_BOOL:
-        return bool
+        return None
     if cpp_type in _INT64:
         return str
     if cpp_type == F.CPPTYPE_DOUBLE:
-        return _finite_or_name
+        return _double
     if cpp_type == F.CPPTYPE_FLOAT:
-        return lambda v: _finite_or_name(v, type_checkers.ToShortestFloat)
-    return lambda v: v  # 32-bit integers
+        return shortest_float
+    return None  # bool, 32-bit integers
 
 
-def _finite_or_name(value: float, shortest=None):
+def _double(value: float):
+    if value != value:
+        return "NaN"
+    return _NON_FINITE.get(value, value)
+
+
+def shortest_float(value: float, _pack=_FLOAT32.pack, _unpack=_FLOAT32.unpack):
+    """A float field's value as json_format prints it: the fewest significant digits, from 6,
+    that read back as the same 32-bit float (``type_checkers.ToShortestFloat``, in one loop)."""
     if value != value:
         return "NaN"
     if value in _NON_FINITE:
         return _NON_FINITE[value]
-    return shortest(value) if shortest is not None else value
+    for precision in (6, 7, 8):
+        rounded = float("%.*g" % (precision, value))
+        if _unpack(_pack(rounded))[0] == value:
+            return rounded
+    return float("%.9g" % value)  # nine digits always read back as the same float
 
 
 def _enum(field: descriptor.FieldDescriptor) -> Callable:

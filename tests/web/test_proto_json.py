@@ -1,24 +1,27 @@
-"""The door's JSON: the same dicts, keys in the same order, as json_format's MessageToDict."""
+"""The door's JSON: the same dicts as json_format's MessageToDict, in field-number order."""
 
 from __future__ import annotations
 
 import json
 import math
+import random
+import struct
 
 import pytest
 from google.protobuf import timestamp_pb2
+from google.protobuf.internal import type_checkers
 
 from imgsearch.feedback.v1 import feedback_service_pb2 as fb_pb
 from imgsearch.ranking.v1 import ranking_service_pb2 as rank_pb
 from imgsearch.retrieval.v1 import retrieval_service_pb2 as retr_pb
 from imgsearch.search.v1 import search_service_pb2 as pb
-from imgsearch_tools.web.proto_json import json_format_dict, to_dict
+from imgsearch_tools.web.proto_json import json_format_dict, shortest_float, to_dict
 
 
 def same_as_json_format(message) -> dict:
     expected, got = json_format_dict(message), to_dict(message)
-    # Compared as text: equal values, equal types (no 1 for "1"), the same key order.
-    assert json.dumps(got) == json.dumps(expected)
+    # Compared as text: equal values, equal types (no 1 for "1", no 1.0 for 1).
+    assert json.dumps(got, sort_keys=True) == json.dumps(expected, sort_keys=True)
     return got
 
 
@@ -95,3 +98,23 @@ def test_int64_and_bytes_follow_the_mapping():
     reply = retr_pb.RetrieveResponse(photo_ids=["a"], photo_indices=[2**40, 3])
     got = same_as_json_format(reply)
     assert got["photo_indices"] == [str(2**40), "3"]
+
+
+def test_keys_come_in_field_number_order():
+    got = to_dict(full_response())
+    assert list(got) == [f.name for f in pb.SearchResponse.DESCRIPTOR.fields]
+    assert list(got["results"][1]["photo"]) == [f.name for f in pb.Photo.DESCRIPTOR.fields]
+
+
+def test_float_fields_print_as_json_format_prints_them():
+    rng = random.Random(7)
+    as_float32 = struct.Struct("<f")
+    values = [rng.uniform(-10, 10) for _ in range(5000)]
+    values += [rng.lognormvariate(0, 25) for _ in range(5000)]
+    values += [2.0**e for e in range(-149, 128)] + [0.1, 0.9, 1 / 3, 3.4028234663852886e38]
+    for raw in values:
+        try:
+            value = as_float32.unpack(as_float32.pack(raw))[0]
+        except OverflowError:
+            continue
+        assert shortest_float(value) == type_checkers.ToShortestFloat(value), value
