@@ -11,6 +11,7 @@ release), ``Booster.predict`` is used.
 from __future__ import annotations
 
 import ctypes
+import functools
 
 import numpy as np
 
@@ -21,6 +22,7 @@ _ROW_MAJOR = 1
 _PREDICT_NORMAL = 0
 
 
+@functools.cache
 def _library():
     """LightGBM's loaded C library, or None when this release does not expose it."""
     try:

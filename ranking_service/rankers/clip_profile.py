@@ -60,7 +60,7 @@ from ranking_service.rankers.common import (
 )
 from ranking_service.rankers.prior import QueryPrior
 
-# Trained users whose taste is remembered (about 8 bytes a dimension each).
+# (User, recent photos) whose taste is remembered (about 8 bytes a dimension each).
 PROFILE_CACHE = 8192
 # What ``config.json`` records as the model, so that a ranker saved as mean profiles is refused.
 MODEL = "newton-step taste"
@@ -109,7 +109,7 @@ class ClipProfileRanker(QueryPrior, Ranker):
         self.curvature = np.zeros(0, dtype=np.float64)
         self.basis = np.zeros((0, 0), dtype=np.float64)
         self.user_history = sp.csr_matrix((0, 0), dtype=np.float32)
-        self._profile_cache: dict[int, np.ndarray | None] = {}
+        self._profile_cache: dict[tuple, np.ndarray | None] = {}
 
     @property
     def params(self) -> dict:
@@ -121,6 +121,7 @@ class ClipProfileRanker(QueryPrior, Ranker):
         if embeddings is None or embeddings.dim == 0:
             raise ValueError(NEEDS_EMBEDDINGS)
         self.embeddings, self.has_embedding = embeddings.dense(n_photos)
+        self._profile_cache = {}  # tastes drawn from recent photos depend on the embeddings
 
     def fit(
         self,
@@ -151,7 +152,6 @@ class ClipProfileRanker(QueryPrior, Ranker):
         )
         self.user_history.sum_duplicates()
         self.user_history.sort_indices()  # each row's photos sorted (_sorted_contains)
-        self._profile_cache = {}
         self.fit_prior(catalogue)
         # Conversions are time-sorted: a row's age is how many of its user's rows come later.
         pictured = self.has_embedding[photos]
@@ -195,28 +195,22 @@ class ClipProfileRanker(QueryPrior, Ranker):
     def profile(self, user_idx: int | None, recent_photos: np.ndarray) -> np.ndarray | None:
         """The user's taste ``θ`` (trained history plus unseen recent photos), None if empty.
 
-        A trained user whose recent photos add nothing new gets the taste of the history
-        alone, computed once and remembered (:data:`PROFILE_CACHE` users).
+        Remembered per (user, recent photos) for the last :data:`PROFILE_CACHE` of them: a
+        user's searches in a row send the same recent photos.
         """
+        recent = as_candidates(recent_photos)
         known = user_idx is not None and 0 <= user_idx < len(self.profile_weights)
+        key = (int(user_idx) if known else None, recent.tobytes())
+        if key in self._profile_cache:
+            return self._profile_cache[key]
         seen = np.zeros(0, dtype=np.int64)
         if known:
             lo, hi = self.user_history.indptr[user_idx], self.user_history.indptr[user_idx + 1]
             seen = self.user_history.indices[lo:hi]
-        recent = as_candidates(recent_photos)
         recent = recent[known_photo_mask(recent, len(self.has_embedding))]
         new = self.has_embedding[recent] & ~_sorted_contains(seen, recent)
-        if known and not new.any():
-            return self._history_profile(user_idx)
-        return self._taste(user_idx if known else None, recent, new)
-
-    def _history_profile(self, user_idx: int) -> np.ndarray | None:
-        """:meth:`profile` of a trained user without new recent photos, remembered."""
-        cache = self._profile_cache
-        if user_idx in cache:
-            return cache[user_idx]
-        profile = self._taste(user_idx, np.zeros(0, np.int64), np.zeros(0, bool))
-        return remember(cache, user_idx, profile, PROFILE_CACHE)
+        profile = self._taste(user_idx if known else None, recent, new)
+        return remember(self._profile_cache, key, profile, PROFILE_CACHE)
 
     def _taste(self, user_idx: int | None, recent: np.ndarray, new: np.ndarray):
         """The Newton step from the user's trained gradient and the ``new`` recent photos."""
