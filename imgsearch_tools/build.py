@@ -245,6 +245,8 @@ def train_set_rankers(
     for name, reason in report.skipped.items():
         log(f"{name} skipped: {reason}")
     log(format_selection(report.selection))
+    if "rule" in report.rankers.get("stacked", {}):
+        log(f"stacked: {report.rankers['stacked']['rule']['reason']}")
     entries = {
         "rankers": report.rankers,
         "rankers_skipped": report.skipped,

@@ -230,6 +230,7 @@ def _add_stacked(
             candidates,
             embeddings,
             out_dir / STACKED,
+            base_scores=per_query,
         )
     except ValueError as error:  # e.g. no held-out query with a converted candidate
         report.skipped[STACKED] = str(error)

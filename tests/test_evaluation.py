@@ -322,3 +322,8 @@ def test_the_report_pairs_stacked_with_the_best_single_ranker(catalogue):
         rows["stacked"]["ndcg@10"] - rows["popularity"]["ndcg@10"]
     )
     assert "| stacked − best single (paired 95% CI) |" in markdown_table(report)
+    # The stacker's own rule on validation is reported with its figures.
+    rule = report["header"]["models"]["rankers"]["stacked"]["rule"]
+    assert rule["best_base"] in ("popularity", "als") and rule["n_queries"] > 0
+    assert (rule["serves"] is None) == (rule["diff"] > rule["min_gain"])
+    assert f"`stacked` on validation: {rule['reason']}." in markdown_table(report)

@@ -12,7 +12,8 @@ checkout's stage (it only needs ``train_set_rankers``).
 When the stage trained ``stacked`` (or, with ``--latency-only``, the set already has it), it
 times that ranker as ``imgsearch eval``'s ranking column does: ``score`` plus the top-10 sort,
 in-process, one thread, on requests of the 100 keyword candidates minus the user's earlier
-photos, for the catalogue's last conversions.
+photos, with the user's 20 latest earlier photos as recent history, for the catalogue's last
+conversions.
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ from imgsearch.latency import percentiles_ms
 # Requests timed, and how many of the first ones only warm the caches.
 LATENCY_REQUESTS = 4000
 WARM_UP = 200
+# Recent photos per request, as ``imgsearch eval`` sends them (``build_test_queries``).
+RECENT_PHOTOS = 20
 
 
 def stage_seconds(src: Path, out: Path) -> dict:
@@ -62,6 +65,7 @@ def stacked_latency(src: Path, stacked_dir: Path) -> dict:
     """p50/p99 milliseconds of the stacked ranker at ``stacked_dir`` (module docstring)."""
     from imgsearch import artifacts
     from imgsearch.catalogue import Catalogue
+    from imgsearch.evaluation_protocol import recent_photos
     from imgsearch.image_embeddings import ImageEmbeddings
     from imgsearch.ranking_metrics import rank_by_scores
     from ranking_service.rankers import load_ranker
@@ -76,13 +80,17 @@ def stacked_latency(src: Path, stacked_dir: Path) -> dict:
     ranker = load_ranker("stacked", stacked_dir, catalogue, embeddings)
     conversions = catalogue.conversions.iloc[-LATENCY_REQUESTS:]
     seen = catalogue.conversions.groupby("user_idx")["photo_idx"].apply(np.asarray).to_dict()
+    # As eval's requests: the user's last training photos sent as recent history.
+    recent = recent_photos(catalogue.conversions.iloc[:-LATENCY_REQUESTS], RECENT_PHOTOS)
+    no_photos = np.zeros(0, dtype=np.int64)
     times = []
     for row in conversions.itertuples():
         result = keyword_index.retrieve(row.keyword, 100)
         photos = np.asarray(result.photo_idx, np.int64)
         keep = ~np.isin(photos, seen.get(row.user_idx, []))
         scores = np.asarray(result.scores, np.float32)[keep]
-        request = RankQuery(row.user_idx, row.keyword, photos[keep], scores)
+        history = recent.get(row.user_idx, no_photos)
+        request = RankQuery(row.user_idx, row.keyword, photos[keep], scores, history)
         start = time.perf_counter()
         scored = ranker.score(request)
         rank_by_scores(request.candidates, scored.scores)[:10]

@@ -290,6 +290,9 @@ def stacked_markdown(header: dict, k: int) -> list[str]:
             f"| {entry[f'best_single_ndcg@{k}']:.4f} | {versus['diff']:+.4f} "
             f"({versus['ci'][0]:+.4f} to {versus['ci'][1]:+.4f}) | {verdict} |"
         )
+    rule = ((header.get("models") or {}).get("rankers") or {}).get("stacked", {}).get("rule")
+    if rule:
+        lines += ["", f"`stacked` on validation: {rule['reason']}."]
     return lines
 
 

@@ -52,6 +52,7 @@ from ranking_service.rankers.common import (
     known_photo_mask,
     load_arrays,
     read_config,
+    remember,
     save_arrays,
     sparse_arrays,
     sparse_from_arrays,
@@ -59,6 +60,8 @@ from ranking_service.rankers.common import (
 )
 from ranking_service.rankers.prior import QueryPrior
 
+# (User, recent photos) whose taste is remembered (about 8 bytes a dimension each).
+PROFILE_CACHE = 8192
 # What ``config.json`` records as the model, so that a ranker saved as mean profiles is refused.
 MODEL = "newton-step taste"
 NEEDS_EMBEDDINGS = (
@@ -106,6 +109,7 @@ class ClipProfileRanker(QueryPrior, Ranker):
         self.curvature = np.zeros(0, dtype=np.float64)
         self.basis = np.zeros((0, 0), dtype=np.float64)
         self.user_history = sp.csr_matrix((0, 0), dtype=np.float32)
+        self._profile_cache: dict[tuple, np.ndarray | None] = {}
 
     @property
     def params(self) -> dict:
@@ -117,6 +121,7 @@ class ClipProfileRanker(QueryPrior, Ranker):
         if embeddings is None or embeddings.dim == 0:
             raise ValueError(NEEDS_EMBEDDINGS)
         self.embeddings, self.has_embedding = embeddings.dense(n_photos)
+        self._profile_cache = {}  # tastes drawn from recent photos depend on the embeddings
 
     def fit(
         self,
@@ -146,6 +151,7 @@ class ClipProfileRanker(QueryPrior, Ranker):
             (np.ones(len(users), np.float32), (users, photos)), shape=shape
         )
         self.user_history.sum_duplicates()
+        self.user_history.sort_indices()  # each row's photos sorted (_sorted_contains)
         self.fit_prior(catalogue)
         # Conversions are time-sorted: a row's age is how many of its user's rows come later.
         pictured = self.has_embedding[photos]
@@ -187,19 +193,33 @@ class ClipProfileRanker(QueryPrior, Ranker):
         return self
 
     def profile(self, user_idx: int | None, recent_photos: np.ndarray) -> np.ndarray | None:
-        """The user's taste ``θ`` (trained history plus unseen recent photos), None if empty."""
-        gradient = np.zeros(self.embeddings.shape[1], dtype=np.float64)
-        weight = 0.0
+        """The user's taste ``θ`` (trained history plus unseen recent photos), None if empty.
+
+        Remembered per (user, recent photos) for the last :data:`PROFILE_CACHE` of them: a
+        user's searches in a row send the same recent photos.
+        """
+        recent = as_candidates(recent_photos)
+        known = user_idx is not None and 0 <= user_idx < len(self.profile_weights)
+        key = (int(user_idx) if known else None, recent.tobytes())
+        if key in self._profile_cache:
+            return self._profile_cache[key]
         seen = np.zeros(0, dtype=np.int64)
-        if user_idx is not None and 0 <= user_idx < len(self.profile_weights):
-            gradient += self.gradients[user_idx]
-            weight += float(self.profile_weights[user_idx])
+        if known:
             lo, hi = self.user_history.indptr[user_idx], self.user_history.indptr[user_idx + 1]
             seen = self.user_history.indices[lo:hi]
-        recent = as_candidates(recent_photos)
         recent = recent[known_photo_mask(recent, len(self.has_embedding))]
+        new = self.has_embedding[recent] & ~_sorted_contains(seen, recent)
+        profile = self._taste(user_idx if known else None, recent, new)
+        return remember(self._profile_cache, key, profile, PROFILE_CACHE)
+
+    def _taste(self, user_idx: int | None, recent: np.ndarray, new: np.ndarray):
+        """The Newton step from the user's trained gradient and the ``new`` recent photos."""
+        gradient = np.zeros(self.embeddings.shape[1], dtype=np.float64)
+        weight = 0.0
+        if user_idx is not None:
+            gradient += self.gradients[user_idx]
+            weight += float(self.profile_weights[user_idx])
         age = np.arange(len(recent))[::-1]  # oldest first: the last one is the newest
-        new = self.has_embedding[recent] & ~np.isin(recent, seen)
         if new.any():
             recency = 0.5 ** (age[new] / self.half_life)
             gradient += recency @ (self.embeddings[recent[new]] - self.global_mean)
@@ -293,8 +313,17 @@ class ClipProfileRanker(QueryPrior, Ranker):
         ranker.curvature = arrays["curvature"]
         ranker.basis = arrays["basis"]
         ranker.user_history = sparse_from_arrays(arrays, "history")
+        ranker.user_history.sort_indices()  # each row's photos sorted (_sorted_contains)
         ranker.load_prior(directory, catalogue)
         return ranker
+
+
+def _sorted_contains(sorted_values: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """``np.isin(values, sorted_values)`` for sorted ``sorted_values``, by binary search."""
+    if len(sorted_values) == 0:
+        return np.zeros(len(values), dtype=bool)
+    position = np.minimum(np.searchsorted(sorted_values, values), len(sorted_values) - 1)
+    return sorted_values[position] == values
 
 
 def _rows_after_within_group(groups: np.ndarray) -> np.ndarray:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,21 @@ import scipy.sparse as sp
 
 CONFIG_FILE = "config.json"
 FORMAT_VERSION = 1
+
+
+# Guards the eviction of the rankers' remembered results (FM and DeepFM score on threads).
+_REMEMBER_LOCK = threading.Lock()
+
+
+def remember(cache: dict, key, value: np.ndarray | None, limit: int) -> np.ndarray | None:
+    """Put a read-only ``value`` in ``cache`` under ``key``, evicting the oldest at ``limit``."""
+    if value is not None:
+        value.setflags(write=False)
+    with _REMEMBER_LOCK:
+        if len(cache) >= limit:
+            del cache[next(iter(cache))]  # the oldest entry
+        cache[key] = value
+    return value
 
 
 class OutdatedRankerError(ValueError):
@@ -55,7 +71,9 @@ def ordinal_scores(primary: np.ndarray, secondary: np.ndarray) -> np.ndarray:
         return np.zeros(0, dtype=np.float64)
     # lexsort: the last key is the primary one; ascending, so the best come last.
     order = np.lexsort((secondary, primary))
-    step = np.r_[True, (np.diff(primary[order]) != 0) | (np.diff(secondary[order]) != 0)]
+    step = np.empty(n, dtype=bool)
+    step[0] = True
+    step[1:] = (np.diff(primary[order]) != 0) | (np.diff(secondary[order]) != 0)
     scores = np.empty(n, dtype=np.float64)
     scores[order] = np.cumsum(step) / n
     return scores

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -76,6 +77,7 @@ class PopularityRanker(Ranker):
         self.keyword_photos = np.zeros(0, dtype=np.int64)
         self.keyword_counts = np.zeros(0, dtype=np.int64)
         self._keyword_lookup: dict[str, int] = {}
+        self._memo: dict | None = None
 
     @property
     def params(self) -> dict:
@@ -155,10 +157,38 @@ class PopularityRanker(Ranker):
         share, _, denominator = self._shares(candidates, keyword)
         return np.log(np.maximum(share, 0.0) + 0.5 / denominator)
 
+    @contextmanager
+    def counting_once(self):
+        """Within the block, each (keyword, candidates) is counted once, then remembered.
+
+        For a caller that asks the same query's popularity several times (the ``stacked``
+        ranker: its popularity base, its other bases' priors and its prior feature). The
+        memory lasts the block only, so it never outlives the counts it was taken from.
+        """
+        self._memo = {}
+        try:
+            yield self
+        finally:
+            self._memo = None
+
     def _shares(
         self, candidates: np.ndarray, keyword: str, cold: np.ndarray | None = None
     ) -> tuple[np.ndarray, str, float]:
         """Shares, fallback reason and the shares' denominator (conversions they count)."""
+        memo = self._memo
+        if memo is None:
+            return self._count_shares(candidates, keyword, cold)
+        key = (keyword, candidates.tobytes(), None if cold is None else cold.tobytes())
+        found = memo.get(key)
+        if found is None:
+            found = memo[key] = self._count_shares(candidates, keyword, cold)
+            found[0].setflags(write=False)
+        return found
+
+    def _count_shares(
+        self, candidates: np.ndarray, keyword: str, cold: np.ndarray | None = None
+    ) -> tuple[np.ndarray, str, float]:
+        """:meth:`_shares`, counted."""
         known = known_photo_mask(candidates, len(self.photo_counts))
         valid = known if cold is None else known | cold
         total = max(int(self.photo_counts.sum()), 1)
@@ -173,7 +203,7 @@ class PopularityRanker(Ranker):
         keyword_id = self._keyword_lookup[normalise_keyword(keyword)]
         lo, hi = self.keyword_ptr[keyword_id], self.keyword_ptr[keyword_id + 1]
         photos, counts = self.keyword_photos[lo:hi], self.keyword_counts[lo:hi]
-        position = np.clip(np.searchsorted(photos, candidates), 0, len(photos) - 1)
+        position = np.minimum(np.searchsorted(photos, candidates), len(photos) - 1)
         keyword_count = np.where(photos[position] == candidates, counts[position], 0)
         denominator = counts.sum() + self.keyword_prior
         pseudo_counts = keyword_count + self.keyword_prior * share

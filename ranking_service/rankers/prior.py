@@ -14,19 +14,18 @@ its own score. The weight is chosen on the validation slice (``ranking_service.t
 
 from __future__ import annotations
 
-import threading
 from pathlib import Path
 
 import numpy as np
 
 from imgsearch.catalogue import Catalogue
 from ranking_service.rankers.base import RankQuery, RankScores
+from ranking_service.rankers.common import remember
 from ranking_service.rankers.popularity import PopularityRanker
 
 PRIOR_DIR = "popularity"
 # (keyword, candidates) whose weighted prior a ranker keeps: about 1 KB each.
 PRIOR_CACHE = 4096
-_PRIOR_CACHE_LOCK = threading.Lock()  # FM and DeepFM score on threads beside the event loop
 UNKNOWN_USER = "unknown user: popularity order"
 
 
@@ -83,7 +82,12 @@ class QueryPrior:
         return scores
 
     def _weighted_prior(self, candidates: np.ndarray, keyword: str, valid: np.ndarray):
-        """``popularity_weight · z(log prior)`` over the valid candidates, remembered.
+        """``popularity_weight · z(log prior)`` over the valid candidates, remembered."""
+        return self._remembered("z", candidates, keyword, valid)
+
+    def _remembered(self, kind: str, candidates: np.ndarray, keyword: str, valid: np.ndarray):
+        """``popularity_weight`` times the log prior (``kind`` ``"log"``) or its z-score
+        (``"z"``) over the valid candidates, remembered.
 
         It depends on the query alone, not the user, and a keyword's candidates are the same
         for every user who searches it: the last :data:`PRIOR_CACHE` (keyword, candidates)
@@ -91,6 +95,7 @@ class QueryPrior:
         """
         # The weight and the prior are part of the key: a copy of a ranker shares its cache.
         key = (
+            kind,
             self.popularity_weight,
             id(self.popularity),
             keyword,
@@ -102,13 +107,9 @@ class QueryPrior:
             cache = self.__dict__.setdefault("_prior_cache", {})
         weighted = cache.get(key)
         if weighted is None:
-            prior = self.popularity.log_prior(candidates, keyword)
-            weighted = self.popularity_weight * standardised(prior[valid])
-            weighted.setflags(write=False)
-            with _PRIOR_CACHE_LOCK:
-                if len(cache) >= PRIOR_CACHE:
-                    del cache[next(iter(cache))]  # the oldest entry
-                cache[key] = weighted
+            prior = self.popularity.log_prior(candidates, keyword)[valid]
+            weighted = self.popularity_weight * (standardised(prior) if kind == "z" else prior)
+            remember(cache, key, weighted, PRIOR_CACHE)
         return weighted
 
     def add_log_prior(
@@ -122,8 +123,7 @@ class QueryPrior:
         """
         scores = np.asarray(scores, dtype=np.float64).copy()
         if self.popularity_weight:
-            prior = self.popularity.log_prior(candidates, keyword)
-            scores[valid] += self.popularity_weight * prior[valid]
+            scores[valid] += self._remembered("log", candidates, keyword, valid)
         return scores
 
     def popularity_fallback(self, query: RankQuery, reason: str = UNKNOWN_USER) -> RankScores:

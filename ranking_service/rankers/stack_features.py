@@ -170,7 +170,10 @@ class StackFeatures:
             np.full(n, float(self.user_history[user]) if known else 0.0),
             np.full(n, np.log1p(len(query.recent_photos))),
         ]
-        return np.column_stack(columns) if n else np.zeros((0, len(columns)))
+        matrix = np.empty((n, len(columns)))
+        for j, column in enumerate(columns):
+            matrix[:, j] = column
+        return matrix
 
     def _keyword_figures(
         self, keyword: str, candidates: np.ndarray, safe: np.ndarray, valid: np.ndarray
@@ -185,7 +188,7 @@ class StackFeatures:
         lo, hi = self.keyword_ptr[index], self.keyword_ptr[index + 1]
         photos = self.keyword_photos[lo:hi]
         if len(photos):
-            position = np.clip(np.searchsorted(photos, candidates), 0, len(photos) - 1)
+            position = np.minimum(np.searchsorted(photos, candidates), len(photos) - 1)
             tagged = photos[position] == candidates
             confidence = np.where(tagged, self.keyword_confidence[lo:hi][position], 0.0)
         if self.embeddings is not None:

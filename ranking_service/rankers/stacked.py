@@ -24,6 +24,7 @@ from imgsearch.catalogue import Catalogue
 from imgsearch.evaluation_protocol import temporal_split
 from imgsearch.image_embeddings import ImageEmbeddings
 from ranking_service.rankers.base import Ranker, RankQuery, RankScores
+from ranking_service.rankers.booster_predict import predict_rows
 from ranking_service.rankers.common import (
     as_candidates,
     finalize_scores,
@@ -33,6 +34,7 @@ from ranking_service.rankers.common import (
     save_arrays,
     write_config,
 )
+from ranking_service.rankers.popularity import PopularityRanker
 from ranking_service.rankers.stack_features import StackFeatures, feature_names
 
 # Cheap bases: each scores 100 candidates in about 0.1–0.2 ms (README "Performance").
@@ -84,6 +86,10 @@ class StackedRanker(Ranker):
         Boosting rounds.
     seed:
         Seed of the query draw and the negatives' sample.
+    serves:
+        A base whose order the ranker serves instead of its trees' (the build's rule when the
+        trees did not beat their best base on validation: ``ranking_service.stacking``);
+        None serves the trees.
     """
 
     name = "stacked"
@@ -96,8 +102,12 @@ class StackedRanker(Ranker):
         base_params: dict | None = None,
         rounds: int = ROUNDS,
         seed: int = 0,
+        serves: str | None = None,
     ) -> None:
         self.bases = tuple(dict.fromkeys(["popularity", *bases]))
+        if serves is not None and serves not in self.bases:
+            raise ValueError(f"serves must be one of the bases {self.bases}, got {serves!r}")
+        self.serves = serves
         self.base_params = {k: dict(v) for k, v in (base_params or {}).items()}
         self.rounds = int(rounds)
         self.seed = int(seed)
@@ -116,6 +126,7 @@ class StackedRanker(Ranker):
             "base_params": self.base_params,
             "rounds": self.rounds,
             "seed": self.seed,
+            "serves": self.serves,
         }
 
     # ------------------------------------------------------------------ fitting
@@ -149,6 +160,7 @@ class StackedRanker(Ranker):
         rows = stack_rows(queries.queries, queries.relevant, held_out, features, self.seed)
         self.boosters = [self.train_booster(rows)]
         self.base_models = self.fit_bases(catalogue, candidates, embeddings)
+        share_popularity(self.base_models)
         self.features = StackFeatures.fit(catalogue, embeddings)
         return self
 
@@ -195,11 +207,15 @@ class StackedRanker(Ranker):
     # ------------------------------------------------------------------ scoring
 
     def score(self, query: RankQuery, known: dict[str, RankScores] | None = None) -> RankScores:
-        """Base scores, features, then the booster of the query (one thread).
+        """Base scores, features, then the booster of the query (one thread); or the order of
+        the base it :attr:`serves`.
 
         ``known`` holds bases' results for this very query when the caller scored them already
         (the configuration choice scores every ranker on the same requests).
         """
+        if self.serves is not None:
+            known = known or {}
+            return known.get(self.serves) or self.base_models[self.serves].score(query)
         candidates = as_candidates(query.candidates)
         valid = known_photo_mask(candidates, len(self.features.log_views))
         # A live photo beyond the built catalogue: its features from its bases' cold scores
@@ -222,7 +238,7 @@ class StackedRanker(Ranker):
             user = query.user_idx
             if user is not None and 0 <= user < len(self.fold_of_user):
                 booster = self.boosters[int(self.fold_of_user[user])]
-        scores = booster.predict(rows, num_threads=1)
+        scores = predict_rows(booster, rows)
         return RankScores(finalize_scores(scores, valid), fallback_reason=reason)
 
     # ------------------------------------------------------------------ files
@@ -263,9 +279,37 @@ class StackedRanker(Ranker):
             ranker.base_models[name] = load_ranker(
                 name, directory / BASES_DIR / name, catalogue, embeddings
             )
+        share_popularity(ranker.base_models)
         ranker.boosters = [lightgbm.Booster(model_file=str(directory / MODEL_FILE))]
         ranker.features = StackFeatures(load_arrays(directory / FEATURES_FILE), embeddings)
         return ranker
+
+
+def share_popularity(bases: dict[str, Ranker]) -> None:
+    """Let bases whose query prior counts exactly what the popularity base counts use it.
+
+    Then the popularity a request counts once (:func:`base_rows`) serves their priors too.
+    Scores do not change: the prior is the same counts under the same parameters.
+    """
+    popularity = bases["popularity"]
+    for model in bases.values():
+        prior = getattr(model, "popularity", None)
+        if (
+            isinstance(prior, PopularityRanker)
+            and prior is not popularity
+            and same_counts(prior, popularity)
+        ):
+            model.popularity = popularity
+
+
+def same_counts(first: PopularityRanker, second: PopularityRanker) -> bool:
+    """Whether two fitted popularity rankers have the same parameters and counts."""
+    arrays = ("photo_counts", "stats_rates", "keyword_ptr", "keyword_photos", "keyword_counts")
+    return (
+        first.params == second.params
+        and first.keyword_names == second.keyword_names
+        and all(np.array_equal(getattr(first, a), getattr(second, a)) for a in arrays)
+    )
 
 
 def base_rows(
@@ -280,9 +324,12 @@ def base_rows(
     scored here.
     """
     known = known or {}
-    results = [known.get(name) or model.score(query) for name, model in bases.items()]
     popularity = bases["popularity"]
-    prior = popularity.log_prior(np.asarray(query.candidates, np.int64), query.keyword)
+    # The popularity base, the other bases' priors (when they share it: share_popularity)
+    # and the prior feature count the query's popularity once.
+    with popularity.counting_once():
+        results = [known.get(name) or model.score(query) for name, model in bases.items()]
+        prior = popularity.log_prior(np.asarray(query.candidates, np.int64), query.keyword)
     rows = features.rows(query, [r.scores for r in results], prior)
     reasons = [r.fallback_reason for name, r in zip(bases, results) if name != "popularity"]
     reasons.append(results[0].fallback_reason)
