@@ -124,9 +124,9 @@ def test_a_request_counts_its_popularity_once_and_scores_as_before(monkeypatch):
     counted = []
     original = PopularityRanker._count_shares
 
-    def counting(self, candidates, keyword):
+    def counting(self, candidates, keyword, cold=None):
         counted.append(keyword)
-        return original(self, candidates, keyword)
+        return original(self, candidates, keyword, cold)
 
     monkeypatch.setattr(PopularityRanker, "_count_shares", counting)
     for request in _requests(queries):
