@@ -175,6 +175,8 @@ class PopularityRanker(Ranker):
         self, candidates: np.ndarray, keyword: str, cold: np.ndarray | None = None
     ) -> tuple[np.ndarray, str, float]:
         """Shares, fallback reason and the shares' denominator (conversions they count)."""
+        if cold is not None and not cold.any():
+            cold = None  # no live photo: the same count as a caller that passes no mask
         memo = self._memo
         if memo is None:
             return self._count_shares(candidates, keyword, cold)
