@@ -123,8 +123,7 @@ class Catalogue:
 
     def photo_idx_list(self, photo_ids) -> list[int | None]:
         """:meth:`photo_idx` of each id, in one pass (None where the catalogue lacks it)."""
-        lookup = self._photo_index.get
-        return [lookup(photo_id) for photo_id in photo_ids]
+        return list(map(self._photo_index.get, photo_ids))
 
     def user_idx(self, anonymous_user_id: str) -> int | None:
         """Return the integer index of a user, or None for a user with no conversions."""

@@ -29,6 +29,9 @@ RETRIEVER_NAMES: tuple[str, ...] = tuple(RETRIEVER_ENUM)
 RANKER_NAMES: tuple[str, ...] = tuple(n for n in RANKER_ENUM if n not in COMPOSED_RANKERS)
 RETRIEVER_CHOICES: tuple[str, ...] = (DEFAULT, *RETRIEVER_ENUM)
 RANKER_CHOICES: tuple[str, ...] = (DEFAULT, *RANKER_ENUM)
+# Names by enum value, read on every request ("default" for 0).
+_RETRIEVER_BY_VALUE: dict[int, str] = {0: DEFAULT, **{v: k for k, v in RETRIEVER_ENUM.items()}}
+_RANKER_BY_VALUE: dict[int, str] = {0: DEFAULT, **{v: k for k, v in RANKER_ENUM.items()}}
 
 
 def retriever_value(name: str) -> int:
@@ -43,16 +46,12 @@ def ranker_value(name: str) -> int:
 
 def retriever_name(value: int) -> str | None:
     """``"keyword"`` for ``RETRIEVER_KEYWORD``; ``"default"`` for 0; None when unknown."""
-    if value == 0:
-        return DEFAULT
-    return next((name for name, number in RETRIEVER_ENUM.items() if number == value), None)
+    return _RETRIEVER_BY_VALUE.get(value)
 
 
 def ranker_name(value: int) -> str | None:
     """``"als"`` for ``RANKER_ALS``; ``"default"`` for 0; None when unknown."""
-    if value == 0:
-        return DEFAULT
-    return next((name for name, number in RANKER_ENUM.items() if number == value), None)
+    return _RANKER_BY_VALUE.get(value)
 
 
 def check_names(requested, valid, kind: str) -> list[str]:

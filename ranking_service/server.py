@@ -259,16 +259,17 @@ class RankingServicer(pb_grpc.RankingServiceServicer):
         name = self._ranker(state, request.ranker)
         if not 1 <= request.k <= MAX_K:
             raise InvalidArgument("k", f"must be between 1 and {MAX_K}, got {request.k}")
-        photo_ids = list(request.candidate_photo_ids)
-        if len(photo_ids) > MAX_CANDIDATES_K:
+        photo_ids = request.candidate_photo_ids  # no copy: only the k results' ids are read
+        n_candidates = len(photo_ids)
+        if n_candidates > MAX_CANDIDATES_K:
             raise InvalidArgument(
                 "candidate_photo_ids",
-                f"at most {MAX_CANDIDATES_K} candidates, got {len(photo_ids)}",
+                f"at most {MAX_CANDIDATES_K} candidates, got {n_candidates}",
             )
-        if request.retrieval_scores and len(request.retrieval_scores) != len(photo_ids):
+        if request.retrieval_scores and len(request.retrieval_scores) != n_candidates:
             raise InvalidArgument(
                 "retrieval_scores",
-                f"must be empty or one per candidate ({len(photo_ids)}), "
+                f"must be empty or one per candidate ({n_candidates}), "
                 f"got {len(request.retrieval_scores)}",
             )
         start = time.perf_counter()
@@ -283,7 +284,7 @@ class RankingServicer(pb_grpc.RankingServiceServicer):
             retrieval_scores = np.asarray(request.retrieval_scores, dtype=np.float32)
         else:
             # No scores given: retrieval order itself, best first.
-            retrieval_scores = -np.arange(len(photo_ids), dtype=np.float32)
+            retrieval_scores = -np.arange(n_candidates, dtype=np.float32)
         # Positions of the candidates the catalogue knows; None when it knows them all (the
         # usual case, which then needs no index arrays or copies).
         known_pos = None
@@ -297,7 +298,8 @@ class RankingServicer(pb_grpc.RankingServiceServicer):
         recent = self._recent(state, request.recent_photo_ids)
         country = state.user_country.get(user_idx, "") if user_idx is not None else ""
         note = ""
-        if name in USES_HISTORY:
+        if name in USES_HISTORY and user_idx is None and request.user_id:
+            # Only a user the model has not seen reads the logged history.
             recent, logged_country, note = await self._history(
                 state, request.user_id, user_idx, recent
             )
@@ -329,29 +331,31 @@ class RankingServicer(pb_grpc.RankingServiceServicer):
         if known_pos is None:
             all_scores = np.asarray(scores, dtype=np.float64)
         else:
-            all_scores = np.full(len(photo_ids), -np.inf, dtype=np.float64)
+            all_scores = np.full(n_candidates, -np.inf, dtype=np.float64)
             all_scores[known_pos] = scores
-        missing = len(photo_ids) - len(candidate_idx)
+        missing = n_candidates - len(candidate_idx)
         unknown = f"{missing} unknown photo id(s) ranked last" if missing else ""
         reason = "; ".join(r for r in (reason, unknown, note) if r)
         order = top_k(all_scores, request.k)
-        finite_min = float(np.min(scores)) if len(scores) else 0.0
         top = all_scores[order]
-        top = np.where(np.isfinite(top), top, finite_min - 1.0).tolist()
-        results = [
-            pb.RankedPhoto(photo_id=photo_ids[i], score=score)
-            for i, score in zip(order.tolist(), top)
-        ]
-        elapsed = time.perf_counter() - start
-        self.stage_latency.observe(elapsed)
-        return pb.RankResponse(
-            results=results,
+        finite = np.isfinite(top)
+        if not finite.all():
+            # Unknown photos (-inf) answer one below the lowest score of a known one.
+            finite_min = float(np.min(scores)) if len(scores) else 0.0
+            top = np.where(finite, top, finite_min - 1.0)
+        response = pb.RankResponse(
             ranker=ranker_value(name),
             fallback_reason=reason,
-            ranking_ms=elapsed * 1000,
             artifact_version=state.version,
             default_reason=default_reason,
         )
+        add = response.results.add
+        for i, score in zip(order.tolist(), top.tolist()):
+            add(photo_id=photo_ids[i], score=score)
+        elapsed = time.perf_counter() - start
+        self.stage_latency.observe(elapsed)
+        response.ranking_ms = elapsed * 1000
+        return response
 
     async def Recommend(self, request: pb.RecommendRequest, context) -> pb.RecommendResponse:
         state = self.holder.state

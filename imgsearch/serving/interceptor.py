@@ -9,6 +9,7 @@ from imgsearch.serving.auth import PortAuth
 from imgsearch.serving.metrics import RequestCounts, inflight_of
 from imgsearch.serving.pipeline import ErrorMapping, Observer, Readiness, compose
 from imgsearch.serving.reload import Reloadable
+from imgsearch.serving.request_ids import incoming_request_id, request_id_var
 from imgsearch.tokens import TokenSet
 
 
@@ -60,9 +61,13 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
 
     async def intercept_service(self, continuation, handler_call_details):
         method = handler_call_details.method
+        metadata = handler_call_details.invocation_metadata
+        # The call's id, kept for its task (the handler below runs in the same one): read
+        # from the metadata gRPC already decoded for this lookup, not decoded again.
+        request_id_var.set(incoming_request_id(metadata))
         tokens = self.tokens
         if tokens is not None:
-            refusal = self.auth.refusal(tokens, method, handler_call_details.invocation_metadata)
+            refusal = self.auth.refusal(tokens, method, metadata)
             if refusal is not None:
                 return refusal
         wrapped = self._handlers.get(method)

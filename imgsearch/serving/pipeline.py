@@ -1,12 +1,13 @@
 """The request pipeline of a service's own methods, composed once per method from small parts.
 
-A call goes through, in order: its request id (:mod:`imgsearch.serving.request_ids`), the
-readiness check (UNAVAILABLE while the artifact set loads), admission (RESOURCE_EXHAUSTED
-with a pushback, :mod:`imgsearch.admission`), the method itself with its exceptions mapped to
-status codes (:class:`ErrorMapping`), and its observation (requests, latency and in-flight
-metrics, and the access log when on). Each part is built once per method when the method is
-first called, with its metric children looked up then, and :func:`compose` joins the parts
-present into one handler: a call makes one pass through them, with no lookup by name.
+A call goes through, in order: its request id (:mod:`imgsearch.serving.request_ids`, set
+by the port's interceptor from the metadata gRPC decoded to find the handler), the readiness
+check (UNAVAILABLE while the artifact set loads), admission (RESOURCE_EXHAUSTED with a
+pushback, :mod:`imgsearch.admission`), the method itself with its exceptions mapped to status
+codes (:class:`ErrorMapping`), and its observation (requests, latency and in-flight metrics,
+and the access log when on). Each part is built once per method when the method is first
+called, with its metric children looked up then, and :func:`compose` joins the parts present
+into one handler: a call makes one pass through them, with no lookup by name.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from imgsearch.request_kinds import kind_reader
 from imgsearch.serving.errors import InvalidArgument, bad_request_status
 from imgsearch.serving.metrics import LATENCY, RequestCounts, inflight_of
 from imgsearch.serving.reload import Reloadable
-from imgsearch.serving.request_ids import incoming_request_id, request_id_var
+from imgsearch.serving.request_ids import request_id_var
 
 # One JSON line per RPC (service, method, code, ms, request id) when IMGSEARCH_ACCESS_LOG=1;
 # off by default because at hundreds of searches per second it costs more than it tells.
@@ -136,20 +137,22 @@ def compose(
     readiness: Readiness | None = None,
     admission: Admission | None = None,
 ):
-    """One method's handler: request id, readiness, admission, the method, its observation.
+    """One method's handler: readiness, admission, the method, its observation.
+
+    The call's request id is already set for its task: the port's interceptor
+    (:class:`~imgsearch.serving.interceptor.ServiceInterceptor`) sets it before the handler runs.
 
     ``behavior(request, context)`` is the servicer's method; ``readiness`` and ``admission``
     are left out when None (the admin port has neither).
     """
-    set_request_id = request_id_var.set
+    get_request_id = request_id_var.get
     perf_counter = time.perf_counter
     inflight = observer.inflight
     read_kind = None  # the request's kind for admission, set up on the first call
 
     async def handle(request, context):
         nonlocal read_kind
-        rid = incoming_request_id(context.invocation_metadata())
-        set_request_id(rid)
+        rid = get_request_id()  # set by the interceptor for this call's task
         if readiness is not None and readiness.holder.state is None:
             observer.refused("UNAVAILABLE")
             await context.abort(grpc.StatusCode.UNAVAILABLE, readiness.refusal())
