@@ -60,8 +60,7 @@ class FMRanker(QueryPrior, Ranker):
     batch_size:
         Conversions per step.
     max_epoch_conversions:
-        Most conversions one epoch trains on: beyond it each epoch draws this many anew, so an
-        epoch's time stops growing with the conversions (0: all of them).
+        Most conversions per epoch, drawn anew each epoch (0: all of them).
     learning_rate:
         Adam's step size.
     l2:
