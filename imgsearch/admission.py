@@ -36,6 +36,9 @@ NO_RETRY = "-1"
 # deadline, dropped from a queue after its deadline passed, or refused because the stage it
 # needs refused it (the gateway, when retrieval sheds).
 SHED_REASONS = ("limit", "deadline", "expired", "downstream")
+# Seconds before a request's deadline within which its caller's cancellation counts as the
+# deadline passing (the request's own arrival may have lagged behind the cancellation's).
+CANCEL_TRANSIT_SLACK = 0.05
 
 SHED = Counter(
     "imgsearch_shed_total",
@@ -452,6 +455,9 @@ async def run_live(
         if unrun:
             now = time.monotonic()
             QUEUE_WAIT.labels(service, "executor").observe(now - submitted)
-            if deadline is not None and now >= deadline:
+            # A caller's cancellation at its deadline can reach the server a little before the
+            # server's own clock of that deadline (its request took longer to arrive than the
+            # cancellation did), so "at the deadline" allows for that transit.
+            if deadline is not None and now >= deadline - CANCEL_TRANSIT_SLACK:
                 SHED.labels(service, "expired").inc()
         raise
