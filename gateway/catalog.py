@@ -49,6 +49,8 @@ MAX_PHOTOGRAPHER_CHARS = 128
 MAX_REASON_CHARS = 500
 PHOTO_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
 EMBED_TIMEOUT_S = 60.0
+# A retrieval target that is down or shedding load: the images go to the next target.
+FAIL_OVER = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED}
 logger = logging.getLogger("imgsearch.catalog")
 
 
@@ -216,8 +218,9 @@ class CatalogServicer(pb_grpc.CatalogServiceServicer):
         The gateway's store (shared with FeedbackService).
     holder:
         The gateway's state; its ``photos`` gain the live photos and lose the deleted ones.
-    retrieval_channel:
-        A channel to a retrieval server, whose CLIP embeds the images.
+    retrieval_channels:
+        The channels to the retrieval targets (one per shard), in the order tried: a server of
+        the first embeds the images with its CLIP, the next one when that target is down.
     poll_s:
         How often the log is read for the metadata of photos written elsewhere.
     enabled:
@@ -229,13 +232,13 @@ class CatalogServicer(pb_grpc.CatalogServiceServicer):
         self,
         store: BackgroundStore,
         holder,
-        retrieval_channel,
+        retrieval_channels,
         poll_s: float = 0.2,
         enabled: bool = True,
     ):
         self.store = store
         self.holder = holder
-        self.retrieval = retr_grpc.RetrievalServiceStub(retrieval_channel)
+        self.retrievals = [retr_grpc.RetrievalServiceStub(c) for c in retrieval_channels]
         self.poll_s = poll_s
         self.enabled = enabled
         self.applied: tuple[object, int] = (None, 0)
@@ -293,22 +296,28 @@ class CatalogServicer(pb_grpc.CatalogServiceServicer):
         self.applied = (state, seq)
 
     async def _embed(self, context, images: list[bytes]) -> list:
-        try:
-            reply = await self.retrieval.EmbedImages(
-                retr_pb.EmbedImagesRequest(images=images), timeout=EMBED_TIMEOUT_S
-            )
-        except grpc.aio.AioRpcError as exc:
-            if exc.code() == grpc.StatusCode.FAILED_PRECONDITION:
-                return [None] * len(images)  # a set without CLIP: keyword search only
-            logger.warning("image embedding failed", extra={"error": exc.details()})
-            await context.abort(
-                grpc.StatusCode.UNAVAILABLE,
-                "the images could not be embedded; nothing of this batch was written, retry it",
-            )
-        import numpy as np
+        request = retr_pb.EmbedImagesRequest(images=images)
+        for target, retrieval in enumerate(self.retrievals):
+            try:
+                reply = await retrieval.EmbedImages(request, timeout=EMBED_TIMEOUT_S)
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() == grpc.StatusCode.FAILED_PRECONDITION:
+                    return [None] * len(images)  # a set without CLIP: keyword search only
+                logger.warning(
+                    "image embedding failed",
+                    extra={"target": target, "code": exc.code().name, "error": exc.details()},
+                )
+                if exc.code() in FAIL_OVER:
+                    continue  # every target serves the set's CLIP: the next one embeds
+                break
+            import numpy as np
 
-        values = np.asarray(reply.values, np.float32).reshape(len(images), reply.dim)
-        return list(values)
+            values = np.asarray(reply.values, np.float32).reshape(len(images), reply.dim)
+            return list(values)
+        await context.abort(
+            grpc.StatusCode.UNAVAILABLE,
+            "the images could not be embedded; nothing of this batch was written, retry it",
+        )
 
     async def _commit(self, context, request_id: str, digest: str, changes) -> tuple[int, bool]:
         try:

@@ -462,7 +462,11 @@ async def create_gateway_server(config: GatewayConfig) -> Service:
         search = SearchServicer(config, holder)
         pb_grpc.add_SearchServiceServicer_to_server(search, server)
         catalog = CatalogServicer(
-            store, holder, search.retrieval.channels[0], enabled=config.live_catalogue
+            store,
+            holder,
+            search.retrieval.channels,
+            poll_s=config.catalog_poll_ms / 1000,
+            enabled=config.live_catalogue,
         )
         feedback = FeedbackServicer(
             store, holder, catch_up=catalog.catch_up if config.live_catalogue else None

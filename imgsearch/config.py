@@ -226,6 +226,7 @@ class GatewayConfig(ConversionStoreConfig):
     client_key: str = field(default_factory=lambda: env("CLIENT_KEY", ""))
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         try:
             for target in shard_targets(self.retrieval_addr):
                 channel_target(target)

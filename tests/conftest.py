@@ -56,17 +56,24 @@ CLIP_SET_TIMEOUT = pytest.mark.timeout(900)
 
 
 @pytest.fixture(scope="session")
-def clip_set(tmp_path_factory) -> Path:
-    """An artifact root: 300 photos with images, a tiny CLIP, none/popularity/ALS/clip_profile,
-    4 retrieval shards."""
-    from imgsearch_tools.build import build_artifacts
+def clip_data(tmp_path_factory) -> Path:
+    """The data folder the CLIP set is built from: 300 photos with images (only read)."""
     from imgsearch_tools.demo_data import generate
 
     data = tmp_path_factory.mktemp("clip-data")
     generate(data, n_photos=300, n_users=40, n_conversions=4000, seed=3, show_progress=False)
+    return data
+
+
+@pytest.fixture(scope="session")
+def clip_set(clip_data, tmp_path_factory) -> Path:
+    """An artifact root: 300 photos with images, a tiny CLIP, none/popularity/ALS/clip_profile,
+    4 retrieval shards."""
+    from imgsearch_tools.build import build_artifacts
+
     root = tmp_path_factory.mktemp("clip-artifacts")
     build_artifacts(
-        str(data),
+        str(clip_data),
         str(root),
         ["none", "popularity", "als", "clip_profile"],
         clip_steps=20,
@@ -231,6 +238,7 @@ def postgres_dsn(postgres_server) -> str:
 E2E_MODULES = {
     "test_bare_chain",
     "test_bench",
+    "test_bench_ingest",
     "test_bench_scale",
     "test_cli",
     "test_clip",
@@ -251,6 +259,7 @@ E2E_MODULES = {
     "test_browser",
 }
 SLOW_MODULES = {
+    "test_bench_ingest",
     "test_bench_scale",
     "test_browser",
     "test_cli",

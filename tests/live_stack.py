@@ -20,8 +20,27 @@ SHARDS = 2
 VISIBLE_WITHIN_S = 10.0
 
 
+def live_root(clip_set, root):
+    """A root of its own serving the shared CLIP set, resharded into :data:`SHARDS`.
+
+    The set's files are hard links (sets are never changed in place): the live tests write a
+    log beside ``root`` and build new sets into it, never into the shared set.
+    """
+    import os
+    import shutil
+
+    from imgsearch_tools.reshard import reshard
+
+    shutil.copytree(clip_set, root, symlinks=True, copy_function=os.link)
+    reshard(str(root), SHARDS, show_progress=False)
+    return root
+
+
 class LiveStack:
-    """One set served by 2 whole replicas and by 2 shards, a gateway over each, one ranking."""
+    """One set served by 2 whole replicas and by 2 shards, a gateway over each, one ranking.
+
+    The servers of each tier start together (loading off the event loop, in parallel).
+    """
 
     def __init__(self, loop_thread, root):
         from gateway.server import create_gateway_server
@@ -30,31 +49,90 @@ class LiveStack:
         from retrieval_service.server import create_retrieval_server
 
         self.lt = loop_thread
-        self.services = []
+        self.root = root
         common = {"artifacts": str(root), "port": 0, "admin_port": 0, "live_catalogue": True}
+        retrievals = [RetrievalConfig(**common) for _ in "ab"]
+        retrievals += [RetrievalConfig(**common, shard=i) for i in range(SHARDS)]
+        self.services = self._start(
+            create_ranking_server(RankingConfig(**common)),
+            *(create_retrieval_server(config) for config in retrievals),
+        )
+        ranking, *retrieval = self.services
+        self.replicas, self.shards = retrieval[:2], retrieval[2:]
+        self.ranking_addr = f"127.0.0.1:{ranking.port}"
+        addrs = {
+            "replicas": ",".join(f"127.0.0.1:{s.port}" for s in self.replicas),
+            "shards": ";".join(f"127.0.0.1:{s.port}" for s in self.shards),
+        }
+        try:
+            gateways = self._start(
+                *(
+                    create_gateway_server(
+                        GatewayConfig(**common, retrieval_addr=a, ranking_addr=self.ranking_addr)
+                    )
+                    for a in addrs.values()
+                )
+            )
+        except BaseException:
+            self.stop()
+            raise
+        self.services += gateways
+        self.gateways = dict(zip(addrs, gateways))
 
-        def start(coro):
-            service = loop_thread.run(coro)
-            self.services.append(service)
-            return service
+    def _start(self, *coros) -> list:
+        import asyncio
 
-        self.replicas = [start(create_retrieval_server(RetrievalConfig(**common))) for _ in "ab"]
-        self.shards = [
-            start(create_retrieval_server(RetrievalConfig(**common, shard=i)))
+        async def together():
+            started = await asyncio.gather(*coros, return_exceptions=True)
+            failed = [s for s in started if isinstance(s, BaseException)]
+            if failed:
+                for service in started:
+                    if not isinstance(service, BaseException):
+                        await service.stop(0)
+                raise failed[0]
+            return started
+
+        return self.lt.run(together())
+
+    def gateway(self, retrieval_addr: str):
+        """Another gateway over ``retrieval_addr`` and this stack's ranking and log."""
+        from gateway.server import create_gateway_server
+        from imgsearch.config import GatewayConfig
+
+        config = GatewayConfig(
+            artifacts=str(self.root),
+            port=0,
+            admin_port=0,
+            live_catalogue=True,
+            retrieval_addr=retrieval_addr,
+            ranking_addr=self.ranking_addr,
+        )
+        return self.lt.run(create_gateway_server(config))
+
+    def processes(self, folder) -> tuple[list, object]:
+        """The 2 shards and a gateway over them as `imgsearch serve` processes (not started):
+        (the shards, the gateway)."""
+        from tests.processes import ServerProcess
+
+        shards = [
+            ServerProcess(
+                "retrieval",
+                self.root,
+                folder / f"shard{i}.log",
+                "--shard",
+                str(i),
+                "--live-catalogue",
+            )
             for i in range(SHARDS)
         ]
-        self.root = root
-        ranking = start(create_ranking_server(RankingConfig(**common)))
-        self.ranking_addr = ranking_addr = f"127.0.0.1:{ranking.port}"
-
-        def gateway(addr):
-            config = GatewayConfig(**common, retrieval_addr=addr, ranking_addr=ranking_addr)
-            return start(create_gateway_server(config))
-
-        self.gateways = {
-            "replicas": gateway(",".join(f"127.0.0.1:{s.port}" for s in self.replicas)),
-            "shards": gateway(";".join(f"127.0.0.1:{s.port}" for s in self.shards)),
-        }
+        addr = ";".join(s.target for s in shards)
+        gateway = ServerProcess(
+            "gateway",
+            self.root,
+            folder / "gateway.log",
+            *("--retrieval-addr", addr, "--ranking-addr", self.ranking_addr, "--live-catalogue"),
+        )
+        return shards, gateway
 
     def stop(self):
         for service in reversed(self.services):
@@ -74,6 +152,16 @@ def new_photo(data, source_id: str, photo_id: str, keywords) -> cat_pb.PhotoReco
         views=10,
         downloads=1,
     )
+
+
+def strongest_keyword(data, row: int) -> tuple[str, str]:
+    """The photo in ``row`` of the data folder's photos table, and its strongest keyword."""
+    import pandas as pd
+
+    photo_id = pd.read_csv(data / "photos.tsv000", sep="\t")["photo_id"].iloc[row]
+    keywords = pd.read_csv(data / "keywords.tsv000", sep="\t")
+    own = keywords[keywords["photo_id"] == photo_id]
+    return photo_id, own.sort_values("ai_service_1_confidence", ascending=False)["keyword"].iloc[0]
 
 
 def catalog(port):

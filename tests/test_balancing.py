@@ -60,6 +60,18 @@ def test_the_gateway_refuses_bad_addresses_at_start():
         GatewayConfig(ranking_addr="127.0.0.1:1;127.0.0.1:2")
 
 
+def test_the_gateway_checks_the_settings_every_server_shares():
+    from imgsearch.config import GatewayConfig
+
+    with pytest.raises(SystemExit, match="catalog poll must be positive, got 0"):
+        GatewayConfig(catalog_poll_ms=0)
+    with pytest.raises(SystemExit, match="in-flight limits must be at least 1"):
+        GatewayConfig(min_inflight=0)
+    with pytest.raises(SystemExit, match="concurrency limit must be one of"):
+        GatewayConfig(concurrency_limit="unbounded")
+    assert GatewayConfig(catalog_poll_ms=50).catalog_poll_ms == 50
+
+
 class Replica(retr_grpc.RetrievalServiceServicer, pb_grpc.SearchServiceServicer):
     """One replica: answers with its name, or fails as a test sets (``mode``)."""
 

@@ -21,6 +21,7 @@ from imgsearch.conversion_store import default_db_path, open_store
 from imgsearch.retrieval.v1 import retrieval_service_pb2 as retr_pb
 from imgsearch.search.v1 import search_service_pb2 as pb
 from imgsearch.search.v1 import search_service_pb2_grpc as pb_grpc
+from tests.conftest import CLIP_SET_TIMEOUT
 from tests.live_stack import (
     SHARDS,
     SHARED_KEYWORD,
@@ -28,29 +29,25 @@ from tests.live_stack import (
     Searcher,
     Writer,
     catalog,
+    live_root,
     new_photo,
     retrieve,
     retrieve_ids,
     search_ids,
+    strongest_keyword,
     wait_until,
 )
-from tests.processes import ServerProcess
+from tests.test_cli import free_ports
+
+pytestmark = CLIP_SET_TIMEOUT
+CLIP = retr_pb.RETRIEVER_CLIP
 
 
 @pytest.fixture(scope="module")
-def live(loop_thread, tmp_path_factory):
-    """A demo catalogue with images and a tiny CLIP, built with 2 shards, served live."""
-    from imgsearch_tools.build import build_artifacts
-    from imgsearch_tools.demo_data import generate
-
-    data = tmp_path_factory.mktemp("live-data")
-    generate(data, n_photos=120, n_users=30, n_conversions=1500, seed=5, show_progress=False)
-    root = tmp_path_factory.mktemp("live-artifacts")
-    build_artifacts(
-        str(data), str(root), ["none"], clip_steps=1, show_progress=False, shards=SHARDS
-    )
-    stack = LiveStack(loop_thread, root)
-    stack.data = data
+def live(loop_thread, clip_set, clip_data, tmp_path_factory):
+    """The session's CLIP set (images, a tiny CLIP) resharded into 2 shards, served live."""
+    stack = LiveStack(loop_thread, live_root(clip_set, tmp_path_factory.mktemp("live") / "root"))
+    stack.data = clip_data
     yield stack
     stack.stop()
 
@@ -58,13 +55,7 @@ def live(loop_thread, tmp_path_factory):
 @pytest.fixture(scope="module")
 def source(live):
     """A photo of the set with an image, and its strongest keyword."""
-    photos = pd.read_csv(live.data / "photos.tsv000", sep="\t")
-    keywords = pd.read_csv(live.data / "keywords.tsv000", sep="\t")
-    photo_id = photos["photo_id"].iloc[3]
-    best = keywords[keywords["photo_id"] == photo_id].sort_values(
-        "ai_service_1_confidence", ascending=False
-    )
-    return photo_id, best["keyword"].iloc[0]
+    return strongest_keyword(live.data, 3)
 
 
 def test_a_written_photo_is_found_by_keyword_and_clip_on_replicas_and_shards(live, source):
@@ -98,7 +89,7 @@ def test_a_written_photo_is_found_by_keyword_and_clip_on_replicas_and_shards(liv
                         pb.SearchRequest(
                             query=keyword,
                             k=100,
-                            retriever=retr_pb.RETRIEVER_CLIP,
+                            retriever=CLIP,
                             ranker=1,
                             filter=retr_pb.PhotoFilter(
                                 photographer_usernames=["live"],
@@ -114,7 +105,7 @@ def test_a_written_photo_is_found_by_keyword_and_clip_on_replicas_and_shards(liv
             return [r.photo_id for r in filtered.results] == [photo_id]
 
         assert wait_until(by_filter), f"{name}: not found with a filter on its record"
-        ids, scores = search_ids(port, keyword, retr_pb.RETRIEVER_CLIP, k=120)
+        ids, scores = search_ids(port, keyword, CLIP, k=1000)
         # The same image: the same embedding, so the same CLIP score as its source.
         assert photo_id in ids and source_id in ids, name
         assert scores[ids.index(photo_id)] == pytest.approx(scores[ids.index(source_id)], abs=1e-5)
@@ -159,7 +150,7 @@ def test_feedback_takes_conversions_of_a_live_photo(live, source):
 def test_a_deleted_photo_is_never_returned_and_k_results_still_come_back(live, source):
     _, query = source
     port = live.gateways["shards"].port
-    victim = search_ids(port, query, retr_pb.RETRIEVER_CLIP, k=20)[0][0]
+    victim = search_ids(port, query, CLIP, k=20)[0][0]
     keywords = pd.read_csv(live.data / "keywords.tsv000", sep="\t")
     victim_keyword = keywords.loc[keywords["photo_id"] == victim, "keyword"].iloc[0]
     assert victim in search_ids(port, victim_keyword, retr_pb.RETRIEVER_KEYWORD, k=200)[0]
@@ -173,7 +164,7 @@ def test_a_deleted_photo_is_never_returned_and_k_results_still_come_back(live, s
         )
         for name, gateway in live.gateways.items():
             for text, retriever, k in (
-                (query, retr_pb.RETRIEVER_CLIP, 20),
+                (query, CLIP, 20),
                 (victim_keyword, retr_pb.RETRIEVER_KEYWORD, 200),
             ):
 
@@ -234,21 +225,8 @@ def test_the_cli_adds_reads_ingests_and_takes_down_photos(live, source, tmp_path
     port = live.gateways["replicas"].port
     target = ["--target", f"127.0.0.1:{port}"]
     image = live.data / "images" / f"{source_id}.jpg"
-    assert (
-        main(
-            [
-                "catalog",
-                "add",
-                "cli-photo",
-                "--image",
-                str(image),
-                "--keyword",
-                "clicat=70",
-                *target,
-            ]
-        )
-        == 0
-    )
+    add = ["catalog", "add", "cli-photo", "--image", str(image), "--keyword", "clicat=70"]
+    assert main([*add, *target]) == 0
     assert main(["catalog", "get", "cli-photo", *target]) == 0
     assert '"clicat"' in capsys.readouterr().out
     folder = tmp_path / "new-photos"
@@ -274,6 +252,42 @@ def test_the_cli_adds_reads_ingests_and_takes_down_photos(live, source, tmp_path
     )
     assert main(["catalog", "get", "in-1", *target]) == 1
     assert "NOT_FOUND" in capsys.readouterr().err
+
+
+def test_a_write_is_embedded_by_another_target_when_the_first_is_down(live, source):
+    """Shard 0 down (shard 1 embeds), a replica down (the other one embeds); with every
+    target down the write is refused and nothing is written."""
+    dead = f"127.0.0.1:{free_ports(1)[0]}"
+    addrs = [f"{dead};127.0.0.1:{live.shards[1].port}", f"{dead},127.0.0.1:{live.replicas[1].port}"]
+    gateways = [live.gateway(addr) for addr in [*addrs, dead]]
+    port = live.replicas[0].port
+    try:
+        for n, gateway in enumerate(gateways):
+            photo = new_photo(live.data, source[0], f"failover-{n}", [(f"failover{n}", 90.0)])
+            channel, stub = catalog(gateway.port)
+            with channel:
+                request = cat_pb.UpsertPhotosRequest(request_id=str(uuid.uuid4()), photos=[photo])
+                if gateway is gateways[-1]:
+                    with pytest.raises(grpc.RpcError) as refused:
+                        stub.UpsertPhotos(request, timeout=60)
+                    assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+                    assert "nothing of this batch was written" in refused.value.details()
+                    with pytest.raises(grpc.RpcError) as missing:
+                        stub.GetPhoto(cat_pb.GetPhotoRequest(photo_id="failover-2"), timeout=10)
+                    assert missing.value.code() == grpc.StatusCode.NOT_FOUND
+                    continue
+                assert stub.UpsertPhotos(request, timeout=60).sequence >= 1, addrs[n]
+            # Found by CLIP as well: its image was embedded, not left out.
+            assert wait_until(
+                lambda: (
+                    f"failover-{n}" in retrieve_ids(port, f"failover{n}", CLIP, k=1000)
+                    and retrieve_ids(port, f"failover{n}", retr_pb.RETRIEVER_KEYWORD)
+                    == [photo.photo_id]
+                )
+            ), addrs[n]
+    finally:
+        for gateway in gateways:
+            live.lt.run(gateway.stop(0))
 
 
 LOAD_DELETIONS = 1000
@@ -321,7 +335,7 @@ def test_no_search_returns_a_photo_deleted_a_second_before_it_started_under_load
     assert wait_until(all_visible, within=60)
     searches = [
         (LOAD_KEYWORD, retr_pb.RETRIEVER_KEYWORD, 1000),
-        (f"a {LOAD_KEYWORD} picture", retr_pb.RETRIEVER_CLIP, 200),
+        (f"a {LOAD_KEYWORD} picture", CLIP, 200),
     ]
     searchers = [Searcher(ports, searches) for _ in range(3)]
     acked: dict[str, float] = {}
@@ -434,7 +448,7 @@ def test_a_build_that_folds_the_log_returns_the_live_servers_candidates(live, so
     }
     for q in queries:
         text = f"a {q} picture"
-        lists[text, retr_pb.RETRIEVER_CLIP] = retrieve(before.port, text, retr_pb.RETRIEVER_CLIP)
+        lists[text, CLIP] = retrieve(before.port, text, CLIP)
     built = build_artifacts(
         str(live.data),
         str(live.root),
@@ -469,22 +483,7 @@ def test_a_build_that_folds_the_log_returns_the_live_servers_candidates(live, so
 
 def test_every_acknowledged_change_is_in_effect_once_after_sigkills(live, tmp_path):
     root = live.root
-    shards = [
-        ServerProcess(
-            "retrieval", root, tmp_path / f"shard{i}.log", "--shard", str(i), "--live-catalogue"
-        )
-        for i in range(SHARDS)
-    ]
-    gateway = ServerProcess(
-        "gateway",
-        root,
-        tmp_path / "gateway.log",
-        "--retrieval-addr",
-        ";".join(s.target for s in shards),
-        "--ranking-addr",
-        live.ranking_addr,
-        "--live-catalogue",
-    )
+    shards, gateway = live.processes(tmp_path)
     servers = [*shards, gateway]
     photos = pd.read_csv(live.data / "photos.tsv000", sep="\t")["photo_id"].tolist()
     writer = Writer(gateway.target, live.data, photos[:5], photos[-10:])
@@ -494,7 +493,10 @@ def test_every_acknowledged_change_is_in_effect_once_after_sigkills(live, tmp_pa
         for server in servers:
             wait_for_serving(server.target, timeout=180)
         writer.start()
-        assert wait_until(lambda: len(writer.acked_upserts) >= 10, within=60)
+        # Enough of a stream for the check: upserts, and deletions of set and live photos.
+        assert wait_until(
+            lambda: len(writer.acked_upserts) >= 4 and len(writer.acked_deletes) >= 2, within=60
+        )
         for server in servers:  # mid-stream: some writes are in flight
             server.kill()
         writer.done.set()
@@ -519,7 +521,7 @@ def test_every_acknowledged_change_is_in_effect_once_after_sigkills(live, tmp_pa
         written_live = {p for p in live_ids if p.startswith("kill-")}
         assert set(found) == written_live
         assert not deleted & set(found)
-        every, _ = search_ids(gateway.port, "kill", retr_pb.RETRIEVER_CLIP, k=1000)
+        every, _ = search_ids(gateway.port, "kill", CLIP, k=1000)
         assert len(every) == len(set(every)), "a photo returned twice by CLIP"
         assert not deleted & set(every)
         assert written_live <= set(every)

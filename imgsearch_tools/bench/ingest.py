@@ -329,6 +329,13 @@ def cmd_bench_ingest(args) -> int:
         remove_log(log_db)
     if args.real_clip_folder:
         report["real_clip"] = real_clip_throughput(args, out)
+    write_report(args, report, artifact_set, out)
+    return 0
+
+
+def write_report(args, report: dict, artifact_set, out: Path) -> None:
+    """Complete ``report`` with the set and settings; write ingest.json, ingest.md (and the
+    results page when asked) into ``out`` and print the table."""
     clip = artifact_set.manifest.get("clip", {})
     report.update(
         artifact_version=artifact_set.version,
@@ -347,4 +354,3 @@ def cmd_bench_ingest(args) -> int:
         command = " ".join(["imgsearch", *sys.argv[1:]])
         write_results_page(args.results_page, "Live catalogue: ingest", command, markdown)
     print(markdown)
-    return 0
