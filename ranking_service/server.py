@@ -275,8 +275,9 @@ class RankingServicer(pb_grpc.RankingServiceServicer):
         start = time.perf_counter()
         catalogue = state.catalogue
         candidate_idx = catalogue.photo_idx_list(photo_ids)
+        some_unknown = None in candidate_idx
         live = None
-        if state.live is not None and None in candidate_idx:
+        if state.live is not None and some_unknown:
             # Photos written through the live catalogue since the set was built: numbered
             # past the set's photos and scored cold (ranking_service.live_photos).
             live = state.live.candidates(photo_ids, candidate_idx)
@@ -288,7 +289,7 @@ class RankingServicer(pb_grpc.RankingServiceServicer):
         # Positions of the candidates the catalogue knows; None when it knows them all (the
         # usual case, which then needs no index arrays or copies).
         known_pos = None
-        if None in candidate_idx:
+        if some_unknown:
             known = [i for i, idx in enumerate(candidate_idx) if idx is not None]
             candidate_idx = [candidate_idx[i] for i in known]
             known_pos = np.asarray(known, dtype=np.int64)

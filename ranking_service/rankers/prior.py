@@ -72,12 +72,12 @@ class QueryPrior:
 
         Unchanged (as float64) when the weight is 0 or fewer than two candidates are valid.
         """
-        scores = np.asarray(scores, dtype=np.float64).copy()
         if not self.popularity_weight or valid.sum() < 2:
-            return scores
+            return np.array(scores, dtype=np.float64)
         weighted = self._weighted_prior(candidates, keyword, valid)
-        if len(weighted) == len(scores):  # every candidate valid: no mask to apply
-            return standardised(scores) + weighted
+        if len(weighted) == len(scores):  # every candidate valid: no mask, no copy to write
+            return standardised(np.asarray(scores, dtype=np.float64)) + weighted
+        scores = np.array(scores, dtype=np.float64)
         scores[valid] = standardised(scores[valid]) + weighted
         return scores
 
