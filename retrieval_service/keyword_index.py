@@ -9,7 +9,7 @@ import pandas as pd
 
 from imgsearch.catalogue import normalise_keyword
 from retrieval_service.retrievers import RetrievalResult, Retriever
-from retrieval_service.token_match import MAX_DEPTH, TokenPostings, top_k
+from retrieval_service.token_match import MAX_DEPTH, TokenPostings, match
 
 # A token fallback reading at most this many postings runs on the event loop (well under a
 # millisecond once its tokens are cached); a larger one runs beside it.
@@ -23,8 +23,10 @@ class KeywordIndex(Retriever):
     query falls back to token matching: each photo scores the mean, over the query's tokens,
     of its best confidence for a keyword containing that token, so a photo must match every
     token to reach the top and scores stay in [0, 1] and comparable across queries. The fallback
-    adds up each token's photos without sorting them and reads at most ``MAX_DEPTH`` photos per
-    token, its best (:mod:`retrieval_service.token_match`).
+    is exact: it scores the photos holding every token (an AND of per-token bitsets) and widens
+    to photos missing a token only while those could still reach the top
+    (:mod:`retrieval_service.token_subsets`); a query of more than six known tokens adds up
+    each token's best ``MAX_DEPTH`` photos instead (:mod:`retrieval_service.token_match`).
 
     A shard's index (:meth:`shard`) keeps the whole catalogue's vocabulary: a query that is a
     keyword anywhere is an exact match on every shard (with no photos on a shard that has none
@@ -163,8 +165,8 @@ class KeywordIndex(Retriever):
         if len(matched) < len(tokens):
             unknown = [t for t in tokens if t not in matched]
             note += f" (unknown: {', '.join(unknown)})"
-        match = top_k([self.token_photos(t) for t in matched], len(tokens), candidates_k, allowed)
-        if not match.complete:
+        found = match([self.token_photos(t) for t in matched], len(tokens), candidates_k, allowed)
+        if not found.complete:
             note += f" (read the best {MAX_DEPTH} photos of each token)"
-        scores = match.scores
-        return RetrievalResult(match.photos, scores, {"keyword": scores}, note=note)
+        scores = found.scores
+        return RetrievalResult(found.photos, scores, {"keyword": scores}, note=note)
