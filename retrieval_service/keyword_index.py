@@ -9,7 +9,7 @@ import pandas as pd
 
 from imgsearch.catalogue import normalise_keyword
 from retrieval_service.retrievers import RetrievalResult, Retriever
-from retrieval_service.token_match import MAX_DEPTH, TokenPostings, top_k
+from retrieval_service.token_match import MAX_DEPTH, TokenPostings, match
 
 # A token fallback reading at most this many postings runs on the event loop (well under a
 # millisecond once its tokens are cached); a larger one runs beside it.
@@ -23,8 +23,10 @@ class KeywordIndex(Retriever):
     query falls back to token matching: each photo scores the mean, over the query's tokens,
     of its best confidence for a keyword containing that token, so a photo must match every
     token to reach the top and scores stay in [0, 1] and comparable across queries. The fallback
-    adds up each token's photos without sorting them and reads at most ``MAX_DEPTH`` photos per
-    token, its best (:mod:`retrieval_service.token_match`).
+    is exact: it scores the photos holding every token (an AND of per-token bitsets) and widens
+    to photos missing a token only while those could still reach the top
+    (:mod:`retrieval_service.token_subsets`); a query of more than six known tokens adds up
+    each token's best ``MAX_DEPTH`` photos instead (:mod:`retrieval_service.token_match`).
 
     A shard's index (:meth:`shard`) keeps the whole catalogue's vocabulary: a query that is a
     keyword anywhere is an exact match on every shard (with no photos on a shard that has none
@@ -54,17 +56,20 @@ class KeywordIndex(Retriever):
 
     @classmethod
     def from_keywords(cls, keywords: pd.DataFrame) -> KeywordIndex:
-        """Build from a normalised keywords table (photo_idx, keyword, confidence)."""
-        table = keywords.sort_values(
-            ["keyword", "confidence", "photo_idx"], ascending=[True, False, True], kind="stable"
-        )
-        vocabulary, starts = np.unique(table["keyword"].to_numpy().astype(str), return_index=True)
-        offsets = np.append(starts, len(table)).astype(np.int64)
+        """Build from a normalised keywords table (photo_idx, keyword, confidence).
+
+        Linear in the rows: the keywords are numbered by hashing (:func:`pandas.factorize`) and
+        the rows ordered by keyword, descending confidence, then photo with 16-bit radix passes
+        (:func:`postings_order`), instead of comparing strings row by row.
+        """
+        codes, vocabulary = pd.factorize(keywords["keyword"], sort=True)
+        photo_idx = keywords["photo_idx"].to_numpy(np.int64)
+        conf = keywords["confidence"].to_numpy(np.float32)
+        order = postings_order(codes, conf, photo_idx)
+        offsets = np.zeros(len(vocabulary) + 1, np.int64)
+        np.cumsum(np.bincount(codes, minlength=len(vocabulary)), out=offsets[1:])
         return cls(
-            vocabulary.astype(object),
-            offsets,
-            table["photo_idx"].to_numpy(np.int64),
-            table["confidence"].to_numpy(np.float32),
+            np.asarray(vocabulary, dtype=str).astype(object), offsets, photo_idx[order], conf[order]
         )
 
     def shard(self, keep: np.ndarray) -> KeywordIndex:
@@ -163,8 +168,27 @@ class KeywordIndex(Retriever):
         if len(matched) < len(tokens):
             unknown = [t for t in tokens if t not in matched]
             note += f" (unknown: {', '.join(unknown)})"
-        match = top_k([self.token_photos(t) for t in matched], len(tokens), candidates_k, allowed)
-        if not match.complete:
+        found = match([self.token_photos(t) for t in matched], len(tokens), candidates_k, allowed)
+        if not found.complete:
             note += f" (read the best {MAX_DEPTH} photos of each token)"
-        scores = match.scores
-        return RetrievalResult(match.photos, scores, {"keyword": scores}, note=note)
+        scores = found.scores
+        return RetrievalResult(found.photos, scores, {"keyword": scores}, note=note)
+
+
+def postings_order(codes: np.ndarray, conf: np.ndarray, photo_idx: np.ndarray) -> np.ndarray:
+    """The row order by ``codes`` ascending, then ``conf`` descending, then ``photo_idx``.
+
+    A least-significant-digit radix sort: stable 16-bit passes (numpy sorts 16-bit keys by
+    radix, in linear time), the last key first. A float32's bits, with the sign bit flipped
+    for positive numbers and all bits for negative ones, order as the floats do.
+    """
+    bits = np.asarray(conf, np.float32).view(np.uint32)
+    flip = np.where(bits >> 31 == 1, np.uint32(0xFFFFFFFF), np.uint32(0x80000000))
+    descending = ~(bits ^ flip)
+    keys = [np.asarray(photo_idx, np.int64), descending, np.asarray(codes, np.int64)]
+    order = np.arange(len(bits))
+    for key in keys:
+        for shift in range(0, max(int(key.max(initial=0)).bit_length(), 1), 16):
+            digit = ((key[order] >> shift) & 0xFFFF).astype(np.uint16)
+            order = order[np.argsort(digit, kind="stable")]
+    return order

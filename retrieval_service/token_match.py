@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from retrieval_service.token_subsets import CACHE_DENSITY, MAX_TOKENS, Bitset, by_subsets
+
 # The most postings one token contributes to one query: what bounds the work of a query.
 MAX_DEPTH = 262_144
 
@@ -58,6 +60,16 @@ class TokenPostings:
             return self.capped
         return self.photos_by_conf[:depth], self.conf_by_conf[:depth]
 
+    def bitset(self) -> Bitset:
+        """The photos as a bitset: kept when dense enough to cost little, else built anew."""
+        cached = self.__dict__.get("_bitset")
+        if cached is not None:
+            return cached
+        bitset = Bitset.of(self.photos)
+        if len(self.photos) >= CACHE_DENSITY * 64 * len(bitset.words):
+            object.__setattr__(self, "_bitset", bitset)  # a cache: equal either way
+        return bitset
+
 
 @dataclass(frozen=True)
 class TokenMatch:
@@ -66,6 +78,8 @@ class TokenMatch:
     photos: np.ndarray
     scores: np.ndarray
     complete: bool  # True when the photos are exactly the top k over all postings
+    # Subsets of tokens read (by_subsets; 1: the photos holding every token settled it), 0: scatter.
+    subsets_read: int = 0
 
 
 class _Scratch(threading.local):
@@ -83,6 +97,18 @@ class _Scratch(threading.local):
 
 
 _SCRATCH = _Scratch()
+
+
+def match(
+    postings: list[TokenPostings], n_tokens: int, k: int, allowed: np.ndarray | None = None
+) -> TokenMatch:
+    """The exact top ``k`` of a token match: by the subsets of tokens photos hold
+    (:mod:`retrieval_service.token_subsets`) for up to ``MAX_TOKENS`` matched tokens, by the
+    capped scatter (:func:`top_k`) for more."""
+    if len(postings) <= MAX_TOKENS:
+        photos, scores, read = by_subsets(postings, n_tokens, k, allowed)
+        return TokenMatch(photos, scores, True, read)
+    return top_k(postings, n_tokens, k, allowed)
 
 
 def top_k(

@@ -77,3 +77,31 @@ def test_the_token_fallback_sums_each_photos_best_confidence_per_token(index):
     # Photo 4's best "red" keyword is "red car" (0.99); photo 0 has red 0.9 and circle 0.8.
     expected = [(0.9 + 0.8) / 3, (0.7 + 0.6) / 3, 0.99 / 3, 0.95 / 3, 0.5 / 3]
     assert np.allclose(first.scores, expected)
+
+
+def test_the_radix_built_index_orders_postings_as_sorting_the_table_does():
+    from retrieval_service.keyword_index import postings_order
+
+    rng = np.random.default_rng(0)
+    rows = 20_000
+    table = pd.DataFrame(
+        {
+            "photo_idx": rng.integers(0, 200_000, rows).astype(np.int32),
+            "keyword": rng.choice(["sea", "red car", "night", "b", "a", "zz top"], rows),
+            # Coarse, negative and zero confidences: ties and the sign bit.
+            "confidence": (rng.integers(-4, 9, rows) / 8).astype(np.float32),
+        }
+    ).drop_duplicates(["photo_idx", "keyword"])
+    index = KeywordIndex.from_keywords(table)
+    expected = table.sort_values(
+        ["keyword", "confidence", "photo_idx"], ascending=[True, False, True], kind="stable"
+    )
+    assert index.vocabulary.tolist() == sorted(set(table["keyword"]))
+    assert index.photo_idx.tolist() == expected["photo_idx"].tolist()
+    assert index.conf.tolist() == expected["confidence"].tolist()
+    assert index.offsets[-1] == len(table)
+    for row, keyword in enumerate(index.vocabulary):
+        lo, hi = index.offsets[row], index.offsets[row + 1]
+        assert set(index.photo_idx[lo:hi]) == set(table.photo_idx[table.keyword == keyword])
+    wide = np.array([70_000, 3, 70_000]), np.array([0.5, 0.5, 0.5], np.float32)
+    assert postings_order(np.array([1, 0, 0]), wide[1], wide[0]).tolist() == [1, 2, 0]

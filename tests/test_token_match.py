@@ -1,11 +1,12 @@
-"""Token matching by scatter: the same top k as sorting every posting, and a bounded read."""
+"""Token matching, by subsets of tokens and by scatter: the same top k as sorting every posting."""
 
 import numpy as np
 import pandas as pd
 import pytest
 
 from retrieval_service.keyword_index import KeywordIndex
-from retrieval_service.token_match import TokenPostings, score_all, top_k
+from retrieval_service.token_match import TokenPostings, match, score_all, top_k
+from retrieval_service.token_subsets import Bitset, set_bits
 
 
 def random_index(seed: int, photos: int = 5_000, keywords: int = 12) -> KeywordIndex:
@@ -71,8 +72,12 @@ def test_the_cap_bounds_the_read_and_says_the_top_may_be_incomplete(monkeypatch)
     best = [p.photos_by_conf[:32] for p in postings]
     assert set(match.photos.tolist()) == set(np.concatenate(best).tolist())
     assert "read the best" not in index.retrieve("red blue", 1000).note
-    monkeypatch.setattr(keyword_index, "top_k", lambda *a: top_k(*a, max_depth=32))
+    from retrieval_service import token_match
+
+    monkeypatch.setattr(token_match, "MAX_TOKENS", 1)  # two tokens: past the subsets' limit
+    monkeypatch.setattr(token_match, "top_k", lambda *a: top_k(*a, max_depth=32))
     assert "read the best" in index.retrieve("red blue", 1000).note
+    assert keyword_index.match is token_match.match
 
 
 def test_a_capped_token_is_read_in_photo_order_with_the_same_answer():
@@ -116,3 +121,79 @@ def test_a_tiled_index_holds_each_photo_once_per_copy():
         assert sorted(copied_conf.tolist()) == sorted([*conf.tolist(), *conf.tolist()])
     single, double = index.retrieve("red blue", 10), twice.retrieve("red blue", 20)
     assert double.scores.tolist()[::2] == single.scores.tolist()
+
+
+def postings_of(index: KeywordIndex, query: str) -> tuple[list[TokenPostings], int]:
+    tokens = list(dict.fromkeys(query.split()))
+    return [p for p in map(index.token_photos, tokens) if p is not None], len(tokens)
+
+
+SUBSET_QUERIES = [*QUERIES, "red", "red zzz", "sea star", "car night qq", "blue red sea car star"]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("k", [1, 10, 100, 1000, 6000])
+@pytest.mark.parametrize("filtered", [False, True])
+def test_reading_by_subsets_of_tokens_returns_exactly_the_reference_top_k(seed, k, filtered):
+    index = random_index(seed)
+    allowed = np.random.default_rng(seed).random(5_000) < 0.1 if filtered else None
+    for query in SUBSET_QUERIES:
+        postings, n_tokens = postings_of(index, query)
+        found = match(postings, n_tokens, k, allowed)
+        photos, scores = score_all(postings, n_tokens, k, allowed)
+        assert found.complete and found.subsets_read >= 1
+        assert found.photos.tolist() == photos.tolist()
+        assert found.scores.tolist() == scores.tolist()
+
+
+def disjoint_index(zero: bool = False) -> KeywordIndex:
+    """Tokens with no photo in common ('sea', 'night'), or with every confidence 0 (all tied)."""
+    rng = np.random.default_rng(7)
+    photos = np.arange(3_000)
+    keyword = np.where(photos % 3 == 0, "sea", np.where(photos % 3 == 1, "night", "car"))
+    conf = np.zeros(3_000) if zero else rng.integers(1, 5, 3_000) / 4
+    extra = pd.DataFrame({"photo_idx": photos[::5], "keyword": "red", "confidence": 0.5})
+    table = pd.DataFrame({"photo_idx": photos, "keyword": keyword, "confidence": conf})
+    return KeywordIndex.from_keywords(pd.concat([table, extra]).astype({"confidence": "float32"}))
+
+
+@pytest.mark.parametrize("zero", [False, True])
+def test_when_no_photo_holds_every_token_the_best_of_each_token_are_read(zero):
+    index = disjoint_index(zero)
+    for query in ["sea night", "sea night red", "red sea zzz", "car red"]:
+        for k in (5, 100, 2_000):
+            postings, n_tokens = postings_of(index, query)
+            found = match(postings, n_tokens, k)
+            photos, scores = score_all(postings, n_tokens, k)
+            assert found.photos.tolist() == photos.tolist()
+            assert found.scores.tolist() == scores.tolist()
+    sea_night = match(*postings_of(index, "sea night"), 10)
+    assert sea_night.subsets_read == 3  # the empty intersection, then each token alone
+
+
+def test_the_photos_holding_every_token_settle_a_query_whose_top_they_fill():
+    index = disjoint_index()
+    found = match(*postings_of(index, "sea red"), 10)  # every 15th photo holds both
+    assert found.subsets_read == 1
+    assert set(index.token_photos("red").photos.tolist()) >= set(found.photos.tolist())
+
+
+def test_bitsets_give_each_photos_rank_membership_and_the_set_bits():
+    rng = np.random.default_rng(8)
+    for density in (0.001, 0.3, 0.9):
+        photos = np.flatnonzero(rng.random(10_000) < density)
+        bitset = Bitset.of(photos)
+        assert set_bits(bitset.words).tolist() == photos.tolist()
+        assert bitset.rank(photos).tolist() == list(range(len(photos)))
+        probe = rng.integers(0, 20_000, 500)
+        assert bitset.holds(probe).tolist() == np.isin(probe, photos).tolist()
+    assert len(set_bits(Bitset.of(np.zeros(0, np.int64)).words)) == 0
+
+
+def test_a_sparse_token_builds_its_bitset_per_query_and_a_dense_one_keeps_it():
+    sparse = TokenPostings.from_best(np.array([3, 90_000]), np.array([0.5, 0.9], np.float32))
+    dense = TokenPostings.from_best(np.arange(0, 9_000, 2), np.ones(4_500, np.float32))
+    assert sparse.bitset() is not sparse.bitset()
+    assert dense.bitset() is dense.bitset()
+    found = match([sparse, dense], 2, 5)
+    assert found.photos.tolist() == score_all([sparse, dense], 2, 5)[0].tolist()

@@ -1,0 +1,200 @@
+"""Exact top-k token matching by the set of tokens a photo holds, over per-token bitsets.
+
+A photo's token-match score is the sum of its confidences for the query tokens it holds, over
+the number of tokens. Photos that hold the same subset S of the query's matched tokens can score
+at most the sum of those tokens' best confidences (over the token count), so the subsets are
+visited best bound first and the visit stops once the k-th score found beats every bound left:
+usually after the photos holding every token (the intersection, one AND of the tokens' bitsets),
+or, when few photos hold them all, after the best photos of each token that hold no other.
+
+* ``|S| >= 2``: the photos are the AND of the tokens in S without the other tokens (bitsets,
+  one word per 64 photos), each scored exactly: a token's confidence is read at the photo's rank
+  in that token's photo list, counted with a per-word prefix of bits;
+* ``|S| == 1``: the photos are read best confidence first from the token's list, skipping those
+  holding another token, until the k-th (and every photo tied with it) is found.
+
+Scores are summed in float64 in query order, as :func:`retrieval_service.token_match.score_all`
+sums them, so the photos and scores are the reference's exactly, with no cap on the postings.
+The cost is a few passes over ``photos / 64`` words plus the photos of the subsets visited,
+instead of every posting of every token.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import numpy as np
+
+# Queries with more matched tokens than this go to the scatter (2**n - 1 subsets to bound).
+MAX_TOKENS = 6
+# A token whose photos fill at least 1/64 of its bitset keeps the bitset (it costs at most a
+# third of the token's lists); a sparser token builds one per query.
+CACHE_DENSITY = 1 / 64
+# Photos read per step when walking one token's list best first (doubled each step).
+FIRST_WALK = 1_024
+
+_ONE = np.uint64(1)
+
+
+@dataclass(frozen=True)
+class Bitset:
+    """A token's photos as bits, and the number of bits set before each word (its rank)."""
+
+    words: np.ndarray  # uint64, bit ``p % 64`` of word ``p // 64`` set when photo p holds it
+    before: np.ndarray  # int64, bits set in the words before each word
+
+    @classmethod
+    def of(cls, photos: np.ndarray) -> Bitset:
+        """The bitset of ascending, distinct photo indexes."""
+        photos = np.asarray(photos, np.int64)
+        width = int(photos[-1]) // 64 + 1 if len(photos) else 0
+        words = np.zeros(width, np.uint64)
+        if len(photos):
+            word = photos >> 6
+            starts = np.flatnonzero(np.r_[True, word[1:] != word[:-1]])
+            bits = _ONE << (photos & 63).astype(np.uint64)
+            words[word[starts]] = np.bitwise_or.reduceat(bits, starts)
+        counts = np.bitwise_count(words).astype(np.int64)
+        before = np.zeros(width, np.int64)
+        np.cumsum(counts[:-1], out=before[1:])
+        return cls(words, before)
+
+    def rank(self, photos: np.ndarray) -> np.ndarray:
+        """Position in the token's ascending photo list of each photo (all held by it)."""
+        word = photos >> 6
+        below = (_ONE << (photos & 63).astype(np.uint64)) - _ONE
+        return self.before[word] + np.bitwise_count(self.words[word] & below)
+
+    def holds(self, photos: np.ndarray) -> np.ndarray:
+        """Bool per photo: whether the token holds it."""
+        word = photos >> 6
+        inside = word < len(self.words)
+        held = np.zeros(len(photos), bool)
+        w, p = word[inside], photos[inside]
+        held[inside] = (self.words[w] >> (p & 63).astype(np.uint64)) & _ONE != 0
+        return held
+
+
+def set_bits(words: np.ndarray) -> np.ndarray:
+    """Ascending indexes of the set bits of ``words``."""
+    nonzero = np.flatnonzero(words)
+    if len(nonzero) == 0:
+        return np.zeros(0, np.int64)
+    if len(nonzero) * 4 > len(words):  # dense: unpack every word
+        return np.flatnonzero(np.unpackbits(words.view(np.uint8), bitorder="little").view(bool))
+    bits = np.flatnonzero(
+        np.unpackbits(words[nonzero].view(np.uint8), bitorder="little").view(bool)
+    )
+    return nonzero[bits >> 6] * 64 + (bits & 63)
+
+
+def by_subsets(
+    postings: list,
+    n_tokens: int,
+    k: int,
+    allowed: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """The exact top ``k`` (photos, scores) of a token match, best first, ties by photo, and
+    how many subsets of tokens were read (1: the photos holding every token settled it).
+
+    Parameters
+    ----------
+    postings
+        The matched tokens' :class:`~retrieval_service.token_match.TokenPostings`, in query
+        order, at most :data:`MAX_TOKENS` of them.
+    n_tokens
+        The number of distinct tokens in the query (unknown ones count, scoring 0).
+    k
+        How many photos to return at most.
+    allowed
+        Bool per ``photo_idx``: photos that may be returned (None: all).
+    """
+    if k <= 0 or not postings:
+        return np.zeros(0, np.int64), np.zeros(0, np.float32), 0
+    bitsets = [p.bitset() for p in postings]
+    best = [float(p.conf_by_conf[0]) if len(p) else 0.0 for p in postings]
+    subsets = [
+        s
+        for size in range(len(postings), 0, -1)
+        for s in itertools.combinations(range(len(postings)), size)
+    ]
+    # Visit the subsets by their best possible score, computed as a photo's score is (float64
+    # sum in query order, then float32), so it bounds every photo of the subset.
+    bounds = [np.float32(sum(best[t] for t in s) / n_tokens) for s in subsets]
+    found_photos: list[np.ndarray] = []
+    found_scores: list[np.ndarray] = []
+    kth = None
+    read = 0
+    for bound, subset in sorted(zip(bounds, subsets), key=lambda b: -b[0]):
+        if kth is not None and kth > bound:
+            break  # no photo left can reach the k-th; a tie could (lower photo_idx first)
+        read += 1
+        others = [bitsets[t] for t in range(len(postings)) if t not in subset]
+        if len(subset) == 1:
+            photos, scores = _walk(postings[subset[0]], others, n_tokens, k, allowed)
+        else:
+            photos, scores = _intersect(
+                [postings[t] for t in subset], [bitsets[t] for t in subset], others, n_tokens
+            )
+            if allowed is not None:
+                kept = allowed[photos]
+                photos, scores = photos[kept], scores[kept]
+        if len(photos):
+            found_photos.append(photos)
+            found_scores.append(scores)
+            count = sum(len(s) for s in found_scores)
+            if count >= k:
+                every = np.concatenate(found_scores)
+                kth = np.partition(every, count - k)[count - k]
+    if not found_photos:
+        return np.zeros(0, np.int64), np.zeros(0, np.float32), read
+    photos, scores = np.concatenate(found_photos), np.concatenate(found_scores)
+    order = np.lexsort((photos, -scores))[:k]
+    return photos[order], scores[order], read
+
+
+def _intersect(postings, bitsets, others, n_tokens) -> tuple[np.ndarray, np.ndarray]:
+    """Photos holding every token of ``bitsets`` and none of ``others``, scored."""
+    width = min(len(b.words) for b in bitsets)
+    words = bitsets[0].words[:width].copy()
+    for bitset in bitsets[1:]:
+        words &= bitset.words[:width]
+    for other in others:
+        common = min(width, len(other.words))
+        words[:common] &= ~other.words[:common]
+    photos = set_bits(words)
+    total = np.zeros(len(photos), np.float64)
+    for token, bitset in zip(postings, bitsets):
+        total += token.conf[bitset.rank(photos)]
+    return photos, (total / n_tokens).astype(np.float32)
+
+
+def _walk(token, others, n_tokens, k, allowed) -> tuple[np.ndarray, np.ndarray]:
+    """The best ``k`` photos (and those tied with the k-th) of ``token`` holding no other."""
+    photos_by_conf, conf_by_conf = token.photos_by_conf, token.conf_by_conf
+    kept_photos: list[np.ndarray] = []
+    kept_conf: list[np.ndarray] = []
+    count, start, step = 0, 0, max(FIRST_WALK, 2 * k)
+    while start < len(photos_by_conf):
+        photos = photos_by_conf[start : start + step]
+        conf = conf_by_conf[start : start + step]
+        start += step
+        step *= 2
+        keep = np.ones(len(photos), bool) if allowed is None else allowed[photos]
+        for other in others:
+            keep &= ~other.holds(photos)
+        kept_photos.append(photos[keep])
+        kept_conf.append(conf[keep])
+        count += int(keep.sum())
+        if count > k:
+            scores = (np.concatenate(kept_conf).astype(np.float64) / n_tokens).astype(np.float32)
+            if scores[-1] < scores[k - 1]:  # past every photo tied with the k-th
+                break
+    photos = np.concatenate(kept_photos) if kept_photos else np.zeros(0, np.int64)
+    conf = np.concatenate(kept_conf) if kept_conf else np.zeros(0, np.float32)
+    scores = (conf.astype(np.float64) / n_tokens).astype(np.float32)
+    if len(scores) > k:
+        keep = scores >= scores[k - 1]
+        photos, scores = photos[keep], scores[keep]
+    return photos, scores
