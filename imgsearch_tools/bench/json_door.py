@@ -1,16 +1,19 @@
 """The JSON door under load: the same searches through `imgsearch web` (HTTP) and over gRPC.
 
-Both paths get the same open-loop rate and the same request sequence in one suite run, in
-rounds of gRPC, HTTP, HTTP, gRPC, so that a drift of the machine's load over a round weighs
-on both alike. Each round gives the p99 the door adds (mean of its HTTP runs' p99 minus mean
-of its gRPC runs'); the report gives every run with each process's CPU per search, every
-round, and their median.
+Both paths get the same open-loop rate and the same request sequence in one suite run. The
+p99 the door adds is a difference of two noisy tails, so the runs are interleaved: each round
+is one gRPC run and one HTTP run back to back, the first of the pair alternating from round to
+round (gRPC, HTTP, HTTP, gRPC, ...), so that a drift of the machine's load weighs on both
+paths alike. Each round gives one difference (its HTTP p99 minus its gRPC p99); the report
+gives every run with each process's CPU per search, every round's difference, their median
+and a percentile bootstrap interval of that median over the rounds.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
 import statistics
 import sys
 import time
@@ -24,11 +27,14 @@ from imgsearch_tools.bench.processes import CpuMeter, free_port
 from imgsearch_tools.bench.scenarios import CANDIDATES_K, K, say
 
 NAME = "json-door"
-ORDER = ("grpc", "http", "http", "grpc")
+PATHS = ("grpc", "http")
 # The p99 the door may add over gRPC at the issue's rate (the docs compare against it).
 BUDGET_MS = 5.0
 # Requests whose HTTP bytes the JSON client keeps (the driver cycles through fewer).
 MAX_PREBUILT = 10_000
+# Resamples and level of the bootstrap interval of the median added p99.
+BOOTSTRAP_RESAMPLES = 10_000
+INTERVAL_LEVEL = 0.95
 
 
 class _Reply:
@@ -180,7 +186,7 @@ async def json_door_scenario(args, services, target: str, queries, security=None
         spec = bench.LoadSpec(
             target=target,
             qps=args.json_qps,
-            duration_s=args.duration,
+            duration_s=args.json_duration,
             warmup_s=args.warmup,
             retriever="keyword",
             ranker="als",
@@ -188,15 +194,16 @@ async def json_door_scenario(args, services, target: str, queries, security=None
             candidates_k=CANDIDATES_K,
             channels=args.channels,
         )
-        rounds = max(1, getattr(args, "json_rounds", 1))
+        order = run_order(args.json_rounds)
         say(
-            f"{NAME}: {spec.describe()} each, {rounds} x ({' '.join(ORDER)}), "
-            f"{spec.duration_s:g} s per run"
+            f"{NAME}: {spec.describe()} each, {args.json_rounds} rounds "
+            f"({' '.join(order)}), {spec.duration_s:g} s per run"
         )
         runs = []
+        load_average = [os.getloadavg()]
         http_call = HttpSearch(f"{base}/v1/search", client_ssl)
         try:
-            for path in ORDER * max(1, getattr(args, "json_rounds", 1)):
+            for path in order:
                 meter = CpuMeter(services)
                 if path == "grpc":
                     result = await bench.run_load(
@@ -213,9 +220,21 @@ async def json_door_scenario(args, services, target: str, queries, security=None
                 say(f"{NAME} {path}\n{bench.format_result(result)}")
         finally:
             http_call.close()
+        load_average.append(os.getloadavg())
     finally:
         services.stop("web")
-    return summarise(runs, args.json_qps)
+    report = summarise(runs, args.json_qps)
+    report["load_average"] = {"start": list(load_average[0]), "end": list(load_average[-1])}
+    return report
+
+
+def run_order(rounds: int) -> list[str]:
+    """The paths of ``rounds`` rounds: a gRPC run and an HTTP run each, the first of the pair
+    alternating (gRPC, HTTP, HTTP, gRPC, gRPC, HTTP, ...)."""
+    order = []
+    for i in range(max(1, rounds)):
+        order += PATHS if i % 2 == 0 else PATHS[::-1]
+    return order
 
 
 def _mean(values: list) -> float | None:
@@ -223,37 +242,55 @@ def _mean(values: list) -> float | None:
     return round(sum(values) / len(values), 3) if values else None
 
 
-def _added_p99(runs: list[dict]) -> float | None:
-    """Mean p99 of the HTTP runs minus mean p99 of the gRPC runs."""
-    p99 = {p: _mean([r["latency_ms"]["p99"] for r in runs if r["path"] == p]) for p in ORDER}
-    if p99["grpc"] is None or p99["http"] is None:
+def median_interval(
+    values: list[float], resamples: int = BOOTSTRAP_RESAMPLES, level: float = INTERVAL_LEVEL
+) -> tuple[float, float] | None:
+    """The percentile bootstrap interval of the median of ``values`` (seeded: the same
+    values give the same interval), or None for fewer than two values."""
+    import numpy as np
+
+    if len(values) < 2:
         return None
-    return round(p99["http"] - p99["grpc"], 3)
+    data = np.asarray(values, dtype=np.float64)
+    rng = np.random.default_rng(0)
+    medians = np.median(data[rng.integers(0, len(data), size=(resamples, len(data)))], axis=1)
+    alpha = (1.0 - level) / 2.0
+    low, high = np.quantile(medians, [alpha, 1.0 - alpha])
+    return round(float(low), 3), round(float(high), 3)
 
 
 def summarise(runs: list[dict], qps: float) -> dict:
-    """The runs, each path's mean p50/p99, each round's added p99 and their median."""
+    """The runs, each path's mean p50/p99 and CPU per search of each process, each round's
+    added p99 (its HTTP run's p99 minus its gRPC run's), their median and its interval."""
     paths = {}
-    for path in ("grpc", "http"):
+    for path in PATHS:
         mine = [r for r in runs if r["path"] == path]
+        processes = sorted({name for r in mine for name in r.get("cpu_ms_per_search", {})})
         paths[path] = {
             "p50_ms": _mean([r["latency_ms"]["p50"] for r in mine]),
             "p99_ms": _mean([r["latency_ms"]["p99"] for r in mine]),
             "errors": sum(r["error_count"] for r in mine),
-            "web_cpu_ms_per_search": _mean(
-                [r.get("cpu_ms_per_search", {}).get("web") for r in mine]
-            ),
+            "cpu_ms_per_search": {
+                name: _mean([r.get("cpu_ms_per_search", {}).get(name) for r in mine])
+                for name in processes
+            },
         }
-    size = len(ORDER)
-    rounds = [_added_p99(runs[i : i + size]) for i in range(0, len(runs), size)]
-    measured = sorted(r for r in rounds if r is not None)
-    added = statistics.median(measured) if measured else None
+    rounds = []
+    for i in range(0, len(runs) - 1, len(PATHS)):
+        pair = {r["path"]: r["latency_ms"]["p99"] for r in runs[i : i + len(PATHS)]}
+        both = pair.get("http") is not None and pair.get("grpc") is not None
+        rounds.append(round(pair["http"] - pair["grpc"], 3) if both else None)
+    measured = [r for r in rounds if r is not None]
+    added = round(statistics.median(measured), 3) if measured else None
+    interval = median_interval(measured)
     return {
         "qps": qps,
-        "order": list(ORDER),
+        "order": [r["path"] for r in runs],
         "paths": paths,
         "rounds_p99_added_ms": rounds,
-        "p99_added_ms": None if added is None else round(added, 3),
+        "p99_added_ms": added,
+        "p99_added_interval_ms": list(interval) if interval else None,
+        "interval_level": INTERVAL_LEVEL,
         "budget_ms": BUDGET_MS,
         "within_budget": added is not None and added <= BUDGET_MS,
         "runs": runs,
@@ -265,37 +302,59 @@ def render_json_door(report: dict) -> list[str]:
     door = report.get("json_door")
     if not door:
         return []
+    names = ("web", "gateway", "retrieval", "ranking", "bench (load generator)")
     lines = [
         f"### JSON door: HTTP through `imgsearch web` vs gRPC, open loop {door['qps']:g} qps",
         "",
-        "Keyword + ALS, the same request sequence on both paths, rounds of "
-        f"{', '.join(door['order'])}. CPU ms per search: each process's own CPU time (from "
-        "/proc) over the run divided by the searches answered; the door's process is web, the "
-        "load generator is the HTTP client (a lean keep-alive one) or the gRPC stub.",
+        "Keyword + ALS, the same request sequence on both paths, interleaved in rounds of one "
+        "gRPC and one HTTP run, the first of each pair alternating. CPU ms per search: each "
+        "process's own CPU time (from /proc) over the run divided by the searches answered; "
+        "the door's process is web, the load generator is the HTTP client (a lean keep-alive "
+        "one) or the gRPC stub.",
         "",
-        "| path | achieved QPS | p50 ms | p90 ms | p99 ms | max ms | errors | CPU ms per "
-        "search: web · gateway · retrieval · ranking · load gen = total |",
-        "|---|---:|---:|---:|---:|---:|---:|---|",
+        "| path | requests | achieved QPS | p50 ms | p90 ms | p99 ms | max ms | errors | CPU ms "
+        "per search: web · gateway · retrieval · ranking · load gen = total |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for run in door["runs"]:
         lat, cost = run["latency_ms"], run.get("cpu_ms_per_search", {})
-        names = ("web", "gateway", "retrieval", "ranking", "bench (load generator)")
         shares = " · ".join(f"{cost[n]:.2f}" if n in cost else "–" for n in names)
         lines.append(
-            f"| {run['path']} | {run['achieved_qps']:.0f} | {lat['p50']} | {lat['p90']} | "
-            f"{lat['p99']} | {lat['max']} | {run['error_count']} | {shares} = "
+            f"| {run['path']} | {run['completed']} | {run['achieved_qps']:.0f} | {lat['p50']} | "
+            f"{lat['p90']} | {lat['p99']} | {lat['max']} | {run['error_count']} | {shares} = "
             f"{cost.get('total', '–')} |"
         )
     paths = door["paths"]
-    rounds = door.get("rounds_p99_added_ms") or [door["p99_added_ms"]]
+    rounds = ", ".join(f"{r:+.1f}" if r is not None else "–" for r in door["rounds_p99_added_ms"])
+    interval = door.get("p99_added_interval_ms")
+    spread = (
+        f", {door['interval_level']:.0%} bootstrap interval of the median over the rounds "
+        f"[{interval[0]:+.1f}, {interval[1]:+.1f}] ms"
+        if interval
+        else ""
+    )
+    mean_cost = {
+        path: " · ".join(
+            f"{paths[path]['cpu_ms_per_search'][n]:.2f}"
+            if paths[path]["cpu_ms_per_search"].get(n) is not None
+            else "–"
+            for n in names
+        )
+        for path in PATHS
+    }
+    load = door.get("load_average")
     lines += [
         "",
-        f"Mean p99: HTTP {paths['http']['p99_ms']} ms, gRPC {paths['grpc']['p99_ms']} ms. "
-        "p99 the door adds in each round (HTTP runs' mean minus gRPC runs'): "
-        f"{', '.join(f'{r:+.1f}' if r is not None else '–' for r in rounds)} ms; median "
-        f"**{door['p99_added_ms']} ms** (budget {door['budget_ms']:g} ms: "
-        f"{'within' if door['within_budget'] else 'over'}). The door's own CPU: "
-        f"{paths['http'].get('web_cpu_ms_per_search')} ms per search.",
-        "",
+        f"p99 the door adds in each round (its HTTP run's p99 minus its gRPC run's): {rounds} ms;"
+        f" median **{door['p99_added_ms']} ms**{spread} (budget {door['budget_ms']:g} ms: "
+        f"{'within' if door['within_budget'] else 'over'}). Mean p99: HTTP "
+        f"{paths['http']['p99_ms']} ms, gRPC {paths['grpc']['p99_ms']} ms. Mean CPU ms per "
+        f"search (web · gateway · retrieval · ranking · load gen): HTTP {mean_cost['http']}; "
+        f"gRPC {mean_cost['grpc']}.",
     ]
-    return lines
+    if load:
+        lines.append(
+            f"Load average over the scenario: {', '.join(f'{v:.2f}' for v in load['start'])} at "
+            f"the start, {', '.join(f'{v:.2f}' for v in load['end'])} at the end."
+        )
+    return lines + [""]
