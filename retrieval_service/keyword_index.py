@@ -131,7 +131,9 @@ class KeywordIndex(Retriever):
             cf = np.concatenate([self.conf[self.offsets[r] : self.offsets[r + 1]] for r in rows])
             order = np.lexsort((-cf, idx))
             idx, cf = idx[order], cf[order]
-            first = np.r_[True, idx[1:] != idx[:-1]]
+            # (A shard keeps the whole vocabulary, so a token's keywords may hold no photo here.)
+            first = np.ones(len(idx), bool)
+            first[1:] = idx[1:] != idx[:-1]
             best = self._token_best[token] = TokenPostings.from_best(idx[first], cf[first])
         return best
 

@@ -105,3 +105,12 @@ def test_the_radix_built_index_orders_postings_as_sorting_the_table_does():
         assert set(index.photo_idx[lo:hi]) == set(table.photo_idx[table.keyword == keyword])
     wide = np.array([70_000, 3, 70_000]), np.array([0.5, 0.5, 0.5], np.float32)
     assert postings_order(np.array([1, 0, 0]), wide[1], wide[0]).tolist() == [1, 2, 0]
+
+
+def test_a_shard_answers_a_multi_word_query_whose_token_has_no_photo_there(index):
+    # Photo 1 holds the only "night": the shard without it keeps the keyword, with no photos.
+    shard = index.shard(np.array([True, False, True, True, True]))
+    result = shard.retrieve("red night", 10)
+    assert "token match" in result.note
+    assert result.photo_idx.tolist() == [4, 0, 2]  # "red car" 0.99, then "red" 0.9, 0.7
+    assert shard.retrieve("night", 10).photo_idx.tolist() == []
