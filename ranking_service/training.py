@@ -84,6 +84,9 @@ class TrainingReport:
     validation_models:
         Per ranker, the model fitted on the conversions before the slice with its choices
         (what the selection scored), for choices made afterwards on the same slice.
+    candidates, embeddings:
+        What the rankers were fitted with (a second fold refits them:
+        :mod:`ranking_service.earlier_fold`).
     """
 
     rankers: dict[str, dict]
@@ -91,6 +94,8 @@ class TrainingReport:
     skipped: dict[str, str] = field(default_factory=dict)
     validation: Validation | None = None
     validation_models: dict = field(default_factory=dict)
+    candidates: CandidateLists | None = None
+    embeddings: ImageEmbeddings | None = None
 
 
 def train_rankers(
@@ -144,7 +149,13 @@ def train_rankers(
     names = check_names(names, RANKER_NAMES, "ranker")
     out_dir = Path(out_dir)
     validation = prepare_validation(catalogue, candidates, candidates_k=candidates_k)
-    report = TrainingReport(rankers={}, selection={}, validation=validation)
+    report = TrainingReport(
+        rankers={},
+        selection={},
+        validation=validation,
+        candidates=candidates,
+        embeddings=embeddings,
+    )
     per_query: dict[str, np.ndarray] = {}
     # Popularity first: its validated parameters are every other ranker's query prior.
     prior: dict = {}

@@ -269,6 +269,7 @@ SLOW_MODULES = {
     "test_live_catalogue",
     "test_multihost",
     "test_ray_embedding",
+    "test_selection_folds",
     "test_shards",
     "test_text_encoder",
 }

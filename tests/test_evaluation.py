@@ -16,7 +16,7 @@ from imgsearch_tools.demo_data import generate
 from imgsearch_tools.evaluation import comparisons
 from imgsearch_tools.evaluation import runner as evaluation
 from imgsearch_tools.evaluation.queries import build_test_queries, user_photos
-from imgsearch_tools.evaluation.report import markdown_table
+from imgsearch_tools.evaluation.report import markdown_table, write_json
 from imgsearch_tools.evaluation.runner import EvalConfig, EvaluationError, evaluate
 from imgsearch_tools.results_page import parse_header
 
@@ -307,7 +307,7 @@ def test_stacked_is_paired_with_the_best_single_ranker_per_retriever():
     assert comparisons.stacked_vs_single(rows[:2], "keyword", 10, EvalConfig()) == {}
 
 
-def test_the_report_pairs_stacked_with_the_best_single_ranker(catalogue):
+def test_the_report_pairs_stacked_with_the_best_single_ranker(catalogue, tmp_path, capsys):
     config = EvalConfig(
         retrievers=("keyword",),
         rankers=("popularity", "stacked"),
@@ -327,3 +327,23 @@ def test_the_report_pairs_stacked_with_the_best_single_ranker(catalogue):
     assert rule["best_base"] in ("popularity", "als") and rule["n_queries"] > 0
     assert (rule["serves"] is None) == (rule["diff"] > rule["min_gain"])
     assert f"`stacked` on validation: {rule['reason']}." in markdown_table(report)
+    # The suite's summary reads the same figures back from the JSON the run writes.
+    from imgsearch_tools.evaluation import suite_summary
+
+    run = tmp_path / "run.json"
+    write_json(report, run)
+    assert suite_summary.main([f"tiny={run}"]) == 0
+    printed = capsys.readouterr().out
+    check = report["header"]["served_configuration_vs_best"]
+    lo, hi = check["vs_best"]["ci"]
+    assert f"{check['vs_best']['diff']:+.4f} ({lo:+.4f} to {hi:+.4f}) | {check['ratio']:.2f}×" in (
+        printed
+    )
+    versus = entry["vs_best_single"]
+    cell = f"**{versus['diff']:+.4f} ({versus['ci'][0]:+.4f} to {versus['ci'][1]:+.4f}) vs "
+    assert cell + "popularity**" in printed
+    assert f"{rule['n_queries']:,} queries" in printed
+    above = int(entry["significantly_above"])
+    assert f"significantly above it on {above};" in printed
+    with pytest.raises(SystemExit):
+        suite_summary.main(["no-name-given.json"])

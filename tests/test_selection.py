@@ -93,6 +93,8 @@ def test_the_build_serves_the_validation_point_best_never_below_popularity(tmp_p
             > manifest["ranker_selection"]["validation"]["tuning_queries"]
         )
         assert configuration["rule"] == "point-best", configuration["reason"]
+        # Enough queries on the validation slice: one fold, no refit on an earlier slice.
+        assert [fold["queries"] for fold in configuration["folds"]] == [configuration["n_queries"]]
         served = configuration["ranker"]
         (row,) = configuration["table"]  # no CLIP: the keyword retriever only
         assert row["rankers"][served] == max(row["rankers"].values())

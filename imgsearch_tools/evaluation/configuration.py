@@ -24,6 +24,12 @@ ranker's order; every photo the user converted with the keyword relevant (NDCG@1
   the best is served only when its paired interval against popularity lies above 0, else
   popularity with its best retriever. Below that, nothing is chosen: popularity with the
   default retriever.
+* **Folds.** When the validation slice gives fewer than :data:`MIN_POINT_BEST` selection
+  queries, the time slice before it (the same share of the conversions before the validation
+  slice) is a second fold: every ranker refitted on the conversions before that slice with the
+  validation slice's choices (:mod:`ranking_service.earlier_fold`), its pairs scored like the
+  slice's, and the rule applied to the queries of both folds pooled; ``folds`` records each
+  fold's count. A slice with enough queries keeps one fold (no refit, no extra build time).
 """
 
 from __future__ import annotations
@@ -51,13 +57,24 @@ TAG_TOLERANCE = 0.02
 MIN_POINT_BEST = 300
 # Selection queries drawn (seeded) when the slice gives more.
 MAX_SELECTION_QUERIES = 3000
+# The time-ordered folds, most recent first (the second only below MIN_POINT_BEST queries).
+FOLD_NAMES = ("validation slice", "slice before it")
 
 
 def selection_queries(validation, max_queries: int = MAX_SELECTION_QUERIES, seed: int = 0):
     """Every pair with a conversion in the slice, minus the tuning pairs (module docstring)."""
-    split = Split(validation.catalogue.conversions, validation.later, 0.0)
-    every = build_test_queries(split, min_pair=1, max_queries=None, seed=seed)
     tuned = {(q.user_idx, normalise_keyword(q.keyword)) for q in validation.tuning.queries}
+    return slice_queries(validation.catalogue, validation.later, tuned, max_queries, seed)
+
+
+def slice_queries(
+    before: Catalogue, later, tuned: set, max_queries: int = MAX_SELECTION_QUERIES, seed: int = 0
+) -> TestQueries:
+    """Every pair with a conversion in ``later`` whose user converted in ``before``, minus the
+    ``tuned`` (user, keyword) pairs; a seeded draw of ``max_queries`` when there are more."""
+    every = build_test_queries(
+        Split(before.conversions, later, 0.0), min_pair=1, max_queries=None, seed=seed
+    )
     keep = [
         i for i in range(len(every)) if (int(every.user_idx[i]), str(every.keyword[i])) not in tuned
     ]
@@ -102,6 +119,7 @@ def choose_configuration(
     max_queries: int = MAX_SELECTION_QUERIES,
     seed: int = 0,
     n_bootstrap: int = 1000,
+    second_fold=None,
 ) -> dict:
     """Score every (retriever, ranker) on the selection queries and apply the rule.
 
@@ -119,28 +137,38 @@ def choose_configuration(
         Candidates per query and the metric's cut-off.
     max_queries, seed, n_bootstrap:
         The draw of selection queries and the intervals.
+    second_fold:
+        Called when the slice gives fewer than :data:`MIN_POINT_BEST` selection queries: the
+        slice before it and the models fitted before that
+        (:class:`~ranking_service.earlier_fold.EarlierFold`); None keeps one fold.
 
     Returns
     -------
     dict
         ``retriever``, ``weights``, ``label``, ``ranker``, ``rule``, ``reason``,
-        ``n_queries``, ``tag_guard`` and ``table`` (per retriever: tag figures, eligibility and
-        each ranker's NDCG@k), plus ``fusion`` (hybrid's best weights for the chosen ranker).
+        ``n_queries`` (all folds), ``folds`` (each fold's count), ``tag_guard`` and ``table``
+        (per retriever: tag figures, eligibility and each ranker's NDCG@k), plus ``fusion``
+        (hybrid's best weights for the chosen ranker).
     """
     has_clip = clip_retriever is not None
     if validation is None or not validation.usable:
         reason = validation.skipped if validation is not None else "no validation slice"
         return fallback_configuration(has_clip, reason)
     queries = selection_queries(validation, max_queries, seed)
-    if len(queries) < MIN_SELECTION_QUERIES:
+    folds = [(queries, models, validation.catalogue)]
+    if len(queries) < MIN_POINT_BEST and second_fold is not None:
+        fold = second_fold()
+        earlier = slice_queries(fold.catalogue, fold.later, set(), max_queries, seed)
+        folds.append((earlier, fold.models, fold.catalogue))
+    n_queries = sum(len(fold[0]) for fold in folds)
+    if n_queries < MIN_SELECTION_QUERIES:
         return fallback_configuration(
             has_clip,
-            f"{len(queries)} selection queries, fewer than the {MIN_SELECTION_QUERIES} "
-            "a comparison needs",
+            f"{_fold_counts(folds)}, fewer than the {MIN_SELECTION_QUERIES} a comparison needs",
         )
     truth, truth_source = catalogue.truth_tags()
     tags = KeywordTags(truth, catalogue.n_photos)
-    keywords = sorted(set(queries.keyword.tolist()))
+    keywords = sorted({str(w) for fold in folds for w in fold[0].keyword.tolist()})
     sources = {
         keyword: (
             keyword_retriever.retrieve(keyword, candidates_k),
@@ -148,11 +176,16 @@ def choose_configuration(
         )
         for keyword in keywords
     }
-    seen = user_photos(validation.catalogue.conversions)
     table, per_query = [], {}
     for entry in retriever_grid(has_clip):
         lists = {w: _lists_of(pair, entry, candidates_k) for w, pair in sources.items()}
-        ndcg, recall = _measure(queries, lists, models, seen, k)
+        # Each fold's queries scored by its own models; the choice pools them.
+        measured = [
+            _measure(fold_queries, lists, fold_models, user_photos(before.conversions), k)
+            for fold_queries, fold_models, before in folds
+        ]
+        ndcg = {name: np.concatenate([m[0][name] for m in measured]) for name in models}
+        recall = sum(m[1] * len(f[0]) for m, f in zip(measured, folds)) / n_queries
         precision = [tags.precision(lists[w][0], [w], k) for w in keywords if w in tags]
         per_query[entry["label"]] = ndcg
         table.append(
@@ -166,6 +199,11 @@ def choose_configuration(
     guard = _tag_guard(table, truth_source, k)
     eligible = [row["label"] for row in table if row["eligible"]]
     chosen = apply_rule(per_query, eligible, n_bootstrap=n_bootstrap, seed=seed)
+    if len(folds) > 1:
+        chosen["reason"] += (
+            f"; two time-ordered folds ({_fold_counts(folds)}): the validation slice gave "
+            f"fewer than {MIN_POINT_BEST}"
+        )
     row = next(r for r in table if r["label"] == chosen["label"])
     return {
         "retriever": row["retriever"],
@@ -175,13 +213,29 @@ def choose_configuration(
         "rule": chosen["rule"],
         "reason": chosen["reason"],
         "versus_popularity": chosen.get("versus_popularity"),
-        "n_queries": len(queries),
+        "n_queries": n_queries,
         "pairs_in_slice": queries.n_pairs_total,
+        "folds": [
+            {
+                "slice": name,
+                "queries": len(fold_queries),
+                "pairs_in_slice": fold_queries.n_pairs_total,
+                "conversions_before": len(before.conversions),
+            }
+            for name, (fold_queries, _, before) in zip(FOLD_NAMES, folds)
+        ],
         "tuning_queries": len(validation.tuning),
         "tag_guard": guard,
         "table": table,
         "fusion": _best_fusion(table, chosen["ranker"]),
     }
+
+
+def _fold_counts(folds: list) -> str:
+    """The selection queries of each fold, in words."""
+    return " and ".join(
+        f"{len(fold[0])} selection queries from the {name}" for name, fold in zip(FOLD_NAMES, folds)
+    )
 
 
 def fallback_configuration(has_clip: bool, why: str) -> dict:
@@ -389,6 +443,19 @@ def served_configuration(
     ``training`` is the :class:`~ranking_service.training.TrainingReport` (its slice and
     validation models); see :mod:`imgsearch_tools.evaluation.configuration`.
     """
+
+    def second_fold():
+        from ranking_service.earlier_fold import earlier_fold
+
+        params = {name: entry.get("params", {}) for name, entry in training.rankers.items()}
+        return earlier_fold(
+            training.validation,
+            training.validation_models,
+            params,
+            training.candidates,
+            training.embeddings,
+        )
+
     return choose_configuration(
         catalogue,
         training.validation,
@@ -396,6 +463,7 @@ def served_configuration(
         keyword_retriever,
         clip_retriever,
         candidates_k=candidates_k,
+        second_fold=second_fold,
     )
 
 

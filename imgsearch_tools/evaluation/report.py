@@ -188,9 +188,11 @@ def selection_markdown(report: dict) -> str:
                 name = f"**{name}** (default)"
             lines.append(f"| {name} | {row['ndcg@10']:.4f} ({lo:.4f}–{hi:.4f}) | {cell} |")
         lines.append(
-            f"\n{validation.get('selection_queries', 0):,} selection queries ((user, keyword) "
-            f"pairs with ≥ {validation.get('selection_min_pair', validation.get('min_pair', 1))} "
-            f"conversions there and a converted candidate; "
+            f"\n{validation.get('selection_queries', 0):,} ranker-selection queries ((user, "
+            f"keyword) pairs with ≥ "
+            f"{validation.get('selection_min_pair', validation.get('min_pair', 1))} "
+            f"conversions there and a converted photo among the candidates the rankers were "
+            f"trained with: the figures of this table and the stacker's rule; "
             f"{validation.get('tuning_queries', 0):,} more, pairs with ≥ "
             f"{validation.get('min_pair', 1)}, tuned parameters and prior weights) from the last "
             f"{validation.get('fraction', 0):.0%} of the training conversions."
@@ -241,8 +243,8 @@ def configuration_markdown(header: dict, k: int) -> list[str]:
     configuration = header.get("configuration") or {}
     if configuration:
         lines.append(
-            f"\nServed configuration (validation, {configuration.get('n_queries', 0):,} "
-            f"selection queries, rule `{configuration['rule']}`): **{configuration['label']} + "
+            f"\nServed configuration (validation, {configuration_queries(configuration)}, "
+            f"rule `{configuration['rule']}`): **{configuration['label']} + "
             f"{configuration['ranker']}** — {configuration['reason']}."
         )
     check = header.get("served_configuration_vs_best") or {}
@@ -258,6 +260,22 @@ def configuration_markdown(header: dict, k: int) -> list[str]:
             + (" — significantly below it." if check.get("significantly_below") else ".")
         )
     return lines
+
+
+def configuration_queries(configuration: dict) -> str:
+    """What the configuration's selection queries count, per time-ordered fold."""
+    folds = configuration.get("folds") or [
+        {"slice": "validation slice", "queries": configuration.get("n_queries", 0)}
+    ]
+    counts = " and ".join(f"{fold['queries']:,} from the {fold['slice']}" for fold in folds)
+    pairs = configuration.get("pairs_in_slice")
+    drawn = f", drawn from its {pairs:,} pairs" if pairs and len(folds) == 1 else ""
+    return (
+        f"{configuration.get('n_queries', 0):,} configuration queries ({counts}{drawn}: every "
+        "(user, keyword) pair with a conversion in the slice whose user converted before it, "
+        "the tuning pairs left out, scored like test queries whether or not a retriever "
+        "reaches its photos)"
+    )
 
 
 def stacked_markdown(header: dict, k: int) -> list[str]:
