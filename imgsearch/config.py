@@ -173,6 +173,11 @@ class RetrievalConfig(ConversionStoreConfig):
     text_runtime: str = field(default_factory=lambda: env("TEXT_RUNTIME", ""))
     # -1 serves the whole set; i serves shard i of a set built with --shards.
     shard: int = field(default_factory=lambda: env_int("SHARD", -1))
+    # The live catalogue's image-tower process: spawned at start-up (the first write does not
+    # wait for torch to load) or at the first write (a server that never embeds never pays it).
+    image_worker_at_start: bool = field(
+        default_factory=lambda: env("IMAGE_WORKER_AT_START", "1") not in ("", "0", "false")
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -176,6 +176,14 @@ SETTINGS: tuple[Setting, ...] = (
         "ranking, retrieval",
     ),
     Setting(
+        "IMAGE_WORKER_AT_START",
+        "1: a live-catalogue retrieval server spawns its image-tower process (torch, the set's "
+        "CLIP) at start-up, so the first write does not wait for it. 0: at the first image to "
+        "embed (servers that the gateway never asks to embed never spawn it).",
+        "1",
+        "retrieval",
+    ),
+    Setting(
         "FOLDIN_CONVERSIONS",
         "Logged conversions ranking reads per user the model has not seen (0: off).",
         "50",

@@ -379,7 +379,8 @@ async def create_retrieval_server(config: RetrievalConfig) -> Service:
         pb_grpc.add_RetrievalServiceServicer_to_server(servicer, server)
         if log_replay is None:
             return servicer
-        servicer.embedder.start()  # the image tower's process is ready before the first write
+        if config.image_worker_at_start:
+            servicer.embedder.start()  # the image tower's process is ready before the first write
         # The live catalogue: changes committed after the load are applied within a poll.
         log_replay.report = holder.wait_for
         tailer = LogTailer(holder, store, config.catalog_poll_ms / 1000, log_replay)

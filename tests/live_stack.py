@@ -51,8 +51,10 @@ class LiveStack:
         self.lt = loop_thread
         self.root = root
         common = {"artifacts": str(root), "port": 0, "admin_port": 0, "live_catalogue": True}
-        retrievals = [RetrievalConfig(**common) for _ in "ab"]
-        retrievals += [RetrievalConfig(**common, shard=i) for i in range(SHARDS)]
+        # Only the servers a gateway asks to embed spawn an image-tower process.
+        lazy = {**common, "image_worker_at_start": False}
+        retrievals = [RetrievalConfig(**lazy) for _ in "ab"]
+        retrievals += [RetrievalConfig(**lazy, shard=i) for i in range(SHARDS)]
         self.services = self._start(
             create_ranking_server(RankingConfig(**common)),
             *(create_retrieval_server(config) for config in retrievals),
@@ -109,30 +111,27 @@ class LiveStack:
         )
         return self.lt.run(create_gateway_server(config))
 
-    def processes(self, folder) -> tuple[list, object]:
-        """The 2 shards and a gateway over them as `imgsearch serve` processes (not started):
-        (the shards, the gateway)."""
+    def processes(self, folder) -> tuple[object, object]:
+        """A retrieval server of the whole set and a gateway over it as `imgsearch serve`
+        processes (not started): (the retrieval server, the gateway). The image tower's process
+        is spawned at the first write, not at each start."""
         from tests.processes import ServerProcess
 
-        shards = [
-            ServerProcess(
-                "retrieval",
-                self.root,
-                folder / f"shard{i}.log",
-                "--shard",
-                str(i),
-                "--live-catalogue",
-            )
-            for i in range(SHARDS)
-        ]
-        addr = ";".join(s.target for s in shards)
+        retrieval = ServerProcess(
+            "retrieval",
+            self.root,
+            folder / "retrieval.log",
+            "--live-catalogue",
+            env={"IMGSEARCH_IMAGE_WORKER_AT_START": "0"},
+        )
         gateway = ServerProcess(
             "gateway",
             self.root,
             folder / "gateway.log",
-            *("--retrieval-addr", addr, "--ranking-addr", self.ranking_addr, "--live-catalogue"),
+            *("--retrieval-addr", retrieval.target, "--ranking-addr", self.ranking_addr),
+            "--live-catalogue",
         )
-        return shards, gateway
+        return retrieval, gateway
 
     def stop(self):
         for service in reversed(self.services):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -12,7 +13,7 @@ from tests.test_cli import free_ports
 class ServerProcess:
     """One `imgsearch serve NAME` child process that can be SIGKILLed and started again."""
 
-    def __init__(self, service: str, root, log_path, *flags: str):
+    def __init__(self, service: str, root, log_path, *flags: str, env: dict | None = None):
         self.port, admin_port = free_ports(2)
         self.target = f"127.0.0.1:{self.port}"
         self.command = [
@@ -32,11 +33,14 @@ class ServerProcess:
             *flags,
         ]
         self.log_path = log_path
+        self.env = {**os.environ, **(env or {})}
         self.process: subprocess.Popen | None = None
 
     def start(self) -> None:
         with open(self.log_path, "ab") as log:
-            self.process = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT)
+            self.process = subprocess.Popen(
+                self.command, stdout=log, stderr=subprocess.STDOUT, env=self.env
+            )
 
     def kill(self) -> None:
         self.process.send_signal(signal.SIGKILL)

@@ -33,7 +33,8 @@ def test_bench_ingest_writes_finds_and_reports_on_a_live_stack(
     args = parser.parse_args(
         ["bench-ingest", "--data", str(clip_data), "--artifacts", str(root), "--out", str(out)]
         + ["--writes", "3", "--batch", "2", "--throughput-s", "0.2", "--search-s", "0.5"]
-        + ["--search-rate", "20", "--ingest-rate", "10", "--results-page", str(page)]
+        + ["--search-rate", "20", "--ingest-rate", "10", "--warm-s", "0.2"]
+        + ["--results-page", str(page)]
     )
     stack = Stack(loop_thread, root, stage_overrides=live, **live)
     try:

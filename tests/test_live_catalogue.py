@@ -258,7 +258,7 @@ def test_a_write_is_embedded_by_another_target_when_the_first_is_down(live, sour
     """Shard 0 down (shard 1 embeds), a replica down (the other one embeds); with every
     target down the write is refused and nothing is written."""
     dead = f"127.0.0.1:{free_ports(1)[0]}"
-    addrs = [f"{dead};127.0.0.1:{live.shards[1].port}", f"{dead},127.0.0.1:{live.replicas[1].port}"]
+    addrs = [f"{dead};127.0.0.1:{live.shards[1].port}", f"{dead},127.0.0.1:{live.replicas[0].port}"]
     gateways = [live.gateway(addr) for addr in [*addrs, dead]]
     port = live.replicas[0].port
     try:
@@ -418,7 +418,7 @@ def test_a_build_that_folds_the_log_returns_the_live_servers_candidates(live, so
         )
     served = artifacts.resolve(str(live.root))
     fp32 = {"artifacts": str(served.path), "port": 0, "admin_port": 0, "live_catalogue": True}
-    fp32["text_runtime"] = "torch-fp32"  # one encoder on both sides: only retrieval compared
+    fp32 |= {"text_runtime": "torch-fp32", "image_worker_at_start": False}  # one text encoder
     before = live.lt.run(create_retrieval_server(RetrievalConfig(**fp32)))
     assert wait_until(
         lambda: retrieve_ids(before.port, "foldmark", retr_pb.RETRIEVER_KEYWORD) == [photos[21]]
@@ -483,8 +483,8 @@ def test_a_build_that_folds_the_log_returns_the_live_servers_candidates(live, so
 
 def test_every_acknowledged_change_is_in_effect_once_after_sigkills(live, tmp_path):
     root = live.root
-    shards, gateway = live.processes(tmp_path)
-    servers = [*shards, gateway]
+    servers = list(live.processes(tmp_path))  # a retrieval server and a gateway (ranking: ours)
+    gateway = servers[-1]
     photos = pd.read_csv(live.data / "photos.tsv000", sep="\t")["photo_id"].tolist()
     writer = Writer(gateway.target, live.data, photos[:5], photos[-10:])
     try:

@@ -55,6 +55,7 @@ def test_retrieval_waits_not_serving_for_the_log_and_serves_once_the_store_answe
         admin_port=admin_port,
         conversions_db=str(blocker / "log.sqlite3"),
         live_catalogue=True,
+        image_worker_at_start=False,
     )
     starting = asyncio.run_coroutine_threadsafe(create_retrieval_server(config), loop_thread.loop)
     service = None

@@ -57,6 +57,9 @@ def add_commands(subparsers) -> None:
     p.add_argument("--ingest-rate", type=float, default=20.0, help="photos/s while searching")
     p.add_argument("--search-s", type=float, default=20.0, help="seconds of each search run")
     p.add_argument(
+        "--warm-s", type=float, default=2.0, help="seconds of searches that warm the caches first"
+    )
+    p.add_argument(
         "--real-clip-folder",
         default="",
         help="also measure photos/s written with a ViT-B-32-sized CLIP, on the set built (or "
@@ -228,7 +231,7 @@ async def measure(args, target: str, images: Images) -> dict:
     async with grpc.aio.insecure_channel(target) as channel:
         stub, search = cat_grpc.CatalogServiceStub(channel), pb_grpc.SearchServiceStub(channel)
         await upsert(stub, [images.photo(f"{run}-warm", [f"{run} warm"])])  # loads the tower
-        await search_load(search, images.queries, args.search_rate, 2.0)  # warm the caches
+        await search_load(search, images.queries, args.search_rate, args.warm_s)  # warm the caches
         report = {"throughput": await throughput(stub, images, args.batch, args.throughput_s, run)}
         say(f"photos/s written: {report['throughput']['photos_per_s']:.1f}")
         searchable, gone = await visibility(
