@@ -71,6 +71,13 @@ def test_a_written_photo_is_found_by_keyword_and_clip_on_replicas_and_shards(liv
             timeout=60,
         )
     assert reply.sequence >= 1 and not reply.duplicate
+    # Every replica applies it: the gateway's searches below may reach either.
+    for replica in live.replicas:
+        assert wait_until(
+            lambda p=replica.port: (
+                retrieve_ids(p, "zebracorn", retr_pb.RETRIEVER_KEYWORD) == [photo_id]
+            )
+        ), f"replica on port {replica.port}: not found by keyword"
     for name, gateway in live.gateways.items():
         port = gateway.port
 
