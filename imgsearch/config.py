@@ -33,6 +33,11 @@ def env(name: str, default: str) -> str:
     return os.environ.get(ENV_PREFIX + name, default)
 
 
+def env_flag(name: str, default: str) -> bool:
+    """On/off environment setting: off when empty, ``0`` or ``false``."""
+    return env(name, default) not in ("", "0", "false")
+
+
 def env_int(name: str, default: int) -> int:
     """Integer environment setting; a malformed value fails fast naming the variable."""
     raw = os.environ.get(ENV_PREFIX + name)
@@ -139,9 +144,7 @@ class ConversionStoreConfig(ServerConfig):
     conversions_dsn: str = field(default_factory=lambda: env("CONVERSIONS_DSN", ""))
     # The live catalogue (imgsearch.catalog_log): off, a set serves exactly as built; on,
     # retrieval serves only once it has replayed the store's catalogue log.
-    live_catalogue: bool = field(
-        default_factory=lambda: env("LIVE_CATALOGUE", "0") not in ("", "0", "false")
-    )
+    live_catalogue: bool = field(default_factory=lambda: env_flag("LIVE_CATALOGUE", "0"))
     # How often retrieval and ranking servers read the live catalogue's log for new changes.
     catalog_poll_ms: float = field(default_factory=lambda: env_float("CATALOG_POLL_MS", 100.0))
 
@@ -176,7 +179,7 @@ class RetrievalConfig(ConversionStoreConfig):
     # The live catalogue's image-tower process: spawned at start-up (the first write does not
     # wait for torch to load) or at the first write (a server that never embeds never pays it).
     image_worker_at_start: bool = field(
-        default_factory=lambda: env("IMAGE_WORKER_AT_START", "1") not in ("", "0", "false")
+        default_factory=lambda: env_flag("IMAGE_WORKER_AT_START", "1")
     )
 
     def __post_init__(self) -> None:
@@ -211,9 +214,7 @@ class GatewayConfig(ConversionStoreConfig):
     auth_tokens_file: str = field(default_factory=lambda: env("AUTH_TOKENS_FILE", ""))
     # The public door refuses a non-loopback address with neither tokens nor client
     # certificates unless this says the network is the lock (imgsearch.security).
-    insecure_public: bool = field(
-        default_factory=lambda: env("INSECURE_PUBLIC", "0") not in ("", "0", "false")
-    )
+    insecure_public: bool = field(default_factory=lambda: env_flag("INSECURE_PUBLIC", "0"))
     retrieval_addr: str = field(
         default_factory=lambda: env(
             "RETRIEVAL_ADDR", f"127.0.0.1:{env_int('RETRIEVAL_PORT', 50052)}"

@@ -21,9 +21,9 @@ from imgsearch_tools.results_page import (
 
 ROOT = Path(__file__).resolve().parents[1]
 CODE_PACKAGES = ("imgsearch", "imgsearch_tools", "retrieval_service", "ranking_service", "gateway")
-# An IMGSEARCH_* name written out, and a name handed to config.env/env_int/env_float.
+# An IMGSEARCH_* name written out, and a name handed to config.env/env_flag/env_int/env_float.
 _LITERAL = re.compile(r"IMGSEARCH_([A-Z0-9_]*[A-Z0-9])\b")
-_ENV_CALL = re.compile(r"\benv(?:_int|_float)?\(\s*[\"']([A-Z0-9_]+)[\"']")
+_ENV_CALL = re.compile(r"\benv(?:_flag|_int|_float)?\(\s*[\"']([A-Z0-9_]+)[\"']")
 
 
 def settings_read_by_the_code() -> set[str]:
