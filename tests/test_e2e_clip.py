@@ -131,6 +131,9 @@ def test_the_served_configuration_is_recorded_served_and_said(clip_stack):
             for value in row["rankers"].values()
         )
         assert served["rankers"][configuration["ranker"]] == best
+    elif configuration["rule"] == "learned":  # level with the point-best, its trees passed
+        assert configuration["versus_point_best"]["ci"][1] >= 0
+        assert manifest["rankers"]["stacked"]["rule"]["serves"] is None
     fusion = manifest["fusion"]
     assert fusion["ranker"] == manifest["default_ranker"]
     assert sum(fusion["weights"]) == pytest.approx(1.0)

@@ -203,7 +203,7 @@ def _levels(n: int, lift: float, spread: float = 0.3, seed: int = 3) -> dict:
 
 
 def test_enough_queries_serve_the_point_best_configuration():
-    from imgsearch_tools.evaluation.configuration import MIN_POINT_BEST, apply_rule
+    from imgsearch_tools.evaluation.served_rule import MIN_POINT_BEST, apply_rule
 
     per_query = _levels(MIN_POINT_BEST, lift=0.004)
     chosen = apply_rule(per_query, ["keyword", "clip"])
@@ -222,8 +222,30 @@ def test_enough_queries_serve_the_point_best_configuration():
     assert (chosen["label"], chosen["ranker"]) == ("clip", "als")
 
 
+def test_a_learned_ranker_level_with_the_point_best_is_served_only_when_its_trees_passed():
+    from imgsearch_tools.evaluation.served_rule import MIN_POINT_BEST, apply_rule
+
+    per_query = _levels(MIN_POINT_BEST, lift=0.03, spread=0.05)
+    noise = np.random.default_rng(9).normal(0.0, 0.05, MIN_POINT_BEST)
+    for label in per_query:  # level with ALS, a hair below it on average
+        per_query[label]["stacked"] = per_query[label]["als"] + noise - noise.mean() - 0.001
+    chosen = apply_rule(per_query, ["keyword", "clip"], learned="stacked")
+    assert (chosen["label"], chosen["ranker"], chosen["rule"]) == ("clip", "stacked", "learned")
+    lo, hi = chosen["versus_point_best"]["ci"]
+    assert chosen["versus_point_best"]["ranker"] == "als" and lo < 0 < hi
+    assert "within noise of the validation point-best als" in chosen["reason"]
+    # Trees that did not pass their own rule: the point-best is served.
+    chosen = apply_rule(per_query, ["keyword", "clip"], learned=None)
+    assert (chosen["ranker"], chosen["rule"]) == ("als", "point-best")
+    # Significantly below the point-best: never served by this rule.
+    for label in per_query:
+        per_query[label]["stacked"] = per_query[label]["als"] - 0.02
+    chosen = apply_rule(per_query, ["keyword", "clip"], learned="stacked")
+    assert (chosen["ranker"], chosen["rule"]) == ("als", "point-best")
+
+
 def test_only_eligible_retrievers_are_served():
-    from imgsearch_tools.evaluation.configuration import MIN_POINT_BEST, apply_rule
+    from imgsearch_tools.evaluation.served_rule import MIN_POINT_BEST, apply_rule
 
     per_query = _levels(MIN_POINT_BEST, lift=0.05, spread=0.01)
     per_query["keyword"]["als"] = per_query["clip"]["als"] + 0.1

@@ -15,15 +15,11 @@ ranker's order; every photo the user converted with the keyword relevant (NDCG@1
   Against keywords (no labels) keyword retrieval scores 1 by construction, so the guard does
   not apply. The better single source always passes, so the guard can never force a
   weighting worse than both sources.
-* **The rule** (:func:`apply_rule`). With at least :data:`MIN_POINT_BEST` queries the
-  validation point-best combination is served: choosing among near-equals by their point
-  estimate costs little when they are near-equal, while demanding a significant win over
-  popularity served popularity on slices too small to show the win that was there. A
-  combination whose paired 95% interval against popularity (same retriever) lies wholly below
-  0 is never served. Between :data:`MIN_SELECTION_QUERIES` and :data:`MIN_POINT_BEST` queries
-  the best is served only when its paired interval against popularity lies above 0, else
-  popularity with its best retriever. Below that, nothing is chosen: popularity with the
-  default retriever.
+* **The rule** (:mod:`~imgsearch_tools.evaluation.served_rule`). With at least
+  :data:`MIN_POINT_BEST` queries the validation point-best, or a learned ranker whose trees
+  passed their own rule when it is within noise of the point-best; with fewer, the best only
+  when it is significantly above popularity. Below :data:`MIN_SELECTION_QUERIES`, nothing is
+  chosen: popularity with the default retriever.
 * **Folds.** When the validation slice gives fewer than :data:`MIN_POINT_BEST` selection
   queries, the time slice before it (the same share of the conversions before the validation
   slice) is a second fold: every ranker refitted on the conversions before that slice with the
@@ -38,13 +34,14 @@ import numpy as np
 
 from imgsearch.catalogue import Catalogue, normalise_keyword
 from imgsearch.evaluation_protocol import Split
-from imgsearch.ranking_metrics import metrics_from_hits, paired_bootstrap_ci, rank_by_scores
+from imgsearch.ranking_metrics import metrics_from_hits, rank_by_scores
 from imgsearch_tools.evaluation.queries import (
     KeywordTags,
     TestQueries,
     build_test_queries,
     user_photos,
 )
+from imgsearch_tools.evaluation.served_rule import MIN_POINT_BEST, apply_rule
 from ranking_service.rankers.base import RankQuery
 from ranking_service.selection import BASELINE, MIN_SELECTION_QUERIES
 from retrieval_service.semantic import HybridRetriever, fuse, fusion_label
@@ -53,8 +50,6 @@ from retrieval_service.semantic import HybridRetriever, fuse, fusion_label
 CLIP_SHARES = (0.0, 0.3, 0.5, 0.7, 0.9, 1.0)
 # How far below the better single source a retriever's tag P@10 may fall.
 TAG_TOLERANCE = 0.02
-# From this many selection queries on, the validation point-best is served.
-MIN_POINT_BEST = 300
 # Selection queries drawn (seeded) when the slice gives more.
 MAX_SELECTION_QUERIES = 3000
 # The time-ordered folds, most recent first (the second only below MIN_POINT_BEST queries).
@@ -146,6 +141,7 @@ def choose_configuration(
     -------
     dict
         ``retriever``, ``weights``, ``label``, ``ranker``, ``rule``, ``reason``,
+        ``versus_popularity`` and ``versus_point_best`` (paired figures, when they apply),
         ``n_queries`` (all folds), ``folds`` (each fold's count), ``tag_guard`` and ``table``
         (per retriever: tag figures, eligibility and each ranker's NDCG@k), plus ``fusion``
         (hybrid's best weights for the chosen ranker).
@@ -198,7 +194,9 @@ def choose_configuration(
         )
     guard = _tag_guard(table, truth_source, k)
     eligible = [row["label"] for row in table if row["eligible"]]
-    chosen = apply_rule(per_query, eligible, n_bootstrap=n_bootstrap, seed=seed)
+    chosen = apply_rule(
+        per_query, eligible, n_bootstrap=n_bootstrap, seed=seed, learned=_learned(models)
+    )
     if len(folds) > 1:
         chosen["reason"] += (
             f"; two time-ordered folds ({_fold_counts(folds)}): the validation slice gave "
@@ -213,6 +211,7 @@ def choose_configuration(
         "rule": chosen["rule"],
         "reason": chosen["reason"],
         "versus_popularity": chosen.get("versus_popularity"),
+        "versus_point_best": chosen.get("versus_point_best"),
         "n_queries": n_queries,
         "pairs_in_slice": queries.n_pairs_total,
         "folds": [
@@ -229,6 +228,14 @@ def choose_configuration(
         "table": table,
         "fusion": _best_fusion(table, chosen["ranker"]),
     }
+
+
+def _learned(models: dict) -> str | None:
+    """The stacking ranker whose trees passed their own rule (they serve), else None."""
+    for name, model in models.items():
+        if hasattr(model, "base_models") and getattr(model, "serves", "") is None:
+            return name
+    return None
 
 
 def _fold_counts(folds: list) -> str:
@@ -253,84 +260,6 @@ def fallback_configuration(has_clip: bool, why: str) -> dict:
         "skipped": why,
         "table": [],
     }
-
-
-def apply_rule(
-    per_query: dict[str, dict[str, np.ndarray]],
-    eligible: list[str],
-    n_bootstrap: int = 1000,
-    seed: int = 0,
-) -> dict:
-    """The rule of the module docstring on per-query NDCG (retriever label -> ranker -> values).
-
-    Returns
-    -------
-    dict
-        ``label`` and ``ranker`` served, ``rule`` (``point-best`` or ``significant``),
-        ``reason`` and ``versus_popularity`` (the served one's paired difference and CI).
-    """
-    rows = [
-        (label, ranker, values)
-        for label, rankers in per_query.items()
-        if label in eligible
-        for ranker, values in rankers.items()
-    ]
-    n = len(rows[0][2])
-    # Highest mean first; on a tie popularity (it needs no personal data), then grid order.
-    rows.sort(key=lambda row: (-float(row[2].mean()), row[1] != BASELINE))
-    base_label = max(eligible, key=lambda label: per_query[label][BASELINE].mean())
-
-    def versus(label: str, ranker: str) -> dict:
-        diff, lo, hi = paired_bootstrap_ci(
-            per_query[label][ranker], per_query[label][BASELINE], n=n_bootstrap, seed=seed
-        )
-        return {"diff": diff, "ci": [lo, hi]}
-
-    def served(label, ranker, rule, why) -> dict:
-        figures = versus(label, ranker) if ranker != BASELINE else None
-        return {
-            "label": label,
-            "ranker": ranker,
-            "rule": rule,
-            "reason": why,
-            "versus_popularity": figures,
-        }
-
-    popularity = f"{BASELINE} with {base_label} ({per_query[base_label][BASELINE].mean():.4f})"
-    if n >= MIN_POINT_BEST:
-        for label, ranker, values in rows:
-            if ranker == BASELINE:
-                why = f"{ranker} with {label} has the best validation NDCG@10 ({values.mean():.4f})"
-                return served(label, ranker, "point-best", why + f", {n} queries")
-            figures = versus(label, ranker)
-            if figures["ci"][1] >= 0:
-                why = (
-                    f"{ranker} with {label} has the best validation NDCG@10 "
-                    f"({values.mean():.4f}; {_against(figures)}, {n} queries)"
-                )
-                return served(label, ranker, "point-best", why)
-    label, ranker, values = rows[0]
-    if ranker != BASELINE:
-        figures = versus(label, ranker)
-        if figures["ci"][0] > 0:
-            why = (
-                f"{ranker} with {label} is the validation winner, significantly above "
-                f"{BASELINE} ({_against(figures)}; {n} queries, fewer than {MIN_POINT_BEST})"
-            )
-            return served(label, ranker, "significant", why)
-        why = (
-            f"the validation winner {ranker} with {label} is not significantly above "
-            f"{BASELINE} ({_against(figures)}; {n} queries, fewer than {MIN_POINT_BEST}); "
-            f"serving {popularity}"
-        )
-        return served(base_label, BASELINE, "significant", why)
-    why = f"{popularity} has the best validation NDCG@10 ({n} queries)"
-    return served(base_label, BASELINE, "significant", why)
-
-
-def _against(figures: dict) -> str:
-    lo, hi = figures["ci"]
-    return f"{figures['diff']:+.4f} vs {BASELINE}, paired 95% CI {lo:+.4f} to {hi:+.4f}"
 
 
 def _lists_of(pair, entry: dict, candidates_k: int) -> tuple[np.ndarray, np.ndarray]:
