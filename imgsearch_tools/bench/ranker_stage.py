@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -125,4 +126,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    # Run as a file, this folder leads sys.path: its profile.py would shadow the standard
+    # library's module of that name, which torch imports.
+    here = Path(__file__).resolve().parent
+    sys.path = [entry for entry in sys.path if Path(entry or ".").resolve() != here]
     raise SystemExit(main())
