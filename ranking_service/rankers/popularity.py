@@ -77,6 +77,7 @@ class PopularityRanker(Ranker):
         self.keyword_photos = np.zeros(0, dtype=np.int64)
         self.keyword_counts = np.zeros(0, dtype=np.int64)
         self._keyword_lookup: dict[str, int] = {}
+        self._total = 1
         self._memo: dict | None = None
 
     @property
@@ -123,6 +124,8 @@ class PopularityRanker(Ranker):
 
     def _index_keywords(self) -> None:
         self._keyword_lookup = {name: i for i, name in enumerate(self.keyword_names)}
+        # Counted once: a sum over every photo per request grows with the catalogue.
+        self._total = max(int(self.photo_counts.sum()), 1)
 
     def popularity(
         self, candidates: np.ndarray, keyword: str, cold: np.ndarray | None = None
@@ -193,7 +196,7 @@ class PopularityRanker(Ranker):
         """:meth:`_shares`, counted."""
         known = known_photo_mask(candidates, len(self.photo_counts))
         valid = known if cold is None else known | cold
-        total = max(int(self.photo_counts.sum()), 1)
+        total = self._total
         share = np.full(len(candidates), -1.0)
         share[valid] = 0.0  # a cold photo: no conversions
         share[known] = self.photo_counts[candidates[known]] / total
