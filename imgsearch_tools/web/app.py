@@ -1,4 +1,4 @@
-"""The HTTP side of `imgsearch web`: routes, bearer tokens, security headers, gateway calls."""
+"""The door's HTTP side: routes, bearer tokens, security headers, calls to the gateway."""
 
 from __future__ import annotations
 

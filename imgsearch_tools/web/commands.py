@@ -1,4 +1,4 @@
-"""`imgsearch web`: flags, TLS for the HTTP port, and running the door until a signal."""
+"""`imgsearch web` and the door inside the gateway: flags, TLS for the HTTP port, start, stop."""
 
 from __future__ import annotations
 
