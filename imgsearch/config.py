@@ -230,9 +230,18 @@ class GatewayConfig(ConversionStoreConfig):
     client_ca: str = field(default_factory=lambda: env("CLIENT_CA", ""))
     client_cert: str = field(default_factory=lambda: env("CLIENT_CERT", ""))
     client_key: str = field(default_factory=lambda: env("CLIENT_KEY", ""))
+    # The HTTP/JSON door and search page served by the gateway itself, on its host: -1 off,
+    # 0 an ephemeral port; with the images of web_images (the catalogue's images/ folder).
+    web_port: int = field(default_factory=lambda: env_int("GATEWAY_WEB_PORT", -1))
+    web_images: str = field(default_factory=lambda: env("WEB_IMAGES", ""))
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if not -1 <= self.web_port <= 65535:
+            raise SystemExit(
+                f"error: gateway web port must be between 0 and 65535 (-1: none), got "
+                f"{self.web_port}"
+            )
         try:
             for target in shard_targets(self.retrieval_addr):
                 channel_target(target)

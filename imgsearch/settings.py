@@ -230,7 +230,19 @@ SETTINGS: tuple[Setting, ...] = (
         "web",
     ),
     Setting("WEB_PORT", "HTTP port of `imgsearch web`.", "8080", "web"),
-    Setting("WEB_IMAGES", "Folder of `<photo_id>.jpg` files the search page shows.", "none", "web"),
+    Setting(
+        "GATEWAY_WEB_PORT",
+        "HTTP port of the JSON door and search page served inside the gateway's process, on "
+        "the gateway's host, with its certificate and tokens (`0`: an ephemeral port).",
+        "-1 (none)",
+        "gateway",
+    ),
+    Setting(
+        "WEB_IMAGES",
+        "Folder of `<photo_id>.jpg` files the search page shows.",
+        "none",
+        "web, gateway",
+    ),
     Setting(
         "GATEWAY_ADDR",
         f"Where `imgsearch web` reaches the gateway. {_TARGET}",

@@ -241,14 +241,22 @@ def ensure_demo(args) -> None:
         build_artifacts(str(data), args.artifacts, list(RANKER_NAMES), force=force)
 
 
-def demo_serve_args(artifacts: str) -> argparse.Namespace:
+def demo_serve_args(artifacts: str, data: str | None = None) -> argparse.Namespace:
     """`serve all --artifacts ARTIFACTS` as `serve` parses it: every flag present, unset.
 
-    Parsed by the `serve` flags themselves, so a flag added to `serve` is never missing here.
+    With ``data``, the gateway also serves the search page and the JSON door in its own
+    process (``--web-port``: ``IMGSEARCH_WEB_PORT``, 8080 by default), showing the images of
+    ``data/images``. Parsed by the `serve` flags themselves, so a flag added to `serve` is
+    never missing here.
     """
+    from imgsearch.config import WebConfig
+
     parser = argparse.ArgumentParser(add_help=False)
     add_serve_arguments(parser)
-    return parser.parse_args(["all", "--artifacts", str(artifacts), "--log-level", "WARNING"])
+    argv = ["all", "--artifacts", str(artifacts), "--log-level", "WARNING"]
+    if data is not None:
+        argv += ["--web-port", str(WebConfig().port), "--web-images", str(Path(data) / "images")]
+    return parser.parse_args(argv)
 
 
 def cmd_demo(args) -> int:
@@ -262,31 +270,12 @@ def cmd_demo(args) -> int:
     if args.no_serve:
         return 0
     os.environ.setdefault("IMGSEARCH_LOG_FORMAT", "text")
-    serve_args = demo_serve_args(args.artifacts)
+    serve_args = demo_serve_args(args.artifacts, args.data)
     configs = resolve_configs(serve_args)
-    web = web_command(args, configs["gateway"].port)
     # serve_all installs signal handlers, which only the main thread may do: it runs there,
     # and the example search runs from a helper thread once all three are SERVING.
     threading.Thread(target=show_example, args=(configs, args.artifacts), daemon=True).start()
-    return serve_all(serve_args, configs, beside={"web": web})
-
-
-def web_command(args, gateway_port: int) -> list[str]:
-    """`imgsearch web` in front of the demo's gateway, showing the demo's images."""
-    return [
-        sys.executable,
-        "-m",
-        "imgsearch_tools.cli",
-        "web",
-        "--target",
-        f"127.0.0.1:{gateway_port}",
-        "--artifacts",
-        str(args.artifacts),
-        "--images",
-        str(Path(args.data) / "images"),
-        "--log-level",
-        "WARNING",
-    ]
+    return serve_all(serve_args, configs)
 
 
 def show_example(configs: dict, artifacts_path: str) -> None:
@@ -303,7 +292,7 @@ def show_example(configs: dict, artifacts_path: str) -> None:
             f"127.0.0.1:{ports['gateway']}", "red circle", user, k=5, security=client_security()
         )
         print("\n" + format_table(response, "red circle", user))
-        page = wait_for_page(180)
+        page = wait_for_page(configs["gateway"], 180)
         print(
             f"\nimgsearch is SERVING: gateway 127.0.0.1:{ports['gateway']}, "
             f"retrieval 127.0.0.1:{ports['retrieval']}, ranking 127.0.0.1:{ports['ranking']}"
@@ -317,8 +306,9 @@ def show_example(configs: dict, artifacts_path: str) -> None:
         print(f"example search failed: {exc}", file=sys.stderr)
 
 
-def wait_for_page(timeout: float) -> str:
-    """The search page's address once `imgsearch web` answers there.
+def wait_for_page(gateway_config, timeout: float) -> str:
+    """The search page's address once the gateway's door (``gateway_config.web_port``)
+    answers there.
 
     Raises
     ------
@@ -330,10 +320,9 @@ def wait_for_page(timeout: float) -> str:
     import urllib.error
     import urllib.request
 
-    from imgsearch.config import WebConfig
-    from imgsearch_tools.web.commands import page_url
+    from imgsearch_tools.web.commands import in_gateway_config, page_url
 
-    config = WebConfig()
+    config = in_gateway_config(gateway_config)
     url = page_url(config, config.port)
     context = None
     if url.startswith("https"):

@@ -7,6 +7,8 @@ import os
 import sys
 from dataclasses import fields
 
+from imgsearch_tools.port_flags import add_port_security_arguments
+
 SERVICES = ("retrieval", "ranking", "gateway")
 
 
@@ -132,6 +134,20 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--timeout-ms", type=int, default=None, help="gateway search budget")
     p.add_argument(
+        "--web-port",
+        type=int,
+        default=None,
+        help="gateway: also serve the HTTP/JSON door and search page on this port, in the "
+        "gateway's process, on its host, with its certificate and tokens "
+        "(IMGSEARCH_GATEWAY_WEB_PORT; 0: an ephemeral port; default -1: none)",
+    )
+    p.add_argument(
+        "--web-images",
+        default=None,
+        help="gateway: folder of <photo_id>.jpg images the page shows, e.g. DATA/images "
+        "(IMGSEARCH_WEB_IMAGES)",
+    )
+    p.add_argument(
         "--conversions-db",
         default=None,
         help="SQLite file of logged conversions (IMGSEARCH_CONVERSIONS_DB; default: beside the "
@@ -199,17 +215,6 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--log-level", default="INFO", help="logging level (DEBUG, INFO, WARNING, ERROR)"
     )
-
-
-def add_port_security_arguments(group, tokens_help: str) -> None:
-    """``--tls-cert``, ``--tls-key``, ``--tls-client-ca`` and ``--auth-tokens-file``: how a
-    server's port speaks TLS and which bearer tokens it accepts (`serve` and `web`)."""
-    group.add_argument("--tls-cert", default=None, help="PEM certificate: serve TLS")
-    group.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert")
-    group.add_argument(
-        "--tls-client-ca", default=None, help="PEM CA: require client certificates (mutual TLS)"
-    )
-    group.add_argument("--auth-tokens-file", default=None, help=f"{tokens_help}, one per line")
 
 
 def resolve_configs(args) -> dict:
@@ -293,6 +298,8 @@ def resolve_configs(args) -> dict:
         client_cert=flag("client_cert"),
         client_key=flag("client_key"),
         timeout_ms=args.timeout_ms,
+        web_port=flag("web_port"),
+        web_images=flag("web_images"),
         retrieval_addr=args.retrieval_addr
         or (f"127.0.0.1:{retrieval.port}" if args.retrieval_port else None),
         ranking_addr=args.ranking_addr
@@ -319,6 +326,11 @@ async def serve_one(name: str, config) -> None:
         file=sys.stderr,
         flush=True,
     )
+    if name == "gateway" and config.web_port >= 0:
+        from imgsearch_tools.web.commands import start_in_gateway
+
+        page = await start_in_gateway(service, config)
+        print(f"[imgsearch] web page at {page}", file=sys.stderr, flush=True)
     await run_until_signalled([service], config.grace_s)
 
 
@@ -340,7 +352,7 @@ def cmd_serve(args) -> int:
         config = service_config(args, configs)
         try:
             asyncio.run(serve_one(args.service, config))
-        except SecurityConfigError as exc:
+        except (SecurityConfigError, OSError) as exc:
             print(f"error: {args.service}: {exc}", file=sys.stderr)
             return 2
         return 0

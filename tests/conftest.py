@@ -291,6 +291,7 @@ SLOW_TESTS = {
     "test_ranking_faults.py::test_half_open_breaker_lets_exactly_one_probe_through",
     "test_access_control.py::test_refused_calls_to_invented_methods_add_no_metric_series",
     "test_api.py::test_the_command_prints_its_address_serves_and_stops_on_sigterm",
+    "test_in_gateway.py::test_serve_gateway_with_a_web_port_prints_the_page_and_stops_on_sigterm",
     "test_serving.py::test_keepalive_pings_of_idle_clients_are_accepted",
     "test_serving.py::test_hot_reload_under_load_fails_no_request_and_switches_version",
     "test_deploy.py::test_each_kustomize_variant_renders_valid_manifests_that_match_the_code",

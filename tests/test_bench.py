@@ -241,6 +241,8 @@ def test_bench_suite_runs_services_scenarios_and_a_hot_reload(artifact_root, tmp
 
         write_dev_certs(tmp_path / "certs")
         tls_flags = ["--tls", str(tmp_path / "certs")]
+    # The door inside the gateway under TLS (mutual, with the token); `imgsearch web` plain.
+    deployment = "in-gateway" if tls else "standalone"
     status = main(
         [
             "bench-suite",
@@ -258,6 +260,8 @@ def test_bench_suite_runs_services_scenarios_and_a_hot_reload(artifact_root, tmp
             "1",
             "--json-duration",
             "0.5",
+            "--json-door-deployment",
+            deployment,
             "--duration",
             "0.5",
             "--warmup",
@@ -290,22 +294,25 @@ def test_bench_suite_runs_services_scenarios_and_a_hot_reload(artifact_root, tmp
     cost = run["cpu_ms_per_search"]
     assert cost["total"] == pytest.approx(sum(v for k, v in cost.items() if k != "total"), abs=0.01)
     assert report["reflection_client"]["ok"] == report["reflection_client"]["calls"] > 0
-    # The JSON door: the same searches over HTTP through `imgsearch web` (HTTPS with the
-    # token under --tls) and over gRPC, every one answered.
+    # The JSON door: the same searches over HTTP through the door (HTTPS with the token under
+    # --tls) and over gRPC into the same gateway, every one answered.
     door = report["json_door"]
+    assert door["deployment"] == deployment
+    door_process = "gateway" if tls else "web"
     assert [r["path"] for r in door["runs"]] == ["grpc", "http"]
     for door_run in door["runs"]:
         assert_consistent(door_run)
         assert door_run["error_count"] == 0 and door_run["ok"] > 0
         # The same requests on both paths: the same numbers of results came back.
         assert door_run["results_per_response"] == door["runs"][0]["results_per_response"]
-    assert door["runs"][1]["cpu_percent"]["web"] > 0
+    assert door["runs"][1]["cpu_percent"][door_process] > 0
+    assert ("web" in door["runs"][1]["cpu_percent"]) == (not tls)
     # One round (--json-rounds 1): its added p99 is the median.
     assert door["rounds_p99_added_ms"] == [door["p99_added_ms"]]
     assert door["p99_added_ms"] == pytest.approx(
         door["paths"]["http"]["p99_ms"] - door["paths"]["grpc"]["p99_ms"], abs=0.002
     )
-    assert door["paths"]["http"]["cpu_ms_per_search"]["web"] > 0
+    assert door["paths"]["http"]["cpu_ms_per_search"][door_process] > 0
     assert len(door["load_average"]["start"]) == 3
     reload = report["hot_reload"]
     assert_consistent(reload)
@@ -316,6 +323,7 @@ def test_bench_suite_runs_services_scenarios_and_a_hot_reload(artifact_root, tmp
     assert "| keyword+als closed c=1 |" in markdown
     assert "Failed requests: 0" in markdown
     assert "### JSON door" in markdown and "the door adds" in markdown
+    assert ("inside the gateway's process" in markdown) == tls
     assert report["settings"]["tls"] == tls
     assert ("mutual TLS between gateway and stages" in markdown) == tls
     assert report["machine"]["cpu_model"] in markdown

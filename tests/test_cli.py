@@ -393,3 +393,20 @@ def test_demo_serves_with_every_serve_setting(tmp_path, monkeypatch):
         assert config.max_connection_age_s == 30.0
         command = serve_command(name, config, "WARNING")  # what `make run` starts
         assert command[command.index("--max-connection-age-s") + 1] == "30.0"
+
+
+def test_the_demos_gateway_serves_the_page_in_its_own_process(tmp_path, monkeypatch):
+    from imgsearch_tools import commands
+    from imgsearch_tools.serve import resolve_configs, serve_command
+
+    monkeypatch.setenv("IMGSEARCH_WEB_PORT", "8093")
+    data = tmp_path / "data"
+    configs = resolve_configs(commands.demo_serve_args(str(tmp_path / "artifacts"), str(data)))
+    gateway = serve_command("gateway", configs["gateway"], "WARNING")
+    assert gateway[gateway.index("--web-port") + 1] == "8093"
+    assert gateway[gateway.index("--web-images") + 1] == str(data / "images")
+    for name in ("retrieval", "ranking"):
+        assert "--web-port" not in serve_command(name, configs[name], "WARNING")
+    # Without the demo's data, `serve all` starts no door.
+    plain = resolve_configs(commands.demo_serve_args(str(tmp_path / "artifacts")))["gateway"]
+    assert plain.web_port == -1

@@ -52,6 +52,10 @@ class Service:
         self.admin_health = admin_health
         self.reload_hooks: list[Callable[[], Awaitable[Any]]] = []
         self.stop_hooks: list[Callable[[], Awaitable[Any]]] = []
+        # What a caller in this process needs to call the service's methods as the port
+        # does (the door inside the gateway): the port's interceptor and the servicers.
+        self.interceptor: ServiceInterceptor | None = None
+        self.servicers: list[Any] = []
 
     @property
     def _healths(self) -> list[HealthServicer]:
@@ -167,7 +171,9 @@ async def start_service(
     if reflection:
         enable_reflection(server, service_names)
     service = Service(name, server, port, health, admin_server, admin_port, admin_health)
-    for servicer in servicers if isinstance(servicers, list) else [servicers]:
+    service.interceptor = interceptor
+    service.servicers = servicers if isinstance(servicers, list) else [servicers]
+    for servicer in service.servicers:
         if hasattr(servicer, "close"):
             service.stop_hooks.append(servicer.close)
     await service.set_serving(service_names, False)

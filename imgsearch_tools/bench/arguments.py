@@ -90,7 +90,7 @@ def add_commands(subparsers) -> None:
         "gateway as separate `imgsearch serve` processes on free ports, run the standard scenarios "
         "(keyword+ALS open loop and closed loop at c=1/10/50, keyword+none, hybrid+ALS when "
         "the set has CLIP), a bare three-hop grpc.aio chain against keyword+ALS at c=10 "
-        "(server CPU per search per tier, and the ratio), the JSON door (`imgsearch web`) "
+        "(server CPU per search per tier, and the ratio), the JSON door (inside the gateway) "
         "against gRPC at --json-qps, a reflection-only client, the "
         "ranking server killed and restarted mid-load, and a hot reload mid-load; then the "
         "ViT-B-32 section: a 1,000-photo demo set built (once, under OUT/vit-b-32) with a "
@@ -147,6 +147,13 @@ def add_commands(subparsers) -> None:
         type=float,
         default=30.0,
         help="measured seconds of each JSON-door run (default 30: 6,000 requests at 200 qps)",
+    )
+    p.add_argument(
+        "--json-door-deployment",
+        choices=("in-gateway", "standalone"),
+        default="in-gateway",
+        help="where the JSON-door scenario runs the door: inside the gateway's process "
+        "(`serve gateway --web-port`, default) or as `imgsearch web` in front of it",
     )
     p.add_argument("--kill-duration", type=float, default=30.0, help="kill scenario seconds")
     p.add_argument("--reload-duration", type=float, default=15.0, help="reload scenario seconds")

@@ -1,12 +1,15 @@
-"""The JSON door under load: the same searches through `imgsearch web` (HTTP) and over gRPC.
+"""The JSON door under load: the same searches through the door (HTTP) and over gRPC.
 
-Both paths get the same open-loop rate and the same request sequence in one suite run. The
-p99 the door adds is a difference of two noisy tails, so the runs are interleaved: each round
-is one gRPC run and one HTTP run back to back, the first of the pair alternating from round to
-round (gRPC, HTTP, HTTP, gRPC, ...), so that a drift of the machine's load weighs on both
-paths alike. Each round gives one difference (its HTTP p99 minus its gRPC p99); the report
-gives every run with each process's CPU per search, every round's difference, their median
-and a percentile bootstrap interval of that median over the rounds.
+The door is measured as deployed: inside the gateway's process (``serve gateway
+--web-port``, the default) or as `imgsearch web` in front of it (``--json-door-deployment
+standalone``); the gRPC runs go to the same gateway process. Both paths get the same
+open-loop rate and the same request sequence in one suite run. The p99 the door adds is a
+difference of two noisy tails, so the runs are interleaved: each round is one gRPC run and
+one HTTP run back to back, the first of the pair alternating from round to round (gRPC, HTTP,
+HTTP, gRPC, ...), so that a drift of the machine's load weighs on both paths alike. Each
+round gives one difference (its HTTP p99 minus its gRPC p99); the report gives every run with
+each process's CPU per search, every round's difference, their median and a percentile
+bootstrap interval of that median over the rounds.
 """
 
 from __future__ import annotations
@@ -28,6 +31,9 @@ from imgsearch_tools.bench.scenarios import CANDIDATES_K, K, say
 
 NAME = "json-door"
 PATHS = ("grpc", "http")
+# Where the door runs: in the gateway's process, or as its own `imgsearch web` process.
+IN_GATEWAY, STANDALONE = "in-gateway", "standalone"
+DEPLOYMENTS = (IN_GATEWAY, STANDALONE)
 # The p99 the door may add over gRPC at the issue's rate (the docs compare against it).
 BUDGET_MS = 5.0
 # Requests whose HTTP bytes the JSON client keeps (the driver cycles through fewer).
@@ -162,27 +168,65 @@ async def wait_for_door(url: str, ssl, timeout: float = 60.0, proc=None) -> None
                 await asyncio.sleep(0.2)
 
 
-async def json_door_scenario(args, services, target: str, queries, security=None) -> dict:
-    """Start `imgsearch web` beside the gateway; load it and the gateway at the same rate."""
-    import ssl as ssl_module
+def client_ssl_context(certs: str | None, deployment: str):
+    """The HTTP client's TLS context for a `make certs` folder (None: plain HTTP). The door
+    inside the gateway speaks the gateway's mutual TLS, so the client shows its certificate."""
+    if not certs:
+        return None
+    import ssl
+    from pathlib import Path
 
-    certs = getattr(args, "tls", None)
-    port = free_port()
-    scheme = "https" if certs else "http"
-    base = f"{scheme}://127.0.0.1:{port}"
-    client_ssl = None
-    if certs:
-        from pathlib import Path
+    from imgsearch_tools.certs import CA_CERT, CLIENT_CERT, CLIENT_KEY
 
-        from imgsearch_tools.certs import CA_CERT
+    folder = Path(certs)
+    context = ssl.create_default_context(cafile=str(folder / CA_CERT))
+    if deployment == IN_GATEWAY:
+        context.load_cert_chain(str(folder / CLIENT_CERT), str(folder / CLIENT_KEY))
+    return context
 
-        client_ssl = ssl_module.create_default_context(cafile=str(Path(certs) / CA_CERT))
+
+def restart_gateway(services, web_port: int | None) -> None:
+    """Restart the gateway process on its ports, serving the door on ``web_port`` (None:
+    no door)."""
+    overrides = {k: v for k, v in services.overrides.get("gateway", {}).items() if k != "web_port"}
+    if web_port is not None:
+        overrides["web_port"] = web_port
+    services.overrides["gateway"] = overrides
+    services.stop("gateway")
+    services.start("gateway")
+    services.wait_serving("gateway")
+
+
+async def start_door(deployment: str, services, target: str, port: int, certs) -> str:
+    """Start the door on ``port``; returns the name of the process it runs in."""
+    if deployment == IN_GATEWAY:
+        await asyncio.to_thread(restart_gateway, services, port)
+        return "gateway"
     command = web_command(
         target, port, str(services.artifacts), tls_files(certs) if certs else None
     )
     services.start_process("web", command)
+    return "web"
+
+
+async def stop_door(deployment: str, services) -> None:
+    """Stop the door; the gateway goes back to serving without one."""
+    if deployment == IN_GATEWAY:
+        await asyncio.to_thread(restart_gateway, services, None)
+    else:
+        services.stop("web")
+
+
+async def json_door_scenario(args, services, target: str, queries, security=None) -> dict:
+    """Start the door (in the gateway, or beside it); load it and the gateway at one rate."""
+    certs = getattr(args, "tls", None)
+    deployment = getattr(args, "json_door_deployment", IN_GATEWAY)
+    port = free_port()
+    base = f"{'https' if certs else 'http'}://127.0.0.1:{port}"
+    client_ssl = client_ssl_context(certs, deployment)
+    process = await start_door(deployment, services, target, port, certs)
     try:
-        await wait_for_door(f"{base}/openapi.json", client_ssl, proc=services.procs["web"])
+        await wait_for_door(f"{base}/openapi.json", client_ssl, proc=services.procs[process])
         spec = bench.LoadSpec(
             target=target,
             qps=args.json_qps,
@@ -196,7 +240,7 @@ async def json_door_scenario(args, services, target: str, queries, security=None
         )
         order = run_order(args.json_rounds)
         say(
-            f"{NAME}: {spec.describe()} each, {args.json_rounds} rounds "
+            f"{NAME} ({deployment}): {spec.describe()} each, {args.json_rounds} rounds "
             f"({' '.join(order)}), {spec.duration_s:g} s per run"
         )
         runs = []
@@ -222,8 +266,9 @@ async def json_door_scenario(args, services, target: str, queries, security=None
             http_call.close()
         load_average.append(os.getloadavg())
     finally:
-        services.stop("web")
+        await stop_door(deployment, services)
     report = summarise(runs, args.json_qps)
+    report["deployment"] = deployment
     report["load_average"] = {"start": list(load_average[0]), "end": list(load_average[-1])}
     return report
 
@@ -297,23 +342,38 @@ def summarise(runs: list[dict], qps: float) -> dict:
     }
 
 
+def _door_cpu(paths: dict, process: str) -> float | None:
+    """The door's CPU ms per search: ``process``'s mean on the HTTP runs minus the gRPC runs'."""
+    http = paths["http"]["cpu_ms_per_search"].get(process)
+    grpc_cost = paths["grpc"]["cpu_ms_per_search"].get(process) or 0.0
+    return None if http is None else http - grpc_cost
+
+
 def render_json_door(report: dict) -> list[str]:
     """bench.md's section on the JSON door (empty when the suite did not run it)."""
     door = report.get("json_door")
     if not door:
         return []
-    names = ("web", "gateway", "retrieval", "ranking", "bench (load generator)")
+    inside = door.get("deployment", STANDALONE) == IN_GATEWAY
+    names = ("gateway", "retrieval", "ranking", "bench (load generator)")
+    if inside:
+        where = "the door inside the gateway's process (`serve gateway --web-port`)"
+        columns = "gateway (with the door) · retrieval · ranking · load gen"
+    else:
+        names = ("web", *names)
+        where = "`imgsearch web`, a process of its own in front of the gateway"
+        columns = "web · gateway · retrieval · ranking · load gen"
     lines = [
-        f"### JSON door: HTTP through `imgsearch web` vs gRPC, open loop {door['qps']:g} qps",
+        f"### JSON door: HTTP through {where} vs gRPC, open loop {door['qps']:g} qps",
         "",
-        "Keyword + ALS, the same request sequence on both paths, interleaved in rounds of one "
-        "gRPC and one HTTP run, the first of each pair alternating. CPU ms per search: each "
-        "process's own CPU time (from /proc) over the run divided by the searches answered; "
-        "the door's process is web, the load generator is the HTTP client (a lean keep-alive "
-        "one) or the gRPC stub.",
+        "Keyword + ALS, the same request sequence on both paths into the same gateway process, "
+        "interleaved in rounds of one gRPC and one HTTP run, the first of each pair "
+        "alternating. CPU ms per search: each process's own CPU time (from /proc) over the run "
+        "divided by the searches answered; the load generator is the HTTP client (a lean "
+        "keep-alive one) or the gRPC stub.",
         "",
         "| path | requests | achieved QPS | p50 ms | p90 ms | p99 ms | max ms | errors | CPU ms "
-        "per search: web · gateway · retrieval · ranking · load gen = total |",
+        f"per search: {columns} = total |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for run in door["runs"]:
@@ -349,9 +409,14 @@ def render_json_door(report: dict) -> list[str]:
         f" median **{door['p99_added_ms']} ms**{spread} (budget {door['budget_ms']:g} ms: "
         f"{'within' if door['within_budget'] else 'over'}). Mean p99: HTTP "
         f"{paths['http']['p99_ms']} ms, gRPC {paths['grpc']['p99_ms']} ms. Mean CPU ms per "
-        f"search (web · gateway · retrieval · ranking · load gen): HTTP {mean_cost['http']}; "
-        f"gRPC {mean_cost['grpc']}.",
+        f"search ({columns}): HTTP {mean_cost['http']}; gRPC {mean_cost['grpc']}.",
     ]
+    door_cpu = _door_cpu(paths, "gateway" if inside else "web")
+    if door_cpu is not None:
+        lines.append(
+            f"The door's own CPU per search ({'the gateway' if inside else 'web'} on the HTTP "
+            f"runs minus on the gRPC runs): {door_cpu:.2f} ms."
+        )
     if load:
         lines.append(
             f"Load average over the scenario: {', '.join(f'{v:.2f}' for v in load['start'])} at "

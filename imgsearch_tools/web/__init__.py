@@ -1,1 +1,1 @@
-"""`imgsearch web`: the gateway's methods as HTTP/JSON, an OpenAPI description and a search page."""
+"""The JSON door: the gateway's methods as HTTP/JSON, an OpenAPI description, a search page."""

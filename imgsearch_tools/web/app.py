@@ -1,4 +1,4 @@
-"""The HTTP side of `imgsearch web`: routes, bearer tokens, security headers, gateway calls."""
+"""The door's HTTP side: routes, bearer tokens, security headers, calls to the gateway."""
 
 from __future__ import annotations
 
@@ -11,14 +11,13 @@ from aiohttp import web
 
 from imgsearch.config import WebConfig
 from imgsearch.feedback.v1 import feedback_service_pb2 as fb_pb
-from imgsearch.feedback.v1 import feedback_service_pb2_grpc as fb_grpc
 from imgsearch.names import RANKER_CHOICES, RETRIEVER_CHOICES
 from imgsearch.search.v1 import search_service_pb2 as pb
-from imgsearch.search.v1 import search_service_pb2_grpc as pb_grpc
 from imgsearch.security import AUTHORIZATION_KEY, ClientSecurity
-from imgsearch.tokens import FEEDBACK_WRITE, SEARCH, TokenSet
+from imgsearch.tokens import METHOD_SCOPES, SEARCH
 from imgsearch_tools.web.catalogue import CatalogueView
 from imgsearch_tools.web.errors import DoorError, from_rpc_error, invalid, parse_body
+from imgsearch_tools.web.gateways import LOG_CONVERSIONS_METHOD, SEARCH_METHOD, RemoteGateway
 from imgsearch_tools.web.openapi import openapi_document
 from imgsearch_tools.web.proto_json import to_dict
 
@@ -43,8 +42,12 @@ STATIC_FILES = {
 }
 # Paths that answer with catalogue or user data: behind the tokens when there are any.
 PROTECTED_PREFIXES = ("/v1/", "/images/")
-# The scope each protected path needs, as the gateway's methods do; `search` for the rest.
-PATH_SCOPES = {"/v1/conversions": FEEDBACK_WRITE}
+# The scope each protected path needs: the scope of the gateway method it calls; `search`
+# for the rest.
+PATH_SCOPES = {
+    "/v1/search": METHOD_SCOPES[SEARCH_METHOD],
+    "/v1/conversions": METHOD_SCOPES[LOG_CONVERSIONS_METHOD],
+}
 MAX_USERS = 200
 MAX_BODY_BYTES = 1 << 20
 CONFIG = web.AppKey("config", WebConfig)
@@ -94,50 +97,34 @@ class Door:
     Parameters
     ----------
     config:
-        Where the gateway is, the door's tokens file, the deadline of each call.
-    security:
-        How the door reaches the gateway (TLS files and the token it sends).
+        The door's port, the deadline of each call.
+    gateway:
+        How the door reaches the gateway (:mod:`imgsearch_tools.web.gateways`): over gRPC,
+        or in the gateway's own process.
     catalogue:
         The served photo ids and users (see :class:`CatalogueView`).
     """
 
-    def __init__(self, config: WebConfig, security: ClientSecurity, catalogue: CatalogueView):
+    def __init__(self, config: WebConfig, gateway, catalogue: CatalogueView):
         self.config = config
-        self.security = security
+        self.gateway = gateway
         self.catalogue = catalogue
-        self.tokens = (
-            TokenSet.from_file(config.auth_tokens_file, "auth_tokens_file")
-            if config.auth_tokens_file
-            else None
-        )
-        self.own_metadata = security.metadata()  # a missing token file fails at start
-        self.channel: grpc.aio.Channel | None = None
 
     async def start(self, app: web.Application) -> None:
-        self.channel = self.security.aio_channel(self.config.gateway_addr)
-        self.search_stub = pb_grpc.SearchServiceStub(self.channel)
-        self.feedback_stub = fb_grpc.FeedbackServiceStub(self.channel)
+        await self.gateway.start()
 
     async def close(self, app: web.Application) -> None:
-        if self.channel is not None:
-            await self.channel.close()
-
-    def metadata(self, request: web.Request) -> tuple:
-        """The door's own token when it has one, else the caller's bearer token, if any."""
-        if self.own_metadata:
-            return self.own_metadata
-        header = request.headers.get("Authorization", "")
-        return ((AUTHORIZATION_KEY, header),) if header else ()
+        await self.gateway.close()
 
     # -------------------------------------------------------------------------- endpoints
     async def search(self, request: web.Request) -> web.Response:
         search_request = parse_body(await request.read(), pb.SearchRequest)
-        reply = await self._call(self.search_stub.Search, search_request, request)
+        reply = await self._call(self.gateway.search, search_request, request)
         return _json(to_json(reply))
 
     async def log_conversions(self, request: web.Request) -> web.Response:
         log_request = parse_body(await request.read(), fb_pb.LogConversionsRequest)
-        reply = await self._call(self.feedback_stub.LogConversions, log_request, request)
+        reply = await self._call(self.gateway.log_conversions, log_request, request)
         for event, result in zip(log_request.events, reply.results):
             if result.status in (fb_pb.EVENT_STATUS_STORED, fb_pb.EVENT_STATUS_DUPLICATE):
                 when = event.converted_at.ToJsonString() if event.HasField("converted_at") else ""
@@ -147,7 +134,9 @@ class Door:
     async def _call(self, method, message, request: web.Request):
         try:
             return await method(
-                message, timeout=self.config.timeout_s, metadata=self.metadata(request)
+                message,
+                timeout=self.config.timeout_s,
+                metadata=self.gateway.metadata(request.headers.get("Authorization", "")),
             )
         except grpc.RpcError as exc:
             raise from_rpc_error(exc) from None
@@ -215,10 +204,11 @@ class Door:
 
     def _authorize(self, request: web.Request) -> None:
         """Refuse a call without a known token (401) or without the path's scope (403)."""
-        if self.tokens is None:
+        tokens = self.gateway.tokens()
+        if tokens is None:
             return
         header = request.headers.get("Authorization", "")
-        scopes = self.tokens.scopes([(AUTHORIZATION_KEY, header)] if header else [])
+        scopes = tokens.scopes([(AUTHORIZATION_KEY, header)] if header else [])
         if scopes is None:
             raise DoorError(grpc.StatusCode.UNAUTHENTICATED, "missing or invalid bearer token")
         needed = PATH_SCOPES.get(request.path, SEARCH)
@@ -229,9 +219,12 @@ class Door:
 
 
 def create_app(
-    config: WebConfig, security: ClientSecurity | None = None, catalogue=None
+    config: WebConfig, security: ClientSecurity | None = None, catalogue=None, gateway=None
 ) -> web.Application:
-    """The door's aiohttp application (started by :func:`imgsearch_tools.web.commands.serve`).
+    """The door's aiohttp application (started by :func:`imgsearch_tools.web.commands.start`).
+
+    ``gateway`` is how it reaches the gateway (:mod:`imgsearch_tools.web.gateways`); by
+    default over gRPC at ``config.gateway_addr`` with ``security``.
 
     Raises
     ------
@@ -239,7 +232,9 @@ def create_app(
         When a token file is missing or empty.
     """
     catalogue = catalogue or CatalogueView(config.artifacts, config.images)
-    door = Door(config, security or ClientSecurity(), catalogue)
+    if gateway is None:
+        gateway = RemoteGateway(config, security or ClientSecurity())
+    door = Door(config, gateway, catalogue)
     app = web.Application(middlewares=[door.guard], client_max_size=MAX_BODY_BYTES)
     app[CONFIG] = config
     app[DOOR] = door

@@ -1,4 +1,4 @@
-"""`imgsearch web`: flags, TLS for the HTTP port, and running the door until a signal."""
+"""`imgsearch web` and the door inside the gateway: flags, TLS for the HTTP port, start, stop."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from imgsearch_tools.client_flags import add_client_security_arguments, client_security
-from imgsearch_tools.serve import add_port_security_arguments
+from imgsearch_tools.port_flags import add_port_security_arguments
 
 
 def add_commands(subparsers) -> None:
@@ -99,15 +99,19 @@ def page_url(config, port: int) -> str:
     return f"{scheme}://{host}:{port}/"
 
 
-async def start(config, security=None, catalogue=None):
-    """Start the door; returns ``(runner, port)`` (stop with ``await runner.cleanup()``)."""
+async def start(config, security=None, catalogue=None, gateway=None):
+    """Start the door; returns ``(runner, port)`` (stop with ``await runner.cleanup()``).
+
+    ``gateway`` is how it reaches the gateway (:mod:`imgsearch_tools.web.gateways`); by
+    default over gRPC at ``config.gateway_addr`` with ``security``.
+    """
     from aiohttp import web
 
     from imgsearch.security import is_loopback
     from imgsearch_tools.web.app import create_app
 
     context = ssl_context(config)
-    app = create_app(config, security, catalogue)
+    app = create_app(config, security, catalogue, gateway)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, config.host, config.port, ssl_context=context)
@@ -120,6 +124,35 @@ async def start(config, security=None, catalogue=None):
             file=sys.stderr,
         )
     return runner, port
+
+
+def in_gateway_config(gateway_config):
+    """The door's settings inside the gateway: the gateway's host, certificate and tokens,
+    its artifact set, ``web_port`` and ``web_images``."""
+    from imgsearch.config import WebConfig
+
+    return WebConfig(
+        host=gateway_config.host,
+        port=gateway_config.web_port,
+        artifacts=str(gateway_config.artifacts),
+        images=gateway_config.web_images,
+        tls_cert=gateway_config.tls_cert,
+        tls_key=gateway_config.tls_key,
+        tls_client_ca=gateway_config.tls_client_ca,
+        auth_tokens_file=gateway_config.auth_tokens_file,
+    )
+
+
+async def start_in_gateway(service, gateway_config) -> str:
+    """Serve the door on the running gateway ``service``'s loop, calling its servicers in
+    this process; returns the page's address. The door stops first when the gateway stops.
+    """
+    from imgsearch_tools.web.gateways import GatewayInProcess
+
+    config = in_gateway_config(gateway_config)
+    runner, port = await start(config, gateway=GatewayInProcess(service))
+    service.stop_hooks.insert(0, runner.cleanup)
+    return page_url(config, port)
 
 
 async def serve(config, security) -> None:

@@ -1,1 +1,1 @@
-"""Tests of `imgsearch web`: the JSON door, its OpenAPI description and the search page."""
+"""Tests of the JSON door (both deployments), its OpenAPI description and the search page."""

@@ -68,17 +68,29 @@ def web_stack(loop_thread, web_artifacts, tmp_path_factory):
 
 
 class RunningDoor:
-    """`imgsearch web` on an ephemeral port of 127.0.0.1, in the stack's event loop."""
+    """The door on an ephemeral port of 127.0.0.1, in the stack's event loop: `imgsearch web`
+    over gRPC, or with ``gateway`` (a :class:`GatewayInProcess`) inside the gateway."""
 
-    def __init__(self, loop_thread, config, security=None):
+    def __init__(self, loop_thread, config, security=None, gateway=None):
         from imgsearch_tools.web.commands import page_url, start
 
         self.lt = loop_thread
-        self.runner, self.port = loop_thread.run(start(config, security))
+        self.runner, self.port = loop_thread.run(start(config, security, gateway=gateway))
         self.url = page_url(config, self.port)
 
     def stop(self) -> None:
         self.lt.run(self.runner.cleanup())
+
+
+# The two deployments every test of the `door` fixture runs against.
+DEPLOYMENTS = ("standalone", "in-gateway")
+
+
+def in_gateway(stack):
+    """The stack's gateway, called in its own process (the door of `serve gateway --web-port`)."""
+    from imgsearch_tools.web.gateways import GatewayInProcess
+
+    return GatewayInProcess(stack.gateway)
 
 
 def door_config(stack, web_artifacts, web_data, **overrides):
@@ -100,8 +112,10 @@ def door_config(stack, web_artifacts, web_data, **overrides):
     )
 
 
-@pytest.fixture(scope="module")
-def door(loop_thread, web_stack, web_artifacts, web_data):
-    running = RunningDoor(loop_thread, door_config(web_stack, web_artifacts, web_data))
+@pytest.fixture(scope="module", params=DEPLOYMENTS)
+def door(request, loop_thread, web_stack, web_artifacts, web_data):
+    gateway = in_gateway(web_stack) if request.param == "in-gateway" else None
+    config = door_config(web_stack, web_artifacts, web_data)
+    running = RunningDoor(loop_thread, config, gateway=gateway)
     yield running
     running.stop()

@@ -81,10 +81,11 @@ def test_a_body_that_is_not_json_is_400_naming_the_body(door):
 
 def test_conversions_are_logged_and_their_user_is_offered_first(door, catalogue_photo_ids):
     now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() - 5))
+    # Each deployment's door logs into the same store: ids of its own (its port).
     events = [
-        {"event_id": "api-1", "user_id": "api-user", "photo_id": catalogue_photo_ids[0],
-         "query": "red", "converted_at": now},
-        {"event_id": "api-2", "user_id": "api-user", "photo_id": "no-such-photo",
+        {"event_id": f"api-1-{door.port}", "user_id": "api-user",
+         "photo_id": catalogue_photo_ids[0], "query": "red", "converted_at": now},
+        {"event_id": f"api-2-{door.port}", "user_id": "api-user", "photo_id": "no-such-photo",
          "query": "red", "converted_at": now},
     ]  # fmt: skip
     status, _, reply = call(door.url, "/v1/conversions", {"events": events})
