@@ -29,6 +29,7 @@ from imgsearch.serving import (
 from ranking_service.history import LoggedHistory
 from ranking_service.live_photos import HIGH_WATER_KEY, LivePhotos, LivePhotosTailer
 from ranking_service.rankers.base import Ranker, RankQuery
+from ranking_service.rankers.common import all_true
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["RankingService"].full_name
 NAME = "ranking"
@@ -336,11 +337,12 @@ class RankingServicer(pb_grpc.RankingServiceServicer):
             all_scores[known_pos] = scores
         missing = n_candidates - len(candidate_idx)
         unknown = f"{missing} unknown photo id(s) ranked last" if missing else ""
-        reason = "; ".join(r for r in (reason, unknown, note) if r)
+        if unknown or note:
+            reason = "; ".join(r for r in (reason, unknown, note) if r)
         order = top_k(all_scores, request.k)
         top = all_scores[order]
         finite = np.isfinite(top)
-        if not finite.all():
+        if not all_true(finite):
             # Unknown photos (-inf) answer one below the lowest score of a known one.
             finite_min = float(np.min(scores)) if len(scores) else 0.0
             top = np.where(finite, top, finite_min - 1.0)

@@ -22,6 +22,7 @@ from imgsearch.catalogue import Catalogue
 from imgsearch.image_embeddings import ImageEmbeddings
 from ranking_service.rankers.base import Ranker, RankQuery, RankScores
 from ranking_service.rankers.common import (
+    all_true,
     as_candidates,
     conversion_matrix,
     finalize_scores,
@@ -222,7 +223,7 @@ class ALSRanker(QueryPrior, Ranker):
         if user_vector is None:
             return self.popularity_fallback(query)
         valid = known_photo_mask(candidates, len(self.item_factors))
-        if valid.all():
+        if all_true(valid):
             # Nearly every call: the rows read in place, no masked index or copy to zero.
             scores = self.item_factors.take(candidates, axis=0) @ user_vector
             scored = valid

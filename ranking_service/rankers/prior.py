@@ -72,7 +72,7 @@ class QueryPrior:
 
         Unchanged (as float64) when the weight is 0 or fewer than two candidates are valid.
         """
-        if not self.popularity_weight or valid.sum() < 2:
+        if not self.popularity_weight or np.count_nonzero(valid) < 2:
             return np.array(scores, dtype=np.float64)
         weighted = self._weighted_prior(candidates, keyword, valid)
         if len(weighted) == len(scores):  # every candidate valid: no mask, no copy to write
