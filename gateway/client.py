@@ -16,8 +16,8 @@ from imgsearch.security import ClientSecurity
 
 PLAINTEXT = ClientSecurity()
 # While a server starts, each connection attempt is refused and gRPC waits before the next one,
-# 1 s at first and 1.6 times longer each time: a server that took 10 s to start was seen
-# SERVING 6 to 10 s late. Attempts on a capped, short backoff see it within a poll or two.
+# 1 s at first and 1.6 times longer each time: servers that took 11 and 17 s to start were
+# seen SERVING 6 and 10 s late. Attempts on a capped, short backoff see it within a poll.
 HEALTH_POLL_S = 0.2
 WAIT_CHANNEL_OPTIONS = [
     ("grpc.initial_reconnect_backoff_ms", 100),
