@@ -15,15 +15,6 @@ from imgsearch.search.v1 import search_service_pb2_grpc as pb_grpc
 from imgsearch.security import ClientSecurity
 
 PLAINTEXT = ClientSecurity()
-# While a server starts, each connection attempt is refused and gRPC waits before the next one,
-# 1 s at first and 1.6 times longer each time: servers that took 11 and 17 s to start were
-# seen SERVING 6 and 10 s late. Attempts on a capped, short backoff see it within a poll.
-HEALTH_POLL_S = 0.2
-WAIT_CHANNEL_OPTIONS = [
-    ("grpc.initial_reconnect_backoff_ms", 100),
-    ("grpc.min_reconnect_backoff_ms", 100),
-    ("grpc.max_reconnect_backoff_ms", 250),
-]
 
 
 def wait_for_serving(
@@ -41,7 +32,7 @@ def wait_for_serving(
     """
     deadline = time.monotonic() + timeout
     last = "no answer"
-    with security.channel(target, WAIT_CHANNEL_OPTIONS) as channel:
+    with security.channel(target) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while time.monotonic() < deadline:
             try:
@@ -51,7 +42,7 @@ def wait_for_serving(
                 last = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
             except grpc.RpcError as exc:
                 last = f"{exc.code().name}: {exc.details()}"
-            time.sleep(HEALTH_POLL_S)
+            time.sleep(0.2)
     raise TimeoutError(f"{target} not SERVING after {timeout:.0f}s (last: {last})")
 
 
