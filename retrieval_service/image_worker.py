@@ -26,7 +26,8 @@ import multiprocessing
 import os
 import signal
 import sys
-from concurrent.futures import Future, ProcessPoolExecutor
+import threading
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +43,11 @@ MAX_BATCH = 64
 PR_SET_PDEATHSIG = 1
 # In the child: the CLIP of the last set that embedded, by set folder.
 _LOADED: dict[str, tuple[object, str]] = {}
+# In the server's process: the one image-tower child that its embedders share, and the thread
+# that spawned it (module docstring).
+_TOWER: ProcessPoolExecutor | None = None
+_TOWER_LOCK = threading.Lock()
+_SPAWNER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="image-tower")
 
 
 def _start_child(parent_pid: int) -> None:
@@ -96,32 +102,42 @@ def _embed(set_dir: str, images: list[bytes]) -> tuple[np.ndarray, str]:
     return vectors, fingerprint
 
 
-class ImageEmbedder:
-    """Embeds images with a set's CLIP image tower in the child process (module docstring)."""
-
-    def __init__(self, max_batch: int = MAX_BATCH):
-        self.pool: ProcessPoolExecutor | None = None
-        self.batcher = MicroBatcher(self._embed_keys, max_batch, 0.0, queue="images")
-        # Set folder -> the fingerprint of the CLIP weights its images were embedded with.
-        self.fingerprints: dict[str, str] = {}
-
-    def start(self) -> Future:
-        """Spawn the child now (it imports torch and open_clip); the future is done once it has."""
-        if self.pool is None:
-            self.pool = ProcessPoolExecutor(
+def _tower() -> ProcessPoolExecutor:
+    """The process's image-tower child (spawned at the first call, on :data:`_SPAWNER`)."""
+    global _TOWER
+    with _TOWER_LOCK:
+        if _TOWER is None:
+            pool = ProcessPoolExecutor(
                 max_workers=1,
                 mp_context=multiprocessing.get_context("spawn"),
                 initializer=_start_child,
                 initargs=(os.getpid(),),
             )
-        return self.pool.submit(int)
+            # A spawn-context pool starts its child inside the first submit, on the caller's
+            # thread: submitted from the spawner, the child outlives every server's threads.
+            _SPAWNER.submit(pool.submit, int).result()
+            _TOWER = pool
+        return _TOWER
+
+
+class ImageEmbedder:
+    """Embeds images with a set's CLIP image tower in the child process (module docstring)."""
+
+    def __init__(self, max_batch: int = MAX_BATCH):
+        self.batcher = MicroBatcher(self._embed_keys, max_batch, 0.0, queue="images")
+        # Set folder -> the fingerprint of the CLIP weights its images were embedded with.
+        self.fingerprints: dict[str, str] = {}
+
+    def start(self) -> Future:
+        """Spawn the process's child now unless it runs (it imports torch and open_clip); the
+        future is done once it has."""
+        return _tower().submit(int)
 
     def embed(self, set_dir: str | Path, images: list[bytes]) -> tuple[np.ndarray, str]:
         """L2-normalised embeddings of JPEG/PNG images (one row each, one call to the child,
         NaN rows for images that do not decode) and the CLIP weights' fingerprint; blocks
         until the child answers."""
-        self.start()
-        vectors, fingerprint = self.pool.submit(_embed, str(set_dir), list(images)).result()
+        vectors, fingerprint = _tower().submit(_embed, str(set_dir), list(images)).result()
         self.fingerprints[str(set_dir)] = fingerprint
         return vectors, fingerprint
 
@@ -159,7 +175,5 @@ class ImageEmbedder:
         return vectors, self.fingerprints[key]
 
     def close(self) -> None:
+        """Stop batching; the process's child stays for the process's other embedders."""
         self.batcher.close()
-        pool, self.pool = self.pool, None
-        if pool is not None:
-            pool.shutdown(wait=False, cancel_futures=True)

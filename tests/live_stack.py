@@ -113,8 +113,9 @@ class LiveStack:
 
     def processes(self, folder) -> tuple[object, object]:
         """A retrieval server of the whole set and a gateway over it as `imgsearch serve`
-        processes (not started): (the retrieval server, the gateway). The image tower's process
-        is spawned at the first write, not at each start."""
+        processes (not started): (the retrieval server, the gateway). The retrieval server
+        spawns its image tower's process at start, as it does by default, so that the tower
+        starts while the server loads instead of after it, at the first write."""
         from tests.processes import ServerProcess
 
         retrieval = ServerProcess(
@@ -122,7 +123,7 @@ class LiveStack:
             self.root,
             folder / "retrieval.log",
             "--live-catalogue",
-            env={"IMGSEARCH_IMAGE_WORKER_AT_START": "0"},
+            env={"IMGSEARCH_IMAGE_WORKER_AT_START": "1"},
         )
         gateway = ServerProcess(
             "gateway",
