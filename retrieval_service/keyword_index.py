@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 
 from imgsearch.catalogue import normalise_keyword
+from retrieval_service.keyword_postings import keyword_codes, posting_lists
 from retrieval_service.retrievers import RetrievalResult, Retriever
 from retrieval_service.token_match import MAX_DEPTH, TokenPostings, match
 
@@ -58,19 +59,18 @@ class KeywordIndex(Retriever):
     def from_keywords(cls, keywords: pd.DataFrame) -> KeywordIndex:
         """Build from a normalised keywords table (photo_idx, keyword, confidence).
 
-        Linear in the rows: the keywords are numbered by hashing (:func:`pandas.factorize`) and
-        the rows ordered by keyword, descending confidence, then photo with 16-bit radix passes
-        (:func:`postings_order`), instead of comparing strings row by row.
+        Linear in the rows, in cache-sized pieces (:mod:`retrieval_service.keyword_postings`):
+        the keywords are numbered by one dictionary encoding and each keyword's rows ordered
+        by descending confidence, then photo, without comparing strings row by row.
         """
-        codes, vocabulary = pd.factorize(keywords["keyword"], sort=True)
-        photo_idx = keywords["photo_idx"].to_numpy(np.int64)
-        conf = keywords["confidence"].to_numpy(np.float32)
-        order = postings_order(codes, conf, photo_idx)
-        offsets = np.zeros(len(vocabulary) + 1, np.int64)
-        np.cumsum(np.bincount(codes, minlength=len(vocabulary)), out=offsets[1:])
-        return cls(
-            np.asarray(vocabulary, dtype=str).astype(object), offsets, photo_idx[order], conf[order]
+        codes, vocabulary = keyword_codes(keywords["keyword"])
+        offsets, photo_idx, conf = posting_lists(
+            codes,
+            keywords["confidence"].to_numpy(np.float32),
+            keywords["photo_idx"].to_numpy(),
+            len(vocabulary),
         )
+        return cls(vocabulary, offsets, photo_idx, conf)
 
     def shard(self, keep: np.ndarray) -> KeywordIndex:
         """The index over the photos where ``keep[photo_idx]`` is True, same vocabulary.
@@ -175,22 +175,3 @@ class KeywordIndex(Retriever):
             note += f" (read the best {MAX_DEPTH} photos of each token)"
         scores = found.scores
         return RetrievalResult(found.photos, scores, {"keyword": scores}, note=note)
-
-
-def postings_order(codes: np.ndarray, conf: np.ndarray, photo_idx: np.ndarray) -> np.ndarray:
-    """The row order by ``codes`` ascending, then ``conf`` descending, then ``photo_idx``.
-
-    A least-significant-digit radix sort: stable 16-bit passes (numpy sorts 16-bit keys by
-    radix, in linear time), the last key first. A float32's bits, with the sign bit flipped
-    for positive numbers and all bits for negative ones, order as the floats do.
-    """
-    bits = np.asarray(conf, np.float32).view(np.uint32)
-    flip = np.where(bits >> 31 == 1, np.uint32(0xFFFFFFFF), np.uint32(0x80000000))
-    descending = ~(bits ^ flip)
-    keys = [np.asarray(photo_idx, np.int64), descending, np.asarray(codes, np.int64)]
-    order = np.arange(len(bits))
-    for key in keys:
-        for shift in range(0, max(int(key.max(initial=0)).bit_length(), 1), 16):
-            digit = ((key[order] >> shift) & 0xFFFF).astype(np.uint16)
-            order = order[np.argsort(digit, kind="stable")]
-    return order

@@ -20,7 +20,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from retrieval_service.token_subsets import CACHE_DENSITY, MAX_TOKENS, Bitset, by_subsets
+from retrieval_service.token_subsets import (
+    BAND_SHARE,
+    CACHE_DENSITY,
+    MAX_TOKENS,
+    Band,
+    Bitset,
+    by_subsets,
+)
 
 # The most postings one token contributes to one query: what bounds the work of a query.
 MAX_DEPTH = 262_144
@@ -69,6 +76,24 @@ class TokenPostings:
         if len(self.photos) >= CACHE_DENSITY * 64 * len(bitset.words):
             object.__setattr__(self, "_bitset", bitset)  # a cache: equal either way
         return bitset
+
+    def band(self) -> Band | None:
+        """The token's best ``1 / BAND_SHARE`` photos by confidence as bits, kept beside a
+        kept bitset; None when the bitset is not kept (few photos: a query reads them all
+        cheaply) or the token has too few photos to split."""
+        cached = self.__dict__.get("_band")
+        if cached is not None:
+            return cached
+        self.bitset()
+        if "_bitset" not in self.__dict__:
+            return None
+        size = -(-len(self) // BAND_SHARE)
+        if size >= len(self):
+            return None
+        best = np.sort(self.photos_by_conf[:size])
+        band = Band(Bitset.of(best).words, float(self.conf_by_conf[size]))
+        object.__setattr__(self, "_band", band)  # a cache, as the bitset
+        return band
 
 
 @dataclass(frozen=True)

@@ -79,32 +79,94 @@ def test_the_token_fallback_sums_each_photos_best_confidence_per_token(index):
     assert np.allclose(first.scores, expected)
 
 
-def test_the_radix_built_index_orders_postings_as_sorting_the_table_does():
-    from retrieval_service.keyword_index import postings_order
+def _sorted_like_the_table(table: pd.DataFrame) -> pd.DataFrame:
+    """The rows as a stable sort of the table orders them: keyword, confidence down, photo."""
+    return table.sort_values(
+        ["keyword", "confidence", "photo_idx"], ascending=[True, False, True], kind="stable"
+    )
 
+
+@pytest.mark.parametrize("block, chunk", [(131_072, 65_536), (700, 256), (1, 1)])
+def test_the_built_index_orders_postings_as_sorting_the_table_does(monkeypatch, block, chunk):
+    from retrieval_service import keyword_postings
+
+    # Small blocks and chunks: keywords sorted alone and together, chunks split mid-keyword.
+    monkeypatch.setattr(keyword_postings, "BLOCK", block)
+    monkeypatch.setattr(keyword_postings, "CHUNK", chunk)
     rng = np.random.default_rng(0)
-    rows = 20_000
+    rows = 20_000 if block > 1 else 2_000
     table = pd.DataFrame(
         {
+            # Not in photo order, as a catalogue read from shards in any order may be.
             "photo_idx": rng.integers(0, 200_000, rows).astype(np.int32),
             "keyword": rng.choice(["sea", "red car", "night", "b", "a", "zz top"], rows),
             # Coarse, negative and zero confidences: ties and the sign bit.
             "confidence": (rng.integers(-4, 9, rows) / 8).astype(np.float32),
         }
     ).drop_duplicates(["photo_idx", "keyword"])
+    table.loc[table.index[:5], "confidence"] = np.float32(-0.0)
     index = KeywordIndex.from_keywords(table)
-    expected = table.sort_values(
-        ["keyword", "confidence", "photo_idx"], ascending=[True, False, True], kind="stable"
-    )
+    expected = _sorted_like_the_table(table)
     assert index.vocabulary.tolist() == sorted(set(table["keyword"]))
     assert index.photo_idx.tolist() == expected["photo_idx"].tolist()
+    # -0.0 ties with 0.0 (and is kept as 0.0).
     assert index.conf.tolist() == expected["confidence"].tolist()
     assert index.offsets[-1] == len(table)
     for row, keyword in enumerate(index.vocabulary):
         lo, hi = index.offsets[row], index.offsets[row + 1]
         assert set(index.photo_idx[lo:hi]) == set(table.photo_idx[table.keyword == keyword])
-    wide = np.array([70_000, 3, 70_000]), np.array([0.5, 0.5, 0.5], np.float32)
-    assert postings_order(np.array([1, 0, 0]), wide[1], wide[0]).tolist() == [1, 2, 0]
+
+
+def test_photo_numbers_of_every_width_and_a_vocabulary_past_16_bits():
+    from retrieval_service.keyword_postings import posting_lists
+
+    # Photo numbers of 32 bits leave no bit for a keyword's number within a block.
+    wide = np.array([2**32 - 1, 3, 70_000, 2**32 - 1]), np.array([0.5, 0.5, 0.5, 0.7], np.float32)
+    offsets, photos, conf = posting_lists(np.array([1, 0, 0, 1]), wide[1], wide[0], 2)
+    assert offsets.tolist() == [0, 2, 4]
+    assert photos.tolist() == [3, 70_000, 2**32 - 1, 2**32 - 1]
+    assert conf.tolist() == np.array([0.5, 0.5, 0.7, 0.5], np.float32).tolist()
+    with pytest.raises(ValueError, match="photo_idx"):
+        posting_lists(np.array([0]), np.array([0.5], np.float32), np.array([2**32]), 1)
+    # More keywords than a 16-bit number holds.
+    rng = np.random.default_rng(1)
+    table = pd.DataFrame(
+        {
+            "photo_idx": rng.integers(0, 1_000, 100_000),
+            "keyword": [f"k{i:06d}" for i in rng.permutation(100_000)],
+            "confidence": rng.random(100_000).astype(np.float32),
+        }
+    )
+    index = KeywordIndex.from_keywords(table)
+    expected = _sorted_like_the_table(table)
+    assert len(index.vocabulary) > 2**16
+    assert index.photo_idx.tolist() == expected["photo_idx"].tolist()
+    assert index.conf.tolist() == expected["confidence"].tolist()
+
+
+@pytest.mark.parametrize("dtype", ["str", "object", "category", "string[python]"])
+def test_the_keyword_column_may_be_of_any_string_type(dtype):
+    table = pd.DataFrame(
+        {
+            "photo_idx": np.array([2, 0, 1], np.int64),
+            "keyword": pd.Series(["sea", "night", "sea"], dtype=dtype),
+            "confidence": [0.5, 0.25, 0.75],
+        }
+    )
+    index = KeywordIndex.from_keywords(table)
+    assert index.vocabulary.tolist() == ["night", "sea"]
+    assert index.photo_idx.tolist() == [0, 1, 2]
+    assert index.offsets.tolist() == [0, 1, 3]
+    empty = KeywordIndex.from_keywords(table.iloc[:0])
+    assert len(empty.vocabulary) == 0 and empty.offsets.tolist() == [0]
+    assert empty.retrieve("sea", 10).photo_idx.tolist() == []
+
+
+def test_a_missing_keyword_names_its_row():
+    from retrieval_service.keyword_postings import keyword_codes
+
+    with pytest.raises(ValueError, match="row 1"):
+        keyword_codes(pd.Series(["sea", None, "night"], dtype="str"))
 
 
 def test_a_shard_answers_a_multi_word_query_whose_token_has_no_photo_there(index):

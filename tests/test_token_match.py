@@ -197,3 +197,56 @@ def test_a_sparse_token_builds_its_bitset_per_query_and_a_dense_one_keeps_it():
     assert dense.bitset() is dense.bitset()
     found = match([sparse, dense], 2, 5)
     assert found.photos.tolist() == score_all([sparse, dense], 2, 5)[0].tolist()
+
+
+def two_tokens(together: bool) -> list[TokenPostings]:
+    """Two tokens over the same 20,000 photos, confidences with no ties: rising together, or
+    one rising as the other falls."""
+    rng = np.random.default_rng(11)
+    photos = np.arange(20_000)
+    first = rng.random(20_000)
+    second = first if together else 1 - first
+    second = np.clip(second + rng.normal(0, 0.05, 20_000), 0, 1)
+    return [
+        TokenPostings.from_best(photos, first.astype(np.float32)),
+        TokenPostings.from_best(photos, second.astype(np.float32)),
+    ]
+
+
+@pytest.mark.parametrize("together", [True, False])
+def test_the_photos_holding_every_token_are_read_band_first(monkeypatch, together):
+    from retrieval_service import token_subsets
+
+    parts = []
+    intersect = token_subsets._intersect
+
+    def spy(postings, bitsets, others, n_tokens, part=None):
+        parts.append(part[0] if part else "all")
+        return intersect(postings, bitsets, others, n_tokens, part)
+
+    monkeypatch.setattr(token_subsets, "_intersect", spy)
+    postings = two_tokens(together)
+    for k in (1, 100):
+        parts.clear()
+        found = match(postings, 3, k)
+        photos, scores = score_all(postings, 3, k)
+        assert found.photos.tolist() == photos.tolist()
+        assert found.scores.tolist() == scores.tolist()
+        # Together, the band settles the top; apart, no photo is in both bands, and the
+        # others (all scoring about the same) must be read too.
+        assert parts == (["band"] if together else ["band", "rest"])
+
+
+def test_a_band_holds_a_tokens_best_photos_and_bounds_the_others():
+    from retrieval_service.token_subsets import BAND_SHARE
+
+    token = two_tokens(True)[0]
+    band = token.band()
+    size = -(-len(token) // BAND_SHARE)
+    assert set_bits(band.words).tolist() == sorted(token.photos_by_conf[:size].tolist())
+    assert band.rest_best == token.conf_by_conf[size] == token.conf_by_conf[size:].max()
+    assert token.band() is band
+    sparse = TokenPostings.from_best(np.array([3, 90_000]), np.array([0.5, 0.9], np.float32))
+    assert sparse.band() is None  # its bitset is built per query, and it is read whole
+    one = TokenPostings.from_best(np.array([3]), np.array([0.5], np.float32))
+    assert one.bitset() is one.bitset() and one.band() is None  # nothing to split
