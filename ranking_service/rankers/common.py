@@ -56,10 +56,14 @@ def retrieval_order_scores(candidates: np.ndarray, retrieval_scores: np.ndarray)
     order": the first gets ``n``, the last ``1``. Non-finite scores count as the lowest.
     """
     n = len(candidates)
-    scores = np.asarray(retrieval_scores, dtype=np.float64).reshape(-1)
+    scores = np.array(retrieval_scores, dtype=np.float64).reshape(-1)  # a copy of its own
     if len(scores) != n or n == 0:
         return np.arange(n, 0, -1, dtype=np.float64)
     finite = np.isfinite(scores)
+    if all_true(finite):  # nearly every request: no mask to apply
+        if np.maximum.reduce(scores) == np.minimum.reduce(scores):
+            return np.arange(n, 0, -1, dtype=np.float64)
+        return scores
     if not finite.any() or np.ptp(scores[finite]) == 0.0:
         return np.arange(n, 0, -1, dtype=np.float64)
     return np.where(finite, scores, scores[finite].min() - 1.0)
@@ -77,9 +81,11 @@ def ordinal_scores(primary: np.ndarray, secondary: np.ndarray) -> np.ndarray:
         return np.zeros(0, dtype=np.float64)
     # lexsort: the last key is the primary one; ascending, so the best come last.
     order = np.lexsort((secondary, primary))
+    first, second = primary[order], secondary[order]
     step = np.empty(n, dtype=bool)
     step[0] = True
-    step[1:] = (np.diff(primary[order]) != 0) | (np.diff(secondary[order]) != 0)
+    np.not_equal(first[1:], first[:-1], out=step[1:])
+    step[1:] |= second[1:] != second[:-1]
     scores = np.empty(n, dtype=np.float64)
     scores[order] = np.cumsum(step) / n
     return scores

@@ -13,6 +13,7 @@ from imgsearch.catalogue import Catalogue, normalise_keyword
 from imgsearch.image_embeddings import ImageEmbeddings
 from ranking_service.rankers.base import Ranker, RankQuery, RankScores
 from ranking_service.rankers.common import (
+    all_true,
     as_candidates,
     finalize_scores,
     known_photo_mask,
@@ -77,6 +78,7 @@ class PopularityRanker(Ranker):
         self.keyword_photos = np.zeros(0, dtype=np.int64)
         self.keyword_counts = np.zeros(0, dtype=np.int64)
         self._keyword_lookup: dict[str, int] = {}
+        self._keyword_totals: list[int] = []
         self._total = 1
         self._memo: dict | None = None
 
@@ -124,6 +126,11 @@ class PopularityRanker(Ranker):
 
     def _index_keywords(self) -> None:
         self._keyword_lookup = {name: i for i, name in enumerate(self.keyword_names)}
+        # Each keyword's conversions, summed once rather than per request.
+        self._keyword_totals = [
+            int(self.keyword_counts[lo:hi].sum())
+            for lo, hi in zip(self.keyword_ptr[:-1].tolist(), self.keyword_ptr[1:].tolist())
+        ]
         # Counted once: a sum over every photo per request grows with the catalogue.
         self._total = max(int(self.photo_counts.sum()), 1)
 
@@ -195,26 +202,31 @@ class PopularityRanker(Ranker):
     ) -> tuple[np.ndarray, str, float]:
         """:meth:`_shares`, counted."""
         known = known_photo_mask(candidates, len(self.photo_counts))
-        valid = known if cold is None else known | cold
         total = self._total
-        share = np.full(len(candidates), -1.0)
-        share[valid] = 0.0  # a cold photo: no conversions
-        share[known] = self.photo_counts[candidates[known]] / total
-        if not self.per_keyword or self._keyword_lookup.get(normalise_keyword(keyword)) is None:
+        if cold is None and all_true(known):  # nearly every request: no mask to apply
+            valid = known
+            share = self.photo_counts.take(candidates) / total
+        else:
+            valid = known if cold is None else known | cold
+            share = np.full(len(candidates), -1.0)
+            share[valid] = 0.0  # a cold photo: no conversions
+            share[known] = self.photo_counts[candidates[known]] / total
+        keyword_id = self._keyword_lookup.get(normalise_keyword(keyword))
+        if not self.per_keyword or keyword_id is None:
             reason = UNKNOWN_KEYWORD if self.per_keyword else ""
             counts = np.where(valid, share * total, 0.0)
             shares = self._with_stats(counts, counts > 0, total, candidates, valid, total)
             return shares, reason, float(total)
-        keyword_id = self._keyword_lookup[normalise_keyword(keyword)]
         lo, hi = self.keyword_ptr[keyword_id], self.keyword_ptr[keyword_id + 1]
         photos, counts = self.keyword_photos[lo:hi], self.keyword_counts[lo:hi]
-        position = np.minimum(np.searchsorted(photos, candidates), len(photos) - 1)
+        position = np.minimum(photos.searchsorted(candidates), len(photos) - 1)
         keyword_count = np.where(photos[position] == candidates, counts[position], 0)
-        denominator = counts.sum() + self.keyword_prior
+        n_conversions = self._keyword_totals[keyword_id]
+        denominator = n_conversions + self.keyword_prior
         pseudo_counts = keyword_count + self.keyword_prior * share
         converted = keyword_count > 0
         blended = self._with_stats(
-            pseudo_counts, converted, counts.sum(), candidates, valid, denominator
+            pseudo_counts, converted, n_conversions, candidates, valid, denominator
         )
         return blended, "", float(denominator)
 
@@ -236,17 +248,20 @@ class PopularityRanker(Ranker):
         the query, the stats only how popular those are, so a much-viewed photo that does not
         match is not lifted above the ones that do.
         """
-        shares = np.full(len(candidates), -1.0)
-        observed = np.maximum(counts[valid], 0.0)
-        supported = converted[valid]
+        every = all_true(valid)
+        observed = np.maximum(counts if every else counts[valid], 0.0)
+        supported = converted if every else converted[valid]
         if self.stats_strength > 0 and len(self.stats_rates) and supported.any():
-            rows = candidates[valid]
+            rows = candidates if every else candidates[valid]
             rows = np.where(rows < len(self.stats_rates), rows, 0)  # cold photos: unsupported
             rates = np.where(supported, self.stats_rates[rows], 0.0)
             expected = max(n_conversions, 1.0) * rates / max(rates.sum(), 1e-12)
             strength = self.stats_strength
             posterior = expected * (observed + strength) / np.maximum(expected + strength, 1e-12)
             observed = np.where(supported, posterior, observed)
+        if every:
+            return observed / max(denominator, 1.0)
+        shares = np.full(len(candidates), -1.0)
         shares[valid] = observed / max(denominator, 1.0)
         return shares
 

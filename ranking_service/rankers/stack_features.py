@@ -27,8 +27,7 @@ import numpy as np
 from imgsearch.catalogue import Catalogue, normalise_keyword
 from imgsearch.image_embeddings import ImageEmbeddings
 from ranking_service.rankers.base import RankQuery
-from ranking_service.rankers.common import known_photo_mask, retrieval_order_scores
-from ranking_service.rankers.prior import standardised
+from ranking_service.rankers.common import all_true, known_photo_mask, retrieval_order_scores
 
 RETRIEVAL_FEATURES = ("retrieval_score", "retrieval_z", "retrieval_rank")
 PHOTO_FEATURES = (
@@ -54,7 +53,18 @@ def rank_share(scores: np.ndarray) -> np.ndarray:
     if n == 0:
         return np.zeros(0, dtype=np.float64)
     ordered = np.sort(scores)
-    return (n - np.searchsorted(ordered, scores, side="right")) / n
+    return (n - ordered.searchsorted(scores, side="right")) / n
+
+
+def standardised_rows(values: np.ndarray) -> np.ndarray:
+    """:func:`~ranking_service.rankers.prior.standardised` of each row of ``values`` at once
+    (the same numbers: each row is summed in the same order)."""
+    n = values.shape[1]
+    if n == 0:
+        return values.copy()
+    centred = values - (np.add.reduce(values, axis=1) / n)[:, None]
+    spread = np.sqrt(np.add.reduce(centred * centred, axis=1) / n)[:, None]
+    return np.divide(centred, spread, out=np.zeros_like(centred), where=spread > 0)
 
 
 class StackFeatures:
@@ -132,48 +142,64 @@ class StackFeatures:
         """The feature matrix of ``query``'s candidates (:func:`feature_names`' columns).
 
         ``base_scores`` are the base rankers' scores of the candidates (in the bases' order)
-        and ``log_prior`` the query's popularity prior over them.
+        and ``log_prior`` the query's popularity prior over them. The matrix is filled feature
+        by feature (one contiguous row each) and returned as its transpose, candidates ×
+        features: the same numbers as filling it column by column, in fewer numpy calls.
         """
         candidates = np.asarray(query.candidates, dtype=np.int64)
         n = len(candidates)
         valid = known_photo_mask(candidates, len(self.log_views))
-        safe = np.where(valid, candidates, 0)
-        retrieval = retrieval_order_scores(candidates, query.retrieval_scores)
-        columns = [retrieval, standardised(retrieval), rank_share(retrieval)]
-        for scores in base_scores:
-            scores = np.asarray(scores, dtype=np.float64)
-            columns += [standardised(scores), rank_share(scores)]
+        known_only = all_true(valid)
+        safe = candidates if known_only else np.where(valid, candidates, 0)
+        k = len(base_scores)
+        matrix = np.empty((len(RETRIEVAL_FEATURES) + 2 * k + len(PHOTO_FEATURES), n))
+        # Scores to standardise and rank: the retrieval's, then each base's.
+        scores = np.empty((1 + k, n))
+        scores[0] = retrieval_order_scores(candidates, query.retrieval_scores)
+        for i, base in enumerate(base_scores):
+            scores[1 + i] = base
+        z = standardised_rows(scores)
+        matrix[0] = scores[0]
+        matrix[1] = z[0]
+        matrix[2] = rank_share(scores[0])
+        for i in range(k):
+            matrix[3 + 2 * i] = z[1 + i]
+            matrix[4 + 2 * i] = rank_share(scores[1 + i])
+        photo = matrix[3 + 2 * k :]
         keyword = normalise_keyword(query.keyword)
-        confidence, similarity = self._keyword_figures(keyword, candidates, safe, valid)
-        log_views = np.where(valid, self.log_views[safe], np.nan)
-        log_downloads = np.where(valid, self.log_downloads[safe], np.nan)
-        cold = query.cold(valid)
-        if cold.any():
-            live = query.live
-            log_views[cold] = np.log1p(np.maximum(live.views[cold], 0.0))
-            log_downloads[cold] = np.log1p(np.maximum(live.downloads[cold], 0.0))
-            rows = np.flatnonzero(cold)
-            confidence[rows] = [live.keywords[i].get(keyword, 0.0) for i in rows.tolist()]
-            index = self._lookup.get(keyword)
-            if index is not None and live.embeddings is not None and self.embeddings is not None:
-                pictured = cold & live.has_embedding
-                if live.embeddings.shape[1] == self.centroids.shape[1] and pictured.any():
-                    similarity[pictured] = live.embeddings[pictured] @ self.centroids[index]
+        photo[0], photo[1] = self._keyword_figures(keyword, candidates, safe, valid)
+        photo[2] = log_prior
+        if known_only:
+            photo[3] = self.log_views.take(candidates)
+            photo[4] = self.log_downloads.take(candidates)
+        else:
+            photo[3] = np.where(valid, self.log_views[safe], np.nan)
+            photo[4] = np.where(valid, self.log_downloads[safe], np.nan)
+            self._cold_rows(query, keyword, valid, photo)
         user = query.user_idx
         known = user is not None and 0 <= user < len(self.user_history)
-        columns += [
-            confidence,
-            similarity,
-            np.asarray(log_prior, dtype=np.float64),
-            log_views,
-            log_downloads,
-            np.full(n, float(self.user_history[user]) if known else 0.0),
-            np.full(n, np.log1p(len(query.recent_photos))),
-        ]
-        matrix = np.empty((n, len(columns)))
-        for j, column in enumerate(columns):
-            matrix[:, j] = column
-        return matrix
+        photo[5] = float(self.user_history[user]) if known else 0.0
+        photo[6] = np.log1p(len(query.recent_photos))
+        return matrix.T
+
+    def _cold_rows(
+        self, query: RankQuery, keyword: str, valid: np.ndarray, photo: np.ndarray
+    ) -> None:
+        """Fill the photo features of live photos beyond the built catalogue from their
+        records and the embeddings they were written with (``photo``: the photo rows)."""
+        cold = query.cold(valid)
+        if not cold.any():
+            return
+        live = query.live
+        photo[3, cold] = np.log1p(np.maximum(live.views[cold], 0.0))
+        photo[4, cold] = np.log1p(np.maximum(live.downloads[cold], 0.0))
+        rows = np.flatnonzero(cold)
+        photo[0, rows] = [live.keywords[i].get(keyword, 0.0) for i in rows.tolist()]
+        index = self._lookup.get(keyword)
+        if index is not None and live.embeddings is not None and self.embeddings is not None:
+            pictured = cold & live.has_embedding
+            if live.embeddings.shape[1] == self.centroids.shape[1] and pictured.any():
+                photo[1, pictured] = live.embeddings[pictured] @ self.centroids[index]
 
     def _keyword_figures(
         self, keyword: str, candidates: np.ndarray, safe: np.ndarray, valid: np.ndarray

@@ -24,7 +24,7 @@ from imgsearch.catalogue import Catalogue
 from imgsearch.evaluation_protocol import temporal_split
 from imgsearch.image_embeddings import ImageEmbeddings
 from ranking_service.rankers.base import Ranker, RankQuery, RankScores
-from ranking_service.rankers.booster_predict import predict_rows
+from ranking_service.rankers.booster_predict import predict_rows, prepare
 from ranking_service.rankers.common import (
     as_candidates,
     finalize_scores,
@@ -281,6 +281,7 @@ class StackedRanker(Ranker):
             )
         share_popularity(ranker.base_models)
         ranker.boosters = [lightgbm.Booster(model_file=str(directory / MODEL_FILE))]
+        prepare(ranker.boosters[0])  # the tree scorer built and checked now, not at a request
         ranker.features = StackFeatures(load_arrays(directory / FEATURES_FILE), embeddings)
         return ranker
 
