@@ -47,6 +47,7 @@ from imgsearch.image_embeddings import ImageEmbeddings
 from ranking_service.rankers.base import Ranker, RankQuery, RankScores
 from ranking_service.rankers.common import (
     OutdatedRankerError,
+    all_true,
     as_candidates,
     finalize_scores,
     known_photo_mask,
@@ -251,7 +252,7 @@ class ClipProfileRanker(QueryPrior, Ranker):
                 vectors[live] = query.live.embeddings[live]
                 pictured |= live
         scores = vectors @ profile
-        if pictured.any():
+        if not all_true(pictured) and pictured.any():  # nearly every request: all pictured
             scores[~pictured] = scores[pictured].mean()
         scored = valid | cold
         scores = self.add_log_prior(scores, candidates, query.keyword, scored)
