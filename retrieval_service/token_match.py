@@ -21,11 +21,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from retrieval_service.token_subsets import (
-    BAND_SHARE,
     CACHE_DENSITY,
     MAX_TOKENS,
     Band,
     Bitset,
+    Levels,
     by_subsets,
 )
 
@@ -78,22 +78,26 @@ class TokenPostings:
         return bitset
 
     def band(self) -> Band | None:
-        """The token's best ``1 / BAND_SHARE`` photos by confidence as bits, kept beside a
-        kept bitset; None when the bitset is not kept (few photos: a query reads them all
-        cheaply) or the token has too few photos to split."""
-        cached = self.__dict__.get("_band")
+        """The token's best ``1 / BAND_SHARE`` photos by confidence as bits (its first level),
+        bounding the others by the best confidence outside it; None without levels."""
+        levels = self.levels()
+        return None if levels is None else levels.band
+
+    def levels(self) -> Levels | None:
+        """The token's photos cut by rank of confidence at ``LEVEL_CUTS``, as bits, kept beside
+        a kept bitset; None when the bitset is not kept (few photos: a query reads them all
+        cheaply) or the token has too few photos to cut."""
+        cached = self.__dict__.get("_levels")
         if cached is not None:
             return cached
         self.bitset()
         if "_bitset" not in self.__dict__:
             return None
-        size = -(-len(self) // BAND_SHARE)
-        if size >= len(self):
+        levels = Levels.of(self.photos_by_conf, self.conf_by_conf)
+        if levels is None:
             return None
-        best = np.sort(self.photos_by_conf[:size])
-        band = Band(Bitset.of(best).words, float(self.conf_by_conf[size]))
-        object.__setattr__(self, "_band", band)  # a cache, as the bitset
-        return band
+        object.__setattr__(self, "_levels", levels)  # a cache, as the bitset
+        return levels
 
 
 @dataclass(frozen=True)

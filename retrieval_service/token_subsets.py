@@ -10,11 +10,15 @@ or, when few photos hold them all, after the best photos of each token that hold
 * ``|S| >= 2``: the photos are the AND of the tokens in S without the other tokens (bitsets,
   one word per 64 photos), each scored exactly: a token's confidence is read at the photo's rank
   in that token's photo list, counted with a per-word prefix of bits. Each token also keeps its
-  band, the bits of its best ``1 / BAND_SHARE`` photos by confidence: the photos of S in the
-  band of one of its tokens are read first, under S's bound, and the others only while they
-  could still reach the top, under the bound of the best confidences outside the bands. Tokens
-  whose photos share many photos usually settle the top from their bands: a query then scores
-  about a quarter of the photos holding every token instead of all of them;
+  levels, the bits of its photos cut by rank of confidence at :data:`LEVEL_CUTS` (the first,
+  its best ``1 / BAND_SHARE``, is its band). Two tokens' photos are read a cell of levels at a
+  time (a level of each token: both bands, one band and the other's rest, both rests), best
+  cell bound first, so that photos high in one token and low in the other are bounded by
+  both; for more tokens the photos in the band of one of them
+  are read first, under S's bound, and the others only while they could still reach the top,
+  under the bound of the best confidences outside the bands. Tokens whose photos share many
+  photos usually settle the top from their best cells or bands: a query then scores a
+  fraction of the photos holding every token instead of all of them;
 * ``|S| == 1``: the photos are read best confidence first from the token's list, skipping those
   holding another token, until the k-th (and every photo tied with it) is found.
 
@@ -27,6 +31,7 @@ visited, instead of every posting of every token.
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -39,6 +44,12 @@ CACHE_DENSITY = 1 / 64
 # A token's band holds the best 1/BAND_SHARE of its photos by confidence: the photos holding
 # several tokens are read band first, and the rest only while it could still reach the top.
 BAND_SHARE = 8
+# Where a token's photos, by rank of confidence, are cut into levels (the first level is the
+# band). Two tokens are read a cell (a level of each) at a time: a photo high in one token and
+# low in the other, as a tagger's confusions are, is bounded by both. Finer cuts (1/8, 1/4,
+# 1/2, 3/4: 25 cells) cost more per query than they saved at a million photos (each cell is an
+# AND over every word), so two levels, four cells.
+LEVEL_CUTS = (1 / BAND_SHARE,)
 # Photos read per step when walking one token's list best first (doubled each step).
 FIRST_WALK = 1_024
 
@@ -52,6 +63,29 @@ class Band:
 
     words: np.ndarray  # uint64, as Bitset.words
     rest_best: float
+
+
+@dataclass(frozen=True)
+class Levels:
+    """A token's photos cut by rank of confidence at :data:`LEVEL_CUTS`: the bits of each
+    level (as Bitset.words), and the best confidence in each level."""
+
+    words: tuple[np.ndarray, ...]
+    tops: tuple[float, ...]
+    band: Band  # the first level, bounding the others by the second's best
+
+    @classmethod
+    def of(cls, photos_by_conf: np.ndarray, conf_by_conf: np.ndarray) -> Levels | None:
+        """The levels of a token's photos by descending confidence; None when there are too
+        few photos to cut in two."""
+        n = len(photos_by_conf)
+        cuts = sorted({0, *(math.ceil(n * share) for share in LEVEL_CUTS)})
+        cuts = [c for c in cuts if c < n] + [n]
+        if len(cuts) < 3:
+            return None
+        words = tuple(Bitset.of(np.sort(photos_by_conf[a:b])).words for a, b in zip(cuts, cuts[1:]))
+        tops = tuple(float(conf_by_conf[a]) for a in cuts[:-1])
+        return cls(words, tops, Band(words[0], tops[1]))
 
 
 @dataclass(frozen=True)
@@ -141,6 +175,7 @@ def by_subsets(
     found_scores: list[np.ndarray] = []
     kth = None
     read: set[tuple[int, ...]] = set()
+    holding: dict[tuple[int, ...], np.ndarray] = {}  # a subset's photos, for each of its parts
     for bound, subset, part in _parts(postings, n_tokens):
         if kth is not None and kth > bound:
             break  # no photo left can reach the k-th; a tie could (lower photo_idx first)
@@ -149,10 +184,12 @@ def by_subsets(
         if len(subset) == 1:
             photos, scores = _walk(postings[subset[0]], others, n_tokens, k, allowed)
         else:
+            if subset not in holding:
+                holding[subset] = _holding([bitsets[t] for t in subset], others)
             photos, scores = _intersect(
                 [postings[t] for t in subset],
                 [bitsets[t] for t in subset],
-                others,
+                holding[subset],
                 n_tokens,
                 part,
             )
@@ -181,16 +218,27 @@ def by_subsets(
 def _parts(postings, n_tokens: int) -> list[tuple[np.float32, tuple[int, ...], tuple | None]]:
     """(bound, subset, part) to visit, best bound first.
 
-    A subset of several tokens whose tokens all keep a :class:`Band` is visited in two parts:
-    ``("band", bands)``, its photos in the band of at least one of its tokens, under the
-    subset's bound; ``("rest", bands)``, the others, under the bound of the best confidences
-    outside the bands. Otherwise the part is None: all the subset's photos.
+    A subset of two tokens that both keep :class:`Levels` is visited a cell at a time:
+    ``("cell", (words, words))``, its photos in one level of each token, under the bound of
+    the two levels' best confidences. A subset of more tokens that all keep a :class:`Band`
+    is visited in two parts: ``("band", bands)``, its photos in the band of at least one of its
+    tokens, under the subset's bound; ``("rest", bands)``, the others, under the bound of the
+    best confidences outside the bands. Otherwise the part is None: all the subset's photos.
     """
     best = [float(p.conf_by_conf[0]) if len(p) else 0.0 for p in postings]
     parts = []
     for size in range(len(postings), 0, -1):
         for subset in itertools.combinations(range(len(postings)), size):
             bound = _bound([best[t] for t in subset], n_tokens)
+            if size == 2:
+                levels = [postings[t].levels() for t in subset]
+                if all(level is not None for level in levels):
+                    first, second = levels
+                    for a, top_a in zip(first.words, first.tops):
+                        for b, top_b in zip(second.words, second.tops):
+                            cell = ("cell", (a, b))
+                            parts.append((_bound([top_a, top_b], n_tokens), subset, cell))
+                    continue
             bands = [postings[t].band() for t in subset] if size > 1 else [None]
             if all(band is not None for band in bands):
                 rest = _bound([band.rest_best for band in bands], n_tokens)
@@ -206,9 +254,8 @@ def _bound(confidences: list[float], n_tokens: int) -> np.float32:
     return np.float32(sum(confidences) / n_tokens)
 
 
-def _intersect(postings, bitsets, others, n_tokens, part=None) -> tuple[np.ndarray, np.ndarray]:
-    """Photos holding every token of ``bitsets`` and none of ``others`` (and, by ``part``, in
-    or outside the tokens' bands: :func:`_parts`), scored."""
+def _holding(bitsets, others) -> np.ndarray:
+    """The words of the photos holding every token of ``bitsets`` and none of ``others``."""
     width = min(len(b.words) for b in bitsets)
     words = bitsets[0].words[:width].copy()
     for bitset in bitsets[1:]:
@@ -216,13 +263,28 @@ def _intersect(postings, bitsets, others, n_tokens, part=None) -> tuple[np.ndarr
     for other in others:
         common = min(width, len(other.words))
         words[:common] &= ~other.words[:common]
-    if part is not None:
+    return words
+
+
+def _intersect(postings, bitsets, holding, n_tokens, part=None) -> tuple[np.ndarray, np.ndarray]:
+    """The photos of ``holding`` (:func:`_holding`; by ``part``, in a cell of the tokens'
+    levels, or in or outside their bands: :func:`_parts`), scored."""
+    width = len(holding)
+    if part is None:
+        words = holding
+    elif part[0] == "cell":
+        words = holding.copy()
+        for level in part[1]:
+            common = min(width, len(level))
+            words[:common] &= level[:common]
+            words[common:] = 0
+    else:
         kind, bands = part
         union = np.zeros(width, np.uint64)
         for band in bands:
             common = min(width, len(band.words))
             union[:common] |= band.words[:common]
-        words &= union if kind == "band" else ~union
+        words = holding & (union if kind == "band" else ~union)
     photos = set_bits(words)
     word = photos >> 6
     below = (_ONE << (photos & 63).astype(np.uint64)) - _ONE

@@ -263,6 +263,7 @@ SLOW_MODULES = {
     "test_bench_scale",
     "test_browser",
     "test_cli",
+    "test_demo_images",
     "test_e2e_clip",
     "test_feedback_durability",
     "test_image_worker",

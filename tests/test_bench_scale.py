@@ -9,9 +9,20 @@ from imgsearch_tools.bench.scale_report import extrapolated, growth
 from imgsearch_tools.cli import main
 
 
-def test_a_small_run_builds_serves_and_reports_every_figure(tmp_path):
+def test_a_small_run_builds_serves_and_reports_every_figure(tmp_path, monkeypatch):
+    from imgsearch_tools import results_page
+
     out, work = tmp_path / "out", tmp_path / "work"
     page = tmp_path / "docs" / "scale.md"
+    # Whether the plot beside the page was there when the header read the commit: a tracked
+    # file written before would mark the commit "-dirty".
+    plot_there = []
+    real_commit = results_page.current_commit
+    monkeypatch.setattr(
+        results_page,
+        "current_commit",
+        lambda: plot_there.append(page.with_suffix(".png").exists()) or real_commit(),
+    )
     args = ["bench-scale", "--sizes=1000", f"--work={work}", f"--out={out}", "--qps=10"]
     args += ["--duration=1", "--warmup=0.5", f"--results-page={page}"]
     assert main(args) == 0
@@ -48,6 +59,7 @@ def test_a_small_run_builds_serves_and_reports_every_figure(tmp_path):
     assert "| retrieval resident MiB |" in (out / "scale.md").read_text()
     assert (out / "scale.png").stat().st_size > 0 and page.with_suffix(".png").exists()
     assert "bench-scale --sizes=1000" in page.read_text()
+    assert plot_there == [False]  # the page is written once, at the end, before its plot
 
     # A second run keeps the catalogue and the set it finds: nothing is generated again.
     again = ["bench-scale", "--sizes=1000", f"--work={work}", f"--out={out}", "--qps=0"]

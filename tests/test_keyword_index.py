@@ -176,3 +176,27 @@ def test_a_shard_answers_a_multi_word_query_whose_token_has_no_photo_there(index
     assert "token match" in result.note
     assert result.photo_idx.tolist() == [4, 0, 2]  # "red car" 0.99, then "red" 0.9, 0.7
     assert shard.retrieve("night", 10).photo_idx.tolist() == []
+
+
+def test_loading_builds_the_common_tokens_and_leaves_the_rare_ones_lazy(tmp_path):
+    photos = np.arange(25_000)
+    table = pd.DataFrame(
+        {
+            "photo_idx": np.r_[photos, photos[:10]],
+            "keyword": ["red car"] * 25_000 + ["blue"] * 10,
+            "confidence": np.r_[(photos % 100) / 100, np.full(10, 0.5)].astype(np.float32),
+        }
+    )
+    KeywordIndex.from_keywords(table).save(tmp_path / "keywords.npz")
+    lazy = KeywordIndex.load(tmp_path / "keywords.npz", warm=False)
+    assert lazy._token_best == {}
+    warm = KeywordIndex.load(tmp_path / "keywords.npz")
+    # "red" and "car" hold 25,000 postings each, over the 20,000 a cheap fallback reads.
+    assert sorted(warm._token_best) == ["car", "red"]
+    assert warm.token_photos("red").levels() is not None
+    assert "_levels" in warm.token_photos("red").__dict__
+    for query in ("red blue", "car blue zzz", "blue"):
+        assert (
+            warm.retrieve(query, 50).photo_idx.tolist()
+            == lazy.retrieve(query, 50).photo_idx.tolist()
+        )

@@ -386,3 +386,17 @@ def test_bench_shards_checks_exactness_and_measures_each_layout(artifact_root, t
         assert all(run["ok"] > 0 for run in layout["scenarios"])
     assert "2 shards: " in (out / "shards.md").read_text()
     assert "and 120 unseen queries" in (out / "shards.md").read_text()
+
+
+def test_bench_shards_without_load_checks_the_answers_only(artifact_root, tmp_path):
+    out = tmp_path / "bench"
+    command = [sys.executable, "-m", "imgsearch_tools.cli", "bench-shards", "--no-load"]
+    command += ["--artifacts", str(artifact_root), "--out", str(out), "--shards", "1,2"]
+    command += ["--unseen-queries", "40"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    import json
+
+    one, two = json.loads((out / "shards.json").read_text())["layouts"]
+    assert one["scenarios"] == two["scenarios"] == []
+    assert two["exact"]["identical"] == two["exact"]["searches"] > 40

@@ -213,28 +213,67 @@ def two_tokens(together: bool) -> list[TokenPostings]:
     ]
 
 
-@pytest.mark.parametrize("together", [True, False])
-def test_the_photos_holding_every_token_are_read_band_first(monkeypatch, together):
+def spy_parts(monkeypatch) -> list[str]:
+    """The kinds of part :func:`_intersect` is asked for, in order, from now on."""
     from retrieval_service import token_subsets
 
     parts = []
     intersect = token_subsets._intersect
 
-    def spy(postings, bitsets, others, n_tokens, part=None):
+    def spy(postings, bitsets, holding, n_tokens, part=None):
         parts.append(part[0] if part else "all")
-        return intersect(postings, bitsets, others, n_tokens, part)
+        return intersect(postings, bitsets, holding, n_tokens, part)
 
     monkeypatch.setattr(token_subsets, "_intersect", spy)
+    return parts
+
+
+@pytest.mark.parametrize("together", [True, False])
+def test_two_tokens_are_read_a_cell_of_levels_at_a_time(monkeypatch, together):
+    from retrieval_service.token_subsets import LEVEL_CUTS
+
+    parts = spy_parts(monkeypatch)
     postings = two_tokens(together)
+    cells = (len(LEVEL_CUTS) + 1) ** 2
     for k in (1, 100):
         parts.clear()
         found = match(postings, 3, k)
         photos, scores = score_all(postings, 3, k)
         assert found.photos.tolist() == photos.tolist()
         assert found.scores.tolist() == scores.tolist()
-        # Together, the band settles the top; apart, no photo is in both bands, and the
-        # others (all scoring about the same) must be read too.
-        assert parts == (["band"] if together else ["band", "rest"])
+        assert set(parts) == {"cell"}
+        if together:
+            assert len(parts) == 1  # the best level of both settles the top
+        else:
+            # Every photo scores about the same (high in one token is low in the other): no
+            # cell's bound is below the top, and every cell is read.
+            assert len(parts) == cells
+
+
+@pytest.mark.parametrize("together", [True, False])
+def test_three_tokens_are_read_band_first(monkeypatch, together):
+    parts = spy_parts(monkeypatch)
+    rng = np.random.default_rng(1)
+    third = TokenPostings.from_best(np.arange(20_000), rng.random(20_000).astype(np.float32))
+    postings = [*two_tokens(together), third]
+    found = match(postings, 3, 100)
+    photos, scores = score_all(postings, 3, 100)
+    assert found.photos.tolist() == photos.tolist()
+    assert found.scores.tolist() == scores.tolist()
+    # Together, the band settles the top; apart, the others must be read too.
+    assert parts == (["band"] if together else ["band", "rest"])
+
+
+def test_levels_cut_a_tokens_photos_by_rank_and_bound_each_level():
+    from retrieval_service.token_subsets import LEVEL_CUTS
+
+    token = two_tokens(True)[0]
+    levels = token.levels()
+    cuts = [0, *(int(np.ceil(len(token) * share)) for share in LEVEL_CUTS), len(token)]
+    for words, top, (a, b) in zip(levels.words, levels.tops, zip(cuts, cuts[1:])):
+        assert set_bits(words).tolist() == sorted(token.photos_by_conf[a:b].tolist())
+        assert top == token.conf_by_conf[a] == token.conf_by_conf[a:b].max()
+    assert token.levels() is levels and token.band() is levels.band
 
 
 def test_a_band_holds_a_tokens_best_photos_and_bounds_the_others():

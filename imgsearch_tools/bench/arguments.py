@@ -235,6 +235,12 @@ def add_commands(subparsers) -> None:
     p.add_argument("--channels", type=int, default=2, help="client channels (connections)")
     p.add_argument("--requests", type=int, default=2000, help="distinct requests to sample")
     p.add_argument("--seed", type=int, default=0, help="seed of the sampled requests")
+    p.add_argument(
+        "--no-load",
+        action="store_true",
+        help="check the answers only, no load scenarios: for a catalogue whose servers need "
+        "most of a machine shared with other work (no latency or CPU figures)",
+    )
     p.set_defaults(handler=cmd_bench_shards)
 
     p = subparsers.add_parser(

@@ -315,13 +315,16 @@ def cmd_bench_scale(args) -> int:
         set_dir, figures = prepare_size(size, args, work, out / "scale-logs" / str(size))
         prepared.append(set_dir)
         report["sizes"].append({**figures, "serving": {}})
-        write_report(report, out, args.results_page)
+        write_report(report, out)
     for set_dir, figures in zip(prepared, report["sizes"]):
         say(f"{figures['photos']:,} photos: serving")
         with cpu_lock(args.cpu_lock):
             logs = out / "scale-logs" / str(figures["photos"])
             figures["serving"] = serve_and_load(set_dir, args, logs, bool(args.images))
-        # Written after each size, so a long run leaves what it measured so far.
-        write_report(report, out, args.results_page)
+        # Written after each size, so a long run leaves what it measured so far (in OUT: the
+        # results page is written once, at the end, so that its header's commit is not made
+        # "-dirty" by its own earlier version).
+        write_report(report, out)
+    write_report(report, out, args.results_page)
     print(json.dumps({"report": str(out / "scale.md")}))
     return 0

@@ -138,7 +138,7 @@ async def measure_layout(
         layout["answers"] = found
         layout["scenarios"] = []
         ranker = "als" if "als" in artifact_set.rankers else "none"
-        for scenario in shard_scenarios(args.qps, ranker):
+        for scenario in [] if args.no_load else shard_scenarios(args.qps, ranker):
             if scenario.needs_clip and not clip:
                 continue
             layout["scenarios"].append(

@@ -38,6 +38,13 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--image-size", type=int, default=64, help="image side in pixels")
     parser.add_argument("--no-images", action="store_true", help="write the tables only")
     parser.add_argument(
+        "--image-workers",
+        type=int,
+        default=None,
+        help="processes drawing the images (default: the cores other processes leave idle); "
+        "an interrupted run's complete images are kept and the next run draws the rest",
+    )
+    parser.add_argument(
         "--taste",
         choices=TASTES,
         default="content",
@@ -76,6 +83,7 @@ def _run_demo_data(args: argparse.Namespace) -> int:
             taste=args.taste,
             taste_strength=args.taste_strength,
             force=args.force,
+            image_workers=args.image_workers,
         )
     except (ValueError, outputs.RefusedFolder) as error:
         print(f"demo-data: {error}", file=sys.stderr)

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
@@ -152,7 +149,7 @@ def _shape_mask(shape: str, size: int, cx: float, cy: float, r: float, jitter: f
     return mask
 
 
-def _draw_image(photos: dict, i: int, image_size: int, rng: np.random.Generator) -> Image.Image:
+def draw_image(photos: dict, i: int, image_size: int, rng: np.random.Generator) -> Image.Image:
     """Draw photo ``i`` at twice the size, then downsample for smooth edges, then add noise."""
     size = 2 * image_size
     canvas = _draw_scene(SCENES[photos["scene"][i]], size, rng)
@@ -174,22 +171,3 @@ def _draw_image(photos: dict, i: int, image_size: int, rng: np.random.Generator)
     pixels = np.asarray(canvas, dtype=np.float32)
     pixels = pixels * rng.uniform(0.92, 1.04) + rng.normal(0.0, 5.0, pixels.shape)
     return Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8), "RGB")
-
-
-def write_images(
-    photos: dict, images_dir: Path, seed: int, image_size: int, show_progress: bool
-) -> None:
-    from tqdm import tqdm
-
-    images_dir.mkdir(parents=True, exist_ok=True)
-    for i in tqdm(
-        range(len(photos["photo_id"])),
-        desc="images",
-        unit="img",
-        file=sys.stderr,
-        disable=not show_progress,
-    ):
-        # One stream per photo: an image does not depend on how many photos precede it.
-        rng = np.random.default_rng([seed, 7, i])
-        image = _draw_image(photos, i, image_size, rng)
-        image.save(images_dir / f"{photos['photo_id'][i]}.jpg", "JPEG", quality=JPEG_QUALITY)

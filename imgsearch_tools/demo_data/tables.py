@@ -8,18 +8,14 @@ import numpy as np
 
 from imgsearch_tools import outputs
 from imgsearch_tools.demo_data.conversions import TASTE_WEIGHT, TASTES, make_conversion_table
-from imgsearch_tools.demo_data.drawing import (
-    COLOURS,
-    SCENES,
-    SHAPES,
-    write_images,
-)
+from imgsearch_tools.demo_data.drawing import COLOURS, SCENES, SHAPES
 from imgsearch_tools.demo_data.folder import (
     MAKER,
     adopt_legacy_folder,
     table_conflicts,
     write_table,
 )
+from imgsearch_tools.demo_data.image_files import resumable_folder, write_images
 from imgsearch_tools.demo_data.photos import (
     make_color_table,
     make_keyword_table,
@@ -52,6 +48,7 @@ def generate(
     photo_shard_rows: int = PHOTO_SHARD_ROWS,
     shard_rows: int = SHARD_ROWS,
     force: bool = False,
+    image_workers: int | None = None,
 ) -> dict:
     """Write a synthetic catalogue in the Unsplash Lite layout into ``out_dir``.
 
@@ -95,6 +92,11 @@ def generate(
     force : bool
         Write into a non-empty folder this generator did not make (never into one holding
         tables of the Unsplash Lite layout: they would be read together with the new ones).
+    image_workers : int or None
+        Processes drawing the images (None: the cores other processes leave idle). The
+        images are drawn into ``.<name>.images.partial`` beside ``out_dir`` first: a run
+        interrupted while drawing leaves the complete ones there, and the next run of the
+        same catalogue draws only the rest (:mod:`imgsearch_tools.demo_data.image_files`).
 
     Returns
     -------
@@ -127,6 +129,19 @@ def generate(
         # streams as with six (spawned children depend on their index only).
         streams = [np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(7)]
         photos = make_photos(n_photos, streams[0])
+        # Images first: they are what an interrupted run keeps (see image_files).
+        images = None
+        if with_images:
+            images = write_images(
+                photos,
+                staging / "images",
+                seed,
+                image_size,
+                show_progress,
+                workers=image_workers,
+                resume_dir=resumable_folder(out_dir),
+                catalogue={"generator": GENERATOR_VERSION},
+            )
         photo_table = make_photo_table(photos, streams[1])
         keyword_table = make_keyword_table(photos, streams[2])
         color_table = make_color_table(photos)
@@ -147,8 +162,6 @@ def generate(
         files += write_table(conversion_table, staging, "conversions", shard_rows)
         files += write_table(color_table, staging, "colors", shard_rows)
         files += write_table(label_table, staging, "labels", shard_rows)
-        if with_images:
-            write_images(photos, staging / "images", seed, image_size, show_progress)
 
     return {
         "out_dir": str(out_dir),
@@ -160,6 +173,7 @@ def generate(
         "n_photographers": int(photos["n_photographers"]),
         "with_images": with_images,
         "image_size": image_size if with_images else None,
+        "images": images,
         "taste": taste,
         "taste_strength": taste_strength,
         "files": files,
