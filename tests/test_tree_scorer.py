@@ -111,3 +111,11 @@ def test_categorical_splits_are_left_to_lightgbm():
     assert prepare(booster) is None
     rows = np.c_[rng.integers(0, 6, 50), rng.normal(size=50)].astype(np.float64)
     assert np.array_equal(predict_rows(booster, rows), booster.predict(rows, num_threads=1))
+
+
+def test_a_model_text_the_scorer_cannot_read_is_left_to_lightgbm(monkeypatch):
+    booster = _booster({}, rounds=3, seed=4)
+    monkeypatch.setattr(booster, "model_to_string", lambda: "Tree=0\nnum_leaves=2\n")
+    rows = np.random.default_rng(5).normal(size=(20, 6))
+    assert prepare(booster) is None
+    assert np.array_equal(predict_rows(booster, rows), lightgbm_rows(booster, rows))

@@ -65,8 +65,11 @@ def prepare(booster) -> TreeScorer | None:
         if not np.array_equal(scorer.predict(rows), expected):
             log.warning("stacked: the numpy tree scorer differs from LightGBM; using LightGBM")
             scorer = None
-    except (UnsupportedModel, AttributeError, KeyError, ValueError) as error:
+    except UnsupportedModel as error:
         log.info("stacked: LightGBM scores this booster (%s)", error)
+        scorer = None
+    except Exception:  # a model text this release writes differently: LightGBM still scores it
+        log.warning("stacked: the numpy tree scorer could not read this booster", exc_info=True)
         scorer = None
     _SCORERS[booster] = scorer
     return scorer
