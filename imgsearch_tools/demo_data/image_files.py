@@ -40,6 +40,8 @@ DRAWN_FACTS = (
 )
 # The record of what a resumable images folder holds, written before its first image.
 RECORD = ".images.json"
+# Fields every record holds (write_images adds the catalogue's own beside them).
+RECORD_FIELDS = frozenset({"seed", "n_photos", "image_size"})
 PARTIAL = ".images.partial"
 TEMPORARY = ".tmp"
 
@@ -77,10 +79,13 @@ def open_folder(folder: Path, record: dict) -> None:
         try:
             found = json.loads(marker.read_text(encoding="utf-8"))
         except (OSError, ValueError):
+            found = None
+        # Only a record holding the fields this module always writes marks a folder it made.
+        if not isinstance(found, dict) or not RECORD_FIELDS <= found.keys():
             raise ValueError(
                 f"{folder} exists and was not left by demo-data's image drawing "
-                f"(no readable {RECORD}); move it away to draw the images there"
-            ) from None
+                f"(no {RECORD} of its fields); move it away to draw the images there"
+            )
         if found == record:
             return
         shutil.rmtree(folder)
