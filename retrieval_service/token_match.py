@@ -23,7 +23,6 @@ import numpy as np
 from retrieval_service.token_subsets import (
     CACHE_DENSITY,
     MAX_TOKENS,
-    Band,
     Bitset,
     Levels,
     by_subsets,
@@ -76,12 +75,6 @@ class TokenPostings:
         if len(self.photos) >= CACHE_DENSITY * 64 * len(bitset.words):
             object.__setattr__(self, "_bitset", bitset)  # a cache: equal either way
         return bitset
-
-    def band(self) -> Band | None:
-        """The token's best ``1 / BAND_SHARE`` photos by confidence as bits (its first level),
-        bounding the others by the best confidence outside it; None without levels."""
-        levels = self.levels()
-        return None if levels is None else levels.band
 
     def levels(self) -> Levels | None:
         """The token's photos cut by rank of confidence at ``LEVEL_CUTS``, as bits, kept beside

@@ -9,22 +9,22 @@ or, when few photos hold them all, after the best photos of each token that hold
 
 * ``|S| >= 2``: the photos are the AND of the tokens in S without the other tokens (bitsets,
   one word per 64 photos), each scored exactly: a token's confidence is read at the photo's rank
-  in that token's photo list, counted with a per-word prefix of bits. Each token also keeps its
-  levels, the bits of its photos cut by rank of confidence at :data:`LEVEL_CUTS` (the first,
-  its best ``1 / BAND_SHARE``, is its band). Two tokens' photos are read a cell of levels at a
-  time (a level of each token: both bands, one band and the other's rest, both rests), best
-  cell bound first, so that photos high in one token and low in the other are bounded by
-  both; for more tokens the photos in the band of one of them
-  are read first, under S's bound, and the others only while they could still reach the top,
-  under the bound of the best confidences outside the bands. Tokens whose photos share many
-  photos usually settle the top from their best cells or bands: a query then scores a
-  fraction of the photos holding every token instead of all of them;
+  in that token's photo list, counted with a per-word prefix of bits. A subset no photo holds
+  is dropped with all its parts after that one AND (most subsets of three or more common tokens
+  hold no photo). Each token also keeps its levels, the bits of its photos cut by rank of
+  confidence at :data:`LEVEL_CUTS` (the first, its best ``1 / BAND_SHARE``, is its band). Two
+  tokens' photos are read a cell of levels at a time (a level of each token: both bands, one
+  band and the other's rest, both rests), best cell bound first, so that photos high in one
+  token and low in the other are bounded by both; tokens whose photos rise together usually
+  settle the top from their best cell, a fraction of the photos holding both. Three or more
+  tokens share few photos, and those are scored in one part (cutting them by band cost more
+  passes over the words than it saved in scoring);
 * ``|S| == 1``: the photos are read best confidence first from the token's list, skipping those
   holding another token, until the k-th (and every photo tied with it) is found.
 
 Scores are summed in float64 in query order, as :func:`retrieval_service.token_match.score_all`
 sums them, so the photos and scores are the reference's exactly, with no cap on the postings.
-The cost is a few passes over ``photos / 64`` words plus the photos of the subsets (and bands)
+The cost is a few passes over ``photos / 64`` words plus the photos of the subsets (and cells)
 visited, instead of every posting of every token.
 """
 
@@ -41,8 +41,8 @@ MAX_TOKENS = 6
 # A token whose photos fill at least 1/64 of its bitset keeps the bitset (it costs at most a
 # third of the token's lists); a sparser token builds one per query.
 CACHE_DENSITY = 1 / 64
-# A token's band holds the best 1/BAND_SHARE of its photos by confidence: the photos holding
-# several tokens are read band first, and the rest only while it could still reach the top.
+# A token's band holds the best 1/BAND_SHARE of its photos by confidence: the photos two
+# tokens share are read band first, and the rest only while it could still reach the top.
 BAND_SHARE = 8
 # Where a token's photos, by rank of confidence, are cut into levels (the first level is the
 # band). Two tokens are read a cell (a level of each) at a time: a photo high in one token and
@@ -57,22 +57,12 @@ _ONE = np.uint64(1)
 
 
 @dataclass(frozen=True)
-class Band:
-    """A token's best photos by confidence (the first ``1 / BAND_SHARE`` of them) as bits, and
-    the best confidence among its other photos."""
-
-    words: np.ndarray  # uint64, as Bitset.words
-    rest_best: float
-
-
-@dataclass(frozen=True)
 class Levels:
     """A token's photos cut by rank of confidence at :data:`LEVEL_CUTS`: the bits of each
     level (as Bitset.words), and the best confidence in each level."""
 
     words: tuple[np.ndarray, ...]
     tops: tuple[float, ...]
-    band: Band  # the first level, bounding the others by the second's best
 
     @classmethod
     def of(cls, photos_by_conf: np.ndarray, conf_by_conf: np.ndarray) -> Levels | None:
@@ -85,7 +75,7 @@ class Levels:
             return None
         words = tuple(Bitset.of(np.sort(photos_by_conf[a:b])).words for a, b in zip(cuts, cuts[1:]))
         tops = tuple(float(conf_by_conf[a]) for a in cuts[:-1])
-        return cls(words, tops, Band(words[0], tops[1]))
+        return cls(words, tops)
 
 
 @dataclass(frozen=True)
@@ -175,17 +165,23 @@ def by_subsets(
     found_scores: list[np.ndarray] = []
     kth = None
     read: set[tuple[int, ...]] = set()
-    holding: dict[tuple[int, ...], np.ndarray] = {}  # a subset's photos, for each of its parts
+    # A subset's photos, for each of its parts (None: no photo holds exactly that subset).
+    holding: dict[tuple[int, ...], np.ndarray | None] = {}
     for bound, subset, part in _parts(postings, n_tokens):
         if kth is not None and kth > bound:
             break  # no photo left can reach the k-th; a tie could (lower photo_idx first)
+        if subset in holding and holding[subset] is None:
+            continue  # no photo holds exactly this subset: none of its parts has a photo
         read.add(subset)
         others = [bitsets[t] for t in range(len(postings)) if t not in subset]
         if len(subset) == 1:
             photos, scores = _walk(postings[subset[0]], others, n_tokens, k, allowed)
         else:
             if subset not in holding:
-                holding[subset] = _holding([bitsets[t] for t in subset], others)
+                words = _holding([bitsets[t] for t in subset], others)
+                holding[subset] = words if words.any() else None
+                if holding[subset] is None:
+                    continue  # and its other parts are skipped above
             photos, scores = _intersect(
                 [postings[t] for t in subset],
                 [bitsets[t] for t in subset],
@@ -220,10 +216,7 @@ def _parts(postings, n_tokens: int) -> list[tuple[np.float32, tuple[int, ...], t
 
     A subset of two tokens that both keep :class:`Levels` is visited a cell at a time:
     ``("cell", (words, words))``, its photos in one level of each token, under the bound of
-    the two levels' best confidences. A subset of more tokens that all keep a :class:`Band`
-    is visited in two parts: ``("band", bands)``, its photos in the band of at least one of its
-    tokens, under the subset's bound; ``("rest", bands)``, the others, under the bound of the
-    best confidences outside the bands. Otherwise the part is None: all the subset's photos.
+    the two levels' best confidences. Otherwise the part is None: all the subset's photos.
     """
     best = [float(p.conf_by_conf[0]) if len(p) else 0.0 for p in postings]
     parts = []
@@ -239,12 +232,7 @@ def _parts(postings, n_tokens: int) -> list[tuple[np.float32, tuple[int, ...], t
                             cell = ("cell", (a, b))
                             parts.append((_bound([top_a, top_b], n_tokens), subset, cell))
                     continue
-            bands = [postings[t].band() for t in subset] if size > 1 else [None]
-            if all(band is not None for band in bands):
-                rest = _bound([band.rest_best for band in bands], n_tokens)
-                parts += [(bound, subset, ("band", bands)), (rest, subset, ("rest", bands))]
-            else:
-                parts.append((bound, subset, None))
+            parts.append((bound, subset, None))
     return sorted(parts, key=lambda part: -part[0])
 
 
@@ -268,23 +256,15 @@ def _holding(bitsets, others) -> np.ndarray:
 
 def _intersect(postings, bitsets, holding, n_tokens, part=None) -> tuple[np.ndarray, np.ndarray]:
     """The photos of ``holding`` (:func:`_holding`; by ``part``, in a cell of the tokens'
-    levels, or in or outside their bands: :func:`_parts`), scored."""
+    levels: :func:`_parts`), scored."""
     width = len(holding)
-    if part is None:
-        words = holding
-    elif part[0] == "cell":
+    words = holding
+    if part is not None:
         words = holding.copy()
         for level in part[1]:
             common = min(width, len(level))
             words[:common] &= level[:common]
             words[common:] = 0
-    else:
-        kind, bands = part
-        union = np.zeros(width, np.uint64)
-        for band in bands:
-            common = min(width, len(band.words))
-            union[:common] |= band.words[:common]
-        words = holding & (union if kind == "band" else ~union)
     photos = set_bits(words)
     word = photos >> 6
     below = (_ONE << (photos & 63).astype(np.uint64)) - _ONE

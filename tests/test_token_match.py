@@ -128,6 +128,15 @@ def postings_of(index: KeywordIndex, query: str) -> tuple[list[TokenPostings], i
     return [p for p in map(index.token_photos, tokens) if p is not None], len(tokens)
 
 
+def exact_match(postings, n_tokens, k, allowed=None, context=""):
+    """:func:`match`, checked photo for photo and score for score against :func:`score_all`."""
+    found = match(postings, n_tokens, k, allowed)
+    photos, scores = score_all(postings, n_tokens, k, allowed)
+    assert found.photos.tolist() == photos.tolist(), context
+    assert found.scores.tolist() == scores.tolist(), context
+    return found
+
+
 SUBSET_QUERIES = [*QUERIES, "red", "red zzz", "sea star", "car night qq", "blue red sea car star"]
 
 
@@ -251,17 +260,33 @@ def test_two_tokens_are_read_a_cell_of_levels_at_a_time(monkeypatch, together):
 
 
 @pytest.mark.parametrize("together", [True, False])
-def test_three_tokens_are_read_band_first(monkeypatch, together):
+def test_three_tokens_are_scored_in_one_part(monkeypatch, together):
     parts = spy_parts(monkeypatch)
     rng = np.random.default_rng(1)
     third = TokenPostings.from_best(np.arange(20_000), rng.random(20_000).astype(np.float32))
     postings = [*two_tokens(together), third]
-    found = match(postings, 3, 100)
-    photos, scores = score_all(postings, 3, 100)
-    assert found.photos.tolist() == photos.tolist()
-    assert found.scores.tolist() == scores.tolist()
-    # Together, the band settles the top; apart, the others must be read too.
-    assert parts == (["band"] if together else ["band", "rest"])
+    found = exact_match(postings, 3, 100)
+    # Every photo holds the three tokens: their one part settles the top.
+    assert parts == ["all"] and found.subsets_read == 1
+
+
+def test_a_subset_no_photo_holds_is_dropped_with_all_its_parts(monkeypatch):
+    parts = spy_parts(monkeypatch)
+    rng = np.random.default_rng(2)
+    photos = np.arange(20_000)
+    # Two tokens on the even photos, a third on the odd ones: no photo holds all three, and
+    # the pair's photos hold no other token.
+    even, odd = photos[::2], photos[1::2]
+    postings = [
+        TokenPostings.from_best(even, rng.random(len(even)).astype(np.float32)),
+        TokenPostings.from_best(even, rng.random(len(even)).astype(np.float32)),
+        TokenPostings.from_best(odd, rng.random(len(odd)).astype(np.float32)),
+    ]
+    for k in (1, 100, 15_000):
+        parts.clear()
+        exact_match(postings, 4, k)
+        # Only the pair that holds photos is read (a cell at a time), never the empty ones.
+        assert set(parts) == {"cell"}
 
 
 def test_levels_cut_a_tokens_photos_by_rank_and_bound_each_level():
@@ -273,19 +298,34 @@ def test_levels_cut_a_tokens_photos_by_rank_and_bound_each_level():
     for words, top, (a, b) in zip(levels.words, levels.tops, zip(cuts, cuts[1:])):
         assert set_bits(words).tolist() == sorted(token.photos_by_conf[a:b].tolist())
         assert top == token.conf_by_conf[a] == token.conf_by_conf[a:b].max()
-    assert token.levels() is levels and token.band() is levels.band
+    assert token.levels() is levels
 
 
-def test_a_band_holds_a_tokens_best_photos_and_bounds_the_others():
-    from retrieval_service.token_subsets import BAND_SHARE
-
-    token = two_tokens(True)[0]
-    band = token.band()
-    size = -(-len(token) // BAND_SHARE)
-    assert set_bits(band.words).tolist() == sorted(token.photos_by_conf[:size].tolist())
-    assert band.rest_best == token.conf_by_conf[size] == token.conf_by_conf[size:].max()
-    assert token.band() is band
+def test_a_token_too_sparse_or_small_to_cut_keeps_no_levels():
     sparse = TokenPostings.from_best(np.array([3, 90_000]), np.array([0.5, 0.9], np.float32))
-    assert sparse.band() is None  # its bitset is built per query, and it is read whole
+    assert sparse.levels() is None  # its bitset is built per query, and it is read whole
     one = TokenPostings.from_best(np.array([3]), np.array([0.5], np.float32))
-    assert one.bitset() is one.bitset() and one.band() is None  # nothing to split
+    assert one.bitset() is one.bitset() and one.levels() is None  # nothing to cut
+
+
+def test_many_random_queries_return_exactly_the_reference_top_k():
+    # Confidences skewed towards 1 (as a tagger's are) with coarse ties, and pairs of tokens
+    # that rise together or against each other, on a catalogue dense enough to keep levels.
+    rng = np.random.default_rng(12)
+    photos = 8_000
+    words = [f"w{i}" for i in range(9)]
+    rows = []
+    for word in words:
+        held = np.flatnonzero(rng.random(photos) < rng.uniform(0.05, 0.5))
+        conf = np.round(1 - rng.beta(0.6, 3, len(held)), rng.integers(1, 4))
+        rows.append(pd.DataFrame({"photo_idx": held, "keyword": word, "confidence": conf}))
+    against = rows[0][["photo_idx"]].assign(keyword="w9", confidence=1 - rows[0]["confidence"])
+    table = pd.concat([*rows, against]).astype({"confidence": "float32"})
+    index = KeywordIndex.from_keywords(table)
+    vocabulary = [*words, "w9", "zz"]
+    for _ in range(300):
+        query = " ".join(rng.choice(vocabulary, size=rng.integers(2, 6)))
+        postings, n_tokens = postings_of(index, query)
+        if not postings:
+            continue
+        exact_match(postings, n_tokens, int(rng.choice([1, 10, 100, 1000])), context=query)
