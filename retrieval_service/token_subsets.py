@@ -46,10 +46,13 @@ CACHE_DENSITY = 1 / 64
 BAND_SHARE = 8
 # Where a token's photos, by rank of confidence, are cut into levels (the first level is the
 # band). Two tokens are read a cell (a level of each) at a time: a photo high in one token and
-# low in the other, as a tagger's confusions are, is bounded by both. Finer cuts (1/8, 1/4,
-# 1/2, 3/4: 25 cells) cost more per query than they saved at a million photos (each cell is an
-# AND over every word), so two levels, four cells.
-LEVEL_CUTS = (1 / BAND_SHARE,)
+# low in the other, as a tagger's confusions are, is bounded by both. The last level, a token's
+# worst eighth, holds its confusions (a tagger's low confidences): two tokens that a tagger
+# confuses share many photos, each high in one and low in the other, and the cells of a
+# token's last level are bounded below the top and never read. Finer cuts (1/8, 1/4, 1/2, 3/4:
+# 25 cells) cost more per query than they saved at a million photos (each cell is an AND over
+# every word), so three levels, nine cells.
+LEVEL_CUTS = (1 / BAND_SHARE, 1 - 1 / BAND_SHARE)
 # Photos read per step when walking one token's list best first (doubled each step).
 FIRST_WALK = 1_024
 

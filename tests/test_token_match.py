@@ -239,24 +239,34 @@ def spy_parts(monkeypatch) -> list[str]:
 
 @pytest.mark.parametrize("together", [True, False])
 def test_two_tokens_are_read_a_cell_of_levels_at_a_time(monkeypatch, together):
-    from retrieval_service.token_subsets import LEVEL_CUTS
+    from retrieval_service import token_subsets
 
-    parts = spy_parts(monkeypatch)
+    cells = []
+    intersect = token_subsets._intersect
+
+    def spy(postings, bitsets, holding, n_tokens, part=None):
+        cells.append(part)
+        return intersect(postings, bitsets, holding, n_tokens, part)
+
+    monkeypatch.setattr(token_subsets, "_intersect", spy)
     postings = two_tokens(together)
-    cells = (len(LEVEL_CUTS) + 1) ** 2
+    last_levels = {id(p.levels().words[-1]) for p in postings}
     for k in (1, 100):
-        parts.clear()
-        found = match(postings, 3, k)
-        photos, scores = score_all(postings, 3, k)
-        assert found.photos.tolist() == photos.tolist()
-        assert found.scores.tolist() == scores.tolist()
-        assert set(parts) == {"cell"}
+        cells.clear()
+        exact_match(postings, 3, k)
+        assert {part[0] for part in cells} == {"cell"}
         if together:
-            assert len(parts) == 1  # the best level of both settles the top
+            assert len(cells) == 1  # the best level of both settles the top
         else:
-            # Every photo scores about the same (high in one token is low in the other): no
-            # cell's bound is below the top, and every cell is read.
-            assert len(parts) == cells
+            # High in one token is low in the other: every photo scores about the same, and
+            # the cells of the upper levels are read; the cell of both tokens' last levels
+            # (their worst eighths, at most 1/8 + 1/8 here) is bounded below the top.
+            assert (
+                len(token_subsets.LEVEL_CUTS) ** 2
+                <= len(cells)
+                < len(postings[0].levels().words) ** 2
+            )
+            assert not any({id(words) for words in part[1]} == last_levels for part in cells)
 
 
 @pytest.mark.parametrize("together", [True, False])
