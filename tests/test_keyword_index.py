@@ -61,11 +61,17 @@ def test_save_and_load_round_trip(index, tmp_path):
         assert np.allclose(a.scores, b.scores)
 
 
-def test_a_token_fallback_over_few_postings_is_cheap_and_a_large_one_is_not(index, monkeypatch):
+def test_a_token_fallback_over_few_postings_or_tokens_is_cheap_and_a_large_one_is_not(
+    index, monkeypatch
+):
     from retrieval_service import keyword_index
 
     assert index.cheap("red") and index.cheap("red circle")
     monkeypatch.setattr(keyword_index, "INLINE_POSTINGS", 0)
+    # Two known tokens (and any unknown words) are read a cell at a time: cheap however common.
+    assert index.cheap("red") and index.cheap("red circle") and index.cheap("red circle zzz")
+    assert not index.cheap("red circle night")
+    monkeypatch.setattr(keyword_index, "INLINE_TOKENS", 0)
     assert index.cheap("red") and not index.cheap("red circle")
 
 

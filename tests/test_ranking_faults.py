@@ -264,6 +264,7 @@ def test_two_step_is_cancelled_when_the_client_cancels(fake_gateway, monkeypatch
 
     # A token fallback large enough to run beside the event loop.
     monkeypatch.setattr(keyword_index, "INLINE_POSTINGS", 0)
+    monkeypatch.setattr(keyword_index, "INLINE_TOKENS", 0)
     # Retrieval is still busy when the client cancels; Recommend started beside it.
     retrieving, release = threading.Event(), threading.Event()
     original = KeywordIndex.retrieve
@@ -296,8 +297,9 @@ def test_keyword_token_fallback_runs_off_the_event_loop(stack, monkeypatch):
     from retrieval_service import keyword_index
     from retrieval_service.keyword_index import KeywordIndex
 
-    # A fallback over more postings than the event loop may scan (a common token).
+    # A fallback over more postings and tokens than the event loop may scan (common tokens).
     monkeypatch.setattr(keyword_index, "INLINE_POSTINGS", 0)
+    monkeypatch.setattr(keyword_index, "INLINE_TOKENS", 0)
     entered, release = threading.Event(), threading.Event()
     original = KeywordIndex.retrieve
 
