@@ -3,6 +3,7 @@ stored keywords' query embeddings."""
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 from pathlib import Path
@@ -137,6 +138,7 @@ def build_clip_artifacts(
     seed: int = 0,
     query_families: QueryFamilies | None = None,
     embeddings: str | Path | None = None,
+    step: Any | None = None,
 ) -> dict:
     """Write the CLIP part of an artifact set: model, embeddings, index, text runtime, keywords.
 
@@ -165,6 +167,11 @@ def build_clip_artifacts(
         Image embeddings made beforehand by ``clip_spec`` (``imgsearch embed``, with or
         without ``--ray``): checked against the catalogue and the CLIP's weights and used
         instead of embedding the images here.
+    step:
+        ``step(name)``: a context manager timing one part of the work (the build's
+        :meth:`~imgsearch_tools.build_steps.BuildSteps.step`: ``clip training``, ``clip
+        embedding``, ``vector index``, ``index calibration``, ``clip text runtime``); None
+        times nothing.
 
     Returns
     -------
@@ -195,6 +202,7 @@ def build_clip_artifacts(
     from retrieval_service.text_encoder import TorchTextEncoder
     from retrieval_service.vector_index import VectorIndex
 
+    step = step or (lambda name: contextlib.nullcontext({}))
     set_dir = Path(set_dir)
     clip_dir = set_dir / CLIP_DIR
     n_images = int(catalogue.photos["has_image"].astype(bool).sum())
@@ -204,14 +212,15 @@ def build_clip_artifacts(
         raise ValueError("precomputed embeddings need the spec of the CLIP that made them")
     figures: dict = {}
     if clip_spec is None:
-        training = train_clip(
-            catalogue,
-            clip_dir,
-            steps=train_steps,
-            seed=seed,
-            show_progress=show_progress,
-            query_families=query_families,
-        )
+        with step("clip training"):
+            training = train_clip(
+                catalogue,
+                clip_dir,
+                steps=train_steps,
+                seed=seed,
+                show_progress=show_progress,
+                query_families=query_families,
+            )
         bundle = load_clip(ClipSpec.from_dir(clip_dir))
         figures["clip"] = {"model_name": training["model_name"], "trained": training}
     else:
@@ -223,16 +232,18 @@ def build_clip_artifacts(
             save_clip_reference(clip_spec, clip_dir)
         figures["clip"] = {"model_name": clip_spec.model_name, "pretrained": clip_spec.pretrained}
 
-    if embeddings is None:
-        figures["embedding"] = embed_catalogue(
-            bundle, catalogue, set_dir / EMBEDDINGS, show_progress=show_progress
-        )
-    else:
-        figures["embedding"] = import_embeddings(
-            embeddings, bundle, catalogue, set_dir / EMBEDDINGS
-        )
+    with step("clip embedding"):
+        if embeddings is None:
+            figures["embedding"] = embed_catalogue(
+                bundle, catalogue, set_dir / EMBEDDINGS, show_progress=show_progress
+            )
+        else:
+            figures["embedding"] = import_embeddings(
+                embeddings, bundle, catalogue, set_dir / EMBEDDINGS
+            )
     photo_idx, embeddings = load_embeddings(set_dir / EMBEDDINGS)
-    vector_index = VectorIndex.build(embeddings, photo_idx, factory=factory, seed=seed)
+    with step("vector index"):
+        vector_index = VectorIndex.build(embeddings, photo_idx, factory=factory, seed=seed)
     vocabulary = keyword_vocabulary(catalogue)
     started = time.perf_counter()
     reference = TorchTextEncoder(bundle.model, bundle.tokenizer, bundle.embed_dim)
@@ -254,7 +265,8 @@ def build_clip_artifacts(
     # the index's search effort (half of each kind) and measure it (the other half).
     queries = heldout_queries(catalogue, set(vocabulary), seed=seed) or vocabulary[:HELDOUT_QUERIES]
     families = {"keyword": known.embeddings, "held-out": reference.encode_text(queries)}
-    calibration = calibrate(vector_index, embeddings, families, seed=seed)
+    with step("index calibration"):
+        calibration = calibrate(vector_index, embeddings, families, seed=seed)
     vector_index.save(set_dir / VECTOR_INDEX, row_map=f"{EMBEDDINGS}:photo_idx")
     figures["vector_index"] = {
         "factory": vector_index.factory,
@@ -264,7 +276,8 @@ def build_clip_artifacts(
         "recall@10_vs_exact": (recall := calibration.pop("unseen_recall")),
         "calibration": calibration,
     }
-    choice = build_text_runtimes(bundle, clip_dir, queries, embeddings, show_progress)
+    with step("clip text runtime"):
+        choice = build_text_runtimes(bundle, clip_dir, queries, embeddings, show_progress)
     update_clip_json(clip_dir, text_encoder=choice.runtime, text_runtime=choice.as_dict())
     figures["text_runtime"] = choice.as_dict()
     if show_progress:

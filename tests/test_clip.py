@@ -324,11 +324,24 @@ def test_heldout_figures_on_perfect_embeddings():
 
 
 def test_build_clip_artifacts_and_load_retrievers(tmp_path, catalogue):
+    from imgsearch_tools.build_steps import BuildSteps
     from retrieval_service.clip_artifacts import build_clip_artifacts
     from retrieval_service.keyword_index import KeywordIndex
     from retrieval_service.semantic import load_clip_retrievers
 
-    figures = build_clip_artifacts(catalogue, tmp_path, None, train_steps=2, show_progress=False)
+    steps = BuildSteps()
+    figures = build_clip_artifacts(
+        catalogue, tmp_path, None, train_steps=2, show_progress=False, step=steps.step
+    )
+    # Each part of the CLIP work is a step of its own in the build's manifest.
+    assert [s["step"] for s in steps.steps] == [
+        "clip training",
+        "clip embedding",
+        "vector index",
+        "index calibration",
+        "clip text runtime",
+    ]
+    assert all(s["peak_rss_mib"] > 0 and s["cpu_seconds"] >= 0 for s in steps.steps)
     for path in (CLIP_DIR + "/clip.json", EMBEDDINGS, VECTOR_INDEX, "vector.json"):
         assert (tmp_path / path).exists(), path
     assert figures["embedding"]["embedded"] == 46
