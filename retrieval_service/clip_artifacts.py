@@ -20,6 +20,9 @@ from retrieval_service.semantic import KnownQueries
 # 512-d float32 that is 41 MB, and about a minute of ViT-B-32 encoding on two cores.
 KNOWN_QUERIES_MAX = 20_000
 HELDOUT_QUERIES = 256  # queries the runtime gate compares on
+# Photos the held-out queries are drawn from, at most (a seeded sample beyond): 256 queries need
+# few, and reading every photo's keywords in Python took minutes at a million photos.
+HELDOUT_PHOTOS = 20_000
 
 
 def keyword_vocabulary(catalogue: Any, max_keywords: int = KNOWN_QUERIES_MAX) -> list[str]:
@@ -34,7 +37,13 @@ def keyword_vocabulary(catalogue: Any, max_keywords: int = KNOWN_QUERIES_MAX) ->
     conversions = catalogue.conversions
     if conversions is not None and "keyword" in conversions:
         words.append(conversions["keyword"])
-    counts = pd.concat(words).astype(str).map(normalise_keyword).value_counts()
+    # Counted as written, then normalised: one call per distinct spelling, not per row.
+    counts = pd.Series(dtype="int64")
+    for column in words:
+        written = column.astype(str).value_counts() if len(column) else pd.Series(dtype="int64")
+        written.index = written.index.map(normalise_keyword)
+        counts = counts.add(written.groupby(level=0).sum(), fill_value=0)
+    counts = counts.astype("int64")
     frame = counts.rename_axis("keyword").reset_index(name="count")
     frame = frame[frame["keyword"] != ""]
     frame = frame.sort_values(["count", "keyword"], ascending=[False, True], kind="stable")
@@ -47,10 +56,18 @@ def heldout_queries(
     """Queries the encoder will really see: none of them is a stored keyword.
 
     Half are two keywords of one photo ("red circle"), half the photos' descriptions (longer
-    sentences), drawn with a fixed seed; either kind fills in when the other runs short.
+    sentences), drawn with a fixed seed; either kind fills in when the other runs short. A
+    catalogue of more than :data:`HELDOUT_PHOTOS` photos has them drawn from a seeded sample.
     """
     rng = np.random.default_rng(seed)
-    keywords = catalogue.keywords[["photo_idx", "keyword"]].astype({"keyword": str})
+    photos = catalogue.photos
+    keywords = catalogue.keywords[["photo_idx", "keyword"]]
+    if len(photos) > HELDOUT_PHOTOS:
+        # Its own stream: a smaller catalogue draws exactly the queries it drew before.
+        sample = np.random.default_rng([seed, 2]).choice(len(photos), HELDOUT_PHOTOS, False)
+        photos = photos.iloc[np.sort(sample)]
+        keywords = keywords[keywords["photo_idx"].isin(photos["photo_idx"])]
+    keywords = keywords.astype({"keyword": str})
     pairs: list[str] = []
     for _, words in keywords.groupby("photo_idx", sort=True)["keyword"]:
         words = sorted({normalise_keyword(w) for w in words} - {""})
@@ -60,8 +77,8 @@ def heldout_queries(
     texts = [
         normalise_keyword(t)
         for column in ("photo_description", "ai_description")
-        if column in catalogue.photos
-        for t in catalogue.photos[column].fillna("").astype(str)
+        if column in photos
+        for t in photos[column].fillna("").astype(str)
     ]
     pools = []
     for pool in (pairs, texts):

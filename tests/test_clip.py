@@ -283,6 +283,29 @@ def test_training_is_deterministic_and_saves_a_loadable_clip(tmp_path, catalogue
     np.testing.assert_array_equal(a.encode_text(["red"]), b.encode_text(["red"]))
     assert read_clip_json(tmp_path / "a")["training"]["steps"] == 3
     assert isinstance(runs[0]["heldout"], dict)
+    assert "sampled_from" not in runs[0]  # under the cap: every photo with an image
+
+
+def test_training_beyond_its_photo_cap_draws_a_seeded_sample(tmp_path, catalogue):
+    from retrieval_service.clip_training import train_clip
+
+    with_images = int(catalogue.photos["has_image"].astype(bool).sum())
+    runs = [
+        train_clip(
+            catalogue,
+            tmp_path / name,
+            steps=2,
+            batch_size=8,
+            seed=1,
+            show_progress=False,
+            max_photos=20,
+        )  # fmt: skip
+        for name in ("a", "b")
+    ]
+    assert with_images > 20 and runs[0]["sampled_from"] == with_images
+    # 20 photos drawn (of which the unreadable images drop out), split 90/10.
+    assert runs[0]["train_photos"] + runs[0]["heldout_photos"] + runs[0]["skipped_images"] == 20
+    assert runs[0]["final_loss"] == runs[1]["final_loss"]
 
 
 def test_positives_match_keyword_subsets():
@@ -435,3 +458,18 @@ def test_known_queries_are_the_photos_keywords_and_what_users_searched(catalogue
     assert len(heldout) == 20 and not set(heldout) & set(vocabulary)
     assert any(len(q.split()) == 2 for q in heldout)  # keyword pairs
     assert any(q.startswith("a ") for q in heldout)  # descriptions
+
+
+def test_held_out_queries_of_a_large_catalogue_come_from_a_sample_of_its_photos(
+    catalogue, monkeypatch
+):
+    from retrieval_service import clip_artifacts
+
+    vocabulary = set(clip_artifacts.keyword_vocabulary(catalogue))
+    monkeypatch.setattr(clip_artifacts, "HELDOUT_PHOTOS", 12)
+    heldout = clip_artifacts.heldout_queries(catalogue, vocabulary, n=40)
+    assert heldout == clip_artifacts.heldout_queries(catalogue, vocabulary, n=40)  # seeded
+    assert heldout and not set(heldout) & vocabulary
+    # Only 12 photos' descriptions can be drawn from now: at most 12 distinct ones per column.
+    descriptions = [q for q in heldout if len(q.split()) > 2]
+    assert 0 < len(descriptions) <= 2 * 12
