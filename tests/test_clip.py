@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import numpy as np
 import pandas as pd
@@ -257,6 +258,31 @@ def test_embedding_resumes_after_interruption(tmp_path, bundle, catalogue):
     )
     for a, b in zip(load_embeddings(out), load_embeddings(tmp_path / "whole.npz")):
         np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_embedding_checkpoints_less_often_when_a_save_is_slow(tmp_path, bundle, catalogue,
+                                                               monkeypatch):  # fmt: skip
+    """A save that takes long (a large catalogue's progress file) is not repeated every batch:
+    the next waits until the run has worked ten times as long as the save took."""
+    from retrieval_service import embedding
+
+    saves = []
+    real_save = embedding._save_npz
+
+    def slow_save(path, **arrays):
+        saves.append(len(arrays["photo_idx"]))
+        time.sleep(0.3)  # the run's 6 batches of tiny images then take far less than 3 s
+        real_save(path, **arrays)
+
+    monkeypatch.setattr(embedding, "_save_npz", slow_save)
+    out = tmp_path / "e.npz"
+    result = embed_catalogue(
+        bundle, catalogue, out, batch_size=8, show_progress=False, checkpoint_every=1
+    )
+    assert result["complete"] and load_embeddings(out)[0].size == result["embedded"]
+    # Every batch was due (checkpoint_every=1); the first batch's save was taken, then none of
+    # the other five, then the final file (every embedding).
+    assert len(saves) == 2 and saves[0] < saves[1] == result["embedded"]
 
 
 def test_embedding_ignores_progress_of_another_model(tmp_path, bundle, catalogue):
