@@ -21,7 +21,7 @@ SENTENCE_SHARE = 0.3  # share of captions that are a full description rather tha
 KEYWORDS_PER_CAPTION = (1, 2, 3)
 KEYWORDS_PER_CAPTION_P = (0.4, 0.4, 0.2)
 # Photos a training run decodes and draws its batches from, at most (a seeded sample beyond):
-# 1,200 steps of 128 pairs see 100,000 photos about 1.5 times, as they saw the whole 100,000-photo
+# 1,200 steps of 128 pairs see the 90,000 trained on about 1.7 times, as they saw the 100,000-photo
 # demo; a million photos would take 12 GB of decoded 64 px pixels for batches that never reach
 # most of them.
 MAX_TRAIN_PHOTOS = 100_000

@@ -131,8 +131,8 @@ def embed_catalogue(
     Progress is saved to ``<out>.partial.npz`` every ``checkpoint_every`` batches (less often once
     a save takes more than a tenth of the work between saves: :data:`CHECKPOINT_WORK_RATIO`)
     and on interruption; a rerun with the same model and photos resumes from there (an
-    interrupted ViT-B-32 run over 25k photos loses minutes, not the half hour done so far). Images are decoded one batch ahead in a
-    thread while the model runs on the current one.
+    interrupted ViT-B-32 run over 25k photos loses minutes, not the half hour done so far).
+    Images are decoded one batch ahead in a thread while the model runs on the current one.
 
     Parameters
     ----------
