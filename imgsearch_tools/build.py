@@ -132,6 +132,7 @@ def build_artifacts(
                     show_progress=show_progress,
                     query_families=query_families(catalogue),
                     embeddings=embeddings,
+                    step=steps.step,
                 )
         else:
             manifest["clip"] = {

@@ -94,7 +94,20 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         "index-stats",
         help="recall@10 and latency of a FAISS index against exact search",
     )
-    p.add_argument("--embeddings", required=True, help="embeddings .npz (from embed)")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--embeddings", help="embeddings .npz (from embed): build and measure")
+    source.add_argument(
+        "--artifacts",
+        help="artifact root or set: its served CLIP index and, when the set is sharded, its "
+        "shards merged, each against exact search, on every catalogue keyword and "
+        "--unseen-queries multi-word queries embedded as the server embeds them",
+    )
+    p.add_argument(
+        "--unseen-queries",
+        type=int,
+        default=300,
+        help="with --artifacts: unseen multi-word queries beside the keywords (default 300)",
+    )
     p.add_argument("--factory", default=None, help="FAISS factory string (default by size)")
     p.add_argument("--queries", type=int, default=200, help="sampled embeddings used as queries")
     p.add_argument("--ef-search", type=int, default=128, help="HNSW efSearch for the recall check")
@@ -266,6 +279,9 @@ def _index_stats(args: argparse.Namespace) -> int:
     from imgsearch_tools.bench.clip_components import index_figures
     from retrieval_service.embedding import load_embeddings
 
+    if args.artifacts:
+        return _set_index_stats(args)
+
     photo_idx, embeddings = load_embeddings(args.embeddings)
     figures = index_figures(
         embeddings,
@@ -286,6 +302,23 @@ def _index_stats(args: argparse.Namespace) -> int:
             f"  index  p50 {figures['index']['p50_ms']:.3f} ms  p99 "
             f"{figures['index']['p99_ms']:.3f} ms  ({figures['queries']} queries, 1 thread)"
         )
+    return 0
+
+
+def _set_index_stats(args: argparse.Namespace) -> int:
+    from imgsearch import artifacts
+    from imgsearch_tools.bench.shard_recall import format_recall, recall_queries, sharded_recall
+
+    if args.unseen_queries < 0:
+        print("index-stats: --unseen-queries must be 0 or more", file=sys.stderr)
+        return 2
+    try:
+        artifact_set = artifacts.resolve(args.artifacts)
+        record = sharded_recall(artifact_set, recall_queries(artifact_set, args.unseen_queries))
+    except (artifacts.ArtifactError, ValueError) as error:
+        print(f"index-stats: {error}", file=sys.stderr)
+        return 2
+    print(json.dumps(record, indent=2) if args.json else format_recall(record))
     return 0
 
 

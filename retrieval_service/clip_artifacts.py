@@ -3,6 +3,7 @@ stored keywords' query embeddings."""
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 from pathlib import Path
@@ -19,6 +20,9 @@ from retrieval_service.semantic import KnownQueries
 # 512-d float32 that is 41 MB, and about a minute of ViT-B-32 encoding on two cores.
 KNOWN_QUERIES_MAX = 20_000
 HELDOUT_QUERIES = 256  # queries the runtime gate compares on
+# Photos the held-out queries are drawn from, at most (a seeded sample beyond): 256 queries need
+# few, and reading every photo's keywords in Python took minutes at a million photos.
+HELDOUT_PHOTOS = 20_000
 
 
 def keyword_vocabulary(catalogue: Any, max_keywords: int = KNOWN_QUERIES_MAX) -> list[str]:
@@ -33,7 +37,13 @@ def keyword_vocabulary(catalogue: Any, max_keywords: int = KNOWN_QUERIES_MAX) ->
     conversions = catalogue.conversions
     if conversions is not None and "keyword" in conversions:
         words.append(conversions["keyword"])
-    counts = pd.concat(words).astype(str).map(normalise_keyword).value_counts()
+    # Counted as written, then normalised: one call per distinct spelling, not per row.
+    counts = pd.Series(dtype="int64")
+    for column in words:
+        written = column.astype(str).value_counts() if len(column) else pd.Series(dtype="int64")
+        written.index = written.index.map(normalise_keyword)
+        counts = counts.add(written.groupby(level=0).sum(), fill_value=0)
+    counts = counts.astype("int64")
     frame = counts.rename_axis("keyword").reset_index(name="count")
     frame = frame[frame["keyword"] != ""]
     frame = frame.sort_values(["count", "keyword"], ascending=[False, True], kind="stable")
@@ -46,10 +56,18 @@ def heldout_queries(
     """Queries the encoder will really see: none of them is a stored keyword.
 
     Half are two keywords of one photo ("red circle"), half the photos' descriptions (longer
-    sentences), drawn with a fixed seed; either kind fills in when the other runs short.
+    sentences), drawn with a fixed seed; either kind fills in when the other runs short. A
+    catalogue of more than :data:`HELDOUT_PHOTOS` photos has them drawn from a seeded sample.
     """
     rng = np.random.default_rng(seed)
-    keywords = catalogue.keywords[["photo_idx", "keyword"]].astype({"keyword": str})
+    photos = catalogue.photos
+    keywords = catalogue.keywords[["photo_idx", "keyword"]]
+    if len(photos) > HELDOUT_PHOTOS:
+        # Its own stream: a smaller catalogue draws exactly the queries it drew before.
+        sample = np.random.default_rng([seed, 2]).choice(len(photos), HELDOUT_PHOTOS, False)
+        photos = photos.iloc[np.sort(sample)]
+        keywords = keywords[keywords["photo_idx"].isin(photos["photo_idx"])]
+    keywords = keywords.astype({"keyword": str})
     pairs: list[str] = []
     for _, words in keywords.groupby("photo_idx", sort=True)["keyword"]:
         words = sorted({normalise_keyword(w) for w in words} - {""})
@@ -59,8 +77,8 @@ def heldout_queries(
     texts = [
         normalise_keyword(t)
         for column in ("photo_description", "ai_description")
-        if column in catalogue.photos
-        for t in catalogue.photos[column].fillna("").astype(str)
+        if column in photos
+        for t in photos[column].fillna("").astype(str)
     ]
     pools = []
     for pool in (pairs, texts):
@@ -137,6 +155,7 @@ def build_clip_artifacts(
     seed: int = 0,
     query_families: QueryFamilies | None = None,
     embeddings: str | Path | None = None,
+    step: Any | None = None,
 ) -> dict:
     """Write the CLIP part of an artifact set: model, embeddings, index, text runtime, keywords.
 
@@ -165,6 +184,11 @@ def build_clip_artifacts(
         Image embeddings made beforehand by ``clip_spec`` (``imgsearch embed``, with or
         without ``--ray``): checked against the catalogue and the CLIP's weights and used
         instead of embedding the images here.
+    step:
+        ``step(name)``: a context manager timing one part of the work (the build's
+        :meth:`~imgsearch_tools.build_steps.BuildSteps.step`: ``clip training``, ``clip
+        embedding``, ``vector index``, ``index calibration``, ``clip text runtime``); None
+        times nothing.
 
     Returns
     -------
@@ -195,6 +219,7 @@ def build_clip_artifacts(
     from retrieval_service.text_encoder import TorchTextEncoder
     from retrieval_service.vector_index import VectorIndex
 
+    step = step or (lambda name: contextlib.nullcontext({}))
     set_dir = Path(set_dir)
     clip_dir = set_dir / CLIP_DIR
     n_images = int(catalogue.photos["has_image"].astype(bool).sum())
@@ -204,14 +229,15 @@ def build_clip_artifacts(
         raise ValueError("precomputed embeddings need the spec of the CLIP that made them")
     figures: dict = {}
     if clip_spec is None:
-        training = train_clip(
-            catalogue,
-            clip_dir,
-            steps=train_steps,
-            seed=seed,
-            show_progress=show_progress,
-            query_families=query_families,
-        )
+        with step("clip training"):
+            training = train_clip(
+                catalogue,
+                clip_dir,
+                steps=train_steps,
+                seed=seed,
+                show_progress=show_progress,
+                query_families=query_families,
+            )
         bundle = load_clip(ClipSpec.from_dir(clip_dir))
         figures["clip"] = {"model_name": training["model_name"], "trained": training}
     else:
@@ -223,16 +249,18 @@ def build_clip_artifacts(
             save_clip_reference(clip_spec, clip_dir)
         figures["clip"] = {"model_name": clip_spec.model_name, "pretrained": clip_spec.pretrained}
 
-    if embeddings is None:
-        figures["embedding"] = embed_catalogue(
-            bundle, catalogue, set_dir / EMBEDDINGS, show_progress=show_progress
-        )
-    else:
-        figures["embedding"] = import_embeddings(
-            embeddings, bundle, catalogue, set_dir / EMBEDDINGS
-        )
+    with step("clip embedding"):
+        if embeddings is None:
+            figures["embedding"] = embed_catalogue(
+                bundle, catalogue, set_dir / EMBEDDINGS, show_progress=show_progress
+            )
+        else:
+            figures["embedding"] = import_embeddings(
+                embeddings, bundle, catalogue, set_dir / EMBEDDINGS
+            )
     photo_idx, embeddings = load_embeddings(set_dir / EMBEDDINGS)
-    vector_index = VectorIndex.build(embeddings, photo_idx, factory=factory, seed=seed)
+    with step("vector index"):
+        vector_index = VectorIndex.build(embeddings, photo_idx, factory=factory, seed=seed)
     vocabulary = keyword_vocabulary(catalogue)
     started = time.perf_counter()
     reference = TorchTextEncoder(bundle.model, bundle.tokenizer, bundle.embed_dim)
@@ -254,7 +282,8 @@ def build_clip_artifacts(
     # the index's search effort (half of each kind) and measure it (the other half).
     queries = heldout_queries(catalogue, set(vocabulary), seed=seed) or vocabulary[:HELDOUT_QUERIES]
     families = {"keyword": known.embeddings, "held-out": reference.encode_text(queries)}
-    calibration = calibrate(vector_index, embeddings, families, seed=seed)
+    with step("index calibration"):
+        calibration = calibrate(vector_index, embeddings, families, seed=seed)
     vector_index.save(set_dir / VECTOR_INDEX, row_map=f"{EMBEDDINGS}:photo_idx")
     figures["vector_index"] = {
         "factory": vector_index.factory,
@@ -264,7 +293,8 @@ def build_clip_artifacts(
         "recall@10_vs_exact": (recall := calibration.pop("unseen_recall")),
         "calibration": calibration,
     }
-    choice = build_text_runtimes(bundle, clip_dir, queries, embeddings, show_progress)
+    with step("clip text runtime"):
+        choice = build_text_runtimes(bundle, clip_dir, queries, embeddings, show_progress)
     update_clip_json(clip_dir, text_encoder=choice.runtime, text_runtime=choice.as_dict())
     figures["text_runtime"] = choice.as_dict()
     if show_progress:

@@ -29,7 +29,8 @@ import numpy as np
 EXACT_ROWS = 2_000
 EXACT_SHARE = 0.2
 # efSearch of a filtered graph search: the index's own (calibrated at build, see
-# index_calibration) over the allowed share, capped.
+# index_calibration) over the allowed share, capped here, but never below the index's own (a
+# large catalogue's calibration may need more than this cap).
 MAX_EF_SEARCH = 2_048
 
 
@@ -98,7 +99,7 @@ def search_allowed(
     if graph and not (few and flat is not None):
         base_ef = int(vector_index.params.get("efSearch", index.hnsw.efSearch))
         share = n_allowed / len(rows_allowed)
-        ef = min(MAX_EF_SEARCH, max(base_ef, k, math.ceil(base_ef / share)))
+        ef = min(max(MAX_EF_SEARCH, base_ef), max(base_ef, k, math.ceil(base_ef / share)))
         params = faiss.SearchParametersHNSW(sel=selector, efSearch=ef)
         scores, rows = index.search(query, k, params=params)
         how = FilteredSearch("graph", n_allowed, ef)

@@ -134,12 +134,27 @@ class RuntimeChoice:
         return "\n".join(lines)
 
 
+def top_k_rows(queries: np.ndarray, images: np.ndarray, k: int, chunk: int = 16) -> np.ndarray:
+    """Each query's ``k`` best image rows by inner product, equal scores in row order: what a
+    stable full sort gives, without sorting (or holding) every query's scores of every image."""
+    top = np.empty((len(queries), k), np.int64)
+    for start in range(0, len(queries), chunk):
+        scores = queries[start : start + chunk] @ images.T
+        for row, query_scores in enumerate(scores):
+            # Every image scoring at least the k-th best: the ties at the cut included.
+            kth = np.partition(query_scores, len(query_scores) - k)[len(query_scores) - k]
+            candidates = np.flatnonzero(query_scores >= kth)
+            order = np.argsort(-query_scores[candidates], kind="stable")[:k]
+            top[start + row] = candidates[order]
+    return top
+
+
 def _top10_overlap(reference: np.ndarray, other: np.ndarray, images: np.ndarray) -> float:
     k = min(10, len(images))
     if not k:
         return 1.0
-    top_ref = np.argsort(-(reference @ images.T), axis=1, kind="stable")[:, :k]
-    top_other = np.argsort(-(other @ images.T), axis=1, kind="stable")[:, :k]
+    top_ref = top_k_rows(reference, images, k)
+    top_other = top_k_rows(other, images, k)
     return float(np.mean([len(set(a) & set(b)) / k for a, b in zip(top_ref, top_other)]))
 
 

@@ -271,6 +271,7 @@ SLOW_MODULES = {
     "test_multihost",
     "test_ray_embedding",
     "test_selection_folds",
+    "test_shard_recall",
     "test_shards",
     "test_text_encoder",
 }

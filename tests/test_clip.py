@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import numpy as np
 import pandas as pd
@@ -259,6 +260,31 @@ def test_embedding_resumes_after_interruption(tmp_path, bundle, catalogue):
         np.testing.assert_allclose(a, b, atol=1e-6)
 
 
+def test_embedding_checkpoints_less_often_when_a_save_is_slow(tmp_path, bundle, catalogue,
+                                                               monkeypatch):  # fmt: skip
+    """A save that takes long (a large catalogue's progress file) is not repeated every batch:
+    the next waits until the run has worked ten times as long as the save took."""
+    from retrieval_service import embedding
+
+    saves = []
+    real_save = embedding._save_npz
+
+    def slow_save(path, **arrays):
+        saves.append(len(arrays["photo_idx"]))
+        time.sleep(0.3)  # the run's 6 batches of tiny images then take far less than 3 s
+        real_save(path, **arrays)
+
+    monkeypatch.setattr(embedding, "_save_npz", slow_save)
+    out = tmp_path / "e.npz"
+    result = embed_catalogue(
+        bundle, catalogue, out, batch_size=8, show_progress=False, checkpoint_every=1
+    )
+    assert result["complete"] and load_embeddings(out)[0].size == result["embedded"]
+    # Every batch was due (checkpoint_every=1); the first batch's save was taken, then none of
+    # the other five, then the final file (every embedding).
+    assert len(saves) == 2 and saves[0] < saves[1] == result["embedded"]
+
+
 def test_embedding_ignores_progress_of_another_model(tmp_path, bundle, catalogue):
     out = tmp_path / "e.npz"
     embed_catalogue(bundle, catalogue, out, batch_size=8, show_progress=False, max_batches=1)
@@ -283,6 +309,29 @@ def test_training_is_deterministic_and_saves_a_loadable_clip(tmp_path, catalogue
     np.testing.assert_array_equal(a.encode_text(["red"]), b.encode_text(["red"]))
     assert read_clip_json(tmp_path / "a")["training"]["steps"] == 3
     assert isinstance(runs[0]["heldout"], dict)
+    assert "sampled_from" not in runs[0]  # under the cap: every photo with an image
+
+
+def test_training_beyond_its_photo_cap_draws_a_seeded_sample(tmp_path, catalogue):
+    from retrieval_service.clip_training import train_clip
+
+    with_images = int(catalogue.photos["has_image"].astype(bool).sum())
+    runs = [
+        train_clip(
+            catalogue,
+            tmp_path / name,
+            steps=2,
+            batch_size=8,
+            seed=1,
+            show_progress=False,
+            max_photos=20,
+        )  # fmt: skip
+        for name in ("a", "b")
+    ]
+    assert with_images > 20 and runs[0]["sampled_from"] == with_images
+    # 20 photos drawn (of which the unreadable images drop out), split 90/10.
+    assert runs[0]["train_photos"] + runs[0]["heldout_photos"] + runs[0]["skipped_images"] == 20
+    assert runs[0]["final_loss"] == runs[1]["final_loss"]
 
 
 def test_positives_match_keyword_subsets():
@@ -324,11 +373,24 @@ def test_heldout_figures_on_perfect_embeddings():
 
 
 def test_build_clip_artifacts_and_load_retrievers(tmp_path, catalogue):
+    from imgsearch_tools.build_steps import BuildSteps
     from retrieval_service.clip_artifacts import build_clip_artifacts
     from retrieval_service.keyword_index import KeywordIndex
     from retrieval_service.semantic import load_clip_retrievers
 
-    figures = build_clip_artifacts(catalogue, tmp_path, None, train_steps=2, show_progress=False)
+    steps = BuildSteps()
+    figures = build_clip_artifacts(
+        catalogue, tmp_path, None, train_steps=2, show_progress=False, step=steps.step
+    )
+    # Each part of the CLIP work is a step of its own in the build's manifest.
+    assert [s["step"] for s in steps.steps] == [
+        "clip training",
+        "clip embedding",
+        "vector index",
+        "index calibration",
+        "clip text runtime",
+    ]
+    assert all(s["peak_rss_mib"] > 0 and s["cpu_seconds"] >= 0 for s in steps.steps)
     for path in (CLIP_DIR + "/clip.json", EMBEDDINGS, VECTOR_INDEX, "vector.json"):
         assert (tmp_path / path).exists(), path
     assert figures["embedding"]["embedded"] == 46
@@ -422,3 +484,18 @@ def test_known_queries_are_the_photos_keywords_and_what_users_searched(catalogue
     assert len(heldout) == 20 and not set(heldout) & set(vocabulary)
     assert any(len(q.split()) == 2 for q in heldout)  # keyword pairs
     assert any(q.startswith("a ") for q in heldout)  # descriptions
+
+
+def test_held_out_queries_of_a_large_catalogue_come_from_a_sample_of_its_photos(
+    catalogue, monkeypatch
+):
+    from retrieval_service import clip_artifacts
+
+    vocabulary = set(clip_artifacts.keyword_vocabulary(catalogue))
+    monkeypatch.setattr(clip_artifacts, "HELDOUT_PHOTOS", 12)
+    heldout = clip_artifacts.heldout_queries(catalogue, vocabulary, n=40)
+    assert heldout == clip_artifacts.heldout_queries(catalogue, vocabulary, n=40)  # seeded
+    assert heldout and not set(heldout) & vocabulary
+    # Only 12 photos' descriptions can be drawn from now: at most 12 distinct ones per column.
+    descriptions = [q for q in heldout if len(q.split()) > 2]
+    assert 0 < len(descriptions) <= 2 * 12

@@ -56,6 +56,26 @@ def test_filtered_vector_search_returns_min_k_allowed_photos(factory):
         assert recall >= (1.0 if factory == "Flat" else 0.9), (share, recall)
 
 
+@pytest.mark.parametrize("ef_search", [64, 8192])
+def test_a_filtered_graph_search_never_searches_less_than_the_index(ef_search):
+    """Raised as the allowed share drops, capped at MAX_EF_SEARCH, never below the index's
+    own efSearch (a million-photo calibration may pick more than the cap)."""
+    from retrieval_service.filtered_search import EXACT_ROWS, MAX_EF_SEARCH, search_allowed
+    from retrieval_service.vector_index import VectorIndex
+
+    rng = np.random.default_rng(1)
+    n = 4 * EXACT_ROWS
+    vectors = rng.normal(size=(n, 16)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    index = VectorIndex.build(vectors, factory="HNSW16", ef_search=ef_search, ef_construction=16)
+    allowed = rng.random(n) < 0.6  # too many for the exact path: the graph answers
+    _, found, how = search_allowed(index, vectors[0], 10, allowed)
+    assert how.path.startswith("graph") and allowed[found].all()
+    expected = min(max(MAX_EF_SEARCH, ef_search), max(ef_search, int(np.ceil(ef_search / 0.6))))
+    assert how.ef_search >= ef_search
+    assert abs(how.ef_search - expected) <= 0.05 * expected  # the share drawn is about 0.6
+
+
 def test_an_allowed_set_of_none_finds_nothing():
     from retrieval_service.filtered_search import search_allowed
     from retrieval_service.vector_index import VectorIndex

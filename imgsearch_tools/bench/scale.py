@@ -167,7 +167,7 @@ def build_figures(set_dir: Path, manifest: dict) -> dict:
             for name, entry in manifest.get("rankers", {}).items()
         },
         "rankers_skipped": manifest.get("rankers_skipped", {}),
-        "vector_index": (manifest.get("clip") or {}).get("index", {}),
+        "vector_index": (manifest.get("clip") or {}).get("vector_index", {}),
         "bytes": {
             "keyword index": size(artifacts.KEYWORD_INDEX),
             "vector index": size("vector.faiss"),

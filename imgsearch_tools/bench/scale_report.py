@@ -51,6 +51,12 @@ def rows(report: dict) -> dict[str, list]:
             put(f"build step {step['step']} peak MiB", i, step["peak_rss_mib"])
         for name, entry in build["rankers"].items():
             put(f"ranker {name} s", i, entry.get("seconds"))
+        index = build.get("vector_index") or {}
+        calibration = index.get("calibration") or {}
+        if calibration.get("parameter"):
+            put(f"vector index {calibration['parameter']} (calibrated)", i, calibration["value"])
+        if index.get("recall@10_vs_exact") is not None:
+            put("vector index recall@10 vs exact", i, index["recall@10_vs_exact"])
         for name, n_bytes in build["bytes"].items():
             if n_bytes:
                 put(f"{name} MiB", i, round(n_bytes / 2**20, 1))
@@ -68,8 +74,8 @@ def rows(report: dict) -> dict[str, list]:
 
 def extrapolated(name: str, sizes: list[int], values: list) -> tuple[str, str]:
     """(growth per 10× photos, value at 10M on 4 shards) of one figure, as text."""
-    if name.endswith("errors"):
-        return "", ""
+    if name.endswith("errors") or name.startswith("vector index recall") or "calibrated" in name:
+        return "", ""  # counts and settings, not costs that grow with the photos
     retrieval_side = name.startswith(("retrieval ", "keyword index", "vector index", "embed"))
     at = TARGET_PHOTOS // TARGET_SHARDS if retrieval_side else TARGET_PHOTOS
     fit = growth(sizes, values, at)

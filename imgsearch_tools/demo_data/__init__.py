@@ -12,7 +12,7 @@ def query_families(catalogue) -> tuple[dict[str, list[str]], tuple[str, str] | N
     Colour, shape and scene words, with colour+shape pairs; None for another catalogue (CLIP
     then uses its most frequent keywords and pairs).
     """
-    vocabulary = set(catalogue.keywords["keyword"].astype(str).tolist())
+    vocabulary = set(map(str, catalogue.keywords["keyword"].unique()))
     families = {"colour": list(COLOURS), "shape": list(SHAPES), "scene": list(SCENES)}
     if all(word in vocabulary for words in families.values() for word in words):
         return families, ("colour", "shape")

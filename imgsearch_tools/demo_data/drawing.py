@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFilter
+from PIL import Image, ImageDraw
 
 # The visible vocabulary: every photo shows exactly one shape, in one colour, on one scene.
 COLOURS = ("red", "orange", "yellow", "green", "blue", "purple", "pink", "white")
@@ -149,6 +149,25 @@ def _shape_mask(shape: str, size: int, cx: float, cy: float, r: float, jitter: f
     return mask
 
 
+def dilated(mask: Image.Image, size: int) -> Image.Image:
+    """``mask.filter(ImageFilter.MaxFilter(size))``, pixel for pixel, in a tenth of its time.
+
+    PIL's rank filter sorts every window; a square window's maximum is the maximum over its
+    rows of the maximum over its columns, so two passes of ``size`` shifted slices give it.
+    The edges are padded with their own pixels, as the rank filter's ``expand`` does.
+    """
+    half = size // 2
+    pixels = np.pad(np.asarray(mask), half, mode="edge")
+    height, width = pixels.shape[0] - 2 * half, pixels.shape[1] - 2 * half
+    rows = pixels[:, :width].copy()
+    for dx in range(1, size):
+        np.maximum(rows, pixels[:, dx : dx + width], out=rows)
+    out = rows[:height].copy()
+    for dy in range(1, size):
+        np.maximum(out, rows[dy : dy + height], out=out)
+    return Image.fromarray(out, mask.mode)
+
+
 def draw_image(photos: dict, i: int, image_size: int, rng: np.random.Generator) -> Image.Image:
     """Draw photo ``i`` at twice the size, then downsample for smooth edges, then add noise."""
     size = 2 * image_size
@@ -165,7 +184,7 @@ def draw_image(photos: dict, i: int, image_size: int, rng: np.random.Generator) 
     fill = tuple(int(v) for v in np.clip(base, 0, 255))
     outline = tuple(int(v * 0.45) for v in fill)
     # A thin dark outline keeps light shapes readable on light scenes (white on snow).
-    canvas.paste(outline, (0, 0), mask.filter(ImageFilter.MaxFilter(5)))
+    canvas.paste(outline, (0, 0), dilated(mask, 5))
     canvas.paste(fill, (0, 0), mask)
     canvas = canvas.resize((image_size, image_size), Image.Resampling.BOX)
     pixels = np.asarray(canvas, dtype=np.float32)
