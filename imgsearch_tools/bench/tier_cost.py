@@ -2,25 +2,22 @@
 
 A floor run says how much CPU each of imgsearch's tiers spends per search beyond its bare
 counterpart (:mod:`imgsearch_tools.bench.bare_chain`); this tool says where. It records the
-requests one tier receives in a keyword + ALS search on the served set (the gateway's
-``RetrieveRequest`` for each sampled query and its ``RankRequest`` built from the real
-retrieval answer, as the gateway builds it), then drives that tier's server directly, closed
-loop, with those requests (the request id and a deadline on each call, as the gateway sends),
-and reads the server process's CPU time from ``/proc`` around each measured window. Variants
-of the server, taken in turns (each round starts each variant afresh):
-
-- ``bare``: the bare chain's tier (a canned response, no runtime);
-- ``cached``: imgsearch's server (interceptor, admission, metrics) whose method answers the
-  bare tier's canned response;
-- ``shipped``: the server as it ships;
-- ``no-PIECE``: the shipped server with one piece of the method's work replaced by its
-  precomputed result (:data:`PIECES`), so what the piece costs in the server is the
-  difference from ``shipped``.
+requests each tier receives in keyword + ALS searches on the served set (the load
+generator's ``SearchRequest``, the gateway's ``RetrieveRequest`` for it and its
+``RankRequest`` built from the real retrieval answer), then drives one tier's server directly
+with them, closed loop or open loop at a fixed rate (``--rate``: every variant then serves the
+same calls per second), each call with a request id and a deadline as the gateway sends, and
+reads the server process's CPU time from ``/proc`` around each measured window. The gateway
+calls a bare retrieval and ranking. The variants (:mod:`imgsearch_tools.bench.tier_variants`),
+taken in turns, each round starting each afresh: ``bare`` (the bare chain's tier), ``cached``
+(imgsearch's server, its method answering the bare tier's response), ``shipped``, and
+``no-PIECE`` (one piece of the method's work replaced by its precomputed result): what a
+piece costs in the server is the difference from ``shipped``.
 
 ``--in-process`` also times the shipped method called directly (no server) over the same
-requests, alone and interleaved with a stand-in for gRPC's own work on each call (the request
-parsed from its bytes, the response serialised, a message of the same size built and
-dropped), to tell instructions apart from what the server's surroundings add.
+requests, alone and interleaved with a stand-in for gRPC's own work on each call (another
+request parsed, a message of the response's size parsed and serialised), to tell the
+method's instructions apart from what the server's surroundings add.
 
 ``python -m imgsearch_tools.bench.tier_cost --artifacts ROOT --tier ranking --out DIR``
 """
@@ -35,44 +32,27 @@ import sys
 import time
 from pathlib import Path
 
-from imgsearch_tools.bench.bare_chain import PAYLOAD_FILES, write_payloads
+from imgsearch_tools.bench.bare_chain import BareChain, write_payloads
 from imgsearch_tools.bench.processes import (
     ServiceProcesses,
-    free_port,
     process_cpu_seconds,
     wait_process_serving,
 )
+from imgsearch_tools.bench.tier_variants import METHODS, PIECES, install_variant
 
-TIERS = ("retrieval", "ranking")
-METHODS = {
-    "retrieval": "/imgsearch.retrieval.v1.RetrievalService/Retrieve",
-    "ranking": "/imgsearch.ranking.v1.RankingService/Rank",
-}
-# The pieces of each tier's method that a variant replaces by their precomputed result:
-# (module, attribute path) of the callable, patched in the server process before it starts,
-# and the key of the calls that share one result (what the result's shape depends on).
-PIECES = {
-    "ranking": {
-        "lookup": ("imgsearch.catalogue", "Catalogue.photo_idx_list", lambda a: len(a[1])),
-        "score": ("ranking_service.rankers.als", "ALSRanker.score", lambda a: len(a[1].candidates)),
-        "topk": ("ranking_service.server", "top_k", lambda a: (len(a[0]), a[1])),
-    },
-    "retrieval": {
-        "lookup": ("retrieval_service.keyword_index", "KeywordIndex.retrieve", lambda a: a[2]),
-        "response": ("retrieval_service.server", "to_response", lambda a: None),
-    },
-}
+TIERS = tuple(METHODS)
+DOWNSTREAM = ("retrieval", "ranking")  # the gateway's, served bare while it is measured
 REQUESTS_FILE = "requests.bin"
 MODULE = "imgsearch_tools.bench.tier_cost"  # as run with -m: __name__ is then "__main__"
 
 
 # ------------------------------------------------------------------------ recorded requests
 def record_requests(artifacts: str, folder: Path, n: int = 300, seed: int = 0) -> Path:
-    """The requests retrieval and ranking receive in ``n`` sampled keyword + ALS searches.
+    """The requests each tier receives in ``n`` sampled keyword + ALS searches.
 
-    Each RetrieveRequest is built as the gateway builds it from the load generator's
-    SearchRequest; each RankRequest from the real retrieval answer to it. Written as
-    length-prefixed serialised messages, one file per tier.
+    Each SearchRequest is the load generator's; each RetrieveRequest is built as the gateway
+    builds it from that SearchRequest; each RankRequest from the real retrieval answer to
+    it. Written as length-prefixed serialised messages, one file per tier.
     """
     from gateway.server import Candidates
     from imgsearch.catalogue import normalise_user_id
@@ -85,8 +65,18 @@ def record_requests(artifacts: str, folder: Path, n: int = 300, seed: int = 0) -
     holder = Reloadable(load_retrieval_state)
     asyncio.run(holder.load(artifacts))
     servicer = RetrievalServicer(holder)
-    written = {"retrieval": [], "ranking": []}
+    from imgsearch.search.v1 import search_service_pb2 as search_pb
+
+    written = {"retrieval": [], "ranking": [], "gateway": []}
     for query in sample_queries(artifacts, n, seed):
+        search = search_pb.SearchRequest(
+            user_id=query.user_id,
+            query=query.query,
+            k=10,
+            candidates_k=100,
+            retriever=retr_pb.RETRIEVER_KEYWORD,
+            ranker=rank_pb.RANKER_ALS,
+        )
         retrieve = retr_pb.RetrieveRequest(
             query=query.query, candidates_k=100, retriever=retr_pb.RETRIEVER_KEYWORD
         )
@@ -101,6 +91,7 @@ def record_requests(artifacts: str, folder: Path, n: int = 300, seed: int = 0) -
             k=10,
             ranker=rank_pb.RANKER_ALS,
         )
+        written["gateway"].append(search.SerializeToString())
         written["retrieval"].append(retrieve.SerializeToString())
         written["ranking"].append(rank.SerializeToString())
     servicer.executor.shutdown()
@@ -135,76 +126,6 @@ def _run(coroutine):
     raise RuntimeError("the method waited: it cannot be timed inline")
 
 
-# ------------------------------------------------------------------- the variants' servers
-def _resolve(module: str, path: str):
-    import importlib
-
-    owner = importlib.import_module(module)
-    *parents, name = path.split(".")
-    for parent in parents:
-        owner = getattr(owner, parent)
-    return owner, name
-
-
-def install_variant(tier: str, variant: str, payloads: Path) -> None:
-    """Patch this process's code into ``variant`` of ``tier`` before its server starts:
-    ``shipped``, ``cached``, ``no-PIECE``, ``no-interceptor`` (the port without the serving
-    runtime's interceptor: no request id, readiness, admission, error mapping or metrics), or
-    several joined by ``+``."""
-    for part in variant.split("+"):
-        if part == "cached":
-            _answer_canned(tier, (payloads / PAYLOAD_FILES[tier]).read_bytes())
-        elif part == "no-interceptor":
-            from imgsearch.serving import runtime
-
-            new_server = runtime.new_server
-            runtime.new_server = lambda name, host, port, interceptors, *rest, **options: (
-                new_server(name, host, port, None, *rest, **options)
-            )
-        elif part != "shipped":
-            _replay(*PIECES[tier][part.removeprefix("no-")])
-
-
-def _answer_canned(tier: str, canned: bytes) -> None:
-    """The tier's method answers ``canned`` (the bare tier's response) to every call."""
-    if tier == "ranking":
-        from imgsearch.ranking.v1 import ranking_service_pb2 as pb
-        from ranking_service.server import RankingServicer as servicer
-    else:
-        from imgsearch.retrieval.v1 import retrieval_service_pb2 as pb
-        from retrieval_service.server import RetrievalServicer as servicer
-    method = METHODS[tier].rsplit("/", 1)[1]
-    response = getattr(pb, method + "Response").FromString(canned)
-
-    async def answer(self, request, context):
-        return response
-
-    setattr(servicer, method, answer)
-
-
-def _replay(module: str, path: str, key_of) -> None:
-    """The callable at ``module``.``path`` computes one result per ``key_of(args)`` (the
-    first call's with that key) and answers it to every later call with that key."""
-    owner, name = _resolve(module, path)
-    original = getattr(owner, name)
-    remembered = {}
-
-    def replayed(*args, **kwargs):
-        key = key_of(args)
-        if key not in remembered:
-            remembered[key] = original(*args, **kwargs)
-        return remembered[key]
-
-    if isinstance(owner, type):
-        setattr(owner, name, lambda *args, **kwargs: replayed(*args, **kwargs))
-        return
-    setattr(owner, name, replayed)
-    # Callers that imported the name hold their own reference: patch theirs too.
-    for module_object in list(sys.modules.values()):
-        if getattr(module_object, name, None) is original:
-            setattr(module_object, name, replayed)
-
-
 def serve_variant(argv: list[str]) -> int:
     """``variant TIER VARIANT PAYLOADS -- <imgsearch serve arguments>``."""
     tier, variant, payloads, separator, *serve = argv
@@ -217,20 +138,24 @@ def serve_variant(argv: list[str]) -> int:
 
 
 class VariantServer:
-    """One variant of one tier as a child process on a free port."""
+    """One variant of one tier as a child process on a free port (the gateway's calls go to
+    ``downstream``, a :class:`~imgsearch_tools.bench.bare_chain.BareChain` serving the bare
+    retrieval and ranking)."""
 
-    def __init__(self, tier: str, variant: str, artifacts: str, work: Path):
+    def __init__(self, tier: str, variant: str, artifacts: str, work: Path, downstream=None):
         self.tier, self.variant = tier, variant
         self.log = work / "logs" / f"{tier}-{variant}.log"
         self.log.parent.mkdir(parents=True, exist_ok=True)
         payloads = work / "payloads"
         if variant == "bare":
-            self.port = free_port()
-            command = [sys.executable, "-m", "imgsearch_tools.bench.bare_chain", tier]
-            command += ["--port", str(self.port), "--payloads", str(payloads)]
+            chain = downstream or BareChain(payloads, work / "logs")
+            self.port = chain.ports[tier]
+            command = chain.command(tier)
             self.admin = f"127.0.0.1:{self.port}"
         else:
             services = ServiceProcesses(artifacts, work / "logs")
+            if downstream is not None:
+                services.ports.update({t: downstream.ports[t] for t in DOWNSTREAM})
             serve = services.command(tier)
             self.port = services.ports[tier]
             self.admin = services.admin_address(tier)
@@ -378,6 +303,21 @@ def in_process(artifacts: str, tier: str, requests: list[bytes], repeats: int = 
 
 
 # ---------------------------------------------------------------------------------- the run
+def start_downstream(work: Path) -> BareChain:
+    """The bare retrieval and ranking the measured gateway calls, serving until stopped."""
+    chain = BareChain(work / "payloads", work / "logs")
+    (work / "logs").mkdir(parents=True, exist_ok=True)
+    for tier in DOWNSTREAM:
+        with open(work / "logs" / f"bare-{tier}.log", "ab") as log:
+            chain.procs[tier] = subprocess.Popen(
+                chain.command(tier), stdout=log, stderr=subprocess.STDOUT
+            )
+    for tier in DOWNSTREAM:
+        log = work / "logs" / f"bare-{tier}.log"
+        wait_process_serving(tier, lambda t=tier: chain.procs[t], chain.address(tier), log, 60.0)
+    return chain
+
+
 def variants_of(tier: str) -> list[str]:
     """Every variant of ``tier``: bare, cached, shipped, then one per removable piece."""
     return ["bare", "cached", "shipped", *(f"no-{piece}" for piece in PIECES[tier])]
@@ -394,16 +334,21 @@ def run(args) -> dict:
     requests = read_requests(work, args.tier)
     variants = args.variants or variants_of(args.tier)
     rounds: dict[str, list[dict]] = {variant: [] for variant in variants}
-    for round_number in range(1, args.rounds + 1):
-        for variant in variants:
-            server = VariantServer(args.tier, variant, args.artifacts, work)
-            try:
-                server.wait_serving()
-                figures = measure(server, requests, args.clients, args.duration, args.rate)
-            finally:
-                server.stop()
-            rounds[variant].append(figures)
-            print(f"round {round_number} {args.tier} {variant}: {figures}", flush=True)
+    downstream = start_downstream(work) if args.tier == "gateway" else None
+    try:
+        for round_number in range(1, args.rounds + 1):
+            for variant in variants:
+                server = VariantServer(args.tier, variant, args.artifacts, work, downstream)
+                try:
+                    server.wait_serving()
+                    figures = measure(server, requests, args.clients, args.duration, args.rate)
+                finally:
+                    server.stop()
+                rounds[variant].append(figures)
+                print(f"round {round_number} {args.tier} {variant}: {figures}", flush=True)
+    finally:
+        if downstream is not None:
+            downstream.stop_all()
     report = {
         "tier": args.tier,
         "clients": args.clients,
@@ -413,7 +358,7 @@ def run(args) -> dict:
         "variants": {variant: pooled(runs) for variant, runs in rounds.items()},
         "rounds": rounds,
     }
-    if args.in_process:
+    if args.in_process and args.tier != "gateway":  # the gateway's method needs its downstreams
         report["in_process_us"] = in_process(args.artifacts, args.tier, requests)
     (work / f"tier-cost-{args.tier}.json").write_text(json.dumps(report, indent=2))
     print("\n".join(table(report)))
