@@ -1,6 +1,6 @@
 """Serialised retrieval answers of one artifact set, kept by query, bounded in bytes.
 
-A keyword search's candidates depend on the query, ``candidates_k`` and the set alone. Turning
+A keyword index's candidates depend on the query, ``candidates_k`` and the set alone. Turning
 them into a response (100 photo ids gathered into Python strings, their scores into Python
 floats, each converted again into the message) costs more CPU on a busy server than finding
 them; a repeated query instead parses its stored response, one C call over a few kilobytes.

@@ -297,9 +297,9 @@ class RetrievalServicer(pb_grpc.RetrievalServiceServicer):
         # Work queued inside this stage is dropped unrun once the caller's deadline has passed
         # (DeadlineExpired becomes DEADLINE_EXCEEDED in the interceptor).
         deadline = current_deadline()
-        # A keyword answer depends on the query, candidates_k and this state alone, unless a
-        # filter or the live catalogue takes part: those are stored once built.
-        cacheable = clip is None and allowed is None and state.live is None
+        # A keyword index's answer depends on the query, candidates_k and this state alone,
+        # unless a filter or the live catalogue takes part: those are stored once built.
+        cacheable = type(retriever) is KeywordIndex and allowed is None and state.live is None
         key = (name, query, candidates_k, request.source_lists)
         stored = state.responses.get(key) if cacheable else None
         if stored is not None:
