@@ -37,6 +37,7 @@ from retrieval_service.image_worker import ImageEmbedder
 from retrieval_service.keyword_index import KeywordIndex
 from retrieval_service.live_catalogue import LiveView
 from retrieval_service.live_tail import LogReplay, LogTailer, live_retrievers
+from retrieval_service.response_cache import ResponseCache
 from retrieval_service.retrievers import RetrievalResult, Retriever
 from retrieval_service.semantic import HybridRetriever, clip_source
 from retrieval_service.sharding import check_shard, shard_dir
@@ -67,6 +68,8 @@ class RetrievalState:
     live: LiveView | None = None
     # Whether the set has a CLIP whose image tower embeds the live catalogue's images.
     embeds_images: bool = False
+    # Keyword answers already built from this state, by query (filled as they are asked).
+    responses: ResponseCache = field(default_factory=ResponseCache)
 
     def ids(self) -> np.ndarray:
         """Photo ids by ``photo_idx``, the live catalogue's new photos included."""
@@ -294,7 +297,14 @@ class RetrievalServicer(pb_grpc.RetrievalServiceServicer):
         # Work queued inside this stage is dropped unrun once the caller's deadline has passed
         # (DeadlineExpired becomes DEADLINE_EXCEEDED in the interceptor).
         deadline = current_deadline()
-        if clip is not None:
+        # A keyword index's answer depends on the query, candidates_k and this state alone,
+        # unless a filter or the live catalogue takes part: those are stored once built.
+        cacheable = type(retriever) is KeywordIndex and allowed is None and state.live is None
+        key = (name, query, candidates_k, request.source_lists)
+        stored = state.responses.get(key) if cacheable else None
+        if stored is not None:
+            response = pb.RetrieveResponse.FromString(stored)
+        elif clip is not None:
             # A query the caches miss waits for the next micro-batch of the text encoder (unless
             # the gateway passed the vector another shard encoded). The search (and, for hybrid,
             # the keyword side) then runs off the event loop.
@@ -322,7 +332,10 @@ class RetrievalServicer(pb_grpc.RetrievalServiceServicer):
                 deadline=deadline,
                 service=NAME,
             )
-        response = to_response(result, state.ids(), indices=request.source_lists)
+        if stored is None:
+            response = to_response(result, state.ids(), indices=request.source_lists)
+            if cacheable:
+                state.responses.put(key, response.SerializeToString())
         if clip is not None and request.return_query_embedding:
             response.query_embedding.extend(embedding.tolist())
         if request.source_lists and clip is not None and hybrid:

@@ -256,6 +256,7 @@ E2E_MODULES = {
     "test_serve_supervision",
     "test_shards",
     "test_text_encoder",
+    "test_tier_cost",
     "test_browser",
 }
 SLOW_MODULES = {

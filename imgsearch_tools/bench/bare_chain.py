@@ -22,6 +22,8 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+from imgsearch.ranking.v1 import ranking_service_pb2 as rank_pb
+from imgsearch.retrieval.v1 import retrieval_service_pb2 as retr_pb
 from imgsearch_tools.bench.processes import free_port, process_cpu_seconds, wait_process_serving
 
 TIERS = ("retrieval", "ranking", "gateway")
@@ -46,8 +48,6 @@ def write_payloads(artifacts_path: str | Path, folder: Path, candidates_k: int =
     gateway sends a client).
     """
     from gateway.server import load_gateway_state
-    from imgsearch.ranking.v1 import ranking_service_pb2 as rank_pb
-    from imgsearch.retrieval.v1 import retrieval_service_pb2 as retr_pb
     from imgsearch.search.v1 import search_service_pb2 as pb
 
     state = load_gateway_state(str(artifacts_path))
@@ -90,13 +90,31 @@ def write_payloads(artifacts_path: str | Path, folder: Path, candidates_k: int =
 
 
 # ------------------------------------------------------------------------------- the servers
+def forwarded_retrieve(request):
+    """The bare gateway's RetrieveRequest for a SearchRequest: the fields it copies, no more."""
+    return retr_pb.RetrieveRequest(
+        query=request.query, candidates_k=request.candidates_k, retriever=request.retriever
+    )
+
+
+def forwarded_rank(request, retrieved):
+    """The bare gateway's RankRequest: the search's fields and the retrieved candidates."""
+    return rank_pb.RankRequest(
+        user_id=request.user_id,
+        query=request.query,
+        keyword=retrieved.keyword,
+        candidate_photo_ids=retrieved.photo_ids,
+        retrieval_scores=retrieved.scores,
+        k=request.k,
+        ranker=request.ranker,
+    )
+
+
 def _servicer(tier: str, payload: bytes, retrieval: str, ranking: str):
     """The tier's servicer: answers every call with its canned response."""
     import grpc
 
-    from imgsearch.ranking.v1 import ranking_service_pb2 as rank_pb
     from imgsearch.ranking.v1 import ranking_service_pb2_grpc as rank_grpc
-    from imgsearch.retrieval.v1 import retrieval_service_pb2 as retr_pb
     from imgsearch.retrieval.v1 import retrieval_service_pb2_grpc as retr_grpc
     from imgsearch.search.v1 import search_service_pb2 as pb
     from imgsearch.search.v1 import search_service_pb2_grpc as pb_grpc
@@ -123,24 +141,8 @@ def _servicer(tier: str, payload: bytes, retrieval: str, ranking: str):
 
     class Gateway(pb_grpc.SearchServiceServicer):
         async def Search(self, request, context):
-            retrieved = await retrieve(
-                retr_pb.RetrieveRequest(
-                    query=request.query,
-                    candidates_k=request.candidates_k,
-                    retriever=request.retriever,
-                )
-            )
-            await rank(
-                rank_pb.RankRequest(
-                    user_id=request.user_id,
-                    query=request.query,
-                    keyword=retrieved.keyword,
-                    candidate_photo_ids=retrieved.photo_ids,
-                    retrieval_scores=retrieved.scores,
-                    k=request.k,
-                    ranker=request.ranker,
-                )
-            )
+            retrieved = await retrieve(forwarded_retrieve(request))
+            await rank(forwarded_rank(request, retrieved))
             return response
 
     return Gateway(), pb_grpc.add_SearchServiceServicer_to_server
