@@ -137,6 +137,9 @@ class Candidates:
     def __init__(self, retrieved: retr_pb.RetrieveResponse):
         self.ids = list(retrieved.photo_ids)
         self.scores = list(retrieved.scores)
+        # Their catalogue indexes, passed on to ranking as they came (one bytes object).
+        self.packed_indices = retrieved.packed_photo_indices
+        self.version = retrieved.artifact_version
         # Only the k results read them: no copy of the source lists.
         self.sources = [(s.source, s.scores) for s in retrieved.source_scores]
 
@@ -193,7 +196,11 @@ class SearchServicer(pb_grpc.SearchServiceServicer):
         two_step = request.ranker == rank_pb.RANKER_TWO_STEP
 
         retrieve_request = retr_pb.RetrieveRequest(
-            query=request.query, candidates_k=candidates_k, retriever=request.retriever
+            query=request.query,
+            candidates_k=candidates_k,
+            retriever=request.retriever,
+            # Ranking reads the candidates' catalogue indexes instead of looking 100 ids up.
+            return_packed_photo_indices=not two_step,
         )
         if request.HasField("filter"):
             # Only a filter the client set is copied: an absent one filters nothing.
@@ -344,6 +351,8 @@ class SearchServicer(pb_grpc.SearchServiceServicer):
             k=k,
             ranker=request.ranker,
             recent_photo_ids=request.recent_photo_ids,
+            packed_candidate_indices=candidates.packed_indices,
+            candidate_indices_version=candidates.version,
         )
         call = self._guarded(
             permit,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -29,7 +30,7 @@ from imgsearch.serving import (
 from ranking_service.history import LoggedHistory
 from ranking_service.live_photos import HIGH_WATER_KEY, LivePhotos, LivePhotosTailer
 from ranking_service.rankers.base import Ranker, RankQuery
-from ranking_service.rankers.common import all_true
+from ranking_service.rankers.common import all_known
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["RankingService"].full_name
 NAME = "ranking"
@@ -48,6 +49,30 @@ STORE_OPEN_TIMEOUT_S = 2.0
 # A read stuck in the store gives its thread back after this (requests stop waiting sooner).
 STORE_CALL_TIMEOUT_S = 1.0
 logger = logging.getLogger("imgsearch.ranking")
+# The recent photos of a request that names none (read-only: shared by every such request).
+NO_PHOTOS = np.zeros(0, dtype=np.int64)
+NO_PHOTOS.setflags(write=False)
+
+
+class RetrievalScores:
+    """A request's ``retrieval_scores`` as float32, converted only when a ranker reads them.
+
+    ALS and the other personal rankers never do for a user they know, so their calls skip
+    making a hundred Python floats into an array; ``np.asarray`` (and any numpy function)
+    converts it.
+    """
+
+    __slots__ = ("_values",)
+
+    def __init__(self, values):
+        self._values = values
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        scores = np.asarray(self._values, dtype=np.float32)
+        return scores if dtype is None else scores.astype(dtype, copy=False)
 
 
 @dataclass
@@ -232,13 +257,35 @@ class RankingServicer(pb_grpc.RankingServiceServicer):
     @staticmethod
     def _recent(state: RankingState, photo_ids) -> np.ndarray:
         if not photo_ids:
-            return np.zeros(0, dtype=np.int64)
+            return NO_PHOTOS
         if len(photo_ids) > MAX_RECENT_PHOTOS:
             raise InvalidArgument(
                 "recent_photo_ids", f"at most {MAX_RECENT_PHOTOS} ids, got {len(photo_ids)}"
             )
         idx = [state.catalogue.photo_idx(pid) for pid in photo_ids]
         return np.asarray([i for i in idx if i is not None], dtype=np.int64)
+
+    @staticmethod
+    def _packed_indices(state: RankingState, request, n_candidates: int) -> np.ndarray | None:
+        """The candidates' catalogue indexes the request carries, when they are of this set
+        and all in its catalogue; None: look the ids up (ids not of the set, a live photo).
+
+        One C call instead of a hundred ids made into strings and looked up in a dict.
+        """
+        packed = request.packed_candidate_indices
+        if not packed:
+            return None
+        if len(packed) != 4 * n_candidates:
+            raise InvalidArgument(
+                "packed_candidate_indices",
+                f"must hold 4 bytes per candidate ({4 * n_candidates}), got {len(packed)}",
+            )
+        if request.candidate_indices_version != state.version:
+            return None  # another set's numbering (a reload in between): the ids decide
+        indices = np.frombuffer(packed, dtype="<i4").astype(np.int64)
+        if not all_known(indices, state.catalogue.n_photos):
+            return None
+        return indices
 
     async def _history(
         self, state: RankingState, user_id: str, user_idx: int | None, recent: np.ndarray
@@ -275,15 +322,19 @@ class RankingServicer(pb_grpc.RankingServiceServicer):
             )
         start = time.perf_counter()
         catalogue = state.catalogue
-        candidate_idx = catalogue.photo_idx_list(photo_ids)
-        some_unknown = None in candidate_idx
+        candidate_idx = self._packed_indices(state, request, n_candidates)
+        if candidate_idx is None:
+            candidate_idx = catalogue.photo_idx_list(photo_ids)
+            some_unknown = None in candidate_idx
+        else:
+            some_unknown = False
         live = None
         if state.live is not None and some_unknown:
             # Photos written through the live catalogue since the set was built: numbered
             # past the set's photos and scored cold (ranking_service.live_photos).
             live = state.live.candidates(photo_ids, candidate_idx)
         if request.retrieval_scores:
-            retrieval_scores = np.asarray(request.retrieval_scores, dtype=np.float32)
+            retrieval_scores = RetrievalScores(request.retrieval_scores)
         else:
             # No scores given: retrieval order itself, best first.
             retrieval_scores = -np.arange(n_candidates, dtype=np.float32)
@@ -294,7 +345,7 @@ class RankingServicer(pb_grpc.RankingServiceServicer):
             known = [i for i, idx in enumerate(candidate_idx) if idx is not None]
             candidate_idx = [candidate_idx[i] for i in known]
             known_pos = np.asarray(known, dtype=np.int64)
-            retrieval_scores = retrieval_scores[known_pos]
+            retrieval_scores = np.asarray(retrieval_scores)[known_pos]
             live = None if live is None else live.take(known_pos)
         user_idx = catalogue.user_idx(request.user_id) if request.user_id else None
         recent = self._recent(state, request.recent_photo_ids)
@@ -331,7 +382,9 @@ class RankingServicer(pb_grpc.RankingServiceServicer):
             scores, reason = ranked.scores, ranked.fallback_reason
         # Photos the catalogue does not know go last, in retrieval order.
         if known_pos is None:
-            all_scores = np.asarray(scores, dtype=np.float64)
+            # float32 scores (every ranker's) as they are: float64 would order them and
+            # answer them the same, after a copy.
+            all_scores = scores if scores.dtype == np.float32 else np.asarray(scores, np.float64)
         else:
             all_scores = np.full(n_candidates, -np.inf, dtype=np.float64)
             all_scores[known_pos] = scores
@@ -340,12 +393,11 @@ class RankingServicer(pb_grpc.RankingServiceServicer):
         if unknown or note:
             reason = "; ".join(r for r in (reason, unknown, note) if r)
         order = top_k(all_scores, request.k)
-        top = all_scores[order]
-        finite = np.isfinite(top)
-        if not all_true(finite):
+        top = all_scores[order].tolist()
+        if not all(map(math.isfinite, top)):
             # Unknown photos (-inf) answer one below the lowest score of a known one.
             finite_min = float(np.min(scores)) if len(scores) else 0.0
-            top = np.where(finite, top, finite_min - 1.0)
+            top = [score if math.isfinite(score) else finite_min - 1.0 for score in top]
         response = pb.RankResponse(
             ranker=ranker_value(name),
             fallback_reason=reason,
@@ -353,7 +405,7 @@ class RankingServicer(pb_grpc.RankingServiceServicer):
             default_reason=default_reason,
         )
         add = response.results.add
-        for i, score in zip(order.tolist(), top.tolist()):
+        for i, score in zip(order.tolist(), top):
             add(photo_id=photo_ids[i], score=score)
         elapsed = time.perf_counter() - start
         self.stage_latency.observe(elapsed)

@@ -217,10 +217,11 @@ def validate_query(query: str, field_name: str = "query") -> str:
 
 
 def to_response(
-    result: RetrievalResult, photo_ids: np.ndarray, indices: bool = False
+    result: RetrievalResult, photo_ids: np.ndarray, indices: bool = False, packed: bool = False
 ) -> pb.RetrieveResponse:
     """Turn a RetrievalResult into the response's parallel arrays (ids, scores, per source);
-    ``indices`` adds the candidates' catalogue indexes."""
+    ``indices`` adds the candidates' catalogue indexes, ``packed`` the same as little-endian
+    int32 bytes."""
     return pb.RetrieveResponse(
         photo_ids=photo_ids[result.photo_idx].tolist(),
         scores=result.scores.tolist(),
@@ -231,6 +232,7 @@ def to_response(
         keyword=result.keyword,
         note=result.note,
         photo_indices=result.photo_idx.tolist() if indices else (),
+        packed_photo_indices=result.photo_idx.astype("<i4").tobytes() if packed else b"",
     )
 
 
@@ -300,7 +302,8 @@ class RetrievalServicer(pb_grpc.RetrievalServiceServicer):
         # A keyword index's answer depends on the query, candidates_k and this state alone,
         # unless a filter or the live catalogue takes part: those are stored once built.
         cacheable = type(retriever) is KeywordIndex and allowed is None and state.live is None
-        key = (name, query, candidates_k, request.source_lists)
+        packed = request.return_packed_photo_indices
+        key = (name, query, candidates_k, request.source_lists, packed)
         stored = state.responses.get(key) if cacheable else None
         if stored is not None:
             response = pb.RetrieveResponse.FromString(stored)
@@ -333,7 +336,7 @@ class RetrievalServicer(pb_grpc.RetrievalServiceServicer):
                 service=NAME,
             )
         if stored is None:
-            response = to_response(result, state.ids(), indices=request.source_lists)
+            response = to_response(result, state.ids(), request.source_lists, packed)
             if cacheable:
                 state.responses.put(key, response.SerializeToString())
         if clip is not None and request.return_query_embedding:

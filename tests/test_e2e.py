@@ -304,3 +304,63 @@ def test_rank_puts_unknown_candidates_last_in_retrieval_order(stack, catalogue):
             alone = stub.Rank(request, timeout=10)
             assert [r.photo_id for r in alone.results] == ids[:6]
             assert "unknown photo" not in alone.fallback_reason
+
+
+def test_rank_reads_the_packed_candidate_indices_of_its_own_set(stack, catalogue):
+    import numpy as np
+
+    from imgsearch.ranking.v1 import ranking_service_pb2_grpc as rank_grpc
+    from imgsearch.retrieval.v1 import retrieval_service_pb2 as retr_pb
+    from imgsearch.retrieval.v1 import retrieval_service_pb2_grpc as retr_grpc
+
+    with (
+        grpc.insecure_channel(f"127.0.0.1:{stack.retrieval.port}") as retrieval_channel,
+        grpc.insecure_channel(f"127.0.0.1:{stack.ranking.port}") as ranking_channel,
+    ):
+        retrieved = retr_grpc.RetrievalServiceStub(retrieval_channel).Retrieve(
+            retr_pb.RetrieveRequest(query="red", candidates_k=50, return_packed_photo_indices=True),
+            timeout=10,
+        )
+        packed = np.frombuffer(retrieved.packed_photo_indices, "<i4")
+        # Aligned with the ids: each candidate's catalogue index, 4 bytes each.
+        assert packed.tolist() == catalogue.photo_idx_list(retrieved.photo_ids)
+        rank = rank_grpc.RankingServiceStub(ranking_channel).Rank
+
+        def ranked(**fields):
+            request = rank_pb.RankRequest(
+                user_id=active_user(catalogue),
+                keyword=retrieved.keyword,
+                candidate_photo_ids=retrieved.photo_ids,
+                retrieval_scores=retrieved.scores,
+                k=10,
+                ranker=rank_pb.RANKER_ALS,
+                **fields,
+            )
+            return [(r.photo_id, r.score) for r in rank(request, timeout=10).results]
+
+        by_ids = ranked()
+        version = retrieved.artifact_version
+        assert (
+            ranked(
+                packed_candidate_indices=retrieved.packed_photo_indices,
+                candidate_indices_version=version,
+            )
+            == by_ids
+        )
+        # Indexes are read, not only carried: reversed, they score other photos.
+        reversed_indices = packed[::-1].astype("<i4").tobytes()
+        assert (
+            ranked(packed_candidate_indices=reversed_indices, candidate_indices_version=version)
+            != by_ids
+        )
+        # Another set's numbering, or an index beyond the catalogue: the ids decide.
+        assert (
+            ranked(packed_candidate_indices=reversed_indices, candidate_indices_version="other")
+            == by_ids
+        )
+        beyond = np.full(len(packed), 10**9, "<i4").tobytes()
+        assert ranked(packed_candidate_indices=beyond, candidate_indices_version=version) == by_ids
+        with pytest.raises(grpc.RpcError) as error:
+            ranked(packed_candidate_indices=b"\x00" * 6, candidate_indices_version=version)
+        assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "packed_candidate_indices" in error.value.details()

@@ -86,3 +86,21 @@ def test_filtered_queries_are_not_stored_and_a_reload_starts_empty(servicer, art
     assert len(state.responses) == before + 1
     asyncio.run(servicer.holder.load())
     assert servicer.holder.state is not state and len(servicer.holder.state.responses) == 0
+
+
+def test_packed_indices_are_their_own_answer_aligned_with_the_ids(servicer, artifact_root):
+    import numpy as np
+
+    state = servicer.holder.state
+    request = keyword_request(artifact_root, candidates_k=30, source_lists=True)
+    plain = retrieve(servicer, request)
+    assert not plain.packed_photo_indices
+    request.return_packed_photo_indices = True
+    stored = len(state.responses)
+    packed = retrieve(servicer, request)
+    again = retrieve(servicer, request)  # from the cache: the same bytes
+    assert len(state.responses) == stored + 1
+    assert again.SerializeToString() == packed.SerializeToString()
+    assert list(packed.photo_ids) == list(plain.photo_ids)
+    indices = np.frombuffer(packed.packed_photo_indices, "<i4").tolist()
+    assert indices == list(plain.photo_indices) and len(indices) == 30

@@ -5,9 +5,10 @@ gateway's ``Retrieve`` (100 candidates back) and its ``Rank`` (10 back). This mo
 the same three hops with nothing else: each server answers with a response built once at
 start from the served artifact set (real photo ids, real photo metadata, so the messages have
 the real sizes), the gateway only forwards (its ``RankRequest`` carries the 100 candidates it
-got). No interceptor, admission, metrics, validation or model. Whatever CPU imgsearch spends
-per search beyond this chain's, measured on the same machine in the same run with the same
-load generator, is the serving path's own overhead.
+got: ids, scores and packed catalogue indexes, as imgsearch's gateway sends them). No
+interceptor, admission, metrics, validation or model. Whatever CPU imgsearch spends per search
+beyond this chain's, measured on the same machine in the same run with the same load
+generator, is the serving path's own overhead.
 
 Each tier is its own process (``python -m imgsearch_tools.bench.bare_chain TIER ...``), as
 imgsearch's services are, so each one's CPU time is read from ``/proc`` like theirs.
@@ -57,6 +58,8 @@ def write_payloads(artifacts_path: str | Path, folder: Path, candidates_k: int =
         photo_ids=photo_ids,
         scores=scores,
         source_scores=[retr_pb.SourceScores(source="keyword", scores=scores)],
+        # As imgsearch's gateway asks them of retrieval and passes them to ranking.
+        packed_photo_indices=b"".join(i.to_bytes(4, "little") for i in range(len(photo_ids))),
         retriever=retr_pb.RETRIEVER_KEYWORD,
         keyword="keyword",
         retrieval_ms=0.1,
@@ -93,7 +96,10 @@ def write_payloads(artifacts_path: str | Path, folder: Path, candidates_k: int =
 def forwarded_retrieve(request):
     """The bare gateway's RetrieveRequest for a SearchRequest: the fields it copies, no more."""
     return retr_pb.RetrieveRequest(
-        query=request.query, candidates_k=request.candidates_k, retriever=request.retriever
+        query=request.query,
+        candidates_k=request.candidates_k,
+        retriever=request.retriever,
+        return_packed_photo_indices=True,
     )
 
 
@@ -107,6 +113,8 @@ def forwarded_rank(request, retrieved):
         retrieval_scores=retrieved.scores,
         k=request.k,
         ranker=request.ranker,
+        packed_candidate_indices=retrieved.packed_photo_indices,
+        candidate_indices_version=retrieved.artifact_version,
     )
 
 

@@ -78,7 +78,10 @@ def record_requests(artifacts: str, folder: Path, n: int = 300, seed: int = 0) -
             ranker=rank_pb.RANKER_ALS,
         )
         retrieve = retr_pb.RetrieveRequest(
-            query=query.query, candidates_k=100, retriever=retr_pb.RETRIEVER_KEYWORD
+            query=query.query,
+            candidates_k=100,
+            retriever=retr_pb.RETRIEVER_KEYWORD,
+            return_packed_photo_indices=True,
         )
         retrieved = _run(servicer.Retrieve(retrieve, None))
         candidates = Candidates(retrieved)
@@ -90,6 +93,8 @@ def record_requests(artifacts: str, folder: Path, n: int = 300, seed: int = 0) -
             retrieval_scores=candidates.scores,
             k=10,
             ranker=rank_pb.RANKER_ALS,
+            packed_candidate_indices=candidates.packed_indices,
+            candidate_indices_version=candidates.version,
         )
         written["gateway"].append(search.SerializeToString())
         written["retrieval"].append(retrieve.SerializeToString())

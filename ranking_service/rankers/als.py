@@ -22,7 +22,7 @@ from imgsearch.catalogue import Catalogue
 from imgsearch.image_embeddings import ImageEmbeddings
 from ranking_service.rankers.base import Ranker, RankQuery, RankScores
 from ranking_service.rankers.common import (
-    all_true,
+    all_known,
     as_candidates,
     conversion_matrix,
     finalize_scores,
@@ -222,12 +222,12 @@ class ALSRanker(QueryPrior, Ranker):
         user_vector = self.user_vector(query.user_idx, query.recent_photos)
         if user_vector is None:
             return self.popularity_fallback(query)
-        valid = known_photo_mask(candidates, len(self.item_factors))
-        if all_true(valid):
-            # Nearly every call: the rows read in place, no masked index or copy to zero.
+        if all_known(candidates, len(self.item_factors)):
+            # Nearly every call: the rows read in place, no mask, no masked index or copy.
             scores = self.item_factors.take(candidates, axis=0) @ user_vector
-            scored = valid
+            scored = None
         else:
+            valid = known_photo_mask(candidates, len(self.item_factors))
             scores = self.item_factors[np.where(valid, candidates, 0)] @ user_vector
             scores = np.where(valid, scores, 0.0)
             scored = valid | query.cold(valid)

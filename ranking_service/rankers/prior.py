@@ -14,6 +14,7 @@ its own score. The weight is chosen on the validation slice (``ranking_service.t
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -36,8 +37,10 @@ def standardised(values: np.ndarray) -> np.ndarray:
     once: the same numbers in a third of the numpy calls.
     """
     n = values.size
-    centred = values - np.add.reduce(values) / n
-    spread = np.sqrt(np.add.reduce(centred * centred) / n)
+    # Python floats for the scalars: the same IEEE operations (sqrt included) without a
+    # numpy scalar's dispatch.
+    centred = values - float(np.add.reduce(values)) / n
+    spread = math.sqrt(float(np.add.reduce(centred * centred)) / n)
     return centred / spread if spread > 0 else np.zeros_like(values)
 
 
@@ -66,13 +69,15 @@ class QueryPrior:
         self.popularity.fit(catalogue)
 
     def blend_prior(
-        self, scores: np.ndarray, candidates: np.ndarray, keyword: str, valid: np.ndarray
+        self, scores: np.ndarray, candidates: np.ndarray, keyword: str, valid: np.ndarray | None
     ) -> np.ndarray:
-        """Return ``z(scores) + popularity_weight · z(log prior)`` over the valid candidates.
+        """Return ``z(scores) + popularity_weight · z(log prior)`` over the valid candidates
+        (``valid`` None: all of them).
 
         Unchanged (as float64) when the weight is 0 or fewer than two candidates are valid.
         """
-        if not self.popularity_weight or np.count_nonzero(valid) < 2:
+        n_valid = len(scores) if valid is None else np.count_nonzero(valid)
+        if not self.popularity_weight or n_valid < 2:
             return np.array(scores, dtype=np.float64)
         weighted = self._weighted_prior(candidates, keyword, valid)
         if len(weighted) == len(scores):  # every candidate valid: no mask, no copy to write
@@ -81,13 +86,15 @@ class QueryPrior:
         scores[valid] = standardised(scores[valid]) + weighted
         return scores
 
-    def _weighted_prior(self, candidates: np.ndarray, keyword: str, valid: np.ndarray):
+    def _weighted_prior(self, candidates: np.ndarray, keyword: str, valid: np.ndarray | None):
         """``popularity_weight · z(log prior)`` over the valid candidates, remembered."""
         return self._remembered("z", candidates, keyword, valid)
 
-    def _remembered(self, kind: str, candidates: np.ndarray, keyword: str, valid: np.ndarray):
+    def _remembered(
+        self, kind: str, candidates: np.ndarray, keyword: str, valid: np.ndarray | None
+    ):
         """``popularity_weight`` times the log prior (``kind`` ``"log"``) or its z-score
-        (``"z"``) over the valid candidates, remembered.
+        (``"z"``) over the valid candidates (``valid`` None: all), remembered.
 
         It depends on the query alone, not the user, and a keyword's candidates are the same
         for every user who searches it: the last :data:`PRIOR_CACHE` (keyword, candidates)
@@ -100,14 +107,16 @@ class QueryPrior:
             id(self.popularity),
             keyword,
             candidates.tobytes(),
-            valid.tobytes(),
+            None if valid is None else valid.tobytes(),
         )
         cache = self.__dict__.get("_prior_cache")
         if cache is None:
             cache = self.__dict__.setdefault("_prior_cache", {})
         weighted = cache.get(key)
         if weighted is None:
-            prior = self.popularity.log_prior(candidates, keyword)[valid]
+            prior = self.popularity.log_prior(candidates, keyword)
+            if valid is not None:
+                prior = prior[valid]
             weighted = self.popularity_weight * (standardised(prior) if kind == "z" else prior)
             remember(cache, key, weighted, PRIOR_CACHE)
         return weighted

@@ -24,25 +24,25 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n*imgsearch/ranking/v1/ranking_service.proto\x12\x14imgsearch.ranking.v1\"\xce\x01\n\x0bRankRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\r\n\x05query\x18\x02 \x01(\t\x12\x0f\n\x07keyword\x18\x03 \x01(\t\x12\x1b\n\x13\x63\x61ndidate_photo_ids\x18\x08 \x03(\t\x12\x18\n\x10retrieval_scores\x18\t \x03(\x02\x12\t\n\x01k\x18\x05 \x01(\x05\x12,\n\x06ranker\x18\x06 \x01(\x0e\x32\x1c.imgsearch.ranking.v1.Ranker\x12\x18\n\x10recent_photo_ids\x18\x07 \x03(\tJ\x04\x08\x04\x10\x05\".\n\x0bRankedPhoto\x12\x10\n\x08photo_id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\"\xcf\x01\n\x0cRankResponse\x12\x32\n\x07results\x18\x01 \x03(\x0b\x32!.imgsearch.ranking.v1.RankedPhoto\x12,\n\x06ranker\x18\x02 \x01(\x0e\x32\x1c.imgsearch.ranking.v1.Ranker\x12\x17\n\x0f\x66\x61llback_reason\x18\x03 \x01(\t\x12\x12\n\nranking_ms\x18\x04 \x01(\x01\x12\x18\n\x10\x61rtifact_version\x18\x05 \x01(\t\x12\x16\n\x0e\x64\x65\x66\x61ult_reason\x18\x06 \x01(\t\"H\n\x10RecommendRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\t\n\x01k\x18\x02 \x01(\x05\x12\x18\n\x10recent_photo_ids\x18\x03 \x03(\t\"z\n\x11RecommendResponse\x12\x32\n\x07results\x18\x01 \x03(\x0b\x32!.imgsearch.ranking.v1.RankedPhoto\x12\x17\n\x0f\x66\x61llback_reason\x18\x02 \x01(\t\x12\x18\n\x10\x61rtifact_version\x18\x03 \x01(\t*\xe2\x01\n\x06Ranker\x12\x16\n\x12RANKER_UNSPECIFIED\x10\x00\x12\x0f\n\x0bRANKER_NONE\x10\x01\x12\x15\n\x11RANKER_POPULARITY\x10\x02\x12\x0e\n\nRANKER_ALS\x10\x03\x12\r\n\tRANKER_FM\x10\x04\x12\x11\n\rRANKER_DEEPFM\x10\x05\x12\x13\n\x0fRANKER_TWO_STEP\x10\x06\x12\x0f\n\x0bRANKER_EASE\x10\x07\x12\x13\n\x0fRANKER_ITEM_KNN\x10\x08\x12\x17\n\x13RANKER_CLIP_PROFILE\x10\t\x12\x12\n\x0eRANKER_STACKED\x10\n2\xbd\x01\n\x0eRankingService\x12M\n\x04Rank\x12!.imgsearch.ranking.v1.RankRequest\x1a\".imgsearch.ranking.v1.RankResponse\x12\\\n\tRecommend\x12&.imgsearch.ranking.v1.RecommendRequest\x1a\'.imgsearch.ranking.v1.RecommendResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n*imgsearch/ranking/v1/ranking_service.proto\x12\x14imgsearch.ranking.v1\"\x93\x02\n\x0bRankRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\r\n\x05query\x18\x02 \x01(\t\x12\x0f\n\x07keyword\x18\x03 \x01(\t\x12\x1b\n\x13\x63\x61ndidate_photo_ids\x18\x08 \x03(\t\x12\x18\n\x10retrieval_scores\x18\t \x03(\x02\x12\t\n\x01k\x18\x05 \x01(\x05\x12,\n\x06ranker\x18\x06 \x01(\x0e\x32\x1c.imgsearch.ranking.v1.Ranker\x12\x18\n\x10recent_photo_ids\x18\x07 \x03(\t\x12 \n\x18packed_candidate_indices\x18\n \x01(\x0c\x12!\n\x19\x63\x61ndidate_indices_version\x18\x0b \x01(\tJ\x04\x08\x04\x10\x05\".\n\x0bRankedPhoto\x12\x10\n\x08photo_id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\"\xcf\x01\n\x0cRankResponse\x12\x32\n\x07results\x18\x01 \x03(\x0b\x32!.imgsearch.ranking.v1.RankedPhoto\x12,\n\x06ranker\x18\x02 \x01(\x0e\x32\x1c.imgsearch.ranking.v1.Ranker\x12\x17\n\x0f\x66\x61llback_reason\x18\x03 \x01(\t\x12\x12\n\nranking_ms\x18\x04 \x01(\x01\x12\x18\n\x10\x61rtifact_version\x18\x05 \x01(\t\x12\x16\n\x0e\x64\x65\x66\x61ult_reason\x18\x06 \x01(\t\"H\n\x10RecommendRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\t\n\x01k\x18\x02 \x01(\x05\x12\x18\n\x10recent_photo_ids\x18\x03 \x03(\t\"z\n\x11RecommendResponse\x12\x32\n\x07results\x18\x01 \x03(\x0b\x32!.imgsearch.ranking.v1.RankedPhoto\x12\x17\n\x0f\x66\x61llback_reason\x18\x02 \x01(\t\x12\x18\n\x10\x61rtifact_version\x18\x03 \x01(\t*\xe2\x01\n\x06Ranker\x12\x16\n\x12RANKER_UNSPECIFIED\x10\x00\x12\x0f\n\x0bRANKER_NONE\x10\x01\x12\x15\n\x11RANKER_POPULARITY\x10\x02\x12\x0e\n\nRANKER_ALS\x10\x03\x12\r\n\tRANKER_FM\x10\x04\x12\x11\n\rRANKER_DEEPFM\x10\x05\x12\x13\n\x0fRANKER_TWO_STEP\x10\x06\x12\x0f\n\x0bRANKER_EASE\x10\x07\x12\x13\n\x0fRANKER_ITEM_KNN\x10\x08\x12\x17\n\x13RANKER_CLIP_PROFILE\x10\t\x12\x12\n\x0eRANKER_STACKED\x10\n2\xbd\x01\n\x0eRankingService\x12M\n\x04Rank\x12!.imgsearch.ranking.v1.RankRequest\x1a\".imgsearch.ranking.v1.RankResponse\x12\\\n\tRecommend\x12&.imgsearch.ranking.v1.RecommendRequest\x1a\'.imgsearch.ranking.v1.RecommendResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'imgsearch.ranking.v1.ranking_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_RANKER']._serialized_start=734
-  _globals['_RANKER']._serialized_end=960
+  _globals['_RANKER']._serialized_start=803
+  _globals['_RANKER']._serialized_end=1029
   _globals['_RANKREQUEST']._serialized_start=69
-  _globals['_RANKREQUEST']._serialized_end=275
-  _globals['_RANKEDPHOTO']._serialized_start=277
-  _globals['_RANKEDPHOTO']._serialized_end=323
-  _globals['_RANKRESPONSE']._serialized_start=326
-  _globals['_RANKRESPONSE']._serialized_end=533
-  _globals['_RECOMMENDREQUEST']._serialized_start=535
-  _globals['_RECOMMENDREQUEST']._serialized_end=607
-  _globals['_RECOMMENDRESPONSE']._serialized_start=609
-  _globals['_RECOMMENDRESPONSE']._serialized_end=731
-  _globals['_RANKINGSERVICE']._serialized_start=963
-  _globals['_RANKINGSERVICE']._serialized_end=1152
+  _globals['_RANKREQUEST']._serialized_end=344
+  _globals['_RANKEDPHOTO']._serialized_start=346
+  _globals['_RANKEDPHOTO']._serialized_end=392
+  _globals['_RANKRESPONSE']._serialized_start=395
+  _globals['_RANKRESPONSE']._serialized_end=602
+  _globals['_RECOMMENDREQUEST']._serialized_start=604
+  _globals['_RECOMMENDREQUEST']._serialized_end=676
+  _globals['_RECOMMENDRESPONSE']._serialized_start=678
+  _globals['_RECOMMENDRESPONSE']._serialized_end=800
+  _globals['_RANKINGSERVICE']._serialized_start=1032
+  _globals['_RANKINGSERVICE']._serialized_end=1221
 # @@protoc_insertion_point(module_scope)

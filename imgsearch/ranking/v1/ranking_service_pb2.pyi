@@ -33,7 +33,7 @@ RANKER_CLIP_PROFILE: Ranker
 RANKER_STACKED: Ranker
 
 class RankRequest(_message.Message):
-    __slots__ = ("user_id", "query", "keyword", "candidate_photo_ids", "retrieval_scores", "k", "ranker", "recent_photo_ids")
+    __slots__ = ("user_id", "query", "keyword", "candidate_photo_ids", "retrieval_scores", "k", "ranker", "recent_photo_ids", "packed_candidate_indices", "candidate_indices_version")
     USER_ID_FIELD_NUMBER: _ClassVar[int]
     QUERY_FIELD_NUMBER: _ClassVar[int]
     KEYWORD_FIELD_NUMBER: _ClassVar[int]
@@ -42,6 +42,8 @@ class RankRequest(_message.Message):
     K_FIELD_NUMBER: _ClassVar[int]
     RANKER_FIELD_NUMBER: _ClassVar[int]
     RECENT_PHOTO_IDS_FIELD_NUMBER: _ClassVar[int]
+    PACKED_CANDIDATE_INDICES_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATE_INDICES_VERSION_FIELD_NUMBER: _ClassVar[int]
     user_id: str
     query: str
     keyword: str
@@ -50,7 +52,9 @@ class RankRequest(_message.Message):
     k: int
     ranker: Ranker
     recent_photo_ids: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, user_id: _Optional[str] = ..., query: _Optional[str] = ..., keyword: _Optional[str] = ..., candidate_photo_ids: _Optional[_Iterable[str]] = ..., retrieval_scores: _Optional[_Iterable[float]] = ..., k: _Optional[int] = ..., ranker: _Optional[_Union[Ranker, str]] = ..., recent_photo_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+    packed_candidate_indices: bytes
+    candidate_indices_version: str
+    def __init__(self, user_id: _Optional[str] = ..., query: _Optional[str] = ..., keyword: _Optional[str] = ..., candidate_photo_ids: _Optional[_Iterable[str]] = ..., retrieval_scores: _Optional[_Iterable[float]] = ..., k: _Optional[int] = ..., ranker: _Optional[_Union[Ranker, str]] = ..., recent_photo_ids: _Optional[_Iterable[str]] = ..., packed_candidate_indices: _Optional[bytes] = ..., candidate_indices_version: _Optional[str] = ...) -> None: ...
 
 class RankedPhoto(_message.Message):
     __slots__ = ("photo_id", "score")

@@ -25,17 +25,17 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n.imgsearch/retrieval/v1/retrieval_service.proto\x12\x16imgsearch.retrieval.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xb0\x02\n\x0bPhotoFilter\x12\x38\n\x0borientation\x18\x01 \x01(\x0e\x32#.imgsearch.retrieval.v1.Orientation\x12\x0e\n\x06\x63olors\x18\x02 \x03(\t\x12\x1e\n\x16photographer_usernames\x18\x03 \x03(\t\x12\x15\n\x08\x66\x65\x61tured\x18\x04 \x01(\x08H\x00\x88\x01\x01\x12\x33\n\x0fsubmitted_after\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x34\n\x10submitted_before\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\rmin_downloads\x18\x07 \x01(\x03\x12\x11\n\tmin_views\x18\x08 \x01(\x03\x42\x0b\n\t_featured\"$\n\x12\x45mbedImagesRequest\x12\x0e\n\x06images\x18\x01 \x03(\x0c\"f\n\x13\x45mbedImagesResponse\x12\x0e\n\x06values\x18\x01 \x03(\x02\x12\x0b\n\x03\x64im\x18\x02 \x01(\x05\x12\x18\n\x10\x61rtifact_version\x18\x03 \x01(\t\x12\x18\n\x10\x63lip_fingerprint\x18\x04 \x01(\t\"\x91\x02\n\x0fRetrieveRequest\x12\r\n\x05query\x18\x01 \x01(\t\x12\x14\n\x0c\x63\x61ndidates_k\x18\x02 \x01(\x05\x12\x34\n\tretriever\x18\x03 \x01(\x0e\x32!.imgsearch.retrieval.v1.Retriever\x12\x14\n\x0csource_lists\x18\x04 \x01(\x08\x12\x17\n\x0fquery_embedding\x18\x05 \x03(\x02\x12\x1f\n\x17query_embedding_version\x18\x06 \x01(\t\x12\x1e\n\x16return_query_embedding\x18\x07 \x01(\x08\x12\x33\n\x06\x66ilter\x18\x08 \x01(\x0b\x32#.imgsearch.retrieval.v1.PhotoFilter\"X\n\x06\x46usion\x12\x0e\n\x06method\x18\x01 \x01(\t\x12\x0f\n\x07sources\x18\x02 \x03(\t\x12\x0f\n\x07weights\x18\x03 \x03(\x01\x12\r\n\x05rrf_k\x18\x04 \x01(\x05\x12\r\n\x05\x64\x65pth\x18\x05 \x01(\x01\".\n\x0cSourceScores\x12\x0e\n\x06source\x18\x01 \x01(\t\x12\x0e\n\x06scores\x18\x02 \x03(\x02\"\x81\x03\n\x10RetrieveResponse\x12\x11\n\tphoto_ids\x18\x07 \x03(\t\x12\x0e\n\x06scores\x18\x08 \x03(\x02\x12;\n\rsource_scores\x18\t \x03(\x0b\x32$.imgsearch.retrieval.v1.SourceScores\x12\x34\n\tretriever\x18\x02 \x01(\x0e\x32!.imgsearch.retrieval.v1.Retriever\x12\x0f\n\x07keyword\x18\x03 \x01(\t\x12\x0c\n\x04note\x18\x04 \x01(\t\x12\x14\n\x0cretrieval_ms\x18\x05 \x01(\x01\x12\x18\n\x10\x61rtifact_version\x18\x06 \x01(\t\x12\x15\n\rphoto_indices\x18\n \x03(\x03\x12\x17\n\x0fquery_embedding\x18\x0b \x03(\x02\x12.\n\x06\x66usion\x18\x0c \x01(\x0b\x32\x1e.imgsearch.retrieval.v1.Fusion\x12\r\n\x05shard\x18\r \x01(\x05\x12\x13\n\x0bshard_count\x18\x0e \x01(\x05J\x04\x08\x01\x10\x02*g\n\tRetriever\x12\x19\n\x15RETRIEVER_UNSPECIFIED\x10\x00\x12\x15\n\x11RETRIEVER_KEYWORD\x10\x01\x12\x12\n\x0eRETRIEVER_CLIP\x10\x02\x12\x14\n\x10RETRIEVER_HYBRID\x10\x03*w\n\x0bOrientation\x12\x1b\n\x17ORIENTATION_UNSPECIFIED\x10\x00\x12\x19\n\x15ORIENTATION_LANDSCAPE\x10\x01\x12\x18\n\x14ORIENTATION_PORTRAIT\x10\x02\x12\x16\n\x12ORIENTATION_SQUARE\x10\x03\x32\xd9\x01\n\x10RetrievalService\x12]\n\x08Retrieve\x12\'.imgsearch.retrieval.v1.RetrieveRequest\x1a(.imgsearch.retrieval.v1.RetrieveResponse\x12\x66\n\x0b\x45mbedImages\x12*.imgsearch.retrieval.v1.EmbedImagesRequest\x1a+.imgsearch.retrieval.v1.EmbedImagesResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n.imgsearch/retrieval/v1/retrieval_service.proto\x12\x16imgsearch.retrieval.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xb0\x02\n\x0bPhotoFilter\x12\x38\n\x0borientation\x18\x01 \x01(\x0e\x32#.imgsearch.retrieval.v1.Orientation\x12\x0e\n\x06\x63olors\x18\x02 \x03(\t\x12\x1e\n\x16photographer_usernames\x18\x03 \x03(\t\x12\x15\n\x08\x66\x65\x61tured\x18\x04 \x01(\x08H\x00\x88\x01\x01\x12\x33\n\x0fsubmitted_after\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x34\n\x10submitted_before\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\rmin_downloads\x18\x07 \x01(\x03\x12\x11\n\tmin_views\x18\x08 \x01(\x03\x42\x0b\n\t_featured\"$\n\x12\x45mbedImagesRequest\x12\x0e\n\x06images\x18\x01 \x03(\x0c\"f\n\x13\x45mbedImagesResponse\x12\x0e\n\x06values\x18\x01 \x03(\x02\x12\x0b\n\x03\x64im\x18\x02 \x01(\x05\x12\x18\n\x10\x61rtifact_version\x18\x03 \x01(\t\x12\x18\n\x10\x63lip_fingerprint\x18\x04 \x01(\t\"\xb6\x02\n\x0fRetrieveRequest\x12\r\n\x05query\x18\x01 \x01(\t\x12\x14\n\x0c\x63\x61ndidates_k\x18\x02 \x01(\x05\x12\x34\n\tretriever\x18\x03 \x01(\x0e\x32!.imgsearch.retrieval.v1.Retriever\x12\x14\n\x0csource_lists\x18\x04 \x01(\x08\x12\x17\n\x0fquery_embedding\x18\x05 \x03(\x02\x12\x1f\n\x17query_embedding_version\x18\x06 \x01(\t\x12\x1e\n\x16return_query_embedding\x18\x07 \x01(\x08\x12\x33\n\x06\x66ilter\x18\x08 \x01(\x0b\x32#.imgsearch.retrieval.v1.PhotoFilter\x12#\n\x1breturn_packed_photo_indices\x18\t \x01(\x08\"X\n\x06\x46usion\x12\x0e\n\x06method\x18\x01 \x01(\t\x12\x0f\n\x07sources\x18\x02 \x03(\t\x12\x0f\n\x07weights\x18\x03 \x03(\x01\x12\r\n\x05rrf_k\x18\x04 \x01(\x05\x12\r\n\x05\x64\x65pth\x18\x05 \x01(\x01\".\n\x0cSourceScores\x12\x0e\n\x06source\x18\x01 \x01(\t\x12\x0e\n\x06scores\x18\x02 \x03(\x02\"\x9f\x03\n\x10RetrieveResponse\x12\x11\n\tphoto_ids\x18\x07 \x03(\t\x12\x0e\n\x06scores\x18\x08 \x03(\x02\x12;\n\rsource_scores\x18\t \x03(\x0b\x32$.imgsearch.retrieval.v1.SourceScores\x12\x34\n\tretriever\x18\x02 \x01(\x0e\x32!.imgsearch.retrieval.v1.Retriever\x12\x0f\n\x07keyword\x18\x03 \x01(\t\x12\x0c\n\x04note\x18\x04 \x01(\t\x12\x14\n\x0cretrieval_ms\x18\x05 \x01(\x01\x12\x18\n\x10\x61rtifact_version\x18\x06 \x01(\t\x12\x15\n\rphoto_indices\x18\n \x03(\x03\x12\x17\n\x0fquery_embedding\x18\x0b \x03(\x02\x12.\n\x06\x66usion\x18\x0c \x01(\x0b\x32\x1e.imgsearch.retrieval.v1.Fusion\x12\r\n\x05shard\x18\r \x01(\x05\x12\x13\n\x0bshard_count\x18\x0e \x01(\x05\x12\x1c\n\x14packed_photo_indices\x18\x0f \x01(\x0cJ\x04\x08\x01\x10\x02*g\n\tRetriever\x12\x19\n\x15RETRIEVER_UNSPECIFIED\x10\x00\x12\x15\n\x11RETRIEVER_KEYWORD\x10\x01\x12\x12\n\x0eRETRIEVER_CLIP\x10\x02\x12\x14\n\x10RETRIEVER_HYBRID\x10\x03*w\n\x0bOrientation\x12\x1b\n\x17ORIENTATION_UNSPECIFIED\x10\x00\x12\x19\n\x15ORIENTATION_LANDSCAPE\x10\x01\x12\x18\n\x14ORIENTATION_PORTRAIT\x10\x02\x12\x16\n\x12ORIENTATION_SQUARE\x10\x03\x32\xd9\x01\n\x10RetrievalService\x12]\n\x08Retrieve\x12\'.imgsearch.retrieval.v1.RetrieveRequest\x1a(.imgsearch.retrieval.v1.RetrieveResponse\x12\x66\n\x0b\x45mbedImages\x12*.imgsearch.retrieval.v1.EmbedImagesRequest\x1a+.imgsearch.retrieval.v1.EmbedImagesResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'imgsearch.retrieval.v1.retrieval_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_RETRIEVER']._serialized_start=1358
-  _globals['_RETRIEVER']._serialized_end=1461
-  _globals['_ORIENTATION']._serialized_start=1463
-  _globals['_ORIENTATION']._serialized_end=1582
+  _globals['_RETRIEVER']._serialized_start=1425
+  _globals['_RETRIEVER']._serialized_end=1528
+  _globals['_ORIENTATION']._serialized_start=1530
+  _globals['_ORIENTATION']._serialized_end=1649
   _globals['_PHOTOFILTER']._serialized_start=108
   _globals['_PHOTOFILTER']._serialized_end=412
   _globals['_EMBEDIMAGESREQUEST']._serialized_start=414
@@ -43,13 +43,13 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_EMBEDIMAGESRESPONSE']._serialized_start=452
   _globals['_EMBEDIMAGESRESPONSE']._serialized_end=554
   _globals['_RETRIEVEREQUEST']._serialized_start=557
-  _globals['_RETRIEVEREQUEST']._serialized_end=830
-  _globals['_FUSION']._serialized_start=832
-  _globals['_FUSION']._serialized_end=920
-  _globals['_SOURCESCORES']._serialized_start=922
-  _globals['_SOURCESCORES']._serialized_end=968
-  _globals['_RETRIEVERESPONSE']._serialized_start=971
-  _globals['_RETRIEVERESPONSE']._serialized_end=1356
-  _globals['_RETRIEVALSERVICE']._serialized_start=1585
-  _globals['_RETRIEVALSERVICE']._serialized_end=1802
+  _globals['_RETRIEVEREQUEST']._serialized_end=867
+  _globals['_FUSION']._serialized_start=869
+  _globals['_FUSION']._serialized_end=957
+  _globals['_SOURCESCORES']._serialized_start=959
+  _globals['_SOURCESCORES']._serialized_end=1005
+  _globals['_RETRIEVERESPONSE']._serialized_start=1008
+  _globals['_RETRIEVERESPONSE']._serialized_end=1423
+  _globals['_RETRIEVALSERVICE']._serialized_start=1652
+  _globals['_RETRIEVALSERVICE']._serialized_end=1869
 # @@protoc_insertion_point(module_scope)

@@ -71,7 +71,7 @@ class EmbedImagesResponse(_message.Message):
     def __init__(self, values: _Optional[_Iterable[float]] = ..., dim: _Optional[int] = ..., artifact_version: _Optional[str] = ..., clip_fingerprint: _Optional[str] = ...) -> None: ...
 
 class RetrieveRequest(_message.Message):
-    __slots__ = ("query", "candidates_k", "retriever", "source_lists", "query_embedding", "query_embedding_version", "return_query_embedding", "filter")
+    __slots__ = ("query", "candidates_k", "retriever", "source_lists", "query_embedding", "query_embedding_version", "return_query_embedding", "filter", "return_packed_photo_indices")
     QUERY_FIELD_NUMBER: _ClassVar[int]
     CANDIDATES_K_FIELD_NUMBER: _ClassVar[int]
     RETRIEVER_FIELD_NUMBER: _ClassVar[int]
@@ -80,6 +80,7 @@ class RetrieveRequest(_message.Message):
     QUERY_EMBEDDING_VERSION_FIELD_NUMBER: _ClassVar[int]
     RETURN_QUERY_EMBEDDING_FIELD_NUMBER: _ClassVar[int]
     FILTER_FIELD_NUMBER: _ClassVar[int]
+    RETURN_PACKED_PHOTO_INDICES_FIELD_NUMBER: _ClassVar[int]
     query: str
     candidates_k: int
     retriever: Retriever
@@ -88,7 +89,8 @@ class RetrieveRequest(_message.Message):
     query_embedding_version: str
     return_query_embedding: bool
     filter: PhotoFilter
-    def __init__(self, query: _Optional[str] = ..., candidates_k: _Optional[int] = ..., retriever: _Optional[_Union[Retriever, str]] = ..., source_lists: _Optional[bool] = ..., query_embedding: _Optional[_Iterable[float]] = ..., query_embedding_version: _Optional[str] = ..., return_query_embedding: _Optional[bool] = ..., filter: _Optional[_Union[PhotoFilter, _Mapping]] = ...) -> None: ...
+    return_packed_photo_indices: bool
+    def __init__(self, query: _Optional[str] = ..., candidates_k: _Optional[int] = ..., retriever: _Optional[_Union[Retriever, str]] = ..., source_lists: _Optional[bool] = ..., query_embedding: _Optional[_Iterable[float]] = ..., query_embedding_version: _Optional[str] = ..., return_query_embedding: _Optional[bool] = ..., filter: _Optional[_Union[PhotoFilter, _Mapping]] = ..., return_packed_photo_indices: _Optional[bool] = ...) -> None: ...
 
 class Fusion(_message.Message):
     __slots__ = ("method", "sources", "weights", "rrf_k", "depth")
@@ -113,7 +115,7 @@ class SourceScores(_message.Message):
     def __init__(self, source: _Optional[str] = ..., scores: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class RetrieveResponse(_message.Message):
-    __slots__ = ("photo_ids", "scores", "source_scores", "retriever", "keyword", "note", "retrieval_ms", "artifact_version", "photo_indices", "query_embedding", "fusion", "shard", "shard_count")
+    __slots__ = ("photo_ids", "scores", "source_scores", "retriever", "keyword", "note", "retrieval_ms", "artifact_version", "photo_indices", "query_embedding", "fusion", "shard", "shard_count", "packed_photo_indices")
     PHOTO_IDS_FIELD_NUMBER: _ClassVar[int]
     SCORES_FIELD_NUMBER: _ClassVar[int]
     SOURCE_SCORES_FIELD_NUMBER: _ClassVar[int]
@@ -127,6 +129,7 @@ class RetrieveResponse(_message.Message):
     FUSION_FIELD_NUMBER: _ClassVar[int]
     SHARD_FIELD_NUMBER: _ClassVar[int]
     SHARD_COUNT_FIELD_NUMBER: _ClassVar[int]
+    PACKED_PHOTO_INDICES_FIELD_NUMBER: _ClassVar[int]
     photo_ids: _containers.RepeatedScalarFieldContainer[str]
     scores: _containers.RepeatedScalarFieldContainer[float]
     source_scores: _containers.RepeatedCompositeFieldContainer[SourceScores]
@@ -140,4 +143,5 @@ class RetrieveResponse(_message.Message):
     fusion: Fusion
     shard: int
     shard_count: int
-    def __init__(self, photo_ids: _Optional[_Iterable[str]] = ..., scores: _Optional[_Iterable[float]] = ..., source_scores: _Optional[_Iterable[_Union[SourceScores, _Mapping]]] = ..., retriever: _Optional[_Union[Retriever, str]] = ..., keyword: _Optional[str] = ..., note: _Optional[str] = ..., retrieval_ms: _Optional[float] = ..., artifact_version: _Optional[str] = ..., photo_indices: _Optional[_Iterable[int]] = ..., query_embedding: _Optional[_Iterable[float]] = ..., fusion: _Optional[_Union[Fusion, _Mapping]] = ..., shard: _Optional[int] = ..., shard_count: _Optional[int] = ...) -> None: ...
+    packed_photo_indices: bytes
+    def __init__(self, photo_ids: _Optional[_Iterable[str]] = ..., scores: _Optional[_Iterable[float]] = ..., source_scores: _Optional[_Iterable[_Union[SourceScores, _Mapping]]] = ..., retriever: _Optional[_Union[Retriever, str]] = ..., keyword: _Optional[str] = ..., note: _Optional[str] = ..., retrieval_ms: _Optional[float] = ..., artifact_version: _Optional[str] = ..., photo_indices: _Optional[_Iterable[int]] = ..., query_embedding: _Optional[_Iterable[float]] = ..., fusion: _Optional[_Union[Fusion, _Mapping]] = ..., shard: _Optional[int] = ..., shard_count: _Optional[int] = ..., packed_photo_indices: _Optional[bytes] = ...) -> None: ...
