@@ -103,9 +103,9 @@ def top_weights_of_sparse_rows(
         # stable, so equal magnitudes keep their order in the row, the smaller column first.
         crowded = np.flatnonzero(long_rows[rows])
         order = crowded[np.lexsort((-np.abs(values[crowded]), rows[crowded]))]
-        ranked_rows = rows[order]
-        first = np.searchsorted(ranked_rows, ranked_rows, side="left")
-        keep[order[np.arange(len(order)) - first >= k]] = False
+        ranked = np.bincount(rows[crowded], minlength=n_rows)
+        first = np.cumsum(ranked) - ranked  # where each row's entries start in ``order``
+        keep[order[np.arange(len(order)) - first[rows[order]] >= k]] = False
     rows, columns, values = rows[keep], columns[keep], values[keep]
     return np.bincount(rows, minlength=n_rows).astype(np.int64), columns, values
 
