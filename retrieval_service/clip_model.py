@@ -198,9 +198,9 @@ class ClipBundle:
         already at the model's input size (the demo's 64 px photos) skip the per-image
         transform: their resize and centre crop change nothing, so they are stacked as uint8
         and scaled and normalised in one pass over the batch, with the same float32 operations
-        as ``ToTensor`` and ``Normalize`` (a third of the per-image transform's CPU). That path
-        is used only once it reproduced ``preprocess`` exactly on a probe image holding every
-        pixel value; other images go through ``preprocess``.
+        as ``ToTensor`` and ``Normalize``. That path is used only once it reproduced
+        ``preprocess`` exactly on a probe image holding every pixel value; other images go
+        through ``preprocess``.
 
         Parameters
         ----------
@@ -239,7 +239,7 @@ class ClipBundle:
         """Embed an already preprocessed ``(n, 3, H, W)`` tensor; L2-normalised float32.
 
         The batch runs channels last in memory: oneDNN's convolutions of the ResNet tower then
-        skip reordering every layer's input, about 1.8x less CPU for the tiny CLIP. The result
+        skip reordering every layer's input (docs/guides/scale.md has the figures). The result
         differs from the same batch laid out channels first by float32 rounding only (at most
         about 1.5e-7 per component of a unit vector).
         """
