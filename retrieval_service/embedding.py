@@ -132,7 +132,8 @@ def embed_catalogue(
     a save takes more than a tenth of the work between saves: :data:`CHECKPOINT_WORK_RATIO`)
     and on interruption; a rerun with the same model and photos resumes from there (an
     interrupted ViT-B-32 run over 25k photos loses minutes, not the half hour done so far).
-    Images are decoded one batch ahead in a thread while the model runs on the current one.
+    Images are decoded and preprocessed one batch ahead in a thread while the model runs on the
+    current one (:meth:`~retrieval_service.clip_model.ClipBundle.image_pixels`).
 
     Parameters
     ----------
@@ -185,7 +186,6 @@ def _embed(
     max_batches: int | None,
     on_batch: Callable[[int], None] | None,
 ) -> dict:
-    import torch
     from tqdm.auto import tqdm
 
     out_path = Path(out_path)
@@ -234,9 +234,14 @@ def _embed(
             batches % checkpoint_every == 0 and worked >= CHECKPOINT_WORK_RATIO * last_save["took"]
         )
 
-    def load_batch(start: int) -> list[tuple[Any, str]]:
+    def load_batch(start: int) -> tuple[Any, list[int], np.ndarray]:
+        """Decode and preprocess one batch: (pixels of the images that decoded, their rows in
+        the batch, why each image failed: "" | "missing" | "corrupt")."""
         ids = todo_ids[start : start + batch_size]
-        return [load_image(catalogue.image_path(pid)) for pid in ids]
+        loaded = [load_image(catalogue.image_path(pid)) for pid in ids]
+        keep = [j for j, (image, _) in enumerate(loaded) if image is not None]
+        pixels = bundle.image_pixels([loaded[j][0] for j in keep]) if keep else None
+        return pixels, keep, np.array([why for _, why in loaded])
 
     starts = list(range(position, len(todo_ids), batch_size))
     started = time.perf_counter()
@@ -256,15 +261,12 @@ def _embed(
             for i, start in enumerate(starts):
                 if max_batches is not None and batches >= max_batches:
                     break
-                loaded = pending.result()
+                pixels, keep, why = pending.result()
                 nxt = i + 1
                 pending = loader.submit(load_batch, starts[nxt]) if nxt < len(starts) else None
-                batch_idx = todo_idx[start : start + len(loaded)]
-                keep = [j for j, (image, _) in enumerate(loaded) if image is not None]
-                why = np.array([w for _, w in loaded])
+                batch_idx = todo_idx[start : start + len(why)]
                 if keep:
-                    tensor = torch.stack([bundle.preprocess(loaded[j][0]) for j in keep])
-                    batch_emb = bundle.encode_image_tensor(tensor).astype(np.float32)
+                    batch_emb = bundle.encode_image_tensor(pixels).astype(np.float32)
                 else:
                     batch_emb = np.zeros((0, bundle.embed_dim), np.float32)
                 # Append only once the batch is fully computed, so progress saved after an
@@ -273,10 +275,10 @@ def _embed(
                 idx_parts.append(batch_idx[keep])
                 missing_parts.append(batch_idx[why == "missing"])
                 corrupt_parts.append(batch_idx[why == "corrupt"])
-                position = start + len(loaded)
+                position = start + len(why)
                 embedded_now += len(keep)
                 batches += 1
-                bar.update(len(loaded))
+                bar.update(len(why))
                 if save_due():
                     save_progress()
                 if on_batch is not None:

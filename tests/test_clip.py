@@ -143,13 +143,16 @@ def test_checkpoint_round_trip_through_open_clip(tmp_path, bundle):
     tokenizer = open_clip.get_tokenizer(TINY_CLIP_NAME)
     with torch.inference_mode():
         text = model.encode_text(tokenizer(texts), normalize=True).numpy()
-        image = model.encode_image(preprocess(images[0])[None], normalize=True).numpy()
+        # Laid out channels last, as the bundle runs images (the same weights give the same bits).
+        pixels = preprocess(images[0])[None].contiguous(memory_format=torch.channels_last)
+        image = model.encode_image(pixels, normalize=True).numpy()
     np.testing.assert_array_equal(text, bundle.encode_text(texts))
     np.testing.assert_array_equal(image, bundle.encode_images(images))
 
     # load_clip accepts the folder, and the folder also works as open_clip's local-dir:.
     reloaded = load_clip(ClipSpec(pretrained=str(tmp_path / "clip")))
     np.testing.assert_array_equal(reloaded.encode_text(texts), text)
+    np.testing.assert_array_equal(reloaded.encode_images(images), image)
     local, _, _ = open_clip.create_model_and_transforms(f"local-dir:{tmp_path / 'clip'}")
     local.eval()
     with torch.inference_mode():
@@ -211,6 +214,53 @@ def test_runtime_gate_picks_the_fastest_accurate_runtime(tmp_path, bundle):
     slow = select_text_runtime(reference, candidates, queries, images, min_speedup=100.0, **timing)
     assert slow.runtime == TORCH_FP32 and "speed-up" in slow.figures(ONNX_INT8).reason
     assert json.loads(json.dumps(slow.as_dict()))["runtime"] == TORCH_FP32
+
+
+def test_batched_image_pixels_equal_the_per_image_transform(bundle):
+    """64 px RGB photos skip the per-image transform; the batch holds the same floats, bit for
+    bit, and other sizes and modes in the same batch still go through the transform."""
+    photos = [draw(c, s, "night", j) for c in COLOURS for s in SHAPES for j in (-3, 0, 5)]
+    others = [Image.new("L", (90, 70), 128), draw("red", "circle", "snow", 0).resize((80, 64))]
+    for images in (photos, photos[:3] + others + photos[3:5]):
+        expected = torch.stack([bundle.preprocess(image) for image in images])
+        pixels = bundle.image_pixels(images)
+        assert pixels.dtype == torch.float32 and torch.equal(pixels, expected)
+        assert pixels.is_contiguous(memory_format=torch.channels_last)
+    assert bundle._checked_normaliser() is not False  # the batched path was the one checked
+
+
+def test_batched_image_pixels_fall_back_when_the_transform_is_another(bundle):
+    """A transform the batched path would not reproduce (here other normalising constants than
+    the model's config) is applied image by image."""
+    from torchvision import transforms
+
+    other = transforms.Compose(
+        [transforms.ToTensor(), transforms.Normalize((0.5,) * 3, (0.25,) * 3)]
+    )
+    custom = bundle.with_model(bundle.model)
+    custom.preprocess = other
+    images = [draw("blue", "square", "snow", 1), draw("yellow", "circle", "night", -2)]
+    assert torch.equal(custom.image_pixels(images), torch.stack([other(im) for im in images]))
+    assert custom._checked_normaliser() is False
+
+
+def test_channels_last_embeddings_differ_from_channels_first_by_rounding_only(bundle):
+    """Image embeddings run channels last in memory; against open_clip's own channels-first
+    forward of the same batch they differ by float32 rounding, far below any score gap."""
+    images = [draw(c, s, sc, j) for c in COLOURS for s in SHAPES for sc in SCENES for j in (-2, 2)]
+    for batch_size in (len(images), 5):
+        got = bundle.encode_images(images, batch_size=batch_size)
+        reference = []
+        with torch.inference_mode():
+            for start in range(0, len(images), batch_size):
+                chunk = images[start : start + batch_size]
+                pixels = torch.stack([bundle.preprocess(image) for image in chunk])
+                reference.append(bundle.model.encode_image(pixels, normalize=True).numpy())
+        reference = np.concatenate(reference)
+        assert got.shape == reference.shape == (len(images), 128)
+        np.testing.assert_allclose(got, reference, rtol=0, atol=1e-6)
+    cosine = np.sum(got * reference, axis=1)
+    assert cosine.min() > 1 - 1e-6
 
 
 def test_embedding_skips_missing_and_corrupt_images(tmp_path, bundle, catalogue):

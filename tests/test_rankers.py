@@ -528,6 +528,53 @@ class TestItemKNN(RecentPhotosContract):
         ranker = create_ranker("item_knn", neighbours=7).fit(split[0], False)
         assert np.diff(ranker.weights.indptr).max() <= 7
 
+    def test_weights_equal_the_dense_computation_pair_by_pair(self, split):
+        """Computed on co-converted pairs only, every weight is the float32 the dense block gave."""
+        from ranking_service.rankers.common import conversion_matrix
+
+        ranker = create_ranker("item_knn", shrink=5.0, neighbours=N_PHOTOS).fit(split[0], False)
+        x = conversion_matrix(split[0], binary=True).toarray()
+        norms = np.sqrt(x.sum(axis=0)).astype(np.float32)
+        dense = (x.T @ x) / (norms[:, None] * norms[None, :] + 5.0)
+        np.fill_diagonal(dense, 0.0)
+        np.testing.assert_array_equal(ranker.weights.toarray(), dense.astype(np.float32))
+        assert ranker.weights.dtype == np.float32 and (ranker.weights.data != 0).all()
+
+
+def _kept_by_sorting(block: np.ndarray, k: int) -> list[list[tuple[int, float]]]:
+    """Per row: its k largest-magnitude non-zeros (equal magnitudes: smaller column first),
+    then by column."""
+    kept = []
+    for row in block:
+        entries = sorted((-abs(v), c, v) for c, v in enumerate(row) if v != 0)[:k]
+        kept.append(sorted((c, v) for _, c, v in entries))
+    return kept
+
+
+@pytest.mark.parametrize("k", [0, 1, 3, 8, 50])
+def test_sparse_top_weights_keep_what_the_dense_selection_keeps(k):
+    from scipy import sparse
+
+    from ranking_service.rankers.item_item import top_weights_of_sparse_rows, top_weights_per_row
+
+    rng = np.random.default_rng(k)
+    # Ties on purpose (few distinct values, negatives of the same magnitude), empty rows,
+    # rows shorter and longer than k.
+    block = rng.choice([0.0, 0.0, 0.0, 0.5, -0.5, 1.0, 2.0, -2.0], size=(40, 30)).astype(np.float32)
+    block[5] = 0.0
+    lengths, columns, values = top_weights_of_sparse_rows(sparse.csr_matrix(block), k)
+    assert lengths.sum() == len(columns) == len(values)
+    starts = np.r_[0, np.cumsum(lengths)]
+    got = [
+        list(zip(columns[a:b].tolist(), values[a:b].tolist())) for a, b in zip(starts, starts[1:])
+    ]
+    assert got == _kept_by_sorting(block, k)
+
+    distinct = block * (1 + rng.permutation(block.size).reshape(block.shape) / 1e3)  # no ties
+    sparse_pieces = top_weights_of_sparse_rows(sparse.csr_matrix(distinct), k)
+    for a, b in zip(sparse_pieces, top_weights_per_row(distinct, k)):
+        np.testing.assert_array_equal(a, b)
+
 
 class TestClipProfile(RecentPhotosContract):
     name = "clip_profile"

@@ -17,8 +17,9 @@ popularity order.
   no weights and rank by the prior alone). The inversion is a Cholesky factorisation in float32.
 * **item-kNN** weighs ``S[i, j] = c_ij / (√(n_i n_j) + shrink)``, with ``c_ij`` the users who
   converted both photos and ``n_i`` those who converted ``i``: cosine similarity, shrunk
-  towards 0 for photos with few conversions. Computed block by block over the photos, so
-  memory stays at one block × all photos.
+  towards 0 for photos with few conversions. Computed block by block over the photos, on the
+  pairs that share a user only: a block costs its co-conversions, not block × all photos (a
+  dense block made the fit quadratic in the photos).
 """
 
 from __future__ import annotations
@@ -71,6 +72,42 @@ def top_weights_per_row(block: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarr
     values = np.take_along_axis(block, top, axis=1)
     keep = values != 0
     return keep.sum(axis=1).astype(np.int64), top[keep].astype(np.int64), values[keep]
+
+
+def top_weights_of_sparse_rows(
+    matrix: sp.csr_matrix, k: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Keep the ``k`` largest-magnitude non-zero entries of each row of a sparse block.
+
+    What :func:`top_weights_per_row` keeps of the same block made dense, without the zeros:
+    a row of ``k`` entries or fewer keeps them all; of a longer row, equal magnitudes at the
+    cut keep the smaller columns (the dense selection keeps any of them).
+
+    Returns
+    -------
+    tuple of numpy.ndarray
+        ``(row_lengths, columns, values)``: CSR pieces, columns sorted within each row.
+    """
+    matrix = sp.csr_matrix(matrix)
+    matrix.sum_duplicates()  # also sorts each row's columns
+    n_rows = matrix.shape[0]
+    rows = np.repeat(np.arange(n_rows), np.diff(matrix.indptr))
+    columns, values = matrix.indices.astype(np.int64), matrix.data
+    nonzero = values != 0
+    rows, columns, values = rows[nonzero], columns[nonzero], values[nonzero]
+    lengths = np.bincount(rows, minlength=n_rows)
+    keep = np.ones(len(rows), bool)
+    long_rows = lengths > max(k, 0)
+    if long_rows.any():
+        # Only the entries of rows longer than k are ranked: by row, then magnitude; lexsort is
+        # stable, so equal magnitudes keep their order in the row, the smaller column first.
+        crowded = np.flatnonzero(long_rows[rows])
+        order = crowded[np.lexsort((-np.abs(values[crowded]), rows[crowded]))]
+        ranked = np.bincount(rows[crowded], minlength=n_rows)
+        first = np.cumsum(ranked) - ranked  # where each row's entries start in ``order``
+        keep[order[np.arange(len(order)) - first[rows[order]] >= k]] = False
+    rows, columns, values = rows[keep], columns[keep], values[keep]
+    return np.bincount(rows, minlength=n_rows).astype(np.int64), columns, values
 
 
 class ItemItemRanker(QueryPrior, Ranker):
@@ -278,12 +315,17 @@ class ItemKNNRanker(ItemItemRanker):
         lengths, columns, values = [], [], []
         for start in range(0, n_photos, BLOCK_ROWS):
             rows = slice(start, min(start + BLOCK_ROWS, n_photos))
-            together = (by_photo[rows] @ conversions).toarray()
-            similarity = together / (norms[rows, None] * norms[None, :] + self.shrink)
-            block = np.arange(rows.stop - rows.start)
-            similarity[block, block + rows.start] = 0.0
-            row_lengths, row_columns, row_values = top_weights_per_row(
-                similarity.astype(np.float32), self.neighbours
+            together = sp.csr_matrix(by_photo[rows] @ conversions)
+            together.sum_duplicates()
+            row = np.repeat(np.arange(rows.stop - rows.start), np.diff(together.indptr))
+            column = together.indices
+            # The same float32 operations, pair by pair, as over the dense block before.
+            together.data = (
+                together.data / (norms[row + start] * norms[column] + self.shrink)
+            ).astype(np.float32)
+            together.data[column == row + start] = 0.0  # a photo is not its own neighbour
+            row_lengths, row_columns, row_values = top_weights_of_sparse_rows(
+                together, self.neighbours
             )
             lengths.append(row_lengths)
             columns.append(row_columns)
