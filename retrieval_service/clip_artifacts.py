@@ -217,7 +217,7 @@ def build_clip_artifacts(
     from retrieval_service.embedding_sets import import_embeddings
     from retrieval_service.index_calibration import calibrate
     from retrieval_service.text_encoder import TorchTextEncoder
-    from retrieval_service.vector_index import VectorIndex
+    from retrieval_service.vector_index import VectorIndex, factory_choice
 
     step = step or (lambda name: contextlib.nullcontext({}))
     set_dir = Path(set_dir)
@@ -287,6 +287,7 @@ def build_clip_artifacts(
     vector_index.save(set_dir / VECTOR_INDEX, row_map=f"{EMBEDDINGS}:photo_idx")
     figures["vector_index"] = {
         "factory": vector_index.factory,
+        "chosen": factory_choice(vector_index.ntotal, factory),
         "ntotal": vector_index.ntotal,
         "dim": vector_index.dim,
         "params": vector_index.params,

@@ -57,6 +57,18 @@ def default_factory(n: int) -> str:
     return "Flat" if n < EXACT_LIMIT else ivf_factory(n)
 
 
+def factory_choice(n: int, given: str | None = None) -> str:
+    """Why an index of ``n`` vectors has its factory, in words (recorded in the manifest)."""
+    if given:
+        return "given (--index-factory)"
+    if n < EXACT_LIMIT:
+        return f"default below {EXACT_LIMIT:,} photos: exact search"
+    return (
+        f"default from {EXACT_LIMIT:,} photos: an inverted file of about 4·sqrt(photos) lists, "
+        "its nprobe calibrated for recall@10 against exact search"
+    )
+
+
 def shard_factory(factory: str, n: int) -> str:
     """The factory of a shard of ``n`` vectors cut from an index built with ``factory``.
 
