@@ -441,9 +441,10 @@ def test_an_approximate_index_is_built_with_the_search_effort_calibrated_on_held
     calibration = figures["vector_index"]["calibration"]
     steps = EF_SEARCH_STEPS if parameter == "efSearch" else NPROBE_STEPS
     assert calibration["parameter"] == parameter and calibration["value"] in steps
-    assert set(calibration["queries"]) == {"keyword", "held-out"}
+    assert set(calibration["queries"]) == {"keyword", "single keyword", "held-out"}
     assert calibration["queries"]["keyword"] == 4  # half of the 8 keywords; the others measure
-    assert set(calibration["unseen_by_family"]) == {"keyword", "held-out"}
+    assert calibration["queries"]["single keyword"] == 4  # all 8 are one word
+    assert set(calibration["unseen_by_family"]) == {"keyword", "single keyword", "held-out"}
     assert calibration["reached"] == (calibration["recall"] >= TARGET_RECALL)
     assert figures["vector_index"]["params"] == {parameter: calibration["value"]}
     photo_idx, _ = load_embeddings(tmp_path / EMBEDDINGS)
