@@ -9,10 +9,16 @@ index only ever returns allowed photos. How it searches depends on how many rows
   (a graph search collects about ``efSearch`` nearby rows, of which only the allowed count), up
   to :data:`MAX_EF_SEARCH`; when it still finds fewer than ``min(k, allowed)`` rows, the exact
   search answers instead;
+* more, on an inverted file (IVF): the lists search with ``nprobe`` raised as the allowed
+  share drops, up to every list; the exact search over the allowed rows is the same search
+  over every list (``nprobe = nlist``: an ``IVF...,Flat`` index keeps each vector uncompressed
+  in its list, so scanning every list scores every allowed row exactly). It answers when few
+  rows are allowed, and when the raised ``nprobe`` still finds fewer than ``min(k, allowed)``;
 * an exact index (``Flat``) is searched with the selector directly.
 
-So ``min(k, allowed)`` photos come back, unless the index keeps no flat storage (IVF-PQ...),
-where the approximate search with the selector is the answer.
+So ``min(k, allowed)`` photos come back, unless the index keeps neither flat storage nor
+inverted lists (a bare PQ...), where the approximate search with the selector is the answer;
+on a compressed inverted file (IVF-PQ) the scan of every list is as approximate as its codes.
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ class FilteredSearch:
     path: str
     allowed: int
     ef_search: int = 0
+    nprobe: int = 0
 
 
 def _flat_storage(index):
@@ -106,6 +113,9 @@ def search_allowed(
         if flat is not None and np.count_nonzero(rows[0] >= 0) < k:
             rows = None  # too few found: the exact search below answers
             how = FilteredSearch("graph, then exact", n_allowed, ef)
+    ivf = faiss.try_extract_index_ivf(index) if flat is None and not graph else None
+    if ivf is not None:
+        scores, rows, how = _search_ivf(vector_index, ivf, query, k, selector, n_allowed, few)
     if rows is None:
         searched = flat if flat is not None else index
         scores, rows = searched.search(query, k, params=faiss.SearchParameters(sel=selector))
@@ -113,3 +123,28 @@ def search_allowed(
     found = rows[0] >= 0
     photo_idx = vector_index.row_to_photo_idx[rows[0][found]]
     return scores[0][found].astype(np.float32), photo_idx.astype(np.int64), how
+
+
+def _search_ivf(vector_index, ivf, query, k, selector, n_allowed: int, few: bool):
+    """An inverted file searched with the selector: ``nprobe`` raised by the allowed share, or
+    every list (the exact scan of the allowed rows) when few are allowed or too few were found.
+    """
+    import faiss
+
+    nlist = int(ivf.nlist)
+    if not few:
+        base = int(vector_index.params.get("nprobe", ivf.nprobe))
+        share = n_allowed / vector_index.ntotal
+        nprobe = min(nlist, max(base, math.ceil(base / share)))
+        params = faiss.SearchParametersIVF(sel=selector, nprobe=nprobe)
+        scores, rows = vector_index.index.search(query, k, params=params)
+        if nprobe >= nlist:
+            return scores, rows, FilteredSearch("lists, every one", n_allowed, nprobe=nprobe)
+        if np.count_nonzero(rows[0] >= 0) >= k:
+            return scores, rows, FilteredSearch("lists", n_allowed, nprobe=nprobe)
+        path = "lists, then every list"
+    else:
+        path = "exact, every list"
+    params = faiss.SearchParametersIVF(sel=selector, nprobe=nlist)
+    scores, rows = vector_index.index.search(query, k, params=params)
+    return scores, rows, FilteredSearch(path, n_allowed, nprobe=nlist)

@@ -4,7 +4,8 @@ A set built or resharded with ``--shards N`` holds, beside its whole indexes::
 
     shards/shards.json              count, how photos are assigned, photos per shard
     shards/<i>/keyword_index.npz    shard i's keyword index (the whole vocabulary)
-    shards/<i>/vector.faiss         shard i's vector index (same factory as the set's),
+    shards/<i>/vector.faiss         shard i's vector index (the set's factory; a default
+                                    inverted file gets its size's lists, shard_factory),
     shards/<i>/vector.json           its sidecar, and its row map (vector.rows.npy)
 
 A photo lives on the shard drawn from a CRC-32 of its id (:func:`shard_of_ids`), so a
@@ -102,7 +103,7 @@ def write_shards(set_dir: str | Path, count: int, log=None) -> dict:
 
     from retrieval_service.embedding import load_embeddings
     from retrieval_service.keyword_index import KeywordIndex
-    from retrieval_service.vector_index import VectorIndex
+    from retrieval_service.vector_index import VectorIndex, shard_factory
 
     set_dir = Path(set_dir)
     if not 2 <= count <= MAX_SHARDS:
@@ -141,7 +142,7 @@ def write_shards(set_dir: str | Path, count: int, log=None) -> dict:
                 VectorIndex.build(
                     embeddings[rows],
                     photo_idx[rows],
-                    factory=factory,
+                    factory=shard_factory(factory, int(np.count_nonzero(rows))),
                     **{name: value for name, value in searched.items() if value is not None},
                 ).save(folder / artifacts.VECTOR_INDEX)
             if log is not None:

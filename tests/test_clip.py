@@ -445,6 +445,7 @@ def test_build_clip_artifacts_and_load_retrievers(tmp_path, catalogue):
         assert (tmp_path / path).exists(), path
     assert figures["embedding"]["embedded"] == 46
     assert figures["vector_index"]["factory"] == "Flat"
+    assert figures["vector_index"]["chosen"].startswith("default below 50,000 photos")
     assert figures["vector_index"]["recall@10_vs_exact"] == 1.0
     assert figures["vector_index"]["calibration"]["parameter"] is None  # exact: nothing to tune
     gate = figures["text_runtime"]
@@ -475,26 +476,33 @@ def test_build_clip_artifacts_and_load_retrievers(tmp_path, catalogue):
     assert load_clip_retrievers(tmp_path / "nothing", keyword) == {}
 
 
-def test_an_hnsw_index_is_built_with_the_search_effort_calibrated_on_held_out_queries(
-    tmp_path, catalogue
+@pytest.mark.parametrize("factory, parameter", [("HNSW32", "efSearch"), ("IVF4,Flat", "nprobe")])
+def test_an_approximate_index_is_built_with_the_search_effort_calibrated_on_held_out_queries(
+    tmp_path, catalogue, factory, parameter
 ):
     from retrieval_service.clip_artifacts import build_clip_artifacts
-    from retrieval_service.index_calibration import EF_SEARCH_STEPS, TARGET_RECALL
+    from retrieval_service.index_calibration import EF_SEARCH_STEPS, NPROBE_STEPS, TARGET_RECALL
     from retrieval_service.vector_index import VectorIndex
 
     figures = build_clip_artifacts(
-        catalogue, tmp_path, None, factory="HNSW32", train_steps=2, show_progress=False
+        catalogue, tmp_path, None, factory=factory, train_steps=2, show_progress=False
     )
+    assert figures["vector_index"]["chosen"] == "given (--index-factory)"
     calibration = figures["vector_index"]["calibration"]
-    assert calibration["parameter"] == "efSearch" and calibration["value"] in EF_SEARCH_STEPS
-    assert set(calibration["queries"]) == {"keyword", "held-out"}
+    steps = EF_SEARCH_STEPS if parameter == "efSearch" else NPROBE_STEPS
+    assert calibration["parameter"] == parameter and calibration["value"] in steps
+    assert set(calibration["queries"]) == {"keyword", "single keyword", "held-out"}
     assert calibration["queries"]["keyword"] == 4  # half of the 8 keywords; the others measure
-    assert set(calibration["unseen_by_family"]) == {"keyword", "held-out"}
+    assert calibration["queries"]["single keyword"] == 4  # all 8 are one word
+    assert set(calibration["unseen_by_family"]) == {"keyword", "single keyword", "held-out"}
     assert calibration["reached"] == (calibration["recall"] >= TARGET_RECALL)
-    assert figures["vector_index"]["params"] == {"efSearch": calibration["value"]}
+    assert figures["vector_index"]["params"] == {parameter: calibration["value"]}
     photo_idx, _ = load_embeddings(tmp_path / EMBEDDINGS)
     served = VectorIndex.load(tmp_path / VECTOR_INDEX, row_to_photo_idx=photo_idx)
-    assert served.index.hnsw.efSearch == calibration["value"]
+    if parameter == "efSearch":
+        assert served.index.hnsw.efSearch == calibration["value"]
+    else:
+        assert served.index.nprobe == calibration["value"] == served.params["nprobe"]
 
 
 def test_build_skips_a_catalogue_without_images(tmp_path, catalogue):

@@ -25,7 +25,7 @@ def test_orientation_comes_from_width_and_height():
     ]
 
 
-@pytest.mark.parametrize("factory", ["Flat", "HNSW32"])
+@pytest.mark.parametrize("factory", ["Flat", "HNSW32", "IVF64,Flat"])
 def test_filtered_vector_search_returns_min_k_allowed_photos(factory):
     from retrieval_service.filtered_search import search_allowed
     from retrieval_service.vector_index import VectorIndex
@@ -74,6 +74,40 @@ def test_a_filtered_graph_search_never_searches_less_than_the_index(ef_search):
     expected = min(max(MAX_EF_SEARCH, ef_search), max(ef_search, int(np.ceil(ef_search / 0.6))))
     assert how.ef_search >= ef_search
     assert abs(how.ef_search - expected) <= 0.05 * expected  # the share drawn is about 0.6
+
+
+@pytest.mark.parametrize("nprobe", [2, 64])
+def test_a_filtered_ivf_search_raises_nprobe_and_scans_every_list_when_few_are_allowed(nprobe):
+    """An inverted file: nprobe raised by the allowed share (never below the index's own, at
+    most every list); few allowed rows, or too few found, scan every list: the exact answer."""
+    from retrieval_service.filtered_search import EXACT_ROWS, search_allowed
+    from retrieval_service.vector_index import VectorIndex
+
+    rng = np.random.default_rng(2)
+    n, dim = 4 * EXACT_ROWS, 16
+    vectors = rng.normal(size=(n, dim)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    photo_idx = rng.permutation(n).astype(np.int64)
+    index = VectorIndex.build(vectors, photo_idx, factory="IVF128,Flat", nprobe=nprobe)
+    by_photo = np.empty_like(vectors)
+    by_photo[photo_idx] = vectors
+    query = by_photo[0]
+
+    def exact(allowed, k):
+        rows = np.flatnonzero(allowed)
+        return rows[np.argsort(-(by_photo[rows] @ query), kind="stable")][:k]
+
+    many = rng.random(n) < 0.6
+    scores, found, how = search_allowed(index, query, 10, many)
+    assert how.path.startswith("lists") and many[found].all()
+    assert how.nprobe == min(128, max(nprobe, int(np.ceil(nprobe / (many.sum() / n)))))
+    assert len(found) == 10
+    few = np.zeros(n, bool)
+    few[rng.choice(n, 300, replace=False)] = True
+    scores, found, how = search_allowed(index, query, 50, few)
+    assert (how.path, how.nprobe) == ("exact, every list", 128)
+    assert found.tolist() == exact(few, 50).tolist()
+    np.testing.assert_allclose(scores, by_photo[found] @ query, rtol=1e-5)
 
 
 def test_an_allowed_set_of_none_finds_nothing():

@@ -37,10 +37,36 @@ def queries() -> np.ndarray:
     return clustered(200, 32, seed=1)
 
 
-def test_default_factory_is_exact_for_small_catalogues():
+def test_default_factory_is_exact_for_small_catalogues_and_an_inverted_file_above():
     assert default_factory(5_000) == "Flat"
     assert default_factory(49_999) == "Flat"
-    assert default_factory(1_000_000) == "HNSW32"
+    assert default_factory(50_000) == "IVF1024,Flat"
+    assert default_factory(100_000) == "IVF1024,Flat"
+    assert default_factory(1_000_000) == "IVF4096,Flat"
+
+
+def test_ivf_lists_grow_with_the_square_root_and_never_outnumber_their_training_vectors():
+    from retrieval_service.vector_index import ivf_lists
+
+    assert [ivf_lists(n) for n in (25_000, 100_000, 1_000_000)] == [512, 1024, 4096]
+    assert ivf_lists(1_000) == 1000 // 39 and ivf_lists(10) == 1
+
+
+def test_a_shard_of_a_default_inverted_file_gets_fewer_lists_other_factories_are_kept():
+    from retrieval_service.vector_index import shard_factory
+
+    assert shard_factory("IVF4096,Flat", 250_000) == "IVF2048,Flat"
+    assert shard_factory("IVF1024,Flat", 25_000) == "IVF512,Flat"
+    assert shard_factory("IVF64,Flat", 25_000) == "IVF64,Flat"  # already fewer
+    assert shard_factory("HNSW32", 25_000) == "HNSW32"
+    assert shard_factory("IVF256,PQ16", 1_000) == "IVF256,PQ16"
+
+
+def test_an_ivf_index_trains_on_forty_vectors_a_list_when_it_has_them():
+    """The training sample is at least 100,000 rows or 40 per list; at this size every row."""
+    index = VectorIndex.build(clustered(3000, 8, seed=3), factory="IVF64,Flat", nprobe=64)
+    assert index.index.is_trained and index.ntotal == 3000
+    assert recall_at_k(index, exact_index(clustered(3000, 8, seed=3)), clustered(50, 8, 4)) == 1.0
 
 
 def test_flat_is_exact_inner_product(vectors, queries):
