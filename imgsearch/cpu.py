@@ -8,9 +8,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 
-def machine_busy_seconds() -> float | None:
+def machine_busy_seconds(count_niced: bool = True) -> float | None:
     """CPU seconds every CPU of the machine has spent busy since boot (/proc/stat).
 
+    ``count_niced=False`` leaves out the time of processes running at a positive niceness.
     None where /proc/stat is not available (not Linux).
     """
     try:
@@ -20,17 +21,24 @@ def machine_busy_seconds() -> float | None:
         return None
     idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
     busy = sum(fields[:8]) - idle  # user..steal; guest time is already inside user
+    if not count_niced:
+        busy -= fields[1]
     return busy / os.sysconf("SC_CLK_TCK")
 
 
-def cores_busy_elsewhere(window_s: float = 0.5) -> float:
+def cores_busy_elsewhere(window_s: float = 0.5, niceness: int | None = None) -> float:
     """Cores that other processes keep busy, measured now over ``window_s``.
 
     This process's own CPU time in the window is left out, so work it has just finished does
-    not count (the load average would still count it for a minute). Falls back to the 1-minute
-    load average where /proc/stat is missing, and to 0 where that is missing too.
+    not count (the load average would still count it for a minute). So is the time of niced
+    processes when this process runs at ``niceness`` 0 or less (its own by default): the
+    scheduler gives them what it leaves, so they take no core from it. Falls back to the
+    1-minute load average where /proc/stat is missing, and to 0 where that is missing too.
     """
-    start_machine, start_self = machine_busy_seconds(), time.process_time()
+    if niceness is None:
+        niceness = os.nice(0) if hasattr(os, "nice") else 0
+    count_niced = niceness > 0
+    start_machine, start_self = machine_busy_seconds(count_niced), time.process_time()
     if start_machine is None:
         try:
             return os.getloadavg()[0]
@@ -39,7 +47,7 @@ def cores_busy_elsewhere(window_s: float = 0.5) -> float:
     start = time.perf_counter()
     time.sleep(window_s)
     wall = time.perf_counter() - start
-    machine = machine_busy_seconds() - start_machine
+    machine = machine_busy_seconds(count_niced) - start_machine
     own = time.process_time() - start_self
     return max(0.0, (machine - own) / wall)
 

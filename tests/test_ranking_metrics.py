@@ -190,3 +190,35 @@ def test_cores_busy_elsewhere_leaves_this_process_out():
     thread.join()
     # Counting this process would add a whole core to what other processes use.
     assert 0.0 <= busy < others + 0.6
+
+
+def test_niced_processes_take_no_core_from_a_process_that_is_not_niced():
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from imgsearch.cpu import cores_busy_elsewhere, machine_busy_seconds
+
+    if machine_busy_seconds() is None or not hasattr(os, "nice"):
+        pytest.skip("no /proc/stat or niceness here")
+    assert machine_busy_seconds(count_niced=False) <= machine_busy_seconds()
+    baseline = cores_busy_elsewhere(0.5, niceness=0)
+    spinner = subprocess.Popen(
+        [
+            "nice",
+            "-n",
+            "19",
+            sys.executable,
+            "-c",
+            "import time\nend = time.time() + 3\nwhile time.time() < end: pass",
+        ]
+    )
+    try:
+        time.sleep(0.3)  # started and spinning
+        as_unniced = cores_busy_elsewhere(0.5, niceness=0)
+    finally:
+        spinner.kill()
+        spinner.wait()
+    # Counting the niced spinner would add up to a whole core.
+    assert 0.0 <= as_unniced < baseline + 0.6
