@@ -26,18 +26,32 @@ def machine_busy_seconds(count_niced: bool = True) -> float | None:
     return busy / os.sysconf("SC_CLK_TCK")
 
 
+def autogroup_scheduling() -> bool:
+    """Whether the kernel shares CPU between sessions first (``sched_autogroup_enabled``).
+
+    Then niceness orders processes only within a session: a niced job started in another
+    session takes as much CPU as one that is not niced.
+    """
+    try:
+        with open("/proc/sys/kernel/sched_autogroup_enabled") as handle:
+            return handle.read().strip() not in ("", "0")
+    except OSError:
+        return False
+
+
 def cores_busy_elsewhere(window_s: float = 0.5, niceness: int | None = None) -> float:
     """Cores that other processes keep busy, measured now over ``window_s``.
 
     This process's own CPU time in the window is left out, so work it has just finished does
     not count (the load average would still count it for a minute). So is the time of niced
-    processes when this process runs at ``niceness`` 0 or less (its own by default): the
+    processes when this process runs at ``niceness`` 0 or less (its own by default) and the
+    kernel schedules by niceness across sessions (:func:`autogroup_scheduling` off): the
     scheduler gives them what it leaves, so they take no core from it. Falls back to the
     1-minute load average where /proc/stat is missing, and to 0 where that is missing too.
     """
     if niceness is None:
         niceness = os.nice(0) if hasattr(os, "nice") else 0
-    count_niced = niceness > 0
+    count_niced = niceness > 0 or autogroup_scheduling()
     start_machine, start_self = machine_busy_seconds(count_niced), time.process_time()
     if start_machine is None:
         try:

@@ -192,18 +192,21 @@ def test_cores_busy_elsewhere_leaves_this_process_out():
     assert 0.0 <= busy < others + 0.6
 
 
-def test_niced_processes_take_no_core_from_a_process_that_is_not_niced():
+def test_niced_processes_take_no_core_from_a_process_that_is_not_niced(monkeypatch):
     import os
     import subprocess
     import sys
     import time
 
-    from imgsearch.cpu import cores_busy_elsewhere, machine_busy_seconds
+    from imgsearch import cpu
 
-    if machine_busy_seconds() is None or not hasattr(os, "nice"):
+    if cpu.machine_busy_seconds() is None or not hasattr(os, "nice"):
         pytest.skip("no /proc/stat or niceness here")
-    assert machine_busy_seconds(count_niced=False) <= machine_busy_seconds()
-    baseline = cores_busy_elsewhere(0.5, niceness=0)
+    # Where the kernel shares CPU by session first, a niced job elsewhere does compete, and
+    # is counted; here the spinner below runs in this test's session, where niceness holds.
+    monkeypatch.setattr(cpu, "autogroup_scheduling", lambda: False)
+    assert cpu.machine_busy_seconds(count_niced=False) <= cpu.machine_busy_seconds()
+    baseline = cpu.cores_busy_elsewhere(0.5, niceness=0)
     spinner = subprocess.Popen(
         [
             "nice",
@@ -216,7 +219,7 @@ def test_niced_processes_take_no_core_from_a_process_that_is_not_niced():
     )
     try:
         time.sleep(0.3)  # started and spinning
-        as_unniced = cores_busy_elsewhere(0.5, niceness=0)
+        as_unniced = cpu.cores_busy_elsewhere(0.5, niceness=0)
     finally:
         spinner.kill()
         spinner.wait()
