@@ -11,6 +11,7 @@ from retrieval_service.index_calibration import (  # noqa: E402
     EF_SEARCH_STEPS,
     NPROBE_STEPS,
     calibrate,
+    nprobe_steps,
     split_families,
 )
 from retrieval_service.vector_index import VectorIndex, exact_index, recall_at_k  # noqa: E402
@@ -79,6 +80,27 @@ def test_ivf_calibrates_nprobe_and_flat_needs_nothing(vectors, queries):
     record = calibrate(flat, vectors, {"far": queries})
     assert record["parameter"] is None and record["recall"] == 1.0
     assert record["unseen_recall"] == 1.0 and record["tried"] == []
+
+
+def test_nprobe_goes_on_doubling_up_to_every_list_where_the_target_needs_it():
+    assert nprobe_steps(0) == NPROBE_STEPS
+    assert nprobe_steps(64) == (1, 2, 4, 8, 16, 32, 64)
+    assert nprobe_steps(4096)[-5:] == (256, 512, 1024, 2048, 4096)
+    assert nprobe_steps(600)[-3:] == (256, 512, 600)
+    # Uniform vectors in 64 dimensions, 1,024 lists of about 8: a query's nearest 10 lie in
+    # lists all over, and recall 1.0 needs every list (0.90 at 256, where the ladder used to
+    # stop short, 0.98 at 512); there an inverted file of uncompressed vectors is exact.
+    rng = np.random.default_rng(0)
+    vectors, queries = (rng.standard_normal((n, 64)).astype(np.float32) for n in (8000, 100))
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    ivf = VectorIndex.build(vectors, factory="IVF1024,Flat", nprobe=1)
+    record = calibrate(ivf, vectors, {"far": queries}, target=1.0)
+    assert record["reached"] and record["recall"] == 1.0
+    tried = [t["value"] for t in record["tried"]]
+    assert tried == list(nprobe_steps(1024)[: len(tried)])
+    assert record["value"] > 256 and ivf.params["nprobe"] == record["value"]
+    assert record["unseen_recall"] == 1.0
 
 
 def test_hnsw_is_built_with_the_given_ef_construction(vectors):
