@@ -16,7 +16,7 @@ import time
 
 import numpy as np
 
-from retrieval_service.vector_index import exact_index, shared_rows
+from retrieval_service.vector_index import exact_index, index_lists, shared_rows
 
 TARGET_RECALL = 0.95
 # Up to 8,192: on 100,000 demo photos one-word queries needed 2,048 (their exact top 10 are a few
@@ -49,10 +49,7 @@ def _parameter(vector_index) -> tuple[str | None, tuple[int, ...]]:
     if "HNSW" in vector_index.factory and hasattr(vector_index.index, "hnsw"):
         return "efSearch", EF_SEARCH_STEPS
     if "IVF" in vector_index.factory:
-        import faiss
-
-        ivf = faiss.try_extract_index_ivf(vector_index.index)
-        return "nprobe", nprobe_steps(int(getattr(ivf, "nlist", 0) or 0))
+        return "nprobe", nprobe_steps(index_lists(vector_index.index))
     return None, ()
 
 

@@ -83,6 +83,13 @@ def shard_factory(factory: str, n: int) -> str:
     return factory
 
 
+def index_lists(index: object) -> int:
+    """The lists of a FAISS inverted file (inside any wrapper), 0 for an index without them."""
+    import faiss
+
+    return int(getattr(faiss.try_extract_index_ivf(index), "nlist", 0) or 0)
+
+
 def set_search_threads(threads: int = 1) -> None:
     """Set FAISS's OpenMP threads.
 
@@ -172,8 +179,7 @@ class VectorIndex:
         if not index.is_trained:
             # FAISS trains on at most 256 vectors per centroid anyway; a seeded sample keeps
             # builds deterministic and bounded (40 per IVF list, at least 100,000).
-            lists = int(getattr(faiss.try_extract_index_ivf(index), "nlist", 0) or 0)
-            wanted = max(IVF_TRAIN_SAMPLE, IVF_TRAIN_PER_LIST * lists)
+            wanted = max(IVF_TRAIN_SAMPLE, IVF_TRAIN_PER_LIST * index_lists(index))
             sample = embeddings
             if n > wanted:
                 rng = np.random.default_rng(seed)
