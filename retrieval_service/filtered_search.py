@@ -64,7 +64,7 @@ def _flat_storage(index):
 
 
 def search_allowed(
-    vector_index, query: np.ndarray, k: int, allowed: np.ndarray
+    vector_index, query: np.ndarray, k: int, allowed: np.ndarray, query_class: str | None = None
 ) -> tuple[np.ndarray, np.ndarray, FilteredSearch]:
     """The top ``k`` allowed photos for one query.
 
@@ -78,6 +78,9 @@ def search_allowed(
         How many photos.
     allowed:
         Bool per catalogue ``photo_idx`` (the whole catalogue's, also on a shard).
+    query_class:
+        The query's search-effort class: its efSearch or nprobe is the one raised
+        (:meth:`~retrieval_service.vector_index.VectorIndex.effort`).
 
     Returns
     -------
@@ -104,7 +107,7 @@ def search_allowed(
     how = FilteredSearch("exact", n_allowed)
     rows = None
     if graph and not (few and flat is not None):
-        base_ef = int(vector_index.params.get("efSearch", index.hnsw.efSearch))
+        base_ef = int(vector_index.effort(query_class).get("efSearch", index.hnsw.efSearch))
         share = n_allowed / len(rows_allowed)
         ef = min(max(MAX_EF_SEARCH, base_ef), max(base_ef, k, math.ceil(base_ef / share)))
         params = faiss.SearchParametersHNSW(sel=selector, efSearch=ef)
@@ -115,7 +118,8 @@ def search_allowed(
             how = FilteredSearch("graph, then exact", n_allowed, ef)
     ivf = faiss.try_extract_index_ivf(index) if flat is None and not graph else None
     if ivf is not None:
-        scores, rows, how = _search_ivf(vector_index, ivf, query, k, selector, n_allowed, few)
+        base = int(vector_index.effort(query_class).get("nprobe", ivf.nprobe))
+        scores, rows, how = _search_ivf(vector_index, ivf, query, k, selector, n_allowed, few, base)
     if rows is None:
         searched = flat if flat is not None else index
         scores, rows = searched.search(query, k, params=faiss.SearchParameters(sel=selector))
@@ -125,15 +129,15 @@ def search_allowed(
     return scores[0][found].astype(np.float32), photo_idx.astype(np.int64), how
 
 
-def _search_ivf(vector_index, ivf, query, k, selector, n_allowed: int, few: bool):
-    """An inverted file searched with the selector: ``nprobe`` raised by the allowed share, or
-    every list (the exact scan of the allowed rows) when few are allowed or too few were found.
+def _search_ivf(vector_index, ivf, query, k, selector, n_allowed: int, few: bool, base: int):
+    """An inverted file searched with the selector: ``nprobe`` (``base`` unfiltered) raised by
+    the allowed share, or every list (the exact scan of the allowed rows) when few are allowed
+    or too few were found.
     """
     import faiss
 
     nlist = int(ivf.nlist)
     if not few:
-        base = int(vector_index.params.get("nprobe", ivf.nprobe))
         share = n_allowed / vector_index.ntotal
         nprobe = min(nlist, max(base, math.ceil(base / share)))
         params = faiss.SearchParametersIVF(sel=selector, nprobe=nprobe)

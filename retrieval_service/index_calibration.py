@@ -76,10 +76,13 @@ class _Truth:
         self.truth = {name: exact.search(q, k)[1] for name, q in self.families.items()}
         self.k = k
 
-    def recalls(self, index) -> dict[str, float]:
-        """recall@k of ``index`` (a FAISS index, at its current settings) per family."""
+    def recalls(self, index, names=None) -> dict[str, float]:
+        """recall@k of ``index`` (a FAISS index, at its current settings) per family (those
+        in ``names``; None: every one)."""
         figures = {}
         for name, queries in self.families.items():
+            if names is not None and name not in names:
+                continue
             _, found = index.search(queries, self.k)
             truth = self.truth[name]
             hits = np.sum(shared_rows(found, truth))
@@ -94,8 +97,10 @@ def calibrate(
     target: float = TARGET_RECALL,
     k: int = 10,
     seed: int = 0,
+    classes: dict[str, tuple[str, ...]] | None = None,
 ) -> dict:
-    """Set the index's search effort to the smallest value reaching ``target`` on every family.
+    """Set the index's search effort to the smallest value reaching ``target`` on every family,
+    and each query class's to the smallest reaching it on that class's families.
 
     Parameters
     ----------
@@ -113,6 +118,13 @@ def calibrate(
         Cut-off.
     seed:
         Seed of the halving.
+    classes:
+        Query classes served with an effort of their own (see
+        :func:`~retrieval_service.vector_index.query_class`) and the families that stand for
+        each (``{"one word": ("single keyword",), ...}``). Each class gets the first value
+        of the ladder at which its families reach ``target`` (set with
+        :meth:`~retrieval_service.vector_index.VectorIndex.set_query_params`): a class of
+        easier queries searches less of the index. None: one value for every query.
 
     Returns
     -------
@@ -120,7 +132,10 @@ def calibrate(
         ``parameter`` (``"efSearch"``, ``"nprobe"``, or None for an exact index), ``value``,
         ``recall`` (the lowest family's, on the tuning halves) at it, ``target``, ``reached``,
         ``queries`` (per family and half), ``tried`` (each value with its recall per family),
-        and ``unseen_recall`` / ``unseen_by_family``: the chosen value on the other halves.
+        and ``unseen_recall`` / ``unseen_by_family``: the chosen value on the other halves;
+        with ``classes``, ``by_query``: each class's ``value``, ``recall`` (tuning halves) and
+        ``unseen_by_family`` (its families' other halves at its value), and ``unseen_recall``
+        is then the lowest of those, the recall the index serves.
     """
     tuning, unseen = split_families(families, seed)
     parameter, steps = _parameter(vector_index)
@@ -148,15 +163,38 @@ def calibrate(
         # Short of the target: the best recall, and of equal ones the cheapest.
         chosen = tried[-1] if reached else max(tried, key=lambda t: (t["recall"], -t["value"]))
         value, recall = chosen["value"], chosen["recall"]
+    by_query = {}
+    if parameter is not None and tried:
+        setting = {"efSearch": "ef_search", "nprobe": "nprobe"}[parameter]
+        for name, members in (classes or {}).items():
+            present = [f for f in members if f in tuned.families]
+            if not present:
+                continue
+            first = next((t for t in tried if min(t[f] for f in present) >= target), None)
+            # Short of the target: the value chosen for every query.
+            entry = first or next(t for t in tried if t["value"] == value)
+            vector_index.set_params(**{setting: entry["value"]})
+            by_query[name] = {
+                "value": entry["value"],
+                "recall": min(entry[f] for f in present),
+                "unseen_by_family": measured.recalls(vector_index.index, present),
+            }
         vector_index.set_params(**{setting: value})
+        vector_index.set_query_params(
+            {name: {parameter: figures["value"]} for name, figures in by_query.items()}
+        )
     unseen_by_family = measured.recalls(vector_index.index)
+    served = [r for c in by_query.values() for r in c["unseen_by_family"].values()]
+    if not served:
+        served = list(unseen_by_family.values())
     record.update(
         value=value,
         recall=recall,
         reached=reached,
         tried=tried,
-        unseen_recall=min(unseen_by_family.values()) if unseen_by_family else None,
+        unseen_recall=min(served) if served else None,
         unseen_by_family=unseen_by_family,
+        **({"by_query": by_query} if by_query else {}),
         seconds=round(time.perf_counter() - started, 2),
     )
     return record

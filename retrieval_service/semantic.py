@@ -16,6 +16,7 @@ from imgsearch.fusion import FusionSpec, fuse, source_depth
 from retrieval_service.batching import DEFAULT_MAX_BATCH, DEFAULT_MAX_WAIT_MS, MicroBatcher
 from retrieval_service.filtered_search import search_allowed
 from retrieval_service.retrievers import RetrievalResult, Retriever
+from retrieval_service.vector_index import query_class
 
 SERVING_THREADS = 1
 # Extra neighbours a CLIP search fetches so that ties at the cut are broken in photo order.
@@ -210,13 +211,14 @@ class ClipRetriever(Retriever):
         # A few more than asked: which of several photos with equal scores FAISS keeps at the
         # cut depends on the index's other rows; the sort below then cuts in photo order.
         fetch = candidates_k + TIE_MARGIN
+        effort = query_class(query)  # one-word queries may search more of the index
         if allowed is None:
-            scores, photo_idx = self.vector_index.search(query_embedding[None, :], fetch)
+            scores, photo_idx = self.vector_index.search(query_embedding[None, :], fetch, effort)
             found = photo_idx[0] >= 0
             scores, photo_idx = scores[0][found], photo_idx[0][found]
         else:
             scores, photo_idx, _ = search_allowed(
-                self.vector_index, query_embedding, fetch, allowed
+                self.vector_index, query_embedding, fetch, allowed, effort
             )
         # Equal scores in photo order, as every retriever orders its list: a merge of shards
         # then reproduces this list exactly.

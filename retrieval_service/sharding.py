@@ -120,7 +120,7 @@ def write_shards(set_dir: str | Path, count: int, log=None) -> dict:
     if (set_dir / artifacts.VECTOR_INDEX).exists():
         photo_idx, embeddings = load_embeddings(set_dir / artifacts.EMBEDDINGS)
         whole = VectorIndex.load(set_dir / artifacts.VECTOR_INDEX, row_to_photo_idx=photo_idx)
-        vectors = (photo_idx, embeddings, whole.factory, whole.params)
+        vectors = (photo_idx, embeddings, whole.factory, whole.params, whole.params_by_query)
     layout: dict = {
         "count": count,
         "assignment": BY_ID,
@@ -135,16 +135,18 @@ def write_shards(set_dir: str | Path, count: int, log=None) -> dict:
             folder.mkdir(parents=True)
             keyword_index.shard(assignment == shard).save(folder / artifacts.KEYWORD_INDEX)
             if vectors is not None:
-                photo_idx, embeddings, factory, params = vectors
+                photo_idx, embeddings, factory, params, by_query = vectors
                 rows = assignment[photo_idx] == shard
-                # The whole index's search parameters, where it has them.
+                # The whole index's search parameters, where it has them, per query class too.
                 searched = {"ef_search": params.get("efSearch"), "nprobe": params.get("nprobe")}
-                VectorIndex.build(
+                part = VectorIndex.build(
                     embeddings[rows],
                     photo_idx[rows],
                     factory=shard_factory(factory, int(np.count_nonzero(rows))),
                     **{name: value for name, value in searched.items() if value is not None},
-                ).save(folder / artifacts.VECTOR_INDEX)
+                )
+                part.set_query_params(by_query)
+                part.save(folder / artifacts.VECTOR_INDEX)
             if log is not None:
                 log(f"shard {shard + 1}/{count}: {layout['photos'][shard]:,} photos")
         (staging / LAYOUT).write_text(json.dumps(layout, indent=2))

@@ -31,6 +31,20 @@ EF_CONSTRUCTION = 200
 DEFAULT_NPROBE = 16
 
 
+# Query classes that may each have a search effort of their own, calibrated at build
+# (index_calibration): one-word queries, whose exact top 10 are a few of the many photos of one
+# colour or scene, all about as near (the hardest for an approximate index: on 1,000,000 demo
+# photos IVF4096 needed nprobe 512 for them), and queries of several words, which reach the same
+# recall searching far fewer lists.
+ONE_WORD = "one word"
+SEVERAL_WORDS = "several words"
+
+
+def query_class(query: str) -> str:
+    """The search-effort class of a normalised query: :data:`ONE_WORD` or :data:`SEVERAL_WORDS`."""
+    return SEVERAL_WORDS if " " in query.strip() else ONE_WORD
+
+
 # Training vectors per IVF list (FAISS warns below 39) and the sample's floor.
 IVF_TRAIN_PER_LIST = 40
 IVF_TRAIN_SAMPLE = 100_000
@@ -119,13 +133,19 @@ class VectorIndex:
     factory:
         The FAISS factory string it was built from.
     params:
-        Search parameters applied (``efSearch`` for HNSW, ``nprobe`` for IVF).
+        Search parameters applied (``efSearch`` for HNSW, ``nprobe`` for IVF): what a search
+        of no query class, or of a class without parameters of its own, gets.
+    params_by_query:
+        Search parameters per query class (:func:`query_class`), where the build calibrated
+        them apart (:meth:`set_query_params`).
     """
 
     index: object
     row_to_photo_idx: np.ndarray
     factory: str = "Flat"
     params: dict = field(default_factory=dict)
+    params_by_query: dict = field(default_factory=dict)
+    _search_params: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def ntotal(self) -> int:
@@ -207,8 +227,37 @@ class VectorIndex:
             space.set_index_parameter(self.index, name, value)
         self.params.update(params)
 
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Top ``k`` photos per query.
+    def set_query_params(self, by_query: dict[str, dict]) -> None:
+        """Search parameters per query class (``{"one word": {"nprobe": 512}, ...}``, names as
+        in :attr:`params`), applied by :meth:`search` to a query of that class.
+
+        Only an index that is itself an inverted file or an HNSW graph takes them (FAISS
+        passes them to such an index's search); any other keeps :attr:`params` for every query.
+        """
+        import faiss
+
+        self.params_by_query = {
+            name: {key: int(value) for key, value in params.items()}
+            for name, params in by_query.items()
+        }
+        self._search_params = {}
+        for name, params in self.params_by_query.items():
+            if "nprobe" in params and isinstance(self.index, faiss.IndexIVF):
+                self._search_params[name] = faiss.SearchParametersIVF(nprobe=params["nprobe"])
+            elif "efSearch" in params and isinstance(self.index, faiss.IndexHNSW):
+                self._search_params[name] = faiss.SearchParametersHNSW(efSearch=params["efSearch"])
+
+    def effort(self, query_class: str | None = None) -> dict:
+        """The search parameters a query of ``query_class`` gets (None: :attr:`params`)."""
+        if query_class is not None and query_class in self._search_params:
+            return self.params_by_query[query_class]
+        return self.params
+
+    def search(
+        self, queries: np.ndarray, k: int, query_class: str | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Top ``k`` photos per query, searched with the effort of ``query_class`` (None:
+        :attr:`params`; see :meth:`set_query_params`).
 
         Returns
         -------
@@ -223,7 +272,11 @@ class VectorIndex:
         if k == 0:
             empty = np.zeros((len(queries), 0))
             return empty.astype(np.float32), empty.astype(np.int64)
-        scores, rows = self.index.search(queries, k)
+        params = self._search_params.get(query_class) if query_class is not None else None
+        if params is None:
+            scores, rows = self.index.search(queries, k)
+        else:
+            scores, rows = self.index.search(queries, k, params=params)
         photo_idx = np.where(rows >= 0, self.row_to_photo_idx[np.maximum(rows, 0)], -1)
         return scores.astype(np.float32), photo_idx.astype(np.int64)
 
@@ -252,6 +305,7 @@ class VectorIndex:
             "dim": self.dim,
             "ntotal": self.ntotal,
             "params": self.params,
+            **({"params_by_query": self.params_by_query} if self.params_by_query else {}),
             **extra,
         }
         if "row_map" not in meta:
@@ -296,6 +350,7 @@ class VectorIndex:
         vector_index = cls(index, row_to_photo_idx, meta.get("factory", "unknown"))
         params = meta.get("params", {})
         vector_index.set_params(ef_search=params.get("efSearch"), nprobe=params.get("nprobe"))
+        vector_index.set_query_params(meta.get("params_by_query", {}))
         return vector_index
 
 

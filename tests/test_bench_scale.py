@@ -93,13 +93,15 @@ def test_the_calibrated_search_effort_and_its_recall_are_rows_not_extrapolated()
 
     def size(photos: int, ef_search: int, recall: float) -> dict:
         index = {"recall@10_vs_exact": recall}
-        index["calibration"] = {"parameter": "efSearch", "value": ef_search}
+        by_query = {"one word": {"value": ef_search}, "several words": {"value": ef_search // 8}}
+        index["calibration"] = {"parameter": "efSearch", "value": ef_search, "by_query": by_query}
         build = {"kept": True, "steps": [], "rankers": {}, "bytes": {}, "vector_index": index}
         return {"photos": photos, "demo_data": {"kept": True}, "build": build, "serving": {}}
 
     report = {"sizes": [size(100_000, 2048, 0.951), size(1_000_000, 8192, 0.96)]}
     table = rows(report)
     assert table["vector index efSearch (calibrated)"] == [2048, 8192]
+    assert table["vector index efSearch, several words queries (calibrated)"] == [256, 1024]
     assert table["vector index recall@10 vs exact"] == [0.951, 0.96]
     for name in table:
         assert extrapolated(name, [100_000, 1_000_000], table[name]) == ("", "")

@@ -491,14 +491,24 @@ def test_an_approximate_index_is_built_with_the_search_effort_calibrated_on_held
     calibration = figures["vector_index"]["calibration"]
     steps = EF_SEARCH_STEPS if parameter == "efSearch" else NPROBE_STEPS
     assert calibration["parameter"] == parameter and calibration["value"] in steps
-    assert set(calibration["queries"]) == {"keyword", "single keyword", "held-out"}
-    assert calibration["queries"]["keyword"] == 4  # half of the 8 keywords; the others measure
-    assert calibration["queries"]["single keyword"] == 4  # all 8 are one word
-    assert set(calibration["unseen_by_family"]) == {"keyword", "single keyword", "held-out"}
+    assert set(calibration["queries"]) == {"single keyword", "multi-word keyword", "held-out"}
+    # Half of the 8 keywords tune, the others measure; all 8 are one word.
+    assert calibration["queries"]["single keyword"] == 4
+    assert calibration["queries"]["multi-word keyword"] == 0
+    assert set(calibration["unseen_by_family"]) == {"single keyword", "held-out"}
     assert calibration["reached"] == (calibration["recall"] >= TARGET_RECALL)
     assert figures["vector_index"]["params"] == {parameter: calibration["value"]}
+    # One-word queries and the others (the held-out ones stand for them) each get their own.
+    by_query = calibration["by_query"]
+    assert set(by_query) == {"one word", "several words"}
+    assert set(by_query["several words"]["unseen_by_family"]) == {"held-out"}
+    assert figures["vector_index"]["params_by_query"] == {
+        name: {parameter: chosen["value"]} for name, chosen in by_query.items()
+    }
+    assert all(chosen["value"] <= calibration["value"] for chosen in by_query.values())
     photo_idx, _ = load_embeddings(tmp_path / EMBEDDINGS)
     served = VectorIndex.load(tmp_path / VECTOR_INDEX, row_to_photo_idx=photo_idx)
+    assert served.params_by_query == figures["vector_index"]["params_by_query"]
     if parameter == "efSearch":
         assert served.index.hnsw.efSearch == calibration["value"]
     else:

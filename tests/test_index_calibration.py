@@ -111,3 +111,46 @@ def test_hnsw_is_built_with_the_given_ef_construction(vectors):
     )
     built = VectorIndex.build(vectors[:300], factory="HNSW16", ef_construction=24)
     assert built.index.hnsw.efConstruction == 24
+
+
+def test_each_query_class_gets_the_effort_its_own_families_need_and_keeps_it_when_loaded(
+    tmp_path, vectors, queries
+):
+    # Queries among the vectors find their neighbours in the first lists probed; queries far
+    # from every vector need many more. Served as one value, the easy class would pay the
+    # hard one's nprobe.
+    ivf = VectorIndex.build(vectors, factory="IVF64,Flat", nprobe=1)
+    rng = np.random.default_rng(5)
+    near = vectors[rng.choice(len(vectors), 200, replace=False)]
+    near = near + 0.05 * rng.standard_normal(near.shape).astype(np.float32)
+    near /= np.linalg.norm(near, axis=1, keepdims=True)
+    classes = {"hard": ("far",), "easy": ("near",)}
+    record = calibrate(ivf, vectors, {"far": queries, "near": near}, target=0.97, classes=classes)
+    by_query = record["by_query"]
+    assert by_query["easy"]["value"] < by_query["hard"]["value"] == record["value"]
+    for name, figures in by_query.items():
+        first = next(t for t in record["tried"] if t[classes[name][0]] >= 0.97)
+        assert figures["value"] == first["value"]
+        assert ivf.params_by_query[name] == {"nprobe": figures["value"]}
+    # The served recall is each class's own, on the halves it did not tune on.
+    tuning, unseen = split_families({"far": queries, "near": near})
+    exact = exact_index(vectors)
+    served = []
+    for name, (family,) in classes.items():
+        single = VectorIndex.build(vectors, factory="IVF64,Flat", nprobe=1)
+        single.index = faiss.clone_index(ivf.index)
+        single.set_params(nprobe=by_query[name]["value"])
+        recall = recall_at_k(single, exact, unseen[family])
+        assert by_query[name]["unseen_by_family"] == {family: pytest.approx(recall, abs=1e-4)}
+        served.append(recall)
+        # A search of the class probes the class's lists: its answer is that index's.
+        for query in unseen[family][:20]:
+            assert np.array_equal(ivf.search(query, 10, name)[1], single.search(query, 10)[1])
+    assert record["unseen_recall"] == pytest.approx(min(served), abs=1e-4)
+    # Unclassed searches keep the index's own value; the classes survive a save and a load.
+    assert ivf.index.nprobe == record["value"] and ivf.effort(None) == ivf.params
+    ivf.save(tmp_path / "v.faiss")
+    loaded = VectorIndex.load(tmp_path / "v.faiss")
+    assert loaded.params_by_query == ivf.params_by_query
+    assert loaded.effort("easy") == {"nprobe": by_query["easy"]["value"]}
+    assert loaded.effort("unknown class") == loaded.params == {"nprobe": record["value"]}

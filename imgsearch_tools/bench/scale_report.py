@@ -55,6 +55,9 @@ def rows(report: dict) -> dict[str, list]:
         calibration = index.get("calibration") or {}
         if calibration.get("parameter"):
             put(f"vector index {calibration['parameter']} (calibrated)", i, calibration["value"])
+            for name, chosen in (calibration.get("by_query") or {}).items():
+                label = f"vector index {calibration['parameter']}, {name} queries (calibrated)"
+                put(label, i, chosen["value"])
         if index.get("recall@10_vs_exact") is not None:
             put("vector index recall@10 vs exact", i, index["recall@10_vs_exact"])
         for name, n_bytes in build["bytes"].items():

@@ -55,7 +55,9 @@ def sharded_recall(artifact_set, queries: dict[str, list[str]], k: int = 10) -> 
     -------
     dict
         ``k``, ``queries`` (per family), ``whole`` and, when the set is sharded, ``shards``:
-        each ``{"recall": lowest family's, "by_family": {...}, "params": ...}``; ``seconds``.
+        each ``{"recall": lowest family's, "by_family": {...}, "params": ...}`` (and
+        ``params_by_query`` where query classes search with efforts of their own);
+        ``seconds``.
     """
     from imgsearch.artifacts import EMBEDDINGS, VECTOR_INDEX
     from imgsearch.fusion import merge_shards
@@ -86,14 +88,15 @@ def sharded_recall(artifact_set, queries: dict[str, list[str]], k: int = 10) -> 
                 merged = merge_shards(answers, k)
                 hits["shards"][family] += len(truth & set(merged.photo_idx.tolist()))
 
-    def figures(layout_hits: dict[str, int], params: dict) -> dict:
+    def figures(layout_hits: dict[str, int], index) -> dict:
         by_family = {
             family: round(n / max(1, k * len(queries[family])), 4)
             for family, n in layout_hits.items()
             if queries[family]
         }
         recall = min(by_family.values(), default=None)
-        return {"recall": recall, "by_family": by_family, "params": params}
+        by_query = {"params_by_query": index.params_by_query} if index.params_by_query else {}
+        return {"recall": recall, "by_family": by_family, "params": index.params, **by_query}
 
     record = {
         "k": k,
@@ -101,14 +104,14 @@ def sharded_recall(artifact_set, queries: dict[str, list[str]], k: int = 10) -> 
         "whole": {
             "factory": whole.vector_index.factory,
             "photos": whole.vector_index.ntotal,
-            **figures(hits["whole"], whole.vector_index.params),
+            **figures(hits["whole"], whole.vector_index),
         },
     }
     if shards:
         record["shards"] = {
             "count": len(shards),
             "photos": [s.vector_index.ntotal for s in shards],
-            **figures(hits["shards"], shards[0].vector_index.params),
+            **figures(hits["shards"], shards[0].vector_index),
         }
     record["seconds"] = round(time.perf_counter() - started, 1)
     return record
@@ -132,7 +135,9 @@ def format_recall(record: dict) -> str:
 
     whole = record["whole"]
     lines = [
-        f"{whole['factory']} over {whole['photos']:,} photos, {whole['params']}; queries "
+        f"{whole['factory']} over {whole['photos']:,} photos, {whole['params']}"
+        + (f" (by query class {whole['params_by_query']})" if "params_by_query" in whole else "")
+        + f"; queries "
         f"{record['queries']}, against exact search:",
         line("whole index", whole),
     ]
