@@ -105,12 +105,13 @@ def fuse(
     """
     weights = weights or tuple(1.0 for _ in names)
     mean_weight = sum(weights) / len(weights) if sum(weights) > 0 else 1.0
-    union = np.unique(np.concatenate([np.asarray(r.photo_idx, np.int64) for r in results]))
-    position = {int(p): i for i, p in enumerate(union.tolist())}
+    lists = [np.asarray(r.photo_idx, np.int64) for r in results]
+    # Each candidate's row in the union: the inverse of np.unique, cut per source.
+    union, rows_of = np.unique(np.concatenate(lists), return_inverse=True)
+    ends = np.cumsum([len(photos) for photos in lists])
     fused = np.zeros(len(union), np.float64)
     per_source = {}
-    for name, result, weight in zip(names, results, weights):
-        rows = np.fromiter((position[int(p)] for p in result.photo_idx), np.int64)
+    for name, result, weight, rows in zip(names, results, weights, np.split(rows_of, ends[:-1])):
         own = np.full(len(union), np.nan, np.float32)
         own[rows] = result.scores
         per_source[name] = own

@@ -2,12 +2,13 @@
 
 ``python -m imgsearch_tools.bench.profile --artifacts ROOT --out DIR`` starts retrieval,
 ranking and the gateway as ``imgsearch serve`` processes, drives keyword + ALS searches closed
-loop at 10 clients, and records each server with py-spy (a sampling profiler that reads the
-process from outside; it needs ptrace, and ``py-spy`` on PATH or ``--py-spy``). Samples are
-taken only while a thread runs Python (idle threads are not sampled), so a function's share
-of the samples is its share of the process's CPU (samples caught in the event loop's epoll
-wait are counted apart: a busy machine can make py-spy take a waiting thread for a running
-one). Writes ``DIR/<tier>.txt`` (py-spy's
+loop at 10 clients (``--retriever``, ``--ranker``, ``--qps`` for an open loop at a fixed rate,
+``--unique-share`` for queries no cache has seen), and records each server with py-spy (a
+sampling profiler that reads the process from outside; it needs ptrace, and ``py-spy`` on PATH
+or ``--py-spy``). Samples are taken only while a thread runs Python (idle threads are not
+sampled), so a function's share of the samples is its share of the process's CPU (samples
+caught in the event loop's epoll wait are counted apart: a busy machine can make py-spy take a
+waiting thread for a running one). Writes ``DIR/<tier>.txt`` (py-spy's
 collapsed stacks) and prints, per tier, the project's functions with the most samples anywhere
 on the stack (``total``: with what they call) and the functions most often found running.
 """
@@ -131,11 +132,13 @@ async def profile(args) -> int:
         await asyncio.to_thread(services.start_all)
         spec = bench.LoadSpec(
             target=services.address("gateway"),
-            concurrency=args.concurrency,
+            qps=args.qps,
+            concurrency=None if args.qps else args.concurrency,
             duration_s=args.duration + 2.0,
             warmup_s=2.0,
-            retriever="keyword",
-            ranker="als",
+            retriever=args.retriever,
+            ranker=args.ranker,
+            unique_share=args.unique_share,
             k=K,
             candidates_k=CANDIDATES_K,
         )
@@ -177,6 +180,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="var/profile", help="folder for the collapsed stacks")
     parser.add_argument("--duration", type=float, default=15.0, help="seconds recorded")
     parser.add_argument("--concurrency", type=int, default=10, help="closed-loop clients")
+    parser.add_argument("--qps", type=float, default=None, help="open loop at this rate instead")
+    parser.add_argument("--retriever", default="keyword", help="retriever named in every search")
+    parser.add_argument("--ranker", default="als", help="ranker named in every search")
+    parser.add_argument(
+        "--unique-share", type=float, default=0.0, help="share (0-1) of queries made unique"
+    )
     parser.add_argument("--rate", type=int, default=250, help="samples per second")
     parser.add_argument("--top", type=int, default=15, help="functions per table")
     parser.add_argument("--py-spy", default=None, help="py-spy binary (default: on PATH)")
