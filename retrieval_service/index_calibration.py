@@ -139,6 +139,7 @@ def calibrate(
     """
     tuning, unseen = split_families(families, seed)
     parameter, steps = _parameter(vector_index)
+    setting = {"efSearch": "ef_search", "nprobe": "nprobe"}.get(parameter)
     record = {
         "parameter": parameter,
         "target": target,
@@ -151,7 +152,6 @@ def calibrate(
     if parameter is None or not tuned.families:
         value, recall, reached, tried = None, (1.0 if parameter is None else None), None, []
     else:
-        setting = {"efSearch": "ef_search", "nprobe": "nprobe"}[parameter]
         tried = []
         for value in steps:
             vector_index.set_params(**{setting: value})
@@ -165,7 +165,6 @@ def calibrate(
         value, recall = chosen["value"], chosen["recall"]
     by_query = {}
     if parameter is not None and tried:
-        setting = {"efSearch": "ef_search", "nprobe": "nprobe"}[parameter]
         for name, members in (classes or {}).items():
             present = [f for f in members if f in tuned.families]
             if not present:
