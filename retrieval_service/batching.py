@@ -15,6 +15,12 @@ from imgsearch.admission import QUEUE_WAIT, SHED, DeadlineExpired
 
 DEFAULT_MAX_BATCH = 16
 DEFAULT_MAX_WAIT_MS = 2.0
+# An encoder that encodes one text in at most this much CPU (its recent average) is cheap: a
+# text that finds the batcher idle is then better encoded by its caller's own job than handed
+# to the encoder thread, which costs two thread hand-offs and up to max_wait_ms of waiting for
+# texts that are not coming (tiny CLIP: about 0.6 ms; a ViT-B-32 text tower: several ms).
+INLINE_MAX_CPU_MS = 2.0
+_SMOOTHING = 0.1  # weight of the newest one-text encoding in the running average
 
 
 @dataclass
@@ -33,6 +39,10 @@ class MicroBatcher:
     load batches grow by themselves and the wait is only paid when the encoder is idle (light
     load: at most ``max_wait_ms`` added). Encoding runs on one dedicated thread, so the event
     loop keeps serving, and one batch at a time takes the encoder's core.
+
+    A cheap encoder (:data:`INLINE_MAX_CPU_MS`) is not batched while the batcher is idle:
+    :meth:`inline` says so, and the caller encodes the text in its own job with
+    :meth:`encode_now`.
 
     Each text may carry a deadline; texts whose deadline has passed when their batch is formed
     are dropped with :class:`DeadlineExpired` instead of being encoded for a caller who is
@@ -54,6 +64,9 @@ class MicroBatcher:
         The service's name in those metrics.
     queue:
         The queue's name in ``imgsearch_queue_wait_seconds``.
+    inline_max_cpu_ms:
+        The CPU an encoding of one text may take on average for the encoder to count as
+        cheap (:meth:`inline`).
     """
 
     def __init__(
@@ -63,6 +76,7 @@ class MicroBatcher:
         max_wait_ms: float = DEFAULT_MAX_WAIT_MS,
         service: str = "retrieval",
         queue: str = "encoder",
+        inline_max_cpu_ms: float = INLINE_MAX_CPU_MS,
     ):
         if max_batch < 1:
             raise ValueError(f"max_batch must be at least 1, got {max_batch}")
@@ -72,6 +86,7 @@ class MicroBatcher:
         self.max_batch = int(max_batch)
         self.max_wait = float(max_wait_ms) / 1000.0
         self.queue = queue
+        self.inline_max_cpu_ms = float(inline_max_cpu_ms)
         self._queue: deque[_Pending] = deque()
         self._arrived: asyncio.Event | None = None
         self._worker: asyncio.Task | None = None
@@ -83,6 +98,29 @@ class MicroBatcher:
         self.encoded = 0
         self.expired = 0
         self.largest_batch = 0
+        self.inlined = 0
+        self.one_text_cpu_ms: float | None = None  # running average of one-text encodings
+
+    def encode_now(self, texts: list[str]) -> np.ndarray:
+        """``encode(texts)`` on the calling thread, timed in its CPU when it is one text."""
+        started = time.thread_time()
+        embeddings = self.encode(texts)
+        if len(texts) == 1:
+            cpu_ms = 1000.0 * (time.thread_time() - started)
+            last = self.one_text_cpu_ms
+            self.one_text_cpu_ms = cpu_ms if last is None else last + _SMOOTHING * (cpu_ms - last)
+        return embeddings
+
+    def inline(self) -> bool:
+        """Whether a text is better encoded now by its caller (:meth:`encode_now`, counted
+        in ``inlined``) than submitted: the encoder is cheap and no batch is waiting or
+        running. Unknown until a text was encoded alone."""
+        average = self.one_text_cpu_ms
+        cheap = average is not None and average <= self.inline_max_cpu_ms
+        if cheap and not self._queue and (self._worker is None or self._worker.done()):
+            self.inlined += 1
+            return True
+        return False
 
     async def submit(self, text: str, deadline: float | None = None) -> np.ndarray:
         """Encode ``text`` in the next batch and return its embedding row.
@@ -127,7 +165,7 @@ class MicroBatcher:
                 continue
             texts = list(dict.fromkeys(item.text for item in batch))
             try:
-                embeddings = await loop.run_in_executor(self._executor, self.encode, texts)
+                embeddings = await loop.run_in_executor(self._executor, self.encode_now, texts)
             except Exception as exc:  # noqa: BLE001 - every waiter of the batch gets the error
                 for item in batch:
                     if not item.future.done():

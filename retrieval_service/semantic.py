@@ -169,13 +169,20 @@ class ClipRetriever(Retriever):
         """The query's L2-normalised embedding ``(d,)``, encoded here on a miss."""
         embedding = self.cached_embedding(query)
         if embedding is None:
-            embedding = np.asarray(self.text_encoder.encode_text([query])[0], dtype=np.float32)
+            embedding = np.asarray(self.batcher.encode_now([query])[0], dtype=np.float32)
             embedding.setflags(write=False)
             self.remember(query, embedding)
         return embedding
 
-    async def embed_query_async(self, query: str, deadline: float | None = None) -> np.ndarray:
+    async def embed_query_async(
+        self, query: str, deadline: float | None = None, inline: bool = False
+    ) -> np.ndarray | None:
         """:meth:`embed_query` for the event loop: a miss waits for the next micro-batch.
+
+        With ``inline``, a miss the batcher would encode alone (a cheap encoder, idle:
+        :meth:`~retrieval_service.batching.MicroBatcher.inline`) returns None instead: the
+        caller's job off the event loop encodes it (:meth:`embed_query`, as :meth:`retrieve`
+        does when given no embedding).
 
         Raises
         ------
@@ -184,6 +191,8 @@ class ClipRetriever(Retriever):
         """
         embedding = self.cached_embedding(query)
         if embedding is None:
+            if inline and self.batcher.inline():
+                return None
             embedding = await self.batcher.submit(query, deadline)
             self.remember(query, embedding)
         return embedding

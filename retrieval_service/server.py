@@ -313,7 +313,9 @@ class RetrievalServicer(pb_grpc.RetrievalServiceServicer):
             # the keyword side) then runs off the event loop.
             embedding = given_embedding(request, state, clip)
             if embedding is None:
-                embedding = await clip.embed_query_async(query, deadline)
+                # None: a cheap encoder, idle, leaves the encoding to the search's job below.
+                inline = not request.return_query_embedding
+                embedding = await clip.embed_query_async(query, deadline, inline=inline)
             hybrid = isinstance(retriever, HybridRetriever)
             uncut = {"uncut": True} if request.source_lists and hybrid else {}
             retrieve = functools.partial(

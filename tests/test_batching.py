@@ -119,3 +119,26 @@ def test_settings_are_checked():
         MicroBatcher(lambda texts: texts, max_batch=0)
     with pytest.raises(ValueError, match="max_wait_ms"):
         MicroBatcher(lambda texts: texts, max_wait_ms=-1)
+
+
+def test_a_cheap_encoder_leaves_a_lone_text_to_its_caller_while_the_batcher_is_idle(recording):
+    async def scenario(batcher):
+        seen = [batcher.inline()]  # unknown cost: never before one text was encoded alone
+        await batcher.submit("red circle")
+        seen.append(batcher.inline())  # idle, and the encoding was cheap enough
+        waiting = asyncio.ensure_future(batcher.submit("blue star"))
+        await asyncio.sleep(0)
+        seen.append(batcher.inline())  # a batch is forming: the text joins it instead
+        await waiting
+        return seen
+
+    cheap = MicroBatcher(recording.encode_text, max_wait_ms=20, inline_max_cpu_ms=float("inf"))
+    assert asyncio.run(scenario(cheap)) == [False, True, False]
+    assert cheap.inlined == 1 and cheap.one_text_cpu_ms > 0
+    row = cheap.encode_now(["green"])[0]  # what the caller then runs in its own job
+    np.testing.assert_allclose(row, recording.encoder.encode_text(["green"])[0], atol=1e-5)
+    cheap.close()
+    # An encoder dearer than the limit is always batched.
+    dear = MicroBatcher(recording.encode_text, max_wait_ms=20, inline_max_cpu_ms=0.0)
+    assert asyncio.run(scenario(dear)) == [False, False, False] and dear.inlined == 0
+    dear.close()

@@ -208,6 +208,28 @@ def test_concurrent_misses_are_encoded_in_one_batch(clip_parts):
     retriever.batcher.close()
 
 
+def test_a_cheap_encoder_idle_leaves_the_miss_to_the_search_job_with_the_same_answer(
+    clip_parts,
+):
+    import asyncio
+
+    encoder, index, rows = clip_parts
+    retriever = ClipRetriever(encoder, index, rows, max_wait_ms=20)
+    batched = asyncio.run(retriever.embed_query_async("red", inline=True))
+    assert batched is not None and retriever.batcher.batches == 1  # its cost not known yet
+    # Now known to be cheap, with no batch forming: the caller's job encodes "blue".
+    assert asyncio.run(retriever.embed_query_async("blue", inline=True)) is None
+    assert retriever.batcher.inlined == 1 and encoder.calls == 1
+    inline = retriever.retrieve("blue", 2)  # encodes it, as the server's search job does
+    assert encoder.calls == 2 and retriever.batcher.batches == 1
+    np.testing.assert_array_equal(retriever.embed_query("blue"), encoder.table["blue"])
+    assert inline.photo_idx.tolist() == [101, 103]
+    # Without inline (the server asked for the embedding back) a miss is still batched.
+    assert asyncio.run(retriever.embed_query_async("green")) is not None
+    assert retriever.batcher.batches == 2
+    retriever.batcher.close()
+
+
 def test_weighted_rrf_leans_toward_the_heavier_source(sources):
     keyword, clip = sources
     equal = HybridRetriever(keyword, clip, weights=(0.5, 0.5)).retrieve("red", 10)
