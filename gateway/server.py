@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import MutableMapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from gateway.catalog import CatalogServicer
 from gateway.feedback import SERVICE_NAME as FEEDBACK_SERVICE_NAME
 from gateway.feedback import FeedbackServicer
 from gateway.merge import borda_merge
+from gateway.photos import PHOTO_COLUMNS, PhotoMetadata
 from gateway.shards import RetrievalTier
 from gateway.validation import validate
 from imgsearch import artifacts
@@ -43,7 +45,6 @@ from imgsearch.serving import (
 )
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["SearchService"].full_name
-KEYWORDS_PER_PHOTO = 8
 # Downstream failures that degrade a search to retrieval order instead of failing it.
 DEGRADABLE = {
     grpc.StatusCode.UNAVAILABLE,
@@ -77,32 +78,22 @@ class GatewayState:
 
     version: str
     path: Path
-    photos: dict[str, pb.Photo]
+    photos: MutableMapping[str, pb.Photo]  # PhotoMetadata (or a plain dict)
     models: list[str] = field(default_factory=list)
 
 
 def load_gateway_state(artifacts_path: str) -> GatewayState:
-    """Read photo metadata and top keywords, prebuilt as protobuf messages."""
+    """Read photo metadata and top keywords (:class:`~gateway.photos.PhotoMetadata`)."""
     import pandas as pd
 
     artifact_set = artifacts.resolve(artifacts_path)
     catalogue_dir = artifact_set.file(artifacts.CATALOGUE_DIR)
-    photos = pd.read_parquet(catalogue_dir / "photos.parquet")
-    keywords = pd.read_parquet(catalogue_dir / "keywords.parquet")
-    keywords = keywords.sort_values(["photo_idx", "confidence"], ascending=[True, False])
-    top = keywords.groupby("photo_idx", sort=False).head(KEYWORDS_PER_PHOTO)
-    by_photo = top.groupby("photo_idx")["keyword"].agg(list).to_dict()
-    messages = {}
-    for row in photos.itertuples(index=False):
-        messages[row.photo_id] = pb.Photo(
-            photo_id=row.photo_id,
-            url=row.photo_image_url,
-            description=row.photo_description,
-            ai_description=row.ai_description,
-            photographer_username=row.photographer_username,
-            keywords=by_photo.get(row.photo_idx, []),
-        )
-    return GatewayState(artifact_set.version, artifact_set.path, messages, ["metadata"])
+    photos = pd.read_parquet(catalogue_dir / "photos.parquet", columns=PHOTO_COLUMNS)
+    keywords = pd.read_parquet(
+        catalogue_dir / "keywords.parquet", columns=["photo_idx", "keyword", "confidence"]
+    )
+    metadata = PhotoMetadata(photos, keywords)
+    return GatewayState(artifact_set.version, artifact_set.path, metadata, ["metadata"])
 
 
 def unavailable(exc: grpc.aio.AioRpcError) -> str:
