@@ -111,7 +111,12 @@ def load_ranking_state(artifacts_path: str, default_ranker: str = "") -> Ranking
     artifact_set = artifacts.resolve(artifacts_path)
     catalogue = Catalogue.load(artifact_set.file(artifacts.CATALOGUE_DIR))
     embeddings = None
-    if artifact_set.has(artifacts.EMBEDDINGS):
+    # Read only for a ranker that scores with image embeddings or may (at a million photos
+    # they are 512 MB of the server's memory).
+    wanted = (ranker_class(name) for name in artifact_set.rankers)
+    if artifact_set.has(artifacts.EMBEDDINGS) and any(
+        cls.uses_embeddings or cls.accepts_embeddings for cls in wanted
+    ):
         embeddings = ImageEmbeddings.load(artifact_set.file(artifacts.EMBEDDINGS))
     rankers: dict[str, Ranker] = {}
     unloaded: dict[str, str] = {}

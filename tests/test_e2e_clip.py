@@ -201,3 +201,32 @@ def test_a_clip_profile_saved_as_mean_profiles_is_skipped_not_fatal(
         assert "not loaded" in error.value.details() and "retrain" in error.value.details()
     finally:
         loop_thread.run(server.stop(0))
+
+
+def test_the_image_embeddings_are_read_only_for_rankers_that_use_them(
+    clip_set, tmp_path, monkeypatch
+):
+    import json
+    import shutil
+
+    from imgsearch import artifacts
+    from imgsearch.image_embeddings import ImageEmbeddings
+    from ranking_service.server import load_ranking_state
+
+    reads = []
+    load = ImageEmbeddings.load.__func__
+    monkeypatch.setattr(
+        ImageEmbeddings,
+        "load",
+        classmethod(lambda cls, path: reads.append(path) or load(cls, path)),
+    )
+    state = load_ranking_state(str(clip_set))  # clip_profile scores with them
+    assert "clip_profile" in state.rankers and len(reads) == 1
+    plain = tmp_path / "plain-set"
+    shutil.copytree(artifacts.resolve(clip_set).path, plain)
+    manifest = json.loads((plain / artifacts.MANIFEST).read_text())
+    manifest["rankers"].pop("clip_profile")
+    manifest["default_ranker"] = "popularity"
+    (plain / artifacts.MANIFEST).write_text(json.dumps(manifest))
+    state = load_ranking_state(str(plain))  # the same set without it: its embeddings unread
+    assert len(reads) == 1 and "clip_profile" not in state.rankers and "als" in state.rankers
