@@ -400,3 +400,6 @@ def test_bench_shards_without_load_checks_the_answers_only(artifact_root, tmp_pa
     one, two = json.loads((out / "shards.json").read_text())["layouts"]
     assert one["scenarios"] == two["scenarios"] == []
     assert two["exact"]["identical"] == two["exact"]["searches"] > 40
+    # One count per retriever checked (a keyword-only set: every search keyword).
+    assert two["exact"]["identical_by_retriever"] == {"keyword": two["exact"]["searches"]}
+    assert f"keyword {two['exact']['searches']} of" in (out / "shards.md").read_text()

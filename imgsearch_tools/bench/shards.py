@@ -128,10 +128,17 @@ async def measure_layout(
         layout = {"shards": count, "processes": services.names}
         if reference is not None:
             same = sum(found[key] == reference[key] for key in reference)
+            # Keyword answers are exact; an approximate CLIP index per shard is another
+            # approximation than the whole set's, so its answers are counted apart.
+            by_retriever = {
+                name: sum(found[key] == reference[key] for key in reference if key[0] == name)
+                for name in retrievers
+            }
             layout["exact"] = {
                 "identical": same,
                 "searches": len(reference),
                 "retrievers": retrievers,
+                "identical_by_retriever": by_retriever,
                 "degraded": sum(answer[0] for answer in found.values()),
             }
             say(f"{count} shard(s): {same} of {len(reference)} answers identical to unsharded")
@@ -196,6 +203,14 @@ def render(report: dict) -> str:
                 f"{report['unseen_queries']} unseen queries; top {CHECK_K}, ranker none) "
                 f"identical to the unsharded answers, ids and scores; {exact['degraded']} degraded."
             )
+            by_retriever = exact.get("identical_by_retriever", {})
+            if by_retriever:
+                per = exact["searches"] // len(by_retriever)
+                lines.append(
+                    "  By retriever: "
+                    + ", ".join(f"{name} {n} of {per}" for name, n in by_retriever.items())
+                    + "."
+                )
     return "\n".join(lines) + "\n"
 
 
