@@ -51,20 +51,15 @@ class PhotoMetadata(MutableMapping):
         # The text columns stay as read (Arrow buffers, not a Python string per photo).
         self._text = {field: photos[column].array for field, column in _TEXT_FIELDS.items()}
         # Each photo's best keywords by confidence, as one array cut per row.
-        row_of = np.full(int(photos["photo_idx"].max()) + 1 if len(photos) else 0, -1, np.int64)
-        row_of[photos["photo_idx"].to_numpy()] = np.arange(len(photos))
         top = keywords.sort_values(["photo_idx", "confidence"], ascending=[True, False])
         top = top.groupby("photo_idx", sort=False).head(KEYWORDS_PER_PHOTO)
-        idx = top["photo_idx"].to_numpy()
-        rows = np.full(len(idx), -1, np.int64)
-        inside = (idx >= 0) & (idx < len(row_of))
-        rows[inside] = row_of[idx[inside]]
+        rows = pd.Index(photos["photo_idx"]).get_indexer(top["photo_idx"])  # -1: no such photo
         kept = rows >= 0
         order = np.argsort(rows[kept], kind="stable")
         # Keywords as codes into the distinct ones (a catalogue has few), not a string each.
-        codes, self._vocabulary = pd.factorize(top["keyword"])
+        codes, vocabulary = pd.factorize(top["keyword"])
         self._words = codes[kept][order]
-        self._vocabulary = np.asarray(self._vocabulary, dtype=object)
+        self._vocabulary = np.asarray(vocabulary, dtype=object)
         counts = np.bincount(rows[kept], minlength=len(self._ids))
         self._starts = np.concatenate(([0], np.cumsum(counts)))
         self._changed: dict[str, pb.Photo | None] = {}
