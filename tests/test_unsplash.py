@@ -450,6 +450,27 @@ def test_save_load_round_trip_keeps_contract_dtypes(valid_dir: Path, tmp_path_fa
     assert_contract(Catalogue.load(saved))
 
 
+def test_loaded_text_columns_hold_one_string_object_per_distinct_value(
+    valid_dir: Path, tmp_path_factory
+) -> None:
+    # A parquet text column cast to object naively makes a str per row (gigabytes for 20M
+    # conversions); loaded, equal values are one shared object and the values are unchanged.
+    catalogue, _ = read(valid_dir)
+    saved = tmp_path_factory.mktemp("catalogue")
+    catalogue.save(saved)
+    loaded = Catalogue.load(saved)
+    for name in TABLES:
+        table = getattr(loaded, name)
+        raw = pd.read_parquet(saved / f"{name}.parquet")
+        for column, dtype in TABLES[name].items():
+            if dtype != "object" or column not in raw:
+                continue
+            values = table[column].tolist()
+            assert table[column].dtype == object
+            assert values == raw[column].astype(object).tolist(), (name, column)
+            assert len({id(value) for value in values}) == len(set(values)), (name, column)
+
+
 def test_contract_columns_are_the_catalogue_ones() -> None:
     # Guards the imports above: this module checks against the shared contracts, not copies.
     assert TABLES == {
