@@ -97,6 +97,28 @@ def test_test_queries_follow_the_protocol(catalogue):
     assert len(capped) == 20 and capped.n_pairs_total == len(queries)
 
 
+def test_excluded_pairs_are_left_out_before_the_draw(catalogue):
+    split = temporal_split(catalogue.conversions, 0.2)
+    every = build_test_queries(split, min_pair=1)
+    pairs = list(zip(every.user_idx.tolist(), every.keyword.tolist()))
+    excluded = set(pairs[::3])
+    kept = [i for i, pair in enumerate(pairs) if pair not in excluded]
+    drawn = build_test_queries(split, min_pair=1, max_queries=40, seed=2, exclude=excluded)
+    # The draw is over the pairs left, each built as it is without a draw or exclusion.
+    expected = sorted(np.random.default_rng(2).choice(kept, 40, replace=False))
+    assert list(zip(drawn.user_idx.tolist(), drawn.keyword.tolist())) == [
+        pairs[i] for i in expected
+    ]
+    for q, i in enumerate(expected):
+        assert drawn.relevant[q].tolist() == every.relevant[i].tolist()
+        assert drawn.counts[q].tolist() == every.counts[i].tolist()
+        assert drawn.recent[q].tolist() == every.recent[i].tolist()
+        assert drawn.country[q] == every.country[i]
+    assert drawn.n_pairs_total == len(every)
+    undrawn = build_test_queries(split, min_pair=1, exclude=excluded)
+    assert len(undrawn) == len(kept)
+
+
 def test_models_are_fitted_on_the_training_part_only(catalogue, monkeypatch):
     split = temporal_split(catalogue.conversions, 0.2)
     seen = {}

@@ -67,22 +67,12 @@ def slice_queries(
 ) -> TestQueries:
     """Every pair with a conversion in ``later`` whose user converted in ``before``, minus the
     ``tuned`` (user, keyword) pairs; a seeded draw of ``max_queries`` when there are more."""
-    every = build_test_queries(
-        Split(before.conversions, later, 0.0), min_pair=1, max_queries=None, seed=seed
-    )
-    keep = [
-        i for i in range(len(every)) if (int(every.user_idx[i]), str(every.keyword[i])) not in tuned
-    ]
-    if len(keep) > max_queries:
-        keep = sorted(np.random.default_rng(seed).choice(keep, max_queries, replace=False))
-    return TestQueries(
-        every.user_idx[keep],
-        every.keyword[keep],
-        [every.relevant[i] for i in keep],
-        [every.counts[i] for i in keep],
-        every.country[keep],
-        [every.recent[i] for i in keep],
-        len(every),
+    return build_test_queries(
+        Split(before.conversions, later, 0.0),
+        min_pair=1,
+        max_queries=max_queries,
+        seed=seed,
+        exclude=tuned,
     )
 
 

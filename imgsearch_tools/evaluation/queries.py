@@ -51,6 +51,7 @@ def build_test_queries(
     max_queries: int | None = None,
     seed: int = 0,
     recent_k: int = 20,
+    exclude: set | None = None,
 ) -> TestQueries:
     """Find the test queries of a split.
 
@@ -66,6 +67,9 @@ def build_test_queries(
         Seed of that draw.
     recent_k:
         Training photos per query sent as the user's recent history.
+    exclude:
+        (user_idx, keyword) pairs left out before the draw (they still count in
+        ``n_pairs_total``).
 
     Returns
     -------
@@ -85,8 +89,11 @@ def build_test_queries(
     sizes = frame.groupby(["user_idx", "keyword"], sort=True).size()
     pairs = sizes[sizes >= min_pair].index
     n_total = len(pairs)
-    if max_queries is not None and n_total > max_queries:
-        keep = np.sort(np.random.default_rng(seed).choice(n_total, max_queries, replace=False))
+    if exclude:
+        pairs = pairs[~pairs.isin(list(exclude))]
+    # Drawn before the queries are built: a slice's millions of pairs cost only their count.
+    if max_queries is not None and len(pairs) > max_queries:
+        keep = np.sort(np.random.default_rng(seed).choice(len(pairs), max_queries, replace=False))
         pairs = pairs[keep]
     per_photo = (
         frame.merge(pairs.to_frame(index=False), on=["user_idx", "keyword"])
