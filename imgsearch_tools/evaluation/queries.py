@@ -10,6 +10,7 @@ import pandas as pd
 
 from imgsearch.catalogue import normalise_keyword
 from imgsearch.evaluation_protocol import Split, recent_photos
+from imgsearch.unsplash_shards import map_distinct
 
 
 @dataclass
@@ -81,7 +82,7 @@ def build_test_queries(
     frame = pd.DataFrame(
         {
             "user_idx": test["user_idx"].to_numpy(np.int64),
-            "keyword": [normalise_keyword(k) for k in test["keyword"].tolist()],
+            "keyword": map_distinct(test["keyword"], normalise_keyword).to_numpy(),
             "photo_idx": test["photo_idx"].to_numpy(np.int64),
         }
     )
