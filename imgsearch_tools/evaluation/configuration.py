@@ -163,12 +163,13 @@ def choose_configuration(
         for keyword in keywords
     }
     table, per_query = [], {}
+    seen = [user_photos(before.conversions) for _, _, before in folds]
     for entry in retriever_grid(has_clip):
         lists = {w: _lists_of(pair, entry, candidates_k) for w, pair in sources.items()}
         # Each fold's queries scored by its own models; the choice pools them.
         measured = [
-            _measure(fold_queries, lists, fold_models, user_photos(before.conversions), k)
-            for fold_queries, fold_models, before in folds
+            _measure(fold_queries, lists, fold_models, fold_seen, k)
+            for (fold_queries, fold_models, _), fold_seen in zip(folds, seen)
         ]
         ndcg = {name: np.concatenate([m[0][name] for m in measured]) for name in models}
         recall = sum(m[1] * len(f[0]) for m, f in zip(measured, folds)) / n_queries

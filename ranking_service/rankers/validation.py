@@ -9,7 +9,7 @@ import pandas as pd
 
 from imgsearch.candidates import CandidateLists
 from imgsearch.catalogue import Catalogue
-from imgsearch.evaluation_protocol import recent_photos
+from imgsearch.evaluation_protocol import of_users, recent_photos
 from imgsearch.ranking_metrics import metrics_from_hits, rank_by_scores
 from ranking_service.rankers.base import Ranker, RankQuery
 
@@ -103,11 +103,16 @@ class ValidationSet:
         seen_keys = np.zeros(0, dtype=np.int64)
         if filter_seen and len(catalogue.conversions):
             width = max(width, catalogue.n_photos)
+            # Only the users of rows that hit can make a query: their earlier pairs alone are
+            # looked at (an isin on user numbers is a table lookup, not a sort of all pairs).
+            train_users = catalogue.conversions["user_idx"].to_numpy(dtype=np.int64)
+            hits = np.flatnonzero(hit)
+            theirs = np.isin(train_users, np.unique(users[hits]))
             seen_keys = np.unique(
-                catalogue.conversions["user_idx"].to_numpy(dtype=np.int64) * width
-                + catalogue.conversions["photo_idx"].to_numpy(dtype=np.int64)
+                train_users[theirs] * width
+                + catalogue.conversions["photo_idx"].to_numpy(dtype=np.int64)[theirs]
             )
-            hit &= ~np.isin(users * width + photos, seen_keys)
+            hit[hits] &= ~np.isin(users[hits] * width + photos[hits], seen_keys)
         pair = val_conversions.groupby(["user_idx", "keyword"], sort=False).ngroup().to_numpy()
         order = np.argsort(pair, kind="stable")
         bounds = np.r_[np.flatnonzero(np.r_[True, np.diff(pair[order]) != 0]), len(order)]
@@ -117,7 +122,9 @@ class ValidationSet:
         n_skipped = int(len(pair_hits) - len(usable))
         if max_queries is not None and len(usable) > max_queries:
             usable = np.sort(np.random.default_rng(seed).choice(usable, max_queries, False))
-        recent = recent_photos(catalogue.conversions, recent_k)
+        recent = recent_photos(
+            of_users(catalogue.conversions, users[order[bounds[usable]]]), recent_k
+        )
         no_recent = np.zeros(0, dtype=np.int64)
         queries, relevant = [], []
         for g in usable:
