@@ -119,6 +119,18 @@ def test_excluded_pairs_are_left_out_before_the_draw(catalogue):
     assert len(undrawn) == len(kept)
 
 
+def test_user_photos_are_each_users_distinct_photos_sorted(catalogue):
+    conversions = catalogue.conversions
+    expected = {
+        int(user): np.unique(group.to_numpy(np.int64))
+        for user, group in conversions.groupby("user_idx")["photo_idx"]
+    }
+    found = user_photos(conversions)
+    assert found.keys() == expected.keys()
+    for user, photos in expected.items():
+        assert found[user].dtype == np.int64 and found[user].tolist() == photos.tolist()
+
+
 def test_models_are_fitted_on_the_training_part_only(catalogue, monkeypatch):
     split = temporal_split(catalogue.conversions, 0.2)
     seen = {}
