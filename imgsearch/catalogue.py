@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import unicodedata
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -211,10 +212,23 @@ def conform(table: pd.DataFrame, columns: dict[str, str]) -> pd.DataFrame:
     text = [name for name, dtype in columns.items() if dtype == "object"]
     table = table.astype({name: dtype for name, dtype in columns.items() if name not in text})
     for name in text:  # factorised before any cast: no string per row is ever made
-        codes, uniques = pd.factorize(table[name], use_na_sentinel=False)
-        values = np.asarray(uniques, dtype=object)[codes]
-        table[name] = pd.Series(values, index=table.index, dtype=object)
+        table[name] = map_distinct(table[name])
     return table
+
+
+def map_distinct(values: pd.Series, function: Callable[[str], str] | None = None) -> pd.Series:
+    """``values`` as an ``object`` Series holding one string per distinct value, ``function``
+    (if given) applied once to each: ids, keywords and countries repeat a lot.
+
+    The Series is factorised as it is (an Arrow string column too), so no Python string is
+    made per row.
+    """
+    codes, uniques = pd.factorize(values, use_na_sentinel=False)
+    if function is None:
+        mapped = np.asarray(uniques, dtype=object)
+    else:
+        mapped = np.array([function(value) for value in uniques], dtype=object)
+    return pd.Series(mapped[codes], index=values.index, dtype=object)
 
 
 def with_filter_columns(photos: pd.DataFrame) -> pd.DataFrame:

@@ -19,6 +19,7 @@ from imgsearch.catalogue import (
     PHOTO_COLUMNS,
     USER_COLUMNS,
     Catalogue,
+    map_distinct,
     normalise_keyword,
 )
 from imgsearch.data_report import DataError, DataReport
@@ -28,7 +29,7 @@ from imgsearch.unsplash_layout import (
     TABLES,
     UNUSED_TABLES,
 )
-from imgsearch.unsplash_shards import map_distinct, read_table_shard, warn_rows
+from imgsearch.unsplash_shards import read_table_shard, warn_rows
 
 
 def find_shards(data_dir: str | Path, table: str) -> list[Path]:

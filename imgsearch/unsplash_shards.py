@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from imgsearch.catalogue import map_distinct
 from imgsearch.data_report import DataError, DataReport
 from imgsearch.unsplash_layout import (
     CONFIDENCE_COLUMNS,
@@ -263,10 +264,3 @@ def warn_rows(
     for row in rows[:EXAMPLES_PER_KIND]:
         report.warn(f"{_where(shards, frame, row)}: {describe(row)}")
     report.warnings_total += max(0, len(rows) - EXAMPLES_PER_KIND)
-
-
-def map_distinct(values: pd.Series, function: Callable[[str], str]) -> pd.Series:
-    """Apply ``function`` once per distinct value: ids, keywords and countries repeat a lot."""
-    codes, uniques = pd.factorize(values.to_numpy(), use_na_sentinel=False)
-    mapped = np.array([function(value) for value in uniques], dtype=object)
-    return pd.Series(mapped[codes], index=values.index, dtype=object)

@@ -127,13 +127,13 @@ async def measure_layout(
         found = await asyncio.to_thread(answers, target, checked, retrievers)
         layout = {"shards": count, "processes": services.names}
         if reference is not None:
-            same = sum(found[key] == reference[key] for key in reference)
             # Keyword answers are exact; an approximate CLIP index per shard is another
             # approximation than the whole set's, so its answers are counted apart.
             by_retriever = {
                 name: sum(found[key] == reference[key] for key in reference if key[0] == name)
                 for name in retrievers
             }
+            same = sum(by_retriever.values())
             layout["exact"] = {
                 "identical": same,
                 "searches": len(reference),

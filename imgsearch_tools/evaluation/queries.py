@@ -8,9 +8,8 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from imgsearch.catalogue import normalise_keyword
+from imgsearch.catalogue import map_distinct, normalise_keyword
 from imgsearch.evaluation_protocol import Split, of_users, recent_photos
-from imgsearch.unsplash_shards import map_distinct
 
 
 @dataclass
