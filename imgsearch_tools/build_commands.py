@@ -79,8 +79,8 @@ def add_commands(subparsers) -> None:
     p.add_argument(
         "--index-factory",
         default=None,
-        help="FAISS factory string (default: Flat below 50k photos, else IVF<lists>,Flat with "
-        "about 4·sqrt(photos) lists and its nprobe calibrated)",
+        help="FAISS factory string (default: Flat below 50k photos, else IVF<lists>,SQfp16 "
+        "with about 4·sqrt(photos) lists of half-precision vectors and its nprobe calibrated)",
     )
     p.add_argument(
         "--shards",

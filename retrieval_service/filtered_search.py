@@ -10,15 +10,16 @@ index only ever returns allowed photos. How it searches depends on how many rows
   to :data:`MAX_EF_SEARCH`; when it still finds fewer than ``min(k, allowed)`` rows, the exact
   search answers instead;
 * more, on an inverted file (IVF): the lists search with ``nprobe`` raised as the allowed
-  share drops, up to every list; the exact search over the allowed rows is the same search
-  over every list (``nprobe = nlist``: an ``IVF...,Flat`` index keeps each vector uncompressed
-  in its list, so scanning every list scores every allowed row exactly). It answers when few
-  rows are allowed, and when the raised ``nprobe`` still finds fewer than ``min(k, allowed)``;
+  share drops, up to every list; the search over every allowed row is the same search over
+  every list (``nprobe = nlist``: scanning every list scores every allowed row, exactly in an
+  ``IVF...,Flat`` index, within half-precision rounding of the exact cosine in the default
+  ``IVF...,SQfp16``, see ``vector_index.IVF_STORAGE``). It answers when few rows are allowed,
+  and when the raised ``nprobe`` still finds fewer than ``min(k, allowed)``;
 * an exact index (``Flat``) is searched with the selector directly.
 
 So ``min(k, allowed)`` photos come back, unless the index keeps neither flat storage nor
 inverted lists (a bare PQ...), where the approximate search with the selector is the answer;
-on a compressed inverted file (IVF-PQ) the scan of every list is as approximate as its codes.
+on an inverted file of coarser codes (IVF-PQ) the scan of every list is as approximate as they are.
 """
 
 from __future__ import annotations

@@ -33,8 +33,9 @@ def nprobe_steps(lists: int) -> tuple[int, ...]:
     """The nprobe values to try on an inverted file of ``lists`` lists (0: not known).
 
     Powers of two below ``lists``, then ``lists`` itself: searching every list of an inverted
-    file of uncompressed vectors is exact search, so a target recall is always reached on
-    the ladder. Where ``lists`` is not known, :data:`NPROBE_STEPS`.
+    file of float32 or half-precision vectors scores every vector (exactly, or within
+    half-precision rounding), so a target recall is always reached on the ladder. Where
+    ``lists`` is not known, :data:`NPROBE_STEPS`.
     """
     if lists <= 0:
         return NPROBE_STEPS
