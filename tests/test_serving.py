@@ -335,3 +335,38 @@ def test_keepalive_pings_of_idle_clients_are_accepted(monkeypatch):
     assert _stays_connected_while_pinged(200, monkeypatch)
     # The control: gRPC's default minimum interval drops the same client ("too_many_pings").
     assert not _stays_connected_while_pinged(300_000, monkeypatch)
+
+
+def test_a_loaded_state_is_frozen_out_of_collections_and_a_replaced_one_is_collected():
+    """Each swap settles the heap: the state loaded is frozen (a full collection no longer
+    walks it), and the state it replaced, reference cycles included, is collected."""
+    import asyncio
+    import gc
+    import weakref
+
+    from imgsearch.serving import Reloadable
+
+    class State:
+        def __init__(self, path):
+            self.version = path
+            self.tables = {"rows": [[i] for i in range(1000)]}
+            self.tables["owner"] = self  # a reference cycle, as real states can hold
+
+    async def scenario():
+        holder = Reloadable(State, "first")
+        first = await holder.load()
+        frozen = {id(o) for o in gc.get_objects()}
+        assert id(first.tables) not in frozen and gc.get_freeze_count() > 0
+        gone = weakref.ref(first)
+        del first
+        await holder.load("second")
+        await asyncio.sleep(0)  # the settling runs once the caller let go of the old state
+        return holder, gone
+
+    try:
+        holder, gone = asyncio.run(scenario())
+        assert gone() is None, "the replaced state's cycle was kept frozen"
+        assert holder.state.version == "second"
+        assert id(holder.state.tables) not in {id(o) for o in gc.get_objects()}
+    finally:
+        gc.unfreeze()

@@ -3,10 +3,27 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
 StateT = TypeVar("StateT")
+
+
+def settle_heap() -> None:
+    """Collect the garbage there is now, then take every object still alive out of the cyclic
+    collector's sight (``gc.freeze``); what an earlier call froze is let go first, so a
+    replaced state's reference cycles are collected too.
+
+    A server's state (the catalogue's tables, indexes, models) lives until the next swap, and
+    each full collection walks every object the collector tracks, holding the GIL: at a million
+    photos the retrieval server's state is 460,000 such objects, and a full collection in the
+    middle of a load test stopped its event loop for 230-260 ms (the gateway's for 100-150).
+    Frozen, a collection walks only what requests allocated since (retrieval's 25-60 ms).
+    """
+    gc.unfreeze()
+    gc.collect()
+    gc.freeze()
 
 
 class Reloadable(Generic[StateT]):
@@ -15,6 +32,8 @@ class Reloadable(Generic[StateT]):
     Handlers read ``holder.state`` once per request and use only that object, so a request
     never mixes two artifact versions; a swap is a single reference assignment. Loads are
     serialised: each one loads the folder it was given and reports the state it replaced.
+    After each swap the process's heap is settled (:func:`settle_heap`): the new state is
+    frozen out of the cyclic collector's walks.
 
     Parameters
     ----------
@@ -46,4 +65,9 @@ class Reloadable(Generic[StateT]):
             loop = asyncio.get_running_loop()
             new_state = await loop.run_in_executor(None, self._loader, path or self.path)
             previous, self.state = self.state, new_state
+            if previous is None:
+                settle_heap()
+            else:
+                # Once the caller has let go of the state it replaced (next loop iteration).
+                loop.call_soon(settle_heap)
             return previous, new_state
