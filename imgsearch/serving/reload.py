@@ -18,8 +18,8 @@ def settle_heap() -> None:
     A server's state (the catalogue's tables, indexes, models) lives until the next swap, and
     each full collection walks every object the collector tracks, holding the GIL: at a million
     photos the retrieval server's state is 460,000 such objects, and a full collection in the
-    middle of a load test stopped its event loop for 230-260 ms (the gateway's for 100-150).
-    Frozen, a collection walks only what requests allocated since (retrieval's 25-60 ms).
+    middle of a load test stopped its event loop for 230-260 ms (the gateway's for 96-127).
+    Frozen, a collection walks only what requests allocated since (retrieval's 25-37 ms).
     """
     gc.unfreeze()
     gc.collect()
