@@ -370,3 +370,25 @@ def test_a_loaded_state_is_frozen_out_of_collections_and_a_replaced_one_is_colle
         assert id(holder.state.tables) not in {id(o) for o in gc.get_objects()}
     finally:
         gc.unfreeze()
+
+
+def test_a_serving_process_times_each_garbage_collection_into_a_histogram():
+    """imgsearch_gc_pause_seconds{generation}: one observation per collection, the hook
+    installed once however many services start in the process."""
+    import gc
+
+    from prometheus_client import REGISTRY
+
+    from imgsearch.serving.metrics import CollectorPauses, watch_collector_pauses
+
+    def full_collections() -> float:
+        labels = {"generation": "2"}
+        return REGISTRY.get_sample_value("imgsearch_gc_pause_seconds_count", labels) or 0.0
+
+    watch_collector_pauses()
+    watch_collector_pauses()
+    assert sum(isinstance(c, CollectorPauses) for c in gc.callbacks) == 1
+    before = full_collections()
+    gc.collect()
+    gc.collect()
+    assert full_collections() == before + 2

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gc
 import logging
+import time
 
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
@@ -23,6 +25,13 @@ DEGRADED = Counter(
     "Searches answered degraded, by reason (unavailable, overloaded, timeout, no_budget, "
     "circuit_open, shard_unavailable).",
     ["reason"],
+)
+GC_PAUSES = Histogram(
+    "imgsearch_gc_pause_seconds",
+    "Collections of Python's cyclic garbage collector in this process, by the generation "
+    "collected (2: a full collection); each holds the GIL, so every request waits it out.",
+    ["generation"],
+    buckets=(0.0005, 0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0),
 )
 ARTIFACT_INFO = Gauge(
     "imgsearch_artifact_loaded_timestamp_seconds",
@@ -73,6 +82,30 @@ def inflight_of(service: str) -> InFlight:
         inflight = _INFLIGHT[service] = InFlight()
         INFLIGHT.labels(service).set_function(lambda: inflight.count)
     return inflight
+
+
+class CollectorPauses:
+    """A ``gc.callbacks`` hook timing each collection into ``imgsearch_gc_pause_seconds``.
+
+    A full collection at a million photos stopped a server's event loop for 25-260 ms
+    (``docs/guides/scale.md``): the histogram shows in production how often that happens.
+    """
+
+    def __init__(self):
+        self._started = 0.0
+        self._pauses = [GC_PAUSES.labels(str(generation)) for generation in range(3)]
+
+    def __call__(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._started = time.perf_counter()
+        else:
+            self._pauses[info["generation"]].observe(time.perf_counter() - self._started)
+
+
+def watch_collector_pauses() -> None:
+    """Time this process's garbage collections (once per process, however often called)."""
+    if not any(isinstance(callback, CollectorPauses) for callback in gc.callbacks):
+        gc.callbacks.append(CollectorPauses())
 
 
 def start_metrics(port: int, host: str) -> None:

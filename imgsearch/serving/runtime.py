@@ -19,6 +19,7 @@ from imgsearch.security import is_loopback
 from imgsearch.serving.admin import start_admin
 from imgsearch.serving.auth import read_tokens
 from imgsearch.serving.interceptor import ServiceInterceptor
+from imgsearch.serving.metrics import watch_collector_pauses
 from imgsearch.serving.ports import new_server
 from imgsearch.serving.reflection import enable_reflection, reflection_wanted
 from imgsearch.serving.reload import Reloadable
@@ -181,6 +182,7 @@ async def start_service(
     await server.start()
     state = await holder.load()
     service.reload_hooks.append(holder.load)
+    watch_collector_pauses()  # from here on, the collector's pauses are the requests' too
 
     async def reread_tokens() -> None:
         # SIGHUP also picks up rotated token files (a bad file keeps the old tokens).
