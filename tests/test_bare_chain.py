@@ -66,6 +66,7 @@ def test_bench_suite_reports_the_chain_against_imgsearch(artifact_root, tmp_path
     out = tmp_path / "bench"
     args = ["bench-suite", "--artifacts", str(artifact_root), "--out", str(out), "--no-build"]
     args += ["--only", "floor", "--duration", "0.5", "--warmup", "0.1", "--requests", "50"]
+    args += ["--floor-load-generator", "python"]
     assert main(args + ["--in-process-requests", "10"]) == 0
     floor = json.loads((out / "bench.json").read_text())["floor"]
     for key in ("chain", "imgsearch"):

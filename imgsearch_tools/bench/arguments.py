@@ -62,6 +62,14 @@ def add_commands(subparsers) -> None:
     p.add_argument("--channels", type=int, default=2, help="client channels (connections)")
     p.add_argument("--timeout", type=float, default=2.0, help="deadline per request, seconds")
     p.add_argument(
+        "--load-generator",
+        default="python",
+        choices=("python", "go", "auto"),
+        help="python (grpc.aio, default), go (a compiled grpc-go client that costs the machine "
+        "about half the CPU per search; built on first use with Debian's golang-go and "
+        "golang-google-grpc-dev; plaintext, one gateway) or auto (go when it builds)",
+    )
+    p.add_argument(
         "--queries",
         default="catalogue",
         metavar="catalogue|unique|FILE",
@@ -164,6 +172,14 @@ def add_commands(subparsers) -> None:
         "keyword + ALS, CPU per search), 'json-door', 'reflection', 'kill', 'reload', "
         "'vit-b-32' (the ViT-B-32 section's steady scenarios), 'overload' (its overload "
         "scenario), 'filters' (filtered retrieval: recall and the cost of a filter)",
+    )
+    p.add_argument(
+        "--floor-load-generator",
+        default="auto",
+        choices=("auto", "go", "python"),
+        help="the load generator of the floor section, for both the bare chain and imgsearch: "
+        "auto (default: the compiled grpc-go one when Debian's golang-go and "
+        "golang-google-grpc-dev are installed, else python), go, or python",
     )
     p.add_argument("--skip-faults", action="store_true", help="no kill or reload scenario")
     p.add_argument(

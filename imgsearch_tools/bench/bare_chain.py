@@ -254,6 +254,10 @@ FLOOR_ROUNDS = 3  # runs of each side, alternating
 CPU_RATIO_TARGET = 1.4  # imgsearch's server CPU per search over the chain's
 P99_TARGET_MS = 20.0  # imgsearch keyword + ALS at FLOOR_CONCURRENCY clients
 SERVER_TIERS = ("gateway", "retrieval", "ranking")
+LOAD_GENERATORS = {
+    "go": "the compiled grpc-go client of `imgsearch bench --load-generator go`, a fourth process",
+    "python": "`imgsearch bench`'s grpc.aio client, in the suite's process",
+}
 
 
 def server_cpu_ms(runs: list[dict]) -> dict[str, float]:
@@ -315,21 +319,15 @@ async def floor_section(
     both sides alike. CPU per search per tier from each server process's own CPU time, pooled
     over the rounds, and imgsearch's over the chain's; QPS and latency of the median round.
     """
+    from imgsearch_tools.bench import go_load
     from imgsearch_tools.bench import load as bench
-    from imgsearch_tools.bench.scenarios import (
-        CANDIDATES_K,
-        K,
-        Scenario,
-        measured,
-        run_scenario,
-        say,
-    )
+    from imgsearch_tools.bench.scenarios import CANDIDATES_K, K, measured, say
 
     log_dir = out / "logs"
     payloads = await asyncio.to_thread(write_payloads, artifacts_path, log_dir / "bare-chain")
     chain = BareChain(payloads, log_dir)
-    scenario = Scenario(
-        f"keyword+als closed c={FLOOR_CONCURRENCY}", "keyword", "als", concurrency=FLOOR_CONCURRENCY
+    load_generator = await asyncio.to_thread(
+        go_load.resolve, getattr(args, "floor_load_generator", "auto"), None, say
     )
     chain_runs, imgsearch_runs = [], []
     say(f"bare chain: starting three grpc.aio servers on {chain.ports}")
@@ -345,6 +343,7 @@ async def floor_section(
             k=K,
             candidates_k=CANDIDATES_K,
             channels=args.channels,
+            load_generator=load_generator,
         )
         for round_number in range(1, rounds + 1):
             chain_runs.append(await measured(chain, spec, queries))
@@ -353,7 +352,12 @@ async def floor_section(
                 f"{bench.format_result(chain_runs[-1])}\n"
                 f"  CPU ms per search {chain_runs[-1]['cpu_ms_per_search']}"
             )
-            imgsearch_runs.append(await run_scenario(services, scenario, target, args, queries))
+            imgsearch_runs.append(await measured(services, replace(spec, target=target), queries))
+            say(
+                f"imgsearch keyword + ALS, round {round_number} of {rounds}\n"
+                f"{bench.format_result(imgsearch_runs[-1])}\n"
+                f"  CPU ms per search {imgsearch_runs[-1]['cpu_ms_per_search']}"
+            )
         # CPU per search falls as the rate rises (more calls per wake-up of each event loop
         # and poller): the chain again, open loop at the rate imgsearch reached, separates
         # that effect from imgsearch's own work.
@@ -374,6 +378,7 @@ async def floor_section(
     p99 = imgsearch_side["p99_ms"]
     same_rate = _pooled([at_rate]) if at_rate is not None else None
     return {
+        "load_generator": load_generator,
         "concurrency": FLOOR_CONCURRENCY,
         "rounds": rounds,
         "duration_s": args.duration,
@@ -410,8 +415,9 @@ def floor_lines(section: dict | None) -> list[str]:
     lines += [
         "Three `grpc.aio` servers with the project's protos answering canned responses of the "
         "real sizes (100 candidates, 10 ranked, 10 results with photo metadata), no "
-        "interceptor and no work, against imgsearch keyword + ALS; the same load generator, "
-        f"closed loop at {section['concurrency']} clients, {section['rounds']} runs of "
+        "interceptor and no work, against imgsearch keyword + ALS; the same load generator "
+        f"({LOAD_GENERATORS[section.get('load_generator', 'python')]}), closed loop at "
+        f"{section['concurrency']} clients, {section['rounds']} runs of "
         f"{section['duration_s']:g} s each, alternating. CPU ms per search per server process, "
         "from each process's own CPU time (`/proc/<pid>/stat`), pooled over the runs; the load "
         "generator's is shown apart and not summed. QPS and latency: the median run.",

@@ -7,6 +7,7 @@ import os
 import sys
 from pathlib import Path
 
+from imgsearch_tools.bench import go_load
 from imgsearch_tools.bench.in_process import InProcessPipeline, network_ratio
 from imgsearch_tools.bench.queries import query_mix, read_query_file, sample_queries
 from imgsearch_tools.bench.scenarios import (
@@ -92,8 +93,9 @@ def cmd_bench(args) -> int:
             channels=args.channels,
             timeout_s=args.timeout,
             unique_share=unique_share,
+            load_generator=go_load.resolve(args.load_generator),
         )
-    except (artifacts.ArtifactError, ValueError, OSError) as exc:
+    except (artifacts.ArtifactError, ValueError, OSError, go_load.GoUnavailable) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     command = " ".join(["imgsearch", *sys.argv[1:]])

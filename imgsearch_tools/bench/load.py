@@ -60,6 +60,7 @@ class LoadSpec:
     channels: int = 2
     timeout_s: float = 2.0
     unique_share: float = 0.0
+    load_generator: str = "python"  # or "go": imgsearch_tools.bench.go_load
 
     def __post_init__(self) -> None:
         from imgsearch.balancing import channel_target
@@ -76,6 +77,8 @@ class LoadSpec:
             raise ValueError(f"concurrency must be at least 1, got {self.concurrency}")
         if self.duration_s <= 0:
             raise ValueError(f"duration must be positive, got {self.duration_s}")
+        if self.load_generator not in ("python", "go"):
+            raise ValueError(f"load generator must be python or go, got {self.load_generator!r}")
         # Normalised as the CLI and the evaluation read names ("ALS" is "als").
         object.__setattr__(
             self, "retriever", check_names(self.retriever, RETRIEVER_CHOICES, "retriever")[0]
@@ -87,8 +90,11 @@ class LoadSpec:
         return "open" if self.qps is not None else "closed"
 
     def describe(self) -> str:
-        """``open 400 qps`` or ``closed c=10``, and the share of unique queries if any."""
+        """``open 400 qps`` or ``closed c=10`` (``from Go`` when the compiled load generator
+        sends it), and the share of unique queries if any."""
         load = f"open {self.qps:g} qps" if self.qps is not None else f"closed c={self.concurrency}"
+        if self.load_generator == "go":
+            load += " from Go"
         if self.unique_share >= 1.0:
             return f"{load}, unique queries"
         if self.unique_share > 0.0:
@@ -365,6 +371,9 @@ async def run_load(
     security:
         TLS files and bearer token of the channels (default: plaintext, no token).
 
+    ``spec.load_generator`` "go" sends the load from the compiled load generator instead
+    (:mod:`imgsearch_tools.bench.go_load`), with the same requests and the same report.
+
     Returns
     -------
     dict
@@ -375,6 +384,10 @@ async def run_load(
     from imgsearch.search.v1 import search_service_pb2_grpc as pb_grpc
     from imgsearch.security import ClientSecurity
 
+    if spec.load_generator == "go":
+        from imgsearch_tools.bench import go_load
+
+        return await go_load.run_load(spec, queries, on_measure_start, security)
     if not queries:
         raise ValueError("no queries to send")
     security = security or ClientSecurity()
