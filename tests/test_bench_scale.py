@@ -24,7 +24,7 @@ def test_a_small_run_builds_serves_and_reports_every_figure(tmp_path, monkeypatc
         lambda: plot_there.append(page.with_suffix(".png").exists()) or real_commit(),
     )
     args = ["bench-scale", "--sizes=1000", f"--work={work}", f"--out={out}", "--qps=10"]
-    args += ["--duration=1", "--warmup=0.5", f"--results-page={page}"]
+    args += ["--duration=1", "--warmup=0.5", f"--results-page={page}", "--load-generator=python"]
     assert main(args) == 0
     report = json.loads((out / "scale.json").read_text())
     (size,) = report["sizes"]
@@ -59,6 +59,7 @@ def test_a_small_run_builds_serves_and_reports_every_figure(tmp_path, monkeypatc
     assert "| retrieval resident MiB |" in (out / "scale.md").read_text()
     assert (out / "scale.png").stat().st_size > 0 and page.with_suffix(".png").exists()
     assert "bench-scale --sizes=1000" in page.read_text()
+    assert "sent by the Python (grpc.aio) load generator" in page.read_text()
     assert plot_there == [False]  # the page is written once, at the end, before its plot
 
     # A second run keeps the catalogue and the set it finds: nothing is generated again.

@@ -80,6 +80,14 @@ def add_commands(subparsers) -> None:
         help="a lock file (flock) to hold while the servers load and serve, so serving figures "
         "are taken when no other measurement runs; generation and builds run niced outside it",
     )
+    p.add_argument(
+        "--load-generator",
+        default="auto",
+        choices=("auto", "go", "python"),
+        help="what sends the load: auto (default: the compiled grpc-go client when Debian's "
+        "golang-go and golang-google-grpc-dev are installed, else python), go, or python; the "
+        "compiled one leaves the servers more of the machine they share with it",
+    )
     p.set_defaults(handler=cmd_bench_scale)
 
 
@@ -230,6 +238,7 @@ async def load_scenarios(services, set_dir: Path, args, images: bool) -> dict:
             retriever=retriever,
             ranker="als",
             unique_share=unique,
+            load_generator=args.load_generator,
         )
         result = await bench.run_load(spec, requests)
         results[name] = summary(result)
@@ -299,6 +308,15 @@ def cmd_bench_scale(args) -> int:
     try:
         claim_in_place(out, "bench-scale", REPORT_ENTRIES, force=args.force)
     except RefusedFolder as error:
+        print(f"bench-scale: {error}", file=sys.stderr)
+        return 2
+    from imgsearch_tools.bench import go_load
+
+    try:
+        # Resolved once, before any build: "auto" becomes what every scenario then uses.
+        if args.qps > 0:
+            args.load_generator = go_load.resolve(args.load_generator, None, say)
+    except go_load.GoUnavailable as error:
         print(f"bench-scale: {error}", file=sys.stderr)
         return 2
     work = Path(args.work)

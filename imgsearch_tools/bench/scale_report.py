@@ -15,6 +15,7 @@ from pathlib import Path
 
 TARGET_PHOTOS = 10_000_000
 TARGET_SHARDS = 4
+LOAD_GENERATORS = {"go": "compiled (grpc-go)", "python": "Python (grpc.aio)"}
 
 
 def growth(sizes: list[int], values: list[float | None], at: int) -> tuple[float, float] | None:
@@ -111,7 +112,9 @@ def markdown(report: dict) -> str:
         f"user(s) and {settings['conversions_per_photo']:g} conversions per photo, "
         f"{'with images (tiny CLIP)' if settings['images'] else 'tables only (no CLIP)'}; "
         f"rankers {settings['rankers']}; offered load {settings['qps']:g} searches/s for "
-        f"{settings['duration']:g} s per scenario. Load average (1 min) at the start: "
+        f"{settings['duration']:g} s per scenario, sent by the "
+        f"{LOAD_GENERATORS.get(settings.get('load_generator'), 'Python')} load generator. "
+        "Load average (1 min) at the start: "
         f"{report['loadavg_1m_at_start']}.\n\n" + head + body
     )
     if skipped:
