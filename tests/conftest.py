@@ -249,6 +249,7 @@ E2E_MODULES = {
     "test_feedback_retrain",
     "test_filters",
     "test_fuzz",
+    "test_go_load",
     "test_live_catalogue",
     "test_multihost",
     "test_ray_embedding",

@@ -180,3 +180,21 @@ def test_the_floor_section_sends_both_sides_from_go(binary, artifact_root, tmp_p
         assert floor[key]["loadgen_cpu_ms_per_search"] > 0
         assert all(r["cpu_ms_per_search"]["total"] > 0 for r in floor[key]["rounds"])
     assert "the compiled grpc-go client" in (out / "bench.md").read_text()
+
+
+def test_bench_sends_from_go_to_a_real_gateway(binary, stack, artifact_root, tmp_path, monkeypatch):
+    import json
+
+    from imgsearch_tools.cli import main
+
+    monkeypatch.setattr(go_load, "default_cache", lambda: binary.parent)
+    report = tmp_path / "go.json"
+    argv = ["bench", "--target", stack.target, "--qps", "20", "--duration", "0.5", "--warmup",
+            "0", "--artifacts", str(artifact_root), "--no-in-process", "--json", str(report),
+            "--queries", "unique", "--load-generator", "go"]  # fmt: skip
+    assert main(argv) == 0
+    result = json.loads(report.read_text())["result"]
+    assert result["load"] == "open 20 qps from Go, unique queries"
+    assert result["ok"] == result["sent"] == 10 and result["error_count"] == 0
+    assert result["degraded"] == 0 and result["results_per_response"] == {"10": 10}
+    assert result["loadgen_cpu_s"] > 0
