@@ -159,6 +159,9 @@ def test_tls_and_lists_of_gateways_are_refused_before_anything_starts(queries, t
     listed = bench.LoadSpec(target="127.0.0.1:1,127.0.0.1:2", concurrency=1, load_generator="go")
     with pytest.raises(ValueError, match="one gateway"):
         asyncio.run(go_load.run_load(listed, queries, binary=tmp_path / "unused"))
+    # The Python load generator never sends a load meant for Go.
+    with pytest.raises(ValueError, match="go_load.send_load"):
+        asyncio.run(bench.run_load(spec, queries))
     with pytest.raises(ValueError, match="python or go"):
         bench.LoadSpec(target="", concurrency=1, load_generator="rust")
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from imgsearch.config import DEFAULT_ARTIFACTS
 from imgsearch.names import RANKER_CHOICES, RETRIEVER_CHOICES
+from imgsearch_tools.bench import go_load
 from imgsearch_tools.bench.commands import cmd_bench, cmd_bench_feedback
 from imgsearch_tools.bench.scenarios import CANDIDATES_K, K
 from imgsearch_tools.bench.shards import cmd_bench_shards
@@ -64,7 +65,7 @@ def add_commands(subparsers) -> None:
     p.add_argument(
         "--load-generator",
         default="python",
-        choices=("python", "go", "auto"),
+        choices=go_load.CHOICES,
         help="python (grpc.aio, default), go (a compiled grpc-go client that costs the machine "
         "about half the CPU per search; built on first use with Debian's golang-go and "
         "golang-google-grpc-dev; plaintext, one gateway) or auto (go when it builds)",
@@ -176,7 +177,7 @@ def add_commands(subparsers) -> None:
     p.add_argument(
         "--floor-load-generator",
         default="auto",
-        choices=("auto", "go", "python"),
+        choices=go_load.CHOICES,
         help="the load generator of the floor section, for both the bare chain and imgsearch: "
         "auto (default: the compiled grpc-go one when Debian's golang-go and "
         "golang-google-grpc-dev are installed, else python), go, or python",

@@ -100,7 +100,7 @@ def cmd_bench(args) -> int:
         return 2
     command = " ".join(["imgsearch", *sys.argv[1:]])
     machine = machine_facts(command)
-    result = asyncio.run(bench.run_load(spec, queries, security=security))
+    result = asyncio.run(go_load.send_load(spec, queries, security=security))
     in_process = None
     if not args.no_in_process:
         try:

@@ -22,6 +22,7 @@ import math
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -89,7 +90,11 @@ def build(cache: Path | None = None) -> Path:
     return binary
 
 
-def resolve(choice: str, cache: Path | None = None, say: Callable[[str], None] = print) -> str:
+def _to_stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def resolve(choice: str, cache: Path | None = None, say: Callable[[str], None] = _to_stderr) -> str:
     """``go`` or ``python`` for a ``--load-generator`` choice; ``auto`` is go when it builds.
 
     Raises
@@ -202,6 +207,20 @@ def summary(spec, report: dict) -> dict:
     result["load_generator"] = "go"
     result["loadgen_cpu_s"] = report["cpu_s"]  # what CpuMeter counts as the load generator's
     return result
+
+
+async def send_load(
+    spec,
+    queries: list[BenchQuery],
+    on_measure_start: Callable[[], None] | None = None,
+    security=None,
+) -> dict:
+    """``spec``'s load from the load generator it names (``spec.load_generator``)."""
+    from imgsearch_tools.bench import load
+
+    if spec.load_generator == "go":
+        return await run_load(spec, queries, on_measure_start, security)
+    return await load.run_load(spec, queries, on_measure_start, security)
 
 
 async def run_load(

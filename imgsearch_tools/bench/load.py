@@ -371,8 +371,8 @@ async def run_load(
     security:
         TLS files and bearer token of the channels (default: plaintext, no token).
 
-    ``spec.load_generator`` "go" sends the load from the compiled load generator instead
-    (:mod:`imgsearch_tools.bench.go_load`), with the same requests and the same report.
+    This is the Python load generator; :func:`imgsearch_tools.bench.go_load.send_load` sends
+    a spec from the load generator it names (the compiled one gives the same report).
 
     Returns
     -------
@@ -384,10 +384,11 @@ async def run_load(
     from imgsearch.search.v1 import search_service_pb2_grpc as pb_grpc
     from imgsearch.security import ClientSecurity
 
-    if spec.load_generator == "go":
-        from imgsearch_tools.bench import go_load
-
-        return await go_load.run_load(spec, queries, on_measure_start, security)
+    if spec.load_generator != "python":
+        raise ValueError(
+            f"run_load sends from Python; a {spec.load_generator} load goes through "
+            "imgsearch_tools.bench.go_load.send_load"
+        )
     if not queries:
         raise ValueError("no queries to send")
     security = security or ClientSecurity()

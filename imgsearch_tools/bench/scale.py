@@ -34,6 +34,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from imgsearch_tools.bench import go_load
+
 SIZES = (10_000, 100_000, 1_000_000)
 QPS = 200.0
 REPORT_ENTRIES = ("scale.json", "scale.md", "scale.png", "scale-logs/")
@@ -83,7 +85,7 @@ def add_commands(subparsers) -> None:
     p.add_argument(
         "--load-generator",
         default="auto",
-        choices=("auto", "go", "python"),
+        choices=go_load.CHOICES,
         help="what sends the load: auto (default: the compiled grpc-go client when Debian's "
         "golang-go and golang-google-grpc-dev are installed, else python), go, or python; the "
         "compiled one leaves the servers more of the machine they share with it",
@@ -240,7 +242,7 @@ async def load_scenarios(services, set_dir: Path, args, images: bool) -> dict:
             unique_share=unique,
             load_generator=args.load_generator,
         )
-        result = await bench.run_load(spec, requests)
+        result = await go_load.send_load(spec, requests)
         results[name] = summary(result)
         say(f"  {name}: {results[name]}")
     return results
@@ -310,8 +312,6 @@ def cmd_bench_scale(args) -> int:
     except RefusedFolder as error:
         print(f"bench-scale: {error}", file=sys.stderr)
         return 2
-    from imgsearch_tools.bench import go_load
-
     try:
         # Resolved once, before any build: "auto" becomes what every scenario then uses.
         if args.qps > 0:

@@ -9,6 +9,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from imgsearch_tools.bench import go_load
 from imgsearch_tools.bench.in_process import InProcessPipeline, network_ratio
 from imgsearch_tools.bench.processes import CpuMeter, ServiceProcesses
 from imgsearch_tools.bench.queries import BenchQuery
@@ -58,12 +59,11 @@ def say(message: str) -> None:
 
 
 async def measured(services: ServiceProcesses, spec, queries, security=None) -> dict:
-    """One load run with each process's CPU share over its measured phase."""
-    from imgsearch_tools.bench import load as bench
-
+    """One load run (from the load generator ``spec`` names) with each process's CPU share
+    over its measured phase."""
     meter = CpuMeter(services)
     loadavg = os.getloadavg()[0]
-    result = await bench.run_load(spec, queries, on_measure_start=meter.start, security=security)
+    result = await go_load.send_load(spec, queries, meter.start, security)
     meter.record(result)
     result["loadavg_1m_before"] = round(loadavg, 2)
     return result
