@@ -173,11 +173,13 @@ def summary(spec, report: dict) -> dict:
     from imgsearch_tools.bench.load import LoadRecorder, _reason_bucket
 
     if report.get("protocol") != PROTOCOL:
-        raise RuntimeError(f"load generator report protocol {report.get('protocol')}, not 1")
+        raise RuntimeError(
+            f"load generator report protocol {report.get('protocol')}, not {PROTOCOL}"
+        )
     recorder = LoadRecorder()
     start = recorder.start
     last_done = 0.0
-    for call in report["calls"]:
+    for call in report["calls"] or ():  # null when nothing was sent
         done = call["done_us"] / 1e6
         last_done = max(last_done, done)
         latency = call["latency_us"] / 1e6
