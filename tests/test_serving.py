@@ -372,6 +372,33 @@ def test_a_loaded_state_is_frozen_out_of_collections_and_a_replaced_one_is_colle
         gc.unfreeze()
 
 
+def test_settling_the_heap_hands_the_memory_freed_so_far_back_to_the_kernel():
+    """What a load freed goes back when the heap settles, not at whichever later ``free``
+    happens to trim the C heap (at a million photos: a full collection mid-load-test)."""
+    import gc
+    import os
+
+    from imgsearch.serving.reload import _malloc_trim, settle_heap
+
+    if _malloc_trim() is None:
+        pytest.skip("this C library has no malloc_trim (not glibc)")
+
+    def resident_mib() -> float:
+        pages = int(open("/proc/self/statm").read().split()[1])
+        return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+    blocks = [bytearray(8192) for _ in range(20_000)]  # 160 MiB from malloc, not pymalloc
+    above = bytearray(8192)  # allocated after them: the heap cannot shrink from its top
+    del blocks
+    freed_but_resident = resident_mib()
+    try:
+        settle_heap()
+    finally:
+        gc.unfreeze()
+    assert freed_but_resident - resident_mib() > 100
+    assert len(above) == 8192
+
+
 def test_a_serving_process_times_each_garbage_collection_into_a_histogram():
     """imgsearch_gc_pause_seconds{generation}: one observation per collection, the hook
     installed once however many services start in the process."""

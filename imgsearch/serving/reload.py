@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import ctypes.util
 import gc
+import sys
 from collections.abc import Callable
+from functools import cache
 from typing import Generic, TypeVar
 
 StateT = TypeVar("StateT")
@@ -20,10 +24,38 @@ def settle_heap() -> None:
     photos the retrieval server's state is 460,000 such objects, and a full collection in the
     middle of a load test stopped its event loop for 230-260 ms (the gateway's for 96-127).
     Frozen, a collection walks only what requests allocated since (retrieval's 25-37 ms).
+    Then the memory freed so far goes back to the kernel (:func:`release_free_memory`).
     """
     gc.unfreeze()
     gc.collect()
     gc.freeze()
+    release_free_memory()  # what the collection and the load freed
+
+
+@cache
+def _malloc_trim():
+    """glibc's ``malloc_trim``, or None where the C library has none (musl, macOS)."""
+    name = ctypes.util.find_library("c")
+    try:
+        return ctypes.CDLL(name).malloc_trim if name else None
+    except (OSError, AttributeError):
+        return None
+
+
+def release_free_memory() -> None:
+    """Hand the memory loading freed back to the kernel now, not at some later ``free``.
+
+    pyarrow's memory pool keeps what reading the tables freed, and glibc's heap its free
+    pages (``malloc_trim(0)``). At a million photos the ranking server held 2.7 GiB resident
+    after loading and 2.1 GiB with this (the pool gave back 635 MiB in 7-9 ms); the 1.3 GiB
+    more that its first full collection under load released is not accounted for yet.
+    """
+    arrow = sys.modules.get("pyarrow")  # only if loading used it
+    if arrow is not None:
+        arrow.default_memory_pool().release_unused()
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 class Reloadable(Generic[StateT]):
