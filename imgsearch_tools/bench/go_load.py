@@ -1,10 +1,10 @@
 """The compiled load generator: the load of :mod:`~imgsearch_tools.bench.load`, sent from Go.
 
 A benchmark on one machine shares its cores between the servers and the load generator. The
-Python one (``grpc.aio``) spends about 0.45 ms of CPU per search, as much as a bare server
-hop, and at 10 clients it saturates before a bare chain of servers does. ``loadgen/main.go``
-is a small grpc-go client that sends the same serialized requests and costs about half that;
-ghz, which the project's users load-test with, is a grpc-go client too.
+Python one (``grpc.aio``) spent 0.44-0.51 ms of CPU per search in the floor runs at 10
+clients, as much as a bare server hop. ``loadgen/main.go`` is a small grpc-go client that
+sends the same serialized requests for about 30% less (0.29-0.39 ms in the same runs); ghz,
+which the project's users load-test with, is a grpc-go client too.
 
 Go is not a dependency: :func:`build` compiles it with Debian's ``golang-go`` and
 ``golang-google-grpc-dev`` (``apt install golang-go golang-google-grpc-dev``; both from the
